@@ -1,0 +1,113 @@
+"""The `kvpred` command line. Each subcommand lives in the module that holds its work and registers itself here."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+import time
+
+import torch
+
+from .models import KVPredError
+
+DEFAULT_MODEL = "smollm2-135m"
+# Modules that contribute subcommands through `register(subparsers)`; missing ones are skipped.
+SUBCOMMAND_MODULES = ("fit", "train", "bench", "evaluate", "plot", "serve")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """--model / --device / --dtype, shared by every subcommand that loads a KVPredictionModel."""
+    parser.add_argument("--model", default=DEFAULT_MODEL,
+                        help="kvpred checkpoint folder, embedded default (smollm2-135m), or a base model "
+                             "(HF folder, hub id, .gguf) to wrap with an identity-initialised pruned auxiliary")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                        help="weights dtype (default: float32 on CPU, bfloat16 on CUDA)")
+
+
+def load_model(args: argparse.Namespace):
+    from .model import KVPredictionModel
+
+    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if str(args.device).startswith("cuda")
+                                                   else torch.float32)
+    return KVPredictionModel.from_pretrained(args.model, dtype=dtype, device=args.device)
+
+
+def _register_generate(sub) -> None:
+    p = sub.add_parser("generate", help="generate text from a prompt, timing the first token",
+                       description="Run one prompt through exact, aux or predicted prefill, then decode with "
+                                   "the base (the auxiliary in aux mode).")
+    add_model_arguments(p)
+    p.add_argument("--prompt", required=True, help="prompt text")
+    p.add_argument("--mode", choices=("exact", "aux", "predicted"), default="predicted",
+                   help="exact: base alone; aux: auxiliary alone; predicted: KV prediction (default)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--exact-tail", type=int, default=1, help="prompt tokens the base runs itself (paper: 1)")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+    p.add_argument("--json", action="store_true", help="print one JSON object: text, tokens, mode, ttft_s, ...")
+    p.set_defaults(func=_generate)
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from .generation import TimedStreamer, encode_prompts
+
+    model = load_model(args)
+    torch.manual_seed(args.seed)
+    input_ids, attention_mask = encode_prompts(model.tokenizer, [args.prompt], chat=args.chat)
+    streamer = TimedStreamer(model.tokenizer, echo=args.stream and not args.json)
+    start = time.perf_counter()
+    out = model.generate(input_ids, attention_mask, mode=args.mode, exact_tail=args.exact_tail,
+                         max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature,
+                         top_p=args.top_p, stop_strings=args.stop, streamer=streamer)
+    total = time.perf_counter() - start
+    new = out[0, input_ids.shape[1]:].tolist()
+    text = model.tokenizer.decode(new, skip_special_tokens=True)
+    if args.json:
+        print(json.dumps({"text": text, "tokens": new, "mode": args.mode, "ttft_s": streamer.ttft(start),
+                          "total_s": total, "prompt_tokens": input_ids.shape[1], "new_tokens": len(new),
+                          "model": args.model}))
+    elif not args.stream:
+        print(text)
+    else:
+        print()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kvpred",
+        description="KV prediction: a small auxiliary model and a learned predictor fill the base model's KV "
+                    "cache for the prompt, so the first token comes sooner (Horton et al., arXiv 2410.08391).")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _register_generate(sub)
+    for name in SUBCOMMAND_MODULES:
+        try:
+            module = importlib.import_module(f"kvpred.{name}")
+        except ModuleNotFoundError as err:
+            if err.name != f"kvpred.{name}":
+                raise
+            continue
+        if hasattr(module, "register"):
+            module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KVPredError as err:
+        print(f"kvpred: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,374 @@
+"""KVPredictionModel: a frozen base, an auxiliary and a predictor, with exact / aux / predicted prefill (METHOD 1.2)."""
+from __future__ import annotations
+
+import inspect
+import json
+import os
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import DynamicCache, GenerationConfig, PreTrainedModel
+
+from . import models
+from .models import KVPredError
+from .predictor import KVPredictor, PredictorConfig
+from .rope import rope_tables, rotate
+
+MODES = ("exact", "aux", "predicted")
+FORMAT_VERSION = 1
+CONFIG_NAME = "kvpred_config.json"
+PREDICTOR_NAME = "predictor.safetensors"
+AUX_NAME = "aux.safetensors"
+DEFAULTS_DIR = Path(__file__).parent / "defaults"
+DEFAULT_KEEP_RATIO = 0.25
+
+
+@dataclass
+class AuxSpec:
+    kind: str  # "pruned" (KVP-LP: retained base layers) or "separate" (KVP-C: its own model)
+    keep_layers: list[int] | None = None  # pruned: base layers the auxiliary keeps
+    name_or_path: str | None = None  # separate: where the auxiliary loads from
+    saved_params: list[str] = field(default_factory=list)  # aux tensors stored in aux.safetensors (the trained ones)
+
+
+@dataclass
+class KVPConfig:
+    base: str  # how the base loads: alias, HF folder, hub id or GGUF file
+    base_fingerprint: str  # models.fingerprint of the base this predictor was made for
+    aux: AuxSpec
+    predictor: PredictorConfig
+    format_version: int = FORMAT_VERSION
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str, where: str) -> "KVPConfig":
+        try:
+            raw = json.loads(text)
+            if raw.get("format_version") != FORMAT_VERSION:
+                raise KVPredError(f"{where} has format_version {raw.get('format_version')!r}; "
+                                  f"this kvpred reads version {FORMAT_VERSION}")
+            return cls(base=raw["base"], base_fingerprint=raw["base_fingerprint"], aux=AuxSpec(**raw["aux"]),
+                       predictor=PredictorConfig(**raw["predictor"]), format_version=raw["format_version"])
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
+            raise KVPredError(f"{where} is not a valid kvpred config ({type(err).__name__}: {err})") from err
+
+
+def cache_kwargs(model: PreTrainedModel, cache) -> dict:
+    """transformers renamed `past_key_values` to `cache` during 5.x; pass whichever this version takes."""
+    return {"cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values": cache}
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions count real tokens only, as transformers' generate does for left-padded batches."""
+    pos = attention_mask.long().cumsum(-1) - 1
+    return pos.masked_fill(attention_mask == 0, 1)
+
+
+class KVPredictionModel(nn.Module):
+    def __init__(self, base: PreTrainedModel, aux: PreTrainedModel, predictor: KVPredictor, tokenizer,
+                 config: KVPConfig):
+        super().__init__()
+        self.base, self.aux, self.predictor, self.tokenizer, self.config = base, aux, predictor, tokenizer, config
+        attn = base.model.layers[0].self_attn
+        self.base_kv_heads = base.config.num_key_value_heads
+        self.base_head_dim = attn.head_dim
+        # Base k-norm (Qwen3-style QK-norm), stacked over layers so it applies to all predicted keys at once.
+        norms = [layer.self_attn.k_norm for layer in base.model.layers] if hasattr(attn, "k_norm") else []
+        self.k_norm_eps = norms[0].variance_epsilon if norms else 0.0
+        self.register_buffer("k_norm_weight", torch.stack([n.weight.detach() for n in norms]) if norms else None,
+                             persistent=False)  # [L, head_dim]
+
+    # ---------------------------------------------------------------- construction
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, *, aux: str | None = None, keep_ratio: float | None = None,
+                        keep_layers: list[int] | None = None, layer_map: list[int] | None = None,
+                        source: str = "kv", base: str | None = None, dtype: torch.dtype | None = None,
+                        device: str | torch.device | None = None) -> "KVPredictionModel":
+        """Load a kvpred checkpoint folder, an embedded default (e.g. "smollm2-135m"), or build a new model
+        around a base (HF folder, hub id, GGUF file or alias) with a pruned (`keep_ratio` / `keep_layers`) or
+        separate (`aux`) auxiliary and an identity-initialised (pruned) or default-initialised predictor."""
+        building = aux is not None or keep_ratio is not None or keep_layers is not None or layer_map is not None
+        checkpoint = Path(name_or_path)
+        if not (checkpoint / CONFIG_NAME).is_file() and not building:
+            embedded = DEFAULTS_DIR / name_or_path
+            checkpoint = embedded if (embedded / CONFIG_NAME).is_file() else checkpoint
+        if (checkpoint / CONFIG_NAME).is_file() and not building:
+            return cls._load_checkpoint(checkpoint, base=base, dtype=dtype, device=device)
+        return cls.build(name_or_path, aux=aux, keep_ratio=keep_ratio, keep_layers=keep_layers,
+                         layer_map=layer_map, source=source, dtype=dtype, device=device)
+
+    @classmethod
+    def build(cls, base_name: str, *, aux: str | None = None, keep_ratio: float | None = None,
+              keep_layers: list[int] | None = None, layer_map: list[int] | None = None, source: str = "kv",
+              dtype: torch.dtype | None = None, device: str | torch.device | None = None) -> "KVPredictionModel":
+        base, tokenizer = models.load_causal_lm(base_name, dtype, device)
+        spec = _aux_spec(base, aux, keep_ratio, keep_layers)
+        aux_model = _make_aux(base, tokenizer, spec, dtype, device)
+        if layer_map is None:
+            n_base = base.config.num_hidden_layers
+            layer_map = (models.layer_map_pruned(spec.keep_layers, n_base) if spec.kind == "pruned"
+                         else models.layer_map_separate(aux_model.config.num_hidden_layers, n_base))
+        pconf = _predictor_config(base, aux_model, layer_map, source)
+        predictor = KVPredictor(pconf)
+        if spec.kind == "pruned" and source == "kv":
+            predictor.set_identity()
+        config = KVPConfig(base=base_name, base_fingerprint=models.fingerprint(base), aux=spec, predictor=pconf)
+        return cls(base, aux_model, predictor.to(base.device, base.dtype), tokenizer, config)
+
+    @classmethod
+    def _load_checkpoint(cls, path: Path, *, base: str | None, dtype, device) -> "KVPredictionModel":
+        config = KVPConfig.from_json((path / CONFIG_NAME).read_text(), str(path / CONFIG_NAME))
+        base_model, tokenizer = models.load_causal_lm(base or config.base, dtype, device)
+        found = models.fingerprint(base_model)
+        if found != config.base_fingerprint:
+            raise KVPredError(f"checkpoint {path} was trained for base {config.base!r} (fingerprint "
+                              f"{config.base_fingerprint}), but the base loaded from {base or config.base!r} has "
+                              f"fingerprint {found}: the predictor would produce wrong keys and values for it")
+        aux_model = _make_aux(base_model, tokenizer, config.aux, dtype, device)
+        if config.aux.saved_params:
+            _load_into(aux_model, _read_safetensors(path / AUX_NAME), config.aux.saved_params, path / AUX_NAME)
+        expected = _predictor_config(base_model, aux_model, config.predictor.layer_map, config.predictor.source)
+        if expected != config.predictor:
+            raise KVPredError(f"{path / CONFIG_NAME}: predictor shapes {config.predictor} do not match the "
+                              f"base and auxiliary, which need {expected}")
+        predictor = KVPredictor(config.predictor)
+        _load_into(predictor, _read_safetensors(path / PREDICTOR_NAME), None, path / PREDICTOR_NAME)
+        return cls(base_model, aux_model, predictor.to(base_model.device, base_model.dtype), tokenizer, config)
+
+    def save_pretrained(self, path: str | os.PathLike, aux_params: list[str] | None = None,
+                        predictor_dtype: torch.dtype | None = None) -> None:
+        """Write config JSON + predictor safetensors (+ the named trained aux tensors), each file atomically."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        if aux_params is not None:
+            self.config.aux.saved_params = sorted(aux_params)
+        state = {k: v.detach().to(predictor_dtype or v.dtype).contiguous().cpu()
+                 for k, v in self.predictor.state_dict().items()}
+        _atomic(path / PREDICTOR_NAME, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+        if self.config.aux.saved_params:
+            aux_state = self.aux.state_dict()
+            saved = {k: aux_state[k].detach().contiguous().cpu().clone() for k in self.config.aux.saved_params}
+            _atomic(path / AUX_NAME, lambda tmp: save_file(saved, tmp, metadata={"format": "pt"}))
+        _atomic(path / CONFIG_NAME, lambda tmp: Path(tmp).write_text(self.config.to_json()))
+
+    # ---------------------------------------------------------------- properties
+    @property
+    def device(self) -> torch.device:
+        return self.base.device
+
+    @property
+    def context_length(self) -> int:
+        return min(self.base.config.max_position_embeddings, self.aux.config.max_position_embeddings)
+
+    # ---------------------------------------------------------------- phases
+    def aux_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                   position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run the auxiliary backbone (no LM head, no cache) and collect the predictor's inputs per aux layer.
+
+        Returns key_in, value_in: [L_aux, B, T, in]; for source "hidden" both are the layers' normed inputs.
+        """
+        with self._aux_taps() as taps:
+            self.aux.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                           use_cache=False)
+        if self.config.predictor.source == "hidden":
+            hidden = torch.stack(taps["hidden"])
+            return hidden, hidden
+        return torch.stack(taps["k"]), torch.stack(taps["v"])
+
+    @contextmanager
+    def _aux_taps(self) -> Iterator[dict[str, list[torch.Tensor]]]:
+        taps: dict[str, list[torch.Tensor]] = {"k": [], "v": [], "hidden": []}
+        hooks = []
+
+        def keep(name):
+            return lambda module, args, output: taps[name].append(output)
+
+        for layer in self.aux.model.layers:
+            if self.config.predictor.source == "hidden":
+                hooks.append(layer.input_layernorm.register_forward_hook(keep("hidden")))
+            else:
+                # k_proj output: keys before k-norm and RoPE, the position-free space the predictor works in
+                hooks.append(layer.self_attn.k_proj.register_forward_hook(keep("k")))
+                hooks.append(layer.self_attn.v_proj.register_forward_hook(keep("v")))
+        try:
+            yield taps
+        finally:
+            for hook in hooks:
+                hook.remove()
+
+    def base_kv(self, keys: torch.Tensor, values: torch.Tensor,
+                position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Predicted [L, B, T, kv_heads*head_dim] -> cache layout [L, B, kv_heads, T, head_dim], keys normed
+        with the base's k-norm (where it has one) and rotated with the base's RoPE at `position_ids` [B, T]."""
+        n_layers, b, t, _ = keys.shape
+        keys = keys.view(n_layers, b, t, self.base_kv_heads, self.base_head_dim)  # [L, B, T, H, D]
+        if self.k_norm_weight is not None:
+            var = keys.float().pow(2).mean(-1, keepdim=True)
+            normed = (keys.float() * torch.rsqrt(var + self.k_norm_eps)).to(keys.dtype)
+            keys = self.k_norm_weight.view(n_layers, 1, 1, 1, -1) * normed
+        keys = keys.transpose(2, 3)  # [L, B, H, T, D]
+        values = values.view(n_layers, b, t, self.base_kv_heads, -1).transpose(2, 3)  # [L, B, H, T, Dv]
+        cos, sin = rope_tables(self.base, position_ids, keys.dtype)
+        return rotate(keys, cos, sin), values
+
+    def write_cache(self, keys: torch.Tensor, values: torch.Tensor) -> DynamicCache:
+        """keys, values: [L, B, H, T, D] -> a transformers cache the base decodes from."""
+        cache = DynamicCache(config=self.base.config)
+        for i in range(keys.shape[0]):
+            cache.update(keys[i], values[i], i)
+        return cache
+
+    def predicted_cache(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                        exact_tail: int = 1) -> DynamicCache:
+        """Steps 1-2 of KV prediction: a base cache for all prompt tokens but the last `exact_tail`."""
+        n = input_ids.shape[1] - exact_tail
+        if n <= 0:
+            return DynamicCache(config=self.base.config)
+        mask = attention_mask[:, :n]
+        pos = position_ids_from_mask(mask)
+        key_in, value_in = self.aux_inputs(input_ids[:, :n], mask, pos)
+        keys, values = self.predictor(key_in, value_in)
+        return self.write_cache(*self.base_kv(keys, values, pos))
+
+    # ---------------------------------------------------------------- inference
+    def check_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, mode: str,
+                     max_new_tokens: int = 0, exact_tail: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        if mode not in MODES:
+            raise KVPredError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+        if exact_tail < 1:
+            raise KVPredError(f"exact_tail must be >= 1 (the base always runs the last prompt token), got {exact_tail}")
+        input_ids = torch.as_tensor(input_ids, device=self.device)
+        if input_ids.dim() == 1:
+            input_ids = input_ids.unsqueeze(0)
+        if input_ids.dim() != 2 or input_ids.numel() == 0:
+            raise KVPredError(f"input_ids must be a non-empty [batch, length] tensor, got shape {tuple(input_ids.shape)}")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        attention_mask = torch.as_tensor(attention_mask, device=self.device).view_as(input_ids)
+        lengths = attention_mask.sum(-1)
+        if (lengths == 0).any():
+            raise KVPredError(f"empty prompt in batch rows {lengths.eq(0).nonzero().flatten().tolist()}")
+        if (attention_mask[:, -1] == 0).any():
+            raise KVPredError("batches must be left-padded (tokenizer.padding_side = 'left'): every row's last "
+                              "column must be a real token")
+        vocab = self.base.config.vocab_size
+        if input_ids.min() < 0 or input_ids.max() >= vocab:
+            raise KVPredError(f"token ids must lie in [0, {vocab}), got {input_ids.min()}..{input_ids.max()}")
+        longest = input_ids.shape[1] + max_new_tokens
+        if longest > self.context_length:
+            raise KVPredError(f"prompt of {input_ids.shape[1]} tokens + {max_new_tokens} new tokens exceeds the "
+                              f"context limit of {self.context_length} tokens")
+        return input_ids, attention_mask
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+                 mode: str = "predicted", exact_tail: int = 1, max_new_tokens: int = 32, do_sample: bool = False,
+                 temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+                 stop_strings: list[str] | None = None, streamer=None, **generate_kwargs) -> torch.Tensor:
+        """Like transformers' generate: returns [B, prompt + new] token ids. Decoding is always the base's own
+        (or, in "aux" mode, the auxiliary's); only the prompt's cache differs between modes."""
+        input_ids, attention_mask = self.check_inputs(input_ids, attention_mask, mode, max_new_tokens, exact_tail)
+        config = GenerationConfig(
+            max_new_tokens=max_new_tokens, do_sample=do_sample,
+            temperature=temperature if do_sample else None, top_p=top_p if do_sample else None,
+            top_k=top_k if do_sample else None, stop_strings=stop_strings,
+            eos_token_id=self.base.generation_config.eos_token_id or self.tokenizer.eos_token_id,
+            pad_token_id=self.tokenizer.pad_token_id)
+        model = self.aux if mode == "aux" else self.base
+        cache = self.predicted_cache(input_ids, attention_mask, exact_tail) if mode == "predicted" else None
+        return model.generate(input_ids=input_ids, attention_mask=attention_mask, **cache_kwargs(model, cache),
+                              generation_config=config, streamer=streamer, tokenizer=self.tokenizer,
+                              **generate_kwargs)
+
+    @torch.no_grad()
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+                mode: str = "predicted", exact_tail: int = 1) -> tuple[torch.Tensor, DynamicCache]:
+        """The whole prompt pass: logits of the last `exact_tail` positions [B, W, V] and the cache of the prompt.
+        In predicted mode the base computes those W positions over the predicted cache of the rest."""
+        input_ids, attention_mask = self.check_inputs(input_ids, attention_mask, mode, 0, exact_tail)
+        model = self.aux if mode == "aux" else self.base
+        cache = (self.predicted_cache(input_ids, attention_mask, exact_tail) if mode == "predicted"
+                 else DynamicCache(config=model.config))
+        past = cache.get_seq_length()
+        pos = position_ids_from_mask(attention_mask)[:, past:]
+        out = model(input_ids=input_ids[:, past:], attention_mask=attention_mask, position_ids=pos,
+                    **cache_kwargs(model, cache), use_cache=True, logits_to_keep=exact_tail)
+        return out.logits, cache
+
+
+# -------------------------------------------------------------------- helpers
+def _aux_spec(base: PreTrainedModel, aux: str | None, keep_ratio: float | None,
+              keep_layers: list[int] | None) -> AuxSpec:
+    if aux is not None:
+        if keep_ratio is not None or keep_layers is not None:
+            raise KVPredError("choose either a separate auxiliary (aux) or a pruned one (keep_ratio/keep_layers)")
+        return AuxSpec(kind="separate", name_or_path=aux)
+    if keep_layers is None:
+        n = base.config.num_hidden_layers
+        keep_layers = models.keep_layers_for_ratio(n, DEFAULT_KEEP_RATIO if keep_ratio is None else keep_ratio)
+    return AuxSpec(kind="pruned", keep_layers=list(keep_layers))
+
+
+def _make_aux(base: PreTrainedModel, tokenizer, spec: AuxSpec, dtype, device) -> PreTrainedModel:
+    if spec.kind == "pruned":
+        return models.prune_layers(base, spec.keep_layers)
+    if spec.kind != "separate" or not spec.name_or_path:
+        raise KVPredError(f"unknown auxiliary spec {spec}; kind must be 'pruned' or 'separate'")
+    aux, aux_tokenizer = models.load_causal_lm(spec.name_or_path, dtype or base.dtype, device or base.device)
+    models.check_same_tokenizer(tokenizer, aux_tokenizer, spec.name_or_path)
+    return aux
+
+
+def _predictor_config(base: PreTrainedModel, aux: PreTrainedModel, layer_map: list[int],
+                      source: str) -> PredictorConfig:
+    n_base, n_aux = base.config.num_hidden_layers, aux.config.num_hidden_layers
+    if len(layer_map) != n_base or not all(0 <= j < n_aux for j in layer_map):
+        raise KVPredError(f"invalid layer map {layer_map}: need {n_base} entries, each an aux layer in [0, {n_aux})")
+    b_attn, a_attn = base.model.layers[0].self_attn, aux.model.layers[0].self_attn
+    in_features = aux.config.hidden_size if source == "hidden" else a_attn.k_proj.out_features
+    if source != "hidden" and a_attn.k_proj.out_features != a_attn.v_proj.out_features:
+        raise KVPredError("auxiliary keys and values differ in width; use source='hidden'")
+    return PredictorConfig(layer_map=list(layer_map), in_features=in_features,
+                           key_features=b_attn.k_proj.out_features, value_features=b_attn.v_proj.out_features,
+                           source=source)
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise KVPredError(f"checkpoint file {path} is missing")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise KVPredError(f"checkpoint file {path} is corrupt or not safetensors: {err}") from err
+
+
+def _load_into(module: nn.Module, state: dict[str, torch.Tensor], names: list[str] | None, where: Path) -> None:
+    """Copy `state` into `module`, insisting on exactly `names` (all of the module's tensors when None)."""
+    own = module.state_dict()
+    expected = set(own) if names is None else set(names)
+    if set(state) != expected:
+        raise KVPredError(f"{where} holds tensors {sorted(set(state) ^ expected)[:5]} that do not match "
+                          "the model: the checkpoint does not belong to this configuration")
+    for name, tensor in state.items():
+        if own[name].shape != tensor.shape:
+            raise KVPredError(f"{where}: tensor {name} has shape {tuple(tensor.shape)}, the model needs "
+                              f"{tuple(own[name].shape)}")
+        with torch.no_grad():
+            own[name].copy_(tensor)
+
+
+def _atomic(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write(str(tmp))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

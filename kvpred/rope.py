@@ -1,0 +1,31 @@
+"""Rotary position embedding, forwards and backwards, on HF's [batch, heads, seq, head_dim] key layout.
+
+HF Llama-style models cache keys *after* RoPE. kvpred predicts keys in position-free space and rotates them with
+the base's own rotary tables (so rope scaling variants such as llama3 or yarn come for free).
+"""
+from __future__ import annotations
+
+import torch
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def rotate(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """keys: [..., B, H, T, D]; cos, sin: [B, T, D] from the model's rotary_emb."""
+    cos, sin = cos.unsqueeze(-3), sin.unsqueeze(-3)  # [B, 1, T, D]: broadcast over heads
+    return keys * cos + rotate_half(keys) * sin
+
+
+def unrotate(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Inverse of `rotate`. Dividing by cos^2 + sin^2 undoes rope variants that also scale (attention_scaling)."""
+    cos, sin = cos.unsqueeze(-3), sin.unsqueeze(-3)
+    return (keys * cos - rotate_half(keys) * sin) / (cos * cos + sin * sin)
+
+
+def rope_tables(model, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [B, T, head_dim] of `model` (a *ForCausalLM) at `position_ids` [B, T]."""
+    probe = torch.empty(0, device=position_ids.device, dtype=dtype)
+    return model.model.rotary_emb(probe, position_ids)

@@ -1,0 +1,45 @@
+"""Tiny random models with a byte-level tokenizer, for tests and CPU examples. Nothing here is downloaded."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+
+SPECIALS = ["<pad>", "<s>", "</s>"]
+
+
+def byte_tokenizer() -> PreTrainedTokenizerFast:
+    """256 byte tokens + pad/bos/eos: every string round-trips, no files needed."""
+    byte_chars = list(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + sorted(byte_chars))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   padding_side="left")
+
+
+def tiny_config(arch: str = "llama", layers: int = 4, hidden: int = 64, heads: int = 4, kv_heads: int = 2,
+                head_dim: int | None = None, context: int = 512, **extra):
+    """A small Llama/Qwen2/Qwen3/Mistral config over the byte tokenizer's vocabulary."""
+    return AutoConfig.for_model(
+        arch, vocab_size=259, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim or hidden // heads,
+        max_position_embeddings=context, rope_theta=10000.0, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        tie_word_embeddings=True, **extra)
+
+
+def save_tiny_model(path: str | Path, arch: str = "llama", seed: int = 0, **config_kwargs) -> Path:
+    """Write a random tiny model + tokenizer to `path` as a normal HF folder and return the path."""
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch, **config_kwargs))
+    with torch.no_grad():  # larger than default init so that random models make confident, varied predictions
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.2)
+    path = Path(path)
+    model.save_pretrained(path)
+    byte_tokenizer().save_pretrained(path)
+    return path
