@@ -1,0 +1,24 @@
+import os
+import warnings
+
+import pytest
+import torch
+
+from kvpred.testing import save_tiny_model
+
+ARCHS = ["llama", "qwen2", "qwen3", "mistral"]
+warnings.filterwarnings("ignore", category=FutureWarning)
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, str]:
+    """One random tiny base model folder per supported architecture."""
+    root = tmp_path_factory.mktemp("tiny")
+    return {arch: str(save_tiny_model(root / arch, arch=arch, seed=i)) for i, arch in enumerate(ARCHS)}
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tiny_models) -> str:
+    return tiny_models["llama"]

@@ -1,0 +1,253 @@
+"""Specification of KV prediction inference on Hugging Face causal LMs (issue: core)."""
+import json
+
+import pytest
+import torch
+
+from kvpred import models
+from kvpred.cli import main
+from kvpred.generation import TimedStreamer, encode_prompts
+from kvpred.model import CONFIG_NAME, PREDICTOR_NAME, KVPredictionModel
+from kvpred.models import KVPredError
+from kvpred.rope import rope_tables, rotate, unrotate
+from kvpred.testing import save_tiny_model
+from conftest import ARCHS
+
+PROMPTS = ["The quick brown fox jumps over", "a", "Hello, world! This prompt is quite a lot longer than the others."]
+
+
+def batch(model, prompts=PROMPTS):
+    return encode_prompts(model.tokenizer, prompts)
+
+
+# ---------------------------------------------------------------- the paper's equivalence test (METHOD 1.8)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_aux_equal_to_base_with_identity_predictor_reproduces_the_base(tiny_models, arch):
+    model = KVPredictionModel.from_pretrained(tiny_models[arch], keep_ratio=1.0)
+    ids, mask = batch(model)
+    exact_logits, _ = model.prefill(ids, mask, mode="exact")
+    predicted_logits, _ = model.prefill(ids, mask, mode="predicted")
+    torch.testing.assert_close(predicted_logits, exact_logits, atol=1e-4, rtol=1e-4)
+    exact = model.generate(ids, mask, mode="exact", max_new_tokens=12)
+    assert torch.equal(model.generate(ids, mask, mode="predicted", max_new_tokens=12), exact)
+
+
+def test_equivalence_holds_for_single_prompts_and_each_row_of_a_padded_batch(tiny_llama):
+    model = KVPredictionModel.from_pretrained(tiny_llama, keep_ratio=1.0)
+    ids, mask = batch(model)
+    batched = model.generate(ids, mask, mode="predicted", max_new_tokens=8)[:, ids.shape[1]:]
+    for row, prompt in enumerate(PROMPTS):
+        single_ids, _ = encode_prompts(model.tokenizer, [prompt])
+        alone = model.generate(single_ids, mode="exact", max_new_tokens=8)[:, single_ids.shape[1]:]
+        assert torch.equal(batched[row], alone[0])
+
+
+@pytest.mark.parametrize("tail", [2, 5])
+def test_exact_tail_keeps_equivalence(tiny_llama, tail):
+    model = KVPredictionModel.from_pretrained(tiny_llama, keep_ratio=1.0)
+    ids, mask = batch(model)
+    exact, _ = model.prefill(ids, mask, mode="exact", exact_tail=tail)
+    predicted, cache = model.prefill(ids, mask, mode="predicted", exact_tail=tail)
+    assert predicted.shape == (len(PROMPTS), tail, model.base.config.vocab_size)
+    assert cache.get_seq_length() == ids.shape[1]
+    torch.testing.assert_close(predicted, exact, atol=1e-4, rtol=1e-4)
+
+
+def test_pruned_auxiliary_changes_the_prediction_but_not_the_decoding_rules(tiny_llama):
+    model = KVPredictionModel.from_pretrained(tiny_llama, keep_ratio=0.5)
+    ids, mask = batch(model)
+    exact, _ = model.prefill(ids, mask, mode="exact")
+    predicted, cache = model.prefill(ids, mask, mode="predicted")
+    assert not torch.allclose(predicted, exact, atol=1e-3)
+    assert [layer.keys.shape for layer in cache.layers] == [(3, 2, ids.shape[1], 16)] * 4
+    out = model.generate(ids, mask, mode="aux", max_new_tokens=4)
+    assert out.shape == (3, ids.shape[1] + 4)
+
+
+# ---------------------------------------------------------------- RoPE, GQA, head dims, layer maps
+def test_rope_round_trip_recovers_position_free_keys(tiny_llama):
+    model = KVPredictionModel.from_pretrained(tiny_llama, keep_ratio=1.0)
+    keys = torch.randn(2, 2, 7, 16)  # [B, H, T, D]
+    pos = torch.tensor([[0, 1, 2, 3, 4, 5, 6], [1, 1, 0, 1, 2, 3, 4]])
+    cos, sin = rope_tables(model.base, pos, keys.dtype)
+    rotated = rotate(keys, cos, sin)
+    assert not torch.allclose(rotated[:, :, 1:], keys[:, :, 1:])
+    torch.testing.assert_close(unrotate(rotated, cos, sin), keys)
+    # scaled rope variants: cos, sin carry an attention scaling factor that unrotate must undo too
+    torch.testing.assert_close(unrotate(rotate(keys, 1.3 * cos, 1.3 * sin), 1.3 * cos, 1.3 * sin), keys)
+
+
+def test_predicted_keys_rotate_like_the_bases_cache(tiny_llama):
+    """The base's cached keys, un-rotated, are exactly its k_proj outputs: the space the predictor writes in."""
+    model = KVPredictionModel.from_pretrained(tiny_llama, keep_ratio=1.0)
+    ids, mask = batch(model)
+    _, cache = model.prefill(ids, mask, mode="exact")
+    pos = torch.where(mask.bool(), mask.cumsum(-1) - 1, 1)
+    cos, sin = rope_tables(model.base, pos, torch.float32)
+    attn = model.base.model.layers[2].self_attn
+    inputs = {}
+    hook = attn.k_proj.register_forward_hook(lambda m, a, out: inputs.setdefault("k", out))
+    model.base(input_ids=ids, attention_mask=mask, position_ids=pos)
+    hook.remove()
+    raw = inputs["k"].view(3, ids.shape[1], 2, 16).transpose(1, 2)
+    torch.testing.assert_close(unrotate(cache.layers[2].keys, cos, sin), raw, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("source", ["kv", "hidden"])
+def test_separate_auxiliary_with_other_heads_and_head_dims(tmp_path, tiny_models, source):
+    aux = save_tiny_model(tmp_path / "aux", arch="llama", layers=3, hidden=48, heads=6, kv_heads=3, head_dim=8)
+    model = KVPredictionModel.from_pretrained(tiny_models["llama"], aux=str(aux), source=source)
+    assert model.config.predictor.layer_map == [0, 0, 1, 2]
+    assert model.config.predictor.in_features == (48 if source == "hidden" else 24)
+    ids, mask = batch(model)
+    _, cache = model.prefill(ids, mask, mode="predicted")
+    assert [layer.keys.shape for layer in cache.layers] == [(3, 2, ids.shape[1], 16)] * 4
+    assert model.generate(ids, mask, max_new_tokens=3).shape == (3, ids.shape[1] + 3)
+
+
+def test_keep_ratios_follow_the_papers_pruning_pattern():
+    assert models.keep_layers_for_ratio(28, 0.25) == [0, 4, 8, 12, 16, 20, 24]
+    assert models.keep_layers_for_ratio(28, 0.5) == list(range(0, 28, 2))
+    assert models.keep_layers_for_ratio(28, 0.75) == [i for i in range(28) if i % 4 != 3]
+
+
+def test_layer_maps_follow_both_rules_of_the_paper():
+    # KVP-LP 0.75: [0,1,2,2,3,4,5,5,...]
+    keep = models.keep_layers_for_ratio(8, 0.75)
+    assert models.layer_map_pruned(keep, 8) == [0, 1, 2, 2, 3, 4, 5, 5]
+    assert models.layer_map_pruned(models.keep_layers_for_ratio(8, 0.25), 8) == [0, 0, 0, 0, 1, 1, 1, 1]
+    # KVP-C: 1.1B(28) from 270M(16): aux 0-11 twice, then 12-15 once; 3B(36) from 270M(16): 0-3 thrice, 4-15 twice
+    assert models.layer_map_separate(16, 28) == [j for j in range(12) for _ in range(2)] + [12, 13, 14, 15]
+    assert models.layer_map_separate(16, 36) == [j for j in range(4) for _ in range(3)] + \
+        [j for j in range(4, 16) for _ in range(2)]
+
+
+def test_an_explicit_layer_map_overrides_the_rule(tiny_llama):
+    model = KVPredictionModel.from_pretrained(tiny_llama, keep_layers=[0, 2], layer_map=[0, 1, 1, 1])
+    assert model.config.predictor.layer_map == [0, 1, 1, 1]
+    with pytest.raises(KVPredError, match="invalid layer map"):
+        KVPredictionModel.from_pretrained(tiny_llama, keep_layers=[0, 2], layer_map=[0, 1, 2, 1])
+
+
+# ---------------------------------------------------------------- decoding options
+def test_sampling_stop_strings_and_streaming(tiny_llama):
+    model = KVPredictionModel.from_pretrained(tiny_llama, keep_ratio=0.5)
+    ids, mask = batch(model, PROMPTS[:1])
+    torch.manual_seed(0)
+    first = model.generate(ids, mask, do_sample=True, temperature=0.8, top_p=0.9, max_new_tokens=10)
+    torch.manual_seed(0)
+    assert torch.equal(model.generate(ids, mask, do_sample=True, temperature=0.8, top_p=0.9, max_new_tokens=10), first)
+    greedy = model.generate(ids, mask, max_new_tokens=20)
+    pieces = [model.tokenizer.decode(t) for t in greedy[0, ids.shape[1] + 1:]]
+    stop = next(p for p in pieces if p.isascii() and p.isprintable())  # random bytes: pick one that is text
+    stopped = model.generate(ids, mask, max_new_tokens=20, stop_strings=[stop])
+    assert model.tokenizer.decode(stopped[0, ids.shape[1]:]).endswith(stop)
+    assert stopped.shape[1] < greedy.shape[1]
+    streamer = TimedStreamer(model.tokenizer)
+    model.generate(ids, mask, max_new_tokens=4, streamer=streamer)
+    assert streamer.ttft(0.0) is not None
+
+
+# ---------------------------------------------------------------- checkpoints
+def test_save_and_load_round_trip(tmp_path, tiny_llama):
+    model = KVPredictionModel.from_pretrained(tiny_llama, keep_ratio=0.5)
+    with torch.no_grad():
+        model.predictor.value_bias.add_(0.1)
+        model.aux.model.layers[0].mlp.up_proj.weight.mul_(1.5)
+    model.save_pretrained(tmp_path / "ckpt", aux_params=["model.layers.0.mlp.up_proj.weight"])
+    loaded = KVPredictionModel.from_pretrained(str(tmp_path / "ckpt"))
+    assert loaded.config == model.config
+    ids, mask = batch(model)
+    torch.testing.assert_close(loaded.prefill(ids, mask)[0], model.prefill(ids, mask)[0])
+
+
+def test_loading_against_a_different_base_is_refused(tmp_path, tiny_models):
+    model = KVPredictionModel.from_pretrained(tiny_models["llama"], keep_ratio=0.5)
+    model.save_pretrained(tmp_path / "ckpt")
+    other = save_tiny_model(tmp_path / "other", arch="llama", seed=99)
+    with pytest.raises(KVPredError, match="fingerprint"):
+        KVPredictionModel.from_pretrained(str(tmp_path / "ckpt"), base=str(other))
+
+
+def test_corrupt_checkpoints_are_refused_with_a_clear_error(tmp_path, tiny_llama):
+    model = KVPredictionModel.from_pretrained(tiny_llama, keep_ratio=0.5)
+    model.save_pretrained(tmp_path / "ckpt")
+    (tmp_path / "ckpt" / PREDICTOR_NAME).write_bytes(b"not a safetensors file")
+    with pytest.raises(KVPredError, match="corrupt"):
+        KVPredictionModel.from_pretrained(str(tmp_path / "ckpt"))
+    (tmp_path / "ckpt" / CONFIG_NAME).write_text("{ truncated")
+    with pytest.raises(KVPredError, match="not a valid kvpred config"):
+        KVPredictionModel.from_pretrained(str(tmp_path / "ckpt"))
+
+
+def test_a_predictor_of_the_wrong_shape_is_refused(tmp_path, tiny_llama):
+    model = KVPredictionModel.from_pretrained(tiny_llama, keep_ratio=0.5)
+    model.save_pretrained(tmp_path / "ckpt")
+    config = json.loads((tmp_path / "ckpt" / CONFIG_NAME).read_text())
+    config["predictor"]["in_features"] = 7
+    (tmp_path / "ckpt" / CONFIG_NAME).write_text(json.dumps(config))
+    with pytest.raises(KVPredError, match="do not match"):
+        KVPredictionModel.from_pretrained(str(tmp_path / "ckpt"))
+
+
+# ---------------------------------------------------------------- bad input
+def test_bad_prompts_get_clear_errors(tiny_llama):
+    model = KVPredictionModel.from_pretrained(tiny_llama, keep_ratio=0.5)
+    with pytest.raises(KVPredError, match="empty prompt"):
+        encode_prompts(model.tokenizer, [""])
+    with pytest.raises(KVPredError, match="non-empty"):
+        model.generate(torch.zeros(1, 0, dtype=torch.long))
+    with pytest.raises(KVPredError, match="context limit of 512"):
+        model.generate(torch.ones(1, 500, dtype=torch.long), max_new_tokens=20)
+    with pytest.raises(KVPredError, match="unknown mode"):
+        model.generate(torch.ones(1, 5, dtype=torch.long), mode="fast")
+    with pytest.raises(KVPredError, match="left-padded"):
+        model.generate(torch.ones(1, 5, dtype=torch.long), torch.tensor([[1, 1, 1, 0, 0]]))
+    with pytest.raises(KVPredError, match="token ids"):
+        model.generate(torch.full((1, 5), 10_000))
+
+
+def test_a_different_tokenizer_is_refused_for_a_separate_auxiliary(tmp_path, tiny_llama):
+    aux = save_tiny_model(tmp_path / "aux", layers=2)
+    (aux / "tokenizer.json").write_text((aux / "tokenizer.json").read_text().replace('"<pad>": 0', '"<pad>": 0, "zz": 300'))
+    tok = json.loads((aux / "tokenizer.json").read_text())
+    tok["model"]["vocab"] = {k: (v + 1) % 259 for k, v in tok["model"]["vocab"].items()}
+    (aux / "tokenizer.json").write_text(json.dumps(tok))
+    with pytest.raises(KVPredError, match="different tokenizer"):
+        KVPredictionModel.from_pretrained(tiny_llama, aux=str(aux))
+
+
+def test_an_unknown_architecture_is_refused(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100)).save_pretrained(tmp_path / "gpt2")
+    with pytest.raises(KVPredError, match="architecture 'gpt2'"):
+        KVPredictionModel.from_pretrained(str(tmp_path / "gpt2"))
+
+
+def test_a_missing_model_is_a_clear_error(tmp_path):
+    with pytest.raises(KVPredError, match="cannot load model"):
+        KVPredictionModel.from_pretrained(str(tmp_path / "nothing-here"))
+    with pytest.raises(KVPredError, match="does not exist"):
+        KVPredictionModel.from_pretrained(str(tmp_path / "missing.gguf"))
+
+
+# ---------------------------------------------------------------- CLI
+def test_cli_generate_prints_json_with_ttft(tiny_llama, capsys):
+    assert main(["generate", "--model", tiny_llama, "--prompt", "hello", "--json", "--max-new-tokens", "4"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["mode"] == "predicted" and len(out["tokens"]) == 4 and out["ttft_s"] > 0
+    assert isinstance(out["text"], str)
+
+
+def test_cli_reports_bad_input_without_a_traceback(tiny_llama, capsys):
+    assert main(["generate", "--model", tiny_llama, "--prompt", "x" * 600]) == 2
+    assert "context limit" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", [[], ["generate"]])
+def test_cli_help_explains_itself(command, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(command + ["--help"])
+    assert exit_.value.code == 0
+    assert "usage: kvpred" in capsys.readouterr().out
