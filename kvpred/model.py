@@ -7,13 +7,14 @@ import os
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import DynamicCache, GenerationConfig, PreTrainedModel
+from transformers import AttentionInterface, DynamicCache, GenerationConfig, PreTrainedModel
+from transformers.cache_utils import Cache, CacheLayerMixin
 
 from . import models
 from .models import KVPredError
@@ -72,6 +73,45 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return pos.masked_fill(attention_mask == 0, 1)
 
 
+class Taps:
+    """Tensors captured by forward hooks during one forward pass, per decoder layer."""
+
+    def __init__(self) -> None:
+        self.k: list[torch.Tensor] = []
+        self.v: list[torch.Tensor] = []
+        self.hidden: list[torch.Tensor] = []
+
+    def stacked(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.hidden:
+            hidden = torch.stack(self.hidden)
+            return hidden, hidden
+        return torch.stack(self.k), torch.stack(self.v)
+
+
+@contextmanager
+def capture(model: PreTrainedModel, source: str) -> Iterator[Taps]:
+    """Hook `model`'s layers to capture, per layer, k_proj and v_proj outputs ("kv": keys before k-norm and RoPE,
+    the position-free space the predictor works in) or the normed layer inputs plus the final norm ("hidden")."""
+    taps, hooks = Taps(), []
+
+    def keep(into: list):
+        return lambda module, args, output: into.append(output)
+
+    for layer in model.model.layers:
+        if source == "hidden":
+            hooks.append(layer.input_layernorm.register_forward_hook(keep(taps.hidden)))
+        else:
+            hooks.append(layer.self_attn.k_proj.register_forward_hook(keep(taps.k)))
+            hooks.append(layer.self_attn.v_proj.register_forward_hook(keep(taps.v)))
+    if source == "hidden":
+        hooks.append(model.model.norm.register_forward_hook(keep(taps.hidden)))
+    try:
+        yield taps
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
 class KVPredictionModel(nn.Module):
     def __init__(self, base: PreTrainedModel, aux: PreTrainedModel, predictor: KVPredictor, tokenizer,
                  config: KVPConfig):
@@ -90,12 +130,12 @@ class KVPredictionModel(nn.Module):
     @classmethod
     def from_pretrained(cls, name_or_path: str, *, aux: str | None = None, keep_ratio: float | None = None,
                         keep_layers: list[int] | None = None, layer_map: list[int] | None = None,
-                        source: str = "kv", base: str | None = None, dtype: torch.dtype | None = None,
+                        source: str | None = None, base: str | None = None, dtype: torch.dtype | None = None,
                         device: str | torch.device | None = None) -> "KVPredictionModel":
         """Load a kvpred checkpoint folder, an embedded default (e.g. "smollm2-135m"), or build a new model
         around a base (HF folder, hub id, GGUF file or alias) with a pruned (`keep_ratio` / `keep_layers`) or
         separate (`aux`) auxiliary and an identity-initialised (pruned) or default-initialised predictor."""
-        building = aux is not None or keep_ratio is not None or keep_layers is not None or layer_map is not None
+        building = any(x is not None for x in (aux, keep_ratio, keep_layers, layer_map, source))
         checkpoint = Path(name_or_path)
         if not (checkpoint / CONFIG_NAME).is_file() and not building:
             embedded = DEFAULTS_DIR / name_or_path
@@ -103,7 +143,7 @@ class KVPredictionModel(nn.Module):
         if (checkpoint / CONFIG_NAME).is_file() and not building:
             return cls._load_checkpoint(checkpoint, base=base, dtype=dtype, device=device)
         return cls.build(name_or_path, aux=aux, keep_ratio=keep_ratio, keep_layers=keep_layers,
-                         layer_map=layer_map, source=source, dtype=dtype, device=device)
+                         layer_map=layer_map, source=source or "kv", dtype=dtype, device=device)
 
     @classmethod
     def build(cls, base_name: str, *, aux: str | None = None, keep_ratio: float | None = None,
@@ -113,9 +153,7 @@ class KVPredictionModel(nn.Module):
         spec = _aux_spec(base, aux, keep_ratio, keep_layers)
         aux_model = _make_aux(base, tokenizer, spec, dtype, device)
         if layer_map is None:
-            n_base = base.config.num_hidden_layers
-            layer_map = (models.layer_map_pruned(spec.keep_layers, n_base) if spec.kind == "pruned"
-                         else models.layer_map_separate(aux_model.config.num_hidden_layers, n_base))
+            layer_map = default_layer_map(base, aux_model, spec, source)
         pconf = _predictor_config(base, aux_model, layer_map, source)
         predictor = KVPredictor(pconf)
         if spec.kind == "pruned" and source == "kv":
@@ -169,15 +207,19 @@ class KVPredictionModel(nn.Module):
         return min(self.base.config.max_position_embeddings, self.aux.config.max_position_embeddings)
 
     # ---------------------------------------------------------------- phases
-    def aux_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                   position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def aux_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                   position_ids: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Run the auxiliary backbone (no LM head, no cache) and collect the predictor's inputs per aux layer.
 
         Returns key_in, value_in: [L_aux, B, T, in]; for source "hidden" both are the layers' normed inputs.
+        A mask and positions of None mean an unpadded batch (no host-device syncs for padding checks).
         """
-        with self._aux_taps() as taps:
-            self.aux.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                           use_cache=False)
+        with self._aux_taps() as taps, self._stop_after_last_kv():
+            try:
+                self.aux.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                               use_cache=False)
+            except _TapsComplete:
+                pass
         if self.config.predictor.source == "hidden":
             hidden = torch.stack(taps["hidden"])
             return hidden, hidden
@@ -204,20 +246,60 @@ class KVPredictionModel(nn.Module):
             for hook in hooks:
                 hook.remove()
 
+    @contextmanager
+    def _stop_after_last_kv(self) -> Iterator[None]:
+        """With "kv" input, end the auxiliary's pass once its last layer has projected keys and values: the rest
+        of that layer (attention, MLP) and the final norm feed nothing the predictor reads. Registered after the
+        taps, so the last taps are taken before `_TapsComplete` is raised."""
+        if self.config.predictor.source != "kv":
+            yield
+            return
+        attn = self.aux.model.layers[-1].self_attn
+        done: set[str] = set()
+
+        def stop(name):
+            def hook(module, args, output):
+                done.add(name)
+                if len(done) == 2:
+                    raise _TapsComplete
+            return hook
+
+        hooks = [attn.k_proj.register_forward_hook(stop("k")), attn.v_proj.register_forward_hook(stop("v"))]
+        try:
+            yield
+        finally:
+            for hook in hooks:
+                hook.remove()
+
     def base_kv(self, keys: torch.Tensor, values: torch.Tensor,
                 position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Predicted [L, B, T, kv_heads*head_dim] -> cache layout [L, B, kv_heads, T, head_dim], keys normed
         with the base's k-norm (where it has one) and rotated with the base's RoPE at `position_ids` [B, T]."""
         n_layers, b, t, _ = keys.shape
-        keys = keys.view(n_layers, b, t, self.base_kv_heads, self.base_head_dim)  # [L, B, T, H, D]
-        if self.k_norm_weight is not None:
-            var = keys.float().pow(2).mean(-1, keepdim=True)
-            normed = (keys.float() * torch.rsqrt(var + self.k_norm_eps)).to(keys.dtype)
-            keys = self.k_norm_weight.view(n_layers, 1, 1, 1, -1) * normed
+        keys = self._k_norm(keys.view(n_layers, b, t, self.base_kv_heads, self.base_head_dim))  # [L, B, T, H, D]
         keys = keys.transpose(2, 3)  # [L, B, H, T, D]
         values = values.view(n_layers, b, t, self.base_kv_heads, -1).transpose(2, 3)  # [L, B, H, T, Dv]
         cos, sin = rope_tables(self.base, position_ids, keys.dtype)
         return rotate(keys, cos, sin), values
+
+    def _k_norm(self, keys: torch.Tensor) -> torch.Tensor:
+        """The base's k-norm on [L, B, T, H, D] keys; identity for bases without one."""
+        if self.k_norm_weight is None:
+            return keys
+        var = keys.float().pow(2).mean(-1, keepdim=True)
+        normed = (keys.float() * torch.rsqrt(var + self.k_norm_eps)).to(keys.dtype)
+        return self.k_norm_weight.view(keys.shape[0], 1, 1, 1, -1) * normed
+
+    @torch.no_grad()
+    def base_kv_into(self, keys: torch.Tensor, values: torch.Tensor, position_ids: torch.Tensor,
+                     key_out: torch.Tensor, value_out: torch.Tensor) -> None:
+        """`base_kv` for inference, written into `key_out`, `value_out` [L, B, H, T, D] (e.g. a BufferCache's
+        arena): values in one strided copy, keys rotated straight into the output (no autograd: out= ops)."""
+        n_layers, b, t, _ = keys.shape
+        keys = self._k_norm(keys.view(n_layers, b, t, self.base_kv_heads, self.base_head_dim))  # [L, B, T, H, D]
+        cos, sin = rope_tables(self.base, position_ids, keys.dtype)  # [B, T, D]
+        _rotate_into(keys.transpose(2, 3), cos, sin, key_out)  # [L, B, H, T, D]
+        value_out.copy_(values.view(n_layers, b, t, self.base_kv_heads, -1).transpose(2, 3))
 
     def write_cache(self, keys: torch.Tensor, values: torch.Tensor) -> DynamicCache:
         """keys, values: [L, B, H, T, D] -> a transformers cache the base decodes from."""
@@ -237,6 +319,67 @@ class KVPredictionModel(nn.Module):
         key_in, value_in = self.aux_inputs(input_ids[:, :n], mask, pos)
         keys, values = self.predictor(key_in, value_in)
         return self.write_cache(*self.base_kv(keys, values, pos))
+
+    # ---------------------------------------------------------------- fast path
+    def new_cache(self, batch_size: int, capacity: int, mode: str = "predicted") -> "BufferCache":
+        """A preallocated cache for `prefill_into` and decoding: the auxiliary's in "aux" mode, else the base's."""
+        model = self.aux if mode == "aux" else self.base
+        return BufferCache(model.config, batch_size, capacity, dtype=model.dtype, device=model.device)
+
+    @torch.no_grad()
+    def predict_into(self, cache: "BufferCache", input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                     exact_tail: int = 1, mark: Callable[[str], None] | None = None) -> None:
+        """`predicted_cache` written in place: the first N - exact_tail columns of `cache` (emptied first) get the
+        predicted keys and values. `mark(phase)` is called after each phase ("aux", "predictor", "write")."""
+        mark = mark or (lambda phase: None)
+        n = input_ids.shape[1] - exact_tail
+        cache.reset()
+        if n <= 0:
+            return
+        mask = None if attention_mask is None else attention_mask[:, :n]
+        pos = None if mask is None else position_ids_from_mask(mask)
+        key_in, value_in = self.aux_inputs(input_ids[:, :n], mask, pos)
+        mark("aux")
+        keys, values = self.predictor(key_in, value_in)  # [L, B, T, kv]
+        mark("predictor")
+        if pos is None:
+            pos = torch.arange(n, device=input_ids.device).expand(input_ids.shape[0], n)
+        self.base_kv_into(keys, values, pos, *cache.slices(n))
+        cache.set_length(n)
+        mark("write")
+
+    @torch.no_grad()
+    def prefill_into(self, cache: "BufferCache", input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                     *, mode: str = "predicted", exact_tail: int = 1) -> torch.Tensor:
+        """`prefill` on the fast path: fills a preallocated `cache` (from `new_cache(.., mode)`) in place and
+        returns the logits [B, W, V] of the last W = exact_tail positions. Inputs are not validated (call
+        `check_inputs` first); an attention_mask of None means an unpadded batch and avoids host-device syncs."""
+        if input_ids.shape[1] > cache.capacity:
+            raise KVPredError(f"prompt of {input_ids.shape[1]} tokens does not fit a cache of {cache.capacity}")
+        model = self.aux if mode == "aux" else self.base
+        if mode == "predicted":
+            self.predict_into(cache, input_ids, attention_mask, exact_tail)
+        else:
+            cache.reset()
+        past = cache.get_seq_length()
+        pos = None if attention_mask is None else position_ids_from_mask(attention_mask)[:, past:]
+        out = model(input_ids=input_ids[:, past:], attention_mask=attention_mask, position_ids=pos,
+                    **cache_kwargs(model, cache), use_cache=True, logits_to_keep=exact_tail)
+        return out.logits
+
+    @contextmanager
+    def static_step(self, cache: "BufferCache", slot: torch.Tensor) -> Iterator[None]:
+        """Inside, base forwards of one token per row write at cache column `slot` (a 1-element long tensor) and
+        attend over the whole buffer under the caller's 4D bool mask [B, 1, 1, capacity]: fixed shapes and no
+        host reads, as a CUDA graph needs. Pass that mask as attention_mask (transformers uses a 4D mask as is)."""
+        AttentionInterface.register(STEP_ATTENTION, _step_attention)
+        config = self.base.config
+        previous = config._attn_implementation
+        config._attn_implementation, cache.step_slot = STEP_ATTENTION, slot
+        try:
+            yield
+        finally:
+            config._attn_implementation, cache.step_slot = previous, None
 
     # ---------------------------------------------------------------- inference
     def check_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, mode: str,
@@ -327,9 +470,22 @@ def _make_aux(base: PreTrainedModel, tokenizer, spec: AuxSpec, dtype, device) ->
     return aux
 
 
+def default_layer_map(base: PreTrainedModel, aux: PreTrainedModel, spec: AuxSpec, source: str) -> list[int]:
+    """The paper's rules (METHOD 1.6). With "hidden" input and a pruned aux, a base layer that the aux skipped
+    reads the aux layer's *output* (the next tap), the hidden state closest to the one that base layer sees."""
+    n_base = base.config.num_hidden_layers
+    if spec.kind != "pruned":
+        return models.layer_map_separate(aux.config.num_hidden_layers, n_base)
+    rule = models.layer_map_pruned(spec.keep_layers, n_base)
+    if source != "hidden":
+        return rule
+    return [j if spec.keep_layers[j] == i else j + 1 for i, j in enumerate(rule)]
+
+
 def _predictor_config(base: PreTrainedModel, aux: PreTrainedModel, layer_map: list[int],
                       source: str) -> PredictorConfig:
-    n_base, n_aux = base.config.num_hidden_layers, aux.config.num_hidden_layers
+    n_base = base.config.num_hidden_layers
+    n_aux = aux.config.num_hidden_layers + (source == "hidden")  # "hidden" also offers the final normed state
     if len(layer_map) != n_base or not all(0 <= j < n_aux for j in layer_map):
         raise KVPredError(f"invalid layer map {layer_map}: need {n_base} entries, each an aux layer in [0, {n_aux})")
     b_attn, a_attn = base.model.layers[0].self_attn, aux.model.layers[0].self_attn
@@ -372,3 +528,123 @@ def _atomic(path: Path, write) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+# -------------------------------------------------------------------- fast-path helpers
+STEP_ATTENTION = "kvpred_step"
+
+
+class _TapsComplete(Exception):
+    """Raised by the auxiliary's last tap: what the auxiliary would compute after it feeds nothing."""
+
+
+def _rotate_into(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor) -> None:
+    """out = rope.rotate(keys, cos, sin), computed half by half so rotate_half's copy is never materialised.
+    keys, out: [..., B, H, T, D]; cos, sin: [B, T, D]."""
+    half = keys.shape[-1] // 2
+    cos, sin = cos.unsqueeze(-3), sin.unsqueeze(-3)  # [B, 1, T, D]
+    k1, k2, o1, o2 = keys[..., :half], keys[..., half:], out[..., :half], out[..., half:]
+    torch.mul(k1, cos[..., :half], out=o1)
+    o1.addcmul_(k2, sin[..., :half], value=-1)  # rotate_half's first half is -k2
+    torch.mul(k2, cos[..., half:], out=o2)
+    o2.addcmul_(k1, sin[..., half:])
+
+
+def _step_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                    attention_mask: torch.Tensor, scaling: float | None = None, **kwargs) -> tuple[torch.Tensor, None]:
+    """SDPA for one query token over a whole static buffer under a mask, without repeating K/V for GQA: the
+    query heads sharing a KV head become that head's queries. query [B, Hq, 1, D], key/value [B, Hkv, T, D],
+    attention_mask [B, 1, 1, T] bool. Returns [B, 1, Hq, Dv] like transformers' sdpa_attention_forward."""
+    b, hq, q_len, d = query.shape
+    if q_len != 1:
+        raise KVPredError(f"the static step attends one token per row, got {q_len}")
+    hkv = key.shape[1]
+    query = query.reshape(b, hkv, hq // hkv, d)  # head h = kv_head * group + r, as repeat_kv lays them out
+    out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=scaling)
+    return out.reshape(b, hq, 1, -1).transpose(1, 2).contiguous(), None
+
+
+class _BufferLayer(CacheLayerMixin):
+    """One layer's part of a BufferCache: views [B, H, capacity, D] of the shared arena, filled from the front."""
+
+    is_compileable = False
+    is_sliding = False
+    is_croppable = True
+
+    def __init__(self, key_buffer: torch.Tensor, value_buffer: torch.Tensor, owner: "BufferCache"):
+        super().__init__()
+        self.key_buffer, self.value_buffer, self.owner = key_buffer, value_buffer, owner
+        self.device = key_buffer.device
+        self.is_initialized = True
+        self.set_length(0)
+
+    def set_length(self, length: int) -> None:
+        self.length = length
+        self.keys, self.values = self.key_buffer[:, :, :length], self.value_buffer[:, :, :length]
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Nothing to do: the arena was allocated up front."""
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args,
+               **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        slot = self.owner.step_slot
+        if slot is not None:  # static step (KVPredictionModel.static_step): fixed shapes, the mask hides the rest
+            self.key_buffer.index_copy_(2, slot, key_states)
+            self.value_buffer.index_copy_(2, slot, value_states)
+            return self.key_buffer, self.value_buffer
+        end = self.length + key_states.shape[-2]
+        if end > self.key_buffer.shape[2]:
+            raise KVPredError(f"cache of capacity {self.key_buffer.shape[2]} cannot take {end} tokens")
+        self.key_buffer[:, :, self.length:end].copy_(key_states)
+        self.value_buffer[:, :, self.length:end].copy_(value_states)
+        self.set_length(end)
+        return self.keys, self.values
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.length + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def get_max_length(self) -> int:
+        return self.key_buffer.shape[2]
+
+    def reset(self) -> None:
+        self.set_length(0)
+
+    def crop(self, tokens_to_remove: int) -> None:
+        self.set_length(max(0, self.length - abs(tokens_to_remove)))
+
+
+class BufferCache(Cache):
+    """A transformers cache preallocated as one [L, B, H, capacity, D] tensor pair and written in place, so
+    neither prefill nor decoding copies what is already cached (DynamicCache re-concatenates on every step).
+
+    Attention sees exactly the filled columns (views), so prefill keeps SDPA's causal fast path; under
+    KVPredictionModel.static_step it sees the whole buffer instead, for CUDA graphs.
+    """
+
+    def __init__(self, config, batch_size: int, capacity: int, *, dtype: torch.dtype, device: torch.device | str):
+        n_layers, kv_heads = config.num_hidden_layers, config.num_key_value_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        shape = (n_layers, batch_size, kv_heads, capacity, head_dim)
+        # zeros, not empty: pages get touched here rather than inside the first timed prefill
+        self.key_arena = torch.zeros(shape, dtype=dtype, device=device)
+        self.value_arena = torch.zeros(shape, dtype=dtype, device=device)
+        self.capacity = capacity
+        self.step_slot: torch.Tensor | None = None
+        super().__init__(layers=[_BufferLayer(self.key_arena[i], self.value_arena[i], self) for i in range(n_layers)])
+
+    def slices(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The arena's first `length` columns, [L, B, H, length, D] views to write a whole prefix at once."""
+        if length > self.capacity:
+            raise KVPredError(f"cache of capacity {self.capacity} cannot take {length} tokens")
+        return self.key_arena[:, :, :, :length], self.value_arena[:, :, :, :length]
+
+    def set_length(self, length: int) -> None:
+        """Declare the first `length` columns of every layer filled (after writing them through `slices`)."""
+        for layer in self.layers:
+            layer.set_length(length)
+
+    def reset(self) -> None:
+        self.set_length(0)

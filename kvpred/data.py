@@ -1,0 +1,507 @@
+"""Training tokens: text files -> packed token shards on disk -> shuffled, resumable, rank-sliced batches.
+
+Tokenizing happens once, on a CPU machine, and only the compact shards travel to the GPU machine:
+
+    meta = build_shards(["docs/", "src/**/*.py"], tokenizer, "tokens/")   # train_*.bin, heldout_*.bin, meta.json
+    batches = PackedTokens("tokens/", "train", seq_len=512, batch_size=8)  # iterator of LongTensor [8, 512]
+
+Each document is tokenized without special tokens and followed by EOS; a split is the concatenation of its documents,
+cut into non-overlapping windows of `seq_len` tokens. Batches hold input ids only: the trainer shifts them for
+next-token targets (labels = input_ids, as Hugging Face causal LMs shift inside their loss), so the last token of a
+window is never a target. Documents go to the held-out split by a hash of their text, so the splits never share one.
+"""
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import glob
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from .models import KVPredError
+
+TEXT_SUFFIXES = (".py", ".txt", ".md", ".rst")
+JSONL_SUFFIX = ".jsonl"
+SUFFIXES = TEXT_SUFFIXES + (JSONL_SUFFIX,)
+EVAL_DATA = Path("/work/shared/data")
+META_NAME = "meta.json"
+SPLITS = ("train", "heldout")
+FORMAT_VERSION = 1
+# Tokenize this many characters per call: large enough for the Rust tokenizer to use both cores, small enough for RAM.
+TOKENIZE_BATCH_CHARS = 4_000_000
+
+
+# ---------------------------------------------------------------- sources -> files -> documents
+def _is_eval_data(path: Path) -> bool:
+    """The evaluation sets must never become training data, whatever path or link leads to them."""
+    for form in (Path(os.path.abspath(path)), path.resolve()):
+        parts = form.parts
+        if any(parts[i:i + 2] == ("shared", "data") for i in range(len(parts) - 1)):
+            return True
+        if form.is_relative_to(EVAL_DATA) or form.is_relative_to(EVAL_DATA.resolve()):
+            return True
+    return False
+
+
+def _refuse_eval_data(path: Path, source: str) -> None:
+    if _is_eval_data(path):
+        raise KVPredError(f"source {source!r} reaches {path}, which is evaluation data (under a shared/data "
+                          "folder); never train on the evaluation sets: pass training text from elsewhere")
+
+
+def _walk(root: Path) -> list[Path]:
+    """Files under `root` with a known suffix, in sorted order; hidden folders and __pycache__ are skipped."""
+    found = []
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d != "__pycache__")
+        found += [Path(folder) / f for f in sorted(files) if f.endswith(SUFFIXES)]
+    return found
+
+
+def _file_order_key(path: Path) -> str:
+    return hashlib.sha1(path.as_posix().encode()).hexdigest()
+
+
+def expand_source(source: str, exclude: Sequence[str] = (), shuffle: bool = False) -> list[Path]:
+    """A file, folder (walked recursively) or glob -> its .py/.txt/.md/.rst/.jsonl files.
+
+    Order is sorted by path, or with shuffle=True a fixed pseudo-random order (a hash of each path), so that a
+    --max-tokens cap takes a spread of the source rather than its alphabetical head. `exclude` holds fnmatch
+    patterns tested against each file's full path (e.g. "*/tests/*").
+    """
+    _refuse_eval_data(Path(source), source)
+    if glob.has_magic(source):
+        matches = [Path(m) for m in sorted(glob.glob(source, recursive=True))]
+        files = [f for m in matches for f in (_walk(m) if m.is_dir() else [m] if m.name.endswith(SUFFIXES) else [])]
+    elif Path(source).is_dir():
+        files = _walk(Path(source))
+    elif Path(source).is_file():
+        if not source.endswith(SUFFIXES):
+            raise KVPredError(f"source {source!r} is not a {'/'.join(SUFFIXES)} file")
+        files = [Path(source)]
+    else:
+        raise KVPredError(f"source {source!r} does not exist")
+    files = [f for f in files if not any(fnmatch.fnmatch(f.as_posix(), pat) for pat in exclude)]
+    if not files:
+        raise KVPredError(f"source {source!r} matches no {'/'.join(SUFFIXES)} files"
+                          + (f" outside the excluded patterns {list(exclude)}" if exclude else ""))
+    for f in files:
+        _refuse_eval_data(f, source)
+    return sorted(files, key=_file_order_key) if shuffle else files
+
+
+def read_documents(path: Path, text_field: str = "text") -> list[str]:
+    """The documents in one file: its whole text, or one per jsonl line (that line's `text_field`).
+
+    Raises UnicodeDecodeError for a file that is not UTF-8."""
+    text = path.read_text(encoding="utf-8")
+    if not path.name.endswith(JSONL_SUFFIX):
+        return [text]
+    docs = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise KVPredError(f"{path}:{lineno} is not valid JSON ({err})") from err
+        value = row.get(text_field) if isinstance(row, dict) else None
+        if not isinstance(value, str):
+            keys = sorted(row) if isinstance(row, dict) else type(row).__name__
+            raise KVPredError(f"{path}:{lineno} has no string field {text_field!r} (has {keys}); "
+                              "choose the field with --text-field")
+        docs.append(value)
+    return docs
+
+
+def _unit_hash(text: str) -> tuple[bytes, float]:
+    digest = hashlib.sha1(text.encode("utf-8", "surrogatepass")).digest()
+    return digest, int.from_bytes(digest[:8], "big") / 2.0 ** 64
+
+
+# ---------------------------------------------------------------- documents -> shards
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab_size <= 2 ** 16 else np.dtype(np.uint32)
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """sha256 of the id -> token table and EOS id: shards are only valid for a tokenizer with the same ids."""
+    table = sorted((i, t) for t, i in tokenizer.get_vocab().items())
+    return hashlib.sha256(json.dumps([table, tokenizer.eos_token_id]).encode()).hexdigest()
+
+
+def _write_atomic(path: Path, data: bytes | np.ndarray) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    if isinstance(data, np.ndarray):
+        data.tofile(tmp)
+    else:
+        tmp.write_bytes(data)
+    os.replace(tmp, path)  # a killed build never leaves a half-written file under the final name
+
+
+@dataclass
+class _ShardWriter:
+    """Appends tokens to one split and writes them out as flat shards of `shard_tokens` tokens (the last shorter)."""
+    out_dir: Path
+    split: str
+    shard_tokens: int
+    dtype: np.dtype
+    shards: list[dict] = field(default_factory=list)
+    documents: int = 0
+    _buffer: list[np.ndarray] = field(default_factory=list)
+    _buffered: int = 0
+
+    def add(self, tokens: np.ndarray) -> None:
+        self._buffer.append(tokens.astype(self.dtype))
+        self._buffered += len(tokens)
+        while self._buffered >= self.shard_tokens:
+            self._flush(self.shard_tokens)
+
+    def close(self) -> dict:
+        if self._buffered:
+            self._flush(self._buffered)
+        return {"tokens": sum(s["tokens"] for s in self.shards), "documents": self.documents, "shards": self.shards}
+
+    def _flush(self, n: int) -> None:
+        flat = np.concatenate(self._buffer)
+        name = f"{self.split}_{len(self.shards):05d}.bin"
+        _write_atomic(self.out_dir / name, flat[:n])
+        self.shards.append({"file": name, "tokens": int(n)})
+        self._buffer, self._buffered = [flat[n:]], len(flat) - n
+
+
+def _documents(paths: Sequence[Path], text_field: str, heldout_fraction: float, seen: set[bytes], skipped: dict,
+               bar) -> Iterator[tuple[str, str]]:
+    """(split, text) for each new non-empty document in `paths`; duplicates, blanks and non-UTF-8 files counted."""
+    for path in paths:
+        try:
+            docs = read_documents(path, text_field)
+        except UnicodeDecodeError:
+            skipped["undecodable_files"].append(str(path))
+            docs = []
+        for text in docs:
+            if not text.strip():
+                skipped["empty_documents"] += 1
+                continue
+            digest, u = _unit_hash(text)
+            if digest in seen:  # vendored copies, empty __init__ boilerplate: keep one, in one split only
+                skipped["duplicate_documents"] += 1
+                continue
+            seen.add(digest)
+            yield ("heldout" if u < heldout_fraction else "train"), text
+        bar.update(path.stat().st_size)
+
+
+def _batches(docs: Iterator[tuple[str, str]], max_chars: int) -> Iterator[list[tuple[str, str]]]:
+    batch, chars = [], 0
+    for doc in docs:
+        batch.append(doc)
+        chars += len(doc[1])
+        if chars >= max_chars:
+            yield batch
+            batch, chars = [], 0
+    if batch:
+        yield batch
+
+
+def build_shards(sources: Sequence[str], tokenizer, out_dir: str | Path, *, shard_tokens: int = 2 ** 23,
+                 max_tokens: int | None = None, heldout_fraction: float = 0.01, text_field: str = "text",
+                 exclude: Sequence[str] = (), shuffle_files: bool = False, tokenizer_name: str | None = None,
+                 progress: bool = True) -> dict:
+    """Tokenize `sources` once into train_NNNNN.bin / heldout_NNNNN.bin token shards + meta.json in `out_dir`.
+
+    Sources are read in the order given (files in each in sorted order, or hashed order with shuffle_files), so with
+    `max_tokens` (train + held-out) the first sources are taken whole and the last one is cut. Exact duplicate
+    documents and empty ones are dropped; files that are not UTF-8 are skipped. Both are counted in meta.json.
+    meta.json is written last: a folder without it is an unfinished build. Returns the meta dict.
+    """
+    from tqdm.auto import tqdm
+
+    if not sources:
+        raise KVPredError("no sources given: pass files, folders or globs of training text")
+    if not 0 <= heldout_fraction < 1:
+        raise KVPredError(f"heldout_fraction must be in [0, 1), got {heldout_fraction}")
+    if shard_tokens < 1 or (max_tokens is not None and max_tokens < 1):
+        raise KVPredError(f"shard_tokens and max_tokens must be positive, got {shard_tokens} and {max_tokens}")
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise KVPredError("the tokenizer has no EOS token, which separates documents in the packed stream")
+    files = {s: expand_source(s, exclude, shuffle_files) for s in sources}  # every source checked before any work
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / META_NAME).unlink(missing_ok=True)  # the old build is invalid from here on
+    dtype = token_dtype(len(tokenizer))
+    writers = {s: _ShardWriter(out, s, shard_tokens, dtype) for s in SPLITS}
+    skipped = {"duplicate_documents": 0, "empty_documents": 0, "undecodable_files": []}
+    seen: set[bytes] = set()
+    total = 0
+    bar = tqdm(total=sum(f.stat().st_size for fs in files.values() for f in fs), unit="B", unit_scale=True,
+               desc=f"tokenizing into {out}", disable=not progress)
+
+    def tokenize(batch: list[tuple[str, str]]) -> bool:
+        """Append a batch of (split, text) documents; False once max_tokens is reached."""
+        nonlocal total
+        ids = tokenizer([text for _, text in batch], add_special_tokens=False, verbose=False)["input_ids"]
+        for (split, _), doc in zip(batch, ids):
+            tokens = np.array(doc + [eos], dtype=np.int64)
+            if max_tokens is not None:
+                tokens = tokens[:max_tokens - total]
+            writers[split].add(tokens)
+            writers[split].documents += 1
+            total += len(tokens)
+            if max_tokens is not None and total >= max_tokens:
+                return False
+        bar.set_postfix(tokens=f"{total:,}")
+        return True
+
+    per_source = []
+    running = True
+    for source, paths in files.items():
+        tokens_before, docs_before = total, sum(w.documents for w in writers.values())
+        duplicates_before = skipped["duplicate_documents"]
+        texts = _documents(paths, text_field, heldout_fraction, seen, skipped, bar)
+        nonempty = 0
+        for batch in _batches(texts, TOKENIZE_BATCH_CHARS):
+            nonempty += len(batch)
+            if not (running := tokenize(batch)):
+                break
+        per_source.append({"source": source, "files": len(paths), "tokens": total - tokens_before,
+                           "documents": sum(w.documents for w in writers.values()) - docs_before})
+        if not running:
+            break
+        if nonempty == 0 and skipped["duplicate_documents"] == duplicates_before:
+            raise KVPredError(f"source {source!r} holds no text: its {len(paths)} file(s) are empty"
+                              + (f" or have no {text_field!r} field" if any(p.suffix == JSONL_SUFFIX for p in paths)
+                                 else "") + " or are not UTF-8")
+    bar.close()
+    splits = {s: w.close() for s, w in writers.items()}
+    meta = {
+        "format": FORMAT_VERSION,
+        "tokenizer": {"name": tokenizer_name or getattr(tokenizer, "name_or_path", ""), "vocab_size": len(tokenizer),
+                      "sha256": tokenizer_fingerprint(tokenizer), "eos_token_id": eos},
+        "dtype": dtype.name,
+        "tokens": total,
+        "splits": splits,
+        "heldout_fraction": heldout_fraction,
+        "max_tokens": max_tokens,
+        "capped": max_tokens is not None and total >= max_tokens,
+        "shard_tokens": shard_tokens,
+        "sources": per_source,
+        "text_field": text_field,
+        "exclude": list(exclude),
+        "shuffle_files": shuffle_files,
+        "skipped": skipped,
+    }
+    _write_atomic(out / META_NAME, (json.dumps(meta, indent=1) + "\n").encode())
+    wanted = {s["file"] for split in splits.values() for s in split["shards"]}
+    for stale in out.glob("*.bin"):  # shards of an earlier, larger build in the same folder
+        if stale.name.split("_")[0] in SPLITS and stale.name not in wanted:
+            stale.unlink()
+    return meta
+
+
+def read_meta(shard_dir: str | Path) -> dict:
+    path = Path(shard_dir) / META_NAME
+    if not path.is_file():
+        raise KVPredError(f"{path} does not exist: {shard_dir} holds no finished token build; "
+                          "make one with `kvpred data build`")
+    return json.loads(path.read_text())
+
+
+def check_tokenizer(shard_dir: str | Path, tokenizer) -> None:
+    """Raise unless `tokenizer` has the ids the shards in `shard_dir` were built with."""
+    built = read_meta(shard_dir)["tokenizer"]
+    if built["sha256"] != tokenizer_fingerprint(tokenizer):
+        raise KVPredError(f"the tokens in {shard_dir} were built with tokenizer {built['name']!r} "
+                          f"({built['vocab_size']} tokens), which differs from this model's "
+                          f"({len(tokenizer)} tokens); rebuild them with `kvpred data build --model ...`")
+
+
+# ---------------------------------------------------------------- shards -> windows -> batches
+class TokenStream:
+    """One split's shards as a single memory-mapped token sequence, cut into windows of `seq_len` tokens."""
+
+    def __init__(self, shard_dir: str | Path, split: str, seq_len: int):
+        if split not in SPLITS:
+            raise KVPredError(f"split must be one of {SPLITS}, got {split!r}")
+        if seq_len < 1:
+            raise KVPredError(f"seq_len must be positive, got {seq_len}")
+        meta = read_meta(shard_dir)
+        self.meta, self.split, self.seq_len = meta, split, seq_len
+        self.shards = []
+        for shard in meta["splits"][split]["shards"]:
+            path = Path(shard_dir) / shard["file"]
+            expected = shard["tokens"] * np.dtype(meta["dtype"]).itemsize
+            if not path.is_file() or path.stat().st_size != expected:
+                raise KVPredError(f"{path} is missing or not {expected} bytes as {META_NAME} says; rebuild the shards")
+            self.shards.append(np.memmap(path, dtype=meta["dtype"], mode="r"))
+        self.starts = np.cumsum([0] + [len(s) for s in self.shards])  # token offset of each shard in the split
+        self.tokens = int(self.starts[-1])
+        self.n_windows = self.tokens // seq_len  # the tail shorter than a window is never used
+        if self.n_windows == 0:
+            raise KVPredError(f"the {split} split of {shard_dir} has {self.tokens} tokens, less than one window of "
+                              f"{seq_len}; build more data or use a smaller seq_len")
+
+    def read(self, start: int, length: int) -> np.ndarray:
+        """Tokens [start, start+length) of the split; a window may run across a shard boundary."""
+        pieces = []
+        while length > 0:
+            i = int(np.searchsorted(self.starts, start, side="right")) - 1
+            offset = start - int(self.starts[i])
+            piece = self.shards[i][offset:offset + length]
+            pieces.append(piece)
+            start, length = start + len(piece), length - len(piece)
+        return np.concatenate(pieces)
+
+    def windows(self, indices: Sequence[int]) -> torch.Tensor:
+        rows = [self.read(int(i) * self.seq_len, self.seq_len).astype(np.int64) for i in indices]
+        return torch.from_numpy(np.stack(rows))  # [len(indices), seq_len]
+
+
+class PackedTokens:
+    """Infinite iterator of LongTensor batches [batch_size, seq_len] from one split, resumable and rank-sliced.
+
+    Global step s takes the windows perm_e[j*G:(j+1)*G] with G = batch_size * world_size, e = s // steps_per_epoch,
+    j = s % steps_per_epoch and perm_e a permutation of all windows seeded by (seed, e); rank r gets rows
+    [r*batch_size:(r+1)*batch_size] of that global batch. So W ranks together see exactly what one process with
+    batch_size*W would, and the whole position is the step number (`state_dict`). Windows left over after the last
+    full global batch of an epoch are skipped in that epoch (a different remainder in the next).
+    """
+
+    def __init__(self, shard_dir: str | Path, split: str = "train", *, seq_len: int, batch_size: int, rank: int = 0,
+                 world_size: int = 1, seed: int = 0, shuffle: bool = True):
+        if batch_size < 1 or not 0 <= rank < world_size:
+            raise KVPredError(f"need batch_size >= 1 and 0 <= rank < world_size, "
+                              f"got {batch_size=}, {rank=}, {world_size=}")
+        self.stream = TokenStream(shard_dir, split, seq_len)
+        self.split, self.seq_len, self.batch_size = split, seq_len, batch_size
+        self.rank, self.world_size, self.seed, self.shuffle = rank, world_size, seed, shuffle
+        self.global_batch_size = batch_size * world_size
+        self.steps_per_epoch = self.stream.n_windows // self.global_batch_size
+        if self.steps_per_epoch == 0:
+            raise KVPredError(f"the {split} split has {self.stream.n_windows} windows of {seq_len} tokens, fewer than "
+                              f"one global batch of {self.global_batch_size}; lower batch_size or seq_len")
+        self.step = 0
+        self._perm_epoch, self._perm = -1, np.arange(0)
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        if epoch != self._perm_epoch:
+            n = self.stream.n_windows
+            self._perm = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
+            self._perm_epoch = epoch
+        return self._perm
+
+    def window_indices(self, step: int) -> np.ndarray:
+        """Window indices of global batch `step`, all ranks' rows in rank order."""
+        epoch, j = divmod(step, self.steps_per_epoch)
+        return self._permutation(epoch)[j * self.global_batch_size:(j + 1) * self.global_batch_size]
+
+    def global_batch(self, step: int) -> torch.Tensor:
+        return self.stream.windows(self.window_indices(step))  # [batch_size * world_size, seq_len]
+
+    def local_batch(self, step: int) -> torch.Tensor:
+        rows = self.window_indices(step)[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
+        return self.stream.windows(rows)  # [batch_size, seq_len]
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        batch = self.local_batch(self.step)
+        self.step += 1
+        return batch
+
+    @property
+    def epoch(self) -> int:
+        return self.step // self.steps_per_epoch
+
+    def state_dict(self) -> dict:
+        """JSON-able position: the next batch is global step `step` (epoch, cursor are informative)."""
+        return {"split": self.split, "seed": self.seed, "shuffle": self.shuffle, "seq_len": self.seq_len,
+                "global_batch_size": self.global_batch_size, "n_windows": self.stream.n_windows,
+                "tokens": self.stream.tokens, "step": self.step, "epoch": self.epoch,
+                "cursor": (self.step % self.steps_per_epoch) * self.global_batch_size}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue exactly where `state` left off; the data and the global batch must be the same."""
+        current = self.state_dict()
+        for key in ("split", "seq_len", "global_batch_size", "n_windows", "tokens"):
+            if state[key] != current[key]:
+                raise KVPredError(f"cannot resume: the saved data position has {key}={state[key]!r} but this "
+                                  f"iterator has {current[key]!r}; resume with the same token build, seq_len "
+                                  "and batch_size * world_size")
+        self.seed, self.shuffle, self.step = state["seed"], state["shuffle"], state["step"]
+        self._perm_epoch = -1
+
+
+def heldout_windows(shard_dir: str | Path, seq_len: int, n: int) -> torch.Tensor:
+    """A fixed LongTensor [n, seq_len] of held-out windows, evenly spaced over the held-out split."""
+    stream = TokenStream(shard_dir, "heldout", seq_len)
+    if not 1 <= n <= stream.n_windows:
+        raise KVPredError(f"asked for {n} held-out windows of {seq_len} tokens but the held-out split has "
+                          f"{stream.n_windows}; ask for fewer or build with a larger --heldout-fraction")
+    return stream.windows(np.linspace(0, stream.n_windows - 1, n).round().astype(np.int64))
+
+
+# ---------------------------------------------------------------- command line
+def register(subparsers) -> None:
+    p = subparsers.add_parser("data", help="build and inspect training token shards",
+                              description="Tokenize training text once into compact token shards for `kvpred train`.")
+    sub = p.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    b = sub.add_parser("build", help="tokenize files/folders/globs into token shards + meta.json",
+                       description="Tokenize .py/.txt/.md/.rst/.jsonl sources with a model's tokenizer into "
+                                   "train_NNNNN.bin / heldout_NNNNN.bin (uint16 when the vocabulary fits) and "
+                                   "meta.json. Evaluation data under shared/data is refused.")
+    b.add_argument("--model", default="smollm2-135m", help="model whose tokenizer to use (alias, folder, hub id)")
+    b.add_argument("--sources", nargs="+", required=True, help="files, folders (recursive) or quoted globs")
+    b.add_argument("--out", required=True, help="output folder")
+    b.add_argument("--shard-tokens", type=int, default=2 ** 23, help="tokens per shard file (default 2**23)")
+    b.add_argument("--max-tokens", type=int, default=None,
+                   help="stop after this many tokens in all (train + held-out); earlier sources are taken first")
+    b.add_argument("--heldout-fraction", type=float, default=0.01, help="share of documents held out (default 0.01)")
+    b.add_argument("--text-field", default="text", help="field of each jsonl line that holds the text")
+    b.add_argument("--exclude", action="append", default=[],
+                   help="fnmatch pattern on full file paths to leave out, e.g. '*/tests/*' (repeatable)")
+    b.add_argument("--shuffle-files", action="store_true",
+                   help="read each source's files in a fixed hashed order, so --max-tokens samples it evenly")
+    b.set_defaults(func=_build)
+    i = sub.add_parser("info", help="print a token build's meta.json summary")
+    i.add_argument("dir", help="folder made by `kvpred data build`")
+    i.set_defaults(func=_info)
+
+
+def _build(args: argparse.Namespace) -> int:
+    from transformers import AutoTokenizer
+
+    from .models import resolve
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve(args.model))
+    meta = build_shards(args.sources, tokenizer, args.out, shard_tokens=args.shard_tokens, max_tokens=args.max_tokens,
+                        heldout_fraction=args.heldout_fraction, text_field=args.text_field, exclude=args.exclude,
+                        shuffle_files=args.shuffle_files, tokenizer_name=args.model)
+    _print_summary(args.out, meta)
+    return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    _print_summary(args.dir, read_meta(args.dir))
+    return 0
+
+
+def _print_summary(shard_dir: str, meta: dict) -> None:
+    size = sum((Path(shard_dir) / s["file"]).stat().st_size for sp in meta["splits"].values() for s in sp["shards"])
+    print(f"{shard_dir}: {meta['tokens']:,} tokens ({meta['dtype']}, {size / 2 ** 20:.1f} MiB), tokenizer "
+          f"{meta['tokenizer']['name']} ({meta['tokenizer']['vocab_size']} ids)"
+          + (f", capped at {meta['max_tokens']:,}" if meta["capped"] else ""))
+    for split, info in meta["splits"].items():
+        print(f"  {split}: {info['tokens']:,} tokens, {info['documents']:,} documents, {len(info['shards'])} shard(s)")
+    skipped = meta["skipped"]
+    print(f"  skipped: {skipped['duplicate_documents']} duplicate and {skipped['empty_documents']} empty documents, "
+          f"{len(skipped['undecodable_files'])} non-UTF-8 files")

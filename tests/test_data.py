@@ -1,0 +1,294 @@
+"""Specification of the training data pipeline: files -> packed token shards -> resumable, rank-sliced batches."""
+import argparse
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from kvpred.data import (PackedTokens, build_shards, check_tokenizer, expand_source, heldout_windows, read_meta,
+                         register, token_dtype)
+from kvpred.models import KVPredError
+from kvpred.testing import byte_tokenizer
+
+TOK = byte_tokenizer()
+EOS = TOK.eos_token_id
+
+
+def make_corpus(root, n=40):
+    """n distinct small documents spread over every supported text suffix and nested folders."""
+    docs = {}
+    for i in range(n):
+        suffix = [".py", ".txt", ".md", ".rst"][i % 4]
+        path = root / f"pkg{i % 3}" / f"doc{i:03d}{suffix}"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        text = f"# document {i}\n" + f"def f{i}(x):\n    return x * {i}  # héllo ✓\n" * (1 + i % 5)
+        path.write_text(text, encoding="utf-8")
+        docs[path] = text
+    (root / "pkg0" / "ignored.bin").write_bytes(b"\x00\x01")  # unknown suffix: not a document
+    return [docs[p] for p in sorted(docs, key=lambda p: p.as_posix())]
+
+
+def ids(text):
+    return TOK(text, add_special_tokens=False)["input_ids"]
+
+
+def split_tokens(out, split):
+    meta = read_meta(out)
+    return np.concatenate([np.fromfile(out / s["file"], dtype=meta["dtype"]) for s in meta["splits"][split]["shards"]])
+
+
+def split_documents(out, split):
+    """The documents of a split, decoded back from its flat token stream."""
+    tokens = split_tokens(out, split).tolist()
+    assert tokens[-1] == EOS
+    docs, start = [], 0
+    for i, t in enumerate(tokens):
+        if t == EOS:
+            docs.append(TOK.decode(tokens[start:i]))
+            start = i + 1
+    return docs
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    src = tmp_path / "src"
+    return src, make_corpus(src)
+
+
+@pytest.fixture
+def built(tmp_path, corpus):
+    """A build with small shards, so that windows run across shard boundaries."""
+    out = tmp_path / "tokens"
+    build_shards([str(corpus[0])], TOK, out, shard_tokens=500, heldout_fraction=0.25, progress=False)
+    return out
+
+
+# ---------------------------------------------------------------- packing
+def test_packing_round_trip_reproduces_documents_joined_by_eos(tmp_path, corpus):
+    src, docs = corpus
+    out = tmp_path / "tokens"
+    meta = build_shards([str(src)], TOK, out, shard_tokens=300, heldout_fraction=0.0, progress=False)
+    expected = [t for d in docs for t in ids(d) + [EOS]]
+    assert meta["dtype"] == "uint16" and meta["tokens"] == len(expected) == meta["splits"]["train"]["tokens"]
+    assert len(meta["splits"]["train"]["shards"]) == -(-len(expected) // 300)
+    assert sorted(p.name for p in out.iterdir()) == ["meta.json"] + [f"train_{i:05d}.bin" for i in
+                                                                     range(len(meta["splits"]["train"]["shards"]))]
+    assert split_documents(out, "train") == docs
+
+    seq_len, batch_size = 16, 3
+    batches = PackedTokens(out, seq_len=seq_len, batch_size=batch_size, shuffle=False)
+    assert batches.steps_per_epoch == len(expected) // seq_len // batch_size
+    got = torch.cat([next(batches) for _ in range(batches.steps_per_epoch)])
+    assert got.dtype == torch.long and got.shape == (batches.steps_per_epoch * batch_size, seq_len)
+    assert got.flatten().tolist() == expected[:got.numel()]
+    assert TOK.decode(got.flatten().tolist()) == "</s>".join(docs)[:len(TOK.decode(got.flatten().tolist()))]
+
+
+def test_windows_do_not_depend_on_shard_size(tmp_path, corpus):
+    a = build_shards([str(corpus[0])], TOK, tmp_path / "a", shard_tokens=97, heldout_fraction=0.2, progress=False)
+    b = build_shards([str(corpus[0])], TOK, tmp_path / "b", shard_tokens=10 ** 6, heldout_fraction=0.2,
+                     progress=False)
+    assert len(a["splits"]["train"]["shards"]) > 1 == len(b["splits"]["train"]["shards"])
+    x, y = (PackedTokens(tmp_path / d, seq_len=32, batch_size=2, seed=1) for d in "ab")
+    for _ in range(5):
+        assert torch.equal(next(x), next(y))
+
+
+def test_a_rebuild_replaces_the_previous_build(tmp_path, corpus):
+    out = tmp_path / "tokens"
+    build_shards([str(corpus[0])], TOK, out, shard_tokens=100, heldout_fraction=0.0, progress=False)
+    meta = build_shards([str(corpus[0])], TOK, out, shard_tokens=10 ** 6, heldout_fraction=0.0, progress=False)
+    assert sorted(p.name for p in out.iterdir()) == ["meta.json", "train_00000.bin"] and read_meta(out) == meta
+
+
+def test_max_tokens_caps_the_build_and_earlier_sources_come_first(tmp_path, corpus):
+    prose = tmp_path / "prose.md"
+    prose.write_text("Prose first. " * 20)
+    out = tmp_path / "tokens"
+    meta = build_shards([str(prose), str(corpus[0])], TOK, out, max_tokens=700, heldout_fraction=0.0, progress=False)
+    assert meta["tokens"] == 700 and meta["capped"]
+    tokens = split_tokens(out, "train").tolist()
+    prose_tokens = ids(prose.read_text()) + [EOS]
+    assert len(tokens) == 700 and tokens[:len(prose_tokens)] == prose_tokens
+    assert [s["tokens"] for s in meta["sources"]] == [len(prose_tokens), 700 - len(prose_tokens)]
+
+
+def test_duplicates_and_empty_documents_are_dropped_and_counted(tmp_path, corpus):
+    src, docs = corpus
+    (src / "copy.txt").write_text(docs[0])
+    (src / "blank.md").write_text("  \n")
+    meta = build_shards([str(src)], TOK, tmp_path / "t", heldout_fraction=0.0, progress=False)
+    assert meta["skipped"]["duplicate_documents"] == 1 and meta["skipped"]["empty_documents"] == 1
+    assert meta["splits"]["train"]["documents"] == len(docs)
+
+
+# ---------------------------------------------------------------- held-out split
+def test_heldout_split_is_by_document_disjoint_and_deterministic(tmp_path, corpus, built):
+    train, heldout = split_documents(built, "train"), split_documents(built, "heldout")
+    assert train and heldout and not set(train) & set(heldout)
+    assert sorted(train + heldout) == sorted(corpus[1])
+    again = tmp_path / "again"
+    build_shards([str(corpus[0])], TOK, again, shard_tokens=10 ** 6, heldout_fraction=0.25, progress=False)
+    assert split_documents(again, "heldout") == heldout
+
+
+def test_heldout_windows_are_fixed_and_spread_over_the_heldout_split(built):
+    windows = heldout_windows(built, seq_len=8, n=5)
+    assert windows.shape == (5, 8) and windows.dtype == torch.long
+    assert torch.equal(windows, heldout_windows(built, seq_len=8, n=5))
+    stream = split_tokens(built, "heldout").astype(np.int64)
+    assert torch.equal(windows[0], torch.from_numpy(stream[:8]))  # first and last windows of the split
+    last = (len(stream) // 8 - 1) * 8
+    assert torch.equal(windows[-1], torch.from_numpy(stream[last:last + 8]))
+    with pytest.raises(KVPredError, match="held-out split has"):
+        heldout_windows(built, seq_len=8, n=10 ** 6)
+
+
+# ---------------------------------------------------------------- shuffling, resume, ranks
+def test_each_epoch_is_a_fresh_permutation_of_all_windows(built):
+    batches = PackedTokens(built, seq_len=16, batch_size=4, seed=7)
+    spe = batches.steps_per_epoch
+    n = batches.stream.n_windows
+    epoch0 = np.concatenate([batches.window_indices(s) for s in range(spe)])
+    epoch1 = np.concatenate([batches.window_indices(s) for s in range(spe, 2 * spe)])
+    assert len(set(epoch0.tolist())) == len(epoch0) == spe * 4 > n - 4
+    assert not np.array_equal(epoch0, epoch1)
+    assert not np.array_equal(epoch0, PackedTokens(built, seq_len=16, batch_size=4, seed=8).window_indices(0))
+
+
+def test_resume_from_state_dict_gives_exactly_the_next_batches(built):
+    uninterrupted = PackedTokens(built, seq_len=16, batch_size=4, seed=3)
+    spe = uninterrupted.steps_per_epoch
+    k = spe + 2  # past an epoch boundary
+    for _ in range(k):
+        next(uninterrupted)
+    state = json.loads(json.dumps(uninterrupted.state_dict()))  # as saved in a checkpoint
+    assert (state["step"], state["epoch"], state["cursor"], state["seed"]) == (k, 1, 2 * 4, 3)
+    expected = [next(uninterrupted) for _ in range(spe + 1)]
+
+    resumed = PackedTokens(built, seq_len=16, batch_size=4, seed=999)  # the saved seed wins
+    resumed.load_state_dict(state)
+    for want in expected:
+        assert torch.equal(next(resumed), want)
+
+
+def test_resume_refuses_a_different_data_layout(built):
+    state = PackedTokens(built, seq_len=16, batch_size=4).state_dict()
+    with pytest.raises(KVPredError, match="global_batch_size"):
+        PackedTokens(built, seq_len=16, batch_size=2).load_state_dict(state)
+    with pytest.raises(KVPredError, match="seq_len"):
+        PackedTokens(built, seq_len=8, batch_size=4).load_state_dict(state)
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_ranks_together_take_exactly_the_single_process_global_batch(built, world_size):
+    single = PackedTokens(built, seq_len=8, batch_size=2 * world_size, seed=5)
+    ranks = [PackedTokens(built, seq_len=8, batch_size=2, rank=r, world_size=world_size, seed=5)
+             for r in range(world_size)]
+    assert {r.steps_per_epoch for r in ranks} == {single.steps_per_epoch}
+    for step in range(single.steps_per_epoch + 2):
+        want = next(single)
+        assert torch.equal(torch.cat([next(r) for r in ranks]), want)
+        assert torch.equal(ranks[1].global_batch(step), want)
+
+
+# ---------------------------------------------------------------- sources
+def test_evaluation_data_is_refused(tmp_path):
+    for source in ["/work/shared/data", "/work/shared/data/wikitext2-test.txt", "/work/shared/data/*.jsonl"]:
+        with pytest.raises(KVPredError, match="evaluation data"):
+            build_shards([source], TOK, tmp_path / "t", progress=False)
+    elsewhere = tmp_path / "x" / "shared" / "data"  # any shared/data folder, e.g. a copy of the evaluation sets
+    elsewhere.mkdir(parents=True)
+    (elsewhere / "lambada.txt").write_text("evaluation text")
+    with pytest.raises(KVPredError, match="evaluation data"):
+        build_shards([str(tmp_path / "x")], TOK, tmp_path / "t", progress=False)
+    link = tmp_path / "innocent"
+    link.symlink_to(elsewhere)
+    with pytest.raises(KVPredError, match="evaluation data"):
+        build_shards([str(link)], TOK, tmp_path / "t", progress=False)
+    assert not (tmp_path / "t").exists()  # refused before anything was written
+
+
+def test_jsonl_documents_come_from_the_text_field(tmp_path):
+    rows = [{"content": "first row", "id": 1}, {"content": "second row", "id": 2}]
+    path = tmp_path / "rows.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
+    build_shards([str(path)], TOK, tmp_path / "t", text_field="content", heldout_fraction=0.0, progress=False)
+    assert split_documents(tmp_path / "t", "train") == ["first row", "second row"]
+    with pytest.raises(KVPredError, match=r"rows.jsonl:1 has no string field 'text'.*--text-field"):
+        build_shards([str(path)], TOK, tmp_path / "u", progress=False)
+
+
+def test_globs_expand_and_exclusions_apply(tmp_path, corpus):
+    src = corpus[0]
+    assert [p.name for p in expand_source(str(src / "pkg1" / "*.py"))] == ["doc004.py", "doc016.py", "doc028.py"]
+    assert len(expand_source(str(src / "**" / "*.md"))) == 10
+    assert all("pkg1" not in p.as_posix() for p in expand_source(str(src), exclude=["*/pkg1/*"]))
+    shuffled = expand_source(str(src), shuffle=True)
+    assert shuffled != expand_source(str(src)) and sorted(shuffled) == sorted(expand_source(str(src)))
+    assert shuffled == expand_source(str(src), shuffle=True)
+
+
+def test_empty_or_missing_sources_are_clear_errors(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.bin").write_bytes(b"x")
+    with pytest.raises(KVPredError, match="matches no .py/.txt/.md/.rst/.jsonl files"):
+        build_shards([str(empty)], TOK, tmp_path / "t", progress=False)
+    with pytest.raises(KVPredError, match="matches no"):
+        build_shards([str(tmp_path / "*.rst")], TOK, tmp_path / "t", progress=False)
+    with pytest.raises(KVPredError, match="does not exist"):
+        build_shards([str(tmp_path / "nope")], TOK, tmp_path / "t", progress=False)
+    (empty / "blank.txt").write_text("")
+    with pytest.raises(KVPredError, match="holds no text"):
+        build_shards([str(empty)], TOK, tmp_path / "t", progress=False)
+    with pytest.raises(KVPredError, match="no finished token build"):
+        PackedTokens(tmp_path / "t", seq_len=8, batch_size=1)
+
+
+def test_too_little_data_for_a_batch_is_a_clear_error(built):
+    with pytest.raises(KVPredError, match="fewer than one global batch"):
+        PackedTokens(built, seq_len=64, batch_size=1000)
+
+
+def test_tokenizer_mismatch_is_detected(built):
+    check_tokenizer(built, TOK)
+    other = byte_tokenizer()
+    other.add_tokens(["<extra>"])
+    with pytest.raises(KVPredError, match="rebuild"):
+        check_tokenizer(built, other)
+    assert token_dtype(49152) == np.uint16 and token_dtype(65536) == np.uint16 and token_dtype(65537) == np.uint32
+
+
+# ---------------------------------------------------------------- command line
+def test_cli_builds_shards_with_the_models_tokenizer(tmp_path, corpus, capsys):
+    model = tmp_path / "model"
+    TOK.save_pretrained(model)  # a folder with only a tokenizer is all `data build` needs
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["data", "build", "--model", str(model), "--sources", str(corpus[0]), "--out",
+                              str(tmp_path / "t"), "--shard-tokens", "1000", "--max-tokens", "2000",
+                              "--heldout-fraction", "0.1", "--exclude", "*/pkg2/*"])
+    assert args.func(args) == 0
+    meta = read_meta(tmp_path / "t")
+    assert meta["tokens"] == 2000 and meta["heldout_fraction"] == 0.1 and meta["exclude"] == ["*/pkg2/*"]
+    assert meta["tokenizer"]["vocab_size"] == len(TOK) and meta["tokenizer"]["name"] == str(model)
+    assert "2,000 tokens" in capsys.readouterr().out
+    args = parser.parse_args(["data", "info", str(tmp_path / "t")])
+    assert args.func(args) == 0 and "train:" in capsys.readouterr().out
+
+
+@pytest.mark.smollm
+def test_smollm2_tokens_are_uint16_and_round_trip(tmp_path):
+    from transformers import AutoTokenizer
+
+    from kvpred.models import resolve
+
+    tok = AutoTokenizer.from_pretrained(resolve("smollm2-135m"))
+    text = "def add(a, b):\n    return a + b\n"
+    (tmp_path / "a.py").write_text(text)
+    meta = build_shards([str(tmp_path / "a.py")], tok, tmp_path / "t", heldout_fraction=0.0, progress=False)
+    assert meta["dtype"] == "uint16" and meta["tokenizer"]["vocab_size"] == 49152
+    tokens = split_tokens(tmp_path / "t", "train").tolist()
+    assert tokens[-1] == tok.eos_token_id and tok.decode(tokens[:-1]) == text
