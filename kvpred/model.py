@@ -16,7 +16,7 @@ from torch import nn
 from transformers import AttentionInterface, DynamicCache, GenerationConfig, PreTrainedModel
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from . import models
+from . import lora, models
 from .models import KVPredError
 from .predictor import KVPredictor, PredictorConfig
 from .rope import rope_tables, rotate
@@ -117,6 +117,8 @@ class KVPredictionModel(nn.Module):
                  config: KVPConfig):
         super().__init__()
         self.base, self.aux, self.predictor, self.tokenizer, self.config = base, aux, predictor, tokenizer, config
+        # Trained aux tensors as saved (full tensors, or low-rank adapter factors already merged into `aux`)
+        self.aux_tensors: dict[str, torch.Tensor] = {}
         attn = base.model.layers[0].self_attn
         self.base_kv_heads = base.config.num_key_value_heads
         self.base_head_dim = attn.head_dim
@@ -171,29 +173,29 @@ class KVPredictionModel(nn.Module):
                               f"{config.base_fingerprint}), but the base loaded from {base or config.base!r} has "
                               f"fingerprint {found}: the predictor would produce wrong keys and values for it")
         aux_model = _make_aux(base_model, tokenizer, config.aux, dtype, device)
-        if config.aux.saved_params:
-            _load_into(aux_model, _read_safetensors(path / AUX_NAME), config.aux.saved_params, path / AUX_NAME)
+        aux_tensors = _read_safetensors(path / AUX_NAME) if config.aux.saved_params else {}
+        _load_aux_tensors(aux_model, aux_tensors, config.aux.saved_params, path / AUX_NAME)
         expected = _predictor_config(base_model, aux_model, config.predictor.layer_map, config.predictor.source)
         if expected != config.predictor:
             raise KVPredError(f"{path / CONFIG_NAME}: predictor shapes {config.predictor} do not match the "
                               f"base and auxiliary, which need {expected}")
         predictor = KVPredictor(config.predictor)
         _load_into(predictor, _read_safetensors(path / PREDICTOR_NAME), None, path / PREDICTOR_NAME)
-        return cls(base_model, aux_model, predictor.to(base_model.device, base_model.dtype), tokenizer, config)
+        model = cls(base_model, aux_model, predictor.to(base_model.device, base_model.dtype), tokenizer, config)
+        model.aux_tensors = aux_tensors
+        return model
 
-    def save_pretrained(self, path: str | os.PathLike, aux_params: list[str] | None = None,
-                        predictor_dtype: torch.dtype | None = None) -> None:
-        """Write config JSON + predictor safetensors (+ the named trained aux tensors), each file atomically."""
+    def save_pretrained(self, path: str | os.PathLike, dtype: torch.dtype | None = None) -> None:
+        """Write config JSON + predictor safetensors (+ `aux_tensors`, the trained aux tensors), each atomically;
+        `dtype` (e.g. bfloat16, to ship a small default) converts the stored tensors."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        if aux_params is not None:
-            self.config.aux.saved_params = sorted(aux_params)
-        state = {k: v.detach().to(predictor_dtype or v.dtype).contiguous().cpu()
+        self.config.aux.saved_params = sorted(self.aux_tensors)
+        state = {k: v.detach().to(dtype or v.dtype).contiguous().cpu()
                  for k, v in self.predictor.state_dict().items()}
         _atomic(path / PREDICTOR_NAME, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
-        if self.config.aux.saved_params:
-            aux_state = self.aux.state_dict()
-            saved = {k: aux_state[k].detach().contiguous().cpu().clone() for k in self.config.aux.saved_params}
+        if self.aux_tensors:
+            saved = {k: v.detach().to(dtype or v.dtype).contiguous().cpu().clone() for k, v in self.aux_tensors.items()}
             _atomic(path / AUX_NAME, lambda tmp: save_file(saved, tmp, metadata={"format": "pt"}))
         _atomic(path / CONFIG_NAME, lambda tmp: Path(tmp).write_text(self.config.to_json()))
 
@@ -510,6 +512,8 @@ def _load_into(module: nn.Module, state: dict[str, torch.Tensor], names: list[st
     """Copy `state` into `module`, insisting on exactly `names` (all of the module's tensors when None)."""
     own = module.state_dict()
     expected = set(own) if names is None else set(names)
+    if not expected <= set(own):
+        raise KVPredError(f"{where} names tensors {sorted(expected - set(own))[:5]} the model does not have")
     if set(state) != expected:
         raise KVPredError(f"{where} holds tensors {sorted(set(state) ^ expected)[:5]} that do not match "
                           "the model: the checkpoint does not belong to this configuration")
@@ -519,6 +523,23 @@ def _load_into(module: nn.Module, state: dict[str, torch.Tensor], names: list[st
                               f"{tuple(own[name].shape)}")
         with torch.no_grad():
             own[name].copy_(tensor)
+
+
+def _load_aux_tensors(aux: nn.Module, state: dict[str, torch.Tensor], names: list[str], where: Path) -> None:
+    """Overlay trained aux tensors: full tensors replace weights, adapter factor pairs are merged into them."""
+    if set(state) != set(names):
+        raise KVPredError(f"{where} holds {sorted(set(state) ^ set(names))[:5]}, which the config does not list")
+    factors = {n: t for n, t in state.items() if n.endswith((lora.SUFFIX_A, lora.SUFFIX_B))}
+    plain = {n: t for n, t in state.items() if n not in factors}
+    _load_into(aux, plain, list(plain), where)
+    own = aux.state_dict()
+    for name, a in factors.items():
+        if name.endswith(lora.SUFFIX_A):
+            weight = name[: -len(lora.SUFFIX_A)]
+            b = factors.get(weight + lora.SUFFIX_B)
+            if weight not in own or b is None or (b.shape[0], a.shape[1]) != own[weight].shape:
+                raise KVPredError(f"{where}: adapter {name} does not fit the auxiliary's weights")
+    lora.merge_factors(aux, factors)
 
 
 def _atomic(path: Path, write) -> None:

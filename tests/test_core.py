@@ -154,7 +154,8 @@ def test_save_and_load_round_trip(tmp_path, tiny_llama):
     with torch.no_grad():
         model.predictor.value_bias.add_(0.1)
         model.aux.model.layers[0].mlp.up_proj.weight.mul_(1.5)
-    model.save_pretrained(tmp_path / "ckpt", aux_params=["model.layers.0.mlp.up_proj.weight"])
+    model.aux_tensors = {"model.layers.0.mlp.up_proj.weight": model.aux.model.layers[0].mlp.up_proj.weight}
+    model.save_pretrained(tmp_path / "ckpt")
     loaded = KVPredictionModel.from_pretrained(str(tmp_path / "ckpt"))
     assert loaded.config == model.config
     ids, mask = batch(model)

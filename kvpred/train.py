@@ -1,0 +1,459 @@
+"""Distillation training of auxiliary + predictor with the base frozen (METHOD 1.3-1.4), as one recipe.
+
+Training forward: the auxiliary runs the whole window; the predictor maps its taps to base keys/values; the base runs
+the window attending causally to the *predicted* keys/values (its own are discarded), or, with `suffix_split`, to
+predicted keys/values before a random split point and its own after it (the inference regime: predicted prompt,
+true tail). Loss = base CE + aux CE (both + z-loss) + L1 on keys and values (sum or mean over layers) + optional KL
+to the exact base's next-token distribution.
+
+    kvpred train --model smollm2-135m --data .carry/tokens --out runs/kvp --steps 2000
+    torchrun --nproc-per-node 2 -m kvpred.train --model ... (same flags): DDP, or --fsdp for FSDP2
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from transformers import DynamicCache
+
+from . import lora
+from .model import KVPredictionModel, cache_kwargs, capture
+from .models import KVPredError
+
+STATE_NAME = "train_state.pt"
+
+
+@dataclass
+class TrainConfig:
+    model: str = "smollm2-135m"  # initial model: kvpred checkpoint (e.g. from `kvpred fit`), default, or base
+    data: str = ""  # token shard folder (`kvpred data build`)
+    out: str = "runs/kvp"  # run folder: train_state.pt, metrics.jsonl, final/
+    keep_ratio: float | None = None  # build a new pruned aux instead of using `model`'s
+    source: str | None = None  # predictor input for a newly built model: "kv" or "hidden"
+    steps: int = 1000
+    seq_len: int = 512
+    batch_size: int = 16  # per process and micro-step
+    grad_accum: int = 1
+    lr: float = 1e-3  # predictor
+    aux_lr: float = 3e-4  # auxiliary (adapters or full weights)
+    warmup: int = 50
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    clip: float = 1.0
+    base_loss: float = 1.0
+    aux_loss: float = 1.0
+    kv_loss: float = 1.0
+    kv_reduction: str = "mean"  # "mean" (paper text, lam_C = 1/n_B) or "sum" (paper code) over layers
+    z_loss: float = 1e-4
+    kl_loss: float = 0.0  # weight of KL(exact base || base through predicted KV)
+    suffix_split: bool = False  # true KV after a random split point, as at inference
+    train_aux: bool = True
+    aux_lora_rank: int = 0  # > 0: low-rank adapters on the aux (small checkpoints); 0: full aux weights
+    activation_checkpointing: bool = False  # recompute the aux layers in backward
+    bf16: bool = True  # autocast on CUDA
+    fsdp: bool = False  # FSDP2 (fully_shard) instead of DDP when distributed
+    log_every: int = 10
+    save_every: int = 200
+    eval_every: int = 200
+    eval_windows: int = 64
+    seed: int = 0
+
+    # fields that may change between a run and its resumption
+    RESUMABLE_CHANGES = ("steps", "log_every", "save_every", "eval_every", "eval_windows", "out")
+
+
+class PredictedKV(DynamicCache):
+    """A cache that hands every base attention layer the predicted keys/values instead of its own.
+
+    Stays empty, so transformers builds the plain causal mask over the window. With `split`, positions >= split use
+    the base's own keys/values (computed in this same pass), as at inference after the predicted prompt prefix.
+    """
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, split: int | None = None):
+        super().__init__()
+        self.pred_keys, self.pred_values, self.split = keys, values, split  # [L, B, H, T, D]
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        k, v = self.pred_keys[layer_idx].to(key_states.dtype), self.pred_values[layer_idx].to(value_states.dtype)
+        if self.split is None:
+            return k, v
+        s = self.split
+        return torch.cat([k[:, :, :s], key_states[:, :, s:]], 2), torch.cat([v[:, :, :s], value_states[:, :, s:]], 2)
+
+
+def cross_entropy_with_z(logits: torch.Tensor, ids: torch.Tensor, z: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token CE over a packed window and z-loss eps*mean(logsumexp^2)."""
+    logits = logits[:, :-1].float()
+    ce = F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
+    return ce, z * torch.logsumexp(logits, -1).pow(2).mean()
+
+
+class Distillation(nn.Module):
+    """The training forward as a module (so DDP/FSDP can wrap it): ids [B, T] -> dict of losses."""
+
+    def __init__(self, model: KVPredictionModel, config: TrainConfig):
+        super().__init__()
+        self.model, self.config = model, config
+
+    def forward(self, ids: torch.Tensor, split: int | None = None) -> dict[str, torch.Tensor]:
+        m, c = self.model, self.config
+        pos = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
+        with torch.no_grad():  # targets: the exact base's cache (and logits for KL)
+            cache = DynamicCache(config=m.base.config)
+            exact = m.base(input_ids=ids, position_ids=pos, use_cache=True, **cache_kwargs(m.base, cache),
+                           logits_to_keep=0 if c.kl_loss else 1)
+            true_k = torch.stack([layer.keys for layer in cache.layers])  # [L, B, H, T, D]
+            true_v = torch.stack([layer.values for layer in cache.layers])
+        with capture(m.aux, m.predictor.config.source) as taps:
+            aux_logits = m.aux(input_ids=ids, position_ids=pos, use_cache=False).logits
+        keys, values = m.base_kv(*m.predictor(*taps.stacked()), pos)  # [L, B, H, T, D]
+        pred = m.base(input_ids=ids, position_ids=pos, use_cache=True,
+                      **cache_kwargs(m.base, PredictedKV(keys, values, split))).logits
+        losses = {}
+        losses["base_ce"], base_z = cross_entropy_with_z(pred, ids, c.z_loss)
+        losses["aux_ce"], aux_z = cross_entropy_with_z(aux_logits, ids, c.z_loss)
+        per_layer_k = (keys.float() - true_k.float()).abs().mean((1, 2, 3, 4))
+        per_layer_v = (values.float() - true_v.float()).abs().mean((1, 2, 3, 4))
+        reduce = torch.sum if c.kv_reduction == "sum" else torch.mean
+        losses["kv_l1"] = reduce(per_layer_k) + reduce(per_layer_v)
+        loss = c.base_loss * (losses["base_ce"] + base_z) + c.aux_loss * (losses["aux_ce"] + aux_z) \
+            + c.kv_loss * losses["kv_l1"]
+        if c.kl_loss:
+            losses["kl"] = F.kl_div(F.log_softmax(pred.float(), -1).flatten(0, 1),
+                                    F.log_softmax(exact.logits.float(), -1).flatten(0, 1),
+                                    log_target=True, reduction="batchmean")
+            loss = loss + c.kl_loss * losses["kl"]
+        losses["loss"] = loss
+        return losses
+
+
+# ---------------------------------------------------------------- set-up
+def trainable_parameters(model: KVPredictionModel, config: TrainConfig) -> list[dict]:
+    """Optimizer groups: predictor; aux matrices (decayed) and aux norms/biases (not), per the paper's AdamW."""
+    model.requires_grad_(False)
+    model.predictor.requires_grad_(True)
+    groups = [{"params": list(model.predictor.parameters()), "lr": config.lr, "weight_decay": 0.0, "name": "predictor"}]
+    if not config.train_aux:
+        return groups
+    if config.aux_lora_rank:
+        lora.add_adapters(model.aux, config.aux_lora_rank)
+        matrices = [p for n, p in model.aux.named_parameters() if n.endswith((".A", ".B"))]
+    else:
+        embeddings = {id(p) for p in model.aux.get_input_embeddings().parameters()}
+        matrices = [p for n, p in model.aux.named_parameters()
+                    if p.dim() > 1 and id(p) not in embeddings and ".layers." in f".{n}"]
+    norms = [p for n, p in model.aux.named_parameters() if p.dim() == 1 and ".layers." in f".{n}"]
+    for p in matrices + norms:
+        p.requires_grad_(True)
+    groups.append({"params": matrices, "lr": config.aux_lr, "weight_decay": config.weight_decay, "name": "aux"})
+    groups.append({"params": norms, "lr": config.aux_lr, "weight_decay": 0.0, "name": "aux_norms"})
+    return groups
+
+
+def lr_lambda(config: TrainConfig):
+    def factor(step: int) -> float:
+        if step < config.warmup:
+            return (step + 1) / config.warmup
+        progress = min(1.0, (step - config.warmup) / max(1, config.steps - config.warmup))
+        return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return factor
+
+
+def trained_aux_state(model: KVPredictionModel, config: TrainConfig) -> dict[str, torch.Tensor]:
+    """What must be saved of the aux: adapter factors (or changed matrices) and the layer norms."""
+    if not config.train_aux:
+        return {}
+    state = {n: p.detach() for n, p in model.aux.named_parameters()
+             if p.requires_grad and not n.endswith((".A", ".B")) and "parametrizations" not in n}
+    state.update(lora.adapter_factors(model.aux))
+    return state
+
+
+def train_flops_per_token(model: KVPredictionModel) -> float:
+    """Matmul FLOPs per trained token: aux fwd+bwd (6P), base 2 forwards + input-gradient backward (~6P),
+    predictor 6P. Parameters counted as matmul weights incl. the LM head; attention's T^2 term ignored."""
+    def matmul_params(m) -> int:
+        return sum(p.numel() for n, p in m.named_parameters() if p.dim() == 2 and "embed_tokens" not in n) + \
+            (m.get_output_embeddings().weight.numel() if m.config.tie_word_embeddings else 0)
+    return 6.0 * (matmul_params(model.aux) + matmul_params(model.base) + model.predictor.key_weight.numel()
+                  + model.predictor.value_weight.numel())
+
+
+# ---------------------------------------------------------------- the recipe
+class Trainer:
+    def __init__(self, config: TrainConfig):
+        from .data import PackedTokens, check_tokenizer, heldout_windows
+
+        self.config = c = config
+        self.distributed = dist.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+        if self.distributed and not dist.is_initialized():
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        self.rank = dist.get_rank() if self.distributed else 0
+        self.world = dist.get_world_size() if self.distributed else 1
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        else:
+            self.device = torch.device("cpu")
+        seed_everything(c.seed)
+        self.model = KVPredictionModel.from_pretrained(c.model, keep_ratio=c.keep_ratio, source=c.source,
+                                                       dtype=torch.float32, device=self.device)
+        check_tokenizer(c.data, self.model.tokenizer)
+        self.model.base.requires_grad_(False)
+        groups = trainable_parameters(self.model, c)
+        if c.activation_checkpointing:
+            self.model.aux.gradient_checkpointing_enable()
+            self.model.aux.train()
+        self.module = self._wrap(Distillation(self.model, c))
+        self.optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.95), eps=1e-8)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(c))
+        self.data = PackedTokens(c.data, "train", seq_len=c.seq_len, batch_size=c.batch_size, rank=self.rank,
+                                 world_size=self.world, seed=c.seed)
+        self.heldout = heldout_windows(c.data, c.seq_len, c.eval_windows)
+        self.step = 0
+        self.out = Path(c.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self._resume_if_possible()
+
+    def _wrap(self, module: nn.Module) -> nn.Module:
+        if not self.distributed:
+            return module
+        if self.config.fsdp:
+            from torch.distributed.fsdp import fully_shard
+
+            for layer in [*self.model.aux.model.layers, *self.model.base.model.layers]:
+                fully_shard(layer)
+            return fully_shard(module)
+        return nn.parallel.DistributedDataParallel(
+            module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+
+    # ---------------------------------------------------------- checkpoints
+    def _state(self) -> dict:
+        return {"config": asdict(self.config), "step": self.step,
+                "predictor": self.model.predictor.state_dict(),
+                "aux": {n: p.detach() for n, p in self.model.aux.named_parameters() if p.requires_grad},
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "data": self.data.state_dict(), "rng": rng_state()}
+
+    def save(self) -> None:
+        if self.rank != 0:
+            return
+        path = self.out / STATE_NAME
+        tmp = path.with_name(f".{path.name}.tmp")
+        torch.save(self._state(), tmp)
+        os.replace(tmp, path)  # atomic: a kill mid-save leaves the previous checkpoint intact
+
+    def _resume_if_possible(self) -> None:
+        path = self.out / STATE_NAME
+        if not path.exists():
+            return
+        try:
+            state = torch.load(path, map_location=self.device, weights_only=False)
+        except Exception as err:  # torch raises many types for a truncated or foreign file
+            raise KVPredError(f"training checkpoint {path} is corrupt ({type(err).__name__}: {err}); "
+                              "move it away to start over") from err
+        saved = state.get("config", {})
+        diff = {k: (saved.get(k), v) for k, v in asdict(self.config).items()
+                if k not in TrainConfig.RESUMABLE_CHANGES and saved.get(k) != v}
+        if diff:
+            raise KVPredError(f"{path} was written by a run with a different configuration {diff} "
+                              "(saved, now); use another --out or the same settings")
+        self.model.predictor.load_state_dict(state["predictor"])
+        params = dict(self.model.aux.named_parameters())
+        with torch.no_grad():
+            for n, t in state["aux"].items():
+                params[n].copy_(t)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.data.load_state_dict(state["data"])
+        set_rng_state(state["rng"])
+        self.step = state["step"]
+        self.log(f"resumed from {path} at step {self.step}")
+
+    # ---------------------------------------------------------- loop
+    def train(self) -> Path:
+        from tqdm import tqdm
+
+        c = self.config
+        tokens_per_step = c.batch_size * c.seq_len * c.grad_accum * self.world
+        flops = train_flops_per_token(self.model)
+        bar = tqdm(total=c.steps, initial=self.step, desc="train", disable=self.rank != 0, dynamic_ncols=True)
+        metrics_file = open(self.out / "metrics.jsonl", "a") if self.rank == 0 else None
+        t_last, step_last = time.perf_counter(), self.step
+        while self.step < c.steps:
+            losses = self._step()
+            self.step += 1
+            bar.update(1)
+            if self.step % c.log_every == 0 or self.step == c.steps:
+                self._sync()
+                elapsed = time.perf_counter() - t_last
+                tok_s = tokens_per_step * (self.step - step_last) / elapsed
+                record = {"step": self.step, **{k: round(v, 5) for k, v in losses.items()},
+                          "lr": self.scheduler.get_last_lr()[0], "tokens_per_s": round(tok_s),
+                          "mfu": round(flops * tok_s / peak_flops(self.device) / self.world, 4)}
+                bar.set_postfix(loss=f"{losses['loss']:.3f}", base=f"{losses['base_ce']:.3f}", tok_s=f"{tok_s:,.0f}")
+                t_last, step_last = time.perf_counter(), self.step
+                if metrics_file:
+                    metrics_file.write(json.dumps(record) + "\n")
+                    metrics_file.flush()
+            if (self.step % c.eval_every == 0 or self.step == c.steps) and not (c.fsdp and self.distributed):
+                record = {"step": self.step, **self.evaluate()}
+                self.log(json.dumps(record))
+                if metrics_file:
+                    metrics_file.write(json.dumps(record) + "\n")
+                    metrics_file.flush()
+            if self.step % c.save_every == 0 or self.step == c.steps:
+                self.save()
+        bar.close()
+        return self.finish()
+
+    def _step(self) -> dict[str, float]:
+        c = self.config
+        self.module.train()
+        self.model.base.eval()
+        totals: dict[str, float] = {}
+        for _ in range(c.grad_accum):
+            ids = next(self.data).to(self.device)
+            split = random.randint(1, c.seq_len - 1) if c.suffix_split else None
+            with torch.autocast(self.device.type, torch.bfloat16, enabled=c.bf16 and self.device.type == "cuda"):
+                losses = self.module(ids, split)
+            (losses["loss"] / c.grad_accum).backward()
+            for k, v in losses.items():
+                totals[k] = totals.get(k, 0.0) + v.item() / c.grad_accum
+        if self.distributed:  # report the global-batch mean, as one process with the whole batch would
+            reduced = torch.tensor(list(totals.values()), device=self.device)
+            dist.all_reduce(reduced)
+            totals = dict(zip(totals, (reduced / self.world).tolist()))
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        totals["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, c.clip))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        return totals
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Held-out windows: NLL of the last quarter (at most 64 tokens) after a predicted (or exact) prefix, and
+        agreement of the first of those tokens' argmax with the exact base's."""
+        self.model.eval()
+        ids = self.heldout.to(self.device)
+        tail = min(64, ids.shape[1] // 4)
+        out = {}
+        first = {}
+        for mode in ("exact", "predicted"):
+            with torch.autocast(self.device.type, torch.bfloat16, enabled=self.config.bf16 and self.device.type == "cuda"):
+                logits, _ = self.model.prefill(ids, mode=mode, exact_tail=tail + 1)
+            logits = logits[:, :-1].float()
+            out[f"heldout_nll_{mode}"] = F.cross_entropy(logits.flatten(0, 1), ids[:, -tail:].flatten()).item()
+            first[mode] = logits[:, 0].argmax(-1)
+        out["first_token_agreement"] = (first["exact"] == first["predicted"]).float().mean().item()
+        return out
+
+    def finish(self) -> Path:
+        """Write the trained model as a kvpred checkpoint (adapters stay as factors, merged on load)."""
+        final = self.out / "final"
+        if self.rank == 0:
+            aux_state = trained_aux_state(self.model, self.config)
+            lora.merge_adapters(self.model.aux)
+            self.model.aux_tensors = aux_state
+            self.model.save_pretrained(final)
+            self.log(f"saved {final}")
+        if self.distributed:
+            dist.barrier()
+        return final
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def log(self, message: str) -> None:
+        if self.rank == 0:
+            print(message, file=sys.stderr, flush=True)
+
+
+def peak_flops(device: torch.device) -> float:
+    """Dense bf16 peak used for MFU: H100 SXM 989 TFLOP/s; elsewhere a nominal figure (MFU then meaningless)."""
+    if device.type == "cuda" and "H100" in torch.cuda.get_device_name(device):
+        return 989e12
+    if device.type == "cuda" and "H200" in torch.cuda.get_device_name(device):
+        return 989e12
+    return 1e12
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"].cpu())
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+
+
+# ---------------------------------------------------------------- CLI
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    for f in fields(TrainConfig):
+        flag = f"--{f.name.replace('_', '-')}"
+        default = f.default
+        if isinstance(default, bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+        elif f.name in ("keep_ratio",):
+            p.add_argument(flag, type=float, default=None)
+        elif f.name == "source":
+            p.add_argument(flag, choices=("kv", "hidden"), default=None)
+        else:
+            p.add_argument(flag, type=type(default), default=default, required=f.name == "data")
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("train", help="distil auxiliary + predictor from the frozen base",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    p.set_defaults(func=_train_command)
+
+
+def _train_command(args: argparse.Namespace) -> int:
+    config = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
+    if config.kv_reduction not in ("mean", "sum"):
+        raise KVPredError(f"--kv-reduction must be mean or sum, got {config.kv_reduction!r}")
+    Trainer(config).train()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point for torchrun: `torchrun --nproc-per-node N -m kvpred.train --data ... --out ...`."""
+    p = argparse.ArgumentParser(prog="kvpred.train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    try:
+        return _train_command(p.parse_args(argv))
+    except KVPredError as err:
+        print(f"kvpred: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""Specification of distillation training (issue: training)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from kvpred import lora
+from kvpred.data import build_shards
+from kvpred.model import KVPredictionModel
+from kvpred.models import KVPredError
+from kvpred.testing import byte_tokenizer
+from kvpred.train import STATE_NAME, Distillation, TrainConfig, Trainer
+
+TEXT = "def add(a, b):\n    return a + b\n\nclass Point:\n    x: int\n    y: int\n" * 40
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("corpus")
+    for i in range(12):
+        (root / f"doc{i}.py").write_text(f"# document {i}\n" + TEXT[i * 7:])
+    out = root / "tokens"
+    build_shards([str(root)], byte_tokenizer(), out, heldout_fraction=0.2, progress=False)
+    return str(out)
+
+
+def config(tiny_llama, shards, tmp_path, **overrides) -> TrainConfig:
+    base = dict(model=tiny_llama, data=shards, out=str(tmp_path / "run"), keep_ratio=0.5, steps=4, seq_len=32,
+                batch_size=4, warmup=2, log_every=1, save_every=2, eval_every=100, eval_windows=4, bf16=False)
+    return TrainConfig(**{**base, **overrides})
+
+
+@pytest.mark.parametrize("split", [None, 9])
+def test_training_forward_with_aux_equal_to_base_is_the_base(tiny_llama, split):
+    """METHOD 1.8: with A = B and identity P the training-path loss is the base's own loss and the KV loss is 0."""
+    model = KVPredictionModel.from_pretrained(tiny_llama, keep_ratio=1.0)
+    ids = torch.randint(3, 259, (2, 24))
+    losses = Distillation(model, TrainConfig(z_loss=0.0)).forward(ids, split)
+    logits = model.base(input_ids=ids).logits[:, :-1]
+    base_ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
+    torch.testing.assert_close(losses["base_ce"], base_ce, atol=1e-5, rtol=1e-5)
+    assert losses["kv_l1"].item() < 1e-5
+
+
+def test_training_reduces_the_loss_and_writes_a_loadable_checkpoint(tiny_llama, shards, tmp_path):
+    trainer = Trainer(config(tiny_llama, shards, tmp_path, steps=30, lr=3e-3, aux_lr=3e-3, eval_every=30))
+    final = trainer.train()
+    records = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert losses[-1] < 0.8 * losses[0]
+    assert {"tokens_per_s", "mfu", "lr", "grad_norm"} <= set(records[0])
+    assert "heldout_nll_predicted" in records[-1] and 0 <= records[-1]["first_token_agreement"] <= 1
+    loaded = KVPredictionModel.from_pretrained(str(final))
+    ids = torch.randint(3, 259, (2, 20))
+    torch.testing.assert_close(loaded.prefill(ids)[0], trainer.model.prefill(ids)[0], atol=1e-4, rtol=1e-4)
+
+
+def test_adapters_keep_the_checkpoint_small_and_load_merged(tiny_llama, shards, tmp_path):
+    trainer = Trainer(config(tiny_llama, shards, tmp_path, steps=6, aux_lora_rank=2, lr=3e-3, aux_lr=1e-2))
+    final = trainer.train()
+    saved = KVPredictionModel.from_pretrained(str(final))
+    names = saved.config.aux.saved_params
+    assert any(n.endswith(lora.SUFFIX_A) for n in names) and not any(n.endswith("proj.weight") for n in names)
+    ids = torch.randint(3, 259, (2, 20))
+    torch.testing.assert_close(saved.prefill(ids)[0], trainer.model.prefill(ids)[0], atol=1e-4, rtol=1e-4)
+
+
+def test_resume_after_a_kill_continues_exactly(tiny_llama, shards, tmp_path):
+    straight = Trainer(config(tiny_llama, shards, tmp_path / "a", steps=4))
+    straight.train()
+    first = Trainer(config(tiny_llama, shards, tmp_path / "b", steps=2))
+    first.train()  # stops at step 2 with a checkpoint, as a killed run would have
+    resumed = Trainer(config(tiny_llama, shards, tmp_path / "b", steps=4))
+    assert resumed.step == 2
+    resumed.train()
+    for a, b in zip(straight.model.predictor.parameters(), resumed.model.predictor.parameters()):
+        torch.testing.assert_close(a, b)
+    log = lambda d: [json.loads(l)["loss"] for l in open(tmp_path / d / "run" / "metrics.jsonl") if '"loss"' in l]
+    assert log("a") == pytest.approx(log("b"), rel=1e-6)
+
+
+def test_a_corrupt_or_foreign_checkpoint_is_refused(tiny_llama, shards, tmp_path):
+    Trainer(config(tiny_llama, shards, tmp_path, steps=2)).train()
+    with pytest.raises(KVPredError, match="different configuration"):
+        Trainer(config(tiny_llama, shards, tmp_path, steps=4, lr=0.5))
+    (tmp_path / "run" / STATE_NAME).write_bytes(b"garbage")
+    with pytest.raises(KVPredError, match="corrupt"):
+        Trainer(config(tiny_llama, shards, tmp_path, steps=4))
+
+
+def test_two_gloo_processes_match_one_process_at_the_same_global_batch(tiny_llama, shards, tmp_path):
+    common = ["--model", tiny_llama, "--data", shards, "--keep-ratio", "0.5", "--steps", "3", "--seq-len", "32",
+              "--warmup", "1", "--log-every", "1", "--eval-every", "100", "--no-bf16"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "kvpred.train", *common, "--batch-size", "4", "--out", str(tmp_path / "one")],
+                   check=True, env=env, capture_output=True)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533",
+                    "-m", "kvpred.train", *common, "--batch-size", "2", "--out", str(tmp_path / "two")],
+                   check=True, env=env, capture_output=True)
+    losses = lambda d: [json.loads(l)["loss"] for l in open(tmp_path / d / "metrics.jsonl") if '"loss"' in l]
+    assert len(losses("two")) == 3
+    assert losses("two") == pytest.approx(losses("one"), rel=1e-4)
