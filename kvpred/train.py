@@ -64,6 +64,7 @@ class TrainConfig:
     activation_checkpointing: bool = False  # recompute the aux layers in backward
     bf16: bool = True  # autocast on CUDA
     fsdp: bool = False  # FSDP2 (fully_shard) instead of DDP when distributed
+    max_minutes: float = 0.0  # stop early (checkpoint + final model) after this wall time; 0 = no limit
     log_every: int = 10
     save_every: int = 200
     eval_every: int = 200
@@ -71,7 +72,7 @@ class TrainConfig:
     seed: int = 0
 
     # fields that may change between a run and its resumption
-    RESUMABLE_CHANGES = ("steps", "log_every", "save_every", "eval_every", "eval_windows", "out")
+    RESUMABLE_CHANGES = ("steps", "max_minutes", "log_every", "save_every", "eval_every", "eval_windows", "out")
 
 
 class PredictedKV(DynamicCache):
@@ -110,6 +111,9 @@ class Distillation(nn.Module):
     def forward(self, ids: torch.Tensor, split: int | None = None) -> dict[str, torch.Tensor]:
         m, c = self.model, self.config
         pos = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
+        if not (c.base_loss or c.kv_loss or c.kl_loss):  # the aux alone (the paper's OE-LP baseline)
+            ce, z = cross_entropy_with_z(m.aux(input_ids=ids, position_ids=pos, use_cache=False).logits, ids, c.z_loss)
+            return {"aux_ce": ce, "loss": c.aux_loss * (ce + z)}
         with torch.no_grad():  # targets: the exact base's cache (and logits for KL)
             cache = DynamicCache(config=m.base.config)
             exact = m.base(input_ids=ids, position_ids=pos, use_cache=True, **cache_kwargs(m.base, cache),
@@ -292,30 +296,31 @@ class Trainer:
         bar = tqdm(total=c.steps, initial=self.step, desc="train", disable=self.rank != 0, dynamic_ncols=True)
         metrics_file = open(self.out / "metrics.jsonl", "a") if self.rank == 0 else None
         t_last, step_last = time.perf_counter(), self.step
+        deadline = time.perf_counter() + 60 * c.max_minutes if c.max_minutes else math.inf
         while self.step < c.steps:
             losses = self._step()
             self.step += 1
             bar.update(1)
-            if self.step % c.log_every == 0 or self.step == c.steps:
+            last = self.step == c.steps or time.perf_counter() > deadline
+            if self.step % c.log_every == 0 or last:
                 self._sync()
                 elapsed = time.perf_counter() - t_last
                 tok_s = tokens_per_step * (self.step - step_last) / elapsed
                 record = {"step": self.step, **{k: round(v, 5) for k, v in losses.items()},
                           "lr": self.scheduler.get_last_lr()[0], "tokens_per_s": round(tok_s),
                           "mfu": round(flops * tok_s / peak_flops(self.device) / self.world, 4)}
-                bar.set_postfix(loss=f"{losses['loss']:.3f}", base=f"{losses['base_ce']:.3f}", tok_s=f"{tok_s:,.0f}")
+                bar.set_postfix(loss=f"{losses['loss']:.3f}", tok_s=f"{tok_s:,.0f}")
                 t_last, step_last = time.perf_counter(), self.step
-                if metrics_file:
-                    metrics_file.write(json.dumps(record) + "\n")
-                    metrics_file.flush()
-            if (self.step % c.eval_every == 0 or self.step == c.steps) and not (c.fsdp and self.distributed):
+                self._write(metrics_file, record)
+            if (self.step % c.eval_every == 0 or last) and not (c.fsdp and self.distributed):
                 record = {"step": self.step, **self.evaluate()}
                 self.log(json.dumps(record))
-                if metrics_file:
-                    metrics_file.write(json.dumps(record) + "\n")
-                    metrics_file.flush()
-            if self.step % c.save_every == 0 or self.step == c.steps:
+                self._write(metrics_file, record)
+            if self.step % c.save_every == 0 or last:
                 self.save()
+            if last and self.step < c.steps:
+                self.log(f"time limit of {c.max_minutes} min reached at step {self.step} of {c.steps}")
+                break
         bar.close()
         return self.finish()
 
@@ -373,6 +378,12 @@ class Trainer:
         if self.distributed:
             dist.barrier()
         return final
+
+    @staticmethod
+    def _write(file, record: dict) -> None:
+        if file:
+            file.write(json.dumps(record) + "\n")
+            file.flush()
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
