@@ -1,0 +1,734 @@
+"""OpenAI-compatible HTTP server (`kvpred serve`) that reports the time to first token of each KV mode.
+
+Endpoints: /v1/completions and /v1/chat/completions (streamed as server-sent events on request), /v1/models,
+/health, /metrics (Prometheus text), and vLLM's /tokenize, /detokenize and /tokenizer_info, so that
+lm-evaluation-harness can tokenize with the server's own tokenizer (tokenizer_backend=remote) and needs no download.
+Extra request fields: `kv_mode` (exact | aux | predicted) and `exact_tail` (int >= 1). Responses carry `kv_mode`
+and `ttft_s`; a stream carries `ttft_s` in the first chunk of each choice.
+
+How requests run
+* One worker thread owns the model; HTTP handlers only tokenize, validate and wait. Prompts wait in a bounded
+  queue (a full queue answers 429). The worker takes the oldest prompt together with queued prompts of the same
+  settings (mode, exact_tail, sampling) and decodes them as one left-padded batch; each row stops on its own
+  (EOS, a stop string, max_tokens, or its client going away). A batch runs to its end before the next starts.
+* TTFT (`ttft_s` and the histogram kvpred_time_to_first_token_seconds) runs from a request's arrival to the moment
+  its first new token exists on the worker: tokenization, queueing and prefill included, the network not.
+
+Scoring prompts (echo=true with logprobs, what lm-evaluation-harness's local-completions sends for log-likelihood)
+* exact: the base scores every prompt token. aux: the auxiliary does.
+* predicted: the base computes the prompt's last W positions over a predicted cache of the tokens before them
+  (model.prefill with exact_tail=W); those earlier tokens are scored by the auxiliary, the model that read them
+  (the paper's KVPredictionLLM likewise returns auxiliary logits at predicted positions). W is the request's
+  exact_tail, else half the prompt rounded up, so that the answer at the end of a log-likelihood prompt is scored
+  by the base over a predicted context. The first prompt token has no logprob (null), as in OpenAI's API.
+"""
+
+import argparse
+import asyncio
+import copy
+import json
+import logging
+import math
+import socket
+import threading
+import time
+import uuid
+from collections import deque
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Callable, Iterator
+
+import torch
+from transformers.generation import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+
+from .models import KVPredError
+
+KV_MODES = ("exact", "aux", "predicted")
+COMPLETIONS_MAX_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
+TTFT_BUCKETS = (.005, .01, .025, .05, .075, .1, .15, .2, .3, .5, .75, 1., 1.5, 2.5, 5., 10., 30.)
+log = logging.getLogger("kvpred.serve")
+
+LogprobEntry = tuple[str, float | None, dict[str, float] | None]  # token text, its logprob, top alternatives
+
+
+@dataclass
+class ServeConfig:
+    model_name: str = "kvpred"  # the id /v1/models reports; "kvpred" is always accepted as well
+    default_mode: str = "predicted"  # kv_mode of requests that name none
+    exact_tail: int = 1  # prompt tokens the base computes itself when a generation request names none
+    max_queue: int = 64  # prompts waiting for the worker beyond this are answered 429
+    max_batch: int = 8  # queued prompts of equal settings decoded together
+    poll_s: float = 0.1  # how often a waiting non-streaming request checks that its client is still connected
+
+
+class APIError(Exception):
+    """An error answered with OpenAI's JSON body {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+
+@dataclass
+class Event:
+    """What the worker tells a waiting request about one of its prompts (choices)."""
+    index: int  # choice index
+    text: str = ""  # newly visible text
+    first: bool = False  # the choice's first event
+    ttft_s: float | None = None  # on the first event, once a token exists
+    finish_reason: str | None = None  # stop | length | cancelled, on its last event
+    error: APIError | None = None
+
+
+@dataclass(eq=False)
+class Job:
+    """One prompt of one request. The handler fills the settings; the worker thread alone writes the progress."""
+    index: int
+    prompt_ids: list[int]
+    mode: str
+    exact_tail: int  # for generation
+    max_tokens: int
+    temperature: float  # 0: greedy
+    top_p: float
+    seed: int | None
+    stops: tuple[str, ...]
+    logprobs: int | None  # top alternatives per generated (and, when scoring, prompt) token; None: no logprobs
+    score_tail: int | None  # not None: also score the prompt (echo + logprobs), the base computing this many tokens
+    arrived: float  # time.perf_counter() when the request came in
+    sink: Callable[[Event], None]
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    # progress
+    tokens: list[int] = field(default_factory=list)
+    token_logprobs: list[LogprobEntry] = field(default_factory=list)
+    prompt_logprobs: list[LogprobEntry] = field(default_factory=list)
+    text: str = ""
+    sent_chars: int = 0
+    announced: bool = False
+    started: float | None = None  # time.perf_counter() when the worker took it up
+    ttft_s: float | None = None
+    finish_reason: str | None = None
+
+    @property
+    def batch_key(self) -> tuple | None:
+        """Jobs with equal keys may share a batch. Scoring, seeded and empty jobs run alone: a seed must give the
+        same text whatever else is queued."""
+        if self.score_tail is not None or self.seed is not None or self.max_tokens == 0:
+            return None
+        sampling = (self.temperature, self.top_p) if self.temperature > 0 else ()
+        return self.mode, self.exact_tail if self.mode == "predicted" else None, sampling
+
+    def advance(self, token: int, is_eos: bool, now: float, tokenizer, entry: LogprobEntry | None) -> None:
+        """Take one new token: send the text it makes visible, or finish."""
+        if self.ttft_s is None:
+            self.ttft_s = now - self.arrived
+        if self.cancelled.is_set():
+            return self.finish("cancelled")
+        self.tokens.append(token)
+        if entry is not None:
+            self.token_logprobs.append(entry)
+        if is_eos:
+            return self.finish("stop", tokenizer.decode(self.tokens[:-1], skip_special_tokens=True))
+        text = tokenizer.decode(self.tokens, skip_special_tokens=True)
+        visible, stopped = visible_text(text, self.stops)
+        if stopped:
+            return self.finish("stop", visible)
+        if len(self.tokens) >= self.max_tokens:
+            return self.finish("length", text)
+        self._send(visible)
+
+    def finish(self, reason: str, text: str | None = None) -> None:
+        self.finish_reason = reason
+        self._send(self.text if text is None else text, reason)
+
+    def fail(self, error: APIError) -> None:
+        self.finish_reason = "error"
+        self._emit(Event(self.index, error=error))
+
+    def _send(self, text: str, finish_reason: str | None = None) -> None:
+        delta, first = text[self.sent_chars:], not self.announced
+        self.text, self.sent_chars = text, max(self.sent_chars, len(text))
+        if delta or finish_reason or first:
+            self._emit(Event(self.index, delta, first, self.ttft_s if first else None, finish_reason))
+            self.announced = True
+
+    def _emit(self, event: Event) -> None:
+        try:
+            self.sink(event)
+        except RuntimeError:  # the request's event loop has closed (server shutting down): nobody to tell
+            pass
+
+
+def visible_text(text: str, stops: tuple[str, ...]) -> tuple[str, bool]:
+    """The part of generated `text` that may be sent: up to the first stop string (then True), else all but a tail
+    that could still grow into a stop string or is an unfinished UTF-8 character (decoded as U+FFFD)."""
+    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+    if hits:
+        return text[:min(hits)], True
+    safe = text.rstrip("\ufffd")
+    hold = max((k for s in stops for k in range(1, len(s)) if safe.endswith(s[:k])), default=0)
+    return safe[:len(safe) - hold], False
+
+
+def token_entry(tokenizer, logprobs: torch.Tensor, token: int, top: int | None) -> LogprobEntry:
+    """logprobs: [V] log-probabilities of one position -> (token text, its logprob, its `top` best alternatives)."""
+    alternatives: dict[str, float] = {}
+    if top:
+        values, ids = logprobs.topk(top)
+        for value, alt in zip(values.tolist(), ids.tolist()):
+            if math.isfinite(value):  # keep the best when two tokens decode to the same text
+                alternatives.setdefault(tokenizer.decode([alt]), value)
+    return tokenizer.decode([token]), logprobs[token].item(), alternatives
+
+
+class _LastScores(LogitsProcessor):
+    """Keeps the scores a decoding step samples from (after temperature and top-p), for generated-token logprobs."""
+
+    scores: torch.Tensor | None = None
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        self.scores = scores  # [B, V]
+        return scores
+
+
+class _Tracker(StoppingCriteria):
+    """Runs after each decoding step: hands every row's new token to its Job. A row is done once its job finished
+    (EOS, stop string, max_tokens, cancelled); generate stops when all rows are."""
+
+    def __init__(self, jobs: list[Job], tokenizer, eos_ids: set[int], tap: _LastScores | None):
+        self.jobs, self.tokenizer, self.eos_ids, self.tap = jobs, tokenizer, eos_ids, tap
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        now = time.perf_counter()
+        new = input_ids[:, -1].tolist()  # [B]
+        logprobs = None if self.tap is None else torch.log_softmax(self.tap.scores.float(), dim=-1)  # [B, V]
+        for row, (job, token) in enumerate(zip(self.jobs, new)):
+            if job.finish_reason is None:
+                entry = (token_entry(self.tokenizer, logprobs[row], token, job.logprobs)
+                         if logprobs is not None and job.logprobs is not None else None)
+                job.advance(token, token in self.eos_ids, now, self.tokenizer, entry)
+        return torch.tensor([job.finish_reason is not None for job in self.jobs], device=input_ids.device)
+
+
+class Metrics:
+    """Prometheus metrics in a registry of their own, so that each app (and each test) counts for itself."""
+
+    def __init__(self, queue_depth: Callable[[], int]):
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.registry = r = CollectorRegistry()
+        self.ttft = Histogram("kvpred_time_to_first_token_seconds", "Request arrival to its first new token",
+                              ["mode"], buckets=TTFT_BUCKETS, registry=r)
+        self.wait = Histogram("kvpred_queue_wait_seconds", "Request arrival to the worker taking it up", ["mode"],
+                              buckets=TTFT_BUCKETS, registry=r)
+        self.tokens = Counter("kvpred_generated_tokens", "New tokens generated", ["mode"], registry=r)
+        self.requests = Counter("kvpred_requests", "Requests accepted", ["endpoint", "mode"], registry=r)
+        self.finished = Counter("kvpred_prompts_finished", "Prompts finished, by finish reason (stop, length, "
+                                "cancelled, error)", ["mode", "reason"], registry=r)
+        self.errors = Counter("kvpred_errors", "Error responses", ["status"], registry=r)
+        self.batch_size = Histogram("kvpred_batch_size", "Prompts decoded together", buckets=(1, 2, 4, 8, 16, 32, 64),
+                                    registry=r)
+        Gauge("kvpred_queue_depth", "Prompts waiting for the worker", registry=r).set_function(queue_depth)
+
+    def record(self, job: Job) -> None:
+        if job.started is not None:
+            self.wait.labels(job.mode).observe(job.started - job.arrived)
+        if job.ttft_s is not None:
+            self.ttft.labels(job.mode).observe(job.ttft_s)
+        self.tokens.labels(job.mode).inc(len(job.tokens))
+        self.finished.labels(job.mode, job.finish_reason or "error").inc()
+
+    def render(self) -> bytes:
+        from prometheus_client import generate_latest
+
+        return generate_latest(self.registry)
+
+
+class Scheduler:
+    """The one thread that uses the model, fed by a bounded queue of Jobs."""
+
+    def __init__(self, model, config: ServeConfig, metrics: Metrics):
+        self.model, self.config, self.metrics = model, config, metrics
+        self.tokenizer = copy.deepcopy(model.tokenizer)  # a fast tokenizer must not be shared between threads
+        eos = model.base.generation_config.eos_token_id or model.tokenizer.eos_token_id
+        self.eos_ids = set(eos if isinstance(eos, list) else [eos])
+        self._pending: deque[Job] = deque()
+        self._cond = threading.Condition()
+        self._closing = False
+        self._running: list[Job] = []
+        self._thread: threading.Thread | None = None
+
+    @property
+    def depth(self) -> int:
+        return len(self._pending)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="kvpred-worker", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closing = True
+            for job in [*self._pending, *self._running]:
+                job.cancelled.set()
+            self._pending.clear()
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    def submit(self, jobs: list[Job]) -> None:
+        """Queue all of a request's prompts, or none of them."""
+        with self._cond:
+            if len(self._pending) + len(jobs) > self.config.max_queue:
+                raise APIError(429, f"the server is busy: {len(self._pending)} prompts are waiting and the queue "
+                                    f"holds {self.config.max_queue}; retry later", code="queue_full",
+                               kind="server_overloaded")
+            self._pending.extend(jobs)
+            self._cond.notify()
+
+    def next_batch(self) -> list[Job] | None:
+        """The oldest live job and the queued jobs that may share its batch; None once closing."""
+        with self._cond:
+            while True:
+                while not self._pending and not self._closing:
+                    self._cond.wait()
+                if self._closing:
+                    return None
+                first = self._pending.popleft()
+                if first.cancelled.is_set():  # its client left while it waited
+                    first.finish("cancelled")
+                    self.metrics.record(first)
+                    continue
+                batch = [first]
+                for job in list(self._pending) if first.batch_key is not None else []:
+                    if len(batch) == self.config.max_batch:
+                        break
+                    if job.batch_key == first.batch_key and not job.cancelled.is_set():
+                        self._pending.remove(job)
+                        batch.append(job)
+                self.metrics.batch_size.observe(len(batch))
+                return batch
+
+    def _loop(self) -> None:
+        while (batch := self.next_batch()) is not None:
+            self._running, started = batch, time.perf_counter()
+            for job in batch:
+                job.started = started
+            try:
+                self._run(batch)
+            except KVPredError as err:
+                self._fail(batch, APIError(400, str(err)))
+            except Exception as err:  # a bug or a device error: answer 500 and keep serving
+                log.exception("generation failed")
+                self._fail(batch, APIError(500, f"{type(err).__name__}: {err}", kind="server_error"))
+            for job in batch:
+                self.metrics.record(job)
+
+    @staticmethod
+    def _fail(batch: list[Job], error: APIError) -> None:
+        for job in batch:
+            if job.finish_reason is None:
+                job.fail(error)
+
+    def _run(self, batch: list[Job]) -> None:
+        if batch[0].score_tail is not None:  # scoring jobs always run alone
+            batch[0].prompt_logprobs = self._score(batch[0])
+        live = [job for job in batch if job.max_tokens > 0]
+        for job in batch:
+            if job.max_tokens == 0:
+                job.finish("length")
+        if live:
+            self._generate(live)
+
+    def _generate(self, jobs: list[Job]) -> None:
+        first, pad = jobs[0], self.tokenizer.pad_token_id
+        width = max(len(job.prompt_ids) for job in jobs)
+        input_ids = torch.tensor([[pad] * (width - len(j.prompt_ids)) + j.prompt_ids for j in jobs])  # [B, T]
+        attention_mask = torch.tensor([[0] * (width - len(j.prompt_ids)) + [1] * len(j.prompt_ids) for j in jobs])
+        tap = _LastScores() if any(job.logprobs is not None for job in jobs) else None
+        extra = {"logits_processor": LogitsProcessorList([tap])} if tap is not None else {}
+        if first.seed is not None:
+            torch.manual_seed(first.seed)
+        sample = first.temperature > 0
+        self.model.generate(input_ids, attention_mask, mode=first.mode, exact_tail=first.exact_tail,
+                            max_new_tokens=max(job.max_tokens for job in jobs), do_sample=sample,
+                            temperature=first.temperature if sample else 1.0, top_p=first.top_p,
+                            stopping_criteria=StoppingCriteriaList([_Tracker(jobs, self.tokenizer, self.eos_ids,
+                                                                             tap)]), **extra)
+        for job in jobs:
+            if job.finish_reason is None:  # generate ran to max_new_tokens
+                job.finish("length")
+
+    @torch.no_grad()
+    def _score(self, job: Job) -> list[LogprobEntry]:
+        """Logprob of every prompt token given the tokens before it (see the module docstring for the modes)."""
+        input_ids = torch.tensor([job.prompt_ids], device=self.model.device)  # [1, N]
+        n = input_ids.shape[1]
+        tail = n if job.mode != "predicted" else min(job.score_tail, n)
+        logits, _ = self.model.prefill(input_ids, mode=job.mode, exact_tail=tail)  # [1, tail, V]
+        if tail < n:
+            head = self.model.aux(input_ids=input_ids[:, :n - tail]).logits  # [1, N - tail, V]
+            logits = torch.cat([head, logits], dim=1)  # [1, N, V]
+        logprobs = torch.log_softmax(logits[0, :-1].float(), dim=-1)  # [N-1, V]: row i predicts token i+1
+        first = (self.tokenizer.decode(job.prompt_ids[:1]), None, None)
+        return [first] + [token_entry(self.tokenizer, logprobs[i], token, job.logprobs)
+                          for i, token in enumerate(job.prompt_ids[1:])]
+
+
+# -------------------------------------------------------------------- OpenAI response bodies (pure)
+def sse(payload: dict | str) -> str:
+    return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
+
+
+def usage(jobs: list[Job]) -> dict:
+    prompt, completion = sum(len(j.prompt_ids) for j in jobs), sum(len(j.tokens) for j in jobs)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def logprobs_block(entries: list[LogprobEntry]) -> dict:
+    """OpenAI's legacy completions logprobs: parallel lists, text_offset counted in characters of `text`."""
+    offsets = [0]
+    for text, _, _ in entries[:-1]:
+        offsets.append(offsets[-1] + len(text))
+    return {"tokens": [e[0] for e in entries], "token_logprobs": [e[1] for e in entries],
+            "top_logprobs": [e[2] for e in entries], "text_offset": offsets[:len(entries)]}
+
+
+def first_ttft(jobs: list[Job]) -> float | None:
+    return min((j.ttft_s for j in jobs if j.ttft_s is not None), default=None)
+
+
+def completion_body(head: dict, jobs: list[Job], echoes: list[str] | None) -> dict:
+    choices = []
+    for job in jobs:
+        entries = job.prompt_logprobs + job.token_logprobs
+        choices.append({"index": job.index, "text": (echoes[job.index] if echoes else "") + job.text,
+                        "logprobs": logprobs_block(entries) if job.logprobs is not None else None,
+                        "finish_reason": job.finish_reason})
+    return {**head, "object": "text_completion", "choices": choices, "usage": usage(jobs),
+            "kv_mode": jobs[0].mode, "ttft_s": first_ttft(jobs)}
+
+
+def chat_body(head: dict, job: Job) -> dict:
+    choice = {"index": 0, "message": {"role": "assistant", "content": job.text}, "logprobs": None,
+              "finish_reason": job.finish_reason}
+    return {**head, "object": "chat.completion", "choices": [choice], "usage": usage([job]),
+            "kv_mode": job.mode, "ttft_s": job.ttft_s}
+
+
+def completion_chunk(head: dict, event: Event, mode: str) -> dict:
+    choice = {"index": event.index, "text": event.text, "logprobs": None, "finish_reason": event.finish_reason}
+    return _with_ttft({**head, "object": "text_completion", "choices": [choice], "kv_mode": mode}, event)
+
+
+def chat_chunk(head: dict, event: Event, mode: str) -> dict:
+    if event.first:
+        delta = {"role": "assistant", "content": event.text}
+    else:
+        delta = {"content": event.text} if event.text else {}
+    choice = {"index": event.index, "delta": delta, "logprobs": None, "finish_reason": event.finish_reason}
+    return _with_ttft({**head, "object": "chat.completion.chunk", "choices": [choice], "kv_mode": mode}, event)
+
+
+def _with_ttft(chunk: dict, event: Event) -> dict:
+    if event.first:
+        chunk["ttft_s"] = event.ttft_s
+    return chunk
+
+
+def validation_error(errors: list[dict]) -> APIError:
+    """FastAPI/pydantic validation errors -> one 400 naming the first offending field."""
+    first = errors[0] if errors else {"msg": "invalid request", "loc": ()}
+    if first.get("type") == "json_invalid":
+        return APIError(400, f"the request body is not valid JSON ({first.get('ctx', {}).get('error', 'parse error')})",
+                        code="invalid_json")
+    loc = [str(part) for part in first.get("loc", ()) if part != "body"]
+    where = ".".join(loc)
+    return APIError(400, f"{where}: {first['msg']}" if where else first["msg"], param=loc[0] if loc else None,
+                    code="invalid_value")
+
+
+def check_prompts(prompts: list[list[int]], max_tokens: int, context: int, vocab: int) -> None:
+    if not prompts:
+        raise APIError(400, "prompt is empty: give a string, a list of strings or token ids", param="prompt")
+    for ids in prompts:
+        if not ids:
+            raise APIError(400, "a prompt encodes to no tokens: give at least one character or token id",
+                           param="prompt")
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise APIError(400, f"token ids must lie in [0, {vocab}), got {bad[:5]}", param="prompt")
+        if len(ids) + max_tokens > context:
+            raise APIError(400, f"this model's context length is {context} tokens, but the prompt has {len(ids)} "
+                                f"tokens and max_tokens is {max_tokens}; shorten the prompt or lower max_tokens",
+                           param="prompt" if len(ids) >= context else "max_tokens", code="context_length_exceeded")
+
+
+def prompt_token_lists(prompt, tokenizer) -> list[list[int]]:
+    """OpenAI's prompt forms: str, list[str], list[int] (one tokenized prompt), list[list[int]]."""
+    if isinstance(prompt, str):
+        prompt = [prompt]
+    if prompt and all(isinstance(t, int) for t in prompt):
+        return [list(prompt)]
+    return [tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompt]
+
+
+def echo_texts(prompt, prompts: list[list[int]], tokenizer) -> list[str]:
+    """The prompt text that echo=true puts before each completion: as sent, or decoded from token ids."""
+    if isinstance(prompt, str):
+        return [prompt]
+    if all(isinstance(p, str) for p in prompt):
+        return list(prompt)
+    return [tokenizer.decode(ids) for ids in prompts]
+
+
+async def _events(jobs: list[Job], queue: asyncio.Queue, request=None, poll_s: float = 0.1) -> AsyncIterator[Event]:
+    """The jobs' events until each has finished. With `request`, poll its connection and stop when the client left
+    (a stream needs no polling: Starlette cancels it when its client disconnects)."""
+    open_jobs, getter, checked = len(jobs), None, time.monotonic()
+    try:
+        while open_jobs:
+            getter = getter or asyncio.ensure_future(queue.get())
+            done, _ = await asyncio.wait({getter}, timeout=poll_s if request is not None else None)
+            if request is not None and time.monotonic() - checked >= poll_s:
+                if await request.is_disconnected():
+                    return
+                checked = time.monotonic()
+            if not done:
+                continue
+            event, getter = getter.result(), None
+            open_jobs -= event.finish_reason is not None or event.error is not None
+            yield event
+    finally:
+        if getter is not None:
+            getter.cancel()
+
+
+# -------------------------------------------------------------------- the app
+def create_app(model, config: ServeConfig | None = None):
+    """A FastAPI app serving `model` (a KVPredictionModel); its worker thread runs while the app is up."""
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, Response, StreamingResponse
+    from starlette.exceptions import HTTPException
+
+    from .serve_schema import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+
+    config = config or ServeConfig()
+    if config.default_mode not in KV_MODES:
+        raise KVPredError(f"unknown default mode {config.default_mode!r}; choose one of {', '.join(KV_MODES)}")
+    tokenizer, context, vocab = model.tokenizer, model.context_length, model.base.config.vocab_size
+    metrics = Metrics(lambda: scheduler.depth)
+    scheduler = Scheduler(model, config, metrics)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        scheduler.start()
+        try:
+            yield
+        finally:
+            scheduler.close()
+
+    app = FastAPI(title="kvpred", lifespan=lifespan)
+    app.state.scheduler, app.state.metrics = scheduler, metrics
+
+    def error_response(err: APIError) -> JSONResponse:
+        metrics.errors.labels(str(err.status)).inc()
+        return JSONResponse(err.body(), status_code=err.status)
+
+    @app.exception_handler(APIError)
+    async def on_api_error(request, err: APIError):
+        return error_response(err)
+
+    @app.exception_handler(RequestValidationError)
+    async def on_invalid(request, err: RequestValidationError):
+        return error_response(validation_error(list(err.errors())))
+
+    @app.exception_handler(HTTPException)
+    async def on_http_error(request, err: HTTPException):
+        return error_response(APIError(err.status_code, str(err.detail)))
+
+    def check_model(name: str) -> None:
+        if name not in (config.model_name, "kvpred"):
+            raise APIError(404, f"model {name!r} does not exist; this server serves {config.model_name!r}",
+                           param="model", code="model_not_found")
+
+    def make_jobs(prompts: list[list[int]], body, max_tokens: int, arrived: float, logprobs: int | None = None,
+                  score: bool = False) -> tuple[list[Job], asyncio.Queue]:
+        loop, queue = asyncio.get_running_loop(), asyncio.Queue()
+        sink = lambda event: loop.call_soon_threadsafe(queue.put_nowait, event)  # noqa: E731 (worker -> loop)
+        jobs = [Job(index=i, prompt_ids=ids, mode=body.kv_mode or config.default_mode,
+                    exact_tail=body.exact_tail or config.exact_tail, max_tokens=max_tokens,
+                    temperature=body.temperature, top_p=body.top_p, seed=body.seed, stops=body.stops,
+                    logprobs=logprobs, score_tail=(body.exact_tail or math.ceil(len(ids) / 2)) if score else None,
+                    arrived=arrived, sink=sink) for i, ids in enumerate(prompts)]
+        scheduler.submit(jobs)
+        return jobs, queue
+
+    async def respond(request, body, jobs: list[Job], queue: asyncio.Queue, chat: bool, make_body):
+        head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
+                "model": body.model}
+        if body.stream:
+            include_usage = body.stream_options is not None and body.stream_options.include_usage
+            return StreamingResponse(stream(jobs, queue, head, chat, include_usage), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+        try:
+            async for event in _events(jobs, queue, request, config.poll_s):
+                if event.error is not None:
+                    raise event.error
+        finally:
+            for job in jobs:  # no-op for finished jobs; stops the rest when the client left or one failed
+                job.cancelled.set()
+        return make_body(head, jobs)
+
+    async def stream(jobs, queue, head: dict, chat: bool, include_usage: bool) -> AsyncIterator[str]:
+        make_chunk, mode = chat_chunk if chat else completion_chunk, jobs[0].mode
+        try:
+            async for event in _events(jobs, queue):
+                if event.error is not None:  # the status line is gone already: report in the stream, as OpenAI does
+                    metrics.errors.labels(str(event.error.status)).inc()
+                    yield sse(event.error.body())
+                    return
+                yield sse(make_chunk(head, event, mode))
+            if include_usage:
+                kind = "chat.completion.chunk" if chat else "text_completion"
+                yield sse({**head, "object": kind, "choices": [], "usage": usage(jobs)})
+            yield sse("[DONE]")
+        finally:
+            for job in jobs:
+                job.cancelled.set()
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        arrived = time.perf_counter()
+        check_model(body.model)
+        if body.stream and (body.echo or body.logprobs is not None):
+            raise APIError(400, "echo and logprobs are not supported with stream=true; send them without streaming",
+                           param="stream")
+        prompts = prompt_token_lists(body.prompt, tokenizer)
+        max_tokens = COMPLETIONS_MAX_TOKENS if body.max_tokens is None else body.max_tokens
+        check_prompts(prompts, max_tokens, context, vocab)
+        echoes = echo_texts(body.prompt, prompts, tokenizer) if body.echo else None
+        jobs, queue = make_jobs(prompts, body, max_tokens, arrived, body.logprobs,
+                                score=body.echo and body.logprobs is not None)
+        metrics.requests.labels("completions", jobs[0].mode).inc()
+        return await respond(request, body, jobs, queue, False, lambda head, jobs: completion_body(head, jobs, echoes))
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        arrived = time.perf_counter()
+        check_model(body.model)
+        if body.logprobs:
+            raise APIError(400, "logprobs are not supported on /v1/chat/completions; use /v1/completions",
+                           param="logprobs")
+        if tokenizer.chat_template is None:
+            raise APIError(400, "this model's tokenizer has no chat template; use /v1/completions", param="messages")
+        try:
+            text = tokenizer.apply_chat_template([m.for_template() for m in body.messages], tokenize=False,
+                                                 add_generation_prompt=True)
+        except Exception as err:  # jinja errors: the template rejects these messages
+            raise APIError(400, f"the chat template rejects these messages: {err}", param="messages") from err
+        ids = tokenizer.encode(text, add_special_tokens=False)  # the template holds the special tokens
+        limit = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        max_tokens = limit if limit is not None else max(context - len(ids), 0)
+        check_prompts([ids], max_tokens, context, vocab)
+        jobs, queue = make_jobs([ids], body, max_tokens, arrived)
+        metrics.requests.labels("chat", jobs[0].mode).inc()
+        return await respond(request, body, jobs, queue, True, lambda head, jobs: chat_body(head, jobs[0]))
+
+    @app.get("/v1/models")
+    async def models():
+        ids = dict.fromkeys([config.model_name, "kvpred"])
+        return {"object": "list", "data": [{"id": i, "object": "model", "created": 0, "owned_by": "kvpred",
+                                            "max_model_len": context} for i in ids]}
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "queue_depth": scheduler.depth}
+
+    @app.get("/metrics")
+    async def prometheus():
+        from prometheus_client import CONTENT_TYPE_LATEST
+
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest):
+        ids = tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+        return {"tokens": ids, "count": len(ids), "max_model_len": context}
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest):
+        if any(not 0 <= t < vocab for t in body.tokens):
+            raise APIError(400, f"token ids must lie in [0, {vocab})", param="tokens")
+        return {"prompt": tokenizer.decode(body.tokens)}
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info():
+        return {"tokenizer_class": type(tokenizer).__name__, "eos_token": tokenizer.eos_token,
+                "bos_token": tokenizer.bos_token, "pad_token": tokenizer.pad_token,
+                "chat_template": tokenizer.chat_template, "model_max_length": context}
+
+    return app
+
+
+@contextmanager
+def serve_in_thread(app, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
+    """Run `app` with uvicorn on a background thread (for tests and benchmarks); yields the base URL."""
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("the server did not start")
+        time.sleep(0.01)
+    try:
+        yield f"http://{host}:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        sock.close()
+
+
+# -------------------------------------------------------------------- CLI
+def register(subparsers) -> None:
+    from .cli import add_model_arguments
+
+    p = subparsers.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API",
+                              description="OpenAI-compatible server (/v1/completions, /v1/chat/completions, "
+                                          "/v1/models, /health, /metrics). Requests may set kv_mode and exact_tail; "
+                                          "responses report kv_mode and ttft_s.")
+    add_model_arguments(p)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--default-mode", choices=KV_MODES, default="predicted",
+                   help="kv_mode of requests that name none (default: predicted)")
+    p.add_argument("--exact-tail", type=int, default=1,
+                   help="prompt tokens the base computes itself when a request names none (paper: 1)")
+    p.add_argument("--max-queue", type=int, default=64, help="waiting prompts beyond this are answered 429")
+    p.add_argument("--max-batch", type=int, default=8, help="queued prompts of equal settings decoded together")
+    p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    p.set_defaults(func=_serve)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from .cli import load_model
+
+    if args.exact_tail < 1 or args.max_batch < 1 or args.max_queue < 0:
+        raise KVPredError("--exact-tail and --max-batch must be >= 1 and --max-queue >= 0")
+    app = create_app(load_model(args), ServeConfig(model_name=args.model, default_mode=args.default_mode,
+                                                   exact_tail=args.exact_tail, max_queue=args.max_queue,
+                                                   max_batch=args.max_batch))
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0

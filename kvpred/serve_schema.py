@@ -1,0 +1,76 @@
+"""Request bodies of the OpenAI-compatible server. Strict types, so that a wrong type is a 400, never a guess:
+"16" is not an int and "true" is not a bool. OpenAI fields kvpred does not implement (user, presence_penalty,
+logit_bias, ...) are ignored, as most OpenAI-compatible servers do."""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+KVMode = Literal["exact", "aux", "predicted"]
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class StreamOptions(_Body):
+    include_usage: bool = False
+
+
+class _Request(_Body):
+    model: str
+    max_tokens: int | None = Field(None, ge=0)  # None: 16 for completions, the rest of the context for chat
+    temperature: float = Field(1.0, ge=0, le=2)  # 0 means greedy decoding
+    top_p: float = Field(1.0, gt=0, le=1)
+    n: int = Field(1, ge=1, le=1)  # one choice per prompt
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    # kvpred's extensions
+    kv_mode: KVMode | None = None  # None: the server's --default-mode
+    exact_tail: int | None = Field(None, ge=1)  # prompt tokens the base computes itself (predicted mode)
+
+    @property
+    def stops(self) -> tuple[str, ...]:
+        stops = [self.stop] if isinstance(self.stop, str) else self.stop or []
+        return tuple(s for s in stops if s)
+
+
+class CompletionRequest(_Request):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=20)  # top alternatives per token; 0 still gives token_logprobs
+
+
+class TextPart(_Body):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(strict=True, extra="allow")  # name, tool_call_id ... go to the chat template as given
+    role: str
+    content: str | list[TextPart] | None = None
+
+    def for_template(self) -> dict:
+        message = self.model_dump(exclude_none=True)
+        if isinstance(self.content, list):
+            message["content"] = "".join(part.text for part in self.content)
+        return message
+
+
+class ChatCompletionRequest(_Request):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=0)  # OpenAI's newer name for max_tokens
+    logprobs: bool = False
+
+
+class TokenizeRequest(_Body):
+    prompt: str
+    add_special_tokens: bool = True
+
+
+class DetokenizeRequest(_Body):
+    tokens: list[int]

@@ -1,0 +1,385 @@
+"""Specification of `kvpred serve`, the OpenAI-compatible server (issue 6). The server runs in-process on a free
+loopback port with a tiny random model; clients are the official `openai` package and plain httpx."""
+import asyncio
+import json
+import re
+import socket
+import statistics
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+from openai import AsyncOpenAI, OpenAI
+
+from kvpred.cli import build_parser
+from kvpred.model import KVPredictionModel
+from kvpred.serve import (APIError, Job, Metrics, Scheduler, ServeConfig, create_app, serve_in_thread,
+                          visible_text)
+
+NAME = "tiny"
+CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<assistant>{% endif %}")
+TASKS = Path(__file__).parent / "data" / "serve"
+
+
+@pytest.fixture(scope="module")
+def model(tiny_llama):
+    model = KVPredictionModel.from_pretrained(tiny_llama)
+    model.tokenizer.chat_template = CHAT_TEMPLATE
+    return model
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_llama):
+    """A second copy of the served model for in-process expectations: the server's worker is its model's only user."""
+    reference = KVPredictionModel.from_pretrained(tiny_llama)
+    reference.tokenizer.chat_template = CHAT_TEMPLATE
+    return reference
+
+
+@pytest.fixture(scope="module")
+def server(model):
+    with serve_in_thread(create_app(model, ServeConfig(model_name=NAME))) as url:
+        yield url
+
+
+@pytest.fixture
+def client(server):
+    return OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0)
+
+
+@pytest.fixture
+def http(server):
+    with httpx.Client(base_url=server, timeout=60) as http:
+        yield http
+
+
+def in_process(model, ids: list[int], mode: str, max_new_tokens: int) -> str:
+    out = model.generate(torch.tensor([ids]), mode=mode, max_new_tokens=max_new_tokens)
+    return model.tokenizer.decode(out[0, len(ids):], skip_special_tokens=True)
+
+
+def wait_for(condition, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+def metric(text: str, name: str, **labels) -> float:
+    """The value of one Prometheus sample, 0 when absent."""
+    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    for line in text.splitlines():
+        sample, _, value = line.rpartition(" ")
+        if sample.split("{")[0] == name and ",".join(sorted(re.findall(r'\w+="[^"]*"', sample))) == want:
+            return float(value)
+    return 0.0
+
+
+# ---------------------------------------------------------------- completions
+@pytest.mark.parametrize("mode", ["exact", "aux", "predicted"])
+def test_greedy_completion_is_what_the_model_generates_in_that_mode(client, reference, mode):
+    prompt = "The quick brown fox"
+    resp = client.completions.create(model=NAME, prompt=prompt, max_tokens=10, temperature=0,
+                                      extra_body={"kv_mode": mode})
+    ids = reference.tokenizer.encode(prompt)
+    assert resp.choices[0].text == in_process(reference, ids, mode, 10)
+    assert resp.model_extra["kv_mode"] == mode and resp.model_extra["ttft_s"] > 0
+    assert resp.usage.prompt_tokens == len(ids) and 1 <= resp.usage.completion_tokens <= 10
+    assert resp.choices[0].finish_reason in ("stop", "length")
+
+
+def test_server_default_mode_applies_when_the_request_names_none(client):
+    resp = client.completions.create(model=NAME, prompt="abc", max_tokens=2, temperature=0)
+    assert resp.model_extra["kv_mode"] == "predicted"
+
+
+def test_streamed_completion_reassembles_the_non_streamed_text(client):
+    kwargs = dict(model=NAME, prompt="Hello there", max_tokens=12, temperature=0, extra_body={"kv_mode": "exact"})
+    whole = client.completions.create(**kwargs).choices[0].text
+    chunks = list(client.completions.create(stream=True, stream_options={"include_usage": True}, **kwargs))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == whole
+    first = chunks[0].model_extra
+    assert first["kv_mode"] == "exact" and first["ttft_s"] > 0
+    assert chunks[-2].choices[0].finish_reason in ("stop", "length")
+    assert chunks[-1].choices == [] and chunks[-1].usage.prompt_tokens == len("Hello there")
+
+
+def test_prompt_may_be_strings_or_token_ids_and_each_prompt_is_a_choice(client, reference):
+    ids = reference.tokenizer.encode("abc")
+    kwargs = dict(model=NAME, max_tokens=6, temperature=0, extra_body={"kv_mode": "exact"})
+    text = client.completions.create(prompt="abc", **kwargs).choices[0].text
+    assert client.completions.create(prompt=ids, **kwargs).choices[0].text == text
+    both = client.completions.create(prompt=[ids, reference.tokenizer.encode("xyz")], **kwargs)
+    assert [c.index for c in both.choices] == [0, 1] and both.choices[0].text == text
+    assert [c.text for c in client.completions.create(prompt=["abc", "xyz"], **kwargs).choices] == \
+        [c.text for c in both.choices]
+
+
+def test_stop_string_cuts_the_text_before_it(client):
+    kwargs = dict(model=NAME, prompt="Once upon a time", temperature=0, extra_body={"kv_mode": "exact"})
+    full = client.completions.create(max_tokens=16, **kwargs).choices[0].text
+    stop = full[len(full) // 2:len(full) // 2 + 2]
+    resp = client.completions.create(max_tokens=16, stop=[stop], **kwargs).choices[0]
+    assert resp.text == full[:full.index(stop)] and resp.finish_reason == "stop"
+    streamed = client.completions.create(max_tokens=16, stop=stop, stream=True, **kwargs)
+    assert "".join(c.choices[0].text for c in streamed) == resp.text
+
+
+def test_visible_text_holds_back_a_possible_stop_string_and_unfinished_characters():
+    assert visible_text("hello wor", ("world",)) == ("hello ", False)
+    assert visible_text("hello world!", ("world",)) == ("hello ", True)
+    assert visible_text("caf\ufffd", ()) == ("caf", False)
+    assert visible_text("abc", ("x", "bc")) == ("a", True)
+
+
+def test_a_seed_makes_sampling_reproducible(client):
+    kwargs = dict(model=NAME, prompt="Random", max_tokens=12, temperature=1.0, top_p=0.9, seed=7)
+    assert client.completions.create(**kwargs).choices[0].text == client.completions.create(**kwargs).choices[0].text
+
+
+# ---------------------------------------------------------------- scoring (echo + logprobs)
+def test_echo_logprobs_in_exact_mode_are_the_base_models_prompt_logprobs(http, reference):
+    prompt = "The capital of France is Paris"
+    body = http.post("/v1/completions", json={"model": NAME, "prompt": prompt, "max_tokens": 0, "echo": True,
+                                              "logprobs": 1, "kv_mode": "exact"}).json()
+    choice = choice_of(body)
+    ids = torch.tensor([reference.tokenizer.encode(prompt)])
+    logits = reference.base(ids).logits[0, :-1]  # [N-1, V]
+    expected = torch.log_softmax(logits.float(), -1).gather(1, ids[0, 1:, None])[:, 0]
+    lp = choice["logprobs"]
+    assert choice["text"] == prompt and lp["tokens"] == list(prompt) and lp["token_logprobs"][0] is None
+    torch.testing.assert_close(torch.tensor(lp["token_logprobs"][1:]), expected, atol=1e-4, rtol=1e-4)
+    # top_logprobs holds the best token: equal to the actual token's logprob exactly when that one is the argmax
+    greedy = logits.argmax(-1) == ids[0, 1:]
+    for top, actual, is_best in zip(lp["top_logprobs"][1:], lp["token_logprobs"][1:], greedy.tolist()):
+        assert (max(top.values()) == actual) == is_best
+    assert body["usage"]["completion_tokens"] == 0
+
+
+def test_predicted_scoring_equals_exact_scoring_when_the_auxiliary_is_the_base(tiny_llama):
+    model = KVPredictionModel.from_pretrained(tiny_llama, keep_ratio=1.0)  # identity predictor: exact KV
+    with serve_in_thread(create_app(model, ServeConfig(model_name=NAME))) as url:
+        def score(mode, **extra):
+            body = httpx.post(f"{url}/v1/completions", timeout=60, json={
+                "model": NAME, "prompt": "Water freezes at zero degrees Celsius", "max_tokens": 0, "echo": True,
+                "logprobs": 1, "kv_mode": mode, **extra}).json()
+            return torch.tensor(choice_of(body)["logprobs"]["token_logprobs"][1:])
+
+        exact = score("exact")
+        torch.testing.assert_close(score("predicted"), exact, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(score("predicted", exact_tail=3), exact, atol=1e-4, rtol=1e-4)
+
+
+def test_predicted_scoring_runs_the_base_over_a_predicted_cache_for_the_prompt_tail(http, reference):
+    prompt, tail = "Two plus two equals four", 5
+    body = http.post("/v1/completions", json={"model": NAME, "prompt": prompt, "max_tokens": 0, "echo": True,
+                                              "logprobs": 0, "kv_mode": "predicted", "exact_tail": tail}).json()
+    ids = torch.tensor([reference.tokenizer.encode(prompt)])
+    logits, _ = reference.prefill(ids, mode="predicted", exact_tail=tail)  # [1, tail, V]
+    expected = torch.log_softmax(logits[0, :-1].float(), -1).gather(1, ids[0, -tail + 1:, None])[:, 0]
+    got = choice_of(body)["logprobs"]["token_logprobs"][-tail + 1:]
+    torch.testing.assert_close(torch.tensor(got), expected, atol=1e-4, rtol=1e-4)
+
+
+def choice_of(body: dict) -> dict:
+    assert "error" not in body, body
+    return body["choices"][0]
+
+
+# ---------------------------------------------------------------- chat
+def test_chat_uses_the_chat_template_and_streams(client, reference):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi!"}]
+    resp = client.chat.completions.create(model=NAME, messages=messages, max_tokens=8, temperature=0,
+                                          extra_body={"kv_mode": "exact"})
+    prompt = reference.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert prompt.endswith("<assistant>")
+    assert resp.choices[0].message.content == in_process(reference, reference.tokenizer.encode(prompt), "exact", 8)
+    assert resp.choices[0].message.role == "assistant" and resp.model_extra["kv_mode"] == "exact"
+    chunks = list(client.chat.completions.create(model=NAME, messages=messages, max_tokens=8, temperature=0,
+                                                 stream=True, extra_body={"kv_mode": "exact"}))
+    assert chunks[0].choices[0].delta.role == "assistant" and chunks[0].model_extra["ttft_s"] > 0
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == resp.choices[0].message.content
+
+
+# ---------------------------------------------------------------- errors
+BAD_REQUESTS = {
+    "malformed JSON": ("/v1/completions", b'{"model": "tiny", "prompt": "x"', 400, None),
+    "wrong type": ("/v1/completions", {"model": NAME, "prompt": "x", "max_tokens": "5"}, 400, "max_tokens"),
+    "prompt of wrong type": ("/v1/completions", {"model": NAME, "prompt": {"text": "x"}}, 400, "prompt"),
+    "unknown kv_mode": ("/v1/completions", {"model": NAME, "prompt": "x", "kv_mode": "fast"}, 400, "kv_mode"),
+    "exact_tail 0": ("/v1/completions", {"model": NAME, "prompt": "x", "exact_tail": 0}, 400, "exact_tail"),
+    "max_tokens over context": ("/v1/completions", {"model": NAME, "prompt": "x", "max_tokens": 600}, 400,
+                                "max_tokens"),
+    "prompt over context": ("/v1/completions", {"model": NAME, "prompt": "x" * 600}, 400, "prompt"),
+    "token id out of range": ("/v1/completions", {"model": NAME, "prompt": [5, 9999]}, 400, "prompt"),
+    "empty prompt": ("/v1/completions", {"model": NAME, "prompt": ""}, 400, "prompt"),
+    "n > 1": ("/v1/completions", {"model": NAME, "prompt": "x", "n": 2}, 400, "n"),
+    "unknown model": ("/v1/completions", {"model": "gpt-9", "prompt": "x"}, 404, "model"),
+    "chat without messages": ("/v1/chat/completions", {"model": NAME, "messages": []}, 400, "messages"),
+    "chat message of wrong type": ("/v1/chat/completions", {"model": NAME, "messages": ["hi"]}, 400, "messages"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_REQUESTS)
+def test_bad_requests_get_openai_error_json_and_the_server_keeps_serving(http, case):
+    path, payload, status, param = BAD_REQUESTS[case]
+    resp = (http.post(path, content=payload, headers={"content-type": "application/json"})
+            if isinstance(payload, bytes) else http.post(path, json=payload))
+    assert resp.status_code == status
+    error = resp.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"] and error["param"] == param
+    ok = http.post("/v1/completions", json={"model": NAME, "prompt": "x", "max_tokens": 1})
+    assert ok.status_code == 200
+
+
+def make_job(mode="exact", temperature=0.0, seed=None) -> Job:
+    return Job(index=0, prompt_ids=[5, 6], mode=mode, exact_tail=1, max_tokens=4, temperature=temperature, top_p=1.0,
+               seed=seed, stops=(), logprobs=None, score_tail=None, arrived=0.0, sink=lambda event: None)
+
+
+def test_queued_prompts_with_equal_settings_are_decoded_together_up_to_max_batch(model):
+    scheduler = Scheduler(model, ServeConfig(max_batch=3), Metrics(lambda: 0))  # not started: we take by hand
+    jobs = [make_job(), make_job("predicted"), make_job(), make_job(seed=1), make_job(), make_job(temperature=0.7),
+            make_job(), make_job()]
+    scheduler.submit(jobs)
+    assert scheduler.next_batch() == [jobs[0], jobs[2], jobs[4]]
+    assert scheduler.next_batch() == [jobs[1]]
+    assert scheduler.next_batch() == [jobs[3]]  # a seeded request runs alone, so that its seed reproduces
+    assert scheduler.next_batch() == [jobs[5]]  # sampling settings differ
+    assert scheduler.next_batch() == [jobs[6], jobs[7]]
+
+
+def test_the_queue_takes_all_of_a_request_or_none_of_it(model):
+    scheduler = Scheduler(model, ServeConfig(max_queue=2), Metrics(lambda: 0))
+    with pytest.raises(APIError) as err:
+        scheduler.submit([make_job(), make_job(), make_job()])
+    assert err.value.status == 429 and scheduler.depth == 0
+
+
+def test_a_full_queue_answers_429(model):
+    with serve_in_thread(create_app(model, ServeConfig(model_name=NAME, max_queue=0))) as url:
+        resp = httpx.post(f"{url}/v1/completions", json={"model": NAME, "prompt": "x"})
+    assert resp.status_code == 429 and resp.json()["error"]["code"] == "queue_full"
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_client_that_disconnects_cancels_its_generation(tiny_llama, stream):
+    model = KVPredictionModel.from_pretrained(tiny_llama)
+    head = model.base.lm_head  # untie the LM head and zero EOS's row, so that greedy decoding never stops early
+    head.weight = torch.nn.Parameter(head.weight.detach().clone())
+    head.weight.data[model.tokenizer.eos_token_id] = 0
+    body = {"model": NAME, "prompt": "Go", "max_tokens": 500, "temperature": 0, "stream": stream, "kv_mode": "exact"}
+    with serve_in_thread(create_app(model, ServeConfig(model_name=NAME))) as url, \
+            httpx.Client(base_url=url, timeout=60) as http:
+        if stream:
+            with http.stream("POST", "/v1/completions", json=body) as s:
+                next(s.iter_lines())  # the first chunk: generation is running
+        else:  # a raw socket, so that the client leaves exactly once the server has accepted the request
+            payload = json.dumps(body).encode()
+            host, port = url.removeprefix("http://").split(":")
+            with socket.create_connection((host, int(port))) as raw:
+                raw.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+                            b"Content-Length: %d\r\n\r\n%s" % (len(payload), payload))
+                wait_for(lambda: metric(http.get("/metrics").text, "kvpred_requests_total", endpoint="completions",
+                                        mode="exact"))
+        wait_for(lambda: metric(http.get("/metrics").text, "kvpred_prompts_finished_total", mode="exact",
+                                reason="cancelled"))
+        text = http.get("/metrics").text
+    assert metric(text, "kvpred_prompts_finished_total", mode="exact", reason="cancelled") == 1, text
+    assert metric(text, "kvpred_generated_tokens_total", mode="exact") < 500
+
+
+# ---------------------------------------------------------------- models, health, metrics, CLI
+def test_models_health_and_metrics(client, http):
+    assert {m.id for m in client.models.list()} == {NAME, "kvpred"}
+    assert http.get("/health").json()["status"] == "ok"
+    client.completions.create(model="kvpred", prompt="abc", max_tokens=3, extra_body={"kv_mode": "aux"})
+    http.post("/v1/completions", json={"model": NAME, "prompt": "x", "kv_mode": "nope"})
+    text = http.get("/metrics").text
+    assert metric(text, "kvpred_time_to_first_token_seconds_count", mode="aux") >= 1
+    assert metric(text, "kvpred_queue_wait_seconds_count", mode="aux") >= 1
+    assert metric(text, "kvpred_generated_tokens_total", mode="aux") >= 1
+    assert metric(text, "kvpred_requests_total", endpoint="completions", mode="aux") >= 1
+    assert metric(text, "kvpred_errors_total", status="400") >= 1
+    assert "kvpred_queue_depth 0.0" in text
+
+
+def test_tokenizer_endpoints_serve_the_models_tokenizer(http, reference):
+    ids = http.post("/tokenize", json={"prompt": "hi there", "add_special_tokens": False}).json()["tokens"]
+    assert ids == reference.tokenizer.encode("hi there", add_special_tokens=False)
+    assert http.post("/detokenize", json={"tokens": ids}).json()["prompt"] == "hi there"
+    assert http.get("/tokenizer_info").json()["eos_token"] == reference.tokenizer.eos_token
+
+
+def test_cli_has_a_serve_subcommand():
+    args = build_parser().parse_args(["serve", "--model", "m", "--port", "9000", "--default-mode", "exact"])
+    assert (args.port, args.default_mode, args.exact_tail) == (9000, "exact", 1) and callable(args.func)
+
+
+# ---------------------------------------------------------------- load
+def test_32_concurrent_streaming_clients_all_succeed(server, http):
+    async def one(client: AsyncOpenAI, i: int) -> tuple[float, float, str]:
+        start = time.perf_counter()
+        stream = await client.completions.create(model=NAME, prompt=f"Request number {i}:", max_tokens=8,
+                                                 stream=True, extra_body={"kv_mode": ("exact", "predicted")[i % 2]})
+        ttft, server_ttft, finish = None, None, None
+        async for chunk in stream:
+            if ttft is None:
+                ttft, server_ttft = time.perf_counter() - start, chunk.model_extra["ttft_s"]
+            finish = chunk.choices[0].finish_reason or finish
+        return ttft, server_ttft, finish
+
+    async def run():
+        async with AsyncOpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0, timeout=120) as client:
+            return await asyncio.gather(*(one(client, i) for i in range(32)))
+
+    results = asyncio.run(run())
+    assert all(finish in ("stop", "length") for _, _, finish in results)
+    client_ttft = sorted(r[0] for r in results)
+    server_ttft = sorted(r[1] for r in results)
+    q = lambda xs, p: xs[min(len(xs) - 1, int(p * len(xs)))]  # noqa: E731
+    text = http.get("/metrics").text
+    batches = metric(text, "kvpred_batch_size_sum") / metric(text, "kvpred_batch_size_count")
+    print(f"\n32 concurrent streams: client TTFT p50 {q(client_ttft, .5) * 1e3:.1f} ms, "
+          f"p95 {q(client_ttft, .95) * 1e3:.1f} ms; server ttft_s p50 {statistics.median(server_ttft) * 1e3:.1f} ms, "
+          f"p95 {q(server_ttft, .95) * 1e3:.1f} ms; mean batch {batches:.1f} prompts (whole session)")
+
+
+# ---------------------------------------------------------------- lm-evaluation-harness
+def test_lm_eval_local_completions_runs_against_the_server(server, http, monkeypatch):
+    pytest.importorskip("tenacity", reason="lm-eval's API models need tenacity: pip install 'lm-eval[api]'")
+    lm_eval = pytest.importorskip("lm_eval", reason="pip install 'lm-eval[api]' to run lm-eval against the server")
+    from lm_eval.tasks import TaskManager
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(TASKS)  # the task YAMLs name their jsonl relative to the working directory
+    before = http.get("/metrics").text
+    results = lm_eval.simple_evaluate(
+        model="local-completions", tasks=["serve_tiny_mc", "serve_tiny_gen"], limit=4,
+        model_args=f"base_url={server}/v1/completions,model={NAME},tokenizer_backend=remote,max_length=512",
+        task_manager=TaskManager(include_path=str(TASKS)))["results"]
+    assert 0 <= results["serve_tiny_mc"]["acc,none"] <= 1
+    assert 0 <= results["serve_tiny_gen"]["exact_match,none"] <= 1
+    after = http.get("/metrics").text
+    count = lambda text: metric(text, "kvpred_requests_total", endpoint="completions", mode="predicted")  # noqa
+    served = count(after) - count(before)
+    assert served == 4 * 3 + 4  # a log-likelihood request per (item, choice), a generation request per item
+    print(f"\nlm-eval {getattr(lm_eval, '__version__', '?')}: {json.dumps(results, default=str)}")
+
+
+@pytest.mark.smollm
+def test_smollm2_chat_over_http_matches_in_process_generation():
+    model = KVPredictionModel.from_pretrained("smollm2-135m")
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    prompt = model.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    ids = model.tokenizer.encode(prompt, add_special_tokens=False)
+    expected = {mode: in_process(model, ids, mode, 12) for mode in ("exact", "predicted")}  # before serving it
+    with serve_in_thread(create_app(model, ServeConfig(model_name="smollm2-135m"))) as url:
+        client = OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        for mode, text in expected.items():
+            resp = client.chat.completions.create(model="smollm2-135m", messages=messages, max_tokens=12,
+                                                  temperature=0, extra_body={"kv_mode": mode})
+            assert resp.choices[0].message.content == text and resp.model_extra["ttft_s"] > 0
