@@ -211,42 +211,19 @@ class KVPredictionModel(nn.Module):
     # ---------------------------------------------------------------- phases
     def aux_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                    position_ids: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Run the auxiliary backbone (no LM head, no cache) and collect the predictor's inputs per aux layer.
+        """Run the auxiliary backbone (no LM head, no cache) and collect the predictor's inputs per tap.
 
-        Returns key_in, value_in: [L_aux, B, T, in]; for source "hidden" both are the layers' normed inputs.
-        A mask and positions of None mean an unpadded batch (no host-device syncs for padding checks).
+        Returns key_in, value_in: [taps, B, T, in]: per aux layer its K and V projections ("kv"), or its normed
+        input plus the final normed state ("hidden"), as `capture` takes them in training. A mask and positions
+        of None mean an unpadded batch (no host-device syncs for padding checks).
         """
-        with self._aux_taps() as taps, self._stop_after_last_kv():
+        with capture(self.aux, self.config.predictor.source) as taps, self._stop_after_last_kv():
             try:
                 self.aux.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                use_cache=False)
             except _TapsComplete:
                 pass
-        if self.config.predictor.source == "hidden":
-            hidden = torch.stack(taps["hidden"])
-            return hidden, hidden
-        return torch.stack(taps["k"]), torch.stack(taps["v"])
-
-    @contextmanager
-    def _aux_taps(self) -> Iterator[dict[str, list[torch.Tensor]]]:
-        taps: dict[str, list[torch.Tensor]] = {"k": [], "v": [], "hidden": []}
-        hooks = []
-
-        def keep(name):
-            return lambda module, args, output: taps[name].append(output)
-
-        for layer in self.aux.model.layers:
-            if self.config.predictor.source == "hidden":
-                hooks.append(layer.input_layernorm.register_forward_hook(keep("hidden")))
-            else:
-                # k_proj output: keys before k-norm and RoPE, the position-free space the predictor works in
-                hooks.append(layer.self_attn.k_proj.register_forward_hook(keep("k")))
-                hooks.append(layer.self_attn.v_proj.register_forward_hook(keep("v")))
-        try:
-            yield taps
-        finally:
-            for hook in hooks:
-                hook.remove()
+        return taps.stacked()
 
     @contextmanager
     def _stop_after_last_kv(self) -> Iterator[None]:

@@ -1,0 +1,868 @@
+"""`kvpred bench ttft`: time to first token of exact, aux and predicted prefill side by side (METHOD 4).
+
+Each (batch, prompt length) gets its own preallocated caches (BufferCache, written in place) and, on CUDA, the
+base model's one-token step captured as a CUDA graph. Exact and predicted share that cache and that step, so
+their decoding runs the very same code. Every repeat draws fresh random prompts (no prefix cache can help);
+modes rotate order across repeats; medians and p10/p90 are reported after device synchronisation.
+
+    kvpred bench ttft --model smollm2-135m --prompt-lens 128,512,1024,2048 --device cpu
+    kvpred bench ttft --shape llama-3.2-3b --aux-keep 0.25 --aux-shape llama-3.2-1b --device cuda
+    kvpred bench report part1.json part2.json --out benchmarks/results --name ttft_gpu
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import shlex
+import sys
+import time
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .models import KVPredError
+
+RANDOM_LABEL = "random-weight timing model"
+DEFAULT_OUT = "benchmarks/results"
+# Targets from the task (printed, never asserted)
+TARGET_EFFICIENCY, TARGET_MIN_LEN, TARGET_PREDICTOR_SHARE, TARGET_DECODE_GAP = 0.9, 1024, 0.03, 0.02
+
+
+# -------------------------------------------------------------------- FLOP accounting
+@dataclass(frozen=True)
+class Dims:
+    vocab: int
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    qkv_bias: bool
+
+    @classmethod
+    def of(cls, config) -> "Dims":
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        qkv_bias = bool(getattr(config, "attention_bias", False)) or config.model_type == "qwen2"
+        return cls(config.vocab_size, config.hidden_size, config.num_hidden_layers, config.num_attention_heads,
+                   config.num_key_value_heads, head_dim, config.intermediate_size, qkv_bias)
+
+    @property
+    def kv_params(self) -> int:
+        """k_proj + v_proj weights and biases of one layer."""
+        return 2 * (self.hidden + self.qkv_bias) * self.kv_heads * self.head_dim
+
+    @property
+    def layer_params(self) -> int:
+        """Linear weights (and q/k/v biases) of one decoder layer: q, k, v, o and the SwiGLU MLP; norms left out."""
+        q = (self.hidden + self.qkv_bias) * self.heads * self.head_dim
+        o = self.heads * self.head_dim * self.hidden
+        return q + self.kv_params + o + 3 * self.hidden * self.intermediate
+
+
+def param_count(config) -> int:
+    """METHOD 4's count: one (tied) embedding vocab x hidden plus every layer's linear weights."""
+    d = Dims.of(config)
+    return d.vocab * d.hidden + d.layers * d.layer_params
+
+
+def flop_ratio_params(base_config, aux_config) -> float:
+    """The paper's TTFT FLOPs reduction P_base / P_aux (METHOD 4): ignores attention and the base's last token."""
+    return param_count(base_config) / param_count(aux_config)
+
+
+def attention_flops(d: Dims, layers: int, new: int, past: int = 0) -> float:
+    """QK^T and AV over causal context: 4 * heads * head_dim multiply-adds per (query, key) pair and layer."""
+    pairs = new * past + new * (new + 1) / 2
+    return 4.0 * layers * d.heads * d.head_dim * pairs
+
+
+def exact_flops(base_config, n: int) -> float:
+    """Base prefill of n tokens, LM head on the last one only."""
+    d = Dims.of(base_config)
+    return 2.0 * n * d.layers * d.layer_params + attention_flops(d, d.layers, n) + 2.0 * d.hidden * d.vocab
+
+
+def predicted_flops(base_config, aux_config, predictor_config, n: int) -> float:
+    """What predicted mode computes: the auxiliary on n-1 tokens (no LM head; with K/V input it stops at its last
+    layer's K/V projections, with hidden-state input it runs every layer for the final normed state), the
+    predictor, and the base's single last-token step over the n-1 predicted entries."""
+    b, a = Dims.of(base_config), Dims.of(aux_config)
+    t = n - 1
+    p = predictor_config
+    if p.source == "kv":
+        aux = 2.0 * t * ((a.layers - 1) * a.layer_params + a.kv_params) + attention_flops(a, a.layers - 1, t)
+    else:
+        aux = 2.0 * t * a.layers * a.layer_params + attention_flops(a, a.layers, t)
+    predictor = 2.0 * t * len(p.layer_map) * p.in_features * (p.key_features + p.value_features)
+    step = 2.0 * b.layers * b.layer_params + attention_flops(b, b.layers, 1, t) + 2.0 * b.hidden * b.vocab
+    return aux + predictor + step
+
+
+def flop_ratio_full(base_config, aux_config, predictor_config, n: int) -> float:
+    """exact / predicted FLOPs with attention's N^2 term, the predictor and the base step; no aux LM head."""
+    return exact_flops(base_config, n) / predicted_flops(base_config, aux_config, predictor_config, n)
+
+
+# -------------------------------------------------------------------- timing tools
+class Clock:
+    """One run's wall time with phase marks: CUDA events on GPU (no extra syncs), perf_counter on CPU."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.cuda = device, device.type == "cuda"
+
+    def start(self) -> None:
+        _sync(self.device)
+        self.marks: list[tuple[str, object]] = []
+        self.t0 = time.perf_counter()
+        self.first = _event() if self.cuda else self.t0
+
+    def mark(self, name: str) -> None:
+        self.marks.append((name, _event() if self.cuda else time.perf_counter()))
+
+    def stop(self) -> tuple[float, dict[str, float]]:
+        """Call once the result is on the host. Returns (total, {phase: seconds}); the last phase runs to here."""
+        total = time.perf_counter() - self.t0
+        phases, prev = {}, self.first
+        for name, mark in self.marks:
+            phases[name] = prev.elapsed_time(mark) / 1e3 if self.cuda else mark - prev
+            prev = mark
+        if self.marks:  # the last phase absorbs the host transfer
+            phases[self.marks[-1][0]] += total - sum(phases.values())
+        return total, phases
+
+
+def _event():
+    event = torch.cuda.Event(enable_timing=True)
+    event.record()
+    return event
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class PeakMemory:
+    """Peak memory of one run: CUDA max_memory_allocated, or on CPU the resident set's high-water mark (VmHWM,
+    reset through /proc/self/clear_refs). Both count everything resident: both models and all buffers."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.kind = "cuda max_memory_allocated" if device.type == "cuda" else "process peak RSS (VmHWM)"
+
+    def reset(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+        except OSError:
+            self.kind = "process peak RSS since start (VmHWM could not be reset)"
+
+    def read(self) -> float:
+        """GiB."""
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / 2**30
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024 / 2**30
+        return float("nan")
+
+
+def _ms(seconds: list[float], q: float = 50) -> float:
+    return 1e3 * percentile(seconds, q)
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Linear-interpolated percentile, q in [0, 100]."""
+    xs = sorted(values)
+    if not xs:
+        return float("nan")
+    pos = (len(xs) - 1) * q / 100
+    lo = int(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+# -------------------------------------------------------------------- the base's one-token step
+class EagerStep:
+    """The base's one-token step on a BufferCache, run eagerly: write one column, attend to the filled ones."""
+
+    def __init__(self, model, cache):
+        from .model import cache_kwargs
+
+        self.base, self.cache_kw = model.base, cache_kwargs(model.base, cache)
+        self.cache = cache
+
+    def start(self, ids: torch.Tensor, positions: torch.Tensor, slot: int) -> None:
+        """Next step feeds `ids` [B, 1] at `positions` [B, 1] into cache column `slot` (= the cache's length)."""
+        if self.cache.get_seq_length() != slot:
+            raise RuntimeError(f"eager step at column {slot}, but the cache holds {self.cache.get_seq_length()}")
+        self.ids, self.positions = ids, positions
+
+    @torch.no_grad()
+    def __call__(self) -> torch.Tensor:
+        """Run one step; returns the greedy next token [B] and feeds it to the following step."""
+        self.logits = self.base(input_ids=self.ids, position_ids=self.positions, use_cache=True, logits_to_keep=1,
+                                **self.cache_kw).logits  # [B, 1, V]
+        token = self.logits[:, -1].argmax(-1)
+        self.ids, self.positions = token[:, None], self.positions + 1
+        return token
+
+
+class GraphStep:
+    """The same step captured once as a CUDA graph (KVPredictionModel.static_step: fixed shapes, the whole
+    buffer under a mask). Replays write the token's K/V at `slot`, then advance ids, positions and slot."""
+
+    @torch.no_grad()
+    def __init__(self, model, cache):
+        from .model import cache_kwargs
+
+        self.base, self.cache_kw = model.base, cache_kwargs(model.base, cache)
+        batch, capacity, device = cache.key_arena.shape[1], cache.capacity, model.device
+        self.ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.positions = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.slot = torch.zeros(1, dtype=torch.long, device=device)
+        self.mask = torch.zeros(batch, 1, 1, capacity, dtype=torch.bool, device=device)  # [B, 1, q=1, capacity]
+        with model.static_step(cache, self.slot):
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):  # warm-up outside the graph: cuBLAS handles, lazy inits
+                for _ in range(2):
+                    self._body()
+            torch.cuda.current_stream(device).wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.token, self.logits = self._body()
+
+    def _body(self) -> tuple[torch.Tensor, torch.Tensor]:
+        self.mask.index_fill_(3, self.slot, True)
+        logits = self.base(input_ids=self.ids, position_ids=self.positions, attention_mask=self.mask,
+                           use_cache=True, logits_to_keep=1, **self.cache_kw).logits  # [B, 1, V]
+        token = logits[:, -1].argmax(-1)
+        self.ids.copy_(token[:, None])
+        self.positions.add_(1)
+        self.slot.add_(1)
+        return token, logits
+
+    def start(self, ids: torch.Tensor, positions: torch.Tensor, slot: int) -> None:
+        self.ids.copy_(ids)
+        self.positions.copy_(positions)
+        self.slot.fill_(slot)
+        self.mask.zero_()
+        self.mask[..., :slot] = True  # unpadded prompts: every filled column is visible
+
+    def __call__(self) -> torch.Tensor:
+        self.graph.replay()
+        return self.token
+
+
+# -------------------------------------------------------------------- the benchmark
+@dataclass
+class Variant:
+    name: str  # e.g. "KVP-LP 0.25 (8/30 layers)"
+    model: object  # KVPredictionModel; all variants share one base
+
+
+@dataclass
+class Settings:
+    prompt_lens: list[int]
+    batches: list[int]
+    repeats: int = 5
+    warmup: int = 1
+    decode_tokens: int = 32
+    cuda_graph: bool = True
+    max_batch_tokens: int | None = None
+    time_budget: float | None = None
+    seed: int = 0
+
+
+@dataclass
+class Combo:
+    """Everything one (batch, prompt length) needs, allocated once: caches, the step, fixed position tensors."""
+    batch: int
+    length: int
+    base_cache: object
+    aux_caches: dict[str, object]
+    step: object
+    step_note: str
+    last_pos: torch.Tensor  # [B, 1] position of the last prompt token
+    next_pos: torch.Tensor  # [B, 1] position of the first generated token
+    samples: dict[str, list] = field(default_factory=dict)
+
+
+def variant_name(model, keep: float | None = None) -> str:
+    """Display name: "KVP-LP 0.25 (8/30 layers)" for a pruned auxiliary, "KVP-C name" for a separate one; a
+    hidden-state predictor says so."""
+    from .models import keep_layers_for_ratio
+
+    spec = model.config.aux
+    n_base, n_aux = model.base.config.num_hidden_layers, model.aux.config.num_hidden_layers
+    source = ", hidden-state input" if model.config.predictor.source == "hidden" else ""
+    if spec.kind != "pruned":
+        return f"KVP-C {Path(spec.name_or_path or 'aux').name}{source}"
+    if keep is None:  # the paper's ratios, where the retained layers follow their pattern
+        keep = next((r for r in (0.25, 0.5, 0.75) if keep_layers_for_ratio(n_base, r) == spec.keep_layers), None)
+    ratio = f"{keep:.2f} " if keep else ""
+    return f"KVP-LP {ratio}({n_aux}/{n_base} layers){source}"
+
+
+def prompts(vocab: int, batch: int, length: int, device: torch.device, *key) -> torch.Tensor:
+    """Fresh random token ids [B, N], one stream per (seed, batch, length, repeat, mode): no two runs share a
+    prefix, so no prefix cache could help."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed(zlib.crc32(repr(key).encode()))
+    return torch.randint(0, vocab, (batch, length), generator=gen, device=device)
+
+
+def make_step(model, cache, want_graph: bool):
+    """A CUDA-graph step where possible; the eager step otherwise, with the reason."""
+    if not want_graph or model.device.type != "cuda":
+        return EagerStep(model, cache), "eager" if model.device.type == "cuda" else "eager (cpu)"
+    try:
+        return GraphStep(model, cache), "cuda-graph"
+    except Exception as err:  # noqa: BLE001 - any capture failure falls back to the eager step, and says so
+        reason = f"{type(err).__name__}: {err}".replace("|", "/").replace("\n", " ")[:160]
+        return EagerStep(model, cache), f"eager (graph capture failed: {reason})"
+
+
+class TTFTBench:
+    def __init__(self, variants: list[Variant], settings: Settings, log=print):
+        self.variants, self.s, self.log = variants, settings, log
+        self.base = variants[0].model.base
+        self.device = variants[0].model.device
+        self.vocab = self.base.config.vocab_size
+        self.clock, self.memory = Clock(self.device), PeakMemory(self.device)
+
+    # ---- one combo
+    def setup(self, batch: int, length: int) -> Combo:
+        from .model import BufferCache
+
+        first = self.variants[0].model
+        capacity = -(-(length + self.s.decode_tokens) // 64) * 64  # aligned mask rows for fused SDPA kernels
+        base_cache = BufferCache(self.base.config, batch, capacity, dtype=self.base.dtype, device=self.device)
+        aux_caches = {v.name: v.model.new_cache(batch, length, "aux") for v in self.variants}
+        step, note = make_step(first, base_cache, self.s.cuda_graph)
+        pos = lambda p: torch.full((batch, 1), p, dtype=torch.long, device=self.device)  # noqa: E731
+        combo = Combo(batch, length, base_cache, aux_caches, step, note, pos(length - 1), pos(length))
+        if isinstance(step, GraphStep):
+            combo.step_note = self._check_graph(combo)
+        return combo
+
+    def _check_graph(self, c: Combo) -> str:
+        """Same prompt through the eager and the graph step: the logits must agree up to kernel rounding."""
+        model = self.variants[0].model
+        ids = prompts(self.vocab, c.batch, c.length, self.device, self.s.seed, "graph check")
+        model.predict_into(c.base_cache, ids)
+        eager = EagerStep(model, c.base_cache)
+        eager.start(ids[:, -1:], c.last_pos, c.length - 1)
+        eager()
+        model.predict_into(c.base_cache, ids)
+        c.step.start(ids[:, -1:], c.last_pos, c.length - 1)
+        c.step()
+        diff = (eager.logits.float() - c.step.logits.float()).abs().max().item()
+        scale = eager.logits.float().abs().max().item()
+        if not diff <= 0.05 * scale + 1e-3:  # also catches NaN
+            c.step = EagerStep(model, c.base_cache)
+            return f"eager (graph logits differ: max|d|={diff:.3g}, max|logit|={scale:.3g})"
+        return f"cuda-graph (max|d logit| vs eager {diff:.2g})"
+
+    @torch.no_grad()
+    def ttft(self, c: Combo, mode: str, variant: Variant, ids: torch.Tensor) -> tuple[float, dict, torch.Tensor]:
+        """One timed prompt: until the first token's id is on the host."""
+        clock, model = self.clock, variant.model
+        clock.start()
+        if mode == "predicted":
+            model.predict_into(c.base_cache, ids, mark=clock.mark)
+            c.step.start(ids[:, -1:], c.last_pos, c.length - 1)
+            token = c.step()
+            clock.mark("step")
+        else:
+            cache = c.base_cache if mode == "exact" else c.aux_caches[variant.name]
+            logits = model.prefill_into(cache, ids, mode=mode)
+            token = logits[:, -1].argmax(-1)
+            clock.mark("prefill")
+        token = token.cpu()
+        total, phases = clock.stop()
+        return total, phases, token
+
+    @torch.no_grad()
+    def decode(self, c: Combo, token: torch.Tensor) -> float:
+        """Greedy decode_tokens steps after a prefill whose first token is `token` [B]; returns tokens/s (all rows)."""
+        c.step.start(token.to(self.device)[:, None], c.next_pos, c.length)
+        _sync(self.device)
+        start = time.perf_counter()
+        for _ in range(self.s.decode_tokens):
+            c.step()
+        _sync(self.device)
+        return c.batch * self.s.decode_tokens / (time.perf_counter() - start)
+
+    def modes(self) -> list[tuple[str, Variant]]:
+        return [("exact", self.variants[0])] + [(m, v) for v in self.variants for m in ("aux", "predicted")]
+
+    def run_combo(self, c: Combo) -> None:
+        modes = self.modes()
+        for w in range(self.s.warmup):
+            for mode, v in modes:
+                ids = prompts(self.vocab, c.batch, c.length, self.device, self.s.seed, "warmup", w, mode, v.name)
+                _, _, token = self.ttft(c, mode, v, ids)
+                if mode != "aux":
+                    self.decode(c, token)
+        for r in range(self.s.repeats):
+            for mode, v in modes[r % len(modes):] + modes[:r % len(modes)]:
+                key = "exact" if mode == "exact" else f"{mode}|{v.name}"
+                ids = prompts(self.vocab, c.batch, c.length, self.device, self.s.seed, r, key)
+                sample = c.samples.setdefault(key, {"ttft": [], "phases": [], "decode": [], "memory": None})
+                if sample["memory"] is None:
+                    self.memory.reset()
+                total, phases, token = self.ttft(c, mode, v, ids)
+                sample["ttft"].append(total)
+                sample["phases"].append(phases)
+                if mode != "aux":
+                    sample["decode"].append(self.decode(c, token))
+                if sample["memory"] is None:
+                    sample["memory"] = self.memory.read()
+
+    def rows(self, c: Combo, model_label: str, weights: str, dtype: str) -> list[dict]:
+        out = []
+        exact = c.samples["exact"]
+        for v in self.variants:
+            aux, pred = c.samples[f"aux|{v.name}"], c.samples[f"predicted|{v.name}"]
+            phase = {name: _ms([p[name] for p in pred["phases"]]) for name in ("aux", "predictor", "write", "step")}
+            m = v.model
+            ratio_p = flop_ratio_params(m.base.config, m.aux.config)
+            ratio_f = flop_ratio_full(m.base.config, m.aux.config, m.predictor.config, c.length)
+            speedup = percentile(exact["ttft"], 50) / percentile(pred["ttft"], 50)
+            pred_ms = _ms(pred["ttft"])
+            dec_e, dec_p = percentile(exact["decode"], 50), percentile(pred["decode"], 50)
+            out.append({
+                "model": model_label, "weights": weights, "aux": v.name, "device": _device_name(self.device),
+                "dtype": dtype, "batch": c.batch, "prompt_len": c.length, "repeats": self.s.repeats,
+                "exact_ms": _ms(exact["ttft"]), "exact_p10_ms": _ms(exact["ttft"], 10),
+                "exact_p90_ms": _ms(exact["ttft"], 90),
+                "aux_ms": _ms(aux["ttft"]), "aux_p10_ms": _ms(aux["ttft"], 10), "aux_p90_ms": _ms(aux["ttft"], 90),
+                "pred_ms": pred_ms, "pred_p10_ms": _ms(pred["ttft"], 10), "pred_p90_ms": _ms(pred["ttft"], 90),
+                "pred_aux_ms": phase["aux"], "pred_predictor_ms": phase["predictor"],
+                "pred_write_ms": phase["write"], "pred_step_ms": phase["step"],
+                "predictor_write_pct": 100 * (phase["predictor"] + phase["write"]) / pred_ms,
+                "speedup": speedup, "flop_ratio_params": ratio_p, "flop_ratio_full": ratio_f,
+                "eff_params": speedup / ratio_p, "eff_full": speedup / ratio_f,
+                "decode_exact_tok_s": dec_e, "decode_pred_tok_s": dec_p, "decode_pred_vs_exact": dec_p / dec_e,
+                "mem_exact_gib": exact["memory"], "mem_aux_gib": aux["memory"], "mem_pred_gib": pred["memory"],
+                "step": c.step_note,
+            })
+        return out
+
+    def combos(self) -> list[tuple[int, int]]:
+        """Cheapest first, so a time budget cuts the most expensive ones."""
+        pairs = [(b, n) for b in self.s.batches for n in self.s.prompt_lens]
+        return sorted(pairs, key=lambda bn: (bn[0] * bn[1], bn[0]))
+
+    def skipped(self, b: int, n: int) -> str | None:
+        if self.s.max_batch_tokens and b * n > self.s.max_batch_tokens:
+            return f"batch x length {b * n} > --max-batch-tokens {self.s.max_batch_tokens}"
+        return None
+
+
+def expected_seconds(bench: TTFTBench, last: list[dict], batch: int, length: int) -> float:
+    """A combo's likely wall time from the last one's measurements: prefills scale with batch x exact FLOPs,
+    decoding stays as it was."""
+    base = bench.base.config
+    r0 = last[0]
+    scale = batch * exact_flops(base, length) / (r0["batch"] * exact_flops(base, r0["prompt_len"]))
+    prefills = (r0["exact_ms"] + sum(r["aux_ms"] + r["pred_ms"] for r in last)) / 1e3 * scale
+    decodes = (1 + len(last)) * bench.s.decode_tokens * r0["batch"] / r0["decode_exact_tok_s"]
+    return (bench.s.warmup + bench.s.repeats) * (prefills + decodes)
+
+
+def run(bench: TTFTBench, model_label: str, weights: str, dtype: str, on_rows) -> tuple[list[dict], list[str]]:
+    rows, notes, last = [], [], None
+    start = time.monotonic()
+    for b, n in bench.combos():
+        reason = bench.skipped(b, n)
+        if reason is None and bench.s.time_budget is not None and last:
+            elapsed, expected = time.monotonic() - start, expected_seconds(bench, last, b, n)
+            if elapsed + expected > bench.s.time_budget:
+                reason = (f"time budget: {elapsed:.0f} s spent, ~{expected:.0f} s more needed, "
+                          f"budget {bench.s.time_budget:.0f} s")
+        if reason:
+            notes.append(f"skipped batch {b}, prompt {n}: {reason}")
+            bench.log(notes[-1])
+            continue
+        combo = bench.setup(b, n)
+        bench.run_combo(combo)
+        last = bench.rows(combo, model_label, weights, dtype)
+        rows.extend(last)
+        for row in last:
+            bench.log(summary_line(row))
+        on_rows(rows, notes)
+        del combo
+        if bench.device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows, notes
+
+
+# -------------------------------------------------------------------- output
+CSV_FIELDS = ["model", "weights", "aux", "device", "dtype", "batch", "prompt_len", "repeats",
+              "exact_ms", "exact_p10_ms", "exact_p90_ms", "aux_ms", "aux_p10_ms", "aux_p90_ms",
+              "pred_ms", "pred_p10_ms", "pred_p90_ms", "pred_aux_ms", "pred_predictor_ms", "pred_write_ms",
+              "pred_step_ms", "predictor_write_pct", "speedup", "flop_ratio_params", "flop_ratio_full",
+              "eff_params", "eff_full", "decode_exact_tok_s", "decode_pred_tok_s", "decode_pred_vs_exact",
+              "mem_exact_gib", "mem_aux_gib", "mem_pred_gib", "step"]
+
+
+def summary_line(r: dict) -> str:
+    return (f"{r['model']} | {r['aux']} | B={r['batch']} N={r['prompt_len']}: exact {r['exact_ms']:.1f} ms, "
+            f"aux {r['aux_ms']:.1f} ms, predicted {r['pred_ms']:.1f} ms -> speedup {r['speedup']:.2f}x "
+            f"(FLOP ratio {r['flop_ratio_params']:.2f} params / {r['flop_ratio_full']:.2f} full; efficiency "
+            f"{r['eff_params']:.2f} / {r['eff_full']:.2f})")
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in row.items()})
+
+
+def _model_title(r: dict) -> str:
+    return f"{r['model']} ({RANDOM_LABEL})" if r["weights"] == RANDOM_LABEL else r["model"]
+
+
+def _span(r: dict, key: str) -> str:
+    """The "median [p10-p90]" of one mode's TTFT in a row."""
+    return f"{r[key + '_ms']:.1f} [{r[key + '_p10_ms']:.1f}-{r[key + '_p90_ms']:.1f}]"
+
+
+def markdown(rows: list[dict], meta: list[dict], notes: list[str]) -> str:
+    lines = ["# Time to first token: exact vs aux vs predicted", ""]
+    if any(r["weights"] == RANDOM_LABEL for r in rows):
+        lines += [f"Models marked *{RANDOM_LABEL}* are randomly initialised with the exact shapes of public "
+                  "models: their timings are real, their outputs meaningless.", ""]
+    for m in meta:
+        lines += [f"* `{m['command']}`", f"  - {m['device']}, {m['dtype']}; torch {m['torch']}, transformers "
+                  f"{m['transformers']}; {m['threads']} CPU threads; load average {m['loadavg']} at the start, "
+                  f"{m.get('loadavg_end', '?')} at the end; {m['date']}"]
+    lines += ["", "TTFT: from prompt ids on the device to the first token's id on the host (argmax done), median "
+              "[p10-p90] in ms over fresh random prompts. Speedup = exact / predicted. FLOP ratio *params* = "
+              "P_base / P_aux (METHOD 4, one embedding); *full* = exact FLOPs / predicted FLOPs counting attention's "
+              "N^2 term, the predictor and the base's last-token step, without the aux LM head. Efficiency = "
+              "speedup / FLOP ratio.", "",
+              "| model | aux | B | N | exact ms | aux ms | predicted ms | speedup | FLOP ratio params / full "
+              "| efficiency params / full |", "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|"]
+    for r in rows:
+        lines.append(f"| {_model_title(r)} | {r['aux']} | {r['batch']} | {r['prompt_len']} | {_span(r, 'exact')} | "
+                     f"{_span(r, 'aux')} | {_span(r, 'pred')} | {r['speedup']:.2f} | {r['flop_ratio_params']:.2f} / "
+                     f"{r['flop_ratio_full']:.2f} | {r['eff_params']:.2f} / {r['eff_full']:.2f} |")
+    lines += ["", "Predicted-mode breakdown (medians, ms), decoding after the prefill (greedy, tokens/s summed over "
+              "the batch, same cache type and step for both modes) and peak memory with both models resident.", "",
+              "| model | aux | B | N | aux prefill | predictor | cache write | base step | predictor+write % "
+              "| decode exact tok/s | decode predicted tok/s | pred/exact | peak GiB exact / aux / pred | step |",
+              "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|"]
+    for r in rows:
+        lines.append(f"| {_model_title(r)} | {r['aux']} | {r['batch']} | {r['prompt_len']} | {r['pred_aux_ms']:.1f} "
+                     f"| {r['pred_predictor_ms']:.2f} | {r['pred_write_ms']:.2f} | {r['pred_step_ms']:.2f} | "
+                     f"{r['predictor_write_pct']:.1f} | {r['decode_exact_tok_s']:.1f} | {r['decode_pred_tok_s']:.1f} "
+                     f"| {r['decode_pred_vs_exact']:.3f} | {r['mem_exact_gib']:.2f} / {r['mem_aux_gib']:.2f} / "
+                     f"{r['mem_pred_gib']:.2f} | {r['step']} |")
+    lines += ["", "## Targets (printed, not asserted)", ""] + [f"* {t}" for t in targets(rows)]
+    if notes:
+        lines += ["", "## Notes", ""] + [f"* {n}" for n in notes]
+    return "\n".join(lines) + "\n"
+
+
+def targets(rows: list[dict]) -> list[str]:
+    long = [r for r in rows if r["prompt_len"] >= TARGET_MIN_LEN]
+    out = []
+    for key, label in (("eff_params", "params"), ("eff_full", "full")):
+        met = [r for r in long if r[key] >= TARGET_EFFICIENCY]
+        worst = min((r[key] for r in long), default=float("nan"))
+        out.append(f"speedup >= {TARGET_EFFICIENCY} x FLOP ratio ({label}) for prompts >= {TARGET_MIN_LEN}: "
+                   f"{len(met)}/{len(long)} rows (lowest efficiency {worst:.2f})")
+    share = [r for r in rows if r["predictor_write_pct"] <= 100 * TARGET_PREDICTOR_SHARE]
+    out.append(f"predictor + cache write <= {100 * TARGET_PREDICTOR_SHARE:.0f}% of predicted TTFT: {len(share)}/"
+               f"{len(rows)} rows (highest {max((r['predictor_write_pct'] for r in rows), default=0):.1f}%)")
+    close = [r for r in rows if abs(r["decode_pred_vs_exact"] - 1) <= TARGET_DECODE_GAP]
+    out.append(f"decode after predicted within {100 * TARGET_DECODE_GAP:.0f}% of exact: {len(close)}/{len(rows)} "
+               f"rows (largest gap {max((abs(r['decode_pred_vs_exact'] - 1) for r in rows), default=0):.1%})")
+    return out
+
+
+def summary_table(rows: list[dict]) -> str:
+    """The short table printed last."""
+    head = (f"{'model':<34} {'aux':<34} {'B':>2} {'N':>6} {'exact':>9} {'aux':>8} {'pred':>8} {'spd':>5} "
+            f"{'ratio p/f':>10} {'eff p/f':>10} {'pw%':>5} {'dec p/e':>7}")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        model = r["model"] + (" (random-w.)" if r["weights"] == RANDOM_LABEL else "")
+        aux = r["aux"].replace(", hidden-state input", ", hidden")
+        lines.append(f"{model[:34]:<34} {aux[:34]:<34} {r['batch']:>2} {r['prompt_len']:>6} "
+                     f"{r['exact_ms']:>9.1f} {r['aux_ms']:>8.1f} {r['pred_ms']:>8.1f} {r['speedup']:>5.2f} "
+                     f"{r['flop_ratio_params']:>4.2f}/{r['flop_ratio_full']:<5.2f} "
+                     f"{r['eff_params']:>4.2f}/{r['eff_full']:<5.2f} {r['predictor_write_pct']:>5.1f} "
+                     f"{r['decode_pred_vs_exact']:>7.3f}")
+    lines.append("times: median TTFT ms; spd = exact/pred; ratio/eff: FLOP ratio and efficiency, params rule / full "
+                 "count; pw% = predictor+write share of predicted TTFT; dec p/e = decode tok/s predicted/exact")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """TTFT vs prompt length, one panel per (model, auxiliary), exact/aux/predicted; batches as line styles."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((_model_title(r), r["aux"], r["device"], r["dtype"]), []).append(r)
+    cols = min(3, len(groups))
+    nrows = -(-len(groups) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(5.2 * cols, 4.0 * nrows), squeeze=False)
+    styles = ["-", "--", ":", "-."]
+    colours = {"exact": "black", "aux": "tab:gray", "pred": "tab:blue"}
+    labels = {"exact": "exact (base)", "aux": "aux alone", "pred": "predicted (KVP)"}
+    for ax, ((model, aux, device, dtype), rs) in zip(axes.flat, groups.items(), strict=False):
+        for i, b in enumerate(sorted({r["batch"] for r in rs})):
+            pts = sorted((r for r in rs if r["batch"] == b), key=lambda r: r["prompt_len"])
+            x = [r["prompt_len"] for r in pts]
+            for key in ("exact", "aux", "pred"):
+                y = [r[f"{key}_ms"] for r in pts]
+                ax.plot(x, y, styles[i % len(styles)], color=colours[key], marker="o", ms=3,
+                        label=f"{labels[key]}, B={b}")
+                ax.fill_between(x, [r[f"{key}_p10_ms"] for r in pts], [r[f"{key}_p90_ms"] for r in pts],
+                                color=colours[key], alpha=0.15, lw=0)
+            for r in pts:  # speedup over exact, next to each predicted point
+                ax.annotate(f"{r['speedup']:.1f}x", (r["prompt_len"], r["pred_ms"]), textcoords="offset points",
+                            xytext=(4, -9), fontsize=6, color=colours["pred"])
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("prompt length (tokens)")
+        ax.set_ylabel("TTFT (ms)")
+        ax.set_title(f"{model}\n{aux}; {device}, {dtype}", fontsize=8)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=6)
+    for ax in list(axes.flat)[len(groups):]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_outputs(rows: list[dict], meta: list[dict], notes: list[str], out: Path, name: str,
+                  with_plot: bool = True) -> list[Path]:
+    """json + csv always; with_plot adds the markdown table and the png."""
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    if with_plot and rows:
+        try:
+            plot(rows, out / f"{name}.png")
+            paths.append(out / f"{name}.png")
+        except ImportError:
+            notes.append("matplotlib is not installed here: no plot (run `kvpred bench report` on the json elsewhere)")
+        paths.append(out / f"{name}.md")
+        paths[-1].write_text(markdown(rows, meta, notes))
+    (out / f"{name}.json").write_text(json.dumps({"meta": meta, "notes": notes, "rows": rows}, indent=1))
+    write_csv(rows, out / f"{name}.csv")
+    return [out / f"{name}.json", out / f"{name}.csv"] + paths
+
+
+# -------------------------------------------------------------------- command line
+def _ints(text: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def load_variants(args) -> tuple[list[Variant], str, str]:
+    """(variants sharing one base, model label, weights label)."""
+    from .cli import DTYPES, load_model
+
+    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if str(args.device).startswith("cuda")
+                                                   else torch.float32)
+    if args.shape:
+        from .shapes import random_kvp_model
+
+        keeps = args.aux_keep or ([] if args.aux_shape else [0.25])
+        variants, base = [], None
+        for spec in [{"aux_keep": k} for k in keeps] + [{"aux_shape": s} for s in args.aux_shape or []]:
+            for source in args.source or ["kv"]:
+                model = random_kvp_model(args.shape, source=source, dtype=dtype, device=args.device, seed=args.seed,
+                                         base=base, **spec)
+                base = model.base
+                variants.append(Variant(variant_name(model, spec.get("aux_keep")), model))
+        return variants, args.shape, RANDOM_LABEL
+    if args.aux_shape:
+        raise KVPredError("--aux-shape builds a random-weight auxiliary and needs --shape (a random-weight base)")
+    if (args.aux_keep and len(args.aux_keep) > 1) or (args.source and len(args.source) > 1):
+        raise KVPredError("with --model, give at most one --aux-keep and one --source")
+    if args.source and not args.aux_keep:
+        raise KVPredError("--source builds a new predictor: give --aux-keep too (a checkpoint has its own)")
+    if args.aux_keep:
+        from .model import KVPredictionModel
+
+        model = KVPredictionModel.from_pretrained(args.model, keep_ratio=args.aux_keep[0], dtype=dtype,
+                                                  device=args.device, source=(args.source or ["kv"])[0])
+    else:
+        model = load_model(args)
+    return [Variant(variant_name(model, args.aux_keep[0] if args.aux_keep else None), model)], args.model, \
+        "real weights"
+
+
+def _command(args, weights: str) -> str:
+    """The command that reproduces this run, every setting spelled out."""
+    parts = ["kvpred", "bench", "ttft"]
+    if weights == RANDOM_LABEL:
+        parts += ["--shape", args.shape] + [x for k in args.aux_keep or [] for x in ("--aux-keep", str(k))]
+        parts += [x for a in args.aux_shape or [] for x in ("--aux-shape", a)]
+    else:
+        parts += ["--model", args.model] + [x for k in args.aux_keep or [] for x in ("--aux-keep", str(k))]
+    parts += [x for src in args.source or [] for x in ("--source", src)]
+    parts += ["--device", args.device] + (["--dtype", args.dtype] if args.dtype else [])
+    parts += ["--prompt-lens", ",".join(map(str, args.prompt_lens)), "--batch", ",".join(map(str, args.batch)),
+              "--repeats", str(args.repeats), "--warmup", str(args.warmup), "--decode-tokens", str(args.decode_tokens)]
+    for flag, value in (("--max-batch-tokens", args.max_batch_tokens), ("--time-budget", args.time_budget)):
+        parts += [flag, str(value)] if value is not None else []
+    parts += ["--cuda-graph", args.cuda_graph, "--seed", str(args.seed)]
+    parts += ["--label", args.label] if args.label else []
+    parts += ["--threads", str(args.threads)] if args.threads else []
+    return shlex.join(parts)
+
+
+def _ttft_command(args) -> int:
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise KVPredError("--device cuda, but torch sees no CUDA device")
+    settings = Settings(prompt_lens=args.prompt_lens, batches=args.batch, repeats=args.repeats, warmup=args.warmup,
+                        decode_tokens=args.decode_tokens, cuda_graph=args.cuda_graph == "auto",
+                        max_batch_tokens=args.max_batch_tokens, time_budget=args.time_budget, seed=args.seed)
+    if args.repeats < 1:
+        raise KVPredError("--repeats must be at least 1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    variants, label, weights = load_variants(args)
+    label = args.label or label
+    model = variants[0].model
+    limit = model.context_length - args.decode_tokens
+    too_long = [n for n in args.prompt_lens if n > limit or n < 2]
+    if too_long:
+        raise KVPredError(f"prompt lengths {too_long} do not fit: each needs 2..{limit} tokens ({label}'s context "
+                          f"of {model.context_length} minus {args.decode_tokens} decode tokens)")
+    dtype = str(model.base.dtype).removeprefix("torch.")
+    device = model.device
+    name = args.name or f"ttft_{device.type}_{label.replace('/', '_')}"
+    meta = [{"command": _command(args, weights),
+             "device": _device_name(device), "dtype": dtype, "torch": torch.__version__,
+             "transformers": __import__("transformers").__version__, "threads": torch.get_num_threads(),
+             "loadavg": " ".join(f"{x:.2f}" for x in os.getloadavg()), "date": time.strftime("%Y-%m-%d %H:%M"),
+             "weights": weights, "memory": PeakMemory(device).kind,
+             "settings": {k: getattr(settings, k) for k in settings.__dataclass_fields__}}]
+    print(f"kvpred bench ttft: {label} ({weights}) on {meta[0]['device']}, {dtype}; variants: "
+          f"{', '.join(v.name for v in variants)}", flush=True)
+    bench = TTFTBench(variants, settings, log=lambda text: print(text, flush=True))
+    out = Path(args.out)
+    rows, notes = run(bench, label, weights, dtype,
+                      on_rows=lambda rows, notes: write_outputs(rows, meta, notes, out, name, with_plot=False))
+    meta[0]["loadavg_end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    paths = write_outputs(rows, meta, notes, out, name, with_plot=not args.no_plot)
+    print("\n" + "\n".join(targets(rows)) if rows else "no rows")
+    print("\n" + summary_table(rows))
+    print("wrote " + ", ".join(str(p) for p in paths))
+    return 0
+
+
+def _report_command(args) -> int:
+    rows, meta, notes = [], [], []
+    for path in args.inputs:
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise KVPredError(f"cannot read benchmark results {path}: {err}") from err
+        rows += data["rows"]
+        meta += data["meta"]
+        notes += data.get("notes", [])
+    notes += args.note or []
+    if not rows:
+        raise KVPredError("no benchmark rows in " + ", ".join(args.inputs))
+    paths = write_outputs(rows, meta, notes, Path(args.out), args.name)
+    print("\n".join(targets(rows)))
+    print("wrote " + ", ".join(str(p) for p in paths))
+    print("\n" + summary_table(rows))
+    return 0
+
+
+def register(subparsers) -> None:
+    from .cli import add_model_arguments
+
+    bench = subparsers.add_parser("bench", help="benchmarks: time to first token",
+                                  description="Benchmarks of KV prediction.")
+    sub = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCH")
+    p = sub.add_parser("ttft", help="time to first token: exact vs aux vs predicted",
+                       description="Time to first token of exact, aux-alone and predicted prefill side by side, with "
+                                   "the predicted breakdown, decode speed, peak memory and FLOP ratios.")
+    add_model_arguments(p)
+    p.add_argument("--shape", default=None,
+                   help="time a random-weight model with this public shape instead of --model (see kvpred.shapes)")
+    p.add_argument("--aux-keep", type=float, action="append", default=None,
+                   help="KVP-LP auxiliary keeping this fraction of the base's layers (repeatable with --shape)")
+    p.add_argument("--aux-shape", action="append", default=None,
+                   help="KVP-C auxiliary: a random-weight model of this public shape (needs --shape; repeatable)")
+    p.add_argument("--source", choices=("kv", "hidden"), action="append", default=None,
+                   help="predictor input of the auxiliaries built here: kv (the paper's, default) or hidden "
+                        "(repeatable with --shape: one variant per source)")
+    p.add_argument("--prompt-lens", type=_ints, default=[128, 512, 2048, 8192], help="comma-separated lengths")
+    p.add_argument("--batch", type=_ints, default=[1], help="comma-separated batch sizes")
+    p.add_argument("--repeats", type=int, default=5, help="timed runs per mode and shape (after warm-up)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed rounds per shape")
+    p.add_argument("--decode-tokens", type=int, default=32, help="greedy tokens timed after each prefill")
+    p.add_argument("--max-batch-tokens", type=int, default=None, help="skip shapes with batch x length above this")
+    p.add_argument("--time-budget", type=float, default=None,
+                   help="seconds: skip the remaining (costlier) shapes once the next would overrun this")
+    p.add_argument("--cuda-graph", choices=("auto", "off"), default="auto",
+                   help="capture the base's one-token step as a CUDA graph (auto: on CUDA)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--label", default=None, help="model name in the tables (default: --shape or --model)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
+    p.add_argument("--name", default=None, help="file stem (default ttft_<device>_<model>)")
+    p.add_argument("--no-plot", action="store_true", help="write json/csv only")
+    p.set_defaults(func=_ttft_command)
+    r = sub.add_parser("report", help="merge bench ttft results (json) into one csv/md/png",
+                       description="Merge the json files of several `bench ttft` runs into one table and plot.")
+    r.add_argument("inputs", nargs="+", help="json files written by bench ttft")
+    r.add_argument("--out", default=DEFAULT_OUT)
+    r.add_argument("--name", default="ttft")
+    r.add_argument("--note", action="append", default=None, help="a line for the notes section (repeatable)")
+    r.set_defaults(func=_report_command)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m kvpred.bench ttft ...`: the bench commands without the rest of the CLI."""
+    parser = argparse.ArgumentParser(prog="kvpred")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["bench"] + list(sys.argv[1:] if argv is None else argv))
+    try:
+        return args.func(args)
+    except KVPredError as err:
+        print(f"kvpred: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

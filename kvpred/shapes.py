@@ -1,0 +1,101 @@
+"""Public model shapes, written out by hand, for *random-weight timing models*.
+
+Time to first token does not depend on weight values, so on machines that cannot download checkpoints kvpred
+times randomly initialised models with the exact shapes of public ones. Their outputs are meaningless: label every
+number measured on them "random-weight timing model". Sources: each model's published config.json.
+"""
+from __future__ import annotations
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+
+from . import models
+from .models import KVPredError
+
+_LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8192}
+
+SHAPES: dict[str, dict] = {
+    # HuggingFaceTB/SmolLM2-135M(-Instruct): the real base model of this project, for GPU timing without its GGUF
+    "smollm2-135m": dict(model_type="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536,
+                         num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, head_dim=64,
+                         max_position_embeddings=8192, rope_parameters={"rope_type": "default", "rope_theta": 100000.0},
+                         rms_norm_eps=1e-5, tie_word_embeddings=True),
+    # meta-llama/Llama-3.2-1B
+    "llama-3.2-1b": dict(model_type="llama", vocab_size=128256, hidden_size=2048, intermediate_size=8192,
+                         num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8, head_dim=64,
+                         max_position_embeddings=131072, rope_parameters={**_LLAMA3_ROPE, "factor": 32.0},
+                         rms_norm_eps=1e-5, tie_word_embeddings=True),
+    # meta-llama/Llama-3.2-3B
+    "llama-3.2-3b": dict(model_type="llama", vocab_size=128256, hidden_size=3072, intermediate_size=8192,
+                         num_hidden_layers=28, num_attention_heads=24, num_key_value_heads=8, head_dim=128,
+                         max_position_embeddings=131072, rope_parameters={**_LLAMA3_ROPE, "factor": 32.0},
+                         rms_norm_eps=1e-5, tie_word_embeddings=True),
+    # meta-llama/Llama-3.1-8B
+    "llama-3.1-8b": dict(model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                         num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                         max_position_embeddings=131072, rope_parameters={**_LLAMA3_ROPE, "factor": 8.0},
+                         rms_norm_eps=1e-5, tie_word_embeddings=False),
+    # Qwen/Qwen2.5-0.5B: the KVP-C auxiliary for Qwen2.5-1.5B (same tokenizer)
+    "qwen2.5-0.5b": dict(model_type="qwen2", vocab_size=151936, hidden_size=896, intermediate_size=4864,
+                         num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+                         max_position_embeddings=32768, rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+                         rms_norm_eps=1e-6, tie_word_embeddings=True, use_sliding_window=False),
+    # Qwen/Qwen2.5-1.5B
+    "qwen2.5-1.5b": dict(model_type="qwen2", vocab_size=151936, hidden_size=1536, intermediate_size=8960,
+                         num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
+                         max_position_embeddings=32768, rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+                         rms_norm_eps=1e-6, tie_word_embeddings=True, use_sliding_window=False),
+}
+
+# A public model of the same family and tokenizer that can serve as a KVP-C auxiliary (METHOD 2)
+KVP_C_AUX = {"llama-3.2-3b": "llama-3.2-1b", "llama-3.1-8b": "llama-3.2-1b", "qwen2.5-1.5b": "qwen2.5-0.5b"}
+
+
+def shape_config(name: str) -> PretrainedConfig:
+    """The transformers config of public model shape `name` (see SHAPES)."""
+    if name not in SHAPES:
+        raise KVPredError(f"unknown model shape {name!r}; known shapes: {', '.join(sorted(SHAPES))}")
+    fields = dict(SHAPES[name])
+    return AutoConfig.for_model(fields.pop("model_type"), **fields)
+
+
+def random_causal_lm(config: PretrainedConfig, dtype: torch.dtype, device: str | torch.device):
+    """A randomly initialised *ForCausalLM with SDPA attention, built directly on `device` (an 8B model never
+    passes through host memory)."""
+    models.check_supported(config, config.model_type)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+    return model.eval().requires_grad_(False)
+
+
+def random_kvp_model(shape: str, *, aux_keep: float | None = None, aux_shape: str | None = None,
+                     source: str = "kv", dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cuda",
+                     seed: int = 0, base=None):
+    """A random-weight timing model: KVPredictionModel around a random base of `shape`, with a layer-pruned
+    (KVP-LP, `aux_keep` of the layers) or separate random (KVP-C, `aux_shape`) auxiliary and a predictor reading
+    its keys and values (source "kv", the paper's) or hidden states ("hidden"). Pass `base` to share one base
+    between several auxiliaries."""
+    from .model import AuxSpec, KVPConfig, KVPredictionModel, _predictor_config, default_layer_map
+    from .predictor import KVPredictor
+
+    if (aux_keep is None) == (aux_shape is None):
+        raise KVPredError("give exactly one of aux_keep (KVP-LP) or aux_shape (KVP-C)")
+    torch.manual_seed(seed)
+    base = base if base is not None else random_causal_lm(shape_config(shape), dtype, device)
+    if aux_keep is not None:
+        keep = models.keep_layers_for_ratio(base.config.num_hidden_layers, aux_keep)
+        aux, spec = models.prune_layers(base, keep), AuxSpec(kind="pruned", keep_layers=keep)
+    else:
+        aux_config = shape_config(aux_shape)
+        if aux_config.vocab_size != base.config.vocab_size:
+            raise KVPredError(f"{aux_shape} ({aux_config.vocab_size} tokens) cannot read {shape}'s prompts "
+                              f"({base.config.vocab_size} tokens): KVP-C needs a shared tokenizer")
+        aux, spec = random_causal_lm(aux_config, dtype, device), AuxSpec(kind="separate", name_or_path=aux_shape)
+    pconf = _predictor_config(base, aux, default_layer_map(base, aux, spec, source), source)
+    predictor = KVPredictor(pconf)
+    if aux_keep is not None and source == "kv":
+        predictor.set_identity()
+    config = KVPConfig(base=f"random-weight:{shape}", base_fingerprint="random-weight timing model", aux=spec,
+                       predictor=pconf)
+    return KVPredictionModel(base, aux, predictor.to(device, dtype), None, config)

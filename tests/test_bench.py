@@ -1,0 +1,257 @@
+"""`kvpred bench ttft`, its FLOP accounting, the random-weight shapes and the fast path it times."""
+import csv
+import json
+
+import pytest
+import torch
+
+from kvpred import bench
+from kvpred.bench import (
+    CSV_FIELDS,
+    Dims,
+    EagerStep,
+    exact_flops,
+    flop_ratio_full,
+    flop_ratio_params,
+    param_count,
+    predicted_flops,
+)
+from kvpred.cli import main as cli_main
+from kvpred.model import KVPredictionModel, cache_kwargs
+from kvpred.models import KVPredError
+from kvpred.predictor import PredictorConfig
+from kvpred.shapes import SHAPES, random_causal_lm, random_kvp_model, shape_config
+from kvpred.testing import save_tiny_model, tiny_config
+
+ARCHS = ["llama", "qwen2", "qwen3", "mistral"]
+
+
+@pytest.fixture(scope="module")
+def tiny_path(tmp_path_factory):
+    return save_tiny_model(tmp_path_factory.mktemp("tiny") / "m", arch="qwen2")
+
+
+# ---------------------------------------------------------------- the command line
+def test_cli_writes_table_and_files(tiny_path, tmp_path):
+    rc = cli_main(["bench", "ttft", "--model", str(tiny_path), "--device", "cpu", "--prompt-lens", "8,24",
+                   "--batch", "1,2", "--repeats", "2", "--warmup", "0", "--decode-tokens", "3",
+                   "--out", str(tmp_path), "--name", "t"])
+    assert rc == 0
+    assert {p.name for p in tmp_path.iterdir()} == {"t.json", "t.csv", "t.md", "t.png"}
+    with (tmp_path / "t.csv").open() as f:
+        reader = csv.DictReader(f)
+        assert reader.fieldnames == CSV_FIELDS
+        rows = list(reader)
+    assert sorted((int(r["batch"]), int(r["prompt_len"])) for r in rows) == [(1, 8), (1, 24), (2, 8), (2, 24)]
+    for r in rows:
+        for key in ("exact_ms", "aux_ms", "pred_ms", "pred_aux_ms", "decode_exact_tok_s", "decode_pred_tok_s",
+                    "flop_ratio_params", "flop_ratio_full", "mem_pred_gib"):
+            assert float(r[key]) > 0, key
+        assert float(r["pred_p10_ms"]) <= float(r["pred_ms"]) <= float(r["pred_p90_ms"])
+        assert abs(float(r["speedup"]) - float(r["exact_ms"]) / float(r["pred_ms"])) < 0.01 * float(r["speedup"])
+        assert r["step"] == "eager (cpu)" and r["weights"] == "real weights"
+    md = (tmp_path / "t.md").read_text()
+    assert "| model | aux | B | N | exact ms | aux ms | predicted ms | speedup |" in md
+    assert "| aux prefill | predictor | cache write | base step |" in md
+    assert "kvpred bench ttft --model" in md and "## Targets" in md
+    # the phases of predicted mode add up to its TTFT, run by run
+    data = json.loads((tmp_path / "t.json").read_text())
+    assert len(data["rows"]) == 4 and data["meta"][0]["command"].startswith("kvpred bench ttft")
+
+
+def test_report_merges_runs(tiny_path, tmp_path):
+    for name, lens in (("a", "8"), ("b", "16")):
+        assert bench.main(["ttft", "--model", str(tiny_path), "--device", "cpu", "--prompt-lens", lens,
+                           "--repeats", "1", "--warmup", "0", "--decode-tokens", "2", "--out", str(tmp_path / "parts"),
+                           "--name", name, "--no-plot"]) == 0
+    assert not (tmp_path / "parts" / "a.png").exists()
+    assert bench.main(["report", str(tmp_path / "parts" / "a.json"), str(tmp_path / "parts" / "b.json"),
+                       "--out", str(tmp_path), "--name", "all"]) == 0
+    rows = json.loads((tmp_path / "all.json").read_text())["rows"]
+    assert [r["prompt_len"] for r in rows] == [8, 16]
+    assert (tmp_path / "all.png").stat().st_size > 0 and (tmp_path / "all.md").exists()
+
+
+def test_cli_rejects_prompts_over_the_context(tiny_path, tmp_path, capsys):
+    rc = cli_main(["bench", "ttft", "--model", str(tiny_path), "--device", "cpu", "--prompt-lens", "500",
+                   "--out", str(tmp_path)])
+    assert rc == 2
+    assert "do not fit" in capsys.readouterr().err
+
+
+def test_max_batch_tokens_skips_and_says_so(tiny_path, tmp_path):
+    assert bench.main(["ttft", "--model", str(tiny_path), "--device", "cpu", "--prompt-lens", "8,32",
+                       "--batch", "1,4", "--max-batch-tokens", "64", "--repeats", "1", "--warmup", "0",
+                       "--decode-tokens", "2", "--out", str(tmp_path), "--name", "s", "--no-plot"]) == 0
+    data = json.loads((tmp_path / "s.json").read_text())
+    assert sorted((r["batch"], r["prompt_len"]) for r in data["rows"]) == [(1, 8), (1, 32), (4, 8)]
+    assert data["notes"] == ["skipped batch 4, prompt 32: batch x length 128 > --max-batch-tokens 64"]
+
+
+# ---------------------------------------------------------------- FLOP accounting
+def test_param_rule_on_smollm2_shape():
+    # 49152*576 embedding + 30 layers * (2*576*576 + 2*576*192 + 3*576*1536) = 28,311,552 + 30 * 3,538,944
+    base = shape_config("smollm2-135m")
+    assert param_count(base) == 134_479_872
+    aux = shape_config("smollm2-135m")
+    aux.num_hidden_layers = 8  # KVP-LP 0.25 keeps layers 0, 4, ..., 28
+    assert param_count(aux) == 56_623_104
+    assert flop_ratio_params(base, aux) == pytest.approx(2.375, abs=1e-4)
+
+
+def test_flop_counts_by_hand():
+    cfg = tiny_config("llama", layers=2, hidden=4, heads=2, kv_heads=1, head_dim=2)
+    cfg.vocab_size, cfg.intermediate_size = 10, 8
+    aux = tiny_config("llama", layers=1, hidden=4, heads=2, kv_heads=1, head_dim=2)
+    aux.vocab_size, aux.intermediate_size = 10, 8
+    # per layer: q 4*4=16, k+v 2*4*2=16, o 4*4=16, mlp 3*4*8=96 -> 144; plus one 10x4 embedding
+    assert Dims.of(cfg).layer_params == 144
+    assert param_count(cfg) == 40 + 2 * 144 and param_count(aux) == 40 + 144
+    assert flop_ratio_params(cfg, aux) == pytest.approx(328 / 184)
+    # exact, 4 tokens: 2*4*2*144 = 2304 linear + 4*2 layers*2 heads*2 dim*(1+2+3+4) = 320 attention + 2*4*10 head
+    assert exact_flops(cfg, 4) == 2304 + 320 + 80
+    # predicted, 4 tokens: aux on 3 tokens, its only layer up to k/v: 2*3*16 = 96, no attention run;
+    # predictor 2*3 tokens*2 base layers*2 in*(2+2) out = 96; base step 2*2*144 = 576 + 4*2*2*2*(3+1) = 128 + 80
+    pconf = PredictorConfig(layer_map=[0, 0], in_features=2, key_features=2, value_features=2)
+    assert predicted_flops(cfg, aux, pconf, 4) == 96 + 96 + 576 + 128 + 80
+    assert flop_ratio_full(cfg, aux, pconf, 4) == pytest.approx(2704 / 976)
+    # hidden-state input: the aux runs its whole layer (2*3*144 = 864) and attention (4*1*2*2*(1+2+3) = 96) for the
+    # final normed state; the predictor reads 4 wide inputs: 2*3*2*4*(2+2) = 192
+    hidden = PredictorConfig(layer_map=[0, 1], in_features=4, key_features=2, value_features=2, source="hidden")
+    assert predicted_flops(cfg, aux, hidden, 4) == 864 + 96 + 192 + 576 + 128 + 80
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_param_rule_counts_the_models_linear_weights(arch):
+    model = random_causal_lm(tiny_config(arch), torch.float32, "meta")
+    linear = sum(p.numel() for name, p in model.model.layers.named_parameters() if "norm" not in name)
+    assert param_count(model.config) == model.config.vocab_size * model.config.hidden_size + linear
+
+
+# ---------------------------------------------------------------- random-weight shapes
+PUBLIC_PARAMS = {"smollm2-135m": 134_515_008, "llama-3.2-1b": 1_235_814_400, "llama-3.2-3b": 3_212_749_824,
+                 "llama-3.1-8b": 8_030_261_248, "qwen2.5-0.5b": 494_032_768, "qwen2.5-1.5b": 1_543_714_304}
+
+
+@pytest.mark.parametrize("name", sorted(SHAPES))
+def test_shapes_have_the_public_parameter_counts(name):
+    model = random_causal_lm(shape_config(name), torch.bfloat16, "meta")  # meta: shapes only, no memory
+    assert sum(p.numel() for p in model.parameters()) == PUBLIC_PARAMS[name]
+
+
+def test_random_kvp_models_share_a_base():
+    lp = random_kvp_model("qwen2.5-1.5b", aux_keep=0.25, device="meta")
+    c = random_kvp_model("qwen2.5-1.5b", aux_shape="qwen2.5-0.5b", device="meta", base=lp.base)
+    assert c.base is lp.base and lp.aux.config.num_hidden_layers == 7
+    assert (c.predictor.config.in_features, c.predictor.config.key_features) == (128, 256)
+    assert bench.variant_name(lp) == "KVP-LP 0.25 (7/28 layers)" and bench.variant_name(c) == "KVP-C qwen2.5-0.5b"
+    hidden = random_kvp_model("qwen2.5-1.5b", aux_keep=0.25, source="hidden", device="meta", base=lp.base)
+    assert hidden.predictor.config.in_features == 1536 and max(hidden.predictor.config.layer_map) == 7
+    assert bench.variant_name(hidden, 0.25) == "KVP-LP 0.25 (7/28 layers), hidden-state input"
+    with pytest.raises(KVPredError, match="shared tokenizer"):
+        random_kvp_model("qwen2.5-1.5b", aux_shape="llama-3.2-1b", device="meta")
+    with pytest.raises(KVPredError, match="unknown model shape"):
+        shape_config("gpt-5")
+
+
+# ---------------------------------------------------------------- the fast path matches the plain path
+@pytest.mark.parametrize("arch", ARCHS)
+def test_fast_prefill_and_decode_match_the_plain_path(arch, tmp_path):
+    model = KVPredictionModel.from_pretrained(str(save_tiny_model(tmp_path / arch, arch=arch)), keep_ratio=0.5)
+    ids = torch.randint(3, 259, (2, 30), generator=torch.Generator().manual_seed(1))
+    for mode in ("exact", "aux", "predicted"):
+        plain, _ = model.prefill(ids, mode=mode)
+        cache = model.new_cache(2, 40, mode)
+        fast = model.prefill_into(cache, ids, mode=mode)
+        assert torch.allclose(fast, plain, atol=1e-4), mode
+        assert torch.equal(fast[:, -1].argmax(-1), plain[:, -1].argmax(-1))
+        assert cache.get_seq_length() == 30
+    # greedy decoding on the preallocated cache = transformers' generate on a DynamicCache
+    for mode in ("exact", "predicted"):
+        expected = model.generate(ids, mode=mode, max_new_tokens=6)[:, 30:]
+        cache = model.new_cache(2, 40)
+        if mode == "exact":
+            first = model.prefill_into(cache, ids, mode="exact")[:, -1].argmax(-1)
+            step = EagerStep(model, cache)
+            step.start(first[:, None], torch.full((2, 1), 30), 30)
+            tokens = [first] + [step() for _ in range(5)]
+        else:
+            model.predict_into(cache, ids)
+            step = EagerStep(model, cache)
+            step.start(ids[:, -1:], torch.full((2, 1), 29), 29)
+            tokens = [step() for _ in range(6)]
+        assert torch.equal(torch.stack(tokens, 1), expected), mode
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_static_step_matches_the_dynamic_step(arch, tmp_path):
+    """The fixed-shape step a CUDA graph captures (whole buffer, mask, GQA-packed SDPA) = the plain step."""
+    model = KVPredictionModel.from_pretrained(str(save_tiny_model(tmp_path / arch, arch=arch)), keep_ratio=0.5)
+    ids = torch.randint(3, 259, (2, 20), generator=torch.Generator().manual_seed(2))
+    cache = model.new_cache(2, 32)
+    model.predict_into(cache, ids)
+    plain = model.base(input_ids=ids[:, -1:], use_cache=True, logits_to_keep=1, **cache_kwargs(model.base, cache))
+    model.predict_into(cache, ids)
+    slot, mask = torch.tensor([19]), torch.zeros(2, 1, 1, 32, dtype=torch.bool)
+    mask[..., :20] = True
+    with model.static_step(cache, slot):
+        static = model.base(input_ids=ids[:, -1:], position_ids=torch.full((2, 1), 19), attention_mask=mask,
+                            use_cache=True, logits_to_keep=1, **cache_kwargs(model.base, cache))
+    assert torch.allclose(static.logits, plain.logits, atol=1e-4)
+    assert model.base.config._attn_implementation == "sdpa" and cache.step_slot is None  # restored
+
+
+def test_identity_equivalence_holds_on_the_fast_path(tmp_path):
+    """aux == base with an identity predictor: predicted prefill_into gives exact's logits."""
+    model = KVPredictionModel.from_pretrained(str(save_tiny_model(tmp_path / "m", arch="qwen3")), keep_ratio=1.0)
+    ids = torch.randint(3, 259, (1, 25), generator=torch.Generator().manual_seed(3))
+    exact = model.prefill_into(model.new_cache(1, 25), ids, mode="exact")
+    predicted = model.prefill_into(model.new_cache(1, 25), ids, mode="predicted")
+    assert torch.allclose(predicted, exact, atol=1e-4)
+
+
+def test_hidden_source_reads_the_same_taps_as_training(tmp_path):
+    """The "hidden" input: per-layer normed inputs plus the final normed state, which a pruned aux's last skipped
+    base layers read; predicted prefill works on both paths."""
+    model = KVPredictionModel.from_pretrained(str(save_tiny_model(tmp_path / "m")), keep_ratio=0.5, source="hidden")
+    assert max(model.config.predictor.layer_map) == model.aux.config.num_hidden_layers  # the final-norm tap
+    ids = torch.randint(3, 259, (1, 12), generator=torch.Generator().manual_seed(4))
+    plain, _ = model.prefill(ids, mode="predicted")
+    fast = model.prefill_into(model.new_cache(1, 12), ids, mode="predicted")
+    assert torch.allclose(fast, plain, atol=1e-4)
+
+
+def test_aux_pass_stops_after_the_last_keys_and_values(tmp_path):
+    model = KVPredictionModel.from_pretrained(str(save_tiny_model(tmp_path / "m")), keep_ratio=0.5)
+    mlp_calls = []
+    hook = model.aux.model.layers[-1].mlp.register_forward_hook(lambda *a: mlp_calls.append(1))
+    ids = torch.randint(3, 259, (1, 12))
+    key_in, value_in = model.aux_inputs(ids, None, None)
+    hook.remove()
+    assert mlp_calls == [] and key_in.shape[0] == value_in.shape[0] == 2
+    full = model.aux.model(input_ids=ids, output_hidden_states=True).hidden_states[-2]  # input of the last layer
+    last = model.aux.model.layers[-1]
+    assert torch.allclose(key_in[-1], last.self_attn.k_proj(last.input_layernorm(full)), atol=1e-5)
+
+
+def test_buffer_cache_refuses_to_overflow(tmp_path):
+    model = KVPredictionModel.from_pretrained(str(save_tiny_model(tmp_path / "m")), keep_ratio=0.5)
+    with pytest.raises(KVPredError, match="does not fit"):
+        model.prefill_into(model.new_cache(1, 8), torch.randint(3, 259, (1, 10)), mode="exact")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_graph_step_matches_the_eager_step(tmp_path):
+    model = KVPredictionModel.from_pretrained(str(save_tiny_model(tmp_path / "m")), keep_ratio=0.5,
+                                              device="cuda")
+    ids = torch.randint(3, 259, (2, 20), device="cuda")
+    cache = model.new_cache(2, 28)
+    graph = bench.GraphStep(model, cache)
+    model.predict_into(cache, ids)
+    eager = EagerStep(model, cache)
+    eager.start(ids[:, -1:], torch.full((2, 1), 19, device="cuda"), 19)
+    expected = [eager() for _ in range(5)]
+    model.predict_into(cache, ids)
+    graph.start(ids[:, -1:], torch.full((2, 1), 19, device="cuda"), 19)
+    got = [graph().clone() for _ in range(5)]
+    assert torch.equal(torch.stack(got), torch.stack(expected))
