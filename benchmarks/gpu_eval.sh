@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# After `benchmarks/gpu_session.sh a` (GGUF half A) on the same warm machine: assemble SmolLM2, use the CPU-converted
+# tokenizer files (transformers 5.17's GGUF conversion picks the wrong EOS), and evaluate the shipped default.
+set -uo pipefail
+bash benchmarks/gpu_session.sh b || exit 1
+source benchmarks/gpu_session.sh env > /dev/null
+cp .carry/tok/* /tmp/kvcache/converted/smollm2-135m-*/
+timeout -k 5 ${EVAL_SECONDS:-170} python3 -m kvpred.cli eval --model smollm2-135m --device cuda --dtype bfloat16 \
+  --tasks lambada,arc_easy,piqa,agreement,heldout,kv --limit ${EVAL_LIMIT:-1000} --batch-size 32 --quiet \
+  --label shipped-default --out $OUT/eval_gpu_shipped.json
+ls -la $OUT; tail -30 $OUT/eval_gpu_shipped.md 2>/dev/null
