@@ -65,4 +65,4 @@ def merge_factors(model: nn.Module, factors: dict[str, torch.Tensor]) -> None:
         weight_name = name_a[: -len(SUFFIX_A)]
         b = factors[weight_name + SUFFIX_B]
         weight = state[weight_name]
-        weight.add_((b.float() @ a.float()).to(weight.dtype))
+        weight.add_((b.to(weight.device, torch.float32) @ a.to(weight.device, torch.float32)).to(weight.dtype))

@@ -1,0 +1,488 @@
+"""Beyond the paper (issue 7): progressive cache refinement, adaptive fallback and multi-turn cache reuse.
+
+* `generate_refined`: the first token comes from predicted mode (same TTFT); then, one chunk per decode step, the
+  base computes the exact cache of the sequence in a second DynamicCache, and once it has caught up the decode
+  cache is swapped for it, so later tokens are the exact base's continuation of what was generated so far.
+* `confidence` / `choose_policy`: a cheap per-request signal picks "eager", "lazy" or "off" refinement;
+  `tradeoff_curve` turns per-request measurements into the fraction-refined vs agreement-with-exact curve.
+* `ChatSession`: earlier turns keep their (refined, exact) cache; only a new turn's tokens are predicted.
+"""
+from __future__ import annotations
+
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from transformers import DynamicCache
+
+from .model import KVPredictionModel, cache_kwargs, capture, position_ids_from_mask
+from .models import KVPredError
+
+POLICIES = ("eager", "lazy", "off")
+REFINE_CHOICES = POLICIES + ("auto",)
+LAZY_DIVISOR = 4  # "lazy" refines chunk_size // 4 tokens per step: a quarter of the slowdown, a later switch
+SIGNALS = ("entropy", "tail_nll", "kv_error")
+
+
+# -------------------------------------------------------------------- adaptive fallback
+@dataclass
+class Thresholds:
+    """Per-request policy from one confidence signal (see `confidence`); larger signal = less trustworthy.
+
+    The defaults are placeholders for an untrained auxiliary: calibrate them per model with `tradeoff_curve`.
+    """
+    signal: str = "entropy"  # a key of confidence()'s dict: "entropy" (any W), "tail_nll" / "kv_error" (W >= 2)
+    off_below: float = 1.0  # every row's signal below this: trust the predicted cache ("off")
+    eager_above: float = 3.0  # any row's signal above this: refine at once ("eager"); otherwise "lazy"
+
+    def __post_init__(self) -> None:
+        if self.signal not in SIGNALS:
+            raise KVPredError(f"unknown confidence signal {self.signal!r}; choose one of {', '.join(SIGNALS)}")
+        if self.off_below > self.eager_above:
+            raise KVPredError(f"thresholds need off_below <= eager_above, got {self.off_below} > {self.eager_above}")
+
+
+def choose_policy(signal: dict, thresholds: Thresholds | None = None) -> str:
+    """"eager" | "lazy" | "off" for a request (or a whole batch: the cache swap is batch-wide, so the least
+    trustworthy row decides). `signal` maps names to a float or a per-row tensor, as `confidence` returns."""
+    thresholds = thresholds or Thresholds()
+    if thresholds.signal not in signal:
+        raise KVPredError(f"signal {thresholds.signal!r} is not available here (have {sorted(signal)}); "
+                          "tail_nll and kv_error need exact_tail >= 2")
+    values = torch.as_tensor(signal[thresholds.signal], dtype=torch.float32).flatten()
+    if bool((values > thresholds.eager_above).any()):
+        return "eager"
+    if bool((values < thresholds.off_below).all()):
+        return "off"
+    return "lazy"
+
+
+@torch.no_grad()
+def confidence(model: KVPredictionModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+               exact_tail: int = 1) -> dict[str, torch.Tensor]:
+    """Per-row signals [B] (float32, CPU) of how far predicted mode may stray from the exact base; all are
+    by-products of the predicted prefill, so they cost next to nothing on top of the first token:
+
+    * "entropy": entropy (nats) of the base's first-token distribution over the predicted cache. Any W.
+    * "tail_nll" (W >= 2): mean NLL of the known tail tokens 2..W under the base's predicted-mode logits.
+    * "kv_error" (W >= 2): relative L2 error, averaged over keys and values, between the predictor's K/V for the
+      W tail tokens (the auxiliary runs over them too: W more aux tokens) and the K/V the base computes for them
+      (k_proj/v_proj outputs, the predictor's own space). The base's tail K/V of layers > 0 see the predicted
+      prefix, so this is a proxy: it measures how well the predictor tracks the base on this very input.
+    """
+    input_ids, attention_mask = model.check_inputs(input_ids, attention_mask, "predicted", 0, exact_tail)
+    _, _, signal = _prefill(model, input_ids, attention_mask, exact_tail, with_signal=True)
+    return signal
+
+
+def tradeoff_curve(signal: Sequence[float], agree_off: Sequence[float], agree_refined: Sequence[float],
+                   thresholds: Sequence[float]) -> list[dict]:
+    """For each threshold t, refine the requests whose signal exceeds t: the fraction refined and the mean
+    agreement with the exact base (each request scores its refined or unrefined agreement). Pure arithmetic
+    on per-request measurements, so one pair of runs gives the whole curve."""
+    s, off, ref = (torch.as_tensor(x, dtype=torch.float64) for x in (signal, agree_off, agree_refined))
+    if not s.shape == off.shape == ref.shape or s.dim() != 1:
+        raise KVPredError(f"need three equally long 1-D sequences, got {tuple(s.shape)}, {tuple(off.shape)}, "
+                          f"{tuple(ref.shape)}")
+    rows = []
+    for t in thresholds:
+        refined = s > t
+        rows.append({"threshold": float(t), "fraction_refined": refined.double().mean().item(),
+                     "agreement": torch.where(refined, ref, off).mean().item()})
+    return rows
+
+
+def token_agreement(new_tokens: torch.Tensor, reference: torch.Tensor, pad_token_id: int) -> torch.Tensor:
+    """Per row [B]: the fraction of positions where two [B, n] continuations hold the same token (both padded
+    to the longer with `pad_token_id`, as generate pads rows that stopped)."""
+    n = max(new_tokens.shape[1], reference.shape[1])
+    a = torch.nn.functional.pad(new_tokens, (0, n - new_tokens.shape[1]), value=pad_token_id)
+    b = torch.nn.functional.pad(reference, (0, n - reference.shape[1]), value=pad_token_id)
+    return (a == b).double().mean(-1)
+
+
+def prefix_agreement(new_tokens: torch.Tensor, reference: torch.Tensor, pad_token_id: int) -> torch.Tensor:
+    """Per row [B]: the length of the common prefix of two continuations over their (padded) length."""
+    n = max(new_tokens.shape[1], reference.shape[1])
+    a = torch.nn.functional.pad(new_tokens, (0, n - new_tokens.shape[1]), value=pad_token_id)
+    b = torch.nn.functional.pad(reference, (0, n - reference.shape[1]), value=pad_token_id)
+    return (a == b).long().cumprod(-1).sum(-1).double() / n
+
+
+# -------------------------------------------------------------------- prefill with a kept prefix and signals
+def _prefill(model: KVPredictionModel, ids: torch.Tensor, mask: torch.Tensor, exact_tail: int,
+             cache: DynamicCache | None = None, with_signal: bool = False
+             ) -> tuple[torch.Tensor, DynamicCache, dict[str, torch.Tensor]]:
+    """Predicted prefill on top of `cache` (the kept, already computed first columns; None = empty): predicted
+    K/V for columns [kept, N - W), then the base over the rest. Returns the logits of the columns the base ran
+    [B, T, V] (only the last one without signals), the cache of the whole prompt and the signals (empty unless
+    `with_signal`)."""
+    cache = cache if cache is not None else DynamicCache(config=model.base.config)
+    kept, n_total = cache.get_seq_length(), ids.shape[1]
+    n = max(n_total - exact_tail, kept)  # columns [kept, n) are predicted; [n, N) run through the base
+    pos = position_ids_from_mask(mask)
+    aux_end = n_total if with_signal and exact_tail >= 2 else n
+    tail_keys = tail_values = None
+    if n > kept:
+        key_in, value_in = model.aux_inputs(ids[:, :aux_end], mask[:, :aux_end], pos[:, :aux_end])
+        # the auxiliary sees the whole conversation for context; only the new columns go through the predictor
+        keys, values = model.predictor(key_in[:, :, kept:], value_in[:, :, kept:])  # [L, B, aux_end-kept, kv]
+        new_k, new_v = model.base_kv(keys[:, :, :n - kept], values[:, :, :n - kept], pos[:, kept:n])
+        for layer in range(new_k.shape[0]):
+            cache.update(new_k[layer], new_v[layer], layer)
+        tail_keys, tail_values = keys[:, :, n - kept:], values[:, :, n - kept:]  # [L, B, N-n, kv] when aux_end = N
+    with capture(model.base, "kv") if with_signal else nullcontext() as taps:
+        out = model.base(input_ids=ids[:, n:], attention_mask=mask, position_ids=pos[:, n:],
+                         **cache_kwargs(model.base, cache), use_cache=True,
+                         logits_to_keep=0 if with_signal else 1)  # 0: all (tail_nll reads them)
+    logits = out.logits.float()  # [B, N-n or 1, V]
+    signal = _signals(logits, ids[:, n:], mask[:, n:], tail_keys, tail_values, taps) if with_signal else {}
+    return logits, cache, signal
+
+
+def _signals(logits: torch.Tensor, tail_ids: torch.Tensor, tail_mask: torch.Tensor, tail_keys, tail_values,
+             taps) -> dict[str, torch.Tensor]:
+    """See `confidence`. logits [B, T, V] over the T tail tokens; tail_keys/values [L, B, T, kv] or None."""
+    logp = logits.log_softmax(-1)
+    signal = {"entropy": -(logp[:, -1].exp() * logp[:, -1]).sum(-1)}
+    if logits.shape[1] >= 2:
+        real = tail_mask[:, 1:].float()  # NLL only of real (unpadded) next tokens
+        nll = -logp[:, :-1].gather(-1, tail_ids[:, 1:, None]).squeeze(-1)  # [B, T-1]
+        signal["tail_nll"] = (nll * real).sum(-1) / real.sum(-1).clamp(min=1)
+    if tail_keys is not None and tail_keys.shape[2] >= 2:
+        real = tail_mask[None, :, :, None].to(tail_keys.dtype)  # [1, B, T, 1]
+        errors = []
+        for predicted, true in ((tail_keys, torch.stack(taps.k)), (tail_values, torch.stack(taps.v))):
+            diff = ((predicted - true).float() * real).pow(2).sum((0, 2, 3))
+            errors.append((diff / (true.float() * real).pow(2).sum((0, 2, 3)).clamp(min=1e-12)).sqrt())
+        signal["kv_error"] = (errors[0] + errors[1]) / 2
+    return {name: value.detach().float().cpu() for name, value in signal.items()}
+
+
+# -------------------------------------------------------------------- progressive refinement
+class Refiner:
+    """The base's exact cache of a growing sequence, built a chunk at a time (on the base backbone only: no LM
+    head, whose [chunk, vocab] logits nobody reads). `done` columns are exact."""
+
+    def __init__(self, model: KVPredictionModel, cache: DynamicCache | None = None):
+        self.model = model
+        self.cache = cache if cache is not None else DynamicCache(config=model.base.config)
+        self.done = self.cache.get_seq_length()
+
+    @torch.no_grad()
+    def advance(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, upto: int, budget: int) -> int:
+        """Make columns [done, min(done + budget, upto)) exact; ids, mask, pos cover at least `upto` columns.
+        Returns how many columns it processed."""
+        end = min(self.done + budget, upto)
+        if end <= self.done:
+            return 0
+        backbone = self.model.base.model
+        backbone(input_ids=ids[:, self.done:end], attention_mask=mask[:, :end], position_ids=pos[:, self.done:end],
+                 **cache_kwargs(backbone, self.cache), use_cache=True)
+        processed, self.done = end - self.done, end
+        return processed
+
+
+def _prefix_copy(model: KVPredictionModel, cache: DynamicCache, length: int) -> DynamicCache:
+    """A new DynamicCache holding a copy of the first `length` columns of `cache`, which stays untouched."""
+    out = DynamicCache(config=model.base.config)
+    if length == 0:
+        return out
+    for i, layer in enumerate(cache.layers):
+        if getattr(layer, "is_sliding", False):
+            raise KVPredError("cache reuse needs full-attention layers; this base has sliding-window layers")
+        out.update(layer.keys[:, :, :length], layer.values[:, :, :length], i)
+    return out
+
+
+def _sample(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float, top_k: int) -> torch.Tensor:
+    """Next token per row from logits [B, V] (float32): argmax, or a temperature / top-k / top-p draw."""
+    if not do_sample:
+        return logits.argmax(-1)
+    if temperature <= 0:
+        raise KVPredError(f"temperature must be > 0 when sampling, got {temperature}")
+    if 0 < top_k < logits.shape[-1]:
+        logits = logits.masked_fill(logits < logits.topk(top_k, -1).values[:, -1:], float("-inf"))
+    probs = (logits / temperature).softmax(-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(-1, descending=True)
+        drop = sorted_probs.cumsum(-1) - sorted_probs >= top_p  # keep the smallest set reaching top_p
+        probs = probs.scatter(-1, order, sorted_probs.masked_fill(drop, 0.0))
+    return torch.multinomial(probs, 1).squeeze(-1)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def eos_token_ids(model: KVPredictionModel, eos_token_id=None) -> torch.Tensor:
+    """The ids that end a row: `eos_token_id` (int or list), else KVPredictionModel.generate's default."""
+    eos = eos_token_id
+    if eos is None:  # the same default as KVPredictionModel.generate
+        eos = model.base.generation_config.eos_token_id or model.tokenizer.eos_token_id
+    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    return torch.tensor(eos, dtype=torch.long, device=model.device)
+
+
+def _pad_id(model: KVPredictionModel) -> int:
+    pad = model.tokenizer.pad_token_id
+    return pad if pad is not None else int(eos_token_ids(model, None)[0])
+
+
+@dataclass
+class _Decoded:
+    ids: torch.Tensor  # [B, N + new]
+    cache: DynamicCache  # covers ids[:, :-1]
+    exact_cols: int  # leading columns of `cache` known to be exact
+    refiner: Refiner | None  # still catching up (None once swapped in, or when not refining)
+    info: dict
+
+
+def _decode(model: KVPredictionModel, ids: torch.Tensor, mask: torch.Tensor, first_logits: torch.Tensor,
+            cache: DynamicCache, refiner: Refiner | None, budget: int, *, start: float, max_new_tokens: int,
+            do_sample: bool, temperature: float, top_p: float, top_k: int, eos_token_id, streamer) -> _Decoded:
+    """Decode from a prefilled `cache` of the N prompt columns, interleaving one refinement chunk of `budget`
+    columns per step while `refiner` is behind, and swapping its cache in the moment it covers the sequence."""
+    b, n = ids.shape
+    eos, pad = eos_token_ids(model, eos_token_id), _pad_id(model)
+    full_mask = torch.cat([mask, mask.new_ones(b, max_new_tokens)], dim=1)  # [B, N + new]
+    full_pos = position_ids_from_mask(full_mask)
+    exact_from = 0 if refiner is not None and refiner.done == n else None  # the prompt was computed exactly
+    if exact_from == 0:
+        cache, refiner = refiner.cache, None
+    token = _sample(first_logits, do_sample, temperature, top_p, top_k)
+    finished = torch.isin(token, eos)
+    _sync(model.device)
+    ttft = time.perf_counter() - start
+    seq = torch.cat([ids, token[:, None]], dim=1)
+    if streamer is not None:
+        streamer.put(ids.cpu())
+        streamer.put(token.cpu())
+    step_s, refined = [], []
+    for step in range(1, max_new_tokens):
+        if bool(finished.all()):
+            break
+        t0, cols = time.perf_counter(), n + step - 1  # cache covers seq[:, :cols]; seq[:, cols] is the newest token
+        done = 0
+        if refiner is not None:
+            done = refiner.advance(seq, full_mask, full_pos, cols, budget)
+            if refiner.done == cols:  # caught up: decode from the exact cache from this token on
+                cache, refiner, exact_from = refiner.cache, None, step
+        out = model.base(input_ids=seq[:, cols:cols + 1], attention_mask=full_mask[:, :cols + 1],
+                         position_ids=full_pos[:, cols:cols + 1], **cache_kwargs(model.base, cache), use_cache=True)
+        token = _sample(out.logits[:, -1].float(), do_sample, temperature, top_p, top_k)
+        token = token.masked_fill(finished, pad)  # rows that ended keep padding, as transformers' generate does
+        finished |= torch.isin(token, eos)
+        seq = torch.cat([seq, token[:, None]], dim=1)
+        if streamer is not None:
+            streamer.put(token.cpu())
+        _sync(model.device)
+        step_s.append(time.perf_counter() - t0)
+        refined.append(done)
+    if streamer is not None:
+        streamer.end()
+    switch = len(step_s) if exact_from is None else exact_from  # steps 1..switch ran before or while refining
+    before, after = step_s[:switch], step_s[switch:]
+    info = {"ttft_s": ttft, "exact_from": exact_from, "new_tokens": seq.shape[1] - n,
+            "refined_per_step": refined, "step_s": step_s,
+            "decode_s_before_exact": sum(before) / len(before) if before else None,
+            "decode_s_after_exact": sum(after) / len(after) if after else None}
+    exact_cols = cache.get_seq_length() if exact_from is not None else 0
+    return _Decoded(seq, cache, exact_cols, refiner, info)
+
+
+def _check_refine(refine: str, chunk_size: int) -> None:
+    if refine not in REFINE_CHOICES:
+        raise KVPredError(f"unknown refine policy {refine!r}; choose one of {', '.join(REFINE_CHOICES)}")
+    if chunk_size < 2:
+        # the sequence grows by one column per step, so a refiner of one column per step never catches up
+        raise KVPredError(f"chunk_size must be >= 2 so refinement can catch up with decoding, got {chunk_size}")
+
+
+def _budget(policy: str, chunk_size: int) -> int:
+    return chunk_size if policy == "eager" else max(2, chunk_size // LAZY_DIVISOR)
+
+
+@torch.no_grad()
+def generate_refined(model: KVPredictionModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                     *, exact_tail: int = 1, max_new_tokens: int = 32, do_sample: bool = False,
+                     temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, refine: str = "eager",
+                     chunk_size: int = 256,
+                     eos_token_id=None, streamer=None, thresholds: Thresholds | None = None
+                     ) -> tuple[torch.Tensor, dict]:
+    """Predicted-mode generation whose cache is progressively replaced by the exact one.
+
+    The first token is predicted mode's (predicted cache for prompt[:-W], the base over the last W tokens), so
+    TTFT is unchanged. Then each decode step first lets the base compute the exact K/V of the next `chunk_size`
+    columns ("eager"; chunk_size // 4 for "lazy") of prompt + generated tokens in a second DynamicCache; once that
+    covers the sequence, it replaces the decode cache. From that token on, decoding is the exact base's
+    continuation of the tokens so far. "off" never refines (= predicted mode); "auto" picks a policy per batch
+    with `confidence` signals and `thresholds`. While refining, both caches are held (twice the KV memory).
+
+    Returns ids [B, N + new] and info: policy, signal (auto only), ttft_s, exact_from (index of the first new
+    token decoded from an exact cache; None if refinement never caught up), refined_per_step (columns refined
+    in each decode step), step_s, decode_s_before_exact (mean over steps up to and including the switch) and
+    decode_s_after_exact, new_tokens.
+    """
+    _check_refine(refine, chunk_size)
+    ids, mask = model.check_inputs(input_ids, attention_mask, "predicted", max_new_tokens, exact_tail)
+    if max_new_tokens < 1:
+        raise KVPredError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    _sync(model.device)
+    start = time.perf_counter()
+    if refine == "auto":
+        logits, cache, signal = _prefill(model, ids, mask, exact_tail, with_signal=True)
+        policy = choose_policy(signal, thresholds)
+    else:
+        logits, cache = model.prefill(ids, mask, mode="predicted", exact_tail=exact_tail)
+        signal, policy = None, refine
+    if ids.shape[1] <= exact_tail:  # the base ran the whole prompt: the cache is exact already
+        refiner = Refiner(model, cache)
+    else:
+        refiner = None if policy == "off" else Refiner(model)
+    decoded = _decode(model, ids, mask, logits[:, -1].float(), cache, refiner, _budget(policy, chunk_size),
+                      start=start, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
+                      top_p=top_p, top_k=top_k, eos_token_id=eos_token_id, streamer=streamer)
+    info = {"policy": policy, "signal": None if signal is None else {k: v.tolist() for k, v in signal.items()},
+            **decoded.info}
+    return decoded.ids, info
+
+
+# -------------------------------------------------------------------- multi-turn reuse
+class ChatSession:
+    """A conversation whose earlier turns keep their base cache, made exact by refinement.
+
+    Each `send` renders the whole conversation with the tokenizer's chat template and tokenizes it (the same ids
+    exact mode would see), keeps the cached columns that agree with those ids, predicts K/V only for the new
+    columns (the auxiliary runs over the whole conversation for context; its prefix is cheap), lets the base run
+    the last `exact_tail` tokens, and decodes with refinement. Refinement that has not caught up by the end of
+    a reply is finished right after it, so the next turn starts from an exact cache (with refine="off" the
+    kept cache stays approximate). Batch size 1; full-attention bases only.
+    """
+
+    def __init__(self, model: KVPredictionModel, *, system: str | None = None, exact_tail: int = 1,
+                 refine: str = "eager", chunk_size: int = 256, thresholds: Thresholds | None = None):
+        _check_refine(refine, chunk_size)
+        if model.tokenizer.chat_template is None:
+            raise KVPredError("this model's tokenizer has no chat template; ChatSession needs one")
+        self.model, self.exact_tail, self.refine = model, exact_tail, refine
+        self.chunk_size, self.thresholds = chunk_size, thresholds
+        self.messages: list[dict] = [] if system is None else [{"role": "system", "content": system}]
+        self.tokens = torch.empty(1, 0, dtype=torch.long, device=model.device)  # conversation so far
+        self.cache: DynamicCache | None = None  # covers tokens[:, :cache length]
+        self.exact_cols = 0  # leading cached columns that are exact
+        self.last_info: dict = {}
+
+    def conversation_ids(self, messages: list[dict]) -> torch.Tensor:
+        """[1, T] ids of `messages` rendered for the assistant's next reply, as exact mode would tokenize them."""
+        tok = self.model.tokenizer
+        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return tok(text, add_special_tokens=False, return_tensors="pt").input_ids.to(self.model.device)
+
+    @torch.no_grad()
+    def send(self, user_text: str, *, max_new_tokens: int = 64, do_sample: bool = False, temperature: float = 1.0,
+             top_p: float = 1.0, top_k: int = 0, streamer=None) -> str:
+        """Append a user turn, generate the reply, remember both; returns the reply text. `streamer` (a
+        transformers BaseStreamer) gets the conversation's ids, then each new token."""
+        model = self.model
+        messages = self.messages + [{"role": "user", "content": user_text}]
+        ids, mask = model.check_inputs(self.conversation_ids(messages), None, "predicted", max_new_tokens,
+                                       self.exact_tail)
+        _sync(model.device)
+        start = time.perf_counter()
+        reuse = self._reusable(ids)
+        exact_cols = min(self.exact_cols, reuse)  # the kept columns that are exact
+        kept = _prefix_copy(model, self.cache, reuse) if reuse else None
+        predicted = max(ids.shape[1] - self.exact_tail - reuse, 0)
+        policy = self.refine
+        if policy == "auto" and predicted > 0:
+            logits, cache, signal = _prefill(model, ids, mask, self.exact_tail, kept, with_signal=True)
+            policy = choose_policy(signal, self.thresholds)
+        else:
+            logits, cache, _ = _prefill(model, ids, mask, self.exact_tail, kept)
+        if predicted == 0 and exact_cols == reuse:  # nothing predicted on top of an exact prefix: all exact
+            refiner = Refiner(model, cache)
+        elif policy == "off":
+            refiner = None
+        else:
+            refiner = Refiner(model, _prefix_copy(model, kept, exact_cols) if kept is not None else None)
+        decoded = _decode(model, ids, mask, logits[:, -1], cache, refiner, _budget(policy, self.chunk_size),
+                          start=start, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                          temperature=temperature, top_p=top_p, top_k=top_k, eos_token_id=None,
+                          streamer=streamer)
+        self._remember(decoded, ids, messages, exact_cols)
+        self.last_info.update(policy=policy, reused_tokens=reuse, predicted_tokens=predicted,
+                              prompt_tokens=ids.shape[1])
+        return self.messages[-1]["content"]
+
+    def _reusable(self, ids: torch.Tensor) -> int:
+        """How many leading cached columns hold exactly these ids (at most N - 1: the base must run one token)."""
+        if self.cache is None:
+            return 0
+        cached = self.tokens[0, :self.cache.get_seq_length()]
+        limit = min(len(cached), ids.shape[1] - 1)
+        same = (cached[:limit] == ids[0, :limit]).long().cumprod(0)
+        return int(same.sum())
+
+    def _remember(self, decoded: _Decoded, ids: torch.Tensor, messages: list[dict], kept_exact: int) -> None:
+        """Keep the conversation's ids and cache; finish a refinement still under way so the cache is exact."""
+        seq, cache = decoded.ids, decoded.cache
+        exact_cols = decoded.exact_cols or kept_exact  # unrefined: only the kept exact prefix stays exact
+        refiner, finished = decoded.refiner, 0
+        if refiner is not None:  # the user reads the reply now: finish refining in that time
+            cols = seq.shape[1] - 1
+            mask = torch.ones_like(seq)
+            pos = position_ids_from_mask(mask)
+            while refiner.done < cols:
+                finished += refiner.advance(seq, mask, pos, cols, self.chunk_size)
+            cache, exact_cols = refiner.cache, cols
+        new = seq[0, ids.shape[1]:]
+        eos = eos_token_ids(self.model, None)
+        ends = torch.isin(new, eos).nonzero()
+        reply = new if len(ends) == 0 else new[:int(ends[0])]
+        self.messages = messages + [{"role": "assistant",
+                                     "content": self.model.tokenizer.decode(reply, skip_special_tokens=True)}]
+        self.tokens, self.cache, self.exact_cols = seq, cache, exact_cols
+        self.last_info = {**decoded.info, "refined_after_reply": finished}
+
+
+# -------------------------------------------------------------------- CLI: kvpred chat
+def register(subparsers) -> None:
+    from .cli import add_model_arguments
+
+    p = subparsers.add_parser("chat", help="interactive multi-turn chat reusing the cache of earlier turns",
+                              description="Chat with the base through KV prediction: each turn's new tokens are "
+                                          "predicted on top of the exact cache of earlier turns, and decoding "
+                                          "refines the cache to the exact one. One user turn per input line.")
+    add_model_arguments(p)
+    p.add_argument("--system", default=None, help="system message")
+    p.add_argument("--refine", choices=REFINE_CHOICES, default="eager",
+                   help="eager: refine at once; lazy: a quarter chunk per step; off: trust the prediction; "
+                        "auto: decide per turn from the first-token entropy")
+    p.add_argument("--chunk-size", type=int, default=256, help="columns refined per decode step (eager)")
+    p.add_argument("--exact-tail", type=int, default=1, help="prompt tokens the base runs itself (paper: 1)")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--verbose", action="store_true", help="print per-turn reuse and timing to stderr")
+    p.set_defaults(func=_chat)
+
+
+def _chat(args) -> int:
+    import sys
+
+    from .cli import load_model
+
+    session = ChatSession(load_model(args), system=args.system, exact_tail=args.exact_tail, refine=args.refine,
+                          chunk_size=args.chunk_size)
+    for line in sys.stdin:
+        if not line.strip():
+            continue
+        print(session.send(line.rstrip("\n"), max_new_tokens=args.max_new_tokens), flush=True)
+        if args.verbose:
+            i = session.last_info
+            print(f"[reused {i['reused_tokens']} of {i['prompt_tokens']} tokens, predicted {i['predicted_tokens']}, "
+                  f"policy {i['policy']}, ttft {i['ttft_s'] * 1e3:.1f} ms, exact from token {i['exact_from']}]",
+                  file=sys.stderr, flush=True)
+    return 0

@@ -1,0 +1,326 @@
+"""Specification of progressive cache refinement, adaptive fallback and multi-turn reuse (issue 7)."""
+import argparse
+import io
+import math
+import re
+
+import pytest
+import torch
+
+from kvpred.generation import TimedStreamer, encode_prompts
+from kvpred.model import KVPredictionModel
+from kvpred.models import KVPredError
+from kvpred.refine import (ChatSession, Thresholds, choose_policy, confidence, generate_refined, prefix_agreement,
+                           register, token_agreement, tradeoff_curve)
+from kvpred.testing import save_tiny_model
+
+PROMPTS = ["The quick brown fox jumps over", "a", "Hello, world! This prompt is quite a lot longer than the others."]
+CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<assistant>{% endif %}")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine OpenMP barriers make every
+    small op wait for a descheduled thread (a 16-token generation took 10 s at 2 threads, 0.03 s at 1)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def same(tiny_llama):
+    """aux == base with an identity predictor: predicted mode is exact mode."""
+    return KVPredictionModel.from_pretrained(tiny_llama, keep_ratio=1.0)
+
+
+@pytest.fixture(scope="module")
+def pruned(tiny_llama):
+    """An untrained layer-pruned auxiliary: predicted mode differs from exact mode."""
+    return KVPredictionModel.from_pretrained(tiny_llama, keep_ratio=0.5)
+
+
+def batch(model, prompts=PROMPTS):
+    return encode_prompts(model.tokenizer, prompts)
+
+
+def chat_model(path, keep_ratio):
+    model = KVPredictionModel.from_pretrained(path, keep_ratio=keep_ratio)
+    model.tokenizer.chat_template = CHAT_TEMPLATE
+    return model
+
+
+# ---------------------------------------------------------------- equivalence
+@pytest.mark.parametrize("tail", [1, 3])
+def test_with_aux_equal_to_base_every_policy_reproduces_exact_mode(same, tail):
+    ids, mask = batch(same)
+    exact = same.generate(ids, mask, mode="exact", max_new_tokens=16)
+    wary = Thresholds("entropy", off_below=0.0, eager_above=0.0)
+    for refine in ("eager", "lazy", "off", "auto"):
+        out, info = generate_refined(same, ids, mask, exact_tail=tail, max_new_tokens=16, refine=refine,
+                                     chunk_size=8, thresholds=wary)
+        assert torch.equal(out, exact), refine
+        assert info["policy"] == ("eager" if refine == "auto" else refine)
+
+
+def test_refine_off_is_plain_predicted_mode(pruned):
+    ids, mask = batch(pruned)
+    out, info = generate_refined(pruned, ids, mask, exact_tail=2, max_new_tokens=16, refine="off")
+    assert torch.equal(out, pruned.generate(ids, mask, mode="predicted", exact_tail=2, max_new_tokens=16))
+    assert not torch.equal(out, pruned.generate(ids, mask, mode="exact", max_new_tokens=16))
+    assert info["exact_from"] is None and info["refined_per_step"] == [0] * 15
+
+
+def test_the_first_token_is_predicted_modes_whatever_the_policy(pruned):
+    ids, mask = batch(pruned)
+    predicted = pruned.generate(ids, mask, mode="predicted", max_new_tokens=1)
+    for refine in ("eager", "lazy", "off"):
+        out, _ = generate_refined(pruned, ids, mask, max_new_tokens=1, refine=refine)
+        assert torch.equal(out, predicted)
+
+
+# ---------------------------------------------------------------- refinement
+def test_after_the_switch_decoding_is_the_exact_continuation_of_the_tokens_so_far(pruned):
+    """Teacher-forced: from the switch on, each row's tokens are exact greedy decoding of prompt + earlier tokens,
+    checked on each row of a padded batch run alone."""
+    ids, mask = batch(pruned)
+    out, info = generate_refined(pruned, ids, mask, max_new_tokens=24, refine="eager", chunk_size=16)
+    switch = info["exact_from"]
+    assert switch is not None and 1 < switch < 24
+    assert sum(info["refined_per_step"]) == ids.shape[1] + switch - 1  # the whole sequence before the switch
+    new, eos = out[:, ids.shape[1]:], pruned.tokenizer.eos_token_id
+    checked = 0
+    for row, prompt in enumerate(PROMPTS):
+        if eos in new[row, :switch]:  # the row ended before the switch: nothing after it but padding
+            assert (new[row, switch:] == pruned.tokenizer.pad_token_id).all()
+            continue
+        prompt_ids, _ = encode_prompts(pruned.tokenizer, [prompt])
+        prefix = torch.cat([prompt_ids[0], new[row, :switch]])[None]
+        exact = pruned.generate(prefix, mode="exact", max_new_tokens=24 - switch)[0, prefix.shape[1]:]
+        assert torch.equal(exact, new[row, switch:switch + len(exact)])  # generate stops a row at its eos
+        assert (new[row, switch + len(exact):] == pruned.tokenizer.pad_token_id).all()
+        checked += 1
+    assert checked >= 2
+    # the same prefix decoded without refinement goes elsewhere: refinement is what made the tail exact
+    unrefined, _ = generate_refined(pruned, ids, mask, max_new_tokens=24, refine="off")
+    assert not torch.equal(unrefined, out)
+
+
+@pytest.mark.parametrize("refine, chunk, budget", [("eager", 16, 16), ("lazy", 16, 4), ("lazy", 4, 2)])
+def test_each_step_refines_one_chunk_until_it_catches_up(pruned, refine, chunk, budget):
+    ids, _ = batch(pruned, PROMPTS[:1])
+    n = ids.shape[1]  # 30 tokens: catching up takes the first s with s * budget >= n + s - 1
+    switch = math.ceil((n - 1) / (budget - 1))
+    out, info = generate_refined(pruned, ids, max_new_tokens=switch + 4, refine=refine, chunk_size=chunk)
+    assert info["exact_from"] == switch
+    assert info["refined_per_step"][:switch - 1] == [budget] * (switch - 1)
+    assert info["refined_per_step"][switch:] == [0] * 3
+    assert len(info["step_s"]) == switch + 3
+    assert info["decode_s_before_exact"] > 0 and info["decode_s_after_exact"] > 0
+
+
+def test_a_prompt_within_the_exact_tail_is_exact_from_the_first_token(pruned):
+    ids, _ = batch(pruned, ["abc"])
+    out, info = generate_refined(pruned, ids, exact_tail=3, max_new_tokens=6, refine="off")
+    assert info["exact_from"] == 0 and info["decode_s_before_exact"] is None
+    assert torch.equal(out, pruned.generate(ids, mode="exact", max_new_tokens=6))
+
+
+def test_refinement_that_never_catches_up_reports_no_switch(pruned):
+    ids, mask = batch(pruned)
+    _, info = generate_refined(pruned, ids, mask, max_new_tokens=5, refine="eager", chunk_size=4)
+    assert info["exact_from"] is None and info["refined_per_step"] == [4] * 4
+    assert info["decode_s_after_exact"] is None
+
+
+def test_sampling_streaming_and_stopping(pruned):
+    ids, _ = batch(pruned, PROMPTS[:1])
+    greedy, _ = generate_refined(pruned, ids, max_new_tokens=10, chunk_size=8)
+    # a nucleus this small keeps only the most likely token: sampling becomes greedy
+    nucleus, _ = generate_refined(pruned, ids, max_new_tokens=10, chunk_size=8, do_sample=True, top_p=1e-6)
+    assert torch.equal(nucleus, greedy)
+    top1, _ = generate_refined(pruned, ids, max_new_tokens=10, chunk_size=8, do_sample=True, top_k=1)
+    assert torch.equal(top1, greedy)
+    torch.manual_seed(0)
+    first, _ = generate_refined(pruned, ids, max_new_tokens=10, do_sample=True, temperature=5.0)
+    torch.manual_seed(0)
+    assert torch.equal(generate_refined(pruned, ids, max_new_tokens=10, do_sample=True, temperature=5.0)[0], first)
+    streamer = TimedStreamer(pruned.tokenizer)
+    _, info = generate_refined(pruned, ids, max_new_tokens=10, streamer=streamer)
+    assert streamer.first_token_at is not None and info["ttft_s"] > 0
+    stop = int(greedy[0, ids.shape[1] + 3])  # the 4th new token: generation ends right after emitting it
+    stopped, info = generate_refined(pruned, ids, max_new_tokens=10, chunk_size=8, eos_token_id=stop)
+    assert stop not in greedy[0, ids.shape[1]:ids.shape[1] + 3].tolist()
+    assert torch.equal(stopped, greedy[:, :ids.shape[1] + 4]) and info["new_tokens"] == 4
+
+
+def test_bad_arguments_fail_with_clear_errors(pruned):
+    ids, _ = batch(pruned, PROMPTS[:1])
+    with pytest.raises(KVPredError, match="unknown refine policy"):
+        generate_refined(pruned, ids, refine="sometimes")
+    with pytest.raises(KVPredError, match="chunk_size must be >= 2"):
+        generate_refined(pruned, ids, chunk_size=1)
+    with pytest.raises(KVPredError, match="max_new_tokens must be >= 1"):
+        generate_refined(pruned, ids, max_new_tokens=0)
+    with pytest.raises(KVPredError, match="context limit"):
+        generate_refined(pruned, ids, max_new_tokens=1000)
+    with pytest.raises(KVPredError, match="exact_tail >= 2"):
+        generate_refined(pruned, ids, refine="auto", thresholds=Thresholds("kv_error", 0.1, 0.5))
+
+
+# ---------------------------------------------------------------- adaptive fallback
+def test_confidence_signals_see_a_perfect_and_an_untrained_predictor(same, pruned):
+    ids, mask = batch(same)
+    perfect, untrained = confidence(same, ids, mask, exact_tail=4), confidence(pruned, ids, mask, exact_tail=4)
+    assert set(perfect) == {"entropy", "tail_nll", "kv_error"} and perfect["entropy"].shape == (3,)
+    assert perfect["kv_error"].max() < 1e-4 and untrained["kv_error"].min() > 0.1
+    # with aux == base the signals are those of the exact base: tail NLL of the known tail tokens
+    logits, _ = same.prefill(ids, mask, mode="exact", exact_tail=4)
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, -3:], reduction="none")
+    real = mask[:, -3:]  # padded tail tokens do not count
+    torch.testing.assert_close(perfect["tail_nll"], (nll * real).sum(-1) / real.sum(-1).clamp(min=1),
+                               atol=1e-4, rtol=1e-4)
+    assert set(confidence(same, ids, mask, exact_tail=1)) == {"entropy"}
+
+
+def test_entropy_tracks_how_sure_the_base_is(tiny_llama):
+    model = KVPredictionModel.from_pretrained(tiny_llama, keep_ratio=0.5)
+    ids, mask = batch(model)
+    norm = model.base.model.norm.weight
+    with torch.no_grad():
+        norm.mul_(100.0)  # logits x100: a near one-hot distribution
+    sure = confidence(model, ids, mask)["entropy"]
+    with torch.no_grad():
+        norm.zero_()  # all logits 0: the uniform distribution
+    unsure = confidence(model, ids, mask)["entropy"]
+    assert sure.max() < 0.5
+    torch.testing.assert_close(unsure, torch.full((3,), math.log(model.base.config.vocab_size)))
+    assert choose_policy({"entropy": sure}) == "off" and choose_policy({"entropy": unsure}) == "eager"
+
+
+def test_choose_policy_on_constructed_signals():
+    t = Thresholds("kv_error", off_below=0.2, eager_above=0.6)
+    assert choose_policy({"kv_error": 0.1}, t) == "off"
+    assert choose_policy({"kv_error": 0.4}, t) == "lazy"
+    assert choose_policy({"kv_error": 0.9}, t) == "eager"
+    # a batch shares one cache: the least trustworthy row decides
+    assert choose_policy({"kv_error": torch.tensor([0.1, 0.1, 0.7])}, t) == "eager"
+    assert choose_policy({"kv_error": torch.tensor([0.1, 0.3])}, t) == "lazy"
+    with pytest.raises(KVPredError, match="not available"):
+        choose_policy({"entropy": 1.0}, t)
+    with pytest.raises(KVPredError, match="off_below <= eager_above"):
+        Thresholds("entropy", off_below=2.0, eager_above=1.0)
+    with pytest.raises(KVPredError, match="unknown confidence signal"):
+        Thresholds("perplexity")
+
+
+def test_auto_refines_only_when_the_signal_says_so(pruned):
+    ids, mask = batch(pruned)
+    predicted = pruned.generate(ids, mask, mode="predicted", exact_tail=2, max_new_tokens=8)
+    trusting = Thresholds("kv_error", off_below=100.0, eager_above=100.0)
+    out, info = generate_refined(pruned, ids, mask, exact_tail=2, max_new_tokens=8, refine="auto",
+                                 thresholds=trusting)
+    assert info["policy"] == "off" and torch.equal(out, predicted)
+    assert len(info["signal"]["kv_error"]) == 3
+    wary = Thresholds("kv_error", off_below=0.0, eager_above=0.0)
+    _, info = generate_refined(pruned, ids, mask, exact_tail=2, max_new_tokens=8, refine="auto", thresholds=wary,
+                               chunk_size=64)
+    assert info["policy"] == "eager" and info["exact_from"] == 1
+
+
+def test_tradeoff_curve_from_per_request_measurements():
+    signal, off, refined = [0.1, 0.5, 0.9, 0.3], [1.0, 0.5, 0.0, 0.75], [1.0, 1.0, 1.0, 1.0]
+    rows = tradeoff_curve(signal, off, refined, [-1.0, 0.4, 2.0])
+    assert [r["fraction_refined"] for r in rows] == [1.0, 0.5, 0.0]
+    assert [r["agreement"] for r in rows] == [1.0, (1.0 + 1.0 + 1.0 + 0.75) / 4, (1.0 + 0.5 + 0.0 + 0.75) / 4]
+    with pytest.raises(KVPredError, match="equally long"):
+        tradeoff_curve([0.1], [1.0, 0.5], [1.0], [0.0])
+
+
+def test_agreement_measures():
+    new = torch.tensor([[1, 2, 3, 4], [1, 9, 3, 4]])
+    ref = torch.tensor([[1, 2, 3, 4], [1, 2, 3, 4]])
+    assert token_agreement(new, ref, 0).tolist() == [1.0, 0.75]
+    assert prefix_agreement(new, ref, 0).tolist() == [1.0, 0.25]
+    assert token_agreement(new[:, :2], ref, 0).tolist() == [0.5, 0.25]  # a row that stopped early is padded
+
+
+# ---------------------------------------------------------------- multi-turn reuse
+TURNS = ["Hi there", "What is two and two?", "ok"]
+
+
+@pytest.mark.parametrize("refine", ["eager", "lazy", "auto"])
+def test_chat_session_with_aux_equal_to_base_replies_like_exact_mode(tiny_llama, refine):
+    model = chat_model(tiny_llama, 1.0)
+    session = ChatSession(model, system="be brief", exact_tail=2, refine=refine, chunk_size=8)
+    for turn, text in enumerate(TURNS):
+        conversation = session.conversation_ids(session.messages + [{"role": "user", "content": text}])
+        exact = model.generate(conversation, mode="exact", max_new_tokens=12)[0, conversation.shape[1]:]
+        before = session.tokens[0, :-1]  # the columns cached after the previous reply
+        reply = session.send(text, max_new_tokens=12)
+        assert torch.equal(session.tokens[0, conversation.shape[1]:], exact)
+        assert reply == session.messages[-1]["content"] and session.messages[-2]["content"] == text
+        # later turns reuse every cached column the new conversation starts with, and predict only the rest
+        common = int((before == conversation[0, :len(before)]).long().cumprod(0).sum())
+        info = session.last_info
+        assert info["reused_tokens"] == common and (common > 0) == (turn > 0)
+        assert info["predicted_tokens"] == conversation.shape[1] - 2 - common
+
+
+def test_chat_session_keeps_an_exact_cache_of_earlier_turns(tiny_llama):
+    model = chat_model(tiny_llama, 0.5)
+    session = ChatSession(model, refine="lazy", chunk_size=8)
+    for text in TURNS[:2]:
+        session.send(text, max_new_tokens=6)
+        assert session.last_info["refined_after_reply"] > 0  # lazy refinement finished after the reply
+        history = session.tokens[:, :-1]
+        _, exact = model.prefill(history, mode="exact")
+        assert session.cache.get_seq_length() == history.shape[1] == session.exact_cols
+        for mine, true in zip(session.cache.layers, exact.layers):
+            torch.testing.assert_close(mine.keys, true.keys, atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(mine.values, true.values, atol=1e-4, rtol=1e-4)
+    assert session.last_info["reused_tokens"] > 0  # the second turn was predicted on top of the first's cache
+
+
+def test_chat_session_without_refinement_keeps_only_the_exact_prefix(tiny_llama):
+    model = chat_model(tiny_llama, 0.5)
+    session = ChatSession(model, refine="off")
+    session.send(TURNS[0], max_new_tokens=4)
+    assert session.exact_cols == 0 and session.last_info["refined_after_reply"] == 0
+
+
+def test_chat_session_needs_a_chat_template(tiny_llama):
+    model = KVPredictionModel.from_pretrained(tiny_llama, keep_ratio=0.5)
+    model.tokenizer.chat_template = None
+    with pytest.raises(KVPredError, match="no chat template"):
+        ChatSession(model)
+
+
+def test_chat_command_answers_each_line_and_reuses_the_cache(tmp_path, monkeypatch, capsys):
+    path = save_tiny_model(tmp_path / "m")
+    model = KVPredictionModel.from_pretrained(str(path), keep_ratio=0.5)
+    model.tokenizer.chat_template = CHAT_TEMPLATE
+    model.tokenizer.save_pretrained(path)
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    args = parser.parse_args(["chat", "--model", str(path), "--device", "cpu", "--max-new-tokens", "4",
+                              "--refine", "lazy", "--verbose"])
+    monkeypatch.setattr("sys.stdin", io.StringIO("hello\n\nhow are you?\n"))
+    assert args.func(args) == 0
+    reused = [int(n) for n in re.findall(r"\[reused (\d+) of", capsys.readouterr().err)]
+    assert len(reused) == 2 and reused[0] == 0 and reused[1] > 0
+
+
+# ---------------------------------------------------------------- the real model
+@pytest.mark.smollm
+def test_refinement_on_smollm_becomes_the_exact_base_continuation():
+    model = KVPredictionModel.from_pretrained("smollm2-135m")
+    ids, _ = encode_prompts(model.tokenizer, ["The history of the Roman Empire begins with the founding of Rome, "
+                                              "which according to legend happened in 753 BC when"])
+    out, info = generate_refined(model, ids, max_new_tokens=12, chunk_size=8)
+    switch = info["exact_from"]
+    assert switch is not None and switch < 12
+    prefix = out[:, :ids.shape[1] + switch]
+    exact = model.generate(prefix, mode="exact", max_new_tokens=12 - switch)
+    assert torch.equal(exact, out)
