@@ -1,0 +1,397 @@
+"""`kvpred eval`: quality of KV prediction against the exact base, the auxiliary alone and truncation.
+
+Every task runs every requested mode on the same items and reports each metric with a 95% confidence
+interval and the *gap recovered* (m - aux) / (exact - aux): 1 means as good as the exact base, 0 no better
+than the auxiliary alone. The same formula serves loss-like metrics (lower is better), since numerator and
+denominator change sign together. Unit results are cached in FILE.items.jsonl beside the output, so an
+interrupted run resumes where it stopped.
+
+    kvpred eval --model smollm2-135m --tasks lambada,arc_easy,heldout,agreement,kv --limit 50 --out r.json
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from .models import KVPredError, fingerprint
+
+RESULTS_VERSION = 1
+DEFAULT_MODES = ("exact", "aux", "predicted", "truncate")
+Z95 = 1.959963984540054
+BOOTSTRAP_SAMPLES = 2000
+
+
+# ------------------------------------------------------------------ FLOPs accounting
+def count_params(model: nn.Module) -> int:
+    """Parameters counted once each, so a tied input/output embedding counts once (the paper's rule)."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def _linear_weights(layers: nn.Module) -> int:
+    """Multiply-accumulates per token of the matmuls in `layers` (q, k, v, o, MLP projections)."""
+    return sum(m.weight.numel() for m in layers.modules() if isinstance(m, nn.Linear))
+
+
+def _attention_flops(model, n_queries: int, n_keys: int) -> float:
+    """QK^T and AV FLOPs of `n_queries` causal queries (the last of `n_keys` positions), all layers."""
+    cfg = model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    first = n_keys - n_queries + 1  # keys seen by the first query
+    pairs = n_queries * (first + n_keys) / 2  # query-key pairs under the causal mask
+    return 2 * 2 * cfg.num_attention_heads * head_dim * pairs * cfg.num_hidden_layers
+
+
+def flop_ratio(model, prompt_tokens: int = 1024) -> dict:
+    """TTFT FLOPs reduction of KV prediction over the exact base, by two rules.
+
+    * param_ratio (the paper's rule, METHOD 4): params(base) / params(aux), each counting a tied embedding
+      once. This is the r that truncate mode uses.
+    * matmul_ratio: matmul FLOPs of an exact prefill of `prompt_tokens` tokens over those of a predicted one:
+      auxiliary decoder layers (no LM head: predicted mode never runs it) + predictor on N-1 tokens, then the
+      base's last-token step over the N-1 predicted entries; attention included, the LM head once for the last
+      token in both. matmul_ratio_linear is its limit for long prompts without attention.
+    """
+    n = prompt_tokens
+    params_base, params_aux = count_params(model.base), count_params(model.aux)
+    base_lin, aux_lin = _linear_weights(model.base.model.layers), _linear_weights(model.aux.model.layers)
+    head = model.base.lm_head.weight.numel()
+    pc = model.predictor.config
+    predictor = len(pc.layer_map) * pc.in_features * (pc.key_features + pc.value_features)  # MACs per token
+    exact = 2 * n * base_lin + _attention_flops(model.base, n, n) + 2 * head
+    predicted = (2 * (n - 1) * (aux_lin + predictor) + _attention_flops(model.aux, n - 1, n - 1)
+                 + 2 * base_lin + _attention_flops(model.base, 1, n) + 2 * head)
+    return {"param_ratio": params_base / params_aux, "params_base": params_base, "params_aux": params_aux,
+            "matmul_ratio": exact / predicted, "matmul_ratio_linear": base_lin / (aux_lin + predictor),
+            "prompt_tokens": n, "exact_prefill_flops": exact, "predicted_prefill_flops": predicted,
+            "predictor_params": sum(p.numel() for p in model.predictor.parameters())}
+
+
+# ------------------------------------------------------------------ statistics
+def confidence_interval(values: list[float]) -> tuple[float, float, float]:
+    """(mean, lo, hi), 95%: Wilson score interval for 0/1 values, normal approximation otherwise."""
+    x = np.asarray(values, dtype=float)
+    n = len(x)
+    if n == 0:
+        return math.nan, math.nan, math.nan
+    mean = float(x.mean())
+    if np.isin(x, (0.0, 1.0)).all():
+        denom = 1 + Z95 ** 2 / n
+        centre = (mean + Z95 ** 2 / (2 * n)) / denom
+        half = Z95 * math.sqrt(mean * (1 - mean) / n + Z95 ** 2 / (4 * n * n)) / denom
+        # Wilson's interval contains the sample proportion; min/max only absorb rounding at 0 and 1
+        return mean, min(mean, max(0.0, centre - half)), max(mean, min(1.0, centre + half))
+    half = Z95 * float(x.std(ddof=1)) / math.sqrt(n) if n > 1 else 0.0
+    return mean, mean - half, mean + half
+
+
+def gap_recovered(value: list[float], exact: list[float], aux: list[float],
+                  seed: int = 0) -> tuple[float | None, float | None, float | None]:
+    """(m - aux) / (exact - aux) of the means with a paired percentile-bootstrap 95% interval over items
+    (the same items in all three modes). None where exact and aux agree, so the gap is undefined."""
+    v, e, a = (np.asarray(x, dtype=float) for x in (value, exact, aux))
+    denom = e.mean() - a.mean()
+    if not len(v) == len(e) == len(a) or len(v) == 0 or abs(denom) < 1e-12:
+        return None, None, None
+    point = float((v.mean() - a.mean()) / denom)
+    idx = np.random.default_rng(seed).integers(0, len(v), size=(BOOTSTRAP_SAMPLES, len(v)))
+    d = e[idx].mean(1) - a[idx].mean(1)
+    ok = np.abs(d) > 1e-12
+    if ok.sum() < BOOTSTRAP_SAMPLES // 2:  # the denominator straddles zero too often to say anything
+        return point, None, None
+    boot = (v[idx].mean(1)[ok] - a[idx].mean(1)[ok]) / d[ok]
+    return point, float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))
+
+
+def summarise(per_mode: dict[str, dict[str, list[float]]], seed: int = 0) -> dict[str, dict[str, dict]]:
+    """{mode: {metric: values}} -> {metric: {mode: {value, ci, n, gap_recovered, gap_ci}}}."""
+    table: dict[str, dict[str, dict]] = {}
+    for mode, metrics in per_mode.items():
+        for metric, values in metrics.items():
+            mean, lo, hi = confidence_interval(values)
+            entry = {"value": mean, "ci": [lo, hi], "n": len(values)}
+            if "exact" in per_mode and "aux" in per_mode:
+                gap, glo, ghi = gap_recovered(values, per_mode["exact"][metric], per_mode["aux"][metric], seed)
+                entry.update(gap_recovered=gap, gap_ci=[glo, ghi])
+            table.setdefault(metric, {})[mode] = entry
+    return table
+
+
+# ------------------------------------------------------------------ resumable unit cache
+class ResultCache:
+    """Unit results as JSON lines {sig, task, mode, key, result}; lines with another signature (other model
+    or settings) are ignored, so a changed run never reuses stale results."""
+
+    def __init__(self, path: Path | None):
+        self.path = path
+        self.entries: dict[tuple[str, str, str, str], dict] = {}
+        if path is not None and path.is_file():
+            with path.open(encoding="utf-8") as f:
+                for line in f:
+                    try:
+                        rec = json.loads(line)
+                        self.entries[(rec["sig"], rec["task"], rec["mode"], rec["key"])] = rec["result"]
+                    except (json.JSONDecodeError, KeyError, TypeError):
+                        continue  # a line cut short by a killed run
+
+    def get(self, sig: str, task: str, mode: str, key: str) -> dict | None:
+        return self.entries.get((sig, task, mode, key))
+
+    def put(self, sig: str, task: str, mode: str, results: list[tuple[str, dict]]) -> None:
+        lines = []
+        for key, result in results:
+            self.entries[(sig, task, mode, key)] = result
+            lines.append(json.dumps({"sig": sig, "task": task, "mode": mode, "key": key, "result": result}))
+        if self.path is not None and lines:
+            with self.path.open("a", encoding="utf-8") as f:
+                f.write("\n".join(lines) + "\n")
+                f.flush()
+
+
+def model_signature(model, name: str) -> dict:
+    """What identifies the model's outputs: name, base and auxiliary fingerprints, predictor weights, dtype."""
+    h = hashlib.sha256()
+    for key, tensor in sorted(model.predictor.state_dict().items()):
+        h.update(key.encode())
+        h.update(tensor.detach().to("cpu", torch.float32).numpy().tobytes())
+    return {"model": name, "base": fingerprint(model.base), "aux": fingerprint(model.aux),
+            "predictor": h.hexdigest()[:16], "dtype": str(model.base.dtype).replace("torch.", ""),
+            "device": model.device.type}
+
+
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# ------------------------------------------------------------------ the evaluation
+def evaluate(model, specs, modes: list[str], options, *, limit: int | None = None, cache: ResultCache | None = None,
+             model_name: str = "model", progress: bool = True) -> dict:
+    """Run every task in every mode (exact first, so agreement can compare against it) and return the results
+    document: model signature, flop_ratio, settings, and per task {kind, data, n, primary, higher_is_better,
+    metrics: {metric: {mode: {value, ci, n, gap_recovered, gap_ci}}}, extra: {mode: ...}, seconds}."""
+    from .tasks import KINDS, MODES, RunContext
+
+    bad = [m for m in modes if m not in MODES]
+    if bad or not modes:
+        raise KVPredError(f"unknown modes {bad or modes}; choose from {', '.join(MODES)}")
+    cache = cache or ResultCache(None)
+    msig = model_signature(model, model_name)
+    doc = {"version": RESULTS_VERSION, "model": model_name, "model_signature": msig, "flops": flop_ratio(model),
+           "truncate_ratio": options.ratio, "modes": list(modes), "limit": limit, "options": options.__dict__,
+           "tasks": {}}
+    for spec in specs:
+        kind = KINDS[spec.kind]
+        started = time.perf_counter()
+        items = kind.build(model, spec, options, limit)
+        if not items:
+            raise KVPredError(f"task {spec.name}: no items in {spec.path}")
+        units = kind.units(items)
+        settings = {f: getattr(options, f) for f in kind.option_fields}
+        task_modes = kind.modes(modes)
+        results: dict[str, dict[str, dict]] = {}
+        for mode in task_modes:
+            # what makes a unit result: model, task data and settings, and r for truncate mode
+            sig = _digest([msig, spec.kind, spec.path, settings, options.ratio if mode == "truncate" else None])
+            pending = [u for u in units if cache.get(sig, spec.name, mode, u[0]) is None]
+            if pending:
+                bar = tqdm(total=len(pending), desc=f"{spec.name}/{mode}", disable=not progress, file=sys.stderr)
+                ctx = RunContext(model, options, spec, results.get("exact"), bar)
+                for batch in kind.run(ctx, mode, pending):
+                    cache.put(sig, spec.name, mode, batch)
+                bar.close()
+            results[mode] = {key: cache.get(sig, spec.name, mode, key) for key, _ in units}
+        per_mode = {mode: kind.metrics(items, results[mode], results.get("exact")) for mode in task_modes}
+        doc["tasks"][spec.name] = {
+            "kind": spec.kind, "data": spec.path, "n": len(items), "primary": kind.primary,
+            "higher_is_better": {m: kind.metrics_higher_is_better[m] for m in next(iter(per_mode.values()))},
+            "metrics": summarise(per_mode, options.seed),
+            "extra": {mode: e for mode in task_modes if (e := kind.extra(items, results[mode], mode))},
+            "seconds": round(time.perf_counter() - started, 2)}
+    return doc
+
+
+# ------------------------------------------------------------------ reports
+def _fmt(x: float | None, digits: int = 3) -> str:
+    return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+
+
+def markdown_report(doc: dict) -> str:
+    f = doc["flops"]
+    lines = [f"# kvpred eval: {doc['model']}", "",
+             f"* command: `{doc.get('command', '')}`", *([f"* note: {doc['note']}"] if doc.get("note") else []),
+             f"* device {doc['model_signature']['device']}, dtype {doc['model_signature']['dtype']}, "
+             f"limit {doc['limit']}, batch {doc['options']['batch_size']}",
+             f"* TTFT FLOPs reduction: params rule {f['param_ratio']:.2f}x "
+             f"({f['params_base'] / 1e6:.1f}M / {f['params_aux'] / 1e6:.1f}M), matmul rule "
+             f"{f['matmul_ratio']:.2f}x at {f['prompt_tokens']} tokens ({f['matmul_ratio_linear']:.2f}x linear "
+             f"layers only); truncate keeps the last 1/{doc['truncate_ratio']:.2f} of each prompt",
+             "* cells: value [95% CI]; gap = (mode - aux) / (exact - aux), 1 = as good as exact, with a paired "
+             "bootstrap 95% CI", ""]
+    modes = doc["modes"]
+    gap_modes = [m for m in modes if m not in ("exact", "aux")]
+    head = ["task", "metric", "n"] + modes + [f"gap {m}" for m in gap_modes]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, task in doc["tasks"].items():
+        for metric, by_mode in task["metrics"].items():
+            arrow = "↑" if task["higher_is_better"][metric] else "↓"
+            row = [name, f"{metric} {arrow}", str(task["n"])]
+            for m in modes:
+                e = by_mode.get(m)
+                row.append(f"{_fmt(e['value'])} [{_fmt(e['ci'][0])}, {_fmt(e['ci'][1])}]" if e else "")
+            for m in gap_modes:
+                e = by_mode.get(m)
+                if e is None or "gap_recovered" not in e:
+                    row.append("")
+                else:
+                    row.append(f"{_fmt(e['gap_recovered'], 2)} [{_fmt(e['gap_ci'][0], 2)}, "
+                               f"{_fmt(e['gap_ci'][1], 2)}]")
+            lines.append("| " + " | ".join(row) + " |")
+    for name, task in doc["tasks"].items():
+        per_layer = task["extra"].get("predicted", {}).get("per_layer")
+        if per_layer:
+            lines += ["", f"## {name}: per-layer error of the predicted cache (mean over {task['n']} windows)", "",
+                      "| layer | " + " | ".join(per_layer) + " |", "|---|" + "---|" * len(per_layer)]
+            for layer in range(len(next(iter(per_layer.values())))):
+                lines.append(f"| {layer} | " + " | ".join(_fmt(v[layer]) for v in per_layer.values()) + " |")
+        by_length = {m: e["acc_by_length"] for m, e in task["extra"].items() if "acc_by_length" in e}
+        if by_length:
+            lengths = list(next(iter(by_length.values())))
+            lines += ["", f"## {name}: accuracy by prompt length", "", "| mode | " + " | ".join(lengths) + " |",
+                      "|---|" + "---|" * len(lengths)]
+            lines += [f"| {m} | " + " | ".join(_fmt(acc[n]) for n in lengths) + " |" for m, acc in by_length.items()]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(doc: dict, out: Path) -> Path:
+    """Results JSON at `out` and the markdown report beside it (same name, .md); both written atomically."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    md = out.with_suffix(".md")
+    for path, text in ((out, json.dumps(doc, indent=2)), (md, markdown_report(doc))):
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    return md
+
+
+# ------------------------------------------------------------------ CLI
+def register(subparsers) -> None:
+    from .cli import add_model_arguments
+    from .tasks import BUILTIN_TASKS, EvalOptions
+
+    d = EvalOptions()
+    p = subparsers.add_parser(
+        "eval", help="evaluate KV prediction against the exact base, the auxiliary alone and truncation",
+        description="Run tasks in modes exact / aux / predicted / truncate on the same items; report each metric "
+                    "with a 95% CI and the gap recovered (m - aux) / (exact - aux). Built-in tasks: "
+                    f"{', '.join(BUILTIN_TASKS)}; or give NAME=PATH / a path to a .txt (held-out loss) or .jsonl "
+                    "(multiple choice: query/choices/gold; QA: question/answer(s); LM: context/continuation; "
+                    "HumanEval) file. Results are cached per item in OUT.items.jsonl, so a rerun resumes.")
+    add_model_arguments(p)
+    p.add_argument("--tasks", required=True, help="comma-separated tasks, e.g. lambada,arc_easy,heldout,kv")
+    p.add_argument("--modes", default=",".join(DEFAULT_MODES), help="comma-separated (default: all four)")
+    p.add_argument("--limit", type=int, default=None, help="items per task (default: all)")
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--out", type=Path, default=Path("eval_results.json"),
+                   help="results JSON; FILE.md (report) and FILE.items.jsonl (resume cache) go beside it")
+    p.add_argument("--no-resume", action="store_true", help="ignore and overwrite the cached item results")
+    p.add_argument("--data-dir", type=Path, default=None, help="where built-in task data lives "
+                   "(default: $KVPRED_DATA or shared/data beside the project)")
+    p.add_argument("--label", default=None, help="name of this variant in plots (default: the output's stem)")
+    p.add_argument("--truncate-ratio", type=float, default=None,
+                   help="r for truncate mode (default: the params-rule TTFT FLOPs reduction of the model)")
+    p.add_argument("--ttft-speedup", default=None,
+                   help="measured TTFT speedups over exact to record for `kvpred plot`, e.g. predicted=1.8,aux=2.2")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--fewshot", type=int, default=None, help="shots for QA / multiple choice "
+                   "(default: triviaqa 1, others 0); drawn from the other rows of the same file")
+    p.add_argument("--heldout-context", type=int, default=d.heldout_context)
+    p.add_argument("--heldout-continuation", type=int, default=d.heldout_continuation)
+    p.add_argument("--kv-length", type=int, default=d.kv_length)
+    p.add_argument("--agreement-prompt", type=int, default=d.agreement_prompt)
+    p.add_argument("--agreement-tokens", type=int, default=d.agreement_tokens)
+    p.add_argument("--qa-max-new-tokens", type=int, default=d.qa_max_new_tokens)
+    p.add_argument("--retrieval-lengths", default=",".join(map(str, d.retrieval_lengths)),
+                   help="prompt lengths in tokens for the pass-key task (those over the context are skipped)")
+    p.add_argument("--retrieval-items", type=int, default=d.retrieval_items, help="items when no --limit")
+    p.add_argument("--humaneval-samples", type=int, default=d.humaneval_samples,
+                   help="1: greedy pass@1; n > 1: n samples per problem, pass@k for k in 1,10,100 up to n")
+    p.add_argument("--humaneval-temperature", type=float, default=d.humaneval_temperature)
+    p.add_argument("--humaneval-top-p", type=float, default=d.humaneval_top_p)
+    p.add_argument("--humaneval-max-new-tokens", type=int, default=d.humaneval_max_new_tokens)
+    p.add_argument("--humaneval-timeout", type=float, default=d.humaneval_timeout, help="seconds per program")
+    p.add_argument("--humaneval-workers", type=int, default=d.humaneval_workers)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=run_cli)
+
+
+def _parse_speedups(text: str | None) -> dict[str, float] | None:
+    if not text:
+        return None
+    try:
+        return {k.strip(): float(v) for k, v in (pair.split("=") for pair in text.split(","))}
+    except ValueError as err:
+        raise KVPredError(f"--ttft-speedup takes MODE=X pairs, e.g. predicted=1.8,aux=2.2; got {text!r}") from err
+
+
+def _command_line(args: argparse.Namespace) -> str:
+    """The command as typed when run from a shell, else rebuilt from the parsed arguments."""
+    if "eval" in sys.argv[1:2]:
+        return "kvpred " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    parts = ["kvpred", "eval"]
+    for key, value in vars(args).items():
+        if key in ("func", "command") or value is None or value is False:
+            continue
+        parts += [f"--{key.replace('_', '-')}"] + ([] if value is True else [shlex.quote(str(value))])
+    return " ".join(parts)
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    from .cli import load_model
+    from .tasks import EvalOptions, default_data_dir, parse_tasks
+
+    if args.batch_size < 1 or (args.limit is not None and args.limit < 1):
+        raise KVPredError("--batch-size and --limit must be at least 1")
+    specs = parse_tasks(args.tasks, args.data_dir or default_data_dir())
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    speedups = _parse_speedups(args.ttft_speedup)
+    try:
+        lengths = [int(x) for x in args.retrieval_lengths.split(",")]
+    except ValueError as err:
+        raise KVPredError(f"--retrieval-lengths takes integers, got {args.retrieval_lengths!r}") from err
+    model = load_model(args)
+    options = EvalOptions(
+        batch_size=args.batch_size, ratio=args.truncate_ratio or flop_ratio(model)["param_ratio"], seed=args.seed,
+        fewshot=args.fewshot, heldout_context=args.heldout_context, heldout_continuation=args.heldout_continuation,
+        kv_length=args.kv_length, agreement_prompt=args.agreement_prompt, agreement_tokens=args.agreement_tokens,
+        qa_max_new_tokens=args.qa_max_new_tokens, retrieval_lengths=lengths, retrieval_items=args.retrieval_items,
+        humaneval_samples=args.humaneval_samples, humaneval_temperature=args.humaneval_temperature,
+        humaneval_top_p=args.humaneval_top_p, humaneval_max_new_tokens=args.humaneval_max_new_tokens,
+        humaneval_timeout=args.humaneval_timeout, humaneval_workers=args.humaneval_workers)
+    if options.ratio < 1:
+        raise KVPredError(f"truncate ratio must be >= 1, got {options.ratio}")
+    cache_path = args.out.with_suffix(".items.jsonl")
+    if args.no_resume:
+        cache_path.unlink(missing_ok=True)
+    cache_path.parent.mkdir(parents=True, exist_ok=True)
+    with torch.inference_mode():
+        doc = evaluate(model, specs, modes, options, limit=args.limit, cache=ResultCache(cache_path),
+                       model_name=args.model, progress=not args.quiet)
+    doc["label"] = args.label or args.out.stem
+    doc["command"] = _command_line(args)
+    if speedups:
+        doc["ttft_speedup"] = speedups
+    md = write_report(doc, args.out)
+    print(markdown_report(doc))
+    print(f"wrote {args.out} and {md}", file=sys.stderr)
+    return 0

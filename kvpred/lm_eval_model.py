@@ -1,0 +1,166 @@
+"""lm-evaluation-harness model `kvpred`: any harness task through exact / aux / predicted / truncate prefill.
+
+lm-eval (0.4.x) finds models only in its own registry and scans no entry-point group, so this module
+registers `kvpred` when imported. Use it through the wrapper, which takes lm-eval's own arguments:
+
+    python -m kvpred.lm_eval_model run --model kvpred \\
+        --model_args pretrained=smollm2-135m,mode=predicted,dtype=bfloat16 --tasks arc_easy --batch_size 32
+
+or from Python: `import kvpred.lm_eval_model` before `lm_eval.simple_evaluate(model="kvpred", ...)`.
+
+Model arguments: pretrained (kvpred checkpoint, embedded default or base model; or a KVPredictionModel),
+mode (exact | aux | predicted | truncate; default predicted), dtype (float32 | bfloat16 | float16),
+max_gen_toks (default 256), truncate_ratio (default: the params-rule FLOPs reduction). Device and batch size
+come from lm-eval's own --device / --batch_size (giving them in --model_args as well is an error in lm-eval).
+
+How each request type uses the mode:
+* loglikelihood: the context goes through `mode`; the base scores the context's last token and the
+  continuation (prefill with exact_tail = len(continuation) + 1), as `kvpred eval` does.
+* loglikelihood_rolling: lm-eval's disjoint windows of the model's context length, each scored as a
+  loglikelihood request (context = the window's first token, so predicted mode is close to exact here).
+* generate_until: the prompt through `mode`, then the base decodes (the auxiliary in aux mode).
+"""
+from __future__ import annotations
+
+import json
+
+import torch
+from lm_eval.api.model import TemplateLM
+from lm_eval.api.registry import MODEL_REGISTRY, register_model
+from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+from tqdm import tqdm
+
+from .models import KVPredError
+from .tasks import MODES, cut_at_stop, generate, score
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class KVPredLM(TemplateLM):
+    def __init__(self, pretrained="smollm2-135m", mode: str = "predicted", device: str | None = None,
+                 dtype: str | None = None, batch_size: int | str = 8, max_gen_toks: int = 256,
+                 truncate_ratio: float | None = None, **kwargs):
+        super().__init__()
+        from .evaluate import flop_ratio
+        from .model import KVPredictionModel
+
+        if mode not in MODES:
+            raise KVPredError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        unused = {k: v for k, v in kwargs.items() if v is not None and k not in ("max_batch_size", "trust_remote_code")}
+        if unused:
+            raise KVPredError(f"kvpred lm-eval model got unknown arguments {sorted(unused)}")
+        if isinstance(pretrained, KVPredictionModel):
+            self.model = pretrained
+        else:
+            device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+            if dtype not in (None, "auto") and dtype not in DTYPES:
+                raise KVPredError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+            torch_dtype = DTYPES.get(dtype) or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
+            self.model = KVPredictionModel.from_pretrained(str(pretrained), dtype=torch_dtype, device=device)
+        self.tokenizer = self.model.tokenizer
+        self.mode = mode
+        # "auto" batch sizes need probing the memory; a fixed default is predictable
+        self.batch_size = int(batch_size) if str(batch_size).isdigit() else 8
+        self.max_gen_toks = int(max_gen_toks)
+        self.ratio = float(truncate_ratio) if truncate_ratio else flop_ratio(self.model)["param_ratio"]
+
+    # ------------------------------------------------------------ TemplateLM plumbing
+    @property
+    def eot_token_id(self) -> int:
+        return self.tokenizer.eos_token_id
+
+    @property
+    def max_length(self) -> int:
+        return self.model.context_length
+
+    @property
+    def device(self):
+        return self.model.device
+
+    @property
+    def tokenizer_name(self) -> str:
+        return self.tokenizer.name_or_path.replace("/", "__")
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
+        return self.tokenizer(string, add_special_tokens=bool(add_special_tokens)).input_ids
+
+    # ------------------------------------------------------------ request types
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
+        results: list[tuple[float, bool] | None] = [None] * len(requests)
+        bar = tqdm(total=len(requests), desc=f"kvpred loglikelihood ({self.mode})", disable=disable_tqdm)
+        pairs = [(list(ctx), list(cont)) for _, ctx, cont in requests]
+        with torch.inference_mode():
+            for batch in score(self.model, pairs, self.mode, ratio=self.ratio, batch_size=self.batch_size,
+                               progress=bar):
+                for i, r in batch:
+                    results[i] = (r["ll"], r["greedy"])
+                    if requests[i][0] is not None:
+                        self.cache_hook.add_partial("loglikelihood", requests[i][0], results[i])
+        bar.close()
+        return results  # type: ignore[return-value]
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        windows, owner = [], []
+        for n, req in enumerate(requests):
+            tokens = self.tok_encode(req.args[0])
+            # max_length - 1: the scored input is context + continuation, one longer than the window
+            for ctx, cont in map(make_disjoint_window, get_rolling_token_windows(
+                    token_list=tokens, prefix_token=self.prefix_token_id, max_seq_len=self.max_length - 1,
+                    context_len=1)):
+                windows.append((None, ctx, cont))
+                owner.append(n)
+        scores = self._loglikelihood_tokens(windows, disable_tqdm=disable_tqdm)
+        totals = [0.0] * len(requests)
+        for n, (ll, _) in zip(owner, scores):
+            totals[n] += ll
+        for req, total in zip(requests, totals):
+            self.cache_hook.add_partial("loglikelihood_rolling", (req.args[0],), total)
+        return totals
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        out: list[str | None] = [None] * len(requests)
+        groups: dict[str, list[int]] = {}
+        for i, req in enumerate(requests):
+            groups.setdefault(json.dumps(req.args[1], sort_keys=True, default=str), []).append(i)
+        bar = tqdm(total=len(requests), desc=f"kvpred generate_until ({self.mode})", disable=disable_tqdm)
+        for members in groups.values():
+            kwargs = dict(requests[members[0]].args[1])
+            until = kwargs.pop("until", None) or [self.tokenizer.decode([self.eot_token_id])]
+            until = [until] if isinstance(until, str) else list(until)
+            max_new = int(kwargs.pop("max_gen_toks", self.max_gen_toks))
+            temperature = float(kwargs.pop("temperature", 0.0) or 0.0)
+            do_sample = bool(kwargs.pop("do_sample", temperature > 0)) and temperature > 0
+            prompts = [self.tok_encode(requests[i].args[0]) or [self.prefix_token_id] for i in members]
+            with torch.inference_mode():
+                for batch in generate(self.model, prompts, self.mode, ratio=self.ratio, batch_size=self.batch_size,
+                                      max_new_tokens=max_new, stop=until, do_sample=do_sample,
+                                      temperature=temperature if do_sample else 1.0,
+                                      top_p=float(kwargs.pop("top_p", 1.0) or 1.0), progress=bar):
+                    for j, tokens in batch:
+                        text = cut_at_stop(self.tokenizer.decode(tokens, skip_special_tokens=True), until)
+                        out[members[j]] = text
+                        self.cache_hook.add_partial("generate_until", requests[members[j]].args, text)
+        bar.close()
+        return out  # type: ignore[return-value]
+
+
+def register() -> None:
+    """Register `kvpred` with lm-eval's model registry (idempotent; importing this module calls it)."""
+    import lm_eval.models  # noqa: F401  (lm-eval fills its registry lazily only while it is empty)
+
+    if "kvpred" not in MODEL_REGISTRY:  # `python -m` runs this file as __main__ and may import it again
+        register_model("kvpred")(KVPredLM)
+
+
+register()
+
+
+def main() -> None:
+    """`python -m kvpred.lm_eval_model ARGS`: lm-eval's command line with the kvpred model registered."""
+    from lm_eval.__main__ import cli_evaluate
+
+    cli_evaluate()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,135 @@
+"""`kvpred plot`: the paper's Pareto figure from `kvpred eval` results.
+
+x = TTFT FLOPs reduction over the exact base (params rule by default, as the paper), y = accuracy relative to
+the base (mode value / exact value, averaged over the chosen tasks' primary metrics where higher is better).
+One point per result file and mode; points of the same mode across files (variants) are joined. When a results
+file carries measured TTFT speedups (`ttft_speedup`, from `kvpred eval --ttft-speedup`), a second panel plots
+accuracy against them.
+
+    kvpred plot --results lp25.json lp50.json --out pareto.png
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from .models import KVPredError
+
+MODE_STYLE = {"exact": ("black", "*"), "predicted": ("tab:blue", "o"), "aux": ("tab:orange", "s"),
+              "truncate": ("tab:green", "^")}
+X_RULES = {"param": "param_ratio", "matmul": "matmul_ratio"}
+# task kinds that measure task accuracy; agreement (fidelity to the base by construction), held-out loss and
+# KV error are left out of the y axis unless named with --tasks
+ACCURACY_KINDS = ("lm", "mc", "qa", "humaneval", "retrieval")
+
+
+def load_results(paths: list[Path]) -> list[dict]:
+    docs = []
+    for path in paths:
+        try:
+            doc = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as err:
+            raise KVPredError(f"cannot read results {path}: {err}") from err
+        if not isinstance(doc, dict) or "tasks" not in doc or "flops" not in doc:
+            raise KVPredError(f"{path} is not a `kvpred eval` results file (no tasks/flops)")
+        doc.setdefault("label", Path(path).stem)
+        docs.append(doc)
+    return docs
+
+
+def relative_accuracy(doc: dict, mode: str, tasks: list[str] | None = None) -> float | None:
+    """Mean over tasks (default: the accuracy tasks) of value(mode) / value(exact) of each task's primary
+    metric, higher-is-better ones only (a loss has no meaningful ratio to accuracy) and where exact scores
+    above zero. None when no task qualifies."""
+    ratios = []
+    for name, task in doc["tasks"].items():
+        if (name not in tasks) if tasks else (task.get("kind") not in ACCURACY_KINDS):
+            continue
+        metric = task["primary"]
+        by_mode = task["metrics"].get(metric, {})
+        if not task["higher_is_better"].get(metric) or mode not in by_mode or "exact" not in by_mode:
+            continue
+        exact = by_mode["exact"]["value"]
+        if exact and exact > 0:
+            ratios.append(by_mode[mode]["value"] / exact)
+    return sum(ratios) / len(ratios) if ratios else None
+
+
+def pareto_points(docs: list[dict], x_rule: str = "param", tasks: list[str] | None = None) -> list[dict]:
+    """[{label, mode, flops_x, ttft_x, y}] for every file and mode with a relative accuracy."""
+    points = []
+    for doc in docs:
+        ratio = doc["flops"][X_RULES[x_rule]]
+        speedups = doc.get("ttft_speedup") or {}
+        for mode in doc.get("modes", MODE_STYLE):
+            y = relative_accuracy(doc, mode, tasks)
+            if y is None:
+                continue
+            points.append({"label": doc["label"], "mode": mode, "flops_x": 1.0 if mode == "exact" else ratio,
+                           "ttft_x": 1.0 if mode == "exact" else speedups.get(mode), "y": y})
+    return points
+
+
+def plot(docs: list[dict], out: Path, x_rule: str = "param", tasks: list[str] | None = None,
+         title: str | None = None) -> list[dict]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = pareto_points(docs, x_rule, tasks)
+    if not points:
+        raise KVPredError("no task with a higher-is-better primary metric and an exact-mode value to plot; "
+                          "evaluate accuracy tasks (lambada, arc_easy, piqa, triviaqa, ...) in exact mode")
+    panels = [("flops_x", f"TTFT FLOPs reduction ({x_rule} rule)")]
+    if any(p["ttft_x"] is not None and p["mode"] != "exact" for p in points):
+        panels.append(("ttft_x", "measured TTFT speedup"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
+    for ax, (key, xlabel) in zip(axes[0], panels):
+        for mode, (colour, marker) in MODE_STYLE.items():
+            mine = sorted((p for p in points if p["mode"] == mode and p[key] is not None), key=lambda p: p[key])
+            if not mine:
+                continue
+            ax.plot([p[key] for p in mine], [p["y"] for p in mine], marker=marker, color=colour, label=mode,
+                    linestyle="-" if mode != "exact" else "none", markersize=9 if mode == "exact" else 6)
+            for p in mine:
+                if mode != "exact":
+                    ax.annotate(p["label"], (p[key], p["y"]), textcoords="offset points", xytext=(4, 4),
+                                fontsize=7, color=colour)
+        ax.axhline(1.0, color="grey", linewidth=0.6, linestyle=":")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("accuracy relative to the base")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title or "KV prediction: accuracy vs TTFT reduction"
+                 + (f" ({', '.join(tasks)})" if tasks else " (mean over accuracy tasks)"))
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return points
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("plot", help="Pareto figure (accuracy vs TTFT FLOPs reduction) from eval results",
+                              description="One point per results file and mode: x = TTFT FLOPs reduction, y = "
+                                          "accuracy relative to the exact base; a second panel against measured "
+                                          "TTFT speedup when the results carry one.")
+    p.add_argument("--results", nargs="+", type=Path, required=True, help="`kvpred eval` JSON files")
+    p.add_argument("--out", type=Path, default=Path("pareto.png"))
+    p.add_argument("--x", choices=sorted(X_RULES), default="param",
+                   help="FLOPs rule for the x axis (param: the paper's params(base)/params(aux))")
+    p.add_argument("--tasks", default=None, help="comma-separated tasks to average (default: all accuracy tasks)")
+    p.add_argument("--title", default=None)
+    p.set_defaults(func=_plot_cli)
+
+
+def _plot_cli(args: argparse.Namespace) -> int:
+    tasks = [t.strip() for t in args.tasks.split(",")] if args.tasks else None
+    points = plot(load_results(args.results), args.out, args.x, tasks, args.title)
+    for p in points:
+        ttft = "" if p["ttft_x"] is None else f"  ttft x{p['ttft_x']:.2f}"
+        print(f"{p['label']:>24} {p['mode']:>9}  flops x{p['flops_x']:.2f}{ttft}  relative accuracy {p['y']:.3f}")
+    print(f"wrote {args.out}")
+    return 0

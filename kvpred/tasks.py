@@ -1,0 +1,794 @@
+"""Evaluation tasks for `kvpred eval`: data loading, batched scoring and generation in every mode, and metrics.
+
+A task kind turns its data into *items*, each item into one or more *units* (a continuation to score, a prompt to
+generate from, a window to compare caches on), runs units batched in one mode, and turns unit results into
+per-item metric values. Unit results are plain JSON so that `evaluate.py` can cache them and resume.
+
+Modes: "exact" (base alone), "aux" (auxiliary alone), "predicted" (KV prediction) and "truncate" (the base on only
+the last 1/r of the prompt tokens, r = the TTFT FLOPs reduction of the model: an equal-cost baseline).
+"""
+from __future__ import annotations
+
+import glob
+import gzip
+import json
+import math
+import os
+import random
+import re
+import shutil
+import string
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .model import position_ids_from_mask
+from .models import KVPredError
+from .rope import rope_tables, unrotate
+
+MODES = ("exact", "aux", "predicted", "truncate")
+Unit = tuple[str, dict]  # (key within the task, payload)
+
+
+# ------------------------------------------------------------------ options and task specs
+@dataclass
+class EvalOptions:
+    """Settings shared by all tasks; CLI flags map one to one onto these fields."""
+    batch_size: int = 8
+    ratio: float = 1.0  # truncate mode keeps the last ceil(N / ratio) prompt tokens
+    seed: int = 0
+    fewshot: int | None = None  # None: each task's default (triviaqa 1, others 0)
+    heldout_context: int = 256  # heldout: tokens of context (predicted in predicted mode) ...
+    heldout_continuation: int = 64  # ... and of the continuation whose NLL is measured
+    kv_length: int = 256  # kv: window length; the first kv_length-1 positions are compared
+    agreement_prompt: int = 128  # agreement: prompt tokens
+    agreement_tokens: int = 32  # agreement: greedy tokens compared with the exact base
+    qa_max_new_tokens: int = 32
+    retrieval_lengths: list[int] = field(default_factory=lambda: [512, 1024, 2048, 4096])
+    retrieval_items: int = 100  # items when no --limit is given, spread over the lengths
+    humaneval_samples: int = 1  # 1: greedy pass@1; n > 1: sampling, pass@k for k <= n
+    humaneval_temperature: float = 0.8
+    humaneval_top_p: float = 0.95
+    humaneval_max_new_tokens: int = 512
+    humaneval_timeout: float = 10.0
+    humaneval_workers: int = 4
+
+
+
+@dataclass
+class TaskSpec:
+    name: str  # label in the report (and cache key)
+    kind: str  # key of KINDS
+    path: str  # data file or glob
+
+
+BUILTIN_TASKS = {
+    "kv": ("kv", "wikitext2-test.txt"),
+    "heldout": ("heldout", "wikitext2-test.txt"),
+    "agreement": ("agreement", "wikitext2-test.txt"),
+    "lambada": ("lm", "lambada_openai.jsonl"),
+    "arc_easy": ("mc", "arc_easy.jsonl"),
+    "piqa": ("mc", "piqa.jsonl"),
+    "triviaqa": ("qa", "triviaqa_sm_sub.jsonl"),
+    "humaneval": ("humaneval", "HumanEval.jsonl.gz"),
+    "retrieval": ("retrieval", "wikitext2-test.txt"),
+}
+
+
+def default_data_dir() -> Path:
+    """$KVPRED_DATA, else the shared/data folder beside (or inside) the project root, else ./shared/data."""
+    if os.environ.get("KVPRED_DATA"):
+        return Path(os.environ["KVPRED_DATA"])
+    root = Path(__file__).resolve().parents[1]
+    for candidate in (root.parent / "shared" / "data", root / "shared" / "data", Path.cwd() / "shared" / "data"):
+        if candidate.is_dir():
+            return candidate
+    return root.parent / "shared" / "data"
+
+
+def parse_tasks(text: str, data_dir: Path) -> list[TaskSpec]:
+    """'lambada,arc_easy' (built-in), 'heldout=/data/*.txt' (built-in on other data), 'my.jsonl' or
+    'name=my.jsonl' (format detected from the file)."""
+    specs = []
+    for entry in filter(None, (t.strip() for t in text.split(","))):
+        name, _, path = entry.partition("=") if "=" in entry else ("", "", entry)
+        if not name and entry in BUILTIN_TASKS:
+            name, path = entry, ""
+        if name in BUILTIN_TASKS:
+            kind, default = BUILTIN_TASKS[name]
+            specs.append(TaskSpec(name, kind, path or str(data_dir / default)))
+            continue
+        if not _expand(path):
+            raise KVPredError(f"unknown task {entry!r}: not one of {', '.join(BUILTIN_TASKS)} and no file matches "
+                              f"{path!r} (give a path to a .txt / .jsonl file, or NAME=PATH)")
+        specs.append(TaskSpec(name or Path(path).name.split(".")[0], detect_kind(path), path))
+    if not specs:
+        raise KVPredError("no tasks given; e.g. --tasks lambada,arc_easy,heldout")
+    names = [s.name for s in specs]
+    if len(set(names)) != len(names):
+        raise KVPredError(f"task names must be unique, got {names}; name files with NAME=PATH")
+    return specs
+
+
+def detect_kind(path: str) -> str:
+    files = _expand(path)
+    if all(f.endswith(".txt") for f in files):
+        return "heldout"
+    first = next(read_jsonl(files[0]), None)
+    if not isinstance(first, dict):
+        raise KVPredError(f"{files[0]} is neither a .txt file nor JSON lines with an object per line")
+    keys = set(first)
+    if {"query", "choices", "gold"} <= keys:
+        return "mc"
+    if {"task_id", "prompt", "test", "entry_point"} <= keys:
+        return "humaneval"
+    if {"context", "continuation"} <= keys:
+        return "lm"
+    if ("question" in keys or "context" in keys) and keys & {"answer", "answers", "aliases"}:
+        return "qa"
+    raise KVPredError(f"cannot tell the task format of {files[0]} from its fields {sorted(keys)}: expected "
+                      "multiple choice (query, choices, gold), QA (question, answer|answers), language modelling "
+                      "(context, continuation) or HumanEval (task_id, prompt, test, entry_point)")
+
+
+def _expand(path: str) -> list[str]:
+    return sorted(glob.glob(path)) if any(c in path for c in "*?[") else ([path] if Path(path).is_file() else [])
+
+
+def read_jsonl(path: str) -> Iterator[dict]:
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    yield json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise KVPredError(f"{path}:{n} is not valid JSON: {err}") from err
+
+
+def load_rows(path: str) -> list[dict]:
+    files = _expand(path)
+    if not files:
+        raise KVPredError(f"data file {path!r} does not exist")
+    return [row for f in files for row in read_jsonl(f)]
+
+
+@lru_cache(maxsize=4)
+def _text_tokens(tokenizer, path: str) -> tuple[int, ...]:
+    files = _expand(path)
+    if not files:
+        raise KVPredError(f"text file(s) {path!r} not found")
+    text = "\n".join(Path(f).read_text(encoding="utf-8") for f in files)
+    return tuple(tokenizer(text, add_special_tokens=False).input_ids)
+
+
+def text_windows(tokenizer, path: str, length: int, limit: int | None) -> list[list[int]]:
+    """Consecutive non-overlapping windows of `length` tokens of the text file(s) at `path` (a trailing
+    shorter window is dropped)."""
+    tokens = _text_tokens(tokenizer, path)
+    count = len(tokens) // length if limit is None else min(limit, len(tokens) // length)
+    if count == 0:
+        raise KVPredError(f"{path} holds {len(tokens)} tokens, fewer than one window of {length}")
+    return [list(tokens[i * length:(i + 1) * length]) for i in range(count)]
+
+
+# ------------------------------------------------------------------ batched model calls in every mode
+def model_mode(mode: str) -> str:
+    if mode not in MODES:
+        raise KVPredError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
+    return "exact" if mode == "truncate" else mode
+
+
+def mode_prompt(ids: list[int], mode: str, ratio: float) -> list[int]:
+    """Truncate mode keeps the last ceil(N / ratio) prompt tokens: the base then spends about the FLOPs the
+    auxiliary spends on all N."""
+    return ids[-max(1, math.ceil(len(ids) / ratio)):] if mode == "truncate" else ids
+
+
+def left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
+        mask[i, width - len(row):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _chunks(seq: list, size: int) -> Iterator[list]:
+    for i in range(0, len(seq), size):
+        yield seq[i:i + size]
+
+
+def score(model, requests: list[tuple[list[int], list[int]]], mode: str, *, ratio: float = 1.0,
+          batch_size: int = 8, progress: tqdm | None = None) -> Iterator[list[tuple[int, dict]]]:
+    """Log-likelihood of each continuation after its context. Yields, per batch, [(request index,
+    {"ll": sum log p, "greedy": every token argmax, "n": tokens})].
+
+    The context goes through `mode` (predicted: auxiliary + predictor for all but its last token); the base
+    (the auxiliary in aux mode) scores the last context token and the continuation: prefill with
+    exact_tail = len(continuation) + 1. Requests are grouped by continuation length, since one batch has one
+    exact_tail, and sorted by length to pad little.
+    """
+    limit = model.context_length
+    order = sorted(range(len(requests)), key=lambda i: (len(requests[i][1]), len(requests[i][0])))
+    groups: dict[int, list[int]] = {}
+    for i in order:
+        cont = requests[i][1]
+        if not cont:
+            raise KVPredError(f"request {i} has an empty continuation; nothing to score")
+        if len(cont) >= limit:
+            raise KVPredError(f"continuation of {len(cont)} tokens does not fit the context of {limit}")
+        groups.setdefault(len(cont), []).append(i)
+    for width, members in groups.items():
+        for chunk in _chunks(members, batch_size):
+            rows, targets = [], []
+            for i in chunk:
+                ctx, cont = requests[i]
+                ctx = mode_prompt(ctx, mode, ratio)[-(limit - width):]  # fit the context window from the left
+                if not ctx:
+                    raise KVPredError(f"request {i} has an empty context; give at least one token")
+                rows.append(ctx + cont)
+                targets.append(cont)
+            ids, mask = left_pad(rows, model.tokenizer.pad_token_id, model.device)
+            logits, _ = model.prefill(ids, mask, mode=model_mode(mode), exact_tail=width + 1)
+            logp = logits[:, :-1].float().log_softmax(-1)  # [B, width, V]: position t predicts token t+1
+            target = torch.tensor(targets, device=logp.device)  # [B, width]
+            ll = logp.gather(-1, target.unsqueeze(-1)).squeeze(-1).sum(-1)
+            greedy = (logp.argmax(-1) == target).all(-1)
+            yield [(i, {"ll": float(ll[j]), "greedy": bool(greedy[j]), "n": width}) for j, i in enumerate(chunk)]
+            if progress is not None:
+                progress.update(len(chunk))
+
+
+def generate(model, prompts: list[list[int]], mode: str, *, ratio: float = 1.0, batch_size: int = 8,
+             max_new_tokens: int = 32, stop: list[str] | None = None, do_sample: bool = False,
+             temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None,
+             progress: tqdm | None = None) -> Iterator[list[tuple[int, list[int]]]]:
+    """Batched left-padded generation in `mode`. Yields per batch [(prompt index, new tokens)], each cut after
+    the first end-of-sequence token (padding after it dropped)."""
+    eos = model.base.generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, list) else [eos if eos is not None else model.tokenizer.eos_token_id])
+    room = model.context_length - max_new_tokens
+    if room < 1:
+        raise KVPredError(f"max_new_tokens {max_new_tokens} leaves no room for a prompt in the context of "
+                          f"{model.context_length}")
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    for chunk in _chunks(order, batch_size):
+        rows = [mode_prompt(prompts[i], mode, ratio)[-room:] for i in chunk]
+        ids, mask = left_pad(rows, model.tokenizer.pad_token_id, model.device)
+        if seed is not None:
+            torch.manual_seed(seed + chunk[0])
+        out = model.generate(ids, mask, mode=model_mode(mode), max_new_tokens=max_new_tokens, do_sample=do_sample,
+                             temperature=temperature, top_p=top_p, stop_strings=stop)
+        new = out[:, ids.shape[1]:].tolist()
+        results = []
+        for i, tokens in zip(chunk, new):
+            end = next((k + 1 for k, t in enumerate(tokens) if t in eos), len(tokens))
+            results.append((i, tokens[:end]))
+        yield results
+        if progress is not None:
+            progress.update(len(chunk))
+
+
+def cut_at_stop(text: str, stop: list[str]) -> str:
+    cuts = [text.find(s) for s in stop if s and s in text]
+    return text[:min(cuts)] if cuts else text
+
+
+# ------------------------------------------------------------------ task kinds
+@dataclass
+class RunContext:
+    model: object
+    options: EvalOptions
+    task: TaskSpec
+    exact: dict[str, dict] | None = None  # exact-mode unit results, for tasks that compare against them
+    progress: tqdm | None = None
+
+
+class Kind:
+    """One task format. Subclasses define how items are built, split into units, run and scored."""
+    metrics_higher_is_better: dict[str, bool] = {}
+    primary: str = ""
+    option_fields: tuple[str, ...] = ()  # EvalOptions fields that change this kind's unit results
+
+    def modes(self, requested: list[str]) -> list[str]:
+        return list(requested)
+
+    def build(self, model, spec: TaskSpec, opts: EvalOptions, limit: int | None) -> list[dict]:
+        raise NotImplementedError
+
+    def units(self, items: list[dict]) -> list[Unit]:
+        raise NotImplementedError
+
+    def run(self, ctx: RunContext, mode: str, units: list[Unit]) -> Iterator[list[tuple[str, dict]]]:
+        raise NotImplementedError
+
+    def metrics(self, items: list[dict], results: dict[str, dict],
+                exact: dict[str, dict] | None) -> dict[str, list[float]]:
+        """Per-item values of each metric, in item order."""
+        raise NotImplementedError
+
+    def extra(self, items: list[dict], results: dict[str, dict], mode: str) -> dict:
+        """Anything beyond per-item means worth reporting (per-layer errors, per-length accuracy)."""
+        return {}
+
+
+class ScoringKind(Kind):
+    """Kinds whose units are (context, continuation) pairs scored by log-likelihood."""
+
+    def run(self, ctx, mode, units):
+        requests = [(p["ctx"], p["cont"]) for _, p in units]
+        for batch in score(ctx.model, requests, mode, ratio=ctx.options.ratio, batch_size=ctx.options.batch_size,
+                           progress=ctx.progress):
+            yield [(units[i][0], result) for i, result in batch]
+
+
+def _encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """Tokenize context + continuation together and split, so the boundary tokenizes naturally (as lm-eval)."""
+    spaces = len(context) - len(context.rstrip())
+    if spaces:  # keep word-boundary spaces with the continuation
+        context, continuation = context[:-spaces], context[-spaces:] + continuation
+    whole = tokenizer(context + continuation).input_ids
+    ctx = tokenizer(context).input_ids
+    if whole[:len(ctx)] != ctx or len(whole) == len(ctx):
+        return ctx, tokenizer(continuation, add_special_tokens=False).input_ids
+    return ctx, whole[len(ctx):]
+
+
+class LanguageModelling(ScoringKind):
+    """LAMBADA-style: the continuation (last word) must come out greedily, every token argmax-correct."""
+    metrics_higher_is_better = {"acc": True, "nll": False}
+    primary = "acc"
+
+    def build(self, model, spec, opts, limit):
+        rows = load_rows(spec.path)[:limit]
+        items = []
+        for row in rows:
+            ctx, cont = _encode_pair(model.tokenizer, row["context"], " " + row["continuation"].lstrip())
+            items.append({"ctx": ctx, "cont": cont})
+        return items
+
+    def units(self, items):
+        return [(str(i), item) for i, item in enumerate(items)]
+
+    def metrics(self, items, results, exact):
+        rs = [results[str(i)] for i in range(len(items))]
+        return {"acc": [float(r["greedy"]) for r in rs], "nll": [-r["ll"] / r["n"] for r in rs]}
+
+
+class MultipleChoice(ScoringKind):
+    """ARC/PIQA-style: each choice scored after the context; acc by summed log-likelihood, acc_norm by
+    log-likelihood per character of the choice (lm-eval's acc_norm)."""
+    metrics_higher_is_better = {"acc": True, "acc_norm": True}
+    primary = "acc"
+    option_fields = ("fewshot", "seed")
+
+    def build(self, model, spec, opts, limit):
+        rows = load_rows(spec.path)
+        shots = 0 if opts.fewshot is None else opts.fewshot
+        items = []
+        for idx, row in enumerate(rows[:limit]):
+            prefix = "".join(f"{_mc_context(rows[j])} {rows[j]['choices'][rows[j]['gold']]}\n\n"
+                             for j in _shots(len(rows), idx, shots, opts.seed))
+            context = prefix + _mc_context(row)
+            pairs = [_encode_pair(model.tokenizer, context, " " + str(c)) for c in row["choices"]]
+            items.append({"ctx": pairs[0][0], "conts": [p[1] for p in pairs], "gold": int(row["gold"]),
+                          "chars": [len(" " + str(c)) for c in row["choices"]]})
+        return items
+
+    def units(self, items):
+        return [(f"{i}.{c}", {"ctx": item["ctx"], "cont": cont})
+                for i, item in enumerate(items) for c, cont in enumerate(item["conts"])]
+
+    def metrics(self, items, results, exact):
+        acc, acc_norm = [], []
+        for i, item in enumerate(items):
+            lls = [results[f"{i}.{c}"]["ll"] for c in range(len(item["conts"]))]
+            acc.append(float(_argmax(lls) == item["gold"]))
+            acc_norm.append(float(_argmax([ll / n for ll, n in zip(lls, item["chars"])]) == item["gold"]))
+        return {"acc": acc, "acc_norm": acc_norm}
+
+
+def _mc_context(row: dict) -> str:
+    return str(row["query"]).rstrip() + "\nAnswer:"
+
+
+def _argmax(values: list[float]) -> int:
+    return max(range(len(values)), key=values.__getitem__)
+
+
+def _shots(n_rows: int, idx: int, k: int, seed: int) -> list[int]:
+    """k few-shot example rows for item idx: drawn from the other rows of the same file, seeded per item."""
+    if k <= 0:
+        return []
+    rng = random.Random(seed * 1_000_003 + idx)
+    others = [j for j in rng.sample(range(n_rows), min(n_rows, k + 1)) if j != idx]
+    return others[:k]
+
+
+class HeldOut(ScoringKind):
+    """Next-token loss of a continuation after a (predicted) context: text windows of context + continuation."""
+    metrics_higher_is_better = {"nll": False}
+    primary = "nll"
+    option_fields = ("heldout_context", "heldout_continuation")
+
+    def build(self, model, spec, opts, limit):
+        n = opts.heldout_context + opts.heldout_continuation
+        return [{"ctx": w[:opts.heldout_context], "cont": w[opts.heldout_context:]}
+                for w in text_windows(model.tokenizer, spec.path, n, limit)]
+
+    def units(self, items):
+        return [(str(i), item) for i, item in enumerate(items)]
+
+    def metrics(self, items, results, exact):
+        return {"nll": [-results[str(i)]["ll"] / results[str(i)]["n"] for i in range(len(items))]}
+
+
+class QuestionAnswering(Kind):
+    """TriviaQA-style: k-shot greedy generation until "\\n", "." or ","; normalised exact match against any alias."""
+    metrics_higher_is_better = {"em": True}
+    primary = "em"
+    option_fields = ("fewshot", "seed", "qa_max_new_tokens")
+    stop = ["\n", ".", ","]
+
+    def build(self, model, spec, opts, limit):
+        rows = load_rows(spec.path)
+        shots = 1 if opts.fewshot is None else opts.fewshot
+        items = []
+        for idx, row in enumerate(rows[:limit]):
+            prefix = "".join(f"{_qa_prompt(rows[j])} {_qa_targets(rows[j])[0]}\n"
+                             for j in _shots(len(rows), idx, shots, opts.seed))
+            items.append({"prompt": model.tokenizer(prefix + _qa_prompt(row)).input_ids,
+                          "targets": _qa_targets(row)})
+        return items
+
+    def units(self, items):
+        return [(str(i), {"prompt": item["prompt"]}) for i, item in enumerate(items)]
+
+    def run(self, ctx, mode, units):
+        opts = ctx.options
+        for batch in generate(ctx.model, [p["prompt"] for _, p in units], mode, ratio=opts.ratio,
+                              batch_size=opts.batch_size, max_new_tokens=opts.qa_max_new_tokens, stop=self.stop,
+                              progress=ctx.progress):
+            texts = [ctx.model.tokenizer.decode(t, skip_special_tokens=True) for _, t in batch]
+            yield [(units[i][0], {"text": cut_at_stop(text, self.stop).strip()}) for (i, _), text in
+                   zip(batch, texts)]
+
+    def metrics(self, items, results, exact):
+        return {"em": [float(exact_match(results[str(i)]["text"], item["targets"])) for i, item in enumerate(items)]}
+
+
+def _qa_prompt(row: dict) -> str:
+    return row["context"] if "context" in row else f"Question: {row['question']}\nAnswer:"
+
+
+def _qa_targets(row: dict) -> list[str]:
+    targets = [row["answer"]] if isinstance(row.get("answer"), str) else list(row.get("answer") or [])
+    targets += list(row.get("answers") or []) + list(row.get("aliases") or [])
+    if not targets:
+        raise KVPredError(f"QA row has no answer: {str(row)[:200]}")
+    return targets
+
+
+def normalize_answer(text: str) -> str:
+    """SQuAD-style: lower-case, drop punctuation and articles, collapse whitespace."""
+    text = "".join(ch for ch in text.lower() if ch not in set(string.punctuation))
+    text = re.sub(r"\b(a|an|the)\b", " ", text)
+    return " ".join(text.split())
+
+
+def exact_match(prediction: str, targets: list[str]) -> bool:
+    pred = normalize_answer(prediction)
+    return any(pred == normalize_answer(t) for t in targets)
+
+
+class Agreement(Kind):
+    """How closely a mode reproduces the exact base's greedy output on held-out text prompts.
+
+    * first_token: the first generated token equals the exact base's (top-1 agreement of the prefill).
+    * prefix: length of the common prefix of the two `agreement_tokens`-token greedy outputs, as a fraction of
+      `agreement_tokens` (positions matching until the first divergence).
+    * per_position: fraction of the `agreement_tokens` positions holding the same token (after a divergence
+      the two continue from different prefixes, so this counts chance re-alignments too).
+    An output that ends early (end of sequence) counts as no token at the missing positions: two outputs that
+    end at the same place match there.
+    """
+    metrics_higher_is_better = {"first_token": True, "prefix": True, "per_position": True}
+    primary = "first_token"
+    option_fields = ("agreement_prompt", "agreement_tokens")
+
+    def modes(self, requested):
+        return ["exact"] + [m for m in requested if m != "exact"]
+
+    def build(self, model, spec, opts, limit):
+        return [{"prompt": w, "compare": opts.agreement_tokens}
+                for w in text_windows(model.tokenizer, spec.path, opts.agreement_prompt, limit)]
+
+    def units(self, items):
+        return [(str(i), item) for i, item in enumerate(items)]
+
+    def run(self, ctx, mode, units):
+        opts = ctx.options
+        for batch in generate(ctx.model, [p["prompt"] for _, p in units], mode, ratio=opts.ratio,
+                              batch_size=opts.batch_size, max_new_tokens=opts.agreement_tokens,
+                              progress=ctx.progress):
+            yield [(units[i][0], {"tokens": tokens}) for i, tokens in batch]
+
+    def metrics(self, items, results, exact):
+        first, prefix, per_position = [], [], []
+        for i, item in enumerate(items):
+            mine, ref, n = results[str(i)]["tokens"], exact[str(i)]["tokens"], item["compare"]
+            a, b = mine + [-1] * (n - len(mine)), ref + [-1] * (n - len(ref))  # -1: no token (ended)
+            same = [x == y for x, y in zip(a, b)]
+            common = next((k for k, s in enumerate(same) if not s), n)
+            first.append(float(same[0]))
+            prefix.append(common / n)
+            per_position.append(sum(same) / n)
+        return {"first_token": first, "prefix": prefix, "per_position": per_position}
+
+
+class Retrieval(Kind):
+    """Long-range recall: a 5-digit pass key stated early (5-20% into a prompt of wikitext filler), asked
+    for at the end; correct when the first number generated is the key. Truncation drops the key by
+    construction whenever it keeps less than the last 80% of the prompt."""
+    metrics_higher_is_better = {"acc": True}
+    primary = "acc"
+    option_fields = ("retrieval_lengths", "retrieval_items", "seed")
+    header = "There is a pass key hidden inside a lot of irrelevant text. Find it and remember it.\n\n"
+    question = "\n\nWhat is the pass key? The pass key is"
+    max_new_tokens = 10
+
+    def build(self, model, spec, opts, limit):
+        tok = model.tokenizer
+        lengths = [n for n in opts.retrieval_lengths if n + self.max_new_tokens <= model.context_length]
+        if not lengths:
+            raise KVPredError(f"retrieval lengths {opts.retrieval_lengths} all exceed the model's context of "
+                              f"{model.context_length} tokens; pass --retrieval-lengths")
+        filler = _text_tokens(tok, spec.path)
+        head, question = tok(self.header).input_ids, tok(self.question, add_special_tokens=False).input_ids
+        count = opts.retrieval_items if limit is None else limit
+        items = []
+        for i in range(count):
+            rng = random.Random(opts.seed * 7919 + i)
+            length, key = lengths[i % len(lengths)], str(rng.randint(10000, 99999))
+            needle = tok(f" The pass key is {key}. Remember it. {key} is the pass key. ",
+                         add_special_tokens=False).input_ids
+            n_fill = length - len(head) - len(needle) - len(question)
+            if n_fill < 10:
+                raise KVPredError(f"retrieval length {length} is too short for the pass-key prompt")
+            start = rng.randrange(0, max(1, len(filler) - n_fill))
+            fill = list(filler[start:start + n_fill])
+            at = int(n_fill * rng.uniform(0.05, 0.2))
+            items.append({"prompt": head + fill[:at] + needle + fill[at:] + question, "key": key, "length": length,
+                          "depth": (len(head) + at) / length})
+        return items
+
+    def units(self, items):
+        return [(str(i), {"prompt": item["prompt"]}) for i, item in enumerate(items)]
+
+    def run(self, ctx, mode, units):
+        opts = ctx.options
+        for batch in generate(ctx.model, [p["prompt"] for _, p in units], mode, ratio=opts.ratio,
+                              batch_size=opts.batch_size, max_new_tokens=self.max_new_tokens, progress=ctx.progress):
+            yield [(units[i][0], {"text": ctx.model.tokenizer.decode(t, skip_special_tokens=True)})
+                   for i, t in batch]
+
+    def metrics(self, items, results, exact):
+        acc = []
+        for i, item in enumerate(items):
+            found = re.search(r"\d+", results[str(i)]["text"])
+            acc.append(float(found is not None and found.group() == item["key"]))
+        return {"acc": acc}
+
+    def extra(self, items, results, mode):
+        by_length: dict[int, list[float]] = {}
+        for item, value in zip(items, self.metrics(items, results, None)["acc"]):
+            by_length.setdefault(item["length"], []).append(value)
+        return {"acc_by_length": {str(k): sum(v) / len(v) for k, v in sorted(by_length.items())}}
+
+
+class KVError(Kind):
+    """Per-layer error of the predicted base cache against the true one on held-out text windows.
+
+    Keys are compared un-rotated (before RoPE, the space the predictor works in and the paper's L1 loss
+    uses); relative L2 is the same rotated or not. Per layer: relative L1 = sum|pred - true| / sum|true|,
+    relative L2 = ||pred - true|| / ||true||, cosine error = 1 - mean over (head, position) of the cosine
+    similarity of the head_dim vectors. Only predicted mode exists for this task.
+    """
+    metrics_higher_is_better = {"key_rel_l1": False, "value_rel_l1": False, "key_cos_err": False,
+                                "value_cos_err": False, "key_rel_l2": False, "value_rel_l2": False}
+    primary = "value_rel_l1"
+    option_fields = ("kv_length",)
+
+    def modes(self, requested):
+        return ["predicted"]
+
+    def build(self, model, spec, opts, limit):
+        if opts.kv_length < 2:
+            raise KVPredError("--kv-length must be at least 2 (one predicted position + the last token)")
+        return [{"ids": w} for w in text_windows(model.tokenizer, spec.path, opts.kv_length, limit)]
+
+    def units(self, items):
+        return [(str(i), item) for i, item in enumerate(items)]
+
+    def run(self, ctx, mode, units):
+        for chunk in _chunks(list(range(len(units))), ctx.options.batch_size):
+            errors = kv_errors(ctx.model, [units[i][1]["ids"] for i in chunk])
+            yield [(units[i][0], err) for i, err in zip(chunk, errors)]
+            if ctx.progress is not None:
+                ctx.progress.update(len(chunk))
+
+    def metrics(self, items, results, exact):
+        rs = [results[str(i)] for i in range(len(items))]
+        return {name: [sum(r[name]) / len(r[name]) for r in rs] for name in self.metrics_higher_is_better}
+
+    def extra(self, items, results, mode):
+        rs = [results[str(i)] for i in range(len(items))]
+        layers = len(rs[0]["key_rel_l1"])
+        return {"per_layer": {name: [sum(r[name][layer] for r in rs) / len(rs) for layer in range(layers)]
+                              for name in self.metrics_higher_is_better}}
+
+
+@torch.no_grad()
+def kv_errors(model, windows: list[list[int]]) -> list[dict[str, list[float]]]:
+    """Per window, per base layer: relative L1 / L2 and cosine error of predicted vs exact keys and values."""
+    ids = torch.tensor(windows, device=model.device)  # [B, N], equal lengths: no padding
+    mask = torch.ones_like(ids)
+    n = ids.shape[1] - 1  # positions the predictor fills
+    predicted = model.predicted_cache(ids, mask, exact_tail=1)
+    _, exact = model.prefill(ids, mask, mode="exact")
+    cos, sin = rope_tables(model.base, position_ids_from_mask(mask)[:, :n], torch.float32)
+    out: dict[str, list[list[float]]] = {k: [] for k in KVError.metrics_higher_is_better}
+    for pred_layer, true_layer in zip(predicted.layers, exact.layers):
+        pairs = {"key": (unrotate(pred_layer.keys.float(), cos, sin),
+                         unrotate(true_layer.keys[:, :, :n].float(), cos, sin)),  # [B, H, n, D]
+                 "value": (pred_layer.values.float(), true_layer.values[:, :, :n].float())}
+        for name, (pred, true) in pairs.items():
+            diff = pred - true
+            out[f"{name}_rel_l1"].append((diff.abs().sum((1, 2, 3)) / true.abs().sum((1, 2, 3))).tolist())
+            out[f"{name}_rel_l2"].append((diff.flatten(1).norm(dim=1) / true.flatten(1).norm(dim=1)).tolist())
+            cosine = F.cosine_similarity(pred, true, dim=-1, eps=1e-12).mean((1, 2))  # [B]
+            out[f"{name}_cos_err"].append((1 - cosine).tolist())
+    return [{k: [layer[b] for layer in v] for k, v in out.items()} for b in range(len(windows))]
+
+
+# ------------------------------------------------------------------ HumanEval
+class HumanEval(Kind):
+    """Code completion: each problem's prompt completed (greedy for n = 1, else n samples), cut at the usual
+    stop sequences, then run against the problem's tests in a sandboxed subprocess. pass@k with the unbiased
+    estimator 1 - C(n-c, k) / C(n, k) (Chen et al. 2021)."""
+    stop = ["\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "\nassert "]
+    primary = "pass@1"
+    option_fields = ("humaneval_samples", "humaneval_temperature", "humaneval_top_p", "humaneval_max_new_tokens",
+                     "humaneval_timeout", "seed")
+
+    @property
+    def metrics_higher_is_better(self):  # type: ignore[override]
+        return {f"pass@{k}": True for k in (1, 10, 100)}
+
+    def build(self, model, spec, opts, limit):
+        rows = load_rows(spec.path)[:limit]
+        for row in rows:
+            missing = {"task_id", "prompt", "test", "entry_point"} - set(row)
+            if missing:
+                raise KVPredError(f"{spec.path}: HumanEval row lacks {sorted(missing)}")
+        return [{"prompt": model.tokenizer(row["prompt"]).input_ids, "problem": row} for row in rows]
+
+    def units(self, items):
+        return [(str(i), item) for i, item in enumerate(items)]
+
+    def run(self, ctx, mode, units):
+        opts = ctx.options
+        n = opts.humaneval_samples
+        prompts = [p["prompt"] for _, p in units for _ in range(n)]  # n copies of each prompt, adjacent
+        per_batch = max(1, opts.batch_size // n) * n  # whole problems per batch, so results complete per batch
+        for start in range(0, len(prompts), per_batch):
+            texts = [""] * (min(per_batch, len(prompts) - start))
+            for batch in generate(ctx.model, prompts[start:start + per_batch], mode, ratio=opts.ratio,
+                                  batch_size=per_batch, max_new_tokens=opts.humaneval_max_new_tokens,
+                                  stop=self.stop, do_sample=n > 1, temperature=opts.humaneval_temperature,
+                                  top_p=opts.humaneval_top_p, seed=opts.seed + start):
+                for i, tokens in batch:
+                    texts[i] = cut_at_stop(ctx.model.tokenizer.decode(tokens, skip_special_tokens=True), self.stop)
+            problems = [units[(start + j) // n][1]["problem"] for j in range(len(texts))]
+            programs = [humaneval_program(p, t) for p, t in zip(problems, texts)]
+            with ThreadPoolExecutor(max_workers=opts.humaneval_workers) as pool:
+                outcomes = list(pool.map(lambda prog: execute_program(prog, opts.humaneval_timeout), programs))
+            results = []
+            for u in range(start // n, start // n + len(texts) // n):
+                rows = range(u * n - start, (u + 1) * n - start)
+                results.append((units[u][0], {"completions": [texts[j] for j in rows],
+                                              "outcomes": [outcomes[j] for j in rows]}))
+            yield results
+            if ctx.progress is not None:
+                ctx.progress.update(len(results))
+
+    def metrics(self, items, results, exact):
+        rs = [results[str(i)] for i in range(len(items))]
+        n = len(rs[0]["outcomes"]) if rs else 1
+        return {f"pass@{k}": [pass_at_k(len(r["outcomes"]), r["outcomes"].count("passed"), k) for r in rs]
+                for k in (1, 10, 100) if k <= n}
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples of which c passed: 1 - C(n-c, k) / C(n, k), as a stable product."""
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
+
+
+def humaneval_program(problem: dict, completion: str) -> str:
+    return f"{problem['prompt']}{completion}\n\n{problem['test']}\n\ncheck({problem['entry_point']})\n"
+
+
+# Runs first inside the child: resource limits and no sockets, before any model-written code.
+_SANDBOX_PRELUDE = '''\
+import resource as _r, socket as _s
+for _lim, _val in ((_r.RLIMIT_AS, 4 << 30), (_r.RLIMIT_FSIZE, 16 << 20), (_r.RLIMIT_CORE, 0)):
+    try:
+        _r.setrlimit(_lim, (_val, _val))
+    except (ValueError, OSError):
+        pass
+def _no_network(*args, **kwargs):
+    raise OSError("network access is disabled in the kvpred evaluation sandbox")
+_s.socket = _s.create_connection = _s.socketpair = _s.getaddrinfo = _no_network
+del _r, _s, _lim, _val
+'''
+
+
+@lru_cache(maxsize=1)
+def _netns_prefix() -> tuple[str, ...]:
+    """`unshare --net` (an empty network namespace) when this machine allows it; else nothing (the prelude
+    still blocks Python's sockets)."""
+    unshare = shutil.which("unshare")
+    for prefix in ((unshare, "--net"), (unshare, "--user", "--map-root-user", "--net")) if unshare else ():
+        try:
+            if subprocess.run([*prefix, "true"], capture_output=True, timeout=10).returncode == 0:
+                return prefix
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return ()
+
+
+def execute_program(program: str, timeout: float = 10.0) -> str:
+    """Run untrusted `program` in a separate isolated Python (-I -S: no environment, no site-packages) in an
+    empty temporary folder, with memory/file-size limits, no network and a wall-clock limit. Returns
+    "passed" (exit 0), "failed" or "timeout". Never executes anything in this process."""
+    with tempfile.TemporaryDirectory(prefix="kvpred-exec-") as tmp:
+        script = Path(tmp) / "program.py"
+        script.write_text(_SANDBOX_PRELUDE + program, encoding="utf-8")
+        cmd = [*_netns_prefix(), sys.executable, "-I", "-S", "-B", str(script)]
+        env = {"PATH": "/usr/bin:/bin", "HOME": tmp, "TMPDIR": tmp, "LANG": "C.UTF-8"}
+        proc = subprocess.Popen(cmd, cwd=tmp, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, start_new_session=True)
+        try:
+            code = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            _kill_group(proc)
+            return "timeout"
+        _kill_group(proc)  # reap anything the program left running in its session
+        return "passed" if code == 0 else "failed"
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, 9)
+    except (ProcessLookupError, PermissionError):
+        pass
+    proc.wait()
+
+
+KINDS: dict[str, Kind] = {
+    "kv": KVError(), "heldout": HeldOut(), "agreement": Agreement(), "lm": LanguageModelling(),
+    "mc": MultipleChoice(), "qa": QuestionAnswering(), "humaneval": HumanEval(), "retrieval": Retrieval(),
+}

@@ -1,0 +1,339 @@
+"""`kvpred eval` / `kvpred plot` / the lm-eval model, as specifications, on tiny random models and fixtures."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from kvpred import cli
+from kvpred.evaluate import (ResultCache, confidence_interval, evaluate, flop_ratio, gap_recovered,
+                             markdown_report, write_report)
+from kvpred.model import KVPredictionModel
+from kvpred.models import KVPredError
+from kvpred.tasks import (KINDS, EvalOptions, Retrieval, default_data_dir, exact_match, execute_program, mode_prompt,
+                          normalize_answer, parse_tasks, pass_at_k)
+from kvpred.testing import save_tiny_model
+
+DATA = Path(__file__).parent / "data"
+TASKS = (f"kv={DATA}/tiny.txt,heldout={DATA}/tiny.txt,agreement={DATA}/tiny.txt,lambada={DATA}/lm.jsonl,"
+         f"arc_easy={DATA}/mc.jsonl,triviaqa={DATA}/qa.jsonl,humaneval={DATA}/humaneval.jsonl,"
+         f"retrieval={DATA}/tiny.txt")
+MODES = ["exact", "aux", "predicted", "truncate"]
+
+
+def small_options(model, **overrides) -> EvalOptions:
+    opts = dict(batch_size=4, ratio=flop_ratio(model)["param_ratio"], kv_length=48, heldout_context=40,
+                heldout_continuation=12, agreement_prompt=24, agreement_tokens=6, qa_max_new_tokens=6,
+                retrieval_lengths=[256], humaneval_max_new_tokens=8, humaneval_timeout=5.0)
+    opts.update(overrides)
+    return EvalOptions(**opts)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads, and on busy shared cores spinning threads slow them 50-fold."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny_path(tmp_path_factory) -> Path:
+    return save_tiny_model(tmp_path_factory.mktemp("tiny") / "llama", arch="llama")
+
+
+@pytest.fixture(scope="module")
+def pruned(tiny_path) -> KVPredictionModel:
+    return KVPredictionModel.from_pretrained(str(tiny_path), keep_ratio=0.5)
+
+
+@pytest.fixture(scope="module")
+def identity(tiny_path) -> KVPredictionModel:
+    """aux == base (keep_ratio 1.0) with an identity predictor: predicted mode must equal exact."""
+    return KVPredictionModel.from_pretrained(str(tiny_path), keep_ratio=1.0)
+
+
+@pytest.fixture(scope="module")
+def pruned_doc(pruned) -> dict:
+    return evaluate(pruned, parse_tasks(TASKS, DATA), MODES, small_options(pruned), limit=3, progress=False)
+
+
+@pytest.fixture(scope="module")
+def identity_doc(identity) -> dict:
+    return evaluate(identity, parse_tasks(TASKS, DATA), MODES, small_options(identity), limit=3, progress=False)
+
+
+# ------------------------------------------------------------------ FLOPs and statistics
+def test_flop_ratio_counts_a_tied_embedding_once_and_reports_both_rules(pruned, identity):
+    base = pruned.base
+    assert base.lm_head.weight is base.model.embed_tokens.weight  # tied
+    unique = sum(p.numel() for p in base.parameters())  # nn.Module.parameters() already dedups tied tensors
+    f = flop_ratio(pruned)
+    assert f["params_base"] == unique
+    assert f["params_base"] - f["params_aux"] == sum(p.numel() for i in (1, 3) for p in base.model.layers[i].parameters())
+    assert f["param_ratio"] == pytest.approx(f["params_base"] / f["params_aux"])
+    assert 1 < f["matmul_ratio"] and 1 < f["matmul_ratio_linear"] < 2  # half the layers, plus the predictor
+    same = flop_ratio(identity)
+    assert same["param_ratio"] == 1.0
+    assert same["matmul_ratio"] < 1  # aux == base, so the predictor is pure overhead
+
+
+def test_confidence_intervals_contain_the_mean():
+    mean, lo, hi = confidence_interval([1, 0, 1, 1])  # 0/1 values: Wilson interval
+    assert mean == 0.75 and 0 <= lo < mean < hi <= 1
+    mean, lo, hi = confidence_interval([2.0, 3.0, 4.5])
+    assert mean == pytest.approx(3.1666, abs=1e-3) and lo < mean < hi
+    assert confidence_interval([2.0, 2.0]) == (2.0, 2.0, 2.0)
+    assert confidence_interval([1, 1])[1] < 1  # all successes still leave doubt with two items
+
+
+def test_gap_recovered_is_one_at_exact_and_zero_at_aux_for_accuracies_and_losses():
+    exact, aux = [1, 1, 1, 0], [0, 0, 1, 0]
+    assert gap_recovered(exact, exact, aux)[0] == 1.0
+    assert gap_recovered(aux, exact, aux)[0] == 0.0
+    assert gap_recovered([1, 0, 1, 0], exact, aux)[0] == pytest.approx(0.5)
+    # a loss (lower is better): halfway between aux's 4.0 and exact's 2.0 recovers half the gap
+    point, lo, hi = gap_recovered([3.0, 3.2, 2.8], [2.0, 2.1, 1.9], [4.0, 4.2, 3.8])
+    assert point == pytest.approx(0.5) and lo <= point <= hi
+    assert gap_recovered([1, 1], [1, 1], [1, 1]) == (None, None, None)  # exact == aux: undefined
+
+
+def test_pass_at_k_is_the_unbiased_estimator():
+    assert pass_at_k(10, 0, 1) == 0.0 and pass_at_k(10, 10, 5) == 1.0
+    assert pass_at_k(2, 1, 1) == pytest.approx(0.5)
+    assert pass_at_k(10, 3, 5) == pytest.approx(1 - math.comb(7, 5) / math.comb(10, 5))
+
+
+def test_answers_are_normalised_before_exact_match():
+    assert normalize_answer("  The  Onion!") == "onion"
+    assert exact_match("the Eiffel tower.", ["Eiffel Tower"]) and not exact_match("Paris", ["London", "Rome"])
+
+
+def test_truncate_keeps_the_last_n_over_r_prompt_tokens():
+    ids = list(range(10))
+    assert mode_prompt(ids, "truncate", 2.5) == list(range(6, 10))  # ceil(10 / 2.5) = 4
+    assert mode_prompt(ids, "truncate", 100.0) == [9]  # never empty
+    assert mode_prompt(ids, "predicted", 2.5) == ids
+
+
+def test_retrieval_places_the_key_where_truncation_drops_it(pruned):
+    opts = small_options(pruned, retrieval_lengths=[448, 9999])  # 9999 exceeds the context: skipped
+    items = Retrieval().build(pruned, parse_tasks(f"retrieval={DATA}/tiny.txt", DATA)[0], opts, 4)
+    assert len({item["key"] for item in items}) == 4
+    for item in items:
+        assert len(item["prompt"]) == item["length"] == 448 and item["depth"] < 0.4  # byte tokens: long header
+        text = pruned.tokenizer.decode(item["prompt"])
+        assert f"pass key is {item['key']}" in text
+        assert item["key"] not in pruned.tokenizer.decode(mode_prompt(item["prompt"], "truncate", 2.0))
+
+
+# ------------------------------------------------------------------ task specs and data
+def test_task_formats_are_detected_from_file_contents(tmp_path):
+    specs = parse_tasks(f"{DATA}/mc.jsonl,{DATA}/qa.jsonl,{DATA}/lm.jsonl,{DATA}/humaneval.jsonl,"
+                        f"text={DATA}/*.txt,arc_easy", DATA)
+    assert [(s.name, s.kind) for s in specs] == [("mc", "mc"), ("qa", "qa"), ("lm", "lm"),
+                                                 ("humaneval", "humaneval"), ("text", "heldout"),
+                                                 ("arc_easy", "mc")]
+    assert specs[-1].path == str(DATA / "arc_easy.jsonl")
+    with pytest.raises(KVPredError, match="unknown task 'nope'"):
+        parse_tasks("nope", DATA)
+    odd = tmp_path / "odd.jsonl"
+    odd.write_text('{"foo": 1}\n')
+    with pytest.raises(KVPredError, match="cannot tell the task format"):
+        parse_tasks(str(odd), DATA)
+
+
+# ------------------------------------------------------------------ every task, every mode
+def test_every_task_reports_every_mode_with_intervals_around_the_value(pruned_doc):
+    expected = {"kv": ["predicted"], "humaneval": MODES}
+    for name, task in pruned_doc["tasks"].items():
+        assert task["primary"] in task["metrics"]
+        for metric, by_mode in task["metrics"].items():
+            assert sorted(by_mode) == sorted(expected.get(name, MODES)), (name, metric)
+            for mode, entry in by_mode.items():
+                lo, hi = entry["ci"]
+                assert entry["n"] == task["n"] and lo <= entry["value"] <= hi, (name, metric, mode, entry)
+                if name != "kv":
+                    assert "gap_recovered" in entry
+    assert {t: d["n"] for t, d in pruned_doc["tasks"].items()} == {
+        "kv": 3, "heldout": 3, "agreement": 3, "lambada": 3, "arc_easy": 3, "triviaqa": 3, "humaneval": 2,
+        "retrieval": 3}
+
+
+def test_exact_mode_agrees_with_itself(pruned_doc):
+    for metric, by_mode in pruned_doc["tasks"]["agreement"]["metrics"].items():
+        assert by_mode["exact"]["value"] == 1.0, metric
+
+
+def test_predicted_cache_errors_are_zero_for_identity_and_positive_when_pruned(pruned_doc, identity_doc):
+    kv = pruned_doc["tasks"]["kv"]
+    layers = kv["extra"]["predicted"]["per_layer"]["value_rel_l1"]
+    assert len(layers) == 4 and layers[0] < 1e-5  # layer 0 is kept and first: its inputs are exact
+    assert kv["metrics"]["value_rel_l1"]["predicted"]["value"] > 0.05
+    assert kv["metrics"]["key_cos_err"]["predicted"]["value"] > 0.01
+    for metric, by_mode in identity_doc["tasks"]["kv"]["metrics"].items():
+        assert by_mode["predicted"]["value"] < 1e-4, metric
+
+
+def test_identity_auxiliary_gives_predicted_metrics_equal_to_exact(identity_doc):
+    for name, task in identity_doc["tasks"].items():
+        if name == "kv":
+            continue
+        for metric, by_mode in task["metrics"].items():
+            for mode in ("predicted", "aux", "truncate"):  # aux == base and r == 1: all equal exact
+                assert by_mode[mode]["value"] == pytest.approx(by_mode["exact"]["value"], abs=1e-4), (name, metric)
+            assert by_mode["predicted"]["gap_recovered"] is None  # exact == aux: no gap to recover
+
+
+def test_markdown_report_has_a_row_per_task_metric(pruned_doc, tmp_path):
+    doc = dict(pruned_doc, command="kvpred eval ...")
+    md = write_report(doc, tmp_path / "r.json")
+    text = md.read_text()
+    assert json.loads((tmp_path / "r.json").read_text())["tasks"].keys() == pruned_doc["tasks"].keys()
+    assert "| arc_easy | acc ↑ | 3 |" in text and "| heldout | nll ↓ | 3 |" in text
+    assert "gap predicted" in text and "per-layer error" in text and text == markdown_report(doc)
+
+
+# ------------------------------------------------------------------ HumanEval sandbox
+PROBLEM = {"prompt": "def add(a, b):\n", "entry_point": "add",
+           "test": "def check(candidate):\n    assert candidate(2, 3) == 5\n"}
+
+
+def _program(body: str) -> str:
+    from kvpred.tasks import humaneval_program
+    return humaneval_program(PROBLEM, body)
+
+
+def test_sandbox_passes_a_correct_solution_and_fails_a_wrong_one():
+    assert execute_program(_program("    return a + b\n")) == "passed"
+    assert execute_program(_program("    return a - b\n")) == "failed"
+    assert execute_program(_program("    return a +\n")) == "failed"  # syntax error
+
+
+def test_sandbox_times_out_an_infinite_loop_and_blocks_the_network():
+    assert execute_program(_program("    while True:\n        pass\n"), timeout=1.5) == "timeout"
+    net = "    import socket\n    socket.create_connection(('127.0.0.1', 9), timeout=1)\n    return a + b\n"
+    assert execute_program(_program(net)) == "failed"
+
+
+# ------------------------------------------------------------------ CLI, resume, plot
+def test_cli_writes_json_and_markdown_and_resumes_from_the_item_cache(tiny_path, tmp_path, monkeypatch):
+    out = tmp_path / "res" / "eval.json"
+    argv = ["eval", "--model", str(tiny_path), "--tasks", f"lambada={DATA}/lm.jsonl,arc_easy={DATA}/mc.jsonl",
+            "--limit", "3", "--batch-size", "2", "--out", str(out), "--quiet", "--ttft-speedup", "predicted=1.5"]
+    assert cli.main(argv) == 0
+    doc = json.loads(out.read_text())
+    assert set(doc["tasks"]) == {"lambada", "arc_easy"} and doc["ttft_speedup"] == {"predicted": 1.5}
+    assert doc["command"].startswith("kvpred eval") and out.with_suffix(".md").is_file()
+    cached = out.with_suffix(".items.jsonl").read_text().splitlines()
+    units = 3 + sum(len(json.loads(l)["choices"]) for l in (DATA / "mc.jsonl").read_text().splitlines()[:3])
+    assert len(cached) == 4 * units  # one line per unit and mode
+
+    def no_model_calls(*args, **kwargs):
+        raise AssertionError("a resumed run must not recompute cached items")
+
+    monkeypatch.setattr(KINDS["lm"], "run", no_model_calls)
+    monkeypatch.setattr(KINDS["mc"], "run", no_model_calls)
+    assert cli.main(argv) == 0
+    again = json.loads(out.read_text())["tasks"]
+    assert {t: d["metrics"] for t, d in again.items()} == {t: d["metrics"] for t, d in doc["tasks"].items()}
+    assert len(out.with_suffix(".items.jsonl").read_text().splitlines()) == len(cached)
+
+
+def test_cli_errors_are_clear(tiny_path, tmp_path, capsys):
+    assert cli.main(["eval", "--model", str(tiny_path), "--tasks", "nope", "--out", str(tmp_path / "x.json")]) == 2
+    assert "unknown task 'nope'" in capsys.readouterr().err
+    assert cli.main(["eval", "--model", str(tiny_path), "--tasks", f"{DATA}/lm.jsonl", "--modes", "fast",
+                     "--out", str(tmp_path / "x.json"), "--quiet"]) == 2
+    assert "unknown modes" in capsys.readouterr().err
+
+
+def test_result_cache_ignores_other_signatures_and_torn_lines(tmp_path):
+    path = tmp_path / "c.jsonl"
+    cache = ResultCache(path)
+    cache.put("sig", "t", "exact", [("0", {"ll": -1.0})])
+    with path.open("a") as f:
+        f.write('{"sig": "sig", "task": "t", "mode": "exact", "key": "1", "res')  # killed mid-write
+    again = ResultCache(path)
+    assert again.get("sig", "t", "exact", "0") == {"ll": -1.0}
+    assert again.get("other", "t", "exact", "0") is None and again.get("sig", "t", "exact", "1") is None
+
+
+def test_plot_draws_the_pareto_figure_with_a_ttft_panel(pruned_doc, tmp_path):
+    from kvpred.plot import load_results, pareto_points
+
+    first = dict(pruned_doc, label="lp50")
+    second = dict(pruned_doc, label="lp50-fast", ttft_speedup={"predicted": 1.6, "aux": 1.9, "truncate": 1.9},
+                  flops=dict(pruned_doc["flops"], param_ratio=3.0))
+    paths = []
+    for doc in (first, second):
+        paths.append(tmp_path / f"{doc['label']}.json")
+        paths[-1].write_text(json.dumps(doc))
+    points = pareto_points(load_results(paths))
+    exact = [p for p in points if p["mode"] == "exact"]
+    assert all(p["y"] == 1.0 and p["flops_x"] == 1.0 for p in exact)
+    assert {p["flops_x"] for p in points if p["mode"] == "predicted"} == {pruned_doc["flops"]["param_ratio"], 3.0}
+    out = tmp_path / "pareto.png"
+    assert cli.main(["plot", "--results", *map(str, paths), "--out", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ------------------------------------------------------------------ lm-evaluation-harness
+def test_lm_eval_model_runs_local_tasks_and_predicted_equals_exact_for_identity(identity, monkeypatch, tmp_path):
+    lm_eval = pytest.importorskip("lm_eval")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf"))
+    monkeypatch.chdir(DATA)  # the task YAMLs name their jsonl files relative to tests/data
+    from lm_eval.api.registry import get_model
+    from lm_eval.tasks import TaskManager
+
+    from kvpred.lm_eval_model import KVPredLM
+
+    assert get_model("kvpred") is KVPredLM
+    manager = TaskManager(include_path=str(DATA / "lm_eval"))
+    tasks = ["kvpred_tiny_mc", "kvpred_tiny_gen", "kvpred_tiny_ppl"]
+    scores = {}
+    for mode in ("exact", "predicted"):
+        lm = KVPredLM(pretrained=identity, mode=mode, batch_size=4)
+        res = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=3)["results"]
+        scores[mode] = {t: {k: v for k, v in res[t].items() if isinstance(v, float)} for t in tasks}
+    assert scores["exact"]["kvpred_tiny_mc"]["acc,none"] >= 0
+    assert math.isfinite(scores["exact"]["kvpred_tiny_ppl"]["bits_per_byte,none"])
+    for task in tasks:
+        for key, value in scores["exact"][task].items():
+            assert scores["predicted"][task][key] == pytest.approx(value, rel=1e-4), (task, key)
+
+
+def test_lm_eval_wrapper_command_registers_the_model(tmp_path):
+    pytest.importorskip("lm_eval")
+    env = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", HF_DATASETS_CACHE=str(tmp_path / "hf"),
+               OMP_NUM_THREADS="1")
+    model = save_tiny_model(tmp_path / "m")
+    proc = subprocess.run(
+        [sys.executable, "-m", "kvpred.lm_eval_model", "run", "--model", "kvpred", "--model_args",
+         f"pretrained={model},mode=predicted", "--device", "cpu", "--tasks", "kvpred_tiny_mc", "--include_path",
+         str(DATA / "lm_eval"), "--limit", "2", "--output_path", str(tmp_path / "out")],
+        cwd=DATA, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "kvpred_tiny_mc" in proc.stdout and "acc" in proc.stdout
+
+
+# ------------------------------------------------------------------ the real model
+@pytest.mark.smollm
+def test_smollm_identity_setting_scores_arc_easy_the_same_in_predicted_and_exact():
+    model = KVPredictionModel.from_pretrained("smollm2-135m", keep_ratio=1.0)
+    data = default_data_dir()
+    if not (data / "arc_easy.jsonl").is_file():
+        pytest.skip(f"evaluation data not found at {data}")
+    doc = evaluate(model, parse_tasks("arc_easy", data), ["exact", "predicted"], small_options(model),
+                   limit=8, progress=False)
+    acc = doc["tasks"]["arc_easy"]["metrics"]["acc"]
+    assert acc["predicted"]["value"] == acc["exact"]["value"] and acc["exact"]["value"] > 0.25
