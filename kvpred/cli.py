@@ -51,6 +51,10 @@ def _register_generate(sub) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    p.add_argument("--refine", choices=("off", "eager", "lazy", "auto"), default="off",
+                   help="predicted mode: after the first token, replace the predicted cache by the exact one, "
+                        "chunk by chunk while decoding (auto: decide from the first token's confidence)")
+    p.add_argument("--refine-chunk", type=int, default=256, help="prompt tokens the base refines per decode step")
     p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     p.add_argument("--json", action="store_true", help="print one JSON object: text, tokens, mode, ttft_s, ...")
     p.set_defaults(func=_generate)
@@ -63,17 +67,27 @@ def _generate(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     input_ids, attention_mask = encode_prompts(model.tokenizer, [args.prompt], chat=args.chat)
     streamer = TimedStreamer(model.tokenizer, echo=args.stream and not args.json)
+    options = dict(exact_tail=args.exact_tail, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
+                   temperature=args.temperature, top_p=args.top_p, streamer=streamer)
+    refine_info = {}
     start = time.perf_counter()
-    out = model.generate(input_ids, attention_mask, mode=args.mode, exact_tail=args.exact_tail,
-                         max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature,
-                         top_p=args.top_p, stop_strings=args.stop, streamer=streamer)
+    if args.refine != "off" and args.mode == "predicted":
+        if args.stop:
+            raise KVPredError("--stop is not supported together with --refine")
+        from .refine import generate_refined
+
+        out, info = generate_refined(model, input_ids, attention_mask, refine=args.refine,
+                                     chunk_size=args.refine_chunk, **options)
+        refine_info = {"refine": info.get("policy", args.refine), "exact_from": info.get("exact_from")}
+    else:
+        out = model.generate(input_ids, attention_mask, mode=args.mode, stop_strings=args.stop, **options)
     total = time.perf_counter() - start
     new = out[0, input_ids.shape[1]:].tolist()
     text = model.tokenizer.decode(new, skip_special_tokens=True)
     if args.json:
         print(json.dumps({"text": text, "tokens": new, "mode": args.mode, "ttft_s": streamer.ttft(start),
                           "total_s": total, "prompt_tokens": input_ids.shape[1], "new_tokens": len(new),
-                          "model": args.model}))
+                          "model": args.model, **refine_info}))
     elif not args.stream:
         print(text)
     else:

@@ -252,3 +252,11 @@ def test_cli_help_explains_itself(command, capsys):
         main(command + ["--help"])
     assert exit_.value.code == 0
     assert "usage: kvpred" in capsys.readouterr().out
+
+
+def test_cli_generate_with_refinement_reports_when_the_cache_became_exact(tiny_llama, capsys):
+    argv = ["generate", "--model", tiny_llama, "--prompt", "hello there friend", "--json", "--max-new-tokens", "4",
+            "--refine", "eager", "--refine-chunk", "64"]
+    assert main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["refine"] == "eager" and out["exact_from"] == 1 and len(out["tokens"]) == 4
