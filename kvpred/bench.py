@@ -853,15 +853,10 @@ def register(subparsers) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m kvpred.bench ttft ...`: the bench commands without the rest of the CLI."""
-    parser = argparse.ArgumentParser(prog="kvpred")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["bench"] + list(sys.argv[1:] if argv is None else argv))
-    try:
-        return args.func(args)
-    except KVPredError as err:
-        print(f"kvpred: error: {err}", file=sys.stderr)
-        return 2
+    """`python -m kvpred.bench ttft ...`: the same as `kvpred bench ttft ...`."""
+    from .cli import main as cli_main
+
+    return cli_main(["bench", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -456,14 +456,9 @@ def _train_command(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point for torchrun: `torchrun --nproc-per-node N -m kvpred.train --data ... --out ...`."""
-    p = argparse.ArgumentParser(prog="kvpred.train", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p)
-    try:
-        return _train_command(p.parse_args(argv))
-    except KVPredError as err:
-        print(f"kvpred: error: {err}", file=sys.stderr)
-        return 2
+    from .cli import main as cli_main
+
+    return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
