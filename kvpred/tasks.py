@@ -333,6 +333,26 @@ class ScoringKind(Kind):
             yield [(units[i][0], result) for i, result in batch]
 
 
+class GenerationKind(Kind):
+    """Kinds whose units are prompts answered by greedy generation; a unit's result is the text, cut at `stop`."""
+    stop: list[str] = []
+
+    def new_tokens(self, opts: EvalOptions) -> int:
+        raise NotImplementedError
+
+    def units(self, items):
+        return [(str(i), {"prompt": item["prompt"]}) for i, item in enumerate(items)]
+
+    def run(self, ctx, mode, units):
+        opts = ctx.options
+        for batch in generate(ctx.model, [p["prompt"] for _, p in units], mode, ratio=opts.ratio,
+                              batch_size=opts.batch_size, max_new_tokens=self.new_tokens(opts),
+                              stop=self.stop or None, progress=ctx.progress):
+            texts = [ctx.model.tokenizer.decode(t, skip_special_tokens=True) for _, t in batch]
+            yield [(units[i][0], {"text": cut_at_stop(text, self.stop).strip()}) for (i, _), text in
+                   zip(batch, texts)]
+
+
 def _encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
     """Tokenize context + continuation together and split, so the boundary tokenizes naturally (as lm-eval)."""
     spaces = len(context) - len(context.rstrip())
@@ -434,7 +454,7 @@ class HeldOut(ScoringKind):
         return {"nll": [-results[str(i)]["ll"] / results[str(i)]["n"] for i in range(len(items))]}
 
 
-class QuestionAnswering(Kind):
+class QuestionAnswering(GenerationKind):
     """TriviaQA-style: k-shot greedy generation until "\\n", "." or ","; normalised exact match against any alias."""
     metrics_higher_is_better = {"em": True}
     primary = "em"
@@ -452,17 +472,8 @@ class QuestionAnswering(Kind):
                           "targets": _qa_targets(row)})
         return items
 
-    def units(self, items):
-        return [(str(i), {"prompt": item["prompt"]}) for i, item in enumerate(items)]
-
-    def run(self, ctx, mode, units):
-        opts = ctx.options
-        for batch in generate(ctx.model, [p["prompt"] for _, p in units], mode, ratio=opts.ratio,
-                              batch_size=opts.batch_size, max_new_tokens=opts.qa_max_new_tokens, stop=self.stop,
-                              progress=ctx.progress):
-            texts = [ctx.model.tokenizer.decode(t, skip_special_tokens=True) for _, t in batch]
-            yield [(units[i][0], {"text": cut_at_stop(text, self.stop).strip()}) for (i, _), text in
-                   zip(batch, texts)]
+    def new_tokens(self, opts):
+        return opts.qa_max_new_tokens
 
     def metrics(self, items, results, exact):
         return {"em": [float(exact_match(results[str(i)]["text"], item["targets"])) for i, item in enumerate(items)]}
@@ -537,7 +548,7 @@ class Agreement(Kind):
         return {"first_token": first, "prefix": prefix, "per_position": per_position}
 
 
-class Retrieval(Kind):
+class Retrieval(GenerationKind):
     """Long-range recall: a 5-digit pass key stated early (5-20% into a prompt of wikitext filler), asked
     for at the end; correct when the first number generated is the key. Truncation drops the key by
     construction whenever it keeps less than the last 80% of the prompt."""
@@ -573,15 +584,8 @@ class Retrieval(Kind):
                           "depth": (len(head) + at) / length})
         return items
 
-    def units(self, items):
-        return [(str(i), {"prompt": item["prompt"]}) for i, item in enumerate(items)]
-
-    def run(self, ctx, mode, units):
-        opts = ctx.options
-        for batch in generate(ctx.model, [p["prompt"] for _, p in units], mode, ratio=opts.ratio,
-                              batch_size=opts.batch_size, max_new_tokens=self.max_new_tokens, progress=ctx.progress):
-            yield [(units[i][0], {"text": ctx.model.tokenizer.decode(t, skip_special_tokens=True)})
-                   for i, t in batch]
+    def new_tokens(self, opts):
+        return self.max_new_tokens
 
     def metrics(self, items, results, exact):
         acc = []
