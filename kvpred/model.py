@@ -290,14 +290,28 @@ class KVPredictionModel(nn.Module):
     def predicted_cache(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                         exact_tail: int = 1) -> DynamicCache:
         """Steps 1-2 of KV prediction: a base cache for all prompt tokens but the last `exact_tail`."""
+        predicted = self._predict_prefix(input_ids, attention_mask, exact_tail)
+        if predicted is None:
+            return DynamicCache(config=self.base.config)
+        return self.write_cache(*self.base_kv(*predicted))
+
+    def _predict_prefix(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, exact_tail: int,
+                        mark: Callable[[str], None] = lambda phase: None
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """Auxiliary + predictor over prompt[:-exact_tail]: keys, values [L, B, n, kv] and positions [B, n];
+        None when that prefix is empty. A mask of None means an unpadded batch (no host-device syncs)."""
         n = input_ids.shape[1] - exact_tail
         if n <= 0:
-            return DynamicCache(config=self.base.config)
-        mask = attention_mask[:, :n]
-        pos = position_ids_from_mask(mask)
+            return None
+        mask = None if attention_mask is None else attention_mask[:, :n]
+        pos = None if mask is None else position_ids_from_mask(mask)
         key_in, value_in = self.aux_inputs(input_ids[:, :n], mask, pos)
-        keys, values = self.predictor(key_in, value_in)
-        return self.write_cache(*self.base_kv(keys, values, pos))
+        mark("aux")
+        keys, values = self.predictor(key_in, value_in)  # [L, B, n, kv]
+        mark("predictor")
+        if pos is None:
+            pos = torch.arange(n, device=input_ids.device).expand(input_ids.shape[0], n)
+        return keys, values, pos
 
     # ---------------------------------------------------------------- fast path
     def new_cache(self, batch_size: int, capacity: int, mode: str = "predicted") -> "BufferCache":
@@ -311,18 +325,12 @@ class KVPredictionModel(nn.Module):
         """`predicted_cache` written in place: the first N - exact_tail columns of `cache` (emptied first) get the
         predicted keys and values. `mark(phase)` is called after each phase ("aux", "predictor", "write")."""
         mark = mark or (lambda phase: None)
-        n = input_ids.shape[1] - exact_tail
         cache.reset()
-        if n <= 0:
+        predicted = self._predict_prefix(input_ids, attention_mask, exact_tail, mark)
+        if predicted is None:
             return
-        mask = None if attention_mask is None else attention_mask[:, :n]
-        pos = None if mask is None else position_ids_from_mask(mask)
-        key_in, value_in = self.aux_inputs(input_ids[:, :n], mask, pos)
-        mark("aux")
-        keys, values = self.predictor(key_in, value_in)  # [L, B, T, kv]
-        mark("predictor")
-        if pos is None:
-            pos = torch.arange(n, device=input_ids.device).expand(input_ids.shape[0], n)
+        keys, values, pos = predicted
+        n = pos.shape[1]
         self.base_kv_into(keys, values, pos, *cache.slices(n))
         cache.set_length(n)
         mark("write")
