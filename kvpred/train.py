@@ -18,6 +18,7 @@ import os
 import random
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -166,11 +167,12 @@ def trainable_parameters(model: KVPredictionModel, config: TrainConfig) -> list[
     return groups
 
 
-def lr_lambda(config: TrainConfig):
+def lr_lambda(config: TrainConfig, total_steps: Callable[[], int]):
+    """Linear warm-up, then cosine to min_lr_ratio at total_steps() (config.steps, or fewer to fit max_minutes)."""
     def factor(step: int) -> float:
         if step < config.warmup:
             return (step + 1) / config.warmup
-        progress = min(1.0, (step - config.warmup) / max(1, config.steps - config.warmup))
+        progress = min(1.0, (step - config.warmup) / max(1, total_steps() - config.warmup))
         return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
     return factor
 
@@ -222,7 +224,8 @@ class Trainer:
             self.model.aux.train()
         self.module = self._wrap(Distillation(self.model, c))
         self.optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.95), eps=1e-8)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(c))
+        self.total_steps = c.steps  # shortened once, after warm-up, when max_minutes cannot fit c.steps
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(c, lambda: self.total_steps))
         self.data = PackedTokens(c.data, "train", seq_len=c.seq_len, batch_size=c.batch_size, rank=self.rank,
                                  world_size=self.world, seed=c.seed)
         self.heldout = heldout_windows(c.data, c.seq_len, c.eval_windows)
@@ -249,7 +252,8 @@ class Trainer:
                 "predictor": self.model.predictor.state_dict(),
                 "aux": {n: p.detach() for n, p in self.model.aux.named_parameters() if p.requires_grad},
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "data": self.data.state_dict(), "rng": rng_state()}
+                "data": self.data.state_dict(), "rng": rng_state(),
+                "fitted_steps": self.total_steps if self.total_steps < self.config.steps else None}
 
     def save(self) -> None:
         if self.rank != 0:
@@ -284,6 +288,7 @@ class Trainer:
         self.data.load_state_dict(state["data"])
         set_rng_state(state["rng"])
         self.step = state["step"]
+        self.total_steps = min(self.config.steps, state.get("fitted_steps") or self.config.steps)
         self.log(f"resumed from {path} at step {self.step}")
 
     # ---------------------------------------------------------- loop
@@ -293,15 +298,18 @@ class Trainer:
         c = self.config
         tokens_per_step = c.batch_size * c.seq_len * c.grad_accum * self.world
         flops = train_flops_per_token(self.model)
-        bar = tqdm(total=c.steps, initial=self.step, desc="train", disable=self.rank != 0, dynamic_ncols=True)
+        bar = tqdm(total=self.total_steps, initial=self.step, desc="train", disable=self.rank != 0, dynamic_ncols=True)
         metrics_file = open(self.out / "metrics.jsonl", "a") if self.rank == 0 else None
         t_last, step_last = time.perf_counter(), self.step
-        deadline = time.perf_counter() + 60 * c.max_minutes if c.max_minutes else math.inf
-        while self.step < c.steps:
+        t_start, step_start = time.perf_counter(), self.step
+        deadline = t_start + 60 * c.max_minutes if c.max_minutes else math.inf
+        while self.step < self.total_steps:
             losses = self._step()
             self.step += 1
             bar.update(1)
-            last = self.step == c.steps or time.perf_counter() > deadline
+            if self.step == c.warmup and c.max_minutes and self.total_steps == c.steps:
+                self._fit_schedule_to_time(t_start, step_start, deadline, bar)
+            last = self.step == self.total_steps or time.perf_counter() > deadline
             if self.step % c.log_every == 0 or last:
                 self._sync()
                 elapsed = time.perf_counter() - t_last
@@ -318,11 +326,26 @@ class Trainer:
                 self._write(metrics_file, record)
             if self.step % c.save_every == 0 or last:
                 self.save()
-            if last and self.step < c.steps:
-                self.log(f"time limit of {c.max_minutes} min reached at step {self.step} of {c.steps}")
+            if last and self.step < self.total_steps:
+                self.log(f"time limit of {c.max_minutes} min reached at step {self.step} of {self.total_steps}")
                 break
         bar.close()
         return self.finish()
+
+    def _fit_schedule_to_time(self, t_start: float, step_start: int, deadline: float, bar) -> None:
+        """Shorten the cosine so that it ends, annealed, inside max_minutes instead of being cut off mid-way.
+        Decided once, from the warm-up's step rate, and saved, so a resumed run keeps the same schedule."""
+        rate = (self.step - step_start) / (time.perf_counter() - t_start)
+        fits = self.step + int(0.92 * rate * (deadline - time.perf_counter()))  # 8% for evaluations and saves
+        if self.distributed:  # every rank must stop at the same step
+            fits_t = torch.tensor([fits], device=self.device)
+            dist.all_reduce(fits_t, op=dist.ReduceOp.MIN)
+            fits = int(fits_t)
+        if fits < self.total_steps:
+            self.total_steps = max(self.step + 1, fits)
+            bar.total = self.total_steps
+            self.log(f"{self.config.max_minutes} min fit {self.total_steps} of {self.config.steps} steps "
+                     f"at {rate:.2f} steps/s: the learning-rate schedule ends there")
 
     def _step(self) -> dict[str, float]:
         c = self.config

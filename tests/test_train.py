@@ -103,3 +103,15 @@ def test_two_gloo_processes_match_one_process_at_the_same_global_batch(tiny_llam
     losses = lambda d: [json.loads(l)["loss"] for l in open(tmp_path / d / "metrics.jsonl") if '"loss"' in l]
     assert len(losses("two")) == 3
     assert losses("two") == pytest.approx(losses("one"), rel=1e-4)
+
+
+def test_a_time_limit_shortens_the_schedule_so_it_still_ends_annealed(tiny_llama, shards, tmp_path):
+    """With max_minutes too short for `steps`, the cosine is fitted to the time after warm-up, not cut off."""
+    c = config(tiny_llama, shards, tmp_path, steps=10**6, warmup=3, max_minutes=0.1, save_every=10**6)
+    trainer = Trainer(c)
+    trainer.train()
+    assert c.warmup < trainer.step == trainer.total_steps < c.steps
+    assert trainer.scheduler.get_last_lr()[0] == pytest.approx(c.lr * c.min_lr_ratio)
+    resumed = Trainer(config(tiny_llama, shards, tmp_path, steps=10**6, warmup=3, max_minutes=0.1,
+                             save_every=10**6))
+    assert resumed.total_steps == trainer.total_steps  # a resumed run keeps the fitted schedule
