@@ -8,6 +8,7 @@
 #                                                              `train` as a daemon (setsid) and return
 #   stage train  (the daemon) per GPU: `kvpred fit` then `kvpred train` for one auxiliary size, TRAIN_MINUTES each
 #   stage wait   until every run has finished; prints progress
+#   stage eval   evaluate the variants on GPUs 0-2 while GPU 3 runs benchmarks/gpu_ttft.sh
 #   stage scaling  DDP on 1, 2 and 4 GPUs and FSDP2 on 2: tokens/s and scaling efficiency
 #   stage env    only set up the environment (source this script)
 set -uo pipefail
@@ -78,7 +79,7 @@ wait)
     python3 -c "import sys, torch; from kvpred import KVPredictionModel as M
 M.from_pretrained(sys.argv[1]).save_pretrained(sys.argv[2], dtype=torch.bfloat16)" $RUNS/$n/final $RUNS/ship_$n
   done
-  tar -czf $OUT/ship.tgz -C $RUNS $(cd $RUNS && ls -d ship_k*)
+  tar -czf - -C $RUNS $(cd $RUNS && ls -d ship_k*) | split -b 15M - $OUT/ship.tgz.part-  # 16 MiB a file comes back
   ls -la $OUT
   ;;
 scaling)
@@ -89,6 +90,20 @@ scaling)
     timeout 150 torchrun --standalone --nproc_per_node=$n $base $flag --out $RUNS/scale_${kind}$n > $RUNS/scale_${kind}$n.log 2>&1
     echo "$kind x$n: $(tail -1 $RUNS/scale_${kind}$n/metrics.jsonl)"
   done | tee $OUT/scaling.txt
+  ;;
+eval)  # GPUs 0-2: the trained variants (quality); GPU 3: the TTFT benchmark (random-weight shapes + SmolLM2)
+  mkdir -p /tmp/eval; core="lambada,arc_easy,piqa,agreement,heldout,kv"; gen="triviaqa,humaneval"
+  ev() { local gpu=$1 model=$2 label=$3 tasks=$4 secs=$5; shift 5
+    CUDA_VISIBLE_DEVICES=$gpu timeout -k 5 $secs python3 -m kvpred.cli eval --model $model --device cuda \
+      --dtype bfloat16 --tasks $tasks --batch-size 64 --quiet --data-dir /tmp/carry/data --label $label \
+      --out /tmp/eval/$label.json "$@" > /tmp/eval/$label.log 2>&1; echo "$label rc=$?"; }
+  ( ev 0 $RUNS/ship_k6 k6 $core 260 --limit 1000; ev 0 $RUNS/ship_k6 k6_gen $gen 250 ) &
+  ( ev 1 $RUNS/ship_k4 k4 $core 260 --limit 1000; ev 1 $RUNS/ship_k4 k4_gen $gen 250 ) &
+  ( ev 2 $RUNS/ship_k8 k8 $core 260 --limit 1000
+    ev 2 $RUNS/oe_k6/final oe_k6 lambada,arc_easy,piqa,heldout 200 --limit 1000 --modes aux ) &
+  ( CUDA_VISIBLE_DEVICES=3 OUT=/tmp/eval/ttft bash benchmarks/gpu_ttft.sh > /tmp/eval/ttft.out 2>&1 ) &
+  wait
+  tail -5 /tmp/eval/ttft.out; tar -czf $OUT/eval.tgz -C /tmp/eval .; ls -la $OUT
   ;;
 env) ;;
 esac

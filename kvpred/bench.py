@@ -90,15 +90,16 @@ def exact_flops(base_config, n: int) -> float:
 
 def predicted_flops(base_config, aux_config, predictor_config, n: int) -> float:
     """What predicted mode computes: the auxiliary on n-1 tokens (no LM head; with K/V input it stops at its last
-    layer's K/V projections, with hidden-state input it runs every layer for the final normed state), the
-    predictor, and the base's single last-token step over the n-1 predicted entries."""
+    layer's K/V projections, with hidden-state input at the deepest layer the layer map reads), the predictor,
+    and the base's single last-token step over the n-1 predicted entries."""
     b, a = Dims.of(base_config), Dims.of(aux_config)
     t = n - 1
     p = predictor_config
     if p.source == "kv":
         aux = 2.0 * t * ((a.layers - 1) * a.layer_params + a.kv_params) + attention_flops(a, a.layers - 1, t)
     else:
-        aux = 2.0 * t * a.layers * a.layer_params + attention_flops(a, a.layers, t)
+        run = min(max(p.layer_map), a.layers)  # tap j is layer j's normed input: layers 0..j-1 run
+        aux = 2.0 * t * run * a.layer_params + attention_flops(a, run, t)
     predictor = 2.0 * t * len(p.layer_map) * p.in_features * (p.key_features + p.value_features)
     step = 2.0 * b.layers * b.layer_params + attention_flops(b, b.layers, 1, t) + 2.0 * b.hidden * b.vocab
     return aux + predictor + step

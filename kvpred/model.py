@@ -217,7 +217,7 @@ class KVPredictionModel(nn.Module):
         input plus the final normed state ("hidden"), as `capture` takes them in training. A mask and positions
         of None mean an unpadded batch (no host-device syncs for padding checks).
         """
-        with capture(self.aux, self.config.predictor.source) as taps, self._stop_after_last_kv():
+        with capture(self.aux, self.config.predictor.source) as taps, self._stop_after_last_tap():
             try:
                 self.aux.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                use_cache=False)
@@ -226,24 +226,28 @@ class KVPredictionModel(nn.Module):
         return taps.stacked()
 
     @contextmanager
-    def _stop_after_last_kv(self) -> Iterator[None]:
-        """With "kv" input, end the auxiliary's pass once its last layer has projected keys and values: the rest
-        of that layer (attention, MLP) and the final norm feed nothing the predictor reads. Registered after the
-        taps, so the last taps are taken before `_TapsComplete` is raised."""
-        if self.config.predictor.source != "kv":
-            yield
-            return
-        attn = self.aux.model.layers[-1].self_attn
-        done: set[str] = set()
+    def _stop_after_last_tap(self) -> Iterator[None]:
+        """End the auxiliary's pass at the last tap the predictor reads: with "kv" input once its last layer has
+        projected keys and values (that layer's attention, its MLP and the final norm feed nothing the predictor
+        reads); with "hidden" input at the normed input of the deepest layer the layer map names, so layers
+        past it (kept only for the auxiliary's own LM head) are skipped. Registered after the taps, so the last
+        taps are taken before `_TapsComplete` is raised."""
+        layers = self.aux.model.layers
+        if self.config.predictor.source == "hidden":
+            last = max(self.config.predictor.layer_map)
+            points = [layers[last].input_layernorm] if last < len(layers) else []
+        else:
+            points = [layers[-1].self_attn.k_proj, layers[-1].self_attn.v_proj]
+        done: set[int] = set()
 
-        def stop(name):
+        def stop(i):
             def hook(module, args, output):
-                done.add(name)
-                if len(done) == 2:
+                done.add(i)
+                if len(done) == len(points):
                     raise _TapsComplete
             return hook
 
-        hooks = [attn.k_proj.register_forward_hook(stop("k")), attn.v_proj.register_forward_hook(stop("v"))]
+        hooks = [point.register_forward_hook(stop(i)) for i, point in enumerate(points)]
         try:
             yield
         finally:

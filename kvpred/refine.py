@@ -358,7 +358,8 @@ class ChatSession:
     Each `send` renders the whole conversation with the tokenizer's chat template and tokenizes it (the same ids
     exact mode would see), keeps the cached columns that agree with those ids, predicts K/V only for the new
     columns (the auxiliary runs over the whole conversation for context; its prefix is cheap), lets the base run
-    the last `exact_tail` tokens, and decodes with refinement. Refinement that has not caught up by the end of
+    the last `exact_tail` tokens, and decodes with refinement. After an exact history, a new turn short enough
+    that the base costs fewer FLOPs on it than the auxiliary on the whole conversation runs exactly instead. Refinement that has not caught up by the end of
     a reply is finished right after it, so the next turn starts from an exact cache (with refine="off" the
     kept cache stays approximate). Batch size 1; full-attention bases only.
     """
@@ -396,13 +397,16 @@ class ChatSession:
         reuse = self._reusable(ids)
         exact_cols = min(self.exact_cols, reuse)  # the kept columns that are exact
         kept = _prefix_copy(model, self.cache, reuse) if reuse else None
-        predicted = max(ids.shape[1] - self.exact_tail - reuse, 0)
-        policy = self.refine
-        if policy == "auto" and predicted > 0:
-            logits, cache, signal = _prefill(model, ids, mask, self.exact_tail, kept, with_signal=True)
+        tail = self.exact_tail
+        if 0 < reuse == exact_cols and self._exact_turn_is_cheaper(ids.shape[1], reuse):
+            tail = ids.shape[1] - reuse  # the base runs the new turn itself: cheaper than the aux, and exact
+        predicted = max(ids.shape[1] - tail - reuse, 0)
+        policy = "off" if self.refine == "auto" and predicted == 0 else self.refine  # auto: nothing to decide
+        if policy == "auto":
+            logits, cache, signal = _prefill(model, ids, mask, tail, kept, with_signal=True)
             policy = choose_policy(signal, self.thresholds)
         else:
-            logits, cache, _ = _prefill(model, ids, mask, self.exact_tail, kept)
+            logits, cache, _ = _prefill(model, ids, mask, tail, kept)
         if predicted == 0 and exact_cols == reuse:  # nothing predicted on top of an exact prefix: all exact
             refiner = Refiner(model, cache)
         elif policy == "off":
@@ -417,6 +421,15 @@ class ChatSession:
         self.last_info.update(policy=policy, reused_tokens=reuse, predicted_tokens=predicted,
                               prompt_tokens=ids.shape[1])
         return self.messages[-1]["content"]
+
+    def _exact_turn_is_cheaper(self, total: int, reused: int) -> bool:
+        """After an exact history, the base on the new tokens alone costs (total - reused) * P_base; predicting
+        them costs the auxiliary over the whole conversation, total * P_aux (it keeps no cache of its own).
+        Short turns after a long history are therefore cheaper exact, and the predictor, trained on predicted
+        prefixes, is at its worst when asked to continue an exact one."""
+        def layer_params(lm) -> int:
+            return sum(p.numel() for p in lm.model.layers.parameters())
+        return (total - reused) * layer_params(self.model.base) <= total * layer_params(self.model.aux)
 
     def _reusable(self, ids: torch.Tensor) -> int:
         """How many leading cached columns hold exactly these ids (at most N - 1: the base must run one token)."""

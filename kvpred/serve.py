@@ -6,11 +6,28 @@ lm-evaluation-harness can tokenize with the server's own tokenizer (tokenizer_ba
 Extra request fields: `kv_mode` (exact | aux | predicted) and `exact_tail` (int >= 1). Responses carry `kv_mode`
 and `ttft_s`; a stream carries `ttft_s` in the first chunk of each choice.
 
+Progressive refinement and multi-turn reuse (kvpred.refine; predicted mode only)
+* `refine` (off | eager | lazy | auto; default: the server's --refine) and `refine_chunk` (int >= 2; default
+  --refine-chunk): the first token comes from the predicted cache as usual, then each decode step lets the base
+  compute the exact cache a chunk at a time and decoding switches to it once it has caught up (generate_refined).
+  "auto" picks eager, lazy or off per request from the first token's confidence. Responses carry `refine`, the
+  policy used (for auto the one chosen; null if decoding was cut short by a stop string or a departed client
+  before generate_refined returned its choice); a stream carries it in the last chunk of each choice.
+  Asking for refine on exact or aux mode, or with logprobs, is a 400; the server's --refine applies only where
+  refinement can run and is reported as "off" elsewhere.
+* `session` (string id, /v1/chat/completions only): the server keeps a kvpred.refine.ChatSession per id (an LRU
+  of --max-sessions). When a request's messages, all but the last (a user message), start with the session's
+  stored conversation (its earlier messages and the replies the server gave), the cached columns that agree with
+  the new prompt's tokens are reused and only the rest is predicted; otherwise the session starts over. Responses
+  carry `session` and `reused_tokens` (prompt tokens taken from the stored cache), in a stream's last chunk.
+
 How requests run
 * One worker thread owns the model; HTTP handlers only tokenize, validate and wait. Prompts wait in a bounded
   queue (a full queue answers 429). The worker takes the oldest prompt together with queued prompts of the same
-  settings (mode, exact_tail, sampling) and decodes them as one left-padded batch; each row stops on its own
-  (EOS, a stop string, max_tokens, or its client going away). A batch runs to its end before the next starts.
+  settings (mode, exact_tail, sampling, refine policy and chunk) and decodes them as one left-padded batch; each
+  row stops on its own (EOS, a stop string, max_tokens, or its client going away). A batch runs to its end before
+  the next starts. Refinement swaps the cache of a whole batch at once, so "auto" prompts share a batch only with
+  prompts of their own request (one decision per request), and session turns run alone.
 * TTFT (`ttft_s` and the histogram kvpred_time_to_first_token_seconds) runs from a request's arrival to the moment
   its first new token exists on the worker: tokenization, queueing and prefill included, the network not.
 
@@ -33,7 +50,7 @@ import socket
 import threading
 import time
 import uuid
-from collections import deque
+from collections import OrderedDict, deque
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable, Iterator
@@ -42,6 +59,7 @@ import torch
 from transformers.generation import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 from .models import KVPredError
+from .refine import REFINE_CHOICES, ChatSession, generate_refined
 
 KV_MODES = ("exact", "aux", "predicted")
 COMPLETIONS_MAX_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
@@ -59,6 +77,9 @@ class ServeConfig:
     max_queue: int = 64  # prompts waiting for the worker beyond this are answered 429
     max_batch: int = 8  # queued prompts of equal settings decoded together
     poll_s: float = 0.1  # how often a waiting non-streaming request checks that its client is still connected
+    refine: str = "off"  # refine policy of predicted-mode generations that name none
+    refine_chunk: int = 256  # columns the base refines per decode step (eager; lazy a quarter) when none is named
+    max_sessions: int = 16  # chat sessions whose cache is kept; the least recently used beyond this is dropped
 
 
 class APIError(Exception):
@@ -101,6 +122,11 @@ class Job:
     arrived: float  # time.perf_counter() when the request came in
     sink: Callable[[Event], None]
     cancelled: threading.Event = field(default_factory=threading.Event)
+    refine: str = "off"  # eager | lazy | auto | off (always off outside predicted-mode generation)
+    refine_chunk: int = 256
+    request_id: str = ""  # auto prompts batch only with their own request's: one policy decision per request
+    session: str | None = None  # a chat session id: reuse the cache of the conversation's earlier turns
+    messages: list[dict] | None = None  # a session turn's chat messages, as the chat template gets them
     # progress
     tokens: list[int] = field(default_factory=list)
     token_logprobs: list[LogprobEntry] = field(default_factory=list)
@@ -111,15 +137,24 @@ class Job:
     started: float | None = None  # time.perf_counter() when the worker took it up
     ttft_s: float | None = None
     finish_reason: str | None = None
+    refine_used: str | None = None  # the policy that ran; None while "auto" has not reported its choice
+    reused_tokens: int | None = None  # a session turn's prompt tokens taken from the stored cache
+    held: Event | None = None  # the last event, held back until the policy is known
+
+    def __post_init__(self) -> None:
+        self.refine_used = None if self.refine == "auto" else self.refine
 
     @property
     def batch_key(self) -> tuple | None:
-        """Jobs with equal keys may share a batch. Scoring, seeded and empty jobs run alone: a seed must give the
-        same text whatever else is queued."""
-        if self.score_tail is not None or self.seed is not None or self.max_tokens == 0:
+        """Jobs with equal keys may share a batch. Scoring, seeded, empty and session jobs run alone: a seed must
+        give the same text whatever else is queued."""
+        if self.score_tail is not None or self.seed is not None or self.max_tokens == 0 or self.session is not None:
             return None
         sampling = (self.temperature, self.top_p) if self.temperature > 0 else ()
-        return self.mode, self.exact_tail if self.mode == "predicted" else None, sampling
+        refine = () if self.refine == "off" else (self.refine, self.refine_chunk)
+        if self.refine == "auto":
+            refine += (self.request_id,)
+        return self.mode, self.exact_tail if self.mode == "predicted" else None, sampling, refine
 
     def advance(self, token: int, is_eos: bool, now: float, tokenizer, entry: LogprobEntry | None) -> None:
         """Take one new token: send the text it makes visible, or finish."""
@@ -155,7 +190,19 @@ class Job:
             self._emit(Event(self.index, delta, first, self.ttft_s if first else None, finish_reason))
             self.announced = True
 
+    def release(self) -> None:
+        """Send the last event if it was held back (the worker calls this once the run is over)."""
+        if self.held is not None:
+            event, self.held = self.held, None
+            self._deliver(event)
+
     def _emit(self, event: Event) -> None:
+        if event.finish_reason is not None and self.refine_used is None:
+            self.held = event  # "auto": the response reports the policy, which generate_refined returns at its end
+            return
+        self._deliver(event)
+
+    def _deliver(self, event: Event) -> None:
         try:
             self.sink(event)
         except RuntimeError:  # the request's event loop has closed (server shutting down): nobody to tell
@@ -213,6 +260,55 @@ class _Tracker(StoppingCriteria):
         return torch.tensor([job.finish_reason is not None for job in self.jobs], device=input_ids.device)
 
 
+class _Stopped(Exception):
+    """Ends a refined generation (or session turn) once all its prompts have finished early."""
+
+
+class _JobStreamer:
+    """The streamer (put/end, as transformers' BaseStreamer) of generate_refined and ChatSession.send: hands every
+    row's new token to its Job, as _Tracker does for generate. Those loops take no stopping criteria, so once every
+    job has finished while decoding would go on (a stop string, a departed client) put raises _Stopped."""
+
+    def __init__(self, jobs: list[Job], tokenizer, eos_ids: set[int], max_new_tokens: int):
+        self.jobs, self.tokenizer, self.eos_ids, self.max_new_tokens = jobs, tokenizer, eos_ids, max_new_tokens
+        self.steps, self.ended = 0, [False] * len(jobs)  # ended: the row emitted EOS, so the loop stops it anyway
+
+    def put(self, value: torch.Tensor) -> None:
+        if value.dim() == 2:  # the prompt [B, N], sent once before the first new token
+            return
+        now, self.steps = time.perf_counter(), self.steps + 1
+        for row, (job, token) in enumerate(zip(self.jobs, value.tolist())):  # value: [B] new tokens
+            self.ended[row] = self.ended[row] or token in self.eos_ids
+            if job.finish_reason is None:
+                job.advance(token, token in self.eos_ids, now, self.tokenizer, None)
+        natural_end = self.steps >= self.max_new_tokens or all(self.ended)
+        if not natural_end and all(job.finish_reason is not None for job in self.jobs):
+            raise _Stopped
+
+    def end(self) -> None:
+        pass
+
+
+class _ServedSession(ChatSession):
+    """A ChatSession that tokenizes with the worker's own tokenizer (the handlers use the model's) and tells the
+    turn's Job how many prompt tokens came from the stored cache, before its first token."""
+
+    def __init__(self, model, tokenizer):
+        super().__init__(model)
+        self.tokenizer = tokenizer
+        self.turn: Job | None = None
+
+    def conversation_ids(self, messages: list[dict]) -> torch.Tensor:
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return self.tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids.to(self.model.device)
+
+    def _reusable(self, ids: torch.Tensor) -> int:
+        reused = super()._reusable(ids)
+        if self.turn is not None:
+            self.turn.reused_tokens = reused
+        return reused
+
+
 class Metrics:
     """Prometheus metrics in a registry of their own, so that each app (and each test) counts for itself."""
 
@@ -231,7 +327,10 @@ class Metrics:
         self.errors = Counter("kvpred_errors", "Error responses", ["status"], registry=r)
         self.batch_size = Histogram("kvpred_batch_size", "Prompts decoded together", buckets=(1, 2, 4, 8, 16, 32, 64),
                                     registry=r)
+        self.reused = Counter("kvpred_session_reused_tokens", "Prompt tokens of session turns taken from the "
+                              "stored cache", registry=r)
         Gauge("kvpred_queue_depth", "Prompts waiting for the worker", registry=r).set_function(queue_depth)
+        self.sessions = Gauge("kvpred_sessions", "Chat sessions holding a cache", registry=r)
 
     def record(self, job: Job) -> None:
         if job.started is not None:
@@ -240,6 +339,7 @@ class Metrics:
             self.ttft.labels(job.mode).observe(job.ttft_s)
         self.tokens.labels(job.mode).inc(len(job.tokens))
         self.finished.labels(job.mode, job.finish_reason or "error").inc()
+        self.reused.inc(job.reused_tokens or 0)
 
     def render(self) -> bytes:
         from prometheus_client import generate_latest
@@ -260,6 +360,7 @@ class Scheduler:
         self._closing = False
         self._running: list[Job] = []
         self._thread: threading.Thread | None = None
+        self.sessions: OrderedDict[str, _ServedSession] = OrderedDict()  # the worker's alone; least recent first
 
     @property
     def depth(self) -> int:
@@ -300,6 +401,7 @@ class Scheduler:
                 first = self._pending.popleft()
                 if first.cancelled.is_set():  # its client left while it waited
                     first.finish("cancelled")
+                    first.release()
                     self.metrics.record(first)
                     continue
                 batch = [first]
@@ -325,6 +427,7 @@ class Scheduler:
                 log.exception("generation failed")
                 self._fail(batch, APIError(500, f"{type(err).__name__}: {err}", kind="server_error"))
             for job in batch:
+                job.release()
                 self.metrics.record(job)
 
     @staticmethod
@@ -339,28 +442,86 @@ class Scheduler:
         live = [job for job in batch if job.max_tokens > 0]
         for job in batch:
             if job.max_tokens == 0:
+                job.refine_used = job.refine_used or "off"  # no token: nothing to refine, no auto decision
                 job.finish("length")
-        if live:
+        if not live:
+            return
+        if live[0].seed is not None:  # seeded jobs run alone
+            torch.manual_seed(live[0].seed)
+        if live[0].session is not None:
+            self._chat_turn(live[0])
+        elif live[0].refine != "off":
+            self._generate_refined(live)
+        else:
             self._generate(live)
+        for job in live:
+            if job.finish_reason is None:  # decoding ran to max_new_tokens
+                job.finish("length")
 
-    def _generate(self, jobs: list[Job]) -> None:
-        first, pad = jobs[0], self.tokenizer.pad_token_id
-        width = max(len(job.prompt_ids) for job in jobs)
+    def _padded(self, jobs: list[Job]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The jobs' prompts as one left-padded batch: input_ids and attention_mask [B, T]."""
+        pad, width = self.tokenizer.pad_token_id, max(len(job.prompt_ids) for job in jobs)
         input_ids = torch.tensor([[pad] * (width - len(j.prompt_ids)) + j.prompt_ids for j in jobs])  # [B, T]
         attention_mask = torch.tensor([[0] * (width - len(j.prompt_ids)) + [1] * len(j.prompt_ids) for j in jobs])
+        return input_ids, attention_mask
+
+    @staticmethod
+    def _sampling(job: Job) -> dict:
+        sample = job.temperature > 0
+        return {"do_sample": sample, "temperature": job.temperature if sample else 1.0, "top_p": job.top_p}
+
+    def _generate(self, jobs: list[Job]) -> None:
+        first = jobs[0]
+        input_ids, attention_mask = self._padded(jobs)
         tap = _LastScores() if any(job.logprobs is not None for job in jobs) else None
         extra = {"logits_processor": LogitsProcessorList([tap])} if tap is not None else {}
-        if first.seed is not None:
-            torch.manual_seed(first.seed)
-        sample = first.temperature > 0
         self.model.generate(input_ids, attention_mask, mode=first.mode, exact_tail=first.exact_tail,
-                            max_new_tokens=max(job.max_tokens for job in jobs), do_sample=sample,
-                            temperature=first.temperature if sample else 1.0, top_p=first.top_p,
+                            max_new_tokens=max(job.max_tokens for job in jobs), **self._sampling(first),
                             stopping_criteria=StoppingCriteriaList([_Tracker(jobs, self.tokenizer, self.eos_ids,
                                                                              tap)]), **extra)
+
+    def _generate_refined(self, jobs: list[Job]) -> None:
+        first, max_new_tokens = jobs[0], max(job.max_tokens for job in jobs)
+        input_ids, attention_mask = self._padded(jobs)
+        try:
+            _, info = generate_refined(self.model, input_ids, attention_mask, exact_tail=first.exact_tail,
+                                       max_new_tokens=max_new_tokens, **self._sampling(first), refine=first.refine,
+                                       chunk_size=first.refine_chunk,
+                                       streamer=_JobStreamer(jobs, self.tokenizer, self.eos_ids, max_new_tokens))
+        except _Stopped:  # every prompt is done; an auto choice, returned only at the end, stays unknown (None)
+            return
         for job in jobs:
-            if job.finish_reason is None:  # generate ran to max_new_tokens
-                job.finish("length")
+            job.refine_used = job.refine_used or info["policy"]  # auto: the policy it chose
+
+    def _chat_turn(self, job: Job) -> None:
+        """One turn of a chat session: reuse the stored cache where the new prompt's tokens agree with it."""
+        session = self._session(job)
+        session.exact_tail, session.refine, session.chunk_size = job.exact_tail, job.refine, job.refine_chunk
+        session.turn = job
+        try:
+            session.send(job.messages[-1]["content"], max_new_tokens=job.max_tokens, **self._sampling(job),
+                         streamer=_JobStreamer([job], self.tokenizer, self.eos_ids, job.max_tokens))
+        except _Stopped:  # the session keeps its earlier turns' cache for the next request to reuse
+            return
+        finally:
+            session.turn = None
+        session.messages[-1]["content"] = job.text  # the reply as the client got it (a stop string cuts it)
+        job.refine_used = job.refine_used or session.last_info["policy"]
+
+    def _session(self, job: Job) -> _ServedSession:
+        """The job's session, most recently used now; a new one when its messages do not extend the stored
+        conversation. Beyond max_sessions, the least recently used session (and its cache) is dropped."""
+        history = job.messages[:-1]
+        session = self.sessions.pop(job.session, None)
+        if session is None or history[:len(session.messages)] != session.messages:
+            session = _ServedSession(self.model, self.tokenizer)
+        # messages the server did not generate may join the history: the cache is reused by token prefix anyway
+        session.messages = list(history)
+        self.sessions[job.session] = session
+        while len(self.sessions) > self.config.max_sessions:
+            self.sessions.popitem(last=False)
+        self.metrics.sessions.set(len(self.sessions))
+        return session
 
     @torch.no_grad()
     def _score(self, job: Job) -> list[LogprobEntry]:
@@ -409,33 +570,47 @@ def completion_body(head: dict, jobs: list[Job], echoes: list[str] | None) -> di
                         "logprobs": logprobs_block(entries) if job.logprobs is not None else None,
                         "finish_reason": job.finish_reason})
     return {**head, "object": "text_completion", "choices": choices, "usage": usage(jobs),
-            "kv_mode": jobs[0].mode, "ttft_s": first_ttft(jobs)}
+            "kv_mode": jobs[0].mode, "ttft_s": first_ttft(jobs), **run_report(jobs)}
 
 
 def chat_body(head: dict, job: Job) -> dict:
     choice = {"index": 0, "message": {"role": "assistant", "content": job.text}, "logprobs": None,
               "finish_reason": job.finish_reason}
     return {**head, "object": "chat.completion", "choices": [choice], "usage": usage([job]),
-            "kv_mode": job.mode, "ttft_s": job.ttft_s}
+            "kv_mode": job.mode, "ttft_s": job.ttft_s, **run_report([job])}
 
 
-def completion_chunk(head: dict, event: Event, mode: str) -> dict:
+def run_report(jobs: list[Job]) -> dict:
+    """`refine`, plus `session` and `reused_tokens` for a session turn. A request whose prompts ran in several
+    batches (more than max_batch prompts) reports the most eager policy among them, as a batch's choice does."""
+    used = {job.refine_used for job in jobs} - {None}
+    report = {"refine": next((p for p in ("eager", "lazy", "off") if p in used), None)}
+    if jobs[0].session is not None:
+        report.update(session=jobs[0].session, reused_tokens=jobs[0].reused_tokens)
+    return report
+
+
+def completion_chunk(head: dict, event: Event, job: Job) -> dict:
     choice = {"index": event.index, "text": event.text, "logprobs": None, "finish_reason": event.finish_reason}
-    return _with_ttft({**head, "object": "text_completion", "choices": [choice], "kv_mode": mode}, event)
+    return _with_extras({**head, "object": "text_completion", "choices": [choice], "kv_mode": job.mode}, event, job)
 
 
-def chat_chunk(head: dict, event: Event, mode: str) -> dict:
+def chat_chunk(head: dict, event: Event, job: Job) -> dict:
     if event.first:
         delta = {"role": "assistant", "content": event.text}
     else:
         delta = {"content": event.text} if event.text else {}
     choice = {"index": event.index, "delta": delta, "logprobs": None, "finish_reason": event.finish_reason}
-    return _with_ttft({**head, "object": "chat.completion.chunk", "choices": [choice], "kv_mode": mode}, event)
+    chunk = {**head, "object": "chat.completion.chunk", "choices": [choice], "kv_mode": job.mode}
+    return _with_extras(chunk, event, job)
 
 
-def _with_ttft(chunk: dict, event: Event) -> dict:
+def _with_extras(chunk: dict, event: Event, job: Job) -> dict:
+    """ttft_s on a choice's first chunk; what the run reports (refine, session) on its last, once it is known."""
     if event.first:
         chunk["ttft_s"] = event.ttft_s
+    if event.finish_reason is not None:
+        chunk.update(run_report([job]))
     return chunk
 
 
@@ -449,6 +624,41 @@ def validation_error(errors: list[dict]) -> APIError:
     where = ".".join(loc)
     return APIError(400, f"{where}: {first['msg']}" if where else first["msg"], param=loc[0] if loc else None,
                     code="invalid_value")
+
+
+def refine_policy(body, mode: str, default: str, logprobs: bool) -> str:
+    """The request's refine policy: its own, else the server's `default` where refinement can run (predicted-mode
+    generation without logprobs: generate_refined returns no scores), else "off". Asking for refinement where it
+    cannot run is a 400."""
+    if body.refine_chunk is not None and body.refine_chunk < 2:
+        raise APIError(400, f"refine_chunk must be >= 2: the sequence grows by one token per decode step, so "
+                            f"refining fewer columns per step never catches up; got {body.refine_chunk}",
+                       param="refine_chunk", code="invalid_value")
+    asked = body.refine not in (None, "off")
+    if mode != "predicted":
+        if asked:
+            raise APIError(400, f"refine={body.refine!r} applies only to kv_mode 'predicted' (it replaces a predicted "
+                                f"cache by the exact one), but this request runs kv_mode {mode!r}; send "
+                                f"kv_mode='predicted' or refine='off'", param="refine", code="invalid_value")
+        return "off"
+    if logprobs:
+        if asked:
+            raise APIError(400, f"logprobs are not available with refine={body.refine!r}; send refine='off' or no "
+                                "logprobs", param="refine", code="invalid_value")
+        return "off"
+    return body.refine or default
+
+
+def check_session(messages: list[dict], mode: str) -> None:
+    """A session turn predicts only the new turn on top of the stored cache: predicted mode, a user message last."""
+    if mode != "predicted":
+        raise APIError(400, f"session applies only to kv_mode 'predicted' (it reuses a cache and predicts the new "
+                            f"turn), but this request runs kv_mode {mode!r}; send kv_mode='predicted' or no session",
+                       param="session", code="invalid_value")
+    last = messages[-1]
+    if set(last) != {"role", "content"} or last["role"] != "user" or not isinstance(last["content"], str):
+        raise APIError(400, "with session, the last message must be a user message of role and text content only "
+                            "(the new turn)", param="messages", code="invalid_value")
 
 
 def check_prompts(prompts: list[list[int]], max_tokens: int, context: int, vocab: int) -> None:
@@ -520,6 +730,11 @@ def create_app(model, config: ServeConfig | None = None):
     config = config or ServeConfig()
     if config.default_mode not in KV_MODES:
         raise KVPredError(f"unknown default mode {config.default_mode!r}; choose one of {', '.join(KV_MODES)}")
+    if config.refine not in REFINE_CHOICES:
+        raise KVPredError(f"unknown refine policy {config.refine!r}; choose one of {', '.join(REFINE_CHOICES)}")
+    if config.refine_chunk < 2 or config.max_sessions < 1:
+        raise KVPredError(f"refine_chunk must be >= 2 and max_sessions >= 1, got {config.refine_chunk} and "
+                          f"{config.max_sessions}")
     tokenizer, context, vocab = model.tokenizer, model.context_length, model.base.config.vocab_size
     metrics = Metrics(lambda: scheduler.depth)
     scheduler = Scheduler(model, config, metrics)
@@ -557,14 +772,18 @@ def create_app(model, config: ServeConfig | None = None):
                            param="model", code="model_not_found")
 
     def make_jobs(prompts: list[list[int]], body, max_tokens: int, arrived: float, logprobs: int | None = None,
-                  score: bool = False) -> tuple[list[Job], asyncio.Queue]:
+                  score: bool = False, messages: list[dict] | None = None) -> tuple[list[Job], asyncio.Queue]:
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()
         sink = lambda event: loop.call_soon_threadsafe(queue.put_nowait, event)  # noqa: E731 (worker -> loop)
-        jobs = [Job(index=i, prompt_ids=ids, mode=body.kv_mode or config.default_mode,
+        mode, request_id = body.kv_mode or config.default_mode, uuid.uuid4().hex
+        refine = refine_policy(body, mode, config.refine, logprobs is not None)
+        jobs = [Job(index=i, prompt_ids=ids, mode=mode,
                     exact_tail=body.exact_tail or config.exact_tail, max_tokens=max_tokens,
                     temperature=body.temperature, top_p=body.top_p, seed=body.seed, stops=body.stops,
                     logprobs=logprobs, score_tail=(body.exact_tail or math.ceil(len(ids) / 2)) if score else None,
-                    arrived=arrived, sink=sink) for i, ids in enumerate(prompts)]
+                    arrived=arrived, sink=sink, refine=refine, refine_chunk=body.refine_chunk or config.refine_chunk,
+                    request_id=request_id, session=body.session, messages=messages)
+                for i, ids in enumerate(prompts)]
         scheduler.submit(jobs)
         return jobs, queue
 
@@ -585,14 +804,14 @@ def create_app(model, config: ServeConfig | None = None):
         return make_body(head, jobs)
 
     async def stream(jobs, queue, head: dict, chat: bool, include_usage: bool) -> AsyncIterator[str]:
-        make_chunk, mode = chat_chunk if chat else completion_chunk, jobs[0].mode
+        make_chunk = chat_chunk if chat else completion_chunk
         try:
             async for event in _events(jobs, queue):
                 if event.error is not None:  # the status line is gone already: report in the stream, as OpenAI does
                     metrics.errors.labels(str(event.error.status)).inc()
                     yield sse(event.error.body())
                     return
-                yield sse(make_chunk(head, event, mode))
+                yield sse(make_chunk(head, event, jobs[event.index]))
             if include_usage:
                 kind = "chat.completion.chunk" if chat else "text_completion"
                 yield sse({**head, "object": kind, "choices": [], "usage": usage(jobs)})
@@ -608,6 +827,9 @@ def create_app(model, config: ServeConfig | None = None):
         if body.stream and (body.echo or body.logprobs is not None):
             raise APIError(400, "echo and logprobs are not supported with stream=true; send them without streaming",
                            param="stream")
+        if body.session is not None:
+            raise APIError(400, "session is only supported on /v1/chat/completions, whose messages tell which part "
+                                "of the prompt is a new turn", param="session")
         prompts = prompt_token_lists(body.prompt, tokenizer)
         max_tokens = COMPLETIONS_MAX_TOKENS if body.max_tokens is None else body.max_tokens
         check_prompts(prompts, max_tokens, context, vocab)
@@ -626,16 +848,18 @@ def create_app(model, config: ServeConfig | None = None):
                            param="logprobs")
         if tokenizer.chat_template is None:
             raise APIError(400, "this model's tokenizer has no chat template; use /v1/completions", param="messages")
+        messages = [m.for_template() for m in body.messages]
+        if body.session is not None:
+            check_session(messages, body.kv_mode or config.default_mode)
         try:
-            text = tokenizer.apply_chat_template([m.for_template() for m in body.messages], tokenize=False,
-                                                 add_generation_prompt=True)
+            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         except Exception as err:  # jinja errors: the template rejects these messages
             raise APIError(400, f"the chat template rejects these messages: {err}", param="messages") from err
         ids = tokenizer.encode(text, add_special_tokens=False)  # the template holds the special tokens
         limit = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         max_tokens = limit if limit is not None else max(context - len(ids), 0)
         check_prompts([ids], max_tokens, context, vocab)
-        jobs, queue = make_jobs([ids], body, max_tokens, arrived)
+        jobs, queue = make_jobs([ids], body, max_tokens, arrived, messages=messages)
         metrics.requests.labels("chat", jobs[0].mode).inc()
         return await respond(request, body, jobs, queue, True, lambda head, jobs: chat_body(head, jobs[0]))
 
@@ -705,8 +929,11 @@ def register(subparsers) -> None:
 
     p = subparsers.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API",
                               description="OpenAI-compatible server (/v1/completions, /v1/chat/completions, "
-                                          "/v1/models, /health, /metrics). Requests may set kv_mode and exact_tail; "
-                                          "responses report kv_mode and ttft_s.")
+                                          "/v1/models, /health, /metrics). Requests may set kv_mode, exact_tail, "
+                                          "refine (off|eager|lazy|auto: replace the predicted cache by the exact "
+                                          "one while decoding), refine_chunk, and on chat a session id (reuse the "
+                                          "cache of the conversation's earlier turns); responses report kv_mode, "
+                                          "ttft_s, refine, and for sessions session and reused_tokens.")
     add_model_arguments(p)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
@@ -716,6 +943,15 @@ def register(subparsers) -> None:
                    help="prompt tokens the base computes itself when a request names none (paper: 1)")
     p.add_argument("--max-queue", type=int, default=64, help="waiting prompts beyond this are answered 429")
     p.add_argument("--max-batch", type=int, default=8, help="queued prompts of equal settings decoded together")
+    p.add_argument("--refine", choices=REFINE_CHOICES, default="off",
+                   help="refine policy of predicted-mode generations that name none (default: off): eager refines "
+                        "--refine-chunk tokens per decode step, lazy a quarter, auto decides per request from the "
+                        "first token's confidence")
+    p.add_argument("--refine-chunk", type=int, default=256,
+                   help="tokens the base refines per decode step when a request names no refine_chunk (>= 2)")
+    p.add_argument("--max-sessions", type=int, default=16,
+                   help="chat sessions (request field session) whose cache is kept; the least recently used "
+                        "beyond this is dropped")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     p.set_defaults(func=_serve)
 
@@ -725,10 +961,14 @@ def _serve(args: argparse.Namespace) -> int:
 
     from .cli import load_model
 
-    if args.exact_tail < 1 or args.max_batch < 1 or args.max_queue < 0:
-        raise KVPredError("--exact-tail and --max-batch must be >= 1 and --max-queue >= 0")
+    if args.exact_tail < 1 or args.max_batch < 1 or args.max_queue < 0 or args.max_sessions < 1:
+        raise KVPredError("--exact-tail, --max-batch and --max-sessions must be >= 1 and --max-queue >= 0")
+    if args.refine_chunk < 2:
+        raise KVPredError(f"--refine-chunk must be >= 2 so refinement can catch up with decoding, got "
+                          f"{args.refine_chunk}")
     app = create_app(load_model(args), ServeConfig(model_name=args.model, default_mode=args.default_mode,
                                                    exact_tail=args.exact_tail, max_queue=args.max_queue,
-                                                   max_batch=args.max_batch))
+                                                   max_batch=args.max_batch, refine=args.refine,
+                                                   refine_chunk=args.refine_chunk, max_sessions=args.max_sessions))
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0

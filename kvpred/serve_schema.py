@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 KVMode = Literal["exact", "aux", "predicted"]
+RefinePolicy = Literal["off", "eager", "lazy", "auto"]  # kvpred.refine.REFINE_CHOICES
 
 
 class _Body(BaseModel):
@@ -31,6 +32,9 @@ class _Request(_Body):
     # kvpred's extensions
     kv_mode: KVMode | None = None  # None: the server's --default-mode
     exact_tail: int | None = Field(None, ge=1)  # prompt tokens the base computes itself (predicted mode)
+    refine: RefinePolicy | None = None  # None: the server's --refine where refinement applies
+    refine_chunk: int | None = None  # None: the server's --refine-chunk; >= 2, checked with a reason in serve.py
+    session: str | None = Field(None, min_length=1, max_length=256)  # chat only: reuse earlier turns' cache
 
     @property
     def stops(self) -> tuple[str, ...]:

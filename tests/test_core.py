@@ -65,6 +65,20 @@ def test_pruned_auxiliary_changes_the_prediction_but_not_the_decoding_rules(tiny
 
 
 # ---------------------------------------------------------------- RoPE, GQA, head dims, layer maps
+def test_aux_layers_past_the_deepest_hidden_tap_are_not_run_in_predicted_mode(tiny_llama):
+    """With hidden-state input and base layers mapped no deeper than aux layer 1's normed input, the rest of aux
+    layer 1 serves only the auxiliary's own LM head: predicted mode skips it (its weights may be anything)."""
+    model = KVPredictionModel.from_pretrained(tiny_llama, keep_layers=[0, 2], source="hidden",
+                                              layer_map=[0, 1, 1, 1])
+    ids = torch.randint(3, 259, (2, 12))
+    before = model.prefill(ids)[0]
+    with torch.no_grad():
+        for module in (model.aux.model.layers[1].self_attn, model.aux.model.layers[1].mlp):  # its input norm is the tap
+            for p in module.parameters():
+                p.fill_(float("nan"))
+    torch.testing.assert_close(model.prefill(ids)[0], before)
+
+
 def test_rope_round_trip_recovers_position_free_keys(tiny_llama):
     model = KVPredictionModel.from_pretrained(tiny_llama, keep_ratio=1.0)
     keys = torch.randn(2, 2, 7, 16)  # [B, H, T, D]

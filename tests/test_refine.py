@@ -261,11 +261,24 @@ def test_chat_session_with_aux_equal_to_base_replies_like_exact_mode(tiny_llama,
         reply = session.send(text, max_new_tokens=12)
         assert torch.equal(session.tokens[0, conversation.shape[1]:], exact)
         assert reply == session.messages[-1]["content"] and session.messages[-2]["content"] == text
-        # later turns reuse every cached column the new conversation starts with, and predict only the rest
+        # later turns reuse every cached column the new conversation starts with; with aux == base the base is
+        # never dearer than the auxiliary, so after the first turn it runs the new columns itself
         common = int((before == conversation[0, :len(before)]).long().cumprod(0).sum())
         info = session.last_info
         assert info["reused_tokens"] == common and (common > 0) == (turn > 0)
-        assert info["predicted_tokens"] == conversation.shape[1] - 2 - common
+        assert info["predicted_tokens"] == (0 if turn > 0 else conversation.shape[1] - 2)
+
+
+def test_after_an_exact_history_a_turn_is_predicted_only_where_that_costs_fewer_flops(tiny_llama):
+    """The auxiliary keeps no cache, so predicting a new turn costs P_aux * (whole conversation) against
+    P_base * (new tokens) for the base alone: a short follow-up runs exactly, a long document is predicted."""
+    model = chat_model(tiny_llama, 0.25)  # 1 of 4 layers: the base costs 4x the auxiliary per token
+    session = ChatSession(model, refine="eager", chunk_size=8)
+    session.send("Tell me a long story about " + "the sea " * 20, max_new_tokens=4)
+    session.send("ok", max_new_tokens=4)
+    assert session.last_info["reused_tokens"] > 0 and session.last_info["predicted_tokens"] == 0
+    session.send("Now summarise this: " + "pasted words " * 12, max_new_tokens=4)
+    assert session.last_info["predicted_tokens"] > 0
 
 
 def test_chat_session_keeps_an_exact_cache_of_earlier_turns(tiny_llama):
