@@ -167,6 +167,15 @@ def trainable_parameters(model: KVPredictionModel, config: TrainConfig) -> list[
     return groups
 
 
+def _load_whole(param: torch.Tensor, whole: torch.Tensor) -> None:
+    """Copy a saved whole tensor into a parameter, or into this rank's shard of an FSDP2 (DTensor) parameter."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if isinstance(param, DTensor):
+        whole = distribute_tensor(whole.to(param.device, param.dtype), param.device_mesh, param.placements)
+    param.copy_(whole)
+
+
 def lr_lambda(config: TrainConfig, total_steps: Callable[[], int]):
     """Linear warm-up, then cosine to min_lr_ratio at total_steps() (config.steps, or fewer to fit max_minutes)."""
     def factor(step: int) -> float:
@@ -222,7 +231,11 @@ class Trainer:
         if c.activation_checkpointing:
             self.model.aux.gradient_checkpointing_enable()
             self.model.aux.train()
+        names = {id(p): n for n, p in self.model.named_parameters()}
         self.module = self._wrap(Distillation(self.model, c))
+        current = dict(self.model.named_parameters())  # fully_shard swaps parameters for sharded ones
+        for group in groups:
+            group["params"] = [current[names[id(p)]] for p in group["params"]]
         self.optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.95), eps=1e-8)
         self.total_steps = c.steps  # shortened once, after warm-up, when max_minutes cannot fit c.steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(c, lambda: self.total_steps))
@@ -247,21 +260,45 @@ class Trainer:
             module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
 
     # ---------------------------------------------------------- checkpoints
-    def _state(self) -> dict:
+    @property
+    def sharded(self) -> bool:
+        return self.config.fsdp and self.distributed
+
+    def _whole_state(self) -> dict[str, torch.Tensor]:
+        """The trainable tensors by name under the model ("predictor.key_weight", "aux.model.layers.0...").
+        FSDP2 keeps each rank's shard only: there every rank takes part in gathering them, rank 0 receives them."""
+        trainable = {n for n, p in self.model.named_parameters() if p.requires_grad}
+        if self.sharded:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            whole = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        else:
+            whole = dict(self.model.named_parameters())
+        return {n: t.detach().clone() for n, t in whole.items() if n in trainable}
+
+    def _optimizer_state(self) -> dict:
+        if not self.sharded:
+            return self.optimizer.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        return get_optimizer_state_dict(self.module, self.optimizer,
+                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def _state(self, whole: dict[str, torch.Tensor], optimizer: dict) -> dict:
+        part = lambda prefix: {n.removeprefix(prefix): t for n, t in whole.items() if n.startswith(prefix)}
         return {"config": asdict(self.config), "step": self.step,
-                "predictor": self.model.predictor.state_dict(),
-                "aux": {n: p.detach() for n, p in self.model.aux.named_parameters() if p.requires_grad},
-                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "predictor": part("predictor."), "aux": part("aux."),
+                "optimizer": optimizer, "scheduler": self.scheduler.state_dict(),
                 "data": self.data.state_dict(), "rng": rng_state(),
                 "fitted_steps": self.total_steps if self.total_steps < self.config.steps else None}
 
     def save(self) -> None:
-        if self.rank != 0:
-            return
-        path = self.out / STATE_NAME
-        tmp = path.with_name(f".{path.name}.tmp")
-        torch.save(self._state(), tmp)
-        os.replace(tmp, path)  # atomic: a kill mid-save leaves the previous checkpoint intact
+        whole, optimizer = self._whole_state(), self._optimizer_state()
+        if self.rank == 0:
+            path = self.out / STATE_NAME
+            tmp = path.with_name(f".{path.name}.tmp")
+            torch.save(self._state(whole, optimizer), tmp)
+            os.replace(tmp, path)  # atomic: a kill mid-save leaves the previous checkpoint intact
 
     def _resume_if_possible(self) -> None:
         path = self.out / STATE_NAME
@@ -278,12 +315,18 @@ class Trainer:
         if diff:
             raise KVPredError(f"{path} was written by a run with a different configuration {diff} "
                               "(saved, now); use another --out or the same settings")
-        self.model.predictor.load_state_dict(state["predictor"])
-        params = dict(self.model.aux.named_parameters())
+        predictor, aux = dict(self.model.predictor.named_parameters()), dict(self.model.aux.named_parameters())
         with torch.no_grad():
-            for n, t in state["aux"].items():
-                params[n].copy_(t)
-        self.optimizer.load_state_dict(state["optimizer"])
+            for params, saved in ((predictor, state["predictor"]), (aux, state["aux"])):
+                for n, t in saved.items():
+                    _load_whole(params[n], t)
+        if self.sharded:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            set_optimizer_state_dict(self.module, self.optimizer, state["optimizer"],
+                                     options=StateDictOptions(full_state_dict=True))
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.data.load_state_dict(state["data"])
         set_rng_state(state["rng"])
@@ -392,15 +435,29 @@ class Trainer:
     def finish(self) -> Path:
         """Write the trained model as a kvpred checkpoint (adapters stay as factors, merged on load)."""
         final = self.out / "final"
+        whole = self._whole_state() if self.sharded else None
         if self.rank == 0:
-            aux_state = trained_aux_state(self.model, self.config)
-            lora.merge_adapters(self.model.aux)
-            self.model.aux_tensors = aux_state
-            self.model.save_pretrained(final)
+            model = self._unsharded_copy(whole) if self.sharded else self.model
+            aux_state = trained_aux_state(model, self.config)
+            lora.merge_adapters(model.aux)
+            model.aux_tensors = aux_state
+            model.save_pretrained(final)
             self.log(f"saved {final}")
         if self.distributed:
             dist.barrier()
         return final
+
+    def _unsharded_copy(self, whole: dict[str, torch.Tensor]) -> KVPredictionModel:
+        """A plain (unsharded) copy of the model on the CPU with the gathered trained tensors, for saving."""
+        c = self.config
+        model = KVPredictionModel.from_pretrained(c.model, keep_ratio=c.keep_ratio, source=c.source,
+                                                  dtype=torch.float32, device="cpu")
+        trainable_parameters(model, c)  # the same adapters and trainable set
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for n, t in whole.items():
+                params[n].copy_(t)
+        return model
 
     @staticmethod
     def _write(file, record: dict) -> None:
