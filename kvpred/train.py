@@ -196,12 +196,15 @@ def trained_aux_state(model: KVPredictionModel, config: TrainConfig) -> dict[str
     return state
 
 
-def train_flops_per_token(model: KVPredictionModel) -> float:
+def train_flops_per_token(model: KVPredictionModel, config: TrainConfig) -> float:
     """Matmul FLOPs per trained token: aux fwd+bwd (6P), base 2 forwards + input-gradient backward (~6P),
-    predictor 6P. Parameters counted as matmul weights incl. the LM head; attention's T^2 term ignored."""
+    predictor 6P; the aux alone when no loss needs the base (OE-LP). Parameters counted as matmul weights incl. the
+    LM head; attention's T^2 term ignored."""
     def matmul_params(m) -> int:
         return sum(p.numel() for n, p in m.named_parameters() if p.dim() == 2 and "embed_tokens" not in n) + \
             (m.get_output_embeddings().weight.numel() if m.config.tie_word_embeddings else 0)
+    if not (config.base_loss or config.kv_loss or config.kl_loss):
+        return 6.0 * matmul_params(model.aux)
     return 6.0 * (matmul_params(model.aux) + matmul_params(model.base) + model.predictor.key_weight.numel()
                   + model.predictor.value_weight.numel())
 
@@ -340,7 +343,7 @@ class Trainer:
 
         c = self.config
         tokens_per_step = c.batch_size * c.seq_len * c.grad_accum * self.world
-        flops = train_flops_per_token(self.model)
+        flops = train_flops_per_token(self.model, c)
         bar = tqdm(total=self.total_steps, initial=self.step, desc="train", disable=self.rank != 0, dynamic_ncols=True)
         metrics_file = open(self.out / "metrics.jsonl", "a") if self.rank == 0 else None
         t_last, step_last = time.perf_counter(), self.step
