@@ -277,7 +277,7 @@ class Trainer:
             whole = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         else:
             whole = dict(self.model.named_parameters())
-        return {n: t.detach().clone() for n, t in whole.items() if n in trainable}
+        return {n: t.detach() for n, t in whole.items() if n in trainable}
 
     def _optimizer_state(self) -> dict:
         if not self.sharded:
