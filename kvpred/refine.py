@@ -359,9 +359,10 @@ class ChatSession:
     exact mode would see), keeps the cached columns that agree with those ids, predicts K/V only for the new
     columns (the auxiliary runs over the whole conversation for context; its prefix is cheap), lets the base run
     the last `exact_tail` tokens, and decodes with refinement. After an exact history, a new turn short enough
-    that the base costs fewer FLOPs on it than the auxiliary on the whole conversation runs exactly instead. Refinement that has not caught up by the end of
-    a reply is finished right after it, so the next turn starts from an exact cache (with refine="off" the
-    kept cache stays approximate). Batch size 1; full-attention bases only.
+    that the base costs fewer FLOPs on it than the auxiliary on the whole conversation runs exactly instead.
+    Refinement that has not caught up by the end of a reply is finished right after it, so the next turn starts
+    from an exact cache (with refine="off" the kept cache stays approximate). Batch size 1; full-attention bases
+    only.
     """
 
     def __init__(self, model: KVPredictionModel, *, system: str | None = None, exact_tail: int = 1,

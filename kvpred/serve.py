@@ -733,8 +733,8 @@ def create_app(model, config: ServeConfig | None = None):
     if config.refine not in REFINE_CHOICES:
         raise KVPredError(f"unknown refine policy {config.refine!r}; choose one of {', '.join(REFINE_CHOICES)}")
     if config.refine_chunk < 2 or config.max_sessions < 1:
-        raise KVPredError(f"refine_chunk must be >= 2 and max_sessions >= 1, got {config.refine_chunk} and "
-                          f"{config.max_sessions}")
+        raise KVPredError(f"--refine-chunk must be >= 2 (so refinement catches up with decoding) and --max-sessions "
+                          f">= 1, got {config.refine_chunk} and {config.max_sessions}")
     tokenizer, context, vocab = model.tokenizer, model.context_length, model.base.config.vocab_size
     metrics = Metrics(lambda: scheduler.depth)
     scheduler = Scheduler(model, config, metrics)
@@ -961,11 +961,8 @@ def _serve(args: argparse.Namespace) -> int:
 
     from .cli import load_model
 
-    if args.exact_tail < 1 or args.max_batch < 1 or args.max_queue < 0 or args.max_sessions < 1:
-        raise KVPredError("--exact-tail, --max-batch and --max-sessions must be >= 1 and --max-queue >= 0")
-    if args.refine_chunk < 2:
-        raise KVPredError(f"--refine-chunk must be >= 2 so refinement can catch up with decoding, got "
-                          f"{args.refine_chunk}")
+    if args.exact_tail < 1 or args.max_batch < 1 or args.max_queue < 0:
+        raise KVPredError("--exact-tail and --max-batch must be >= 1 and --max-queue >= 0")
     app = create_app(load_model(args), ServeConfig(model_name=args.model, default_mode=args.default_mode,
                                                    exact_tail=args.exact_tail, max_queue=args.max_queue,
                                                    max_batch=args.max_batch, refine=args.refine,
