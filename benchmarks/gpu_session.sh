@@ -10,6 +10,8 @@
 #   stage wait   until every run has finished; prints progress
 #   stage eval   evaluate the variants on GPUs 0-2 while GPU 3 runs benchmarks/gpu_ttft.sh
 #   stage scaling  DDP on 1, 2 and 4 GPUs and FSDP2 on 2: tokens/s and scaling efficiency
+#   stage round2 (daemon, started by `b round2`) per GPU: continue training the shipped default for TRAIN_MINUTES,
+#                full rank or after `kvpred compress --rank R`; `ROUND=2 ... wait` then ships them, `eval2` evaluates
 #   stage env    only set up the environment (source this script)
 set -uo pipefail
 export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1 KVPRED_CACHE=/tmp/kvcache HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
@@ -27,6 +29,9 @@ for f in sys.argv[2:]:
 RECIPE="--suffix-split --kl-loss 1.0 --aux-lora-rank 32 --aux-lr 1e-3"
 VARIANTS=("k6 0 0,6,12,18,24,29 $RECIPE" "k4 1 0,10,20,29 $RECIPE" "k8 2 0,4,8,12,16,20,24,28 $RECIPE"
           "oe_k6 3 0,6,12,18,24,29 --base-loss 0 --kv-loss 0")
+# round 2, from the shipped default: name, GPU, predictor rank (0: keep the full-rank maps)
+ROUND2=("full 0 0" "r128 1 128" "r64 2 64" "r32 3 32")
+[ "${ROUND:-1}" = 2 ] && VARIANTS=("${ROUND2[@]}")
 
 case "$stage" in
 a)
@@ -51,7 +56,7 @@ print(f"loaded + converted in {time.time() - t:.1f} s; fingerprint ok")
 EOF2
   # transformers 5.17 converts the GGUF tokenizer with the wrong EOS: use the files converted on the CPU machine
   for d in /tmp/kvcache/converted/smollm2-135m-*/; do cp /tmp/carry/tok/* "$d"; done
-  setsid nohup bash benchmarks/gpu_session.sh train > $RUNS/train.log 2>&1 < /dev/null &
+  setsid nohup bash benchmarks/gpu_session.sh ${1:-train} > $RUNS/train.log 2>&1 < /dev/null &
   sleep 5; cat $RUNS/train.log
   ;;
 train)
@@ -67,6 +72,20 @@ train)
   done
   wait
   ;;
+round2)
+  common="--data $D --steps 20000 --max-minutes ${TRAIN_MINUTES:-12} --seq-len 512 --batch-size 32 --warmup 100 \
+          --eval-every 250 --save-every 250 --log-every 25"
+  for v in "${ROUND2[@]}"; do
+    read -r name gpu rank <<< "$v"
+    ( export CUDA_VISIBLE_DEVICES=$gpu; init=smollm2-135m
+      if [ "$rank" -gt 0 ]; then
+        kv compress --model smollm2-135m --rank $rank --data $D --out $RUNS/c_$name --tokens 262144 \
+           --batch-size 16 --device cuda > $RUNS/$name.log 2>&1; init=$RUNS/c_$name; fi
+      kv train --model $init $common $RECIPE --out $RUNS/$name >> $RUNS/$name.log 2>&1
+      echo "exit $?" > $RUNS/$name.done ) &
+  done
+  wait
+  ;;
 wait)
   until [ "$(ls $RUNS/*.done 2>/dev/null | wc -l)" -ge ${#VARIANTS[@]} ]; do
     sleep 30; for v in "${VARIANTS[@]}"; do n=${v%% *}; echo "$n: $(tail -c 200 $RUNS/$n.log | tr '\r' '\n' | tail -1)"; done
@@ -74,12 +93,12 @@ wait)
   for v in "${VARIANTS[@]}"; do
     n=${v%% *}; echo "== $n $(cat $RUNS/$n.done)"; grep '"heldout' $RUNS/$n/metrics.jsonl | tail -1; grep -a "fit\|limit" $RUNS/$n.log
   done
-  tar -czf $OUT/train_logs.tgz -C $RUNS $(cd $RUNS && ls -d */metrics.jsonl fit_*/fit_report.json *.log)
+  tar -czf $OUT/train_logs.tgz -C $RUNS $(cd $RUNS && ls -d */metrics.jsonl */*_report.json *.log)
   for v in "${VARIANTS[@]}"; do n=${v%% *}
     python3 -c "import sys, torch; from kvpred import KVPredictionModel as M
 M.from_pretrained(sys.argv[1]).save_pretrained(sys.argv[2], dtype=torch.bfloat16)" $RUNS/$n/final $RUNS/ship_$n
   done
-  tar -czf - -C $RUNS $(cd $RUNS && ls -d ship_k*) | split -b 15M - $OUT/ship.tgz.part-  # 16 MiB a file comes back
+  tar -czf - -C $RUNS $(cd $RUNS && ls -d ship_*) | split -b 15M - $OUT/ship.tgz.part-  # 16 MiB a file comes back
   ls -la $OUT
   ;;
 scaling)
@@ -104,6 +123,20 @@ eval)  # GPUs 0-2: the trained variants (quality); GPU 3: the TTFT benchmark (ra
   ( CUDA_VISIBLE_DEVICES=3 OUT=/tmp/eval/ttft bash benchmarks/gpu_ttft.sh > /tmp/eval/ttft.out 2>&1 ) &
   wait
   tail -5 /tmp/eval/ttft.out; tar -czf $OUT/eval.tgz -C /tmp/eval .; ls -la $OUT
+  ;;
+eval2)  # the round-2 variants side by side (GPUs 0-3), then pass-key retrieval at 2k-4k tokens for two of them
+  mkdir -p /tmp/eval; core="lambada,arc_easy,piqa,agreement,heldout,kv"
+  ev() { local gpu=$1 name=$2 tasks=$3 secs=$4; shift 4
+    CUDA_VISIBLE_DEVICES=$gpu timeout -k 5 $secs python3 -m kvpred.cli eval --model $RUNS/ship_$name --device cuda \
+      --dtype bfloat16 --tasks $tasks --batch-size 64 --quiet --data-dir /tmp/carry/data --label $name \
+      --out /tmp/eval/$name$suffix.json "$@" > /tmp/eval/$name$suffix.log 2>&1; echo "$name$suffix rc=$?"; }
+  for v in "${ROUND2[@]}"; do read -r name gpu rank <<< "$v"
+    ( suffix=""; ev $gpu $name $core 270 --limit 1000
+      if [ $gpu -lt 2 ]; then suffix=_retrieval; ev $gpu $name retrieval 200 --retrieval-lengths 2048,4096 \
+         --limit 64 --batch-size 8 --modes exact,predicted,truncate; fi ) &
+  done
+  wait
+  tar -czf $OUT/eval2.tgz -C /tmp/eval .; ls -la $OUT
   ;;
 env) ;;
 esac

@@ -100,7 +100,7 @@ def predicted_flops(base_config, aux_config, predictor_config, n: int) -> float:
     else:
         run = min(max(p.layer_map), a.layers)  # tap j is layer j's normed input: layers 0..j-1 run
         aux = 2.0 * t * run * a.layer_params + attention_flops(a, run, t)
-    predictor = 2.0 * t * len(p.layer_map) * p.in_features * (p.key_features + p.value_features)
+    predictor = 2.0 * t * p.multiply_adds_per_token()
     step = 2.0 * b.layers * b.layer_params + attention_flops(b, b.layers, 1, t) + 2.0 * b.hidden * b.vocab
     return aux + predictor + step
 

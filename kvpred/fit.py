@@ -4,13 +4,18 @@ For every base layer i with aux tap j = layer_map[i], with X = [aux input | 1] a
 RoPE) or values, W = (X^T X + lam*D)^-1 (X^T Y + lam*D*W0), where D is X^T X's mean diagonal (no penalty on the bias)
 and W0 the prior (identity for a pruned auxiliary reading keys/values, zero otherwise). Only the running sums X^T X,
 X^T Y and sum(Y^2) are kept, never the activations, so calibration size is bounded by time, not memory.
+
+`factorise` turns full-rank maps into the cheaper factorised predictor (PredictorConfig.rank): per tap, the maps of all
+base layers reading it are approximated by a truncated SVD after scaling by the square root of the input covariance,
+the best rank-r approximation in output error over the calibration inputs (reduced-rank regression). `kvpred fit
+--rank` applies it to the ridge solution, `kvpred compress` to a trained predictor.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Iterable
 
@@ -18,6 +23,7 @@ import torch
 from tqdm import tqdm
 
 from .model import KVPredictionModel, capture, position_ids_from_mask
+from .predictor import KVPredictor
 
 
 @dataclass
@@ -26,6 +32,7 @@ class FitConfig:
     seq_len: int = 512
     batch_size: int = 8
     ridge: float = 1e-3  # lam, relative to the mean diagonal of X^T X
+    rank: int = 0  # > 0: factorise the fitted maps to this rank per tap (hidden-state input only)
 
 
 @dataclass
@@ -53,8 +60,7 @@ def collect(model: KVPredictionModel, batches: Iterable[torch.Tensor], tokens: i
         with capture(model.base, "kv") as target:
             model.base.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False)
         yk, yv = (torch.stack(t).flatten(1, 2).double() for t in (target.k, target.v))  # [L, N, out]
-        xs = [torch.cat([x.flatten(1, 2).double(), x.new_ones(x.shape[0], ids.numel(), 1, dtype=torch.float64)],
-                        -1) for x in (key_in, value_in)]  # [taps, N, in+1]
+        xs = [_augmented(x) for x in (key_in, value_in)]  # [taps, N, in+1]
         if stats is None:
             n_taps, d = xs[0].shape[0], xs[0].shape[-1]
             z = lambda *shape: torch.zeros(*shape, dtype=torch.float64, device=model.device)  # noqa: E731
@@ -76,6 +82,71 @@ def collect(model: KVPredictionModel, batches: Iterable[torch.Tensor], tokens: i
     if stats is None:
         raise ValueError("no calibration data: the batch iterator was empty")
     return stats
+
+
+def _augmented(x: torch.Tensor) -> torch.Tensor:
+    """[taps, B, T, in] -> [taps, B*T, in+1] float64 with a ones column (the bias's input)."""
+    x = x.flatten(1, 2).double()
+    return torch.cat([x, x.new_ones(*x.shape[:2], 1)], -1)
+
+
+@torch.no_grad()
+def input_moments(model: KVPredictionModel, batches: Iterable[torch.Tensor], tokens: int) -> torch.Tensor:
+    """Running [X|1]^T [X|1] per auxiliary tap [taps, in+1, in+1] over `tokens` tokens: the auxiliary alone runs."""
+    xtx, seen = None, 0
+    bar = tqdm(total=tokens, desc="compress: input statistics", unit="tok")
+    for ids in batches:
+        x = _augmented(model.aux_inputs(ids.to(model.device), None, None)[0])
+        xtx = x.transpose(1, 2) @ x if xtx is None else xtx + x.transpose(1, 2) @ x
+        seen += ids.numel()
+        bar.update(ids.numel())
+        if seen >= tokens:
+            break
+    bar.close()
+    if xtx is None:
+        raise ValueError("no calibration data: the batch iterator was empty")
+    return xtx
+
+
+@torch.no_grad()
+def factorise(predictor: KVPredictor, xtx: torch.Tensor, rank: int) -> tuple[KVPredictor, list[float]]:
+    """The rank-`rank` factorised predictor closest to the full-rank `predictor` in output error on inputs with
+    moments `xtx` [taps, in+1, in+1] (augmented as in `_augmented`), and per tap the relative output error it
+    leaves, sqrt(sum of dropped squared singular values / total). The biases absorb the error at the mean input."""
+    c = predictor.config
+    if c.rank is not None:
+        raise ValueError(f"the predictor is already factorised (rank {c.rank})")
+    widest = min(c.in_features, *(c.layer_map.count(j) * (c.key_features + c.value_features) for j in c.taps))
+    if not 0 < rank <= widest:
+        raise ValueError(f"rank {rank} is not in [1, {widest}]: the maps of one tap have rank at most {widest}")
+    lowrank = KVPredictor(replace(c, rank=rank)).to(predictor.key_weight.device)
+    errors = []
+    for code, tap in enumerate(c.taps):
+        layers = [i for i, j in enumerate(c.layer_map) if j == tap]
+        w = torch.cat([torch.cat([predictor.key_weight[i], predictor.value_weight[i]]) for i in layers]).double()
+        b = torch.cat([torch.cat([predictor.key_bias[i], predictor.value_bias[i]]) for i in layers]).double()
+        n, mean = xtx[tap][-1, -1], xtx[tap][:-1, -1] / xtx[tap][-1, -1]
+        e, v = torch.linalg.eigh(xtx[tap][:-1, :-1] / n - torch.outer(mean, mean))
+        e = e.clamp(min=e.max() * 1e-12)
+        u, sv, vh = torch.linalg.svd(w @ (v * e.sqrt()) @ v.T, full_matrices=False)
+        root = sv[:rank].sqrt()  # split evenly between the two factors
+        up, down = u[:, :rank] * root, (root[:, None] * vh[:rank]) @ (v * e.rsqrt()) @ v.T
+        b = b + (w - up @ down) @ mean
+        lowrank.down.data[code] = down
+        for k, (rows, bias) in enumerate(zip(up.split(c.key_features + c.value_features),
+                                             b.split(c.key_features + c.value_features))):
+            i = layers[k]
+            lowrank.key_weight.data[i], lowrank.value_weight.data[i] = rows.split([c.key_features, c.value_features])
+            lowrank.key_bias.data[i], lowrank.value_bias.data[i] = bias.split([c.key_features, c.value_features])
+        errors.append((sv[rank:].pow(2).sum() / sv.pow(2).sum()).sqrt().item())
+    return lowrank.to(predictor.key_weight.dtype), errors
+
+
+def _use_factorised(model: KVPredictionModel, xtx: torch.Tensor, rank: int) -> list[float]:
+    """Replace model.predictor by its rank-`rank` factorisation; return the per-tap relative output errors."""
+    model.predictor, errors = factorise(model.predictor, xtx, rank)
+    model.config.predictor = model.predictor.config
+    return errors
 
 
 def _prior(model: KVPredictionModel, d_in: int, d_out: int) -> torch.Tensor:
@@ -118,7 +189,11 @@ def solve(model: KVPredictionModel, stats: Statistics, ridge: float) -> dict:
 
 def fit_predictor(model: KVPredictionModel, batches: Iterable[torch.Tensor], config: FitConfig) -> dict:
     start = time.perf_counter()
-    report = solve(model, collect(model, batches, config.tokens), config.ridge)
+    stats = collect(model, batches, config.tokens)
+    report = solve(model, stats, config.ridge)
+    if config.rank:
+        report["rank"] = config.rank
+        report["factorised_rel_error_per_tap"] = _use_factorised(model, stats.xtx[0], config.rank)
     report["seconds"] = time.perf_counter() - start
     return report
 
@@ -142,9 +217,48 @@ def register(subparsers) -> None:
         p.add_argument(f"--{f.replace('_', '-')}", type=type(default), default=default)
     p.set_defaults(func=_fit_command)
 
+    p = subparsers.add_parser(
+        "compress", help="factorise a checkpoint's full-rank predictor to a cheaper low-rank one",
+        description="Replace the predictor's full-rank maps by the factorised predictor of the given rank (one "
+                    "projection per auxiliary tap shared by every base layer reading it, then per-layer maps): the "
+                    "best approximation in output error on calibration text, found in closed form. Hidden-state "
+                    "predictors only. Fine-tune the result with `kvpred train` to recover what it loses.")
+    add_model_arguments(p)
+    p.add_argument("--rank", type=int, required=True, help="width of each tap's shared code")
+    p.add_argument("--data", required=True, help="token shard folder made by `kvpred data build`")
+    p.add_argument("--out", required=True, help="folder for the compressed checkpoint")
+    p.add_argument("--tokens", type=int, default=65_536, help="calibration tokens for the input statistics")
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.set_defaults(func=_compress_command)
+
+
+def _compress_command(args: argparse.Namespace) -> int:
+    from .data import PackedTokens, check_tokenizer
+    from .models import KVPredError
+
+    model = KVPredictionModel.from_pretrained(args.model, dtype=torch.float32, device=args.device)
+    check_tokenizer(args.data, model.tokenizer)
+    before = model.predictor.config.multiply_adds_per_token()
+    xtx = input_moments(model, PackedTokens(args.data, "train", seq_len=args.seq_len, batch_size=args.batch_size),
+                        args.tokens)
+    try:
+        errors = _use_factorised(model, xtx, args.rank)
+    except ValueError as err:
+        raise KVPredError(f"cannot compress {args.model}: {err}") from err
+    model.save_pretrained(args.out)
+    after = model.predictor.config.multiply_adds_per_token()
+    Path(args.out, "compress_report.json").write_text(json.dumps(
+        {"from": args.model, "rank": args.rank, "tokens": args.tokens, "rel_error_per_tap": errors,
+         "multiply_adds_per_token": [before, after]}, indent=2))
+    print(f"rank {args.rank}: predictor multiply-adds per token {before} -> {after} ({before / after:.1f}x fewer); "
+          f"relative output error per tap {', '.join(f'{e:.3f}' for e in errors)}; saved {args.out}")
+    return 0
+
 
 def _fit_command(args: argparse.Namespace) -> int:
     from .data import PackedTokens, check_tokenizer
+    from .models import KVPredError
 
     keep = [int(x) for x in args.keep_layers.split(",")] if args.keep_layers else None
     # statistics in float32 whatever the serving dtype: X^T X of bf16 activations loses the small directions
@@ -152,6 +266,11 @@ def _fit_command(args: argparse.Namespace) -> int:
                                               source=args.source, dtype=torch.float32, device=args.device)
     check_tokenizer(args.data, model.tokenizer)
     config = FitConfig(**{f: getattr(args, f) for f in asdict(FitConfig())})
+    if model.predictor.config.rank is not None:
+        raise KVPredError(f"{args.model} has a factorised predictor; fit solves full-rank maps (add --rank to "
+                          f"factorise them): start from a base or a full-rank checkpoint")
+    if config.rank and model.predictor.config.source != "hidden":
+        raise KVPredError("--rank needs a hidden-state predictor (--source hidden)")
     batches = PackedTokens(args.data, "train", seq_len=config.seq_len, batch_size=config.batch_size)
     report = fit_predictor(model, batches, config)
     model.save_pretrained(args.out)

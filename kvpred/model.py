@@ -58,7 +58,7 @@ class KVPConfig:
                                   f"this kvpred reads version {FORMAT_VERSION}")
             return cls(base=raw["base"], base_fingerprint=raw["base_fingerprint"], aux=AuxSpec(**raw["aux"]),
                        predictor=PredictorConfig(**raw["predictor"]), format_version=raw["format_version"])
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError, ValueError) as err:
             raise KVPredError(f"{where} is not a valid kvpred config ({type(err).__name__}: {err})") from err
 
 
@@ -175,7 +175,8 @@ class KVPredictionModel(nn.Module):
         aux_model = _make_aux(base_model, tokenizer, config.aux, dtype, device)
         aux_tensors = _read_safetensors(path / AUX_NAME) if config.aux.saved_params else {}
         _load_aux_tensors(aux_model, aux_tensors, config.aux.saved_params, path / AUX_NAME)
-        expected = _predictor_config(base_model, aux_model, config.predictor.layer_map, config.predictor.source)
+        expected = _predictor_config(base_model, aux_model, config.predictor.layer_map, config.predictor.source,
+                                     config.predictor.rank)
         if expected != config.predictor:
             raise KVPredError(f"{path / CONFIG_NAME}: predictor shapes {config.predictor} do not match the "
                               f"base and auxiliary, which need {expected}")
@@ -474,7 +475,7 @@ def default_layer_map(base: PreTrainedModel, aux: PreTrainedModel, spec: AuxSpec
 
 
 def _predictor_config(base: PreTrainedModel, aux: PreTrainedModel, layer_map: list[int],
-                      source: str) -> PredictorConfig:
+                      source: str, rank: int | None = None) -> PredictorConfig:
     n_base = base.config.num_hidden_layers
     n_aux = aux.config.num_hidden_layers + (source == "hidden")  # "hidden" also offers the final normed state
     if len(layer_map) != n_base or not all(0 <= j < n_aux for j in layer_map):
@@ -485,7 +486,7 @@ def _predictor_config(base: PreTrainedModel, aux: PreTrainedModel, layer_map: li
         raise KVPredError("auxiliary keys and values differ in width; use source='hidden'")
     return PredictorConfig(layer_map=list(layer_map), in_features=in_features,
                            key_features=b_attn.k_proj.out_features, value_features=b_attn.v_proj.out_features,
-                           source=source)
+                           source=source, rank=rank)
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:

@@ -187,12 +187,21 @@ def lr_lambda(config: TrainConfig, total_steps: Callable[[], int]):
 
 
 def trained_aux_state(model: KVPredictionModel, config: TrainConfig) -> dict[str, torch.Tensor]:
-    """What must be saved of the aux: adapter factors (or changed matrices) and the layer norms."""
+    """What must be saved of the aux: what the checkpoint training started from saved (`model.aux_tensors`),
+    updated by this run's changed matrices and layer norms, and its adapter factors appended to earlier ones (their
+    ranks add up), so a second round of training keeps the first."""
+    state = dict(model.aux_tensors)
     if not config.train_aux:
-        return {}
-    state = {n: p.detach() for n, p in model.aux.named_parameters()
+        return state
+    plain = {n: p.detach() for n, p in model.aux.named_parameters()
              if p.requires_grad and not n.endswith((".A", ".B")) and "parametrizations" not in n}
-    state.update(lora.adapter_factors(model.aux))
+    for name in plain:  # a whole trained matrix already holds the adapters merged into it at load
+        state.pop(name + lora.SUFFIX_A, None), state.pop(name + lora.SUFFIX_B, None)
+    state.update(plain)
+    for name, factor in lora.adapter_factors(model.aux).items():
+        earlier = state.get(name)
+        state[name] = factor if earlier is None else torch.cat(
+            [earlier.to(factor), factor], dim=0 if name.endswith(lora.SUFFIX_A) else 1)
     return state
 
 
@@ -205,8 +214,8 @@ def train_flops_per_token(model: KVPredictionModel, config: TrainConfig) -> floa
             (m.get_output_embeddings().weight.numel() if m.config.tie_word_embeddings else 0)
     if not (config.base_loss or config.kv_loss or config.kl_loss):
         return 6.0 * matmul_params(model.aux)
-    return 6.0 * (matmul_params(model.aux) + matmul_params(model.base) + model.predictor.key_weight.numel()
-                  + model.predictor.value_weight.numel())
+    return 6.0 * (matmul_params(model.aux) + matmul_params(model.base)
+                  + model.predictor.config.multiply_adds_per_token())
 
 
 # ---------------------------------------------------------------- the recipe

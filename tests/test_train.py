@@ -68,6 +68,18 @@ def test_adapters_keep_the_checkpoint_small_and_load_merged(tiny_llama, shards, 
     torch.testing.assert_close(saved.prefill(ids)[0], trainer.model.prefill(ids)[0], atol=1e-4, rtol=1e-4)
 
 
+def test_a_second_round_of_adapter_training_keeps_the_first(tiny_llama, shards, tmp_path):
+    """Training again from a trained checkpoint appends the new adapter factors to the saved ones (ranks add up)."""
+    first = Trainer(config(tiny_llama, shards, tmp_path, steps=4, aux_lora_rank=2, aux_lr=1e-2)).train()
+    again = Trainer(config(str(first), shards, tmp_path, steps=4, aux_lora_rank=2, aux_lr=1e-2, keep_ratio=None,
+                           out=str(tmp_path / "again")))
+    saved = KVPredictionModel.from_pretrained(str(again.train()))
+    factors = {n: t for n, t in saved.aux_tensors.items() if n.endswith(lora.SUFFIX_A)}
+    assert factors and all(t.shape[0] == 4 for t in factors.values())
+    ids = torch.randint(3, 259, (2, 20))
+    torch.testing.assert_close(saved.prefill(ids)[0], again.model.prefill(ids)[0], atol=1e-4, rtol=1e-4)
+
+
 def test_resume_after_a_kill_continues_exactly(tiny_llama, shards, tmp_path):
     straight = Trainer(config(tiny_llama, shards, tmp_path / "a", steps=4))
     straight.train()

@@ -1,0 +1,136 @@
+"""Specification of the training-free predictor: ridge fit, factorised (low-rank) predictor, compression."""
+import json
+
+import pytest
+import torch
+
+from kvpred.cli import main
+from kvpred.data import PackedTokens, build_shards
+from kvpred.fit import FitConfig, factorise, fit_predictor, input_moments
+from kvpred.model import KVPredictionModel
+from kvpred.predictor import PredictorConfig
+from kvpred.testing import byte_tokenizer
+from kvpred.train import Distillation, TrainConfig
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+TEXT = "The river runs past the old mill and under the stone bridge before it reaches the sea. " * 30
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("corpus")
+    for i in range(12):
+        (root / f"doc{i}.txt").write_text(f"document {i}: " + TEXT[i * 5:])
+    out = root / "tokens"
+    build_shards([str(root)], byte_tokenizer(), out, heldout_fraction=0.2, progress=False)
+    return str(out)
+
+
+def batches(shards: str, batch_size: int = 4):
+    return PackedTokens(shards, "train", seq_len=32, batch_size=batch_size)
+
+
+def hidden_model(tiny_llama) -> KVPredictionModel:
+    torch.manual_seed(0)
+    return KVPredictionModel.from_pretrained(tiny_llama, keep_layers=[0, 2], source="hidden")
+
+
+def mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs)
+
+
+@pytest.mark.parametrize("source", ["kv", "hidden"])
+def test_ridge_fit_predicts_base_keys_and_values_better_than_the_initial_predictor(tiny_llama, shards, source):
+    model = KVPredictionModel.from_pretrained(tiny_llama, keep_layers=[0, 2], source=source)
+    report = fit_predictor(model, batches(shards), FitConfig(tokens=512, seq_len=32, batch_size=4))
+    for kind in ("key", "value"):
+        assert mean(report[f"{kind}_rel_error_after"]) < 0.9 * mean(report[f"{kind}_rel_error_before"])
+
+
+def test_factorised_predictor_at_full_rank_computes_the_same_maps(tiny_llama, shards):
+    model = hidden_model(tiny_llama)
+    xtx = input_moments(model, batches(shards), 256)
+    full_rank, (code_width,) = model.predictor, {model.predictor.config.in_features}
+    lowrank, errors = factorise(full_rank, xtx, code_width)
+    taps = torch.randn(3, 2, 5, code_width)
+    for got, want in zip(lowrank(taps, taps), full_rank(taps, taps)):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert max(errors) < 1e-6
+
+
+def test_factorisation_reports_its_output_error_and_beats_an_unweighted_svd(tiny_llama, shards):
+    """At rank r the maps are truncated in the metric of the calibration inputs: the error reported per tap is the
+    relative output error measured on those inputs, and plain SVD truncation of the weights does worse there."""
+    model, rank = hidden_model(tiny_llama), 4
+    ids = next(iter(batches(shards, batch_size=8)))
+    taps = model.aux_inputs(ids, None, None)[0]
+    xtx = input_moments(model, [ids], ids.numel())
+    lowrank, errors = factorise(model.predictor, xtx, rank)
+    want = torch.cat(model.predictor(taps, taps), -1)  # [L, B, T, key+value]
+    got = torch.cat(lowrank(taps, taps), -1)
+    for code, tap in enumerate(model.predictor.config.taps):
+        layers = [i for i, j in enumerate(model.predictor.config.layer_map) if j == tap]
+        y, y_low = want[layers].permute(1, 2, 0, 3).flatten(2), got[layers].permute(1, 2, 0, 3).flatten(2)
+        measured = ((y - y_low).pow(2).sum() / (y - y.mean((0, 1))).pow(2).sum()).sqrt().item()
+        assert measured == pytest.approx(errors[code], rel=1e-3)
+
+    white = torch.eye(xtx.shape[-1], dtype=torch.float64).expand_as(xtx).clone()  # mean 0, covariance I
+    plain = factorise(model.predictor, white, rank)[0]  # so: the weights' own truncated SVD
+    assert (want - got).pow(2).sum() < (want - torch.cat(plain(taps, taps), -1)).pow(2).sum()
+
+
+def test_factorised_predictor_is_cheaper_and_round_trips_through_a_checkpoint(tiny_llama, shards, tmp_path):
+    model = hidden_model(tiny_llama)
+    full = model.predictor.config.multiply_adds_per_token()
+    model.predictor, _ = factorise(model.predictor, input_moments(model, batches(shards), 256), 4)
+    model.config.predictor = model.predictor.config
+    assert model.predictor.config.multiply_adds_per_token() < full / 3
+    model.save_pretrained(tmp_path / "ckpt")
+    assert json.loads((tmp_path / "ckpt" / "kvpred_config.json").read_text())["predictor"]["rank"] == 4
+    loaded = KVPredictionModel.from_pretrained(str(tmp_path / "ckpt"))
+    ids = torch.randint(3, 259, (2, 12))
+    torch.testing.assert_close(loaded.prefill(ids)[0], model.prefill(ids)[0])
+
+
+def test_training_a_factorised_predictor_reaches_its_shared_projection(tiny_llama, shards):
+    model = hidden_model(tiny_llama)
+    model.predictor, _ = factorise(model.predictor, input_moments(model, batches(shards), 256), 4)
+    model.config.predictor = model.predictor.config
+    losses = Distillation(model, TrainConfig(z_loss=0.0)).forward(torch.randint(3, 259, (2, 16)), None)
+    losses["kv_l1"].backward()
+    assert model.predictor.down.grad is not None and model.predictor.down.grad.abs().sum() > 0
+
+
+def test_cli_fit_with_rank_and_compress_write_factorised_checkpoints(tiny_llama, shards, tmp_path, capsys):
+    common = ["--data", shards, "--device", "cpu", "--seq-len", "32", "--batch-size", "4"]
+    assert main(["fit", "--model", tiny_llama, "--keep-layers", "0,2", "--source", "hidden", "--out",
+                 str(tmp_path / "fit"), "--tokens", "256", "--rank", "8", *common]) == 0
+    report = json.loads((tmp_path / "fit" / "fit_report.json").read_text())
+    fitted = KVPredictionModel.from_pretrained(str(tmp_path / "fit"))
+    assert report["rank"] == fitted.predictor.config.rank == 8
+    assert len(report["factorised_rel_error_per_tap"]) == len(fitted.predictor.config.taps)
+    assert main(["fit", "--model", tiny_llama, "--keep-layers", "0,2", "--source", "hidden", "--out",
+                 str(tmp_path / "full"), "--tokens", "256", *common]) == 0
+    assert main(["compress", "--model", str(tmp_path / "full"), "--rank", "4", "--out", str(tmp_path / "small"),
+                 "--tokens", "256", *common]) == 0
+    assert "fewer" in capsys.readouterr().out
+    small = KVPredictionModel.from_pretrained(str(tmp_path / "small"))
+    assert small.predictor.config.rank == 4
+    out = small.generate(torch.randint(3, 259, (1, 10)), max_new_tokens=3)
+    assert out.shape == (1, 13)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["fit", "--keep-layers", "0,2", "--source", "kv", "--rank", "4"], "hidden-state predictor"),
+    (["compress", "--rank", "4"], "hidden-state input"),
+])
+def test_factorising_a_key_value_predictor_is_a_clear_error(tiny_llama, shards, tmp_path, capsys, argv, message):
+    argv = argv[:1] + ["--model", tiny_llama, "--data", shards, "--out", str(tmp_path / "x"), "--device", "cpu",
+                       "--tokens", "64", "--seq-len", "32", "--batch-size", "2"] + argv[1:]
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_rank_without_hidden_input_is_refused_by_the_config():
+    with pytest.raises(ValueError, match="hidden-state input"):
+        PredictorConfig(layer_map=[0], in_features=4, key_features=4, value_features=4, source="kv", rank=2)
