@@ -94,15 +94,21 @@ def predicted_flops(base_config, aux_config, predictor_config, n: int) -> float:
     and the base's single last-token step over the n-1 predicted entries."""
     b, a = Dims.of(base_config), Dims.of(aux_config)
     t = n - 1
-    p = predictor_config
-    if p.source == "kv":
-        aux = 2.0 * t * ((a.layers - 1) * a.layer_params + a.kv_params) + attention_flops(a, a.layers - 1, t)
-    else:
-        run = min(max(p.layer_map), a.layers)  # tap j is layer j's normed input: layers 0..j-1 run
-        aux = 2.0 * t * run * a.layer_params + attention_flops(a, run, t)
-    predictor = 2.0 * t * p.multiply_adds_per_token()
+    layers, last_kv = aux_layers_run(aux_config, predictor_config)
+    aux = 2.0 * t * (layers * a.layer_params + last_kv * a.kv_params) + attention_flops(a, layers, t)
+    predictor = 2.0 * t * predictor_config.multiply_adds_per_token()
     step = 2.0 * b.layers * b.layer_params + attention_flops(b, b.layers, 1, t) + 2.0 * b.hidden * b.vocab
     return aux + predictor + step
+
+
+def aux_layers_run(aux_config, predictor_config) -> tuple[int, bool]:
+    """(auxiliary layers predicted mode runs whole, whether it also runs one more layer's K/V projections): with K/V
+    input the pass stops at the last layer's K/V projections; with hidden-state input tap j is layer j's normed
+    input, so layers 0..j-1 run for the deepest tap."""
+    a = Dims.of(aux_config)
+    if predictor_config.source == "kv":
+        return a.layers - 1, True
+    return min(max(predictor_config.layer_map), a.layers), False
 
 
 def flop_ratio_full(base_config, aux_config, predictor_config, n: int) -> float:

@@ -39,41 +39,27 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 
-def _linear_weights(layers: nn.Module) -> int:
-    """Multiply-accumulates per token of the matmuls in `layers` (q, k, v, o, MLP projections)."""
-    return sum(m.weight.numel() for m in layers.modules() if isinstance(m, nn.Linear))
-
-
-def _attention_flops(model, n_queries: int, n_keys: int) -> float:
-    """QK^T and AV FLOPs of `n_queries` causal queries (the last of `n_keys` positions), all layers."""
-    cfg = model.config
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    first = n_keys - n_queries + 1  # keys seen by the first query
-    pairs = n_queries * (first + n_keys) / 2  # query-key pairs under the causal mask
-    return 2 * 2 * cfg.num_attention_heads * head_dim * pairs * cfg.num_hidden_layers
-
-
 def flop_ratio(model, prompt_tokens: int = 1024) -> dict:
     """TTFT FLOPs reduction of KV prediction over the exact base, by two rules.
 
     * param_ratio (the paper's rule, METHOD 4): params(base) / params(aux), each counting a tied embedding
       once. This is the r that truncate mode uses.
-    * matmul_ratio: matmul FLOPs of an exact prefill of `prompt_tokens` tokens over those of a predicted one:
-      auxiliary decoder layers (no LM head: predicted mode never runs it) + predictor on N-1 tokens, then the
-      base's last-token step over the N-1 predicted entries; attention included, the LM head once for the last
-      token in both. matmul_ratio_linear is its limit for long prompts without attention.
+    * matmul_ratio: FLOPs of an exact prefill of `prompt_tokens` tokens over those of a predicted one, as
+      `kvpred bench` counts them (bench.predicted_flops: the auxiliary layers predicted mode runs, the predictor,
+      the base's last-token step; attention included). matmul_ratio_linear is its limit for long prompts
+      without attention.
     """
-    n = prompt_tokens
+    from .bench import Dims, aux_layers_run, exact_flops, predicted_flops
+
+    n, base, aux, pc = prompt_tokens, model.base.config, model.aux.config, model.predictor.config
+    exact, predicted = exact_flops(base, n), predicted_flops(base, aux, pc, n)
+    b, a = Dims.of(base), Dims.of(aux)
+    layers, last_kv = aux_layers_run(aux, pc)
+    linear = b.layers * b.layer_params / (layers * a.layer_params + last_kv * a.kv_params
+                                          + pc.multiply_adds_per_token())
     params_base, params_aux = count_params(model.base), count_params(model.aux)
-    base_lin, aux_lin = _linear_weights(model.base.model.layers), _linear_weights(model.aux.model.layers)
-    head = model.base.lm_head.weight.numel()
-    pc = model.predictor.config
-    predictor = len(pc.layer_map) * pc.in_features * (pc.key_features + pc.value_features)  # MACs per token
-    exact = 2 * n * base_lin + _attention_flops(model.base, n, n) + 2 * head
-    predicted = (2 * (n - 1) * (aux_lin + predictor) + _attention_flops(model.aux, n - 1, n - 1)
-                 + 2 * base_lin + _attention_flops(model.base, 1, n) + 2 * head)
     return {"param_ratio": params_base / params_aux, "params_base": params_base, "params_aux": params_aux,
-            "matmul_ratio": exact / predicted, "matmul_ratio_linear": base_lin / (aux_lin + predictor),
+            "matmul_ratio": exact / predicted, "matmul_ratio_linear": linear,
             "prompt_tokens": n, "exact_prefill_flops": exact, "predicted_prefill_flops": predicted,
             "predictor_params": sum(p.numel() for p in model.predictor.parameters())}
 

@@ -119,6 +119,10 @@ def test_flop_counts_by_hand():
     # final normed state; the predictor reads 4 wide inputs: 2*3*2*4*(2+2) = 192
     hidden = PredictorConfig(layer_map=[0, 1], in_features=4, key_features=2, value_features=2, source="hidden")
     assert predicted_flops(cfg, aux, hidden, 4) == 864 + 96 + 192 + 576 + 128 + 80
+    # factorised at rank 1: each of the 2 taps projected to 1 (2*3*2*4*1 = 48), then 2*3*2*1*(2+2) = 48 up
+    factorised = PredictorConfig(layer_map=[0, 1], in_features=4, key_features=2, value_features=2,
+                                 source="hidden", rank=1)
+    assert predicted_flops(cfg, aux, factorised, 4) == 864 + 96 + 48 + 48 + 576 + 128 + 80
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
