@@ -103,25 +103,44 @@ def test_a_corrupt_or_foreign_checkpoint_is_refused(tiny_llama, shards, tmp_path
         Trainer(config(tiny_llama, shards, tmp_path, steps=4))
 
 
+def train_cli(tiny_llama, shards, out, *, steps: int, nproc: int = 1, fsdp: bool = False, warmup: int = 1) -> None:
+    """`kvpred train` in a subprocess: one process, or `nproc` gloo processes under torchrun at the same global
+    batch of 4."""
+    args = ["-m", "kvpred.train", "--model", tiny_llama, "--data", shards, "--keep-ratio", "0.5", "--steps",
+            str(steps), "--seq-len", "32", "--warmup", str(warmup), "--log-every", "1", "--eval-every", "100",
+            "--save-every", "2", "--no-bf16", "--batch-size", str(4 // nproc), "--out", str(out),
+            *(["--fsdp"] if fsdp else [])]
+    if nproc > 1:
+        args = ["-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port", "29533", *args]
+    subprocess.run([sys.executable, *args], check=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                   capture_output=True)
+
+
+def losses(run) -> list[float]:
+    return [json.loads(line)["loss"] for line in open(run / "metrics.jsonl") if '"loss"' in line]
+
+
 @pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
 def test_two_gloo_processes_match_one_process_at_the_same_global_batch(tiny_llama, shards, tmp_path, sharding):
-    common = ["--model", tiny_llama, "--data", shards, "--keep-ratio", "0.5", "--steps", "3", "--seq-len", "32",
-              "--warmup", "1", "--log-every", "1", "--eval-every", "100", "--save-every", "2", "--no-bf16"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-m", "kvpred.train", *common, "--batch-size", "4", "--out", str(tmp_path / "one")],
-                   check=True, env=env, capture_output=True)
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533",
-                    "-m", "kvpred.train", *common, "--batch-size", "2", "--out", str(tmp_path / "two"),
-                    *(["--fsdp"] if sharding == "fsdp" else [])], check=True, env=env, capture_output=True)
-    losses = lambda d: [json.loads(l)["loss"] for l in open(tmp_path / d / "metrics.jsonl") if '"loss"' in l]
-    assert len(losses("two")) == 3
-    assert losses("two") == pytest.approx(losses("one"), rel=1e-4)
+    train_cli(tiny_llama, shards, tmp_path / "one", steps=3)
+    train_cli(tiny_llama, shards, tmp_path / "two", steps=3, nproc=2, fsdp=sharding == "fsdp")
+    assert len(losses(tmp_path / "two")) == 3
+    assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=1e-4)
     # the checkpoints hold whole tensors (FSDP2 shards are gathered) and load like the one-process model
     one, two = (KVPredictionModel.from_pretrained(str(tmp_path / d / "final")) for d in ("one", "two"))
     ids = torch.randint(3, 259, (2, 20))
     torch.testing.assert_close(two.prefill(ids)[0], one.prefill(ids)[0], atol=1e-4, rtol=1e-4)
     state = torch.load(tmp_path / "two" / STATE_NAME, weights_only=False)
     assert state["step"] == 3 and state["predictor"]["key_weight"].shape == one.predictor.key_weight.shape
+
+
+def test_an_fsdp2_run_resumed_after_a_kill_continues_like_an_uninterrupted_one(tiny_llama, shards, tmp_path):
+    """The gathered checkpoint (whole parameters and optimizer state) is loaded back into the shards."""
+    train_cli(tiny_llama, shards, tmp_path / "straight", steps=4, nproc=2, fsdp=True, warmup=2)
+    train_cli(tiny_llama, shards, tmp_path / "killed", steps=2, nproc=2, fsdp=True, warmup=2)  # as a kill at 2 would
+    train_cli(tiny_llama, shards, tmp_path / "killed", steps=4, nproc=2, fsdp=True, warmup=2)
+    assert len(losses(tmp_path / "killed")) == 4
+    assert losses(tmp_path / "killed") == pytest.approx(losses(tmp_path / "straight"), rel=1e-5)
 
 
 def test_a_time_limit_shortens_the_schedule_so_it_still_ends_annealed(tiny_llama, shards, tmp_path):
