@@ -4,7 +4,8 @@ import warnings
 import pytest
 import torch
 
-from kvpred.testing import save_tiny_model
+from kvpred.data import build_shards
+from kvpred.testing import byte_tokenizer, save_tiny_model
 
 ARCHS = ["llama", "qwen2", "qwen3", "mistral"]
 warnings.filterwarnings("ignore", category=FutureWarning)
@@ -22,6 +23,18 @@ def tiny_models(tmp_path_factory) -> dict[str, str]:
 @pytest.fixture(scope="session")
 def tiny_llama(tiny_models) -> str:
     return tiny_models["llama"]
+
+
+@pytest.fixture(scope="session")
+def shards(tmp_path_factory) -> str:
+    """Token shards (byte tokenizer, 20% held out) of twelve small Python-like documents."""
+    text = "def add(a, b):\n    return a + b\n\nclass Point:\n    x: int\n    y: int\n" * 40
+    root = tmp_path_factory.mktemp("corpus")
+    for i in range(12):
+        (root / f"doc{i}.py").write_text(f"# document {i}\n" + text[i * 7:])
+    out = root / "tokens"
+    build_shards([str(root)], byte_tokenizer(), out, heldout_fraction=0.2, progress=False)
+    return str(out)
 
 
 @pytest.fixture(scope="module")

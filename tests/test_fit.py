@@ -5,27 +5,13 @@ import pytest
 import torch
 
 from kvpred.cli import main
-from kvpred.data import PackedTokens, build_shards
+from kvpred.data import PackedTokens
 from kvpred.fit import FitConfig, factorise, fit_predictor, input_moments
 from kvpred.model import KVPredictionModel
 from kvpred.predictor import PredictorConfig
-from kvpred.testing import byte_tokenizer
 from kvpred.train import Distillation, TrainConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-TEXT = "The river runs past the old mill and under the stone bridge before it reaches the sea. " * 30
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    root = tmp_path_factory.mktemp("corpus")
-    for i in range(12):
-        (root / f"doc{i}.txt").write_text(f"document {i}: " + TEXT[i * 5:])
-    out = root / "tokens"
-    build_shards([str(root)], byte_tokenizer(), out, heldout_fraction=0.2, progress=False)
-    return str(out)
-
-
 def batches(shards: str, batch_size: int = 4):
     return PackedTokens(shards, "train", seq_len=32, batch_size=batch_size)
 

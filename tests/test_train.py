@@ -8,24 +8,9 @@ import pytest
 import torch
 
 from kvpred import lora
-from kvpred.data import build_shards
 from kvpred.model import KVPredictionModel
 from kvpred.models import KVPredError
-from kvpred.testing import byte_tokenizer
 from kvpred.train import STATE_NAME, Distillation, TrainConfig, Trainer
-
-TEXT = "def add(a, b):\n    return a + b\n\nclass Point:\n    x: int\n    y: int\n" * 40
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    root = tmp_path_factory.mktemp("corpus")
-    for i in range(12):
-        (root / f"doc{i}.py").write_text(f"# document {i}\n" + TEXT[i * 7:])
-    out = root / "tokens"
-    build_shards([str(root)], byte_tokenizer(), out, heldout_fraction=0.2, progress=False)
-    return str(out)
-
 
 def config(tiny_llama, shards, tmp_path, **overrides) -> TrainConfig:
     base = dict(model=tiny_llama, data=shards, out=str(tmp_path / "run"), keep_ratio=0.5, steps=4, seq_len=32,
