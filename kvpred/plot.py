@@ -3,10 +3,11 @@
 x = TTFT FLOPs reduction over the exact base (params rule by default, as the paper), y = accuracy relative to
 the base (mode value / exact value, averaged over the chosen tasks' primary metrics where higher is better).
 One point per result file and mode; points of the same mode across files (variants) are joined. When a results
-file carries measured TTFT speedups (`ttft_speedup`, from `kvpred eval --ttft-speedup`), a second panel plots
-accuracy against them.
+file carries measured TTFT speedups (`ttft_speedup`, from `kvpred eval --ttft-speedup`, or taken from a `kvpred bench
+ttft` JSON per results file with `--ttft-bench`), a second panel plots accuracy against them.
 
     kvpred plot --results lp25.json lp50.json --out pareto.png
+    kvpred plot --results r128.json --ttft-bench ttft_cpu.json --ttft-length 2048 --out pareto.png
 """
 from __future__ import annotations
 
@@ -38,6 +39,20 @@ def load_results(paths: list[Path]) -> list[dict]:
     return docs
 
 
+def measured_speedups(bench: Path, length: int | None = None) -> dict[str, float]:
+    """{"predicted": exact/predicted, "aux": exact/aux} TTFT at batch 1 and `length` tokens (default: the longest)
+    from a `kvpred bench ttft` JSON."""
+    try:
+        rows = [r for r in json.loads(Path(bench).read_text(encoding="utf-8"))["rows"] if r["batch"] == 1]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:
+        raise KVPredError(f"{bench} is not a `kvpred bench ttft` JSON: {err}") from err
+    length = length or max((r["prompt_len"] for r in rows), default=0)
+    row = next((r for r in rows if r["prompt_len"] == length), None)
+    if row is None:
+        raise KVPredError(f"{bench} has no batch-1 row at {length} tokens")
+    return {"predicted": row["exact_ms"] / row["pred_ms"], "aux": row["exact_ms"] / row["aux_ms"]}
+
+
 def relative_accuracy(doc: dict, mode: str, tasks: list[str] | None = None) -> float | None:
     """Mean over tasks (default: the accuracy tasks) of value(mode) / value(exact) of each task's primary
     metric, higher-is-better ones only (a loss has no meaningful ratio to accuracy) and where exact scores
@@ -60,12 +75,13 @@ def pareto_points(docs: list[dict], x_rule: str = "param", tasks: list[str] | No
     """[{label, mode, flops_x, ttft_x, y}] for every file and mode with a relative accuracy."""
     points = []
     for doc in docs:
-        ratio = doc["flops"][X_RULES[x_rule]]
         speedups = doc.get("ttft_speedup") or {}
         for mode in doc.get("modes", MODE_STYLE):
             y = relative_accuracy(doc, mode, tasks)
             if y is None:
                 continue
+            # the matmul rule counts what predicted mode runs; aux and truncate cost the params rule by construction
+            ratio = doc["flops"][X_RULES[x_rule] if mode == "predicted" else "param_ratio"]
             points.append({"label": doc["label"], "mode": mode, "flops_x": 1.0 if mode == "exact" else ratio,
                            "ttft_x": 1.0 if mode == "exact" else speedups.get(mode), "y": y})
     return points
@@ -122,12 +138,22 @@ def register(subparsers) -> None:
                    help="FLOPs rule for the x axis (param: the paper's params(base)/params(aux))")
     p.add_argument("--tasks", default=None, help="comma-separated tasks to average (default: all accuracy tasks)")
     p.add_argument("--title", default=None)
+    p.add_argument("--ttft-bench", nargs="+", type=Path, default=None,
+                   help="one `kvpred bench ttft` JSON per results file (same order): its measured batch-1 speedups "
+                        "of predicted and aux mode feed the second panel")
+    p.add_argument("--ttft-length", type=int, default=None, help="prompt length of those speedups (default: longest)")
     p.set_defaults(func=_plot_cli)
 
 
 def _plot_cli(args: argparse.Namespace) -> int:
     tasks = [t.strip() for t in args.tasks.split(",")] if args.tasks else None
-    points = plot(load_results(args.results), args.out, args.x, tasks, args.title)
+    docs = load_results(args.results)
+    if args.ttft_bench:
+        if len(args.ttft_bench) != len(docs):
+            raise KVPredError(f"--ttft-bench needs one file per results file: {len(args.ttft_bench)} for {len(docs)}")
+        for doc, bench in zip(docs, args.ttft_bench):
+            doc["ttft_speedup"] = measured_speedups(bench, args.ttft_length)
+    points = plot(docs, args.out, args.x, tasks, args.title)
     for p in points:
         ttft = "" if p["ttft_x"] is None else f"  ttft x{p['ttft_x']:.2f}"
         print(f"{p['label']:>24} {p['mode']:>9}  flops x{p['flops_x']:.2f}{ttft}  relative accuracy {p['y']:.3f}")

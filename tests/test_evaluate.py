@@ -283,6 +283,20 @@ def test_plot_draws_the_pareto_figure_with_a_ttft_panel(pruned_doc, tmp_path):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_plot_takes_measured_speedups_from_a_ttft_benchmark(pruned_doc, tmp_path, capsys):
+    results, bench = tmp_path / "r.json", tmp_path / "ttft.json"
+    results.write_text(json.dumps(dict(pruned_doc, label="lp50")))
+    rows = [{"batch": 1, "prompt_len": n, "exact_ms": 10.0 * n, "pred_ms": 2.0 * n, "aux_ms": n} for n in (512, 2048)]
+    bench.write_text(json.dumps({"rows": rows}))
+    argv = ["plot", "--results", str(results), "--out", str(tmp_path / "p.png"), "--ttft-bench", str(bench)]
+    assert cli.main(argv + ["--ttft-length", "512"]) == 0
+    assert "predicted  flops" in capsys.readouterr().out and (tmp_path / "p.png").is_file()
+    from kvpred.plot import measured_speedups
+    assert measured_speedups(bench) == {"predicted": 5.0, "aux": 10.0}
+    assert cli.main(argv + ["--ttft-length", "1024"]) == 2
+    assert "no batch-1 row at 1024" in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------ lm-evaluation-harness
 def test_lm_eval_model_runs_local_tasks_and_predicted_equals_exact_for_identity(identity, monkeypatch, tmp_path):
     lm_eval = pytest.importorskip("lm_eval")
