@@ -133,9 +133,8 @@ def factorise(predictor: KVPredictor, xtx: torch.Tensor, rank: int) -> tuple[KVP
         up, down = u[:, :rank] * root, (root[:, None] * vh[:rank]) @ (v * e.rsqrt()) @ v.T
         b = b + (w - up @ down) @ mean
         lowrank.down.data[code] = down
-        for k, (rows, bias) in enumerate(zip(up.split(c.key_features + c.value_features),
-                                             b.split(c.key_features + c.value_features))):
-            i = layers[k]
+        width = c.key_features + c.value_features
+        for i, rows, bias in zip(layers, up.split(width), b.split(width)):
             lowrank.key_weight.data[i], lowrank.value_weight.data[i] = rows.split([c.key_features, c.value_features])
             lowrank.key_bias.data[i], lowrank.value_bias.data[i] = bias.split([c.key_features, c.value_features])
         errors.append((sv[rank:].pow(2).sum() / sv.pow(2).sum()).sqrt().item())

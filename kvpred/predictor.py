@@ -48,7 +48,7 @@ class KVPredictor(nn.Module):
     """All 2*n_base linears stored stacked, so the whole prediction is a few batched matmuls.
 
     Maps act on merged heads and per token, as in the paper: [B, T, h_A*hd_A] -> [B, T, h_B*hd_B]. Full rank:
-    `key_weight` [L, key, in]; factorised: `down` [taps, rank, in] and `key_up` [L, key, rank] (values alike).
+    `key_weight` [L, key, in]; factorised: `down` [taps, rank, in], then `key_weight` [L, key, rank] (values alike).
     """
 
     def __init__(self, config: PredictorConfig):
@@ -96,9 +96,8 @@ class KVPredictor(nn.Module):
             taps = key_in.index_select(0, self.taps).reshape(len(self.config.taps), b * t, d)
             code = torch.bmm(taps, self.down.transpose(1, 2)).index_select(0, self.code_of_layer)  # [L, B*T, r]
             key_in = value_in = code.view(len(self.config.layer_map), b, t, -1)
-            return self._project(key_in, self.key_weight, self.key_bias), self._project(
-                value_in, self.value_weight, self.value_bias)
-        key_in, value_in = key_in.index_select(0, self.layer_map), value_in.index_select(0, self.layer_map)
+        else:
+            key_in, value_in = key_in.index_select(0, self.layer_map), value_in.index_select(0, self.layer_map)
         return self._project(key_in, self.key_weight, self.key_bias), self._project(value_in, self.value_weight,
                                                                                  self.value_bias)
 
