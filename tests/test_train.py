@@ -65,6 +65,16 @@ def test_a_second_round_of_adapter_training_keeps_the_first(tiny_llama, shards, 
     torch.testing.assert_close(saved.prefill(ids)[0], again.model.prefill(ids)[0], atol=1e-4, rtol=1e-4)
 
 
+def test_a_predictor_only_fine_tune_keeps_the_trained_auxiliary(tiny_llama, shards, tmp_path):
+    first = Trainer(config(tiny_llama, shards, tmp_path, steps=4, aux_lora_rank=2, aux_lr=1e-2)).train()
+    tuned = Trainer(config(str(first), shards, tmp_path, steps=2, train_aux=False, keep_ratio=None,
+                           out=str(tmp_path / "tuned"))).train()
+    before, after = (KVPredictionModel.from_pretrained(str(p)) for p in (first, tuned))
+    assert after.aux_tensors.keys() == before.aux_tensors.keys()
+    for name, tensor in before.aux_tensors.items():
+        torch.testing.assert_close(after.aux_tensors[name], tensor)
+
+
 def test_resume_after_a_kill_continues_exactly(tiny_llama, shards, tmp_path):
     straight = Trainer(config(tiny_llama, shards, tmp_path / "a", steps=4))
     straight.train()
