@@ -311,7 +311,9 @@ def variant_name(model, keep: float | None = None) -> str:
 
     spec = model.config.aux
     n_base, n_aux = model.base.config.num_hidden_layers, model.aux.config.num_hidden_layers
+    rank = model.config.predictor.rank
     source = ", hidden-state input" if model.config.predictor.source == "hidden" else ""
+    source += f", rank-{rank} predictor" if rank else ""
     if spec.kind != "pruned":
         return f"KVP-C {Path(spec.name_or_path or 'aux').name}{source}"
     if keep is None:  # the paper's ratios, where the retained layers follow their pattern
@@ -711,13 +713,14 @@ def load_variants(args) -> tuple[list[Variant], str, str]:
         variants, base = [], None
         for spec in [{"aux_keep": k} for k in keeps] + [{"aux_shape": s} for s in args.aux_shape or []]:
             for source in args.source or ["kv"]:
-                model = random_kvp_model(args.shape, source=source, dtype=dtype, device=args.device, seed=args.seed,
-                                         base=base, **spec)
+                model = random_kvp_model(args.shape, source=source, rank=args.predictor_rank, dtype=dtype,
+                                         device=args.device, seed=args.seed, base=base, **spec)
                 base = model.base
                 variants.append(Variant(variant_name(model, spec.get("aux_keep")), model))
         return variants, args.shape, RANDOM_LABEL
-    if args.aux_shape:
-        raise KVPredError("--aux-shape builds a random-weight auxiliary and needs --shape (a random-weight base)")
+    if args.aux_shape or args.predictor_rank:
+        raise KVPredError("--aux-shape and --predictor-rank build random-weight models and need --shape (for a "
+                          "checkpoint, `kvpred compress` makes a factorised predictor)")
     if (args.aux_keep and len(args.aux_keep) > 1) or (args.source and len(args.source) > 1):
         raise KVPredError("with --model, give at most one --aux-keep and one --source")
     if args.source and not args.aux_keep:
@@ -742,6 +745,7 @@ def _command(args, weights: str) -> str:
     else:
         parts += ["--model", args.model] + [x for k in args.aux_keep or [] for x in ("--aux-keep", str(k))]
     parts += [x for src in args.source or [] for x in ("--source", src)]
+    parts += ["--predictor-rank", str(args.predictor_rank)] if args.predictor_rank else []
     parts += ["--device", args.device] + (["--dtype", args.dtype] if args.dtype else [])
     parts += ["--prompt-lens", ",".join(map(str, args.prompt_lens)), "--batch", ",".join(map(str, args.batch)),
               "--repeats", str(args.repeats), "--warmup", str(args.warmup), "--decode-tokens", str(args.decode_tokens)]
@@ -833,6 +837,8 @@ def register(subparsers) -> None:
     p.add_argument("--source", choices=("kv", "hidden"), action="append", default=None,
                    help="predictor input of the auxiliaries built here: kv (the paper's, default) or hidden "
                         "(repeatable with --shape: one variant per source)")
+    p.add_argument("--predictor-rank", type=int, default=None,
+                   help="with --shape and --source hidden: time a factorised predictor of this rank")
     p.add_argument("--prompt-lens", type=_ints, default=[128, 512, 2048, 8192], help="comma-separated lengths")
     p.add_argument("--batch", type=_ints, default=[1], help="comma-separated batch sizes")
     p.add_argument("--repeats", type=int, default=5, help="timed runs per mode and shape (after warm-up)")

@@ -70,12 +70,12 @@ def random_causal_lm(config: PretrainedConfig, dtype: torch.dtype, device: str |
 
 
 def random_kvp_model(shape: str, *, aux_keep: float | None = None, aux_shape: str | None = None,
-                     source: str = "kv", dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cuda",
-                     seed: int = 0, base=None):
+                     source: str = "kv", rank: int | None = None, dtype: torch.dtype = torch.bfloat16,
+                     device: str | torch.device = "cuda", seed: int = 0, base=None):
     """A random-weight timing model: KVPredictionModel around a random base of `shape`, with a layer-pruned
     (KVP-LP, `aux_keep` of the layers) or separate random (KVP-C, `aux_shape`) auxiliary and a predictor reading
-    its keys and values (source "kv", the paper's) or hidden states ("hidden"). Pass `base` to share one base
-    between several auxiliaries."""
+    its keys and values (source "kv", the paper's) or hidden states ("hidden"; `rank` makes it factorised). Pass
+    `base` to share one base between several auxiliaries."""
     from .model import AuxSpec, KVPConfig, KVPredictionModel, _predictor_config, default_layer_map
     from .predictor import KVPredictor
 
@@ -92,7 +92,10 @@ def random_kvp_model(shape: str, *, aux_keep: float | None = None, aux_shape: st
             raise KVPredError(f"{aux_shape} ({aux_config.vocab_size} tokens) cannot read {shape}'s prompts "
                               f"({base.config.vocab_size} tokens): KVP-C needs a shared tokenizer")
         aux, spec = random_causal_lm(aux_config, dtype, device), AuxSpec(kind="separate", name_or_path=aux_shape)
-    pconf = _predictor_config(base, aux, default_layer_map(base, aux, spec, source), source)
+    try:
+        pconf = _predictor_config(base, aux, default_layer_map(base, aux, spec, source), source, rank)
+    except ValueError as err:
+        raise KVPredError(str(err)) from err
     predictor = KVPredictor(pconf)
     if aux_keep is not None and source == "kv":
         predictor.set_identity()

@@ -152,6 +152,12 @@ def test_random_kvp_models_share_a_base():
     hidden = random_kvp_model("qwen2.5-1.5b", aux_keep=0.25, source="hidden", device="meta", base=lp.base)
     assert hidden.predictor.config.in_features == 1536 and max(hidden.predictor.config.layer_map) == 7
     assert bench.variant_name(hidden, 0.25) == "KVP-LP 0.25 (7/28 layers), hidden-state input"
+    factorised = random_kvp_model("qwen2.5-1.5b", aux_keep=0.25, source="hidden", rank=64, device="meta",
+                                  base=lp.base)
+    assert factorised.predictor.down.shape == (len(factorised.predictor.config.taps), 64, 1536)
+    assert bench.variant_name(factorised, 0.25).endswith("hidden-state input, rank-64 predictor")
+    with pytest.raises(KVPredError, match="hidden-state input"):
+        random_kvp_model("qwen2.5-1.5b", aux_keep=0.25, rank=64, device="meta", base=lp.base)
     with pytest.raises(KVPredError, match="shared tokenizer"):
         random_kvp_model("qwen2.5-1.5b", aux_shape="llama-3.2-1b", device="meta")
     with pytest.raises(KVPredError, match="unknown model shape"):
