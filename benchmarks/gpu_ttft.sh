@@ -11,6 +11,7 @@
 # after every shape, so a timeout loses one shape at most.
 # Files under $OUT: ttft_gpu.{json,csv,md,png} and ttft_gpu.log. The summary table is printed last.
 # Smoke test without a GPU (tiny lengths, one repeat, CPU): KVPRED_SMOKE=1 KVPRED_ONLY="smollm2 qwen1.5b" bash ...
+# KVPRED_SET=rank runs the predictor comparison instead (K/V input vs hidden-state full rank vs rank 256), 330 s at most.
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
@@ -20,9 +21,9 @@ LOG="$OUT/ttft_gpu.log"
 mkdir -p "$OUT"
 : > "$LOG"
 START=$SECONDS
-DEVICE=cuda LENS=512,2048,8192,32000 SMOLLM_LENS=128,512,2048,8000 EXTRA=()
+DEVICE=cuda LENS=512,2048,8192,32000 SMOLLM_LENS=128,512,2048,8000 RANK_LENS=2048,8192 EXTRA=()
 if [ "${KVPRED_SMOKE:-0}" = 1 ]; then
-    DEVICE=cpu LENS=16,32 SMOLLM_LENS=16,32 EXTRA=(--repeats 1 --warmup 0 --decode-tokens 2)
+    DEVICE=cpu LENS=16,32 SMOLLM_LENS=16,32 RANK_LENS=16,32 EXTRA=(--repeats 1 --warmup 0 --decode-tokens 2)
 fi
 
 bench() {  # bench NAME BUDGET_S TIMEOUT_S ARGS...: one `bench ttft` run, its output in the log
@@ -40,20 +41,30 @@ bench() {  # bench NAME BUDGET_S TIMEOUT_S ARGS...: one `bench ttft` run, its ou
   python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 } 2>&1 | tee -a "$LOG"
 
-# K/V input (the paper's predictor) and hidden-state input (the shipped SmolLM2 default's)
-bench smollm2 40 70 --shape smollm2-135m --aux-keep 0.25 --source kv --source hidden --prompt-lens $SMOLLM_LENS \
-    --batch 1,8 --max-batch-tokens 65536 --repeats 5
-# the same without the CUDA-graph step: what capturing the base's last-token step buys
-bench smollm2_eager 15 35 --shape smollm2-135m --aux-keep 0.25 --prompt-lens $SMOLLM_LENS --batch 1 \
-    --repeats 5 --cuda-graph off --label "smollm2-135m, eager step"
-bench llama1b 40 80 --shape llama-3.2-1b --aux-keep 0.25 --prompt-lens $LENS --batch 1,8 \
-    --max-batch-tokens 65536 --repeats 5
-bench qwen1.5b 50 90 --shape qwen2.5-1.5b --aux-keep 0.25 --aux-shape qwen2.5-0.5b --prompt-lens $LENS \
-    --batch 1,8 --max-batch-tokens 65536 --repeats 5
-bench llama3b 55 100 --shape llama-3.2-3b --aux-keep 0.25 --aux-shape llama-3.2-1b --prompt-lens $LENS \
-    --batch 1,8 --max-batch-tokens 65536 --repeats 4
-bench llama8b 70 110 --shape llama-3.1-8b --aux-keep 0.25 --aux-shape llama-3.2-1b --prompt-lens $LENS \
-    --batch 1,8 --max-batch-tokens 16384 --repeats 3
+if [ "${KVPRED_SET:-shapes}" = rank ]; then
+    # the predictor's share: K/V input (paper), hidden-state input with full-rank maps, and factorised at rank 256
+    for shape in llama-3.2-1b llama-3.2-3b llama-3.1-8b; do
+        bench "${shape}_full" 30 60 --shape $shape --aux-keep 0.25 --source kv --source hidden --prompt-lens $RANK_LENS \
+            --batch 1 --repeats 5
+        bench "${shape}_r256" 25 50 --shape $shape --aux-keep 0.25 --source hidden --predictor-rank 256 \
+            --prompt-lens $RANK_LENS --batch 1 --repeats 5
+    done
+else
+    # K/V input (the paper's predictor) and hidden-state input (the shipped SmolLM2 default's)
+    bench smollm2 40 70 --shape smollm2-135m --aux-keep 0.25 --source kv --source hidden --prompt-lens $SMOLLM_LENS \
+        --batch 1,8 --max-batch-tokens 65536 --repeats 5
+    # the same without the CUDA-graph step: what capturing the base's last-token step buys
+    bench smollm2_eager 15 35 --shape smollm2-135m --aux-keep 0.25 --prompt-lens $SMOLLM_LENS --batch 1 \
+        --repeats 5 --cuda-graph off --label "smollm2-135m, eager step"
+    bench llama1b 40 80 --shape llama-3.2-1b --aux-keep 0.25 --prompt-lens $LENS --batch 1,8 \
+        --max-batch-tokens 65536 --repeats 5
+    bench qwen1.5b 50 90 --shape qwen2.5-1.5b --aux-keep 0.25 --aux-shape qwen2.5-0.5b --prompt-lens $LENS \
+        --batch 1,8 --max-batch-tokens 65536 --repeats 5
+    bench llama3b 55 100 --shape llama-3.2-3b --aux-keep 0.25 --aux-shape llama-3.2-1b --prompt-lens $LENS \
+        --batch 1,8 --max-batch-tokens 65536 --repeats 4
+    bench llama8b 70 110 --shape llama-3.1-8b --aux-keep 0.25 --aux-shape llama-3.2-1b --prompt-lens $LENS \
+        --batch 1,8 --max-batch-tokens 16384 --repeats 3
+fi
 
 echo "== report (t=$((SECONDS - START))s)" | tee -a "$LOG"
 grep -E "^(skipped|!!|kvpred: error|Traceback)" "$LOG" || true
