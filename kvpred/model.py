@@ -45,6 +45,7 @@ class KVPConfig:
     aux: AuxSpec
     predictor: PredictorConfig
     format_version: int = FORMAT_VERSION
+    refine_thresholds: dict | None = None  # refine.Thresholds fields from `kvpred calibrate`; None: the defaults
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -57,7 +58,8 @@ class KVPConfig:
                 raise KVPredError(f"{where} has format_version {raw.get('format_version')!r}; "
                                   f"this kvpred reads version {FORMAT_VERSION}")
             return cls(base=raw["base"], base_fingerprint=raw["base_fingerprint"], aux=AuxSpec(**raw["aux"]),
-                       predictor=PredictorConfig(**raw["predictor"]), format_version=raw["format_version"])
+                       predictor=PredictorConfig(**raw["predictor"]), format_version=raw["format_version"],
+                       refine_thresholds=raw.get("refine_thresholds"))
         except (json.JSONDecodeError, KeyError, TypeError, AttributeError, ValueError) as err:
             raise KVPredError(f"{where} is not a valid kvpred config ({type(err).__name__}: {err})") from err
 

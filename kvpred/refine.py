@@ -31,7 +31,8 @@ SIGNALS = ("entropy", "tail_nll", "kv_error")
 class Thresholds:
     """Per-request policy from one confidence signal (see `confidence`); larger signal = less trustworthy.
 
-    The defaults are placeholders for an untrained auxiliary: calibrate them per model with `tradeoff_curve`.
+    The defaults are placeholders: `kvpred calibrate` (`calibrate`) measures them per model and saves them in its
+    config, where `for_model` finds them.
     """
     signal: str = "entropy"  # a key of confidence()'s dict: "entropy" (any W), "tail_nll" / "kv_error" (W >= 2)
     off_below: float = 1.0  # every row's signal below this: trust the predicted cache ("off")
@@ -42,6 +43,12 @@ class Thresholds:
             raise KVPredError(f"unknown confidence signal {self.signal!r}; choose one of {', '.join(SIGNALS)}")
         if self.off_below > self.eager_above:
             raise KVPredError(f"thresholds need off_below <= eager_above, got {self.off_below} > {self.eager_above}")
+
+    @classmethod
+    def for_model(cls, model: KVPredictionModel) -> "Thresholds":
+        """The model's calibrated thresholds (saved in its config by `kvpred calibrate`), else the defaults."""
+        saved = model.config.refine_thresholds
+        return cls(**saved) if saved else cls()
 
 
 def choose_policy(signal: dict, thresholds: Thresholds | None = None) -> str:
@@ -92,6 +99,52 @@ def tradeoff_curve(signal: Sequence[float], agree_off: Sequence[float], agree_re
         rows.append({"threshold": float(t), "fraction_refined": refined.double().mean().item(),
                      "agreement": torch.where(refined, ref, off).mean().item()})
     return rows
+
+
+def entropy_thresholds(entropy: Sequence[float], agree: Sequence[bool], trust: float, distrust: float
+                       ) -> Thresholds:
+    """Entropy thresholds from per-prompt measurements: off_below is the largest cut under which the prompts' mean
+    first-token agreement is still >= `trust`, eager_above the smallest cut above which it is <= `distrust`
+    (cuts halfway between neighbouring values). Where no group qualifies, the policy it would select never fires."""
+    e, a = (torch.as_tensor(x, dtype=torch.float64) for x in (entropy, agree))
+    if e.dim() != 1 or e.shape != a.shape or len(e) < 2:
+        raise KVPredError(f"need two equally long 1-D sequences of at least 2 values, got {tuple(e.shape)}, "
+                          f"{tuple(a.shape)}")
+    e, order = e.sort()
+    a = a[order]
+    counts = torch.arange(1, len(e) + 1, dtype=torch.float64)
+    low = (a.cumsum(0) / counts >= trust).nonzero().flatten()  # the k lowest agree >= trust (k = index + 1)
+    high = (a.flip(0).cumsum(0) / counts <= distrust).nonzero().flatten()  # the k highest agree <= distrust
+    def cut(i: int) -> float:  # between the i-th and the next value; past either end, beyond it
+        return float(e[0]) - 1.0 if i < 0 else float(e[-1]) + 1.0 if i + 1 >= len(e) else float(e[i] + e[i + 1]) / 2
+
+    off_below = cut(int(low.max())) if len(low) else float(e[0]) - 1.0
+    eager_above = cut(len(e) - 2 - int(high.max())) if len(high) else float(e[-1]) + 1.0
+    return Thresholds("entropy", off_below, max(off_below, eager_above))
+
+
+@torch.no_grad()
+def calibrate(model: KVPredictionModel, windows: torch.Tensor, *, trust: float = 0.9, distrust: float = 0.5,
+              batch_size: int = 16) -> tuple[Thresholds, dict]:
+    """`entropy_thresholds` measured on prompts `windows` [N, T] (held-out text, not evaluation data): per prompt,
+    predicted mode's first-token entropy and whether its first token equals the exact base's. Returns the
+    thresholds and a report: agreement overall and within the groups each policy would get."""
+    entropy, agree = [], []
+    for ids in windows.split(batch_size):
+        ids = ids.to(model.device)
+        mask = torch.ones_like(ids)
+        logits, _, signal = _prefill(model, ids, mask, 1, with_signal=True)
+        exact, _ = model.prefill(ids, mask, mode="exact")
+        entropy += signal["entropy"].tolist()
+        agree += (logits[:, -1].argmax(-1) == exact[:, -1].argmax(-1)).tolist()
+    found = entropy_thresholds(entropy, agree, trust, distrust)
+    e, a = torch.tensor(entropy), torch.tensor(agree, dtype=torch.float64)
+    groups = {"off": e < found.off_below, "eager": e > found.eager_above}
+    groups["lazy"] = ~(groups["off"] | groups["eager"])
+    report = {"prompts": len(entropy), "trust": trust, "distrust": distrust, "agreement": a.mean().item(),
+              **{f"{name}_fraction": g.double().mean().item() for name, g in groups.items()},
+              **{f"{name}_agreement": a[g].mean().item() if g.any() else None for name, g in groups.items()}}
+    return found, report
 
 
 def token_agreement(new_tokens: torch.Tensor, reference: torch.Tensor, pad_token_id: int) -> torch.Tensor:
@@ -335,7 +388,7 @@ def generate_refined(model: KVPredictionModel, input_ids: torch.Tensor, attentio
     start = time.perf_counter()
     if refine == "auto":
         logits, cache, signal = _prefill(model, ids, mask, exact_tail, with_signal=True)
-        policy = choose_policy(signal, thresholds)
+        policy = choose_policy(signal, thresholds or Thresholds.for_model(model))
     else:
         logits, cache = model.prefill(ids, mask, mode="predicted", exact_tail=exact_tail)
         signal, policy = None, refine
@@ -405,7 +458,7 @@ class ChatSession:
         policy = "off" if self.refine == "auto" and predicted == 0 else self.refine  # auto: nothing to decide
         if policy == "auto":
             logits, cache, signal = _prefill(model, ids, mask, tail, kept, with_signal=True)
-            policy = choose_policy(signal, self.thresholds)
+            policy = choose_policy(signal, self.thresholds or Thresholds.for_model(self.model))
         else:
             logits, cache, _ = _prefill(model, ids, mask, tail, kept)
         if predicted == 0 and exact_cols == reuse:  # nothing predicted on top of an exact prefix: all exact
@@ -481,6 +534,46 @@ def register(subparsers) -> None:
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--verbose", action="store_true", help="print per-turn reuse and timing to stderr")
     p.set_defaults(func=_chat)
+
+    p = subparsers.add_parser(
+        "calibrate", help="measure the adaptive-refinement thresholds of a model and save them in its config",
+        description="On held-out windows of token shards (`kvpred data build`; not evaluation data), measure per "
+                    "prompt predicted mode's first-token entropy and whether its first token equals the exact base's, "
+                    "and set `--refine auto`'s thresholds: trust the prediction (no refinement) below the largest "
+                    "entropy under which agreement is >= --trust, refine at once above the smallest entropy above "
+                    "which it is <= --distrust, lazily between. Writes the checkpoint with them to --out.")
+    add_model_arguments(p)
+    p.add_argument("--data", required=True, help="token shard folder; its held-out split is used")
+    p.add_argument("--out", required=True, help="folder for the checkpoint with calibrated thresholds")
+    p.add_argument("--prompts", type=int, default=256)
+    p.add_argument("--prompt-len", type=int, default=256)
+    p.add_argument("--trust", type=float, default=0.9, help="first-token agreement that needs no refinement")
+    p.add_argument("--distrust", type=float, default=0.5, help="first-token agreement that refines at once")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.set_defaults(func=_calibrate)
+
+
+def _calibrate(args) -> int:
+    import json
+    from pathlib import Path
+
+    from .cli import load_model
+    from .data import check_tokenizer, heldout_windows
+
+    if not 0 <= args.distrust <= args.trust <= 1:
+        raise KVPredError(f"need 0 <= --distrust <= --trust <= 1, got {args.distrust} and {args.trust}")
+    model = load_model(args)
+    check_tokenizer(args.data, model.tokenizer)
+    thresholds, report = calibrate(model, heldout_windows(args.data, args.prompt_len, args.prompts),
+                                   trust=args.trust, distrust=args.distrust, batch_size=args.batch_size)
+    model.config.refine_thresholds = {"signal": thresholds.signal, "off_below": thresholds.off_below,
+                                      "eager_above": thresholds.eager_above}
+    model.save_pretrained(args.out)
+    report = {"model": args.model, "data": args.data, "prompt_len": args.prompt_len, **model.config.refine_thresholds,
+              **report}
+    Path(args.out, "calibration.json").write_text(json.dumps(report, indent=2))
+    print(json.dumps(report, indent=2))
+    return 0
 
 
 def _chat(args) -> int:

@@ -1,6 +1,7 @@
 """Specification of progressive cache refinement, adaptive fallback and multi-turn reuse (issue 7)."""
 import argparse
 import io
+import json
 import math
 import re
 
@@ -330,3 +331,42 @@ def test_refinement_on_smollm_becomes_the_exact_base_continuation():
     prefix = out[:, :ids.shape[1] + switch]
     exact = model.generate(prefix, mode="exact", max_new_tokens=12 - switch)
     assert torch.equal(exact, out)
+
+
+# ------------------------------------------------------------------ calibrated thresholds
+def test_entropy_thresholds_cut_where_agreement_crosses_trust_and_distrust():
+    from kvpred.refine import entropy_thresholds
+
+    entropy = [0.1, 0.2, 0.3, 0.4, 1.0, 2.0, 3.0, 4.0]
+    agree = [1, 1, 1, 0, 1, 1, 0, 0]
+    t = entropy_thresholds(entropy, agree, trust=0.9, distrust=0.3)
+    assert t.off_below == pytest.approx(0.35)  # the 3 lowest agree 3/3; the lowest 4 to 8 stay below 0.9
+    assert t.eager_above == pytest.approx(2.5)  # the 2 highest agree 0/2; the highest 3 to 8 stay above 0.3
+    never = entropy_thresholds(entropy, [0] * 8, trust=0.9, distrust=0.5)
+    assert never.off_below < min(entropy) and never.eager_above < min(entropy)  # nothing trusted, all refined
+    always = entropy_thresholds(entropy, [1] * 8, trust=0.9, distrust=0.5)
+    assert always.off_below > max(entropy) and always.eager_above >= always.off_below  # all trusted
+
+
+def test_calibrate_saves_thresholds_that_auto_refinement_then_uses(pruned, tmp_path, shards, capsys):
+    from kvpred import cli
+    from kvpred.refine import Thresholds
+
+    pruned.save_pretrained(tmp_path / "model")
+    argv = ["calibrate", "--model", str(tmp_path / "model"), "--data", shards, "--out", str(tmp_path / "calibrated"),
+            "--prompts", "8", "--prompt-len", "24", "--batch-size", "4", "--device", "cpu"]
+    assert cli.main(argv) == 0
+    report = json.loads((tmp_path / "calibrated" / "calibration.json").read_text())
+    assert report["prompts"] == 8 and 0 <= report["agreement"] <= 1
+    assert report["off_fraction"] + report["lazy_fraction"] + report["eager_fraction"] == pytest.approx(1)
+    calibrated = KVPredictionModel.from_pretrained(str(tmp_path / "calibrated"))
+    assert Thresholds.for_model(calibrated).off_below == report["off_below"]
+    # the saved thresholds decide "auto": all-trusting ones give "off", all-distrusting ones "eager"
+    ids = torch.randint(3, 259, (1, 12))
+    for saved, policy in (({"off_below": 1e9, "eager_above": 1e9}, "off"),
+                          ({"off_below": -1, "eager_above": -1}, "eager")):
+        calibrated.config.refine_thresholds = {"signal": "entropy", **saved}
+        _, info = generate_refined(calibrated, ids, refine="auto", max_new_tokens=2)
+        assert info["policy"] == policy
+    assert cli.main(argv[:-2] + ["--trust", "0.2", "--distrust", "0.5"]) == 2
+    assert "--distrust <= --trust" in capsys.readouterr().err
