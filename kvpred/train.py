@@ -3,7 +3,8 @@
 Training forward: the auxiliary runs the whole window; the predictor maps its taps to base keys/values; the base runs
 the window attending causally to the *predicted* keys/values (its own are discarded), or, with `suffix_split`, to
 predicted keys/values before a random split point and its own after it (the inference regime: predicted prompt,
-true tail). Loss = base CE + aux CE (both + z-loss) + L1 on keys and values (sum or mean over layers) + optional KL
+true tail); with `exact_prefix` > 0 that share of windows also uses its own keys/values before a random earlier point
+(the multi-turn regime: exact history, predicted new turn, true tail). Loss = base CE + aux CE (both + z-loss) + L1 on keys and values (sum or mean over layers) + optional KL
 to the exact base's next-token distribution.
 
     kvpred train --model smollm2-135m --data .carry/tokens --out runs/kvp --steps 2000
@@ -60,6 +61,7 @@ class TrainConfig:
     z_loss: float = 1e-4
     kl_loss: float = 0.0  # weight of KL(exact base || base through predicted KV)
     suffix_split: bool = False  # true KV after a random split point, as at inference
+    exact_prefix: float = 0.0  # with suffix_split: share of windows with true KV before a random earlier point too
     train_aux: bool = True
     aux_lora_rank: int = 0  # > 0: low-rank adapters on the aux (small checkpoints); 0: full aux weights
     activation_checkpointing: bool = False  # recompute the aux layers in backward
@@ -80,19 +82,21 @@ class PredictedKV(DynamicCache):
     """A cache that hands every base attention layer the predicted keys/values instead of its own.
 
     Stays empty, so transformers builds the plain causal mask over the window. With `split`, positions >= split use
-    the base's own keys/values (computed in this same pass), as at inference after the predicted prompt prefix.
+    the base's own keys/values (computed in this same pass), as at inference after the predicted prompt prefix; with
+    `prefix`, so do positions < prefix, as after an exact conversation history.
     """
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, split: int | None = None):
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, split: int | None = None, prefix: int = 0):
         super().__init__()
-        self.pred_keys, self.pred_values, self.split = keys, values, split  # [L, B, H, T, D]
+        self.pred_keys, self.pred_values, self.split, self.prefix = keys, values, split, prefix  # [L, B, H, T, D]
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         k, v = self.pred_keys[layer_idx].to(key_states.dtype), self.pred_values[layer_idx].to(value_states.dtype)
-        if self.split is None:
+        if self.split is None and not self.prefix:
             return k, v
-        s = self.split
-        return torch.cat([k[:, :, :s], key_states[:, :, s:]], 2), torch.cat([v[:, :, :s], value_states[:, :, s:]], 2)
+        p, s = self.prefix, self.split if self.split is not None else k.shape[2]
+        return (torch.cat([key_states[:, :, :p], k[:, :, p:s], key_states[:, :, s:]], 2),
+                torch.cat([value_states[:, :, :p], v[:, :, p:s], value_states[:, :, s:]], 2))
 
 
 def cross_entropy_with_z(logits: torch.Tensor, ids: torch.Tensor, z: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -109,7 +113,7 @@ class Distillation(nn.Module):
         super().__init__()
         self.model, self.config = model, config
 
-    def forward(self, ids: torch.Tensor, split: int | None = None) -> dict[str, torch.Tensor]:
+    def forward(self, ids: torch.Tensor, split: int | None = None, prefix: int = 0) -> dict[str, torch.Tensor]:
         m, c = self.model, self.config
         pos = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
         if not (c.base_loss or c.kv_loss or c.kl_loss):  # the aux alone (the paper's OE-LP baseline)
@@ -125,7 +129,7 @@ class Distillation(nn.Module):
             aux_logits = m.aux(input_ids=ids, position_ids=pos, use_cache=False).logits
         keys, values = m.base_kv(*m.predictor(*taps.stacked()), pos)  # [L, B, H, T, D]
         pred = m.base(input_ids=ids, position_ids=pos, use_cache=True,
-                      **cache_kwargs(m.base, PredictedKV(keys, values, split))).logits
+                      **cache_kwargs(m.base, PredictedKV(keys, values, split, prefix))).logits
         losses = {}
         losses["base_ce"], base_z = cross_entropy_with_z(pred, ids, c.z_loss)
         losses["aux_ce"], aux_z = cross_entropy_with_z(aux_logits, ids, c.z_loss)
@@ -410,8 +414,10 @@ class Trainer:
         for _ in range(c.grad_accum):
             ids = next(self.data).to(self.device)
             split = random.randint(1, c.seq_len - 1) if c.suffix_split else None
+            # drawn only when asked for, so runs without it keep their random stream
+            prefix = random.randint(0, split - 1) if c.exact_prefix and random.random() < c.exact_prefix else 0
             with torch.autocast(self.device.type, torch.bfloat16, enabled=c.bf16 and self.device.type == "cuda"):
-                losses = self.module(ids, split)
+                losses = self.module(ids, split, prefix)
             (losses["loss"] / c.grad_accum).backward()
             for k, v in losses.items():
                 totals[k] = totals.get(k, 0.0) + v.item() / c.grad_accum
@@ -540,6 +546,8 @@ def _train_command(args: argparse.Namespace) -> int:
     config = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
     if config.kv_reduction not in ("mean", "sum"):
         raise KVPredError(f"--kv-reduction must be mean or sum, got {config.kv_reduction!r}")
+    if config.exact_prefix and not (0 < config.exact_prefix <= 1 and config.suffix_split):
+        raise KVPredError(f"--exact-prefix is a share in (0, 1] and needs --suffix-split, got {config.exact_prefix}")
     Trainer(config).train()
     if dist.is_initialized():
         dist.destroy_process_group()

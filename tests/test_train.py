@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from kvpred import lora
-from kvpred.model import KVPredictionModel
+from kvpred.cli import main as cli_main
+from kvpred.model import KVPredictionModel, cache_kwargs
 from kvpred.models import KVPredError
-from kvpred.train import STATE_NAME, Distillation, TrainConfig, Trainer
+from kvpred.train import STATE_NAME, Distillation, PredictedKV, TrainConfig, Trainer
 
 def config(tiny_llama, shards, tmp_path, **overrides) -> TrainConfig:
     base = dict(model=tiny_llama, data=shards, out=str(tmp_path / "run"), keep_ratio=0.5, steps=4, seq_len=32,
@@ -18,16 +19,37 @@ def config(tiny_llama, shards, tmp_path, **overrides) -> TrainConfig:
     return TrainConfig(**{**base, **overrides})
 
 
-@pytest.mark.parametrize("split", [None, 9])
-def test_training_forward_with_aux_equal_to_base_is_the_base(tiny_llama, split):
+@pytest.mark.parametrize("split, prefix", [(None, 0), (9, 0), (9, 4)])
+def test_training_forward_with_aux_equal_to_base_is_the_base(tiny_llama, split, prefix):
     """METHOD 1.8: with A = B and identity P the training-path loss is the base's own loss and the KV loss is 0."""
     model = KVPredictionModel.from_pretrained(tiny_llama, keep_ratio=1.0)
     ids = torch.randint(3, 259, (2, 24))
-    losses = Distillation(model, TrainConfig(z_loss=0.0)).forward(ids, split)
+    losses = Distillation(model, TrainConfig(z_loss=0.0)).forward(ids, split, prefix)
     logits = model.base(input_ids=ids).logits[:, :-1]
     base_ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
     torch.testing.assert_close(losses["base_ce"], base_ce, atol=1e-5, rtol=1e-5)
     assert losses["kv_l1"].item() < 1e-5
+
+
+def test_an_exact_prefix_is_the_base_itself_and_only_the_span_after_it_is_predicted(tiny_llama):
+    """The multi-turn training regime: positions before `prefix` see only the base's own keys/values, so their
+    logits are the exact base's; the predicted span [prefix, split) changes what comes after it."""
+    model = KVPredictionModel.from_pretrained(tiny_llama, keep_ratio=0.5)  # untrained: predictions differ
+    ids = torch.randint(3, 259, (2, 24))
+    keys, values = torch.randn(2, 4, 2, 2, 24, 16).unbind(0)  # [L, B, H, T, D]: anything but the base's own
+    run = lambda split, prefix: model.base(input_ids=ids, use_cache=True,  # noqa: E731
+                                           **cache_kwargs(model.base, PredictedKV(keys, values, split, prefix))).logits
+    exact = model.base(input_ids=ids).logits
+    with_prefix, without = run(16, 6), run(16, 0)
+    torch.testing.assert_close(with_prefix[:, :6], exact[:, :6])
+    assert not torch.allclose(with_prefix[:, 6:], exact[:, 6:]) and not torch.allclose(without[:, :6], exact[:, :6])
+
+
+def test_exact_prefix_windows_train_and_need_the_suffix_split(tiny_llama, shards, tmp_path, capsys):
+    Trainer(config(tiny_llama, shards, tmp_path, steps=2, suffix_split=True, exact_prefix=1.0)).train()
+    argv = ["train", "--model", tiny_llama, "--data", shards, "--out", str(tmp_path / "x"), "--exact-prefix", "0.5"]
+    assert cli_main(argv) == 2
+    assert "needs --suffix-split" in capsys.readouterr().err
 
 
 def test_training_reduces_the_loss_and_writes_a_loadable_checkpoint(tiny_llama, shards, tmp_path):
