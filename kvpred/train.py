@@ -415,7 +415,8 @@ class Trainer:
             ids = next(self.data).to(self.device)
             split = random.randint(1, c.seq_len - 1) if c.suffix_split else None
             # drawn only when asked for, so runs without it keep their random stream
-            prefix = random.randint(0, split - 1) if c.exact_prefix and random.random() < c.exact_prefix else 0
+            prefix = random.randint(0, split - 1) if split and c.exact_prefix and random.random() < c.exact_prefix \
+                else 0
             with torch.autocast(self.device.type, torch.bfloat16, enabled=c.bf16 and self.device.type == "cuda"):
                 losses = self.module(ids, split, prefix)
             (losses["loss"] / c.grad_accum).backward()
