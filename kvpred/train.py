@@ -460,6 +460,7 @@ class Trainer:
             aux_state = trained_aux_state(model, self.config)
             lora.merge_adapters(model.aux)
             model.aux_tensors = aux_state
+            model.config.refine_thresholds = None  # calibrated for the predictor before training
             model.save_pretrained(final)
             self.log(f"saved {final}")
         if self.distributed:

@@ -97,11 +97,14 @@ def test_cli_fit_with_rank_and_compress_write_factorised_checkpoints(tiny_llama,
     assert len(report["factorised_rel_error_per_tap"]) == len(fitted.predictor.config.taps)
     assert main(["fit", "--model", tiny_llama, "--keep-layers", "0,2", "--source", "hidden", "--out",
                  str(tmp_path / "full"), "--tokens", "256", *common]) == 0
+    calibrated = json.loads((tmp_path / "full" / "kvpred_config.json").read_text())
+    calibrated["refine_thresholds"] = {"signal": "entropy", "off_below": 1.0, "eager_above": 2.0}
+    (tmp_path / "full" / "kvpred_config.json").write_text(json.dumps(calibrated))
     assert main(["compress", "--model", str(tmp_path / "full"), "--rank", "4", "--out", str(tmp_path / "small"),
                  "--tokens", "256", *common]) == 0
     assert "fewer" in capsys.readouterr().out
     small = KVPredictionModel.from_pretrained(str(tmp_path / "small"))
-    assert small.predictor.config.rank == 4
+    assert small.predictor.config.rank == 4 and small.config.refine_thresholds is None  # for the old maps
     out = small.generate(torch.randint(3, 259, (1, 10)), max_new_tokens=3)
     assert out.shape == (1, 13)
 
