@@ -94,21 +94,22 @@ def predicted_flops(base_config, aux_config, predictor_config, n: int) -> float:
     and the base's single last-token step over the n-1 predicted entries."""
     b, a = Dims.of(base_config), Dims.of(aux_config)
     t = n - 1
-    layers, last_kv = aux_layers_run(aux_config, predictor_config)
-    aux = 2.0 * t * (layers * a.layer_params + last_kv * a.kv_params) + attention_flops(a, layers, t)
+    macs, layers = aux_run(aux_config, predictor_config)
+    aux = 2.0 * t * macs + attention_flops(a, layers, t)
     predictor = 2.0 * t * predictor_config.multiply_adds_per_token()
     step = 2.0 * b.layers * b.layer_params + attention_flops(b, b.layers, 1, t) + 2.0 * b.hidden * b.vocab
     return aux + predictor + step
 
 
-def aux_layers_run(aux_config, predictor_config) -> tuple[int, bool]:
-    """(auxiliary layers predicted mode runs whole, whether it also runs one more layer's K/V projections): with K/V
+def aux_run(aux_config, predictor_config) -> tuple[int, int]:
+    """(matmul multiply-adds per token, layers whose attention runs) of the auxiliary in predicted mode: with K/V
     input the pass stops at the last layer's K/V projections; with hidden-state input tap j is layer j's normed
     input, so layers 0..j-1 run for the deepest tap."""
     a = Dims.of(aux_config)
     if predictor_config.source == "kv":
-        return a.layers - 1, True
-    return min(max(predictor_config.layer_map), a.layers), False
+        return (a.layers - 1) * a.layer_params + a.kv_params, a.layers - 1
+    layers = min(max(predictor_config.layer_map), a.layers)
+    return layers * a.layer_params, layers
 
 
 def flop_ratio_full(base_config, aux_config, predictor_config, n: int) -> float:

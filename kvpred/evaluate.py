@@ -49,14 +49,12 @@ def flop_ratio(model, prompt_tokens: int = 1024) -> dict:
       the base's last-token step; attention included). matmul_ratio_linear is its limit for long prompts
       without attention.
     """
-    from .bench import Dims, aux_layers_run, exact_flops, predicted_flops
+    from .bench import Dims, aux_run, exact_flops, predicted_flops
 
     n, base, aux, pc = prompt_tokens, model.base.config, model.aux.config, model.predictor.config
     exact, predicted = exact_flops(base, n), predicted_flops(base, aux, pc, n)
-    b, a = Dims.of(base), Dims.of(aux)
-    layers, last_kv = aux_layers_run(aux, pc)
-    linear = b.layers * b.layer_params / (layers * a.layer_params + last_kv * a.kv_params
-                                          + pc.multiply_adds_per_token())
+    b = Dims.of(base)
+    linear = b.layers * b.layer_params / (aux_run(aux, pc)[0] + pc.multiply_adds_per_token())
     params_base, params_aux = count_params(model.base), count_params(model.aux)
     return {"param_ratio": params_base / params_aux, "params_base": params_base, "params_aux": params_aux,
             "matmul_ratio": exact / predicted, "matmul_ratio_linear": linear,

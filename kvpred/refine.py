@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Sequence
 
 import torch
@@ -115,11 +115,12 @@ def entropy_thresholds(entropy: Sequence[float], agree: Sequence[bool], trust: f
     counts = torch.arange(1, len(e) + 1, dtype=torch.float64)
     low = (a.cumsum(0) / counts >= trust).nonzero().flatten()  # the k lowest agree >= trust (k = index + 1)
     high = (a.flip(0).cumsum(0) / counts <= distrust).nonzero().flatten()  # the k highest agree <= distrust
+
     def cut(i: int) -> float:  # between the i-th and the next value; past either end, beyond it
         return float(e[0]) - 1.0 if i < 0 else float(e[-1]) + 1.0 if i + 1 >= len(e) else float(e[i] + e[i + 1]) / 2
 
-    off_below = cut(int(low.max())) if len(low) else float(e[0]) - 1.0
-    eager_above = cut(len(e) - 2 - int(high.max())) if len(high) else float(e[-1]) + 1.0
+    off_below = cut(int(low.max()) if len(low) else -1)  # no group trusted: below every value
+    eager_above = cut(len(e) - 2 - int(high.max()) if len(high) else len(e) - 1)  # none distrusted: above all
     return Thresholds("entropy", off_below, max(off_below, eager_above))
 
 
@@ -566,8 +567,7 @@ def _calibrate(args) -> int:
     check_tokenizer(args.data, model.tokenizer)
     thresholds, report = calibrate(model, heldout_windows(args.data, args.prompt_len, args.prompts),
                                    trust=args.trust, distrust=args.distrust, batch_size=args.batch_size)
-    model.config.refine_thresholds = {"signal": thresholds.signal, "off_below": thresholds.off_below,
-                                      "eager_above": thresholds.eager_above}
+    model.config.refine_thresholds = asdict(thresholds)
     model.save_pretrained(args.out)
     report = {"model": args.model, "data": args.data, "prompt_len": args.prompt_len, **model.config.refine_thresholds,
               **report}

@@ -4,8 +4,8 @@ Training forward: the auxiliary runs the whole window; the predictor maps its ta
 the window attending causally to the *predicted* keys/values (its own are discarded), or, with `suffix_split`, to
 predicted keys/values before a random split point and its own after it (the inference regime: predicted prompt,
 true tail); with `exact_prefix` > 0 that share of windows also uses its own keys/values before a random earlier point
-(the multi-turn regime: exact history, predicted new turn, true tail). Loss = base CE + aux CE (both + z-loss) + L1 on keys and values (sum or mean over layers) + optional KL
-to the exact base's next-token distribution.
+(the multi-turn regime: exact history, predicted new turn, true tail). Loss = base CE + aux CE (both + z-loss) + L1 on
+keys and values (sum or mean over layers) + optional KL to the exact base's next-token distribution.
 
     kvpred train --model smollm2-135m --data .carry/tokens --out runs/kvp --steps 2000
     torchrun --nproc-per-node 2 -m kvpred.train --model ... (same flags): DDP, or --fsdp for FSDP2
