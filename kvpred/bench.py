@@ -366,22 +366,23 @@ class TTFTBench:
         return combo
 
     def _check_graph(self, c: Combo) -> str:
-        """Same prompt through the eager and the graph step: the logits must agree up to kernel rounding."""
-        model = self.variants[0].model
+        """The captured step replayed against the same step run eagerly (same attention, same mask): a capture
+        that went wrong shows here. (Against the plain eager step, bf16 random-weight logits differ by ~3% RMS
+        from the two attention kernels' rounding alone, so that comparison cannot tell.)"""
+        model, step = self.variants[0].model, c.step
         ids = prompts(self.vocab, c.batch, c.length, self.device, self.s.seed, "graph check")
         model.predict_into(c.base_cache, ids)
-        eager = EagerStep(model, c.base_cache)
-        eager.start(ids[:, -1:], c.last_pos, c.length - 1)
-        eager()
+        step.start(ids[:, -1:], c.last_pos, c.length - 1)
+        with torch.no_grad(), model.static_step(c.base_cache, step.slot):
+            eager = step._body()[1].float()
         model.predict_into(c.base_cache, ids)
-        c.step.start(ids[:, -1:], c.last_pos, c.length - 1)
-        c.step()
-        diff = (eager.logits.float() - c.step.logits.float()).abs().max().item()
-        scale = eager.logits.float().abs().max().item()
-        if not diff <= 0.05 * scale + 1e-3:  # also catches NaN
+        step.start(ids[:, -1:], c.last_pos, c.length - 1)
+        step()
+        diff, scale = (eager - step.logits.float()).abs().max().item(), eager.abs().max().item()
+        if not diff <= 0.01 * scale + 1e-4:  # also catches NaN
             c.step = EagerStep(model, c.base_cache)
-            return f"eager (graph logits differ: max|d|={diff:.3g}, max|logit|={scale:.3g})"
-        return f"cuda-graph (max|d logit| vs eager {diff:.2g})"
+            return f"eager (graph replay differs from its eager run: max|d| {diff:.3g}, max|logit| {scale:.3g})"
+        return f"cuda-graph (max|d logit| vs its eager run {diff:.2g})"
 
     @torch.no_grad()
     def ttft(self, c: Combo, mode: str, variant: Variant, ids: torch.Tensor) -> tuple[float, dict, torch.Tensor]:
