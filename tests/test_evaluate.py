@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from kvpred import cli
 from kvpred.bench import flop_ratio_full
