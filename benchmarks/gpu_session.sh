@@ -12,6 +12,9 @@
 #   stage scaling  DDP on 1, 2 and 4 GPUs and FSDP2 on 2: tokens/s and scaling efficiency
 #   stage round2 (daemon, started by `b round2`) per GPU: continue training the shipped default for TRAIN_MINUTES,
 #                full rank or after `kvpred compress --rank R`; `ROUND=2 ... wait` then ships them, `eval2` evaluates
+#   stage solo   (the daemon, started by `b solo`, one GPU) continue the shipped default for TRAIN_MINUTES with
+#                --exact-prefix 0.25 (a quarter of the windows start with the base's own keys/values, as in a chat's
+#                later turns); `ROUND=solo ... wait` ships it, `evalsolo` evaluates it and the multi-turn regime
 #   stage env    only set up the environment (source this script)
 set -uo pipefail
 export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1 KVPRED_CACHE=/tmp/kvcache HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
@@ -32,6 +35,7 @@ VARIANTS=("k6 0 0,6,12,18,24,29 $RECIPE" "k4 1 0,10,20,29 $RECIPE" "k8 2 0,4,8,1
 # round 2, from the shipped default: name, GPU, predictor rank (0: keep the full-rank maps)
 ROUND2=("full 0 0" "r128 1 128" "r64 2 64" "r32 3 32")
 [ "${ROUND:-1}" = 2 ] && VARIANTS=("${ROUND2[@]}")
+[ "${ROUND:-1}" = solo ] && VARIANTS=("xp 0 0")
 
 case "$stage" in
 a)
@@ -86,6 +90,12 @@ round2)
   done
   wait
   ;;
+solo)
+  kv train --model smollm2-135m --data $D --steps 20000 --max-minutes ${TRAIN_MINUTES:-12} --seq-len 512 \
+     --batch-size 32 --warmup 100 --eval-every 250 --save-every 250 --log-every 25 $RECIPE --exact-prefix 0.25 \
+     --out $RUNS/xp > $RUNS/xp.log 2>&1
+  echo "exit $?" > $RUNS/xp.done
+  ;;
 wait)
   until [ "$(ls $RUNS/*.done 2>/dev/null | wc -l)" -ge ${#VARIANTS[@]} ]; do
     sleep 30; for v in "${VARIANTS[@]}"; do n=${v%% *}; echo "$n: $(tail -c 200 $RUNS/$n.log | tr '\r' '\n' | tail -1)"; done
@@ -137,6 +147,17 @@ eval2)  # the round-2 variants side by side (GPUs 0-3), then pass-key retrieval 
   done
   wait
   tar -czf $OUT/eval2.tgz -C /tmp/eval .; ls -la $OUT
+  ;;
+evalsolo)  # the continued model like round 2's (1000 items a task), then both models in the multi-turn regime
+  mkdir -p /tmp/eval
+  timeout -k 5 300 python3 -m kvpred.cli eval --model $RUNS/ship_xp --device cuda --dtype bfloat16 --batch-size 64 \
+    --tasks lambada,arc_easy,piqa,agreement,heldout,kv --limit 1000 --quiet --data-dir /tmp/carry/data --label xp \
+    --out /tmp/eval/xp.json > /tmp/eval/xp.log 2>&1; echo "eval rc=$?"
+  for m in smollm2-135m:r128 $RUNS/ship_xp:xp; do
+    python3 benchmarks/multiturn_eval.py --model ${m%%:*} --device cuda --windows 256 --batch-size 32 \
+      --data /tmp/carry/data/wikitext2-test.txt --out /tmp/eval/multiturn_${m##*:}.json | tee -a /tmp/eval/multiturn.txt
+  done
+  tar -czf $OUT/evalsolo.tgz -C /tmp/eval .; ls -la $OUT
   ;;
 env) ;;
 esac

@@ -88,17 +88,17 @@ def exact_flops(base_config, n: int) -> float:
     return 2.0 * n * d.layers * d.layer_params + attention_flops(d, d.layers, n) + 2.0 * d.hidden * d.vocab
 
 
-def predicted_flops(base_config, aux_config, predictor_config, n: int) -> float:
-    """What predicted mode computes: the auxiliary on n-1 tokens (no LM head; with K/V input it stops at its last
-    layer's K/V projections, with hidden-state input at the deepest layer the layer map reads), the predictor,
-    and the base's single last-token step over the n-1 predicted entries."""
+def predicted_flops(base_config, aux_config, predictor_config, n: int, tail: int = 1) -> float:
+    """What predicted mode computes: the auxiliary on the first n - tail tokens (no LM head; with K/V input it stops
+    at its last layer's K/V projections, with hidden-state input at the deepest layer the layer map reads), the
+    predictor on them, and the base's pass over the last `tail` tokens (the paper's 1) over those predicted entries."""
     b, a = Dims.of(base_config), Dims.of(aux_config)
-    t = n - 1
+    t = n - tail
     macs, layers = aux_run(aux_config, predictor_config)
     aux = 2.0 * t * macs + attention_flops(a, layers, t)
     predictor = 2.0 * t * predictor_config.multiply_adds_per_token()
-    step = 2.0 * b.layers * b.layer_params + attention_flops(b, b.layers, 1, t) + 2.0 * b.hidden * b.vocab
-    return aux + predictor + step
+    base = 2.0 * tail * b.layers * b.layer_params + attention_flops(b, b.layers, tail, t) + 2.0 * b.hidden * b.vocab
+    return aux + predictor + base
 
 
 def aux_run(aux_config, predictor_config) -> tuple[int, int]:

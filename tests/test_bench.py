@@ -123,6 +123,10 @@ def test_flop_counts_by_hand():
     factorised = PredictorConfig(layer_map=[0, 1], in_features=4, key_features=2, value_features=2,
                                  source="hidden", rank=1)
     assert predicted_flops(cfg, aux, factorised, 4) == 864 + 96 + 48 + 48 + 576 + 128 + 80
+    # an exact tail of 2: aux and predictor on 2 tokens (64 + 64), the base on 2 tokens over 2 predicted ones:
+    # 2*2*2*144 = 1152 linear + 4*2*2*2*(2*2 + 1+2) = 224 attention + 80 head; a tail of the whole prompt is exact
+    assert predicted_flops(cfg, aux, pconf, 4, tail=2) == 64 + 64 + 1152 + 224 + 80
+    assert predicted_flops(cfg, aux, pconf, 4, tail=4) == exact_flops(cfg, 4)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
