@@ -286,6 +286,7 @@ class Settings:
     warmup: int = 1
     decode_tokens: int = 32
     cuda_graph: bool = True
+    compile_predictor: bool = False
     max_batch_tokens: int | None = None
     time_budget: float | None = None
     seed: int = 0
@@ -753,7 +754,7 @@ def _command(args, weights: str) -> str:
               "--repeats", str(args.repeats), "--warmup", str(args.warmup), "--decode-tokens", str(args.decode_tokens)]
     for flag, value in (("--max-batch-tokens", args.max_batch_tokens), ("--time-budget", args.time_budget)):
         parts += [flag, str(value)] if value is not None else []
-    parts += ["--cuda-graph", args.cuda_graph, "--seed", str(args.seed)]
+    parts += ["--cuda-graph", args.cuda_graph, "--compile", args.compile, "--seed", str(args.seed)]
     parts += ["--label", args.label] if args.label else []
     parts += ["--threads", str(args.threads)] if args.threads else []
     return shlex.join(parts)
@@ -764,6 +765,7 @@ def _ttft_command(args) -> int:
         raise KVPredError("--device cuda, but torch sees no CUDA device")
     settings = Settings(prompt_lens=args.prompt_lens, batches=args.batch, repeats=args.repeats, warmup=args.warmup,
                         decode_tokens=args.decode_tokens, cuda_graph=args.cuda_graph == "auto",
+                        compile_predictor=args.compile == "auto" and args.device.startswith("cuda"),
                         max_batch_tokens=args.max_batch_tokens, time_budget=args.time_budget, seed=args.seed)
     if args.repeats < 1:
         raise KVPredError("--repeats must be at least 1")
@@ -771,6 +773,9 @@ def _ttft_command(args) -> int:
         torch.set_num_threads(args.threads)
     variants, label, weights = load_variants(args)
     label = args.label or label
+    if settings.compile_predictor:
+        for variant in variants:
+            variant.model.compile_predictor()
     model = variants[0].model
     limit = model.context_length - args.decode_tokens
     too_long = [n for n in args.prompt_lens if n > limit or n < 2]
@@ -851,6 +856,9 @@ def register(subparsers) -> None:
                    help="seconds: skip the remaining (costlier) shapes once the next would overrun this")
     p.add_argument("--cuda-graph", choices=("auto", "off"), default="auto",
                    help="capture the base's one-token step as a CUDA graph (auto: on CUDA)")
+    p.add_argument("--compile", choices=("auto", "off"), default="auto",
+                   help="run the predictor and the cache write as one torch.compile'd function (auto: on CUDA); "
+                        "the breakdown then reports the two together under predictor")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--label", default=None, help="model name in the tables (default: --shape or --model)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")

@@ -121,6 +121,7 @@ class KVPredictionModel(nn.Module):
         self.base, self.aux, self.predictor, self.tokenizer, self.config = base, aux, predictor, tokenizer, config
         # Trained aux tensors as saved (full tensors, or low-rank adapter factors already merged into `aux`)
         self.aux_tensors: dict[str, torch.Tensor] = {}
+        self._compiled_write: Callable | None = None  # see compile_predictor
         attn = base.model.layers[0].self_attn
         self.base_kv_heads = base.config.num_key_value_heads
         self.base_head_dim = attn.head_dim
@@ -302,23 +303,29 @@ class KVPredictionModel(nn.Module):
             return DynamicCache(config=self.base.config)
         return self.write_cache(*self.base_kv(*predicted))
 
-    def _predict_prefix(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, exact_tail: int,
-                        mark: Callable[[str], None] = lambda phase: None
-                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    def _predict_prefix(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                        exact_tail: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
         """Auxiliary + predictor over prompt[:-exact_tail]: keys, values [L, B, n, kv] and positions [B, n];
-        None when that prefix is empty. A mask of None means an unpadded batch (no host-device syncs)."""
+        None when that prefix is empty."""
+        prefix = self._aux_prefix(input_ids, attention_mask, exact_tail)
+        if prefix is None:
+            return None
+        key_in, value_in, pos = prefix
+        return *self.predictor(key_in, value_in), pos
+
+    def _aux_prefix(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                    exact_tail: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """The auxiliary over prompt[:-exact_tail]: the predictor's inputs and positions [B, n]; None when that
+        prefix is empty. A mask of None means an unpadded batch (no host-device syncs)."""
         n = input_ids.shape[1] - exact_tail
         if n <= 0:
             return None
         mask = None if attention_mask is None else attention_mask[:, :n]
         pos = None if mask is None else position_ids_from_mask(mask)
         key_in, value_in = self.aux_inputs(input_ids[:, :n], mask, pos)
-        mark("aux")
-        keys, values = self.predictor(key_in, value_in)  # [L, B, n, kv]
-        mark("predictor")
         if pos is None:
             pos = torch.arange(n, device=input_ids.device).expand(input_ids.shape[0], n)
-        return keys, values, pos
+        return key_in, value_in, pos
 
     # ---------------------------------------------------------------- fast path
     def new_cache(self, batch_size: int, capacity: int, mode: str = "predicted") -> "BufferCache":
@@ -326,19 +333,40 @@ class KVPredictionModel(nn.Module):
         model = self.aux if mode == "aux" else self.base
         return BufferCache(model.config, batch_size, capacity, dtype=model.dtype, device=model.device)
 
+    def compile_predictor(self, backend: str = "inductor") -> None:
+        """Run `predict_into`'s predictor and cache write as one torch.compile'd function: the RoPE, the layout
+        changes and the copies fuse into fewer passes over the predicted K/V (25-40% less time for the two on an
+        H100, benchmarks/results/h100/compile). The first prompts pay the compilation (seconds); shapes are
+        dynamic, so new prompt lengths reuse it."""
+        self._compiled_write = torch.compile(self._predict_write, dynamic=True, backend=backend)
+
+    def _predict_write(self, key_in: torch.Tensor, value_in: torch.Tensor, position_ids: torch.Tensor,
+                       key_out: torch.Tensor, value_out: torch.Tensor) -> None:
+        keys, values = self.base_kv(*self.predictor(key_in, value_in), position_ids)
+        key_out.copy_(keys)
+        value_out.copy_(values)
+
     @torch.no_grad()
     def predict_into(self, cache: "BufferCache", input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                      exact_tail: int = 1, mark: Callable[[str], None] | None = None) -> None:
         """`predicted_cache` written in place: the first N - exact_tail columns of `cache` (emptied first) get the
-        predicted keys and values. `mark(phase)` is called after each phase ("aux", "predictor", "write")."""
+        predicted keys and values. `mark(phase)` is called after each phase ("aux", "predictor", "write"; after
+        `compile_predictor` the two run as one function, all of it before the "predictor" mark)."""
         mark = mark or (lambda phase: None)
         cache.reset()
-        predicted = self._predict_prefix(input_ids, attention_mask, exact_tail, mark)
-        if predicted is None:
+        prefix = self._aux_prefix(input_ids, attention_mask, exact_tail)
+        mark("aux")
+        if prefix is None:
             return
-        keys, values, pos = predicted
+        key_in, value_in, pos = prefix
         n = pos.shape[1]
-        self.base_kv_into(keys, values, pos, *cache.slices(n))
+        if self._compiled_write is not None:
+            self._compiled_write(key_in, value_in, pos, *cache.slices(n))
+            mark("predictor")
+        else:
+            keys, values = self.predictor(key_in, value_in)  # [L, B, n, kv]
+            mark("predictor")
+            self.base_kv_into(keys, values, pos, *cache.slices(n))
         cache.set_length(n)
         mark("write")
 

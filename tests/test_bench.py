@@ -224,6 +224,24 @@ def test_identity_equivalence_holds_on_the_fast_path(tmp_path):
     assert torch.allclose(predicted, exact, atol=1e-4)
 
 
+@pytest.mark.parametrize("source", ["kv", "hidden"])
+def test_compiled_predictor_writes_the_same_cache(source, tmp_path):
+    """compile_predictor changes how the predicted K/V get into the cache, not what gets there (traced by dynamo
+    here; the inductor code it generates on a GPU is timed by `kvpred bench ttft --compile auto`)."""
+    model = KVPredictionModel.from_pretrained(str(save_tiny_model(tmp_path / "m", arch="qwen3")), keep_ratio=0.5,
+                                              source=source)
+    ids = torch.randint(3, 259, (2, 15), generator=torch.Generator().manual_seed(5))
+    eager, compiled = model.new_cache(2, 16), model.new_cache(2, 16)
+    model.predict_into(eager, ids)
+    model.compile_predictor(backend="aot_eager")
+    for length in (15, 11):  # a second length reuses the dynamic-shape graph
+        model.predict_into(compiled, ids[:, :length])
+        if length == 15:
+            assert torch.allclose(compiled.key_arena, eager.key_arena, atol=1e-5)
+            assert torch.allclose(compiled.value_arena, eager.value_arena, atol=1e-5)
+    assert compiled.get_seq_length() == 10
+
+
 def test_hidden_source_reads_the_same_taps_as_training(tmp_path):
     """The "hidden" input: per-layer normed inputs plus the final normed state, which a pruned aux's last skipped
     base layers read; predicted prefill works on both paths."""
