@@ -92,6 +92,9 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
         for x, y, t in pts:
             ax.annotate(str(t), (x, y), textcoords="offset points", xytext=(3, 3), fontsize=7)
     ax.set_xscale("log")
+    ticks = [1, 1.5, 2, 3, 4, 6, 8, 12, 16]
+    ax.set_xticks(ticks, [f"{t:g}x" for t in ticks])
+    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
     ax.set_xlabel("TTFT-FLOP reduction over the exact prefill (matmul count)")
     ax.set_ylabel("first-token agreement with the exact base")
     ax.set_title(title, fontsize=9)
