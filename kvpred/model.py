@@ -298,20 +298,11 @@ class KVPredictionModel(nn.Module):
     def predicted_cache(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                         exact_tail: int = 1) -> DynamicCache:
         """Steps 1-2 of KV prediction: a base cache for all prompt tokens but the last `exact_tail`."""
-        predicted = self._predict_prefix(input_ids, attention_mask, exact_tail)
-        if predicted is None:
-            return DynamicCache(config=self.base.config)
-        return self.write_cache(*self.base_kv(*predicted))
-
-    def _predict_prefix(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                        exact_tail: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        """Auxiliary + predictor over prompt[:-exact_tail]: keys, values [L, B, n, kv] and positions [B, n];
-        None when that prefix is empty."""
         prefix = self._aux_prefix(input_ids, attention_mask, exact_tail)
         if prefix is None:
-            return None
+            return DynamicCache(config=self.base.config)
         key_in, value_in, pos = prefix
-        return *self.predictor(key_in, value_in), pos
+        return self.write_cache(*self.base_kv(*self.predictor(key_in, value_in), pos))
 
     def _aux_prefix(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                     exact_tail: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
