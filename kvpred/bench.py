@@ -93,6 +93,7 @@ def predicted_flops(base_config, aux_config, predictor_config, n: int, tail: int
     at its last layer's K/V projections, with hidden-state input at the deepest layer the layer map reads), the
     predictor on them, and the base's pass over the last `tail` tokens (the paper's 1) over those predicted entries."""
     b, a = Dims.of(base_config), Dims.of(aux_config)
+    tail = min(tail, n)  # a tail past the prompt's start leaves nothing to predict: the exact prefill
     t = n - tail
     macs, layers = aux_run(aux_config, predictor_config)
     aux = 2.0 * t * macs + attention_flops(a, layers, t)

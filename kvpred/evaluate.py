@@ -39,26 +39,26 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 
-def flop_ratio(model, prompt_tokens: int = 1024) -> dict:
+def flop_ratio(model, prompt_tokens: int = 1024, tail: int = 1) -> dict:
     """TTFT FLOPs reduction of KV prediction over the exact base, by two rules.
 
     * param_ratio (the paper's rule, METHOD 4): params(base) / params(aux), each counting a tied embedding
       once. This is the r that truncate mode uses.
     * matmul_ratio: FLOPs of an exact prefill of `prompt_tokens` tokens over those of a predicted one, as
       `kvpred bench` counts them (bench.predicted_flops: the auxiliary layers predicted mode runs, the predictor,
-      the base's last-token step; attention included). matmul_ratio_linear is its limit for long prompts
-      without attention.
+      the base's pass over the last `tail` prompt tokens; attention included). matmul_ratio_linear is its limit
+      for long prompts without attention (with the paper's tail of 1).
     """
     from .bench import Dims, aux_run, exact_flops, predicted_flops
 
     n, base, aux, pc = prompt_tokens, model.base.config, model.aux.config, model.predictor.config
-    exact, predicted = exact_flops(base, n), predicted_flops(base, aux, pc, n)
+    exact, predicted = exact_flops(base, n), predicted_flops(base, aux, pc, n, tail=tail)
     b = Dims.of(base)
     linear = b.layers * b.layer_params / (aux_run(aux, pc)[0] + pc.multiply_adds_per_token())
     params_base, params_aux = count_params(model.base), count_params(model.aux)
     return {"param_ratio": params_base / params_aux, "params_base": params_base, "params_aux": params_aux,
             "matmul_ratio": exact / predicted, "matmul_ratio_linear": linear,
-            "prompt_tokens": n, "exact_prefill_flops": exact, "predicted_prefill_flops": predicted,
+            "prompt_tokens": n, "exact_tail": tail, "exact_prefill_flops": exact, "predicted_prefill_flops": predicted,
             "predictor_params": sum(p.numel() for p in model.predictor.parameters())}
 
 
@@ -171,7 +171,8 @@ def evaluate(model, specs, modes: list[str], options, *, limit: int | None = Non
         raise KVPredError(f"unknown modes {bad or modes}; choose from {', '.join(MODES)}")
     cache = cache or ResultCache(None)
     msig = model_signature(model, model_name)
-    doc = {"version": RESULTS_VERSION, "model": model_name, "model_signature": msig, "flops": flop_ratio(model),
+    doc = {"version": RESULTS_VERSION, "model": model_name, "model_signature": msig,
+           "flops": flop_ratio(model, tail=options.exact_tail),
            "truncate_ratio": options.ratio, "modes": list(modes), "limit": limit, "options": options.__dict__,
            "tasks": {}}
     for spec in specs:
@@ -185,8 +186,10 @@ def evaluate(model, specs, modes: list[str], options, *, limit: int | None = Non
         task_modes = kind.modes(modes)
         results: dict[str, dict[str, dict]] = {}
         for mode in task_modes:
-            # what makes a unit result: model, task data and settings, and r for truncate mode
-            sig = _digest([msig, spec.kind, spec.path, settings, options.ratio if mode == "truncate" else None])
+            # what makes a unit result: model, task data and settings, r for truncate mode, and the exact tail
+            # for predicted mode (named only when not the paper's 1, so earlier caches stay valid)
+            key = [msig, spec.kind, spec.path, settings, options.ratio if mode == "truncate" else None]
+            sig = _digest(key + [options.exact_tail] if mode == "predicted" and options.exact_tail != 1 else key)
             pending = [u for u in units if cache.get(sig, spec.name, mode, u[0]) is None]
             if pending:
                 bar = tqdm(total=len(pending), desc=f"{spec.name}/{mode}", disable=not progress, file=sys.stderr)
@@ -220,6 +223,8 @@ def markdown_report(doc: dict) -> str:
              f"({f['params_base'] / 1e6:.1f}M / {f['params_aux'] / 1e6:.1f}M), matmul rule "
              f"{f['matmul_ratio']:.2f}x at {f['prompt_tokens']} tokens ({f['matmul_ratio_linear']:.2f}x linear "
              f"layers only); truncate keeps the last 1/{doc['truncate_ratio']:.2f} of each prompt",
+             *([f"* predicted mode: the base runs the last {tail} prompt tokens itself (exact tail; the matmul rule "
+                "above counts them)"] if (tail := doc["options"].get("exact_tail", 1)) != 1 else []),
              "* cells: value [95% CI]; gap = (mode - aux) / (exact - aux), 1 = as good as exact, with a paired "
              "bootstrap 95% CI", ""]
     modes = doc["modes"]
@@ -296,6 +301,8 @@ def register(subparsers) -> None:
                    help="r for truncate mode (default: the params-rule TTFT FLOPs reduction of the model)")
     p.add_argument("--ttft-speedup", default=None,
                    help="measured TTFT speedups over exact to record for `kvpred plot`, e.g. predicted=1.8,aux=2.2")
+    p.add_argument("--exact-tail", type=int, default=d.exact_tail,
+                   help="predicted mode: prompt tokens the base runs itself (the paper's 1)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--fewshot", type=int, default=None, help="shots for QA / multiple choice "
                    "(default: triviaqa 1, others 0); drawn from the other rows of the same file")
@@ -344,8 +351,8 @@ def run_cli(args: argparse.Namespace) -> int:
     from .cli import load_model
     from .tasks import EvalOptions, default_data_dir, parse_tasks
 
-    if args.batch_size < 1 or (args.limit is not None and args.limit < 1):
-        raise KVPredError("--batch-size and --limit must be at least 1")
+    if args.batch_size < 1 or args.exact_tail < 1 or (args.limit is not None and args.limit < 1):
+        raise KVPredError("--batch-size, --exact-tail and --limit must be at least 1")
     specs = parse_tasks(args.tasks, args.data_dir or default_data_dir())
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     speedups = _parse_speedups(args.ttft_speedup)
@@ -355,7 +362,8 @@ def run_cli(args: argparse.Namespace) -> int:
         raise KVPredError(f"--retrieval-lengths takes integers, got {args.retrieval_lengths!r}") from err
     model = load_model(args)
     options = EvalOptions(
-        batch_size=args.batch_size, ratio=args.truncate_ratio or flop_ratio(model)["param_ratio"], seed=args.seed,
+        batch_size=args.batch_size, ratio=args.truncate_ratio or flop_ratio(model)["param_ratio"],
+        exact_tail=args.exact_tail, seed=args.seed,
         fewshot=args.fewshot, heldout_context=args.heldout_context, heldout_continuation=args.heldout_continuation,
         kv_length=args.kv_length, agreement_prompt=args.agreement_prompt, agreement_tokens=args.agreement_tokens,
         qa_max_new_tokens=args.qa_max_new_tokens, retrieval_lengths=lengths, retrieval_items=args.retrieval_items,

@@ -9,7 +9,8 @@ registers `kvpred` when imported. Use it through the wrapper, which takes lm-eva
 or from Python: `import kvpred.lm_eval_model` before `lm_eval.simple_evaluate(model="kvpred", ...)`.
 
 Model arguments: pretrained (kvpred checkpoint, embedded default or base model; or a KVPredictionModel),
-mode (exact | aux | predicted | truncate; default predicted), dtype (float32 | bfloat16 | float16),
+mode (exact | aux | predicted | truncate; default predicted), exact_tail (predicted mode: prompt tokens the
+base runs itself; default 1), dtype (float32 | bfloat16 | float16),
 max_gen_toks (default 256), truncate_ratio (default: the params-rule FLOPs reduction). Device and batch size
 come from lm-eval's own --device / --batch_size (giving them in --model_args as well is an error in lm-eval).
 
@@ -39,7 +40,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 class KVPredLM(TemplateLM):
     def __init__(self, pretrained="smollm2-135m", mode: str = "predicted", device: str | None = None,
                  dtype: str | None = None, batch_size: int | str = 8, max_gen_toks: int = 256,
-                 truncate_ratio: float | None = None, **kwargs):
+                 truncate_ratio: float | None = None, exact_tail: int = 1, **kwargs):
         super().__init__()
         from .evaluate import flop_ratio
         from .model import KVPredictionModel
@@ -63,6 +64,9 @@ class KVPredLM(TemplateLM):
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else 8
         self.max_gen_toks = int(max_gen_toks)
         self.ratio = float(truncate_ratio) if truncate_ratio else flop_ratio(self.model)["param_ratio"]
+        self.exact_tail = int(exact_tail)
+        if self.exact_tail < 1:
+            raise KVPredError(f"exact_tail must be >= 1 (the base always runs the last prompt token), got {exact_tail}")
 
     # ------------------------------------------------------------ TemplateLM plumbing
     @property
@@ -90,8 +94,8 @@ class KVPredLM(TemplateLM):
         bar = tqdm(total=len(requests), desc=f"kvpred loglikelihood ({self.mode})", disable=disable_tqdm)
         pairs = [(list(ctx), list(cont)) for _, ctx, cont in requests]
         with torch.inference_mode():
-            for batch in score(self.model, pairs, self.mode, ratio=self.ratio, batch_size=self.batch_size,
-                               progress=bar):
+            for batch in score(self.model, pairs, self.mode, ratio=self.ratio, exact_tail=self.exact_tail,
+                               batch_size=self.batch_size, progress=bar):
                 for i, r in batch:
                     results[i] = (r["ll"], r["greedy"])
                     if requests[i][0] is not None:
@@ -132,8 +136,8 @@ class KVPredLM(TemplateLM):
             do_sample = bool(kwargs.pop("do_sample", temperature > 0)) and temperature > 0
             prompts = [self.tok_encode(requests[i].args[0]) or [self.prefix_token_id] for i in members]
             with torch.inference_mode():
-                for batch in generate(self.model, prompts, self.mode, ratio=self.ratio, batch_size=self.batch_size,
-                                      max_new_tokens=max_new, stop=until, do_sample=do_sample,
+                for batch in generate(self.model, prompts, self.mode, ratio=self.ratio, exact_tail=self.exact_tail,
+                                      batch_size=self.batch_size, max_new_tokens=max_new, stop=until, do_sample=do_sample,
                                       temperature=temperature if do_sample else 1.0,
                                       top_p=float(kwargs.pop("top_p", 1.0) or 1.0), progress=bar):
                     for j, tokens in batch:

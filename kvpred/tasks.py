@@ -45,6 +45,7 @@ class EvalOptions:
     """Settings shared by all tasks; CLI flags map one to one onto these fields."""
     batch_size: int = 8
     ratio: float = 1.0  # truncate mode keeps the last ceil(N / ratio) prompt tokens
+    exact_tail: int = 1  # predicted mode: prompt tokens the base runs itself (the paper's 1)
     seed: int = 0
     fewshot: int | None = None  # None: each task's default (triviaqa 1, others 0)
     heldout_context: int = 256  # heldout: tokens of context (predicted in predicted mode) ...
@@ -209,17 +210,17 @@ def _chunks(seq: list, size: int) -> Iterator[list]:
         yield seq[i:i + size]
 
 
-def score(model, requests: list[tuple[list[int], list[int]]], mode: str, *, ratio: float = 1.0,
+def score(model, requests: list[tuple[list[int], list[int]]], mode: str, *, ratio: float = 1.0, exact_tail: int = 1,
           batch_size: int = 8, progress: tqdm | None = None) -> Iterator[list[tuple[int, dict]]]:
     """Log-likelihood of each continuation after its context. Yields, per batch, [(request index,
     {"ll": sum log p, "greedy": every token argmax, "n": tokens})].
 
-    The context goes through `mode` (predicted: auxiliary + predictor for all but its last token); the base
-    (the auxiliary in aux mode) scores the last context token and the continuation: prefill with
-    exact_tail = len(continuation) + 1. Requests are grouped by continuation length, since one batch has one
-    exact_tail, and sorted by length to pad little.
+    The context goes through `mode` (predicted: auxiliary + predictor for all but its last `exact_tail` tokens);
+    the base (the auxiliary in aux mode) runs the rest of the context and scores the continuation: prefill with
+    exact_tail = len(continuation) + exact_tail. Requests are grouped by continuation length, since one batch has
+    one exact_tail, and sorted by length to pad little.
     """
-    limit = model.context_length
+    limit, tail = model.context_length, exact_tail if model_mode(mode) == "predicted" else 1
     order = sorted(range(len(requests)), key=lambda i: (len(requests[i][1]), len(requests[i][0])))
     groups: dict[int, list[int]] = {}
     for i in order:
@@ -240,8 +241,8 @@ def score(model, requests: list[tuple[list[int], list[int]]], mode: str, *, rati
                 rows.append(ctx + cont)
                 targets.append(cont)
             ids, mask = left_pad(rows, model.tokenizer.pad_token_id, model.device)
-            logits, _ = model.prefill(ids, mask, mode=model_mode(mode), exact_tail=width + 1)
-            logp = logits[:, :-1].float().log_softmax(-1)  # [B, width, V]: position t predicts token t+1
+            logits, _ = model.prefill(ids, mask, mode=model_mode(mode), exact_tail=width + tail)
+            logp = logits[:, -width - 1:-1].float().log_softmax(-1)  # [B, width, V]: position t predicts t+1
             target = torch.tensor(targets, device=logp.device)  # [B, width]
             ll = logp.gather(-1, target.unsqueeze(-1)).squeeze(-1).sum(-1)
             greedy = (logp.argmax(-1) == target).all(-1)
@@ -250,12 +251,14 @@ def score(model, requests: list[tuple[list[int], list[int]]], mode: str, *, rati
                 progress.update(len(chunk))
 
 
-def generate(model, prompts: list[list[int]], mode: str, *, ratio: float = 1.0, batch_size: int = 8,
+def generate(model, prompts: list[list[int]], mode: str, *, ratio: float = 1.0, exact_tail: int = 1,
+             batch_size: int = 8,
              max_new_tokens: int = 32, stop: list[str] | None = None, do_sample: bool = False,
              temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None,
              progress: tqdm | None = None) -> Iterator[list[tuple[int, list[int]]]]:
-    """Batched left-padded generation in `mode`. Yields per batch [(prompt index, new tokens)], each cut after
-    the first end-of-sequence token (padding after it dropped)."""
+    """Batched left-padded generation in `mode` (predicted: the base runs the last `exact_tail` prompt tokens).
+    Yields per batch [(prompt index, new tokens)], each cut after the first end-of-sequence token (padding after
+    it dropped)."""
     eos = model.base.generation_config.eos_token_id
     eos = set(eos if isinstance(eos, list) else [eos if eos is not None else model.tokenizer.eos_token_id])
     room = model.context_length - max_new_tokens
@@ -269,6 +272,7 @@ def generate(model, prompts: list[list[int]], mode: str, *, ratio: float = 1.0, 
         if seed is not None:
             torch.manual_seed(seed + chunk[0])
         out = model.generate(ids, mask, mode=model_mode(mode), max_new_tokens=max_new_tokens, do_sample=do_sample,
+                             exact_tail=exact_tail if model_mode(mode) == "predicted" else 1,
                              temperature=temperature, top_p=top_p, stop_strings=stop)
         new = out[:, ids.shape[1]:].tolist()
         results = []
@@ -328,8 +332,8 @@ class ScoringKind(Kind):
 
     def run(self, ctx, mode, units):
         requests = [(p["ctx"], p["cont"]) for _, p in units]
-        for batch in score(ctx.model, requests, mode, ratio=ctx.options.ratio, batch_size=ctx.options.batch_size,
-                           progress=ctx.progress):
+        for batch in score(ctx.model, requests, mode, ratio=ctx.options.ratio, exact_tail=ctx.options.exact_tail,
+                           batch_size=ctx.options.batch_size, progress=ctx.progress):
             yield [(units[i][0], result) for i, result in batch]
 
 
@@ -346,8 +350,8 @@ class GenerationKind(Kind):
     def run(self, ctx, mode, units):
         opts = ctx.options
         for batch in generate(ctx.model, [p["prompt"] for _, p in units], mode, ratio=opts.ratio,
-                              batch_size=opts.batch_size, max_new_tokens=self.new_tokens(opts),
-                              stop=self.stop or None, progress=ctx.progress):
+                              exact_tail=opts.exact_tail, batch_size=opts.batch_size,
+                              max_new_tokens=self.new_tokens(opts), stop=self.stop or None, progress=ctx.progress):
             texts = [ctx.model.tokenizer.decode(t, skip_special_tokens=True) for _, t in batch]
             yield [(units[i][0], {"text": cut_at_stop(text, self.stop).strip()}) for (i, _), text in
                    zip(batch, texts)]
@@ -531,8 +535,8 @@ class Agreement(Kind):
     def run(self, ctx, mode, units):
         opts = ctx.options
         for batch in generate(ctx.model, [p["prompt"] for _, p in units], mode, ratio=opts.ratio,
-                              batch_size=opts.batch_size, max_new_tokens=opts.agreement_tokens,
-                              progress=ctx.progress):
+                              exact_tail=opts.exact_tail, batch_size=opts.batch_size,
+                              max_new_tokens=opts.agreement_tokens, progress=ctx.progress):
             yield [(units[i][0], {"tokens": tokens}) for i, tokens in batch]
 
     def metrics(self, items, results, exact):
@@ -699,9 +703,10 @@ class HumanEval(Kind):
         for start in range(0, len(prompts), per_batch):
             texts = [""] * (min(per_batch, len(prompts) - start))
             for batch in generate(ctx.model, prompts[start:start + per_batch], mode, ratio=opts.ratio,
-                                  batch_size=per_batch, max_new_tokens=opts.humaneval_max_new_tokens,
-                                  stop=self.stop, do_sample=n > 1, temperature=opts.humaneval_temperature,
-                                  top_p=opts.humaneval_top_p, seed=opts.seed + start):
+                                  exact_tail=opts.exact_tail, batch_size=per_batch,
+                                  max_new_tokens=opts.humaneval_max_new_tokens, stop=self.stop, do_sample=n > 1,
+                                  temperature=opts.humaneval_temperature, top_p=opts.humaneval_top_p,
+                                  seed=opts.seed + start):
                 for i, tokens in batch:
                     texts[i] = cut_at_stop(ctx.model.tokenizer.decode(tokens, skip_special_tokens=True), self.stop)
             problems = [units[(start + j) // n][1]["problem"] for j in range(len(texts))]

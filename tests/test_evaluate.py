@@ -189,6 +189,24 @@ def test_identity_auxiliary_gives_predicted_metrics_equal_to_exact(identity_doc)
             assert by_mode["predicted"]["gap_recovered"] is None  # exact == aux: no gap to recover
 
 
+def test_an_exact_tail_over_the_whole_prompt_makes_predicted_mode_exact(pruned):
+    """--exact-tail W: the base runs the last W prompt tokens in predicted mode. W past every prompt's length leaves
+    nothing to predict, so predicted equals exact; and results cached for the paper's W = 1 are not reused."""
+    specs = parse_tasks(f"heldout={DATA}/tiny.txt,agreement={DATA}/tiny.txt,lambada={DATA}/lm.jsonl,"
+                        f"arc_easy={DATA}/mc.jsonl", DATA)
+    cache = ResultCache(None)
+    paper = evaluate(pruned, specs, ["exact", "predicted"], small_options(pruned), limit=3, cache=cache, progress=False)
+    assert paper["tasks"]["heldout"]["metrics"]["nll"]["predicted"]["value"] != pytest.approx(
+        paper["tasks"]["heldout"]["metrics"]["nll"]["exact"]["value"])
+    whole = evaluate(pruned, specs, ["exact", "predicted"], small_options(pruned, exact_tail=4096), limit=3,
+                     cache=cache, progress=False)
+    for name, task in whole["tasks"].items():
+        for metric, by_mode in task["metrics"].items():
+            assert by_mode["predicted"]["value"] == pytest.approx(by_mode["exact"]["value"], abs=1e-4), (name, metric)
+    assert whole["flops"]["exact_tail"] == 4096 and whole["flops"]["matmul_ratio"] == pytest.approx(1)
+    assert "exact tail" in markdown_report(dict(whole, command="kvpred eval"))
+
+
 def test_markdown_report_has_a_row_per_task_metric(pruned_doc, tmp_path):
     doc = dict(pruned_doc, command="kvpred eval ...")
     md = write_report(doc, tmp_path / "r.json")
@@ -330,8 +348,8 @@ def test_lm_eval_wrapper_command_registers_the_model(tmp_path):
     model = save_tiny_model(tmp_path / "m")
     proc = subprocess.run(
         [sys.executable, "-m", "kvpred.lm_eval_model", "run", "--model", "kvpred", "--model_args",
-         f"pretrained={model},mode=predicted", "--device", "cpu", "--tasks", "kvpred_tiny_mc", "--include_path",
-         str(DATA / "lm_eval"), "--limit", "2", "--output_path", str(tmp_path / "out")],
+         f"pretrained={model},mode=predicted,exact_tail=2", "--device", "cpu", "--tasks", "kvpred_tiny_mc",
+         "--include_path", str(DATA / "lm_eval"), "--limit", "2", "--output_path", str(tmp_path / "out")],
         cwd=DATA, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "kvpred_tiny_mc" in proc.stdout and "acc" in proc.stdout
