@@ -15,8 +15,8 @@ max_gen_toks (default 256), truncate_ratio (default: the params-rule FLOPs reduc
 come from lm-eval's own --device / --batch_size (giving them in --model_args as well is an error in lm-eval).
 
 How each request type uses the mode:
-* loglikelihood: the context goes through `mode`; the base scores the context's last token and the
-  continuation (prefill with exact_tail = len(continuation) + 1), as `kvpred eval` does.
+* loglikelihood: the context goes through `mode`; the base runs the context's last `exact_tail` tokens and
+  scores the continuation (prefill with exact_tail = len(continuation) + exact_tail), as `kvpred eval` does.
 * loglikelihood_rolling: lm-eval's disjoint windows of the model's context length, each scored as a
   loglikelihood request (context = the window's first token, so predicted mode is close to exact here).
 * generate_until: the prompt through `mode`, then the base decodes (the auxiliary in aux mode).
