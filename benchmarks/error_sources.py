@@ -53,17 +53,18 @@ def swapped_layers(model: KVPredictionModel, ids: torch.Tensor, exact: torch.Ten
     """Agreement when the given base layers get the exact keys, values or both instead of the predicted ones."""
     hits = {g: {"keys": 0, "values": 0, "both": 0} for g in groups}
     n = ids.shape[1]
+    stack = lambda cache, part: torch.stack([getattr(layer, part) for layer in cache.layers])  # noqa: E731
     for i in range(0, len(ids), batch):
         x = ids[i:i + batch]
         _, true = model.prefill(x[:, :-1], mode="exact")
+        predicted = model.predicted_cache(x, torch.ones_like(x))  # once per batch; each variant edits a copy
         for group, layers in groups.items():
             for part in ("keys", "values", "both"):
-                cache = model.predicted_cache(x, torch.ones_like(x))
-                for layer in layers:
-                    if part in ("keys", "both"):
-                        cache.layers[layer].keys.copy_(true.layers[layer].keys)
-                    if part in ("values", "both"):
-                        cache.layers[layer].values.copy_(true.layers[layer].values)
+                kv = {name: stack(predicted, name) for name in ("keys", "values")}  # [L, B, H, T, D], fresh
+                for name in ("keys", "values"):
+                    if part in (name, "both") and layers:
+                        kv[name][layers] = stack(true, name)[layers]
+                cache = model.write_cache(kv["keys"], kv["values"])
                 pos = torch.full((len(x), 1), n - 1)
                 logits = model.base(input_ids=x[:, -1:], position_ids=pos, use_cache=True, logits_to_keep=1,
                                     **cache_kwargs(model.base, cache)).logits

@@ -272,7 +272,7 @@ def generate(model, prompts: list[list[int]], mode: str, *, ratio: float = 1.0, 
         if seed is not None:
             torch.manual_seed(seed + chunk[0])
         out = model.generate(ids, mask, mode=model_mode(mode), max_new_tokens=max_new_tokens, do_sample=do_sample,
-                             exact_tail=exact_tail if model_mode(mode) == "predicted" else 1,
+                             exact_tail=exact_tail,  # model.generate reads it in predicted mode only
                              temperature=temperature, top_p=top_p, stop_strings=stop)
         new = out[:, ids.shape[1]:].tolist()
         results = []
