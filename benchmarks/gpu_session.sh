@@ -12,9 +12,11 @@
 #   stage scaling  DDP on 1, 2 and 4 GPUs and FSDP2 on 2: tokens/s and scaling efficiency
 #   stage round2 (daemon, started by `b round2`) per GPU: continue training the shipped default for TRAIN_MINUTES,
 #                full rank or after `kvpred compress --rank R`; `ROUND=2 ... wait` then ships them, `eval2` evaluates
-#   stage solo   (the daemon, started by `b solo`, one GPU) continue the shipped default for TRAIN_MINUTES with
-#                --exact-prefix 0.25 (a quarter of the windows start with the base's own keys/values, as in a chat's
-#                later turns); `ROUND=solo ... wait` ships it, `evalsolo` evaluates it and the multi-turn regime
+#   stage solo   (the daemon, started by `b solo`, one GPU) continue the shipped default for TRAIN_MINUTES with the
+#                extra flags SOLO_FLAGS as run SOLO: by default `xp`, --exact-prefix 0.25 (a quarter of the windows start
+#                with the base's own keys/values, as in a chat's later turns); `ROUND=solo ... wait` ships it,
+#                `evalsolo` evaluates it (and, for xp, the multi-turn regime). With SAMPLE_TOKENS set, it first samples
+#                that many tokens of documents from the base and trains on the shards plus those
 #   stage refine (after a and a2; carry .carry/g3) refinement / exact-tail curves of the shipped default (refine_eval)
 #   stage env    only set up the environment (source this script)
 set -uo pipefail
@@ -45,7 +47,8 @@ VARIANTS=("k6 0 0,6,12,18,24,29 $RECIPE" "k4 1 0,10,20,29 $RECIPE" "k8 2 0,4,8,1
 # round 2, from the shipped default: name, GPU, predictor rank (0: keep the full-rank maps)
 ROUND2=("full 0 0" "r128 1 128" "r64 2 64" "r32 3 32")
 [ "${ROUND:-1}" = 2 ] && VARIANTS=("${ROUND2[@]}")
-[ "${ROUND:-1}" = solo ] && VARIANTS=("xp 0 0")
+SOLO=${SOLO:-xp}; SOLO_FLAGS=${SOLO_FLAGS:---exact-prefix 0.25}
+[ "${ROUND:-1}" = solo ] && VARIANTS=("$SOLO 0 0")
 
 case "$stage" in
 a)
@@ -95,10 +98,16 @@ round2)
   wait
   ;;
 solo)
-  kv train --model smollm2-135m --data $D --steps 20000 --max-minutes ${TRAIN_MINUTES:-12} --seq-len 512 \
-     --batch-size 32 --warmup 100 --eval-every 250 --save-every 250 --log-every 25 $RECIPE --exact-prefix 0.25 \
-     --out $RUNS/xp > $RUNS/xp.log 2>&1
-  echo "exit $?" > $RUNS/xp.done
+  data=$D
+  if [ -n "${SAMPLE_TOKENS:-}" ]; then  # add documents sampled from the base itself (`kvpred data sample`)
+    kv data sample --out /tmp/sampled --tokens $SAMPLE_TOKENS --batch-size ${SAMPLE_BATCH:-1536} > $RUNS/sample.log 2>&1
+    kv data build --sources /tmp/sampled --out /tmp/sampled_tokens >> $RUNS/sample.log 2>&1 || exit 1
+    cp /tmp/sampled/sample_00000.jsonl $RUNS/sampled_first_batch.jsonl; data=$D,/tmp/sampled_tokens
+  fi
+  kv train --model smollm2-135m --data $data --steps 20000 --max-minutes ${TRAIN_MINUTES:-12} --seq-len 512 \
+     --batch-size 32 --warmup 100 --eval-every 250 --save-every 250 --log-every 25 $RECIPE $SOLO_FLAGS \
+     --out $RUNS/$SOLO > $RUNS/$SOLO.log 2>&1
+  echo "exit $?" > $RUNS/$SOLO.done
   ;;
 wait)
   until [ "$(ls $RUNS/*.done 2>/dev/null | wc -l)" -ge ${#VARIANTS[@]} ]; do
@@ -107,7 +116,7 @@ wait)
   for v in "${VARIANTS[@]}"; do
     n=${v%% *}; echo "== $n $(cat $RUNS/$n.done)"; grep '"heldout' $RUNS/$n/metrics.jsonl | tail -1; grep -a "fit\|limit" $RUNS/$n.log
   done
-  tar -czf $OUT/train_logs.tgz -C $RUNS $(cd $RUNS && ls -d */metrics.jsonl */*_report.json *.log)
+  tar -czf $OUT/train_logs.tgz -C $RUNS $(cd $RUNS && ls -d */metrics.jsonl */*_report.json *.log *.jsonl)
   for v in "${VARIANTS[@]}"; do n=${v%% *}
     python3 -c "import sys, torch; from kvpred import KVPredictionModel as M
 M.from_pretrained(sys.argv[1]).save_pretrained(sys.argv[2], dtype=torch.bfloat16)" $RUNS/$n/final $RUNS/ship_$n
@@ -154,10 +163,10 @@ eval2)  # the round-2 variants side by side (GPUs 0-3), then pass-key retrieval 
   ;;
 evalsolo)  # the continued model like round 2's (1000 items a task), then both models in the multi-turn regime
   mkdir -p /tmp/eval
-  timeout -k 5 300 python3 -m kvpred.cli eval --model $RUNS/ship_xp --device cuda --dtype bfloat16 --batch-size 64 \
-    --tasks lambada,arc_easy,piqa,agreement,heldout,kv --limit 1000 --quiet --data-dir /tmp/carry/data --label xp \
-    --out /tmp/eval/xp.json > /tmp/eval/xp.log 2>&1; echo "eval rc=$?"
-  for m in smollm2-135m:r128 $RUNS/ship_xp:xp; do
+  timeout -k 5 300 python3 -m kvpred.cli eval --model $RUNS/ship_$SOLO --device cuda --dtype bfloat16 --batch-size 64 \
+    --tasks lambada,arc_easy,piqa,agreement,heldout,kv --limit 1000 --quiet --data-dir /tmp/carry/data --label $SOLO \
+    --out /tmp/eval/$SOLO.json > /tmp/eval/$SOLO.log 2>&1; echo "eval rc=$?"
+  [ $SOLO = xp ] && for m in smollm2-135m:r128 $RUNS/ship_xp:xp; do
     python3 benchmarks/multiturn_eval.py --model ${m%%:*} --device cuda --windows 256 --batch-size 32 \
       --data /tmp/carry/data/wikitext2-test.txt --out /tmp/eval/multiturn_${m##*:}.json | tee -a /tmp/eval/multiturn.txt
   done

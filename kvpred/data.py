@@ -4,6 +4,10 @@ Tokenizing happens once, on a CPU machine, and only the compact shards travel to
 
     meta = build_shards(["docs/", "src/**/*.py"], tokenizer, "tokens/")   # train_*.bin, heldout_*.bin, meta.json
     batches = PackedTokens("tokens/", "train", seq_len=512, batch_size=8)  # iterator of LongTensor [8, 512]
+    PackedTokens("tokens/,sampled/", ...)  # several builds, comma-separated, read as one
+
+Without training text, `sample_corpus` writes jsonl documents sampled from the base itself (its own distribution, which
+is what the auxiliary and predictor must imitate) for `build_shards` to tokenize.
 
 Each document is tokenized without special tokens and followed by EOS; a split is the concatenation of its documents,
 cut into non-overlapping windows of `seq_len` tokens. Batches hold input ids only: the trainer shifts them for
@@ -315,33 +319,42 @@ def read_meta(shard_dir: str | Path) -> dict:
     return json.loads(path.read_text())
 
 
+def shard_folders(shard_dir: str | Path) -> list[Path]:
+    """One token build, or several joined by commas ("mix/,sampled/"), whose splits are then read as one."""
+    return [Path(d) for d in str(shard_dir).split(",") if d]
+
+
 def check_tokenizer(shard_dir: str | Path, tokenizer) -> None:
-    """Raise unless `tokenizer` has the ids the shards in `shard_dir` were built with."""
-    built = read_meta(shard_dir)["tokenizer"]
-    if built["sha256"] != tokenizer_fingerprint(tokenizer):
-        raise KVPredError(f"the tokens in {shard_dir} were built with tokenizer {built['name']!r} "
-                          f"({built['vocab_size']} tokens), which differs from this model's "
-                          f"({len(tokenizer)} tokens); rebuild them with `kvpred data build --model ...`")
+    """Raise unless `tokenizer` has the ids the shards in `shard_dir` (each build, if several) were built with."""
+    for folder in shard_folders(shard_dir):
+        built = read_meta(folder)["tokenizer"]
+        if built["sha256"] != tokenizer_fingerprint(tokenizer):
+            raise KVPredError(f"the tokens in {folder} were built with tokenizer {built['name']!r} "
+                              f"({built['vocab_size']} tokens), which differs from this model's "
+                              f"({len(tokenizer)} tokens); rebuild them with `kvpred data build --model ...`")
 
 
 # ---------------------------------------------------------------- shards -> windows -> batches
 class TokenStream:
-    """One split's shards as a single memory-mapped token sequence, cut into windows of `seq_len` tokens."""
+    """One split's shards (of each build, in order) as a single memory-mapped token sequence, cut into windows of
+    `seq_len` tokens."""
 
     def __init__(self, shard_dir: str | Path, split: str, seq_len: int):
         if split not in SPLITS:
             raise KVPredError(f"split must be one of {SPLITS}, got {split!r}")
         if seq_len < 1:
             raise KVPredError(f"seq_len must be positive, got {seq_len}")
-        meta = read_meta(shard_dir)
-        self.meta, self.split, self.seq_len = meta, split, seq_len
+        self.split, self.seq_len = split, seq_len
         self.shards = []
-        for shard in meta["splits"][split]["shards"]:
-            path = Path(shard_dir) / shard["file"]
-            expected = shard["tokens"] * np.dtype(meta["dtype"]).itemsize
-            if not path.is_file() or path.stat().st_size != expected:
-                raise KVPredError(f"{path} is missing or not {expected} bytes as {META_NAME} says; rebuild the shards")
-            self.shards.append(np.memmap(path, dtype=meta["dtype"], mode="r"))
+        for folder in shard_folders(shard_dir):
+            meta = read_meta(folder)
+            for shard in meta["splits"][split]["shards"]:
+                path = folder / shard["file"]
+                expected = shard["tokens"] * np.dtype(meta["dtype"]).itemsize
+                if not path.is_file() or path.stat().st_size != expected:
+                    raise KVPredError(f"{path} is missing or not {expected} bytes as {META_NAME} says; "
+                                      "rebuild the shards")
+                self.shards.append(np.memmap(path, dtype=meta["dtype"], mode="r"))
         self.starts = np.cumsum([0] + [len(s) for s in self.shards])  # token offset of each shard in the split
         self.tokens = int(self.starts[-1])
         self.n_windows = self.tokens // seq_len  # the tail shorter than a window is never used
@@ -450,6 +463,57 @@ def heldout_windows(shard_dir: str | Path, seq_len: int, n: int) -> torch.Tensor
     return stream.windows(np.linspace(0, stream.n_windows - 1, n).round().astype(np.int64))
 
 
+# ---------------------------------------------------------------- sampling a corpus from the base
+def topic_words(tokenizer, min_letters: int = 4) -> list[str]:
+    """Whole lower-case words of the vocabulary (byte-level BPE marks a leading space with 'Ġ'), capitalised: the
+    openings of sampled documents, so their topics spread over what the tokenizer knows."""
+    vocab = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    words = sorted({t[1:] for t in vocab if t and t[0] == "Ġ" and t[1:].isascii() and t[1:].isalpha()
+                    and t[1:].islower() and len(t) > min_letters})
+    if not words:
+        raise KVPredError("the tokenizer has no whole-word tokens to open sampled documents with")
+    return [w.capitalize() for w in words]
+
+
+@torch.no_grad()
+def sample_corpus(model, tokenizer, out_dir: str | Path, tokens: int, *, batch_size: int = 256,
+                  max_new_tokens: int = 512, temperature: float = 1.0, top_p: float = 0.95, seed: int = 0,
+                  openings: Sequence[str] | None = None, progress: bool = True) -> int:
+    """Sample documents from `model` until `tokens` tokens, as out_dir/sample_NNNNN.jsonl files of {"text", "tokens"}
+    lines, one file per batch written atomically. Batch b opens its documents with `openings` (default: the
+    vocabulary's words) drawn with seed (seed, b), so a killed run resumes after its last finished file. Returns the
+    tokens sampled in all."""
+    from tqdm.auto import tqdm
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    done = sorted(out.glob("sample_*.jsonl"))
+    total = sum(json.loads(line)["tokens"] for f in done for line in f.read_text().splitlines())
+    words, eos = list(openings or topic_words(tokenizer)), tokenizer.eos_token_id
+    device = next(model.parameters()).device
+    bar = tqdm(total=tokens, initial=min(total, tokens), unit="tok", unit_scale=True, desc=f"sampling into {out}",
+               disable=not progress)
+    batch = len(done)
+    while total < tokens:
+        rng = np.random.default_rng([seed, batch])
+        prompts = [words[i] for i in rng.integers(len(words), size=batch_size)]
+        enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+        torch.manual_seed(int(rng.integers(2 ** 31)))
+        ids = model.generate(**enc, do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
+                             max_new_tokens=max_new_tokens, pad_token_id=eos, eos_token_id=eos)
+        lines = []
+        for prompt, row in zip(prompts, ids[:, enc.input_ids.shape[1]:].tolist()):
+            row = row[:row.index(eos)] if eos in row else row
+            lines.append(json.dumps({"text": prompt + tokenizer.decode(row, skip_special_tokens=True),
+                                     "tokens": len(row)}))
+            total += len(row)
+        _write_atomic(out / f"sample_{batch:05d}.jsonl", ("\n".join(lines) + "\n").encode())
+        bar.update(min(total, tokens) - bar.n)
+        batch += 1
+    bar.close()
+    return total
+
+
 # ---------------------------------------------------------------- command line
 def register(subparsers) -> None:
     p = subparsers.add_parser("data", help="build and inspect training token shards",
@@ -472,6 +536,20 @@ def register(subparsers) -> None:
     b.add_argument("--shuffle-files", action="store_true",
                    help="read each source's files in a fixed hashed order, so --max-tokens samples it evenly")
     b.set_defaults(func=_build)
+    g = sub.add_parser("sample", help="sample training documents from the base model itself (jsonl)",
+                       description="Write documents sampled from the base (each opened by a random vocabulary word) "
+                                   "as sample_NNNNN.jsonl files, for `kvpred data build --sources DIR`: training "
+                                   "text in the base's own distribution, where no corpus is at hand. Resumes.")
+    g.add_argument("--model", default="smollm2-135m", help="base model to sample from (alias, folder, hub id)")
+    g.add_argument("--out", required=True, help="output folder")
+    g.add_argument("--tokens", type=int, required=True, help="stop after this many sampled tokens")
+    g.add_argument("--batch-size", type=int, default=256)
+    g.add_argument("--max-new-tokens", type=int, default=512, help="longest document, in tokens")
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--top-p", type=float, default=0.95)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    g.set_defaults(func=_sample)
     i = sub.add_parser("info", help="print a token build's meta.json summary")
     i.add_argument("dir", help="folder made by `kvpred data build`")
     i.set_defaults(func=_info)
@@ -487,6 +565,20 @@ def _build(args: argparse.Namespace) -> int:
                         heldout_fraction=args.heldout_fraction, text_field=args.text_field, exclude=args.exclude,
                         shuffle_files=args.shuffle_files, tokenizer_name=args.model)
     _print_summary(args.out, meta)
+    return 0
+
+
+def _sample(args: argparse.Namespace) -> int:
+    from .models import load_causal_lm
+
+    if args.tokens < 1 or args.batch_size < 1 or args.max_new_tokens < 1:
+        raise KVPredError("--tokens, --batch-size and --max-new-tokens must be positive")
+    dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
+    model, tokenizer = load_causal_lm(args.model, dtype=dtype, device=args.device)
+    total = sample_corpus(model, tokenizer, args.out, args.tokens, batch_size=args.batch_size,
+                          max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                          seed=args.seed)
+    print(f"{args.out}: {total:,} sampled tokens")
     return 0
 
 

@@ -4,7 +4,10 @@ Training forward: the auxiliary runs the whole window; the predictor maps its ta
 the window attending causally to the *predicted* keys/values (its own are discarded), or, with `suffix_split`, to
 predicted keys/values before a random split point and its own after it (the inference regime: predicted prompt,
 true tail); with `exact_prefix` > 0 that share of windows also uses its own keys/values before a random earlier point
-(the multi-turn regime: exact history, predicted new turn, true tail). Loss = base CE + aux CE (both + z-loss) + L1 on
+(the multi-turn regime: exact history, predicted new turn, true tail). With `exact_self`, every position also
+attends to its own key/value as the base computes it in this pass (METHOD 1.3's train/inference mismatch: the paper's
+diagonal is predicted, while at inference the last prompt token uses its own), so each position trains as the last
+token of its prefix. Loss = base CE + aux CE (both + z-loss) + L1 on
 keys and values (sum or mean over layers) + optional KL to the exact base's next-token distribution.
 
     kvpred train --model smollm2-135m --data .carry/tokens --out runs/kvp --steps 2000
@@ -62,6 +65,7 @@ class TrainConfig:
     kl_loss: float = 0.0  # weight of KL(exact base || base through predicted KV)
     suffix_split: bool = False  # true KV after a random split point, as at inference
     exact_prefix: float = 0.0  # with suffix_split: share of windows with true KV before a random earlier point too
+    exact_self: bool = False  # each position sees its own true key/value (as the last prompt token does at inference)
     train_aux: bool = True
     aux_lora_rank: int = 0  # > 0: low-rank adapters on the aux (small checkpoints); 0: full aux weights
     activation_checkpointing: bool = False  # recompute the aux layers in backward
@@ -83,20 +87,33 @@ class PredictedKV(DynamicCache):
 
     Stays empty, so transformers builds the plain causal mask over the window. With `split`, positions >= split use
     the base's own keys/values (computed in this same pass), as at inference after the predicted prompt prefix; with
-    `prefix`, so do positions < prefix, as after an exact conversation history.
+    `prefix`, so do positions < prefix, as after an exact conversation history. With `exact_self`, the layer gets
+    [those | its own] (2T keys), to be read under `exact_self_mask`.
     """
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, split: int | None = None, prefix: int = 0):
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, split: int | None = None, prefix: int = 0,
+                 exact_self: bool = False):
         super().__init__()
         self.pred_keys, self.pred_values, self.split, self.prefix = keys, values, split, prefix  # [L, B, H, T, D]
+        self.exact_self = exact_self
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         k, v = self.pred_keys[layer_idx].to(key_states.dtype), self.pred_values[layer_idx].to(value_states.dtype)
-        if self.split is None and not self.prefix:
-            return k, v
-        p, s = self.prefix, self.split if self.split is not None else k.shape[2]
-        return (torch.cat([key_states[:, :, :p], k[:, :, p:s], key_states[:, :, s:]], 2),
-                torch.cat([value_states[:, :, :p], v[:, :, p:s], value_states[:, :, s:]], 2))
+        if self.split is not None or self.prefix:
+            p, s = self.prefix, self.split if self.split is not None else k.shape[2]
+            k = torch.cat([key_states[:, :, :p], k[:, :, p:s], key_states[:, :, s:]], 2)
+            v = torch.cat([value_states[:, :, :p], v[:, :, p:s], value_states[:, :, s:]], 2)
+        if self.exact_self:
+            return torch.cat([k, key_states], 2), torch.cat([v, value_states], 2)
+        return k, v
+
+
+def exact_self_mask(length: int, device: torch.device, eager: bool) -> torch.Tensor:
+    """The 4D mask [1, 1, T, 2T] over an exact-self PredictedKV's keys: query t sees the first half before t and the
+    second half (its own) at t. Boolean for SDPA; additive for eager attention."""
+    t = torch.arange(length, device=device)
+    mask = torch.cat([t[None, :] < t[:, None], t[None, :] == t[:, None]], 1)[None, None]
+    return torch.zeros(mask.shape, device=device).masked_fill(~mask, torch.finfo(torch.float32).min) if eager else mask
 
 
 def cross_entropy_with_z(logits: torch.Tensor, ids: torch.Tensor, z: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -128,8 +145,7 @@ class Distillation(nn.Module):
         with capture(m.aux, m.predictor.config.source) as taps:
             aux_logits = m.aux(input_ids=ids, position_ids=pos, use_cache=False).logits
         keys, values = m.base_kv(*m.predictor(*taps.stacked()), pos)  # [L, B, H, T, D]
-        pred = m.base(input_ids=ids, position_ids=pos, use_cache=True,
-                      **cache_kwargs(m.base, PredictedKV(keys, values, split, prefix))).logits
+        pred = self.base_logits(ids, keys, values, split, prefix)
         losses = {}
         losses["base_ce"], base_z = cross_entropy_with_z(pred, ids, c.z_loss)
         losses["aux_ce"], aux_z = cross_entropy_with_z(aux_logits, ids, c.z_loss)
@@ -146,6 +162,16 @@ class Distillation(nn.Module):
             loss = loss + c.kl_loss * losses["kl"]
         losses["loss"] = loss
         return losses
+
+    def base_logits(self, ids: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, split: int | None = None,
+                    prefix: int = 0) -> torch.Tensor:
+        """The base's logits over the window [B, T, V] when it attends to these keys/values [L, B, H, T, D]."""
+        base, exact_self = self.model.base, self.config.exact_self
+        pos = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
+        mask = exact_self_mask(ids.shape[1], ids.device, base.config._attn_implementation == "eager") \
+            if exact_self else None
+        return base(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
+                    **cache_kwargs(base, PredictedKV(keys, values, split, prefix, exact_self))).logits
 
 
 # ---------------------------------------------------------------- set-up

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from kvpred.data import (PackedTokens, build_shards, check_tokenizer, expand_source, heldout_windows, read_meta,
-                         register, token_dtype)
-from kvpred.models import KVPredError
+                         register, sample_corpus, token_dtype)
+from kvpred.models import KVPredError, load_causal_lm
 from kvpred.testing import byte_tokenizer
 
 TOK = byte_tokenizer()
@@ -194,6 +194,36 @@ def test_ranks_together_take_exactly_the_single_process_global_batch(built, worl
 
 
 # ---------------------------------------------------------------- sources
+def test_several_builds_joined_by_commas_are_read_as_one(tmp_path, corpus, built):
+    other = tmp_path / "other"
+    build_shards([str(corpus[0])], TOK, other, shard_tokens=700, heldout_fraction=0.5, progress=False)
+    joined = f"{built},{other}"
+    check_tokenizer(joined, TOK)
+    stream = PackedTokens(joined, "train", seq_len=16, batch_size=2).stream
+    expected = np.concatenate([split_tokens(built, "train"), split_tokens(other, "train")])
+    assert stream.tokens == len(expected) and np.array_equal(stream.read(0, len(expected)), expected)
+    assert heldout_windows(joined, 16, 4).shape == (4, 16)
+
+
+def test_sampled_documents_come_in_batch_files_and_a_killed_run_resumes(tiny_llama, tmp_path):
+    """`kvpred data sample`: documents from the base itself, each opened by one of the openings, ready to build."""
+    model, tok = load_causal_lm(tiny_llama)
+    options = dict(batch_size=2, max_new_tokens=6, openings=["Alpha", "Beta", "Gamma"], progress=False)
+    total = sample_corpus(model, tok, tmp_path / "s", 20, **options)
+    files = sorted((tmp_path / "s").glob("sample_*.jsonl"))
+    lines = [json.loads(line) for f in files for line in f.read_text().splitlines()]
+    assert len(files) >= 2 and total >= 20 and sum(line["tokens"] for line in lines) == total
+    assert all(line["text"].startswith(("Alpha", "Beta", "Gamma")) for line in lines)
+    before = [f.read_text() for f in files]
+    files[-1].unlink()  # killed before the last batch was written
+    assert sample_corpus(model, tok, tmp_path / "s", 20, **options) == total
+    assert [f.read_text() for f in sorted((tmp_path / "s").glob("sample_*.jsonl"))] == before
+    meta = build_shards([str(tmp_path / "s")], tok, tmp_path / "tokens", heldout_fraction=0.0, progress=False)
+    assert meta["splits"]["train"]["documents"] == len(set(line["text"] for line in lines))
+    with pytest.raises(KVPredError, match="whole-word"):  # a byte tokenizer has no words to open documents with
+        sample_corpus(model, tok, tmp_path / "t", 20, batch_size=2, progress=False)
+
+
 def test_evaluation_data_is_refused(tmp_path):
     for source in ["/work/shared/data", "/work/shared/data/wikitext2-test.txt", "/work/shared/data/*.jsonl"]:
         with pytest.raises(KVPredError, match="evaluation data"):

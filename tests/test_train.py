@@ -9,7 +9,7 @@ import torch
 
 from kvpred import lora
 from kvpred.cli import main as cli_main
-from kvpred.model import KVPredictionModel, cache_kwargs
+from kvpred.model import KVPredictionModel, cache_kwargs, capture
 from kvpred.models import KVPredError
 from kvpred.train import STATE_NAME, Distillation, PredictedKV, TrainConfig, Trainer
 
@@ -19,12 +19,12 @@ def config(tiny_llama, shards, tmp_path, **overrides) -> TrainConfig:
     return TrainConfig(**{**base, **overrides})
 
 
-@pytest.mark.parametrize("split, prefix", [(None, 0), (9, 0), (9, 4)])
-def test_training_forward_with_aux_equal_to_base_is_the_base(tiny_llama, split, prefix):
+@pytest.mark.parametrize("split, prefix, exact_self", [(None, 0, False), (9, 0, False), (9, 4, False), (None, 0, True)])
+def test_training_forward_with_aux_equal_to_base_is_the_base(tiny_llama, split, prefix, exact_self):
     """METHOD 1.8: with A = B and identity P the training-path loss is the base's own loss and the KV loss is 0."""
     model = KVPredictionModel.from_pretrained(tiny_llama, keep_ratio=1.0)
     ids = torch.randint(3, 259, (2, 24))
-    losses = Distillation(model, TrainConfig(z_loss=0.0)).forward(ids, split, prefix)
+    losses = Distillation(model, TrainConfig(z_loss=0.0, exact_self=exact_self)).forward(ids, split, prefix)
     logits = model.base(input_ids=ids).logits[:, :-1]
     base_ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
     torch.testing.assert_close(losses["base_ce"], base_ce, atol=1e-5, rtol=1e-5)
@@ -43,6 +43,24 @@ def test_an_exact_prefix_is_the_base_itself_and_only_the_span_after_it_is_predic
     with_prefix, without = run(16, 6), run(16, 0)
     torch.testing.assert_close(with_prefix[:, :6], exact[:, :6])
     assert not torch.allclose(with_prefix[:, 6:], exact[:, 6:]) and not torch.allclose(without[:, :6], exact[:, :6])
+
+
+@pytest.mark.parametrize("split", [None, 9])
+def test_with_exact_self_every_position_sees_what_inference_gives_the_last_prompt_token(tiny_llama, split):
+    """exact_self: position t's logits in the training forward are predicted mode's for the prompt ids[:t+1]: the
+    auxiliary + predictor cover the first t tokens (up to the split) and the base's own keys/values the rest."""
+    model = KVPredictionModel.from_pretrained(tiny_llama, keep_ratio=0.5)  # untrained: predictions differ
+    ids = torch.randint(3, 259, (2, 16))
+    with capture(model.aux, model.predictor.config.source) as taps:
+        model.aux(input_ids=ids)
+    keys, values = model.base_kv(*model.predictor(*taps.stacked()), torch.arange(16).expand_as(ids))
+    logits = Distillation(model, TrainConfig(exact_self=True)).base_logits(ids, keys, values, split)
+    for t in (1, 5, 9, 12, 15):
+        tail = 1 if split is None or t < split else t - split + 1
+        expected, _ = model.prefill(ids[:, :t + 1], mode="predicted", exact_tail=tail)
+        torch.testing.assert_close(logits[:, t], expected[:, -1], atol=1e-4, rtol=1e-4)
+    paper = Distillation(model, TrainConfig()).base_logits(ids, keys, values, split)  # its own diagonal predicted
+    assert not torch.allclose(paper[:, 5], logits[:, 5], atol=1e-3)
 
 
 def test_exact_prefix_windows_train_and_need_the_suffix_split(tiny_llama, shards, tmp_path, capsys):
