@@ -100,7 +100,8 @@ round2)
 solo)
   data=$D
   if [ -n "${SAMPLE_TOKENS:-}" ]; then  # add documents sampled from the base itself (`kvpred data sample`)
-    kv data sample --out /tmp/sampled --tokens $SAMPLE_TOKENS --batch-size ${SAMPLE_BATCH:-1536} > $RUNS/sample.log 2>&1
+    kv data sample --out /tmp/sampled --tokens $SAMPLE_TOKENS --batch-size ${SAMPLE_BATCH:-1536} \
+       --max-new-tokens ${SAMPLE_LEN:-512} --seed ${SAMPLE_SEED:-0} > $RUNS/sample.log 2>&1
     kv data build --sources /tmp/sampled --out /tmp/sampled_tokens >> $RUNS/sample.log 2>&1 || exit 1
     cp /tmp/sampled/sample_00000.jsonl $RUNS/sampled_first_batch.jsonl; data=$D,/tmp/sampled_tokens
   fi

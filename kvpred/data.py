@@ -490,6 +490,8 @@ def sample_corpus(model, tokenizer, out_dir: str | Path, tokens: int, *, batch_s
     done = sorted(out.glob("sample_*.jsonl"))
     total = sum(json.loads(line)["tokens"] for f in done for line in f.read_text().splitlines())
     words, eos = list(openings or topic_words(tokenizer)), tokenizer.eos_token_id
+    if eos is None:
+        raise KVPredError("the tokenizer has no EOS token, which ends a sampled document")
     device = next(model.parameters()).device
     bar = tqdm(total=tokens, initial=min(total, tokens), unit="tok", unit_scale=True, desc=f"sampling into {out}",
                disable=not progress)

@@ -7,8 +7,8 @@ true tail); with `exact_prefix` > 0 that share of windows also uses its own keys
 (the multi-turn regime: exact history, predicted new turn, true tail). With `exact_self`, every position also
 attends to its own key/value as the base computes it in this pass (METHOD 1.3's train/inference mismatch: the paper's
 diagonal is predicted, while at inference the last prompt token uses its own), so each position trains as the last
-token of its prefix. Loss = base CE + aux CE (both + z-loss) + L1 on
-keys and values (sum or mean over layers) + optional KL to the exact base's next-token distribution.
+token of its prefix. Loss = base CE + aux CE (both + z-loss) + L1 on keys and values (sum or mean over layers) +
+optional KL to the exact base's next-token distribution.
 
     kvpred train --model smollm2-135m --data .carry/tokens --out runs/kvp --steps 2000
     torchrun --nproc-per-node 2 -m kvpred.train --model ... (same flags): DDP, or --fsdp for FSDP2
@@ -43,7 +43,7 @@ STATE_NAME = "train_state.pt"
 @dataclass
 class TrainConfig:
     model: str = "smollm2-135m"  # initial model: kvpred checkpoint (e.g. from `kvpred fit`), default, or base
-    data: str = ""  # token shard folder (`kvpred data build`)
+    data: str = ""  # token shard folder (`kvpred data build`), or several joined by commas
     out: str = "runs/kvp"  # run folder: train_state.pt, metrics.jsonl, final/
     keep_ratio: float | None = None  # build a new pruned aux instead of using `model`'s
     source: str | None = None  # predictor input for a newly built model: "kv" or "hidden"

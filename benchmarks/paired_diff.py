@@ -1,0 +1,49 @@
+"""Paired differences between two models' `kvpred eval` runs on the same items (predicted mode), with bootstrap 95% CIs.
+
+    python benchmarks/paired_diff.py A.items.jsonl B.items.jsonl   # prints B - A per task
+"""
+import json
+import sys
+
+import numpy as np
+
+
+def load(path: str) -> dict:
+    rows = {}
+    for line in open(path):
+        item = json.loads(line)
+        if item["mode"] in ("predicted", "exact"):
+            rows[(item["task"], item["mode"], item["key"])] = item["result"]
+    return rows
+
+
+def per_item(rows: dict, task: str) -> dict[str, float]:
+    """The task's primary per-item score in predicted mode: first-token agreement, NLL per token, or accuracy."""
+    out = {}
+    for (t, mode, key), r in rows.items():
+        if t != task or mode != "predicted":
+            continue
+        if task == "agreement":
+            out[key] = float(r["tokens"][0] == rows[(t, "exact", key)]["tokens"][0])
+        elif task in ("heldout", "lambada_nll"):
+            out[key] = -r["ll"] / r["n"]
+        elif task == "lambada":
+            out[key] = float(r["greedy"])
+    return out
+
+
+def main(a: str, b: str) -> None:
+    ra, rb = load(a), load(b)
+    rng = np.random.default_rng(0)
+    for task, label in (("agreement", "first-token agreement"), ("heldout", "WikiText NLL"), ("lambada", "LAMBADA acc")):
+        sa, sb = per_item(ra, task), per_item(rb, task)
+        keys = sorted(set(sa) & set(sb))
+        d = np.array([sb[k] - sa[k] for k in keys])
+        boot = [d[rng.integers(len(d), size=len(d))].mean() for _ in range(2000)]
+        print(f"{label}: {np.mean([sa[k] for k in keys]):.3f} -> {np.mean([sb[k] for k in keys]):.3f}, "
+              f"difference {d.mean():+.3f} [{np.percentile(boot, 2.5):+.3f}, {np.percentile(boot, 97.5):+.3f}] "
+              f"over {len(keys)} paired items")
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:3])
