@@ -1,9 +1,10 @@
 """Quality against TTFT over the exact tail W (issue 7): reads `benchmarks/exact_tail_eval.sh`'s eval JSONs and the
 CPU TTFTs per W of `benchmarks/refine_eval.py`, writes summary.md and curve.png beside the JSONs.
 
-    python benchmarks/exact_tail_plot.py
+    python benchmarks/exact_tail_plot.py [OUT_DIR]   # default benchmarks/results/exact_tail
 """
 import json
+import sys
 from pathlib import Path
 
 import matplotlib
@@ -11,7 +12,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-HERE = Path("benchmarks/results/exact_tail")
+HERE = Path(sys.argv[1] if len(sys.argv) > 1 else "benchmarks/results/exact_tail")
 TTFT = Path("benchmarks/results/refine_cpu_smollm2_r128.json")  # batch-1 CPU TTFT per W, 256-token prompts
 PANELS = [("lambada", "acc", "LAMBADA accuracy"), ("agreement", "first_token", "first-token agreement (WikiText)"),
           ("heldout", "nll", "held-out NLL (WikiText, 64 after 256)")]
