@@ -18,6 +18,7 @@
 #                `evalsolo` evaluates it (and, for xp, the multi-turn regime). With SAMPLE_TOKENS set, it first samples
 #                that many tokens of documents from the base and trains on the shards plus those
 #   stage refine (after a and a2; carry .carry/g3) refinement / exact-tail curves of the shipped default (refine_eval)
+#   stage evalfull (after a and a2; carry .carry/g3) the shipped default on every item of every task, then HumanEval
 #   stage env    only set up the environment (source this script)
 set -uo pipefail
 export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1 KVPRED_CACHE=/tmp/kvcache HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
@@ -69,6 +70,17 @@ refine)  # after a and a2 (carry .carry/g3): refinement and exact-tail curves of
   python3 benchmarks/refine_eval.py --model smollm2-135m --device cuda --data /tmp/carry/data/wikitext2-test.txt \
     --prompts 64 --prompt-tokens 512 --new-tokens 128 --tails 1,4,16,64 --chunk-size 128 --ttft-prompts 10 \
     --out $OUT/refine_gpu_r128 --note "one H100 (nvidia-h100-x1), the shipped rank-128 default" 2>&1 | grep -v it/s
+  ;;
+evalfull)  # after a and a2 (carry .carry/g3): the shipped default on every item of every task
+  assemble_model || exit 1
+  mkdir -p /tmp/eval
+  for run in "core lambada,arc_easy,piqa,agreement,heldout,kv 330" "humaneval humaneval 200"; do
+    read -r label tasks secs <<< "$run"
+    timeout -k 5 $secs python3 -m kvpred.cli eval --model smollm2-135m --device cuda --dtype bfloat16 --batch-size 64 \
+      --tasks $tasks --quiet --data-dir /tmp/carry/data --label shipped_$label --out /tmp/eval/shipped_$label.json \
+      > /tmp/eval/shipped_$label.log 2>&1; echo "$label rc=$?"
+  done
+  cp /tmp/eval/*.json /tmp/eval/*.md /tmp/eval/*.log $OUT/  # not the per-item caches (tens of MB)
   ;;
 train)
   common="--data $D --steps 6000 --max-minutes ${TRAIN_MINUTES:-8} --seq-len 512 --batch-size 32 --warmup 100 \
