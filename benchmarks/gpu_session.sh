@@ -74,7 +74,7 @@ refine)  # after a and a2 (carry .carry/g3): refinement and exact-tail curves of
 evalfull)  # after a and a2 (carry .carry/g3): the shipped default on every item of every task
   assemble_model || exit 1
   mkdir -p /tmp/eval
-  for run in "core lambada,arc_easy,piqa,agreement,heldout,kv 330" "humaneval humaneval 200"; do
+  for run in "core lambada,arc_easy,piqa,agreement,heldout,kv 400" "humaneval humaneval 150"; do
     read -r label tasks secs <<< "$run"
     timeout -k 5 $secs python3 -m kvpred.cli eval --model smollm2-135m --device cuda --dtype bfloat16 --batch-size 64 \
       --tasks $tasks --quiet --data-dir /tmp/carry/data --label shipped_$label --out /tmp/eval/shipped_$label.json \
