@@ -222,6 +222,11 @@ def test_sampled_documents_come_in_batch_files_and_a_killed_run_resumes(tiny_lla
     assert meta["splits"]["train"]["documents"] == len(set(line["text"] for line in lines))
     with pytest.raises(KVPredError, match="whole-word"):  # a byte tokenizer has no words to open documents with
         sample_corpus(model, tok, tmp_path / "t", 20, batch_size=2, progress=False)
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["data", "sample", "--model", tiny_llama, "--out", str(tmp_path / "u"), "--tokens", "0"])
+    with pytest.raises(KVPredError, match="must be positive"):
+        args.func(args)
 
 
 def test_evaluation_data_is_refused(tmp_path):
