@@ -28,9 +28,10 @@ def main() -> None:
     x = [ttft[w]["predicted"] * 1e3 for w in tails]
     fig, axes = plt.subplots(1, len(PANELS), figsize=(13, 3.8))
     lines = ["# Quality against TTFT over the exact tail W (shipped default, CPU, fp32)", "",
-             f"Evaluations: `bash benchmarks/exact_tail_eval.sh` ({docs[tails[0]]['limit']} items a task; exact, aux "
-             "and truncate run once). TTFT: batch 1, 256-token prompts, quiet 2-core CPU, from "
-             f"`{TTFT}` (exact: {exact_ms:.0f} ms on average). Values with 95% CIs.", "",
+             f"Evaluations: `bash benchmarks/exact_tail_eval.sh {HERE}` ({docs[tails[0]]['limit']} items a task; "
+             "exact, aux and truncate run once). TTFT: batch 1, 256-token prompts, quiet 2-core CPU, from "
+             f"`{TTFT}` (exact: {exact_ms:.0f} ms on average; the rank-128 model of round 2, whose shapes every later "
+             "default keeps). Values with 95% CIs.", "",
              "| W | TTFT ms | " + " | ".join(title for _, _, title in PANELS) + " |",
              "|--:|--:|" + "--:|" * len(PANELS)]
     for w, ms in zip(tails, x):
