@@ -8,20 +8,18 @@ import sys
 import torch
 
 from kvpred import KVPredictionModel
-from kvpred.model import capture
 from kvpred.train import Distillation, TrainConfig
 
 WIKITEXT = "/work/shared/data/wikitext2-test.txt"
 
 
 @torch.no_grad()
-def agreement(model: KVPredictionModel, ids: torch.Tensor, exact_self: bool) -> float:
+def agreements(model: KVPredictionModel, ids: torch.Tensor) -> tuple[float, float]:
+    """Agreement in the paper's regime and in the inference regime, over positions 16 onward."""
     exact = model.base(input_ids=ids).logits.argmax(-1)
-    with capture(model.aux, model.predictor.config.source) as taps:
-        model.aux(input_ids=ids)
-    keys, values = model.base_kv(*model.predictor(*taps.stacked()), torch.arange(ids.shape[1]).expand_as(ids))
-    logits = Distillation(model, TrainConfig(exact_self=exact_self)).base_logits(ids, keys, values)
-    return (logits.argmax(-1) == exact).float()[:, 16:].mean().item()
+    _, keys, values = Distillation(model, TrainConfig()).predicted_kv(ids)
+    return tuple((Distillation(model, TrainConfig(exact_self=own)).base_logits(ids, keys, values).argmax(-1) == exact)
+                 .float()[:, 16:].mean().item() for own in (False, True))
 
 
 def main(names: list[str]) -> None:
@@ -29,7 +27,7 @@ def main(names: list[str]) -> None:
         model = KVPredictionModel.from_pretrained(name)
         tokens = model.tokenizer(open(WIKITEXT).read()[:400000]).input_ids
         ids = torch.tensor([tokens[i * 1024:i * 1024 + 256] for i in range(32)])
-        paper, inference = agreement(model, ids, False), agreement(model, ids, True)
+        paper, inference = agreements(model, ids)
         print(f"{name}: paper regime {paper:.3f}, inference regime (exact self) {inference:.3f}")
 
 

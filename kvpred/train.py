@@ -142,9 +142,7 @@ class Distillation(nn.Module):
                            logits_to_keep=0 if c.kl_loss else 1)
             true_k = torch.stack([layer.keys for layer in cache.layers])  # [L, B, H, T, D]
             true_v = torch.stack([layer.values for layer in cache.layers])
-        with capture(m.aux, m.predictor.config.source) as taps:
-            aux_logits = m.aux(input_ids=ids, position_ids=pos, use_cache=False).logits
-        keys, values = m.base_kv(*m.predictor(*taps.stacked()), pos)  # [L, B, H, T, D]
+        aux_logits, keys, values = self.predicted_kv(ids)
         pred = self.base_logits(ids, keys, values, split, prefix)
         losses = {}
         losses["base_ce"], base_z = cross_entropy_with_z(pred, ids, c.z_loss)
@@ -162,6 +160,15 @@ class Distillation(nn.Module):
             loss = loss + c.kl_loss * losses["kl"]
         losses["loss"] = loss
         return losses
+
+    def predicted_kv(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The auxiliary over the window and the predictor after it: aux logits [B, T, V] and the predicted base
+        keys, values [L, B, H, T, D]."""
+        m = self.model
+        pos = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
+        with capture(m.aux, m.predictor.config.source) as taps:
+            aux_logits = m.aux(input_ids=ids, position_ids=pos, use_cache=False).logits
+        return aux_logits, *m.base_kv(*m.predictor(*taps.stacked()), pos)
 
     def base_logits(self, ids: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, split: int | None = None,
                     prefix: int = 0) -> torch.Tensor:

@@ -9,7 +9,7 @@ import torch
 
 from kvpred import lora
 from kvpred.cli import main as cli_main
-from kvpred.model import KVPredictionModel, cache_kwargs, capture
+from kvpred.model import KVPredictionModel, cache_kwargs
 from kvpred.models import KVPredError
 from kvpred.train import STATE_NAME, Distillation, PredictedKV, TrainConfig, Trainer
 
@@ -51,10 +51,9 @@ def test_with_exact_self_every_position_sees_what_inference_gives_the_last_promp
     auxiliary + predictor cover the first t tokens (up to the split) and the base's own keys/values the rest."""
     model = KVPredictionModel.from_pretrained(tiny_llama, keep_ratio=0.5)  # untrained: predictions differ
     ids = torch.randint(3, 259, (2, 16))
-    with capture(model.aux, model.predictor.config.source) as taps:
-        model.aux(input_ids=ids)
-    keys, values = model.base_kv(*model.predictor(*taps.stacked()), torch.arange(16).expand_as(ids))
-    logits = Distillation(model, TrainConfig(exact_self=True)).base_logits(ids, keys, values, split)
+    training = Distillation(model, TrainConfig(exact_self=True))
+    _, keys, values = training.predicted_kv(ids)
+    logits = training.base_logits(ids, keys, values, split)
     for t in (1, 5, 9, 12, 15):
         tail = 1 if split is None or t < split else t - split + 1
         expected, _ = model.prefill(ids[:, :t + 1], mode="predicted", exact_tail=tail)
