@@ -17,8 +17,12 @@
 #                with the base's own keys/values, as in a chat's later turns); `ROUND=solo ... wait` ships it,
 #                `evalsolo` evaluates it (and, for xp, the multi-turn regime). With SAMPLE_TOKENS set, it first samples
 #                that many tokens of documents from the base and trains on the shards plus those
+#   stage thin   (the daemon, started by `b thin`) a narrow auxiliary (`kvpred narrow`: every other layer, 3 heads,
+#                128 MLP channels) fitted and distilled for TRAIN_MINUTES, on the shards (+ SAMPLE_TOKENS sampled);
+#                `ROUND=solo SOLO=thin ... wait` ships it, `SOLO=thin ... evalpair` compares it with the shipped default
 #   stage refine (after a and a2; carry .carry/g3) refinement / exact-tail curves of the shipped default (refine_eval)
 #   stage evalfull (after a and a2; carry .carry/g3) the shipped default on every item of every task, then HumanEval
+#   stage evalpair (after `ROUND=solo ... wait`) the shipped default and the solo run on the same 800 items, paired
 #   stage env    only set up the environment (source this script)
 set -uo pipefail
 export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1 KVPRED_CACHE=/tmp/kvcache HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
@@ -40,6 +44,15 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 unxz_into() { python3 -c "import lzma,sys,shutil,pathlib
 for f in sys.argv[2:]:
     p=pathlib.Path(f); shutil.copyfileobj(lzma.open(p) if p.suffix=='.xz' else open(p,'rb'), open(pathlib.Path(sys.argv[1])/p.name.removesuffix('.xz'),'wb'))" "$@"; }
+
+with_samples() {  # the shards, plus SAMPLE_TOKENS of documents sampled from the base itself (`kvpred data sample`)
+  if [ -n "${SAMPLE_TOKENS:-}" ]; then
+    kv data sample --out /tmp/sampled --tokens $SAMPLE_TOKENS --batch-size ${SAMPLE_BATCH:-1536} \
+       --max-new-tokens ${SAMPLE_LEN:-512} --seed ${SAMPLE_SEED:-0} > $RUNS/sample.log 2>&1
+    kv data build --sources /tmp/sampled --out /tmp/sampled_tokens >> $RUNS/sample.log 2>&1 || return 1
+    cp /tmp/sampled/sample_00000.jsonl $RUNS/sampled_first_batch.jsonl; echo $D,/tmp/sampled_tokens
+  else echo $D; fi
+}
 
 # one training run per GPU: name, GPU, kept layers, extra kvpred-train flags
 RECIPE="--suffix-split --kl-loss 1.0 --aux-lora-rank 32 --aux-lr 1e-3"
@@ -110,17 +123,20 @@ round2)
   wait
   ;;
 solo)
-  data=$D
-  if [ -n "${SAMPLE_TOKENS:-}" ]; then  # add documents sampled from the base itself (`kvpred data sample`)
-    kv data sample --out /tmp/sampled --tokens $SAMPLE_TOKENS --batch-size ${SAMPLE_BATCH:-1536} \
-       --max-new-tokens ${SAMPLE_LEN:-512} --seed ${SAMPLE_SEED:-0} > $RUNS/sample.log 2>&1
-    kv data build --sources /tmp/sampled --out /tmp/sampled_tokens >> $RUNS/sample.log 2>&1 || exit 1
-    cp /tmp/sampled/sample_00000.jsonl $RUNS/sampled_first_batch.jsonl; data=$D,/tmp/sampled_tokens
-  fi
+  data=$(with_samples) || exit 1
   kv train --model smollm2-135m --data $data --steps 20000 --max-minutes ${TRAIN_MINUTES:-12} --seq-len 512 \
      --batch-size 32 --warmup 100 --eval-every 250 --save-every 250 --log-every 25 $RECIPE $SOLO_FLAGS \
      --out $RUNS/$SOLO > $RUNS/$SOLO.log 2>&1
   echo "exit $?" > $RUNS/$SOLO.done
+  ;;
+thin)  # (the daemon, started by `b thin`) a narrow KVP-C auxiliary at the shipped default's matmul FLOPs, distilled
+  data=$(with_samples) || exit 1; calib="--data $D --tokens 262144 --batch-size 16 --device cuda"
+  { kv narrow --model smollm2-135m --keep-layers $(seq -s, 0 2 28) --heads 3 --kv-heads 3 --intermediate 128 $calib \
+      --out $RUNS/thin_aux && kv fit --model smollm2-135m --aux $RUNS/thin_aux --source kv $calib --out $RUNS/fit_thin && \
+    kv train --model $RUNS/fit_thin --data $data --steps 20000 --max-minutes ${TRAIN_MINUTES:-12} --seq-len 512 \
+      --batch-size 32 --warmup 100 --eval-every 250 --save-every 250 --log-every 25 $RECIPE --exact-self \
+      --aux-lora-rank 0 --aux-lr 3e-4 --out $RUNS/thin; } > $RUNS/thin.log 2>&1
+  echo "exit $?" > $RUNS/thin.done
   ;;
 wait)
   until [ "$(ls $RUNS/*.done 2>/dev/null | wc -l)" -ge ${#VARIANTS[@]} ]; do
@@ -184,6 +200,16 @@ evalsolo)  # the continued model like round 2's (1000 items a task), then both m
       --data /tmp/carry/data/wikitext2-test.txt --out /tmp/eval/multiturn_${m##*:}.json | tee -a /tmp/eval/multiturn.txt
   done
   tar -czf $OUT/evalsolo.tgz -C /tmp/eval .; ls -la $OUT
+  ;;
+evalpair)  # the shipped default and ship_$SOLO on the same 800 items in one call, then their paired differences
+  mkdir -p /tmp/eval
+  for m in smollm2-135m:shipped $RUNS/ship_$SOLO:$SOLO; do
+    timeout -k 5 280 python3 -m kvpred.cli eval --model ${m%%:*} --device cuda --dtype bfloat16 --batch-size 64 \
+      --tasks agreement,heldout,lambada,arc_easy,piqa,kv --limit 800 --quiet --data-dir /tmp/carry/data \
+      --label ${m##*:} --out /tmp/eval/${m##*:}.json > /tmp/eval/${m##*:}.log 2>&1; echo "${m##*:} rc=$?"
+  done
+  python3 benchmarks/paired_diff.py /tmp/eval/shipped.items.jsonl /tmp/eval/$SOLO.items.jsonl | tee /tmp/eval/paired.txt
+  cp /tmp/eval/*.json /tmp/eval/*.md /tmp/eval/*.log /tmp/eval/paired.txt $OUT/
   ;;
 env) ;;
 esac

@@ -13,7 +13,7 @@ from .models import KVPredError
 
 DEFAULT_MODEL = "smollm2-135m"
 # Modules that contribute subcommands through `register(subparsers)`; missing ones are skipped.
-SUBCOMMAND_MODULES = ("data", "fit", "train", "bench", "evaluate", "plot", "serve", "refine")
+SUBCOMMAND_MODULES = ("data", "narrow", "fit", "train", "bench", "evaluate", "plot", "serve", "refine")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 

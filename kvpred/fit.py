@@ -214,6 +214,7 @@ def register(subparsers) -> None:
                    help="predictor input: aux keys/values (paper) or the aux hidden state (default: the model's)")
     p.add_argument("--keep-ratio", type=float, default=None, help="build a new pruned aux keeping this share of layers")
     p.add_argument("--keep-layers", default=None, help="build a new pruned aux keeping these layers, e.g. 0,4,8")
+    p.add_argument("--aux", default=None, help="build with this separate auxiliary (KVP-C; e.g. from `kvpred narrow`)")
     for f, default in asdict(FitConfig()).items():
         p.add_argument(f"--{f.replace('_', '-')}", type=type(default), default=default)
     p.set_defaults(func=_fit_command)
@@ -263,7 +264,7 @@ def _fit_command(args: argparse.Namespace) -> int:
 
     keep = [int(x) for x in args.keep_layers.split(",")] if args.keep_layers else None
     # statistics in float32 whatever the serving dtype: X^T X of bf16 activations loses the small directions
-    model = KVPredictionModel.from_pretrained(args.model, keep_ratio=args.keep_ratio, keep_layers=keep,
+    model = KVPredictionModel.from_pretrained(args.model, aux=args.aux, keep_ratio=args.keep_ratio, keep_layers=keep,
                                               source=args.source, dtype=torch.float32, device=args.device)
     check_tokenizer(args.data, model.tokenizer)
     config = FitConfig(**{f: getattr(args, f) for f in asdict(FitConfig())})

@@ -1,0 +1,69 @@
+"""Specification of the narrow auxiliary: layers, heads and MLP channels cut out of the base (a KVP-C auxiliary)."""
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from kvpred.cli import main
+from kvpred.data import PackedTokens
+from kvpred.model import KVPredictionModel
+from kvpred.models import KVPredError, load_causal_lm
+from kvpred.narrow import Width, choose_heads, measure_importance, narrow_copy
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def importance(base, shards):
+    return measure_importance(base, PackedTokens(shards, "train", seq_len=32, batch_size=4), 256)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+def test_keeping_everything_reproduces_the_base(tiny_models, shards, arch):
+    base, _ = load_causal_lm(tiny_models[arch], torch.float32)
+    c = base.config
+    whole = Width(list(range(c.num_hidden_layers)), c.num_attention_heads, c.num_key_value_heads,
+                  c.intermediate_size)
+    aux = narrow_copy(base, whole, importance(base, shards))
+    ids = torch.randint(3, 259, (2, 12))
+    torch.testing.assert_close(aux(ids).logits, base(ids).logits)
+
+
+def test_a_narrow_copy_has_the_asked_shape_and_keeps_the_chosen_base_weights(tiny_llama, shards):
+    base, _ = load_causal_lm(tiny_llama, torch.float32)  # 4 layers, 4 heads, 2 kv heads, MLP 128
+    scores = importance(base, shards)
+    aux = narrow_copy(base, Width([0, 2], heads=2, kv_heads=1, intermediate=32), scores)
+    c = aux.config
+    assert (c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads, c.intermediate_size) == (2, 2, 1, 32)
+    assert c.head_dim == base.config.head_dim
+    q, kv = choose_heads(scores.heads[2], 2, Width([0, 2], 2, 1, 32))
+    assert q.tolist() in ([0, 1], [2, 3]) and kv.tolist() == [q[0].item() // 2]  # both query heads of the kept group
+    d = c.head_dim
+    src, dst = base.model.layers[2].self_attn, aux.model.layers[1].self_attn
+    torch.testing.assert_close(dst.k_proj.weight, src.k_proj.weight[kv.item() * d:(kv.item() + 1) * d])
+    torch.testing.assert_close(dst.o_proj.weight, src.o_proj.weight[:, q[0] * d:(q[-1] + 1) * d])
+    channels = scores.channels[2].topk(32).indices.sort().values
+    torch.testing.assert_close(aux.model.layers[1].mlp.down_proj.weight, base.model.layers[2].mlp.down_proj.weight[:, channels])
+
+
+def test_the_cli_writes_an_auxiliary_that_fit_and_generate_use_as_kvp_c(tiny_llama, shards, tmp_path, capsys):
+    common = ["--data", shards, "--device", "cpu", "--seq-len", "32", "--batch-size", "4", "--tokens", "256"]
+    assert main(["narrow", "--model", tiny_llama, "--keep-layers", "0,2", "--heads", "2", "--kv-heads", "2",
+                 "--intermediate", "32", "--out", str(tmp_path / "aux"), *common]) == 0
+    assert "fewer" in capsys.readouterr().out
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "aux").config.intermediate_size == 32
+    assert main(["fit", "--model", tiny_llama, "--aux", str(tmp_path / "aux"), "--source", "kv",
+                 "--out", str(tmp_path / "fit"), *common]) == 0
+    model = KVPredictionModel.from_pretrained(str(tmp_path / "fit"))
+    assert model.config.aux.kind == "separate" and model.predictor.config.layer_map == [0, 0, 1, 1]
+    assert model.generate(torch.randint(3, 259, (1, 10)), max_new_tokens=3).shape == (1, 13)
+
+
+@pytest.mark.parametrize("width, message", [
+    (Width([0, 2], heads=3, kv_heads=2, intermediate=8), "multiple of kv_heads"),
+    (Width([0, 2], heads=2, kv_heads=3, intermediate=8), "kv_heads must be"),
+    (Width([0, 2], heads=2, kv_heads=1, intermediate=999), "intermediate must be"),
+    (Width([1, 2], heads=2, kv_heads=1, intermediate=8), "start at 0"),
+])
+def test_impossible_widths_are_clear_errors(tiny_llama, shards, width, message):
+    base, _ = load_causal_lm(tiny_llama, torch.float32)
+    with pytest.raises(KVPredError, match=message):
+        narrow_copy(base, width, importance(base, shards))
