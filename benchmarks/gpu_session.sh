@@ -21,6 +21,7 @@
 #                128 MLP channels) fitted and distilled for TRAIN_MINUTES, on the shards (+ SAMPLE_TOKENS sampled);
 #                `ROUND=solo SOLO=thin ... wait` ships it, `SOLO=thin ... evalpair` compares it with the shipped default
 #   stage refine (after a and a2; carry .carry/g3) refinement / exact-tail curves of the shipped default (refine_eval)
+#   stage equalflops (after a and a2; carry .carry/g3) exact tail vs truncation at equal FLOPs, 512-2048-token prompts
 #   stage evalfull (after a and a2; carry .carry/g3) the shipped default on every item of every task, then HumanEval
 #   stage evalpair (after `ROUND=solo ... wait`) the shipped default and the solo run on the same 800 items, paired
 #   stage env    only set up the environment (source this script)
@@ -83,6 +84,12 @@ refine)  # after a and a2 (carry .carry/g3): refinement and exact-tail curves of
   python3 benchmarks/refine_eval.py --model smollm2-135m --device cuda --data /tmp/carry/data/wikitext2-test.txt \
     --prompts 64 --prompt-tokens 512 --new-tokens 128 --tails 1,4,16,64 --chunk-size 128 --ttft-prompts 10 \
     --out $OUT/refine_gpu_r128 --note "one H100 (nvidia-h100-x1), the shipped rank-128 default" 2>&1 | grep -v it/s
+  ;;
+equalflops)  # after a and a2 (carry .carry/g3): the shipped default's equal-FLOPs operating points on long prompts
+  assemble_model || exit 1
+  python3 benchmarks/equal_flops.py --out /tmp/eqf --device cuda --dtype bfloat16 --batch-size 32 \
+    --data-dir /tmp/carry/data 2>&1 | grep -v "it/s\|^|\|^$\|^\*\|^#"
+  tar -czf $OUT/equal_flops.tgz -C /tmp/eqf --exclude '*.items.jsonl' .
   ;;
 evalfull)  # after a and a2 (carry .carry/g3): the shipped default on every item of every task
   assemble_model || exit 1

@@ -1,0 +1,107 @@
+"""Operating points at equal TTFT FLOPs on long prompts: predicted mode with an exact tail W against truncation.
+
+For each prompt length N and tail W, predicted mode costs exact/r of the exact prefill's matmul FLOPs
+(`kvpred.evaluate.flop_ratio`, the count `kvpred bench` uses: auxiliary layers, predictor, the base over the last W
+tokens). Truncation is given the same r: the exact base on the last N/r tokens. Each point is one `kvpred eval` of
+WikiText first-token agreement and held-out NLL (64 tokens after the N-token prompt).
+
+    python benchmarks/equal_flops.py --out DIR --device cuda --lengths 512,1024,2048 --limit 400   # runs the evals
+    python benchmarks/equal_flops.py --out DIR --summary-only                                      # table + plot
+"""
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+TAILS = {512: (1, 64, 128), 1024: (1, 128, 256), 2048: (1, 256, 512)}
+
+
+def run(args: argparse.Namespace) -> None:
+    from kvpred import KVPredictionModel
+    from kvpred.evaluate import flop_ratio
+
+    model = KVPredictionModel.from_pretrained(args.model)
+    for n in map(int, args.lengths.split(",")):
+        for w in TAILS[n]:
+            r = flop_ratio(model, n, w)["matmul_ratio"]
+            cmd = [sys.executable, "-m", "kvpred.cli", "eval", "--model", args.model, "--device", args.device,
+                   "--tasks", "agreement,heldout", "--modes", "exact,predicted,truncate", "--limit", str(args.limit),
+                   "--batch-size", str(args.batch_size), "--agreement-prompt", str(n), "--heldout-context", str(n),
+                   "--exact-tail", str(w), "--truncate-ratio", f"{r:.4f}", "--quiet", "--label", f"N{n} W{w}",
+                   "--out", str(args.out / f"n{n}_w{w}.json"), *args.extra]
+            print(f"N={n} W={w}: matmul ratio {r:.2f}", flush=True)
+            subprocess.run(cmd, check=True)
+
+
+def summarise(out: Path) -> None:
+    rows = []
+    for path in sorted(out.glob("n*_w*.json")):
+        doc = json.loads(path.read_text())
+        n, w = (int(x[1:]) for x in path.stem.split("_"))
+        metric = lambda task, name, mode: doc["tasks"][task]["metrics"][name][mode]  # noqa: E731
+        rows.append({"n": n, "w": w, "r": doc["truncate_ratio"], "items": doc["tasks"]["agreement"]["n"],
+                     **{f"{m}_agree": metric("agreement", "first_token", m) for m in ("predicted", "truncate")},
+                     **{f"{m}_nll": metric("heldout", "nll", m) for m in ("exact", "predicted", "truncate")},
+                     "command": doc["command"]})
+    rows.sort(key=lambda row: (row["n"], row["w"]))
+    cell = lambda m: f"{m['value']:.3f} [{m['ci'][0]:.3f}, {m['ci'][1]:.3f}]"  # noqa: E731
+    lines = ["# Equal TTFT FLOPs on long prompts: exact tail W vs truncation (shipped default)", "",
+             f"`python benchmarks/equal_flops.py --out {out} ...`; one eval per row, e.g. `{rows[0]['command']}`.",
+             "r = exact prefill FLOPs / predicted prefill FLOPs with the tail (matmul rule); truncation keeps the last "
+             "N/r tokens, the same FLOPs. Agreement: first-token top-1 agreement with the exact base on WikiText "
+             "windows; NLL: 64 continuation tokens after the N-token prompt. 95% CIs.", "",
+             "| N | W | r | items | agreement, predicted | agreement, truncate | NLL predicted | NLL truncate | NLL exact |",
+             "|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
+    for row in rows:
+        lines.append(f"| {row['n']} | {row['w']} | {row['r']:.2f} | {row['items']} | {cell(row['predicted_agree'])} | "
+                     f"{cell(row['truncate_agree'])} | {row['predicted_nll']['value']:.3f} | "
+                     f"{row['truncate_nll']['value']:.3f} | {row['exact_nll']['value']:.3f} |")
+    (out / "summary.md").write_text("\n".join(lines) + "\n")
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for i, n in enumerate(sorted({row["n"] for row in rows})):
+        part = [row for row in rows if row["n"] == n]
+        r = [row["r"] for row in part]
+        for ax, key in zip(axes, ("agree", "nll")):
+            ax.plot(r, [row[f"predicted_{key}"]["value"] for row in part], "o-", color=f"C{i}",
+                    label=f"N={n}: predicted, exact tail W")
+            ax.plot(r, [row[f"truncate_{key}"]["value"] for row in part], "s:", color=f"C{i}",
+                    label=f"N={n}: truncate to N/r")
+            for row in part:
+                ax.annotate(f"W={row['w']}", (row["r"], row[f"predicted_{key}"]["value"]), fontsize=7,
+                            textcoords="offset points", xytext=(3, 3))
+    axes[0].set_ylabel("first-token agreement with the exact base")
+    axes[1].set_ylabel("held-out NLL (64 tokens after the prompt)")
+    for ax in axes:
+        ax.set_xlabel("TTFT FLOPs reduction r (matmul rule)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle("SmolLM2-135M shipped default: equal-FLOPs operating points on WikiText")
+    fig.tight_layout()
+    fig.savefig(out / "equal_flops.png", dpi=110)
+    print("\n".join(lines))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--lengths", default="512,1024,2048")
+    p.add_argument("--limit", type=int, default=400)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--summary-only", action="store_true")
+    args, args.extra = p.parse_known_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    if not args.summary_only:
+        run(args)
+    summarise(args.out)
+
+
+if __name__ == "__main__":
+    main()
