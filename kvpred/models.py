@@ -81,7 +81,10 @@ def resolve(name_or_path: str) -> str:
         if not path.is_file():
             raise KVPredError(f"GGUF file {name_or_path!r} does not exist")
         return str(_convert_gguf(path, path.stem))
-    return name_or_path
+    if name_or_path.startswith(("/", "./", "../", "~")) and not path.expanduser().exists():
+        raise KVPredError(f"{name_or_path!r} does not exist: give a kvpred checkpoint or model folder, a .gguf file, "
+                          f"a hub id or an alias ({', '.join(ALIASES)})")
+    return str(path.expanduser()) if name_or_path.startswith("~") else name_or_path
 
 
 def load_causal_lm(name_or_path: str, dtype: torch.dtype | None = None,

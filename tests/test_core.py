@@ -241,8 +241,10 @@ def test_an_unknown_architecture_is_refused(tmp_path):
 
 
 def test_a_missing_model_is_a_clear_error(tmp_path):
-    with pytest.raises(KVPredError, match="cannot load model"):
+    with pytest.raises(KVPredError, match="nothing-here' does not exist"):
         KVPredictionModel.from_pretrained(str(tmp_path / "nothing-here"))
+    with pytest.raises(KVPredError, match="cannot load model"):
+        KVPredictionModel.from_pretrained(str(tmp_path))  # a folder without a model in it
     with pytest.raises(KVPredError, match="does not exist"):
         KVPredictionModel.from_pretrained(str(tmp_path / "missing.gguf"))
 
