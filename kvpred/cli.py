@@ -27,6 +27,15 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="weights dtype (default: float32 on CPU, bfloat16 on CUDA)")
 
 
+def add_calibration_arguments(parser: argparse.ArgumentParser, out_help: str) -> None:
+    """--data / --out / --tokens / --seq-len / --batch-size, for subcommands that measure on calibration text."""
+    parser.add_argument("--data", required=True, help="token shard folder made by `kvpred data build`")
+    parser.add_argument("--out", required=True, help=out_help)
+    parser.add_argument("--tokens", type=int, default=65_536, help="calibration tokens")
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--batch-size", type=int, default=8)
+
+
 def load_model(args: argparse.Namespace):
     from .model import KVPredictionModel
 

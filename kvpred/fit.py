@@ -201,7 +201,7 @@ def fit_predictor(model: KVPredictionModel, batches: Iterable[torch.Tensor], con
 
 # ---------------------------------------------------------------- CLI
 def register(subparsers) -> None:
-    from .cli import add_model_arguments
+    from .cli import add_calibration_arguments, add_model_arguments
 
     p = subparsers.add_parser(
         "fit", help="training-free predictor: ridge regression on a calibration corpus",
@@ -227,11 +227,7 @@ def register(subparsers) -> None:
                     "predictors only. Fine-tune the result with `kvpred train` to recover what it loses.")
     add_model_arguments(p)
     p.add_argument("--rank", type=int, required=True, help="width of each tap's shared code")
-    p.add_argument("--data", required=True, help="token shard folder made by `kvpred data build`")
-    p.add_argument("--out", required=True, help="folder for the compressed checkpoint")
-    p.add_argument("--tokens", type=int, default=65_536, help="calibration tokens for the input statistics")
-    p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--batch-size", type=int, default=8)
+    add_calibration_arguments(p, "folder for the compressed checkpoint")
     p.set_defaults(func=_compress_command)
 
 

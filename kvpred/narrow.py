@@ -147,7 +147,7 @@ def narrow_copy(base: PreTrainedModel, width: Width, importance: Importance) -> 
 
 # ---------------------------------------------------------------- CLI
 def register(subparsers) -> None:
-    from .cli import add_model_arguments
+    from .cli import add_calibration_arguments, add_model_arguments
 
     p = subparsers.add_parser(
         "narrow", help="cut a narrow auxiliary (fewer layers, heads, MLP channels) out of a base model",
@@ -159,11 +159,7 @@ def register(subparsers) -> None:
     p.add_argument("--heads", type=int, required=True, help="query heads per layer")
     p.add_argument("--kv-heads", type=int, required=True, help="key/value heads per layer")
     p.add_argument("--intermediate", type=int, required=True, help="MLP channels per layer")
-    p.add_argument("--data", required=True, help="token shard folder (`kvpred data build`) to measure importance on")
-    p.add_argument("--out", required=True, help="folder for the auxiliary model")
-    p.add_argument("--tokens", type=int, default=65_536, help="calibration tokens")
-    p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--batch-size", type=int, default=8)
+    add_calibration_arguments(p, "folder for the auxiliary model")
     p.set_defaults(func=_narrow_command)
 
 
