@@ -177,9 +177,12 @@ def _narrow_command(args: argparse.Namespace) -> int:
     Path(args.out).mkdir(parents=True, exist_ok=True)
     aux.save_pretrained(args.out)
     tokenizer.save_pretrained(args.out)
-    def size(m):
-        return sum(p.numel() for n, p in m.named_parameters() if ".layers." in n)
+    ours, theirs = decoder_parameters(aux), decoder_parameters(base)
     print(f"saved {args.out}: {len(keep)} layers, {args.heads} heads / {args.kv_heads} kv heads, "
-          f"{args.intermediate} MLP channels; decoder parameters {size(aux) / 1e6:.2f}M of the base's "
-          f"{size(base) / 1e6:.2f}M ({size(base) / size(aux):.1f}x fewer)")
+          f"{args.intermediate} MLP channels; decoder parameters {ours / 1e6:.2f}M of the base's "
+          f"{theirs / 1e6:.2f}M ({theirs / ours:.1f}x fewer)")
     return 0
+
+
+def decoder_parameters(model: PreTrainedModel) -> int:
+    return sum(p.numel() for name, p in model.named_parameters() if ".layers." in name)
