@@ -147,14 +147,15 @@ def narrow_copy(base: PreTrainedModel, width: Width, importance: Importance) -> 
 
 # ---------------------------------------------------------------- CLI
 def register(subparsers) -> None:
-    from .cli import add_calibration_arguments, add_model_arguments
+    from .cli import DEFAULT_MODEL, add_calibration_arguments
 
     p = subparsers.add_parser(
         "narrow", help="cut a narrow auxiliary (fewer layers, heads, MLP channels) out of a base model",
         description="Write a Hugging Face model folder holding the base's most important layers, attention heads "
                     "and MLP channels (measured on token shards), for use as a separate auxiliary (KVP-C): "
                     "`kvpred fit --model BASE --aux FOLDER`, then `kvpred train`.")
-    add_model_arguments(p)
+    p.add_argument("--model", default=DEFAULT_MODEL, help="the base: HF folder, hub id, .gguf file or alias")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--keep-layers", default=None, help="base layers to keep, e.g. 0,2,4 (default: all)")
     p.add_argument("--heads", type=int, required=True, help="query heads per layer")
     p.add_argument("--kv-heads", type=int, required=True, help="key/value heads per layer")
