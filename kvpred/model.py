@@ -479,7 +479,10 @@ def _make_aux(base: PreTrainedModel, tokenizer, spec: AuxSpec, dtype, device) ->
         return models.prune_layers(base, spec.keep_layers)
     if spec.kind != "separate" or not spec.name_or_path:
         raise KVPredError(f"unknown auxiliary spec {spec}; kind must be 'pruned' or 'separate'")
-    aux, aux_tokenizer = models.load_causal_lm(spec.name_or_path, dtype or base.dtype, device or base.device)
+    try:
+        aux, aux_tokenizer = models.load_causal_lm(spec.name_or_path, dtype or base.dtype, device or base.device)
+    except KVPredError as err:
+        raise KVPredError(f"the separate auxiliary cannot be loaded: {err}") from err
     models.check_same_tokenizer(tokenizer, aux_tokenizer, spec.name_or_path)
     return aux
 

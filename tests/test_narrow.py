@@ -55,6 +55,9 @@ def test_the_cli_writes_an_auxiliary_that_fit_and_generate_use_as_kvp_c(tiny_lla
     model = KVPredictionModel.from_pretrained(str(tmp_path / "fit"))
     assert model.config.aux.kind == "separate" and model.predictor.config.layer_map == [0, 0, 1, 1]
     assert model.generate(torch.randint(3, 259, (1, 10)), max_new_tokens=3).shape == (1, 13)
+    (tmp_path / "aux").rename(tmp_path / "moved")
+    with pytest.raises(KVPredError, match="separate auxiliary cannot be loaded: .*aux' does not exist"):
+        KVPredictionModel.from_pretrained(str(tmp_path / "fit"))
 
 
 @pytest.mark.parametrize("width, message", [
