@@ -7,6 +7,11 @@ WikiText first-token agreement and held-out NLL (64 tokens after the N-token pro
 
     python benchmarks/equal_flops.py --out DIR --device cuda --lengths 512,1024,2048 --limit 400   # runs the evals
     python benchmarks/equal_flops.py --out DIR --summary-only                                      # table + plot
+    python benchmarks/equal_flops.py --out DIR --ttft-only --device cpu   # wall-clock TTFT of the same points (ttft.json)
+
+With `--ttft-only`, each point's prompt pass (ids to the first token's id on the host, batch 1, random prompts, median
+of `--repeats` after one warm-up) is timed for predicted mode with tail W, for truncation to N/r tokens and for the
+exact prefill, so the table shows whether equal FLOPs are also equal time.
 """
 import argparse
 import json
@@ -39,6 +44,43 @@ def run(args: argparse.Namespace) -> None:
             subprocess.run(cmd, check=True)
 
 
+def time_points(args: argparse.Namespace) -> None:
+    import statistics
+    import time
+
+    import torch
+
+    from kvpred import KVPredictionModel
+    from kvpred.evaluate import flop_ratio
+
+    model = KVPredictionModel.from_pretrained(args.model, device=args.device)
+    torch.manual_seed(0)
+
+    def ttft(n: int, mode: str, tail: int = 1) -> float:
+        times = []
+        for _ in range(args.repeats + 1):
+            ids = torch.randint(1000, 40000, (1, n), device=model.device)
+            start = time.perf_counter()
+            logits, _ = model.prefill(ids, mode=mode, exact_tail=tail)
+            logits[:, -1].argmax(-1).item()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times[1:])
+
+    points = []
+    for n in map(int, args.lengths.split(",")):
+        exact = ttft(n, "exact")
+        for w in TAILS[n]:
+            r = flop_ratio(model, n, w)["matmul_ratio"]
+            predicted, truncate = ttft(n, "predicted", w), ttft(max(1, round(n / r)), "exact")
+            points.append({"n": n, "w": w, "r": r, "exact_s": exact, "predicted_s": predicted, "truncate_s": truncate})
+            print(f"N={n} W={w} r={r:.2f}: exact {exact * 1e3:.0f} ms, predicted {predicted * 1e3:.0f} ms "
+                  f"({exact / predicted:.2f}x), truncate to {round(n / r)} tokens {truncate * 1e3:.0f} ms "
+                  f"({exact / truncate:.2f}x)", flush=True)
+    (args.out / "ttft.json").write_text(json.dumps(
+        {"device": args.device, "dtype": str(model.base.dtype), "batch": 1, "repeats": args.repeats,
+         "command": " ".join(sys.argv), "threads": torch.get_num_threads(), "points": points}, indent=2))
+
+
 def summarise(out: Path) -> None:
     rows = []
     for path in sorted(out.glob("n*_w*.json")):
@@ -62,6 +104,16 @@ def summarise(out: Path) -> None:
         lines.append(f"| {row['n']} | {row['w']} | {row['r']:.2f} | {row['items']} | {cell(row['predicted_agree'])} | "
                      f"{cell(row['truncate_agree'])} | {row['predicted_nll']['value']:.3f} | "
                      f"{row['truncate_nll']['value']:.3f} | {row['exact_nll']['value']:.3f} |")
+    timing = out / "ttft.json"
+    if timing.is_file():
+        t = json.loads(timing.read_text())
+        lines += ["", f"Measured TTFT, same points (`{t['command']}`; {t['device']}, {t['dtype']}, batch 1, "
+                      f"{t['threads']} threads, median of {t['repeats']} random prompts):", "",
+                  "| N | W | r | exact ms | predicted ms | speedup | truncate ms | speedup |", "|--:|--:|--:|--:|--:|--:|--:|--:|"]
+        for p in t["points"]:
+            lines.append(f"| {p['n']} | {p['w']} | {p['r']:.2f} | {p['exact_s'] * 1e3:.0f} | "
+                         f"{p['predicted_s'] * 1e3:.0f} | {p['exact_s'] / p['predicted_s']:.2f}x | "
+                         f"{p['truncate_s'] * 1e3:.0f} | {p['exact_s'] / p['truncate_s']:.2f}x |")
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for i, n in enumerate(sorted({row["n"] for row in rows})):
@@ -96,9 +148,13 @@ def main() -> None:
     p.add_argument("--limit", type=int, default=400)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--summary-only", action="store_true")
+    p.add_argument("--ttft-only", action="store_true", help="time the points instead of evaluating them")
+    p.add_argument("--repeats", type=int, default=5)
     args, args.extra = p.parse_known_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    if not args.summary_only:
+    if args.ttft_only:
+        time_points(args)
+    elif not args.summary_only:
         run(args)
     summarise(args.out)
 
