@@ -141,12 +141,15 @@ def layer_map_separate(n_aux: int, n_base: int) -> list[int]:
     return [j for j in range(n_aux) for _ in range(per + (j < extra))]
 
 
-def prune_layers(model: PreTrainedModel, keep: list[int]) -> PreTrainedModel:
-    """A layer-pruned copy of `model` (KVP-LP auxiliary) holding only the decoder layers in `keep`."""
-    n = model.config.num_hidden_layers
+def check_keep_layers(keep: list[int], n: int) -> None:
     if not keep or sorted(set(keep)) != list(keep) or keep[0] != 0 or keep[-1] >= n:
         raise KVPredError(f"layers to keep must be strictly increasing, start at 0 (the base's first layer "
                           f"feeds every later one) and lie in [0, {n}); got {keep}")
+
+
+def prune_layers(model: PreTrainedModel, keep: list[int]) -> PreTrainedModel:
+    """A layer-pruned copy of `model` (KVP-LP auxiliary) holding only the decoder layers in `keep`."""
+    check_keep_layers(keep, model.config.num_hidden_layers)
     pruned = copy.deepcopy(model)
     pruned.model.layers = torch.nn.ModuleList(pruned.model.layers[i] for i in keep)
     for new_idx, layer in enumerate(pruned.model.layers):

@@ -19,7 +19,7 @@ from typing import Iterable
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from .models import KVPredError, load_causal_lm
+from .models import KVPredError, check_keep_layers, load_causal_lm
 
 
 @dataclass
@@ -37,11 +37,8 @@ class Importance:
 
 
 def check_width(config, width: Width) -> None:
-    n, h, kv, m = (config.num_hidden_layers, config.num_attention_heads, config.num_key_value_heads,
-                   config.intermediate_size)
-    keep = width.keep_layers
-    if not keep or sorted(set(keep)) != list(keep) or keep[0] != 0 or keep[-1] >= n:
-        raise KVPredError(f"layers to keep must be strictly increasing, start at 0 and lie in [0, {n}); got {keep}")
+    h, kv, m = config.num_attention_heads, config.num_key_value_heads, config.intermediate_size
+    check_keep_layers(width.keep_layers, config.num_hidden_layers)
     if not 1 <= width.kv_heads <= kv:
         raise KVPredError(f"kv_heads must be in [1, {kv}] (the base has {kv} key/value heads), got {width.kv_heads}")
     if width.heads % width.kv_heads or not width.kv_heads <= width.heads <= width.kv_heads * (h // kv):
