@@ -27,21 +27,26 @@ import matplotlib.pyplot as plt  # noqa: E402
 TAILS = {512: (1, 64, 128), 1024: (1, 128, 256), 2048: (1, 256, 512)}
 
 
-def run(args: argparse.Namespace) -> None:
-    from kvpred import KVPredictionModel
+def points(model, lengths: str):
+    """(N, W, r) for every point: prompt length, exact tail and the matmul FLOP reduction with that tail."""
     from kvpred.evaluate import flop_ratio
 
-    model = KVPredictionModel.from_pretrained(args.model)
-    for n in map(int, args.lengths.split(",")):
+    for n in map(int, lengths.split(",")):
         for w in TAILS[n]:
-            r = flop_ratio(model, n, w)["matmul_ratio"]
-            cmd = [sys.executable, "-m", "kvpred.cli", "eval", "--model", args.model, "--device", args.device,
-                   "--tasks", "agreement,heldout", "--modes", "exact,predicted,truncate", "--limit", str(args.limit),
-                   "--batch-size", str(args.batch_size), "--agreement-prompt", str(n), "--heldout-context", str(n),
-                   "--exact-tail", str(w), "--truncate-ratio", f"{r:.4f}", "--quiet", "--label", f"N{n} W{w}",
-                   "--out", str(args.out / f"n{n}_w{w}.json"), *args.extra]
-            print(f"N={n} W={w}: matmul ratio {r:.2f}", flush=True)
-            subprocess.run(cmd, check=True)
+            yield n, w, flop_ratio(model, n, w)["matmul_ratio"]
+
+
+def run(args: argparse.Namespace) -> None:
+    from kvpred import KVPredictionModel
+
+    for n, w, r in points(KVPredictionModel.from_pretrained(args.model), args.lengths):
+        cmd = [sys.executable, "-m", "kvpred.cli", "eval", "--model", args.model, "--device", args.device,
+               "--tasks", "agreement,heldout", "--modes", "exact,predicted,truncate", "--limit", str(args.limit),
+               "--batch-size", str(args.batch_size), "--agreement-prompt", str(n), "--heldout-context", str(n),
+               "--exact-tail", str(w), "--truncate-ratio", f"{r:.4f}", "--quiet", "--label", f"N{n} W{w}",
+               "--out", str(args.out / f"n{n}_w{w}.json"), *args.extra]
+        print(f"N={n} W={w}: matmul ratio {r:.2f}", flush=True)
+        subprocess.run(cmd, check=True)
 
 
 def time_points(args: argparse.Namespace) -> None:
@@ -51,7 +56,6 @@ def time_points(args: argparse.Namespace) -> None:
     import torch
 
     from kvpred import KVPredictionModel
-    from kvpred.evaluate import flop_ratio
 
     model = KVPredictionModel.from_pretrained(args.model, device=args.device)
     torch.manual_seed(0)
@@ -66,19 +70,18 @@ def time_points(args: argparse.Namespace) -> None:
             times.append(time.perf_counter() - start)
         return statistics.median(times[1:])
 
-    points = []
-    for n in map(int, args.lengths.split(",")):
-        exact = ttft(n, "exact")
-        for w in TAILS[n]:
-            r = flop_ratio(model, n, w)["matmul_ratio"]
-            predicted, truncate = ttft(n, "predicted", w), ttft(max(1, round(n / r)), "exact")
-            points.append({"n": n, "w": w, "r": r, "exact_s": exact, "predicted_s": predicted, "truncate_s": truncate})
-            print(f"N={n} W={w} r={r:.2f}: exact {exact * 1e3:.0f} ms, predicted {predicted * 1e3:.0f} ms "
-                  f"({exact / predicted:.2f}x), truncate to {round(n / r)} tokens {truncate * 1e3:.0f} ms "
-                  f"({exact / truncate:.2f}x)", flush=True)
+    timed, exact = [], {}
+    for n, w, r in points(model, args.lengths):
+        if n not in exact:
+            exact[n] = ttft(n, "exact")
+        predicted, truncate = ttft(n, "predicted", w), ttft(max(1, round(n / r)), "exact")
+        timed.append({"n": n, "w": w, "r": r, "exact_s": exact[n], "predicted_s": predicted, "truncate_s": truncate})
+        print(f"N={n} W={w} r={r:.2f}: exact {exact[n] * 1e3:.0f} ms, predicted {predicted * 1e3:.0f} ms "
+              f"({exact[n] / predicted:.2f}x), truncate to {round(n / r)} tokens {truncate * 1e3:.0f} ms "
+              f"({exact[n] / truncate:.2f}x)", flush=True)
     (args.out / "ttft.json").write_text(json.dumps(
         {"device": args.device, "dtype": str(model.base.dtype), "batch": 1, "repeats": args.repeats,
-         "command": " ".join(sys.argv), "threads": torch.get_num_threads(), "points": points}, indent=2))
+         "command": " ".join(sys.argv), "threads": torch.get_num_threads(), "points": timed}, indent=2))
 
 
 def summarise(out: Path) -> None:

@@ -116,6 +116,11 @@ def exact_self_mask(length: int, device: torch.device, eager: bool) -> torch.Ten
     return torch.zeros(mask.shape, device=device).masked_fill(~mask, torch.finfo(torch.float32).min) if eager else mask
 
 
+def window_positions(ids: torch.Tensor) -> torch.Tensor:
+    """Position ids [B, T] of packed training windows: every window starts at 0."""
+    return torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
+
+
 def cross_entropy_with_z(logits: torch.Tensor, ids: torch.Tensor, z: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Next-token CE over a packed window and z-loss eps*mean(logsumexp^2)."""
     logits = logits[:, :-1].float()
@@ -132,7 +137,7 @@ class Distillation(nn.Module):
 
     def forward(self, ids: torch.Tensor, split: int | None = None, prefix: int = 0) -> dict[str, torch.Tensor]:
         m, c = self.model, self.config
-        pos = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
+        pos = window_positions(ids)
         if not (c.base_loss or c.kv_loss or c.kl_loss):  # the aux alone (the paper's OE-LP baseline)
             ce, z = cross_entropy_with_z(m.aux(input_ids=ids, position_ids=pos, use_cache=False).logits, ids, c.z_loss)
             return {"aux_ce": ce, "loss": c.aux_loss * (ce + z)}
@@ -165,7 +170,7 @@ class Distillation(nn.Module):
         """The auxiliary over the window and the predictor after it: aux logits [B, T, V] and the predicted base
         keys, values [L, B, H, T, D]."""
         m = self.model
-        pos = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
+        pos = window_positions(ids)
         with capture(m.aux, m.predictor.config.source) as taps:
             aux_logits = m.aux(input_ids=ids, position_ids=pos, use_cache=False).logits
         return aux_logits, *m.base_kv(*m.predictor(*taps.stacked()), pos)
@@ -174,7 +179,7 @@ class Distillation(nn.Module):
                     prefix: int = 0) -> torch.Tensor:
         """The base's logits over the window [B, T, V] when it attends to these keys/values [L, B, H, T, D]."""
         base, exact_self = self.model.base, self.config.exact_self
-        pos = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
+        pos = window_positions(ids)
         mask = exact_self_mask(ids.shape[1], ids.device, base.config._attn_implementation == "eager") \
             if exact_self else None
         return base(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
