@@ -58,12 +58,13 @@ def swapped_layers(model: KVPredictionModel, ids: torch.Tensor, exact: torch.Ten
         x = ids[i:i + batch]
         _, true = model.prefill(x[:, :-1], mode="exact")
         predicted = model.predicted_cache(x, torch.ones_like(x))  # once per batch; each variant edits a copy
+        exact_kv = {name: stack(true, name) for name in ("keys", "values")}
         for group, layers in groups.items():
             for part in ("keys", "values", "both"):
                 kv = {name: stack(predicted, name) for name in ("keys", "values")}  # [L, B, H, T, D], fresh
                 for name in ("keys", "values"):
                     if part in (name, "both") and layers:
-                        kv[name][layers] = stack(true, name)[layers]
+                        kv[name][layers] = exact_kv[name][layers]
                 cache = model.write_cache(kv["keys"], kv["values"])
                 pos = torch.full((len(x), 1), n - 1)
                 logits = model.base(input_ids=x[:, -1:], position_ids=pos, use_cache=True, logits_to_keep=1,

@@ -8,9 +8,10 @@ import sys
 import torch
 
 from kvpred import KVPredictionModel
+from kvpred.tasks import default_data_dir
 from kvpred.train import Distillation, TrainConfig
 
-WIKITEXT = "/work/shared/data/wikitext2-test.txt"
+WIKITEXT = default_data_dir() / "wikitext2-test.txt"
 
 
 @torch.no_grad()
