@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from .deferred import deferred_values
 from .models import KVPredError
 
 RANDOM_LABEL = "random-weight timing model"
@@ -88,17 +89,23 @@ def exact_flops(base_config, n: int) -> float:
     return 2.0 * n * d.layers * d.layer_params + attention_flops(d, d.layers, n) + 2.0 * d.hidden * d.vocab
 
 
-def predicted_flops(base_config, aux_config, predictor_config, n: int, tail: int = 1) -> float:
+def predicted_flops(base_config, aux_config, predictor_config, n: int, tail: int = 1,
+                    defer_values: bool = False) -> float:
     """What predicted mode computes: the auxiliary on the first n - tail tokens (no LM head; with K/V input it stops
     at its last layer's K/V projections, with hidden-state input at the deepest layer the layer map reads), the
-    predictor on them, and the base's pass over the last `tail` tokens (the paper's 1) over those predicted entries."""
+    predictor on them, and the base's pass over the last `tail` tokens (the paper's 1) over those predicted entries.
+    With `defer_values` (kvpred.deferred) the value maps are left out, and the tail attends over their inputs (width
+    w instead of head_dim) and applies each map once per query."""
     b, a = Dims.of(base_config), Dims.of(aux_config)
     tail = min(tail, n)  # a tail past the prompt's start leaves nothing to predict: the exact prefill
     t = n - tail
     macs, layers = aux_run(aux_config, predictor_config)
     aux = 2.0 * t * macs + attention_flops(a, layers, t)
-    predictor = 2.0 * t * predictor_config.multiply_adds_per_token()
+    predictor = 2.0 * t * predictor_config.multiply_adds_per_token(values=not defer_values)
     base = 2.0 * tail * b.layers * b.layer_params + attention_flops(b, b.layers, tail, t) + 2.0 * b.hidden * b.vocab
+    if defer_values:
+        w = predictor_config.rank or predictor_config.in_features
+        base += 2.0 * tail * b.layers * b.heads * (t * (w - b.head_dim) + w * b.head_dim)
     return aux + predictor + base
 
 
@@ -113,9 +120,10 @@ def aux_run(aux_config, predictor_config) -> tuple[int, int]:
     return layers * a.layer_params, layers
 
 
-def flop_ratio_full(base_config, aux_config, predictor_config, n: int) -> float:
+def flop_ratio_full(base_config, aux_config, predictor_config, n: int, defer_values: bool = False) -> float:
     """exact / predicted FLOPs with attention's N^2 term, the predictor and the base step; no aux LM head."""
-    return exact_flops(base_config, n) / predicted_flops(base_config, aux_config, predictor_config, n)
+    return exact_flops(base_config, n) / predicted_flops(base_config, aux_config, predictor_config, n,
+                                                         defer_values=defer_values)
 
 
 # -------------------------------------------------------------------- timing tools
@@ -135,11 +143,12 @@ class Clock:
         self.marks.append((name, _event() if self.cuda else time.perf_counter()))
 
     def stop(self) -> tuple[float, dict[str, float]]:
-        """Call once the result is on the host. Returns (total, {phase: seconds}); the last phase runs to here."""
+        """Call once the result is on the host. Returns (total, {phase: seconds}), a phase marked more than once
+        summed; the last phase runs to here."""
         total = time.perf_counter() - self.t0
         phases, prev = {}, self.first
         for name, mark in self.marks:
-            phases[name] = prev.elapsed_time(mark) / 1e3 if self.cuda else mark - prev
+            phases[name] = phases.get(name, 0.0) + (prev.elapsed_time(mark) / 1e3 if self.cuda else mark - prev)
             prev = mark
         if self.marks:  # the last phase absorbs the host transfer
             phases[self.marks[-1][0]] += total - sum(phases.values())
@@ -288,6 +297,7 @@ class Settings:
     decode_tokens: int = 32
     cuda_graph: bool = True
     compile_predictor: bool = False
+    defer_values: bool = True  # with the eager step only: a captured graph cannot branch on pending values
     max_batch_tokens: int | None = None
     time_budget: float | None = None
     seed: int = 0
@@ -302,6 +312,7 @@ class Combo:
     aux_caches: dict[str, object]
     step: object
     step_note: str
+    defer_values: bool
     last_pos: torch.Tensor  # [B, 1] position of the last prompt token
     next_pos: torch.Tensor  # [B, 1] position of the first generated token
     samples: dict[str, list] = field(default_factory=dict)
@@ -362,9 +373,11 @@ class TTFTBench:
         aux_caches = {v.name: v.model.new_cache(batch, length, "aux") for v in self.variants}
         step, note = make_step(first, base_cache, self.s.cuda_graph)
         pos = lambda p: torch.full((batch, 1), p, dtype=torch.long, device=self.device)  # noqa: E731
-        combo = Combo(batch, length, base_cache, aux_caches, step, note, pos(length - 1), pos(length))
+        defer = self.s.defer_values and isinstance(step, EagerStep)
+        combo = Combo(batch, length, base_cache, aux_caches, step, note, defer, pos(length - 1), pos(length))
         if isinstance(step, GraphStep):
             combo.step_note = self._check_graph(combo)
+        combo.step_note += ", values deferred" if defer else ""
         return combo
 
     def _check_graph(self, c: Combo) -> str:
@@ -392,9 +405,10 @@ class TTFTBench:
         clock, model = self.clock, variant.model
         clock.start()
         if mode == "predicted":
-            model.predict_into(c.base_cache, ids, mark=clock.mark)
+            model.predict_into(c.base_cache, ids, mark=clock.mark, defer_values=c.defer_values)
             c.step.start(ids[:, -1:], c.last_pos, c.length - 1)
-            token = c.step()
+            with deferred_values(model.base, c.base_cache.pending_values, finish=False):
+                token = c.step()
             clock.mark("step")
         else:
             cache = c.base_cache if mode == "exact" else c.aux_caches[variant.name]
@@ -407,12 +421,14 @@ class TTFTBench:
 
     @torch.no_grad()
     def decode(self, c: Combo, token: torch.Tensor) -> float:
-        """Greedy decode_tokens steps after a prefill whose first token is `token` [B]; returns tokens/s (all rows)."""
+        """Greedy decode_tokens steps after a prefill whose first token is `token` [B]; returns tokens/s (all rows).
+        Deferred values are written in the first step, so their cost counts here."""
         c.step.start(token.to(self.device)[:, None], c.next_pos, c.length)
         _sync(self.device)
         start = time.perf_counter()
-        for _ in range(self.s.decode_tokens):
-            c.step()
+        with deferred_values(self.base, c.base_cache.pending_values):
+            for _ in range(self.s.decode_tokens):
+                c.step()
         _sync(self.device)
         return c.batch * self.s.decode_tokens / (time.perf_counter() - start)
 
@@ -450,7 +466,7 @@ class TTFTBench:
             phase = {name: _ms([p[name] for p in pred["phases"]]) for name in ("aux", "predictor", "write", "step")}
             m = v.model
             ratio_p = flop_ratio_params(m.base.config, m.aux.config)
-            ratio_f = flop_ratio_full(m.base.config, m.aux.config, m.predictor.config, c.length)
+            ratio_f = flop_ratio_full(m.base.config, m.aux.config, m.predictor.config, c.length, c.defer_values)
             speedup = percentile(exact["ttft"], 50) / percentile(pred["ttft"], 50)
             pred_ms = _ms(pred["ttft"])
             dec_e, dec_p = percentile(exact["decode"], 50), percentile(pred["decode"], 50)
@@ -755,7 +771,8 @@ def _command(args, weights: str) -> str:
               "--repeats", str(args.repeats), "--warmup", str(args.warmup), "--decode-tokens", str(args.decode_tokens)]
     for flag, value in (("--max-batch-tokens", args.max_batch_tokens), ("--time-budget", args.time_budget)):
         parts += [flag, str(value)] if value is not None else []
-    parts += ["--cuda-graph", args.cuda_graph, "--compile", args.compile, "--seed", str(args.seed)]
+    parts += ["--cuda-graph", args.cuda_graph, "--compile", args.compile, "--defer-values", args.defer_values]
+    parts += ["--seed", str(args.seed)]
     parts += ["--label", args.label] if args.label else []
     parts += ["--threads", str(args.threads)] if args.threads else []
     return shlex.join(parts)
@@ -767,7 +784,8 @@ def _ttft_command(args) -> int:
     settings = Settings(prompt_lens=args.prompt_lens, batches=args.batch, repeats=args.repeats, warmup=args.warmup,
                         decode_tokens=args.decode_tokens, cuda_graph=args.cuda_graph == "auto",
                         compile_predictor=args.compile == "auto" and args.device.startswith("cuda"),
-                        max_batch_tokens=args.max_batch_tokens, time_budget=args.time_budget, seed=args.seed)
+                        defer_values=args.defer_values == "auto", max_batch_tokens=args.max_batch_tokens,
+                        time_budget=args.time_budget, seed=args.seed)
     if args.repeats < 1:
         raise KVPredError("--repeats must be at least 1")
     if args.threads:
@@ -861,6 +879,9 @@ def register(subparsers) -> None:
                    help="auto: on CUDA, run the predictor and the cache write as one torch.compile'd function (the "
                         "breakdown then reports the two under predictor). Off by default: on an H100 it moves TTFT "
                         "at 8k-32k tokens by -1%% to +4%%")
+    p.add_argument("--defer-values", choices=("auto", "off"), default="auto",
+                   help="auto: with the eager step, predicted mode writes only the keys before its first token and "
+                        "the values in the first decode step (kvpred.deferred; the decode speed pays for them)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--label", default=None, help="model name in the tables (default: --shape or --model)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")

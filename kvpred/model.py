@@ -18,6 +18,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from . import lora, models
 from .models import KVPredError
+from .deferred import PendingValues, deferred_values
 from .predictor import KVPredictor, PredictorConfig
 from .rope import rope_tables, rotate
 
@@ -278,15 +279,16 @@ class KVPredictionModel(nn.Module):
         return self.k_norm_weight.view(keys.shape[0], 1, 1, 1, -1) * normed
 
     @torch.no_grad()
-    def base_kv_into(self, keys: torch.Tensor, values: torch.Tensor, position_ids: torch.Tensor,
+    def base_kv_into(self, keys: torch.Tensor, values: torch.Tensor | None, position_ids: torch.Tensor,
                      key_out: torch.Tensor, value_out: torch.Tensor) -> None:
         """`base_kv` for inference, written into `key_out`, `value_out` [L, B, H, T, D] (e.g. a BufferCache's
-        arena): values in one strided copy, keys rotated straight into the output (no autograd: out= ops)."""
+        arena): values (unless None) in one strided copy, keys rotated straight into the output (out= ops)."""
         n_layers, b, t, _ = keys.shape
         keys = self._k_norm(keys.view(n_layers, b, t, self.base_kv_heads, self.base_head_dim))  # [L, B, T, H, D]
         cos, sin = rope_tables(self.base, position_ids, keys.dtype)  # [B, T, D]
         _rotate_into(keys.transpose(2, 3), cos, sin, key_out)  # [L, B, H, T, D]
-        value_out.copy_(values.view(n_layers, b, t, self.base_kv_heads, -1).transpose(2, 3))
+        if values is not None:
+            value_out.copy_(values.view(n_layers, b, t, self.base_kv_heads, -1).transpose(2, 3))
 
     def write_cache(self, keys: torch.Tensor, values: torch.Tensor) -> DynamicCache:
         """keys, values: [L, B, H, T, D] -> a transformers cache the base decodes from."""
@@ -295,14 +297,51 @@ class KVPredictionModel(nn.Module):
             cache.update(keys[i], values[i], i)
         return cache
 
-    def predicted_cache(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                        exact_tail: int = 1) -> DynamicCache:
-        """Steps 1-2 of KV prediction: a base cache for all prompt tokens but the last `exact_tail`."""
+    @torch.no_grad()
+    def predicted_cache(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, exact_tail: int = 1,
+                        defer_values: bool = False) -> DynamicCache:
+        """Steps 1-2 of KV prediction: a base cache for all prompt tokens but the last `exact_tail`. With
+        `defer_values`, the values are left to the base's first forwards (see `kvpred.deferred`): the cache's
+        `pending_values` then says what they are, and it must be used inside `deferred_values`."""
         prefix = self._aux_prefix(input_ids, attention_mask, exact_tail)
         if prefix is None:
-            return DynamicCache(config=self.base.config)
+            cache = DynamicCache(config=self.base.config)
+            cache.pending_values = None
+            return cache
         key_in, value_in, pos = prefix
-        return self.write_cache(*self.base_kv(*self.predictor(key_in, value_in), pos))
+        shape = (len(self.base.model.layers), pos.shape[0], self.base_kv_heads, pos.shape[1])
+        keys = torch.empty(*shape, self.base_head_dim, dtype=self.base.dtype, device=pos.device)
+        values = torch.empty(*shape, self.predictor.config.value_features // self.base_kv_heads,
+                             dtype=self.base.dtype, device=pos.device)
+        value_inputs = self.predict_kv_into(key_in, value_in, pos, keys, values, defer_values=defer_values)
+        cache = self.write_cache(keys, values)
+        cache.pending_values = None if value_inputs is None else PendingValues(self.predictor, *value_inputs, cache)
+        return cache
+
+    @torch.no_grad()
+    def predict_kv_into(self, key_in: torch.Tensor, value_in: torch.Tensor, position_ids: torch.Tensor,
+                        key_out: torch.Tensor, value_out: torch.Tensor, mark: Callable[[str], None] = lambda p: None,
+                        defer_values: bool = False) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Predictor then `base_kv_into`, on the CPU over chunks of CPU_PREDICT_ROWS rows; `mark` as in
+        `predict_into`, after each chunk's predictor and write. With `defer_values` only the keys are written, and
+        what the value maps read is returned (KVPredictor.keys_and_value_inputs)."""
+        n = position_ids.shape[1]
+        step = n if key_in.device.type != "cpu" else max(1, CPU_PREDICT_ROWS // position_ids.shape[0])
+        value_inputs = []
+        for s in range(0, n, step):
+            e = s + step
+            if defer_values:
+                keys, (inputs, index) = self.predictor.keys_and_value_inputs(key_in[:, :, s:e], value_in[:, :, s:e])
+                values = None
+                value_inputs.append(inputs)
+            else:
+                keys, values = self.predictor(key_in[:, :, s:e], value_in[:, :, s:e])  # [L, B, <=step, kv]
+            mark("predictor")
+            self.base_kv_into(keys, values, position_ids[:, s:e], key_out[..., s:e, :], value_out[..., s:e, :])
+            mark("write")
+        if not defer_values:
+            return None
+        return (value_inputs[0] if len(value_inputs) == 1 else torch.cat(value_inputs, 2)), index
 
     def _aux_prefix(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                     exact_tail: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
@@ -340,10 +379,12 @@ class KVPredictionModel(nn.Module):
 
     @torch.no_grad()
     def predict_into(self, cache: "BufferCache", input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                     exact_tail: int = 1, mark: Callable[[str], None] | None = None) -> None:
+                     exact_tail: int = 1, mark: Callable[[str], None] | None = None,
+                     defer_values: bool = False) -> None:
         """`predicted_cache` written in place: the first N - exact_tail columns of `cache` (emptied first) get the
-        predicted keys and values. `mark(phase)` is called after each phase ("aux", "predictor", "write"; after
-        `compile_predictor` the two run as one function, all of it before the "predictor" mark)."""
+        predicted keys and values (with `defer_values`, the keys and `cache.pending_values`). `mark(phase)` is called
+        after each phase ("aux", "predictor", "write"; after `compile_predictor` the two run as one function, all
+        of it before the "predictor" mark). On the CPU they alternate over chunks of tokens, marking each time."""
         mark = mark or (lambda phase: None)
         cache.reset()
         prefix = self._aux_prefix(input_ids, attention_mask, exact_tail)
@@ -352,13 +393,13 @@ class KVPredictionModel(nn.Module):
             return
         key_in, value_in, pos = prefix
         n = pos.shape[1]
-        if self._compiled_write is not None:
+        if self._compiled_write is not None and not defer_values:
             self._compiled_write(key_in, value_in, pos, *cache.slices(n))
             mark("predictor")
         else:
-            keys, values = self.predictor(key_in, value_in)  # [L, B, n, kv]
-            mark("predictor")
-            self.base_kv_into(keys, values, pos, *cache.slices(n))
+            value_inputs = self.predict_kv_into(key_in, value_in, pos, *cache.slices(n), mark, defer_values)
+            if value_inputs is not None:
+                cache.pending_values = PendingValues(self.predictor, *value_inputs, cache)
         cache.set_length(n)
         mark("write")
 
@@ -440,10 +481,12 @@ class KVPredictionModel(nn.Module):
             eos_token_id=self.base.generation_config.eos_token_id or self.tokenizer.eos_token_id,
             pad_token_id=self.tokenizer.pad_token_id)
         model = self.aux if mode == "aux" else self.base
-        cache = self.predicted_cache(input_ids, attention_mask, exact_tail) if mode == "predicted" else None
-        return model.generate(input_ids=input_ids, attention_mask=attention_mask, **cache_kwargs(model, cache),
-                              generation_config=config, streamer=streamer, tokenizer=self.tokenizer,
-                              **generate_kwargs)
+        cache = (self.predicted_cache(input_ids, attention_mask, exact_tail, defer_values=True)
+                 if mode == "predicted" else None)
+        with deferred_values(model, getattr(cache, "pending_values", None)):
+            return model.generate(input_ids=input_ids, attention_mask=attention_mask, **cache_kwargs(model, cache),
+                                  generation_config=config, streamer=streamer, tokenizer=self.tokenizer,
+                                  **generate_kwargs)
 
     @torch.no_grad()
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
@@ -568,6 +611,10 @@ def _atomic(path: Path, write) -> None:
 
 # -------------------------------------------------------------------- fast-path helpers
 STEP_ATTENTION = "kvpred_step"
+# On a CPU, a long prompt's predicted K/V outgrow the caches between the predictor's matmuls and the write; chunks of
+# this many rows (batch x tokens) took SmolLM2's predictor + write from 71 to 51 ms at 2048 tokens (2 cores). A GPU
+# does best with one pass.
+CPU_PREDICT_ROWS = 512
 
 
 class _TapsComplete(Exception):
@@ -673,6 +720,7 @@ class BufferCache(Cache):
         self.value_arena = torch.zeros(shape, dtype=dtype, device=device)
         self.capacity = capacity
         self.step_slot: torch.Tensor | None = None
+        self.pending_values: PendingValues | None = None  # KVPredictionModel.predict_into(.., defer_values=True)
         super().__init__(layers=[_BufferLayer(self.key_arena[i], self.value_arena[i], self) for i in range(n_layers)])
 
     def slices(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -688,3 +736,4 @@ class BufferCache(Cache):
 
     def reset(self) -> None:
         self.set_length(0)
+        self.pending_values = None

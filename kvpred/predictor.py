@@ -36,9 +36,10 @@ class PredictorConfig:
         """The auxiliary taps the layer map reads, in order."""
         return sorted(set(self.layer_map))
 
-    def multiply_adds_per_token(self) -> int:
-        """Matmul multiply-adds of one token's prediction, all base layers, keys and values."""
-        out = len(self.layer_map) * (self.key_features + self.value_features)
+    def multiply_adds_per_token(self, values: bool = True) -> int:
+        """Matmul multiply-adds of one token's prediction, all base layers, keys and (unless `values` is False: they
+        are deferred, see KVPredictionModel.predict_into) values."""
+        out = len(self.layer_map) * (self.key_features + (self.value_features if values else 0))
         if self.rank is None:
             return self.in_features * out
         return len(self.taps) * self.in_features * self.rank + self.rank * out
@@ -91,15 +92,22 @@ class KVPredictor(nn.Module):
 
     def forward(self, key_in: torch.Tensor, value_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """key_in, value_in: [L_aux, B, T, in] -> keys [L_base, B, T, key], values [L_base, B, T, value]."""
+        keys, (inputs, index) = self.keys_and_value_inputs(key_in, value_in)
+        return keys, self._project(inputs.index_select(0, index), self.value_weight, self.value_bias)
+
+    def keys_and_value_inputs(self, key_in: torch.Tensor,
+                              value_in: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """The keys [L_base, B, T, key], and what the value maps read without running them: (inputs [M, B, T, w],
+        index [L_base]); base layer l's values are `inputs[index[l]] @ value_weight[l].T + value_bias[l]`."""
         if self.config.rank is not None:  # hidden input: key_in is value_in, one code serves both
             _, b, t, d = key_in.shape
             taps = key_in.index_select(0, self.taps).reshape(len(self.config.taps), b * t, d)
-            code = torch.bmm(taps, self.down.transpose(1, 2)).index_select(0, self.code_of_layer)  # [L, B*T, r]
-            key_in = value_in = code.view(len(self.config.layer_map), b, t, -1)
+            code = torch.bmm(taps, self.down.transpose(1, 2)).view(len(self.config.taps), b, t, -1)  # [taps, B, T, r]
+            key_src = value_src = (code, self.code_of_layer)
         else:
-            key_in, value_in = key_in.index_select(0, self.layer_map), value_in.index_select(0, self.layer_map)
-        return self._project(key_in, self.key_weight, self.key_bias), self._project(value_in, self.value_weight,
-                                                                                 self.value_bias)
+            key_src, value_src = (key_in, self.layer_map), (value_in, self.layer_map)
+        keys = self._project(key_src[0].index_select(0, key_src[1]), self.key_weight, self.key_bias)
+        return keys, value_src
 
     @staticmethod
     def _project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,7 @@ from kvpred.bench import (
     predicted_flops,
 )
 from kvpred.cli import main as cli_main
+from kvpred import model as model_module
 from kvpred.model import KVPredictionModel, cache_kwargs
 from kvpred.models import KVPredError
 from kvpred.predictor import PredictorConfig
@@ -49,7 +50,7 @@ def test_cli_writes_table_and_files(tiny_path, tmp_path):
             assert float(r[key]) > 0, key
         assert float(r["pred_p10_ms"]) <= float(r["pred_ms"]) <= float(r["pred_p90_ms"])
         assert abs(float(r["speedup"]) - float(r["exact_ms"]) / float(r["pred_ms"])) < 0.01 * float(r["speedup"])
-        assert r["step"] == "eager (cpu)" and r["weights"] == "real weights"
+        assert r["step"] == "eager (cpu), values deferred" and r["weights"] == "real weights"
     md = (tmp_path / "t.md").read_text()
     assert "| model | aux | B | N | exact ms | aux ms | predicted ms | speedup |" in md
     assert "| aux prefill | predictor | cache write | base step |" in md
@@ -222,6 +223,27 @@ def test_identity_equivalence_holds_on_the_fast_path(tmp_path):
     exact = model.prefill_into(model.new_cache(1, 25), ids, mode="exact")
     predicted = model.prefill_into(model.new_cache(1, 25), ids, mode="predicted")
     assert torch.allclose(predicted, exact, atol=1e-4)
+
+
+@pytest.mark.parametrize("source", ["kv", "hidden"])
+def test_cpu_chunks_write_the_same_cache_as_one_pass(source, tmp_path, monkeypatch):
+    """On the CPU the predictor and the write run over chunks of tokens: the cache is what one pass writes, on a
+    left-padded batch too."""
+    model = KVPredictionModel.from_pretrained(str(save_tiny_model(tmp_path / "m", arch="qwen3")), keep_ratio=0.5,
+                                              source=source)
+    ids = torch.randint(3, 259, (2, 15), generator=torch.Generator().manual_seed(6))
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    whole, chunked = model.new_cache(2, 16), model.new_cache(2, 16)
+    model.predict_into(whole, ids, mask)
+    monkeypatch.setattr(model_module, "CPU_PREDICT_ROWS", 6)  # 3 tokens a chunk at batch 2: 5 chunks
+    marks = []
+    model.predict_into(chunked, ids, mask, mark=marks.append)
+    assert marks.count("predictor") == 5
+    assert torch.allclose(chunked.key_arena, whole.key_arena, atol=1e-6)
+    assert torch.allclose(chunked.value_arena, whole.value_arena, atol=1e-6)
+    plain = torch.cat([layer.keys for layer in model.predicted_cache(ids, mask).layers])
+    assert torch.allclose(plain, torch.cat([layer.keys for layer in chunked.layers]), atol=1e-6)
 
 
 @pytest.mark.parametrize("source", ["kv", "hidden"])

@@ -1,0 +1,93 @@
+"""Specification of deferred values (kvpred.deferred): predicted mode's first forward attends through the value maps
+instead of waiting for them. The same arithmetic in another order, so logits, tokens and the finished cache are the
+plain path's."""
+import dataclasses
+
+import pytest
+import torch
+
+from kvpred.bench import EagerStep
+from kvpred.deferred import PendingValues, deferred_values
+from kvpred.generation import encode_prompts
+from kvpred.model import KVPredictionModel, cache_kwargs, position_ids_from_mask
+from kvpred.predictor import KVPredictor
+from conftest import ARCHS
+
+PROMPTS = ["The quick brown fox jumps over", "a", "Hello, world! This prompt is longer than the others."]
+
+
+def model_with(path: str, kind: str) -> KVPredictionModel:
+    """A pruned auxiliary with a random (not identity) predictor, so every value map and bias matters."""
+    torch.manual_seed(0)
+    model = KVPredictionModel.from_pretrained(path, keep_ratio=0.5, source="kv" if kind == "kv" else "hidden")
+    config = model.predictor.config
+    model.predictor = KVPredictor(dataclasses.replace(config, rank=4) if kind == "rank" else config)
+    return model
+
+
+def first_forward(model: KVPredictionModel, ids, mask, cache, tail: int) -> torch.Tensor:
+    pos = position_ids_from_mask(mask)[:, -tail:]
+    return model.base(input_ids=ids[:, -tail:], attention_mask=mask, position_ids=pos, use_cache=True,
+                      **cache_kwargs(model.base, cache)).logits
+
+
+@pytest.mark.parametrize("kind", ["kv", "hidden", "rank"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_first_forward_and_finished_cache_match_the_plain_path(tiny_models, arch, kind):
+    model = model_with(tiny_models[arch], kind)
+    ids, mask = encode_prompts(model.tokenizer, PROMPTS)  # left-padded; "a" is shorter than a tail of 3
+    for tail in (1, 3):
+        plain = model.predicted_cache(ids, mask, tail)
+        want = first_forward(model, ids, mask, plain, tail)
+        deferred = model.predicted_cache(ids, mask, tail, defer_values=True)
+        assert deferred.pending_values is not None and plain.pending_values is None
+        with deferred_values(model.base, deferred.pending_values):
+            got = first_forward(model, ids, mask, deferred, tail)
+            assert model.base.config._attn_implementation == "kvpred_deferred"
+        real = mask[:, -tail:].bool()  # a padded query's logits are whatever each kernel makes of seeing nothing
+        torch.testing.assert_close(got[real], want[real], atol=1e-5, rtol=1e-4)
+        assert model.base.config._attn_implementation == "sdpa"  # restored
+        columns = mask.bool()  # [B, T]: the cache's real columns, [B, H, T, D] transposed
+        for mine, theirs in zip(deferred.layers, plain.layers):  # the context's end wrote the pending values
+            for part in ("keys", "values"):
+                torch.testing.assert_close(getattr(mine, part).transpose(1, 2)[columns],
+                                           getattr(theirs, part).transpose(1, 2)[columns], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_decoding_writes_each_layers_values_on_its_next_forward(tiny_models, arch):
+    """On the preallocated cache: the first step defers, the second writes the values first; greedy tokens are
+    the plain path's."""
+    model = model_with(tiny_models[arch], "rank")
+    ids = torch.randint(3, 259, (2, 20), generator=torch.Generator().manual_seed(4))
+    tokens = {}
+    for defer in (False, True):
+        cache = model.new_cache(2, 32)
+        model.predict_into(cache, ids, defer_values=defer)
+        pending = cache.pending_values
+        step = EagerStep(model, cache)
+        step.start(ids[:, -1:], torch.full((2, 1), 19), 19)
+        with deferred_values(model.base, pending, finish=False):
+            tokens[defer] = [step()]
+            if defer:
+                assert all(pending.attended) and not any(pending.done)
+            tokens[defer] += [step() for _ in range(5)]
+        if defer:
+            assert all(pending.done)
+    assert torch.equal(torch.stack(tokens[True]), torch.stack(tokens[False]))
+
+
+def test_generate_defers_and_matches_the_plain_cache(tiny_llama, monkeypatch):
+    model = model_with(tiny_llama, "hidden")
+    ids, mask = encode_prompts(model.tokenizer, PROMPTS)
+    attended = []
+    attend = PendingValues.attend
+    monkeypatch.setattr(PendingValues, "attend", lambda self, layer, *a: attended.append(layer) or attend(self, layer, *a))
+    got = model.generate(ids, mask, mode="predicted", max_new_tokens=8)
+    assert attended == list(range(model.base.config.num_hidden_layers))
+    plain = model.predicted_cache(ids, mask)
+    want = model.base.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False,
+                               eos_token_id=None, pad_token_id=model.tokenizer.pad_token_id,
+                               **cache_kwargs(model.base, plain))
+    assert torch.equal(got, want)
+    assert model.base.config._attn_implementation == "sdpa"
