@@ -63,12 +63,13 @@ class PendingValues:
         heads, t, n = key.shape[1], key.shape[2], self.length
         group = hq // heads  # head h = kv_head * group + r, as repeat_kv lays them out
         scores = torch.matmul(query.reshape(b, heads, group * w, d), key.transpose(-1, -2)).float().mul_(scaling)
-        if mask is None:  # transformers skipped a plainly causal mask: tail token i sees columns <= n + i
+        if mask is None and w > 1:  # transformers skipped a plainly causal mask: tail token i sees columns <= n + i
             mask = torch.ones(w, t, dtype=torch.bool, device=query.device).tril(t - w)
-        visible = mask if mask.dtype == torch.bool else mask == 0  # an additive float mask is 0 where visible
-        visible = visible.view(-1, 1, 1, w, t) if visible.dim() == 4 else visible
-        # finfo.min, not -inf: a padded query row (exact tail longer than its prompt) sees nothing and must not NaN
-        scores = scores.view(b, heads, group, w, t).masked_fill(~visible, torch.finfo(scores.dtype).min)
+        if mask is not None:
+            visible = mask if mask.dtype == torch.bool else mask == 0  # an additive float mask is 0 where visible
+            visible = visible.view(-1, 1, 1, w, t) if visible.dim() == 4 else visible
+            # finfo.min, not -inf: a padded query row (exact tail longer than its prompt) sees nothing; no NaN
+            scores = scores.view(b, heads, group, w, t).masked_fill(~visible, torch.finfo(scores.dtype).min)
         probs = scores.softmax(-1).to(value.dtype).view(b, heads, group * w, t)
         out = torch.matmul(probs[..., n:], value[:, :, n:])  # the tail's own values
         x = self.inputs[self.index[layer]]  # [B, n, w_in]
