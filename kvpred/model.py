@@ -470,9 +470,11 @@ class KVPredictionModel(nn.Module):
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
                  mode: str = "predicted", exact_tail: int = 1, max_new_tokens: int = 32, do_sample: bool = False,
                  temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
-                 stop_strings: list[str] | None = None, streamer=None, **generate_kwargs) -> torch.Tensor:
+                 stop_strings: list[str] | None = None, streamer=None, defer_values: bool | None = None,
+                 **generate_kwargs) -> torch.Tensor:
         """Like transformers' generate: returns [B, prompt + new] token ids. Decoding is always the base's own
-        (or, in "aux" mode, the auxiliary's); only the prompt's cache differs between modes."""
+        (or, in "aux" mode, the auxiliary's); only the prompt's cache differs between modes. `defer_values`
+        (kvpred.deferred; the same tokens either way) defaults to on for a CPU and off for a GPU."""
         input_ids, attention_mask = self.check_inputs(input_ids, attention_mask, mode, max_new_tokens, exact_tail)
         config = GenerationConfig(
             max_new_tokens=max_new_tokens, do_sample=do_sample,
@@ -481,7 +483,8 @@ class KVPredictionModel(nn.Module):
             eos_token_id=self.base.generation_config.eos_token_id or self.tokenizer.eos_token_id,
             pad_token_id=self.tokenizer.pad_token_id)
         model = self.aux if mode == "aux" else self.base
-        cache = (self.predicted_cache(input_ids, attention_mask, exact_tail, defer_values=True)
+        defer = self.device.type == "cpu" if defer_values is None else defer_values
+        cache = (self.predicted_cache(input_ids, attention_mask, exact_tail, defer_values=defer)
                  if mode == "predicted" else None)
         with deferred_values(model, getattr(cache, "pending_values", None)):
             return model.generate(input_ids=input_ids, attention_mask=attention_mask, **cache_kwargs(model, cache),
