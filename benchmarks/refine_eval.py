@@ -29,7 +29,8 @@ from pathlib import Path
 import torch
 
 from kvpred.cli import add_model_arguments, load_model
-from kvpred.refine import (confidence, eos_token_ids, generate_refined, prefix_agreement, token_agreement,
+from kvpred.decoding import eos_token_ids
+from kvpred.refine import (confidence, generate_refined, prefix_agreement, token_agreement,
                            tradeoff_curve)
 from kvpred.tasks import default_data_dir, text_windows
 

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from .decoding import EagerStep, GraphStep, make_step
 from .deferred import deferred_values
 from .models import KVPredError
 
@@ -208,79 +209,6 @@ def percentile(values: list[float], q: float) -> float:
     return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
-# -------------------------------------------------------------------- the base's one-token step
-class EagerStep:
-    """The base's one-token step on a BufferCache, run eagerly: write one column, attend to the filled ones."""
-
-    def __init__(self, model, cache):
-        from .model import cache_kwargs
-
-        self.base, self.cache_kw = model.base, cache_kwargs(model.base, cache)
-        self.cache = cache
-
-    def start(self, ids: torch.Tensor, positions: torch.Tensor, slot: int) -> None:
-        """Next step feeds `ids` [B, 1] at `positions` [B, 1] into cache column `slot` (= the cache's length)."""
-        if self.cache.get_seq_length() != slot:
-            raise RuntimeError(f"eager step at column {slot}, but the cache holds {self.cache.get_seq_length()}")
-        self.ids, self.positions = ids, positions
-
-    @torch.no_grad()
-    def __call__(self) -> torch.Tensor:
-        """Run one step; returns the greedy next token [B] and feeds it to the following step."""
-        self.logits = self.base(input_ids=self.ids, position_ids=self.positions, use_cache=True, logits_to_keep=1,
-                                **self.cache_kw).logits  # [B, 1, V]
-        token = self.logits[:, -1].argmax(-1)
-        self.ids, self.positions = token[:, None], self.positions + 1
-        return token
-
-
-class GraphStep:
-    """The same step captured once as a CUDA graph (KVPredictionModel.static_step: fixed shapes, the whole
-    buffer under a mask). Replays write the token's K/V at `slot`, then advance ids, positions and slot."""
-
-    @torch.no_grad()
-    def __init__(self, model, cache):
-        from .model import cache_kwargs
-
-        self.base, self.cache_kw = model.base, cache_kwargs(model.base, cache)
-        batch, capacity, device = cache.key_arena.shape[1], cache.capacity, model.device
-        self.ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
-        self.positions = torch.zeros(batch, 1, dtype=torch.long, device=device)
-        self.slot = torch.zeros(1, dtype=torch.long, device=device)
-        self.mask = torch.zeros(batch, 1, 1, capacity, dtype=torch.bool, device=device)  # [B, 1, q=1, capacity]
-        with model.static_step(cache, self.slot):
-            side = torch.cuda.Stream(device)
-            side.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(side):  # warm-up outside the graph: cuBLAS handles, lazy inits
-                for _ in range(2):
-                    self._body()
-            torch.cuda.current_stream(device).wait_stream(side)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self.token, self.logits = self._body()
-
-    def _body(self) -> tuple[torch.Tensor, torch.Tensor]:
-        self.mask.index_fill_(3, self.slot, True)
-        logits = self.base(input_ids=self.ids, position_ids=self.positions, attention_mask=self.mask,
-                           use_cache=True, logits_to_keep=1, **self.cache_kw).logits  # [B, 1, V]
-        token = logits[:, -1].argmax(-1)
-        self.ids.copy_(token[:, None])
-        self.positions.add_(1)
-        self.slot.add_(1)
-        return token, logits
-
-    def start(self, ids: torch.Tensor, positions: torch.Tensor, slot: int) -> None:
-        self.ids.copy_(ids)
-        self.positions.copy_(positions)
-        self.slot.fill_(slot)
-        self.mask.zero_()
-        self.mask[..., :slot] = True  # unpadded prompts: every filled column is visible
-
-    def __call__(self) -> torch.Tensor:
-        self.graph.replay()
-        return self.token
-
-
 # -------------------------------------------------------------------- the benchmark
 @dataclass
 class Variant:
@@ -342,17 +270,6 @@ def prompts(vocab: int, batch: int, length: int, device: torch.device, *key) -> 
     gen = torch.Generator(device=device)
     gen.manual_seed(zlib.crc32(repr(key).encode()))
     return torch.randint(0, vocab, (batch, length), generator=gen, device=device)
-
-
-def make_step(model, cache, want_graph: bool):
-    """A CUDA-graph step where possible; the eager step otherwise, with the reason."""
-    if not want_graph or model.device.type != "cuda":
-        return EagerStep(model, cache), "eager" if model.device.type == "cuda" else "eager (cpu)"
-    try:
-        return GraphStep(model, cache), "cuda-graph"
-    except Exception as err:  # noqa: BLE001 - any capture failure falls back to the eager step, and says so
-        reason = f"{type(err).__name__}: {err}".replace("|", "/").replace("\n", " ")[:160]
-        return EagerStep(model, cache), f"eager (graph capture failed: {reason})"
 
 
 class TTFTBench:

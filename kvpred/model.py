@@ -13,11 +13,13 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import AttentionInterface, DynamicCache, GenerationConfig, PreTrainedModel
+from transformers import (AttentionInterface, DynamicCache, GenerationConfig, PreTrainedModel, StoppingCriteriaList,
+                          StopStringCriteria)
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from . import lora, models
 from .models import KVPredError
+from .decoding import StepPool, eos_token_ids, generate_with_steps, pad_id
 from .deferred import PendingValues, deferred_values
 from .predictor import KVPredictor, PredictorConfig
 from .rope import rope_tables, rotate
@@ -123,6 +125,7 @@ class KVPredictionModel(nn.Module):
         # Trained aux tensors as saved (full tensors, or low-rank adapter factors already merged into `aux`)
         self.aux_tensors: dict[str, torch.Tensor] = {}
         self._compiled_write: Callable | None = None  # see compile_predictor
+        self._steps = StepPool()  # generate's caches and CUDA-graph steps, per batch size and capacity
         attn = base.model.layers[0].self_attn
         self.base_kv_heads = base.config.num_key_value_heads
         self.base_head_dim = attn.head_dim
@@ -471,11 +474,25 @@ class KVPredictionModel(nn.Module):
                  mode: str = "predicted", exact_tail: int = 1, max_new_tokens: int = 32, do_sample: bool = False,
                  temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
                  stop_strings: list[str] | None = None, streamer=None, defer_values: bool | None = None,
-                 **generate_kwargs) -> torch.Tensor:
+                 cuda_graph: bool | None = None, **generate_kwargs) -> torch.Tensor:
         """Like transformers' generate: returns [B, prompt + new] token ids. Decoding is always the base's own
-        (or, in "aux" mode, the auxiliary's); only the prompt's cache differs between modes. `defer_values`
-        (kvpred.deferred; the same tokens either way) defaults to on for a CPU and off for a GPU."""
+        (or, in "aux" mode, the auxiliary's); only the prompt's cache differs between modes.
+
+        On a GPU (`cuda_graph` None or True) modes "exact" and "predicted" run kvpred.decoding's loop on CUDA-graph
+        steps; it takes `logits_processor` and `stopping_criteria` besides the arguments above, and any other
+        transformers generate argument sends the call to transformers' generate. On a CPU, predicted mode defers
+        its values (kvpred.deferred; `defer_values`, the same tokens either way)."""
         input_ids, attention_mask = self.check_inputs(input_ids, attention_mask, mode, max_new_tokens, exact_tail)
+        graphs = self.device.type == "cuda" if cuda_graph is None else cuda_graph
+        if graphs and mode != "aux" and set(generate_kwargs) <= {"logits_processor", "stopping_criteria"}:
+            criteria = StoppingCriteriaList(generate_kwargs.get("stopping_criteria") or [])
+            if stop_strings:
+                criteria.append(StopStringCriteria(self.tokenizer, stop_strings))
+            return generate_with_steps(
+                self, input_ids, attention_mask, mode=mode, exact_tail=exact_tail, max_new_tokens=max_new_tokens,
+                do_sample=do_sample, temperature=temperature, top_p=top_p, top_k=top_k, eos=eos_token_ids(self),
+                pad_token_id=pad_id(self), streamer=streamer, logits_processor=generate_kwargs.get("logits_processor"),
+                stopping_criteria=criteria or None, pool=self._steps)
         config = GenerationConfig(
             max_new_tokens=max_new_tokens, do_sample=do_sample,
             temperature=temperature if do_sample else None, top_p=top_p if do_sample else None,

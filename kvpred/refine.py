@@ -17,6 +17,7 @@ from typing import Sequence
 import torch
 from transformers import DynamicCache
 
+from .decoding import eos_token_ids, pad_id, sample
 from .model import KVPredictionModel, cache_kwargs, capture, position_ids_from_mask
 from .models import KVPredError
 
@@ -251,39 +252,9 @@ def _prefix_copy(model: KVPredictionModel, cache: DynamicCache, length: int) -> 
     return out
 
 
-def _sample(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float, top_k: int) -> torch.Tensor:
-    """Next token per row from logits [B, V] (float32): argmax, or a temperature / top-k / top-p draw."""
-    if not do_sample:
-        return logits.argmax(-1)
-    if temperature <= 0:
-        raise KVPredError(f"temperature must be > 0 when sampling, got {temperature}")
-    if 0 < top_k < logits.shape[-1]:
-        logits = logits.masked_fill(logits < logits.topk(top_k, -1).values[:, -1:], float("-inf"))
-    probs = (logits / temperature).softmax(-1)
-    if top_p < 1.0:
-        sorted_probs, order = probs.sort(-1, descending=True)
-        drop = sorted_probs.cumsum(-1) - sorted_probs >= top_p  # keep the smallest set reaching top_p
-        probs = probs.scatter(-1, order, sorted_probs.masked_fill(drop, 0.0))
-    return torch.multinomial(probs, 1).squeeze(-1)
-
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def eos_token_ids(model: KVPredictionModel, eos_token_id=None) -> torch.Tensor:
-    """The ids that end a row: `eos_token_id` (int or list), else KVPredictionModel.generate's default."""
-    eos = eos_token_id
-    if eos is None:  # the same default as KVPredictionModel.generate
-        eos = model.base.generation_config.eos_token_id or model.tokenizer.eos_token_id
-    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-    return torch.tensor(eos, dtype=torch.long, device=model.device)
-
-
-def _pad_id(model: KVPredictionModel) -> int:
-    pad = model.tokenizer.pad_token_id
-    return pad if pad is not None else int(eos_token_ids(model, None)[0])
 
 
 @dataclass
@@ -301,13 +272,13 @@ def _decode(model: KVPredictionModel, ids: torch.Tensor, mask: torch.Tensor, fir
     """Decode from a prefilled `cache` of the N prompt columns, interleaving one refinement chunk of `budget`
     columns per step while `refiner` is behind, and swapping its cache in the moment it covers the sequence."""
     b, n = ids.shape
-    eos, pad = eos_token_ids(model, eos_token_id), _pad_id(model)
+    eos, pad = eos_token_ids(model, eos_token_id), pad_id(model)
     full_mask = torch.cat([mask, mask.new_ones(b, max_new_tokens)], dim=1)  # [B, N + new]
     full_pos = position_ids_from_mask(full_mask)
     exact_from = 0 if refiner is not None and refiner.done == n else None  # the prompt was computed exactly
     if exact_from == 0:
         cache, refiner = refiner.cache, None
-    token = _sample(first_logits, do_sample, temperature, top_p, top_k)
+    token = sample(first_logits, do_sample, temperature, top_p, top_k)
     finished = torch.isin(token, eos)
     _sync(model.device)
     ttft = time.perf_counter() - start
@@ -327,7 +298,7 @@ def _decode(model: KVPredictionModel, ids: torch.Tensor, mask: torch.Tensor, fir
                 cache, refiner, exact_from = refiner.cache, None, step
         out = model.base(input_ids=seq[:, cols:cols + 1], attention_mask=full_mask[:, :cols + 1],
                          position_ids=full_pos[:, cols:cols + 1], **cache_kwargs(model.base, cache), use_cache=True)
-        token = _sample(out.logits[:, -1].float(), do_sample, temperature, top_p, top_k)
+        token = sample(out.logits[:, -1].float(), do_sample, temperature, top_p, top_k)
         token = token.masked_fill(finished, pad)  # rows that ended keep padding, as transformers' generate does
         finished |= torch.isin(token, eos)
         seq = torch.cat([seq, token[:, None]], dim=1)

@@ -6,7 +6,7 @@ import dataclasses
 import pytest
 import torch
 
-from kvpred.bench import EagerStep
+from kvpred.decoding import EagerStep
 from kvpred.deferred import PendingValues, deferred_values
 from kvpred.generation import encode_prompts
 from kvpred.model import KVPredictionModel, cache_kwargs, position_ids_from_mask

@@ -1,0 +1,118 @@
+"""Time to first token and decode speed of `KVPredictionModel.generate`, the path `kvpred generate` and `kvpred serve`
+take, with and without each of its device-specific speed-ups, the exact base beside them:
+
+* `--compare deferred` (a CPU's default): predicted values written before the first token, against deferred to
+  after it (kvpred.deferred);
+* `--compare graphs` (a GPU's default): transformers' generate loop, against kvpred.decoding's loop on CUDA-graph
+  steps (exact mode too).
+
+Fresh random prompts, medians over repeats after one warm-up; times are taken when the streamer receives each token
+on the host.
+
+    python benchmarks/generate_ttft.py --model smollm2-135m --device cpu --prompt-lens 512,2048 --out FILE.md
+    python benchmarks/generate_ttft.py --shape llama-3.2-1b --device cuda --prompt-lens 2048,8192 --batch 1,8
+"""
+from __future__ import annotations
+
+import argparse
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+from kvpred.bench import _device_name, variant_name
+from kvpred.model import KVPredictionModel
+from kvpred.shapes import random_kvp_model
+
+RUNS = {  # label, mode, generate() arguments
+    "deferred": [("exact", "exact", {}), ("predicted, values first", "predicted", {"defer_values": False}),
+                 ("predicted, values deferred", "predicted", {"defer_values": True})],
+    "graphs": [("exact, transformers loop", "exact", {"cuda_graph": False}),
+             ("exact, graph steps", "exact", {"cuda_graph": True}),
+             ("predicted, transformers loop", "predicted", {"cuda_graph": False}),
+             ("predicted, graph steps", "predicted", {"cuda_graph": True})],
+}
+
+
+class Clock:
+    """A streamer that notes when each put arrives: the prompt first, then one per new token."""
+
+    def __init__(self):
+        self.times: list[float] = []
+
+    def put(self, value) -> None:
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+def run(model: KVPredictionModel, ids: torch.Tensor, mode: str, kwargs: dict, new_tokens: int) -> tuple[float, float]:
+    """(TTFT ms, decode tokens/s per row after the first token)."""
+    clock = Clock()
+    if model.device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    model.generate(ids, mode=mode, max_new_tokens=new_tokens, streamer=clock, **kwargs)
+    tokens = clock.times[1:]
+    decode = (len(tokens) - 1) / (tokens[-1] - tokens[0]) if len(tokens) > 1 else float("nan")
+    return (tokens[0] - start) * 1e3, decode
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=None, help="checkpoint or alias (real weights; default smollm2-135m)")
+    p.add_argument("--shape", default=None, help="a random-weight timing model of this public shape instead")
+    p.add_argument("--source", default="kv")
+    p.add_argument("--rank", type=int, default=None)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--prompt-lens", default="512,2048")
+    p.add_argument("--batch", default="1")
+    p.add_argument("--new-tokens", type=int, default=33, help="tokens per generate call (decode speed: all but one)")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--compare", choices=sorted(RUNS), default=None,
+                   help="which speed-up to time (default: deferred on a CPU, graphs on a GPU)")
+    p.add_argument("--out", default=None, help="markdown file for the table")
+    args = p.parse_args()
+    if args.shape:
+        model = random_kvp_model(args.shape, aux_keep=0.25, source=args.source, rank=args.rank, device=args.device)
+        # no tokenizer: what generate() reads of one (no stop strings here)
+        model.tokenizer, label = SimpleNamespace(pad_token_id=0, eos_token_id=None), f"{args.shape} (random-weight)"
+    else:
+        model = KVPredictionModel.from_pretrained(args.model or "smollm2-135m", device=args.device)
+        label = args.model or "smollm2-135m"
+    runs = RUNS[args.compare or ("graphs" if model.device.type == "cuda" else "deferred")]
+    lines = [f"# generate(): TTFT and decode speed ({label})", "",
+             f"`{shlex.join(['python', *sys.argv])}`", "",
+             f"{_device_name(model.device)}, {str(model.base.dtype).removeprefix('torch.')}, torch {torch.__version__};"
+             f" {variant_name(model)}; medians over {args.repeats} fresh random prompts after one warm-up; "
+             f"{args.new_tokens} new tokens a call.", "",
+             "| batch | prompt | " + " | ".join(f"{name}: TTFT ms / decode tok/s" for name, _, _ in runs) + " |",
+             "|--:|--:|" + "--:|" * len(runs)]
+    gen = torch.Generator().manual_seed(0)
+    for b in map(int, args.batch.split(",")):
+        for n in map(int, args.prompt_lens.split(",")):
+            got = {name: [] for name, _, _ in runs}
+            for r in range(args.repeats + 1):
+                for name, mode, kwargs in runs:
+                    ids = torch.randint(100, model.base.config.vocab_size, (b, n), generator=gen).to(model.device)
+                    result = run(model, ids, mode, kwargs, args.new_tokens)
+                    if r:
+                        got[name].append(result)
+            cells = [f"{statistics.median(t for t, _ in got[name]):.1f} / {statistics.median(d for _, d in got[name]):.1f}"
+                     for name, _, _ in runs]
+            lines.append(f"| {b} | {n} | " + " | ".join(cells) + " |")
+            print(lines[-1], flush=True)
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""Specification of kvpred.decoding's generation loop (what `generate` runs on a GPU, on CUDA-graph steps): the same
+tokens as transformers' generate, for the same arguments. Here on the CPU, with the eager step (`cuda_graph=True`
+forces the loop; test_bench checks the graph step against the eager one on a GPU)."""
+import pytest
+import torch
+from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+
+from kvpred.decoding import StepPool
+from kvpred.generation import encode_prompts
+from kvpred.model import KVPredictionModel
+
+PROMPTS = ["The quick brown fox jumps over", "a", "Hello, world! This prompt is longer than the others."]
+
+
+@pytest.fixture(scope="module")
+def model(tiny_llama):
+    torch.manual_seed(0)
+    return KVPredictionModel.from_pretrained(tiny_llama, keep_ratio=0.5)
+
+
+def both(model, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """(steps loop, transformers' generate) on the same padded batch."""
+    ids, mask = encode_prompts(model.tokenizer, PROMPTS)
+    return (model.generate(ids, mask, cuda_graph=True, **kwargs), model.generate(ids, mask, cuda_graph=False, **kwargs))
+
+
+@pytest.mark.parametrize("mode,tail", [("predicted", 1), ("predicted", 3), ("exact", 1)])
+def test_greedy_tokens_match_transformers_generate(model, mode, tail):
+    mine, theirs = both(model, mode=mode, exact_tail=tail, max_new_tokens=10)
+    assert mine.shape == theirs.shape and torch.equal(mine, theirs)
+
+
+def test_rows_that_end_are_padded_and_generation_stops_when_all_end(model):
+    ids, mask = encode_prompts(model.tokenizer, PROMPTS)
+    free = model.generate(ids, mask, max_new_tokens=10, cuda_graph=True)[:, ids.shape[1]:]
+    eos = int(free[0, 2])  # row 0's third token ends it; other rows end where they happen to emit it
+    mine, theirs = both(model, max_new_tokens=10, eos_token_id=eos)
+    assert torch.equal(mine, theirs)
+    assert mine[0, ids.shape[1] + 3:].eq(model.tokenizer.pad_token_id).all()
+
+
+class Ban(LogitsProcessor):
+    def __init__(self, token: int):
+        self.token, self.calls = token, 0
+
+    def __call__(self, input_ids, scores):
+        self.calls += 1
+        return scores.index_fill(1, torch.tensor([self.token]), float("-inf"))
+
+
+class StopAfter(StoppingCriteria):
+    def __init__(self, length: int):
+        self.length = length
+
+    def __call__(self, input_ids, scores, **kwargs):
+        return torch.full((input_ids.shape[0],), input_ids.shape[1] >= self.length, dtype=torch.bool)
+
+
+def test_logits_processors_and_stopping_criteria_are_applied_as_transformers_does(model):
+    ids, _ = encode_prompts(model.tokenizer, PROMPTS)
+    greedy = model.generate(*encode_prompts(model.tokenizer, PROMPTS), max_new_tokens=6, cuda_graph=True)
+    banned = int(greedy[0, ids.shape[1]])
+    outputs = []
+    for graphs in (True, False):
+        ban = Ban(banned)
+        outputs.append(model.generate(*encode_prompts(model.tokenizer, PROMPTS), max_new_tokens=8, cuda_graph=graphs,
+                                      logits_processor=LogitsProcessorList([ban]),
+                                      stopping_criteria=StoppingCriteriaList([StopAfter(ids.shape[1] + 5)])))
+        assert ban.calls == 5
+    assert outputs[0].shape[1] == ids.shape[1] + 5 and torch.equal(*outputs)
+    assert not outputs[0][:, ids.shape[1]:].eq(banned).any()
+
+
+def test_stop_strings_and_streaming(model):
+    class Recorder:
+        def __init__(self):
+            self.puts, self.ended = [], False
+
+        def put(self, value):
+            self.puts.append(value.clone())
+
+        def end(self):
+            self.ended = True
+
+    ids, mask = encode_prompts(model.tokenizer, PROMPTS[:1])
+    free = model.generate(ids, mask, max_new_tokens=12, cuda_graph=True)[0, ids.shape[1]:]
+    stop = next(text for text in map(model.tokenizer.decode, free[2:].tolist()) if text.isalnum())
+    streams = []
+    for graphs in (True, False):
+        recorder = Recorder()
+        out = model.generate(ids, mask, max_new_tokens=12, stop_strings=[stop], streamer=recorder, cuda_graph=graphs)
+        streams.append((out, recorder))
+    (mine, recorder), (theirs, _) = streams
+    assert torch.equal(mine, theirs) and mine.shape[1] < ids.shape[1] + 12
+    assert torch.equal(recorder.puts[0], ids) and recorder.ended
+    assert torch.equal(torch.cat(recorder.puts[1:]), mine[0, ids.shape[1]:])
+
+
+def test_sampling_with_top_k_of_one_is_greedy(model):
+    torch.manual_seed(1)
+    sampled, greedy = both(model, max_new_tokens=6, do_sample=True, top_k=1, temperature=0.7)
+    assert torch.equal(sampled, greedy)
+
+
+def test_the_pool_reuses_a_cache_per_shape_and_keeps_the_most_recent(model):
+    pool = StepPool(size=2)
+    first, _ = pool.get(model, 2, 100)
+    assert pool.get(model, 2, 200)[0] is first and first.capacity == 256  # both round up to 256
+    pool.get(model, 2, 300)
+    pool.get(model, 1, 10)
+    assert pool.get(model, 2, 100)[0] is not first  # evicted by the two newer shapes
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("mode", ["predicted", "exact"])
+def test_graph_steps_give_transformers_tokens_on_a_gpu(tiny_llama, mode):
+    torch.manual_seed(0)
+    model = KVPredictionModel.from_pretrained(tiny_llama, keep_ratio=0.5, device="cuda")
+    ids, mask = encode_prompts(model.tokenizer, PROMPTS)
+    ids, mask = ids.cuda(), mask.cuda()
+    for _ in range(2):  # the second call replays the pooled graph
+        mine = model.generate(ids, mask, mode=mode, max_new_tokens=10)
+        assert torch.equal(mine, model.generate(ids, mask, mode=mode, max_new_tokens=10, cuda_graph=False))
