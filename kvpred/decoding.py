@@ -50,7 +50,9 @@ class EagerStep:
 
 class GraphStep:
     """The same step captured once as a CUDA graph (KVPredictionModel.static_step: fixed shapes, the whole
-    buffer under a mask). Replays write the token's K/V at `slot`, then advance ids, positions and slot."""
+    buffer under a mask). Replays write the token's K/V at `slot`, then advance ids, positions and slot.
+    Capturing runs the step three times at the cache's last column, seeing only column 0, so a cache in use
+    keeps its entries (`start` comes before that last column is reached)."""
 
     @torch.no_grad()
     def __init__(self, model, cache):
@@ -60,8 +62,9 @@ class GraphStep:
         batch, capacity, device = cache.key_arena.shape[1], cache.capacity, model.device
         self.ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.positions = torch.zeros(batch, 1, dtype=torch.long, device=device)
-        self.slot = torch.zeros(1, dtype=torch.long, device=device)
+        self.slot = torch.full((1,), capacity - 1, dtype=torch.long, device=device)
         self.mask = torch.zeros(batch, 1, 1, capacity, dtype=torch.bool, device=device)  # [B, 1, q=1, capacity]
+        self.mask[..., 0] = True  # no row sees nothing (NaN) while capturing
         with model.static_step(cache, self.slot):
             side = torch.cuda.Stream(device)
             side.wait_stream(torch.cuda.current_stream(device))
@@ -113,23 +116,33 @@ def make_step(model, cache, want_graph: bool):
 
 
 class StepPool:
-    """Preallocated caches and their steps, kept per (batch, capacity bucket) so a captured graph serves every
-    later request of that shape. Capacities round up to powers of two (at least 256); the `size` most recently used
-    are kept, since each holds a whole KV cache."""
+    """Preallocated caches and their captured steps, kept per (batch, capacity bucket) so that one capture (about
+    150 ms on an H100) serves every later request of that shape. Capacities round up to powers of two (at least
+    256); the `size` most recently used are kept, since each holds a whole KV cache."""
 
-    def __init__(self, size: int = 2):
+    def __init__(self, size: int = 4):
         self.size, self.entries = size, OrderedDict()
 
-    def get(self, model, batch: int, tokens: int) -> tuple[object, object]:
-        capacity = max(256, 1 << (tokens - 1).bit_length())
-        key = (batch, capacity)
+    def cache(self, model, batch: int, tokens: int):
+        """The pooled BufferCache for `batch` rows of up to `tokens` tokens."""
+        key = (batch, max(256, 1 << (tokens - 1).bit_length()))
         if key not in self.entries:
             while len(self.entries) >= self.size:
                 self.entries.popitem(last=False)
-            cache = model.new_cache(batch, capacity)
-            self.entries[key] = (cache, make_step(model, cache, want_graph=True)[0])
+            self.entries[key] = [model.new_cache(*key), None]
         self.entries.move_to_end(key)
-        return self.entries[key]
+        return self.entries[key][0]
+
+    def captured(self, cache) -> "GraphStep | EagerStep | None":
+        """`cache`'s step, if `step` made it already."""
+        return next((step for c, step in self.entries.values() if c is cache), None)
+
+    def step(self, model, cache) -> "GraphStep | EagerStep":
+        """`cache`'s step, made on first use: a CUDA graph where one can be captured."""
+        entry = next(e for e in self.entries.values() if e[0] is cache)
+        if entry[1] is None:
+            entry[1] = make_step(model, cache, want_graph=True)[0]
+        return entry[1]
 
 
 def sample(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float, top_k: int) -> torch.Tensor:
@@ -171,18 +184,21 @@ def generate_with_steps(model, input_ids: torch.Tensor, attention_mask: torch.Te
                         stopping_criteria=None, pool: StepPool) -> torch.Tensor:
     """transformers' generate loop (greedy or sampling, eos, padding of finished rows, streamer, logits processors
     and stopping criteria called as it calls them) for modes "exact" and "predicted", on a pooled BufferCache and
-    its step. Predicted mode's first token with a one-token tail is the step itself; otherwise the prompt's tail
-    runs eagerly (`prefill_into`). Returns [B, N + new]."""
+    its step. Predicted mode's first token with a one-token tail is that step (eager until the shape's graph was
+    captured, after a first token, so no request waits for a capture before its first token); otherwise the
+    prompt's tail runs eagerly (`prefill_into`). Returns [B, N + new]."""
     b, n = input_ids.shape
-    cache, step = pool.get(model, b, n + max_new_tokens)
+    cache = pool.cache(model, b, n + max_new_tokens)
+    step = pool.captured(cache)
     mask = torch.cat([attention_mask, attention_mask.new_ones(b, max_new_tokens)], 1)
     positions = mask.long().cumsum(-1) - 1
     padded = not bool(attention_mask.all())
     if mode == "predicted" and exact_tail == 1:
         model.predict_into(cache, input_ids, attention_mask if padded else None)
-        step.start(input_ids[:, -1:], positions[:, n - 1:n], n - 1, mask[:, :n - 1] if padded else None)
-        step()
-        logits = step.logits[:, -1]
+        first = step or EagerStep(model, cache)
+        first.start(input_ids[:, -1:], positions[:, n - 1:n], n - 1, mask[:, :n - 1] if padded else None)
+        first()
+        logits = first.logits[:, -1]
     else:
         logits = model.prefill_into(cache, input_ids, attention_mask if padded else None, mode=mode,
                                     exact_tail=exact_tail)[:, -1]
@@ -204,6 +220,7 @@ def generate_with_steps(model, input_ids: torch.Tensor, attention_mask: torch.Te
         if i == max_new_tokens - 1 or not bool(unfinished.any()):
             break
         if i == 0:
+            step = pool.step(model, cache)
             step.start(token[:, None], positions[:, n:n + 1], n, mask[:, :n] if padded else None)
         else:
             step.feed(token)

@@ -104,20 +104,22 @@ def test_sampling_with_top_k_of_one_is_greedy(model):
 
 def test_the_pool_reuses_a_cache_per_shape_and_keeps_the_most_recent(model):
     pool = StepPool(size=2)
-    first, _ = pool.get(model, 2, 100)
-    assert pool.get(model, 2, 200)[0] is first and first.capacity == 256  # both round up to 256
-    pool.get(model, 2, 300)
-    pool.get(model, 1, 10)
-    assert pool.get(model, 2, 100)[0] is not first  # evicted by the two newer shapes
+    first = pool.cache(model, 2, 100)
+    assert pool.cache(model, 2, 200) is first and first.capacity == 256  # both round up to 256
+    assert pool.captured(first) is None and pool.step(model, first) is pool.captured(first)
+    pool.cache(model, 2, 300)
+    pool.cache(model, 1, 10)
+    assert pool.cache(model, 2, 100) is not first  # evicted by the two newer shapes
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-@pytest.mark.parametrize("mode", ["predicted", "exact"])
-def test_graph_steps_give_transformers_tokens_on_a_gpu(tiny_llama, mode):
+@pytest.mark.parametrize("mode,tail", [("predicted", 1), ("predicted", 3), ("exact", 1)])
+def test_graph_steps_give_transformers_tokens_on_a_gpu(tiny_llama, mode, tail):
     torch.manual_seed(0)
     model = KVPredictionModel.from_pretrained(tiny_llama, keep_ratio=0.5, device="cuda")
     ids, mask = encode_prompts(model.tokenizer, PROMPTS)
     ids, mask = ids.cuda(), mask.cuda()
     for _ in range(2):  # the second call replays the pooled graph
-        mine = model.generate(ids, mask, mode=mode, max_new_tokens=10)
-        assert torch.equal(mine, model.generate(ids, mask, mode=mode, max_new_tokens=10, cuda_graph=False))
+        mine = model.generate(ids, mask, mode=mode, exact_tail=tail, max_new_tokens=10)
+        theirs = model.generate(ids, mask, mode=mode, exact_tail=tail, max_new_tokens=10, cuda_graph=False)
+        assert torch.equal(mine, theirs)
