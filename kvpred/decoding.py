@@ -62,14 +62,15 @@ class GraphStep:
         batch, capacity, device = cache.key_arena.shape[1], cache.capacity, model.device
         self.ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.positions = torch.zeros(batch, 1, dtype=torch.long, device=device)
-        self.slot = torch.full((1,), capacity - 1, dtype=torch.long, device=device)
+        self.slot = torch.zeros(1, dtype=torch.long, device=device)
         self.mask = torch.zeros(batch, 1, 1, capacity, dtype=torch.bool, device=device)  # [B, 1, q=1, capacity]
-        self.mask[..., 0] = True  # no row sees nothing (NaN) while capturing
         with model.static_step(cache, self.slot):
             side = torch.cuda.Stream(device)
             side.wait_stream(torch.cuda.current_stream(device))
             with torch.cuda.stream(side):  # warm-up outside the graph: cuBLAS handles, lazy inits
                 for _ in range(2):
+                    self.slot.fill_(capacity - 1)  # each run writes there (and advances the slot)
+                    self.mask[..., 0] = True  # no row sees nothing (NaN)
                     self._body()
             torch.cuda.current_stream(device).wait_stream(side)
             self.graph = torch.cuda.CUDAGraph()
