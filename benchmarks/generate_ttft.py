@@ -103,8 +103,8 @@ def main() -> None:
                     result = run(model, ids, mode, kwargs, args.new_tokens)
                     if r:
                         got[name].append(result)
-            cells = [f"{statistics.median(t for t, _ in got[name]):.1f} / {statistics.median(d for _, d in got[name]):.1f}"
-                     for name, _, _ in runs]
+            medians = [[statistics.median(column) for column in zip(*got[name])] for name, _, _ in runs]
+            cells = [f"{ttft:.1f} / {decode:.1f}" for ttft, decode in medians]
             lines.append(f"| {b} | {n} | " + " | ".join(cells) + " |")
             print(lines[-1], flush=True)
     text = "\n".join(lines) + "\n"

@@ -13,6 +13,8 @@ from typing import Callable
 
 import torch
 
+from .models import KVPredError
+
 
 class EagerStep:
     """The base's one-token step on a BufferCache, run eagerly: write one column, attend to the filled ones."""
@@ -148,8 +150,6 @@ class StepPool:
 
 def sample(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float, top_k: int) -> torch.Tensor:
     """Next token per row from logits [B, V] (float32): argmax, or a temperature / top-k / top-p draw."""
-    from .models import KVPredError
-
     if not do_sample:
         return logits.argmax(-1)
     if temperature <= 0:
@@ -188,11 +188,13 @@ def generate_with_steps(model, input_ids: torch.Tensor, attention_mask: torch.Te
     its step. Predicted mode's first token with a one-token tail is that step (eager until the shape's graph was
     captured, after a first token, so no request waits for a capture before its first token); otherwise the
     prompt's tail runs eagerly (`prefill_into`). Returns [B, N + new]."""
+    from .model import position_ids_from_mask
+
     b, n = input_ids.shape
     cache = pool.cache(model, b, n + max_new_tokens)
     step = pool.captured(cache)
     mask = torch.cat([attention_mask, attention_mask.new_ones(b, max_new_tokens)], 1)
-    positions = mask.long().cumsum(-1) - 1
+    positions = position_ids_from_mask(mask)
     padded = not bool(attention_mask.all())
     if mode == "predicted" and exact_tail == 1:
         model.predict_into(cache, input_ids, attention_mask if padded else None)

@@ -81,7 +81,8 @@ class PendingValues:
 
 
 def _attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-               attention_mask: torch.Tensor | None, scaling: float | None = None, **kwargs) -> tuple[torch.Tensor, None]:
+               attention_mask: torch.Tensor | None, scaling: float | None = None,
+               **kwargs) -> tuple[torch.Tensor, None]:
     """SDPA, except on a layer whose prefix values are pending: its first forward attends through the value map,
     its next one writes the values first."""
     pending, layer = _PENDING.get(), module.layer_idx

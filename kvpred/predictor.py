@@ -38,7 +38,7 @@ class PredictorConfig:
 
     def multiply_adds_per_token(self, values: bool = True) -> int:
         """Matmul multiply-adds of one token's prediction, all base layers, keys and (unless `values` is False: they
-        are deferred, see KVPredictionModel.predict_into) values."""
+        are deferred, see kvpred.deferred) values."""
         out = len(self.layer_map) * (self.key_features + (self.value_features if values else 0))
         if self.rank is None:
             return self.in_features * out

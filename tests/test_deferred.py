@@ -82,7 +82,8 @@ def test_generate_defers_and_matches_the_plain_cache(tiny_llama, monkeypatch):
     ids, mask = encode_prompts(model.tokenizer, PROMPTS)
     attended = []
     attend = PendingValues.attend
-    monkeypatch.setattr(PendingValues, "attend", lambda self, layer, *a: attended.append(layer) or attend(self, layer, *a))
+    spy = lambda self, layer, *args: attended.append(layer) or attend(self, layer, *args)  # noqa: E731
+    monkeypatch.setattr(PendingValues, "attend", spy)
     got = model.generate(ids, mask, mode="predicted", max_new_tokens=8)
     assert attended == list(range(model.base.config.num_hidden_layers))
     plain = model.predicted_cache(ids, mask)

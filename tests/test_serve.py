@@ -1,6 +1,7 @@
 """Specification of `kvpred serve`, the OpenAI-compatible server (issue 6). The server runs in-process on a free
 loopback port with a tiny random model; clients are the official `openai` package and plain httpx."""
 import asyncio
+import functools
 import json
 import re
 import socket
@@ -125,6 +126,29 @@ def test_stop_string_cuts_the_text_before_it(client):
     assert resp.text == full[:full.index(stop)] and resp.finish_reason == "stop"
     streamed = client.completions.create(max_tokens=16, stop=stop, stream=True, **kwargs)
     assert "".join(c.choices[0].text for c in streamed) == resp.text
+
+
+def test_the_steps_loop_serves_what_transformers_loop_serves(tiny_llama, client):
+    """On a GPU, generate decodes on CUDA-graph steps (kvpred.decoding). Forced here on the CPU (eager steps), the
+    server answers as with transformers' loop: batches, stop strings, logprobs."""
+    stepped = KVPredictionModel.from_pretrained(tiny_llama)
+    stepped.generate = functools.partial(stepped.generate, cuda_graph=True)
+    full = client.completions.create(model=NAME, prompt="Once upon a time", max_tokens=16,
+                                     temperature=0).choices[0].text
+    requests = [{"prompt": "The quick brown fox", "max_tokens": 10},
+                {"prompt": ["abc", "a longer prompt"], "max_tokens": 8, "extra_body": {"kv_mode": "exact"}},
+                {"prompt": "Once upon a time", "max_tokens": 16, "stop": [full[len(full) // 2:len(full) // 2 + 2]]},
+                {"prompt": "Hello", "max_tokens": 5, "logprobs": 2}]
+    with serve_in_thread(create_app(stepped, ServeConfig(model_name=NAME))) as url:
+        other = OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        for kwargs in requests:
+            want = client.completions.create(model=NAME, temperature=0, **kwargs)
+            got = other.completions.create(model=NAME, temperature=0, **kwargs)
+            assert [(c.text, c.finish_reason) for c in got.choices] == [(c.text, c.finish_reason) for c in want.choices]
+            if "logprobs" in kwargs:
+                assert got.choices[0].logprobs.tokens == want.choices[0].logprobs.tokens
+                assert got.choices[0].logprobs.token_logprobs == pytest.approx(want.choices[0].logprobs.token_logprobs,
+                                                                               abs=1e-4)
 
 
 def test_visible_text_holds_back_a_possible_stop_string_and_unfinished_characters():
