@@ -23,6 +23,7 @@
 #   stage refine (after a and a2; carry .carry/g3) refinement / exact-tail curves of the shipped default (refine_eval)
 #   stage equalflops (after a and a2; carry .carry/g3) exact tail vs truncation at equal FLOPs, 512-2048-token prompts
 #   stage evalfull (after a and a2; carry .carry/g3) the shipped default on every item of every task, then HumanEval
+#   stage generate (after a and a2; carry .carry/g3) generate() on CUDA-graph steps vs transformers' loop, timed and compared
 #   stage evalpair (after `ROUND=solo ... wait`) the shipped default and the solo run on the same 800 items, paired
 #   stage env    only set up the environment (source this script)
 set -uo pipefail
@@ -90,6 +91,23 @@ equalflops)  # after a and a2 (carry .carry/g3): the shipped default's equal-FLO
   python3 benchmarks/equal_flops.py --out /tmp/eqf --device cuda --dtype bfloat16 --batch-size 32 \
     --data-dir /tmp/carry/data 2>&1 | grep -v "it/s\|^|\|^$\|^\*\|^#"
   tar -czf $OUT/equal_flops.tgz -C /tmp/eqf --exclude '*.items.jsonl' .
+  ;;
+generate)  # after a and a2 (carry .carry/g3): the shipped default's generate() on CUDA-graph steps vs transformers' loop
+  assemble_model || exit 1
+  python3 benchmarks/generate_ttft.py --model smollm2-135m --device cuda --prompt-lens 512,2048,8000 --batch 1,8 \
+    --out $OUT/generate_gpu_shipped.md 2>&1 | grep "^| [0-9]"
+  python3 - <<'PY'  # the two loops' greedy tokens on 64 WikiText windows of 256 tokens (bf16: kernels round apart)
+import torch
+from kvpred import KVPredictionModel
+from kvpred.tasks import text_windows
+m = KVPredictionModel.from_pretrained("smollm2-135m", device="cuda")
+ids = torch.tensor(text_windows(m.tokenizer, "/tmp/carry/data/wikitext2-test.txt", 256, 64), device="cuda")
+for mode in ("exact", "predicted"):
+    a, b = (torch.cat([m.generate(ids[i:i + 16], mode=mode, max_new_tokens=32, cuda_graph=g)[:, 256:]
+                       for i in range(0, 64, 16)]) for g in (True, False))
+    print(f"{mode}: graph steps vs transformers' loop on 64 windows: first token equal {(a[:, 0] == b[:, 0]).float().mean():.3f}, "
+          f"all 32 equal {(a == b).all(1).float().mean():.3f}, per position {(a == b).float().mean():.3f}")
+PY
   ;;
 evalfull)  # after a and a2 (carry .carry/g3): the shipped default on every item of every task
   assemble_model || exit 1
