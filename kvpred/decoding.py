@@ -9,6 +9,7 @@ cache capacity (`StepPool`), instead of transformers' generate.
 from __future__ import annotations
 
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -118,34 +119,35 @@ def make_step(model, cache, want_graph: bool):
         return EagerStep(model, cache), f"eager (graph capture failed: {reason})"
 
 
+@dataclass
+class Pooled:
+    """A preallocated BufferCache and its step, made on first use (a CUDA graph where one can be captured)."""
+    cache: object
+    step: "GraphStep | EagerStep | None" = None
+
+    def made_step(self, model) -> "GraphStep | EagerStep":
+        if self.step is None:
+            self.step = make_step(model, self.cache, want_graph=True)[0]
+        return self.step
+
+
 class StepPool:
-    """Preallocated caches and their captured steps, kept per (batch, capacity bucket) so that one capture (about
-    150 ms on an H100) serves every later request of that shape. Capacities round up to powers of two (at least
-    256); the `size` most recently used are kept, since each holds a whole KV cache."""
+    """Caches and their captured steps, kept per (batch, capacity bucket) so that one capture (about 150 ms on an
+    H100) serves every later request of that shape. Capacities round up to powers of two (at least 256); the `size`
+    most recently used are kept, since each holds a whole KV cache."""
 
     def __init__(self, size: int = 4):
         self.size, self.entries = size, OrderedDict()
 
-    def cache(self, model, batch: int, tokens: int):
-        """The pooled BufferCache for `batch` rows of up to `tokens` tokens."""
+    def get(self, model, batch: int, tokens: int) -> Pooled:
+        """The pooled cache (and step) for `batch` rows of up to `tokens` tokens."""
         key = (batch, max(256, 1 << (tokens - 1).bit_length()))
         if key not in self.entries:
             while len(self.entries) >= self.size:
                 self.entries.popitem(last=False)
-            self.entries[key] = [model.new_cache(*key), None]
+            self.entries[key] = Pooled(model.new_cache(*key))
         self.entries.move_to_end(key)
-        return self.entries[key][0]
-
-    def captured(self, cache) -> "GraphStep | EagerStep | None":
-        """`cache`'s step, if `step` made it already."""
-        return next((step for c, step in self.entries.values() if c is cache), None)
-
-    def step(self, model, cache) -> "GraphStep | EagerStep":
-        """`cache`'s step, made on first use: a CUDA graph where one can be captured."""
-        entry = next(e for e in self.entries.values() if e[0] is cache)
-        if entry[1] is None:
-            entry[1] = make_step(model, cache, want_graph=True)[0]
-        return entry[1]
+        return self.entries[key]
 
 
 def sample(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float, top_k: int) -> torch.Tensor:
@@ -174,6 +176,7 @@ def eos_token_ids(model, eos_token_id=None) -> torch.Tensor:
 
 
 def pad_id(model) -> int:
+    """The id that fills a row after it ended: the tokenizer's pad, else the first EOS id."""
     pad = model.tokenizer.pad_token_id
     return pad if pad is not None else int(eos_token_ids(model, None)[0])
 
@@ -191,14 +194,14 @@ def generate_with_steps(model, input_ids: torch.Tensor, attention_mask: torch.Te
     from .model import position_ids_from_mask
 
     b, n = input_ids.shape
-    cache = pool.cache(model, b, n + max_new_tokens)
-    step = pool.captured(cache)
+    pooled = pool.get(model, b, n + max_new_tokens)
+    cache = pooled.cache
     mask = torch.cat([attention_mask, attention_mask.new_ones(b, max_new_tokens)], 1)
     positions = position_ids_from_mask(mask)
     padded = not bool(attention_mask.all())
     if mode == "predicted" and exact_tail == 1:
         model.predict_into(cache, input_ids, attention_mask if padded else None)
-        first = step or EagerStep(model, cache)
+        first = pooled.step or EagerStep(model, cache)
         first.start(input_ids[:, -1:], positions[:, n - 1:n], n - 1, mask[:, :n - 1] if padded else None)
         first()
         logits = first.logits[:, -1]
@@ -223,7 +226,7 @@ def generate_with_steps(model, input_ids: torch.Tensor, attention_mask: torch.Te
         if i == max_new_tokens - 1 or not bool(unfinished.any()):
             break
         if i == 0:
-            step = pool.step(model, cache)
+            step = pooled.made_step(model)
             step.start(token[:, None], positions[:, n:n + 1], n, mask[:, :n] if padded else None)
         else:
             step.feed(token)

@@ -104,12 +104,12 @@ def test_sampling_with_top_k_of_one_is_greedy(model):
 
 def test_the_pool_reuses_a_cache_per_shape_and_keeps_the_most_recent(model):
     pool = StepPool(size=2)
-    first = pool.cache(model, 2, 100)
-    assert pool.cache(model, 2, 200) is first and first.capacity == 256  # both round up to 256
-    assert pool.captured(first) is None and pool.step(model, first) is pool.captured(first)
-    pool.cache(model, 2, 300)
-    pool.cache(model, 1, 10)
-    assert pool.cache(model, 2, 100) is not first  # evicted by the two newer shapes
+    first = pool.get(model, 2, 100)
+    assert pool.get(model, 2, 200) is first and first.cache.capacity == 256  # both round up to 256
+    assert first.step is None and first.made_step(model) is first.step is first.made_step(model)
+    pool.get(model, 2, 300)
+    pool.get(model, 1, 10)
+    assert pool.get(model, 2, 100) is not first  # evicted by the two newer shapes
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
