@@ -145,7 +145,13 @@ class StepPool:
         if key not in self.entries:
             while len(self.entries) >= self.size:
                 self.entries.popitem(last=False)
-            self.entries[key] = Pooled(model.new_cache(*key))
+            try:
+                cache = model.new_cache(*key)
+            except torch.cuda.OutOfMemoryError:  # the pooled caches of other shapes may be what fills the device
+                self.entries.clear()
+                torch.cuda.empty_cache()
+                cache = model.new_cache(*key)
+            self.entries[key] = Pooled(cache)
         self.entries.move_to_end(key)
         return self.entries[key]
 

@@ -112,6 +112,24 @@ def test_the_pool_reuses_a_cache_per_shape_and_keeps_the_most_recent(model):
     assert pool.get(model, 2, 100) is not first  # evicted by the two newer shapes
 
 
+def test_the_pool_lets_go_of_its_caches_when_a_new_one_does_not_fit(model, monkeypatch):
+    pool = StepPool(size=4)
+    kept = pool.get(model, 1, 10)
+    real, calls = model.new_cache, []
+
+    def new_cache(*args):
+        calls.append(args)
+        if len(calls) == 1:
+            raise torch.cuda.OutOfMemoryError("no room")
+        return real(*args)
+
+    monkeypatch.setattr(model, "new_cache", new_cache)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    fresh = pool.get(model, 2, 10)
+    assert len(calls) == 2 and list(pool.entries.values()) == [fresh]  # the old cache let go, then the retry fitted
+    assert pool.get(model, 1, 10) is not kept
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("mode,tail", [("predicted", 1), ("predicted", 3), ("exact", 1)])
 def test_graph_steps_give_transformers_tokens_on_a_gpu(tiny_llama, mode, tail):
