@@ -478,10 +478,11 @@ class KVPredictionModel(nn.Module):
         """Like transformers' generate: returns [B, prompt + new] token ids. Decoding is always the base's own
         (or, in "aux" mode, the auxiliary's); only the prompt's cache differs between modes.
 
-        On a GPU (`cuda_graph` None or True) modes "exact" and "predicted" run kvpred.decoding's loop on CUDA-graph
-        steps; it takes `logits_processor` and `stopping_criteria` besides the arguments above, and any other
-        transformers generate argument sends the call to transformers' generate. On a CPU, predicted mode defers
-        its values (kvpred.deferred; `defer_values`, the same tokens either way)."""
+        With `cuda_graph` (default: on a GPU), modes "exact" and "predicted" run kvpred.decoding's loop, on
+        CUDA-graph steps (eager ones off a GPU); it takes `logits_processor` and `stopping_criteria` besides the
+        arguments above, and any other transformers generate argument sends the call to transformers' generate.
+        There, predicted mode defers its values on a CPU (kvpred.deferred; `defer_values`). Neither changes the
+        tokens."""
         input_ids, attention_mask = self.check_inputs(input_ids, attention_mask, mode, max_new_tokens, exact_tail)
         graphs = self.device.type == "cuda" if cuda_graph is None else cuda_graph
         if graphs and mode != "aux" and set(generate_kwargs) <= {"logits_processor", "stopping_criteria"}:
