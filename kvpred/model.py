@@ -484,6 +484,8 @@ class KVPredictionModel(nn.Module):
         There, predicted mode defers its values on a CPU (kvpred.deferred; `defer_values`). Neither changes the
         tokens."""
         input_ids, attention_mask = self.check_inputs(input_ids, attention_mask, mode, max_new_tokens, exact_tail)
+        if max_new_tokens < 1:
+            raise KVPredError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         graphs = self.device.type == "cuda" if cuda_graph is None else cuda_graph
         if graphs and mode != "aux" and set(generate_kwargs) <= {"logits_processor", "stopping_criteria"}:
             criteria = StoppingCriteriaList(generate_kwargs.get("stopping_criteria") or [])
