@@ -1,10 +1,10 @@
 """Time to first token and decode speed of `KVPredictionModel.generate`, the path `kvpred generate` and `kvpred serve`
 take, with and without each of its device-specific speed-ups, the exact base beside them:
 
-* `--compare deferred` (a CPU's default): predicted values written before the first token, against deferred to
-  after it (kvpred.deferred);
-* `--compare graphs` (a GPU's default): transformers' generate loop, against kvpred.decoding's loop on CUDA-graph
-  steps (exact mode too).
+* `--compare loops` (the default): transformers' generate loop, against kvpred.decoding's loop (on CUDA-graph
+  steps on a GPU), in both modes;
+* `--compare deferred`: predicted values written before the first token, against deferred to after it
+  (kvpred.deferred).
 
 Fresh random prompts, medians over repeats after one warm-up; times are taken when the streamer receives each token
 on the host.
@@ -31,10 +31,10 @@ from kvpred.shapes import random_kvp_model
 RUNS = {  # label, mode, generate() arguments
     "deferred": [("exact", "exact", {}), ("predicted, values first", "predicted", {"defer_values": False}),
                  ("predicted, values deferred", "predicted", {"defer_values": True})],
-    "graphs": [("exact, transformers loop", "exact", {"cuda_graph": False}),
-             ("exact, graph steps", "exact", {"cuda_graph": True}),
-             ("predicted, transformers loop", "predicted", {"cuda_graph": False}),
-             ("predicted, graph steps", "predicted", {"cuda_graph": True})],
+    "loops": [("exact, transformers loop", "exact", {"transformers_loop": True}),
+              ("exact, kvpred loop", "exact", {}),
+              ("predicted, transformers loop", "predicted", {"transformers_loop": True}),
+              ("predicted, kvpred loop", "predicted", {})],
 }
 
 
@@ -74,8 +74,8 @@ def main() -> None:
     p.add_argument("--batch", default="1")
     p.add_argument("--new-tokens", type=int, default=33, help="tokens per generate call (decode speed: all but one)")
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--compare", choices=sorted(RUNS), default=None,
-                   help="which speed-up to time (default: deferred on a CPU, graphs on a GPU)")
+    p.add_argument("--compare", choices=sorted(RUNS), default="loops",
+                   help="which speed-up to time (default: %(default)s)")
     p.add_argument("--out", default=None, help="markdown file for the table")
     args = p.parse_args()
     if args.shape:
@@ -85,7 +85,7 @@ def main() -> None:
     else:
         model = KVPredictionModel.from_pretrained(args.model or "smollm2-135m", device=args.device)
         label = args.model or "smollm2-135m"
-    runs = RUNS[args.compare or ("graphs" if model.device.type == "cuda" else "deferred")]
+    runs = RUNS[args.compare]
     lines = [f"# generate(): TTFT and decode speed ({label})", "",
              f"`{shlex.join(['python', *sys.argv])}`", "",
              f"{_device_name(model.device)}, {str(model.base.dtype).removeprefix('torch.')}, torch {torch.__version__};"

@@ -14,6 +14,7 @@ from typing import Callable
 
 import torch
 
+from .deferred import deferred_values
 from .models import KVPredError
 
 
@@ -191,12 +192,13 @@ def pad_id(model) -> int:
 def generate_with_steps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, mode: str, exact_tail: int,
                         max_new_tokens: int, do_sample: bool, temperature: float, top_p: float, top_k: int,
                         eos: torch.Tensor, pad_token_id: int, streamer=None, logits_processor=None,
-                        stopping_criteria=None, pool: StepPool) -> torch.Tensor:
+                        stopping_criteria=None, defer_values: bool = False, pool: StepPool) -> torch.Tensor:
     """transformers' generate loop (greedy or sampling, eos, padding of finished rows, streamer, logits processors
     and stopping criteria called as it calls them) for modes "exact" and "predicted", on a pooled BufferCache and
     its step. Predicted mode's first token with a one-token tail is that step (eager until the shape's graph was
     captured, after a first token, so no request waits for a capture before its first token); otherwise the
-    prompt's tail runs eagerly (`prefill_into`). Returns [B, N + new]."""
+    prompt's tail runs eagerly (`prefill_into`). `defer_values` (kvpred.deferred) applies where the first token's
+    step is eager. Returns [B, N + new]."""
     from .model import position_ids_from_mask
 
     b, n = input_ids.shape
@@ -206,10 +208,12 @@ def generate_with_steps(model, input_ids: torch.Tensor, attention_mask: torch.Te
     positions = position_ids_from_mask(mask)
     padded = not bool(attention_mask.all())
     if mode == "predicted" and exact_tail == 1:
-        model.predict_into(cache, input_ids, attention_mask if padded else None)
         first = pooled.step or EagerStep(model, cache)
+        model.predict_into(cache, input_ids, attention_mask if padded else None,
+                           defer_values=defer_values and isinstance(first, EagerStep))
         first.start(input_ids[:, -1:], positions[:, n - 1:n], n - 1, mask[:, :n - 1] if padded else None)
-        first()
+        with deferred_values(model.base, cache.pending_values, finish=False):  # the pooled cache is reset on reuse
+            first()
         logits = first.logits[:, -1]
     else:
         logits = model.prefill_into(cache, input_ids, attention_mask if padded else None, mode=mode,
@@ -232,6 +236,8 @@ def generate_with_steps(model, input_ids: torch.Tensor, attention_mask: torch.Te
         if i == max_new_tokens - 1 or not bool(unfinished.any()):
             break
         if i == 0:
+            if cache.pending_values is not None:  # the prompt's deferred values, before any step reads them
+                cache.pending_values.materialize()
             step = pooled.made_step(model)
             step.start(token[:, None], positions[:, n:n + 1], n, mask[:, :n] if padded else None)
         else:

@@ -474,20 +474,21 @@ class KVPredictionModel(nn.Module):
                  mode: str = "predicted", exact_tail: int = 1, max_new_tokens: int = 32, do_sample: bool = False,
                  temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
                  stop_strings: list[str] | None = None, streamer=None, defer_values: bool | None = None,
-                 cuda_graph: bool | None = None, **generate_kwargs) -> torch.Tensor:
+                 transformers_loop: bool = False, **generate_kwargs) -> torch.Tensor:
         """Like transformers' generate: returns [B, prompt + new] token ids. Decoding is always the base's own
         (or, in "aux" mode, the auxiliary's); only the prompt's cache differs between modes.
 
-        With `cuda_graph` (default: on a GPU), modes "exact" and "predicted" run kvpred.decoding's loop, on
-        CUDA-graph steps (eager ones off a GPU); it takes `logits_processor` and `stopping_criteria` besides the
-        arguments above, and any other transformers generate argument sends the call to transformers' generate.
-        There, predicted mode defers its values on a CPU (kvpred.deferred; `defer_values`). Neither changes the
-        tokens."""
+        Modes "exact" and "predicted" decode with kvpred.decoding's loop on a preallocated cache, whose one-token
+        step is a CUDA graph on a GPU; it takes `logits_processor` and `stopping_criteria` besides the arguments
+        above. Aux mode, `transformers_loop=True` and any other transformers generate argument use transformers'
+        generate instead. On a CPU predicted mode defers its values (kvpred.deferred; `defer_values`). None of
+        this changes the tokens."""
         input_ids, attention_mask = self.check_inputs(input_ids, attention_mask, mode, max_new_tokens, exact_tail)
         if max_new_tokens < 1:
             raise KVPredError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        graphs = self.device.type == "cuda" if cuda_graph is None else cuda_graph
-        if graphs and mode != "aux" and set(generate_kwargs) <= {"logits_processor", "stopping_criteria"}:
+        defer = self.device.type == "cpu" if defer_values is None else defer_values
+        if not transformers_loop and mode != "aux" and set(generate_kwargs) <= {"logits_processor",
+                                                                                "stopping_criteria"}:
             criteria = StoppingCriteriaList(generate_kwargs.get("stopping_criteria") or [])
             if stop_strings:
                 criteria.append(StopStringCriteria(self.tokenizer, stop_strings))
@@ -495,7 +496,7 @@ class KVPredictionModel(nn.Module):
                 self, input_ids, attention_mask, mode=mode, exact_tail=exact_tail, max_new_tokens=max_new_tokens,
                 do_sample=do_sample, temperature=temperature, top_p=top_p, top_k=top_k, eos=eos_token_ids(self),
                 pad_token_id=pad_id(self), streamer=streamer, logits_processor=generate_kwargs.get("logits_processor"),
-                stopping_criteria=criteria or None, pool=self._steps)
+                stopping_criteria=criteria or None, defer_values=defer, pool=self._steps)
         config = GenerationConfig(
             max_new_tokens=max_new_tokens, do_sample=do_sample,
             temperature=temperature if do_sample else None, top_p=top_p if do_sample else None,
@@ -503,7 +504,6 @@ class KVPredictionModel(nn.Module):
             eos_token_id=self.base.generation_config.eos_token_id or self.tokenizer.eos_token_id,
             pad_token_id=self.tokenizer.pad_token_id)
         model = self.aux if mode == "aux" else self.base
-        defer = self.device.type == "cpu" if defer_values is None else defer_values
         cache = (self.predicted_cache(input_ids, attention_mask, exact_tail, defer_values=defer)
                  if mode == "predicted" else None)
         with deferred_values(model, getattr(cache, "pending_values", None)):

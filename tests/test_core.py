@@ -220,9 +220,9 @@ def test_bad_prompts_get_clear_errors(tiny_llama):
         model.generate(torch.ones(1, 5, dtype=torch.long), torch.tensor([[1, 1, 1, 0, 0]]))
     with pytest.raises(KVPredError, match="token ids"):
         model.generate(torch.full((1, 5), 10_000))
-    for graphs in (True, False):  # kvpred's loop and transformers' alike
+    for transformers_loop in (False, True):  # kvpred's loop and transformers' alike
         with pytest.raises(KVPredError, match="max_new_tokens must be >= 1"):
-            model.generate(torch.ones(1, 5, dtype=torch.long), max_new_tokens=0, cuda_graph=graphs)
+            model.generate(torch.ones(1, 5, dtype=torch.long), max_new_tokens=0, transformers_loop=transformers_loop)
 
 
 def test_a_different_tokenizer_is_refused_for_a_separate_auxiliary(tmp_path, tiny_llama):

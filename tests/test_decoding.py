@@ -1,6 +1,6 @@
-"""Specification of kvpred.decoding's generation loop (what `generate` runs on a GPU, on CUDA-graph steps): the same
-tokens as transformers' generate, for the same arguments. Here on the CPU, with the eager step (`cuda_graph=True`
-forces the loop; test_bench checks the graph step against the eager one on a GPU)."""
+"""Specification of kvpred.decoding's generation loop (what `generate` runs, on CUDA-graph steps on a GPU): the same
+tokens as transformers' generate (`transformers_loop=True`), for the same arguments. Here on the CPU, with the eager
+step; with CUDA, on graph steps too."""
 import pytest
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
@@ -21,7 +21,7 @@ def model(tiny_llama):
 def both(model, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
     """(steps loop, transformers' generate) on the same padded batch."""
     ids, mask = encode_prompts(model.tokenizer, PROMPTS)
-    return (model.generate(ids, mask, cuda_graph=True, **kwargs), model.generate(ids, mask, cuda_graph=False, **kwargs))
+    return (model.generate(ids, mask, **kwargs), model.generate(ids, mask, transformers_loop=True, **kwargs))
 
 
 @pytest.mark.parametrize("mode,tail", [("predicted", 1), ("predicted", 3), ("exact", 1)])
@@ -32,7 +32,7 @@ def test_greedy_tokens_match_transformers_generate(model, mode, tail):
 
 def test_rows_that_end_are_padded_and_generation_stops_when_all_end(model):
     ids, mask = encode_prompts(model.tokenizer, PROMPTS)
-    free = model.generate(ids, mask, max_new_tokens=10, cuda_graph=True)[:, ids.shape[1]:]
+    free = model.generate(ids, mask, max_new_tokens=10)[:, ids.shape[1]:]
     eos = int(free[0, 2])  # row 0's third token ends it; other rows end where they happen to emit it
     mine, theirs = both(model, max_new_tokens=10, eos_token_id=eos)
     assert torch.equal(mine, theirs)
@@ -58,13 +58,13 @@ class StopAfter(StoppingCriteria):
 
 def test_logits_processors_and_stopping_criteria_are_applied_as_transformers_does(model):
     ids, _ = encode_prompts(model.tokenizer, PROMPTS)
-    greedy = model.generate(*encode_prompts(model.tokenizer, PROMPTS), max_new_tokens=6, cuda_graph=True)
+    greedy = model.generate(*encode_prompts(model.tokenizer, PROMPTS), max_new_tokens=6)
     banned = int(greedy[0, ids.shape[1]])
     outputs = []
-    for graphs in (True, False):
+    for transformers_loop in (False, True):
         ban = Ban(banned)
-        outputs.append(model.generate(*encode_prompts(model.tokenizer, PROMPTS), max_new_tokens=8, cuda_graph=graphs,
-                                      logits_processor=LogitsProcessorList([ban]),
+        outputs.append(model.generate(*encode_prompts(model.tokenizer, PROMPTS), max_new_tokens=8,
+                                      transformers_loop=transformers_loop, logits_processor=LogitsProcessorList([ban]),
                                       stopping_criteria=StoppingCriteriaList([StopAfter(ids.shape[1] + 5)])))
         assert ban.calls == 5
     assert outputs[0].shape[1] == ids.shape[1] + 5 and torch.equal(*outputs)
@@ -83,12 +83,13 @@ def test_stop_strings_and_streaming(model):
             self.ended = True
 
     ids, mask = encode_prompts(model.tokenizer, PROMPTS[:1])
-    free = model.generate(ids, mask, max_new_tokens=12, cuda_graph=True)[0, ids.shape[1]:]
+    free = model.generate(ids, mask, max_new_tokens=12)[0, ids.shape[1]:]
     stop = next(text for text in map(model.tokenizer.decode, free[2:].tolist()) if text.isalnum())
     streams = []
-    for graphs in (True, False):
+    for transformers_loop in (False, True):
         recorder = Recorder()
-        out = model.generate(ids, mask, max_new_tokens=12, stop_strings=[stop], streamer=recorder, cuda_graph=graphs)
+        out = model.generate(ids, mask, max_new_tokens=12, stop_strings=[stop], streamer=recorder,
+                             transformers_loop=transformers_loop)
         streams.append((out, recorder))
     (mine, recorder), (theirs, _) = streams
     assert torch.equal(mine, theirs) and mine.shape[1] < ids.shape[1] + 12
@@ -139,5 +140,5 @@ def test_graph_steps_give_transformers_tokens_on_a_gpu(tiny_llama, mode, tail):
     ids, mask = ids.cuda(), mask.cuda()
     for _ in range(2):  # the second call replays the pooled graph
         mine = model.generate(ids, mask, mode=mode, exact_tail=tail, max_new_tokens=10)
-        theirs = model.generate(ids, mask, mode=mode, exact_tail=tail, max_new_tokens=10, cuda_graph=False)
+        theirs = model.generate(ids, mask, mode=mode, exact_tail=tail, max_new_tokens=10, transformers_loop=True)
         assert torch.equal(mine, theirs)

@@ -129,10 +129,10 @@ def test_stop_string_cuts_the_text_before_it(client):
 
 
 def test_the_steps_loop_serves_what_transformers_loop_serves(tiny_llama, client):
-    """On a GPU, generate decodes on CUDA-graph steps (kvpred.decoding). Forced here on the CPU (eager steps), the
-    server answers as with transformers' loop: batches, stop strings, logprobs."""
+    """generate decodes with kvpred.decoding's loop (CUDA-graph steps on a GPU, eager ones here); the server answers
+    as it does with transformers' loop: batches, stop strings, logprobs."""
     stepped = KVPredictionModel.from_pretrained(tiny_llama)
-    stepped.generate = functools.partial(stepped.generate, cuda_graph=True)
+    stepped.generate = functools.partial(stepped.generate, transformers_loop=True)
     full = client.completions.create(model=NAME, prompt="Once upon a time", max_tokens=16,
                                      temperature=0).choices[0].text
     requests = [{"prompt": "The quick brown fox", "max_tokens": 10},
