@@ -128,22 +128,26 @@ def test_stop_string_cuts_the_text_before_it(client):
     assert "".join(c.choices[0].text for c in streamed) == resp.text
 
 
-def test_the_steps_loop_serves_what_transformers_loop_serves(tiny_llama, client):
-    """generate decodes with kvpred.decoding's loop (CUDA-graph steps on a GPU, eager ones here); the server answers
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="CUDA graphs need a GPU"))])
+def test_kvpreds_loop_serves_what_transformers_loop_serves(tiny_llama, device):
+    """generate decodes with kvpred.decoding's loop (eager steps on a CPU, CUDA graphs on a GPU); the server answers
     as it does with transformers' loop: batches, stop strings, logprobs."""
-    stepped = KVPredictionModel.from_pretrained(tiny_llama)
-    stepped.generate = functools.partial(stepped.generate, transformers_loop=True)
-    full = client.completions.create(model=NAME, prompt="Once upon a time", max_tokens=16,
-                                     temperature=0).choices[0].text
-    requests = [{"prompt": "The quick brown fox", "max_tokens": 10},
-                {"prompt": ["abc", "a longer prompt"], "max_tokens": 8, "extra_body": {"kv_mode": "exact"}},
-                {"prompt": "Once upon a time", "max_tokens": 16, "stop": [full[len(full) // 2:len(full) // 2 + 2]]},
-                {"prompt": "Hello", "max_tokens": 5, "logprobs": 2}]
-    with serve_in_thread(create_app(stepped, ServeConfig(model_name=NAME))) as url:
-        other = OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+    ours, theirs = (KVPredictionModel.from_pretrained(tiny_llama, device=device) for _ in range(2))
+    theirs.generate = functools.partial(theirs.generate, transformers_loop=True)
+    with serve_in_thread(create_app(ours, ServeConfig(model_name=NAME))) as ours_url, \
+            serve_in_thread(create_app(theirs, ServeConfig(model_name=NAME))) as theirs_url:
+        mine, reference = (OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+                           for url in (ours_url, theirs_url))
+        full = reference.completions.create(model=NAME, prompt="Once upon a time", max_tokens=16,
+                                            temperature=0).choices[0].text
+        requests = [{"prompt": "The quick brown fox", "max_tokens": 10},
+                    {"prompt": ["abc", "a longer prompt"], "max_tokens": 8, "extra_body": {"kv_mode": "exact"}},
+                    {"prompt": "Once upon a time", "max_tokens": 16, "stop": [full[len(full) // 2:len(full) // 2 + 2]]},
+                    {"prompt": "Hello", "max_tokens": 5, "logprobs": 2}]
         for kwargs in requests:
-            want = client.completions.create(model=NAME, temperature=0, **kwargs)
-            got = other.completions.create(model=NAME, temperature=0, **kwargs)
+            got = mine.completions.create(model=NAME, temperature=0, **kwargs)
+            want = reference.completions.create(model=NAME, temperature=0, **kwargs)
             assert [(c.text, c.finish_reason) for c in got.choices] == [(c.text, c.finish_reason) for c in want.choices]
             if "logprobs" in kwargs:
                 assert got.choices[0].logprobs.tokens == want.choices[0].logprobs.tokens
