@@ -133,7 +133,7 @@ class Pooled:
 
 
 class StepPool:
-    """Caches and their captured steps, kept per (batch, capacity bucket) so that one capture (about 150 ms on an
+    """Caches and their captured steps, kept per (batch, capacity bucket) so that one capture (50-190 ms on an
     H100) serves every later request of that shape. Capacities round up to powers of two (at least 256); the `size`
     most recently used are kept, since each holds a whole KV cache."""
 

@@ -635,7 +635,7 @@ def _atomic(path: Path, write) -> None:
 # -------------------------------------------------------------------- fast-path helpers
 STEP_ATTENTION = "kvpred_step"
 # On a CPU, a long prompt's predicted K/V outgrow the caches between the predictor's matmuls and the write; chunks of
-# this many rows (batch x tokens) took SmolLM2's predictor + write from 71 to 51 ms at 2048 tokens (2 cores). A GPU
+# this many rows (batch x tokens) took SmolLM2's predictor + write from 85 to 56 ms at 2048 tokens (2 cores). A GPU
 # does best with one pass.
 CPU_PREDICT_ROWS = 512
 
