@@ -19,8 +19,6 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import DynamicCache
-
 from kvpred.model import KVPredictionModel, cache_kwargs
 from kvpred.refine import _prefill
 from kvpred.tasks import default_data_dir, text_windows
@@ -34,10 +32,10 @@ def continuation_scores(model: KVPredictionModel, ids: torch.Tensor, context: in
     if prefix is None:
         logits = base(input_ids=ids, use_cache=False).logits[:, context - 1:-1].float()
     else:
-        cache = DynamicCache(config=base.config)
+        cache = model.new_cache(*ids.shape)
         if prefix:
             base(input_ids=ids[:, :prefix], **cache_kwargs(base, cache), use_cache=True, logits_to_keep=1)
-        first, cache, _ = _prefill(model, ids[:, :context], mask[:, :context], 1, cache)
+        first, _ = _prefill(model, ids[:, :context], mask[:, :context], 1, cache, kept=prefix)
         pos = torch.arange(context, ids.shape[1] - 1, device=ids.device).expand(len(ids), -1)
         rest = base(input_ids=ids[:, context:-1], position_ids=pos, **cache_kwargs(base, cache), use_cache=True).logits
         logits = torch.cat([first[:, -1:], rest.float()], 1)

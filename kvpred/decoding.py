@@ -8,8 +8,9 @@ cache capacity (`StepPool`), instead of transformers' generate.
 """
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -132,6 +133,12 @@ class Pooled:
         return self.step
 
 
+def capacity_bucket(tokens: int) -> int:
+    """The cache capacity kept for `tokens` tokens: the next power of two, at least 256, so that few shapes (and
+    graph captures) serve every length."""
+    return max(256, 1 << (tokens - 1).bit_length())
+
+
 class StepPool:
     """Caches and their captured steps, kept per (batch, capacity bucket) so that one capture (50-190 ms on an
     H100) serves every later request of that shape. Capacities round up to powers of two (at least 256); the `size`
@@ -142,7 +149,7 @@ class StepPool:
 
     def get(self, model, batch: int, tokens: int) -> Pooled:
         """The pooled cache (and step) for `batch` rows of up to `tokens` tokens."""
-        key = (batch, max(256, 1 << (tokens - 1).bit_length()))
+        key = (batch, capacity_bucket(tokens))
         if key not in self.entries:
             while len(self.entries) >= self.size:
                 self.entries.popitem(last=False)
@@ -188,36 +195,81 @@ def pad_id(model) -> int:
     return pad if pad is not None else int(eos_token_ids(model, None)[0])
 
 
+@dataclass
+class Trace:
+    """What a decode loop did, token by token, for refinement's reports. Tracing synchronises the device once per
+    token, so plain `generate` runs without one."""
+    start: float  # time.perf_counter() when the request began
+    token_s: list[float] = field(default_factory=list)  # seconds from `start` to each new token
+    refined: list[int] = field(default_factory=list)  # columns the refiner made exact before each decode step
+    exact_from: int | None = None  # index of the first new token decoded from a wholly exact cache
+
+    def tick(self, device: torch.device) -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        self.token_s.append(time.perf_counter() - self.start)
+
+
 @torch.no_grad()
 def generate_with_steps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, mode: str, exact_tail: int,
-                        max_new_tokens: int, do_sample: bool, temperature: float, top_p: float, top_k: int,
-                        eos: torch.Tensor, pad_token_id: int, streamer=None, logits_processor=None,
-                        stopping_criteria=None, defer_values: bool = False, pool: StepPool) -> torch.Tensor:
+                        max_new_tokens: int, defer_values: bool = False, pool: StepPool, **decoding) -> torch.Tensor:
+    """transformers' generate loop for modes "exact" and "predicted" on a pooled BufferCache and its step:
+    `first_logits`, then `decode` (which takes the sampling and stopping arguments). Returns [B, N + new]."""
+    b, n = input_ids.shape
+    pooled = pool.get(model, b, n + max_new_tokens)
+    mask = torch.cat([attention_mask, attention_mask.new_ones(b, max_new_tokens)], 1)
+    logits = first_logits(model, pooled, input_ids, mask, mode=mode, exact_tail=exact_tail,
+                          defer_values=defer_values)
+    return decode(model, pooled, input_ids, mask, logits, max_new_tokens=max_new_tokens, **decoding)
+
+
+def first_logits(model, pooled: Pooled, input_ids: torch.Tensor, mask: torch.Tensor, *, mode: str, exact_tail: int,
+                 defer_values: bool = False) -> torch.Tensor:
+    """The prompt pass into the pooled cache; returns the last position's logits [B, V]. `mask` [B, N + new] covers
+    the prompt and the tokens to come. Predicted mode's first token with a one-token tail is the pooled step (eager
+    until the shape's graph was captured, after a first token, so no request waits for a capture before its first
+    token); otherwise the prompt's tail runs eagerly (`prefill_into`). `defer_values` (kvpred.deferred) applies
+    where the first token's step is eager."""
+    from .model import position_ids_from_mask
+
+    n = input_ids.shape[1]
+    prompt_mask = mask[:, :n]
+    padded = not bool(prompt_mask.all())
+    cache = pooled.cache
+    if mode == "predicted" and exact_tail == 1:
+        first = pooled.step or EagerStep(model, cache)
+        model.predict_into(cache, input_ids, prompt_mask if padded else None,
+                           defer_values=defer_values and isinstance(first, EagerStep))
+        positions = position_ids_from_mask(prompt_mask)
+        first.start(input_ids[:, -1:], positions[:, -1:], n - 1, prompt_mask[:, :-1] if padded else None)
+        with deferred_values(model.base, cache.pending_values, finish=False):  # the pooled cache is reset on reuse
+            first()
+        return first.logits[:, -1]
+    return model.prefill_into(cache, input_ids, prompt_mask if padded else None, mode=mode,
+                              exact_tail=exact_tail)[:, -1]
+
+
+@torch.no_grad()
+def decode(model, pooled: Pooled, input_ids: torch.Tensor, mask: torch.Tensor, logits: torch.Tensor, *,
+           max_new_tokens: int, do_sample: bool, temperature: float, top_p: float, top_k: int, eos: torch.Tensor,
+           pad_token_id: int, streamer=None, logits_processor=None, stopping_criteria=None, refiner=None,
+           trace: Trace | None = None) -> torch.Tensor:
     """transformers' generate loop (greedy or sampling, eos, padding of finished rows, streamer, logits processors
-    and stopping criteria called as it calls them) for modes "exact" and "predicted", on a pooled BufferCache and
-    its step. Predicted mode's first token with a one-token tail is that step (eager until the shape's graph was
-    captured, after a first token, so no request waits for a capture before its first token); otherwise the
-    prompt's tail runs eagerly (`prefill_into`). `defer_values` (kvpred.deferred) applies where the first token's
-    step is eager. Returns [B, N + new]."""
+    and stopping criteria called as it calls them) from the pooled cache of the N prompt columns and the last
+    prompt position's `logits` [B, V], on the pooled step. `mask` [B, N + new] covers prompt and new tokens.
+
+    With a `refiner` (kvpred.refine.Refiner: `done`, `advance(seq, mask, positions, upto)`), each decode step first
+    lets it make more of the cache exact in place; `trace` records timings, refinement and the token from which the
+    cache was wholly exact. Returns [B, N + new]."""
     from .model import position_ids_from_mask
 
     b, n = input_ids.shape
-    pooled = pool.get(model, b, n + max_new_tokens)
-    cache = pooled.cache
-    mask = torch.cat([attention_mask, attention_mask.new_ones(b, max_new_tokens)], 1)
     positions = position_ids_from_mask(mask)
-    padded = not bool(attention_mask.all())
-    if mode == "predicted" and exact_tail == 1:
-        first = pooled.step or EagerStep(model, cache)
-        model.predict_into(cache, input_ids, attention_mask if padded else None,
-                           defer_values=defer_values and isinstance(first, EagerStep))
-        first.start(input_ids[:, -1:], positions[:, n - 1:n], n - 1, mask[:, :n - 1] if padded else None)
-        with deferred_values(model.base, cache.pending_values, finish=False):  # the pooled cache is reset on reuse
-            first()
-        logits = first.logits[:, -1]
-    else:
-        logits = model.prefill_into(cache, input_ids, attention_mask if padded else None, mode=mode,
-                                    exact_tail=exact_tail)[:, -1]
+    visible = None if bool(mask[:, :n].all()) else mask
+    if refiner is not None and refiner.done >= n:  # the prompt's cache is exact already
+        refiner = None
+        if trace is not None:
+            trace.exact_from = 0
     if streamer is not None:
         streamer.put(input_ids.cpu())
     seq, unfinished = input_ids, torch.ones(b, dtype=torch.bool, device=input_ids.device)
@@ -228,6 +280,8 @@ def generate_with_steps(model, input_ids: torch.Tensor, attention_mask: torch.Te
         token = sample(scores, do_sample, temperature, top_p, top_k)
         token = torch.where(unfinished, token, torch.full_like(token, pad_token_id))
         seq = torch.cat([seq, token[:, None]], 1)
+        if trace is not None:
+            trace.tick(model.device)
         if streamer is not None:
             streamer.put(token.cpu())
         unfinished &= ~torch.isin(token, eos)
@@ -235,13 +289,24 @@ def generate_with_steps(model, input_ids: torch.Tensor, attention_mask: torch.Te
             unfinished &= ~stopping_criteria(seq, scores)
         if i == max_new_tokens - 1 or not bool(unfinished.any()):
             break
+        cols = n + i  # the cache holds seq[:, :cols]; this step writes column `cols` for the newest token
         if i == 0:
-            if cache.pending_values is not None:  # the prompt's deferred values, before any step reads them
-                cache.pending_values.materialize()
+            if pooled.cache.pending_values is not None:  # the prompt's deferred values, before any step reads them
+                pooled.cache.pending_values.materialize()
             step = pooled.made_step(model)
-            step.start(token[:, None], positions[:, n:n + 1], n, mask[:, :n] if padded else None)
+            step.start(token[:, None], positions[:, n:n + 1], n, None if visible is None else visible[:, :n])
         else:
             step.feed(token)
+        if refiner is not None:
+            done = refiner.advance(seq, mask, positions, cols)
+            if trace is not None:
+                trace.refined.append(done)
+            if refiner.done == cols:  # every column before this step is exact: so is everything from here on
+                refiner = None
+                if trace is not None:
+                    trace.exact_from = i + 1
+        elif trace is not None:
+            trace.refined.append(0)
         step()
         logits = step.logits[:, -1]
     if streamer is not None:

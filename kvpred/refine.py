@@ -1,8 +1,9 @@
 """Beyond the paper (issue 7): progressive cache refinement, adaptive fallback and multi-turn cache reuse.
 
-* `generate_refined`: the first token comes from predicted mode (same TTFT); then, one chunk per decode step, the
-  base computes the exact cache of the sequence in a second DynamicCache, and once it has caught up the decode
-  cache is swapped for it, so later tokens are the exact base's continuation of what was generated so far.
+* `generate_refined`: the first token comes from predicted mode (same TTFT, same pooled cache and CUDA-graph step as
+  `generate`); then, one chunk per decode step, the base recomputes the cache's columns exactly, in place, over the
+  exact ones before them. Once it has caught up, later tokens are the exact base's continuation of what was
+  generated so far.
 * `confidence` / `choose_policy`: a cheap per-request signal picks "eager", "lazy" or "off" refinement;
   `tradeoff_curve` turns per-request measurements into the fraction-refined vs agreement-with-exact curve.
 * `ChatSession`: earlier turns keep their (refined, exact) cache; only a new turn's tokens are predicted.
@@ -17,8 +18,8 @@ from typing import Sequence
 import torch
 from transformers import DynamicCache
 
-from .decoding import eos_token_ids, pad_id, sample
-from .model import KVPredictionModel, cache_kwargs, capture, position_ids_from_mask
+from .decoding import Pooled, Trace, capacity_bucket, decode, eos_token_ids, first_logits, pad_id
+from .model import BufferCache, KVPredictionModel, cache_kwargs, capture, position_ids_from_mask
 from .models import KVPredError
 
 POLICIES = ("eager", "lazy", "off")
@@ -81,7 +82,8 @@ def confidence(model: KVPredictionModel, input_ids: torch.Tensor, attention_mask
       prefix, so this is a proxy: it measures how well the predictor tracks the base on this very input.
     """
     input_ids, attention_mask = model.check_inputs(input_ids, attention_mask, "predicted", 0, exact_tail)
-    _, _, signal = _prefill(model, input_ids, attention_mask, exact_tail, with_signal=True)
+    _, signal = _prefill(model, input_ids, attention_mask, exact_tail, model.new_cache(*input_ids.shape),
+                         with_signal=True)
     return signal
 
 
@@ -135,7 +137,7 @@ def calibrate(model: KVPredictionModel, windows: torch.Tensor, *, trust: float =
     for ids in windows.split(batch_size):
         ids = ids.to(model.device)
         mask = torch.ones_like(ids)
-        logits, _, signal = _prefill(model, ids, mask, 1, with_signal=True)
+        logits, signal = _prefill(model, ids, mask, 1, model.new_cache(*ids.shape), with_signal=True)
         exact, _ = model.prefill(ids, mask, mode="exact")
         entropy += signal["entropy"].tolist()
         agree += (logits[:, -1].argmax(-1) == exact[:, -1].argmax(-1)).tolist()
@@ -167,26 +169,26 @@ def prefix_agreement(new_tokens: torch.Tensor, reference: torch.Tensor, pad_toke
 
 
 # -------------------------------------------------------------------- prefill with a kept prefix and signals
-def _prefill(model: KVPredictionModel, ids: torch.Tensor, mask: torch.Tensor, exact_tail: int,
-             cache: DynamicCache | None = None, with_signal: bool = False
-             ) -> tuple[torch.Tensor, DynamicCache, dict[str, torch.Tensor]]:
-    """Predicted prefill on top of `cache` (the kept, already computed first columns; None = empty): predicted
+def _prefill(model: KVPredictionModel, ids: torch.Tensor, mask: torch.Tensor, exact_tail: int, cache: BufferCache,
+             kept: int = 0, with_signal: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Predicted prefill into `cache` on top of its first `kept` columns (already computed, and kept): predicted
     K/V for columns [kept, N - W), then the base over the rest. Returns the logits of the columns the base ran
-    [B, T, V] (only the last one without signals), the cache of the whole prompt and the signals (empty unless
-    `with_signal`)."""
-    cache = cache if cache is not None else DynamicCache(config=model.base.config)
-    kept, n_total = cache.get_seq_length(), ids.shape[1]
+    [B, T, V] (only the last one without signals) and the signals (empty unless `with_signal`)."""
+    n_total = ids.shape[1]
     n = max(n_total - exact_tail, kept)  # columns [kept, n) are predicted; [n, N) run through the base
     pos = position_ids_from_mask(mask)
     aux_end = n_total if with_signal and exact_tail >= 2 else n
     tail_keys = tail_values = None
+    cache.reset()  # drops a previous request's pending values too
+    cache.set_length(kept)
     if n > kept:
         key_in, value_in = model.aux_inputs(ids[:, :aux_end], mask[:, :aux_end], pos[:, :aux_end])
         # the auxiliary sees the whole conversation for context; only the new columns go through the predictor
         keys, values = model.predictor(key_in[:, :, kept:], value_in[:, :, kept:])  # [L, B, aux_end-kept, kv]
-        new_k, new_v = model.base_kv(keys[:, :, :n - kept], values[:, :, :n - kept], pos[:, kept:n])
-        for layer in range(new_k.shape[0]):
-            cache.update(new_k[layer], new_v[layer], layer)
+        key_out, value_out = cache.slices(n)
+        model.base_kv_into(keys[:, :, :n - kept], values[:, :, :n - kept], pos[:, kept:n],
+                           key_out[..., kept:, :], value_out[..., kept:, :])
+        cache.set_length(n)
         tail_keys, tail_values = keys[:, :, n - kept:], values[:, :, n - kept:]  # [L, B, N-n, kv] when aux_end = N
     with capture(model.base, "kv") if with_signal else nullcontext() as taps:
         out = model.base(input_ids=ids[:, n:], attention_mask=mask, position_ids=pos[:, n:],
@@ -194,7 +196,7 @@ def _prefill(model: KVPredictionModel, ids: torch.Tensor, mask: torch.Tensor, ex
                          logits_to_keep=0 if with_signal else 1)  # 0: all (tail_nll reads them)
     logits = out.logits.float()  # [B, N-n or 1, V]
     signal = _signals(logits, ids[:, n:], mask[:, n:], tail_keys, tail_values, taps) if with_signal else {}
-    return logits, cache, signal
+    return logits, signal
 
 
 def _signals(logits: torch.Tensor, tail_ids: torch.Tensor, tail_mask: torch.Tensor, tail_keys, tail_values,
@@ -218,105 +220,49 @@ def _signals(logits: torch.Tensor, tail_ids: torch.Tensor, tail_mask: torch.Tens
 
 # -------------------------------------------------------------------- progressive refinement
 class Refiner:
-    """The base's exact cache of a growing sequence, built a chunk at a time (on the base backbone only: no LM
-    head, whose [chunk, vocab] logits nobody reads). `done` columns are exact."""
+    """Makes a BufferCache exact in place, `budget` columns per decode step: the base backbone (no LM head, whose
+    [chunk, vocab] logits nobody reads) recomputes columns [done, done + budget) over the exact columns before them,
+    overwriting what was predicted there. Decoding in between attends to exact columns up to `done` and to
+    predicted ones after; no second cache is held."""
 
-    def __init__(self, model: KVPredictionModel, cache: DynamicCache | None = None):
-        self.model = model
-        self.cache = cache if cache is not None else DynamicCache(config=model.base.config)
-        self.done = self.cache.get_seq_length()
+    def __init__(self, model: KVPredictionModel, cache: BufferCache, budget: int, done: int = 0):
+        self.model, self.cache, self.budget, self.done = model, cache, budget, done
 
     @torch.no_grad()
-    def advance(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, upto: int, budget: int) -> int:
+    def advance(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, upto: int) -> int:
         """Make columns [done, min(done + budget, upto)) exact; ids, mask, pos cover at least `upto` columns.
         Returns how many columns it processed."""
-        end = min(self.done + budget, upto)
+        end = min(self.done + self.budget, upto)
         if end <= self.done:
             return 0
+        filled = self.cache.get_seq_length()  # a CUDA-graph step writes past it without moving it: keep it as is
+        self.cache.set_length(self.done)
         backbone = self.model.base.model
-        backbone(input_ids=ids[:, self.done:end], attention_mask=mask[:, :end], position_ids=pos[:, self.done:end],
-                 **cache_kwargs(backbone, self.cache), use_cache=True)
+        try:
+            backbone(input_ids=ids[:, self.done:end], attention_mask=mask[:, :end],
+                     position_ids=pos[:, self.done:end], **cache_kwargs(backbone, self.cache), use_cache=True)
+        finally:
+            self.cache.set_length(filled)
         processed, self.done = end - self.done, end
         return processed
 
 
-def _prefix_copy(model: KVPredictionModel, cache: DynamicCache, length: int) -> DynamicCache:
-    """A new DynamicCache holding a copy of the first `length` columns of `cache`, which stays untouched."""
-    out = DynamicCache(config=model.base.config)
-    if length == 0:
-        return out
-    for i, layer in enumerate(cache.layers):
-        if getattr(layer, "is_sliding", False):
-            raise KVPredError("cache reuse needs full-attention layers; this base has sliding-window layers")
-        out.update(layer.keys[:, :, :length], layer.values[:, :, :length], i)
-    return out
-
-
-def _sync(device: torch.device) -> None:
+def _started(device: torch.device) -> Trace:
+    """A trace whose clock starts now, once the device has finished earlier work."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+    return Trace(time.perf_counter())
 
 
-@dataclass
-class _Decoded:
-    ids: torch.Tensor  # [B, N + new]
-    cache: DynamicCache  # covers ids[:, :-1]
-    exact_cols: int  # leading columns of `cache` known to be exact
-    refiner: Refiner | None  # still catching up (None once swapped in, or when not refining)
-    info: dict
-
-
-def _decode(model: KVPredictionModel, ids: torch.Tensor, mask: torch.Tensor, first_logits: torch.Tensor,
-            cache: DynamicCache, refiner: Refiner | None, budget: int, *, start: float, max_new_tokens: int,
-            do_sample: bool, temperature: float, top_p: float, top_k: int, eos_token_id, streamer) -> _Decoded:
-    """Decode from a prefilled `cache` of the N prompt columns, interleaving one refinement chunk of `budget`
-    columns per step while `refiner` is behind, and swapping its cache in the moment it covers the sequence."""
-    b, n = ids.shape
-    eos, pad = eos_token_ids(model, eos_token_id), pad_id(model)
-    full_mask = torch.cat([mask, mask.new_ones(b, max_new_tokens)], dim=1)  # [B, N + new]
-    full_pos = position_ids_from_mask(full_mask)
-    exact_from = 0 if refiner is not None and refiner.done == n else None  # the prompt was computed exactly
-    if exact_from == 0:
-        cache, refiner = refiner.cache, None
-    token = sample(first_logits, do_sample, temperature, top_p, top_k)
-    finished = torch.isin(token, eos)
-    _sync(model.device)
-    ttft = time.perf_counter() - start
-    seq = torch.cat([ids, token[:, None]], dim=1)
-    if streamer is not None:
-        streamer.put(ids.cpu())
-        streamer.put(token.cpu())
-    step_s, refined = [], []
-    for step in range(1, max_new_tokens):
-        if bool(finished.all()):
-            break
-        t0, cols = time.perf_counter(), n + step - 1  # cache covers seq[:, :cols]; seq[:, cols] is the newest token
-        done = 0
-        if refiner is not None:
-            done = refiner.advance(seq, full_mask, full_pos, cols, budget)
-            if refiner.done == cols:  # caught up: decode from the exact cache from this token on
-                cache, refiner, exact_from = refiner.cache, None, step
-        out = model.base(input_ids=seq[:, cols:cols + 1], attention_mask=full_mask[:, :cols + 1],
-                         position_ids=full_pos[:, cols:cols + 1], **cache_kwargs(model.base, cache), use_cache=True)
-        token = sample(out.logits[:, -1].float(), do_sample, temperature, top_p, top_k)
-        token = token.masked_fill(finished, pad)  # rows that ended keep padding, as transformers' generate does
-        finished |= torch.isin(token, eos)
-        seq = torch.cat([seq, token[:, None]], dim=1)
-        if streamer is not None:
-            streamer.put(token.cpu())
-        _sync(model.device)
-        step_s.append(time.perf_counter() - t0)
-        refined.append(done)
-    if streamer is not None:
-        streamer.end()
-    switch = len(step_s) if exact_from is None else exact_from  # steps 1..switch ran before or while refining
+def _report(trace: Trace, new_tokens: int) -> dict:
+    """generate_refined's timing and refinement info from a decode loop's trace."""
+    step_s = [b - a for a, b in zip(trace.token_s, trace.token_s[1:])]
+    switch = len(step_s) if trace.exact_from is None else trace.exact_from  # steps 1..switch ran while refining
     before, after = step_s[:switch], step_s[switch:]
-    info = {"ttft_s": ttft, "exact_from": exact_from, "new_tokens": seq.shape[1] - n,
-            "refined_per_step": refined, "step_s": step_s,
+    return {"ttft_s": trace.token_s[0], "exact_from": trace.exact_from, "new_tokens": new_tokens,
+            "refined_per_step": trace.refined, "step_s": step_s,
             "decode_s_before_exact": sum(before) / len(before) if before else None,
             "decode_s_after_exact": sum(after) / len(after) if after else None}
-    exact_cols = cache.get_seq_length() if exact_from is not None else 0
-    return _Decoded(seq, cache, exact_cols, refiner, info)
 
 
 def _check_refine(refine: str, chunk_size: int) -> None:
@@ -340,12 +286,12 @@ def generate_refined(model: KVPredictionModel, input_ids: torch.Tensor, attentio
                      ) -> tuple[torch.Tensor, dict]:
     """Predicted-mode generation whose cache is progressively replaced by the exact one.
 
-    The first token is predicted mode's (predicted cache for prompt[:-W], the base over the last W tokens), so
-    TTFT is unchanged. Then each decode step first lets the base compute the exact K/V of the next `chunk_size`
-    columns ("eager"; chunk_size // 4 for "lazy") of prompt + generated tokens in a second DynamicCache; once that
-    covers the sequence, it replaces the decode cache. From that token on, decoding is the exact base's
-    continuation of the tokens so far. "off" never refines (= predicted mode); "auto" picks a policy per batch
-    with `confidence` signals and `thresholds`. While refining, both caches are held (twice the KV memory).
+    The first token is predicted mode's (predicted cache for prompt[:-W], the base over the last W tokens), from the
+    same pooled cache and step as `generate`, so TTFT is unchanged. Then each decode step first lets the base
+    recompute the next `chunk_size` columns ("eager"; chunk_size // 4 for "lazy") of prompt + generated tokens in
+    place (`Refiner`); once it covers the sequence, decoding is the exact base's continuation of the tokens so far.
+    "off" never refines (= predicted mode); "auto" picks a policy per batch with `confidence` signals and
+    `thresholds`.
 
     Returns ids [B, N + new] and info: policy, signal (auto only), ttft_s, exact_from (index of the first new
     token decoded from an exact cache; None if refinement never caught up), refined_per_step (columns refined
@@ -356,24 +302,28 @@ def generate_refined(model: KVPredictionModel, input_ids: torch.Tensor, attentio
     ids, mask = model.check_inputs(input_ids, attention_mask, "predicted", max_new_tokens, exact_tail)
     if max_new_tokens < 1:
         raise KVPredError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    _sync(model.device)
-    start = time.perf_counter()
+    trace = _started(model.device)
+    (b, n), signal = ids.shape, None
+    pooled = model._steps.get(model, b, n + max_new_tokens)
+    full_mask = torch.cat([mask, mask.new_ones(b, max_new_tokens)], 1)
     if refine == "auto":
-        logits, cache, signal = _prefill(model, ids, mask, exact_tail, with_signal=True)
-        policy = choose_policy(signal, thresholds or Thresholds.for_model(model))
+        logits, signal = _prefill(model, ids, mask, exact_tail, pooled.cache, with_signal=True)
+        logits, policy = logits[:, -1], choose_policy(signal, thresholds or Thresholds.for_model(model))
     else:
-        logits, cache = model.prefill(ids, mask, mode="predicted", exact_tail=exact_tail)
-        signal, policy = None, refine
-    if ids.shape[1] <= exact_tail:  # the base ran the whole prompt: the cache is exact already
-        refiner = Refiner(model, cache)
+        logits = first_logits(model, pooled, ids, full_mask, mode="predicted", exact_tail=exact_tail,
+                              defer_values=model.device.type == "cpu")
+        policy = refine
+    budget = _budget(policy, chunk_size)
+    if n <= exact_tail:  # the base ran the whole prompt: the cache is exact already
+        refiner = Refiner(model, pooled.cache, budget, done=n)
     else:
-        refiner = None if policy == "off" else Refiner(model)
-    decoded = _decode(model, ids, mask, logits[:, -1].float(), cache, refiner, _budget(policy, chunk_size),
-                      start=start, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
-                      top_p=top_p, top_k=top_k, eos_token_id=eos_token_id, streamer=streamer)
+        refiner = None if policy == "off" else Refiner(model, pooled.cache, budget)
+    seq = decode(model, pooled, ids, full_mask, logits, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                 temperature=temperature, top_p=top_p, top_k=top_k, eos=eos_token_ids(model, eos_token_id),
+                 pad_token_id=pad_id(model), streamer=streamer, refiner=refiner, trace=trace)
     info = {"policy": policy, "signal": None if signal is None else {k: v.tolist() for k, v in signal.items()},
-            **decoded.info}
-    return decoded.ids, info
+            **_report(trace, seq.shape[1] - n)}
+    return seq, info
 
 
 # -------------------------------------------------------------------- multi-turn reuse
@@ -386,8 +336,9 @@ class ChatSession:
     the last `exact_tail` tokens, and decodes with refinement. After an exact history, a new turn short enough
     that the base costs fewer FLOPs on it than the auxiliary on the whole conversation runs exactly instead.
     Refinement that has not caught up by the end of a reply is finished right after it, so the next turn starts
-    from an exact cache (with refine="off" the kept cache stays approximate). Batch size 1; full-attention bases
-    only.
+    from an exact cache (with refine="off" the kept cache stays approximate). The session holds its own
+    preallocated cache (and, on a GPU, its own CUDA-graph step), grown when a turn outgrows it. Batch size 1;
+    full-attention bases only.
     """
 
     def __init__(self, model: KVPredictionModel, *, system: str | None = None, exact_tail: int = 1,
@@ -395,13 +346,21 @@ class ChatSession:
         _check_refine(refine, chunk_size)
         if model.tokenizer.chat_template is None:
             raise KVPredError("this model's tokenizer has no chat template; ChatSession needs one")
+        if any(getattr(layer, "is_sliding", False) for layer in DynamicCache(config=model.base.config).layers):
+            raise KVPredError("cache reuse needs full-attention layers; this base has sliding-window layers")
         self.model, self.exact_tail, self.refine = model, exact_tail, refine
         self.chunk_size, self.thresholds = chunk_size, thresholds
         self.messages: list[dict] = [] if system is None else [{"role": "system", "content": system}]
         self.tokens = torch.empty(1, 0, dtype=torch.long, device=model.device)  # conversation so far
-        self.cache: DynamicCache | None = None  # covers tokens[:, :cache length]
+        self.pooled: Pooled | None = None  # the cache, covering tokens[:, :cached]
+        self.cached = 0
         self.exact_cols = 0  # leading cached columns that are exact
         self.last_info: dict = {}
+
+    @property
+    def cache(self) -> BufferCache | None:
+        """The base cache of the conversation so far (tokens[:, :-1]); None before the first turn."""
+        return None if self.pooled is None else self.pooled.cache
 
     def conversation_ids(self, messages: list[dict]) -> torch.Tensor:
         """[1, T] ids of `messages` rendered for the assistant's next reply, as exact mode would tokenize them."""
@@ -418,35 +377,42 @@ class ChatSession:
         messages = self.messages + [{"role": "user", "content": user_text}]
         ids, mask = model.check_inputs(self.conversation_ids(messages), None, "predicted", max_new_tokens,
                                        self.exact_tail)
-        _sync(model.device)
-        start = time.perf_counter()
+        trace = _started(model.device)
+        n = ids.shape[1]
         reuse = self._reusable(ids)
         exact_cols = min(self.exact_cols, reuse)  # the kept columns that are exact
-        kept = _prefix_copy(model, self.cache, reuse) if reuse else None
+        pooled = self._room(reuse, n + max_new_tokens)
         tail = self.exact_tail
-        if 0 < reuse == exact_cols and self._exact_turn_is_cheaper(ids.shape[1], reuse):
-            tail = ids.shape[1] - reuse  # the base runs the new turn itself: cheaper than the aux, and exact
-        predicted = max(ids.shape[1] - tail - reuse, 0)
+        if 0 < reuse == exact_cols and self._exact_turn_is_cheaper(n, reuse):
+            tail = n - reuse  # the base runs the new turn itself: cheaper than the aux, and exact
+        predicted = max(n - tail - reuse, 0)
         policy = "off" if self.refine == "auto" and predicted == 0 else self.refine  # auto: nothing to decide
+        logits, signal = _prefill(model, ids, mask, tail, pooled.cache, reuse, with_signal=policy == "auto")
         if policy == "auto":
-            logits, cache, signal = _prefill(model, ids, mask, tail, kept, with_signal=True)
             policy = choose_policy(signal, self.thresholds or Thresholds.for_model(self.model))
-        else:
-            logits, cache, _ = _prefill(model, ids, mask, tail, kept)
+        budget = _budget(policy, self.chunk_size)
         if predicted == 0 and exact_cols == reuse:  # nothing predicted on top of an exact prefix: all exact
-            refiner = Refiner(model, cache)
-        elif policy == "off":
-            refiner = None
+            refiner = Refiner(model, pooled.cache, budget, done=n)
         else:
-            refiner = Refiner(model, _prefix_copy(model, kept, exact_cols) if kept is not None else None)
-        decoded = _decode(model, ids, mask, logits[:, -1], cache, refiner, _budget(policy, self.chunk_size),
-                          start=start, max_new_tokens=max_new_tokens, do_sample=do_sample,
-                          temperature=temperature, top_p=top_p, top_k=top_k, eos_token_id=None,
-                          streamer=streamer)
-        self._remember(decoded, ids, messages, exact_cols)
-        self.last_info.update(policy=policy, reused_tokens=reuse, predicted_tokens=predicted,
-                              prompt_tokens=ids.shape[1])
+            refiner = None if policy == "off" else Refiner(model, pooled.cache, budget, done=exact_cols)
+        full_mask = torch.cat([mask, mask.new_ones(1, max_new_tokens)], 1)
+        seq = decode(model, pooled, ids, full_mask, logits[:, -1], max_new_tokens=max_new_tokens,
+                     do_sample=do_sample, temperature=temperature, top_p=top_p, top_k=top_k,
+                     eos=eos_token_ids(model), pad_token_id=pad_id(model), streamer=streamer, refiner=refiner,
+                     trace=trace)
+        self._remember(seq, n, messages, refiner, trace, exact_cols)
+        self.last_info.update(policy=policy, reused_tokens=reuse, predicted_tokens=predicted, prompt_tokens=n)
         return self.messages[-1]["content"]
+
+    def _room(self, reuse: int, tokens: int) -> Pooled:
+        """The session's cache, able to hold `tokens` columns: a larger one (keeping the first `reuse` columns)
+        when the current one is too small."""
+        old = self.pooled
+        if old is None or old.cache.capacity < tokens:
+            self.pooled = Pooled(self.model.new_cache(1, capacity_bucket(tokens)))
+            for new, kept in zip(self.pooled.cache.slices(reuse), old.cache.slices(reuse) if reuse else ()):
+                new.copy_(kept)
+        return self.pooled
 
     def _exact_turn_is_cheaper(self, total: int, reused: int) -> bool:
         """After an exact history, the base on the new tokens alone costs (total - reused) * P_base; predicting
@@ -459,33 +425,35 @@ class ChatSession:
 
     def _reusable(self, ids: torch.Tensor) -> int:
         """How many leading cached columns hold exactly these ids (at most N - 1: the base must run one token)."""
-        if self.cache is None:
-            return 0
-        cached = self.tokens[0, :self.cache.get_seq_length()]
+        cached = self.tokens[0, :self.cached]
         limit = min(len(cached), ids.shape[1] - 1)
         same = (cached[:limit] == ids[0, :limit]).long().cumprod(0)
         return int(same.sum())
 
-    def _remember(self, decoded: _Decoded, ids: torch.Tensor, messages: list[dict], kept_exact: int) -> None:
+    def _remember(self, seq: torch.Tensor, n: int, messages: list[dict], refiner: Refiner | None, trace: Trace,
+                  kept_exact: int) -> None:
         """Keep the conversation's ids and cache; finish a refinement still under way so the cache is exact."""
-        seq, cache = decoded.ids, decoded.cache
-        exact_cols = decoded.exact_cols or kept_exact  # unrefined: only the kept exact prefix stays exact
-        refiner, finished = decoded.refiner, 0
-        if refiner is not None:  # the user reads the reply now: finish refining in that time
-            cols = seq.shape[1] - 1
+        cols, finished = seq.shape[1] - 1, 0  # the last token was never fed: the cache holds seq[:, :-1]
+        if trace.exact_from is not None:  # decoding caught up: every column is exact
+            exact_cols = cols
+        elif refiner is not None:  # the user reads the reply now: finish refining in that time
+            refiner.budget = self.chunk_size
             mask = torch.ones_like(seq)
             pos = position_ids_from_mask(mask)
             while refiner.done < cols:
-                finished += refiner.advance(seq, mask, pos, cols, self.chunk_size)
-            cache, exact_cols = refiner.cache, cols
-        new = seq[0, ids.shape[1]:]
+                finished += refiner.advance(seq, mask, pos, cols)
+            exact_cols = cols
+        else:  # unrefined: only the kept exact prefix stays exact
+            exact_cols = kept_exact
+        self.pooled.cache.set_length(cols)
+        new = seq[0, n:]
         eos = eos_token_ids(self.model, None)
         ends = torch.isin(new, eos).nonzero()
         reply = new if len(ends) == 0 else new[:int(ends[0])]
         self.messages = messages + [{"role": "assistant",
                                      "content": self.model.tokenizer.decode(reply, skip_special_tokens=True)}]
-        self.tokens, self.cache, self.exact_cols = seq, cache, exact_cols
-        self.last_info = {**decoded.info, "refined_after_reply": finished}
+        self.tokens, self.cached, self.exact_cols = seq, cols, exact_cols
+        self.last_info = {**_report(trace, seq.shape[1] - n), "refined_after_reply": finished}
 
 
 # -------------------------------------------------------------------- CLI: kvpred chat

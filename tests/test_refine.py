@@ -114,6 +114,21 @@ def test_each_step_refines_one_chunk_until_it_catches_up(pruned, refine, chunk, 
     assert info["decode_s_before_exact"] > 0 and info["decode_s_after_exact"] > 0
 
 
+def test_refinement_overwrites_the_predicted_cache_in_place_with_the_exact_one(pruned):
+    """No second cache: the pooled cache generate_refined decoded from ends up holding the exact base's K/V of
+    the sequence, and the pool holds nothing else."""
+    ids, mask = batch(pruned, PROMPTS[:1])
+    pruned._steps.entries.clear()
+    out, info = generate_refined(pruned, ids, mask, max_new_tokens=12, refine="eager", chunk_size=16)
+    assert info["exact_from"] is not None
+    (cache,) = [pooled.cache for pooled in pruned._steps.entries.values()]
+    cols = out.shape[1] - 1  # the last token was never fed
+    _, exact = pruned.prefill(out[:, :cols], mode="exact")
+    for layer, true in enumerate(exact.layers):
+        torch.testing.assert_close(cache.key_arena[layer, :, :, :cols], true.keys, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(cache.value_arena[layer, :, :, :cols], true.values, atol=1e-4, rtol=1e-4)
+
+
 def test_a_prompt_within_the_exact_tail_is_exact_from_the_first_token(pruned):
     ids, _ = batch(pruned, ["abc"])
     out, info = generate_refined(pruned, ids, exact_tail=3, max_new_tokens=6, refine="off")
@@ -290,6 +305,21 @@ def test_chat_session_keeps_an_exact_cache_of_earlier_turns(tiny_llama):
     assert session.last_info["reused_tokens"] > 0  # the second turn was predicted on top of the first's cache
 
 
+def test_a_turn_that_outgrows_the_session_cache_moves_it_to_a_larger_one(tiny_llama, monkeypatch):
+    monkeypatch.setattr("kvpred.refine.capacity_bucket", lambda tokens: tokens)  # every turn outgrows its cache
+    model = chat_model(tiny_llama, 1.0)
+    session = ChatSession(model, refine="eager", chunk_size=8)
+    capacities = []
+    for text in TURNS:
+        conversation = session.conversation_ids(session.messages + [{"role": "user", "content": text}])
+        exact = model.generate(conversation, mode="exact", max_new_tokens=6)[0, conversation.shape[1]:]
+        session.send(text, max_new_tokens=6)
+        assert torch.equal(session.tokens[0, conversation.shape[1]:], exact)
+        capacities.append(session.cache.capacity)
+    assert capacities == sorted(set(capacities))  # a new, larger cache each turn
+    assert session.last_info["reused_tokens"] > 0  # with the earlier columns carried over
+
+
 def test_chat_session_without_refinement_keeps_only_the_exact_prefix(tiny_llama):
     model = chat_model(tiny_llama, 0.5)
     session = ChatSession(model, refine="off")
@@ -370,3 +400,21 @@ def test_calibrate_saves_thresholds_that_auto_refinement_then_uses(pruned, tmp_p
         assert info["policy"] == policy
     assert cli.main(argv[:-2] + ["--trust", "0.2", "--distrust", "0.5"]) == 2
     assert "--distrust <= --trust" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_refinement_decodes_on_graph_steps_on_a_gpu(tiny_llama):
+    """On CUDA, refinement runs on generate's pooled CUDA-graph steps: "off" is generate's predicted mode, and
+    after the switch the tokens are the exact base's continuation."""
+    model = KVPredictionModel.from_pretrained(tiny_llama, keep_ratio=0.5, device="cuda")
+    ids, mask = (t.cuda() for t in batch(model))
+    for _ in range(2):  # the second run replays the pooled graph
+        off, _ = generate_refined(model, ids, mask, max_new_tokens=16, refine="off")
+        assert torch.equal(off, model.generate(ids, mask, max_new_tokens=16))
+        out, info = generate_refined(model, ids, mask, max_new_tokens=16, refine="eager", chunk_size=32)
+        switch = info["exact_from"]
+        assert switch is not None and 1 < switch < 16
+        row = 2  # the longest prompt, unpadded
+        prefix = out[row:row + 1, :ids.shape[1] + switch]
+        exact = model.generate(prefix, mode="exact", max_new_tokens=16 - switch)[0]
+        assert torch.equal(exact, out[row, :len(exact)])  # generate stops a row at its eos
