@@ -82,9 +82,13 @@ b)
   ;;
 refine)  # after a and a2 (carry .carry/g3): refinement and exact-tail curves of the shipped default on one GPU
   assemble_model || exit 1
+  python3 -m pytest -q -p no:cacheprovider tests/test_refine.py tests/test_decoding.py 2>&1 | tail -3
   python3 benchmarks/refine_eval.py --model smollm2-135m --device cuda --data /tmp/carry/data/wikitext2-test.txt \
     --prompts 64 --prompt-tokens 512 --new-tokens 128 --tails 1,4,16,64 --chunk-size 128 --ttft-prompts 10 \
-    --out $OUT/refine_gpu_r128 --note "one H100 (nvidia-h100-x1), the shipped rank-128 default" 2>&1 | grep -v it/s
+    --out $OUT/refine_gpu_r128 --note "one H100 (nvidia-h100-x1), the shipped rank-128 default" 2>&1 | grep "^| [0-9]"
+  python3 benchmarks/refine_eval.py --model smollm2-135m --device cuda --data /tmp/carry/data/wikitext2-test.txt \
+    --prompts 16 --prompt-tokens 2048 --new-tokens 128 --tails 1,64 --chunk-size 512 --ttft-prompts 10 \
+    --out $OUT/refine_gpu_r128_2048 --note "one H100 (nvidia-h100-x1), the shipped rank-128 default" 2>&1 | grep "^| [0-9]"
   ;;
 equalflops)  # after a and a2 (carry .carry/g3): the shipped default's equal-FLOPs operating points on long prompts
   assemble_model || exit 1
@@ -103,7 +107,7 @@ from kvpred.tasks import text_windows
 m = KVPredictionModel.from_pretrained("smollm2-135m", device="cuda")
 ids = torch.tensor(text_windows(m.tokenizer, "/tmp/carry/data/wikitext2-test.txt", 256, 64), device="cuda")
 for mode in ("exact", "predicted"):
-    a, b = (torch.cat([m.generate(ids[i:i + 16], mode=mode, max_new_tokens=32, cuda_graph=g)[:, 256:]
+    a, b = (torch.cat([m.generate(ids[i:i + 16], mode=mode, max_new_tokens=32, transformers_loop=not g)[:, 256:]
                        for i in range(0, 64, 16)]) for g in (True, False))
     print(f"{mode}: graph steps vs transformers' loop on 64 windows: first token equal {(a[:, 0] == b[:, 0]).float().mean():.3f}, "
           f"all 32 equal {(a == b).all(1).float().mean():.3f}, per position {(a == b).float().mean():.3f}")

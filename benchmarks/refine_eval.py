@@ -10,9 +10,9 @@ for --prompts windows of held-out text (WikiText-2 test by default), batched, co
   (per-step fidelity, free of compounding: after the switch to an exact cache it is 1 by construction);
 * exact_from (token index of the switch), decode s/token before the switch (while refining) vs after it and vs
   plain predicted decoding (policy off);
-* TTFT at batch 1 (median over --ttft-prompts prompts after a warm-up): the exact base, predicted mode
-  (model.prefill), generate_refined (eager; its first token is predicted mode's) and refine="auto" (adds the
-  confidence signal);
+* TTFT at batch 1 (median over --ttft-prompts prompts after a warm-up): `generate(max_new_tokens=1)` in exact and
+  predicted mode, generate_refined (eager; its first token is predicted mode's, on the same pooled cache and step)
+  and refine="auto" (adds the confidence signal, and runs the tail eagerly);
 * the adaptive-fallback trade-off: for thresholds over each confidence signal, fraction of requests refined vs
   mean per_position agreement (from the per-request off/eager results).
 Writes <out>.json (everything, with the command), <out>.md (tables) and <out>.png (quality vs TTFT).
@@ -65,11 +65,10 @@ def time_ttft(model, prompts: torch.Tensor, tail: int, device: torch.device) -> 
     for i, prompt in enumerate(prompts):
         row = prompt[None]
         for _ in range(2 if i == 0 else 1):  # warm-up pass on the first prompt, then timed
-            for mode in ("exact", "predicted"):
+            for mode in ("exact", "predicted"):  # generate's own path: pooled cache, CUDA-graph step on a GPU
                 sync(device)
                 start = time.perf_counter()
-                logits, _ = model.prefill(row, mode=mode, exact_tail=tail)
-                logits[:, -1].argmax(-1).tolist()  # the token on the host, like a streamer would have it
+                model.generate(row, mode=mode, exact_tail=tail, max_new_tokens=1)[:, -1].tolist()  # on the host
                 timings[mode].append(time.perf_counter() - start)
             timings["refined"].append(generate_refined(model, row, exact_tail=tail, max_new_tokens=1)[1]["ttft_s"])
             timings["auto"].append(generate_refined(model, row, exact_tail=tail, max_new_tokens=1,
