@@ -20,7 +20,7 @@
 #   stage thin   (the daemon, started by `b thin`) a narrow auxiliary (`kvpred narrow`: every other layer, 3 heads,
 #                128 MLP channels) fitted and distilled for TRAIN_MINUTES, on the shards (+ SAMPLE_TOKENS sampled);
 #                `ROUND=solo SOLO=thin ... wait` ships it, `SOLO=thin ... evalpair` compares it with the shipped default
-#   stage refine (after a and a2; carry .carry/g3) refinement / exact-tail curves of the shipped default (refine_eval)
+#   stage refine (after a and a2; carry .carry/g3 [.carry/pytest: wheels for its tests]) refinement / exact-tail curves of the shipped default (refine_eval)
 #   stage equalflops (after a and a2; carry .carry/g3) exact tail vs truncation at equal FLOPs, 512-2048-token prompts
 #   stage evalfull (after a and a2; carry .carry/g3) the shipped default on every item of every task, then HumanEval
 #   stage generate (after a and a2; carry .carry/g3) generate() on CUDA-graph steps vs transformers' loop, timed and compared
@@ -82,6 +82,7 @@ b)
   ;;
 refine)  # after a and a2 (carry .carry/g3): refinement and exact-tail curves of the shipped default on one GPU
   assemble_model || exit 1
+  [ -d .carry/pytest ] && python3 -m pip install -q --no-index --no-deps --target "$SITE" .carry/pytest/*.whl
   python3 -m pytest -q -p no:cacheprovider tests/test_refine.py tests/test_decoding.py 2>&1 | tail -3
   python3 benchmarks/refine_eval.py --model smollm2-135m --device cuda --data /tmp/carry/data/wikitext2-test.txt \
     --prompts 64 --prompt-tokens 512 --new-tokens 128 --tails 1,4,16,64 --chunk-size 128 --ttft-prompts 10 \
