@@ -60,21 +60,25 @@ def teacher_forced(model, ids: torch.Tensor, new: torch.Tensor, eos: set[int]) -
 
 
 def time_ttft(model, prompts: torch.Tensor, tail: int, device: torch.device) -> dict[str, float]:
-    """Median seconds to the first token at batch 1 (the first prompt also serves as warm-up)."""
+    """Median seconds to the first token at batch 1, after a warm-up of a few tokens on the first prompt: a server's
+    steady state, whose pooled cache and CUDA-graph step for this shape exist (a shape's graph is captured after
+    its first request's first token, so a one-token warm-up would leave every timed first token eager)."""
+    warm = {"max_new_tokens": 4, "exact_tail": tail}
+    for mode in ("exact", "predicted"):
+        model.generate(prompts[:1], mode=mode, **warm)
+    generate_refined(model, prompts[:1], **warm)
+    generate_refined(model, prompts[:1], refine="auto", **warm)
     timings: dict[str, list[float]] = {"exact": [], "predicted": [], "refined": [], "auto": []}
-    for i, prompt in enumerate(prompts):
+    for prompt in prompts:
         row = prompt[None]
-        for _ in range(2 if i == 0 else 1):  # warm-up pass on the first prompt, then timed
-            for mode in ("exact", "predicted"):  # generate's own path: pooled cache, CUDA-graph step on a GPU
-                sync(device)
-                start = time.perf_counter()
-                model.generate(row, mode=mode, exact_tail=tail, max_new_tokens=1)[:, -1].tolist()  # on the host
-                timings[mode].append(time.perf_counter() - start)
-            timings["refined"].append(generate_refined(model, row, exact_tail=tail, max_new_tokens=1)[1]["ttft_s"])
-            timings["auto"].append(generate_refined(model, row, exact_tail=tail, max_new_tokens=1,
-                                                    refine="auto")[1]["ttft_s"])
-        if i == 0:
-            timings = {k: v[1:] for k, v in timings.items()}
+        for mode in ("exact", "predicted"):  # generate's own path: pooled cache, CUDA-graph step on a GPU
+            sync(device)
+            start = time.perf_counter()
+            model.generate(row, mode=mode, exact_tail=tail, max_new_tokens=1)[:, -1].tolist()  # on the host
+            timings[mode].append(time.perf_counter() - start)
+        timings["refined"].append(generate_refined(model, row, exact_tail=tail, max_new_tokens=1)[1]["ttft_s"])
+        timings["auto"].append(generate_refined(model, row, exact_tail=tail, max_new_tokens=1,
+                                                refine="auto")[1]["ttft_s"])
     return {k: statistics.median(v) for k, v in timings.items()}
 
 
@@ -226,6 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     exact_new = model.generate(ids, mode="exact", max_new_tokens=args.new_tokens)[:, ids.shape[1]:]
     print(f"exact reference: {time.perf_counter() - t0:.1f} s", file=sys.stderr)
 
+    for policy in policies:  # warm-up, untimed: the batch's pooled cache and graph, the refiner's kernels
+        generate_refined(model, ids, exact_tail=tails[0], max_new_tokens=8, refine=policy, chunk_size=args.chunk_size)
     runs, ttft, signals_by_tail = [], {}, {}
     for tail in tails:
         for policy in policies:
