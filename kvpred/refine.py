@@ -199,11 +199,17 @@ def _prefill(model: KVPredictionModel, ids: torch.Tensor, mask: torch.Tensor, ex
     return logits, signal
 
 
+def _entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Per row [B]: the entropy (nats) of the distribution of logits [B, V]."""
+    logp = logits.float().log_softmax(-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
 def _signals(logits: torch.Tensor, tail_ids: torch.Tensor, tail_mask: torch.Tensor, tail_keys, tail_values,
              taps) -> dict[str, torch.Tensor]:
     """See `confidence`. logits [B, T, V] over the T tail tokens; tail_keys/values [L, B, T, kv] or None."""
     logp = logits.log_softmax(-1)
-    signal = {"entropy": -(logp[:, -1].exp() * logp[:, -1]).sum(-1)}
+    signal = {"entropy": _entropy(logits[:, -1])}
     if logits.shape[1] >= 2:
         real = tail_mask[:, 1:].float()  # NLL only of real (unpadded) next tokens
         nll = -logp[:, :-1].gather(-1, tail_ids[:, 1:, None]).squeeze(-1)  # [B, T-1]
@@ -306,13 +312,16 @@ def generate_refined(model: KVPredictionModel, input_ids: torch.Tensor, attentio
     (b, n), signal = ids.shape, None
     pooled = model._steps.get(model, b, n + max_new_tokens)
     full_mask = torch.cat([mask, mask.new_ones(b, max_new_tokens)], 1)
-    if refine == "auto":
+    thresholds = thresholds or Thresholds.for_model(model)
+    if refine == "auto" and thresholds.signal != "entropy":  # the tail's signals need its logits and K/V
         logits, signal = _prefill(model, ids, mask, exact_tail, pooled.cache, with_signal=True)
-        logits, policy = logits[:, -1], choose_policy(signal, thresholds or Thresholds.for_model(model))
-    else:
+        logits = logits[:, -1]
+    else:  # generate's own first token (a CUDA-graph step on a GPU); the entropy needs nothing more
         logits = first_logits(model, pooled, ids, full_mask, mode="predicted", exact_tail=exact_tail,
                               defer_values=model.device.type == "cpu")
-        policy = refine
+        if refine == "auto":
+            signal = {"entropy": _entropy(logits).cpu()}
+    policy = choose_policy(signal, thresholds) if refine == "auto" else refine
     budget = _budget(policy, chunk_size)
     if n <= exact_tail:  # the base ran the whole prompt: the cache is exact already
         refiner = Refiner(model, pooled.cache, budget, done=n)

@@ -238,6 +238,15 @@ def test_auto_refines_only_when_the_signal_says_so(pruned):
     assert info["policy"] == "eager" and info["exact_from"] == 1
 
 
+def test_auto_on_entropy_reads_the_first_tokens_own_distribution(pruned):
+    """The entropy needs no extra pass: auto computes it from the logits of generate's own first token."""
+    ids, mask = batch(pruned)
+    _, info = generate_refined(pruned, ids, mask, max_new_tokens=2, refine="auto")
+    assert set(info["signal"]) == {"entropy"}
+    expected = confidence(pruned, ids, mask)["entropy"]
+    torch.testing.assert_close(torch.tensor(info["signal"]["entropy"]), expected, atol=1e-4, rtol=1e-4)
+
+
 def test_tradeoff_curve_from_per_request_measurements():
     signal, off, refined = [0.1, 0.5, 0.9, 0.3], [1.0, 0.5, 0.0, 0.75], [1.0, 1.0, 1.0, 1.0]
     rows = tradeoff_curve(signal, off, refined, [-1.0, 0.4, 2.0])
