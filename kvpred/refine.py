@@ -287,9 +287,8 @@ def _budget(policy: str, chunk_size: int) -> int:
 def generate_refined(model: KVPredictionModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                      *, exact_tail: int = 1, max_new_tokens: int = 32, do_sample: bool = False,
                      temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, refine: str = "eager",
-                     chunk_size: int = 256,
-                     eos_token_id=None, streamer=None, thresholds: Thresholds | None = None
-                     ) -> tuple[torch.Tensor, dict]:
+                     chunk_size: int = 256, eos_token_id=None, streamer=None, logits_processor=None,
+                     stopping_criteria=None, thresholds: Thresholds | None = None) -> tuple[torch.Tensor, dict]:
     """Predicted-mode generation whose cache is progressively replaced by the exact one.
 
     The first token is predicted mode's (predicted cache for prompt[:-W], the base over the last W tokens), from the
@@ -297,7 +296,7 @@ def generate_refined(model: KVPredictionModel, input_ids: torch.Tensor, attentio
     recompute the next `chunk_size` columns ("eager"; chunk_size // 4 for "lazy") of prompt + generated tokens in
     place (`Refiner`); once it covers the sequence, decoding is the exact base's continuation of the tokens so far.
     "off" never refines (= predicted mode); "auto" picks a policy per batch with `confidence` signals and
-    `thresholds`.
+    `thresholds`. `logits_processor` and `stopping_criteria` are called as transformers' generate calls them.
 
     Returns ids [B, N + new] and info: policy, signal (auto only), ttft_s, exact_from (index of the first new
     token decoded from an exact cache; None if refinement never caught up), refined_per_step (columns refined
@@ -329,7 +328,8 @@ def generate_refined(model: KVPredictionModel, input_ids: torch.Tensor, attentio
         refiner = None if policy == "off" else Refiner(model, pooled.cache, budget)
     seq = decode(model, pooled, ids, full_mask, logits, max_new_tokens=max_new_tokens, do_sample=do_sample,
                  temperature=temperature, top_p=top_p, top_k=top_k, eos=eos_token_ids(model, eos_token_id),
-                 pad_token_id=pad_id(model), streamer=streamer, refiner=refiner, trace=trace)
+                 pad_token_id=pad_id(model), streamer=streamer, logits_processor=logits_processor,
+                 stopping_criteria=stopping_criteria, refiner=refiner, trace=trace)
     info = {"policy": policy, "signal": None if signal is None else {k: v.tolist() for k, v in signal.items()},
             **_report(trace, seq.shape[1] - n)}
     return seq, info
@@ -379,9 +379,11 @@ class ChatSession:
 
     @torch.no_grad()
     def send(self, user_text: str, *, max_new_tokens: int = 64, do_sample: bool = False, temperature: float = 1.0,
-             top_p: float = 1.0, top_k: int = 0, streamer=None) -> str:
+             top_p: float = 1.0, top_k: int = 0, streamer=None, logits_processor=None,
+             stopping_criteria=None) -> str:
         """Append a user turn, generate the reply, remember both; returns the reply text. `streamer` (a
-        transformers BaseStreamer) gets the conversation's ids, then each new token."""
+        transformers BaseStreamer) gets the conversation's ids, then each new token; `logits_processor` and
+        `stopping_criteria` are called as transformers' generate calls them."""
         model = self.model
         messages = self.messages + [{"role": "user", "content": user_text}]
         ids, mask = model.check_inputs(self.conversation_ids(messages), None, "predicted", max_new_tokens,
@@ -407,7 +409,8 @@ class ChatSession:
         full_mask = torch.cat([mask, mask.new_ones(1, max_new_tokens)], 1)
         seq = decode(model, pooled, ids, full_mask, logits[:, -1], max_new_tokens=max_new_tokens,
                      do_sample=do_sample, temperature=temperature, top_p=top_p, top_k=top_k,
-                     eos=eos_token_ids(model), pad_token_id=pad_id(model), streamer=streamer, refiner=refiner,
+                     eos=eos_token_ids(model), pad_token_id=pad_id(model), streamer=streamer,
+                     logits_processor=logits_processor, stopping_criteria=stopping_criteria, refiner=refiner,
                      trace=trace)
         self._remember(seq, n, messages, refiner, trace, exact_cols)
         self.last_info.update(policy=policy, reused_tokens=reuse, predicted_tokens=predicted, prompt_tokens=n)

@@ -11,10 +11,10 @@ Progressive refinement and multi-turn reuse (kvpred.refine; predicted mode only)
   --refine-chunk): the first token comes from the predicted cache as usual, then each decode step lets the base
   compute the exact cache a chunk at a time and decoding switches to it once it has caught up (generate_refined).
   "auto" picks eager, lazy or off per request from the first token's confidence. Responses carry `refine`, the
-  policy used (for auto the one chosen; null if decoding was cut short by a stop string or a departed client
-  before generate_refined returned its choice); a stream carries it in the last chunk of each choice.
-  Asking for refine on exact or aux mode, or with logprobs, is a 400; the server's --refine applies only where
-  refinement can run and is reported as "off" elsewhere.
+  policy used (for auto the one chosen); a stream carries it in the last chunk of each choice. Refined decoding
+  runs on the same pooled cache and CUDA-graph steps as plain generation, with the same stop handling and
+  logprobs. Asking for refine on exact or aux mode is a 400; the server's --refine applies only where refinement
+  can run and is reported as "off" elsewhere.
 * `session` (string id, /v1/chat/completions only): the server keeps a kvpred.refine.ChatSession per id (an LRU
   of --max-sessions). When a request's messages, all but the last (a user message), start with the session's
   stored conversation (its earlier messages and the replies the server gave), the cached columns that agree with
@@ -260,35 +260,6 @@ class _Tracker(StoppingCriteria):
         return torch.tensor([job.finish_reason is not None for job in self.jobs], device=input_ids.device)
 
 
-class _Stopped(Exception):
-    """Ends a refined generation (or session turn) once all its prompts have finished early."""
-
-
-class _JobStreamer:
-    """The streamer (put/end, as transformers' BaseStreamer) of generate_refined and ChatSession.send: hands every
-    row's new token to its Job, as _Tracker does for generate. Those loops take no stopping criteria, so once every
-    job has finished while decoding would go on (a stop string, a departed client) put raises _Stopped."""
-
-    def __init__(self, jobs: list[Job], tokenizer, eos_ids: set[int], max_new_tokens: int):
-        self.jobs, self.tokenizer, self.eos_ids, self.max_new_tokens = jobs, tokenizer, eos_ids, max_new_tokens
-        self.steps, self.ended = 0, [False] * len(jobs)  # ended: the row emitted EOS, so the loop stops it anyway
-
-    def put(self, value: torch.Tensor) -> None:
-        if value.dim() == 2:  # the prompt [B, N], sent once before the first new token
-            return
-        now, self.steps = time.perf_counter(), self.steps + 1
-        for row, (job, token) in enumerate(zip(self.jobs, value.tolist())):  # value: [B] new tokens
-            self.ended[row] = self.ended[row] or token in self.eos_ids
-            if job.finish_reason is None:
-                job.advance(token, token in self.eos_ids, now, self.tokenizer, None)
-        natural_end = self.steps >= self.max_new_tokens or all(self.ended)
-        if not natural_end and all(job.finish_reason is not None for job in self.jobs):
-            raise _Stopped
-
-    def end(self) -> None:
-        pass
-
-
 class _ServedSession(ChatSession):
     """A ChatSession that tokenizes with the worker's own tokenizer (the handlers use the model's) and tells the
     turn's Job how many prompt tokens came from the stored cache, before its first token."""
@@ -470,26 +441,28 @@ class Scheduler:
         sample = job.temperature > 0
         return {"do_sample": sample, "temperature": job.temperature if sample else 1.0, "top_p": job.top_p}
 
+    def _hooks(self, jobs: list[Job]) -> dict:
+        """A batch's decoding hooks: the tracker that hands each row's token to its job and ends rows whose job
+        finished, and, where logprobs were asked for, the tap on the scores each token was sampled from."""
+        tap = _LastScores() if any(job.logprobs is not None for job in jobs) else None
+        hooks = {"stopping_criteria": StoppingCriteriaList([_Tracker(jobs, self.tokenizer, self.eos_ids, tap)])}
+        if tap is not None:
+            hooks["logits_processor"] = LogitsProcessorList([tap])
+        return hooks
+
     def _generate(self, jobs: list[Job]) -> None:
         first = jobs[0]
         input_ids, attention_mask = self._padded(jobs)
-        tap = _LastScores() if any(job.logprobs is not None for job in jobs) else None
-        extra = {"logits_processor": LogitsProcessorList([tap])} if tap is not None else {}
         self.model.generate(input_ids, attention_mask, mode=first.mode, exact_tail=first.exact_tail,
                             max_new_tokens=max(job.max_tokens for job in jobs), **self._sampling(first),
-                            stopping_criteria=StoppingCriteriaList([_Tracker(jobs, self.tokenizer, self.eos_ids,
-                                                                             tap)]), **extra)
+                            **self._hooks(jobs))
 
     def _generate_refined(self, jobs: list[Job]) -> None:
-        first, max_new_tokens = jobs[0], max(job.max_tokens for job in jobs)
+        first = jobs[0]
         input_ids, attention_mask = self._padded(jobs)
-        try:
-            _, info = generate_refined(self.model, input_ids, attention_mask, exact_tail=first.exact_tail,
-                                       max_new_tokens=max_new_tokens, **self._sampling(first), refine=first.refine,
-                                       chunk_size=first.refine_chunk,
-                                       streamer=_JobStreamer(jobs, self.tokenizer, self.eos_ids, max_new_tokens))
-        except _Stopped:  # every prompt is done; an auto choice, returned only at the end, stays unknown (None)
-            return
+        _, info = generate_refined(self.model, input_ids, attention_mask, exact_tail=first.exact_tail,
+                                   max_new_tokens=max(job.max_tokens for job in jobs), **self._sampling(first),
+                                   refine=first.refine, chunk_size=first.refine_chunk, **self._hooks(jobs))
         for job in jobs:
             job.refine_used = job.refine_used or info["policy"]  # auto: the policy it chose
 
@@ -500,9 +473,7 @@ class Scheduler:
         session.turn = job
         try:
             session.send(job.messages[-1]["content"], max_new_tokens=job.max_tokens, **self._sampling(job),
-                         streamer=_JobStreamer([job], self.tokenizer, self.eos_ids, job.max_tokens))
-        except _Stopped:  # the session keeps its earlier turns' cache for the next request to reuse
-            return
+                         **self._hooks([job]))
         finally:
             session.turn = None
         session.messages[-1]["content"] = job.text  # the reply as the client got it (a stop string cuts it)
@@ -626,10 +597,9 @@ def validation_error(errors: list[dict]) -> APIError:
                     code="invalid_value")
 
 
-def refine_policy(body, mode: str, default: str, logprobs: bool) -> str:
+def refine_policy(body, mode: str, default: str) -> str:
     """The request's refine policy: its own, else the server's `default` where refinement can run (predicted-mode
-    generation without logprobs: generate_refined returns no scores), else "off". Asking for refinement where it
-    cannot run is a 400."""
+    generation), else "off". Asking for refinement where it cannot run is a 400."""
     if body.refine_chunk is not None and body.refine_chunk < 2:
         raise APIError(400, f"refine_chunk must be >= 2: the sequence grows by one token per decode step, so "
                             f"refining fewer columns per step never catches up; got {body.refine_chunk}",
@@ -640,11 +610,6 @@ def refine_policy(body, mode: str, default: str, logprobs: bool) -> str:
             raise APIError(400, f"refine={body.refine!r} applies only to kv_mode 'predicted' (it replaces a predicted "
                                 f"cache by the exact one), but this request runs kv_mode {mode!r}; send "
                                 f"kv_mode='predicted' or refine='off'", param="refine", code="invalid_value")
-        return "off"
-    if logprobs:
-        if asked:
-            raise APIError(400, f"logprobs are not available with refine={body.refine!r}; send refine='off' or no "
-                                "logprobs", param="refine", code="invalid_value")
         return "off"
     return body.refine or default
 
@@ -776,7 +741,7 @@ def create_app(model, config: ServeConfig | None = None):
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()
         sink = lambda event: loop.call_soon_threadsafe(queue.put_nowait, event)  # noqa: E731 (worker -> loop)
         mode, request_id = body.kv_mode or config.default_mode, uuid.uuid4().hex
-        refine = refine_policy(body, mode, config.refine, logprobs is not None)
+        refine = refine_policy(body, mode, config.refine)
         jobs = [Job(index=i, prompt_ids=ids, mode=mode,
                     exact_tail=body.exact_tail or config.exact_tail, max_tokens=max_tokens,
                     temperature=body.temperature, top_p=body.top_p, seed=body.seed, stops=body.stops,

@@ -117,7 +117,17 @@ def test_the_servers_refine_option_applies_where_refinement_can_run(tiny_llama):
         assert complete(client, max_tokens=4, refine="off").model_extra["refine"] == "off"
         assert complete(client, max_tokens=4, kv_mode="exact").model_extra["refine"] == "off"
         scored = client.completions.create(model=NAME, prompt=PROMPT, max_tokens=1, echo=True, logprobs=1)
-        assert scored.model_extra["refine"] == "off" and scored.choices[0].logprobs.token_logprobs[1] is not None
+        assert scored.model_extra["refine"] == "lazy" and scored.choices[0].logprobs.token_logprobs[1] is not None
+
+
+def test_refined_generations_return_the_logprobs_of_their_tokens(same):
+    """With aux == base a refined generation is exact mode's, so its generated-token logprobs are exact mode's."""
+    refined = complete(same, max_tokens=8, refine="eager", refine_chunk=8, logprobs=2)
+    exact = complete(same, max_tokens=8, kv_mode="exact", logprobs=2)
+    assert refined.model_extra["refine"] == "eager"
+    mine, theirs = refined.choices[0].logprobs, exact.choices[0].logprobs
+    assert mine.tokens == theirs.tokens and len(mine.tokens) == 8
+    assert mine.token_logprobs == pytest.approx(theirs.token_logprobs, abs=1e-4)
 
 
 # ---------------------------------------------------------------- streaming and stopping
@@ -257,8 +267,6 @@ BAD_REQUESTS = {
                        ">= 2"),
     "refine_chunk 1": ("/v1/chat/completions", {"messages": CHAT, "refine_chunk": 1}, "refine_chunk", ">= 2"),
     "refine_chunk of wrong type": ("/v1/completions", {"prompt": "x", "refine_chunk": "8"}, "refine_chunk", "int"),
-    "refine with logprobs": ("/v1/completions", {"prompt": "x", "refine": "eager", "logprobs": 1}, "refine",
-                             "logprobs"),
     "session on completions": ("/v1/completions", {"prompt": "x", "session": "s"}, "session", "chat"),
     "empty session id": ("/v1/chat/completions", {"messages": CHAT, "session": ""}, "session", "at least 1"),
     "session on exact": ("/v1/chat/completions", {"messages": CHAT, "session": "s", "kv_mode": "exact"}, "session",
