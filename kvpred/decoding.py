@@ -69,20 +69,15 @@ class GraphStep:
         self.positions = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.slot = torch.zeros(1, dtype=torch.long, device=device)
         self.mask = torch.zeros(batch, 1, 1, capacity, dtype=torch.bool, device=device)  # [B, 1, q=1, capacity]
-        with model.static_step(cache, self.slot):
-            side = torch.cuda.Stream(device)
-            side.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(side):  # warm-up outside the graph: cuBLAS handles, lazy inits
-                for _ in range(2):
-                    self.slot.fill_(capacity - 1)  # each run writes there (and advances the slot)
-                    self.mask[..., 0] = True  # no row sees nothing (NaN)
-                    self._body()
-            torch.cuda.current_stream(device).wait_stream(side)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self.token, self.logits = self._body()
+        def warm_up() -> None:
+            self.slot.fill_(capacity - 1)  # each run writes there (and advances the slot)
+            self.mask[..., 0] = True  # no row sees nothing (NaN)
 
-    def _body(self) -> tuple[torch.Tensor, torch.Tensor]:
+        with model.static_step(cache, self.slot):
+            self.graph = _capture(self._body, device, warm_up)
+        self.token, self.logits = self.captured
+
+    def _body(self) -> None:
         self.mask.index_fill_(3, self.slot, True)
         logits = self.base(input_ids=self.ids, position_ids=self.positions, attention_mask=self.mask,
                            use_cache=True, logits_to_keep=1, **self.cache_kw).logits  # [B, 1, V]
@@ -90,7 +85,7 @@ class GraphStep:
         self.ids.copy_(token[:, None])
         self.positions.add_(1)
         self.slot.add_(1)
-        return token, logits
+        self.captured = token, logits  # inside the capture: the graph's output tensors
 
     def start(self, ids: torch.Tensor, positions: torch.Tensor, slot: int, visible: torch.Tensor | None = None) -> None:
         self.ids.copy_(ids)
@@ -121,16 +116,98 @@ def make_step(model, cache, want_graph: bool):
         return EagerStep(model, cache), f"eager (graph capture failed: {reason})"
 
 
+class GraphChunk:
+    """The base backbone over `width` consecutive columns per row of a BufferCache, captured as a CUDA graph: it
+    writes their K/V and attends over the whole buffer under a mask (KVPredictionModel.static_step). This is
+    refinement's chunk: on a GPU an eager forward of a small base is launch-bound, 40-100 ms at batch 64 for
+    SmolLM2-135M on an H100 (benchmarks/results/h100/refine_steps).
+
+    Made by its first chunk: the warm-up runs and the capture compute that chunk's own columns, so no other
+    column of a cache in use is touched."""
+
+    @torch.no_grad()
+    def __init__(self, model, cache, ids: torch.Tensor, positions: torch.Tensor, start: int, visible: torch.Tensor):
+        from .model import cache_kwargs
+
+        self.backbone, self.cache = model.base.model, cache
+        self.cache_kw = cache_kwargs(self.backbone, cache)
+        batch, self.width = ids.shape
+        self.ids, self.positions = torch.zeros_like(ids), torch.zeros_like(positions)
+        self.offsets = torch.arange(self.width, device=ids.device)
+        self.slots = self.offsets.clone()
+        self.mask = torch.zeros(batch, 1, self.width, cache.capacity, dtype=torch.bool, device=ids.device)
+        self._load(ids, positions, start, visible)
+        with model.static_step(cache, self.slots):
+            self.graph = _capture(self._body, ids.device)
+        self.graph.replay()
+
+    def _body(self) -> None:
+        self.backbone(input_ids=self.ids, position_ids=self.positions, attention_mask=self.mask, use_cache=True,
+                      **self.cache_kw)
+
+    def _load(self, ids: torch.Tensor, positions: torch.Tensor, start: int, visible: torch.Tensor) -> None:
+        """Columns [start, start + width) hold `ids` at `positions`; `visible` [B, <= capacity] marks the columns
+        each row may attend to (its padding excluded). Each query also sees its own column, so a padding query
+        never attends to nothing."""
+        self.ids.copy_(ids)
+        self.positions.copy_(positions)
+        self.slots.copy_(self.offsets + start)
+        columns = torch.arange(self.mask.shape[-1], device=ids.device)
+        own = self.slots[:, None]  # [width, 1]
+        seen = torch.zeros(self.mask.shape[0], self.mask.shape[-1], dtype=torch.bool, device=ids.device)
+        seen[:, :visible.shape[1]] = visible.bool()
+        self.mask.copy_((seen[:, None, None, :] & (columns <= own)) | (columns == own))
+
+    def __call__(self, ids: torch.Tensor, positions: torch.Tensor, start: int, visible: torch.Tensor) -> None:
+        self._load(ids, positions, start, visible)
+        self.graph.replay()
+
+
+def _capture(body: Callable[[], None], device: torch.device,
+             before_warm_up: Callable[[], None] = lambda: None) -> torch.cuda.CUDAGraph:
+    """`body` captured as a CUDA graph, after two warm-up runs on a side stream (cuBLAS handles, lazy inits)."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            before_warm_up()
+            body()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        body()
+    return graph
+
+
 @dataclass
 class Pooled:
-    """A preallocated BufferCache and its step, made on first use (a CUDA graph where one can be captured)."""
+    """A preallocated BufferCache, its step and its refinement chunks, made on first use (CUDA graphs where they
+    can be captured)."""
     cache: object
     step: "GraphStep | EagerStep | None" = None
+    chunks: dict = field(default_factory=dict)  # width -> GraphChunk, or None where it cannot be captured
 
     def made_step(self, model) -> "GraphStep | EagerStep":
         if self.step is None:
             self.step = make_step(model, self.cache, want_graph=True)[0]
         return self.step
+
+    def run_chunk(self, model, ids: torch.Tensor, positions: torch.Tensor, start: int, visible: torch.Tensor) -> bool:
+        """Run the base backbone over columns [start, start + width) as a captured chunk; False (and nothing run)
+        where there is no GPU or the chunk cannot be captured, so the caller runs it eagerly."""
+        width = ids.shape[1]
+        if model.device.type != "cuda" or self.chunks.get(width, True) is None:
+            return False
+        chunk = self.chunks.get(width)
+        if chunk is not None:
+            chunk(ids, positions, start, visible)
+            return True
+        try:
+            self.chunks[width] = GraphChunk(model, self.cache, ids, positions, start, visible)
+        except Exception:  # noqa: BLE001 - an uncapturable chunk runs eagerly instead, as the step does
+            self.chunks[width] = None
+            return False
+        return True
 
 
 def capacity_bucket(tokens: int) -> int:

@@ -427,8 +427,8 @@ class KVPredictionModel(nn.Module):
 
     @contextmanager
     def static_step(self, cache: "BufferCache", slot: torch.Tensor) -> Iterator[None]:
-        """Inside, base forwards of one token per row write at cache column `slot` (a 1-element long tensor) and
-        attend over the whole buffer under the caller's 4D bool mask [B, 1, 1, capacity]: fixed shapes and no
+        """Inside, base forwards of Q tokens per row write at cache columns `slot` (a Q-element long tensor) and
+        attend over the whole buffer under the caller's 4D bool mask [B, 1, Q, capacity]: fixed shapes and no
         host reads, as a CUDA graph needs. Pass that mask as attention_mask (transformers uses a 4D mask as is)."""
         AttentionInterface.register(STEP_ATTENTION, _step_attention)
         config = self.base.config
@@ -661,12 +661,14 @@ def _step_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, v
     """Attention of one query token per row over a whole static buffer under a mask, as two matmuls and without
     repeating K/V for GQA: the query heads sharing a KV head become that head's queries. query [B, Hq, 1, D],
     key/value [B, Hkv, T, D], attention_mask [B, 1, 1, T] bool. Returns [B, 1, Hq, Dv] like transformers'
-    sdpa_attention_forward. Not SDPA: under a mask it takes 3-6x longer per layer at 32k tokens on an H100, and the
+    sdpa_attention_forward. Several query tokens per row (a refinement chunk) go to SDPA. Not SDPA: under a mask it takes 3-6x longer per layer at 32k tokens on an H100, and the
     CUDA-graph step of Llama-3.2-1B drops from 11.5 to 4.1 ms (benchmarks/results/h100/step_attention)."""
     b, hq, q_len, d = query.shape
-    if q_len != 1:
-        raise KVPredError(f"the static step attends one token per row, got {q_len}")
     hkv = key.shape[1]
+    if q_len > 1:  # a refinement chunk (kvpred.decoding.GraphChunk): enough queries for SDPA's kernels
+        out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask,
+                                                               scale=scaling, enable_gqa=hq != hkv)
+        return out.transpose(1, 2).contiguous(), None
     query = query.reshape(b, hkv, hq // hkv, d)  # head h = kv_head * group + r, as repeat_kv lays them out
     scores = torch.matmul(query, key.transpose(-1, -2)).float().mul_(scaling or d ** -0.5)
     weights = scores.masked_fill_(~attention_mask, float("-inf")).softmax(-1).to(value.dtype)

@@ -231,16 +231,23 @@ class Refiner:
     overwriting what was predicted there. Decoding in between attends to exact columns up to `done` and to
     predicted ones after; no second cache is held."""
 
-    def __init__(self, model: KVPredictionModel, cache: BufferCache, budget: int, done: int = 0):
-        self.model, self.cache, self.budget, self.done = model, cache, budget, done
+    def __init__(self, model: KVPredictionModel, pooled: Pooled, budget: int, done: int = 0):
+        self.model, self.pooled, self.cache, self.budget, self.done = model, pooled, pooled.cache, budget, done
 
     @torch.no_grad()
     def advance(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, upto: int) -> int:
         """Make columns [done, min(done + budget, upto)) exact; ids, mask, pos cover at least `upto` columns.
-        Returns how many columns it processed."""
+        Returns how many columns it made exact. On a GPU a chunk of `budget` columns is a captured graph
+        (Pooled.run_chunk); a last, shorter chunk runs as the `budget` columns ending at `end`, recomputing exact
+        columns rather than capturing another width."""
         end = min(self.done + self.budget, upto)
         if end <= self.done:
             return 0
+        start = end - self.budget
+        if start >= 0 and self.pooled.run_chunk(self.model, ids[:, start:end], pos[:, start:end], start,
+                                                 mask[:, :end]):
+            processed, self.done = end - self.done, end
+            return processed
         filled = self.cache.get_seq_length()  # a CUDA-graph step writes past it without moving it: keep it as is
         self.cache.set_length(self.done)
         backbone = self.model.base.model
@@ -323,9 +330,9 @@ def generate_refined(model: KVPredictionModel, input_ids: torch.Tensor, attentio
     policy = choose_policy(signal, thresholds) if refine == "auto" else refine
     budget = _budget(policy, chunk_size)
     if n <= exact_tail:  # the base ran the whole prompt: the cache is exact already
-        refiner = Refiner(model, pooled.cache, budget, done=n)
+        refiner = Refiner(model, pooled, budget, done=n)
     else:
-        refiner = None if policy == "off" else Refiner(model, pooled.cache, budget)
+        refiner = None if policy == "off" else Refiner(model, pooled, budget)
     seq = decode(model, pooled, ids, full_mask, logits, max_new_tokens=max_new_tokens, do_sample=do_sample,
                  temperature=temperature, top_p=top_p, top_k=top_k, eos=eos_token_ids(model, eos_token_id),
                  pad_token_id=pad_id(model), streamer=streamer, logits_processor=logits_processor,
@@ -403,9 +410,9 @@ class ChatSession:
             policy = choose_policy(signal, self.thresholds or Thresholds.for_model(self.model))
         budget = _budget(policy, self.chunk_size)
         if predicted == 0 and exact_cols == reuse:  # nothing predicted on top of an exact prefix: all exact
-            refiner = Refiner(model, pooled.cache, budget, done=n)
+            refiner = Refiner(model, pooled, budget, done=n)
         else:
-            refiner = None if policy == "off" else Refiner(model, pooled.cache, budget, done=exact_cols)
+            refiner = None if policy == "off" else Refiner(model, pooled, budget, done=exact_cols)
         full_mask = torch.cat([mask, mask.new_ones(1, max_new_tokens)], 1)
         seq = decode(model, pooled, ids, full_mask, logits[:, -1], max_new_tokens=max_new_tokens,
                      do_sample=do_sample, temperature=temperature, top_p=top_p, top_k=top_k,

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from kvpred.generation import TimedStreamer, encode_prompts
-from kvpred.model import KVPredictionModel
+from kvpred.model import KVPredictionModel, position_ids_from_mask
 from kvpred.models import KVPredError
 from kvpred.refine import (ChatSession, Thresholds, choose_policy, confidence, generate_refined, prefix_agreement,
                            register, token_agreement, tradeoff_curve)
@@ -127,6 +127,50 @@ def test_refinement_overwrites_the_predicted_cache_in_place_with_the_exact_one(p
     for layer, true in enumerate(exact.layers):
         torch.testing.assert_close(cache.key_arena[layer, :, :, :cols], true.keys, atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(cache.value_arena[layer, :, :, :cols], true.values, atol=1e-4, rtol=1e-4)
+
+
+def test_a_captured_refinement_chunk_writes_the_exact_cache_of_a_padded_batch(pruned, monkeypatch):
+    """GraphChunk (refinement's chunk on a GPU) attends over the whole buffer under its own mask. Run here with its
+    "graph" replaying the eager body, chunk by chunk over a left-padded batch whose cache first held predicted K/V,
+    it leaves the exact cache in every row's real columns, with the last chunk ending where the sequence does."""
+    from kvpred import decoding
+
+    ids, mask = batch(pruned)
+    b, n = ids.shape
+    pos = position_ids_from_mask(mask)
+    cache, config = pruned.new_cache(b, 256), pruned.base.config
+
+    class Replayed:  # stands in for torch.cuda.CUDAGraph on the CPU: runs the body as it was captured
+        def __init__(self, body, device, before_warm_up=None):
+            self.body, self.captured = body, (config._attn_implementation, cache.step_slot)
+
+        def replay(self):
+            previous = config._attn_implementation
+            config._attn_implementation, cache.step_slot = self.captured
+            try:
+                self.body()
+            finally:
+                config._attn_implementation, cache.step_slot = previous, None
+
+    monkeypatch.setattr(decoding, "_capture", Replayed)
+    pruned.predict_into(cache, ids, mask, exact_tail=1)
+    width, chunk = 24, None
+    for end in (24, 48, n):  # the last chunk, [n - 24, n), recomputes columns that are already exact
+        start = end - width
+        args = ids[:, start:end], pos[:, start:end], start, mask[:, :end]
+        if chunk is None:
+            chunk = decoding.GraphChunk(pruned, cache, *args)
+        else:
+            chunk(*args)
+    _, exact = pruned.prefill(ids, mask, mode="exact")  # the exact cache of all n columns
+    real = mask.bool()
+    for layer, true in enumerate(exact.layers):
+        for row in range(b):
+            cols = real[row]
+            torch.testing.assert_close(cache.key_arena[layer, row, :, :n][:, cols], true.keys[row][:, cols],
+                                       atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(cache.value_arena[layer, row, :, :n][:, cols], true.values[row][:, cols],
+                                       atol=1e-4, rtol=1e-4)
 
 
 def test_a_prompt_within_the_exact_tail_is_exact_from_the_first_token(pruned):
@@ -413,8 +457,10 @@ def test_calibrate_saves_thresholds_that_auto_refinement_then_uses(pruned, tmp_p
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_refinement_decodes_on_graph_steps_on_a_gpu(tiny_llama):
-    """On CUDA, refinement runs on generate's pooled CUDA-graph steps: "off" is generate's predicted mode, and
-    after the switch the tokens are the exact base's continuation."""
+    """On CUDA, refinement runs on generate's pooled CUDA-graph steps and refines in captured chunks: "off" is
+    generate's predicted mode, and after the switch the tokens are the exact base's continuation."""
+    from kvpred.decoding import GraphChunk
+
     model = KVPredictionModel.from_pretrained(tiny_llama, keep_ratio=0.5, device="cuda")
     ids, mask = (t.cuda() for t in batch(model))
     for _ in range(2):  # the second run replays the pooled graph
@@ -427,3 +473,5 @@ def test_refinement_decodes_on_graph_steps_on_a_gpu(tiny_llama):
         prefix = out[row:row + 1, :ids.shape[1] + switch]
         exact = model.generate(prefix, mode="exact", max_new_tokens=16 - switch)[0]
         assert torch.equal(exact, out[row, :len(exact)])  # generate stops a row at its eos
+    chunks = [chunk for pooled in model._steps.entries.values() for chunk in pooled.chunks.values()]
+    assert chunks and all(isinstance(chunk, GraphChunk) for chunk in chunks)  # the refiner's chunks were graphs
