@@ -90,6 +90,10 @@ refine)  # after a and a2 (carry .carry/g3): refinement and exact-tail curves of
   python3 benchmarks/refine_eval.py --model smollm2-135m --device cuda --data /tmp/carry/data/wikitext2-test.txt \
     --prompts 16 --prompt-tokens 2048 --new-tokens 128 --tails 1,64 --chunk-size 512 --ttft-prompts 10 \
     --out $OUT/refine_gpu_shipped_2048 --note "one H100 (nvidia-h100-x1), the shipped default" 2>&1 | grep "^| [0-9]"
+  python3 benchmarks/refine_eval.py --model smollm2-135m --device cuda --data /tmp/carry/data/wikitext2-test.txt \
+    --prompts 64 --prompt-tokens 512 --new-tokens 128 --tails 1,64 --chunk-size 128 --ttft-prompts 10 --eager-chunks \
+    --out $OUT/refine_gpu_shipped_eager_chunks --note "one H100 (nvidia-h100-x1), the shipped default; eager chunks" \
+    2>&1 | grep "^| [0-9]"
   ;;
 equalflops)  # after a and a2 (carry .carry/g3): the shipped default's equal-FLOPs operating points on long prompts
   assemble_model || exit 1

@@ -211,6 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="benchmarks/results/refine_cpu_smollm2", help="output path prefix")
     parser.add_argument("--note", default="", help="a remark stored with the results (e.g. machine load)")
     parser.add_argument("--replot", action="store_true", help="only rewrite <out>.md and <out>.png from <out>.json")
+    parser.add_argument("--eager-chunks", action="store_true",
+                        help="refine with eager forwards even on a GPU (no GraphChunk), to compare against")
     args = parser.parse_args(argv)
     if args.replot:
         write_outputs(json.loads(Path(f"{args.out}.json").read_text()), args.out)
@@ -220,6 +222,9 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.eager_chunks:
+        from kvpred.decoding import Pooled
+        Pooled.run_chunk = lambda *args, **kwargs: False
     model = load_model(args)
     device = model.device
     windows = text_windows(model.tokenizer, args.data, args.prompt_tokens, args.prompts)
