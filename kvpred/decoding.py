@@ -69,6 +69,7 @@ class GraphStep:
         self.positions = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.slot = torch.zeros(1, dtype=torch.long, device=device)
         self.mask = torch.zeros(batch, 1, 1, capacity, dtype=torch.bool, device=device)  # [B, 1, q=1, capacity]
+
         def warm_up() -> None:
             self.slot.fill_(capacity - 1)  # each run writes there (and advances the slot)
             self.mask[..., 0] = True  # no row sees nothing (NaN)
@@ -196,12 +197,13 @@ class Pooled:
         """Run the base backbone over columns [start, start + width) as a captured chunk; False (and nothing run)
         where there is no GPU or the chunk cannot be captured, so the caller runs it eagerly."""
         width = ids.shape[1]
-        if model.device.type != "cuda" or self.chunks.get(width, True) is None:
+        if model.device.type != "cuda":
             return False
-        chunk = self.chunks.get(width)
-        if chunk is not None:
-            chunk(ids, positions, start, visible)
-            return True
+        if width in self.chunks:
+            chunk = self.chunks[width]
+            if chunk is not None:
+                chunk(ids, positions, start, visible)
+            return chunk is not None
         try:
             self.chunks[width] = GraphChunk(model, self.cache, ids, positions, start, visible)
         except Exception:  # noqa: BLE001 - an uncapturable chunk runs eagerly instead, as the step does
@@ -281,10 +283,20 @@ class Trace:
     refined: list[int] = field(default_factory=list)  # columns the refiner made exact before each decode step
     exact_from: int | None = None  # index of the first new token decoded from a wholly exact cache
 
+    @classmethod
+    def started(cls, device: torch.device) -> "Trace":
+        """A trace whose clock starts now, once the device has finished earlier work."""
+        _synchronize(device)
+        return cls(time.perf_counter())
+
     def tick(self, device: torch.device) -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        _synchronize(device)
         self.token_s.append(time.perf_counter() - self.start)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 @torch.no_grad()

@@ -10,7 +10,6 @@
 """
 from __future__ import annotations
 
-import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from typing import Sequence
@@ -260,13 +259,6 @@ class Refiner:
         return processed
 
 
-def _started(device: torch.device) -> Trace:
-    """A trace whose clock starts now, once the device has finished earlier work."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return Trace(time.perf_counter())
-
-
 def _report(trace: Trace, new_tokens: int) -> dict:
     """generate_refined's timing and refinement info from a decode loop's trace."""
     step_s = [b - a for a, b in zip(trace.token_s, trace.token_s[1:])]
@@ -314,7 +306,7 @@ def generate_refined(model: KVPredictionModel, input_ids: torch.Tensor, attentio
     ids, mask = model.check_inputs(input_ids, attention_mask, "predicted", max_new_tokens, exact_tail)
     if max_new_tokens < 1:
         raise KVPredError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    trace = _started(model.device)
+    trace = Trace.started(model.device)
     (b, n), signal = ids.shape, None
     pooled = model._steps.get(model, b, n + max_new_tokens)
     full_mask = torch.cat([mask, mask.new_ones(b, max_new_tokens)], 1)
@@ -395,7 +387,7 @@ class ChatSession:
         messages = self.messages + [{"role": "user", "content": user_text}]
         ids, mask = model.check_inputs(self.conversation_ids(messages), None, "predicted", max_new_tokens,
                                        self.exact_tail)
-        trace = _started(model.device)
+        trace = Trace.started(model.device)
         n = ids.shape[1]
         reuse = self._reusable(ids)
         exact_cols = min(self.exact_cols, reuse)  # the kept columns that are exact
