@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import torch
+from kvpred.decoding import Pooled
 from kvpred.model import KVPredictionModel, cache_kwargs
 from kvpred.refine import _prefill
 from kvpred.tasks import default_data_dir, text_windows
@@ -35,7 +36,7 @@ def continuation_scores(model: KVPredictionModel, ids: torch.Tensor, context: in
         cache = model.new_cache(*ids.shape)
         if prefix:
             base(input_ids=ids[:, :prefix], **cache_kwargs(base, cache), use_cache=True, logits_to_keep=1)
-        first, _ = _prefill(model, ids[:, :context], mask[:, :context], 1, cache, kept=prefix)
+        first, _ = _prefill(model, ids[:, :context], mask[:, :context], 1, Pooled(cache), kept=prefix)
         pos = torch.arange(context, ids.shape[1] - 1, device=ids.device).expand(len(ids), -1)
         rest = base(input_ids=ids[:, context:-1], position_ids=pos, **cache_kwargs(base, cache), use_cache=True).logits
         logits = torch.cat([first[:, -1:], rest.float()], 1)

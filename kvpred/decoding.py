@@ -319,23 +319,30 @@ def first_logits(model, pooled: Pooled, input_ids: torch.Tensor, mask: torch.Ten
     until the shape's graph was captured, after a first token, so no request waits for a capture before its first
     token); otherwise the prompt's tail runs eagerly (`prefill_into`). `defer_values` (kvpred.deferred) applies
     where the first token's step is eager."""
-    from .model import position_ids_from_mask
-
-    n = input_ids.shape[1]
-    prompt_mask = mask[:, :n]
+    prompt_mask = mask[:, :input_ids.shape[1]]
     padded = not bool(prompt_mask.all())
     cache = pooled.cache
     if mode == "predicted" and exact_tail == 1:
         first = pooled.step or EagerStep(model, cache)
         model.predict_into(cache, input_ids, prompt_mask if padded else None,
                            defer_values=defer_values and isinstance(first, EagerStep))
-        positions = position_ids_from_mask(prompt_mask)
-        first.start(input_ids[:, -1:], positions[:, -1:], n - 1, prompt_mask[:, :-1] if padded else None)
-        with deferred_values(model.base, cache.pending_values, finish=False):  # the pooled cache is reset on reuse
-            first()
-        return first.logits[:, -1]
+        return last_token(model, first, input_ids, prompt_mask, padded)
     return model.prefill_into(cache, input_ids, prompt_mask if padded else None, mode=mode,
                               exact_tail=exact_tail)[:, -1]
+
+
+def last_token(model, first: "GraphStep | EagerStep", input_ids: torch.Tensor, prompt_mask: torch.Tensor,
+               padded: bool) -> torch.Tensor:
+    """The last prompt token through `first` (the pooled step, or an eager one) over the N - 1 columns already in
+    its cache; returns its logits [B, V]."""
+    from .model import position_ids_from_mask
+
+    n = input_ids.shape[1]
+    positions = position_ids_from_mask(prompt_mask)
+    first.start(input_ids[:, -1:], positions[:, -1:], n - 1, prompt_mask[:, :-1] if padded else None)
+    with deferred_values(model.base, first.cache.pending_values, finish=False):  # a pooled cache resets on reuse
+        first()
+    return first.logits[:, -1]
 
 
 @torch.no_grad()

@@ -17,7 +17,8 @@ from typing import Sequence
 import torch
 from transformers import DynamicCache
 
-from .decoding import Pooled, Trace, capacity_bucket, decode, eos_token_ids, first_logits, pad_id
+from .decoding import (EagerStep, Pooled, Trace, capacity_bucket, decode, eos_token_ids, first_logits, last_token,
+                       pad_id)
 from .model import BufferCache, KVPredictionModel, cache_kwargs, capture, position_ids_from_mask
 from .models import KVPredError
 
@@ -81,7 +82,7 @@ def confidence(model: KVPredictionModel, input_ids: torch.Tensor, attention_mask
       prefix, so this is a proxy: it measures how well the predictor tracks the base on this very input.
     """
     input_ids, attention_mask = model.check_inputs(input_ids, attention_mask, "predicted", 0, exact_tail)
-    _, signal = _prefill(model, input_ids, attention_mask, exact_tail, model.new_cache(*input_ids.shape),
+    _, signal = _prefill(model, input_ids, attention_mask, exact_tail, Pooled(model.new_cache(*input_ids.shape)),
                          with_signal=True)
     return signal
 
@@ -136,7 +137,7 @@ def calibrate(model: KVPredictionModel, windows: torch.Tensor, *, trust: float =
     for ids in windows.split(batch_size):
         ids = ids.to(model.device)
         mask = torch.ones_like(ids)
-        logits, signal = _prefill(model, ids, mask, 1, model.new_cache(*ids.shape), with_signal=True)
+        logits, signal = _prefill(model, ids, mask, 1, Pooled(model.new_cache(*ids.shape)), with_signal=True)
         exact, _ = model.prefill(ids, mask, mode="exact")
         entropy += signal["entropy"].tolist()
         agree += (logits[:, -1].argmax(-1) == exact[:, -1].argmax(-1)).tolist()
@@ -168,11 +169,13 @@ def prefix_agreement(new_tokens: torch.Tensor, reference: torch.Tensor, pad_toke
 
 
 # -------------------------------------------------------------------- prefill with a kept prefix and signals
-def _prefill(model: KVPredictionModel, ids: torch.Tensor, mask: torch.Tensor, exact_tail: int, cache: BufferCache,
+def _prefill(model: KVPredictionModel, ids: torch.Tensor, mask: torch.Tensor, exact_tail: int, pooled: Pooled,
              kept: int = 0, with_signal: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Predicted prefill into `cache` on top of its first `kept` columns (already computed, and kept): predicted
-    K/V for columns [kept, N - W), then the base over the rest. Returns the logits of the columns the base ran
-    [B, T, V] (only the last one without signals) and the signals (empty unless `with_signal`)."""
+    """Predicted prefill into the pooled cache on top of its first `kept` columns (already computed, and kept):
+    predicted K/V for columns [kept, N - W), then the base over the rest, a last single token through the pooled
+    step (a CUDA graph once captured). Returns the logits of the columns the base ran [B, T, V] (only the last one
+    without signals) and the signals (empty unless `with_signal`)."""
+    cache = pooled.cache
     n_total = ids.shape[1]
     n = max(n_total - exact_tail, kept)  # columns [kept, n) are predicted; [n, N) run through the base
     pos = position_ids_from_mask(mask)
@@ -189,6 +192,9 @@ def _prefill(model: KVPredictionModel, ids: torch.Tensor, mask: torch.Tensor, ex
                            key_out[..., kept:, :], value_out[..., kept:, :])
         cache.set_length(n)
         tail_keys, tail_values = keys[:, :, n - kept:], values[:, :, n - kept:]  # [L, B, N-n, kv] when aux_end = N
+    if n_total - n == 1 and not with_signal:
+        first = pooled.step or EagerStep(model, cache)
+        return last_token(model, first, ids, mask, not bool(mask.all()))[:, None], {}
     with capture(model.base, "kv") if with_signal else nullcontext() as taps:
         out = model.base(input_ids=ids[:, n:], attention_mask=mask, position_ids=pos[:, n:],
                          **cache_kwargs(model.base, cache), use_cache=True,
@@ -312,7 +318,7 @@ def generate_refined(model: KVPredictionModel, input_ids: torch.Tensor, attentio
     full_mask = torch.cat([mask, mask.new_ones(b, max_new_tokens)], 1)
     thresholds = thresholds or Thresholds.for_model(model)
     if refine == "auto" and thresholds.signal != "entropy":  # the tail's signals need its logits and K/V
-        logits, signal = _prefill(model, ids, mask, exact_tail, pooled.cache, with_signal=True)
+        logits, signal = _prefill(model, ids, mask, exact_tail, pooled, with_signal=True)
         logits = logits[:, -1]
     else:  # generate's own first token (a CUDA-graph step on a GPU); the entropy needs nothing more
         logits = first_logits(model, pooled, ids, full_mask, mode="predicted", exact_tail=exact_tail,
@@ -397,7 +403,7 @@ class ChatSession:
             tail = n - reuse  # the base runs the new turn itself: cheaper than the aux, and exact
         predicted = max(n - tail - reuse, 0)
         policy = "off" if self.refine == "auto" and predicted == 0 else self.refine  # auto: nothing to decide
-        logits, signal = _prefill(model, ids, mask, tail, pooled.cache, reuse, with_signal=policy == "auto")
+        logits, signal = _prefill(model, ids, mask, tail, pooled, reuse, with_signal=policy == "auto")
         if policy == "auto":
             policy = choose_policy(signal, self.thresholds or Thresholds.for_model(self.model))
         budget = _budget(policy, self.chunk_size)

@@ -475,3 +475,18 @@ def test_refinement_decodes_on_graph_steps_on_a_gpu(tiny_llama):
         assert torch.equal(exact, out[row, :len(exact)])  # generate stops a row at its eos
     chunks = [chunk for pooled in model._steps.entries.values() for chunk in pooled.chunks.values()]
     assert chunks and all(isinstance(chunk, GraphChunk) for chunk in chunks)  # the refiner's chunks were graphs
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_chat_turns_take_their_first_token_from_the_sessions_captured_step_on_a_gpu(tiny_llama):
+    from kvpred.decoding import GraphStep
+
+    model = KVPredictionModel.from_pretrained(tiny_llama, keep_ratio=1.0, device="cuda")  # aux == base: exact
+    model.tokenizer.chat_template = CHAT_TEMPLATE
+    session = ChatSession(model, refine="off")  # no exact history: every turn is predicted, its last token a step
+    for text in TURNS:
+        conversation = session.conversation_ids(session.messages + [{"role": "user", "content": text}])
+        exact = model.generate(conversation, mode="exact", max_new_tokens=8)[0, conversation.shape[1]:]
+        session.send(text, max_new_tokens=8)
+        assert torch.equal(session.tokens[0, conversation.shape[1]:], exact)
+        assert isinstance(session.pooled.step, GraphStep)  # captured after the first turn's first token
