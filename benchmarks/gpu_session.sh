@@ -21,6 +21,7 @@
 #                128 MLP channels) fitted and distilled for TRAIN_MINUTES, on the shards (+ SAMPLE_TOKENS sampled);
 #                `ROUND=solo SOLO=thin ... wait` ships it, `SOLO=thin ... evalpair` compares it with the shipped default
 #   stage refine (after a and a2; carry .carry/g3 [.carry/pytest: wheels for its tests]) refinement / exact-tail curves of the shipped default (refine_eval)
+#   stage chat   (after a and a2; carry .carry/g3 .carry/pytest) refinement/chat CUDA tests, chat TTFT per turn
 #   stage equalflops (after a and a2; carry .carry/g3) exact tail vs truncation at equal FLOPs, 512-2048-token prompts
 #   stage evalfull (after a and a2; carry .carry/g3) the shipped default on every item of every task, then HumanEval
 #   stage generate (after a and a2; carry .carry/g3) generate() on CUDA-graph steps vs transformers' loop, timed and compared
@@ -94,6 +95,13 @@ refine)  # after a and a2 (carry .carry/g3): refinement and exact-tail curves of
     --prompts 64 --prompt-tokens 512 --new-tokens 128 --tails 1,64 --chunk-size 128 --ttft-prompts 10 --eager-chunks \
     --out $OUT/refine_gpu_shipped_eager_chunks --note "one H100 (nvidia-h100-x1), the shipped default; eager chunks" \
     2>&1 | grep "^| [0-9]"
+  ;;
+chat)  # after a and a2 (carry .carry/g3 .carry/pytest): the CUDA tests of refinement and chat, then chat TTFT per turn
+  assemble_model || exit 1
+  [ -d .carry/pytest ] && python3 -m pip install -q --no-index --no-deps --target "$SITE" .carry/pytest/*.whl
+  python3 -m pytest -q -p no:cacheprovider tests/test_refine.py tests/test_decoding.py 2>&1 | tail -3
+  python3 benchmarks/chat_ttft.py --model smollm2-135m --device cuda --data /tmp/carry/data/wikitext2-test.txt \
+    --turns 8 --out $OUT/chat_ttft_gpu.md 2>&1 | grep "^| \|^[a-zA-Z]"
   ;;
 equalflops)  # after a and a2 (carry .carry/g3): the shipped default's equal-FLOPs operating points on long prompts
   assemble_model || exit 1

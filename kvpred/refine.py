@@ -186,12 +186,12 @@ def _prefill(model: KVPredictionModel, ids: torch.Tensor, mask: torch.Tensor, ex
     if n > kept:
         key_in, value_in = model.aux_inputs(ids[:, :aux_end], mask[:, :aux_end], pos[:, :aux_end])
         # the auxiliary sees the whole conversation for context; only the new columns go through the predictor
-        keys, values = model.predictor(key_in[:, :, kept:], value_in[:, :, kept:])  # [L, B, aux_end-kept, kv]
         key_out, value_out = cache.slices(n)
-        model.base_kv_into(keys[:, :, :n - kept], values[:, :, :n - kept], pos[:, kept:n],
-                           key_out[..., kept:, :], value_out[..., kept:, :])
+        model.predict_kv_into(key_in[:, :, kept:n], value_in[:, :, kept:n], pos[:, kept:n],
+                              key_out[..., kept:, :], value_out[..., kept:, :])
         cache.set_length(n)
-        tail_keys, tail_values = keys[:, :, n - kept:], values[:, :, n - kept:]  # [L, B, N-n, kv] when aux_end = N
+        if aux_end > n:  # the tail's own predicted K/V, which kv_error compares with the base's [L, B, N-n, kv]
+            tail_keys, tail_values = model.predictor(key_in[:, :, n:], value_in[:, :, n:])
     if n_total - n == 1 and not with_signal:
         first = pooled.step or EagerStep(model, cache)
         return last_token(model, first, ids, mask, not bool(mask.all()))[:, None], {}

@@ -1,0 +1,117 @@
+"""Time to first token of each turn of a chat: a ChatSession (earlier turns' cache kept and refined, only the new
+turn predicted) against `generate` on the whole conversation, exact and predicted, at the same prompts.
+
+Each user turn is a WikiText passage of about --turn-tokens tokens followed by a request to summarise it. The
+session answers first (--reply-tokens greedy tokens); then exact and predicted `generate` are timed on the
+conversation the session was given at that turn (median of --repeats, after one untimed call). Every timing starts
+before the conversation is rendered with the chat template and tokenized, and stops when the first new token
+reaches the streamer on the host.
+
+    python benchmarks/chat_ttft.py --model smollm2-135m --device cpu --turns 5 --out benchmarks/results/chat_ttft_cpu.md
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from kvpred.bench import _device_name
+from kvpred.cli import add_model_arguments, load_model
+from kvpred.refine import ChatSession
+from kvpred.tasks import default_data_dir, text_windows
+
+
+class FirstToken:
+    """A streamer that notes when the first new token arrives (the prompt comes first)."""
+
+    def __init__(self):
+        self.puts, self.at = 0, None
+
+    def put(self, value) -> None:
+        self.puts += 1
+        if self.puts == 2:
+            self.at = time.perf_counter()
+
+    def end(self) -> None:
+        pass
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def generate_ttft(model, session: ChatSession, messages: list[dict], mode: str, repeats: int) -> float:
+    """Median seconds from rendering `messages` to generate's first token, after one untimed call."""
+    times = []
+    for _ in range(repeats + 1):
+        clock = FirstToken()
+        sync(model.device)
+        start = time.perf_counter()
+        ids = session.conversation_ids(messages)
+        model.generate(ids, mode=mode, max_new_tokens=2, streamer=clock)
+        times.append(clock.at - start)
+    return statistics.median(times[1:])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_model_arguments(parser)
+    parser.add_argument("--data", default=str(default_data_dir() / "wikitext2-test.txt"))
+    parser.add_argument("--turns", type=int, default=5)
+    parser.add_argument("--turn-tokens", type=int, default=384)
+    parser.add_argument("--reply-tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--refine", default="eager", help="the session's refine policy")
+    parser.add_argument("--out", required=True, help="markdown report; the JSON goes beside it")
+    args = parser.parse_args(argv)
+
+    model = load_model(args)
+    tokenizer = model.tokenizer
+    passages = [tokenizer.decode(w) for w in text_windows(tokenizer, args.data, args.turn_tokens, args.turns)]
+    session = ChatSession(model, system="You are a helpful assistant.", refine=args.refine)
+    rows = []
+    for turn, passage in enumerate(passages, 1):
+        text = f"{passage}\n\nSummarise the passage above in one sentence."
+        messages = session.messages + [{"role": "user", "content": text}]
+        clock = FirstToken()
+        sync(model.device)
+        start = time.perf_counter()
+        session.send(text, max_new_tokens=args.reply_tokens, streamer=clock)
+        info = session.last_info
+        row = {"turn": turn, "prompt_tokens": info["prompt_tokens"], "reused_tokens": info["reused_tokens"],
+               "predicted_tokens": info["predicted_tokens"], "session_s": clock.at - start,
+               **{f"{mode}_s": generate_ttft(model, session, messages, mode, args.repeats)
+                  for mode in ("exact", "predicted")}}
+        rows.append(row)
+        print(f"turn {turn}: {row['prompt_tokens']} tokens, {row['reused_tokens']} reused; TTFT ms exact "
+              f"{row['exact_s'] * 1e3:.1f}, predicted {row['predicted_s'] * 1e3:.1f}, session "
+              f"{row['session_s'] * 1e3:.1f}", file=sys.stderr)
+
+    command = shlex.join(["python", sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
+    setup = (f"{_device_name(model.device)}, {str(model.base.dtype).removeprefix('torch.')}, batch 1; "
+             f"{args.turns} user turns of {args.turn_tokens} WikiText tokens, replies of {args.reply_tokens} greedy "
+             f"tokens; the session refines '{args.refine}'; generate: median of {args.repeats} after one warm-up")
+    lines = [f"# Chat TTFT per turn ({args.model})", "", f"`{command}`", "", setup, "",
+             "| turn | prompt tokens | reused | predicted | TTFT ms exact | predicted | session | exact / session |",
+             "|--:|--:|--:|--:|--:|--:|--:|--:|"]
+    for r in rows:
+        lines.append(f"| {r['turn']} | {r['prompt_tokens']} | {r['reused_tokens']} | {r['predicted_tokens']} | "
+                     f"{r['exact_s'] * 1e3:.1f} | {r['predicted_s'] * 1e3:.1f} | {r['session_s'] * 1e3:.1f} | "
+                     f"{r['exact_s'] / r['session_s']:.2f}x |")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines) + "\n")
+    out.with_suffix(".json").write_text(json.dumps({"command": command, "setup": setup, "turns": rows}, indent=1))
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
