@@ -5,6 +5,7 @@ batch 1; `generate(max_new_tokens=1)` timed to the token on the host, for each S
     python benchmarks/shape_cost_probe.py
 """
 import time
+from types import SimpleNamespace
 
 import torch
 
@@ -20,6 +21,7 @@ def timed(model, ids, mode):
 
 def main():
     model = random_kvp_model("smollm2-135m", aux_keep=4 / 30, source="hidden", rank=128)
+    model.tokenizer = SimpleNamespace(pad_token_id=0, eos_token_id=None)  # random weights come without one
     model.generate(torch.randint(0, 1000, (1, 300), device="cuda"), max_new_tokens=4)  # start-up, pools, graphs
     print(torch.__version__, torch.cuda.get_device_name(), "cudnn sdp enabled:", torch.backends.cuda.cudnn_sdp_enabled())
     for cudnn in (True, False):
