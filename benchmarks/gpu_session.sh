@@ -100,6 +100,7 @@ chat)  # after a and a2 (carry .carry/g3 .carry/pytest): the CUDA tests of refin
   assemble_model || exit 1
   [ -d .carry/pytest ] && python3 -m pip install -q --no-index --no-deps --target "$SITE" .carry/pytest/*.whl
   python3 -m pytest -q -p no:cacheprovider tests/test_refine.py tests/test_decoding.py 2>&1 | tail -3
+  python3 benchmarks/shape_cost_probe.py 2>&1 | grep -v Warn | tee $OUT/shape_cost.txt
   python3 benchmarks/chat_ttft.py --model smollm2-135m --device cuda --data /tmp/carry/data/wikitext2-test.txt \
     --turns 8 --out $OUT/chat_ttft_gpu.md 2>&1 | grep "^| \|^[a-zA-Z]"
   ;;

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .deferred import deferred_values
 from .models import KVPredError
@@ -210,6 +211,15 @@ class Pooled:
             self.chunks[width] = None
             return False
         return True
+
+
+def without_cudnn_attention():
+    """A context in which SDPA does not use its cuDNN backend. On an H100 (torch 2.11) cuDNN attention builds a plan
+    for each new sequence length: the first call at each prompt length took 50-640 ms longer than the next
+    (benchmarks/results/h100/shape_cost), and a server meets a new length with nearly every request. Flash and
+    memory-efficient attention pay nothing per length. `generate`, `generate_refined` and `ChatSession.send` run
+    inside it."""
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
 def capacity_bucket(tokens: int) -> int:

@@ -19,7 +19,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from . import lora, models
 from .models import KVPredError
-from .decoding import StepPool, eos_token_ids, generate_with_steps, pad_id
+from .decoding import StepPool, eos_token_ids, generate_with_steps, pad_id, without_cudnn_attention
 from .deferred import PendingValues, deferred_values
 from .predictor import KVPredictor, PredictorConfig
 from .rope import rope_tables, rotate
@@ -470,6 +470,7 @@ class KVPredictionModel(nn.Module):
         return input_ids, attention_mask
 
     @torch.no_grad()
+    @without_cudnn_attention()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
                  mode: str = "predicted", exact_tail: int = 1, max_new_tokens: int = 32, do_sample: bool = False,
                  temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,

@@ -18,7 +18,7 @@ import torch
 from transformers import DynamicCache
 
 from .decoding import (EagerStep, Pooled, Trace, capacity_bucket, decode, eos_token_ids, first_logits, last_token,
-                       pad_id)
+                       pad_id, without_cudnn_attention)
 from .model import BufferCache, KVPredictionModel, cache_kwargs, capture, position_ids_from_mask
 from .models import KVPredError
 
@@ -289,6 +289,7 @@ def _budget(policy: str, chunk_size: int) -> int:
 
 
 @torch.no_grad()
+@without_cudnn_attention()
 def generate_refined(model: KVPredictionModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                      *, exact_tail: int = 1, max_new_tokens: int = 32, do_sample: bool = False,
                      temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, refine: str = "eager",
@@ -383,6 +384,7 @@ class ChatSession:
         return tok(text, add_special_tokens=False, return_tensors="pt").input_ids.to(self.model.device)
 
     @torch.no_grad()
+    @without_cudnn_attention()
     def send(self, user_text: str, *, max_new_tokens: int = 64, do_sample: bool = False, temperature: float = 1.0,
              top_p: float = 1.0, top_k: int = 0, streamer=None, logits_processor=None,
              stopping_criteria=None) -> str:

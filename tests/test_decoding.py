@@ -142,3 +142,22 @@ def test_graph_steps_give_transformers_tokens_on_a_gpu(tiny_llama, mode, tail):
         mine = model.generate(ids, mask, mode=mode, exact_tail=tail, max_new_tokens=10)
         theirs = model.generate(ids, mask, mode=mode, exact_tail=tail, max_new_tokens=10, transformers_loop=True)
         assert torch.equal(mine, theirs)
+
+
+def test_generation_runs_without_cudnn_attention_and_restores_it(model):
+    """cuDNN's SDPA plans per sequence length (50-640 ms at each new prompt length on an H100), so generate,
+    generate_refined and ChatSession.send keep SDPA off it, and leave the process's setting as they found it."""
+    from kvpred.refine import generate_refined
+
+    seen = []
+
+    class Probe(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            seen.append(torch.backends.cuda.cudnn_sdp_enabled())
+            return scores
+
+    ids, mask = encode_prompts(model.tokenizer, PROMPTS)
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    model.generate(ids, mask, max_new_tokens=2, logits_processor=LogitsProcessorList([Probe()]))
+    generate_refined(model, ids, mask, max_new_tokens=2, logits_processor=LogitsProcessorList([Probe()]))
+    assert seen == [False] * 4 and torch.backends.cuda.cudnn_sdp_enabled() == before
