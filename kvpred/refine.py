@@ -179,12 +179,14 @@ def _prefill(model: KVPredictionModel, ids: torch.Tensor, mask: torch.Tensor, ex
     n_total = ids.shape[1]
     n = max(n_total - exact_tail, kept)  # columns [kept, n) are predicted; [n, N) run through the base
     pos = position_ids_from_mask(mask)
+    padded = not bool(mask.all())  # unpadded batches pass no mask: SDPA's causal fast path, as generate takes
     aux_end = n_total if with_signal and exact_tail >= 2 else n
     tail_keys = tail_values = None
     cache.reset()  # drops a previous request's pending values too
     cache.set_length(kept)
     if n > kept:
-        key_in, value_in = model.aux_inputs(ids[:, :aux_end], mask[:, :aux_end], pos[:, :aux_end])
+        key_in, value_in = model.aux_inputs(ids[:, :aux_end], mask[:, :aux_end] if padded else None,
+                                            pos[:, :aux_end] if padded else None)
         # the auxiliary sees the whole conversation for context; only the new columns go through the predictor
         key_out, value_out = cache.slices(n)
         model.predict_kv_into(key_in[:, :, kept:n], value_in[:, :, kept:n], pos[:, kept:n],
@@ -194,9 +196,9 @@ def _prefill(model: KVPredictionModel, ids: torch.Tensor, mask: torch.Tensor, ex
             tail_keys, tail_values = model.predictor(key_in[:, :, n:], value_in[:, :, n:])
     if n_total - n == 1 and not with_signal:
         first = pooled.step or EagerStep(model, cache)
-        return last_token(model, first, ids, mask, not bool(mask.all()))[:, None], {}
+        return last_token(model, first, ids, mask, padded)[:, None], {}
     with capture(model.base, "kv") if with_signal else nullcontext() as taps:
-        out = model.base(input_ids=ids[:, n:], attention_mask=mask, position_ids=pos[:, n:],
+        out = model.base(input_ids=ids[:, n:], attention_mask=mask if padded else None, position_ids=pos[:, n:],
                          **cache_kwargs(model.base, cache), use_cache=True,
                          logits_to_keep=0 if with_signal else 1)  # 0: all (tail_nll reads them)
     logits = out.logits.float()  # [B, N-n or 1, V]
