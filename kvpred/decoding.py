@@ -215,7 +215,7 @@ class Pooled:
 
 def without_cudnn_attention():
     """A context in which SDPA does not use its cuDNN backend. On an H100 (torch 2.11) cuDNN attention builds a plan
-    for each new sequence length: the first call at each prompt length took 50-640 ms longer than the next
+    for each new sequence length: the first call at each prompt length took 49-741 ms longer than the next
     (benchmarks/results/h100/shape_cost), and a server meets a new length with nearly every request. Flash and
     memory-efficient attention pay nothing per length. `generate`, `generate_refined` and `ChatSession.send` run
     inside it."""

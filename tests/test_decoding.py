@@ -145,7 +145,7 @@ def test_graph_steps_give_transformers_tokens_on_a_gpu(tiny_llama, mode, tail):
 
 
 def test_generation_runs_without_cudnn_attention_and_restores_it(model):
-    """cuDNN's SDPA plans per sequence length (50-640 ms at each new prompt length on an H100), so generate,
+    """cuDNN's SDPA plans per sequence length (49-741 ms at each new prompt length on an H100), so generate,
     generate_refined and ChatSession.send keep SDPA off it, and leave the process's setting as they found it."""
     from kvpred.refine import generate_refined
 
