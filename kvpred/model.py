@@ -659,11 +659,13 @@ def _rotate_into(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: 
 
 def _step_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                     attention_mask: torch.Tensor, scaling: float | None = None, **kwargs) -> tuple[torch.Tensor, None]:
-    """Attention of one query token per row over a whole static buffer under a mask, as two matmuls and without
-    repeating K/V for GQA: the query heads sharing a KV head become that head's queries. query [B, Hq, 1, D],
-    key/value [B, Hkv, T, D], attention_mask [B, 1, 1, T] bool. Returns [B, 1, Hq, Dv] like transformers'
-    sdpa_attention_forward. Several query tokens per row (a refinement chunk) go to SDPA. Not SDPA: under a mask it takes 3-6x longer per layer at 32k tokens on an H100, and the
-    CUDA-graph step of Llama-3.2-1B drops from 11.5 to 4.1 ms (benchmarks/results/h100/step_attention)."""
+    """The static step's attention over a whole buffer under a mask. query [B, Hq, Q, D], key/value [B, Hkv, T, D],
+    attention_mask [B, 1, Q, T] bool; returns [B, Q, Hq, Dv] like transformers' sdpa_attention_forward.
+
+    One query token per row (the decode step) runs as two matmuls, without repeating K/V for GQA: the query heads
+    sharing a KV head become that head's queries. Not SDPA: under a mask it takes 3-6x longer per layer at 32k tokens
+    on an H100, and the CUDA-graph step of Llama-3.2-1B drops from 11.5 to 4.1 ms
+    (benchmarks/results/h100/step_attention). Several query tokens per row (a refinement chunk) go to SDPA."""
     b, hq, q_len, d = query.shape
     hkv = key.shape[1]
     if q_len > 1:  # a refinement chunk (kvpred.decoding.GraphChunk): enough queries for SDPA's kernels
