@@ -15,22 +15,10 @@ import time
 
 import torch
 
+from chat_ttft import FirstToken  # benchmarks/ is on the path when run as a script
 from kvpred.cli import add_model_arguments, load_model
 from kvpred.refine import ChatSession
 from kvpred.tasks import default_data_dir, text_windows
-
-
-class FirstToken:
-    def __init__(self):
-        self.puts, self.at = 0, None
-
-    def put(self, value) -> None:
-        self.puts += 1
-        if self.puts == 2:
-            self.at = time.perf_counter()
-
-    def end(self) -> None:
-        pass
 
 
 def main() -> int:
