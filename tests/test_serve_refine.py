@@ -315,3 +315,25 @@ def test_cli_serve_takes_refine_options():
     args = build_parser().parse_args(["serve", "--refine", "auto", "--refine-chunk", "64", "--max-sessions", "4"])
     assert (args.refine, args.refine_chunk, args.max_sessions) == ("auto", 64, 4)
     assert build_parser().parse_args(["serve"]).refine == "off"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_refined_requests_and_session_turns_are_served_from_a_gpu(tiny_llama):
+    """On CUDA the server's refined requests and session turns run on graph steps and captured refinement chunks;
+    with aux == base they answer as exact mode does, logprobs included."""
+    model = KVPredictionModel.from_pretrained(tiny_llama, keep_ratio=1.0, device="cuda")
+    model.tokenizer.chat_template = CHAT_TEMPLATE
+    with serve_in_thread(create_app(model, ServeConfig(model_name=NAME))) as url:
+        client = OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        for _ in range(2):  # the second time on captured graphs
+            refined = complete(client, max_tokens=12, refine="eager", refine_chunk=8, logprobs=2)
+            exact = complete(client, max_tokens=12, kv_mode="exact", logprobs=2)
+            assert refined.choices[0].logprobs.tokens == exact.choices[0].logprobs.tokens
+            assert refined.choices[0].logprobs.token_logprobs == pytest.approx(
+                exact.choices[0].logprobs.token_logprobs, abs=1e-3)
+        first = chat(client, CHAT, session="gpu", refine="eager", refine_chunk=8)
+        messages = CHAT + [{"role": "assistant", "content": first.choices[0].message.content},
+                           {"role": "user", "content": "And then what happened?"}]
+        second = chat(client, messages, session="gpu", refine="eager", refine_chunk=8)
+        assert second.model_extra["reused_tokens"] > 0
+        assert second.choices[0].message.content == chat(client, messages, kv_mode="exact").choices[0].message.content
