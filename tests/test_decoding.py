@@ -144,10 +144,10 @@ def test_graph_steps_give_transformers_tokens_on_a_gpu(tiny_llama, mode, tail):
         assert torch.equal(mine, theirs)
 
 
-def test_generation_runs_without_cudnn_attention_and_restores_it(model):
+def test_generation_runs_without_cudnn_attention_and_restores_it(model, monkeypatch):
     """cuDNN's SDPA plans per sequence length (49-741 ms at each new prompt length on an H100), so generate,
     generate_refined and ChatSession.send keep SDPA off it, and leave the process's setting as they found it."""
-    from kvpred.refine import generate_refined
+    from kvpred.refine import ChatSession, generate_refined
 
     seen = []
 
@@ -160,4 +160,6 @@ def test_generation_runs_without_cudnn_attention_and_restores_it(model):
     before = torch.backends.cuda.cudnn_sdp_enabled()
     model.generate(ids, mask, max_new_tokens=2, logits_processor=LogitsProcessorList([Probe()]))
     generate_refined(model, ids, mask, max_new_tokens=2, logits_processor=LogitsProcessorList([Probe()]))
-    assert seen == [False] * 4 and torch.backends.cuda.cudnn_sdp_enabled() == before
+    monkeypatch.setattr(model.tokenizer, "chat_template", "{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    ChatSession(model).send("hello", max_new_tokens=2, logits_processor=LogitsProcessorList([Probe()]))
+    assert seen == [False] * 6 and torch.backends.cuda.cudnn_sdp_enabled() == before
