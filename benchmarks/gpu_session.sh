@@ -21,6 +21,7 @@
 #                128 MLP channels) fitted and distilled for TRAIN_MINUTES, on the shards (+ SAMPLE_TOKENS sampled);
 #                `ROUND=solo SOLO=thin ... wait` ships it, `SOLO=thin ... evalpair` compares it with the shipped default
 #   stage refine (after a and a2; carry .carry/g3 [.carry/pytest: wheels for its tests]) refinement / exact-tail curves of the shipped default (refine_eval)
+#   stage refine1 (after a and a2; carry .carry/g3) eager refinement with one chunk covering the prompt
 #   stage chat   (after a and a2; carry .carry/g3 .carry/pytest) refinement/chat CUDA tests, chat TTFT per turn
 #   stage equalflops (after a and a2; carry .carry/g3) exact tail vs truncation at equal FLOPs, 512-2048-token prompts
 #   stage evalfull (after a and a2; carry .carry/g3) the shipped default on every item of every task, then HumanEval
@@ -94,6 +95,13 @@ refine)  # after a and a2 (carry .carry/g3): refinement and exact-tail curves of
   python3 benchmarks/refine_eval.py --model smollm2-135m --device cuda --data /tmp/carry/data/wikitext2-test.txt \
     --prompts 64 --prompt-tokens 512 --new-tokens 128 --tails 1,64 --chunk-size 128 --ttft-prompts 10 --eager-chunks \
     --out $OUT/refine_gpu_shipped_eager_chunks --note "one H100 (nvidia-h100-x1), the shipped default; eager chunks" \
+    2>&1 | grep "^| [0-9]"
+  ;;
+refine1)  # after a and a2 (carry .carry/g3): eager refinement of the whole prompt in the first decode step
+  assemble_model || exit 1
+  python3 benchmarks/refine_eval.py --model smollm2-135m --device cuda --data /tmp/carry/data/wikitext2-test.txt \
+    --prompts 64 --prompt-tokens 512 --new-tokens 128 --tails 1,64 --policies off,eager --chunk-size 1024 \
+    --ttft-prompts 10 --out $OUT/refine_gpu_shipped_one_chunk --note "one H100 (nvidia-h100-x1), the shipped default" \
     2>&1 | grep "^| [0-9]"
   ;;
 chat)  # after a and a2 (carry .carry/g3 .carry/pytest): the CUDA tests of refinement and chat, then chat TTFT per turn
