@@ -13,32 +13,21 @@ import pstats
 import sys
 import time
 
-import torch
-
-from chat_ttft import FirstToken  # benchmarks/ is on the path when run as a script
-from kvpred.cli import add_model_arguments, load_model
-from kvpred.refine import ChatSession
-from kvpred.tasks import default_data_dir, text_windows
+from chat_ttft import FirstToken, add_conversation_arguments, started_session, user_turns  # benchmarks/ is on the path
+from kvpred.cli import load_model
+from kvpred.decoding import synchronize
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_model_arguments(parser)
-    parser.add_argument("--data", default=str(default_data_dir() / "wikitext2-test.txt"))
-    parser.add_argument("--turns", type=int, default=6)
-    parser.add_argument("--turn-tokens", type=int, default=384)
+    add_conversation_arguments(parser, turns=6)
     parser.add_argument("--top", type=int, default=25)
     args = parser.parse_args()
     model = load_model(args)
-    passages = [model.tokenizer.decode(w) for w in text_windows(model.tokenizer, args.data, args.turn_tokens,
-                                                                args.turns)]
-    model.generate(torch.tensor([[1, 2, 3]], device=model.device), max_new_tokens=2)  # CUDA / cuBLAS start-up
-    session = ChatSession(model, system="You are a helpful assistant.")
-    for turn, passage in enumerate(passages, 1):
-        text = f"{passage}\n\nSummarise the passage above in one sentence."
+    session = started_session(model, "eager")
+    for turn, text in enumerate(user_turns(model.tokenizer, args), 1):
         profiler = cProfile.Profile()
-        if model.device.type == "cuda":
-            torch.cuda.synchronize()
+        synchronize(model.device)
         start = time.perf_counter()
         clock = FirstToken()
         profiler.enable()

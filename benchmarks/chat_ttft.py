@@ -23,6 +23,7 @@ import torch
 
 from kvpred.bench import _device_name
 from kvpred.cli import add_model_arguments, load_model
+from kvpred.decoding import synchronize
 from kvpred.refine import ChatSession
 from kvpred.tasks import default_data_dir, text_windows
 
@@ -42,17 +43,12 @@ class FirstToken:
         pass
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def generate_ttft(model, session: ChatSession, messages: list[dict], mode: str, repeats: int) -> tuple[float, float]:
     """Seconds from rendering `messages` to generate's first token: the first call, and the median of the others."""
     times = []
     for _ in range(repeats + 1):
         clock = FirstToken()
-        sync(model.device)
+        synchronize(model.device)
         start = time.perf_counter()
         ids = session.conversation_ids(messages)
         model.generate(ids, mode=mode, max_new_tokens=2, streamer=clock)
@@ -60,12 +56,28 @@ def generate_ttft(model, session: ChatSession, messages: list[dict], mode: str, 
     return times[0], statistics.median(times[1:])
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_conversation_arguments(parser: argparse.ArgumentParser, turns: int) -> None:
     add_model_arguments(parser)
     parser.add_argument("--data", default=str(default_data_dir() / "wikitext2-test.txt"))
-    parser.add_argument("--turns", type=int, default=5)
+    parser.add_argument("--turns", type=int, default=turns)
     parser.add_argument("--turn-tokens", type=int, default=384)
+
+
+def user_turns(tokenizer, args: argparse.Namespace) -> list[str]:
+    """--turns user messages: a WikiText passage of --turn-tokens tokens, then a request to summarise it."""
+    windows = text_windows(tokenizer, args.data, args.turn_tokens, args.turns)
+    return [f"{tokenizer.decode(w)}\n\nSummarise the passage above in one sentence." for w in windows]
+
+
+def started_session(model, refine: str) -> ChatSession:
+    """A fresh session, after an untimed generation that pays the device's start-up."""
+    model.generate(torch.tensor([[1, 2, 3]], device=model.device), max_new_tokens=2)
+    return ChatSession(model, system="You are a helpful assistant.", refine=refine)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_conversation_arguments(parser, turns=5)
     parser.add_argument("--reply-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--refine", default="eager", help="the session's refine policy")
@@ -73,16 +85,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     model = load_model(args)
-    tokenizer = model.tokenizer
-    passages = [tokenizer.decode(w) for w in text_windows(tokenizer, args.data, args.turn_tokens, args.turns)]
-    model.generate(torch.tensor([[1, 2, 3]], device=model.device), max_new_tokens=2)  # device start-up, untimed
-    session = ChatSession(model, system="You are a helpful assistant.", refine=args.refine)
+    session = started_session(model, args.refine)
     rows = []
-    for turn, passage in enumerate(passages, 1):
-        text = f"{passage}\n\nSummarise the passage above in one sentence."
+    for turn, text in enumerate(user_turns(model.tokenizer, args), 1):
         messages = session.messages + [{"role": "user", "content": text}]
         clock = FirstToken()
-        sync(model.device)
+        synchronize(model.device)
         start = time.perf_counter()
         session.send(text, max_new_tokens=args.reply_tokens, streamer=clock)
         info = session.last_info

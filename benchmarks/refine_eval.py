@@ -29,15 +29,10 @@ from pathlib import Path
 import torch
 
 from kvpred.cli import add_model_arguments, load_model
-from kvpred.decoding import eos_token_ids
+from kvpred.decoding import eos_token_ids, synchronize
 from kvpred.refine import (confidence, generate_refined, prefix_agreement, token_agreement,
                            tradeoff_curve)
 from kvpred.tasks import default_data_dir, text_windows
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def mean(values) -> float | None:
@@ -72,7 +67,7 @@ def time_ttft(model, prompts: torch.Tensor, tail: int, device: torch.device) -> 
     for prompt in prompts:
         row = prompt[None]
         for mode in ("exact", "predicted"):  # generate's own path: pooled cache, CUDA-graph step on a GPU
-            sync(device)
+            synchronize(device)
             start = time.perf_counter()
             model.generate(row, mode=mode, exact_tail=tail, max_new_tokens=1)[:, -1].tolist()  # on the host
             timings[mode].append(time.perf_counter() - start)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from .decoding import EagerStep, GraphStep, make_step
+from .decoding import EagerStep, GraphStep, make_step, synchronize
 from .deferred import deferred_values
 from .models import KVPredError
 
@@ -135,7 +135,7 @@ class Clock:
         self.device, self.cuda = device, device.type == "cuda"
 
     def start(self) -> None:
-        _sync(self.device)
+        synchronize(self.device)
         self.marks: list[tuple[str, object]] = []
         self.t0 = time.perf_counter()
         self.first = _event() if self.cuda else self.t0
@@ -160,11 +160,6 @@ def _event():
     event = torch.cuda.Event(enable_timing=True)
     event.record()
     return event
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 class PeakMemory:
@@ -341,12 +336,12 @@ class TTFTBench:
         """Greedy decode_tokens steps after a prefill whose first token is `token` [B]; returns tokens/s (all rows).
         Deferred values are written in the first step, so their cost counts here."""
         c.step.start(token.to(self.device)[:, None], c.next_pos, c.length)
-        _sync(self.device)
+        synchronize(self.device)
         start = time.perf_counter()
         with deferred_values(self.base, c.base_cache.pending_values):
             for _ in range(self.s.decode_tokens):
                 c.step()
-        _sync(self.device)
+        synchronize(self.device)
         return c.batch * self.s.decode_tokens / (time.perf_counter() - start)
 
     def modes(self) -> list[tuple[str, Variant]]:

@@ -296,15 +296,16 @@ class Trace:
     @classmethod
     def started(cls, device: torch.device) -> "Trace":
         """A trace whose clock starts now, once the device has finished earlier work."""
-        _synchronize(device)
+        synchronize(device)
         return cls(time.perf_counter())
 
     def tick(self, device: torch.device) -> None:
-        _synchronize(device)
+        synchronize(device)
         self.token_s.append(time.perf_counter() - self.start)
 
 
-def _synchronize(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (a no-op on the CPU), before reading a clock."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
