@@ -270,9 +270,10 @@ def sample(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: flo
 
 
 def eos_token_ids(model, eos_token_id=None) -> torch.Tensor:
-    """The ids that end a row: `eos_token_id` (int or list), else KVPredictionModel.generate's default."""
+    """The ids that end a row: `eos_token_id` (int or list), else the base's generation config's, else the
+    tokenizer's. KVPredictionModel.generate's every loop uses this default."""
     eos = eos_token_id
-    if eos is None:  # the same default as KVPredictionModel.generate
+    if eos is None:
         eos = model.base.generation_config.eos_token_id or model.tokenizer.eos_token_id
     eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
     return torch.tensor(eos, dtype=torch.long, device=model.device)

@@ -502,7 +502,7 @@ class KVPredictionModel(nn.Module):
             max_new_tokens=max_new_tokens, do_sample=do_sample,
             temperature=temperature if do_sample else None, top_p=top_p if do_sample else None,
             top_k=top_k if do_sample else None, stop_strings=stop_strings,
-            eos_token_id=self.base.generation_config.eos_token_id or self.tokenizer.eos_token_id,
+            eos_token_id=eos_token_ids(self).tolist() or None,
             pad_token_id=self.tokenizer.pad_token_id)
         model = self.aux if mode == "aux" else self.base
         cache = (self.predicted_cache(input_ids, attention_mask, exact_tail, defer_values=defer)
