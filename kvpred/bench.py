@@ -251,6 +251,8 @@ def variant_name(model, keep: float | None = None) -> str:
     rank = model.config.predictor.rank
     source = ", hidden-state input" if model.config.predictor.source == "hidden" else ""
     source += f", rank-{rank} predictor" if rank else ""
+    dtype = model.predictor_compute_dtype
+    source += f" in {str(dtype).removeprefix('torch.')}" if dtype not in (None, model.base.dtype) else ""
     if spec.kind != "pruned":
         return f"KVP-C {Path(spec.name_or_path or 'aux').name}{source}"
     if keep is None:  # the paper's ratios, where the retained layers follow their pattern
@@ -684,7 +686,7 @@ def _command(args, weights: str) -> str:
     for flag, value in (("--max-batch-tokens", args.max_batch_tokens), ("--time-budget", args.time_budget)):
         parts += [flag, str(value)] if value is not None else []
     parts += ["--cuda-graph", args.cuda_graph, "--compile", args.compile, "--defer-values", args.defer_values]
-    parts += ["--seed", str(args.seed)]
+    parts += ["--predictor-dtype", args.predictor_dtype, "--seed", str(args.seed)]
     parts += ["--label", args.label] if args.label else []
     parts += ["--threads", str(args.threads)] if args.threads else []
     return shlex.join(parts)
@@ -702,6 +704,10 @@ def _ttft_command(args) -> int:
         raise KVPredError("--repeats must be at least 1")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.predictor_dtype != "auto":  # on the class: every variant, named by what it runs
+        from .model import KVPredictionModel
+
+        KVPredictionModel.predictor_dtype = None if args.predictor_dtype == "model" else torch.bfloat16
     variants, label, weights = load_variants(args)
     label = args.label or label
     if settings.compile_predictor:
@@ -794,6 +800,9 @@ def register(subparsers) -> None:
     p.add_argument("--defer-values", choices=("auto", "off"), default="auto",
                    help="auto: with the eager step, predicted mode writes only the keys before its first token and "
                         "the values in the first decode step (kvpred.deferred; the decode speed pays for them)")
+    p.add_argument("--predictor-dtype", choices=("auto", "model", "bfloat16"), default="auto",
+                   help="what the predictor's matmuls run in (auto: bf16 for an fp32 model on a CPU with bf16 dot "
+                        "products, else the model's dtype; see KVPredictionModel.predictor_dtype)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--label", default=None, help="model name in the tables (default: --shape or --model)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")

@@ -67,6 +67,7 @@ class KVPredictor(nn.Module):
         self.key_bias = nn.Parameter(torch.empty(n, config.key_features))
         self.value_weight = nn.Parameter(torch.empty(n, config.value_features, width))
         self.value_bias = nn.Parameter(torch.empty(n, config.value_features))
+        self._casts: dict = {}  # see _cast
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -90,24 +91,47 @@ class KVPredictor(nn.Module):
             weight.copy_(eye.expand_as(weight))
             bias.zero_()
 
-    def forward(self, key_in: torch.Tensor, value_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """key_in, value_in: [L_aux, B, T, in] -> keys [L_base, B, T, key], values [L_base, B, T, value]."""
-        keys, (inputs, index) = self.keys_and_value_inputs(key_in, value_in)
-        return keys, self._project(inputs.index_select(0, index), self.value_weight, self.value_bias)
+    def forward(self, key_in: torch.Tensor, value_in: torch.Tensor,
+                dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """key_in, value_in: [L_aux, B, T, in] -> keys [L_base, B, T, key], values [L_base, B, T, value]; with
+        `dtype`, the matmuls run and keys and values come out in it (see `keys_and_value_inputs`)."""
+        keys, (inputs, index) = self.keys_and_value_inputs(key_in, value_in, dtype)
+        weight, bias = self._cast((self.value_weight, self.value_bias), dtype)
+        return keys, self._project(inputs.to(weight.dtype).index_select(0, index), weight, bias)
 
-    def keys_and_value_inputs(self, key_in: torch.Tensor,
-                              value_in: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    def keys_and_value_inputs(self, key_in: torch.Tensor, value_in: torch.Tensor, dtype: torch.dtype | None = None
+                              ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         """The keys [L_base, B, T, key], and what the value maps read without running them: (inputs [M, B, T, w],
-        index [L_base]); base layer l's values are `inputs[index[l]] @ value_weight[l].T + value_bias[l]`."""
+        index [L_base]); base layer l's values are `inputs[index[l]] @ value_weight[l].T + value_bias[l]`.
+
+        With `dtype` (bf16 on a CPU with bf16 dot products), the matmuls run in it and the keys come out in it, as
+        does a factorised predictor's code. For inference: the cast weights carry no gradient."""
         if self.config.rank is not None:  # hidden input: key_in is value_in, one code serves both
             _, b, t, d = key_in.shape
-            taps = key_in.index_select(0, self.taps).reshape(len(self.config.taps), b * t, d)
-            code = torch.bmm(taps, self.down.transpose(1, 2)).view(len(self.config.taps), b, t, -1)  # [taps, B, T, r]
+            (down,) = self._cast((self.down,), dtype)
+            if key_in.shape[0] != len(self.config.taps):  # else the inputs are the taps (sorted, distinct)
+                key_in = key_in.index_select(0, self.taps)
+            taps = key_in.to(down.dtype).reshape(len(self.config.taps), b * t, d)
+            code = torch.bmm(taps, down.transpose(1, 2)).view(len(self.config.taps), b, t, -1)  # [taps, B, T, r]
             key_src = value_src = (code, self.code_of_layer)
         else:
-            key_src, value_src = (key_in, self.layer_map), (value_in, self.layer_map)
-        keys = self._project(key_src[0].index_select(0, key_src[1]), self.key_weight, self.key_bias)
+            key_src = (key_in if dtype is None else key_in.to(dtype), self.layer_map)
+            value_src = (value_in, self.layer_map)
+        weight, bias = self._cast((self.key_weight, self.key_bias), dtype)
+        keys = self._project(key_src[0].index_select(0, key_src[1]), weight, bias)
         return keys, value_src
+
+    def _cast(self, params: tuple[nn.Parameter, ...], dtype: torch.dtype | None) -> tuple[torch.Tensor, ...]:
+        """`params` in `dtype` (as they are when None or already in it). Casts are kept until a parameter is
+        replaced or updated in place (an optimiser step bumps its version), so a chunked prediction casts once."""
+        if dtype is None or all(p.dtype == dtype for p in params):
+            return params
+        stamp = tuple((p.data_ptr(), p._version) for p in params)
+        key = (tuple(id(p) for p in params), dtype)
+        kept = self._casts.get(key)
+        if kept is None or kept[0] != stamp:
+            kept = self._casts[key] = (stamp, tuple(p.detach().to(dtype) for p in params))
+        return kept[1]
 
     @staticmethod
     def _project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:

@@ -5,12 +5,22 @@ import pytest
 import torch
 
 from kvpred.data import build_shards
+from kvpred.model import KVPredictionModel
 from kvpred.testing import byte_tokenizer, save_tiny_model
 
 ARCHS = ["llama", "qwen2", "qwen3", "mistral"]
 warnings.filterwarnings("ignore", category=FutureWarning)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def fp32_predictor():
+    """Predictor matmuls in the model's dtype, so tests may compare predicted mode with the base to float precision
+    on any CPU; the bf16 arithmetic chosen on CPUs with bf16 dot products has its own tests."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(KVPredictionModel, "predictor_dtype", None)
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -9,6 +9,7 @@ from kvpred.cli import main
 from kvpred.generation import TimedStreamer, encode_prompts
 from kvpred.model import CONFIG_NAME, PREDICTOR_NAME, KVPredictionModel
 from kvpred.models import KVPredError
+from kvpred.predictor import KVPredictor, PredictorConfig
 from kvpred.rope import rope_tables, rotate, unrotate
 from kvpred.testing import save_tiny_model
 from conftest import ARCHS
@@ -89,6 +90,22 @@ def test_rope_round_trip_recovers_position_free_keys(tiny_llama):
     torch.testing.assert_close(unrotate(rotated, cos, sin), keys)
     # scaled rope variants: cos, sin carry an attention scaling factor that unrotate must undo too
     torch.testing.assert_close(unrotate(rotate(keys, 1.3 * cos, 1.3 * sin), 1.3 * cos, 1.3 * sin), keys)
+
+
+def test_a_predictor_run_in_bf16_follows_its_weights_through_optimiser_steps():
+    """The bf16 casts are kept between calls, so they must be redone after the fp32 weights change in place."""
+    torch.manual_seed(0)
+    predictor = KVPredictor(PredictorConfig(layer_map=[0, 0, 1], in_features=8, key_features=8, value_features=8,
+                                            source="hidden", rank=4))
+    x = torch.randn(2, 1, 5, 8)
+    optimiser = torch.optim.AdamW(predictor.parameters(), lr=0.1)
+    for _ in range(2):
+        fp32 = predictor(x, x)
+        for got, want in zip(predictor(x, x, torch.bfloat16), fp32):
+            torch.testing.assert_close(got.float(), want, atol=3e-2, rtol=3e-2)
+        sum(part.square().sum() for part in fp32).backward()
+        optimiser.step()
+        optimiser.zero_grad()
 
 
 def test_predicted_keys_rotate_like_the_bases_cache(tiny_llama):

@@ -92,3 +92,25 @@ def test_generate_defers_and_matches_the_plain_cache(tiny_llama, monkeypatch):
                                **cache_kwargs(model.base, plain))
     assert torch.equal(got, want)
     assert model.base.config._attn_implementation == "sdpa"
+
+
+@pytest.mark.parametrize("kind", ["kv", "rank"])
+def test_bf16_predictor_arithmetic_stays_within_its_rounding_of_fp32(tiny_llama, kind):
+    """What `predictor_dtype="auto"` picks on CPUs with bf16 dot products: the cache stays fp32, keys and values move
+    by bf16's rounding (2^-8 relative, so 1% in norm is ample), and the deferred first forward sees the same cache."""
+    def close(got: torch.Tensor, want: torch.Tensor) -> bool:
+        return got.dtype == want.dtype and ((got - want).norm() / want.norm()).item() < 1e-2
+
+    model = model_with(tiny_llama, kind)
+    ids, mask = encode_prompts(model.tokenizer, PROMPTS)
+    want = model.predicted_cache(ids, mask)
+    model.predictor_dtype = torch.bfloat16
+    got = model.predicted_cache(ids, mask)
+    columns = mask[:, :-1].bool()
+    for mine, theirs in zip(got.layers, want.layers):
+        assert close(mine.keys.transpose(1, 2)[columns], theirs.keys.transpose(1, 2)[columns])
+        assert close(mine.values.transpose(1, 2)[columns], theirs.values.transpose(1, 2)[columns])
+    deferred = model.predicted_cache(ids, mask, defer_values=True)
+    with deferred_values(model.base, deferred.pending_values):
+        logits = first_forward(model, ids, mask, deferred, 1)
+    assert close(logits, first_forward(model, ids, mask, want, 1))
