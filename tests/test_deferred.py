@@ -114,3 +114,12 @@ def test_bf16_predictor_arithmetic_stays_within_its_rounding_of_fp32(tiny_llama,
     with deferred_values(model.base, deferred.pending_values):
         logits = first_forward(model, ids, mask, deferred, 1)
     assert close(logits, first_forward(model, ids, mask, want, 1))
+
+
+def test_auto_predictor_arithmetic_changes_only_an_fp32_model_on_a_cpu(tiny_llama):
+    model = KVPredictionModel.from_pretrained(tiny_llama, keep_ratio=0.5, dtype=torch.bfloat16)
+    model.predictor_dtype = "auto"
+    assert model.predictor_compute_dtype is None  # a bf16 model (as on a GPU) keeps its own dtype
+    model = model.float()
+    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    assert model.predictor_compute_dtype == (torch.bfloat16 if native else None)
