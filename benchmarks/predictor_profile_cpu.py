@@ -38,7 +38,8 @@ def main() -> None:
             total = sum(e.self_cpu_time_total for e in ops) / args.calls / 1e3
             print(f"\npredictor matmuls in {dtype}: {total:.1f} ms per call ({args.tokens - 1} predicted tokens)")
             for e in ops[:8]:
-                print(f"  {e.key:24s} {e.self_cpu_time_total / args.calls / 1e3:6.2f} ms  ({e.count // args.calls} calls)")
+                ms = e.self_cpu_time_total / args.calls / 1e3
+                print(f"  {e.key:24s} {ms:6.2f} ms  ({e.count // args.calls} calls)")
 
 
 if __name__ == "__main__":

@@ -146,7 +146,8 @@ class KVPredictionModel(nn.Module):
         that moves the keys by 0.2% (relative L2), far inside the prediction's own error."""
         if self.predictor_dtype != "auto":
             return self.predictor_dtype
-        # Native bf16 dot products only: oneDNN also "supports" bf16 on plain AVX512, by emulation, which need not be faster.
+        # Native bf16 dot products only: oneDNN also "supports" bf16 on plain AVX512, by emulation, which need not
+        # be faster.
         fast = (self.base.device.type == "cpu" and self.base.dtype == torch.float32
                 and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()))
         return torch.bfloat16 if fast else None
