@@ -115,10 +115,9 @@ class KVPredictor(nn.Module):
             code = torch.bmm(taps, down.transpose(1, 2)).view(len(self.config.taps), b, t, -1)  # [taps, B, T, r]
             key_src = value_src = (code, self.code_of_layer)
         else:
-            key_src = (key_in if dtype is None else key_in.to(dtype), self.layer_map)
-            value_src = (value_in, self.layer_map)
+            key_src, value_src = (key_in, self.layer_map), (value_in, self.layer_map)
         weight, bias = self._cast((self.key_weight, self.key_bias), dtype)
-        keys = self._project(key_src[0].index_select(0, key_src[1]), weight, bias)
+        keys = self._project(key_src[0].to(weight.dtype).index_select(0, key_src[1]), weight, bias)
         return keys, value_src
 
     def _cast(self, params: tuple[nn.Parameter, ...], dtype: torch.dtype | None) -> tuple[torch.Tensor, ...]:
