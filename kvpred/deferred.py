@@ -33,8 +33,10 @@ class PendingValues:
     """The values of a cache's first `length` columns, not yet computed: base layer l's are
     `inputs[index[l]] @ value_weight[l].T + value_bias[l]` (KVPredictor.keys_and_value_inputs)."""
 
-    def __init__(self, predictor: KVPredictor, inputs: torch.Tensor, index: torch.Tensor, cache: Cache):
+    def __init__(self, predictor: KVPredictor, inputs: torch.Tensor, index: torch.Tensor, cache: Cache,
+                 dtype: torch.dtype | None = None):
         self.predictor, self.inputs, self.cache = predictor, inputs, cache  # inputs [M, B, n, w]
+        self.dtype = dtype  # what `values` runs the value maps in (KVPredictionModel.predictor_compute_dtype)
         self.index = index.tolist()
         self.length = inputs.shape[2]
         self.attended = [False] * len(self.index)
@@ -43,7 +45,8 @@ class PendingValues:
     def values(self, layer: int) -> torch.Tensor:
         """Layer `layer`'s predicted values in cache layout [B, H, n, Dv]."""
         x = self.inputs[self.index[layer]]  # [B, n, w]
-        v = torch.addmm(self.predictor.value_bias[layer], x.flatten(0, 1), self.predictor.value_weight[layer].t())
+        weight, bias = self.predictor.cast((self.predictor.value_weight, self.predictor.value_bias), self.dtype)
+        v = torch.addmm(bias[layer], x.flatten(0, 1).to(weight.dtype), weight[layer].t())
         heads = self.cache.layers[layer].values.shape[1]
         return v.view(x.shape[0], x.shape[1], heads, -1).transpose(1, 2)
 

@@ -336,7 +336,8 @@ class KVPredictionModel(nn.Module):
                              dtype=self.base.dtype, device=pos.device)
         value_inputs = self.predict_kv_into(key_in, value_in, pos, keys, values, defer_values=defer_values)
         cache = self.write_cache(keys, values)
-        cache.pending_values = None if value_inputs is None else PendingValues(self.predictor, *value_inputs, cache)
+        cache.pending_values = None if value_inputs is None else PendingValues(self.predictor, *value_inputs, cache,
+                                                                               self.predictor_compute_dtype)
         return cache
 
     @torch.no_grad()
@@ -422,7 +423,7 @@ class KVPredictionModel(nn.Module):
         else:
             value_inputs = self.predict_kv_into(key_in, value_in, pos, *cache.slices(n), mark, defer_values)
             if value_inputs is not None:
-                cache.pending_values = PendingValues(self.predictor, *value_inputs, cache)
+                cache.pending_values = PendingValues(self.predictor, *value_inputs, cache, self.predictor_compute_dtype)
         cache.set_length(n)
         mark("write")
 

@@ -67,7 +67,7 @@ class KVPredictor(nn.Module):
         self.key_bias = nn.Parameter(torch.empty(n, config.key_features))
         self.value_weight = nn.Parameter(torch.empty(n, config.value_features, width))
         self.value_bias = nn.Parameter(torch.empty(n, config.value_features))
-        self._casts: dict = {}  # see _cast
+        self._casts: dict = {}  # see cast
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -96,7 +96,7 @@ class KVPredictor(nn.Module):
         """key_in, value_in: [L_aux, B, T, in] -> keys [L_base, B, T, key], values [L_base, B, T, value]; with
         `dtype`, the matmuls run and keys and values come out in it (see `keys_and_value_inputs`)."""
         keys, (inputs, index) = self.keys_and_value_inputs(key_in, value_in, dtype)
-        weight, bias = self._cast((self.value_weight, self.value_bias), dtype)
+        weight, bias = self.cast((self.value_weight, self.value_bias), dtype)
         return keys, self._project(inputs.to(weight.dtype).index_select(0, index), weight, bias)
 
     def keys_and_value_inputs(self, key_in: torch.Tensor, value_in: torch.Tensor, dtype: torch.dtype | None = None
@@ -108,7 +108,7 @@ class KVPredictor(nn.Module):
         does a factorised predictor's code. For inference: the cast weights carry no gradient."""
         if self.config.rank is not None:  # hidden input: key_in is value_in, one code serves both
             _, b, t, d = key_in.shape
-            (down,) = self._cast((self.down,), dtype)
+            (down,) = self.cast((self.down,), dtype)
             if key_in.shape[0] != len(self.config.taps):  # else the inputs are the taps (sorted, distinct)
                 key_in = key_in.index_select(0, self.taps)
             taps = key_in.to(down.dtype).reshape(len(self.config.taps), b * t, d)
@@ -116,11 +116,11 @@ class KVPredictor(nn.Module):
             key_src = value_src = (code, self.code_of_layer)
         else:
             key_src, value_src = (key_in, self.layer_map), (value_in, self.layer_map)
-        weight, bias = self._cast((self.key_weight, self.key_bias), dtype)
+        weight, bias = self.cast((self.key_weight, self.key_bias), dtype)
         keys = self._project(key_src[0].to(weight.dtype).index_select(0, key_src[1]), weight, bias)
         return keys, value_src
 
-    def _cast(self, params: tuple[nn.Parameter, ...], dtype: torch.dtype | None) -> tuple[torch.Tensor, ...]:
+    def cast(self, params: tuple[nn.Parameter, ...], dtype: torch.dtype | None) -> tuple[torch.Tensor, ...]:
         """`params` in `dtype` (as they are when None or already in it). Casts are kept until a parameter is
         replaced or updated in place (an optimiser step bumps its version), so a chunked prediction casts once."""
         if dtype is None or all(p.dtype == dtype for p in params):
