@@ -27,6 +27,8 @@
 #   stage evalfull (after a and a2; carry .carry/g3) the shipped default on every item of every task, then HumanEval
 #   stage generate (after a and a2; carry .carry/g3) generate() on CUDA-graph steps vs transformers' loop, timed and compared
 #   stage evalpair (after `ROUND=solo ... wait`) the shipped default and the solo run on the same 800 items, paired
+#   stage evalcopy (after `ROUND=solo SOLO=copy ... wait`, the solo run with SOLO_FLAGS="--exact-self --copy-spans
+#                0.25") agreement, held-out loss, LAMBADA and pass-key retrieval of both models, paired
 #   stage env    only set up the environment (source this script)
 set -uo pipefail
 export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1 KVPRED_CACHE=/tmp/kvcache HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
@@ -260,6 +262,22 @@ evalpair)  # the shipped default and ship_$SOLO on the same 800 items in one cal
       --label ${m##*:} --out /tmp/eval/${m##*:}.json > /tmp/eval/${m##*:}.log 2>&1; echo "${m##*:} rc=$?"
   done
   python3 benchmarks/paired_diff.py /tmp/eval/shipped.items.jsonl /tmp/eval/$SOLO.items.jsonl | tee /tmp/eval/paired.txt
+  cp /tmp/eval/*.json /tmp/eval/*.md /tmp/eval/*.log /tmp/eval/paired.txt $OUT/
+  ;;
+evalcopy)  # (after `ROUND=solo SOLO=copy ... wait`) the shipped default and ship_$SOLO side by side, both at once:
+  # agreement, held-out loss and LAMBADA on the same 800 items, pass-key retrieval at 2048 and 4096 tokens (64 items)
+  mkdir -p /tmp/eval
+  for m in smollm2-135m:shipped $RUNS/ship_$SOLO:$SOLO; do
+    ( ev() { timeout -k 5 $1 python3 -m kvpred.cli eval --model ${m%%:*} --device cuda --dtype bfloat16 --quiet \
+               --data-dir /tmp/carry/data "${@:3}" --label ${m##*:}$2 --out /tmp/eval/${m##*:}$2.json \
+               > /tmp/eval/${m##*:}$2.log 2>&1; echo "${m##*:}$2 rc=$?"; }
+      ev 250 "" --tasks agreement,heldout,lambada --limit 800 --batch-size 64
+      ev 250 _retrieval --tasks retrieval --retrieval-lengths 2048,4096 --limit 64 --batch-size 8 \
+         --modes exact,predicted,truncate ) &
+  done
+  wait
+  python3 benchmarks/paired_diff.py /tmp/eval/shipped.items.jsonl /tmp/eval/$SOLO.items.jsonl | tee /tmp/eval/paired.txt
+  grep -h "^| retrieval\|^| lambada" /tmp/eval/*.md
   cp /tmp/eval/*.json /tmp/eval/*.md /tmp/eval/*.log /tmp/eval/paired.txt $OUT/
   ;;
 env) ;;

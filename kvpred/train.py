@@ -7,8 +7,9 @@ true tail); with `exact_prefix` > 0 that share of windows also uses its own keys
 (the multi-turn regime: exact history, predicted new turn, true tail). With `exact_self`, every position also
 attends to its own key/value as the base computes it in this pass (METHOD 1.3's train/inference mismatch: the paper's
 diagonal is predicted, while at inference the last prompt token uses its own), so each position trains as the last
-token of its prefix. Loss = base CE + aux CE (both + z-loss) + L1 on keys and values (sum or mean over layers) +
-optional KL to the exact base's next-token distribution.
+token of its prefix. With `copy_spans`, that share of windows ends by repeating an earlier span. Loss = base CE +
+aux CE (both + z-loss) + L1 on keys and values (sum or mean over layers) + optional KL to the exact base's next-token
+distribution.
 
     kvpred train --model smollm2-135m --data .carry/tokens --out runs/kvp --steps 2000
     torchrun --nproc-per-node 2 -m kvpred.train --model ... (same flags): DDP, or --fsdp for FSDP2
@@ -66,6 +67,7 @@ class TrainConfig:
     suffix_split: bool = False  # true KV after a random split point, as at inference
     exact_prefix: float = 0.0  # with suffix_split: share of windows with true KV before a random earlier point too
     exact_self: bool = False  # each position sees its own true key/value (as the last prompt token does at inference)
+    copy_spans: float = 0.0  # share of windows that end by repeating an earlier span (see `with_copied_spans`)
     train_aux: bool = True
     aux_lora_rank: int = 0  # > 0: low-rank adapters on the aux (small checkpoints); 0: full aux weights
     activation_checkpointing: bool = False  # recompute the aux layers in backward
@@ -106,6 +108,21 @@ class PredictedKV(DynamicCache):
         if self.exact_self:
             return torch.cat([k, key_states], 2), torch.cat([v, value_states], 2)
         return k, v
+
+
+def with_copied_spans(ids: torch.Tensor, share: float, shortest: int = 16, longest: int = 64) -> torch.Tensor:
+    """`ids` [B, T] with, in a `share` of the rows, the last s tokens (s in [shortest, longest]) replaced by a copy of
+    s tokens from the window's first half. Next-token loss on the copy rewards a predicted cache the base can copy
+    from, by induction over the predicted keys and values: what a pass key or LAMBADA's last word needs, and what
+    natural text seldom asks for."""
+    ids = ids.clone()
+    t = ids.shape[1]
+    for row in range(ids.shape[0]):
+        if random.random() < share:
+            s = random.randint(min(shortest, t // 4), min(longest, t // 4))
+            a = random.randint(0, t // 2 - s)
+            ids[row, t - s:] = ids[row, a:a + s]
+    return ids
 
 
 def exact_self_mask(length: int, device: torch.device, eager: bool) -> torch.Tensor:
@@ -451,6 +468,8 @@ class Trainer:
         totals: dict[str, float] = {}
         for _ in range(c.grad_accum):
             ids = next(self.data).to(self.device)
+            if c.copy_spans:  # drawn only when asked for, so runs without it keep their random stream
+                ids = with_copied_spans(ids, c.copy_spans)
             split = random.randint(1, c.seq_len - 1) if c.suffix_split else None
             # drawn only when asked for, so runs without it keep their random stream
             prefix = random.randint(0, split - 1) if split and c.exact_prefix and random.random() < c.exact_prefix \
@@ -586,6 +605,8 @@ def _train_command(args: argparse.Namespace) -> int:
     config = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
     if config.kv_reduction not in ("mean", "sum"):
         raise KVPredError(f"--kv-reduction must be mean or sum, got {config.kv_reduction!r}")
+    if not 0 <= config.copy_spans <= 1:
+        raise KVPredError(f"--copy-spans is a share in [0, 1], got {config.copy_spans}")
     if config.exact_prefix and not (0 < config.exact_prefix <= 1 and config.suffix_split):
         raise KVPredError(f"--exact-prefix is a share in (0, 1] and needs --suffix-split, got {config.exact_prefix}")
     Trainer(config).train()

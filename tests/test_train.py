@@ -1,6 +1,7 @@
 """Specification of distillation training (issue: training)."""
 import json
 import os
+import random
 import subprocess
 import sys
 
@@ -11,7 +12,7 @@ from kvpred import lora
 from kvpred.cli import main as cli_main
 from kvpred.model import KVPredictionModel, cache_kwargs
 from kvpred.models import KVPredError
-from kvpred.train import STATE_NAME, Distillation, PredictedKV, TrainConfig, Trainer
+from kvpred.train import STATE_NAME, Distillation, PredictedKV, TrainConfig, Trainer, with_copied_spans
 
 def config(tiny_llama, shards, tmp_path, **overrides) -> TrainConfig:
     base = dict(model=tiny_llama, data=shards, out=str(tmp_path / "run"), keep_ratio=0.5, steps=4, seq_len=32,
@@ -67,6 +68,27 @@ def test_exact_prefix_windows_train_and_need_the_suffix_split(tiny_llama, shards
     argv = ["train", "--model", tiny_llama, "--data", shards, "--out", str(tmp_path / "x"), "--exact-prefix", "0.5"]
     assert cli_main(argv) == 2
     assert "needs --suffix-split" in capsys.readouterr().err
+
+
+def test_copied_spans_end_a_share_of_the_windows_with_a_span_of_their_first_half():
+    random.seed(0)
+    ids = torch.arange(40 * 64).view(40, 64)  # every token distinct: a copy is recognisable
+    got = with_copied_spans(ids, 0.5)
+    changed = [row for row in range(40) if not torch.equal(got[row], ids[row])]
+    assert 8 <= len(changed) <= 32
+    for row in changed:
+        tail = got[row][got[row] != ids[row]]  # the copy, 16 tokens (a quarter of the window, the longest allowed)
+        assert len(tail) == 16 and torch.equal(got[row, -16:], tail)
+        start = int(tail[0] - ids[row, 0])
+        assert start + 16 <= 32 and torch.equal(tail, ids[row, start:start + 16])
+    assert torch.equal(with_copied_spans(ids, 0.0), ids)
+
+
+def test_copy_span_training_runs_and_a_share_outside_0_1_is_refused(tiny_llama, shards, tmp_path, capsys):
+    Trainer(config(tiny_llama, shards, tmp_path, steps=2, copy_spans=0.5)).train()
+    argv = ["train", "--model", tiny_llama, "--data", shards, "--out", str(tmp_path / "x"), "--copy-spans", "2"]
+    assert cli_main(argv) == 2
+    assert "--copy-spans is a share" in capsys.readouterr().err
 
 
 def test_training_reduces_the_loss_and_writes_a_loadable_checkpoint(tiny_llama, shards, tmp_path):
