@@ -468,10 +468,9 @@ class Trainer:
         totals: dict[str, float] = {}
         for _ in range(c.grad_accum):
             ids = next(self.data).to(self.device)
-            if c.copy_spans:  # drawn only when asked for, so runs without it keep their random stream
-                ids = with_copied_spans(ids, c.copy_spans)
+            # copies and prefixes are drawn only when asked for, so runs without them keep their random stream
+            ids = with_copied_spans(ids, c.copy_spans) if c.copy_spans else ids
             split = random.randint(1, c.seq_len - 1) if c.suffix_split else None
-            # drawn only when asked for, so runs without it keep their random stream
             prefix = random.randint(0, split - 1) if split and c.exact_prefix and random.random() < c.exact_prefix \
                 else 0
             with torch.autocast(self.device.type, torch.bfloat16, enabled=c.bf16 and self.device.type == "cuda"):
