@@ -235,17 +235,19 @@ class KVPredictionModel(nn.Module):
 
     # ---------------------------------------------------------------- phases
     def aux_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                   position_ids: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Run the auxiliary backbone (no LM head, no cache) and collect the predictor's inputs per tap.
+                   position_ids: torch.Tensor | None, past: Cache | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run the auxiliary backbone (no LM head) and collect the predictor's inputs per tap.
 
         Returns key_in, value_in: [taps, B, T, in]: per aux layer its K and V projections ("kv"), or its normed
         input plus the final normed state ("hidden"), as `capture` takes them in training. A mask and positions
-        of None mean an unpadded batch (no host-device syncs for padding checks).
+        of None mean an unpadded batch (no host-device syncs for padding checks). With `past` (the auxiliary's own
+        cache of the tokens before `input_ids`, as a chat session keeps it), `input_ids` attend to it and are added
+        to it; the layers past the last tap never run, so their cache stays empty.
         """
         with capture(self.aux, self.config.predictor.source) as taps, self._stop_after_last_tap():
             try:
                 self.aux.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                               use_cache=False)
+                               use_cache=past is not None, **cache_kwargs(self.aux.model, past))
             except _TapsComplete:
                 pass
         return taps.stacked()

@@ -170,11 +170,13 @@ def prefix_agreement(new_tokens: torch.Tensor, reference: torch.Tensor, pad_toke
 
 # -------------------------------------------------------------------- prefill with a kept prefix and signals
 def _prefill(model: KVPredictionModel, ids: torch.Tensor, mask: torch.Tensor, exact_tail: int, pooled: Pooled,
-             kept: int = 0, with_signal: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+             kept: int = 0, with_signal: bool = False,
+             aux_past: DynamicCache | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Predicted prefill into the pooled cache on top of its first `kept` columns (already computed, and kept):
     predicted K/V for columns [kept, N - W), then the base over the rest, a last single token through the pooled
-    step (a CUDA graph once captured). Returns the logits of the columns the base ran [B, T, V] (only the last one
-    without signals) and the signals (empty unless `with_signal`)."""
+    step (a CUDA graph once captured). The auxiliary reads the columns before them for context: from `aux_past`, its
+    own cache of at most `kept` columns, which it extends, or else again. Returns the logits of the columns the base
+    ran [B, T, V] (only the last one without signals) and the signals (empty unless `with_signal`)."""
     cache = pooled.cache
     n_total = ids.shape[1]
     n = max(n_total - exact_tail, kept)  # columns [kept, n) are predicted; [n, N) run through the base
@@ -185,15 +187,16 @@ def _prefill(model: KVPredictionModel, ids: torch.Tensor, mask: torch.Tensor, ex
     cache.reset()  # drops a previous request's pending values too
     cache.set_length(kept)
     if n > kept:
-        key_in, value_in = model.aux_inputs(ids[:, :aux_end], mask[:, :aux_end] if padded else None,
-                                            pos[:, :aux_end] if padded else None)
-        # the auxiliary sees the whole conversation for context; only the new columns go through the predictor
+        start = 0 if aux_past is None else aux_past.get_seq_length()  # columns the auxiliary has in its cache
+        key_in, value_in = model.aux_inputs(ids[:, start:aux_end], mask[:, :aux_end] if padded else None,
+                                            pos[:, start:aux_end] if padded or start else None, aux_past)
+        # only the new columns go through the predictor
         key_out, value_out = cache.slices(n)
-        model.predict_kv_into(key_in[:, :, kept:n], value_in[:, :, kept:n], pos[:, kept:n],
-                              key_out[..., kept:, :], value_out[..., kept:, :])
+        model.predict_kv_into(key_in[:, :, kept - start:n - start], value_in[:, :, kept - start:n - start],
+                              pos[:, kept:n], key_out[..., kept:, :], value_out[..., kept:, :])
         cache.set_length(n)
         if aux_end > n:  # the tail's own predicted K/V, which kv_error compares with the base's [L, B, N-n, kv]
-            tail_keys, tail_values = model.predictor(key_in[:, :, n:], value_in[:, :, n:])
+            tail_keys, tail_values = model.predictor(key_in[:, :, n - start:], value_in[:, :, n - start:])
     if n_total - n == 1 and not with_signal:
         first = pooled.step or EagerStep(model, cache)
         return last_token(model, first, ids, mask, padded)[:, None], {}
@@ -349,9 +352,10 @@ class ChatSession:
 
     Each `send` renders the whole conversation with the tokenizer's chat template and tokenizes it (the same ids
     exact mode would see), keeps the cached columns that agree with those ids, predicts K/V only for the new
-    columns (the auxiliary runs over the whole conversation for context; its prefix is cheap), lets the base run
-    the last `exact_tail` tokens, and decodes with refinement. After an exact history, a new turn short enough
-    that the base costs fewer FLOPs on it than the auxiliary on the whole conversation runs exactly instead.
+    columns (the auxiliary keeps its own cache too, so it reads only the tokens it has not seen: the new turn and
+    the previous reply), lets the base run the last `exact_tail` tokens, and decodes with refinement. After an
+    exact history, a new turn short enough that the base costs fewer FLOPs on it than the auxiliary on what it has
+    not read runs exactly instead.
     Refinement that has not caught up by the end of a reply is finished right after it, so the next turn starts
     from an exact cache (with refine="off" the kept cache stays approximate). The session holds its own
     preallocated cache (and, on a GPU, its own CUDA-graph step), grown when a turn outgrows it. Batch size 1;
@@ -371,6 +375,7 @@ class ChatSession:
         self.tokens = torch.empty(1, 0, dtype=torch.long, device=model.device)  # conversation so far
         self.pooled: Pooled | None = None  # the cache, covering tokens[:, :cached]
         self.cached = 0
+        self.aux_cache = DynamicCache(config=model.aux.config)  # the auxiliary's, covering a prefix of tokens
         self.exact_cols = 0  # leading cached columns that are exact
         self.last_info: dict = {}
 
@@ -401,13 +406,16 @@ class ChatSession:
         n = ids.shape[1]
         reuse = self._reusable(ids)
         exact_cols = min(self.exact_cols, reuse)  # the kept columns that are exact
+        if self.aux_cache.get_seq_length() > reuse:  # the auxiliary's columns past those kept saw other tokens
+            self.aux_cache.crop(reuse - self.aux_cache.get_seq_length())
         pooled = self._room(reuse, n + max_new_tokens)
         tail = self.exact_tail
         if 0 < reuse == exact_cols and self._exact_turn_is_cheaper(n, reuse):
             tail = n - reuse  # the base runs the new turn itself: cheaper than the aux, and exact
         predicted = max(n - tail - reuse, 0)
         policy = "off" if self.refine == "auto" and predicted == 0 else self.refine  # auto: nothing to decide
-        logits, signal = _prefill(model, ids, mask, tail, pooled, reuse, with_signal=policy == "auto")
+        logits, signal = _prefill(model, ids, mask, tail, pooled, reuse, with_signal=policy == "auto",
+                                  aux_past=self.aux_cache)
         if policy == "auto":
             policy = choose_policy(signal, self.thresholds or Thresholds.for_model(self.model))
         budget = _budget(policy, self.chunk_size)
@@ -437,12 +445,12 @@ class ChatSession:
 
     def _exact_turn_is_cheaper(self, total: int, reused: int) -> bool:
         """After an exact history, the base on the new tokens alone costs (total - reused) * P_base; predicting
-        them costs the auxiliary over the whole conversation, total * P_aux (it keeps no cache of its own).
-        Short turns after a long history are therefore cheaper exact, and the predictor, trained on predicted
-        prefixes, is at its worst when asked to continue an exact one."""
+        them costs the auxiliary over the tokens its cache lacks, (total - aux_cached) * P_aux, which include the
+        previous reply (the base decoded it). So a short question after a long reply is cheaper exact."""
         def layer_params(lm) -> int:
             return sum(p.numel() for p in lm.model.layers.parameters())
-        return (total - reused) * layer_params(self.model.base) <= total * layer_params(self.model.aux)
+        unread = total - self.aux_cache.get_seq_length()
+        return (total - reused) * layer_params(self.model.base) <= unread * layer_params(self.model.aux)
 
     def _reusable(self, ids: torch.Tensor) -> int:
         """How many leading cached columns hold exactly these ids (at most N - 1: the base must run one token)."""

@@ -11,8 +11,9 @@ import torch
 from kvpred.generation import TimedStreamer, encode_prompts
 from kvpred.model import KVPredictionModel, position_ids_from_mask
 from kvpred.models import KVPredError
-from kvpred.refine import (ChatSession, Thresholds, choose_policy, confidence, generate_refined, prefix_agreement,
-                           register, token_agreement, tradeoff_curve)
+from kvpred.decoding import Pooled
+from kvpred.refine import (ChatSession, Thresholds, _prefill, choose_policy, confidence, generate_refined,
+                           prefix_agreement, register, token_agreement, tradeoff_curve)
 from kvpred.testing import save_tiny_model
 
 PROMPTS = ["The quick brown fox jumps over", "a", "Hello, world! This prompt is quite a lot longer than the others."]
@@ -341,6 +342,31 @@ def test_after_an_exact_history_a_turn_is_predicted_only_where_that_costs_fewer_
     assert session.last_info["reused_tokens"] > 0 and session.last_info["predicted_tokens"] == 0
     session.send("Now summarise this: " + "pasted words " * 12, max_new_tokens=4)
     assert session.last_info["predicted_tokens"] > 0
+
+
+def test_the_auxiliary_reads_only_what_its_cache_lacks_and_predicts_as_if_it_read_everything(tiny_llama):
+    model = chat_model(tiny_llama, 0.5)
+    session = ChatSession(model, refine="off")  # the predicted columns stay in the cache to be compared
+    first = session.conversation_ids([{"role": "user", "content": TURNS[0]}]).shape[1]
+    session.send(TURNS[0], max_new_tokens=4)
+    assert session.aux_cache.get_seq_length() == first - 1  # all but the last prompt token, which the base ran
+    text = "Now summarise this: " + "pasted words " * 12
+    for edit_history in (False, True):  # then the first turn is edited: the auxiliary's cache must drop its columns
+        if edit_history:
+            session.messages[0]["content"] = "Hi"
+        read_before = session.aux_cache.get_seq_length()
+        conversation = session.conversation_ids(session.messages + [{"role": "user", "content": text}])
+        n, read = conversation.shape[1], []
+        hook = model.aux.model.embed_tokens.register_forward_hook(lambda m, a, out: read.append(a[0].shape[1]))
+        session.send(text, max_new_tokens=4)
+        hook.remove()
+        reuse = session.last_info["reused_tokens"]
+        assert session.last_info["predicted_tokens"] == n - 1 - reuse > 0
+        assert read == [n - 1 - min(read_before, reuse)]  # not the columns it has read already
+        fresh = Pooled(model.new_cache(1, n))  # the same prefill with an auxiliary that reads the whole conversation
+        _prefill(model, conversation, torch.ones_like(conversation), 1, fresh)
+        for mine, theirs in zip(session.cache.slices(n - 1), fresh.cache.slices(n - 1)):
+            torch.testing.assert_close(mine[..., reuse:, :], theirs[..., reuse:, :], atol=1e-4, rtol=1e-4)
 
 
 def test_chat_session_keeps_an_exact_cache_of_earlier_turns(tiny_llama):
