@@ -475,6 +475,9 @@ class ChatSession:
         else:  # unrefined: only the kept exact prefix stays exact
             exact_cols = kept_exact
         self.pooled.cache.set_length(cols)
+        # the next turn's first token takes the pooled step: capture it now, while the user reads, if decoding did not
+        # (a reply that ended at its first token never stepped)
+        self.pooled.made_step(self.model)
         new = seq[0, n:]
         eos = eos_token_ids(self.model, None)
         ends = torch.isin(new, eos).nonzero()

@@ -399,6 +399,13 @@ def test_a_turn_that_outgrows_the_session_cache_moves_it_to_a_larger_one(tiny_ll
     assert session.last_info["reused_tokens"] > 0  # with the earlier columns carried over
 
 
+def test_a_reply_that_never_steps_still_leaves_the_next_turn_a_step(tiny_llama):
+    model = chat_model(tiny_llama, 0.5)
+    session = ChatSession(model, refine="off")
+    session.send(TURNS[0], max_new_tokens=1)  # decoding stops at its first token, before any step
+    assert session.pooled.step is not None  # made after the reply (a CUDA graph on a GPU)
+
+
 def test_chat_session_without_refinement_keeps_only_the_exact_prefix(tiny_llama):
     model = chat_model(tiny_llama, 0.5)
     session = ChatSession(model, refine="off")
@@ -516,3 +523,6 @@ def test_chat_turns_take_their_first_token_from_the_sessions_captured_step_on_a_
         session.send(text, max_new_tokens=8)
         assert torch.equal(session.tokens[0, conversation.shape[1]:], exact)
         assert isinstance(session.pooled.step, GraphStep)  # captured after the first turn's first token
+    session.pooled.step = None  # as in a cache that has just grown
+    session.send("one more", max_new_tokens=1)  # a reply that never steps
+    assert isinstance(session.pooled.step, GraphStep)  # captured after the reply, for the next turn's first token
