@@ -406,8 +406,8 @@ class ChatSession:
         n = ids.shape[1]
         reuse = self._reusable(ids)
         exact_cols = min(self.exact_cols, reuse)  # the kept columns that are exact
-        if self.aux_cache.get_seq_length() > reuse:  # the auxiliary's columns past those kept saw other tokens
-            self.aux_cache.crop(reuse - self.aux_cache.get_seq_length())
+        if self.aux_cache.get_seq_length() > reuse:  # an edited history: the auxiliary reads it all again (rare;
+            self.aux_cache = DynamicCache(config=model.aux.config)  # cropping fails on its never-run layers)
         pooled = self._room(reuse, n + max_new_tokens)
         tail = self.exact_tail
         if 0 < reuse == exact_cols and self._exact_turn_is_cheaper(n, reuse):
