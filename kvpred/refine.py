@@ -474,9 +474,12 @@ class ChatSession:
             exact_cols = cols
         else:  # unrefined: only the kept exact prefix stays exact
             exact_cols = kept_exact
+        capacity = self.pooled.cache.capacity
+        if 2 * cols > capacity and capacity < self.model.context_length:  # the next turn would likely outgrow it:
+            self._room(cols, 2 * capacity)  # grow now, while the user reads, rather than before its first token
         self.pooled.cache.set_length(cols)
-        # the next turn's first token takes the pooled step: capture it now, while the user reads, if decoding did not
-        # (a reply that ended at its first token never stepped)
+        # the next turn's first token takes the pooled step: capture it now if decoding did not (a new cache, or a
+        # reply that ended at its first token)
         self.pooled.made_step(self.model)
         new = seq[0, n:]
         eos = eos_token_ids(self.model, None)

@@ -399,6 +399,26 @@ def test_a_turn_that_outgrows_the_session_cache_moves_it_to_a_larger_one(tiny_ll
     assert session.last_info["reused_tokens"] > 0  # with the earlier columns carried over
 
 
+def test_a_session_past_half_its_cache_grows_it_after_the_reply_not_before_the_next_first_token(tiny_llama):
+    model = chat_model(tiny_llama, 1.0)  # aux == base: replies equal exact mode's
+    session = ChatSession(model, refine="eager", chunk_size=64)
+    session.send("word " * 25, max_new_tokens=6)  # about 150 byte tokens in a cache of 256
+    assert 2 * session.cached > 256 and session.cache.capacity == 512
+    assert session.cache.get_seq_length() == session.cached
+    grown = session.pooled
+    conversation = session.conversation_ids(session.messages + [{"role": "user", "content": TURNS[1]}])
+    exact = model.generate(conversation, mode="exact", max_new_tokens=6)[0, conversation.shape[1]:]
+    session.send(TURNS[1], max_new_tokens=6)
+    assert session.pooled is grown and session.last_info["reused_tokens"] > 0  # the columns moved with it
+    assert torch.equal(session.tokens[0, conversation.shape[1]:], exact)
+
+
+def test_a_session_cache_does_not_grow_past_the_context_length(tiny_llama):
+    session = ChatSession(chat_model(tiny_llama, 1.0), refine="eager", chunk_size=64)
+    session.send("word " * 60, max_new_tokens=6)  # over half of a 512-column cache, and the context is 512
+    assert 2 * session.cached > 512 and session.cache.capacity == 512
+
+
 def test_a_reply_that_never_steps_still_leaves_the_next_turn_a_step(tiny_llama):
     model = chat_model(tiny_llama, 0.5)
     session = ChatSession(model, refine="off")
