@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from contextvars import ContextVar
+from functools import cached_property
 from typing import Iterator
 
 import torch
@@ -42,11 +43,16 @@ class PendingValues:
         self.attended = [False] * len(self.index)
         self.done = [False] * len(self.index)
 
+    @cached_property
+    def _inputs_in_dtype(self) -> torch.Tensor:
+        """`inputs` in `dtype`, cast once for all the layers that read them."""
+        return self.inputs if self.dtype is None else self.inputs.to(self.dtype)
+
     def values(self, layer: int) -> torch.Tensor:
         """Layer `layer`'s predicted values in cache layout [B, H, n, Dv]."""
-        x = self.inputs[self.index[layer]]  # [B, n, w]
+        x = self._inputs_in_dtype[self.index[layer]]  # [B, n, w]
         weight, bias = self.predictor.cast((self.predictor.value_weight, self.predictor.value_bias), self.dtype)
-        v = torch.addmm(bias[layer], x.flatten(0, 1).to(weight.dtype), weight[layer].t())
+        v = torch.addmm(bias[layer], x.flatten(0, 1), weight[layer].t())
         heads = self.cache.layers[layer].values.shape[1]
         return v.view(x.shape[0], x.shape[1], heads, -1).transpose(1, 2)
 
