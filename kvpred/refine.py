@@ -374,10 +374,14 @@ class ChatSession:
         self.messages: list[dict] = [] if system is None else [{"role": "system", "content": system}]
         self.tokens = torch.empty(1, 0, dtype=torch.long, device=model.device)  # conversation so far
         self.pooled: Pooled | None = None  # the cache, covering tokens[:, :cached]
-        self.cached = 0
         self.aux_cache = DynamicCache(config=model.aux.config)  # the auxiliary's, covering a prefix of tokens
         self.exact_cols = 0  # leading cached columns that are exact
         self.last_info: dict = {}
+
+    @property
+    def cached(self) -> int:
+        """Columns the cache holds: the conversation so far but its last token, which was never fed."""
+        return max(self.tokens.shape[1] - 1, 0)
 
     @property
     def cache(self) -> BufferCache | None:
@@ -487,7 +491,7 @@ class ChatSession:
         reply = new if len(ends) == 0 else new[:int(ends[0])]
         self.messages = messages + [{"role": "assistant",
                                      "content": self.model.tokenizer.decode(reply, skip_special_tokens=True)}]
-        self.tokens, self.cached, self.exact_cols = seq, cols, exact_cols
+        self.tokens, self.exact_cols = seq, exact_cols
         self.last_info = {**_report(trace, seq.shape[1] - n), "refined_after_reply": finished}
 
 
