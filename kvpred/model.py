@@ -7,7 +7,7 @@ import os
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 from safetensors import SafetensorError
@@ -19,7 +19,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from . import lora, models
 from .models import KVPredError
-from .decoding import StepPool, eos_token_ids, generate_with_steps, pad_id, without_cudnn_attention
+from .decoding import StepPool, capacity_bucket, eos_token_ids, generate_with_steps, pad_id, without_cudnn_attention
 from .deferred import PendingValues, deferred_values
 from .predictor import KVPredictor, PredictorConfig
 from .rope import rope_tables, rotate
@@ -145,6 +145,10 @@ class KVPredictionModel(nn.Module):
         bf16 for an fp32 model on a CPU with bf16 dot products, where SmolLM2's predictor then takes 2x less time;
         that moves the keys by 0.2% (relative L2), far inside the prediction's own error."""
         if self.predictor_dtype != "auto":
+            if self.predictor_dtype is not None and not (isinstance(self.predictor_dtype, torch.dtype)
+                                                         and self.predictor_dtype.is_floating_point):
+                raise KVPredError(f"predictor_dtype must be 'auto', None (the model's dtype) or a floating-point "
+                                  f"torch dtype, got {self.predictor_dtype!r}")
             return self.predictor_dtype
         # Native bf16 dot products only: oneDNN also "supports" bf16 on plain AVX512, by emulation, which need not
         # be faster.
@@ -534,6 +538,21 @@ class KVPredictionModel(nn.Module):
             return model.generate(input_ids=input_ids, attention_mask=attention_mask, **cache_kwargs(model, cache),
                                   generation_config=config, streamer=streamer, tokenizer=self.tokenizer,
                                   **generate_kwargs)
+
+    @torch.no_grad()
+    def warm_up(self, capacities: Iterable[int] = (256, 512, 1024, 2048), batch_size: int = 1) -> list[int]:
+        """Get `generate` ready for requests of `batch_size` rows: for each capacity (rounded up to the pool's
+        buckets, capped at the context length; at most as many as the pool keeps, the smallest first) the pooled
+        cache and, on a GPU, its CUDA-graph step, and each mode's kernels once. The first request of each shape
+        then pays no allocation, graph capture or lazy initialisation (`kvpred serve` does this before it takes
+        requests). Returns the capacities made ready."""
+        buckets = sorted({capacity_bucket(min(c, self.context_length)) for c in capacities})[:self._steps.size]
+        for i, capacity in enumerate(buckets):
+            n = min(capacity, self.context_length) - 2  # + 2 new tokens: the step is captured after the first
+            ids = torch.arange(n, device=self.device).remainder(self.base.config.vocab_size).expand(batch_size, n)
+            for mode in MODES if i == 0 else ("predicted",):  # per shape, modes share the pooled cache and step
+                self.generate(ids, mode=mode, max_new_tokens=2)
+        return buckets
 
     @torch.no_grad()
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,

@@ -80,6 +80,7 @@ class ServeConfig:
     refine: str = "off"  # refine policy of predicted-mode generations that name none
     refine_chunk: int = 256  # columns the base refines per decode step (eager; lazy a quarter) when none is named
     max_sessions: int = 16  # chat sessions whose cache is kept; the least recently used beyond this is dropped
+    warm_up: tuple[int, ...] = ()  # cache capacities made ready for batch-1 requests before the server starts
 
 
 class APIError(Exception):
@@ -700,12 +701,20 @@ def create_app(model, config: ServeConfig | None = None):
     if config.refine_chunk < 2 or config.max_sessions < 1:
         raise KVPredError(f"--refine-chunk must be >= 2 (so refinement catches up with decoding) and --max-sessions "
                           f">= 1, got {config.refine_chunk} and {config.max_sessions}")
+    if any(tokens < 4 for tokens in config.warm_up):
+        raise KVPredError(f"--warm-up token counts must be >= 4, got {', '.join(map(str, config.warm_up))}")
     tokenizer, context, vocab = model.tokenizer, model.context_length, model.base.config.vocab_size
     metrics = Metrics(lambda: scheduler.depth)
     scheduler = Scheduler(model, config, metrics)
 
     @asynccontextmanager
     async def lifespan(app):
+        if config.warm_up:  # before uvicorn accepts connections, so no request waits for it
+            started = time.perf_counter()
+            made = model.warm_up(config.warm_up)
+            logging.getLogger("uvicorn.error").info(
+                "warmed up for batch-1 requests of up to %s tokens in %.1f s", ", ".join(map(str, made)),
+                time.perf_counter() - started)
         scheduler.start()
         try:
             yield
@@ -917,8 +926,23 @@ def register(subparsers) -> None:
     p.add_argument("--max-sessions", type=int, default=16,
                    help="chat sessions (request field session) whose cache is kept; the least recently used "
                         "beyond this is dropped")
+    p.add_argument("--warm-up", type=_capacities, default="256,512,1024,2048", metavar="TOKENS",
+                   help="before serving, make the caches (and on a GPU the CUDA graphs) for batch-1 requests of up "
+                        "to these many prompt + new tokens, so the first requests do not wait for them; 'none' "
+                        "to start at once (default: 256,512,1024,2048)")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     p.set_defaults(func=_serve)
+
+
+def _capacities(text: str) -> tuple[int, ...]:
+    """--warm-up's value: comma-separated token counts, or 'none'."""
+    if text.strip().lower() == "none":
+        return ()
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated token counts or 'none', got {text!r}") from None
+    return values
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -931,6 +955,7 @@ def _serve(args: argparse.Namespace) -> int:
     app = create_app(load_model(args), ServeConfig(model_name=args.model, default_mode=args.default_mode,
                                                    exact_tail=args.exact_tail, max_queue=args.max_queue,
                                                    max_batch=args.max_batch, refine=args.refine,
-                                                   refine_chunk=args.refine_chunk, max_sessions=args.max_sessions))
+                                                   refine_chunk=args.refine_chunk, max_sessions=args.max_sessions,
+                                                   warm_up=args.warm_up))
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0

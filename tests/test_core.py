@@ -108,6 +108,14 @@ def test_a_predictor_run_in_bf16_follows_its_weights_through_optimiser_steps():
         optimiser.zero_grad()
 
 
+@pytest.mark.parametrize("dtype", ["bf16", torch.int8])
+def test_a_predictor_dtype_that_is_not_a_float_dtype_is_a_clear_error(tiny_llama, dtype):
+    model = KVPredictionModel.from_pretrained(tiny_llama, keep_ratio=0.5)
+    model.predictor_dtype = dtype
+    with pytest.raises(KVPredError, match="predictor_dtype"):
+        model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=1)
+
+
 def test_predicted_keys_rotate_like_the_bases_cache(tiny_llama):
     """The base's cached keys, un-rotated, are exactly its k_proj outputs: the space the predictor writes in."""
     model = KVPredictionModel.from_pretrained(tiny_llama, keep_ratio=1.0)

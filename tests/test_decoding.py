@@ -131,6 +131,23 @@ def test_the_pool_lets_go_of_its_caches_when_a_new_one_does_not_fit(model, monke
     assert pool.get(model, 1, 10) is not kept
 
 
+def test_warming_up_readies_a_pooled_cache_and_step_per_capacity_and_changes_no_tokens(model):
+    ids, mask = encode_prompts(model.tokenizer, PROMPTS[:1])
+    before = model.generate(ids, mask, max_new_tokens=5)
+    model._steps.entries.clear()
+    assert model.warm_up((100, 300, 4096)) == [256, 512]  # buckets, capped at the tiny model's context of 512
+    ready = dict(model._steps.entries)
+    assert set(ready) == {(1, 256), (1, 512)} and all(pooled.step is not None for pooled in ready.values())
+    assert torch.equal(model.generate(ids, mask, max_new_tokens=5), before)
+    assert model._steps.entries[(1, 256)] is ready[(1, 256)]  # the request found its cache and step ready
+
+
+def test_warming_up_makes_no_more_shapes_than_the_pool_keeps(model, monkeypatch):
+    monkeypatch.setattr(model, "_steps", StepPool(size=1))
+    assert model.warm_up((300, 100)) == [256]
+    assert list(model._steps.entries) == [(1, 256)]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("mode,tail", [("predicted", 1), ("predicted", 3), ("exact", 1)])
 def test_graph_steps_give_transformers_tokens_on_a_gpu(tiny_llama, mode, tail):

@@ -16,6 +16,7 @@ from openai import AsyncOpenAI, OpenAI
 
 from kvpred.cli import build_parser
 from kvpred.model import KVPredictionModel
+from kvpred.models import KVPredError
 from kvpred.serve import (APIError, Job, Metrics, Scheduler, ServeConfig, create_app, serve_in_thread,
                           visible_text)
 
@@ -344,6 +345,21 @@ def test_tokenizer_endpoints_serve_the_models_tokenizer(http, reference):
 def test_cli_has_a_serve_subcommand():
     args = build_parser().parse_args(["serve", "--model", "m", "--port", "9000", "--default-mode", "exact"])
     assert (args.port, args.default_mode, args.exact_tail) == (9000, "exact", 1) and callable(args.func)
+    assert args.warm_up == (256, 512, 1024, 2048)
+    assert build_parser().parse_args(["serve", "--warm-up", "none"]).warm_up == ()
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--warm-up", "256,many"])
+
+
+def test_the_server_warms_up_before_it_takes_requests(tiny_llama):
+    model = KVPredictionModel.from_pretrained(tiny_llama)
+    with pytest.raises(KVPredError, match="--warm-up"):
+        create_app(model, ServeConfig(warm_up=(256, 2)))
+    with serve_in_thread(create_app(model, ServeConfig(warm_up=(256, 512)))) as url:
+        assert set(model._steps.entries) == {(1, 256), (1, 512)}  # before the first request
+        ready = model._steps.entries[(1, 256)]
+        reply = httpx.post(f"{url}/v1/completions", json={"model": "kvpred", "prompt": "hello", "max_tokens": 3})
+        assert reply.status_code == 200 and model._steps.entries[(1, 256)] is ready
 
 
 # ---------------------------------------------------------------- load
