@@ -61,11 +61,16 @@ def child(args: argparse.Namespace) -> None:
     gen, out["requests"] = torch.Generator().manual_seed(0), []
     for n in map(int, args.requests.split(",")):
         ids = torch.randint(100, model.base.config.vocab_size, (1, n), generator=gen).to(model.device)
+        mask = torch.ones_like(ids)
+        if args.pad_multiple:  # left-pad to a multiple: fewer distinct shapes
+            pad = -n % args.pad_multiple
+            ids = torch.cat([ids.new_zeros(1, pad), ids], 1)
+            mask = torch.cat([mask.new_zeros(1, pad), mask], 1)
         clock = Clock()
         if model.device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        model.generate(ids, max_new_tokens=args.new_tokens, streamer=clock)
+        model.generate(ids, mask, max_new_tokens=args.new_tokens, streamer=clock)
         first, second = clock.times[1:3]
         out["requests"].append({"tokens": n, "ttft_ms": (first - start) * 1e3, "gap_ms": (second - first) * 1e3,
                                 "total_ms": (clock.times[-1] - start) * 1e3})
@@ -97,6 +102,7 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--requests", default="200,200,400,400,900,900,1900,1900", help="prompt lengths, in order")
     p.add_argument("--new-tokens", type=int, default=8)
+    p.add_argument("--pad-multiple", type=int, default=0, help="left-pad each prompt to a multiple of this")
     p.add_argument("--out", default=None, help="markdown file for the table")
     p.add_argument("--child", choices=CONDITIONS, default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
