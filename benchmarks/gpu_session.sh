@@ -23,6 +23,7 @@
 #   stage refine (after a and a2; carry .carry/g3 [.carry/pytest: wheels for its tests]) refinement / exact-tail curves of the shipped default (refine_eval)
 #   stage refine1 (after a and a2; carry .carry/g3) eager refinement with one chunk covering the prompt
 #   stage chat   (after a and a2; carry .carry/g3 .carry/pytest) refinement/chat CUDA tests, chat TTFT per turn
+#   stage serve  (after a and a2; carry .carry/g3 .carry/serve) serve_bench on the GPU: fixed and varied prompt lengths
 #   stage equalflops (after a and a2; carry .carry/g3) exact tail vs truncation at equal FLOPs, 512-2048-token prompts
 #   stage evalfull (after a and a2; carry .carry/g3) the shipped default on every item of every task, then HumanEval
 #   stage generate (after a and a2; carry .carry/g3) generate() on CUDA-graph steps vs transformers' loop, timed and compared
@@ -113,6 +114,14 @@ chat)  # after a and a2 (carry .carry/g3 .carry/pytest): the CUDA tests of refin
   python3 benchmarks/shape_cost_probe.py 2>&1 | grep -v Warn | tee $OUT/shape_cost.txt
   python3 benchmarks/chat_ttft.py --model smollm2-135m --device cuda --data /tmp/carry/data/wikitext2-test.txt \
     --turns 8 --out $OUT/chat_ttft_gpu.md 2>&1 | grep "^| \|^[a-zA-Z]"
+  ;;
+serve)  # after a and a2 (carry .carry/g3 .carry/serve): the server on the GPU, one request at a time and under load
+  assemble_model || exit 1
+  python3 -m pip install -q --no-index --no-deps --target "$SITE" .carry/serve/*.whl
+  for flags in "--prompt-tokens 512" "--prompt-tokens 1024 --vary-lengths" ${SERVE_EXTRA:+"$SERVE_EXTRA"}; do
+    python3 benchmarks/serve_bench.py --device cuda --dtype bfloat16 --requests 48 --concurrency 8 --max-tokens 32 \
+      $flags 2>&1 | grep -v "Warn\|Loading" | tee -a $OUT/serve_gpu.txt
+  done
   ;;
 equalflops)  # after a and a2 (carry .carry/g3): the shipped default's equal-FLOPs operating points on long prompts
   assemble_model || exit 1

@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import json
 import os
+import random
 import re
 import statistics
 import sys
@@ -115,14 +116,17 @@ async def overhead(url: str, model, args) -> None:
     on_thread.shutdown()
 
 
-async def load(url: str, tokenizer, args) -> None:
+async def load(url: str, served, args) -> None:
+    rng = random.Random(0)
+    lengths = [rng.randint(args.prompt_tokens // 2, args.prompt_tokens) if args.vary_lengths else args.prompt_tokens
+               for _ in range(args.requests)]
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=httpx.Limits(max_connections=256)) as client:
         for mode in args.modes:
-            gate, results = asyncio.Semaphore(args.concurrency), []
+            gate, results, made = asyncio.Semaphore(args.concurrency), [], served._steps.made
 
             async def one(i: int) -> None:
                 async with gate:
-                    results.append(await http_ttft(client, prompt_of(tokenizer, args.prompt_tokens, i), mode,
+                    results.append(await http_ttft(client, prompt_of(served.tokenizer, lengths[i], i), mode,
                                                    args.max_tokens))
 
             start = time.perf_counter()
@@ -131,7 +135,7 @@ async def load(url: str, tokenizer, args) -> None:
             seen, reported = [r[0] * 1e3 for r in results], [r[1] * 1e3 for r in results]
             print(f"  {mode:9s} client TTFT p50 {quantile(seen, .5):7.1f} ms  p95 {quantile(seen, .95):7.1f} ms | "
                   f"server ttft_s p50 {quantile(reported, .5):7.1f} ms  p95 {quantile(reported, .95):7.1f} ms | "
-                  f"{args.requests} requests in {wall:.1f} s")
+                  f"{args.requests} requests in {wall:.1f} s | {served._steps.made - made} new pooled caches")
 
 
 def main() -> None:
@@ -145,6 +149,9 @@ def main() -> None:
     p.add_argument("--concurrency", type=int, default=8, help="requests in flight under load")
     p.add_argument("--max-batch", type=int, default=8, help="the server's --max-batch")
     p.add_argument("--modes", nargs="+", default=["exact", "predicted"])
+    p.add_argument("--vary-lengths", action="store_true",
+                   help="under load, prompts of random lengths between half --prompt-tokens and all of it")
+    p.add_argument("--warm-up", default="256,512,1024,2048", help="the server's --warm-up ('none' to skip)")
     args = p.parse_args()
 
     load_model = lambda: KVPredictionModel.from_pretrained(args.model, dtype=DTYPES[args.dtype],  # noqa: E731
@@ -156,15 +163,19 @@ def main() -> None:
           f"torch threads {torch.get_num_threads()}, cpu count {os.cpu_count()}, "
           f"load average {os.getloadavg()[0]:.1f} at start")
     print(f"prompt {args.prompt_tokens} tokens, {args.max_tokens} new tokens, greedy, batch 1 in-process; "
-          f"server max_batch {args.max_batch}")
-    config = ServeConfig(max_queue=max(64, args.requests), max_batch=args.max_batch)
+          f"server max_batch {args.max_batch}, warm-up {args.warm_up}"
+          + (f"; under load, prompts of {args.prompt_tokens // 2}-{args.prompt_tokens} tokens" if args.vary_lengths
+             else "")
+          + (f"; {torch.cuda.get_device_name()}" if args.device.startswith("cuda") else ""))
+    config = ServeConfig(max_queue=max(64, args.requests), max_batch=args.max_batch,
+                         warm_up=() if args.warm_up == "none" else tuple(map(int, args.warm_up.split(","))))
     with serve_in_thread(create_app(served, config)) as url:
         print(f"\n1. server overhead on TTFT: {args.requests} sequential requests per mode, each paired with "
               "in-process runs (medians, ms)")
         asyncio.run(overhead(url, local, args))
         print(f"\n2. TTFT under load: {args.concurrency} concurrent streaming clients, "
               f"{args.requests} requests per mode")
-        asyncio.run(load(url, served.tokenizer, args))
+        asyncio.run(load(url, served, args))
     print(f"\nload average {os.getloadavg()[0]:.1f} at end (other processes share these CPUs when it exceeds "
           f"{os.cpu_count()})")
 

@@ -235,6 +235,7 @@ class StepPool:
 
     def __init__(self, size: int = 4):
         self.size, self.entries = size, OrderedDict()
+        self.made = 0  # caches made so far: requests that found no cache (and step) of their shape
 
     def get(self, model, batch: int, tokens: int) -> Pooled:
         """The pooled cache (and step) for `batch` rows of up to `tokens` tokens."""
@@ -249,6 +250,7 @@ class StepPool:
                 torch.cuda.empty_cache()
                 cache = model.new_cache(*key)
             self.entries[key] = Pooled(cache)
+            self.made += 1
         self.entries.move_to_end(key)
         return self.entries[key]
 
