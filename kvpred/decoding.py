@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -232,36 +231,28 @@ def capacity_bucket(tokens: int) -> int:
 class StepPool:
     """Caches and their captured steps, kept per (batch, capacity bucket) so that one capture (50-190 ms on an
     H100) serves every later request of that shape. Capacities round up to powers of two (at least 256); the `size`
-    most recently used are kept, since each holds a whole KV cache. A cache is lent to one generation at a time:
-    concurrent generations of one shape (kvpred serve's interleaved batches) each get their own."""
+    most recently used are kept, since each holds a whole KV cache."""
 
     def __init__(self, size: int = 4):
         self.size, self.entries = size, OrderedDict()
         self.made = 0  # caches made so far: requests that found no cache (and step) of their shape
 
-    @contextmanager
-    def lend(self, model, batch: int, tokens: int) -> Iterator[Pooled]:
-        """The pooled cache (and step) for `batch` rows of up to `tokens` tokens, out of the pool until the
-        generation ends; a new one when the shape's cache is out or was never made."""
+    def get(self, model, batch: int, tokens: int) -> Pooled:
+        """The pooled cache (and step) for `batch` rows of up to `tokens` tokens."""
         key = (batch, capacity_bucket(tokens))
-        pooled = self.entries.pop(key, None) or self._make(model, key)
-        try:
-            yield pooled
-        finally:  # back as the most recent; a copy of the same shape returned earlier is let go
-            self.entries[key] = pooled
-            self.entries.move_to_end(key)
-            while len(self.entries) > self.size:
+        if key not in self.entries:
+            while len(self.entries) >= self.size:
                 self.entries.popitem(last=False)
-
-    def _make(self, model, key: tuple[int, int]) -> Pooled:
-        try:
-            cache = model.new_cache(*key)
-        except torch.cuda.OutOfMemoryError:  # the pooled caches of other shapes may be what fills the device
-            self.entries.clear()
-            torch.cuda.empty_cache()
-            cache = model.new_cache(*key)
-        self.made += 1
-        return Pooled(cache)
+            try:
+                cache = model.new_cache(*key)
+            except torch.cuda.OutOfMemoryError:  # the pooled caches of other shapes may be what fills the device
+                self.entries.clear()
+                torch.cuda.empty_cache()
+                cache = model.new_cache(*key)
+            self.entries[key] = Pooled(cache)
+            self.made += 1
+        self.entries.move_to_end(key)
+        return self.entries[key]
 
 
 def sample(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float, top_k: int) -> torch.Tensor:
@@ -328,11 +319,11 @@ def generate_with_steps(model, input_ids: torch.Tensor, attention_mask: torch.Te
     """transformers' generate loop for modes "exact" and "predicted" on a pooled BufferCache and its step:
     `first_logits`, then `decode` (which takes the sampling and stopping arguments). Returns [B, N + new]."""
     b, n = input_ids.shape
+    pooled = pool.get(model, b, n + max_new_tokens)
     mask = torch.cat([attention_mask, attention_mask.new_ones(b, max_new_tokens)], 1)
-    with pool.lend(model, b, n + max_new_tokens) as pooled:
-        logits = first_logits(model, pooled, input_ids, mask, mode=mode, exact_tail=exact_tail,
-                              defer_values=defer_values)
-        return decode(model, pooled, input_ids, mask, logits, max_new_tokens=max_new_tokens, **decoding)
+    logits = first_logits(model, pooled, input_ids, mask, mode=mode, exact_tail=exact_tail,
+                          defer_values=defer_values)
+    return decode(model, pooled, input_ids, mask, logits, max_new_tokens=max_new_tokens, **decoding)
 
 
 def first_logits(model, pooled: Pooled, input_ids: torch.Tensor, mask: torch.Tensor, *, mode: str, exact_tail: int,

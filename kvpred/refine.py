@@ -320,27 +320,27 @@ def generate_refined(model: KVPredictionModel, input_ids: torch.Tensor, attentio
         raise KVPredError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     trace = Trace.started(model.device)
     (b, n), signal = ids.shape, None
+    pooled = model._steps.get(model, b, n + max_new_tokens)
     full_mask = torch.cat([mask, mask.new_ones(b, max_new_tokens)], 1)
     thresholds = thresholds or Thresholds.for_model(model)
-    with model._steps.lend(model, b, n + max_new_tokens) as pooled:
-        if refine == "auto" and thresholds.signal != "entropy":  # the tail's signals need its logits and K/V
-            logits, signal = _prefill(model, ids, mask, exact_tail, pooled, with_signal=True)
-            logits = logits[:, -1]
-        else:  # generate's own first token (a CUDA-graph step on a GPU); the entropy needs nothing more
-            logits = first_logits(model, pooled, ids, full_mask, mode="predicted", exact_tail=exact_tail,
-                                  defer_values=model.device.type == "cpu")
-            if refine == "auto":
-                signal = {"entropy": _entropy(logits).cpu()}
-        policy = choose_policy(signal, thresholds) if refine == "auto" else refine
-        budget = _budget(policy, chunk_size)
-        if n <= exact_tail:  # the base ran the whole prompt: the cache is exact already
-            refiner = Refiner(model, pooled, budget, done=n)
-        else:
-            refiner = None if policy == "off" else Refiner(model, pooled, budget)
-        seq = decode(model, pooled, ids, full_mask, logits, max_new_tokens=max_new_tokens, do_sample=do_sample,
-                     temperature=temperature, top_p=top_p, top_k=top_k, eos=eos_token_ids(model, eos_token_id),
-                     pad_token_id=pad_id(model), streamer=streamer, logits_processor=logits_processor,
-                     stopping_criteria=stopping_criteria, refiner=refiner, trace=trace)
+    if refine == "auto" and thresholds.signal != "entropy":  # the tail's signals need its logits and K/V
+        logits, signal = _prefill(model, ids, mask, exact_tail, pooled, with_signal=True)
+        logits = logits[:, -1]
+    else:  # generate's own first token (a CUDA-graph step on a GPU); the entropy needs nothing more
+        logits = first_logits(model, pooled, ids, full_mask, mode="predicted", exact_tail=exact_tail,
+                              defer_values=model.device.type == "cpu")
+        if refine == "auto":
+            signal = {"entropy": _entropy(logits).cpu()}
+    policy = choose_policy(signal, thresholds) if refine == "auto" else refine
+    budget = _budget(policy, chunk_size)
+    if n <= exact_tail:  # the base ran the whole prompt: the cache is exact already
+        refiner = Refiner(model, pooled, budget, done=n)
+    else:
+        refiner = None if policy == "off" else Refiner(model, pooled, budget)
+    seq = decode(model, pooled, ids, full_mask, logits, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                 temperature=temperature, top_p=top_p, top_k=top_k, eos=eos_token_ids(model, eos_token_id),
+                 pad_token_id=pad_id(model), streamer=streamer, logits_processor=logits_processor,
+                 stopping_criteria=stopping_criteria, refiner=refiner, trace=trace)
     info = {"policy": policy, "signal": None if signal is None else {k: v.tolist() for k, v in signal.items()},
             **_report(trace, seq.shape[1] - n)}
     return seq, info

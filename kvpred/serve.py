@@ -22,15 +22,12 @@ Progressive refinement and multi-turn reuse (kvpred.refine; predicted mode only)
   carry `session` and `reused_tokens` (prompt tokens taken from the stored cache), in a stream's last chunk.
 
 How requests run
-* HTTP handlers only tokenize, validate and wait. Prompts wait in a bounded queue (a full queue answers 429). A
-  dispatcher takes the oldest prompt together with queued prompts of the same settings (mode, exact_tail,
-  sampling, refine policy and chunk) as one left-padded batch; each row stops on its own (EOS, a stop string,
-  max_tokens, or its client going away). Refinement swaps the cache of a whole batch at once, so "auto" prompts
-  share a batch only with prompts of their own request (one decision per request), and session turns run alone.
-* Up to --max-active batches generate at once, each on its own thread, taking turns on the model (`Turns`): one
-  decoding step each, the longest waiting first. A new batch's prompt pass and first token therefore wait for one
-  step of each running batch, not for their whole replies; the running batches' tokens slow down meanwhile. A
-  seeded batch keeps its turn to its end, so its samples reproduce, and a session's turns run one at a time.
+* One worker thread owns the model; HTTP handlers only tokenize, validate and wait. Prompts wait in a bounded
+  queue (a full queue answers 429). The worker takes the oldest prompt together with queued prompts of the same
+  settings (mode, exact_tail, sampling, refine policy and chunk) and decodes them as one left-padded batch; each
+  row stops on its own (EOS, a stop string, max_tokens, or its client going away). A batch runs to its end before
+  the next starts. Refinement swaps the cache of a whole batch at once, so "auto" prompts share a batch only with
+  prompts of their own request (one decision per request), and session turns run alone.
 * TTFT (`ttft_s` and the histogram kvpred_time_to_first_token_seconds) runs from a request's arrival to the moment
   its first new token exists on the worker: tokenization, queueing and prefill included, the network not.
 
@@ -84,7 +81,6 @@ class ServeConfig:
     refine_chunk: int = 256  # columns the base refines per decode step (eager; lazy a quarter) when none is named
     max_sessions: int = 16  # chat sessions whose cache is kept; the least recently used beyond this is dropped
     warm_up: tuple[int, ...] = ()  # cache capacities made ready for batch-1 requests before the server starts
-    max_active: int = 4  # batches generating at once, taking turns step by step; 1: each runs to its end first
 
 
 class APIError(Exception):
@@ -247,13 +243,11 @@ class _LastScores(LogitsProcessor):
 
 
 class _Tracker(StoppingCriteria):
-    """Runs after each decoding step: hands every row's new token to its Job, then (`pass_turn`) lets the other
-    running batches take their turn. A row is done once its job finished (EOS, stop string, max_tokens,
-    cancelled); generate stops when all rows are."""
+    """Runs after each decoding step: hands every row's new token to its Job. A row is done once its job finished
+    (EOS, stop string, max_tokens, cancelled); generate stops when all rows are."""
 
-    def __init__(self, jobs: list[Job], tokenizer, eos_ids: set[int], tap: _LastScores | None,
-                 pass_turn: Callable[[], None] = lambda: None):
-        self.jobs, self.tokenizer, self.eos_ids, self.tap, self.pass_turn = jobs, tokenizer, eos_ids, tap, pass_turn
+    def __init__(self, jobs: list[Job], tokenizer, eos_ids: set[int], tap: _LastScores | None):
+        self.jobs, self.tokenizer, self.eos_ids, self.tap = jobs, tokenizer, eos_ids, tap
 
     def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
         now = time.perf_counter()
@@ -264,9 +258,7 @@ class _Tracker(StoppingCriteria):
                 entry = (token_entry(self.tokenizer, logprobs[row], token, job.logprobs)
                          if logprobs is not None and job.logprobs is not None else None)
                 job.advance(token, token in self.eos_ids, now, self.tokenizer, entry)
-        done = torch.tensor([job.finish_reason is not None for job in self.jobs], device=input_ids.device)
-        self.pass_turn()
-        return done
+        return torch.tensor([job.finish_reason is not None for job in self.jobs], device=input_ids.device)
 
 
 class _ServedSession(ChatSession):
@@ -327,49 +319,8 @@ class Metrics:
         return generate_latest(self.registry)
 
 
-class Turns:
-    """Whose turn it is on the model. Batches generating at once take turns, one decoding step each, the one that
-    waited longest first. A new request's prompt pass and first token then wait for one step of each running batch
-    instead of for their whole replies."""
-
-    def __init__(self):
-        self._cond = threading.Condition()
-        self._waiting: deque[object] = deque()
-        self._held = False
-
-    @contextmanager
-    def turn(self) -> Iterator[None]:
-        self._take()
-        try:
-            yield
-        finally:
-            self._give()
-
-    def pass_turn(self) -> None:
-        """Inside a turn: let the batches waiting now run first, then go on."""
-        with self._cond:
-            if not self._waiting:
-                return
-        self._give()
-        self._take()
-
-    def _take(self) -> None:
-        me = object()
-        with self._cond:
-            self._waiting.append(me)
-            self._cond.wait_for(lambda: not self._held and self._waiting[0] is me)
-            self._waiting.popleft()
-            self._held = True
-
-    def _give(self) -> None:
-        with self._cond:
-            self._held = False
-            self._cond.notify_all()
-
-
 class Scheduler:
-    """The threads that use the model, fed by a bounded queue of Jobs: a dispatcher forms batches, and up to
-    `max_active` of them generate at once, taking `Turns`."""
+    """The one thread that uses the model, fed by a bounded queue of Jobs."""
 
     def __init__(self, model, config: ServeConfig, metrics: Metrics):
         self.model, self.config, self.metrics = model, config, metrics
@@ -379,22 +330,16 @@ class Scheduler:
         self._pending: deque[Job] = deque()
         self._cond = threading.Condition()
         self._closing = False
-        self._running: set[Job] = set()
-        self._busy_sessions: set[str] = set()  # a session's turns run one at a time
-        self._slots = threading.Semaphore(config.max_active)
-        self.turns = Turns()
+        self._running: list[Job] = []
         self._thread: threading.Thread | None = None
-        self.sessions: OrderedDict[str, _ServedSession] = OrderedDict()  # used in turns only; least recent first
+        self.sessions: OrderedDict[str, _ServedSession] = OrderedDict()  # the worker's alone; least recent first
 
     @property
     def depth(self) -> int:
         return len(self._pending)
 
     def start(self) -> None:
-        # Batches enter and leave without_cudnn_attention() out of order when they take turns, and it sets a
-        # process-wide flag: set it for the whole process instead, so none of them meets cuDNN's per-length plans.
-        torch.backends.cuda.enable_cudnn_sdp(False)
-        self._thread = threading.Thread(target=self._dispatch, name="kvpred-dispatcher", daemon=True)
+        self._thread = threading.Thread(target=self._loop, name="kvpred-worker", daemon=True)
         self._thread.start()
 
     def close(self) -> None:
@@ -418,16 +363,14 @@ class Scheduler:
             self._cond.notify()
 
     def next_batch(self) -> list[Job] | None:
-        """The oldest job that may start now (not a turn of a session whose previous turn still runs) and the
-        queued jobs that may share its batch; None once closing."""
+        """The oldest live job and the queued jobs that may share its batch; None once closing."""
         with self._cond:
             while True:
-                first = None
-                while not self._closing and (first := self._startable()) is None:
+                while not self._pending and not self._closing:
                     self._cond.wait()
                 if self._closing:
                     return None
-                self._pending.remove(first)
+                first = self._pending.popleft()
                 if first.cancelled.is_set():  # its client left while it waited
                     first.finish("cancelled")
                     first.release()
@@ -441,44 +384,23 @@ class Scheduler:
                         self._pending.remove(job)
                         batch.append(job)
                 self.metrics.batch_size.observe(len(batch))
-                self._running.update(batch)
-                if first.session is not None:
-                    self._busy_sessions.add(first.session)
                 return batch
 
-    def _startable(self) -> Job | None:
-        return next((job for job in self._pending if job.session not in self._busy_sessions), None)
-
-    def _dispatch(self) -> None:
-        """Start each batch on a thread of its own once fewer than max_active are generating."""
-        while self._slots.acquire() and (batch := self.next_batch()) is not None:
-            threading.Thread(target=self._work, args=(batch,), name="kvpred-worker", daemon=True).start()
-
-    def _work(self, batch: list[Job]) -> None:
-        try:
-            with self.turns.turn():
-                started = time.perf_counter()
-                for job in batch:
-                    job.started = started
-                try:
-                    self._run(batch)
-                except KVPredError as err:
-                    self._fail(batch, APIError(400, str(err)))
-                except Exception as err:  # a bug or a device error: answer 500 and keep serving
-                    log.exception("generation failed")
-                    self._fail(batch, APIError(500, f"{type(err).__name__}: {err}", kind="server_error"))
+    def _loop(self) -> None:
+        while (batch := self.next_batch()) is not None:
+            self._running, started = batch, time.perf_counter()
+            for job in batch:
+                job.started = started
+            try:
+                self._run(batch)
+            except KVPredError as err:
+                self._fail(batch, APIError(400, str(err)))
+            except Exception as err:  # a bug or a device error: answer 500 and keep serving
+                log.exception("generation failed")
+                self._fail(batch, APIError(500, f"{type(err).__name__}: {err}", kind="server_error"))
             for job in batch:
                 job.release()
                 self.metrics.record(job)
-        finally:
-            self._finished(batch)
-
-    def _finished(self, batch: list[Job]) -> None:
-        with self._cond:
-            self._running.difference_update(batch)
-            self._busy_sessions.discard(batch[0].session)
-            self._cond.notify_all()
-        self._slots.release()
 
     @staticmethod
     def _fail(batch: list[Job], error: APIError) -> None:
@@ -524,10 +446,7 @@ class Scheduler:
         """A batch's decoding hooks: the tracker that hands each row's token to its job and ends rows whose job
         finished, and, where logprobs were asked for, the tap on the scores each token was sampled from."""
         tap = _LastScores() if any(job.logprobs is not None for job in jobs) else None
-        # a seeded batch keeps its turn: another batch's sampling in between would draw from the same generator
-        pass_turn = self.turns.pass_turn if jobs[0].seed is None else lambda: None
-        hooks = {"stopping_criteria": StoppingCriteriaList([_Tracker(jobs, self.tokenizer, self.eos_ids, tap,
-                                                                     pass_turn)])}
+        hooks = {"stopping_criteria": StoppingCriteriaList([_Tracker(jobs, self.tokenizer, self.eos_ids, tap)])}
         if tap is not None:
             hooks["logits_processor"] = LogitsProcessorList([tap])
         return hooks
@@ -779,10 +698,9 @@ def create_app(model, config: ServeConfig | None = None):
         raise KVPredError(f"unknown default mode {config.default_mode!r}; choose one of {', '.join(KV_MODES)}")
     if config.refine not in REFINE_CHOICES:
         raise KVPredError(f"unknown refine policy {config.refine!r}; choose one of {', '.join(REFINE_CHOICES)}")
-    if config.refine_chunk < 2 or config.max_sessions < 1 or config.max_active < 1:
-        raise KVPredError(f"--refine-chunk must be >= 2 (so refinement catches up with decoding), --max-sessions "
-                          f"and --max-active >= 1, got {config.refine_chunk}, {config.max_sessions} and "
-                          f"{config.max_active}")
+    if config.refine_chunk < 2 or config.max_sessions < 1:
+        raise KVPredError(f"--refine-chunk must be >= 2 (so refinement catches up with decoding) and --max-sessions "
+                          f">= 1, got {config.refine_chunk} and {config.max_sessions}")
     if any(tokens < 4 for tokens in config.warm_up):
         raise KVPredError(f"--warm-up token counts must be >= 4, got {', '.join(map(str, config.warm_up))}")
     tokenizer, context, vocab = model.tokenizer, model.context_length, model.base.config.vocab_size
@@ -1008,10 +926,6 @@ def register(subparsers) -> None:
     p.add_argument("--max-sessions", type=int, default=16,
                    help="chat sessions (request field session) whose cache is kept; the least recently used "
                         "beyond this is dropped")
-    p.add_argument("--max-active", type=int, default=4,
-                   help="batches generating at once, taking turns one decoding step each, so that a new request's "
-                        "first token does not wait for the running replies to end; 1 runs each batch to its end "
-                        "before the next starts (default: 4)")
     p.add_argument("--warm-up", type=_capacities, default="256,512,1024,2048", metavar="TOKENS",
                    help="before serving, make the caches (and on a GPU the CUDA graphs) for batch-1 requests of up "
                         "to these many prompt + new tokens, so the first requests do not wait for them; 'none' "
@@ -1042,6 +956,6 @@ def _serve(args: argparse.Namespace) -> int:
                                                    exact_tail=args.exact_tail, max_queue=args.max_queue,
                                                    max_batch=args.max_batch, refine=args.refine,
                                                    refine_chunk=args.refine_chunk, max_sessions=args.max_sessions,
-                                                   warm_up=args.warm_up, max_active=args.max_active))
+                                                   warm_up=args.warm_up))
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0

@@ -105,32 +105,17 @@ def test_sampling_with_top_k_of_one_is_greedy(model):
 
 def test_the_pool_reuses_a_cache_per_shape_and_keeps_the_most_recent(model):
     pool = StepPool(size=2)
-    with pool.lend(model, 2, 100) as first:
-        assert first.cache.capacity == 256 and first.step is None
-        assert first.made_step(model) is first.step is first.made_step(model)
-    with pool.lend(model, 2, 200) as again:  # rounds up to 256 as well
-        assert again is first
-    for shape in ((2, 300), (1, 10)):
-        with pool.lend(model, *shape):
-            pass
-    with pool.lend(model, 2, 100) as later:
-        assert later is not first  # evicted by the two newer shapes
-    assert pool.made == 4
-
-
-def test_concurrent_generations_of_one_shape_get_caches_of_their_own(model):
-    pool = StepPool(size=4)
-    with pool.lend(model, 1, 10) as first, pool.lend(model, 1, 10) as second:
-        assert first is not second and not pool.entries  # both are out
-    assert list(pool.entries) == [(1, 256)] and pool.entries[(1, 256)] is first  # one copy kept: the later return
-    with pool.lend(model, 1, 10) as again:
-        assert again is first
+    first = pool.get(model, 2, 100)
+    assert pool.get(model, 2, 200) is first and first.cache.capacity == 256  # both round up to 256
+    assert first.step is None and first.made_step(model) is first.step is first.made_step(model)
+    pool.get(model, 2, 300)
+    pool.get(model, 1, 10)
+    assert pool.get(model, 2, 100) is not first  # evicted by the two newer shapes
 
 
 def test_the_pool_lets_go_of_its_caches_when_a_new_one_does_not_fit(model, monkeypatch):
     pool = StepPool(size=4)
-    with pool.lend(model, 1, 10) as kept:
-        pass
+    kept = pool.get(model, 1, 10)
     real, calls = model.new_cache, []
 
     def new_cache(*args):
@@ -141,10 +126,9 @@ def test_the_pool_lets_go_of_its_caches_when_a_new_one_does_not_fit(model, monke
 
     monkeypatch.setattr(model, "new_cache", new_cache)
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
-    with pool.lend(model, 2, 10) as fresh:
-        assert len(calls) == 2 and not pool.entries  # the idle cache let go, then the retry fitted
-    with pool.lend(model, 1, 10) as other:
-        assert other is not kept and fresh is pool.entries[(2, 256)]
+    fresh = pool.get(model, 2, 10)
+    assert len(calls) == 2 and list(pool.entries.values()) == [fresh]  # the old cache let go, then the retry fitted
+    assert pool.get(model, 1, 10) is not kept
 
 
 def test_warming_up_readies_a_pooled_cache_and_step_per_capacity_and_changes_no_tokens(model):

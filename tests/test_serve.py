@@ -6,7 +6,6 @@ import json
 import re
 import socket
 import statistics
-import threading
 import time
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from openai import AsyncOpenAI, OpenAI
 from kvpred.cli import build_parser
 from kvpred.model import KVPredictionModel
 from kvpred.models import KVPredError
-from kvpred.serve import (APIError, Job, Metrics, Scheduler, ServeConfig, Turns, create_app, serve_in_thread,
+from kvpred.serve import (APIError, Job, Metrics, Scheduler, ServeConfig, create_app, serve_in_thread,
                           visible_text)
 
 NAME = "tiny"
@@ -319,53 +318,6 @@ def test_a_client_that_disconnects_cancels_its_generation(tiny_llama, stream):
         text = http.get("/metrics").text
     assert metric(text, "kvpred_prompts_finished_total", mode="exact", reason="cancelled") == 1, text
     assert metric(text, "kvpred_generated_tokens_total", mode="exact") < 500
-
-
-def test_turns_go_to_the_longest_waiting_batch_at_each_step():
-    turns, log, started = Turns(), [], threading.Event()
-
-    def batch(name: str, steps: int) -> None:
-        with turns.turn():
-            started.set()
-            for step in range(steps):
-                log.append(f"{name}{step}")
-                turns.pass_turn()
-
-    first = threading.Thread(target=batch, args=("a", 2))
-    with turns.turn():  # hold the model while both batches queue up, in order
-        first.start()
-        wait_for(lambda: len(turns._waiting) == 1)
-        second = threading.Thread(target=batch, args=("b", 3))
-        second.start()
-        wait_for(lambda: len(turns._waiting) == 2)
-    first.join(10), second.join(10)
-    assert log == ["a0", "b0", "a1", "b1", "b2"]
-
-
-@pytest.mark.parametrize("max_active", [1, 2])
-def test_a_new_request_does_not_wait_for_a_running_reply_to_end(tiny_llama, max_active):
-    model = KVPredictionModel.from_pretrained(tiny_llama)
-    head = model.base.lm_head  # untie the LM head and zero EOS's row, so that greedy decoding never stops early
-    head.weight = torch.nn.Parameter(head.weight.detach().clone())
-    head.weight.data[model.tokenizer.eos_token_id] = 0
-    long = {"model": NAME, "prompt": "Go", "max_tokens": 500, "temperature": 0, "stream": True, "kv_mode": "exact"}
-    short = {"model": NAME, "prompt": "Hi there", "max_tokens": 3, "temperature": 0}
-    with serve_in_thread(create_app(model, ServeConfig(model_name=NAME, max_active=max_active))) as url, \
-            httpx.Client(base_url=url, timeout=60) as http:
-        with http.stream("POST", "/v1/completions", json=long) as stream:
-            lines = stream.iter_lines()
-            chunks = [next(lines)]  # the first chunk: the long reply is being generated
-            answer = http.post("/v1/completions", json=short).json()["choices"][0]["text"]
-            generated = metric(http.get("/metrics").text, "kvpred_generated_tokens_total", mode="exact")
-            chunks += list(lines)
-    if max_active == 1:
-        assert generated == 500  # the short request waited for the whole long reply
-    else:
-        assert generated < 100  # it took its turn between two of the long reply's steps
-    long_text = "".join(json.loads(line.removeprefix("data: "))["choices"][0]["text"]
-                        for line in chunks if line.startswith("data: {"))
-    assert answer == in_process(model, model.tokenizer.encode("Hi there"), "predicted", 3)
-    assert long_text == in_process(model, model.tokenizer.encode("Go"), "exact", 500)
 
 
 # ---------------------------------------------------------------- models, health, metrics, CLI

@@ -308,10 +308,7 @@ def test_refined_prompts_batch_with_equal_policies_auto_with_its_own_request_ses
     assert scheduler.next_batch() == [jobs[2]]  # another chunk size
     assert scheduler.next_batch() == [jobs[4], jobs[6]]  # one auto decision per request
     assert scheduler.next_batch() == [jobs[5]]
-    assert scheduler.next_batch() == [jobs[7]]
-    assert scheduler._startable() is None  # the session's next turn waits until this one has ended
-    scheduler._finished([jobs[7]])
-    assert scheduler.next_batch() == [jobs[8]]
+    assert scheduler.next_batch() == [jobs[7]] and scheduler.next_batch() == [jobs[8]]
 
 
 def test_cli_serve_takes_refine_options():
