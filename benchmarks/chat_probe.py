@@ -22,8 +22,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_conversation_arguments(parser, turns=6)
     parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--warm-up", action="store_true", help="KVPredictionModel.warm_up() first, as kvpred serve")
     args = parser.parse_args()
     model = load_model(args)
+    if args.warm_up:
+        model.warm_up()
     session = started_session(model, "eager")
     for turn, text in enumerate(user_turns(model.tokenizer, args), 1):
         profiler = cProfile.Profile()
