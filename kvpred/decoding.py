@@ -53,6 +53,16 @@ class EagerStep:
         """Make the next step read `token` [B] instead of the greedy one."""
         self.ids = token[:, None]
 
+    def admit(self, rows: torch.Tensor, ids: torch.Tensor, positions: torch.Tensor, visible: torch.Tensor,
+              start: int) -> None:
+        """Make `rows` [b] new sequences: next step feeds them `ids` [b] at `positions` [b]; they see the
+        columns from `start` to the current one as `visible` [b, slot - start] says, and the current one."""
+        self.ids, self.positions = self.ids.clone(), self.positions.clone()
+        self.ids[rows, 0], self.positions[rows, 0] = ids, positions
+        self.mask[rows] = False
+        self.mask[rows, start:-1] = visible
+        self.mask[rows, -1] = True
+
 
 class GraphStep:
     """The same step captured once as a CUDA graph (KVPredictionModel.static_step: fixed shapes, the whole
@@ -105,6 +115,14 @@ class GraphStep:
 
     def feed(self, token: torch.Tensor) -> None:
         self.ids.copy_(token[:, None])
+
+    def admit(self, rows: torch.Tensor, ids: torch.Tensor, positions: torch.Tensor, visible: torch.Tensor,
+              start: int) -> None:
+        """As EagerStep.admit; the step itself shows each row its current column."""
+        slot = start + visible.shape[1]
+        self.ids[rows, 0], self.positions[rows, 0] = ids, positions
+        self.mask[rows] = False
+        self.mask[rows, 0, 0, start:slot] = visible
 
 
 def make_step(model, cache, want_graph: bool):
@@ -253,6 +271,67 @@ class StepPool:
             self.made += 1
         self.entries.move_to_end(key)
         return self.entries[key]
+
+
+class RollingBatch:
+    """Continuous batching on one pooled cache. Its rows decode in lockstep: each step writes one cache column for
+    every row. A prompt joins at a step boundary: its cache (predicted, or exact) is written into a free row so
+    that it ends just before the current column, and the next step runs its last prompt token beside the running
+    rows' newest tokens, giving its first token. A row's columns before its prompt stay masked. Once the columns
+    run out, prompts stop joining and the batch drains."""
+
+    def __init__(self, model, pooled: Pooled, slot: int):
+        self.model, self.cache, self.slot = model, pooled.cache, slot
+        self.rows = self.cache.key_arena.shape[1]
+        self.free = list(range(self.rows))
+        self.cache.reset()
+        self.cache.set_length(slot)
+        self.step = pooled.made_step(model)
+        device = model.device
+        zeros = torch.zeros(self.rows, 1, dtype=torch.long, device=device)
+        self.step.start(zeros, zeros, slot, torch.zeros(self.rows, slot, dtype=torch.bool, device=device))
+
+    def fits(self, prompt_tokens: int, new_tokens: int) -> bool:
+        """Whether a prompt of this length, then this many new tokens, can join now."""
+        return bool(self.free) and prompt_tokens - 1 <= self.slot and self.slot + new_tokens <= self.cache.capacity
+
+    @torch.no_grad()
+    def admit(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, mode: str) -> list[int]:
+        """Left-padded prompts [b, T] join (b <= free rows); returns their rows. Their cache of all but the last
+        token comes from one batched prefill: the auxiliary and predictor in "predicted" mode, the base in
+        "exact"."""
+        from .model import position_ids_from_mask
+
+        b, t = input_ids.shape
+        rows, self.free = self.free[:b], self.free[b:]
+        index = torch.tensor(rows, device=self.model.device)
+        start = self.slot - (t - 1)
+        positions = position_ids_from_mask(attention_mask)
+        if t > 1:
+            head_ids, head_mask = input_ids[:, :-1], attention_mask[:, :-1]
+            if mode == "predicted":
+                prefix = self.model.predicted_cache(input_ids, attention_mask)
+            else:
+                prefix = self.model.base.model(input_ids=head_ids, attention_mask=head_mask,
+                                               position_ids=positions[:, :-1], use_cache=True).past_key_values
+            for layer, (keys, values) in enumerate((lay.keys, lay.values) for lay in prefix.layers):
+                self.cache.key_arena[layer, :, :, start:self.slot].index_copy_(0, index, keys)
+                self.cache.value_arena[layer, :, :, start:self.slot].index_copy_(0, index, values)
+        self.step.admit(index, input_ids[:, -1], positions[:, -1], attention_mask[:, :-1].bool(), start)
+        return rows
+
+    def __call__(self) -> torch.Tensor:
+        """One step for every row: the logits [rows, V] of each row's next token."""
+        self.step()
+        self.slot += 1
+        return self.step.logits[:, -1]
+
+    def feed(self, token: torch.Tensor) -> None:
+        """The tokens [rows] the next step reads (a free row's is ignored)."""
+        self.step.feed(token)
+
+    def release(self, row: int) -> None:
+        self.free.append(row)
 
 
 def sample(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float, top_k: int) -> torch.Tensor:

@@ -25,9 +25,14 @@ How requests run
 * One worker thread owns the model; HTTP handlers only tokenize, validate and wait. Prompts wait in a bounded
   queue (a full queue answers 429). The worker takes the oldest prompt together with queued prompts of the same
   settings (mode, exact_tail, sampling, refine policy and chunk) and decodes them as one left-padded batch; each
-  row stops on its own (EOS, a stop string, max_tokens, or its client going away). A batch runs to its end before
-  the next starts. Refinement swaps the cache of a whole batch at once, so "auto" prompts share a batch only with
-  prompts of their own request (one decision per request), and session turns run alone.
+  row stops on its own (EOS, a stop string, max_tokens, or its client going away). Refinement swaps the cache of a
+  whole batch at once, so "auto" prompts share a batch only with prompts of their own request (one decision per
+  request), and session turns run alone.
+* Continuous batching (exact mode, and predicted mode with a one-token tail, unrefined: decoding.RollingBatch):
+  prompts queued while such a batch decodes join it at a step boundary, in a row another prompt has left (on a
+  GPU the batch has --max-batch rows from the start), as long as the cache has columns left. Their first token
+  then waits for one prefill and one step rather than for the whole batch. Other batches run to their end before
+  the next starts.
 * TTFT (`ttft_s` and the histogram kvpred_time_to_first_token_seconds) runs from a request's arrival to the moment
   its first new token exists on the worker: tokenization, queueing and prefill included, the network not.
 
@@ -58,6 +63,7 @@ from typing import AsyncIterator, Callable, Iterator
 import torch
 from transformers.generation import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
+from .decoding import RollingBatch, sample
 from .models import KVPredError
 from .refine import REFINE_CHOICES, ChatSession, generate_refined
 
@@ -388,17 +394,17 @@ class Scheduler:
 
     def _loop(self) -> None:
         while (batch := self.next_batch()) is not None:
-            self._running, started = batch, time.perf_counter()
+            self._running, started = batch, time.perf_counter()  # prompts joining a rolling batch are added
             for job in batch:
                 job.started = started
             try:
                 self._run(batch)
             except KVPredError as err:
-                self._fail(batch, APIError(400, str(err)))
+                self._fail(self._running, APIError(400, str(err)))
             except Exception as err:  # a bug or a device error: answer 500 and keep serving
                 log.exception("generation failed")
-                self._fail(batch, APIError(500, f"{type(err).__name__}: {err}", kind="server_error"))
-            for job in batch:
+                self._fail(self._running, APIError(500, f"{type(err).__name__}: {err}", kind="server_error"))
+            for job in self._running:
                 job.release()
                 self.metrics.record(job)
 
@@ -424,6 +430,9 @@ class Scheduler:
             self._chat_turn(live[0])
         elif live[0].refine != "off":
             self._generate_refined(live)
+        elif live[0].batch_key is not None and (live[0].mode == "exact" or live[0].mode == "predicted"
+                                                and live[0].exact_tail == 1):
+            self._roll(live)
         else:
             self._generate(live)
         for job in live:
@@ -457,6 +466,51 @@ class Scheduler:
         self.model.generate(input_ids, attention_mask, mode=first.mode, exact_tail=first.exact_tail,
                             max_new_tokens=max(job.max_tokens for job in jobs), **self._sampling(first),
                             **self._hooks(jobs))
+
+    def _roll(self, jobs: list[Job]) -> None:
+        """Decode `jobs` as a RollingBatch that queued prompts of the same settings join at step boundaries. On a
+        GPU it has max_batch rows, since a step costs about the same for any number of rows; on a CPU, where each
+        row costs, as many as it starts with."""
+        model, first = self.model, jobs[0]
+        rows = self.config.max_batch if model.device.type == "cuda" else len(jobs)
+        need = max(len(job.prompt_ids) + job.max_tokens for job in jobs)
+        pooled = model._steps.get(model, rows, min(model.context_length, 2 * need))  # room for prompts to join
+        batch = RollingBatch(model, pooled, max(len(job.prompt_ids) for job in jobs) - 1)
+        running = dict(zip(self._join(batch, jobs), jobs))  # row -> job
+        sampling = self._sampling(first)
+        while running:
+            scores = batch().float()  # [rows, V]
+            tokens = sample(scores, sampling["do_sample"], sampling["temperature"], sampling["top_p"], 0)
+            now, new = time.perf_counter(), tokens.tolist()
+            logprobs = (torch.log_softmax(scores, dim=-1) if any(job.logprobs is not None for job in running.values())
+                        else None)
+            for row, job in list(running.items()):
+                entry = (token_entry(self.tokenizer, logprobs[row], new[row], job.logprobs)
+                         if job.logprobs is not None else None)
+                job.advance(new[row], new[row] in self.eos_ids, now, self.tokenizer, entry)
+                if job.finish_reason is not None:
+                    del running[row]
+                    batch.release(row)
+            batch.feed(tokens)
+            if joining := self._joinable(first.batch_key, batch):
+                running.update(zip(self._join(batch, joining), joining))
+
+    def _joinable(self, key: tuple, batch: RollingBatch) -> list[Job]:
+        """Queued prompts with the running batch's settings that fit into its free rows now."""
+        with self._cond:
+            found = [job for job in self._pending if job.batch_key == key and not job.cancelled.is_set()
+                     and batch.fits(len(job.prompt_ids), job.max_tokens)][:len(batch.free)]
+            for job in found:
+                self._pending.remove(job)
+        self._running.extend(found)
+        return found
+
+    def _join(self, batch: RollingBatch, jobs: list[Job]) -> list[int]:
+        started = time.perf_counter()
+        for job in jobs:
+            job.started = started
+        input_ids, attention_mask = self._padded(jobs)
+        return batch.admit(input_ids.to(self.model.device), attention_mask.to(self.model.device), jobs[0].mode)
 
     def _generate_refined(self, jobs: list[Job]) -> None:
         first = jobs[0]

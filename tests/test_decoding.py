@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
-from kvpred.decoding import StepPool
+from kvpred.decoding import Pooled, RollingBatch, StepPool
 from kvpred.generation import encode_prompts
 from kvpred.model import KVPredictionModel
 
@@ -131,6 +131,43 @@ def test_the_pool_lets_go_of_its_caches_when_a_new_one_does_not_fit(model, monke
     assert pool.get(model, 1, 10) is not kept
 
 
+def rolled(model, mode: str, rows: int, new_tokens: int) -> list[list[int]]:
+    """PROMPTS through a RollingBatch of `rows` rows, greedy: the first starts it, the others join as rows come
+    free, one at each step boundary."""
+    batch = RollingBatch(model, Pooled(model.new_cache(rows, 256)), slot=64)
+    waiting, running = list(range(len(PROMPTS))), {}
+    got: list[list[int]] = [[] for _ in PROMPTS]
+    while waiting or running:
+        if waiting and batch.fits(64, new_tokens):
+            ids, mask = encode_prompts(model.tokenizer, [PROMPTS[waiting[0]]])
+            (row,) = batch.admit(ids.to(model.device), mask.to(model.device), mode)
+            running[row] = waiting.pop(0)
+        tokens = batch().argmax(-1)
+        for row, i in list(running.items()):
+            got[i].append(int(tokens[row]))
+            if len(got[i]) == new_tokens:
+                del running[row]
+                batch.release(row)
+        batch.feed(tokens)
+    return got
+
+
+@pytest.mark.parametrize("mode", ["exact", "predicted"])
+def test_prompts_joining_a_rolling_batch_decode_what_they_decode_alone(model, mode):
+    """Continuous batching: prompts join between steps, one into the row another has left, and each gets the
+    tokens generate gives it on its own."""
+    alone = [model.generate(ids[None], mode=mode, max_new_tokens=6)[0, len(ids):].tolist()
+             for ids in (torch.tensor(model.tokenizer.encode(p)) for p in PROMPTS)]
+    assert rolled(model, mode, rows=2, new_tokens=6) == alone
+
+
+def test_a_rolling_batch_takes_no_prompt_it_has_no_room_for(model):
+    batch = RollingBatch(model, Pooled(model.new_cache(1, 256)), slot=10)
+    assert batch.fits(11, 200) and not batch.fits(12, 200) and not batch.fits(5, 247)  # prompt columns; capacity
+    batch.admit(*encode_prompts(model.tokenizer, ["hi"]), "exact")
+    assert not batch.fits(2, 1)  # no free row
+
+
 def test_warming_up_readies_a_pooled_cache_and_step_per_capacity_and_changes_no_tokens(model):
     ids, mask = encode_prompts(model.tokenizer, PROMPTS[:1])
     before = model.generate(ids, mask, max_new_tokens=5)
@@ -159,6 +196,16 @@ def test_graph_steps_give_transformers_tokens_on_a_gpu(tiny_llama, mode, tail):
         mine = model.generate(ids, mask, mode=mode, exact_tail=tail, max_new_tokens=10)
         theirs = model.generate(ids, mask, mode=mode, exact_tail=tail, max_new_tokens=10, transformers_loop=True)
         assert torch.equal(mine, theirs)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("mode", ["exact", "predicted"])
+def test_a_rolling_batch_on_graph_steps_decodes_what_prompts_decode_alone(tiny_llama, mode):
+    torch.manual_seed(0)
+    model = KVPredictionModel.from_pretrained(tiny_llama, keep_ratio=0.5, device="cuda")
+    alone = [model.generate(ids[None].cuda(), mode=mode, max_new_tokens=6)[0, len(ids):].tolist()
+             for ids in (torch.tensor(model.tokenizer.encode(p)) for p in PROMPTS)]
+    assert rolled(model, mode, rows=2, new_tokens=6) == alone
 
 
 def test_generation_runs_without_cudnn_attention_and_restores_it(model, monkeypatch):

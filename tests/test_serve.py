@@ -280,6 +280,32 @@ def test_queued_prompts_with_equal_settings_are_decoded_together_up_to_max_batch
     assert scheduler.next_batch() == [jobs[6], jobs[7]]
 
 
+def test_a_queued_prompt_joins_the_running_batch_when_a_row_comes_free(tiny_llama):
+    """Continuous batching: a prompt queued while a batch decodes takes the row of a prompt that finished, and
+    ends long before the batch's longest reply does, with the text it gets alone."""
+    model = KVPredictionModel.from_pretrained(tiny_llama)
+    head = model.base.lm_head  # untie the LM head and zero EOS's row, so that greedy decoding never stops early
+    head.weight = torch.nn.Parameter(head.weight.detach().clone())
+    head.weight.data[model.tokenizer.eos_token_id] = 0
+    finished = []
+
+    def job(prompt: str, max_tokens: int) -> Job:
+        return Job(index=0, prompt_ids=model.tokenizer.encode(prompt), mode="predicted", exact_tail=1,
+                   max_tokens=max_tokens, temperature=0.0, top_p=1.0, seed=None, stops=(), logprobs=None,
+                   score_tail=None, arrived=0.0, sink=lambda event: event.finish_reason and finished.append(prompt))
+
+    scheduler = Scheduler(model, ServeConfig(), Metrics(lambda: 0))  # not started: run by hand
+    short, long, joining = job("Hi", 2), job("Go on", 200), job("Yes", 3)
+    scheduler.submit([short, long])
+    scheduler._running = batch = scheduler.next_batch()
+    assert batch == [short, long]
+    scheduler.submit([joining])
+    scheduler._run(batch)
+    assert finished == ["Hi", "Yes", "Go on"] and scheduler._running == [short, long, joining]
+    for j in (short, long, joining):
+        assert j.text == in_process(model, j.prompt_ids, "predicted", j.max_tokens)
+
+
 def test_the_queue_takes_all_of_a_request_or_none_of_it(model):
     scheduler = Scheduler(model, ServeConfig(max_queue=2), Metrics(lambda: 0))
     with pytest.raises(APIError) as err:
