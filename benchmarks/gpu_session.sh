@@ -118,7 +118,9 @@ chat)  # after a and a2 (carry .carry/g3 .carry/pytest): the CUDA tests of refin
 serve)  # after a and a2 (carry .carry/g3 .carry/serve): the server on the GPU, one request at a time and under load
   assemble_model || exit 1
   python3 -m pip install -q --no-index --no-deps --target "$SITE" .carry/serve/*.whl
-  for flags in "--prompt-tokens 512" "--prompt-tokens 1024 --vary-lengths" ${SERVE_EXTRA:+"$SERVE_EXTRA"}; do
+  for flags in "--prompt-tokens 512 --no-continuous-batching" "--prompt-tokens 512 --load-only" \
+               "--prompt-tokens 1024 --vary-lengths --no-continuous-batching --load-only" \
+               "--prompt-tokens 1024 --vary-lengths --load-only"; do
     python3 benchmarks/serve_bench.py --device cuda --dtype bfloat16 --requests 48 --concurrency 8 --max-tokens 32 \
       $flags 2>&1 | grep -v "Warn\|Loading" | tee -a $OUT/serve_gpu.txt
   done

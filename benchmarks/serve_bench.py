@@ -152,6 +152,8 @@ def main() -> None:
     p.add_argument("--vary-lengths", action="store_true",
                    help="under load, prompts of random lengths between half --prompt-tokens and all of it")
     p.add_argument("--warm-up", default="256,512,1024,2048", help="the server's --warm-up ('none' to skip)")
+    p.add_argument("--no-continuous-batching", action="store_true", help="the server's --no-continuous-batching")
+    p.add_argument("--load-only", action="store_true", help="skip part 1 (server overhead)")
     args = p.parse_args()
 
     load_model = lambda: KVPredictionModel.from_pretrained(args.model, dtype=DTYPES[args.dtype],  # noqa: E731
@@ -163,16 +165,19 @@ def main() -> None:
           f"torch threads {torch.get_num_threads()}, cpu count {os.cpu_count()}, "
           f"load average {os.getloadavg()[0]:.1f} at start")
     print(f"prompt {args.prompt_tokens} tokens, {args.max_tokens} new tokens, greedy, batch 1 in-process; "
-          f"server max_batch {args.max_batch}, warm-up {args.warm_up}"
+          f"server max_batch {args.max_batch}, continuous batching {not args.no_continuous_batching}, "
+          f"warm-up {args.warm_up}"
           + (f"; under load, prompts of {args.prompt_tokens // 2}-{args.prompt_tokens} tokens" if args.vary_lengths
              else "")
           + (f"; {torch.cuda.get_device_name()}" if args.device.startswith("cuda") else ""))
     config = ServeConfig(max_queue=max(64, args.requests), max_batch=args.max_batch,
+                         continuous_batching=not args.no_continuous_batching,
                          warm_up=() if args.warm_up == "none" else tuple(map(int, args.warm_up.split(","))))
     with serve_in_thread(create_app(served, config)) as url:
-        print(f"\n1. server overhead on TTFT: {args.requests} sequential requests per mode, each paired with "
-              "in-process runs (medians, ms)")
-        asyncio.run(overhead(url, local, args))
+        if not args.load_only:
+            print(f"\n1. server overhead on TTFT: {args.requests} sequential requests per mode, each paired with "
+                  "in-process runs (medians, ms)")
+            asyncio.run(overhead(url, local, args))
         print(f"\n2. TTFT under load: {args.concurrency} concurrent streaming clients, "
               f"{args.requests} requests per mode")
         asyncio.run(load(url, served, args))

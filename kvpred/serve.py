@@ -29,10 +29,9 @@ How requests run
   whole batch at once, so "auto" prompts share a batch only with prompts of their own request (one decision per
   request), and session turns run alone.
 * Continuous batching (exact mode, and predicted mode with a one-token tail, unrefined: decoding.RollingBatch):
-  prompts queued while such a batch decodes join it at a step boundary, in a row another prompt has left (on a
-  GPU the batch has --max-batch rows from the start), as long as the cache has columns left. Their first token
-  then waits for one prefill and one step rather than for the whole batch. Other batches run to their end before
-  the next starts.
+  prompts queued while such a batch decodes join it at a step boundary, in a free row (the batch has --max-batch
+  rows from the start), as long as the cache has columns left. Their first token then waits for one prefill and
+  one step rather than for the whole batch. Other batches run to their end before the next starts.
 * TTFT (`ttft_s` and the histogram kvpred_time_to_first_token_seconds) runs from a request's arrival to the moment
   its first new token exists on the worker: tokenization, queueing and prefill included, the network not.
 
@@ -86,7 +85,8 @@ class ServeConfig:
     refine: str = "off"  # refine policy of predicted-mode generations that name none
     refine_chunk: int = 256  # columns the base refines per decode step (eager; lazy a quarter) when none is named
     max_sessions: int = 16  # chat sessions whose cache is kept; the least recently used beyond this is dropped
-    warm_up: tuple[int, ...] = ()  # cache capacities made ready for batch-1 requests before the server starts
+    warm_up: tuple[int, ...] = ()  # cache capacities made ready before the server starts
+    continuous_batching: bool = True  # queued exact/predicted prompts join the running batch (RollingBatch)
 
 
 class APIError(Exception):
@@ -430,8 +430,8 @@ class Scheduler:
             self._chat_turn(live[0])
         elif live[0].refine != "off":
             self._generate_refined(live)
-        elif live[0].batch_key is not None and (live[0].mode == "exact" or live[0].mode == "predicted"
-                                                and live[0].exact_tail == 1):
+        elif self.config.continuous_batching and live[0].batch_key is not None and (
+                live[0].mode == "exact" or live[0].mode == "predicted" and live[0].exact_tail == 1):
             self._roll(live)
         else:
             self._generate(live)
@@ -468,11 +468,9 @@ class Scheduler:
                             **self._hooks(jobs))
 
     def _roll(self, jobs: list[Job]) -> None:
-        """Decode `jobs` as a RollingBatch that queued prompts of the same settings join at step boundaries. On a
-        GPU it has max_batch rows, since a step costs about the same for any number of rows; on a CPU, where each
-        row costs, as many as it starts with."""
-        model, first = self.model, jobs[0]
-        rows = self.config.max_batch if model.device.type == "cuda" else len(jobs)
+        """Decode `jobs` as a RollingBatch of max_batch rows that queued prompts of the same settings join at step
+        boundaries."""
+        model, first, rows = self.model, jobs[0], self.config.max_batch
         need = max(len(job.prompt_ids) + job.max_tokens for job in jobs)
         pooled = model._steps.get(model, rows, min(model.context_length, 2 * need))  # room for prompts to join
         batch = RollingBatch(model, pooled, max(len(job.prompt_ids) for job in jobs) - 1)
@@ -765,9 +763,10 @@ def create_app(model, config: ServeConfig | None = None):
     async def lifespan(app):
         if config.warm_up:  # before uvicorn accepts connections, so no request waits for it
             started = time.perf_counter()
-            made = model.warm_up(config.warm_up)
+            rows = config.max_batch if config.continuous_batching else 1
+            made = model.warm_up(config.warm_up, batch_size=rows)  # rolling batches have max_batch rows
             logging.getLogger("uvicorn.error").info(
-                "warmed up for batch-1 requests of up to %s tokens in %.1f s", ", ".join(map(str, made)),
+                "warmed up for batches of %d rows and up to %s tokens in %.1f s", rows, ", ".join(map(str, made)),
                 time.perf_counter() - started)
         scheduler.start()
         try:
@@ -980,10 +979,14 @@ def register(subparsers) -> None:
     p.add_argument("--max-sessions", type=int, default=16,
                    help="chat sessions (request field session) whose cache is kept; the least recently used "
                         "beyond this is dropped")
+    p.add_argument("--continuous-batching", action=argparse.BooleanOptionalAction, default=True,
+                   help="let queued exact and predicted prompts join the running batch at a step boundary, instead "
+                        "of waiting for it to end (default: on)")
     p.add_argument("--warm-up", type=_capacities, default="256,512,1024,2048", metavar="TOKENS",
-                   help="before serving, make the caches (and on a GPU the CUDA graphs) for batch-1 requests of up "
-                        "to these many prompt + new tokens, so the first requests do not wait for them; 'none' "
-                        "to start at once (default: 256,512,1024,2048)")
+                   help="before serving, make the caches (and on a GPU the CUDA graphs) for batches of up to these "
+                        "many prompt + new tokens (of --max-batch rows, as continuous batching runs them; else of "
+                        "one), so the first requests do not wait for them; 'none' to start at once "
+                        "(default: 256,512,1024,2048)")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     p.set_defaults(func=_serve)
 
@@ -1010,6 +1013,7 @@ def _serve(args: argparse.Namespace) -> int:
                                                    exact_tail=args.exact_tail, max_queue=args.max_queue,
                                                    max_batch=args.max_batch, refine=args.refine,
                                                    refine_chunk=args.refine_chunk, max_sessions=args.max_sessions,
-                                                   warm_up=args.warm_up))
+                                                   warm_up=args.warm_up,
+                                                   continuous_batching=args.continuous_batching))
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0

@@ -381,11 +381,11 @@ def test_the_server_warms_up_before_it_takes_requests(tiny_llama):
     model = KVPredictionModel.from_pretrained(tiny_llama)
     with pytest.raises(KVPredError, match="--warm-up"):
         create_app(model, ServeConfig(warm_up=(256, 2)))
-    with serve_in_thread(create_app(model, ServeConfig(warm_up=(256, 512)))) as url:
-        assert set(model._steps.entries) == {(1, 256), (1, 512)}  # before the first request
-        ready = model._steps.entries[(1, 256)]
+    with serve_in_thread(create_app(model, ServeConfig(warm_up=(256, 512), max_batch=2))) as url:
+        assert set(model._steps.entries) == {(2, 256), (2, 512)}  # before the first request; batches of max_batch
+        ready = model._steps.entries[(2, 256)]
         reply = httpx.post(f"{url}/v1/completions", json={"model": "kvpred", "prompt": "hello", "max_tokens": 3})
-        assert reply.status_code == 200 and model._steps.entries[(1, 256)] is ready
+        assert reply.status_code == 200 and model._steps.entries[(2, 256)] is ready
 
 
 # ---------------------------------------------------------------- load
