@@ -296,6 +296,7 @@ class RollingBatch:
         return bool(self.free) and prompt_tokens - 1 <= self.slot and self.slot + new_tokens <= self.cache.capacity
 
     @torch.no_grad()
+    @without_cudnn_attention()  # prompts of new lengths join all the time (see without_cudnn_attention)
     def admit(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, mode: str) -> list[int]:
         """Left-padded prompts [b, T] join (b <= free rows); returns their rows. Their cache of all but the last
         token comes from one batched prefill: the auxiliary and predictor in "predicted" mode, the base in

@@ -473,7 +473,10 @@ class Scheduler:
         model, first, rows = self.model, jobs[0], self.config.max_batch
         need = max(len(job.prompt_ids) + job.max_tokens for job in jobs)
         pooled = model._steps.get(model, rows, min(model.context_length, 2 * need))  # room for prompts to join
-        batch = RollingBatch(model, pooled, max(len(job.prompt_ids) for job in jobs) - 1)
+        slot = max(len(job.prompt_ids) for job in jobs) - 1
+        if model.device.type == "cuda":  # the graph step attends over the whole buffer anyway: start half-way
+            slot = max(slot, pooled.cache.capacity // 2)  # in, so that longer prompts can join too
+        batch = RollingBatch(model, pooled, slot)
         running = dict(zip(self._join(batch, jobs), jobs))  # row -> job
         sampling = self._sampling(first)
         while running:
@@ -494,10 +497,18 @@ class Scheduler:
                 running.update(zip(self._join(batch, joining), joining))
 
     def _joinable(self, key: tuple, batch: RollingBatch) -> list[Job]:
-        """Queued prompts with the running batch's settings that fit into its free rows now."""
+        """The queue's oldest prompts, while they have the running batch's settings and fit into its free rows
+        now. The first that does not stops the joining, so that nothing overtakes it: the batch then ends, and
+        the next one starts with it."""
+        found = []
         with self._cond:
-            found = [job for job in self._pending if job.batch_key == key and not job.cancelled.is_set()
-                     and batch.fits(len(job.prompt_ids), job.max_tokens)][:len(batch.free)]
+            for job in self._pending:
+                if job.cancelled.is_set():
+                    continue  # next_batch tells its client
+                if len(found) == len(batch.free) or job.batch_key != key or not batch.fits(len(job.prompt_ids),
+                                                                                          job.max_tokens):
+                    break
+                found.append(job)
             for job in found:
                 self._pending.remove(job)
         self._running.extend(found)

@@ -15,6 +15,7 @@ import torch
 from openai import AsyncOpenAI, OpenAI
 
 from kvpred.cli import build_parser
+from kvpred.decoding import Pooled, RollingBatch
 from kvpred.model import KVPredictionModel
 from kvpred.models import KVPredError
 from kvpred.serve import (APIError, Job, Metrics, Scheduler, ServeConfig, create_app, serve_in_thread,
@@ -304,6 +305,17 @@ def test_a_queued_prompt_joins_the_running_batch_when_a_row_comes_free(tiny_llam
     assert finished == ["Hi", "Yes", "Go on"] and scheduler._running == [short, long, joining]
     for j in (short, long, joining):
         assert j.text == in_process(model, j.prompt_ids, "predicted", j.max_tokens)
+
+
+def test_no_prompt_joins_a_running_batch_ahead_of_an_older_one_that_cannot(model):
+    scheduler = Scheduler(model, ServeConfig(), Metrics(lambda: 0))
+    scheduler._running = []
+    batch = RollingBatch(model, Pooled(model.new_cache(2, 256)), slot=10)
+    older, later = make_job("aux"), make_job("predicted")
+    scheduler.submit([older, later])
+    assert scheduler._joinable(later.batch_key, batch) == []  # the aux prompt must wait for the batch to end
+    scheduler._pending.popleft()
+    assert scheduler._joinable(later.batch_key, batch) == [later] and scheduler._running == [later]
 
 
 def test_the_queue_takes_all_of_a_request_or_none_of_it(model):
