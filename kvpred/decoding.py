@@ -313,8 +313,13 @@ class RollingBatch:
             if mode == "predicted":
                 prefix = self.model.predicted_cache(input_ids, attention_mask)
             else:
-                prefix = self.model.base.model(input_ids=head_ids, attention_mask=head_mask,
-                                               position_ids=positions[:, :-1], use_cache=True).past_key_values
+                from transformers import DynamicCache
+
+                from .model import cache_kwargs
+
+                backbone, prefix = self.model.base.model, DynamicCache(config=self.model.base.config)
+                backbone(input_ids=head_ids, attention_mask=head_mask, position_ids=positions[:, :-1],
+                         use_cache=True, **cache_kwargs(backbone, prefix))
             for layer, (keys, values) in enumerate((lay.keys, lay.values) for lay in prefix.layers):
                 self.cache.key_arena[layer, :, :, start:self.slot].index_copy_(0, index, keys)
                 self.cache.value_arena[layer, :, :, start:self.slot].index_copy_(0, index, values)
