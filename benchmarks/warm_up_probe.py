@@ -19,25 +19,13 @@ from types import SimpleNamespace
 
 import torch
 
+from generate_ttft import Clock  # benchmarks/ is on the path
 from kvpred.bench import _device_name, variant_name
 from kvpred.decoding import capacity_bucket
 from kvpred.model import KVPredictionModel
 from kvpred.shapes import random_kvp_model
 
 CONDITIONS = ("cold", "warmed up")
-
-
-class Clock:
-    """A streamer that notes when each put arrives: the prompt first, then one per new token."""
-
-    def __init__(self):
-        self.times: list[float] = []
-
-    def put(self, value) -> None:
-        self.times.append(time.perf_counter())
-
-    def end(self) -> None:
-        pass
 
 
 def load(args: argparse.Namespace) -> tuple[KVPredictionModel, str]:
