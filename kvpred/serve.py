@@ -471,17 +471,19 @@ class Scheduler:
         """Decode `jobs` as a RollingBatch of max_batch rows that queued prompts of the same settings join at step
         boundaries."""
         model, first, rows = self.model, jobs[0], self.config.max_batch
+        longest, most = max(len(job.prompt_ids) for job in jobs), max(job.max_tokens for job in jobs)
         need = max(len(job.prompt_ids) + job.max_tokens for job in jobs)
-        pooled = model._steps.get(model, rows, min(model.context_length, 2 * need))  # room for prompts to join
-        slot = max(len(job.prompt_ids) for job in jobs) - 1
+        # twice the room, for prompts to join; cache columns are not positions, so they may outgrow the context
+        pooled = model._steps.get(model, rows, max(min(model.context_length, 2 * need), longest + most))
+        capacity, slot = pooled.cache.capacity, longest - 1
         if model.device.type == "cuda":  # the graph step attends over the whole buffer anyway: start half-way
-            slot = max(slot, pooled.cache.capacity // 2)  # in, so that longer prompts can join too
+            slot = max(slot, min(capacity // 2, capacity - most))  # in, so that longer prompts can join too
         batch = RollingBatch(model, pooled, slot)
         running = dict(zip(self._join(batch, jobs), jobs))  # row -> job
         sampling = self._sampling(first)
         while running:
             scores = batch().float()  # [rows, V]
-            tokens = sample(scores, sampling["do_sample"], sampling["temperature"], sampling["top_p"], 0)
+            tokens = sample(scores, top_k=0, **sampling)
             now, new = time.perf_counter(), tokens.tolist()
             logprobs = (torch.log_softmax(scores, dim=-1) if any(job.logprobs is not None for job in running.values())
                         else None)
@@ -774,8 +776,9 @@ def create_app(model, config: ServeConfig | None = None):
     async def lifespan(app):
         if config.warm_up:  # before uvicorn accepts connections, so no request waits for it
             started = time.perf_counter()
-            rows = config.max_batch if config.continuous_batching else 1
-            made = model.warm_up(config.warm_up, batch_size=rows)  # rolling batches have max_batch rows
+            # a GPU's rolling batches have max_batch rows; on a CPU that many would take 30 s for little gain
+            rows = config.max_batch if config.continuous_batching and model.device.type == "cuda" else 1
+            made = model.warm_up(config.warm_up, batch_size=rows)
             logging.getLogger("uvicorn.error").info(
                 "warmed up for batches of %d rows and up to %s tokens in %.1f s", rows, ", ".join(map(str, made)),
                 time.perf_counter() - started)
@@ -995,8 +998,8 @@ def register(subparsers) -> None:
                         "of waiting for it to end (default: on)")
     p.add_argument("--warm-up", type=_capacities, default="256,512,1024,2048", metavar="TOKENS",
                    help="before serving, make the caches (and on a GPU the CUDA graphs) for batches of up to these "
-                        "many prompt + new tokens (of --max-batch rows, as continuous batching runs them; else of "
-                        "one), so the first requests do not wait for them; 'none' to start at once "
+                        "many prompt + new tokens (on a GPU of --max-batch rows, as continuous batching runs them; "
+                        "else of one), so the first requests do not wait for them; 'none' to start at once "
                         "(default: 256,512,1024,2048)")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     p.set_defaults(func=_serve)

@@ -307,6 +307,21 @@ def test_a_queued_prompt_joins_the_running_batch_when_a_row_comes_free(tiny_llam
         assert j.text == in_process(model, j.prompt_ids, "predicted", j.max_tokens)
 
 
+def test_a_batch_of_a_long_prompt_and_a_long_reply_gets_the_cache_columns_both_need(model):
+    """Each fits the context (512) alone; in one rolling batch the long prompt's columns come before the long
+    reply's, so the cache outgrows the context (columns are not positions)."""
+    jobs = [Job(index=0, prompt_ids=model.tokenizer.encode(prompt), mode="exact", exact_tail=1, max_tokens=n,
+                temperature=0.0, top_p=1.0, seed=None, stops=(), logprobs=None, score_tail=None, arrived=0.0,
+                sink=lambda event: None) for prompt, n in (("x" * 400, 10), ("Go", 400))]
+    scheduler = Scheduler(model, ServeConfig(), Metrics(lambda: 0))
+    scheduler.submit(jobs)
+    scheduler._running = batch = scheduler.next_batch()
+    scheduler._run(batch)
+    for job in jobs:
+        assert job.finish_reason in ("stop", "length")
+        assert job.text == in_process(model, job.prompt_ids, "exact", job.max_tokens)
+
+
 def test_no_prompt_joins_a_running_batch_ahead_of_an_older_one_that_cannot(model):
     scheduler = Scheduler(model, ServeConfig(), Metrics(lambda: 0))
     scheduler._running = []
@@ -393,11 +408,12 @@ def test_the_server_warms_up_before_it_takes_requests(tiny_llama):
     model = KVPredictionModel.from_pretrained(tiny_llama)
     with pytest.raises(KVPredError, match="--warm-up"):
         create_app(model, ServeConfig(warm_up=(256, 2)))
-    with serve_in_thread(create_app(model, ServeConfig(warm_up=(256, 512), max_batch=2))) as url:
-        assert set(model._steps.entries) == {(2, 256), (2, 512)}  # before the first request; batches of max_batch
-        ready = model._steps.entries[(2, 256)]
+    with serve_in_thread(create_app(model, ServeConfig(warm_up=(256, 512), max_batch=2,
+                                                       continuous_batching=False))) as url:
+        assert set(model._steps.entries) == {(1, 256), (1, 512)}  # before the first request (on a GPU, of 2 rows)
+        ready = model._steps.entries[(1, 256)]
         reply = httpx.post(f"{url}/v1/completions", json={"model": "kvpred", "prompt": "hello", "max_tokens": 3})
-        assert reply.status_code == 200 and model._steps.entries[(2, 256)] is ready
+        assert reply.status_code == 200 and model._steps.entries[(1, 256)] is ready
 
 
 # ---------------------------------------------------------------- load
