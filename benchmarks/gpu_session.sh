@@ -23,7 +23,8 @@
 #   stage refine (after a and a2; carry .carry/g3 [.carry/pytest: wheels for its tests]) refinement / exact-tail curves of the shipped default (refine_eval)
 #   stage refine1 (after a and a2; carry .carry/g3) eager refinement with one chunk covering the prompt
 #   stage chat   (after a and a2; carry .carry/g3 .carry/pytest) refinement/chat CUDA tests, chat TTFT per turn
-#   stage serve  (after a and a2; carry .carry/g3 .carry/serve) serve_bench on the GPU: fixed and varied prompt lengths
+#   stage serve  (after a and a2; carry .carry/g3 .carry/serve) serve_bench on the GPU, with and without continuous
+#                batching, prompts of one length and of varied lengths
 #   stage equalflops (after a and a2; carry .carry/g3) exact tail vs truncation at equal FLOPs, 512-2048-token prompts
 #   stage evalfull (after a and a2; carry .carry/g3) the shipped default on every item of every task, then HumanEval
 #   stage generate (after a and a2; carry .carry/g3) generate() on CUDA-graph steps vs transformers' loop, timed and compared
