@@ -31,7 +31,8 @@ How requests run
 * Continuous batching (exact mode, and predicted mode with a one-token tail, unrefined: decoding.RollingBatch):
   prompts queued while such a batch decodes join it at a step boundary, in a free row (the batch has --max-batch
   rows from the start), as long as the cache has columns left. Their first token then waits for one prefill and
-  one step rather than for the whole batch. Other batches run to their end before the next starts.
+  one step rather than for the whole batch. On a CPU, where every row costs in every step, a lone prompt with
+  nothing queued behind it runs on its own. Other batches run to their end before the next starts.
 * TTFT (`ttft_s` and the histogram kvpred_time_to_first_token_seconds) runs from a request's arrival to the moment
   its first new token exists on the worker: tokenization, queueing and prefill included, the network not.
 
@@ -430,8 +431,7 @@ class Scheduler:
             self._chat_turn(live[0])
         elif live[0].refine != "off":
             self._generate_refined(live)
-        elif self.config.continuous_batching and live[0].batch_key is not None and (
-                live[0].mode == "exact" or live[0].mode == "predicted" and live[0].exact_tail == 1):
+        elif self._rolls(live):
             self._roll(live)
         else:
             self._generate(live)
@@ -466,6 +466,14 @@ class Scheduler:
         self.model.generate(input_ids, attention_mask, mode=first.mode, exact_tail=first.exact_tail,
                             max_new_tokens=max(job.max_tokens for job in jobs), **self._sampling(first),
                             **self._hooks(jobs))
+
+    def _rolls(self, jobs: list[Job]) -> bool:
+        """Whether `jobs` run as a RollingBatch. On a CPU each of its max_batch rows costs in every step, so a lone
+        prompt with nothing queued behind it runs on its own instead (one row, to its end)."""
+        first = jobs[0]
+        return (self.config.continuous_batching and first.batch_key is not None
+                and (first.mode == "exact" or first.mode == "predicted" and first.exact_tail == 1)
+                and (self.model.device.type == "cuda" or len(jobs) > 1 or self.depth > 0))
 
     def _roll(self, jobs: list[Job]) -> None:
         """Decode `jobs` as a RollingBatch of max_batch rows that queued prompts of the same settings join at step

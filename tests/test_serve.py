@@ -322,6 +322,17 @@ def test_a_batch_of_a_long_prompt_and_a_long_reply_gets_the_cache_columns_both_n
         assert job.text == in_process(model, job.prompt_ids, "exact", job.max_tokens)
 
 
+def test_on_a_cpu_a_lone_prompt_with_nothing_queued_runs_on_its_own(model):
+    """A rolling batch has max_batch rows, and on a CPU each costs in every step."""
+    scheduler, lone = Scheduler(model, ServeConfig(), Metrics(lambda: 0)), make_job("predicted")
+    assert not scheduler._rolls([lone]) and scheduler._rolls([lone, make_job("predicted")])
+    scheduler.submit([make_job("aux")])
+    assert scheduler._rolls([lone])  # a prompt waits behind it
+    assert not scheduler._rolls([make_job("aux"), make_job("aux")])  # aux mode has its own model and loop
+    off = Scheduler(model, ServeConfig(continuous_batching=False), Metrics(lambda: 0))
+    assert not off._rolls([lone, make_job("predicted")])
+
+
 def test_no_prompt_joins_a_running_batch_ahead_of_an_older_one_that_cannot(model):
     scheduler = Scheduler(model, ServeConfig(), Metrics(lambda: 0))
     scheduler._running = []
