@@ -297,11 +297,14 @@ class RollingBatch:
 
     @torch.no_grad()
     @without_cudnn_attention()  # prompts of new lengths join all the time (see without_cudnn_attention)
-    def admit(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, mode: str) -> list[int]:
+    def admit(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, mode: str, exact_tail: int = 1
+              ) -> list[int]:
         """Left-padded prompts [b, T] join (b <= free rows); returns their rows. Their cache of all but the last
-        token comes from one batched prefill: the auxiliary and predictor in "predicted" mode, the base in
-        "exact"."""
-        from .model import position_ids_from_mask
+        token comes from one batched prefill: in "predicted" mode the auxiliary and predictor's for all but the last
+        `exact_tail` tokens, then the base's for the rest of the tail; the base's alone in "exact"."""
+        from transformers import DynamicCache
+
+        from .model import cache_kwargs, position_ids_from_mask
 
         b, t = input_ids.shape
         rows, self.free = self.free[:b], self.free[b:]
@@ -309,17 +312,13 @@ class RollingBatch:
         start = self.slot - (t - 1)
         positions = position_ids_from_mask(attention_mask)
         if t > 1:
-            head_ids, head_mask = input_ids[:, :-1], attention_mask[:, :-1]
-            if mode == "predicted":
-                prefix = self.model.predicted_cache(input_ids, attention_mask)
-            else:
-                from transformers import DynamicCache
-
-                from .model import cache_kwargs
-
-                backbone, prefix = self.model.base.model, DynamicCache(config=self.model.base.config)
-                backbone(input_ids=head_ids, attention_mask=head_mask, position_ids=positions[:, :-1],
-                         use_cache=True, **cache_kwargs(backbone, prefix))
+            predicted = max(t - exact_tail, 0) if mode == "predicted" else 0  # columns the predictor writes
+            prefix = (self.model.predicted_cache(input_ids, attention_mask, exact_tail) if predicted
+                      else DynamicCache(config=self.model.base.config))
+            if predicted < t - 1:  # the base computes the columns after the prediction
+                backbone = self.model.base.model
+                backbone(input_ids=input_ids[:, predicted:-1], attention_mask=attention_mask[:, :-1],
+                         position_ids=positions[:, predicted:-1], use_cache=True, **cache_kwargs(backbone, prefix))
             for layer, (keys, values) in enumerate((lay.keys, lay.values) for lay in prefix.layers):
                 self.cache.key_arena[layer, :, :, start:self.slot].index_copy_(0, index, keys)
                 self.cache.value_arena[layer, :, :, start:self.slot].index_copy_(0, index, values)

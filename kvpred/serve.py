@@ -28,7 +28,7 @@ How requests run
   row stops on its own (EOS, a stop string, max_tokens, or its client going away). Refinement swaps the cache of a
   whole batch at once, so "auto" prompts share a batch only with prompts of their own request (one decision per
   request), and session turns run alone.
-* Continuous batching (exact mode, and predicted mode with a one-token tail, unrefined: decoding.RollingBatch):
+* Continuous batching (exact and predicted mode, unrefined: decoding.RollingBatch):
   prompts queued while such a batch decodes join it at a step boundary, in a free row (the batch has --max-batch
   rows from the start), as long as the cache has columns left. Their first token then waits for one prefill and
   one step rather than for the whole batch. On a CPU, where every row costs in every step, a lone prompt with
@@ -472,7 +472,7 @@ class Scheduler:
         prompt with nothing queued behind it runs on its own instead (one row, to its end)."""
         first = jobs[0]
         return (self.config.continuous_batching and first.batch_key is not None
-                and (first.mode == "exact" or first.mode == "predicted" and first.exact_tail == 1)
+                and first.mode in ("exact", "predicted")
                 and (self.model.device.type == "cuda" or len(jobs) > 1 or self.depth > 0))
 
     def _roll(self, jobs: list[Job]) -> None:
@@ -529,7 +529,8 @@ class Scheduler:
         for job in jobs:
             job.started = started
         input_ids, attention_mask = self._padded(jobs)
-        return batch.admit(input_ids.to(self.model.device), attention_mask.to(self.model.device), jobs[0].mode)
+        return batch.admit(input_ids.to(self.model.device), attention_mask.to(self.model.device), jobs[0].mode,
+                           jobs[0].exact_tail)
 
     def _generate_refined(self, jobs: list[Job]) -> None:
         first = jobs[0]

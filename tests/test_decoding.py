@@ -131,7 +131,7 @@ def test_the_pool_lets_go_of_its_caches_when_a_new_one_does_not_fit(model, monke
     assert pool.get(model, 1, 10) is not kept
 
 
-def rolled(model, mode: str, rows: int, new_tokens: int) -> list[list[int]]:
+def rolled(model, mode: str, rows: int, new_tokens: int, tail: int = 1) -> list[list[int]]:
     """PROMPTS through a RollingBatch of `rows` rows, greedy: the first starts it, the others join as rows come
     free, one at each step boundary."""
     batch = RollingBatch(model, Pooled(model.new_cache(rows, 256)), slot=64)
@@ -140,7 +140,7 @@ def rolled(model, mode: str, rows: int, new_tokens: int) -> list[list[int]]:
     while waiting or running:
         if waiting and batch.fits(64, new_tokens):
             ids, mask = encode_prompts(model.tokenizer, [PROMPTS[waiting[0]]])
-            (row,) = batch.admit(ids.to(model.device), mask.to(model.device), mode)
+            (row,) = batch.admit(ids.to(model.device), mask.to(model.device), mode, tail)
             running[row] = waiting.pop(0)
         tokens = batch().argmax(-1)
         for row, i in list(running.items()):
@@ -152,13 +152,13 @@ def rolled(model, mode: str, rows: int, new_tokens: int) -> list[list[int]]:
     return got
 
 
-@pytest.mark.parametrize("mode", ["exact", "predicted"])
-def test_prompts_joining_a_rolling_batch_decode_what_they_decode_alone(model, mode):
+@pytest.mark.parametrize("mode,tail", [("exact", 1), ("predicted", 1), ("predicted", 3)])
+def test_prompts_joining_a_rolling_batch_decode_what_they_decode_alone(model, mode, tail):
     """Continuous batching: prompts join between steps, one into the row another has left, and each gets the
-    tokens generate gives it on its own."""
-    alone = [model.generate(ids[None], mode=mode, max_new_tokens=6)[0, len(ids):].tolist()
+    tokens generate gives it on its own (with an exact tail too; the prompt "a" is shorter than it)."""
+    alone = [model.generate(ids[None], mode=mode, exact_tail=tail, max_new_tokens=6)[0, len(ids):].tolist()
              for ids in (torch.tensor(model.tokenizer.encode(p)) for p in PROMPTS)]
-    assert rolled(model, mode, rows=2, new_tokens=6) == alone
+    assert rolled(model, mode, rows=2, new_tokens=6, tail=tail) == alone
 
 
 def test_a_rolling_batch_takes_no_prompt_it_has_no_room_for(model):

@@ -109,6 +109,16 @@ def test_streamed_completion_reassembles_the_non_streamed_text(client):
     assert chunks[-1].choices == [] and chunks[-1].usage.prompt_tokens == len("Hello there")
 
 
+def test_a_batch_with_an_exact_tail_generates_what_the_model_does_in_process(client, reference):
+    prompts = ["The quick brown fox", "Hello there, friend"]  # two prompts: a rolling batch, also on a CPU
+    got = client.completions.create(model=NAME, prompt=prompts, max_tokens=6, temperature=0,
+                                    extra_body={"kv_mode": "predicted", "exact_tail": 3})
+    for choice, prompt in zip(got.choices, prompts):
+        ids = torch.tensor([reference.tokenizer.encode(prompt)])
+        out = reference.generate(ids, mode="predicted", exact_tail=3, max_new_tokens=6)[0, ids.shape[1]:]
+        assert choice.text == reference.tokenizer.decode(out, skip_special_tokens=True)
+
+
 def test_prompt_may_be_strings_or_token_ids_and_each_prompt_is_a_choice(client, reference):
     ids = reference.tokenizer.encode("abc")
     kwargs = dict(model=NAME, max_tokens=6, temperature=0, extra_body={"kv_mode": "exact"})
