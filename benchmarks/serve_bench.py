@@ -31,7 +31,7 @@ import torch
 from kvpred.cli import DTYPES
 from kvpred.generation import TimedStreamer
 from kvpred.model import KVPredictionModel
-from kvpred.serve import ServeConfig, create_app, serve_in_thread
+from kvpred.serve import ServeConfig, create_app, parse_capacities, serve_in_thread
 
 TEXT = ("The history of the city begins with a small settlement on the river, where traders stopped to rest and "
         "exchange goods. Over the centuries it grew into a market town, then a centre of learning, and finally the "
@@ -151,7 +151,8 @@ def main() -> None:
     p.add_argument("--modes", nargs="+", default=["exact", "predicted"])
     p.add_argument("--vary-lengths", action="store_true",
                    help="under load, prompts of random lengths between half --prompt-tokens and all of it")
-    p.add_argument("--warm-up", default="256,512,1024,2048", help="the server's --warm-up ('none' to skip)")
+    p.add_argument("--warm-up", type=parse_capacities, default="256,512,1024,2048",
+                   help="the server's --warm-up ('none' to skip)")
     p.add_argument("--no-continuous-batching", action="store_true", help="the server's --no-continuous-batching")
     p.add_argument("--load-only", action="store_true", help="skip part 1 (server overhead)")
     args = p.parse_args()
@@ -166,13 +167,13 @@ def main() -> None:
           f"load average {os.getloadavg()[0]:.1f} at start")
     print(f"prompt {args.prompt_tokens} tokens, {args.max_tokens} new tokens, greedy, batch 1 in-process; "
           f"server max_batch {args.max_batch}, continuous batching {not args.no_continuous_batching}, "
-          f"warm-up {args.warm_up}"
+          f"warm-up {','.join(map(str, args.warm_up)) or 'none'}"
           + (f"; under load, prompts of {args.prompt_tokens // 2}-{args.prompt_tokens} tokens" if args.vary_lengths
              else "")
           + (f"; {torch.cuda.get_device_name()}" if args.device.startswith("cuda") else ""))
     config = ServeConfig(max_queue=max(64, args.requests), max_batch=args.max_batch,
                          continuous_batching=not args.no_continuous_batching,
-                         warm_up=() if args.warm_up == "none" else tuple(map(int, args.warm_up.split(","))))
+                         warm_up=args.warm_up)
     with serve_in_thread(create_app(served, config)) as url:
         if not args.load_only:
             print(f"\n1. server overhead on TTFT: {args.requests} sequential requests per mode, each paired with "

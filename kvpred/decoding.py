@@ -282,14 +282,13 @@ class RollingBatch:
 
     def __init__(self, model, pooled: Pooled, slot: int):
         self.model, self.cache, self.slot = model, pooled.cache, slot
-        self.rows = self.cache.key_arena.shape[1]
-        self.free = list(range(self.rows))
+        rows, device = self.cache.key_arena.shape[1], model.device
+        self.free = list(range(rows))
         self.cache.reset()
         self.cache.set_length(slot)
         self.step = pooled.made_step(model)
-        device = model.device
-        zeros = torch.zeros(self.rows, 1, dtype=torch.long, device=device)
-        self.step.start(zeros, zeros, slot, torch.zeros(self.rows, slot, dtype=torch.bool, device=device))
+        zeros = torch.zeros(rows, 1, dtype=torch.long, device=device)
+        self.step.start(zeros, zeros, slot, torch.zeros(rows, slot, dtype=torch.bool, device=device))
 
     def fits(self, prompt_tokens: int, new_tokens: int) -> bool:
         """Whether a prompt of this length, then this many new tokens, can join now."""

@@ -257,15 +257,23 @@ class _Tracker(StoppingCriteria):
         self.jobs, self.tokenizer, self.eos_ids, self.tap = jobs, tokenizer, eos_ids, tap
 
     def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
-        now = time.perf_counter()
-        new = input_ids[:, -1].tolist()  # [B]
-        logprobs = None if self.tap is None else torch.log_softmax(self.tap.scores.float(), dim=-1)  # [B, V]
-        for row, (job, token) in enumerate(zip(self.jobs, new)):
-            if job.finish_reason is None:
-                entry = (token_entry(self.tokenizer, logprobs[row], token, job.logprobs)
-                         if logprobs is not None and job.logprobs is not None else None)
-                job.advance(token, token in self.eos_ids, now, self.tokenizer, entry)
+        live = {row: job for row, job in enumerate(self.jobs) if job.finish_reason is None}
+        hand_out(live, input_ids[:, -1].tolist(), None if self.tap is None else self.tap.scores, self.tokenizer,
+                 self.eos_ids)
         return torch.tensor([job.finish_reason is not None for job in self.jobs], device=input_ids.device)
+
+
+def hand_out(jobs: dict[int, Job], tokens: list[int], scores: torch.Tensor | None, tokenizer,
+             eos_ids: set[int]) -> None:
+    """Give each row's new token (`tokens`, one per batch row) to the row's job in `jobs`, with its logprob entry
+    where the job asked for one (`scores` [B, V]: what the token was sampled from)."""
+    now = time.perf_counter()
+    logprobs = None if scores is None else torch.log_softmax(scores.float(), dim=-1)  # [B, V]
+    for row, job in jobs.items():
+        token = tokens[row]
+        entry = (token_entry(tokenizer, logprobs[row], token, job.logprobs)
+                 if logprobs is not None and job.logprobs is not None else None)
+        job.advance(token, token in eos_ids, now, tokenizer, entry)
 
 
 class _ServedSession(ChatSession):
@@ -492,13 +500,9 @@ class Scheduler:
         while running:
             scores = batch().float()  # [rows, V]
             tokens = sample(scores, top_k=0, **sampling)
-            now, new = time.perf_counter(), tokens.tolist()
-            logprobs = (torch.log_softmax(scores, dim=-1) if any(job.logprobs is not None for job in running.values())
-                        else None)
+            logprobs_wanted = any(job.logprobs is not None for job in running.values())
+            hand_out(running, tokens.tolist(), scores if logprobs_wanted else None, self.tokenizer, self.eos_ids)
             for row, job in list(running.items()):
-                entry = (token_entry(self.tokenizer, logprobs[row], new[row], job.logprobs)
-                         if job.logprobs is not None else None)
-                job.advance(new[row], new[row] in self.eos_ids, now, self.tokenizer, entry)
                 if job.finish_reason is not None:
                     del running[row]
                     batch.release(row)
@@ -1005,7 +1009,7 @@ def register(subparsers) -> None:
     p.add_argument("--continuous-batching", action=argparse.BooleanOptionalAction, default=True,
                    help="let queued exact and predicted prompts join the running batch at a step boundary, instead "
                         "of waiting for it to end (default: on)")
-    p.add_argument("--warm-up", type=_capacities, default="256,512,1024,2048", metavar="TOKENS",
+    p.add_argument("--warm-up", type=parse_capacities, default="256,512,1024,2048", metavar="TOKENS",
                    help="before serving, make the caches (and on a GPU the CUDA graphs) for batches of up to these "
                         "many prompt + new tokens (on a GPU of --max-batch rows, as continuous batching runs them; "
                         "else of one), so the first requests do not wait for them; 'none' to start at once "
@@ -1014,7 +1018,7 @@ def register(subparsers) -> None:
     p.set_defaults(func=_serve)
 
 
-def _capacities(text: str) -> tuple[int, ...]:
+def parse_capacities(text: str) -> tuple[int, ...]:
     """--warm-up's value: comma-separated token counts, or 'none'."""
     if text.strip().lower() == "none":
         return ()

@@ -119,6 +119,20 @@ def test_a_batch_with_an_exact_tail_generates_what_the_model_does_in_process(cli
         assert choice.text == reference.tokenizer.decode(out, skip_special_tokens=True)
 
 
+def test_a_rolling_batch_reports_the_logprobs_a_batch_run_to_its_end_does(model):
+    body = {"model": NAME, "prompt": ["The quick brown fox", "Hi"], "max_tokens": 4, "temperature": 0,
+            "logprobs": 2, "kv_mode": "predicted"}
+    answers = []
+    for continuous in (True, False):
+        with serve_in_thread(create_app(model, ServeConfig(model_name=NAME, continuous_batching=continuous))) as url:
+            answers.append(httpx.post(f"{url}/v1/completions", json=body, timeout=60).json()["choices"])
+    rolled, whole = answers
+    for a, b in zip(rolled, whole):
+        assert a["text"] == b["text"] and a["logprobs"]["tokens"] == b["logprobs"]["tokens"]
+        assert a["logprobs"]["top_logprobs"][0].keys() == b["logprobs"]["top_logprobs"][0].keys()
+        assert a["logprobs"]["token_logprobs"] == pytest.approx(b["logprobs"]["token_logprobs"], abs=1e-4)
+
+
 def test_prompt_may_be_strings_or_token_ids_and_each_prompt_is_a_choice(client, reference):
     ids = reference.tokenizer.encode("abc")
     kwargs = dict(model=NAME, max_tokens=6, temperature=0, extra_body={"kv_mode": "exact"})
