@@ -74,7 +74,8 @@ class GraphStep:
     def __init__(self, model, cache):
         from .model import cache_kwargs
 
-        self.base, self.cache_kw, self.cache = model.base, cache_kwargs(model.base, cache), cache
+        self.forward = model.compiled_step or model.base
+        self.cache_kw, self.cache = cache_kwargs(model.base, cache), cache
         batch, capacity, device = cache.key_arena.shape[1], cache.capacity, model.device
         self.ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.positions = torch.zeros(batch, 1, dtype=torch.long, device=device)
@@ -91,7 +92,7 @@ class GraphStep:
 
     def _body(self) -> None:
         self.mask.index_fill_(3, self.slot, True)
-        logits = self.base(input_ids=self.ids, position_ids=self.positions, attention_mask=self.mask,
+        logits = self.forward(input_ids=self.ids, position_ids=self.positions, attention_mask=self.mask,
                            use_cache=True, logits_to_keep=1, **self.cache_kw).logits  # [B, 1, V]
         token = logits[:, -1].argmax(-1)
         self.ids.copy_(token[:, None])
@@ -130,7 +131,7 @@ def make_step(model, cache, want_graph: bool):
     if not want_graph or model.device.type != "cuda":
         return EagerStep(model, cache), "eager" if model.device.type == "cuda" else "eager (cpu)"
     try:
-        return GraphStep(model, cache), "cuda-graph"
+        return GraphStep(model, cache), "cuda-graph, compiled" if model.compiled_step else "cuda-graph"
     except Exception as err:  # noqa: BLE001 - any capture failure falls back to the eager step, and says so
         reason = f"{type(err).__name__}: {err}".replace("|", "/").replace("\n", " ")[:160]
         return EagerStep(model, cache), f"eager (graph capture failed: {reason})"

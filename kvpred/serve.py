@@ -1014,6 +1014,10 @@ def register(subparsers) -> None:
                         "many prompt + new tokens (on a GPU of --max-batch rows, as continuous batching runs them; "
                         "else of one), so the first requests do not wait for them; 'none' to start at once "
                         "(default: 256,512,1024,2048)")
+    p.add_argument("--compile-step", action="store_true",
+                   help="GPU only: capture the one-token decode step from a torch.compile'd base forward, 1.3-2.2x "
+                        "faster on an H100; each batch size and cache capacity compiles once (20-40 s), so pair it "
+                        "with --warm-up")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     p.set_defaults(func=_serve)
 
@@ -1036,7 +1040,10 @@ def _serve(args: argparse.Namespace) -> int:
 
     if args.exact_tail < 1 or args.max_batch < 1 or args.max_queue < 0:
         raise KVPredError("--exact-tail and --max-batch must be >= 1 and --max-queue >= 0")
-    app = create_app(load_model(args), ServeConfig(model_name=args.model, default_mode=args.default_mode,
+    model = load_model(args)
+    if args.compile_step:
+        model.compile_step()
+    app = create_app(model, ServeConfig(model_name=args.model, default_mode=args.default_mode,
                                                    exact_tail=args.exact_tail, max_queue=args.max_queue,
                                                    max_batch=args.max_batch, refine=args.refine,
                                                    refine_chunk=args.refine_chunk, max_sessions=args.max_sessions,

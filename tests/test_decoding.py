@@ -8,6 +8,7 @@ from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria,
 from kvpred.decoding import Pooled, RollingBatch, StepPool
 from kvpred.generation import encode_prompts
 from kvpred.model import KVPredictionModel
+from kvpred.models import KVPredError
 
 PROMPTS = ["The quick brown fox jumps over", "a", "Hello, world! This prompt is longer than the others."]
 
@@ -196,6 +197,25 @@ def test_graph_steps_give_transformers_tokens_on_a_gpu(tiny_llama, mode, tail):
         mine = model.generate(ids, mask, mode=mode, exact_tail=tail, max_new_tokens=10)
         theirs = model.generate(ids, mask, mode=mode, exact_tail=tail, max_new_tokens=10, transformers_loop=True)
         assert torch.equal(mine, theirs)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("mode", ["exact", "predicted"])
+def test_a_compiled_step_gives_the_uncompiled_steps_tokens_on_a_gpu(tiny_llama, mode):
+    torch.manual_seed(0)
+    model = KVPredictionModel.from_pretrained(tiny_llama, keep_ratio=0.5, device="cuda")
+    ids, mask = encode_prompts(model.tokenizer, PROMPTS)
+    ids, mask = ids.cuda(), mask.cuda()
+    plain = model.generate(ids, mask, mode=mode, max_new_tokens=10)
+    model.compile_step()
+    assert model._steps.entries == {}  # the steps captured before are made again, compiled
+    assert torch.equal(model.generate(ids, mask, mode=mode, max_new_tokens=10), plain)
+    assert model._steps.entries and all(p.step.forward is model.compiled_step for p in model._steps.entries.values())
+
+
+def test_compiling_the_step_needs_a_gpu(model):
+    with pytest.raises(KVPredError, match="compile_step needs a CUDA device"):
+        model.compile_step()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
