@@ -12,7 +12,7 @@ run() {  # run NAME ARGS
      --no-plot --out $R/$name "$@" >> $R/$name.log 2>&1; echo "$name rc=$?"
 }
 for c in off auto; do
-  run ${c}_smollm2 --shape smollm2-135m --aux-keep 0.25 --prompt-lens 2048,8192 --batch 1 --compile-step $c
+  run ${c}_smollm2 --shape smollm2-135m --aux-keep 0.25 --prompt-lens 2048,8000 --batch 1 --compile-step $c
   run ${c}_1b --shape llama-3.2-1b --aux-keep 0.25 --prompt-lens 2048,8192 --batch 1 --compile-step $c
   run ${c}_8b --shape llama-3.1-8b --aux-keep 0.25 --prompt-lens 2048,8192 --batch 1 --compile-step $c
 done

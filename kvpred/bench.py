@@ -303,7 +303,8 @@ class TTFTBench:
         model.predict_into(c.base_cache, ids)
         step.start(ids[:, -1:], c.last_pos, c.length - 1)
         with torch.no_grad(), model.static_step(c.base_cache, step.slot):
-            eager = step._body()[1].float()
+            step._body()
+            eager = step.captured[1].float()
         model.predict_into(c.base_cache, ids)
         step.start(ids[:, -1:], c.last_pos, c.length - 1)
         step()
@@ -311,7 +312,7 @@ class TTFTBench:
         if not diff <= 0.01 * scale + 1e-4:  # also catches NaN
             c.step = EagerStep(model, c.base_cache)
             return f"eager (graph replay differs from its eager run: max|d| {diff:.3g}, max|logit| {scale:.3g})"
-        return f"cuda-graph (max|d logit| vs its eager run {diff:.2g})"
+        return f"{c.step_note} (max|d logit| vs its eager run {diff:.2g})"
 
     @torch.no_grad()
     def ttft(self, c: Combo, mode: str, variant: Variant, ids: torch.Tensor) -> tuple[float, dict, torch.Tensor]:

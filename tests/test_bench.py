@@ -60,6 +60,19 @@ def test_cli_writes_table_and_files(tiny_path, tmp_path):
     assert len(data["rows"]) == 4 and data["meta"][0]["command"].startswith("kvpred bench ttft")
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("compile_step", ["off", "auto"])
+def test_cli_on_a_gpu_times_a_checked_graph_step(tiny_path, tmp_path, compile_step):
+    rc = cli_main(["bench", "ttft", "--model", str(tiny_path), "--device", "cuda", "--prompt-lens", "24",
+                   "--batch", "2", "--repeats", "2", "--warmup", "0", "--decode-tokens", "3", "--no-plot",
+                   "--compile-step", compile_step, "--out", str(tmp_path), "--name", "t"])
+    assert rc == 0
+    with (tmp_path / "t.csv").open() as f:
+        step = next(csv.DictReader(f))["step"]
+    assert step.startswith("cuda-graph (max|d logit| vs its eager run" if compile_step == "off"
+                           else "cuda-graph, compiled (max|d logit| vs its eager run"), step
+
+
 def test_report_merges_runs(tiny_path, tmp_path):
     for name, lens in (("a", "8"), ("b", "16")):
         assert bench.main(["ttft", "--model", str(tiny_path), "--device", "cpu", "--prompt-lens", lens,
