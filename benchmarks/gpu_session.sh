@@ -25,6 +25,8 @@
 #   stage chat   (after a and a2; carry .carry/g3 .carry/pytest) refinement/chat CUDA tests, chat TTFT per turn
 #   stage serve  (after a and a2; carry .carry/g3 .carry/serve) serve_bench on the GPU, with and without continuous
 #                batching, prompts of one length and of varied lengths
+#   stage compile (after a and a2; carry .carry/g3 .carry/serve) the shipped default with and without compile_step:
+#                greedy tokens compared, bench ttft, and `kvpred serve --compile-step` starting up
 #   stage equalflops (after a and a2; carry .carry/g3) exact tail vs truncation at equal FLOPs, 512-2048-token prompts
 #   stage evalfull (after a and a2; carry .carry/g3) the shipped default on every item of every task, then HumanEval
 #   stage generate (after a and a2; carry .carry/g3) generate() on CUDA-graph steps vs transformers' loop, timed and compared
@@ -125,6 +127,25 @@ serve)  # after a and a2 (carry .carry/g3 .carry/serve): the server on the GPU, 
     python3 benchmarks/serve_bench.py --device cuda --dtype bfloat16 --requests 48 --concurrency 8 --max-tokens 32 \
       $flags 2>&1 | grep -v "Warn\|Loading" | tee -a $OUT/serve_gpu.txt
   done
+  ;;
+compile)  # after a and a2 (carry .carry/g3 .carry/serve): the shipped default with and without compile_step
+  assemble_model || exit 1
+  python3 -m pip install -q --no-index --no-deps --target "$SITE" .carry/serve/*.whl
+  R=/tmp/res_compile; mkdir -p $R
+  python3 benchmarks/step_compile_real.py --model smollm2-135m --text 'kvpred/*.py' --prompts 64 --prompt-len 256 \
+    --new-tokens 64 2>&1 | grep -v -i "warn\|Loading\|^ *$" | tee $R/agreement.md
+  for c in off auto; do
+    kv bench ttft --model smollm2-135m --device cuda --dtype bfloat16 --prompt-lens 512,2048 --batch 1,8 --repeats 5 \
+      --warmup 2 --decode-tokens 32 --compile-step $c --out $R/ttft_$c > $R/ttft_$c.log 2>&1; echo "ttft $c rc=$?"
+  done
+  start=$(date +%s.%N)  # the server's start-up, warm-up included, with the compiled step
+  kv serve --compile-step --warm-up 256,512 --port 8011 > $R/serve.log 2>&1 &
+  until curl -sf localhost:8011/health > /dev/null; do sleep 0.5; done
+  echo "serve --compile-step --warm-up 256,512: healthy after $(echo "$(date +%s.%N) - $start" | bc) s" | tee -a $R/serve.log
+  curl -s localhost:8011/v1/completions -H 'content-type: application/json' \
+    -d '{"prompt": "The capital of France is", "max_tokens": 8}' | tee -a $R/serve.log; echo
+  kill %1
+  tar czf $OUT/compile_real.tgz -C $R .
   ;;
 equalflops)  # after a and a2 (carry .carry/g3): the shipped default's equal-FLOPs operating points on long prompts
   assemble_model || exit 1
