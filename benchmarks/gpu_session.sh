@@ -138,10 +138,10 @@ compile)  # after a and a2 (carry .carry/g3 .carry/serve): the shipped default w
     kv bench ttft --model smollm2-135m --device cuda --dtype bfloat16 --prompt-lens 512,2048 --batch 1,8 --repeats 5 \
       --warmup 2 --decode-tokens 32 --compile-step $c --out $R/ttft_$c > $R/ttft_$c.log 2>&1; echo "ttft $c rc=$?"
   done
-  start=$(date +%s.%N)  # the server's start-up, warm-up included, with the compiled step
+  start=$(date +%s%N)  # the server's start-up, warm-up included, with the compiled step
   kv serve --compile-step --warm-up 256,512 --port 8011 > $R/serve.log 2>&1 &
   until curl -sf localhost:8011/health > /dev/null; do sleep 0.5; done
-  echo "serve --compile-step --warm-up 256,512: healthy after $(echo "$(date +%s.%N) - $start" | bc) s" | tee -a $R/serve.log
+  echo "serve --compile-step --warm-up 256,512: healthy after $(( ($(date +%s%N) - start) / 1000000 )) ms" | tee -a $R/serve.log
   curl -s localhost:8011/v1/completions -H 'content-type: application/json' \
     -d '{"prompt": "The capital of France is", "max_tokens": 8}' | tee -a $R/serve.log; echo
   kill %1
