@@ -143,7 +143,7 @@ compile)  # after a and a2 (carry .carry/g3 .carry/serve): the shipped default w
   until curl -sf localhost:8011/health > /dev/null; do sleep 0.5; done
   echo "serve --compile-step --warm-up 256,512: healthy after $(( ($(date +%s%N) - start) / 1000000 )) ms" | tee -a $R/serve.log
   curl -s localhost:8011/v1/completions -H 'content-type: application/json' \
-    -d '{"prompt": "The capital of France is", "max_tokens": 8}' | tee -a $R/serve.log; echo
+    -d '{"model": "kvpred", "prompt": "The capital of France is", "max_tokens": 8}' | tee -a $R/serve.log; echo
   kill %1
   tar czf $OUT/compile_real.tgz -C $R .
   ;;

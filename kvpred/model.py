@@ -409,6 +409,9 @@ class KVPredictionModel(nn.Module):
         # Static shapes: dynamic ones took 110-135 s to compile and ran no faster. Each (batch, capacity) is one
         # entry, so let more of them stay compiled than dynamo's default of 8.
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        # Round fused intermediates to the model's dtype as eager does: on SmolLM2 (bf16) this took the greedy
+        # continuations equal to the eager step's from 56% to 61% (exact) and from 55% to 80% (predicted).
+        torch._inductor.config.emulate_precision_casts = True
         self.compiled_step = torch.compile(self.base.forward, dynamic=False)  # a function, not a submodule
         self._steps.entries.clear()  # steps made before this captured the uncompiled forward
 
