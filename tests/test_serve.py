@@ -439,6 +439,29 @@ def test_cli_has_a_serve_subcommand():
         build_parser().parse_args(["serve", "--warm-up", "256,many"])
 
 
+def test_a_compiled_step_needs_a_warm_up_to_compile_it():
+    args = build_parser().parse_args(["serve", "--model", "m", "--compile-step", "--warm-up", "none"])
+    with pytest.raises(KVPredError, match="--compile-step compiles each shape's step during the warm-up"):
+        args.func(args)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled steps need a GPU")
+def test_a_compiled_server_compiles_in_its_warm_up_only(tiny_llama):
+    from torch._dynamo.utils import counters
+
+    model = KVPredictionModel.from_pretrained(tiny_llama, device="cuda")
+    model.compile_step()
+    try:
+        with serve_in_thread(create_app(model, ServeConfig(warm_up=(256,), max_batch=2))) as url:
+            graphs = counters["stats"]["unique_graphs"]
+            assert graphs >= 1 and set(model._steps.entries) == {(2, 256)}
+            reply = httpx.post(f"{url}/v1/completions", json={"model": "kvpred", "prompt": "x" * 300, "max_tokens": 3})
+            assert reply.status_code == 200 and (2, 512) in model._steps.entries  # a shape the warm-up did not make
+            assert counters["stats"]["unique_graphs"] == graphs  # ... ran the uncompiled step
+    finally:
+        torch.compiler.set_stance("default")
+
+
 def test_the_server_warms_up_before_it_takes_requests(tiny_llama):
     model = KVPredictionModel.from_pretrained(tiny_llama)
     with pytest.raises(KVPredError, match="--warm-up"):
