@@ -241,10 +241,10 @@ def without_cudnn_attention():
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
-def capacity_bucket(tokens: int) -> int:
+def capacity_bucket(tokens: int, context: int) -> int:
     """The cache capacity kept for `tokens` tokens: the next power of two, at least 256, so that few shapes (and
-    graph captures) serve every length."""
-    return max(256, 1 << (tokens - 1).bit_length())
+    graph captures) serve every length; but no more than the model's `context`, which no sequence outgrows."""
+    return min(max(256, 1 << (tokens - 1).bit_length()), max(tokens, context))
 
 
 class StepPool:
@@ -258,7 +258,7 @@ class StepPool:
 
     def get(self, model, batch: int, tokens: int) -> Pooled:
         """The pooled cache (and step) for `batch` rows of up to `tokens` tokens."""
-        key = (batch, capacity_bucket(tokens))
+        key = (batch, capacity_bucket(tokens, model.context_length))
         if key not in self.entries:
             while len(self.entries) >= self.size:
                 self.entries.popitem(last=False)

@@ -568,9 +568,10 @@ class KVPredictionModel(nn.Module):
         cache and, on a GPU, its CUDA-graph step, and each mode's kernels once. The first request of each shape
         then pays no allocation, graph capture or lazy initialisation (`kvpred serve` does this before it takes
         requests). Returns the capacities made ready."""
-        buckets = sorted({capacity_bucket(min(c, self.context_length)) for c in capacities})[:self._steps.size]
+        context = self.context_length
+        buckets = sorted({capacity_bucket(min(c, context), context) for c in capacities})[:self._steps.size]
         for i, capacity in enumerate(buckets):
-            n = min(capacity, self.context_length) - 2  # + 2 new tokens: the step is captured after the first
+            n = capacity - 2  # + 2 new tokens: the step is captured after the first
             ids = torch.arange(n, device=self.device).remainder(self.base.config.vocab_size).expand(batch_size, n)
             for mode in MODES if i == 0 else ("predicted",):  # per shape, modes share the pooled cache and step
                 self.generate(ids, mode=mode, max_new_tokens=2)

@@ -442,7 +442,7 @@ class ChatSession:
         when the current one is too small."""
         old = self.pooled
         if old is None or old.cache.capacity < tokens:
-            self.pooled = Pooled(self.model.new_cache(1, capacity_bucket(tokens)))
+            self.pooled = Pooled(self.model.new_cache(1, capacity_bucket(tokens, self.model.context_length)))
             for new, kept in zip(self.pooled.cache.slices(reuse), old.cache.slices(reuse) if reuse else ()):
                 new.copy_(kept)
         return self.pooled
@@ -479,8 +479,9 @@ class ChatSession:
         else:  # unrefined: only the kept exact prefix stays exact
             exact_cols = kept_exact
         capacity = self.pooled.cache.capacity
-        if 2 * cols > capacity and capacity < self.model.context_length:  # the next turn would likely outgrow it:
-            self._room(cols, 2 * capacity)  # grow now, while the user reads, rather than before its first token
+        context = self.model.context_length
+        if 2 * cols > capacity and capacity < context:  # the next turn would likely outgrow it: grow now, while the
+            self._room(cols, min(2 * capacity, context))  # user reads, rather than before its first token
         self.pooled.cache.set_length(cols)
         # the next turn's first token takes the pooled step: capture it now if decoding did not (a new cache, or a
         # reply that ended at its first token)

@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
-from kvpred.decoding import Pooled, RollingBatch, StepPool
+from kvpred.decoding import Pooled, RollingBatch, StepPool, capacity_bucket
 from kvpred.generation import encode_prompts
 from kvpred.model import KVPredictionModel
 from kvpred.models import KVPredError
@@ -112,6 +112,12 @@ def test_the_pool_reuses_a_cache_per_shape_and_keeps_the_most_recent(model):
     pool.get(model, 2, 300)
     pool.get(model, 1, 10)
     assert pool.get(model, 2, 100) is not first  # evicted by the two newer shapes
+
+
+def test_capacities_round_up_to_powers_of_two_within_the_context():
+    assert [capacity_bucket(n, 8192) for n in (1, 256, 257, 3000, 8192)] == [256, 256, 512, 4096, 8192]
+    assert [capacity_bucket(n, 600) for n in (100, 300, 513, 600)] == [256, 512, 600, 600]
+    assert capacity_bucket(100, 200) == 200
 
 
 def test_the_pool_lets_go_of_its_caches_when_a_new_one_does_not_fit(model, monkeypatch):

@@ -385,7 +385,7 @@ def test_chat_session_keeps_an_exact_cache_of_earlier_turns(tiny_llama):
 
 
 def test_a_turn_that_outgrows_the_session_cache_moves_it_to_a_larger_one(tiny_llama, monkeypatch):
-    monkeypatch.setattr("kvpred.refine.capacity_bucket", lambda tokens: tokens)  # every turn outgrows its cache
+    monkeypatch.setattr("kvpred.refine.capacity_bucket", lambda tokens, _: tokens)  # every turn outgrows its cache
     model = chat_model(tiny_llama, 1.0)
     session = ChatSession(model, refine="eager", chunk_size=8)
     capacities = []
@@ -417,6 +417,15 @@ def test_a_session_cache_does_not_grow_past_the_context_length(tiny_llama):
     session = ChatSession(chat_model(tiny_llama, 1.0), refine="eager", chunk_size=64)
     session.send("word " * 60, max_new_tokens=6)  # over half of a 512-column cache, and the context is 512
     assert 2 * session.cached > 512 and session.cache.capacity == 512
+
+
+def test_a_session_cache_grows_to_the_context_length_when_that_is_not_a_power_of_two(tiny_llama):
+    model = chat_model(tiny_llama, 1.0)
+    for config in (model.base.config, model.aux.config):
+        config.max_position_embeddings = 400
+    session = ChatSession(model, refine="eager", chunk_size=64)
+    session.send("word " * 25, max_new_tokens=6)  # past half of 256 columns: the cache grows, to 400 and no more
+    assert 2 * session.cached > 256 and session.cache.capacity == 400
 
 
 def test_a_reply_that_never_steps_still_leaves_the_next_turn_a_step(tiny_llama):
