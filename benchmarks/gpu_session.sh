@@ -27,6 +27,7 @@
 #                batching, prompts of one length and of varied lengths
 #   stage compile (after a and a2; carry .carry/g3 .carry/serve) the shipped default with and without compile_step:
 #                greedy tokens compared, bench ttft, and `kvpred serve --compile-step` starting up
+#   stage servecompile (after a and a2; carry .carry/g3 .carry/serve) serve_bench with and without --compile-step
 #   stage equalflops (after a and a2; carry .carry/g3) exact tail vs truncation at equal FLOPs, 512-2048-token prompts
 #   stage evalfull (after a and a2; carry .carry/g3) the shipped default on every item of every task, then HumanEval
 #   stage generate (after a and a2; carry .carry/g3) generate() on CUDA-graph steps vs transformers' loop, timed and compared
@@ -146,6 +147,16 @@ compile)  # after a and a2 (carry .carry/g3 .carry/serve): the shipped default w
     -d '{"model": "kvpred", "prompt": "The capital of France is", "max_tokens": 8}' | tee -a $R/serve.log; echo
   kill %1
   tar czf $OUT/compile_real.tgz -C $R .
+  ;;
+servecompile)  # after a and a2 (carry .carry/g3 .carry/serve): serve_bench under load with and without --compile-step
+  assemble_model || exit 1
+  python3 -m pip install -q --no-index --no-deps --target "$SITE" .carry/serve/*.whl
+  for flags in "--prompt-tokens 512 --warm-up 2048" "--prompt-tokens 1024 --vary-lengths --warm-up 2048,4096"; do
+    for c in "" "--compile-step"; do
+      timeout 280 python3 benchmarks/serve_bench.py --device cuda --dtype bfloat16 --requests 48 --concurrency 8 \
+        --max-tokens 32 --load-only $flags $c 2>&1 | grep -v "Warn\|warn\|Loading" | tee -a $OUT/serve_compile.txt
+    done
+  done
   ;;
 equalflops)  # after a and a2 (carry .carry/g3): the shipped default's equal-FLOPs operating points on long prompts
   assemble_model || exit 1

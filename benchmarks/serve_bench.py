@@ -155,11 +155,14 @@ def main() -> None:
                    help="the server's --warm-up ('none' to skip)")
     p.add_argument("--no-continuous-batching", action="store_true", help="the server's --no-continuous-batching")
     p.add_argument("--load-only", action="store_true", help="skip part 1 (server overhead)")
+    p.add_argument("--compile-step", action="store_true", help="the server's --compile-step (GPU only)")
     args = p.parse_args()
 
     load_model = lambda: KVPredictionModel.from_pretrained(args.model, dtype=DTYPES[args.dtype],  # noqa: E731
                                                            device=args.device)
     served, local = load_model(), load_model()
+    if args.compile_step:
+        served.compile_step()
     print(f"$ python {' '.join(sys.argv)}")
     print(f"model {args.model} ({served.base.config.num_hidden_layers} base layers, "
           f"{served.aux.config.num_hidden_layers} aux layers), device {args.device}, dtype {args.dtype}, "
@@ -167,7 +170,7 @@ def main() -> None:
           f"load average {os.getloadavg()[0]:.1f} at start")
     print(f"prompt {args.prompt_tokens} tokens, {args.max_tokens} new tokens, greedy, batch 1 in-process; "
           f"server max_batch {args.max_batch}, continuous batching {not args.no_continuous_batching}, "
-          f"warm-up {','.join(map(str, args.warm_up)) or 'none'}"
+          f"warm-up {','.join(map(str, args.warm_up)) or 'none'}, compiled step {args.compile_step}"
           + (f"; under load, prompts of {args.prompt_tokens // 2}-{args.prompt_tokens} tokens" if args.vary_lengths
              else "")
           + (f"; {torch.cuda.get_device_name()}" if args.device.startswith("cuda") else ""))

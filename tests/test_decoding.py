@@ -225,13 +225,13 @@ def test_compiling_the_step_needs_a_gpu(model):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-@pytest.mark.parametrize("mode", ["exact", "predicted"])
-def test_a_rolling_batch_on_graph_steps_decodes_what_prompts_decode_alone(tiny_llama, mode):
+@pytest.mark.parametrize("mode,tail", [("exact", 1), ("predicted", 1), ("predicted", 3)])
+def test_a_rolling_batch_on_graph_steps_decodes_what_prompts_decode_alone(tiny_llama, mode, tail):
     torch.manual_seed(0)
     model = KVPredictionModel.from_pretrained(tiny_llama, keep_ratio=0.5, device="cuda")
-    alone = [model.generate(ids[None].cuda(), mode=mode, max_new_tokens=6)[0, len(ids):].tolist()
+    alone = [model.generate(ids[None].cuda(), mode=mode, exact_tail=tail, max_new_tokens=6)[0, len(ids):].tolist()
              for ids in (torch.tensor(model.tokenizer.encode(p)) for p in PROMPTS)]
-    assert rolled(model, mode, rows=2, new_tokens=6) == alone
+    assert rolled(model, mode, rows=2, new_tokens=6, tail=tail) == alone
 
 
 def test_generation_runs_without_cudnn_attention_and_restores_it(model, monkeypatch):
