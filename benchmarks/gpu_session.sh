@@ -151,7 +151,8 @@ compile)  # after a and a2 (carry .carry/g3 .carry/serve): the shipped default w
 servecompile)  # after a and a2 (carry .carry/g3 .carry/serve): serve_bench under load with and without --compile-step
   assemble_model || exit 1
   python3 -m pip install -q --no-index --no-deps --target "$SITE" .carry/serve/*.whl
-  for flags in "--prompt-tokens 512 --warm-up 2048" "--prompt-tokens 1024 --vary-lengths --warm-up 2048,4096"; do
+  FLAGS=("--prompt-tokens 512 --warm-up 2048" "--prompt-tokens 1024 --vary-lengths --warm-up 2048,4096")
+  for flags in "${FLAGS[@]:${1:-0}:${2:-2}}"; do  # `servecompile 1 1`: the second setting only
     for c in "" "--compile-step"; do
       timeout 280 python3 benchmarks/serve_bench.py --device cuda --dtype bfloat16 --requests 48 --concurrency 8 \
         --max-tokens 32 --load-only $flags $c 2>&1 | grep -v "Warn\|warn\|Loading" | tee -a $OUT/serve_compile.txt
