@@ -28,6 +28,7 @@
 #   stage compile (after a and a2; carry .carry/g3 .carry/serve) the shipped default with and without compile_step:
 #                greedy tokens compared, bench ttft, and `kvpred serve --compile-step` starting up
 #   stage servecompile (after a and a2; carry .carry/g3 .carry/serve) serve_bench with and without --compile-step
+#   stage sessions (after a and a2; carry .carry/g3 .carry/serve) first turns of new chat sessions through the server
 #   stage equalflops (after a and a2; carry .carry/g3) exact tail vs truncation at equal FLOPs, 512-2048-token prompts
 #   stage evalfull (after a and a2; carry .carry/g3) the shipped default on every item of every task, then HumanEval
 #   stage generate (after a and a2; carry .carry/g3) generate() on CUDA-graph steps vs transformers' loop, timed and compared
@@ -158,6 +159,12 @@ servecompile)  # after a and a2 (carry .carry/g3 .carry/serve): serve_bench unde
         --max-tokens 32 --load-only $flags $c 2>&1 | grep -v "Warn\|warn\|Loading" | tee -a $OUT/serve_compile.txt
     done
   done
+  ;;
+sessions)  # after a and a2 (carry .carry/g3 .carry/serve): new chat sessions' first turns, with and without a spare
+  assemble_model || exit 1
+  python3 -m pip install -q --no-index --no-deps --target "$SITE" .carry/serve/*.whl
+  python3 benchmarks/session_first_turn.py --device cuda --dtype bfloat16 --sessions 6 2>&1 \
+    | grep -v "Warn\|warn\|Loading\|INFO" | tee $OUT/session_first_turn.md
   ;;
 equalflops)  # after a and a2 (carry .carry/g3): the shipped default's equal-FLOPs operating points on long prompts
   assemble_model || exit 1

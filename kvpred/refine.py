@@ -363,7 +363,10 @@ class ChatSession:
     """
 
     def __init__(self, model: KVPredictionModel, *, system: str | None = None, exact_tail: int = 1,
-                 refine: str = "eager", chunk_size: int = 256, thresholds: Thresholds | None = None):
+                 refine: str = "eager", chunk_size: int = 256, thresholds: Thresholds | None = None,
+                 spare: Pooled | None = None):
+        """`spare`: a cache of batch 1 to start from (an ended session's, with its CUDA graphs already captured);
+        what it holds is ignored."""
         _check_refine(refine, chunk_size)
         if model.tokenizer.chat_template is None:
             raise KVPredError("this model's tokenizer has no chat template; ChatSession needs one")
@@ -373,7 +376,7 @@ class ChatSession:
         self.chunk_size, self.thresholds = chunk_size, thresholds
         self.messages: list[dict] = [] if system is None else [{"role": "system", "content": system}]
         self.tokens = torch.empty(1, 0, dtype=torch.long, device=model.device)  # conversation so far
-        self.pooled: Pooled | None = None  # the cache, covering tokens[:, :cached]
+        self.pooled: Pooled | None = spare  # the cache, covering tokens[:, :cached]
         self.aux_cache = DynamicCache(config=model.aux.config)  # the auxiliary's, covering a prefix of tokens
         self.exact_cols = 0  # leading cached columns that are exact
         self.last_info: dict = {}
@@ -385,7 +388,7 @@ class ChatSession:
 
     @property
     def cache(self) -> BufferCache | None:
-        """The base cache of the conversation so far (tokens[:, :-1]); None before the first turn."""
+        """The base cache of the conversation so far (tokens[:, :-1]); before the first turn None, or the spare."""
         return None if self.pooled is None else self.pooled.cache
 
     def conversation_ids(self, messages: list[dict]) -> torch.Tensor:

@@ -63,11 +63,12 @@ from typing import AsyncIterator, Callable, Iterator
 import torch
 from transformers.generation import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
-from .decoding import RollingBatch, sample
+from .decoding import Pooled, RollingBatch, sample
 from .models import KVPredError
 from .refine import REFINE_CHOICES, ChatSession, generate_refined
 
 KV_MODES = ("exact", "aux", "predicted")
+SPARE_SESSION_CACHES = 2  # dropped sessions' caches kept for new sessions
 COMPLETIONS_MAX_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
 TTFT_BUCKETS = (.005, .01, .025, .05, .075, .1, .15, .2, .3, .5, .75, 1., 1.5, 2.5, 5., 10., 30.)
 log = logging.getLogger("kvpred.serve")
@@ -280,8 +281,8 @@ class _ServedSession(ChatSession):
     """A ChatSession that tokenizes with the worker's own tokenizer (the handlers use the model's) and tells the
     turn's Job how many prompt tokens came from the stored cache, before its first token."""
 
-    def __init__(self, model, tokenizer):
-        super().__init__(model)
+    def __init__(self, model, tokenizer, spare: Pooled | None = None):
+        super().__init__(model, spare=spare)
         self.tokenizer = tokenizer
         self.turn: Job | None = None
 
@@ -348,6 +349,7 @@ class Scheduler:
         self._running: list[Job] = []
         self._thread: threading.Thread | None = None
         self.sessions: OrderedDict[str, _ServedSession] = OrderedDict()  # the worker's alone; least recent first
+        self.spares: list[Pooled] = []  # caches of dropped sessions (or made by the warm-up) for new sessions
 
     @property
     def depth(self) -> int:
@@ -564,14 +566,27 @@ class Scheduler:
         history = job.messages[:-1]
         session = self.sessions.pop(job.session, None)
         if session is None or history[:len(session.messages)] != session.messages:
-            session = _ServedSession(self.model, self.tokenizer)
+            self._keep_spare(session)
+            while len(self.sessions) >= self.config.max_sessions:  # drop first, so the new one can take its cache
+                self._keep_spare(self.sessions.popitem(last=False)[1])
+            session = _ServedSession(self.model, self.tokenizer, self.spares.pop() if self.spares else None)
         # messages the server did not generate may join the history: the cache is reused by token prefix anyway
         session.messages = list(history)
         self.sessions[job.session] = session
-        while len(self.sessions) > self.config.max_sessions:
-            self.sessions.popitem(last=False)
         self.metrics.sessions.set(len(self.sessions))
         return session
+
+    def _keep_spare(self, dropped: _ServedSession | None) -> None:
+        """Keep a dropped session's cache for the next new session: on a GPU its step is captured already, which
+        a new cache's first turn would otherwise wait for."""
+        if dropped is not None and dropped.pooled is not None:
+            self.spares = (self.spares + [dropped.pooled])[-SPARE_SESSION_CACHES:]
+
+    def make_spare(self, capacity: int) -> None:
+        """A session cache of `capacity` columns, its step made (captured on a GPU), for the first new session."""
+        pooled = Pooled(self.model.new_cache(1, capacity))
+        pooled.made_step(self.model)
+        self.spares.append(pooled)
 
     @torch.no_grad()
     def _score(self, job: Job) -> list[LogprobEntry]:
@@ -792,6 +807,8 @@ def create_app(model, config: ServeConfig | None = None):
             # a GPU's rolling batches have max_batch rows; on a CPU that many would take 30 s for little gain
             rows = config.max_batch if config.continuous_batching and model.device.type == "cuda" else 1
             made = model.warm_up(config.warm_up, batch_size=rows)
+            if model.device.type == "cuda" and model.tokenizer.chat_template is not None:
+                scheduler.make_spare(made[-1])  # the first chat session's first token takes no graph capture
             logging.getLogger("uvicorn.error").info(
                 "warmed up for batches of %d rows and up to %s tokens in %.1f s", rows, ", ".join(map(str, made)),
                 time.perf_counter() - started)

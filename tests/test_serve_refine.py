@@ -9,6 +9,7 @@ import torch
 from openai import OpenAI
 
 from kvpred.cli import build_parser
+from kvpred.decoding import GraphStep
 from kvpred.model import KVPredictionModel
 from kvpred.refine import ChatSession, generate_refined
 from kvpred.serve import Job, Metrics, Scheduler, ServeConfig, create_app, serve_in_thread
@@ -254,6 +255,35 @@ def test_only_the_most_recently_used_sessions_keep_their_cache(same, same_url):
     assert chat(same, turns["lru-c"], session="lru-c").model_extra["reused_tokens"] > 0
     assert chat(same, turns["lru-a"], session="lru-a").model_extra["reused_tokens"] == 0  # evicted by lru-c
     assert metric(httpx.get(f"{same_url}/metrics").text, "kvpred_sessions") == 2
+
+
+def test_a_new_session_starts_from_a_dropped_sessions_cache_and_replies_as_a_fresh_one(tiny_llama, reference):
+    app = create_app(chat_model(tiny_llama, 0.5), ServeConfig(model_name=NAME, max_sessions=1))
+    scheduler = app.state.scheduler
+    with serve_in_thread(app) as url:
+        client = OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        chat(client, CHAT, session="first", refine="off")
+        dropped = scheduler.sessions["first"].pooled
+        other = [CHAT[0], {"role": "user", "content": "Something else entirely"}]
+        reply = chat(client, other, session="second", refine="off").choices[0].message.content
+        assert list(scheduler.sessions) == ["second"]  # max_sessions=1: "first" went, and "second" took its cache
+        assert scheduler.sessions["second"].pooled is dropped and scheduler.spares == []
+    fresh = ChatSession(reference, system=CHAT[0]["content"], refine="off")
+    assert reply == fresh.send(other[1]["content"], max_new_tokens=16)  # what the old cache held is not read
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_on_a_gpu_the_first_session_takes_the_warm_ups_spare_cache_and_its_graph(tiny_llama):
+    model = KVPredictionModel.from_pretrained(tiny_llama, keep_ratio=1.0, device="cuda")
+    model.tokenizer.chat_template = CHAT_TEMPLATE
+    app = create_app(model, ServeConfig(model_name=NAME, warm_up=(256,)))
+    with serve_in_thread(app) as url:
+        (spare,) = app.state.scheduler.spares
+        assert isinstance(spare.step, GraphStep) and spare.cache.capacity == 256
+        client = OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        first = chat(client, CHAT, session="gpu-spare")
+        assert app.state.scheduler.sessions["gpu-spare"].pooled is spare
+        assert first.choices[0].message.content == chat(client, CHAT, kv_mode="exact").choices[0].message.content
 
 
 # ---------------------------------------------------------------- errors
