@@ -583,10 +583,14 @@ class Scheduler:
             self.spares = (self.spares + [dropped.pooled])[-SPARE_SESSION_CACHES:]
 
     def make_spare(self, capacity: int) -> None:
-        """A session cache of `capacity` columns, its step made (captured on a GPU), for the first new session."""
-        pooled = Pooled(self.model.new_cache(1, capacity))
-        pooled.made_step(self.model)
-        self.spares.append(pooled)
+        """A session cache of `capacity` columns for the first new session, made by a session turn of its own: that
+        captures its step (on a GPU) and runs the lazy first-time work of a session turn, which still cost the
+        first session 94 ms on an H100 when the warm-up had only captured the step
+        (benchmarks/results/h100/sessions)."""
+        session = _ServedSession(self.model, self.tokenizer, Pooled(self.model.new_cache(1, capacity)))
+        session.refine = "off"
+        session.send("Hello", max_new_tokens=2)
+        self.spares.append(session.pooled)
 
     @torch.no_grad()
     def _score(self, job: Job) -> list[LogprobEntry]:
