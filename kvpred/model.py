@@ -401,7 +401,7 @@ class KVPredictionModel(nn.Module):
         instead of 3.4 for SmolLM2-135M, 1.8 instead of 2.8 for Llama-3.2-1B and 7.1 instead of 9.2 for
         Llama-3.1-8B (benchmarks/results/h100/step_compile). Logits differ from the eager step's by bf16 rounding.
 
-        Opt-in, like `compile_predictor`: each batch size and cache capacity compiles once, 20-40 s on that
+        Opt-in, like `compile_predictor`: each batch size and cache capacity compiles once, 20-45 s on that
         machine, when its step is first made (`warm_up` makes them up front). CUDA only: on a CPU the step is not
         a captured graph and grows by one column each step, so static shapes would recompile at every token."""
         if self.device.type != "cuda":
