@@ -499,7 +499,8 @@ class KVPredictionModel(nn.Module):
         if input_ids.dim() == 1:
             input_ids = input_ids.unsqueeze(0)
         if input_ids.dim() != 2 or input_ids.numel() == 0:
-            raise KVPredError(f"input_ids must be a non-empty [batch, length] tensor, got shape {tuple(input_ids.shape)}")
+            raise KVPredError(f"input_ids must be a non-empty [batch, length] tensor, got shape "
+                              f"{tuple(input_ids.shape)}")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         attention_mask = torch.as_tensor(attention_mask, device=self.device).view_as(input_ids)
