@@ -27,7 +27,8 @@ def _forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     blocks = math.gcd(weight.shape[0], torch.get_num_threads())  # one per thread, where the rows divide evenly
     columns = x.reshape(rows, -1).T.expand(blocks, -1, -1)  # [blocks, in, rows]
     out = torch.bmm(weight.view(blocks, -1, weight.shape[1]), columns)  # [blocks, out / blocks, rows]
-    out = out.permute(2, 0, 1).reshape(*x.shape[:-1], weight.shape[0])
+    # one row is already in order (the common case: a step at batch 1); more take a small transpose
+    out = out.view(*x.shape[:-1], -1) if rows == 1 else out.permute(2, 0, 1).reshape(*x.shape[:-1], -1)
     return out if self.bias is None else out + self.bias
 
 
