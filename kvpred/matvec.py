@@ -5,7 +5,8 @@ machine `F.linear` with a single fp32 row streams SmolLM2's layer weights at 16 
 products as one batched matmul over row blocks of the weight (views, no copy), `W.view(blocks, -1, in) @ x`,
 stream at 38 GB/s on two threads (30 GB/s on one): 11 instead of 26 ms for the step's 210 layer matmuls, and
 2.5 instead of 7.2 ms for the LM head. In bf16 `F.linear` is the faster of the two, and with many rows (a prefill)
-a matrix-matrix product is what runs, so those keep it.
+a matrix-matrix product is what runs, so those keep it. SmolLM2's CPU step takes 27-30 instead of 44-49 ms
+(benchmarks/results/matvec).
 """
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ MAX_ROWS = 16  # up to this many rows (batch x tokens) the blocked product was f
 def _forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     weight = self.weight
     rows = x.numel() // x.shape[-1] if x.numel() else 0
-    if not 0 < rows <= MAX_ROWS or x.device.type != "cpu" or weight.dtype != torch.float32:
+    if (not 0 < rows <= MAX_ROWS or x.device.type != "cpu" or weight.dtype != torch.float32
+            or not weight.is_contiguous()):
         return F.linear(x, weight, self.bias)
     blocks = math.gcd(weight.shape[0], torch.get_num_threads())  # one per thread, where the rows divide evenly
     columns = x.reshape(rows, -1).T.expand(blocks, -1, -1)  # [blocks, in, rows]

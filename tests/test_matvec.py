@@ -37,6 +37,10 @@ def test_the_blocked_product_is_what_runs_for_few_rows_and_f_linear_otherwise(mo
     assert calls == ["bmm"]
     for x in (torch.randn(1, matvec.MAX_ROWS + 1, 32), torch.randn(0, 32)):
         assert torch.equal(layer(x), F.linear(x, layer.weight))
+    transposed = linear(32, 64)
+    transposed.weight = nn.Parameter(torch.randn(64, 32).T)  # not contiguous: no view of it, so F.linear runs
+    x = torch.randn(1, 64)
+    assert torch.equal(transposed(x), F.linear(x, transposed.weight))
     bf16 = linear(64, 32, dtype=torch.bfloat16)
     x = torch.randn(1, 32, dtype=torch.bfloat16)
     assert torch.equal(bf16(x), F.linear(x, bf16.weight))
