@@ -253,6 +253,8 @@ def variant_name(model, keep: float | None = None) -> str:
     source += f", rank-{rank} predictor" if rank else ""
     dtype = model.predictor_compute_dtype
     source += f" in {str(dtype).removeprefix('torch.')}" if dtype not in (None, model.base.dtype) else ""
+    dtype = model.aux_compute_dtype
+    source += f", auxiliary in {str(dtype).removeprefix('torch.')}" if dtype not in (None, model.base.dtype) else ""
     if spec.kind != "pruned":
         return f"KVP-C {Path(spec.name_or_path or 'aux').name}{source}"
     if keep is None:  # the paper's ratios, where the retained layers follow their pattern
@@ -688,7 +690,7 @@ def _command(args, weights: str) -> str:
         parts += [flag, str(value)] if value is not None else []
     parts += ["--cuda-graph", args.cuda_graph, "--compile", args.compile, "--compile-step", args.compile_step,
               "--defer-values", args.defer_values]
-    parts += ["--predictor-dtype", args.predictor_dtype, "--seed", str(args.seed)]
+    parts += ["--predictor-dtype", args.predictor_dtype, "--aux-dtype", args.aux_dtype, "--seed", str(args.seed)]
     parts += ["--label", args.label] if args.label else []
     parts += ["--threads", str(args.threads)] if args.threads else []
     return shlex.join(parts)
@@ -706,10 +708,12 @@ def _ttft_command(args) -> int:
         raise KVPredError("--repeats must be at least 1")
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.predictor_dtype != "auto":  # on the class: every variant, named by what it runs
-        from .model import KVPredictionModel
+    from .model import KVPredictionModel
 
-        KVPredictionModel.predictor_dtype = None if args.predictor_dtype == "model" else torch.bfloat16
+    for name in ("predictor_dtype", "aux_dtype"):  # on the class: every variant, named by what it runs
+        value = getattr(args, name)
+        if value != "auto":
+            setattr(KVPredictionModel, name, None if value == "model" else torch.bfloat16)
     variants, label, weights = load_variants(args)
     label = args.label or label
     for variant in variants:
@@ -810,6 +814,9 @@ def register(subparsers) -> None:
     p.add_argument("--predictor-dtype", choices=("auto", "model", "bfloat16"), default="auto",
                    help="what the predictor's matmuls run in (auto: bf16 for an fp32 model on a CPU with bf16 dot "
                         "products, else the model's dtype; see KVPredictionModel.predictor_dtype)")
+    p.add_argument("--aux-dtype", choices=("auto", "model", "bfloat16"), default="auto",
+                   help="what the auxiliary's prefill runs in, by autocast (auto: as --predictor-dtype; see "
+                        "KVPredictionModel.aux_dtype)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--label", default=None, help="model name in the tables (default: --shape or --model)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import inspect
 import json
 import os
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -119,9 +119,11 @@ def capture(model: PreTrainedModel, source: str) -> Iterator[Taps]:
 
 
 class KVPredictionModel(nn.Module):
-    # What the predictor's matmuls run in at inference: "auto", None (the model's dtype) or a dtype; see
-    # `predictor_compute_dtype`. Set on an instance, or on the class to cover every model (as the tests do).
+    # What the predictor's matmuls, and the auxiliary's prefill, run in at inference: "auto", None (the model's
+    # dtype) or a dtype; see `predictor_compute_dtype` and `aux_compute_dtype`. Set on an instance, or on the class
+    # to cover every model (as the tests do).
     predictor_dtype: torch.dtype | None | str = "auto"
+    aux_dtype: torch.dtype | None | str = "auto"
 
     def __init__(self, base: PreTrainedModel, aux: PreTrainedModel, predictor: KVPredictor, tokenizer,
                  config: KVPConfig):
@@ -149,17 +151,31 @@ class KVPredictionModel(nn.Module):
         """The dtype inference runs the predictor's matmuls in (None: the model's). `predictor_dtype` "auto" picks
         bf16 for an fp32 model on a CPU with bf16 dot products, where SmolLM2's predictor then takes 2x less time;
         that moves the keys by 0.2% (relative L2), far inside the prediction's own error."""
-        if self.predictor_dtype != "auto":
-            if self.predictor_dtype is not None and not (isinstance(self.predictor_dtype, torch.dtype)
-                                                         and self.predictor_dtype.is_floating_point):
-                raise KVPredError(f"predictor_dtype must be 'auto', None (the model's dtype) or a floating-point "
-                                  f"torch dtype, got {self.predictor_dtype!r}")
-            return self.predictor_dtype
+        return self._compute_dtype(self.predictor_dtype, "predictor_dtype")
+
+    @property
+    def aux_compute_dtype(self) -> torch.dtype | None:
+        """The dtype the auxiliary's prefill runs its matmuls in, by autocast (None: the model's). `aux_dtype`
+        "auto" picks bf16 where `predictor_dtype` does: there SmolLM2's auxiliary takes 2.1x less time over 1023
+        tokens (146 -> 68 ms), and the hidden states the predictor reads move by 0.7% (relative L2)."""
+        return self._compute_dtype(self.aux_dtype, "aux_dtype")
+
+    def _compute_dtype(self, value: torch.dtype | None | str, name: str) -> torch.dtype | None:
+        if value != "auto":
+            if value is not None and not (isinstance(value, torch.dtype) and value.is_floating_point):
+                raise KVPredError(f"{name} must be 'auto', None (the model's dtype) or a floating-point torch dtype, "
+                                  f"got {value!r}")
+            return value
         # Native bf16 dot products only: oneDNN also "supports" bf16 on plain AVX512, by emulation, which need not
         # be faster.
         fast = (self.base.device.type == "cpu" and self.base.dtype == torch.float32
                 and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()))
         return torch.bfloat16 if fast else None
+
+    def _aux_autocast(self):
+        """The context the auxiliary's prefill runs in: autocast to `aux_compute_dtype`, or nothing."""
+        dtype = self.aux_compute_dtype
+        return nullcontext() if dtype is None else torch.autocast(self.aux.device.type, dtype=dtype)
 
     # ---------------------------------------------------------------- construction
     @classmethod
@@ -253,13 +269,15 @@ class KVPredictionModel(nn.Module):
         cache of the tokens before `input_ids`, as a chat session keeps it), `input_ids` attend to it and are added
         to it; the layers past the last tap never run, so their cache stays empty.
         """
-        with capture(self.aux, self.config.predictor.source) as taps, self._stop_after_last_tap():
+        with capture(self.aux, self.config.predictor.source) as taps, self._stop_after_last_tap(), \
+                self._aux_autocast():
             try:
                 self.aux.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                use_cache=past is not None, **cache_kwargs(self.aux.model, past))
             except _TapsComplete:
                 pass
-        return taps.stacked()
+        key_in, value_in = taps.stacked()
+        return key_in.to(self.aux.dtype), value_in.to(self.aux.dtype)  # autocast may leave them in its dtype
 
     @contextmanager
     def _stop_after_last_tap(self) -> Iterator[None]:
@@ -474,9 +492,10 @@ class KVPredictionModel(nn.Module):
             cache.reset()
         past = cache.get_seq_length()
         pos = None if attention_mask is None else position_ids_from_mask(attention_mask)[:, past:]
-        out = model(input_ids=input_ids[:, past:], attention_mask=attention_mask, position_ids=pos,
-                    **cache_kwargs(model, cache), use_cache=True, logits_to_keep=exact_tail)
-        return out.logits
+        with self._aux_autocast() if mode == "aux" else nullcontext():  # the auxiliary alone, as predicted runs it
+            out = model(input_ids=input_ids[:, past:], attention_mask=attention_mask, position_ids=pos,
+                        **cache_kwargs(model, cache), use_cache=True, logits_to_keep=exact_tail)
+        return out.logits.to(model.dtype)
 
     @contextmanager
     def static_step(self, cache: "BufferCache", slot: torch.Tensor) -> Iterator[None]:
@@ -593,9 +612,10 @@ class KVPredictionModel(nn.Module):
                  else DynamicCache(config=model.config))
         past = cache.get_seq_length()
         pos = position_ids_from_mask(attention_mask)[:, past:]
-        out = model(input_ids=input_ids[:, past:], attention_mask=attention_mask, position_ids=pos,
-                    **cache_kwargs(model, cache), use_cache=True, logits_to_keep=exact_tail)
-        return out.logits, cache
+        with self._aux_autocast() if mode == "aux" else nullcontext():
+            out = model(input_ids=input_ids[:, past:], attention_mask=attention_mask, position_ids=pos,
+                        **cache_kwargs(model, cache), use_cache=True, logits_to_keep=exact_tail)
+        return out.logits.to(model.dtype), cache
 
 
 # -------------------------------------------------------------------- helpers

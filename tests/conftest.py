@@ -16,10 +16,12 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 @pytest.fixture(scope="session", autouse=True)
 def fp32_predictor():
-    """Predictor matmuls in the model's dtype, so tests may compare predicted mode with the base to float precision
-    on any CPU; the bf16 arithmetic chosen on CPUs with bf16 dot products has its own tests."""
+    """Predictor matmuls and the auxiliary's prefill in the model's dtype, so tests may compare predicted mode with
+    the base to float precision on any CPU; the bf16 arithmetic chosen on CPUs with bf16 dot products has its own
+    tests."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(KVPredictionModel, "predictor_dtype", None)
+        patch.setattr(KVPredictionModel, "aux_dtype", None)
         yield
 
 

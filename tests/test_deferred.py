@@ -10,6 +10,7 @@ from kvpred.decoding import EagerStep
 from kvpred.deferred import PendingValues, deferred_values
 from kvpred.generation import encode_prompts
 from kvpred.model import KVPredictionModel, cache_kwargs, position_ids_from_mask
+from kvpred.models import KVPredError
 from kvpred.predictor import KVPredictor
 from conftest import ARCHS
 
@@ -119,10 +120,35 @@ def test_bf16_predictor_arithmetic_stays_within_its_rounding_of_fp32(tiny_llama,
         assert close(mine.values[:, :, :n].transpose(1, 2)[columns], theirs.values[:, :, :n].transpose(1, 2)[columns])
 
 
-def test_auto_predictor_arithmetic_changes_only_an_fp32_model_on_a_cpu(tiny_llama):
+def test_auto_predictor_and_aux_arithmetic_changes_only_an_fp32_model_on_a_cpu(tiny_llama):
     model = KVPredictionModel.from_pretrained(tiny_llama, keep_ratio=0.5, dtype=torch.bfloat16)
-    model.predictor_dtype = "auto"
-    assert model.predictor_compute_dtype is None  # a bf16 model (as on a GPU) keeps its own dtype
+    model.predictor_dtype = model.aux_dtype = "auto"
+    assert model.predictor_compute_dtype is model.aux_compute_dtype is None  # a bf16 model keeps its own dtype
     model = model.float()
     native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    assert model.predictor_compute_dtype == (torch.bfloat16 if native else None)
+    assert model.predictor_compute_dtype == model.aux_compute_dtype == (torch.bfloat16 if native else None)
+
+
+def test_a_bf16_auxiliary_prefill_stays_within_its_rounding_of_fp32(tiny_llama):
+    """What `aux_dtype="auto"` picks on CPUs with bf16 dot products: the auxiliary's prefill under bf16 autocast. The
+    predictor's inputs keep the model's dtype and move by a few times bf16's rounding; aux mode's logits too."""
+    def close(got: torch.Tensor, want: torch.Tensor) -> bool:
+        return got.dtype == want.dtype and ((got - want).norm() / want.norm()).item() < 3e-2
+
+    model = model_with(tiny_llama, "rank")
+    ids = torch.tensor([model.tokenizer.encode(PROMPTS[0])])
+    want = model.aux_inputs(ids, None, None), model.prefill(ids, mode="aux")[0]
+    model.aux_dtype = torch.bfloat16
+    got = model.aux_inputs(ids, None, None), model.prefill(ids, mode="aux")[0]
+    assert all(close(g, w) for g, w in zip(got[0], want[0])) and close(got[1], want[1])
+    assert not torch.equal(got[0][0], want[0][0]) and not torch.equal(got[1], want[1])  # both did run in bf16
+    cache = model.new_cache(1, 64, "aux")
+    assert close(model.prefill_into(cache, ids, mode="aux"), want[1])  # the fast path too
+
+
+@pytest.mark.parametrize("dtype", ["bf16", torch.int8])
+def test_an_aux_dtype_that_is_not_a_float_dtype_is_a_clear_error(tiny_llama, dtype):
+    model = KVPredictionModel.from_pretrained(tiny_llama, keep_ratio=0.5)
+    model.aux_dtype = dtype
+    with pytest.raises(KVPredError, match="aux_dtype"):
+        model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=1)
