@@ -108,11 +108,12 @@ def test_a_predictor_run_in_bf16_follows_its_weights_through_optimiser_steps():
         optimiser.zero_grad()
 
 
+@pytest.mark.parametrize("setting", ["predictor_dtype", "aux_dtype"])
 @pytest.mark.parametrize("dtype", ["bf16", torch.int8])
-def test_a_predictor_dtype_that_is_not_a_float_dtype_is_a_clear_error(tiny_llama, dtype):
+def test_a_compute_dtype_that_is_not_a_float_dtype_is_a_clear_error(tiny_llama, setting, dtype):
     model = KVPredictionModel.from_pretrained(tiny_llama, keep_ratio=0.5)
-    model.predictor_dtype = dtype
-    with pytest.raises(KVPredError, match="predictor_dtype"):
+    setattr(model, setting, dtype)
+    with pytest.raises(KVPredError, match=setting):
         model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=1)
 
 

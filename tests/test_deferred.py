@@ -10,7 +10,6 @@ from kvpred.decoding import EagerStep
 from kvpred.deferred import PendingValues, deferred_values
 from kvpred.generation import encode_prompts
 from kvpred.model import KVPredictionModel, cache_kwargs, position_ids_from_mask
-from kvpred.models import KVPredError
 from kvpred.predictor import KVPredictor
 from conftest import ARCHS
 
@@ -145,10 +144,3 @@ def test_a_bf16_auxiliary_prefill_stays_within_its_rounding_of_fp32(tiny_llama):
     cache = model.new_cache(1, 64, "aux")
     assert close(model.prefill_into(cache, ids, mode="aux"), want[1])  # the fast path too
 
-
-@pytest.mark.parametrize("dtype", ["bf16", torch.int8])
-def test_an_aux_dtype_that_is_not_a_float_dtype_is_a_clear_error(tiny_llama, dtype):
-    model = KVPredictionModel.from_pretrained(tiny_llama, keep_ratio=0.5)
-    model.aux_dtype = dtype
-    with pytest.raises(KVPredError, match="aux_dtype"):
-        model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=1)
