@@ -253,7 +253,8 @@ def test_bad_prompts_get_clear_errors(tiny_llama):
 
 def test_a_different_tokenizer_is_refused_for_a_separate_auxiliary(tmp_path, tiny_llama):
     aux = save_tiny_model(tmp_path / "aux", layers=2)
-    (aux / "tokenizer.json").write_text((aux / "tokenizer.json").read_text().replace('"<pad>": 0', '"<pad>": 0, "zz": 300'))
+    text = (aux / "tokenizer.json").read_text()
+    (aux / "tokenizer.json").write_text(text.replace('"<pad>": 0', '"<pad>": 0, "zz": 300'))
     tok = json.loads((aux / "tokenizer.json").read_text())
     tok["model"]["vocab"] = {k: (v + 1) % 259 for k, v in tok["model"]["vocab"].items()}
     (aux / "tokenizer.json").write_text(json.dumps(tok))
