@@ -172,9 +172,10 @@ class KVPredictionModel(nn.Module):
                 and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()))
         return torch.bfloat16 if fast else None
 
-    def _aux_autocast(self):
-        """The context the auxiliary's prefill runs in: autocast to `aux_compute_dtype`, or nothing."""
-        dtype = self.aux_compute_dtype
+    def _prefill_autocast(self, mode: str):
+        """The context a prefill of `mode` runs in: for the auxiliary ("aux", also under predicted mode's
+        predictor inputs) autocast to `aux_compute_dtype` where it is set; else nothing."""
+        dtype = self.aux_compute_dtype if mode == "aux" else None
         return nullcontext() if dtype is None else torch.autocast(self.aux.device.type, dtype=dtype)
 
     # ---------------------------------------------------------------- construction
@@ -270,7 +271,7 @@ class KVPredictionModel(nn.Module):
         to it; the layers past the last tap never run, so their cache stays empty.
         """
         with capture(self.aux, self.config.predictor.source) as taps, self._stop_after_last_tap(), \
-                self._aux_autocast():
+                self._prefill_autocast("aux"):
             try:
                 self.aux.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                use_cache=past is not None, **cache_kwargs(self.aux.model, past))
@@ -492,7 +493,7 @@ class KVPredictionModel(nn.Module):
             cache.reset()
         past = cache.get_seq_length()
         pos = None if attention_mask is None else position_ids_from_mask(attention_mask)[:, past:]
-        with self._aux_autocast() if mode == "aux" else nullcontext():  # the auxiliary alone, as predicted runs it
+        with self._prefill_autocast(mode):  # the auxiliary alone runs as predicted mode runs it
             out = model(input_ids=input_ids[:, past:], attention_mask=attention_mask, position_ids=pos,
                         **cache_kwargs(model, cache), use_cache=True, logits_to_keep=exact_tail)
         return out.logits.to(model.dtype)
@@ -612,7 +613,7 @@ class KVPredictionModel(nn.Module):
                  else DynamicCache(config=model.config))
         past = cache.get_seq_length()
         pos = position_ids_from_mask(attention_mask)[:, past:]
-        with self._aux_autocast() if mode == "aux" else nullcontext():
+        with self._prefill_autocast(mode):
             out = model(input_ids=input_ids[:, past:], attention_mask=attention_mask, position_ids=pos,
                         **cache_kwargs(model, cache), use_cache=True, logits_to_keep=exact_tail)
         return out.logits.to(model.dtype), cache
