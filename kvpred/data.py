@@ -12,7 +12,8 @@ is what the auxiliary and predictor must imitate) for `build_shards` to tokenize
 Each document is tokenized without special tokens and followed by EOS; a split is the concatenation of its documents,
 cut into non-overlapping windows of `seq_len` tokens. Batches hold input ids only: the trainer shifts them for
 next-token targets (labels = input_ids, as Hugging Face causal LMs shift inside their loss), so the last token of a
-window is never a target. Documents go to the held-out split by a hash of their text, so the splits never share one.
+window is never a target. Documents go to the held-out split by a hash of their text, so the splits never share one;
+where that holds out none of several documents (a small corpus), the one with the smallest hash goes there.
 """
 from __future__ import annotations
 
@@ -162,6 +163,11 @@ class _ShardWriter:
     _buffer: list[np.ndarray] = field(default_factory=list)
     _buffered: int = 0
 
+    @property
+    def tokens(self) -> int:
+        """Tokens added so far: the offset in the split of the next one."""
+        return sum(s["tokens"] for s in self.shards) + self._buffered
+
     def add(self, tokens: np.ndarray) -> None:
         self._buffer.append(tokens.astype(self.dtype))
         self._buffered += len(tokens)
@@ -182,8 +188,9 @@ class _ShardWriter:
 
 
 def _documents(paths: Sequence[Path], text_field: str, heldout_fraction: float, seen: set[bytes], skipped: dict,
-               bar) -> Iterator[tuple[str, str]]:
-    """(split, text) for each new non-empty document in `paths`; duplicates, blanks and non-UTF-8 files counted."""
+               bar) -> Iterator[tuple[str, str, float]]:
+    """(split, text, hash in [0, 1)) for each new non-empty document in `paths`; duplicates, blanks and non-UTF-8
+    files counted."""
     for path in paths:
         try:
             docs = read_documents(path, text_field)
@@ -199,11 +206,11 @@ def _documents(paths: Sequence[Path], text_field: str, heldout_fraction: float, 
                 skipped["duplicate_documents"] += 1
                 continue
             seen.add(digest)
-            yield ("heldout" if u < heldout_fraction else "train"), text
+            yield ("heldout" if u < heldout_fraction else "train"), text, u
         bar.update(path.stat().st_size)
 
 
-def _batches(docs: Iterator[tuple[str, str]], max_chars: int) -> Iterator[list[tuple[str, str]]]:
+def _batches(docs: Iterator[tuple[str, str, float]], max_chars: int) -> Iterator[list[tuple[str, str, float]]]:
     batch, chars = [], 0
     for doc in docs:
         batch.append(doc)
@@ -215,6 +222,23 @@ def _batches(docs: Iterator[tuple[str, str]], max_chars: int) -> Iterator[list[t
         yield batch
 
 
+def _hold_out_one(out: Path, train: dict, start: int, length: int, shard_tokens: int, dtype: np.dtype) -> dict:
+    """Both splits' metadata after moving the train split's tokens [start, start + length), one document, to the
+    held-out split: the train shards are written again without it."""
+    # every old shard is mapped before any is replaced: os.replace leaves a mapped file readable
+    old = [np.memmap(out / s["file"], dtype=dtype, mode="r") for s in train["shards"]]
+    kept, moved = _ShardWriter(out, "train", shard_tokens, dtype), _ShardWriter(out, "heldout", shard_tokens, dtype)
+    offset = 0
+    for shard in old:
+        lo, hi = (int(np.clip(x - offset, 0, len(shard))) for x in (start, start + length))
+        kept.add(shard[:lo])
+        moved.add(shard[lo:hi])
+        kept.add(shard[hi:])
+        offset += len(shard)
+    kept.documents, moved.documents = train["documents"] - 1, 1
+    return {"train": kept.close(), "heldout": moved.close()}
+
+
 def build_shards(sources: Sequence[str], tokenizer, out_dir: str | Path, *, shard_tokens: int = 2 ** 23,
                  max_tokens: int | None = None, heldout_fraction: float = 0.01, text_field: str = "text",
                  exclude: Sequence[str] = (), shuffle_files: bool = False, tokenizer_name: str | None = None,
@@ -224,6 +248,8 @@ def build_shards(sources: Sequence[str], tokenizer, out_dir: str | Path, *, shar
     Sources are read in the order given (files in each in sorted order, or hashed order with shuffle_files), so with
     `max_tokens` (train + held-out) the first sources are taken whole and the last one is cut. Exact duplicate
     documents and empty ones are dropped; files that are not UTF-8 are skipped. Both are counted in meta.json.
+    A document goes to the held-out split when its hash is below `heldout_fraction`; if that holds out none of two or
+    more documents, the one with the smallest hash is held out, so that a small corpus still has a held-out split.
     meta.json is written last: a folder without it is an unfinished build. Returns the meta dict.
     """
     from tqdm.auto import tqdm
@@ -246,17 +272,21 @@ def build_shards(sources: Sequence[str], tokenizer, out_dir: str | Path, *, shar
     skipped = {"duplicate_documents": 0, "empty_documents": 0, "undecodable_files": []}
     seen: set[bytes] = set()
     total = 0
+    # (hash, start, length) of the train document with the smallest hash: held out if the rule holds out none
+    first_out: tuple[float, int, int] | None = None
     bar = tqdm(total=sum(f.stat().st_size for fs in files.values() for f in fs), unit="B", unit_scale=True,
                desc=f"tokenizing into {out}", disable=not progress)
 
-    def tokenize(batch: list[tuple[str, str]]) -> bool:
-        """Append a batch of (split, text) documents; False once max_tokens is reached."""
-        nonlocal total
-        ids = tokenizer([text for _, text in batch], add_special_tokens=False, verbose=False)["input_ids"]
-        for (split, _), doc in zip(batch, ids):
+    def tokenize(batch: list[tuple[str, str, float]]) -> bool:
+        """Append a batch of (split, text, hash) documents; False once max_tokens is reached."""
+        nonlocal total, first_out
+        ids = tokenizer([text for _, text, _ in batch], add_special_tokens=False, verbose=False)["input_ids"]
+        for (split, _, u), doc in zip(batch, ids):
             tokens = np.array(doc + [eos], dtype=np.int64)
             if max_tokens is not None:
                 tokens = tokens[:max_tokens - total]
+            if split == "train" and (first_out is None or u < first_out[0]):
+                first_out = (u, writers["train"].tokens, len(tokens))
             writers[split].add(tokens)
             writers[split].documents += 1
             total += len(tokens)
@@ -286,6 +316,9 @@ def build_shards(sources: Sequence[str], tokenizer, out_dir: str | Path, *, shar
                                  else "") + " or are not UTF-8")
     bar.close()
     splits = {s: w.close() for s, w in writers.items()}
+    if heldout_fraction and not splits["heldout"]["documents"] and splits["train"]["documents"] >= 2:
+        # decided only now, so that corpora whose hashes hold some out keep exactly the split they always had
+        splits = _hold_out_one(out, splits["train"], *first_out[1:], shard_tokens, dtype)
     meta = {
         "format": FORMAT_VERSION,
         "tokenizer": {"name": tokenizer_name or getattr(tokenizer, "name_or_path", ""), "vocab_size": len(tokenizer),

@@ -1,5 +1,6 @@
 """Specification of the training data pipeline: files -> packed token shards -> resumable, rank-sliced batches."""
 import argparse
+import hashlib
 import json
 
 import numpy as np
@@ -131,6 +132,39 @@ def test_heldout_split_is_by_document_disjoint_and_deterministic(tmp_path, corpu
     again = tmp_path / "again"
     build_shards([str(corpus[0])], TOK, again, shard_tokens=10 ** 6, heldout_fraction=0.25, progress=False)
     assert split_documents(again, "heldout") == heldout
+
+
+def hash_rank(text):
+    """The documented split rule's number for a document: the first 8 bytes of its text's sha1, in [0, 1)."""
+    return int.from_bytes(hashlib.sha1(text.encode()).digest()[:8], "big") / 2.0 ** 64
+
+
+def test_a_split_that_would_hold_out_nothing_holds_out_the_document_with_the_smallest_hash(tmp_path, corpus):
+    """Documents go to the held-out split when their hash falls below heldout_fraction, exactly as before; only when
+    that leaves it empty (few documents), the one whose hash is smallest goes there, and the train split keeps the
+    others in their order, across shard boundaries."""
+    src, docs = corpus
+    fraction = 0.25
+    meta = build_shards([str(src)], TOK, tmp_path / "many", heldout_fraction=fraction, progress=False)
+    assert split_documents(tmp_path / "many", "heldout") == [d for d in docs if hash_rank(d) < fraction]
+    assert meta["splits"]["heldout"]["documents"] > 1
+
+    few = tmp_path / "few"
+    few.mkdir()
+    for i, d in enumerate(docs[:6]):
+        (few / f"doc{i}.py").write_text(d)
+    smallest = min(docs[:6], key=hash_rank)
+    assert hash_rank(smallest) > 1e-6  # the rule alone would hold out nothing
+    meta = build_shards([str(few)], TOK, tmp_path / "t", shard_tokens=50, heldout_fraction=1e-6, progress=False)
+    assert split_documents(tmp_path / "t", "heldout") == [smallest]
+    assert split_documents(tmp_path / "t", "train") == [d for d in docs[:6] if d != smallest]
+    assert meta["splits"]["heldout"]["documents"] == 1 and meta["splits"]["train"]["documents"] == 5
+    assert len(meta["splits"]["train"]["shards"]) > 1
+    assert sorted(p.name for p in (tmp_path / "t").glob("train_*.bin")) == \
+        [s["file"] for s in meta["splits"]["train"]["shards"]]  # no shard of the first pass is left over
+
+    meta = build_shards([str(few)], TOK, tmp_path / "none", heldout_fraction=0.0, progress=False)
+    assert meta["splits"]["heldout"]["documents"] == 0  # asked for no held-out split
 
 
 def test_heldout_windows_are_fixed_and_spread_over_the_heldout_split(built):
