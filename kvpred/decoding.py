@@ -413,20 +413,40 @@ def generate_with_steps(model, input_ids: torch.Tensor, attention_mask: torch.Te
 def first_logits(model, pooled: Pooled, input_ids: torch.Tensor, mask: torch.Tensor, *, mode: str, exact_tail: int,
                  defer_values: bool = False) -> torch.Tensor:
     """The prompt pass into the pooled cache; returns the last position's logits [B, V]. `mask` [B, N + new] covers
-    the prompt and the tokens to come. Predicted mode's first token with a one-token tail is the pooled step (eager
-    until the shape's graph was captured, after a first token, so no request waits for a capture before its first
-    token); otherwise the prompt's tail runs eagerly (`prefill_into`). `defer_values` (kvpred.deferred) applies
-    where the first token's step is eager."""
+    the prompt and the tokens to come. Predicted mode's last prompt token is the pooled step (eager until the
+    shape's graph was captured, after a first token, so no request waits for a capture before its first token),
+    after the rest of a longer tail (`base_tail`). On a CPU a longer tail runs as one eager forward (`prefill_into`),
+    which reads the weights once. `defer_values` (kvpred.deferred) applies to a one-token tail's eager step."""
     prompt_mask = mask[:, :input_ids.shape[1]]
     padded = not bool(prompt_mask.all())
     cache = pooled.cache
-    if mode == "predicted" and exact_tail == 1:
-        first = pooled.step or EagerStep(model, cache)
-        model.predict_into(cache, input_ids, prompt_mask if padded else None,
-                           defer_values=defer_values and isinstance(first, EagerStep))
-        return last_token(model, first, input_ids, prompt_mask, padded)
+    if mode == "predicted" and (exact_tail == 1 or model.device.type == "cuda"):
+        model.predict_into(cache, input_ids, prompt_mask if padded else None, exact_tail,
+                           defer_values=defer_values and exact_tail == 1 and not isinstance(pooled.step, GraphStep))
+        return base_tail(model, pooled, input_ids, prompt_mask, padded, cache.get_seq_length())
     return model.prefill_into(cache, input_ids, prompt_mask if padded else None, mode=mode,
                               exact_tail=exact_tail)[:, -1]
+
+
+def base_tail(model, pooled: Pooled, input_ids: torch.Tensor, prompt_mask: torch.Tensor, padded: bool,
+              start: int) -> torch.Tensor:
+    """The base over prompt columns [start, N) of a cache filled before `start`: all but the last as one chunk (on
+    a GPU a captured graph, `Pooled.run_chunk`; else eager), then the last token through the pooled step. Returns
+    its logits [B, V]. On a GPU a longer exact tail (a chat template's reply header) so costs two graph replays,
+    where an eager forward of a small base is launch-bound (12-18 ms for SmolLM2 on an H100)."""
+    from .model import cache_kwargs, position_ids_from_mask
+
+    n, cache = input_ids.shape[1], pooled.cache
+    if start < n - 1:
+        pos = position_ids_from_mask(prompt_mask)
+        ids, visible = input_ids[:, start:n - 1], prompt_mask[:, :n - 1]
+        # a cache's first request runs eagerly: it waits for no capture, as for the step
+        if pooled.step is None or not pooled.run_chunk(model, ids, pos[:, start:n - 1], start, visible):
+            cache.set_length(start)
+            model.base.model(input_ids=ids, attention_mask=visible if padded else None,
+                             position_ids=pos[:, start:n - 1], **cache_kwargs(model.base.model, cache), use_cache=True)
+        cache.set_length(n - 1)
+    return last_token(model, pooled.step or EagerStep(model, cache), input_ids, prompt_mask, padded)
 
 
 def last_token(model, first: "GraphStep | EagerStep", input_ids: torch.Tensor, prompt_mask: torch.Tensor,

@@ -17,8 +17,9 @@ from typing import Sequence
 import torch
 from transformers import DynamicCache
 
-from .decoding import (EagerStep, Pooled, Trace, capacity_bucket, decode, eos_token_ids, first_logits, last_token,
+from .decoding import (Pooled, Trace, base_tail, capacity_bucket, decode, eos_token_ids, first_logits,
                        pad_id, without_cudnn_attention)
+from .generation import chat_exact_tail
 from .model import BufferCache, KVPredictionModel, cache_kwargs, capture, position_ids_from_mask
 from .models import KVPredError
 
@@ -197,9 +198,8 @@ def _prefill(model: KVPredictionModel, ids: torch.Tensor, mask: torch.Tensor, ex
         cache.set_length(n)
         if aux_end > n:  # the tail's own predicted K/V, which kv_error compares with the base's [L, B, N-n, kv]
             tail_keys, tail_values = model.predictor(key_in[:, :, n - start:], value_in[:, :, n - start:])
-    if n_total - n == 1 and not with_signal:
-        first = pooled.step or EagerStep(model, cache)
-        return last_token(model, first, ids, mask, padded)[:, None], {}
+    if not with_signal and (n_total - n == 1 or model.device.type == "cuda"):
+        return base_tail(model, pooled, ids, mask, padded, n)[:, None], {}
     with capture(model.base, "kv") if with_signal else nullcontext() as taps:
         out = model.base(input_ids=ids[:, n:], attention_mask=mask if padded else None, position_ids=pos[:, n:],
                          **cache_kwargs(model.base, cache), use_cache=True,
@@ -353,7 +353,8 @@ class ChatSession:
     Each `send` renders the whole conversation with the tokenizer's chat template and tokenizes it (the same ids
     exact mode would see), keeps the cached columns that agree with those ids, predicts K/V only for the new
     columns (the auxiliary keeps its own cache too, so it reads only the tokens it has not seen: the new turn and
-    the previous reply), lets the base run the last `exact_tail` tokens, and decodes with refinement. After an
+    the previous reply), lets the base run the last `exact_tail` tokens (by default the template's tokens that
+    open the reply), and decodes with refinement. After an
     exact history, a new turn short enough that the base costs fewer FLOPs on it than the auxiliary on what it has
     not read runs exactly instead.
     Refinement that has not caught up by the end of a reply is finished right after it, so the next turn starts
@@ -362,17 +363,19 @@ class ChatSession:
     full-attention bases only.
     """
 
-    def __init__(self, model: KVPredictionModel, *, system: str | None = None, exact_tail: int = 1,
+    def __init__(self, model: KVPredictionModel, *, system: str | None = None, exact_tail: int | None = None,
                  refine: str = "eager", chunk_size: int = 256, thresholds: Thresholds | None = None,
                  spare: Pooled | None = None):
-        """`spare`: a cache of batch 1 to start from (an ended session's, with its CUDA graphs already captured);
-        what it holds is ignored."""
+        """`exact_tail` None: the chat template's tokens that open the reply (`chat_exact_tail`). `spare`: a cache
+        of batch 1 to start from (an ended session's, with its CUDA graphs already captured); what it holds is
+        ignored."""
         _check_refine(refine, chunk_size)
         if model.tokenizer.chat_template is None:
             raise KVPredError("this model's tokenizer has no chat template; ChatSession needs one")
         if any(getattr(layer, "is_sliding", False) for layer in DynamicCache(config=model.base.config).layers):
             raise KVPredError("cache reuse needs full-attention layers; this base has sliding-window layers")
-        self.model, self.exact_tail, self.refine = model, exact_tail, refine
+        self.model, self.refine = model, refine
+        self.exact_tail = chat_exact_tail(model.tokenizer) if exact_tail is None else exact_tail
         self.chunk_size, self.thresholds = chunk_size, thresholds
         self.messages: list[dict] = [] if system is None else [{"role": "system", "content": system}]
         self.tokens = torch.empty(1, 0, dtype=torch.long, device=model.device)  # conversation so far
@@ -513,7 +516,9 @@ def register(subparsers) -> None:
                    help="eager: refine at once; lazy: a quarter chunk per step; off: trust the prediction; "
                         "auto: decide per turn from the first-token entropy")
     p.add_argument("--chunk-size", type=int, default=256, help="columns refined per decode step (eager)")
-    p.add_argument("--exact-tail", type=int, default=1, help="prompt tokens the base runs itself (paper: 1)")
+    p.add_argument("--exact-tail", type=int, default=None,
+                   help="prompt tokens the base runs itself (default: the chat template's tokens that open the "
+                        "reply, 6 for SmolLM2; the paper's 1 makes the shipped default answer with a newline)")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--verbose", action="store_true", help="print per-turn reuse and timing to stderr")
     p.set_defaults(func=_chat)

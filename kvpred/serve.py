@@ -3,7 +3,9 @@
 Endpoints: /v1/completions and /v1/chat/completions (streamed as server-sent events on request), /v1/models,
 /health, /metrics (Prometheus text), and vLLM's /tokenize, /detokenize and /tokenizer_info, so that
 lm-evaluation-harness can tokenize with the server's own tokenizer (tokenizer_backend=remote) and needs no download.
-Extra request fields: `kv_mode` (exact | aux | predicted) and `exact_tail` (int >= 1). Responses carry `kv_mode`
+Extra request fields: `kv_mode` (exact | aux | predicted) and `exact_tail` (int >= 1; chat requests that name none
+get at least the chat template's tokens that open the reply, see kvpred.generation.chat_exact_tail). Responses carry
+`kv_mode`
 and `ttft_s`; a stream carries `ttft_s` in the first chunk of each choice.
 
 Progressive refinement and multi-turn reuse (kvpred.refine; predicted mode only)
@@ -64,6 +66,7 @@ import torch
 from transformers.generation import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 from .decoding import Pooled, RollingBatch, sample
+from .generation import chat_exact_tail
 from .models import KVPredError
 from .refine import REFINE_CHOICES, ChatSession, generate_refined
 
@@ -80,7 +83,8 @@ LogprobEntry = tuple[str, float | None, dict[str, float] | None]  # token text, 
 class ServeConfig:
     model_name: str = "kvpred"  # the id /v1/models reports; "kvpred" is always accepted as well
     default_mode: str = "predicted"  # kv_mode of requests that name none
-    exact_tail: int = 1  # prompt tokens the base computes itself when a generation request names none
+    exact_tail: int = 1  # prompt tokens the base computes itself when a generation request names none; chat
+    # requests get at least the template's tokens that open the reply (kvpred.generation.chat_exact_tail)
     max_queue: int = 64  # prompts waiting for the worker beyond this are answered 429
     max_batch: int = 8  # queued prompts of equal settings decoded together
     poll_s: float = 0.1  # how often a waiting non-streaming request checks that its client is still connected
@@ -801,6 +805,7 @@ def create_app(model, config: ServeConfig | None = None):
     if any(tokens < 4 for tokens in config.warm_up):
         raise KVPredError(f"--warm-up token counts must be >= 4, got {', '.join(map(str, config.warm_up))}")
     tokenizer, context, vocab = model.tokenizer, model.context_length, model.base.config.vocab_size
+    chat_tail = chat_exact_tail(tokenizer)  # chat requests that name no exact_tail get at least this one
     metrics = Metrics(lambda: scheduler.depth)
     scheduler = Scheduler(model, config, metrics)
 
@@ -856,8 +861,9 @@ def create_app(model, config: ServeConfig | None = None):
         sink = lambda event: loop.call_soon_threadsafe(queue.put_nowait, event)  # noqa: E731 (worker -> loop)
         mode, request_id = body.kv_mode or config.default_mode, uuid.uuid4().hex
         refine = refine_policy(body, mode, config.refine)
+        default_tail = config.exact_tail if messages is None else max(config.exact_tail, chat_tail)
         jobs = [Job(index=i, prompt_ids=ids, mode=mode,
-                    exact_tail=body.exact_tail or config.exact_tail, max_tokens=max_tokens,
+                    exact_tail=body.exact_tail or default_tail, max_tokens=max_tokens,
                     temperature=body.temperature, top_p=body.top_p, seed=body.seed, stops=body.stops,
                     logprobs=logprobs, score_tail=(body.exact_tail or math.ceil(len(ids) / 2)) if score else None,
                     arrived=arrived, sink=sink, refine=refine, refine_chunk=body.refine_chunk or config.refine_chunk,
@@ -1019,7 +1025,8 @@ def register(subparsers) -> None:
     p.add_argument("--default-mode", choices=KV_MODES, default="predicted",
                    help="kv_mode of requests that name none (default: predicted)")
     p.add_argument("--exact-tail", type=int, default=1,
-                   help="prompt tokens the base computes itself when a request names none (paper: 1)")
+                   help="prompt tokens the base computes itself when a request names none (paper: 1); chat "
+                        "requests get at least the chat template's tokens that open the reply (6 for SmolLM2)")
     p.add_argument("--max-queue", type=int, default=64, help="waiting prompts beyond this are answered 429")
     p.add_argument("--max-batch", type=int, default=8, help="queued prompts of equal settings decoded together")
     p.add_argument("--refine", choices=REFINE_CHOICES, default="off",

@@ -199,10 +199,12 @@ def test_graph_steps_give_transformers_tokens_on_a_gpu(tiny_llama, mode, tail):
     model = KVPredictionModel.from_pretrained(tiny_llama, keep_ratio=0.5, device="cuda")
     ids, mask = encode_prompts(model.tokenizer, PROMPTS)
     ids, mask = ids.cuda(), mask.cuda()
-    for _ in range(2):  # the second call replays the pooled graph
+    for _ in range(3):  # later calls replay the pooled graphs: the step, and a longer tail's first tokens as a chunk
         mine = model.generate(ids, mask, mode=mode, exact_tail=tail, max_new_tokens=10)
         theirs = model.generate(ids, mask, mode=mode, exact_tail=tail, max_new_tokens=10, transformers_loop=True)
         assert torch.equal(mine, theirs)
+    chunks = [chunk for pooled in model._steps.entries.values() for chunk in pooled.chunks.values()]
+    assert [type(chunk).__name__ for chunk in chunks] == (["GraphChunk"] if tail > 1 else [])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")

@@ -8,7 +8,7 @@ import re
 import pytest
 import torch
 
-from kvpred.generation import TimedStreamer, encode_prompts
+from kvpred.generation import TimedStreamer, chat_exact_tail, encode_prompts
 from kvpred.model import KVPredictionModel, position_ids_from_mask
 from kvpred.models import KVPredError
 from kvpred.decoding import Pooled
@@ -346,7 +346,7 @@ def test_after_an_exact_history_a_turn_is_predicted_only_where_that_costs_fewer_
 
 def test_the_auxiliary_reads_only_what_its_cache_lacks_and_predicts_as_if_it_read_everything(tiny_llama):
     model = chat_model(tiny_llama, 0.5)
-    session = ChatSession(model, refine="off")  # the predicted columns stay in the cache to be compared
+    session = ChatSession(model, exact_tail=1, refine="off")  # predicted columns stay in the cache to be compared
     first = session.conversation_ids([{"role": "user", "content": TURNS[0]}]).shape[1]
     session.send(TURNS[0], max_new_tokens=4)
     assert session.aux_cache.get_seq_length() == first - 1  # all but the last prompt token, which the base ran
@@ -367,6 +367,17 @@ def test_the_auxiliary_reads_only_what_its_cache_lacks_and_predicts_as_if_it_rea
         _prefill(model, conversation, torch.ones_like(conversation), 1, fresh)
         for mine, theirs in zip(session.cache.slices(n - 1), fresh.cache.slices(n - 1)):
             torch.testing.assert_close(mine[..., reuse:, :], theirs[..., reuse:, :], atol=1e-4, rtol=1e-4)
+
+
+def test_chat_prompts_let_the_base_run_the_template_tokens_that_open_the_reply(tiny_llama):
+    """A predictor trained on plain text predicts a chat template's special tokens badly, so chats run the tokens
+    after the last user message ("\\n<assistant>" here, a byte each) through the base unless told otherwise."""
+    model = chat_model(tiny_llama, 0.5)
+    opening = model.tokenizer("\n<assistant>", add_special_tokens=False).input_ids
+    assert chat_exact_tail(model.tokenizer) == len(opening) == 12
+    assert ChatSession(model).exact_tail == 12 and ChatSession(model, exact_tail=1).exact_tail == 1
+    model.tokenizer.chat_template = None
+    assert chat_exact_tail(model.tokenizer) == 1  # no template: the paper's one token
 
 
 def test_chat_session_keeps_an_exact_cache_of_earlier_turns(tiny_llama):

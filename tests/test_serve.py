@@ -17,6 +17,7 @@ from openai import AsyncOpenAI, OpenAI
 from kvpred.cli import build_parser
 from kvpred.decoding import Pooled, RollingBatch
 from kvpred.model import KVPredictionModel
+from kvpred.generation import chat_exact_tail
 from kvpred.models import KVPredError
 from kvpred.serve import (APIError, Job, Metrics, Scheduler, ServeConfig, create_app, serve_in_thread,
                           visible_text)
@@ -59,8 +60,8 @@ def http(server):
         yield http
 
 
-def in_process(model, ids: list[int], mode: str, max_new_tokens: int) -> str:
-    out = model.generate(torch.tensor([ids]), mode=mode, max_new_tokens=max_new_tokens)
+def in_process(model, ids: list[int], mode: str, max_new_tokens: int, exact_tail: int = 1) -> str:
+    out = model.generate(torch.tensor([ids]), mode=mode, max_new_tokens=max_new_tokens, exact_tail=exact_tail)
     return model.tokenizer.decode(out[0, len(ids):], skip_special_tokens=True)
 
 
@@ -532,7 +533,8 @@ def test_smollm2_chat_over_http_matches_in_process_generation():
     messages = [{"role": "user", "content": "What is the capital of France?"}]
     prompt = model.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     ids = model.tokenizer.encode(prompt, add_special_tokens=False)
-    expected = {mode: in_process(model, ids, mode, 12) for mode in ("exact", "predicted")}  # before serving it
+    tail = chat_exact_tail(model.tokenizer)  # what a chat request that names no exact_tail gets
+    expected = {mode: in_process(model, ids, mode, 12, tail) for mode in ("exact", "predicted")}  # before serving it
     with serve_in_thread(create_app(model, ServeConfig(model_name="smollm2-135m"))) as url:
         client = OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
         for mode, text in expected.items():
