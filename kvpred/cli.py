@@ -6,10 +6,13 @@ import importlib
 import json
 import sys
 import time
+from pathlib import Path
 
 import torch
 
-from .models import KVPredError
+from .generation import TimedStreamer
+from .models import KVPredError, check_base_exists
+from .serve import visible_text
 
 DEFAULT_MODEL = "smollm2-135m"
 # Modules that contribute subcommands through `register(subparsers)`; missing ones are skipped.
@@ -37,10 +40,15 @@ def add_calibration_arguments(parser: argparse.ArgumentParser, out_help: str) ->
 
 
 def load_model(args: argparse.Namespace):
-    from .model import KVPredictionModel
+    from .model import CONFIG_NAME, DEFAULTS_DIR, KVPConfig, KVPredictionModel
 
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if str(args.device).startswith("cuda")
                                                    else torch.float32)
+    for folder in (Path(args.model), DEFAULTS_DIR / args.model):  # where from_pretrained looks for a checkpoint
+        if (folder / CONFIG_NAME).is_file():
+            config = KVPConfig.from_json((folder / CONFIG_NAME).read_text(), str(folder / CONFIG_NAME))
+            check_base_exists(config.base, folder)
+            break
     return KVPredictionModel.from_pretrained(args.model, dtype=dtype, device=args.device)
 
 
@@ -69,13 +77,45 @@ def _register_generate(sub) -> None:
     p.set_defaults(func=_generate)
 
 
-def _generate(args: argparse.Namespace) -> int:
-    from .generation import TimedStreamer, encode_prompts
+def check_generate_options(args: argparse.Namespace) -> None:
+    """Options that act only in predicted mode are refused elsewhere, as the server refuses them (a 400)."""
+    if args.mode == "predicted":
+        return
+    if args.refine != "off":
+        raise KVPredError(f"--refine {args.refine} applies only to --mode predicted (it replaces a predicted cache "
+                          f"by the exact one), but this runs --mode {args.mode}; drop --refine or use --mode predicted")
+    if args.exact_tail not in (None, 1):
+        raise KVPredError(f"--exact-tail {args.exact_tail} applies only to --mode predicted (the prompt tokens the "
+                          f"base runs itself instead of predicting their keys and values), but this runs --mode "
+                          f"{args.mode}, which predicts nothing; drop --exact-tail or use --mode predicted")
 
+
+class StopStreamer(TimedStreamer):
+    """Prints generated text as `kvpred serve` sends it: never a stop string or anything after it; a tail that could
+    still grow into one is held back until it cannot (serve.visible_text)."""
+
+    def __init__(self, tokenizer, stops: list[str], echo: bool):
+        super().__init__(tokenizer, echo=echo)
+        self.stops, self.text, self.printed = tuple(stops), "", 0
+
+    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+        self.text += text
+        visible, stopped = visible_text(self.text, self.stops)
+        if stream_end and not stopped:
+            visible = self.text
+        if self.echo:
+            print(visible[self.printed:], end="\n" if stream_end else "", flush=True)
+        self.printed = max(self.printed, len(visible))
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from .generation import encode_prompts
+
+    check_generate_options(args)
     model = load_model(args)
     torch.manual_seed(args.seed)
     input_ids, attention_mask = encode_prompts(model.tokenizer, [args.prompt], chat=args.chat)
-    streamer = TimedStreamer(model.tokenizer, echo=args.stream and not args.json)
+    streamer = StopStreamer(model.tokenizer, args.stop or [], echo=args.stream and not args.json)
     options = dict(exact_tail=args.exact_tail, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
                    temperature=args.temperature, top_p=args.top_p, streamer=streamer)
     refine_info = {}
@@ -93,6 +133,8 @@ def _generate(args: argparse.Namespace) -> int:
     total = time.perf_counter() - start
     new = out[0, input_ids.shape[1]:].tolist()
     text = model.tokenizer.decode(new, skip_special_tokens=True)
+    visible, stopped = visible_text(text, tuple(args.stop or ()))
+    text = visible if stopped else text  # the stop string ends the text and is not part of it, as in kvpred serve
     if args.json:
         print(json.dumps({"text": text, "tokens": new, "mode": args.mode, "ttft_s": streamer.ttft(start),
                           "total_s": total, "prompt_tokens": input_ids.shape[1], "new_tokens": len(new),

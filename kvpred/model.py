@@ -562,11 +562,12 @@ class KVPredictionModel(nn.Module):
         if max_new_tokens < 1:
             raise KVPredError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         defer = self.device.type == "cpu" if defer_values is None else defer_values
+        tokenizer = generate_kwargs.pop("tokenizer", None) or self.tokenizer  # transformers' callers pass one
         if not transformers_loop and mode != "aux" and set(generate_kwargs) <= {"logits_processor",
                                                                                 "stopping_criteria"}:
             criteria = StoppingCriteriaList(generate_kwargs.get("stopping_criteria") or [])
             if stop_strings:
-                criteria.append(StopStringCriteria(self.tokenizer, stop_strings))
+                criteria.append(StopStringCriteria(tokenizer, stop_strings))
             return generate_with_steps(
                 self, input_ids, attention_mask, mode=mode, exact_tail=exact_tail, max_new_tokens=max_new_tokens,
                 do_sample=do_sample, temperature=temperature, top_p=top_p, top_k=top_k, eos=eos_token_ids(self),
@@ -583,7 +584,7 @@ class KVPredictionModel(nn.Module):
                  if mode == "predicted" else None)
         with deferred_values(model, getattr(cache, "pending_values", None)):
             return model.generate(input_ids=input_ids, attention_mask=attention_mask, **cache_kwargs(model, cache),
-                                  generation_config=config, streamer=streamer, tokenizer=self.tokenizer,
+                                  generation_config=config, streamer=streamer, tokenizer=tokenizer,
                                   **generate_kwargs)
 
     @torch.no_grad()

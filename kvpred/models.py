@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import difflib
 import hashlib
 import importlib.util
 import json
@@ -12,6 +13,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 
@@ -90,13 +92,26 @@ def resolve(name_or_path: str) -> str:
 def load_causal_lm(name_or_path: str, dtype: torch.dtype | None = None,
                    device: str | torch.device | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     source = resolve(name_or_path)
+    check_model_folder(source, name_or_path)
     try:
         config = AutoConfig.from_pretrained(source)
     except (OSError, ValueError) as err:
+        if not Path(source).exists():  # not a folder: transformers looked for a hub model
+            raise KVPredError(_unknown_name(name_or_path, err)) from err
         raise KVPredError(f"cannot load model {name_or_path!r}: {err}") from err
     check_supported(config, name_or_path)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype or torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(source)
+    where = repr(name_or_path) if source == name_or_path else f"{name_or_path!r} ({source})"
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as err:
+        raise KVPredError(f"model {where} has no usable tokenizer (its tokenizer files are missing or corrupt; "
+                          f"{type(err).__name__})") from err
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype or torch.float32)
+    except (OSError, SafetensorError) as err:
+        redo = (f"delete {source} to convert it again" if cache_dir() / "converted" in Path(source).parents
+                else "restore its weight files")
+        raise KVPredError(f"model {where} has missing or corrupt weights ({_first_line(err)}): {redo}") from err
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"  # prompts end together, so the last prompt token sits in the same column
@@ -104,6 +119,46 @@ def load_causal_lm(name_or_path: str, dtype: torch.dtype | None = None,
     if device is not None:
         model.to(device)
     return model, tokenizer
+
+
+# What `kvpred train --out RUN` writes (kvpred.train): RUN/final/ is the trained kvpred checkpoint, written when
+# training ends; RUN/train_state.pt (the resumable training state) and RUN/metrics.jsonl are not models.
+TRAIN_RUN_FILES = ("train_state.pt", "metrics.jsonl")
+
+
+def check_model_folder(source: str, name: str) -> None:
+    """A folder without config.json is no model: say what it is instead (a training run's folder, or neither)."""
+    folder = Path(source)
+    if not folder.is_dir() or (folder / "config.json").is_file():
+        return
+    if any((folder / f).is_file() for f in TRAIN_RUN_FILES) or (folder / "final").is_dir():
+        if (folder / "final" / "kvpred_config.json").is_file():
+            raise KVPredError(f"{name!r} is a `kvpred train` run folder, not a model: load its trained model, "
+                              f"{folder / 'final'}, instead")
+        raise KVPredError(f"{name!r} is a `kvpred train` run folder without its final/ model yet (training has "
+                          f"not ended; train_state.pt is the resumable training state, not a model): rerun the "
+                          f"same `kvpred train` command to resume and finish, then load {folder / 'final'}")
+    raise KVPredError(f"{name!r} has neither kvpred_config.json (a kvpred checkpoint) nor config.json (a Hugging "
+                      "Face model folder)")
+
+
+def check_base_exists(base: str, checkpoint: str | os.PathLike) -> None:
+    """A checkpoint's base named by a path that is gone: say it came from the checkpoint and how to redirect it."""
+    if base.startswith(("/", "./", "../", "~")) and not Path(base).expanduser().exists():
+        raise KVPredError(f"checkpoint {checkpoint} was made for base {base!r} (the \"base\" field of its "
+                          "kvpred_config.json), which does not exist (moved?): set that field to the base's new "
+                          "location, or in Python pass KVPredictionModel.from_pretrained(..., base=NEW_PATH)")
+
+
+def _unknown_name(name: str, err: Exception) -> str:
+    close = difflib.get_close_matches(name.lower(), list(ALIASES), n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return (f"{name!r} is neither a local path, a known alias ({', '.join(ALIASES)}) nor a hub model in the local "
+            f"Hugging Face cache{hint} (hub: {_first_line(err)})")
+
+
+def _first_line(err: Exception) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
 
 
 def check_supported(config, name: str = "model") -> None:
@@ -161,13 +216,65 @@ def prune_layers(model: PreTrainedModel, keep: list[int]) -> PreTrainedModel:
 
 
 def fingerprint(model: PreTrainedModel) -> str:
-    """Identify a base by its config and a sample of its weights, robust to the dtype it was loaded in."""
+    """Identify a base by its config and a sample of its weights rounded to bf16: the same whether it was loaded in
+    fp32, bf16 or fp16. fp16 rounding can move a value across a bf16 rounding boundary, so fp16 samples are taken
+    from the model's safetensors files where these hold them (and agree with the loaded weights)."""
     cfg = model.config
     h = hashlib.sha256(json.dumps([cfg.model_type, cfg.num_hidden_layers, cfg.hidden_size,
                                    cfg.num_key_value_heads, cfg.vocab_size]).encode())
     state = model.state_dict()
+    stored: dict[str, Path] | None = None  # tensor name -> safetensors file; read only for fp16 weights
     for name in sorted(state)[:: max(1, len(state) // 16)]:
-        sample = state[name].detach().flatten()[:1024].to("cpu", torch.float32)
+        sample = state[name].detach().flatten()[:1024].to("cpu")
+        if sample.dtype == torch.float16:
+            stored = _stored_tensors(model) if stored is None else stored
+            sample = _stored_sample(stored, _aliases(state, name), sample)
         h.update(name.encode())
-        h.update(sample.to(torch.bfloat16).view(torch.int16).numpy().tobytes())
+        h.update(sample.to(torch.float32).to(torch.bfloat16).view(torch.int16).numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def _stored_tensors(model: PreTrainedModel) -> dict[str, Path]:
+    """Where each tensor of the files `model` was loaded from lies: {name: safetensors file}; empty if unknown."""
+    source = Path(model.name_or_path or "")
+    if not source.is_dir():
+        try:  # a hub id: its cached snapshot, if any (nothing is downloaded)
+            from huggingface_hub import snapshot_download
+
+            source = Path(snapshot_download(model.name_or_path, local_files_only=True))
+        except (OSError, ValueError):
+            return {}
+    found = {}
+    for file in sorted(source.glob("*.safetensors")):
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                found.update(dict.fromkeys(f.keys(), file))
+        except (SafetensorError, OSError):
+            continue
+    return found
+
+
+def _aliases(state: dict[str, torch.Tensor], name: str) -> list[str]:
+    """`name` and the names of tensors tied to it (e.g. lm_head.weight, stored as model.embed_tokens.weight)."""
+    tensor = state[name]
+    return [name] + [other for other, t in state.items() if other != name and t.data_ptr() == tensor.data_ptr()
+                     and t.shape == tensor.shape]
+
+
+def _stored_sample(stored: dict[str, Path], names: list[str], sample: torch.Tensor) -> torch.Tensor:
+    """The first len(sample) stored values of the first of `names` found in `stored`, in fp32, if they round to
+    `sample` in fp16 (that is, the loaded weights are these); else `sample` itself."""
+    for name in names:
+        if name not in stored:
+            continue
+        with safe_open(str(stored[name]), framework="pt") as f:
+            part = f.get_slice(name)
+            shape = part.get_shape()
+            if not shape:
+                continue
+            row = math.prod(shape[1:])
+            values = part[:math.ceil(len(sample) / row) if len(shape) > 1 else len(sample)]
+        values = values.flatten()[:len(sample)].to(torch.float32)
+        if values.shape == sample.shape and torch.equal(values.to(torch.float16), sample):
+            return values
+    return sample

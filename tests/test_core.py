@@ -1,5 +1,6 @@
 """Specification of KV prediction inference on Hugging Face causal LMs (issue: core)."""
 import json
+import re
 
 import pytest
 import torch
@@ -188,6 +189,22 @@ def test_sampling_stop_strings_and_streaming(tiny_llama):
     assert streamer.ttft(0.0) is not None
 
 
+def test_generate_takes_a_tokenizer_for_stop_strings_as_transformers_does(tiny_llama):
+    model = KVPredictionModel.from_pretrained(tiny_llama, keep_ratio=0.5)
+    ids, mask = batch(model, PROMPTS[:1])
+    stop = _a_stop_string(model.tokenizer.decode(model.generate(ids, mask, max_new_tokens=20)[0, ids.shape[1]:]))
+    stopped = model.generate(ids, mask, max_new_tokens=20, stop_strings=[stop])
+    for transformers_loop in (False, True):
+        got = model.generate(ids, mask, max_new_tokens=20, stop_strings=[stop], tokenizer=model.tokenizer,
+                             transformers_loop=transformers_loop)
+        assert torch.equal(got, stopped)
+
+
+def _a_stop_string(text: str) -> str:
+    """A printable ASCII character of random-model output, not its first (random bytes: most are not text)."""
+    return next(c for c in text[2:] if c.isascii() and c.isalnum())
+
+
 # ---------------------------------------------------------------- checkpoints
 def test_save_and_load_round_trip(tmp_path, tiny_llama):
     model = KVPredictionModel.from_pretrained(tiny_llama, keep_ratio=0.5)
@@ -208,6 +225,38 @@ def test_loading_against_a_different_base_is_refused(tmp_path, tiny_models):
     other = save_tiny_model(tmp_path / "other", arch="llama", seed=99)
     with pytest.raises(KVPredError, match="fingerprint"):
         KVPredictionModel.from_pretrained(str(tmp_path / "ckpt"), base=str(other))
+
+
+def test_the_base_fingerprint_is_the_same_in_fp32_bf16_and_fp16(tmp_path, tiny_models):
+    model = KVPredictionModel.from_pretrained(tiny_models["llama"], keep_ratio=0.5)
+    model.save_pretrained(tmp_path / "ckpt")
+    weight = model.base.model.layers[0].mlp.up_proj.weight.flatten()[:1024]
+    # fp16 rounding moves some values across a bf16 rounding boundary: sampling the fp16 weights alone cannot work
+    assert not torch.equal(weight.to(torch.bfloat16), weight.half().float().to(torch.bfloat16))
+    for dtype in (torch.bfloat16, torch.float16):
+        loaded = KVPredictionModel.from_pretrained(str(tmp_path / "ckpt"), dtype=dtype)
+        assert loaded.base.dtype == dtype
+        assert models.fingerprint(loaded.base) == model.config.base_fingerprint
+    other = save_tiny_model(tmp_path / "other", arch="llama", seed=99)
+    with pytest.raises(KVPredError, match="fingerprint"):
+        KVPredictionModel.from_pretrained(str(tmp_path / "ckpt"), base=str(other), dtype=torch.float16)
+
+
+def test_an_fp16_base_changed_in_memory_has_another_fingerprint(tiny_llama):
+    """The weights' files stand in for fp16 weights only where they agree with them."""
+    base, _ = models.load_causal_lm(tiny_llama, dtype=torch.float16)
+    before = models.fingerprint(base)
+    with torch.no_grad():
+        base.lm_head.weight[0, 0] += 0.5  # the first sampled tensor (tied to the embeddings)
+    assert models.fingerprint(base) != before
+
+
+@pytest.mark.smollm
+def test_the_shipped_default_loads_in_fp16():
+    model = KVPredictionModel.from_pretrained("smollm2-135m", dtype=torch.float16)
+    assert model.base.dtype == torch.float16
+    ids, mask = encode_prompts(model.tokenizer, ["The capital of France is"])
+    assert model.generate(ids, mask, max_new_tokens=2).shape == (1, ids.shape[1] + 2)
 
 
 def test_corrupt_checkpoints_are_refused_with_a_clear_error(tmp_path, tiny_llama):
@@ -273,10 +322,60 @@ def test_an_unknown_architecture_is_refused(tmp_path):
 def test_a_missing_model_is_a_clear_error(tmp_path):
     with pytest.raises(KVPredError, match="nothing-here' does not exist"):
         KVPredictionModel.from_pretrained(str(tmp_path / "nothing-here"))
-    with pytest.raises(KVPredError, match="cannot load model"):
+    with pytest.raises(KVPredError, match="neither kvpred_config.json .* nor config.json"):
         KVPredictionModel.from_pretrained(str(tmp_path))  # a folder without a model in it
     with pytest.raises(KVPredError, match="does not exist"):
         KVPredictionModel.from_pretrained(str(tmp_path / "missing.gguf"))
+
+
+def test_an_unknown_name_lists_the_aliases(monkeypatch):
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)  # no waiting for an unreachable hub
+    with pytest.raises(KVPredError, match=r"neither a local path, a known alias \(smollm2-135m\) nor a hub model "
+                                          r"in the local Hugging Face cache; did you mean 'smollm2-135m'\?"):
+        KVPredictionModel.from_pretrained("SmolLM2-135M")
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("no weights", "missing or corrupt weights .*model.safetensors"),
+    ("truncated weights", "missing or corrupt weights"),
+    ("no tokenizer", "no usable tokenizer"),
+])
+def test_a_model_folder_with_missing_or_damaged_files_is_a_clear_error(tmp_path, damage, message):
+    folder = save_tiny_model(tmp_path / "base")
+    weights = folder / "model.safetensors"
+    if damage == "no weights":
+        weights.unlink()
+    elif damage == "truncated weights":
+        weights.write_bytes(weights.read_bytes()[:weights.stat().st_size // 2])
+    else:
+        for file in folder.glob("tokenizer*"):
+            file.unlink()
+    with pytest.raises(KVPredError, match=message) as err:
+        KVPredictionModel.from_pretrained(str(folder))
+    assert str(folder) in str(err.value) and err.value.__cause__ is not None
+
+
+def test_a_training_run_folder_points_to_its_trained_model(tmp_path, tiny_llama):
+    run = tmp_path / "run"  # what `kvpred train --out run` leaves: its state and metrics, final/ once it ends
+    run.mkdir()
+    (run / "train_state.pt").write_bytes(b"")
+    (run / "metrics.jsonl").write_text("")
+    with pytest.raises(KVPredError, match="run folder without its final/ model yet"):
+        KVPredictionModel.from_pretrained(str(run))
+    KVPredictionModel.from_pretrained(tiny_llama, keep_ratio=0.5).save_pretrained(run / "final")
+    with pytest.raises(KVPredError, match=re.escape(f"not a model: load its trained model, {run / 'final'}")):
+        KVPredictionModel.from_pretrained(str(run))
+
+
+def test_cli_says_when_a_checkpoints_base_has_moved(tmp_path, tiny_llama, capsys):
+    import shutil
+
+    base = shutil.copytree(tiny_llama, tmp_path / "base")
+    KVPredictionModel.from_pretrained(str(base), keep_ratio=0.5).save_pretrained(tmp_path / "ckpt")
+    base.rename(tmp_path / "moved")
+    assert main(["generate", "--model", str(tmp_path / "ckpt"), "--prompt", "hi"]) == 2
+    err = capsys.readouterr().err
+    assert f"made for base '{base}'" in err and "does not exist (moved?)" in err and "base=NEW_PATH" in err
 
 
 # ---------------------------------------------------------------- CLI
@@ -298,6 +397,24 @@ def test_cli_help_explains_itself(command, capsys):
         main(command + ["--help"])
     assert exit_.value.code == 0
     assert "usage: kvpred" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_cli_generate_ends_the_text_before_a_stop_string_like_the_server(tiny_llama, capsys, stream):
+    argv = ["generate", "--model", tiny_llama, "--prompt", "hello", "--mode", "exact", "--max-new-tokens", "20"]
+    assert main(argv + ["--json"]) == 0
+    full = json.loads(capsys.readouterr().out)["text"]
+    stop = _a_stop_string(full)
+    assert main(argv + ["--stop", stop] + (["--stream"] if stream else ["--json"])) == 0
+    out = capsys.readouterr().out
+    text = out.rstrip("\n") if stream else json.loads(out)["text"]
+    assert text == full[:full.index(stop)]  # the stop string and what follows are not printed
+
+
+@pytest.mark.parametrize("option", [["--mode", "exact", "--refine", "eager"], ["--mode", "aux", "--exact-tail", "5"]])
+def test_cli_refuses_predicted_mode_options_in_other_modes(tiny_llama, capsys, option):
+    assert main(["generate", "--model", tiny_llama, "--prompt", "hello", "--max-new-tokens", "2"] + option) == 2
+    assert f"{option[2]} {option[3]} applies only to --mode predicted" in capsys.readouterr().err
 
 
 def test_cli_generate_with_refinement_reports_when_the_cache_became_exact(tiny_llama, capsys):
