@@ -347,13 +347,28 @@ def _command_line(args: argparse.Namespace) -> str:
     return " ".join(parts)
 
 
+def check_builtin_data(specs, data_dir: Path) -> None:
+    """Built-in tasks read their data from `data_dir`; where it is not there, say how to point at it (before the
+    model loads)."""
+    from .tasks import BUILTIN_TASKS
+
+    for spec in specs:
+        default = BUILTIN_TASKS[spec.name][1] if spec.name in BUILTIN_TASKS else None
+        if default and spec.path == str(data_dir / default) and not Path(spec.path).is_file():
+            raise KVPredError(f"task {spec.name!r} reads {spec.path}, which does not exist: point --data-dir or the "
+                              f"KVPRED_DATA environment variable at the folder that holds {default}, or give the "
+                              f"task its own file as {spec.name}=PATH")
+
+
 def run_cli(args: argparse.Namespace) -> int:
     from .cli import load_model
     from .tasks import EvalOptions, default_data_dir, parse_tasks
 
     if args.batch_size < 1 or args.exact_tail < 1 or (args.limit is not None and args.limit < 1):
         raise KVPredError("--batch-size, --exact-tail and --limit must be at least 1")
-    specs = parse_tasks(args.tasks, args.data_dir or default_data_dir())
+    data_dir = args.data_dir or default_data_dir()
+    specs = parse_tasks(args.tasks, data_dir)
+    check_builtin_data(specs, data_dir)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     speedups = _parse_speedups(args.ttft_speedup)
     try:

@@ -71,7 +71,8 @@ def test_flop_ratio_counts_a_tied_embedding_once_and_reports_both_rules(pruned, 
     unique = sum(p.numel() for p in base.parameters())  # nn.Module.parameters() already dedups tied tensors
     f = flop_ratio(pruned)
     assert f["params_base"] == unique
-    assert f["params_base"] - f["params_aux"] == sum(p.numel() for i in (1, 3) for p in base.model.layers[i].parameters())
+    dropped = sum(p.numel() for i in (1, 3) for p in base.model.layers[i].parameters())
+    assert f["params_base"] - f["params_aux"] == dropped
     assert f["param_ratio"] == pytest.approx(f["params_base"] / f["params_aux"])
     # the matmul rule is the benchmark's count of what predicted mode runs
     assert f["matmul_ratio"] == pytest.approx(flop_ratio_full(base.config, pruned.aux.config,
@@ -268,6 +269,19 @@ def test_cli_errors_are_clear(tiny_path, tmp_path, capsys):
     assert cli.main(["eval", "--model", str(tiny_path), "--tasks", f"{DATA}/lm.jsonl", "--modes", "fast",
                      "--out", str(tmp_path / "x.json"), "--quiet"]) == 2
     assert "unknown modes" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("how", ["--data-dir", "KVPRED_DATA"])
+def test_cli_says_how_to_point_at_missing_builtin_task_data(tiny_path, tmp_path, capsys, monkeypatch, how):
+    """From an install outside the project tree the default data folder is not there."""
+    missing = tmp_path / "no-data"
+    monkeypatch.setenv("KVPRED_DATA", str(missing))
+    argv = ["eval", "--model", str(tiny_path), "--tasks", "agreement", "--limit", "3",
+            "--out", str(tmp_path / "x.json")]
+    assert cli.main(argv + (["--data-dir", str(missing)] if how == "--data-dir" else [])) == 2
+    err = capsys.readouterr().err
+    assert f"task 'agreement' reads {missing / 'wikitext2-test.txt'}, which does not exist" in err
+    assert "--data-dir or the KVPRED_DATA environment variable" in err and "agreement=PATH" in err
 
 
 def test_result_cache_ignores_other_signatures_and_torn_lines(tmp_path):
