@@ -78,7 +78,8 @@ SOLO=${SOLO:-xp}; SOLO_FLAGS=${SOLO_FLAGS:---exact-prefix 0.25}
 
 case "$stage" in
 a)
-  mkdir -p /tmp/gg /tmp/carry && cp .carry/g1/part /tmp/gg/part00 && cp -r .carry/tok .carry/data /tmp/carry/
+  mkdir -p /tmp/gg /tmp/carry && cp .carry/g1/part /tmp/gg/part00 && cp -r .carry/tok /tmp/carry/
+  [ -d .carry/data ] && cp -r .carry/data /tmp/carry/  # or carried by a later stage that needs it
   python3 -m pip install -q --no-index --no-deps --target "$SITE" .whl/*.whl
   ;;
 a2)
@@ -165,6 +166,15 @@ sessions)  # after a and a2 (carry .carry/g3 .carry/serve): new chat sessions' f
   python3 -m pip install -q --no-index --no-deps --target "$SITE" .carry/serve/*.whl
   python3 benchmarks/session_first_turn.py --device cuda --dtype bfloat16 --sessions 6 2>&1 \
     | grep -v "Warn\|warn\|Loading\|INFO" | tee $OUT/session_first_turn.md
+  ;;
+chattail)  # after a and a2 (carry .carry/g3 .carry/pytest .carry/data): chat prompts' exact tail (the template's reply opening)
+  assemble_model || exit 1
+  python3 -m pip install -q --no-index --no-deps --target "$SITE" .carry/pytest/*.whl
+  [ -d .carry/data ] && cp -r .carry/data /tmp/carry/
+  python3 -m pytest -q -p no:cacheprovider tests/test_decoding.py tests/test_refine.py -k "gpu or graph" 2>&1 \
+    | grep -E "passed|failed|Error|assert" | tee $OUT/cuda_tests.txt
+  python3 benchmarks/chat_tail_ttft.py --device cuda --dtype bfloat16 --prompt-lens 64,512,2048 --prompts 12 \
+    --data-dir /tmp/carry/data 2>&1 | grep -v "Warn\|warn\|Loading\|INFO" | tee $OUT/chat_tail_ttft.md
   ;;
 equalflops)  # after a and a2 (carry .carry/g3): the shipped default's equal-FLOPs operating points on long prompts
   assemble_model || exit 1

@@ -61,7 +61,9 @@ def _register_generate(sub) -> None:
     p.add_argument("--mode", choices=("exact", "aux", "predicted"), default="predicted",
                    help="exact: base alone; aux: auxiliary alone; predicted: KV prediction (default)")
     p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--exact-tail", type=int, default=1, help="prompt tokens the base runs itself (paper: 1)")
+    p.add_argument("--exact-tail", type=int, default=None,
+                   help="prompt tokens the base runs itself (default: the paper's 1; with --chat, the template's "
+                        "tokens that open the reply, 6 for SmolLM2)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--temperature", type=float, default=1.0)
@@ -109,14 +111,17 @@ class StopStreamer(TimedStreamer):
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from .generation import encode_prompts
+    from .generation import chat_exact_tail, encode_prompts
 
     check_generate_options(args)
     model = load_model(args)
     torch.manual_seed(args.seed)
     input_ids, attention_mask = encode_prompts(model.tokenizer, [args.prompt], chat=args.chat)
     streamer = StopStreamer(model.tokenizer, args.stop or [], echo=args.stream and not args.json)
-    options = dict(exact_tail=args.exact_tail, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
+    tail = args.exact_tail
+    if tail is None:
+        tail = chat_exact_tail(model.tokenizer) if args.chat and args.mode == "predicted" else 1
+    options = dict(exact_tail=tail, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
                    temperature=args.temperature, top_p=args.top_p, streamer=streamer)
     refine_info = {}
     start = time.perf_counter()
