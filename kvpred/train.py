@@ -13,17 +13,23 @@ distribution.
 
     kvpred train --model smollm2-135m --data .carry/tokens --out runs/kvp --steps 2000
     torchrun --nproc-per-node 2 -m kvpred.train --model ... (same flags): DDP, or --fsdp for FSDP2
+
+Rerunning the same command resumes from the run's last checkpoint (train_state.pt). In one process, Ctrl+C lets the
+step under way finish, saves a checkpoint there and exits with status 130; a second Ctrl+C stops at once.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
 import random
+import signal
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -35,10 +41,11 @@ from torch import nn
 from transformers import DynamicCache
 
 from . import lora
-from .model import KVPredictionModel, cache_kwargs, capture
+from .model import CONFIG_NAME, KVPredictionModel, cache_kwargs, capture
 from .models import KVPredError
 
 STATE_NAME = "train_state.pt"
+METRICS_NAME = "metrics.jsonl"
 
 
 @dataclass
@@ -82,6 +89,50 @@ class TrainConfig:
 
     # fields that may change between a run and its resumption
     RESUMABLE_CHANGES = ("steps", "max_minutes", "log_every", "save_every", "eval_every", "eval_windows", "out")
+
+    def __post_init__(self) -> None:
+        """Refuse, naming the flags, settings that would crash mid-run or silently train nothing (the CLI prints
+        a KVPredError as one line)."""
+        problems = [message for wrong, message in self._checks() if wrong]
+        if problems:
+            raise KVPredError("; ".join(problems))
+
+    def _checks(self) -> list[tuple[bool, str]]:
+        """(wrong, message) pairs; written `not x >= 0` where a NaN must count as wrong."""
+        shortest = 4 if self.eval_every else 2  # a next-token target; evaluation scores a quarter after a prefix
+        weights = {"--base-loss": self.base_loss, "--aux-loss": self.aux_loss, "--kv-loss": self.kv_loss,
+                   "--z-loss": self.z_loss, "--kl-loss": self.kl_loss}
+        every = {"--log-every": self.log_every, "--save-every": self.save_every, "--eval-every": self.eval_every}
+        return [
+            (self.steps < 1, f"--steps must be at least 1, got {self.steps}"),
+            (self.seq_len < shortest, f"--seq-len must be at least {shortest}"
+             + (" with evaluation (--eval-every > 0)" if self.eval_every else "") + f", got {self.seq_len}"),
+            (self.batch_size < 1, f"--batch-size must be at least 1, got {self.batch_size}"),
+            (self.grad_accum < 1, f"--grad-accum must be at least 1, got {self.grad_accum}"),
+            (not self.lr >= 0, f"--lr must be >= 0, got {self.lr}"),
+            (not self.aux_lr >= 0, f"--aux-lr must be >= 0, got {self.aux_lr}"),
+            (self.warmup < 0, f"--warmup must be >= 0, got {self.warmup}"),
+            (not 0 <= self.min_lr_ratio <= 1, f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}"),
+            (not self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}"),
+            (not self.clip > 0, f"--clip (the gradient norm limit) must be positive, got {self.clip}"),
+            (not all(w >= 0 for w in weights.values()), f"loss weights must be >= 0, got {weights}"),
+            (not (self.base_loss or self.aux_loss or self.kv_loss or self.kl_loss),
+             "all loss weights are 0: set one of --base-loss, --aux-loss, --kv-loss, --kl-loss"),
+            (self.kv_reduction not in ("mean", "sum"),
+             f"--kv-reduction must be mean or sum, got {self.kv_reduction!r}"),
+            (not 0 <= self.copy_spans <= 1, f"--copy-spans is a share in [0, 1], got {self.copy_spans}"),
+            (self.exact_prefix != 0 and not (0 < self.exact_prefix <= 1 and self.suffix_split),
+             f"--exact-prefix is a share in (0, 1] and needs --suffix-split, got {self.exact_prefix}"),
+            (self.aux_lora_rank < 0, f"--aux-lora-rank must be >= 0 (0: full weights), got {self.aux_lora_rank}"),
+            (not self.max_minutes >= 0, f"--max-minutes must be >= 0 (0: no limit), got {self.max_minutes}"),
+            (min(every.values()) < 0, f"{', '.join(every)} must be >= 0 (0: never), got {every}"),
+            (self.eval_every > 0 and self.eval_windows < 1,
+             f"--eval-windows must be at least 1 with evaluation (--eval-every > 0), got {self.eval_windows}"),
+        ]
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl+C stopped training at a step boundary, after saving a checkpoint there; the message says where."""
 
 
 class PredictedKV(DynamicCache):
@@ -277,10 +328,69 @@ def train_flops_per_token(model: KVPredictionModel, config: TrainConfig) -> floa
                   + model.predictor.config.multiply_adds_per_token())
 
 
+def check_new_auxiliary(config: TrainConfig) -> None:
+    """--keep-ratio and --source build a new auxiliary and predictor around a base model. Given a kvpred checkpoint,
+    which has its own, loading it as a base would fail with an error that does not say why: say why instead."""
+    given = [flag for flag, value in (("--keep-ratio", config.keep_ratio), ("--source", config.source))
+             if value is not None]
+    checkpoint = Path(config.model) / CONFIG_NAME
+    if given and checkpoint.is_file():
+        base = json.loads(checkpoint.read_text()).get("base")
+        raise KVPredError(f"{' / '.join(given)} builds a new auxiliary and predictor around a base model, but "
+                          f"{config.model!r} is already a kvpred checkpoint with its own: leave out "
+                          f"{' and '.join(given)} to train it further, or pass its base model ({base}) to start over")
+
+
+def trim_metrics(path: Path, step: int) -> None:
+    """Keep only the records of steps <= `step` in a run's metrics log. A run resumed from its checkpoint at `step`
+    logs the later steps again (the killed run had logged some of them), and the log should read as one run."""
+    from .data import _write_atomic
+
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines()
+    kept = [line for line in lines if _logged_step(line) <= step]
+    if len(kept) < len(lines):
+        _write_atomic(path, "".join(f"{line}\n" for line in kept).encode())
+
+
+def _logged_step(line: str) -> float:
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):  # a last line torn by the kill
+        return math.inf
+
+
+@contextlib.contextmanager
+def deferred_interrupt(enabled: bool = True) -> Iterator[Callable[[], bool]]:
+    """Yield a function that says whether Ctrl+C (SIGINT) was pressed. The first press only sets that flag, so the
+    loop can stop at a step boundary, where the state to save is consistent, and gives SIGINT back to its previous
+    handler, so a second press interrupts at once. Inert unless enabled, in the main thread, with SIGINT raising
+    KeyboardInterrupt as usual (not ignored, no other handler)."""
+    previous = signal.getsignal(signal.SIGINT)
+    if not enabled or previous is not signal.default_int_handler \
+            or threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+    pressed = []
+
+    def first_press(signum, frame) -> None:
+        pressed.append(signum)
+        signal.signal(signal.SIGINT, previous)
+        # os.write, not print: a handler that prints while the loop is printing may hit a reentrant-call error
+        os.write(2, b"\nkvpred: stopping after this step to save a checkpoint (Ctrl+C again: stop at once)\n")
+
+    signal.signal(signal.SIGINT, first_press)
+    try:
+        yield lambda: bool(pressed)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 # ---------------------------------------------------------------- the recipe
 class Trainer:
     def __init__(self, config: TrainConfig):
-        from .data import PackedTokens, check_tokenizer, heldout_windows
+        from .data import PackedTokens, check_tokenizer
 
         self.config = c = config
         self.distributed = dist.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -294,6 +404,7 @@ class Trainer:
         else:
             self.device = torch.device("cpu")
         seed_everything(c.seed)
+        check_new_auxiliary(c)
         self.model = KVPredictionModel.from_pretrained(c.model, keep_ratio=c.keep_ratio, source=c.source,
                                                        dtype=torch.float32, device=self.device)
         check_tokenizer(c.data, self.model.tokenizer)
@@ -312,11 +423,22 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(c, lambda: self.total_steps))
         self.data = PackedTokens(c.data, "train", seq_len=c.seq_len, batch_size=c.batch_size, rank=self.rank,
                                  world_size=self.world, seed=c.seed)
-        self.heldout = heldout_windows(c.data, c.seq_len, c.eval_windows)
+        self.heldout = self._heldout() if self.evaluates else None
         self.step = 0
         self.out = Path(c.out)
         self.out.mkdir(parents=True, exist_ok=True)
         self._resume_if_possible()
+        if self.rank == 0:
+            trim_metrics(self.out / METRICS_NAME, self.step)
+
+    def _heldout(self) -> torch.Tensor:
+        from .data import heldout_windows
+
+        c = self.config
+        try:
+            return heldout_windows(c.data, c.seq_len, c.eval_windows)
+        except KVPredError as err:  # only evaluation needs them
+            raise KVPredError(f"{err}; or train without evaluation (--eval-every 0)") from err
 
     def _wrap(self, module: nn.Module) -> nn.Module:
         if not self.distributed:
@@ -334,6 +456,12 @@ class Trainer:
     @property
     def sharded(self) -> bool:
         return self.config.fsdp and self.distributed
+
+    @property
+    def evaluates(self) -> bool:
+        """Whether the loop evaluates on held-out windows (and so needs them): not with --eval-every 0, nor under
+        FSDP2, where it never has."""
+        return self.config.eval_every > 0 and not self.sharded
 
     def _whole_state(self) -> dict[str, torch.Tensor]:
         """The trainable tensors by name under the model ("predictor.key_weight", "aux.model.layers.0...").
@@ -407,43 +535,51 @@ class Trainer:
 
     # ---------------------------------------------------------- loop
     def train(self) -> Path:
+        """Train to total_steps and write final/. In one process, a first Ctrl+C stops at the end of the step under
+        way: a checkpoint is saved there and Interrupted raised, and the same run resumes from it."""
         from tqdm import tqdm
 
         c = self.config
         tokens_per_step = c.batch_size * c.seq_len * c.grad_accum * self.world
         flops = train_flops_per_token(self.model, c)
         bar = tqdm(total=self.total_steps, initial=self.step, desc="train", disable=self.rank != 0, dynamic_ncols=True)
-        metrics_file = open(self.out / "metrics.jsonl", "a") if self.rank == 0 else None
+        metrics = open(self.out / METRICS_NAME, "a") if self.rank == 0 else contextlib.nullcontext()
         t_last, step_last = time.perf_counter(), self.step
         t_start, step_start = time.perf_counter(), self.step
         deadline = t_start + 60 * c.max_minutes if c.max_minutes else math.inf
-        while self.step < self.total_steps:
-            losses = self._step()
-            self.step += 1
-            bar.update(1)
-            if self.step == c.warmup and c.max_minutes and self.total_steps == c.steps:
-                self._fit_schedule_to_time(t_start, step_start, deadline, bar)
-            last = self.step == self.total_steps or time.perf_counter() > deadline
-            if self.step % c.log_every == 0 or last:
-                self._sync()
-                elapsed = time.perf_counter() - t_last
-                tok_s = tokens_per_step * (self.step - step_last) / elapsed
-                record = {"step": self.step, **{k: round(v, 5) for k, v in losses.items()},
-                          "lr": self.scheduler.get_last_lr()[0], "tokens_per_s": round(tok_s),
-                          "mfu": round(flops * tok_s / peak_flops(self.device) / self.world, 4)}
-                bar.set_postfix(loss=f"{losses['loss']:.3f}", tok_s=f"{tok_s:,.0f}")
-                t_last, step_last = time.perf_counter(), self.step
-                self._write(metrics_file, record)
-            if (self.step % c.eval_every == 0 or last) and not (c.fsdp and self.distributed):
-                record = {"step": self.step, **self.evaluate()}
-                self.log(json.dumps(record))
-                self._write(metrics_file, record)
-            if self.step % c.save_every == 0 or last:
-                self.save()
-            if last and self.step < self.total_steps:
-                self.log(f"time limit of {c.max_minutes} min reached at step {self.step} of {self.total_steps}")
-                break
-        bar.close()
+        # Not under torchrun: there Ctrl+C reaches each rank at its own step and the agent signals the workers again,
+        # so ranks would stop at different steps and wait for each other's collectives; Ctrl+C keeps its usual effect.
+        with bar, metrics as metrics_file, deferred_interrupt(enabled=not self.distributed) as interrupted:
+            while self.step < self.total_steps:
+                losses = self._step()
+                self.step += 1
+                bar.update(1)
+                if self.step == c.warmup and c.max_minutes and self.total_steps == c.steps:
+                    self._fit_schedule_to_time(t_start, step_start, deadline, bar)
+                last = self.step == self.total_steps or time.perf_counter() > deadline
+                if c.log_every and (self.step % c.log_every == 0 or last):
+                    self._sync()
+                    elapsed = time.perf_counter() - t_last
+                    tok_s = tokens_per_step * (self.step - step_last) / elapsed
+                    record = {"step": self.step, **{k: round(v, 5) for k, v in losses.items()},
+                              "lr": self.scheduler.get_last_lr()[0], "tokens_per_s": round(tok_s),
+                              "mfu": round(flops * tok_s / peak_flops(self.device) / self.world, 4)}
+                    bar.set_postfix(loss=f"{losses['loss']:.3f}", tok_s=f"{tok_s:,.0f}")
+                    t_last, step_last = time.perf_counter(), self.step
+                    self._write(metrics_file, record)
+                if self.evaluates and (self.step % c.eval_every == 0 or last):
+                    record = {"step": self.step, **self.evaluate()}
+                    self.log(json.dumps(record))
+                    self._write(metrics_file, record)
+                stop = interrupted() and not last  # read once: a later Ctrl+C stops after the next step
+                if (c.save_every and self.step % c.save_every == 0) or last or stop:
+                    self.save()
+                if stop:
+                    raise Interrupted(f"interrupted at step {self.step}; checkpoint saved to "
+                                      f"{self.out / STATE_NAME}; run the same command to resume")
+                if last and self.step < self.total_steps:
+                    self.log(f"time limit of {c.max_minutes} min reached at step {self.step} of {self.total_steps}")
+                    break
         return self.finish()
 
     def _fit_schedule_to_time(self, t_start: float, step_start: int, deadline: float, bar) -> None:
@@ -498,8 +634,9 @@ class Trainer:
         tail = min(64, ids.shape[1] // 4)
         out = {}
         first = {}
+        autocast = self.config.bf16 and self.device.type == "cuda"
         for mode in ("exact", "predicted"):
-            with torch.autocast(self.device.type, torch.bfloat16, enabled=self.config.bf16 and self.device.type == "cuda"):
+            with torch.autocast(self.device.type, torch.bfloat16, enabled=autocast):
                 logits, _ = self.model.prefill(ids, mode=mode, exact_tail=tail + 1)
             logits = logits[:, :-1].float()
             out[f"heldout_nll_{mode}"] = F.cross_entropy(logits.flatten(0, 1), ids[:, -tail:].flatten()).item()
@@ -579,6 +716,16 @@ def set_rng_state(state: dict) -> None:
 
 
 # ---------------------------------------------------------------- CLI
+# help for the flags whose name does not say what 0 means
+FLAG_HELP = {
+    "log_every": "steps between loss records in metrics.jsonl (default %(default)s; 0: never)",
+    "save_every": "steps between checkpoints (train_state.pt) (default %(default)s; 0: only at the end, at the "
+                  "time limit and on Ctrl+C)",
+    "eval_every": "steps between held-out evaluations (default %(default)s; 0: never, and then the data needs no "
+                  "held-out split)",
+}
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     for f in fields(TrainConfig):
         flag = f"--{f.name.replace('_', '-')}"
@@ -590,7 +737,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         elif f.name == "source":
             p.add_argument(flag, choices=("kv", "hidden"), default=None)
         else:
-            p.add_argument(flag, type=type(default), default=default, required=f.name == "data")
+            p.add_argument(flag, type=type(default), default=default, required=f.name == "data",
+                           help=FLAG_HELP.get(f.name))
 
 
 def register(subparsers) -> None:
@@ -602,13 +750,15 @@ def register(subparsers) -> None:
 
 def _train_command(args: argparse.Namespace) -> int:
     config = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
-    if config.kv_reduction not in ("mean", "sum"):
-        raise KVPredError(f"--kv-reduction must be mean or sum, got {config.kv_reduction!r}")
-    if not 0 <= config.copy_spans <= 1:
-        raise KVPredError(f"--copy-spans is a share in [0, 1], got {config.copy_spans}")
-    if config.exact_prefix and not (0 < config.exact_prefix <= 1 and config.suffix_split):
-        raise KVPredError(f"--exact-prefix is a share in (0, 1] and needs --suffix-split, got {config.exact_prefix}")
-    Trainer(config).train()
+    try:
+        Trainer(config).train()
+    except Interrupted as stop:
+        print(f"kvpred: {stop}", file=sys.stderr)
+        return 130  # 128 + SIGINT, what a shell reports for a command stopped by Ctrl+C
+    except KeyboardInterrupt:  # a second Ctrl+C, one before training began, or one under torchrun
+        print(f"kvpred: interrupted without saving; the same command resumes from the last checkpoint in "
+              f"{config.out}, if there is one", file=sys.stderr)
+        return 130
     if dist.is_initialized():
         dist.destroy_process_group()
     return 0

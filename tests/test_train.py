@@ -1,7 +1,9 @@
 """Specification of distillation training (issue: training)."""
+import argparse
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 
@@ -10,9 +12,12 @@ import torch
 
 from kvpred import lora
 from kvpred.cli import main as cli_main
+from kvpred.data import build_shards, read_meta
 from kvpred.model import KVPredictionModel, cache_kwargs
 from kvpred.models import KVPredError
-from kvpred.train import STATE_NAME, Distillation, PredictedKV, TrainConfig, Trainer, with_copied_spans
+from kvpred.testing import byte_tokenizer
+from kvpred.train import (STATE_NAME, Distillation, PredictedKV, TrainConfig, Trainer, add_arguments,
+                          with_copied_spans)
 
 def config(tiny_llama, shards, tmp_path, **overrides) -> TrainConfig:
     base = dict(model=tiny_llama, data=shards, out=str(tmp_path / "run"), keep_ratio=0.5, steps=4, seq_len=32,
@@ -217,3 +222,106 @@ def test_a_time_limit_shortens_the_schedule_so_it_still_ends_annealed(tiny_llama
     resumed = Trainer(config(tiny_llama, shards, tmp_path, steps=10**6, warmup=3, max_minutes=0.1,
                              save_every=10**6))
     assert resumed.total_steps == trainer.total_steps  # a resumed run keeps the fitted schedule
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--steps", "0"], "--steps"), (["--seq-len", "1"], "--seq-len"), (["--seq-len", "3"], "--seq-len"),
+    (["--batch-size", "0"], "--batch-size"), (["--grad-accum", "0"], "--grad-accum"), (["--lr=-1e-3"], "--lr"),
+    (["--aux-lr", "nan"], "--aux-lr"), (["--warmup", "-1"], "--warmup"), (["--clip", "0"], "--clip"),
+    (["--log-every", "-1"], "--log-every"), (["--eval-windows", "0"], "--eval-windows"),
+    (["--kv-loss", "-1"], "loss weights"), (["--kv-reduction", "max"], "--kv-reduction")])
+def test_settings_that_cannot_train_are_one_line_errors_naming_the_flag(tiny_llama, shards, tmp_path, capsys, flags,
+                                                                         named):
+    argv = ["train", "--model", tiny_llama, "--data", shards, "--out", str(tmp_path / "run"), *flags]
+    assert cli_main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("kvpred: error: ") and named in err and err.count("\n") == 1
+    assert not (tmp_path / "run").exists()
+
+
+def test_every_0_means_never_and_no_heldout_split_is_needed_without_evaluation(tiny_llama, tmp_path, capsys):
+    """--eval-every 0 never evaluates, so shards without a held-out split train; --log-every 0 writes no metrics;
+    --save-every 0 writes the training state only at the end of the run."""
+    (tmp_path / "doc.txt").write_text("one document, so no held-out split " * 40)
+    build_shards([str(tmp_path / "doc.txt")], byte_tokenizer(), tmp_path / "tokens", progress=False)
+    assert read_meta(tmp_path / "tokens")["splits"]["heldout"]["tokens"] == 0
+    with pytest.raises(KVPredError, match="--eval-every 0"):
+        Trainer(config(tiny_llama, str(tmp_path / "tokens"), tmp_path, eval_every=10))
+    saves = []
+    c = config(tiny_llama, str(tmp_path / "tokens"), tmp_path, steps=3, eval_every=0, log_every=0, save_every=0)
+    trainer = Trainer(c)
+    trainer.save = lambda: saves.append(trainer.step)
+    trainer.train()
+    assert saves == [3] and (tmp_path / "run" / "final").is_dir()
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == ""
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert all("0: never" in a.help for a in parser._actions if a.dest in ("eval_every", "log_every"))
+
+
+def test_a_resumed_run_drops_the_metrics_logged_after_its_checkpoint(tiny_llama, shards, tmp_path, monkeypatch):
+    """A run killed after logging step 3 resumes from its step-2 checkpoint: metrics.jsonl then reads as one run."""
+    save = Trainer.save
+
+    def killed_while_saving_3(self):
+        if self.step == 3:
+            raise RuntimeError("killed")
+        save(self)
+
+    monkeypatch.setattr(Trainer, "save", killed_while_saving_3)
+    with pytest.raises(RuntimeError, match="killed"):
+        Trainer(config(tiny_llama, shards, tmp_path, steps=4, eval_every=1, save_every=1)).train()
+    with open(tmp_path / "run" / "metrics.jsonl", "a") as f:
+        f.write('{"step": 4, "lo')  # a line torn by the kill
+    monkeypatch.undo()
+    resumed = Trainer(config(tiny_llama, shards, tmp_path, steps=4, eval_every=1, save_every=1))
+    assert resumed.step == 2
+    resumed.train()
+    records = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert [r["step"] for r in records] == [1, 1, 2, 2, 3, 3, 4, 4]  # a loss record and an evaluation per step
+    assert sum("loss" in r for r in records) == 4
+
+
+def test_ctrl_c_saves_a_checkpoint_at_the_step_boundary_and_the_same_command_resumes(tiny_llama, shards, tmp_path,
+                                                                                      monkeypatch, capsys):
+    """The first Ctrl+C lets the current step finish, saves the training state there and exits with status 130; the
+    same command then resumes and ends where an uninterrupted run does."""
+    argv = lambda out: ["train", "--model", tiny_llama, "--data", shards, "--out", str(tmp_path / out),  # noqa: E731
+                        "--keep-ratio", "0.5", "--steps", "4", "--seq-len", "32", "--batch-size", "4", "--warmup",
+                        "2", "--log-every", "1", "--save-every", "100", "--eval-every", "100", "--no-bf16"]
+    assert cli_main(argv("straight")) == 0
+    step = Trainer._step
+
+    def ctrl_c_during_step_2(self):
+        if self.step == 1 and not (tmp_path / "pressed").exists():
+            (tmp_path / "pressed").touch()
+            signal.raise_signal(signal.SIGINT)
+        return step(self)
+
+    monkeypatch.setattr(Trainer, "_step", ctrl_c_during_step_2)
+    capsys.readouterr()
+    try:
+        assert cli_main(argv("run")) == 130
+    except KeyboardInterrupt:  # would end the whole pytest session
+        pytest.fail("Ctrl+C escaped `kvpred train` as a KeyboardInterrupt")
+    err = capsys.readouterr().err
+    assert "interrupted at step 2" in err and "run the same command to resume" in err and "Traceback" not in err
+    assert torch.load(tmp_path / "run" / STATE_NAME, weights_only=False)["step"] == 2
+    assert not (tmp_path / "run" / "final").exists()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert cli_main(argv("run")) == 0
+    assert losses(tmp_path / "run") == pytest.approx(losses(tmp_path / "straight"), rel=1e-6)
+    straight, resumed = (KVPredictionModel.from_pretrained(str(tmp_path / d / "final")) for d in ("straight", "run"))
+    for a, b in zip(straight.predictor.parameters(), resumed.predictor.parameters()):
+        torch.testing.assert_close(a, b)
+
+
+def test_options_that_build_a_new_auxiliary_are_refused_for_a_kvpred_checkpoint(tiny_llama, shards, tmp_path,
+                                                                                 capsys):
+    KVPredictionModel.from_pretrained(tiny_llama, keep_ratio=0.5).save_pretrained(tmp_path / "fitted")
+    for flags in (["--keep-ratio", "0.5"], ["--source", "hidden"]):
+        argv = ["train", "--model", str(tmp_path / "fitted"), "--data", shards, "--out", str(tmp_path / "run"), *flags]
+        assert cli_main(argv) == 2
+        err = capsys.readouterr().err
+        assert f"{flags[0]} builds a new auxiliary" in err and "already a kvpred checkpoint" in err
+        assert tiny_llama in err  # its base, to start over from
