@@ -19,6 +19,10 @@ from kvpred.testing import byte_tokenizer
 from kvpred.train import (STATE_NAME, Distillation, PredictedKV, TrainConfig, Trainer, add_arguments,
                           with_copied_spans)
 
+# tiny models on a few busy cores: intra-op threads only spin (the time-limit test took minutes with 2 threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 def config(tiny_llama, shards, tmp_path, **overrides) -> TrainConfig:
     base = dict(model=tiny_llama, data=shards, out=str(tmp_path / "run"), keep_ratio=0.5, steps=4, seq_len=32,
                 batch_size=4, warmup=2, log_every=1, save_every=2, eval_every=100, eval_windows=4, bf16=False)
