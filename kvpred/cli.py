@@ -6,12 +6,11 @@ import importlib
 import json
 import sys
 import time
-from pathlib import Path
 
 import torch
 
 from .generation import TimedStreamer
-from .models import KVPredError, check_base_exists
+from .models import KVPredError
 from .serve import visible_text
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -40,15 +39,10 @@ def add_calibration_arguments(parser: argparse.ArgumentParser, out_help: str) ->
 
 
 def load_model(args: argparse.Namespace):
-    from .model import CONFIG_NAME, DEFAULTS_DIR, KVPConfig, KVPredictionModel
+    from .model import KVPredictionModel
 
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if str(args.device).startswith("cuda")
                                                    else torch.float32)
-    for folder in (Path(args.model), DEFAULTS_DIR / args.model):  # where from_pretrained looks for a checkpoint
-        if (folder / CONFIG_NAME).is_file():
-            config = KVPConfig.from_json((folder / CONFIG_NAME).read_text(), str(folder / CONFIG_NAME))
-            check_base_exists(config.base, folder)
-            break
     return KVPredictionModel.from_pretrained(args.model, dtype=dtype, device=args.device)
 
 

@@ -216,6 +216,8 @@ class KVPredictionModel(nn.Module):
     @classmethod
     def _load_checkpoint(cls, path: Path, *, base: str | None, dtype, device) -> "KVPredictionModel":
         config = KVPConfig.from_json((path / CONFIG_NAME).read_text(), str(path / CONFIG_NAME))
+        if base is None:
+            models.check_base_exists(config.base, path)
         base_model, tokenizer = models.load_causal_lm(base or config.base, dtype, device)
         found = models.fingerprint(base_model)
         if found != config.base_fingerprint:

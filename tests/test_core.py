@@ -367,7 +367,7 @@ def test_a_training_run_folder_points_to_its_trained_model(tmp_path, tiny_llama)
         KVPredictionModel.from_pretrained(str(run))
 
 
-def test_cli_says_when_a_checkpoints_base_has_moved(tmp_path, tiny_llama, capsys):
+def test_a_checkpoint_whose_base_has_moved_says_so_and_loads_against_the_new_place(tmp_path, tiny_llama, capsys):
     import shutil
 
     base = shutil.copytree(tiny_llama, tmp_path / "base")
@@ -376,6 +376,9 @@ def test_cli_says_when_a_checkpoints_base_has_moved(tmp_path, tiny_llama, capsys
     assert main(["generate", "--model", str(tmp_path / "ckpt"), "--prompt", "hi"]) == 2
     err = capsys.readouterr().err
     assert f"made for base '{base}'" in err and "does not exist (moved?)" in err and "base=NEW_PATH" in err
+    with pytest.raises(KVPredError, match=r"does not exist \(moved\?\)"):
+        KVPredictionModel.from_pretrained(str(tmp_path / "ckpt"))
+    KVPredictionModel.from_pretrained(str(tmp_path / "ckpt"), base=str(tmp_path / "moved"))
 
 
 # ---------------------------------------------------------------- CLI
