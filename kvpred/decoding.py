@@ -207,6 +207,7 @@ class Pooled:
     cache: object
     step: "GraphStep | EagerStep | None" = None
     chunks: dict = field(default_factory=dict)  # width -> GraphChunk, or None where it cannot be captured
+    tails: int = 0  # calls of base_columns on this cache
 
     def made_step(self, model) -> "GraphStep | EagerStep":
         if self.step is None:
@@ -311,14 +312,18 @@ class RollingBatch:
         index = torch.tensor(rows, device=self.model.device)
         start = self.slot - (t - 1)
         positions = position_ids_from_mask(attention_mask)
-        if t > 1:
-            predicted = max(t - exact_tail, 0) if mode == "predicted" else 0  # columns the predictor writes
-            prefix = (self.model.predicted_cache(input_ids, attention_mask, exact_tail) if predicted
-                      else DynamicCache(config=self.model.base.config))
-            if predicted < t - 1:  # the base computes the columns after the prediction
-                backbone = self.model.base.model
-                backbone(input_ids=input_ids[:, predicted:-1], attention_mask=attention_mask[:, :-1],
-                         position_ids=positions[:, predicted:-1], use_cache=True, **cache_kwargs(backbone, prefix))
+        if t > 1 and mode == "predicted":  # built apart, so that a longer tail can run as a captured chunk
+            scratch = self.model._scratch.get(self.model, b, t)
+            self.model.predict_into(scratch.cache, input_ids, attention_mask, exact_tail)
+            base_columns(self.model, scratch, input_ids, attention_mask, True, scratch.cache.get_seq_length(), t - 1)
+            keys, values = scratch.cache.slices(t - 1)  # [L, b, H, t - 1, D]
+            self.cache.key_arena[:, :, :, start:self.slot].index_copy_(1, index, keys)
+            self.cache.value_arena[:, :, :, start:self.slot].index_copy_(1, index, values)
+        elif t > 1:
+            prefix = DynamicCache(config=self.model.base.config)
+            backbone = self.model.base.model
+            backbone(input_ids=input_ids[:, :-1], attention_mask=attention_mask[:, :-1],
+                     position_ids=positions[:, :-1], use_cache=True, **cache_kwargs(backbone, prefix))
             for layer, (keys, values) in enumerate((lay.keys, lay.values) for lay in prefix.layers):
                 self.cache.key_arena[layer, :, :, start:self.slot].index_copy_(0, index, keys)
                 self.cache.value_arena[layer, :, :, start:self.slot].index_copy_(0, index, values)
@@ -430,23 +435,30 @@ def first_logits(model, pooled: Pooled, input_ids: torch.Tensor, mask: torch.Ten
 
 def base_tail(model, pooled: Pooled, input_ids: torch.Tensor, prompt_mask: torch.Tensor, padded: bool,
               start: int) -> torch.Tensor:
-    """The base over prompt columns [start, N) of a cache filled before `start`: all but the last as one chunk (on
-    a GPU a captured graph, `Pooled.run_chunk`; else eager), then the last token through the pooled step. Returns
-    its logits [B, V]. On a GPU a longer exact tail (a chat template's reply header) so costs two graph replays,
-    where an eager forward of a small base is launch-bound (12-18 ms for SmolLM2 on an H100)."""
+    """The base over prompt columns [start, N) of a cache filled before `start`: all but the last (`base_columns`),
+    then the last token through the pooled step. Returns its logits [B, V]."""
+    base_columns(model, pooled, input_ids, prompt_mask, padded, start, input_ids.shape[1] - 1)
+    return last_token(model, pooled.step or EagerStep(model, pooled.cache), input_ids, prompt_mask, padded)
+
+
+def base_columns(model, pooled: Pooled, input_ids: torch.Tensor, prompt_mask: torch.Tensor, padded: bool,
+                 start: int, end: int) -> None:
+    """The base backbone over prompt columns [start, end) of a cache filled before `start`, which then holds `end`.
+    On a GPU they run as a captured chunk (`Pooled.run_chunk`) from a cache's second such call on (the first waits
+    for no capture, as for the step), since an eager forward of a small base is launch-bound: a longer exact tail
+    (a chat template's reply opening) took 12-18 ms eagerly for SmolLM2 on an H100."""
     from .model import cache_kwargs, position_ids_from_mask
 
-    n, cache = input_ids.shape[1], pooled.cache
-    if start < n - 1:
+    cache = pooled.cache
+    if start < end:
         pos = position_ids_from_mask(prompt_mask)
-        ids, visible = input_ids[:, start:n - 1], prompt_mask[:, :n - 1]
-        # a cache's first request runs eagerly: it waits for no capture, as for the step
-        if pooled.step is None or not pooled.run_chunk(model, ids, pos[:, start:n - 1], start, visible):
+        ids, visible = input_ids[:, start:end], prompt_mask[:, :end]
+        pooled.tails += 1
+        if pooled.tails == 1 or not pooled.run_chunk(model, ids, pos[:, start:end], start, visible):
             cache.set_length(start)
             model.base.model(input_ids=ids, attention_mask=visible if padded else None,
-                             position_ids=pos[:, start:n - 1], **cache_kwargs(model.base.model, cache), use_cache=True)
-        cache.set_length(n - 1)
-    return last_token(model, pooled.step or EagerStep(model, cache), input_ids, prompt_mask, padded)
+                             position_ids=pos[:, start:end], **cache_kwargs(model.base.model, cache), use_cache=True)
+    cache.set_length(end)
 
 
 def last_token(model, first: "GraphStep | EagerStep", input_ids: torch.Tensor, prompt_mask: torch.Tensor,
