@@ -5,8 +5,7 @@ Endpoints: /v1/completions and /v1/chat/completions (streamed as server-sent eve
 lm-evaluation-harness can tokenize with the server's own tokenizer (tokenizer_backend=remote) and needs no download.
 Extra request fields: `kv_mode` (exact | aux | predicted) and `exact_tail` (int >= 1; chat requests that name none
 get at least the chat template's tokens that open the reply, see kvpred.generation.chat_exact_tail). Responses carry
-`kv_mode`
-and `ttft_s`; a stream carries `ttft_s` in the first chunk of each choice.
+`kv_mode` and `ttft_s`; a stream carries `ttft_s` in the first chunk of each choice.
 
 Progressive refinement and multi-turn reuse (kvpred.refine; predicted mode only)
 * `refine` (off | eager | lazy | auto; default: the server's --refine) and `refine_chunk` (int >= 2; default
