@@ -33,9 +33,17 @@ def add_calibration_arguments(parser: argparse.ArgumentParser, out_help: str) ->
     """--data / --out / --tokens / --seq-len / --batch-size, for subcommands that measure on calibration text."""
     parser.add_argument("--data", required=True, help="token shard folder made by `kvpred data build`")
     parser.add_argument("--out", required=True, help=out_help)
-    parser.add_argument("--tokens", type=int, default=65_536, help="calibration tokens")
-    parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--tokens", type=positive_int, default=65_536, help="calibration tokens")
+    parser.add_argument("--seq-len", type=positive_int, default=512)
+    parser.add_argument("--batch-size", type=positive_int, default=8)
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (argparse prints the error as `argument --flag: ...`)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def load_model(args: argparse.Namespace):
@@ -62,6 +70,7 @@ def _register_generate(sub) -> None:
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0: all)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     p.add_argument("--refine", choices=("off", "eager", "lazy", "auto"), default="off",
@@ -116,7 +125,7 @@ def _generate(args: argparse.Namespace) -> int:
     if tail is None:
         tail = chat_exact_tail(model.tokenizer) if args.chat and args.mode == "predicted" else 1
     options = dict(exact_tail=tail, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
-                   temperature=args.temperature, top_p=args.top_p, streamer=streamer)
+                   temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, streamer=streamer)
     refine_info = {}
     start = time.perf_counter()
     if args.refine != "off" and args.mode == "predicted":

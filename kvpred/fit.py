@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from .model import KVPredictionModel, capture, position_ids_from_mask
 from .predictor import KVPredictor
+from .models import KVPredError
 
 
 @dataclass
@@ -33,6 +34,15 @@ class FitConfig:
     batch_size: int = 8
     ridge: float = 1e-3  # lam, relative to the mean diagonal of X^T X
     rank: int = 0  # > 0: factorise the fitted maps to this rank per tap (hidden-state input only)
+
+    def __post_init__(self) -> None:
+        problems = [f"--{name.replace('_', '-')} must be at least 1, got {value}"
+                    for name, value in (("tokens", self.tokens), ("seq_len", self.seq_len),
+                                        ("batch_size", self.batch_size)) if value < 1]
+        if self.ridge < 0 or self.rank < 0:
+            problems.append(f"--ridge and --rank must be >= 0, got {self.ridge} and {self.rank}")
+        if problems:
+            raise KVPredError("; ".join(problems))
 
 
 @dataclass
@@ -233,7 +243,6 @@ def register(subparsers) -> None:
 
 def _compress_command(args: argparse.Namespace) -> int:
     from .data import PackedTokens, check_tokenizer
-    from .models import KVPredError
 
     model = KVPredictionModel.from_pretrained(args.model, dtype=torch.float32, device=args.device)
     check_tokenizer(args.data, model.tokenizer)
@@ -256,14 +265,13 @@ def _compress_command(args: argparse.Namespace) -> int:
 
 def _fit_command(args: argparse.Namespace) -> int:
     from .data import PackedTokens, check_tokenizer
-    from .models import KVPredError
 
+    config = FitConfig(**{f: getattr(args, f) for f in asdict(FitConfig())})  # checked before the model loads
     keep = [int(x) for x in args.keep_layers.split(",")] if args.keep_layers else None
     # statistics in float32 whatever the serving dtype: X^T X of bf16 activations loses the small directions
     model = KVPredictionModel.from_pretrained(args.model, aux=args.aux, keep_ratio=args.keep_ratio, keep_layers=keep,
                                               source=args.source, dtype=torch.float32, device=args.device)
     check_tokenizer(args.data, model.tokenizer)
-    config = FitConfig(**{f: getattr(args, f) for f in asdict(FitConfig())})
     if model.predictor.config.rank is not None:
         raise KVPredError(f"{args.model} has a factorised predictor; fit solves full-rank maps (add --rank to "
                           f"factorise them): start from a base or a full-rank checkpoint")

@@ -322,3 +322,11 @@ def test_graph_step_matches_the_eager_step(tmp_path):
     graph.start(ids[:, -1:], torch.full((2, 1), 19, device="cuda"), 19)
     got = [graph().clone() for _ in range(5)]
     assert torch.equal(torch.stack(got), torch.stack(expected))
+
+
+def test_efficiency_targets_say_when_no_prompt_was_long_enough_to_judge_them():
+    row = {"prompt_len": 128, "eff_params": 2.0, "eff_full": 0.5, "predictor_write_pct": 2.0,
+           "decode_pred_vs_exact": 1.0}
+    lines = bench.targets([row])
+    assert all("not measured (no prompt that long)" in line for line in lines[:2])
+    assert "1/1 rows" in bench.targets([{**row, "prompt_len": 2048}])[0]

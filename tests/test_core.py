@@ -389,6 +389,15 @@ def test_cli_generate_prints_json_with_ttft(tiny_llama, capsys):
     assert isinstance(out["text"], str)
 
 
+def test_cli_generate_with_top_k_1_samples_the_greedy_tokens(tiny_llama, capsys):
+    def tokens(*extra: str) -> list[int]:
+        assert main(["generate", "--model", tiny_llama, "--prompt", "hello", "--json", "--max-new-tokens", "6",
+                     *extra]) == 0
+        return json.loads(capsys.readouterr().out)["tokens"]
+
+    assert tokens("--sample", "--temperature", "5", "--top-k", "1") == tokens()
+
+
 def test_cli_reports_bad_input_without_a_traceback(tiny_llama, capsys):
     assert main(["generate", "--model", tiny_llama, "--prompt", "x" * 600]) == 2
     assert "context limit" in capsys.readouterr().err

@@ -123,3 +123,13 @@ def test_factorising_a_key_value_predictor_is_a_clear_error(tiny_llama, shards, 
 def test_a_rank_without_hidden_input_is_refused_by_the_config():
     with pytest.raises(ValueError, match="hidden-state input"):
         PredictorConfig(layer_map=[0], in_features=4, key_features=4, value_features=4, source="kv", rank=2)
+
+
+@pytest.mark.parametrize("flag", ["--tokens", "--seq-len", "--batch-size"])
+def test_calibration_sizes_must_be_positive(tiny_llama, tmp_path, flag, capsys):
+    assert main(["fit", "--model", tiny_llama, "--data", str(tmp_path), "--out", str(tmp_path / "o"), flag, "0"]) == 2
+    assert f"{flag} must be at least 1, got 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:  # compress and narrow share these flags
+        main(["compress", "--model", tiny_llama, "--rank", "2", "--data", str(tmp_path), "--out", str(tmp_path / "o"),
+              flag, "0"])
+    assert exit_.value.code == 2 and f"argument {flag}: must be at least 1, got 0" in capsys.readouterr().err
