@@ -137,8 +137,8 @@ class KVPredLM(TemplateLM):
             prompts = [self.tok_encode(requests[i].args[0]) or [self.prefix_token_id] for i in members]
             with torch.inference_mode():
                 for batch in generate(self.model, prompts, self.mode, ratio=self.ratio, exact_tail=self.exact_tail,
-                                      batch_size=self.batch_size, max_new_tokens=max_new, stop=until, do_sample=do_sample,
-                                      temperature=temperature if do_sample else 1.0,
+                                      batch_size=self.batch_size, max_new_tokens=max_new, stop=until,
+                                      do_sample=do_sample, temperature=temperature if do_sample else 1.0,
                                       top_p=float(kwargs.pop("top_p", 1.0) or 1.0), progress=bar):
                     for j, tokens in batch:
                         text = cut_at_stop(self.tokenizer.decode(tokens, skip_special_tokens=True), until)

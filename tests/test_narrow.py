@@ -41,7 +41,8 @@ def test_a_narrow_copy_has_the_asked_shape_and_keeps_the_chosen_base_weights(tin
     torch.testing.assert_close(dst.k_proj.weight, src.k_proj.weight[kv.item() * d:(kv.item() + 1) * d])
     torch.testing.assert_close(dst.o_proj.weight, src.o_proj.weight[:, q[0] * d:(q[-1] + 1) * d])
     channels = scores.channels[2].topk(32).indices.sort().values
-    torch.testing.assert_close(aux.model.layers[1].mlp.down_proj.weight, base.model.layers[2].mlp.down_proj.weight[:, channels])
+    torch.testing.assert_close(aux.model.layers[1].mlp.down_proj.weight,
+                               base.model.layers[2].mlp.down_proj.weight[:, channels])
 
 
 def test_the_cli_writes_an_auxiliary_that_fit_and_generate_use_as_kvp_c(tiny_llama, shards, tmp_path, capsys):
