@@ -176,6 +176,15 @@ chattail)  # after a and a2 (carry .carry/g3 .carry/pytest .carry/data): chat pr
   python3 benchmarks/chat_tail_ttft.py --device cuda --dtype bfloat16 --prompt-lens 64,512,2048 --prompts 12 \
     --data-dir /tmp/carry/data 2>&1 | grep -v "Warn\|warn\|Loading\|INFO" | tee $OUT/chat_tail_ttft.md
   ;;
+servechat)  # after a and a2 (carry .carry/g3 .carry/serve): chat turns through kvpred serve under load
+  assemble_model || exit 1
+  python3 -m pip install -q --no-index --no-deps --target "$SITE" .carry/serve/*.whl
+  for len in 128 512; do
+    python3 benchmarks/serve_bench.py --device cuda --dtype bfloat16 --chat --load-only --prompt-tokens $len \
+      --requests 48 --concurrency 8 --max-tokens 32 --modes exact predicted predicted@1 --warm-up 256,512,1024 \
+      2>&1 | grep -v "Warn\|warn\|Loading\|INFO" | tee $OUT/serve_chat_$len.txt
+  done
+  ;;
 equalflops)  # after a and a2 (carry .carry/g3): the shipped default's equal-FLOPs operating points on long prompts
   assemble_model || exit 1
   python3 benchmarks/equal_flops.py --out /tmp/eqf --device cuda --dtype bfloat16 --batch-size 32 \

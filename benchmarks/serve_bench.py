@@ -12,7 +12,12 @@
    parsing, tokenization, queue, until the worker starts). The in-process runs use a second copy of the model, so
    that the server's worker thread stays the only user of the served one.
 2. Under load: --concurrency streaming clients keep requests in flight until --requests have run, per KV mode;
-   p50/p95 TTFT as the clients see it and as the server reports it (ttft_s: arrival to first token).
+   p50/p95 TTFT as the clients see it and as the server reports it (ttft_s: arrival to first token). With --chat
+   the requests are chat turns (/v1/chat/completions), whose default exact tail is the template's reply opening; a
+   mode written `predicted@W` sends exact_tail W.
+
+    python benchmarks/serve_bench.py --device cuda --dtype bfloat16 --chat --load-only --prompt-tokens 512 \
+        --modes exact predicted predicted@1
 """
 import argparse
 import asyncio
@@ -68,13 +73,17 @@ def in_process_ttft(model, prompt: str, mode: str, max_tokens: int) -> float:
     return streamer.ttft(start)
 
 
-async def http_ttft(client: httpx.AsyncClient, prompt: str, mode: str, max_tokens: int) -> tuple[float, float]:
-    """(client-side TTFT, the server's ttft_s) of one streaming completion."""
+async def http_ttft(client: httpx.AsyncClient, prompt: str, mode: str, max_tokens: int,
+                    chat: bool = False) -> tuple[float, float]:
+    """(client-side TTFT, the server's ttft_s) of one streaming completion, or chat turn; `mode` may end in @W,
+    an exact tail."""
     start = time.perf_counter()
-    body = {"model": "kvpred", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-            "kv_mode": mode}
+    mode, _, tail = mode.partition("@")
+    body = {"model": "kvpred", "max_tokens": max_tokens, "temperature": 0, "stream": True, "kv_mode": mode,
+            **({"messages": [{"role": "user", "content": prompt}]} if chat else {"prompt": prompt}),
+            **({"exact_tail": int(tail)} if tail else {})}
     first = None
-    async with client.stream("POST", "/v1/completions", json=body) as resp:
+    async with client.stream("POST", "/v1/chat/completions" if chat else "/v1/completions", json=body) as resp:
         resp.raise_for_status()
         async for line in resp.aiter_lines():  # read to the end, so that requests do not overlap
             if first is None and line.startswith("data: {"):
@@ -127,7 +136,7 @@ async def load(url: str, served, args) -> None:
             async def one(i: int) -> None:
                 async with gate:
                     results.append(await http_ttft(client, prompt_of(served.tokenizer, lengths[i], i), mode,
-                                                   args.max_tokens))
+                                                   args.max_tokens, args.chat))
 
             start = time.perf_counter()
             await asyncio.gather(*(one(i) for i in range(args.requests)))
@@ -155,6 +164,7 @@ def main() -> None:
                    help="the server's --warm-up ('none' to skip)")
     p.add_argument("--no-continuous-batching", action="store_true", help="the server's --no-continuous-batching")
     p.add_argument("--load-only", action="store_true", help="skip part 1 (server overhead)")
+    p.add_argument("--chat", action="store_true", help="under load, send chat turns instead of completions")
     p.add_argument("--compile-step", action="store_true", help="the server's --compile-step (GPU only)")
     args = p.parse_args()
 
@@ -182,7 +192,8 @@ def main() -> None:
             print(f"\n1. server overhead on TTFT: {args.requests} sequential requests per mode, each paired with "
                   "in-process runs (medians, ms)")
             asyncio.run(overhead(url, local, args))
-        print(f"\n2. TTFT under load: {args.concurrency} concurrent streaming clients, "
+        kind = " (chat turns)" if args.chat else ""
+        print(f"\n2. TTFT under load: {args.concurrency} concurrent streaming clients{kind}, "
               f"{args.requests} requests per mode")
         asyncio.run(load(url, served, args))
     print(f"\nload average {os.getloadavg()[0]:.1f} at end (other processes share these CPUs when it exceeds "

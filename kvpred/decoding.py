@@ -312,18 +312,14 @@ class RollingBatch:
         index = torch.tensor(rows, device=self.model.device)
         start = self.slot - (t - 1)
         positions = position_ids_from_mask(attention_mask)
-        if t > 1 and mode == "predicted":  # built apart, so that a longer tail can run as a captured chunk
-            scratch = self.model._scratch.get(self.model, b, t)
-            self.model.predict_into(scratch.cache, input_ids, attention_mask, exact_tail)
-            base_columns(self.model, scratch, input_ids, attention_mask, True, scratch.cache.get_seq_length(), t - 1)
-            keys, values = scratch.cache.slices(t - 1)  # [L, b, H, t - 1, D]
-            self.cache.key_arena[:, :, :, start:self.slot].index_copy_(1, index, keys)
-            self.cache.value_arena[:, :, :, start:self.slot].index_copy_(1, index, values)
-        elif t > 1:
-            prefix = DynamicCache(config=self.model.base.config)
-            backbone = self.model.base.model
-            backbone(input_ids=input_ids[:, :-1], attention_mask=attention_mask[:, :-1],
-                     position_ids=positions[:, :-1], use_cache=True, **cache_kwargs(backbone, prefix))
+        if t > 1:
+            predicted = max(t - exact_tail, 0) if mode == "predicted" else 0  # columns the predictor writes
+            prefix = (self.model.predicted_cache(input_ids, attention_mask, exact_tail) if predicted
+                      else DynamicCache(config=self.model.base.config))
+            if predicted < t - 1:  # the base computes the columns after the prediction (an eager forward: see
+                backbone = self.model.base.model  # benchmarks/results/h100/chat_tail for why not a captured chunk)
+                backbone(input_ids=input_ids[:, predicted:-1], attention_mask=attention_mask[:, :-1],
+                         position_ids=positions[:, predicted:-1], use_cache=True, **cache_kwargs(backbone, prefix))
             for layer, (keys, values) in enumerate((lay.keys, lay.values) for lay in prefix.layers):
                 self.cache.key_arena[layer, :, :, start:self.slot].index_copy_(0, index, keys)
                 self.cache.value_arena[layer, :, :, start:self.slot].index_copy_(0, index, values)

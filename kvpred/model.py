@@ -137,7 +137,6 @@ class KVPredictionModel(nn.Module):
         self._compiled_write: Callable | None = None  # see compile_predictor
         self.compiled_step: Callable | None = None  # see compile_step
         self._steps = StepPool()  # generate's caches and CUDA-graph steps, per batch size and capacity
-        self._scratch = StepPool(size=1)  # where prompts joining a rolling batch get their predicted cache
         attn = base.model.layers[0].self_attn
         self.base_kv_heads = base.config.num_key_value_heads
         self.base_head_dim = attn.head_dim
