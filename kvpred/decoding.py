@@ -207,7 +207,7 @@ class Pooled:
     cache: object
     step: "GraphStep | EagerStep | None" = None
     chunks: dict = field(default_factory=dict)  # width -> GraphChunk, or None where it cannot be captured
-    tails: int = 0  # calls of base_columns on this cache
+    tails: int = 0  # longer exact tails run on this cache (base_tail)
 
     def made_step(self, model) -> "GraphStep | EagerStep":
         if self.step is None:
@@ -316,8 +316,10 @@ class RollingBatch:
             predicted = max(t - exact_tail, 0) if mode == "predicted" else 0  # columns the predictor writes
             prefix = (self.model.predicted_cache(input_ids, attention_mask, exact_tail) if predicted
                       else DynamicCache(config=self.model.base.config))
-            if predicted < t - 1:  # the base computes the columns after the prediction (an eager forward: see
-                backbone = self.model.base.model  # benchmarks/results/h100/chat_tail for why not a captured chunk)
+            # the base computes the columns after the prediction, eagerly: building the joining rows apart so that
+            # this could be a captured chunk was no faster under load (benchmarks/results/h100/chat_tail)
+            if predicted < t - 1:
+                backbone = self.model.base.model
                 backbone(input_ids=input_ids[:, predicted:-1], attention_mask=attention_mask[:, :-1],
                          position_ids=positions[:, predicted:-1], use_cache=True, **cache_kwargs(backbone, prefix))
             for layer, (keys, values) in enumerate((lay.keys, lay.values) for lay in prefix.layers):
@@ -431,30 +433,24 @@ def first_logits(model, pooled: Pooled, input_ids: torch.Tensor, mask: torch.Ten
 
 def base_tail(model, pooled: Pooled, input_ids: torch.Tensor, prompt_mask: torch.Tensor, padded: bool,
               start: int) -> torch.Tensor:
-    """The base over prompt columns [start, N) of a cache filled before `start`: all but the last (`base_columns`),
-    then the last token through the pooled step. Returns its logits [B, V]."""
-    base_columns(model, pooled, input_ids, prompt_mask, padded, start, input_ids.shape[1] - 1)
-    return last_token(model, pooled.step or EagerStep(model, pooled.cache), input_ids, prompt_mask, padded)
-
-
-def base_columns(model, pooled: Pooled, input_ids: torch.Tensor, prompt_mask: torch.Tensor, padded: bool,
-                 start: int, end: int) -> None:
-    """The base backbone over prompt columns [start, end) of a cache filled before `start`, which then holds `end`.
-    On a GPU they run as a captured chunk (`Pooled.run_chunk`) from a cache's second such call on (the first waits
-    for no capture, as for the step), since an eager forward of a small base is launch-bound: a longer exact tail
-    (a chat template's reply opening) took 12-18 ms eagerly for SmolLM2 on an H100."""
+    """The base over prompt columns [start, N) of a cache filled before `start`; returns the last one's logits
+    [B, V]. The last token goes through the pooled step. The others run eagerly on a cache's first tail (no request
+    waits for a capture, as for the step) and as a captured chunk on a GPU after that (`Pooled.run_chunk`): an eager
+    forward of a small base is launch-bound, and a chat template's reply opening as tail took 35.8-38.1 ms that way
+    for SmolLM2 on an H100, against 12.8-15.1 ms (benchmarks/results/h100/chat_tail)."""
     from .model import cache_kwargs, position_ids_from_mask
 
-    cache = pooled.cache
-    if start < end:
-        pos = position_ids_from_mask(prompt_mask)
-        ids, visible = input_ids[:, start:end], prompt_mask[:, :end]
+    n, cache = input_ids.shape[1], pooled.cache
+    if start < n - 1:
+        pos = position_ids_from_mask(prompt_mask)[:, start:n - 1]
+        ids, visible = input_ids[:, start:n - 1], prompt_mask[:, :n - 1]
         pooled.tails += 1
-        if pooled.tails == 1 or not pooled.run_chunk(model, ids, pos[:, start:end], start, visible):
+        if pooled.tails == 1 or not pooled.run_chunk(model, ids, pos, start, visible):
             cache.set_length(start)
-            model.base.model(input_ids=ids, attention_mask=visible if padded else None,
-                             position_ids=pos[:, start:end], **cache_kwargs(model.base.model, cache), use_cache=True)
-    cache.set_length(end)
+            model.base.model(input_ids=ids, attention_mask=visible if padded else None, position_ids=pos,
+                             **cache_kwargs(model.base.model, cache), use_cache=True)
+        cache.set_length(n - 1)
+    return last_token(model, pooled.step or EagerStep(model, cache), input_ids, prompt_mask, padded)
 
 
 def last_token(model, first: "GraphStep | EagerStep", input_ids: torch.Tensor, prompt_mask: torch.Tensor,
