@@ -279,42 +279,30 @@ class RollingBatch:
     """Continuous batching on one pooled cache. Its rows decode in lockstep: each step writes one cache column for
     every row. A prompt joins at a step boundary: its cache (predicted, or exact) is written into a free row so
     that it ends just before the current column, and the next step runs its last prompt token beside the running
-    rows' newest tokens, giving its first token. A predicted prompt with a longer exact tail (a chat template's reply
-    opening) feeds its tail one token per step instead, so that joining never stalls the batch for a forward of the
-    base: its row is `warming` until the tail is in. A row's columns before its prompt stay masked. Once the
-    columns run out, prompts stop joining and the batch drains."""
+    rows' newest tokens, giving its first token. A row's columns before its prompt stay masked. Once the columns
+    run out, prompts stop joining and the batch drains."""
 
     def __init__(self, model, pooled: Pooled, slot: int):
         self.model, self.cache, self.slot = model, pooled.cache, slot
         rows, device = self.cache.key_arena.shape[1], model.device
         self.free = list(range(rows))
-        self.feeding: dict[int, list[int]] = {}  # row -> tail tokens its next steps read, in order
-        self.warming: set[int] = set()  # rows whose next step reads a tail token: its output is not a new token
         self.cache.reset()
         self.cache.set_length(slot)
         self.step = pooled.made_step(model)
         zeros = torch.zeros(rows, 1, dtype=torch.long, device=device)
         self.step.start(zeros, zeros, slot, torch.zeros(rows, slot, dtype=torch.bool, device=device))
 
-    def fits(self, prompt_tokens: int, new_tokens: int, tail: int = 1) -> bool:
-        """Whether a prompt of this length, then this many new tokens, can join now (`tail`: its exact tail in
-        predicted mode, fed a token per step)."""
-        tail = max(1, min(tail, prompt_tokens))
-        return (bool(self.free) and prompt_tokens - tail <= self.slot
-                and self.slot + tail - 1 + new_tokens <= self.cache.capacity)
+    def fits(self, prompt_tokens: int, new_tokens: int) -> bool:
+        """Whether a prompt of this length, then this many new tokens, can join now."""
+        return bool(self.free) and prompt_tokens - 1 <= self.slot and self.slot + new_tokens <= self.cache.capacity
 
     @torch.no_grad()
     @without_cudnn_attention()  # prompts of new lengths join all the time (see without_cudnn_attention)
     def admit(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, mode: str, exact_tail: int = 1
               ) -> list[int]:
         """Left-padded prompts [b, T] join (b <= free rows); returns their rows. Their cache of all but the last
-        token comes from one batched prefill: in "predicted" mode the auxiliary and predictor's, the base's alone in
-        "exact". With a longer exact tail, each predicted prompt joins alone (unpadded): the predictor writes all
-        but its tail, whose tokens its next steps read."""
-        if mode == "predicted" and exact_tail > 1:
-            rows = [self._admit_with_tail(ids[mask.bool()][None], exact_tail)
-                    for ids, mask in zip(input_ids, attention_mask)]
-            return rows
+        token comes from one batched prefill: in "predicted" mode the auxiliary and predictor's for all but the last
+        `exact_tail` tokens, then the base's for the rest of the tail; the base's alone in "exact"."""
         from transformers import DynamicCache
 
         from .model import cache_kwargs, position_ids_from_mask
@@ -325,61 +313,32 @@ class RollingBatch:
         start = self.slot - (t - 1)
         positions = position_ids_from_mask(attention_mask)
         if t > 1:
-            if mode == "predicted":
-                prefix = self.model.predicted_cache(input_ids, attention_mask)
-            else:
-                prefix = DynamicCache(config=self.model.base.config)
+            predicted = max(t - exact_tail, 0) if mode == "predicted" else 0  # columns the predictor writes
+            prefix = (self.model.predicted_cache(input_ids, attention_mask, exact_tail) if predicted
+                      else DynamicCache(config=self.model.base.config))
+            # the base computes the columns after the prediction, eagerly: building the joining rows apart so that
+            # this could be a captured chunk was no faster under load (benchmarks/results/h100/chat_tail)
+            if predicted < t - 1:
                 backbone = self.model.base.model
-                backbone(input_ids=input_ids[:, :-1], attention_mask=attention_mask[:, :-1],
-                         position_ids=positions[:, :-1], use_cache=True, **cache_kwargs(backbone, prefix))
-            self._write(rows, prefix, start)
+                backbone(input_ids=input_ids[:, predicted:-1], attention_mask=attention_mask[:, :-1],
+                         position_ids=positions[:, predicted:-1], use_cache=True, **cache_kwargs(backbone, prefix))
+            for layer, (keys, values) in enumerate((lay.keys, lay.values) for lay in prefix.layers):
+                self.cache.key_arena[layer, :, :, start:self.slot].index_copy_(0, index, keys)
+                self.cache.value_arena[layer, :, :, start:self.slot].index_copy_(0, index, values)
         self.step.admit(index, input_ids[:, -1], positions[:, -1], attention_mask[:, :-1].bool(), start)
         return rows
 
-    def _admit_with_tail(self, ids: torch.Tensor, exact_tail: int) -> int:
-        """One unpadded predicted prompt [1, n] joins: the predictor writes all but its last `exact_tail` tokens,
-        ending just before the current column; the next steps read the tail."""
-        row, n = self.free.pop(0), ids.shape[1]
-        predicted = max(n - exact_tail, 0)
-        if predicted:
-            self._write([row], self.model.predicted_cache(ids, None, n - predicted), self.slot - predicted)
-        index, device = torch.tensor([row], device=self.model.device), self.model.device
-        self.step.admit(index, ids[:, predicted], torch.tensor([predicted], device=device),
-                        torch.ones(1, predicted, dtype=torch.bool, device=device), self.slot - predicted)
-        if predicted < n - 1:
-            self.feeding[row] = ids[0, predicted + 1:].tolist()
-            self.warming.add(row)
-        return row
-
-    def _write(self, rows: list[int], prefix, start: int) -> None:
-        """A prefix cache of len(rows) rows into those rows' columns [start, slot)."""
-        index = torch.tensor(rows, device=self.model.device)
-        for layer, (keys, values) in enumerate((lay.keys, lay.values) for lay in prefix.layers):
-            self.cache.key_arena[layer, :, :, start:self.slot].index_copy_(0, index, keys)
-            self.cache.value_arena[layer, :, :, start:self.slot].index_copy_(0, index, values)
-
     def __call__(self) -> torch.Tensor:
-        """One step for every row: the logits [rows, V] of each row's next token (a warming row's: ignore them)."""
+        """One step for every row: the logits [rows, V] of each row's next token."""
         self.step()
         self.slot += 1
         return self.step.logits[:, -1]
 
     def feed(self, token: torch.Tensor) -> None:
-        """The tokens [rows] the next step reads (a free row's is ignored; a feeding row reads its tail's next)."""
-        if self.feeding:
-            token = token.clone()
-            rows = list(self.feeding)
-            token[torch.tensor(rows, device=token.device)] = torch.tensor(
-                [self.feeding[row].pop(0) for row in rows], device=token.device, dtype=token.dtype)
-            for row in rows:
-                if not self.feeding[row]:  # its tail is in after this step: the step after gives its first token
-                    del self.feeding[row]
-                    self.warming.discard(row)
+        """The tokens [rows] the next step reads (a free row's is ignored)."""
         self.step.feed(token)
 
     def release(self, row: int) -> None:
-        self.feeding.pop(row, None)
-        self.warming.discard(row)
         self.free.append(row)
 
 

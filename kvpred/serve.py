@@ -496,10 +496,9 @@ class Scheduler:
         need = max(len(job.prompt_ids) + job.max_tokens for job in jobs)
         # twice the room, for prompts to join; cache columns are not positions, so they may outgrow the context
         pooled = model._steps.get(model, rows, max(min(model.context_length, 2 * need), longest + most))
-        tail = first.exact_tail if first.mode == "predicted" else 1  # a longer tail is fed a token per step
-        capacity, slot = pooled.cache.capacity, longest - min(tail, longest)
+        capacity, slot = pooled.cache.capacity, longest - 1
         if model.device.type == "cuda":  # the graph step attends over the whole buffer anyway: start half-way
-            slot = max(slot, min(capacity // 2, capacity - most - (tail - 1)))  # in, so longer prompts can join
+            slot = max(slot, min(capacity // 2, capacity - most))  # in, so that longer prompts can join too
         batch = RollingBatch(model, pooled, slot)
         running = dict(zip(self._join(batch, jobs), jobs))  # row -> job
         sampling = self._sampling(first)
@@ -507,8 +506,7 @@ class Scheduler:
             scores = batch().float()  # [rows, V]
             tokens = sample(scores, top_k=0, **sampling)
             logprobs_wanted = any(job.logprobs is not None for job in running.values())
-            ready = {row: job for row, job in running.items() if row not in batch.warming}  # others read their tail
-            hand_out(ready, tokens.tolist(), scores if logprobs_wanted else None, self.tokenizer, self.eos_ids)
+            hand_out(running, tokens.tolist(), scores if logprobs_wanted else None, self.tokenizer, self.eos_ids)
             for row, job in list(running.items()):
                 if job.finish_reason is not None:
                     del running[row]
@@ -526,9 +524,8 @@ class Scheduler:
             for job in self._pending:
                 if job.cancelled.is_set():
                     continue  # next_batch tells its client
-                tail = job.exact_tail if job.mode == "predicted" else 1
                 if len(found) == len(batch.free) or job.batch_key != key or not batch.fits(len(job.prompt_ids),
-                                                                                          job.max_tokens, tail):
+                                                                                          job.max_tokens):
                     break
                 found.append(job)
             for job in found:

@@ -145,14 +145,12 @@ def rolled(model, mode: str, rows: int, new_tokens: int, tail: int = 1) -> list[
     waiting, running = list(range(len(PROMPTS))), {}
     got: list[list[int]] = [[] for _ in PROMPTS]
     while waiting or running:
-        if waiting and batch.fits(64, new_tokens, tail):
+        if waiting and batch.fits(64, new_tokens):
             ids, mask = encode_prompts(model.tokenizer, [PROMPTS[waiting[0]]])
             (row,) = batch.admit(ids.to(model.device), mask.to(model.device), mode, tail)
             running[row] = waiting.pop(0)
         tokens = batch().argmax(-1)
         for row, i in list(running.items()):
-            if row in batch.warming:  # its step read a tail token
-                continue
             got[i].append(int(tokens[row]))
             if len(got[i]) == new_tokens:
                 del running[row]
