@@ -306,9 +306,11 @@ def test_queued_prompts_with_equal_settings_are_decoded_together_up_to_max_batch
     assert scheduler.next_batch() == [jobs[6], jobs[7]]
 
 
-def test_a_queued_prompt_joins_the_running_batch_when_a_row_comes_free(tiny_llama):
+@pytest.mark.parametrize("tail", [1, 4])
+def test_a_queued_prompt_joins_the_running_batch_when_a_row_comes_free(tiny_llama, tail):
     """Continuous batching: a prompt queued while a batch decodes takes the row of a prompt that finished, and
-    ends long before the batch's longest reply does, with the text it gets alone."""
+    ends long before the batch's longest reply does, with the text it gets alone; also with a longer exact tail (as
+    chats get), one longer than a prompt too."""
     model = KVPredictionModel.from_pretrained(tiny_llama)
     head = model.base.lm_head  # untie the LM head and zero EOS's row, so that greedy decoding never stops early
     head.weight = torch.nn.Parameter(head.weight.detach().clone())
@@ -316,7 +318,7 @@ def test_a_queued_prompt_joins_the_running_batch_when_a_row_comes_free(tiny_llam
     finished = []
 
     def job(prompt: str, max_tokens: int) -> Job:
-        return Job(index=0, prompt_ids=model.tokenizer.encode(prompt), mode="predicted", exact_tail=1,
+        return Job(index=0, prompt_ids=model.tokenizer.encode(prompt), mode="predicted", exact_tail=tail,
                    max_tokens=max_tokens, temperature=0.0, top_p=1.0, seed=None, stops=(), logprobs=None,
                    score_tail=None, arrived=0.0, sink=lambda event: event.finish_reason and finished.append(prompt))
 
@@ -329,7 +331,7 @@ def test_a_queued_prompt_joins_the_running_batch_when_a_row_comes_free(tiny_llam
     scheduler._run(batch)
     assert finished == ["Hi", "Yes", "Go on"] and scheduler._running == [short, long, joining]
     for j in (short, long, joining):
-        assert j.text == in_process(model, j.prompt_ids, "predicted", j.max_tokens)
+        assert j.text == in_process(model, j.prompt_ids, "predicted", j.max_tokens, tail)
 
 
 def test_a_batch_of_a_long_prompt_and_a_long_reply_gets_the_cache_columns_both_need(model):
