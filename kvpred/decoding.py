@@ -207,7 +207,6 @@ class Pooled:
     cache: object
     step: "GraphStep | EagerStep | None" = None
     chunks: dict = field(default_factory=dict)  # width -> GraphChunk, or None where it cannot be captured
-    tails: int = 0  # longer exact tails run on this cache (base_tail)
 
     def made_step(self, model) -> "GraphStep | EagerStep":
         if self.step is None:
@@ -434,7 +433,7 @@ def first_logits(model, pooled: Pooled, input_ids: torch.Tensor, mask: torch.Ten
 def base_tail(model, pooled: Pooled, input_ids: torch.Tensor, prompt_mask: torch.Tensor, padded: bool,
               start: int) -> torch.Tensor:
     """The base over prompt columns [start, N) of a cache filled before `start`; returns the last one's logits
-    [B, V]. The last token goes through the pooled step. The others run eagerly on a cache's first tail (no request
+    [B, V]. The last token goes through the pooled step. The others run eagerly until that step exists (no request
     waits for a capture, as for the step) and as a captured chunk on a GPU after that (`Pooled.run_chunk`): an eager
     forward of a small base is launch-bound, and a chat template's reply opening as tail took 35.8-38.1 ms that way
     for SmolLM2 on an H100, against 12.8-15.1 ms (benchmarks/results/h100/chat_tail)."""
@@ -444,8 +443,7 @@ def base_tail(model, pooled: Pooled, input_ids: torch.Tensor, prompt_mask: torch
     if start < n - 1:
         pos = position_ids_from_mask(prompt_mask)[:, start:n - 1]
         ids, visible = input_ids[:, start:n - 1], prompt_mask[:, :n - 1]
-        pooled.tails += 1
-        if pooled.tails == 1 or not pooled.run_chunk(model, ids, pos, start, visible):
+        if pooled.step is None or not pooled.run_chunk(model, ids, pos, start, visible):
             cache.set_length(start)
             model.base.model(input_ids=ids, attention_mask=visible if padded else None, position_ids=pos,
                              **cache_kwargs(model.base.model, cache), use_cache=True)

@@ -23,8 +23,8 @@ import torch
 from tqdm import tqdm
 
 from .model import KVPredictionModel, capture, position_ids_from_mask
-from .predictor import KVPredictor
 from .models import KVPredError
+from .predictor import KVPredictor
 
 
 @dataclass

@@ -1077,10 +1077,9 @@ def _serve(args: argparse.Namespace) -> int:
     if args.compile_step:
         model.compile_step()
     app = create_app(model, ServeConfig(model_name=args.model, default_mode=args.default_mode,
-                                                   exact_tail=args.exact_tail, max_queue=args.max_queue,
-                                                   max_batch=args.max_batch, refine=args.refine,
-                                                   refine_chunk=args.refine_chunk, max_sessions=args.max_sessions,
-                                                   warm_up=args.warm_up,
-                                                   continuous_batching=args.continuous_batching))
+                                        exact_tail=args.exact_tail, max_queue=args.max_queue,
+                                        max_batch=args.max_batch, refine=args.refine,
+                                        refine_chunk=args.refine_chunk, max_sessions=args.max_sessions,
+                                        warm_up=args.warm_up, continuous_batching=args.continuous_batching))
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
