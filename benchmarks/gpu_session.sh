@@ -16,7 +16,8 @@
 #                extra flags SOLO_FLAGS as run SOLO: by default `xp`, --exact-prefix 0.25 (a quarter of the windows start
 #                with the base's own keys/values, as in a chat's later turns); `ROUND=solo ... wait` ships it,
 #                `evalsolo` evaluates it (and, for xp, the multi-turn regime). With SAMPLE_TOKENS set, it first samples
-#                that many tokens of documents from the base and trains on the shards plus those
+#                that many tokens of documents from the base and trains on the shards plus those (with SAMPLE_CHAT=1,
+#                single-turn chats in the base's template instead of documents)
 #   stage thin   (the daemon, started by `b thin`) a narrow auxiliary (`kvpred narrow`: every other layer, 3 heads,
 #                128 MLP channels) fitted and distilled for TRAIN_MINUTES, on the shards (+ SAMPLE_TOKENS sampled);
 #                `ROUND=solo SOLO=thin ... wait` ships it, `SOLO=thin ... evalpair` compares it with the shipped default
@@ -60,7 +61,7 @@ for f in sys.argv[2:]:
 with_samples() {  # the shards, plus SAMPLE_TOKENS of documents sampled from the base itself (`kvpred data sample`)
   if [ -n "${SAMPLE_TOKENS:-}" ]; then
     kv data sample --out /tmp/sampled --tokens $SAMPLE_TOKENS --batch-size ${SAMPLE_BATCH:-1536} \
-       --max-new-tokens ${SAMPLE_LEN:-512} --seed ${SAMPLE_SEED:-0} > $RUNS/sample.log 2>&1
+       --max-new-tokens ${SAMPLE_LEN:-512} --seed ${SAMPLE_SEED:-0} ${SAMPLE_CHAT:+--chat} > $RUNS/sample.log 2>&1
     kv data build --sources /tmp/sampled --out /tmp/sampled_tokens >> $RUNS/sample.log 2>&1 || return 1
     cp /tmp/sampled/sample_00000.jsonl $RUNS/sampled_first_batch.jsonl; echo $D,/tmp/sampled_tokens
   else echo $D; fi
@@ -325,13 +326,14 @@ evalsolo)  # the continued model like round 2's (1000 items a task), then both m
   done
   tar -czf $OUT/evalsolo.tgz -C /tmp/eval .; ls -la $OUT
   ;;
-evalpair)  # the shipped default and ship_$SOLO on the same 800 items in one call, then their paired differences
+evalpair)  # the shipped default and ship_$SOLO on the same 800 items at once (one GPU holds both), then paired
   mkdir -p /tmp/eval
   for m in smollm2-135m:shipped $RUNS/ship_$SOLO:$SOLO; do
-    timeout -k 5 280 python3 -m kvpred.cli eval --model ${m%%:*} --device cuda --dtype bfloat16 --batch-size 64 \
+    ( timeout -k 5 400 python3 -m kvpred.cli eval --model ${m%%:*} --device cuda --dtype bfloat16 --batch-size 64 \
       --tasks agreement,heldout,lambada,arc_easy,piqa,kv --limit 800 --quiet --data-dir /tmp/carry/data \
-      --label ${m##*:} --out /tmp/eval/${m##*:}.json > /tmp/eval/${m##*:}.log 2>&1; echo "${m##*:} rc=$?"
+      --label ${m##*:} --out /tmp/eval/${m##*:}.json > /tmp/eval/${m##*:}.log 2>&1; echo "${m##*:} rc=$?" ) &
   done
+  wait
   python3 benchmarks/paired_diff.py /tmp/eval/shipped.items.jsonl /tmp/eval/$SOLO.items.jsonl | tee /tmp/eval/paired.txt
   cp /tmp/eval/*.json /tmp/eval/*.md /tmp/eval/*.log /tmp/eval/paired.txt $OUT/
   ;;

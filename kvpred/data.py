@@ -24,6 +24,7 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -508,41 +509,88 @@ def topic_words(tokenizer, min_letters: int = 4) -> list[str]:
     return [w.capitalize() for w in words]
 
 
+def chat_prefix(tokenizer) -> str:
+    """The chat template rendered up to where the first user message begins (a default system message included)."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise KVPredError("the tokenizer has no chat template to sample chats with; sample plain documents instead")
+    marker = "\x00user\x00"
+    text = tokenizer.apply_chat_template([{"role": "user", "content": marker}], tokenize=False)
+    return text[:text.index(marker)]
+
+
+def _continue(model, tokenizer, prompts: list[str], max_new_tokens: int, **sampling) -> list[list[int]]:
+    """Sampled continuations of `prompts`, each cut before its first EOS."""
+    eos, side = tokenizer.eos_token_id, tokenizer.padding_side
+    tokenizer.padding_side = "left"  # generate() appends after the last column, so padding must go first
+    try:
+        enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    finally:
+        tokenizer.padding_side = side
+    enc = enc.to(next(model.parameters()).device)
+    ids = model.generate(**enc, do_sample=True, top_k=0, max_new_tokens=max_new_tokens, pad_token_id=eos,
+                         eos_token_id=eos, **sampling)
+    return [row[:row.index(eos)] if eos in row else row for row in ids[:, enc.input_ids.shape[1]:].tolist()]
+
+
+def _documents_batch(model, tokenizer, rng, size: int, max_new_tokens: int, words: list[str],
+                     **sampling) -> list[tuple[str, int]]:
+    prompts = [words[i] for i in rng.integers(len(words), size=size)]
+    rows = _continue(model, tokenizer, prompts, max_new_tokens, **sampling)
+    return [(prompt + tokenizer.decode(row, skip_special_tokens=True), len(row)) for prompt, row in zip(prompts, rows)]
+
+
+def _chats_batch(model, tokenizer, rng, size: int, max_new_tokens: int, user_tokens: int,
+                 **sampling) -> list[tuple[str, int]]:
+    """Single-turn chats, both sides written by the model: first the user's message after the template's opening,
+    then the assistant's reply; the text is the rendered conversation, special tokens as text."""
+    users = _continue(model, tokenizer, [chat_prefix(tokenizer)] * size, user_tokens, **sampling)
+    turns = [[{"role": "user", "content": tokenizer.decode(row, skip_special_tokens=True).strip()}] for row in users]
+    kept = [(turn, len(row)) for turn, row in zip(turns, users) if turn[0]["content"]]
+    if not kept:
+        return []
+    prompts = [tokenizer.apply_chat_template(turn, tokenize=False, add_generation_prompt=True) for turn, _ in kept]
+    replies = _continue(model, tokenizer, prompts, max_new_tokens, **sampling)
+    chats = []
+    for (turn, n_user), reply in zip(kept, replies):
+        turn = turn + [{"role": "assistant", "content": tokenizer.decode(reply, skip_special_tokens=True).strip()}]
+        text = tokenizer.apply_chat_template(turn, tokenize=False).rstrip()
+        chats.append((text.removesuffix(tokenizer.eos_token or ""), n_user + len(reply)))  # the shards add EOS
+    return chats
+
+
 @torch.no_grad()
 def sample_corpus(model, tokenizer, out_dir: str | Path, tokens: int, *, batch_size: int = 256,
                   max_new_tokens: int = 512, temperature: float = 1.0, top_p: float = 0.95, seed: int = 0,
-                  openings: Sequence[str] | None = None, progress: bool = True) -> int:
+                  openings: Sequence[str] | None = None, chat: bool = False, user_tokens: int = 128,
+                  progress: bool = True) -> int:
     """Sample documents from `model` until `tokens` tokens, as out_dir/sample_NNNNN.jsonl files of {"text", "tokens"}
     lines, one file per batch written atomically. Batch b opens its documents with `openings` (default: the
-    vocabulary's words) drawn with seed (seed, b), so a killed run resumes after its last finished file. Returns the
-    tokens sampled in all."""
+    vocabulary's words) drawn with seed (seed, b), so a killed run resumes after its last finished file. With `chat`,
+    each document is instead a chat turn in the tokenizer's template: a user message of at most `user_tokens` and a
+    reply of at most `max_new_tokens`, both sampled. Returns the tokens sampled in all."""
     from tqdm.auto import tqdm
 
+    if tokenizer.eos_token_id is None:
+        raise KVPredError("the tokenizer has no EOS token, which ends a sampled document")
+    if chat:
+        chat_prefix(tokenizer)  # fails before any sampling when there is no template
+        make = partial(_chats_batch, user_tokens=user_tokens)
+    else:
+        make = partial(_documents_batch, words=list(openings or topic_words(tokenizer)))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     done = sorted(out.glob("sample_*.jsonl"))
     total = sum(json.loads(line)["tokens"] for f in done for line in f.read_text().splitlines())
-    words, eos = list(openings or topic_words(tokenizer)), tokenizer.eos_token_id
-    if eos is None:
-        raise KVPredError("the tokenizer has no EOS token, which ends a sampled document")
-    device = next(model.parameters()).device
     bar = tqdm(total=tokens, initial=min(total, tokens), unit="tok", unit_scale=True, desc=f"sampling into {out}",
                disable=not progress)
     batch = len(done)
     while total < tokens:
         rng = np.random.default_rng([seed, batch])
-        prompts = [words[i] for i in rng.integers(len(words), size=batch_size)]
-        enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
         torch.manual_seed(int(rng.integers(2 ** 31)))
-        ids = model.generate(**enc, do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
-                             max_new_tokens=max_new_tokens, pad_token_id=eos, eos_token_id=eos)
-        lines = []
-        for prompt, row in zip(prompts, ids[:, enc.input_ids.shape[1]:].tolist()):
-            row = row[:row.index(eos)] if eos in row else row
-            lines.append(json.dumps({"text": prompt + tokenizer.decode(row, skip_special_tokens=True),
-                                     "tokens": len(row)}))
-            total += len(row)
-        _write_atomic(out / f"sample_{batch:05d}.jsonl", ("\n".join(lines) + "\n").encode())
+        docs = make(model, tokenizer, rng, batch_size, max_new_tokens, temperature=temperature, top_p=top_p)
+        total += sum(n for _, n in docs)
+        lines = "".join(json.dumps({"text": text, "tokens": n}) + "\n" for text, n in docs)
+        _write_atomic(out / f"sample_{batch:05d}.jsonl", lines.encode())
         bar.update(min(total, tokens) - bar.n)
         batch += 1
     bar.close()
@@ -572,9 +620,10 @@ def register(subparsers) -> None:
                    help="read each source's files in a fixed hashed order, so --max-tokens samples it evenly")
     b.set_defaults(func=_build)
     g = sub.add_parser("sample", help="sample training documents from the base model itself (jsonl)",
-                       description="Write documents sampled from the base (each opened by a random vocabulary word) "
-                                   "as sample_NNNNN.jsonl files, for `kvpred data build --sources DIR`: training "
-                                   "text in the base's own distribution, where no corpus is at hand. Resumes.")
+                       description="Write documents sampled from the base (each opened by a random vocabulary word, "
+                                   "or chat turns with --chat) as sample_NNNNN.jsonl files, for `kvpred data build "
+                                   "--sources DIR`: training text in the base's own distribution, where no corpus is "
+                                   "at hand. Resumes.")
     g.add_argument("--model", default="smollm2-135m", help="base model to sample from (alias, folder, hub id)")
     g.add_argument("--out", required=True, help="output folder")
     g.add_argument("--tokens", type=int, required=True, help="stop after this many sampled tokens")
@@ -583,6 +632,10 @@ def register(subparsers) -> None:
     g.add_argument("--temperature", type=float, default=1.0)
     g.add_argument("--top-p", type=float, default=0.95)
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--chat", action="store_true",
+                   help="sample single-turn chats in the tokenizer's chat template instead: a user message, then "
+                        "the reply (at most --max-new-tokens), both written by the model")
+    g.add_argument("--user-tokens", type=int, default=128, help="longest user message with --chat, in tokens")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     g.set_defaults(func=_sample)
     i = sub.add_parser("info", help="print a token build's meta.json summary")
@@ -606,13 +659,13 @@ def _build(args: argparse.Namespace) -> int:
 def _sample(args: argparse.Namespace) -> int:
     from .models import load_causal_lm
 
-    if args.tokens < 1 or args.batch_size < 1 or args.max_new_tokens < 1:
-        raise KVPredError("--tokens, --batch-size and --max-new-tokens must be positive")
+    if min(args.tokens, args.batch_size, args.max_new_tokens, args.user_tokens) < 1:
+        raise KVPredError("--tokens, --batch-size, --max-new-tokens and --user-tokens must be positive")
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     model, tokenizer = load_causal_lm(args.model, dtype=dtype, device=args.device)
     total = sample_corpus(model, tokenizer, args.out, args.tokens, batch_size=args.batch_size,
                           max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                          seed=args.seed)
+                          seed=args.seed, chat=args.chat, user_tokens=args.user_tokens)
     print(f"{args.out}: {total:,} sampled tokens")
     return 0
 

@@ -10,7 +10,7 @@ import torch
 from kvpred.data import (PackedTokens, build_shards, check_tokenizer, expand_source, heldout_windows, read_meta,
                          register, sample_corpus, token_dtype)
 from kvpred.models import KVPredError, load_causal_lm
-from kvpred.testing import byte_tokenizer
+from kvpred.testing import CHAT_TEMPLATE, byte_tokenizer
 
 TOK = byte_tokenizer()
 EOS = TOK.eos_token_id
@@ -261,6 +261,22 @@ def test_sampled_documents_come_in_batch_files_and_a_killed_run_resumes(tiny_lla
     args = parser.parse_args(["data", "sample", "--model", tiny_llama, "--out", str(tmp_path / "u"), "--tokens", "0"])
     with pytest.raises(KVPredError, match="must be positive"):
         args.func(args)
+
+
+def test_sampled_chats_are_turns_in_the_chat_template_with_both_sides_written_by_the_model(tiny_llama, tmp_path):
+    """`kvpred data sample --chat`: a user message sampled after the template's opening, then the reply to it."""
+    model, tok = load_causal_lm(tiny_llama)
+    with pytest.raises(KVPredError, match="no chat template"):
+        sample_corpus(model, tok, tmp_path / "none", 20, chat=True, progress=False)
+    tok.chat_template = CHAT_TEMPLATE
+    total = sample_corpus(model, tok, tmp_path / "c", 40, batch_size=3, max_new_tokens=5, user_tokens=4, chat=True,
+                          progress=False)
+    lines = [json.loads(line) for f in sorted((tmp_path / "c").glob("*.jsonl")) for line in f.read_text().splitlines()]
+    assert total >= 40 and sum(line["tokens"] for line in lines) == total
+    for line in lines:
+        user, reply = line["text"].removeprefix("<user>").split("\n<assistant>")
+        assert user and len(ids(user)) <= 3 * 4 and line["tokens"] <= 4 + 5  # a stray byte decodes to U+FFFD: 3 bytes
+        assert not line["text"].endswith(TOK.eos_token)  # the shards add EOS after each document
 
 
 def test_evaluation_data_is_refused(tmp_path):

@@ -14,11 +14,9 @@ from kvpred.models import KVPredError
 from kvpred.decoding import Pooled
 from kvpred.refine import (ChatSession, Thresholds, _prefill, choose_policy, confidence, generate_refined,
                            prefix_agreement, register, token_agreement, tradeoff_curve)
-from kvpred.testing import save_tiny_model
+from kvpred.testing import CHAT_TEMPLATE, save_tiny_model
 
 PROMPTS = ["The quick brown fox jumps over", "a", "Hello, world! This prompt is quite a lot longer than the others."]
-CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
-                 "{% if add_generation_prompt %}<assistant>{% endif %}")
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -21,10 +21,9 @@ from kvpred.generation import chat_exact_tail
 from kvpred.models import KVPredError
 from kvpred.serve import (APIError, Job, Metrics, Scheduler, ServeConfig, create_app, serve_in_thread,
                           visible_text)
+from kvpred.testing import CHAT_TEMPLATE
 
 NAME = "tiny"
-CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
-                 "{% if add_generation_prompt %}<assistant>{% endif %}")
 TASKS = Path(__file__).parent / "data" / "serve"
 
 

@@ -13,10 +13,9 @@ from kvpred.decoding import GraphStep
 from kvpred.model import KVPredictionModel
 from kvpred.refine import ChatSession, generate_refined
 from kvpred.serve import Job, Metrics, Scheduler, ServeConfig, create_app, serve_in_thread
+from kvpred.testing import CHAT_TEMPLATE
 
 NAME = "tiny"
-CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
-                 "{% if add_generation_prompt %}<assistant>{% endif %}")
 PROMPT = "The quick brown fox jumps over the lazy dog"
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there, how are you?"}]
 
