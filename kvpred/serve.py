@@ -694,6 +694,9 @@ def validation_error(errors: list[dict]) -> APIError:
                         code="invalid_json")
     loc = [str(part) for part in first.get("loc", ()) if part != "body"]
     where = ".".join(loc)
+    if first.get("type") == "extra_forbidden":
+        return APIError(400, f"unknown field {where!r}; besides OpenAI's fields kvpred takes kv_mode, exact_tail, "
+                             "refine, refine_chunk and session", param=loc[0] if loc else None, code="unknown_field")
     return APIError(400, f"{where}: {first['msg']}" if where else first["msg"], param=loc[0] if loc else None,
                     code="invalid_value")
 

@@ -1,14 +1,21 @@
 """Request bodies of the OpenAI-compatible server. Strict types, so that a wrong type is a 400, never a guess:
 "16" is not an int and "true" is not a bool. OpenAI fields kvpred does not implement (user, presence_penalty,
-logit_bias, ...) are ignored, as most OpenAI-compatible servers do."""
+logit_bias, ...) are ignored, as most OpenAI-compatible servers do; any other unknown field is a 400 naming it, so that
+a misspelt extension (`kv_mod`) is not silently ignored."""
 from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 KVMode = Literal["exact", "aux", "predicted"]
 RefinePolicy = Literal["off", "eager", "lazy", "auto"]  # kvpred.refine.REFINE_CHOICES
+# OpenAI's request fields (completions and chat) that kvpred accepts and ignores
+OPENAI_IGNORED = frozenset({
+    "audio", "best_of", "frequency_penalty", "function_call", "functions", "logit_bias", "metadata", "modalities",
+    "parallel_tool_calls", "prediction", "presence_penalty", "prompt_cache_key", "reasoning_effort", "response_format",
+    "safety_identifier", "service_tier", "store", "suffix", "tool_choice", "tools", "top_logprobs", "user",
+    "verbosity", "web_search_options"})
 
 
 class _Body(BaseModel):
@@ -20,6 +27,7 @@ class StreamOptions(_Body):
 
 
 class _Request(_Body):
+    model_config = ConfigDict(strict=True, extra="forbid")
     model: str
     max_tokens: int | None = Field(None, ge=0)  # None: 16 for completions, the rest of the context for chat
     temperature: float = Field(1.0, ge=0, le=2)  # 0 means greedy decoding
@@ -35,6 +43,11 @@ class _Request(_Body):
     refine: RefinePolicy | None = None  # None: the server's --refine where refinement applies
     refine_chunk: int | None = None  # None: the server's --refine-chunk; >= 2, checked with a reason in serve.py
     session: str | None = Field(None, min_length=1, max_length=256)  # chat only: reuse earlier turns' cache
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_ignored(cls, data):
+        return {k: v for k, v in data.items() if k not in OPENAI_IGNORED} if isinstance(data, dict) else data
 
     @property
     def stops(self) -> tuple[str, ...]:

@@ -273,6 +273,9 @@ BAD_REQUESTS = {
     "unknown model": ("/v1/completions", {"model": "gpt-9", "prompt": "x"}, 404, "model"),
     "chat without messages": ("/v1/chat/completions", {"model": NAME, "messages": []}, 400, "messages"),
     "chat message of wrong type": ("/v1/chat/completions", {"model": NAME, "messages": ["hi"]}, 400, "messages"),
+    "misspelt extension": ("/v1/completions", {"model": NAME, "prompt": "x", "kv_mod": "exact"}, 400, "kv_mod"),
+    "unknown chat field": ("/v1/chat/completions", {"model": NAME, "messages": [{"role": "user", "content": "hi"}],
+                                                   "exact_tale": 2}, 400, "exact_tale"),
 }
 
 
@@ -286,6 +289,12 @@ def test_bad_requests_get_openai_error_json_and_the_server_keeps_serving(http, c
     assert set(error) == {"message", "type", "param", "code"} and error["message"] and error["param"] == param
     ok = http.post("/v1/completions", json={"model": NAME, "prompt": "x", "max_tokens": 1})
     assert ok.status_code == 200
+
+
+def test_openai_fields_kvpred_does_not_implement_are_accepted_and_ignored(client, reference):
+    resp = client.completions.create(model=NAME, prompt="Hello", max_tokens=4, temperature=0, user="u1",
+                                     presence_penalty=0.5, frequency_penalty=0.1, extra_body={"kv_mode": "exact"})
+    assert resp.choices[0].text == in_process(reference, reference.tokenizer.encode("Hello"), "exact", 4)
 
 
 def make_job(mode="exact", temperature=0.0, seed=None) -> Job:
