@@ -1,9 +1,10 @@
 """How close predicted mode's chat replies are to the exact base's, for one or more models on the same questions.
 
 TriviaQA questions (../shared/data, evaluation only) are asked as single chat turns, with each model's default chat
-exact tail (the template's reply opening). Per model: first-token agreement with exact mode, position-wise agreement
-of the greedy replies, the NLL of exact mode's reply when it follows the predicted prompt cache (teacher-forced), and
-how often a reply contains one of the question's answers (exact mode and the auxiliary alone beside it).
+exact tail (the template's reply opening) or the --tails given. Per model and tail: first-token agreement with exact
+mode, position-wise agreement of the greedy replies, the NLL of exact mode's reply when it follows the predicted prompt
+cache (teacher-forced), and how often a reply contains one of the question's answers (exact mode and the auxiliary
+alone beside it).
 
     python benchmarks/chat_quality.py --models smollm2-135m,path/to/other --questions 300 --out results/chat_quality
 """
@@ -47,6 +48,8 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=48, help="reply length, greedy")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--tails", default="chat",
+                   help="comma-separated exact tails; 'chat' is the model's default for chats (the reply opening)")
     p.add_argument("--data", type=Path, default=DATA, help="TriviaQA jsonl (context, answer, aliases)")
     p.add_argument("--out", required=True, help="writes OUT.md and OUT.json")
     args = p.parse_args()
@@ -55,11 +58,12 @@ def main() -> None:
     rows, exact = [], None
     for name in args.models.split(","):
         model = KVPredictionModel.from_pretrained(name, device=args.device)
-        tok, tail = model.tokenizer, chat_exact_tail(model.tokenizer)
+        tok = model.tokenizer
         texts = [tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
                  for q, _ in qs]
         prompts = tok(texts, add_special_tokens=False).input_ids
-        def reply_nll(mode: str) -> float:
+
+        def reply_nll(mode: str, tail: int = 1) -> float:
             batches = score(model, list(zip(prompts, exact)), mode, exact_tail=tail, batch_size=args.batch_size)
             return sum(-r["ll"] for batch in batches for _, r in batch) / sum(map(len, exact))
 
@@ -67,33 +71,36 @@ def main() -> None:
             exact = replies(model, prompts, "exact", 1, args.tokens, args.batch_size)
             rows.append({"model": "exact base", "exact_reply_nll": reply_nll("exact"),
                          "answered": sum(answered(tok, r, a) for r, (_, a) in zip(exact, qs))})
-        mine = replies(model, prompts, "predicted", tail, args.tokens, args.batch_size)
         aux = replies(model, prompts, "aux", 1, args.tokens, args.batch_size)
-        rows.append({
-            "model": name, "exact_tail": tail,
-            "first_token": sum(m[:1] == e[:1] for m, e in zip(mine, exact)),
-            "position_agreement": sum(sum(a == b for a, b in zip(m, e)) / max(len(e), 1) for m, e in zip(mine, exact)),
-            "exact_reply_nll": reply_nll("predicted"),
-            "answered": sum(answered(tok, r, a) for r, (_, a) in zip(mine, qs)),
-            "aux_answered": sum(answered(tok, r, a) for r, (_, a) in zip(aux, qs)),
-            "examples": [tok.decode(r, skip_special_tokens=True) for r in mine[:5]],
-        })
+        for tail in [chat_exact_tail(tok) if t == "chat" else int(t) for t in args.tails.split(",")]:
+            mine = replies(model, prompts, "predicted", tail, args.tokens, args.batch_size)
+            rows.append({
+                "model": name, "exact_tail": tail,
+                "first_token": sum(m[:1] == e[:1] for m, e in zip(mine, exact)),
+                "position_agreement": sum(sum(a == b for a, b in zip(m, e)) / max(len(e), 1)
+                                          for m, e in zip(mine, exact)),
+                "exact_reply_nll": reply_nll("predicted", tail),
+                "answered": sum(answered(tok, r, a) for r, (_, a) in zip(mine, qs)),
+                "aux_answered": sum(answered(tok, r, a) for r, (_, a) in zip(aux, qs)),
+                "examples": [tok.decode(r, skip_special_tokens=True) for r in mine[:5]],
+            })
     n = len(qs)
     lines = [f"# `{shlex.join(['python'] + sys.argv)}`", "",
              f"{n} TriviaQA questions as single chat turns; greedy replies of up to {args.tokens} tokens on "
-             f"{args.device}; each model's default chat exact tail.", "",
-             "| model | first token = exact's | position-wise agreement | NLL of exact's reply after the predicted "
-             "prompt (exact base: after its own) | replies with an answer | aux alone: replies with an answer |",
-             "|---|--:|--:|--:|--:|--:|"]
-    for r in rows:
-        if r["model"] == "exact base":
-            lines.append(f"| exact base | 1.000 | 1.000 | {r['exact_reply_nll']:.3f} | {r['answered'] / n:.3f} | - |")
-        else:
-            lines.append(f"| {r['model']} | {r['first_token'] / n:.3f} | {r['position_agreement'] / n:.3f} | "
-                         f"{r['exact_reply_nll']:.3f} | {r['answered'] / n:.3f} | {r['aux_answered'] / n:.3f} |")
+             f"{args.device}.", "",
+             "| model | exact tail | first token = exact's | position-wise agreement | NLL of exact's reply after the "
+             "predicted prompt (exact base: after its own) | replies with an answer | aux alone: replies with an "
+             "answer |",
+             "|---|--:|--:|--:|--:|--:|--:|"]
+    base = rows[0]
+    lines.append(f"| exact base | - | 1.000 | 1.000 | {base['exact_reply_nll']:.3f} | {base['answered'] / n:.3f} | - |")
+    for r in rows[1:]:
+        lines.append(f"| {r['model']} | {r['exact_tail']} | {r['first_token'] / n:.3f} | "
+                     f"{r['position_agreement'] / n:.3f} | {r['exact_reply_nll']:.3f} | {r['answered'] / n:.3f} | "
+                     f"{r['aux_answered'] / n:.3f} |")
     lines += ["", "First replies, predicted mode:"]
     for r in rows[1:]:
-        lines += [f"* {r['model']}:"] + [f"  * {e!r}" for e in r["examples"]]
+        lines += [f"* {r['model']}, exact tail {r['exact_tail']}:"] + [f"  * {e!r}" for e in r["examples"]]
     text = "\n".join(lines) + "\n"
     print(text)
     out = Path(args.out)

@@ -180,6 +180,9 @@ def main(argv: list[str] | None = None) -> int:
     except KVPredError as err:
         print(f"kvpred: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl+C in any command: no traceback (`kvpred train` saves a checkpoint first)
+        print("kvpred: interrupted", file=sys.stderr)
+        return 130  # 128 + SIGINT, what a shell reports for a command stopped by Ctrl+C
 
 
 if __name__ == "__main__":

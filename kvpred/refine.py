@@ -10,9 +10,10 @@
 """
 from __future__ import annotations
 
+import sys
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 from transformers import DynamicCache
@@ -562,14 +563,26 @@ def _calibrate(args) -> int:
     return 0
 
 
-def _chat(args) -> int:
-    import sys
+def _typed_lines(stdin) -> Iterator[str]:
+    """The user's messages, one per line: piped lines as they come; at a terminal, each asked for with a prompt."""
+    if not stdin.isatty():
+        yield from stdin
+        return
+    print("Type a message and press Enter; Ctrl+D ends the chat.", file=sys.stderr)
+    while True:
+        try:
+            yield input("> ")
+        except EOFError:
+            print(file=sys.stderr)
+            return
 
+
+def _chat(args) -> int:
     from .cli import load_model
 
     session = ChatSession(load_model(args), system=args.system, exact_tail=args.exact_tail, refine=args.refine,
                           chunk_size=args.chunk_size)
-    for line in sys.stdin:
+    for line in _typed_lines(sys.stdin):
         if not line.strip():
             continue
         print(session.send(line.rstrip("\n"), max_new_tokens=args.max_new_tokens), flush=True)

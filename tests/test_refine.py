@@ -473,6 +473,27 @@ def test_chat_command_answers_each_line_and_reuses_the_cache(tmp_path, monkeypat
     assert len(reused) == 2 and reused[0] == 0 and reused[1] > 0
 
 
+def test_chat_at_a_terminal_asks_for_each_message_and_ends_on_ctrl_d(monkeypatch, capsys):
+    from kvpred.refine import _typed_lines
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    typed = ["hello", "how are you?"]
+
+    def fake_input(prompt):
+        print(prompt, end="")
+        if not typed:
+            raise EOFError  # what input() raises on Ctrl+D
+        return typed.pop(0)
+
+    monkeypatch.setattr("builtins.input", fake_input)
+    assert list(_typed_lines(Terminal())) == ["hello", "how are you?"]
+    assert capsys.readouterr().out == "> > > "
+    assert list(_typed_lines(io.StringIO("piped\n"))) == ["piped\n"]  # no prompt when not at a terminal
+
+
 # ---------------------------------------------------------------- the real model
 @pytest.mark.smollm
 def test_refinement_on_smollm_becomes_the_exact_base_continuation():
