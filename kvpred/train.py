@@ -30,7 +30,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -48,44 +48,57 @@ STATE_NAME = "train_state.pt"
 METRICS_NAME = "metrics.jsonl"
 
 
+def opt(default, help: str):
+    """A TrainConfig field and its `kvpred train` flag's help text, in one place."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class TrainConfig:
-    model: str = "smollm2-135m"  # initial model: kvpred checkpoint (e.g. from `kvpred fit`), default, or base
-    data: str = ""  # token shard folder (`kvpred data build`), or several joined by commas
-    out: str = "runs/kvp"  # run folder: train_state.pt, metrics.jsonl, final/
-    keep_ratio: float | None = None  # build a new pruned aux instead of using `model`'s
-    source: str | None = None  # predictor input for a newly built model: "kv" or "hidden"
-    steps: int = 1000
-    seq_len: int = 512
-    batch_size: int = 16  # per process and micro-step
-    grad_accum: int = 1
-    lr: float = 1e-3  # predictor
-    aux_lr: float = 3e-4  # auxiliary (adapters or full weights)
-    warmup: int = 50
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.1
-    clip: float = 1.0
-    base_loss: float = 1.0
-    aux_loss: float = 1.0
-    kv_loss: float = 1.0
-    kv_reduction: str = "mean"  # "mean" (paper text, lam_C = 1/n_B) or "sum" (paper code) over layers
-    z_loss: float = 1e-4
-    kl_loss: float = 0.0  # weight of KL(exact base || base through predicted KV)
-    suffix_split: bool = False  # true KV after a random split point, as at inference
-    exact_prefix: float = 0.0  # with suffix_split: share of windows with true KV before a random earlier point too
-    exact_self: bool = False  # each position sees its own true key/value (as the last prompt token does at inference)
-    copy_spans: float = 0.0  # share of windows that end by repeating an earlier span (see `with_copied_spans`)
-    train_aux: bool = True
-    aux_lora_rank: int = 0  # > 0: low-rank adapters on the aux (small checkpoints); 0: full aux weights
-    activation_checkpointing: bool = False  # recompute the aux layers in backward
-    bf16: bool = True  # autocast on CUDA
-    fsdp: bool = False  # FSDP2 (fully_shard) instead of DDP when distributed
-    max_minutes: float = 0.0  # stop early (checkpoint + final model) after this wall time; 0 = no limit
-    log_every: int = 10
-    save_every: int = 200
-    eval_every: int = 200
-    eval_windows: int = 64
-    seed: int = 0
+    model: str = opt("smollm2-135m", "initial model: a kvpred checkpoint (e.g. from `kvpred fit`), the embedded "
+                                       "default, or a base to wrap with a new pruned auxiliary")
+    data: str = opt("", "token shard folder (`kvpred data build`), or several joined by commas")
+    out: str = opt("runs/kvp", "run folder: train_state.pt, metrics.jsonl, final/; an existing run there resumes")
+    keep_ratio: float | None = opt(None, "build a new pruned auxiliary keeping this share of the base's layers "
+                                         "instead of using the model's")
+    source: str | None = opt(None, "predictor input of a newly built model: kv (the paper's) or hidden")
+    steps: int = opt(1000, "optimiser steps; the cosine schedule spans them (or what --max-minutes allows)")
+    seq_len: int = opt(512, "tokens per training window")
+    batch_size: int = opt(16, "windows per process and micro-step")
+    grad_accum: int = opt(1, "micro-steps per optimiser step")
+    lr: float = opt(1e-3, "peak learning rate of the predictor")
+    aux_lr: float = opt(3e-4, "peak learning rate of the auxiliary (its adapters or full weights)")
+    warmup: int = opt(50, "linear warm-up steps")
+    min_lr_ratio: float = opt(0.1, "the cosine ends at this share of the peak learning rate")
+    weight_decay: float = opt(0.1, "AdamW weight decay")
+    clip: float = opt(1.0, "gradient norm limit")
+    base_loss: float = opt(1.0, "weight of the base's next-token loss through the predicted keys/values")
+    aux_loss: float = opt(1.0, "weight of the auxiliary's own next-token loss")
+    kv_loss: float = opt(1.0, "weight of the L1 loss between predicted and true base keys/values")
+    kv_reduction: str = opt("mean", "over layers: mean (the paper's text, 1/layers) or sum (the paper's code)")
+    z_loss: float = opt(1e-4, "weight of the z-loss on both models' logits")
+    kl_loss: float = opt(0.0, "weight of KL(exact base || base through predicted keys/values)")
+    suffix_split: bool = opt(False, "true keys/values after a random split point, as at inference")
+    exact_prefix: float = opt(0.0, "with --suffix-split: share of windows with true keys/values before a random "
+                                   "earlier point too (a new chat turn after an exact history)")
+    exact_self: bool = opt(False, "each position sees its own true key/value, as the last prompt token does at "
+                                  "inference")
+    copy_spans: float = opt(0.0, "share of windows that end by repeating an earlier span")
+    train_aux: bool = opt(True, "train the auxiliary (--no-train-aux: the predictor only)")
+    aux_lora_rank: int = opt(0, "> 0: train low-rank adapters of this rank on the auxiliary (small checkpoints); "
+                                "0: its full weights")
+    activation_checkpointing: bool = opt(False, "recompute the auxiliary's layers in the backward pass")
+    bf16: bool = opt(True, "bf16 autocast on CUDA")
+    fsdp: bool = opt(False, "FSDP2 (fully_shard) instead of DDP under torchrun")
+    max_minutes: float = opt(0.0, "stop with a checkpoint and a final model after this wall time, the cosine "
+                                  "fitted to it; 0: no limit")
+    log_every: int = opt(10, "steps between loss records in metrics.jsonl (0: never)")
+    save_every: int = opt(200, "steps between checkpoints (train_state.pt) (0: only at the end, at the time limit "
+                               "and on Ctrl+C)")
+    eval_every: int = opt(200, "steps between held-out evaluations (0: never, and then the data needs no held-out "
+                               "split)")
+    eval_windows: int = opt(64, "held-out windows per evaluation")
+    seed: int = opt(0, "seed of every random choice: data order, split points, initialisation")
 
     # fields that may change between a run and its resumption
     RESUMABLE_CHANGES = ("steps", "max_minutes", "log_every", "save_every", "eval_every", "eval_windows", "out")
@@ -717,28 +730,18 @@ def set_rng_state(state: dict) -> None:
 
 # ---------------------------------------------------------------- CLI
 # help for the flags whose name does not say what 0 means
-FLAG_HELP = {
-    "log_every": "steps between loss records in metrics.jsonl (default %(default)s; 0: never)",
-    "save_every": "steps between checkpoints (train_state.pt) (default %(default)s; 0: only at the end, at the "
-                  "time limit and on Ctrl+C)",
-    "eval_every": "steps between held-out evaluations (default %(default)s; 0: never, and then the data needs no "
-                  "held-out split)",
-}
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     for f in fields(TrainConfig):
-        flag = f"--{f.name.replace('_', '-')}"
-        default = f.default
+        flag, default = f"--{f.name.replace('_', '-')}", f.default
+        help = f.metadata["help"] + ("" if default in (None, "") else " (default: %(default)s)")
         if isinstance(default, bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
-        elif f.name in ("keep_ratio",):
-            p.add_argument(flag, type=float, default=None)
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=f.metadata["help"])
+        elif f.name == "keep_ratio":
+            p.add_argument(flag, type=float, default=None, help=help)
         elif f.name == "source":
-            p.add_argument(flag, choices=("kv", "hidden"), default=None)
+            p.add_argument(flag, choices=("kv", "hidden"), default=None, help=help)
         else:
-            p.add_argument(flag, type=type(default), default=default, required=f.name == "data",
-                           help=FLAG_HELP.get(f.name))
+            p.add_argument(flag, type=type(default), default=default, required=f.name == "data", help=help)
 
 
 def register(subparsers) -> None:
