@@ -63,8 +63,9 @@ def flop_ratio(model, prompt_tokens: int = 1024, tail: int = 1) -> dict:
 
 
 # ------------------------------------------------------------------ statistics
-def confidence_interval(values: list[float]) -> tuple[float, float, float]:
-    """(mean, lo, hi), 95%: Wilson score interval for 0/1 values, normal approximation otherwise."""
+def confidence_interval(values: list[float], seed: int = 0) -> tuple[float, float, float]:
+    """(mean, lo, hi), 95%: Wilson score interval for 0/1 values, percentile bootstrap of the mean otherwise (unlike
+    a normal approximation, it stays inside the values' range: no negative bound for a loss or a share)."""
     x = np.asarray(values, dtype=float)
     n = len(x)
     if n == 0:
@@ -76,8 +77,8 @@ def confidence_interval(values: list[float]) -> tuple[float, float, float]:
         half = Z95 * math.sqrt(mean * (1 - mean) / n + Z95 ** 2 / (4 * n * n)) / denom
         # Wilson's interval contains the sample proportion; min/max only absorb rounding at 0 and 1
         return mean, min(mean, max(0.0, centre - half)), max(mean, min(1.0, centre + half))
-    half = Z95 * float(x.std(ddof=1)) / math.sqrt(n) if n > 1 else 0.0
-    return mean, mean - half, mean + half
+    means = x[np.random.default_rng(seed).integers(0, n, size=(BOOTSTRAP_SAMPLES, n))].mean(1)
+    return mean, min(mean, float(np.percentile(means, 2.5))), max(mean, float(np.percentile(means, 97.5)))
 
 
 def gap_recovered(value: list[float], exact: list[float], aux: list[float],
@@ -103,7 +104,7 @@ def summarise(per_mode: dict[str, dict[str, list[float]]], seed: int = 0) -> dic
     table: dict[str, dict[str, dict]] = {}
     for mode, metrics in per_mode.items():
         for metric, values in metrics.items():
-            mean, lo, hi = confidence_interval(values)
+            mean, lo, hi = confidence_interval(values, seed)
             entry = {"value": mean, "ci": [lo, hi], "n": len(values)}
             if "exact" in per_mode and "aux" in per_mode:
                 gap, glo, ghi = gap_recovered(values, per_mode["exact"][metric], per_mode["aux"][metric], seed)

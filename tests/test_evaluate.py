@@ -90,6 +90,8 @@ def test_confidence_intervals_contain_the_mean():
     assert mean == pytest.approx(3.1666, abs=1e-3) and lo < mean < hi
     assert confidence_interval([2.0, 2.0]) == (2.0, 2.0, 2.0)
     assert confidence_interval([1, 1])[1] < 1  # all successes still leave doubt with two items
+    mean, lo, hi = confidence_interval([0.0, 0.0, 0.0, 0.05, 0.5])  # a share near 0: no negative bound
+    assert 0.0 <= lo < mean < hi <= 0.5
 
 
 def test_gap_recovered_is_one_at_exact_and_zero_at_aux_for_accuracies_and_losses():
