@@ -87,6 +87,28 @@ def pareto_points(docs: list[dict], x_rule: str = "param", tasks: list[str] | No
     return points
 
 
+def pareto_front(points: list[dict], key: str) -> list[dict]:
+    """The points that no other point beats on both axes (a larger reduction and a higher accuracy), by reduction."""
+    beaten = lambda p: any(q[key] >= p[key] and q["y"] >= p["y"] and (q[key] > p[key] or q["y"] > p["y"])  # noqa: E731
+                           for q in points)
+    return sorted((p for p in points if not beaten(p)), key=lambda p: p[key])
+
+
+def merged_labels(points: list[dict], key: str, span: tuple[float, float], near: float = 0.03
+                  ) -> list[tuple[float, float, str]]:
+    """(x, y, "a, b") per group of points closer than `near` of the axes' span (x, y): labels that would print over
+    each other become one."""
+    groups: list[list[dict]] = []
+    for p in sorted(points, key=lambda p: (p[key], p["y"])):
+        for group in groups:
+            if abs(group[0][key] - p[key]) <= near * span[0] and abs(group[0]["y"] - p["y"]) <= near * span[1]:
+                group.append(p)
+                break
+        else:
+            groups.append([p])
+    return [(g[0][key], g[0]["y"], ", ".join(dict.fromkeys(p["label"] for p in g))) for g in groups]
+
+
 def plot(docs: list[dict], out: Path, x_rule: str = "param", tasks: list[str] | None = None,
          title: str | None = None) -> list[dict]:
     import matplotlib
@@ -103,21 +125,26 @@ def plot(docs: list[dict], out: Path, x_rule: str = "param", tasks: list[str] | 
         panels.append(("ttft_x", "measured TTFT speedup"))
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
     for ax, (key, xlabel) in zip(axes[0], panels):
+        shown = [p for p in points if p[key] is not None]
+        xs, ys = [p[key] for p in shown], [p["y"] for p in shown]
+        span = (max(xs) - min(xs) or 1.0, max(ys) - min(ys) or 1.0)
         for mode, (colour, marker) in MODE_STYLE.items():
-            mine = sorted((p for p in points if p["mode"] == mode and p[key] is not None), key=lambda p: p[key])
+            mine = [p for p in shown if p["mode"] == mode]
             if not mine:
                 continue
             ax.plot([p[key] for p in mine], [p["y"] for p in mine], marker=marker, color=colour, label=mode,
-                    linestyle="-" if mode != "exact" else "none", markersize=9 if mode == "exact" else 6)
-            for p in mine:
-                if mode != "exact":
-                    ax.annotate(p["label"], (p[key], p["y"]), textcoords="offset points", xytext=(4, 4),
-                                fontsize=7, color=colour)
+                    linestyle="none", markersize=9 if mode == "exact" else 6)
+            if mode == "exact":
+                continue
+            front = pareto_front(mine, key)
+            ax.plot([p[key] for p in front], [p["y"] for p in front], color=colour, linewidth=1)
+            for x, y, text in merged_labels(mine, key, span):
+                ax.annotate(text, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7, color=colour)
         ax.axhline(1.0, color="grey", linewidth=0.6, linestyle=":")
         ax.set_xlabel(xlabel)
         ax.set_ylabel("accuracy relative to the base")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, title="lines: Pareto fronts", title_fontsize=7)
     fig.suptitle(title or "KV prediction: accuracy vs TTFT reduction"
                  + (f" ({', '.join(tasks)})" if tasks else " (mean over accuracy tasks)"))
     fig.tight_layout()

@@ -316,6 +316,16 @@ def test_plot_draws_the_pareto_figure_with_a_ttft_panel(pruned_doc, tmp_path):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_plot_draws_the_pareto_front_and_one_label_for_points_on_top_of_each_other():
+    from kvpred.plot import merged_labels, pareto_front
+
+    points = [{"label": name, "x": x, "y": y} for name, x, y in
+              [("a", 2.0, 0.70), ("b", 3.0, 0.65), ("c", 3.0, 0.60), ("d", 8.6, 0.640), ("e", 8.6, 0.641)]]
+    assert [p["label"] for p in pareto_front(points, "x")] == ["a", "b", "e"]  # c and d are beaten on both axes
+    assert merged_labels(points, "x", span=(6.6, 0.1)) == [(2.0, 0.7, "a"), (3.0, 0.6, "c"), (3.0, 0.65, "b"),
+                                                          (8.6, 0.64, "d, e")]
+
+
 def test_plot_takes_measured_speedups_from_a_ttft_benchmark(pruned_doc, tmp_path, capsys):
     results, bench = tmp_path / "r.json", tmp_path / "ttft.json"
     results.write_text(json.dumps(dict(pruned_doc, label="lp50")))
