@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Iterable
 
 import torch
+from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from .models import KVPredError, check_keep_layers, load_causal_lm
@@ -61,14 +62,16 @@ def measure_importance(model: PreTrainedModel, batches: Iterable[torch.Tensor], 
             def accumulate(module, args, name=name, i=i):
                 sums[name][i] = sums[name][i] + args[0].detach().abs().float().flatten(0, -2).sum(0)
             hooks.append(proj.register_forward_pre_hook(accumulate))
-    seen = 0
+    seen, bar = 0, tqdm(total=tokens, desc="narrow: importance", unit="tok")
     try:
         for batch in batches:
             model(input_ids=batch.to(model.device), use_cache=False)
             seen += batch.numel()
+            bar.update(min(batch.numel(), tokens - bar.n))
             if seen >= tokens:
                 break
     finally:
+        bar.close()
         for hook in hooks:
             hook.remove()
     if seen == 0:

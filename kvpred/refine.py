@@ -131,12 +131,14 @@ def entropy_thresholds(entropy: Sequence[float], agree: Sequence[bool], trust: f
 
 @torch.no_grad()
 def calibrate(model: KVPredictionModel, windows: torch.Tensor, *, trust: float = 0.9, distrust: float = 0.5,
-              batch_size: int = 16) -> tuple[Thresholds, dict]:
+              batch_size: int = 16, progress: bool = True) -> tuple[Thresholds, dict]:
     """`entropy_thresholds` measured on prompts `windows` [N, T] (held-out text, not evaluation data): per prompt,
     predicted mode's first-token entropy and whether its first token equals the exact base's. Returns the
     thresholds and a report: agreement overall and within the groups each policy would get."""
+    from tqdm.auto import tqdm
+
     entropy, agree = [], []
-    for ids in windows.split(batch_size):
+    for ids in tqdm(windows.split(batch_size), desc="calibrate: prompts", unit="batch", disable=not progress):
         ids = ids.to(model.device)
         mask = torch.ones_like(ids)
         logits, signal = _prefill(model, ids, mask, 1, Pooled(model.new_cache(*ids.shape)), with_signal=True)
