@@ -49,7 +49,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="cpu")
     p.add_argument("--tails", default="chat",
-                   help="comma-separated exact tails; 'chat' is the model's default for chats (the reply opening)")
+                   help="comma-separated exact tails; 'chat': the chat template's reply opening (chat_exact_tail)")
     p.add_argument("--data", type=Path, default=DATA, help="TriviaQA jsonl (context, answer, aliases)")
     p.add_argument("--out", required=True, help="writes OUT.md and OUT.json")
     args = p.parse_args()

@@ -114,7 +114,7 @@ class StopStreamer(TimedStreamer):
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from .generation import chat_exact_tail, encode_prompts
+    from .generation import encode_prompts
 
     check_generate_options(args)
     model = load_model(args)
@@ -123,7 +123,7 @@ def _generate(args: argparse.Namespace) -> int:
     streamer = StopStreamer(model.tokenizer, args.stop or [], echo=args.stream and not args.json)
     tail = args.exact_tail
     if tail is None:
-        tail = chat_exact_tail(model.tokenizer) if args.chat and args.mode == "predicted" else 1
+        tail = model.chat_tail if args.chat and args.mode == "predicted" else 1
     options = dict(exact_tail=tail, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
                    temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, streamer=streamer)
     refine_info = {}

@@ -155,7 +155,7 @@ def _use_factorised(model: KVPredictionModel, xtx: torch.Tensor, rank: int) -> l
     """Replace model.predictor by its rank-`rank` factorisation; return the per-tap relative output errors."""
     model.predictor, errors = factorise(model.predictor, xtx, rank)
     model.config.predictor = model.predictor.config
-    model.config.refine_thresholds = None  # calibrated for the replaced predictor
+    model.config.forget_measurements()
     return errors
 
 
@@ -201,7 +201,7 @@ def fit_predictor(model: KVPredictionModel, batches: Iterable[torch.Tensor], con
     start = time.perf_counter()
     stats = collect(model, batches, config.tokens)
     report = solve(model, stats, config.ridge)
-    model.config.refine_thresholds = None  # calibrated for the replaced predictor
+    model.config.forget_measurements()
     if config.rank:
         report["rank"] = config.rank
         report["factorised_rel_error_per_tap"] = _use_factorised(model, stats.xtx[0], config.rank)

@@ -21,6 +21,7 @@ from . import lora, models
 from .models import KVPredError
 from .decoding import StepPool, capacity_bucket, eos_token_ids, generate_with_steps, pad_id, without_cudnn_attention
 from .deferred import PendingValues, deferred_values
+from .generation import chat_exact_tail
 from .matvec import use_blocked_matvec
 from .predictor import KVPredictor, PredictorConfig
 from .rope import rope_tables, rotate
@@ -50,9 +51,15 @@ class KVPConfig:
     predictor: PredictorConfig
     format_version: int = FORMAT_VERSION
     refine_thresholds: dict | None = None  # refine.Thresholds fields from `kvpred calibrate`; None: the defaults
+    chat_exact_tail: int | None = None  # exact tail of chat prompts, measured for these weights; None: the
+    # template's reply opening (generation.chat_exact_tail), the safe choice for a predictor never trained on chats
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
+
+    def forget_measurements(self) -> None:
+        """Drop what was measured for the old weights (refinement thresholds, chat tail) when new ones replace them."""
+        self.refine_thresholds = self.chat_exact_tail = None
 
     @classmethod
     def from_json(cls, text: str, where: str) -> "KVPConfig":
@@ -61,9 +68,12 @@ class KVPConfig:
             if raw.get("format_version") != FORMAT_VERSION:
                 raise KVPredError(f"{where} has format_version {raw.get('format_version')!r}; "
                                   f"this kvpred reads version {FORMAT_VERSION}")
+            tail = raw.get("chat_exact_tail")
+            if tail is not None and not (type(tail) is int and tail >= 1):
+                raise ValueError(f"chat_exact_tail must be a positive integer or null, got {tail!r}")
             return cls(base=raw["base"], base_fingerprint=raw["base_fingerprint"], aux=AuxSpec(**raw["aux"]),
                        predictor=PredictorConfig(**raw["predictor"]), format_version=raw["format_version"],
-                       refine_thresholds=raw.get("refine_thresholds"))
+                       refine_thresholds=raw.get("refine_thresholds"), chat_exact_tail=tail)
         except (json.JSONDecodeError, KeyError, TypeError, AttributeError, ValueError) as err:
             raise KVPredError(f"{where} is not a valid kvpred config ({type(err).__name__}: {err})") from err
 
@@ -260,6 +270,12 @@ class KVPredictionModel(nn.Module):
     @property
     def context_length(self) -> int:
         return min(self.base.config.max_position_embeddings, self.aux.config.max_position_embeddings)
+
+    @property
+    def chat_tail(self) -> int:
+        """The exact tail of chat prompts that ask for none: the checkpoint's own (measured for its weights), else
+        the chat template's tokens that open the reply."""
+        return self.config.chat_exact_tail or chat_exact_tail(self.tokenizer)
 
     # ---------------------------------------------------------------- phases
     def aux_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,

@@ -20,7 +20,6 @@ from transformers import DynamicCache
 
 from .decoding import (Pooled, Trace, base_tail, capacity_bucket, decode, eos_token_ids, first_logits,
                        pad_id, without_cudnn_attention)
-from .generation import chat_exact_tail
 from .model import BufferCache, KVPredictionModel, cache_kwargs, capture, position_ids_from_mask
 from .models import KVPredError
 
@@ -368,16 +367,15 @@ class ChatSession:
     def __init__(self, model: KVPredictionModel, *, system: str | None = None, exact_tail: int | None = None,
                  refine: str = "eager", chunk_size: int = 256, thresholds: Thresholds | None = None,
                  spare: Pooled | None = None):
-        """`exact_tail` None: the chat template's tokens that open the reply (`chat_exact_tail`). `spare`: a cache
-        of batch 1 to start from (an ended session's, with its CUDA graphs already captured); what it holds is
-        ignored."""
+        """`exact_tail` None: the model's chat tail (`KVPredictionModel.chat_tail`). `spare`: a cache of batch 1
+        to start from (an ended session's, with its CUDA graphs already captured); what it holds is ignored."""
         _check_refine(refine, chunk_size)
         if model.tokenizer.chat_template is None:
             raise KVPredError("this model's tokenizer has no chat template; ChatSession needs one")
         if any(getattr(layer, "is_sliding", False) for layer in DynamicCache(config=model.base.config).layers):
             raise KVPredError("cache reuse needs full-attention layers; this base has sliding-window layers")
         self.model, self.refine = model, refine
-        self.exact_tail = chat_exact_tail(model.tokenizer) if exact_tail is None else exact_tail
+        self.exact_tail = model.chat_tail if exact_tail is None else exact_tail
         self.chunk_size, self.thresholds = chunk_size, thresholds
         self.messages: list[dict] = [] if system is None else [{"role": "system", "content": system}]
         self.tokens = torch.empty(1, 0, dtype=torch.long, device=model.device)  # conversation so far
@@ -519,8 +517,8 @@ def register(subparsers) -> None:
                         "auto: decide per turn from the first-token entropy")
     p.add_argument("--chunk-size", type=int, default=256, help="columns refined per decode step (eager)")
     p.add_argument("--exact-tail", type=int, default=None,
-                   help="prompt tokens the base runs itself (default: the chat template's tokens that open the "
-                        "reply, 6 for SmolLM2; the paper's 1 makes the shipped default answer with a newline)")
+                   help="prompt tokens the base runs itself (default: the checkpoint's chat tail, else the chat "
+                        "template's tokens that open the reply; the shipped default, trained on chats, takes 1)")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--verbose", action="store_true", help="print per-turn reuse and timing to stderr")
     p.set_defaults(func=_chat)

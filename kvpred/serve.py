@@ -4,7 +4,7 @@ Endpoints: /v1/completions and /v1/chat/completions (streamed as server-sent eve
 /health, /metrics (Prometheus text), and vLLM's /tokenize, /detokenize and /tokenizer_info, so that
 lm-evaluation-harness can tokenize with the server's own tokenizer (tokenizer_backend=remote) and needs no download.
 Extra request fields: `kv_mode` (exact | aux | predicted) and `exact_tail` (int >= 1; chat requests that name none
-get at least the chat template's tokens that open the reply, see kvpred.generation.chat_exact_tail). Responses carry
+get at least the model's chat tail, see KVPredictionModel.chat_tail). Responses carry
 `kv_mode` and `ttft_s`; a stream carries `ttft_s` in the first chunk of each choice.
 
 Progressive refinement and multi-turn reuse (kvpred.refine; predicted mode only)
@@ -65,7 +65,6 @@ import torch
 from transformers.generation import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 from .decoding import Pooled, RollingBatch, sample
-from .generation import chat_exact_tail
 from .models import KVPredError
 from .refine import REFINE_CHOICES, ChatSession, generate_refined
 
@@ -83,7 +82,7 @@ class ServeConfig:
     model_name: str = "kvpred"  # the id /v1/models reports; "kvpred" is always accepted as well
     default_mode: str = "predicted"  # kv_mode of requests that name none
     exact_tail: int = 1  # prompt tokens the base computes itself when a generation request names none; chat
-    # requests get at least the template's tokens that open the reply (kvpred.generation.chat_exact_tail)
+    # requests get at least the model's chat tail (KVPredictionModel.chat_tail)
     max_queue: int = 64  # prompts waiting for the worker beyond this are answered 429
     max_batch: int = 8  # queued prompts of equal settings decoded together
     poll_s: float = 0.1  # how often a waiting non-streaming request checks that its client is still connected
@@ -807,7 +806,7 @@ def create_app(model, config: ServeConfig | None = None):
     if any(tokens < 4 for tokens in config.warm_up):
         raise KVPredError(f"--warm-up token counts must be >= 4, got {', '.join(map(str, config.warm_up))}")
     tokenizer, context, vocab = model.tokenizer, model.context_length, model.base.config.vocab_size
-    chat_tail = chat_exact_tail(tokenizer)  # chat requests that name no exact_tail get at least this one
+    chat_tail = model.chat_tail  # chat requests that name no exact_tail get at least this one
     metrics = Metrics(lambda: scheduler.depth)
     scheduler = Scheduler(model, config, metrics)
 

@@ -666,7 +666,7 @@ class Trainer:
             aux_state = trained_aux_state(model, self.config)
             lora.merge_adapters(model.aux)
             model.aux_tensors = aux_state
-            model.config.refine_thresholds = None  # calibrated for the predictor before training
+            model.config.forget_measurements()
             model.save_pretrained(final)
             self.log(f"saved {final}")
         if self.distributed:

@@ -99,12 +99,14 @@ def test_cli_fit_with_rank_and_compress_write_factorised_checkpoints(tiny_llama,
                  str(tmp_path / "full"), "--tokens", "256", *common]) == 0
     calibrated = json.loads((tmp_path / "full" / "kvpred_config.json").read_text())
     calibrated["refine_thresholds"] = {"signal": "entropy", "off_below": 1.0, "eager_above": 2.0}
+    calibrated["chat_exact_tail"] = 1
     (tmp_path / "full" / "kvpred_config.json").write_text(json.dumps(calibrated))
     assert main(["compress", "--model", str(tmp_path / "full"), "--rank", "4", "--out", str(tmp_path / "small"),
                  "--tokens", "256", *common]) == 0
     assert "fewer" in capsys.readouterr().out
     small = KVPredictionModel.from_pretrained(str(tmp_path / "small"))
-    assert small.predictor.config.rank == 4 and small.config.refine_thresholds is None  # for the old maps
+    assert small.predictor.config.rank == 4  # what was measured for the old maps is dropped:
+    assert small.config.refine_thresholds is None and small.config.chat_exact_tail is None
     out = small.generate(torch.randint(3, 259, (1, 10)), max_new_tokens=3)
     assert out.shape == (1, 13)
 

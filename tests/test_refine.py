@@ -372,10 +372,24 @@ def test_chat_prompts_let_the_base_run_the_template_tokens_that_open_the_reply(t
     after the last user message ("\\n<assistant>" here, a byte each) through the base unless told otherwise."""
     model = chat_model(tiny_llama, 0.5)
     opening = model.tokenizer("\n<assistant>", add_special_tokens=False).input_ids
-    assert chat_exact_tail(model.tokenizer) == len(opening) == 12
+    assert chat_exact_tail(model.tokenizer) == model.chat_tail == len(opening) == 12
     assert ChatSession(model).exact_tail == 12 and ChatSession(model, exact_tail=1).exact_tail == 1
     model.tokenizer.chat_template = None
     assert chat_exact_tail(model.tokenizer) == 1  # no template: the paper's one token
+
+
+def test_a_checkpoint_trained_on_chats_records_its_own_chat_tail(tiny_llama, tmp_path):
+    """One measured to answer chats as well with a shorter tail says so in its config; a bad value is refused."""
+    model = chat_model(tiny_llama, 0.5)
+    model.config.chat_exact_tail = 1
+    model.save_pretrained(tmp_path / "m")
+    again = KVPredictionModel.from_pretrained(str(tmp_path / "m"))
+    again.tokenizer.chat_template = CHAT_TEMPLATE
+    assert again.chat_tail == 1 and ChatSession(again).exact_tail == 1
+    config = json.loads((tmp_path / "m" / "kvpred_config.json").read_text())
+    (tmp_path / "m" / "kvpred_config.json").write_text(json.dumps(dict(config, chat_exact_tail=0)))
+    with pytest.raises(KVPredError, match="chat_exact_tail must be a positive integer"):
+        KVPredictionModel.from_pretrained(str(tmp_path / "m"))
 
 
 def test_chat_session_keeps_an_exact_cache_of_earlier_turns(tiny_llama):

@@ -17,7 +17,6 @@ from openai import AsyncOpenAI, OpenAI
 from kvpred.cli import build_parser
 from kvpred.decoding import Pooled, RollingBatch
 from kvpred.model import KVPredictionModel
-from kvpred.generation import chat_exact_tail
 from kvpred.models import KVPredError
 from kvpred.serve import (APIError, Job, Metrics, Scheduler, ServeConfig, create_app, serve_in_thread,
                           visible_text)
@@ -543,7 +542,7 @@ def test_smollm2_chat_over_http_matches_in_process_generation():
     messages = [{"role": "user", "content": "What is the capital of France?"}]
     prompt = model.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     ids = model.tokenizer.encode(prompt, add_special_tokens=False)
-    tail = chat_exact_tail(model.tokenizer)  # what a chat request that names no exact_tail gets
+    tail = model.chat_tail  # what a chat request that names no exact_tail gets
     expected = {mode: in_process(model, ids, mode, 12, tail) for mode in ("exact", "predicted")}  # before serving it
     with serve_in_thread(create_app(model, ServeConfig(model_name="smollm2-135m"))) as url:
         client = OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)

@@ -139,11 +139,12 @@ def test_a_predictor_only_fine_tune_keeps_the_trained_auxiliary(tiny_llama, shar
     first = Trainer(config(tiny_llama, shards, tmp_path, steps=4, aux_lora_rank=2, aux_lr=1e-2)).train()
     calibrated = json.loads((first / "kvpred_config.json").read_text())
     calibrated["refine_thresholds"] = {"signal": "entropy", "off_below": 1.0, "eager_above": 2.0}
+    calibrated["chat_exact_tail"] = 1
     (first / "kvpred_config.json").write_text(json.dumps(calibrated))
     tuned = Trainer(config(str(first), shards, tmp_path, steps=2, train_aux=False, keep_ratio=None,
                            out=str(tmp_path / "tuned"))).train()
     before, after = (KVPredictionModel.from_pretrained(str(p)) for p in (first, tuned))
-    assert after.config.refine_thresholds is None  # thresholds measured for the old predictor are dropped
+    assert after.config.refine_thresholds is None and after.config.chat_exact_tail is None  # measured for the old
     assert after.aux_tensors.keys() == before.aux_tensors.keys()
     for name, tensor in before.aux_tensors.items():
         torch.testing.assert_close(after.aux_tensors[name], tensor)
