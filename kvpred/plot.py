@@ -89,8 +89,9 @@ def pareto_points(docs: list[dict], x_rule: str = "param", tasks: list[str] | No
 
 def pareto_front(points: list[dict], key: str) -> list[dict]:
     """The points that no other point beats on both axes (a larger reduction and a higher accuracy), by reduction."""
-    beaten = lambda p: any(q[key] >= p[key] and q["y"] >= p["y"] and (q[key] > p[key] or q["y"] > p["y"])  # noqa: E731
-                           for q in points)
+    def beaten(p: dict) -> bool:
+        return any(q[key] >= p[key] and q["y"] >= p["y"] and (q[key] > p[key] or q["y"] > p["y"]) for q in points)
+
     return sorted((p for p in points if not beaten(p)), key=lambda p: p[key])
 
 
