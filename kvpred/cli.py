@@ -29,9 +29,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="weights dtype (default: float32 on CPU, bfloat16 on CUDA)")
 
 
-def add_calibration_arguments(parser: argparse.ArgumentParser, out_help: str) -> None:
+def add_calibration_arguments(parser: argparse.ArgumentParser, out_help: str, data_required: bool = True) -> None:
     """--data / --out / --tokens / --seq-len / --batch-size, for subcommands that measure on calibration text."""
-    parser.add_argument("--data", required=True, help="token shard folder made by `kvpred data build`")
+    parser.add_argument("--data", required=data_required, help="token shard folder made by `kvpred data build`")
     parser.add_argument("--out", required=True, help=out_help)
     parser.add_argument("--tokens", type=positive_int, default=65_536, help="calibration tokens")
     parser.add_argument("--seq-len", type=positive_int, default=512)

@@ -22,6 +22,7 @@ from typing import Iterable
 import torch
 from tqdm import tqdm
 
+from . import lora
 from .model import KVPredictionModel, capture, position_ids_from_mask
 from .models import KVPredError
 from .predictor import KVPredictor
@@ -211,7 +212,7 @@ def fit_predictor(model: KVPredictionModel, batches: Iterable[torch.Tensor], con
 
 # ---------------------------------------------------------------- CLI
 def register(subparsers) -> None:
-    from .cli import add_calibration_arguments, add_model_arguments
+    from .cli import add_calibration_arguments, add_model_arguments, positive_int
 
     p = subparsers.add_parser(
         "fit", help="training-free predictor: ridge regression on a calibration corpus",
@@ -230,21 +231,58 @@ def register(subparsers) -> None:
     p.set_defaults(func=_fit_command)
 
     p = subparsers.add_parser(
-        "compress", help="factorise a checkpoint's full-rank predictor to a cheaper low-rank one",
-        description="Replace the predictor's full-rank maps by the factorised predictor of the given rank (one "
+        "compress", help="factorise a checkpoint's predictor (--rank) or its auxiliary's adapters (--aux-rank)",
+        description="--rank: replace the predictor's full-rank maps by the factorised predictor of that rank (one "
                     "projection per auxiliary tap shared by every base layer reading it, then per-layer maps): the "
-                    "best approximation in output error on calibration text, found in closed form. Hidden-state "
-                    "predictors only. Fine-tune the result with `kvpred train` to recover what it loses.")
+                    "best approximation in output error on calibration text (--data), found in closed form. "
+                    "Hidden-state predictors only. Fine-tune the result with `kvpred train` to recover what it "
+                    "loses. --aux-rank: refactor the auxiliary's saved adapters (whose rank grows with each round of "
+                    "training) to at most that rank by truncated SVD; it reports the largest relative error.")
     add_model_arguments(p)
-    p.add_argument("--rank", type=int, required=True, help="width of each tap's shared code")
-    add_calibration_arguments(p, "folder for the compressed checkpoint")
+    p.add_argument("--rank", type=positive_int, default=None, help="width of each tap's shared code")
+    p.add_argument("--aux-rank", type=positive_int, default=None, help="largest rank of each auxiliary adapter")
+    p.add_argument("--save-dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="dtype of the saved tensors (bfloat16: half the size, as the shipped default is stored)")
+    add_calibration_arguments(p, "folder for the compressed checkpoint", data_required=False)
     p.set_defaults(func=_compress_command)
 
 
 def _compress_command(args: argparse.Namespace) -> int:
+    if args.rank is None and args.aux_rank is None:
+        raise KVPredError("nothing to compress: give --rank (the predictor) and/or --aux-rank (the adapters)")
+    if args.rank is not None and args.data is None:
+        raise KVPredError("--rank fits the factorised predictor on calibration text: give --data")
+    model = KVPredictionModel.from_pretrained(args.model, dtype=torch.float32, device=args.device)
+    report = {"from": args.model}
+    if args.aux_rank is not None:
+        report.update(_compact_adapters(model, args.aux_rank))
+    if args.rank is not None:
+        report.update(_compress_predictor(model, args))
+    model.config.forget_measurements()
+    model.save_pretrained(args.out, dtype=getattr(torch, args.save_dtype))
+    Path(args.out, "compress_report.json").write_text(json.dumps(report, indent=2))
+    print(f"saved {args.out}")
+    return 0
+
+
+def _compact_adapters(model: KVPredictionModel, rank: int) -> dict:
+    old = {n: t for n, t in model.aux_tensors.items() if n.endswith((lora.SUFFIX_A, lora.SUFFIX_B))}
+    if not old:
+        raise KVPredError("--aux-rank: this checkpoint's auxiliary has no adapters to compact")
+    new, error = lora.compact_factors(old, rank)
+    undo = {n: -t if n.endswith(lora.SUFFIX_B) else t for n, t in old.items()}
+    lora.merge_factors(model.aux, undo)  # the loaded weights hold the old products: swap them for the new ones
+    lora.merge_factors(model.aux, new)
+    model.aux_tensors.update(new)
+    ranks = sorted({t.shape[0] for n, t in old.items() if n.endswith(lora.SUFFIX_A)})
+    print(f"adapters of rank {', '.join(map(str, ranks))} -> at most {rank}; largest relative error of a product "
+          f"{error:.4f}")
+    return {"aux_rank": rank, "aux_ranks_before": ranks, "aux_max_rel_error": error}
+
+
+def _compress_predictor(model: KVPredictionModel, args: argparse.Namespace) -> dict:
     from .data import PackedTokens, check_tokenizer
 
-    model = KVPredictionModel.from_pretrained(args.model, dtype=torch.float32, device=args.device)
     check_tokenizer(args.data, model.tokenizer)
     before = model.predictor.config.multiply_adds_per_token()
     xtx = input_moments(model, PackedTokens(args.data, "train", seq_len=args.seq_len, batch_size=args.batch_size),
@@ -253,14 +291,11 @@ def _compress_command(args: argparse.Namespace) -> int:
         errors = _use_factorised(model, xtx, args.rank)
     except ValueError as err:
         raise KVPredError(f"cannot compress {args.model}: {err}") from err
-    model.save_pretrained(args.out)
     after = model.predictor.config.multiply_adds_per_token()
-    Path(args.out, "compress_report.json").write_text(json.dumps(
-        {"from": args.model, "rank": args.rank, "tokens": args.tokens, "rel_error_per_tap": errors,
-         "multiply_adds_per_token": [before, after]}, indent=2))
     print(f"rank {args.rank}: predictor multiply-adds per token {before} -> {after} ({before / after:.1f}x fewer); "
-          f"relative output error per tap {', '.join(f'{e:.3f}' for e in errors)}; saved {args.out}")
-    return 0
+          f"relative output error per tap {', '.join(f'{e:.3f}' for e in errors)}")
+    return {"rank": args.rank, "tokens": args.tokens, "rel_error_per_tap": errors,
+            "multiply_adds_per_token": [before, after]}
 
 
 def _fit_command(args: argparse.Namespace) -> int:

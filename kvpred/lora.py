@@ -66,3 +66,23 @@ def merge_factors(model: nn.Module, factors: dict[str, torch.Tensor]) -> None:
         b = factors[weight_name + SUFFIX_B]
         weight = state[weight_name]
         weight.add_((b.to(weight.device, torch.float32) @ a.to(weight.device, torch.float32)).to(weight.dtype))
+
+
+@torch.no_grad()
+def compact_factors(factors: dict[str, torch.Tensor], rank: int) -> tuple[dict[str, torch.Tensor], float]:
+    """Each B @ A as its best rank-`rank` factorisation (truncated SVD; exact where the rank is not above `rank`).
+    Training from a trained checkpoint appends new factors to the old ones, so their rank grows round by round while
+    the product often needs far fewer. Returns the new factors and the largest relative error (Frobenius) of a
+    product."""
+    out, worst = dict(factors), 0.0
+    for name_a in [n for n in factors if n.endswith(SUFFIX_A)]:
+        name_b = name_a[: -len(SUFFIX_A)] + SUFFIX_B
+        a, b = factors[name_a].double(), factors[name_b].double()
+        qb, rb = torch.linalg.qr(b)  # B A = Qb (Rb Ra^T) Qa^T: the SVD of a small r x r core
+        qa, ra = torch.linalg.qr(a.T)
+        u, s, vh = torch.linalg.svd(rb @ ra.T)
+        k = min(rank, len(s))
+        worst = max(worst, (s[k:].square().sum() / s.square().sum().clamp_min(1e-30)).sqrt().item())
+        out[name_b] = (qb @ u[:, :k] * s[:k]).to(factors[name_b].dtype)
+        out[name_a] = (vh[:k] @ qa.T).to(factors[name_a].dtype)
+    return out, worst

@@ -135,3 +135,43 @@ def test_calibration_sizes_must_be_positive(tiny_llama, tmp_path, flag, capsys):
         main(["compress", "--model", tiny_llama, "--rank", "2", "--data", str(tmp_path), "--out", str(tmp_path / "o"),
               flag, "0"])
     assert exit_.value.code == 2 and f"argument {flag}: must be at least 1, got 0" in capsys.readouterr().err
+
+
+def test_compacting_adapters_keeps_their_products_up_to_the_rank_asked_for():
+    """Stacked rounds of rank-3 adapters (rank 6) whose sum needs rank 3: compacting to 3 is exact, to 2 the best
+    rank-2 approximation."""
+    from kvpred.lora import SUFFIX_A, SUFFIX_B, compact_factors
+
+    torch.manual_seed(0)
+    b1, a1 = torch.randn(10, 3), torch.randn(3, 7)
+    old = {"w" + SUFFIX_A: torch.cat([a1, 2 * a1]), "w" + SUFFIX_B: torch.cat([b1, -b1 / 4], dim=1)}
+    product = old["w" + SUFFIX_B] @ old["w" + SUFFIX_A]
+    three, error = compact_factors(old, 3)
+    assert three["w" + SUFFIX_A].shape == (3, 7) and error < 1e-6
+    torch.testing.assert_close(three["w" + SUFFIX_B] @ three["w" + SUFFIX_A], product, atol=1e-5, rtol=1e-5)
+    two, error = compact_factors(old, 2)
+    u, s, vh = torch.linalg.svd(product)
+    torch.testing.assert_close(two["w" + SUFFIX_B] @ two["w" + SUFFIX_A], u[:, :2] * s[:2] @ vh[:2], atol=1e-5,
+                               rtol=1e-5)
+    assert error == pytest.approx((s[2:].square().sum() / s.square().sum()).sqrt().item(), rel=1e-4)
+
+
+def test_cli_compress_aux_rank_refactors_the_saved_adapters_without_calibration_data(tiny_llama, tmp_path, capsys):
+    from kvpred.lora import SUFFIX_A, SUFFIX_B
+
+    model = KVPredictionModel.from_pretrained(tiny_llama, keep_ratio=0.5)
+    torch.manual_seed(0)
+    weight = "model.layers.0.mlp.up_proj.weight"
+    out_f, in_f = model.aux.get_parameter(weight).shape
+    b, a = torch.randn(out_f, 2) * 0.1, torch.randn(2, in_f)
+    model.aux_tensors = {weight + SUFFIX_A: torch.cat([a, a]), weight + SUFFIX_B: torch.cat([b, b], dim=1)}  # rank 4
+    model.config.chat_exact_tail = 1
+    model.save_pretrained(tmp_path / "stacked")
+    assert main(["compress", "--model", str(tmp_path / "stacked"), "--aux-rank", "2", "--out",
+                 str(tmp_path / "compact"), "--device", "cpu"]) == 0
+    assert "rank 4 -> at most 2" in capsys.readouterr().out
+    stacked, compact = (KVPredictionModel.from_pretrained(str(tmp_path / p)) for p in ("stacked", "compact"))
+    assert compact.aux_tensors[weight + SUFFIX_A].shape[0] == 2 and compact.config.chat_exact_tail is None
+    torch.testing.assert_close(compact.aux.get_parameter(weight), stacked.aux.get_parameter(weight))
+    assert main(["compress", "--model", str(tmp_path / "stacked"), "--rank", "2", "--out", str(tmp_path / "x")]) == 2
+    assert "--rank fits the factorised predictor on calibration text: give --data" in capsys.readouterr().err
