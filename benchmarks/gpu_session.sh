@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU session stages for the device tool (a 4-GPU H100 machine). The SmolLM2 GGUF (98 MB) cannot travel in one call
-# (64 MiB cap, the tracked tree included: 31 MB), so it comes in four parts (`split -n 4 -d`) in four calls to the same
+# (64 MiB cap, the tracked tree included: 26-31 MB), so it comes in four parts (`split -n 4 -d`) in four calls to the same
 # warm machine (one that stays warm: each call must follow the last within its 30 s), with the token shards
 # (xz-compressed, `.carry/mix1`, `.carry/mix2`) riding along; stages that need the evaluation sets carry .carry/data.
 #   stage a      carry .carry/g1 .whl .carry/tok  : GGUF part 1, gguf wheel, tokenizer files
