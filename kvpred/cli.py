@@ -38,6 +38,12 @@ def add_calibration_arguments(parser: argparse.ArgumentParser, out_help: str, da
     parser.add_argument("--batch-size", type=positive_int, default=8)
 
 
+def add_save_dtype_argument(parser: argparse.ArgumentParser) -> None:
+    """--save-dtype, for subcommands that write a checkpoint from one loaded in float32."""
+    parser.add_argument("--save-dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="dtype of the saved tensors (bfloat16: half the size, as the shipped default is stored)")
+
+
 def positive_int(text: str) -> int:
     """argparse type: an integer >= 1 (argparse prints the error as `argument --flag: ...`)."""
     value = int(text)

@@ -212,7 +212,7 @@ def fit_predictor(model: KVPredictionModel, batches: Iterable[torch.Tensor], con
 
 # ---------------------------------------------------------------- CLI
 def register(subparsers) -> None:
-    from .cli import add_calibration_arguments, add_model_arguments, positive_int
+    from .cli import add_calibration_arguments, add_model_arguments, add_save_dtype_argument, positive_int
 
     p = subparsers.add_parser(
         "fit", help="training-free predictor: ridge regression on a calibration corpus",
@@ -241,8 +241,7 @@ def register(subparsers) -> None:
     add_model_arguments(p)
     p.add_argument("--rank", type=positive_int, default=None, help="width of each tap's shared code")
     p.add_argument("--aux-rank", type=positive_int, default=None, help="largest rank of each auxiliary adapter")
-    p.add_argument("--save-dtype", choices=("float32", "bfloat16"), default="float32",
-                   help="dtype of the saved tensors (bfloat16: half the size, as the shipped default is stored)")
+    add_save_dtype_argument(p)
     add_calibration_arguments(p, "folder for the compressed checkpoint", data_required=False)
     p.set_defaults(func=_compress_command)
 

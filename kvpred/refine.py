@@ -504,7 +504,7 @@ class ChatSession:
 
 # -------------------------------------------------------------------- CLI: kvpred chat
 def register(subparsers) -> None:
-    from .cli import add_model_arguments
+    from .cli import add_model_arguments, add_save_dtype_argument
 
     p = subparsers.add_parser("chat", help="interactive multi-turn chat reusing the cache of earlier turns",
                               description="Chat with the base through KV prediction: each turn's new tokens are "
@@ -538,6 +538,7 @@ def register(subparsers) -> None:
     p.add_argument("--trust", type=float, default=0.9, help="first-token agreement that needs no refinement")
     p.add_argument("--distrust", type=float, default=0.5, help="first-token agreement that refines at once")
     p.add_argument("--batch-size", type=int, default=16)
+    add_save_dtype_argument(p)
     p.set_defaults(func=_calibrate)
 
 
@@ -555,7 +556,7 @@ def _calibrate(args) -> int:
     thresholds, report = calibrate(model, heldout_windows(args.data, args.prompt_len, args.prompts),
                                    trust=args.trust, distrust=args.distrust, batch_size=args.batch_size)
     model.config.refine_thresholds = asdict(thresholds)
-    model.save_pretrained(args.out)
+    model.save_pretrained(args.out, dtype=getattr(torch, args.save_dtype))
     report = {"model": args.model, "data": args.data, "prompt_len": args.prompt_len, **model.config.refine_thresholds,
               **report}
     Path(args.out, "calibration.json").write_text(json.dumps(report, indent=2))

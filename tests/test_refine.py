@@ -544,6 +544,10 @@ def test_calibrate_saves_thresholds_that_auto_refinement_then_uses(pruned, tmp_p
     pruned.save_pretrained(tmp_path / "model")
     argv = ["calibrate", "--model", str(tmp_path / "model"), "--data", shards, "--out", str(tmp_path / "calibrated"),
             "--prompts", "8", "--prompt-len", "24", "--batch-size", "4", "--device", "cpu"]
+    assert cli.main(argv + ["--save-dtype", "bfloat16"]) == 0
+    assert KVPredictionModel.from_pretrained(str(tmp_path / "calibrated")).config.refine_thresholds is not None
+    from safetensors.torch import load_file
+    assert {t.dtype for t in load_file(tmp_path / "calibrated" / "predictor.safetensors").values()} == {torch.bfloat16}
     assert cli.main(argv) == 0
     report = json.loads((tmp_path / "calibrated" / "calibration.json").read_text())
     assert report["prompts"] == 8 and 0 <= report["agreement"] <= 1
