@@ -1,4 +1,4 @@
-"""Time to first token of chat prompts on a GPU with the template's reply opening as exact tail.
+"""Time to first token of chat prompts (on a GPU, or the CPU) with the template's reply opening as exact tail.
 
 Chat prompts of the shipped default (TriviaQA questions, padded with WikiText text in front to reach each length),
 first token through `kvpred.decoding.first_logits` (what `generate` and the server run), medians of fresh prompts
@@ -82,7 +82,8 @@ def main() -> None:
             for i, ids in enumerate(prompts):
                 exact_token = None
                 for name, (how, tail) in runs.items():
-                    torch.cuda.synchronize()
+                    if args.device == "cuda":
+                        torch.cuda.synchronize()
                     start = time.perf_counter()
                     token = first_token(model, ids, how, tail)
                     elapsed = (time.perf_counter() - start) * 1e3
