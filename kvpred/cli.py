@@ -70,8 +70,8 @@ def _register_generate(sub) -> None:
                    help="exact: base alone; aux: auxiliary alone; predicted: KV prediction (default)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--exact-tail", type=int, default=None,
-                   help="prompt tokens the base runs itself (default: the paper's 1; with --chat, the template's "
-                        "tokens that open the reply, 6 for SmolLM2)")
+                   help="prompt tokens the base runs itself (default: the paper's 1; with --chat, the model's "
+                        "chat tail: the checkpoint's own, else the template's tokens that open the reply)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--temperature", type=float, default=1.0)

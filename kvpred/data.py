@@ -539,11 +539,11 @@ def _documents_batch(model, tokenizer, rng, size: int, max_new_tokens: int, word
     return [(prompt + tokenizer.decode(row, skip_special_tokens=True), len(row)) for prompt, row in zip(prompts, rows)]
 
 
-def _chats_batch(model, tokenizer, rng, size: int, max_new_tokens: int, user_tokens: int,
+def _chats_batch(model, tokenizer, rng, size: int, max_new_tokens: int, prefix: str, user_tokens: int,
                  **sampling) -> list[tuple[str, int]]:
-    """Single-turn chats, both sides written by the model: first the user's message after the template's opening,
-    then the assistant's reply; the text is the rendered conversation, special tokens as text."""
-    users = _continue(model, tokenizer, [chat_prefix(tokenizer)] * size, user_tokens, **sampling)
+    """Single-turn chats, both sides written by the model: first the user's message after the template's opening
+    `prefix`, then the assistant's reply; the text is the rendered conversation, special tokens as text."""
+    users = _continue(model, tokenizer, [prefix] * size, user_tokens, **sampling)
     turns = [[{"role": "user", "content": tokenizer.decode(row, skip_special_tokens=True).strip()}] for row in users]
     kept = [(turn, len(row)) for turn, row in zip(turns, users) if turn[0]["content"]]
     if not kept:
@@ -573,8 +573,7 @@ def sample_corpus(model, tokenizer, out_dir: str | Path, tokens: int, *, batch_s
     if tokenizer.eos_token_id is None:
         raise KVPredError("the tokenizer has no EOS token, which ends a sampled document")
     if chat:
-        chat_prefix(tokenizer)  # fails before any sampling when there is no template
-        make = partial(_chats_batch, user_tokens=user_tokens)
+        make = partial(_chats_batch, prefix=chat_prefix(tokenizer), user_tokens=user_tokens)
     else:
         make = partial(_documents_batch, words=list(openings or topic_words(tokenizer)))
     out = Path(out_dir)

@@ -26,12 +26,12 @@ def encode_prompts(tokenizer, prompts: list[str], chat: bool = False) -> tuple[t
 
 
 def chat_exact_tail(tokenizer) -> int:
-    """The exact tail chat prompts get unless one is asked for: the tokens the chat template appends after the last
-    user message to open the assistant's reply (SmolLM2: "<|im_end|>\n<|im_start|>assistant\n", 6 tokens), at least
-    1. An auxiliary and predictor trained on plain text predict these special tokens badly: with SmolLM2's shipped
-    default and the paper's tail of one token, the first token of each of 100 TriviaQA questions asked as chats was
-    a newline or an end of turn, and never exact mode's; with this tail, none was, and 62 were exact mode's
-    (benchmarks/results/chat_tail)."""
+    """The exact tail of chat prompts for a checkpoint that records none (`KVPredictionModel.chat_tail`): the tokens
+    the chat template appends after the last user message to open the assistant's reply (SmolLM2:
+    "<|im_end|>\n<|im_start|>assistant\n", 6 tokens), at least 1. An auxiliary and predictor trained on plain text
+    predict these special tokens badly: with SmolLM2's round-4 default (never trained on chats) and the paper's tail
+    of one token, the first token of each of 100 TriviaQA questions asked as chats was a newline or an end of turn,
+    and never exact mode's; with this tail, none was, and 62 were exact mode's (benchmarks/results/chat_tail)."""
     if tokenizer.chat_template is None:
         return 1
 

@@ -355,9 +355,9 @@ class ChatSession:
     Each `send` renders the whole conversation with the tokenizer's chat template and tokenizes it (the same ids
     exact mode would see), keeps the cached columns that agree with those ids, predicts K/V only for the new
     columns (the auxiliary keeps its own cache too, so it reads only the tokens it has not seen: the new turn and
-    the previous reply), lets the base run the last `exact_tail` tokens (by default the template's tokens that
-    open the reply), and decodes with refinement. After an exact history, a new turn short enough that the base
-    costs fewer FLOPs on it than the auxiliary on what it has not read runs exactly instead.
+    the previous reply), lets the base run the last `exact_tail` tokens (by default the model's chat tail,
+    `KVPredictionModel.chat_tail`), and decodes with refinement. After an exact history, a new turn short enough
+    that the base costs fewer FLOPs on it than the auxiliary on what it has not read runs exactly instead.
     Refinement that has not caught up by the end of a reply is finished right after it, so the next turn starts
     from an exact cache (with refine="off" the kept cache stays approximate). The session holds its own
     preallocated cache (and, on a GPU, its own CUDA-graph step), grown when a turn outgrows it. Batch size 1;

@@ -4,8 +4,8 @@ Endpoints: /v1/completions and /v1/chat/completions (streamed as server-sent eve
 /health, /metrics (Prometheus text), and vLLM's /tokenize, /detokenize and /tokenizer_info, so that
 lm-evaluation-harness can tokenize with the server's own tokenizer (tokenizer_backend=remote) and needs no download.
 Extra request fields: `kv_mode` (exact | aux | predicted) and `exact_tail` (int >= 1; chat requests that name none
-get at least the model's chat tail, see KVPredictionModel.chat_tail). Responses carry
-`kv_mode` and `ttft_s`; a stream carries `ttft_s` in the first chunk of each choice.
+get at least the model's chat tail, see KVPredictionModel.chat_tail). Responses carry `kv_mode` and `ttft_s`; a
+stream carries `ttft_s` in the first chunk of each choice.
 
 Progressive refinement and multi-turn reuse (kvpred.refine; predicted mode only)
 * `refine` (off | eager | lazy | auto; default: the server's --refine) and `refine_chunk` (int >= 2; default
@@ -1027,7 +1027,8 @@ def register(subparsers) -> None:
                    help="kv_mode of requests that name none (default: predicted)")
     p.add_argument("--exact-tail", type=int, default=1,
                    help="prompt tokens the base computes itself when a request names none (paper: 1); chat "
-                        "requests get at least the chat template's tokens that open the reply (6 for SmolLM2)")
+                        "requests get at least the model's chat tail (the checkpoint's own, else the template's "
+                        "tokens that open the reply)")
     p.add_argument("--max-queue", type=int, default=64, help="waiting prompts beyond this are answered 429")
     p.add_argument("--max-batch", type=int, default=8, help="queued prompts of equal settings decoded together")
     p.add_argument("--refine", choices=REFINE_CHOICES, default="off",
