@@ -417,17 +417,24 @@ def first_logits(model, pooled: Pooled, input_ids: torch.Tensor, mask: torch.Ten
     """The prompt pass into the pooled cache; returns the last position's logits [B, V]. `mask` [B, N + new] covers
     the prompt and the tokens to come. Predicted mode's last prompt token is the pooled step (eager until the
     shape's graph was captured, after a first token, so no request waits for a capture before its first token),
-    after the rest of a longer tail (`base_tail`). On a CPU a longer tail runs as one eager forward (`prefill_into`),
-    which reads the weights once. `defer_values` (kvpred.deferred) applies to a one-token tail's eager step."""
+    after the rest of a longer tail (`base_tail`, where `tail_on_steps`; else one eager forward, `prefill_into`).
+    `defer_values` (kvpred.deferred) applies to a one-token tail's eager step."""
     prompt_mask = mask[:, :input_ids.shape[1]]
     padded = not bool(prompt_mask.all())
     cache = pooled.cache
-    if mode == "predicted" and (exact_tail == 1 or model.device.type == "cuda"):
+    if mode == "predicted" and tail_on_steps(model, exact_tail):
         model.predict_into(cache, input_ids, prompt_mask if padded else None, exact_tail,
                            defer_values=defer_values and exact_tail == 1 and not isinstance(pooled.step, GraphStep))
         return base_tail(model, pooled, input_ids, prompt_mask, padded, cache.get_seq_length())
     return model.prefill_into(cache, input_ids, prompt_mask if padded else None, mode=mode,
                               exact_tail=exact_tail)[:, -1]
+
+
+def tail_on_steps(model, tail: int) -> bool:
+    """Whether a predicted prompt's last `tail` tokens go through `base_tail` (the pooled step, after a captured
+    chunk on a GPU) rather than one eager forward: a single token always; a longer tail on a GPU only, since on a
+    CPU one forward reads the weights once."""
+    return tail == 1 or model.device.type == "cuda"
 
 
 def base_tail(model, pooled: Pooled, input_ids: torch.Tensor, prompt_mask: torch.Tensor, padded: bool,

@@ -19,7 +19,7 @@ import torch
 from transformers import DynamicCache
 
 from .decoding import (Pooled, Trace, base_tail, capacity_bucket, decode, eos_token_ids, first_logits,
-                       pad_id, without_cudnn_attention)
+                       pad_id, tail_on_steps, without_cudnn_attention)
 from .model import BufferCache, KVPredictionModel, cache_kwargs, capture, position_ids_from_mask
 from .models import KVPredError
 
@@ -200,7 +200,7 @@ def _prefill(model: KVPredictionModel, ids: torch.Tensor, mask: torch.Tensor, ex
         cache.set_length(n)
         if aux_end > n:  # the tail's own predicted K/V, which kv_error compares with the base's [L, B, N-n, kv]
             tail_keys, tail_values = model.predictor(key_in[:, :, n - start:], value_in[:, :, n - start:])
-    if not with_signal and (n_total - n == 1 or model.device.type == "cuda"):
+    if not with_signal and tail_on_steps(model, n_total - n):
         return base_tail(model, pooled, ids, mask, padded, n)[:, None], {}
     with capture(model.base, "kv") if with_signal else nullcontext() as taps:
         out = model.base(input_ids=ids[:, n:], attention_mask=mask if padded else None, position_ids=pos[:, n:],
