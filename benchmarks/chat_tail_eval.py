@@ -8,23 +8,15 @@ first token is a newline or the end of the turn, and agreement of the first 16 t
     python benchmarks/chat_tail_eval.py --questions 100 > benchmarks/results/chat_tail/cpu.md
 """
 import argparse
-import json
 import shlex
 import sys
-from pathlib import Path
 
 import torch
+from chat_quality import DATA, load_questions  # this folder
 
 from kvpred.generation import chat_exact_tail
 from kvpred.model import KVPredictionModel
 from kvpred.refine import ChatSession
-
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "triviaqa_sm_sub.jsonl"
-
-
-def questions(n: int) -> list[str]:
-    lines = DATA.read_text().splitlines()[:n]
-    return [json.loads(line)["context"].removeprefix("Question: ").removesuffix("\nAnswer:") for line in lines]
 
 
 def reply(model, ids: torch.Tensor, mode: str, tail: int, tokens: int) -> list[int]:
@@ -46,7 +38,7 @@ def main() -> None:
     sample = tok.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False, add_generation_prompt=True)
     print(f"{args.model}, CPU, {model.base.dtype}; the template's reply opening is {opening} tokens: "
           f"{tok.decode(tok(sample, add_special_tokens=False).input_ids[-opening:])!r}\n")
-    qs = questions(args.questions)
+    qs = [q for q, _ in load_questions(DATA, args.questions)]
     counts = {w: {"first": 0, "newline_or_end": 0, "sequence": 0, "tokens": 0} for w in tails}
     lengths = []
     for q in qs:
