@@ -175,3 +175,9 @@ def test_cli_compress_aux_rank_refactors_the_saved_adapters_without_calibration_
     torch.testing.assert_close(compact.aux.get_parameter(weight), stacked.aux.get_parameter(weight))
     assert main(["compress", "--model", str(tmp_path / "stacked"), "--rank", "2", "--out", str(tmp_path / "x")]) == 2
     assert "--rank fits the factorised predictor on calibration text: give --data" in capsys.readouterr().err
+    assert main(["compress", "--model", str(tmp_path / "stacked"), "--out", str(tmp_path / "x")]) == 2
+    assert "nothing to compress" in capsys.readouterr().err
+    KVPredictionModel.from_pretrained(tiny_llama, keep_ratio=0.5).save_pretrained(tmp_path / "untrained")
+    assert main(["compress", "--model", str(tmp_path / "untrained"), "--aux-rank", "2", "--out",
+                 str(tmp_path / "x")]) == 2
+    assert "has no adapters to compact" in capsys.readouterr().err
