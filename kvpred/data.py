@@ -59,7 +59,7 @@ def _is_eval_data(path: Path) -> bool:
 def _refuse_eval_data(path: Path, source: str) -> None:
     if _is_eval_data(path):
         raise KVPredError(f"source {source!r} reaches {path}, which is evaluation data (under a shared/data "
-                          "folder); never train on the evaluation sets: pass training text from elsewhere")
+                          "folder); never train or calibrate on the evaluation sets: pass text from elsewhere")
 
 
 def _walk(root: Path) -> list[Path]:

@@ -1,12 +1,14 @@
 """Prompt encoding and streaming helpers shared by the CLI, the server and the evaluators."""
 from __future__ import annotations
 
+import json
 import sys
 import time
 
 import torch
 from transformers import TextStreamer
 
+from .data import expand_source
 from .models import KVPredError
 
 
@@ -34,17 +36,73 @@ def chat_exact_tail(tokenizer) -> int:
     and never exact mode's; with this tail, none was, and 62 were exact mode's (benchmarks/results/chat_tail)."""
     if tokenizer.chat_template is None:
         return 1
+    a, b = (tokenizer(text, add_special_tokens=False).input_ids for text in _two_chat_prompts(tokenizer))
+    return max(_common_suffix(a, b), 1)
 
-    def ids(content: str) -> list[int]:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
-                                             add_generation_prompt=True)
-        return tokenizer(text, add_special_tokens=False).input_ids
 
-    a, b = ids("first question"), ids("second request?")
+def reply_opening(tokenizer) -> str:
+    """The text the chat template appends after the last user message to open the assistant's reply (SmolLM2:
+    "<|im_end|>\n<|im_start|>assistant\n")."""
+    if tokenizer.chat_template is None:
+        raise KVPredError("this model's tokenizer has no chat template")
+    a, b = _two_chat_prompts(tokenizer)
+    return a[len(a) - _common_suffix(a, b):]
+
+
+def _two_chat_prompts(tokenizer) -> tuple[str, str]:
+    """Two one-turn chat prompts whose user messages end differently: what they share at the end opens the reply."""
+    return tuple(tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                               add_generation_prompt=True)
+                 for content in ("first question", "second request?"))
+
+
+def _common_suffix(a, b) -> int:
     common = 0
     while common < min(len(a), len(b)) and a[-1 - common] == b[-1 - common]:
         common += 1
-    return max(common, 1)
+    return common
+
+
+def read_chat_prompts(source: str, tokenizer, limit: int) -> list[str]:
+    """Up to `limit` chat prompts, each rendered up to the opening of the conversation's last assistant reply, from
+    the .jsonl files of `source` (a file, folder or glob; not evaluation data). A line holds either "messages" (a
+    list of {"role", "content"}, OpenAI-style: the turns before the last assistant message become the prompt) or
+    "text", a conversation already rendered in the tokenizer's template (what `kvpred data sample --chat` writes)."""
+    opening = reply_opening(tokenizer)
+    files = [f for f in expand_source(source) if f.suffix == ".jsonl"]
+    if not files:
+        raise KVPredError(f"chats {source!r} hold no .jsonl files")
+    prompts = []
+    for path in files:
+        for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if len(prompts) == limit:
+                return prompts
+            if line.strip():
+                prompts.append(_chat_prompt(line, tokenizer, opening, f"{path}:{lineno}"))
+    if not prompts:
+        raise KVPredError(f"chats {source!r} hold no conversations")
+    return prompts
+
+
+def _chat_prompt(line: str, tokenizer, opening: str, where: str) -> str:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise KVPredError(f"{where} is not valid JSON ({err})") from err
+    if isinstance(row, dict) and isinstance(row.get("messages"), list):
+        turns = row["messages"]
+        roles = [turn.get("role") if isinstance(turn, dict) else None for turn in turns]
+        if "user" not in roles:
+            raise KVPredError(f"{where}: the conversation has no user message")
+        last_user = len(roles) - 1 - roles[::-1].index("user")
+        return tokenizer.apply_chat_template(turns[:last_user + 1], tokenize=False, add_generation_prompt=True)
+    if isinstance(row, dict) and isinstance(row.get("text"), str):
+        end = row["text"].rfind(opening)
+        if end < 0:
+            raise KVPredError(f"{where}: the text is not a chat in this tokenizer's template (no {opening!r} opens "
+                              "an assistant reply)")
+        return row["text"][:end + len(opening)]
+    raise KVPredError(f"{where} has neither a \"messages\" list nor a \"text\" string")
 
 
 class TimedStreamer(TextStreamer):

@@ -154,6 +154,41 @@ def calibrate(model: KVPredictionModel, windows: torch.Tensor, *, trust: float =
     return found, report
 
 
+@torch.no_grad()
+def measure_chat_tail(model: KVPredictionModel, prompts: list[str], *, tolerance: float = 0.02,
+                      batch_size: int = 16, progress: bool = True) -> tuple[int, dict]:
+    """The chat tail these weights need (`KVPredictionModel.chat_tail`), measured on chat prompts (`prompts`, each
+    rendered up to its reply's opening; held-out chats, not evaluation data): per exact tail W from 1 to the
+    template's reply opening, how often predicted mode's first token equals the exact base's. The chosen tail is the
+    shortest within `tolerance` of the opening's agreement, the safe default it replaces. Returns it and a report."""
+    from tqdm.auto import tqdm
+
+    from .evaluate import confidence_interval
+    from .generation import chat_exact_tail
+
+    opening = chat_exact_tail(model.tokenizer)
+    agree: dict[int, list[bool]] = {w: [] for w in range(1, opening + 1)}
+    for start in tqdm(range(0, len(prompts), batch_size), desc="calibrate: chats", unit="batch", disable=not progress):
+        enc = model.tokenizer(prompts[start:start + batch_size], return_tensors="pt", padding=True,
+                              padding_side="left", add_special_tokens=False).to(model.device)
+        exact = model.prefill(enc.input_ids, enc.attention_mask, mode="exact")[0][:, -1].argmax(-1)
+        for w, hits in agree.items():
+            logits, _ = model.prefill(enc.input_ids, enc.attention_mask, mode="predicted", exact_tail=w)
+            hits += (logits[:, -1].argmax(-1) == exact).tolist()
+    rates = {w: confidence_interval(hits) for w, hits in agree.items()}
+    chosen = shortest_tail_within({w: rate for w, (rate, _, _) in rates.items()}, tolerance)
+    report = {"chat_prompts": len(prompts), "reply_opening_tokens": opening, "chat_tolerance": tolerance,
+              "chat_exact_tail": chosen,
+              "chat_first_token_agreement": {str(w): {"mean": m, "ci95": [lo, hi]} for w, (m, lo, hi) in rates.items()}}
+    return chosen, report
+
+
+def shortest_tail_within(agreement: dict[int, float], tolerance: float) -> int:
+    """The shortest exact tail whose first-token agreement is within `tolerance` of the longest tail's."""
+    reference = agreement[max(agreement)]
+    return min(w for w, rate in agreement.items() if rate >= reference - tolerance)
+
+
 def token_agreement(new_tokens: torch.Tensor, reference: torch.Tensor, pad_token_id: int) -> torch.Tensor:
     """Per row [B]: the fraction of positions where two [B, n] continuations hold the same token (both padded
     to the longer with `pad_token_id`, as generate pads rows that stopped)."""
@@ -524,19 +559,27 @@ def register(subparsers) -> None:
     p.set_defaults(func=_chat)
 
     p = subparsers.add_parser(
-        "calibrate", help="measure the adaptive-refinement thresholds of a model and save them in its config",
-        description="On held-out windows of token shards (`kvpred data build`; not evaluation data), measure per "
-                    "prompt predicted mode's first-token entropy and whether its first token equals the exact base's, "
-                    "and set `--refine auto`'s thresholds: trust the prediction (no refinement) below the largest "
-                    "entropy under which agreement is >= --trust, refine at once above the smallest entropy above "
-                    "which it is <= --distrust, lazily between. Writes the checkpoint with them to --out.")
+        "calibrate", help="measure a model's adaptive-refinement thresholds and chat tail, and save them in its config",
+        description="With --data (held-out windows of token shards, `kvpred data build`; not evaluation data): "
+                    "measure per prompt predicted mode's first-token entropy and whether its first token equals the "
+                    "exact base's, and set `--refine auto`'s thresholds: trust the prediction (no refinement) below "
+                    "the largest entropy under which agreement is >= --trust, refine at once above the smallest "
+                    "entropy above which it is <= --distrust, lazily between. With --chats (held-out chats, e.g. "
+                    "from `kvpred data sample --chat` with a seed training did not use): measure first-token agreement "
+                    "for each exact tail from 1 token to the chat template's reply opening, and set the model's chat "
+                    "tail to the shortest within --chat-tolerance of the opening's. Writes the checkpoint to --out; "
+                    "what is not measured is kept.")
     add_model_arguments(p)
-    p.add_argument("--data", required=True, help="token shard folder; its held-out split is used")
-    p.add_argument("--out", required=True, help="folder for the checkpoint with calibrated thresholds")
-    p.add_argument("--prompts", type=int, default=256)
-    p.add_argument("--prompt-len", type=int, default=256)
+    p.add_argument("--data", help="token shard folder; its held-out split calibrates the refinement thresholds")
+    p.add_argument("--chats", help=".jsonl chats (file, folder or glob; lines of \"messages\" or rendered "
+                                   "\"text\") that calibrate the chat tail")
+    p.add_argument("--out", required=True, help="folder for the calibrated checkpoint")
+    p.add_argument("--prompts", type=int, default=256, help="prompts (windows, chats) measured")
+    p.add_argument("--prompt-len", type=int, default=256, help="tokens per --data window")
     p.add_argument("--trust", type=float, default=0.9, help="first-token agreement that needs no refinement")
     p.add_argument("--distrust", type=float, default=0.5, help="first-token agreement that refines at once")
+    p.add_argument("--chat-tolerance", type=float, default=0.02,
+                   help="first-token agreement a shorter chat tail may lose against the template's reply opening")
     p.add_argument("--batch-size", type=int, default=16)
     add_save_dtype_argument(p)
     p.set_defaults(func=_calibrate)
@@ -548,17 +591,28 @@ def _calibrate(args) -> int:
 
     from .cli import load_model
     from .data import check_tokenizer, heldout_windows
+    from .generation import read_chat_prompts
 
+    if args.data is None and args.chats is None:
+        raise KVPredError("nothing to calibrate: give --data (refinement thresholds), --chats (chat tail) or both")
     if not 0 <= args.distrust <= args.trust <= 1:
         raise KVPredError(f"need 0 <= --distrust <= --trust <= 1, got {args.distrust} and {args.trust}")
+    if not 0 <= args.chat_tolerance <= 1:
+        raise KVPredError(f"--chat-tolerance must be within [0, 1], got {args.chat_tolerance}")
     model = load_model(args)
-    check_tokenizer(args.data, model.tokenizer)
-    thresholds, report = calibrate(model, heldout_windows(args.data, args.prompt_len, args.prompts),
-                                   trust=args.trust, distrust=args.distrust, batch_size=args.batch_size)
-    model.config.refine_thresholds = asdict(thresholds)
+    report = {"model": args.model}
+    if args.data is not None:
+        check_tokenizer(args.data, model.tokenizer)
+        thresholds, found = calibrate(model, heldout_windows(args.data, args.prompt_len, args.prompts),
+                                      trust=args.trust, distrust=args.distrust, batch_size=args.batch_size)
+        model.config.refine_thresholds = asdict(thresholds)
+        report |= {"data": args.data, "prompt_len": args.prompt_len, **model.config.refine_thresholds, **found}
+    if args.chats is not None:
+        prompts = read_chat_prompts(args.chats, model.tokenizer, args.prompts)
+        model.config.chat_exact_tail, found = measure_chat_tail(model, prompts, tolerance=args.chat_tolerance,
+                                                                batch_size=args.batch_size)
+        report |= {"chats": args.chats, **found}
     model.save_pretrained(args.out, dtype=getattr(torch, args.save_dtype))
-    report = {"model": args.model, "data": args.data, "prompt_len": args.prompt_len, **model.config.refine_thresholds,
-              **report}
     Path(args.out, "calibration.json").write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))
     return 0

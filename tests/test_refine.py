@@ -13,7 +13,7 @@ from kvpred.model import KVPredictionModel, position_ids_from_mask
 from kvpred.models import KVPredError
 from kvpred.decoding import Pooled
 from kvpred.refine import (ChatSession, Thresholds, _prefill, choose_policy, confidence, generate_refined,
-                           prefix_agreement, register, token_agreement, tradeoff_curve)
+                           measure_chat_tail, prefix_agreement, register, token_agreement, tradeoff_curve)
 from kvpred.testing import CHAT_TEMPLATE, save_tiny_model
 
 PROMPTS = ["The quick brown fox jumps over", "a", "Hello, world! This prompt is quite a lot longer than the others."]
@@ -563,6 +563,101 @@ def test_calibrate_saves_thresholds_that_auto_refinement_then_uses(pruned, tmp_p
         assert info["policy"] == policy
     assert cli.main(argv[:-2] + ["--trust", "0.2", "--distrust", "0.5"]) == 2
     assert "--distrust <= --trust" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ calibrated chat tail
+def write_chats(path, lines):
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return str(path)
+
+
+def test_chat_prompts_are_read_up_to_the_opening_of_the_last_reply(tmp_path):
+    """From OpenAI-style "messages" (the turns before the last assistant message) or from conversations already
+    rendered in the template (`kvpred data sample --chat`), cut after the opening of their last reply."""
+    from kvpred.generation import read_chat_prompts
+    from kvpred.testing import byte_tokenizer
+
+    tok = byte_tokenizer()
+    tok.chat_template = CHAT_TEMPLATE
+    chats = write_chats(tmp_path / "chats.jsonl", [
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+                      {"role": "user", "content": "how are you?"}, {"role": "assistant", "content": "fine"}]},
+        {"text": "<user>what is 2+2?\n<assistant>4\n<user>and 3+3?\n<assistant>6\n"},
+        {"text": "<user>one more\n<assistant>sure\n"}])
+    assert read_chat_prompts(chats, tok, 10) == [
+        "<user>hi\n<assistant>hello\n<user>how are you?\n<assistant>",
+        "<user>what is 2+2?\n<assistant>4\n<user>and 3+3?\n<assistant>",
+        "<user>one more\n<assistant>"]
+    assert len(read_chat_prompts(str(tmp_path), tok, 2)) == 2  # a folder, capped
+
+
+@pytest.mark.parametrize("line, error", [
+    ({"text": "plain prose, no chat at all"}, "not a chat in this tokenizer's template"),
+    ({"messages": [{"role": "system", "content": "be brief"}]}, "no user message"),
+    ({"prompt": "hi"}, 'neither a "messages" list nor a "text" string'),
+    ("[1, 2", "is not valid JSON")])
+def test_a_chat_line_that_is_not_a_conversation_is_a_clear_error_naming_its_line(tmp_path, line, error):
+    from kvpred.generation import read_chat_prompts
+    from kvpred.testing import byte_tokenizer
+
+    tok = byte_tokenizer()
+    tok.chat_template = CHAT_TEMPLATE
+    path = tmp_path / "chats.jsonl"
+    path.write_text(json.dumps({"text": "<user>fine\n<assistant>"}) + "\n" + (line if isinstance(line, str)
+                                                                            else json.dumps(line)) + "\n")
+    with pytest.raises(KVPredError, match=re.escape("chats.jsonl:2")) as err:
+        read_chat_prompts(str(path), tok, 10)
+    assert error in str(err.value)
+    tok.chat_template = None
+    with pytest.raises(KVPredError, match="no chat template"):
+        read_chat_prompts(str(path), tok, 10)
+
+
+def test_the_chat_tail_is_the_shortest_within_tolerance_of_the_reply_openings_agreement():
+    from kvpred.refine import shortest_tail_within
+
+    agreement = {1: 0.50, 2: 0.68, 3: 0.71, 4: 0.69, 5: 0.73, 6: 0.72}  # 6: the whole reply opening
+    assert shortest_tail_within(agreement, 0.02) == 3
+    assert shortest_tail_within(agreement, 0.0) == 5  # as good as the opening, though shorter
+    assert shortest_tail_within(agreement, 0.3) == 1
+
+
+def test_chat_tails_are_measured_from_one_token_to_the_whole_reply_opening(tiny_llama):
+    prompts = [f"<user>question number {i}, asked in a chat?\n<assistant>" for i in range(6)]
+    same = chat_model(tiny_llama, 1.0)  # aux == base, identity predictor: every tail gives exact's first token
+    tail, report = measure_chat_tail(same, prompts, batch_size=4, progress=False)
+    assert tail == report["chat_exact_tail"] == 1 and report["chat_prompts"] == 6
+    assert report["reply_opening_tokens"] == 12 and list(report["chat_first_token_agreement"]) == [
+        str(w) for w in range(1, 13)]
+    assert all(r["mean"] == 1.0 for r in report["chat_first_token_agreement"].values())
+    pruned_chat = chat_model(tiny_llama, 0.5)  # an untrained auxiliary misses exact's first token on some prompts
+    _, report = measure_chat_tail(pruned_chat, prompts, batch_size=4, progress=False)
+    assert all(r["mean"] < 1.0 for r in report["chat_first_token_agreement"].values())
+
+
+def test_calibrate_with_chats_records_the_chat_tail_and_keeps_the_thresholds(tmp_path, capsys):
+    from transformers import AutoTokenizer
+
+    from kvpred import cli
+
+    base = save_tiny_model(tmp_path / "base")
+    tok = AutoTokenizer.from_pretrained(base)
+    tok.chat_template = CHAT_TEMPLATE
+    tok.save_pretrained(base)
+    model = KVPredictionModel.from_pretrained(str(base), keep_ratio=1.0)
+    model.config.refine_thresholds = {"signal": "entropy", "off_below": 1.0, "eager_above": 2.0}
+    model.save_pretrained(tmp_path / "model")
+    chats = write_chats(tmp_path / "chats.jsonl", [{"messages": [{"role": "user", "content": f"question {i}?"}]}
+                                                   for i in range(5)])
+    argv = ["calibrate", "--model", str(tmp_path / "model"), "--out", str(tmp_path / "calibrated"), "--device", "cpu"]
+    assert cli.main(argv + ["--chats", chats]) == 0
+    calibrated = KVPredictionModel.from_pretrained(str(tmp_path / "calibrated"))
+    assert calibrated.config.chat_exact_tail == calibrated.chat_tail == 1  # aux == base: one token is enough
+    assert calibrated.config.refine_thresholds == model.config.refine_thresholds  # not measured, so kept
+    report = json.loads((tmp_path / "calibrated" / "calibration.json").read_text())
+    assert report["chats"] == chats and report["chat_prompts"] == 5 and report["chat_exact_tail"] == 1
+    assert cli.main(argv) == 2
+    assert "nothing to calibrate" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
