@@ -32,6 +32,8 @@
 #                greedy tokens compared, bench ttft, and `kvpred serve --compile-step` starting up
 #   stage servecompile (after a, a2 and a3; carry .carry/g4 .carry/serve) serve_bench with and without --compile-step
 #   stage sessions (after a, a2 and a3; carry .carry/g4 .carry/serve) first turns of new chat sessions through the server
+#   stage chatgpu (after a, a2 and a3; carry .carry/g4 .carry/serve .carry/data) the chat tail measured on held-out chats,
+#                chat TTFT at batch 1 and chat turns through the server under load
 #   stage equalflops (after a, a2 and a3; carry .carry/g4) exact tail vs truncation at equal FLOPs, 512-2048-token prompts
 #   stage evalfull (after a, a2 and a3; carry .carry/g4) the shipped default on every item of every task, then HumanEval
 #   stage generate (after a, a2 and a3; carry .carry/g4) generate() on CUDA-graph steps vs transformers' loop, timed and compared
@@ -86,10 +88,10 @@ a)
   python3 -m pip install -q --no-index --no-deps --target "$SITE" .whl/*.whl
   ;;
 a2)
-  cp .carry/g2/part /tmp/gg/part01 && unxz_into $D .carry/mix1/*
+  cp .carry/g2/part /tmp/gg/part01 && { [ ! -d .carry/mix1 ] || unxz_into $D .carry/mix1/*; }
   ;;
 a3)
-  cp .carry/g3/part /tmp/gg/part02 && unxz_into $D .carry/mix2/* && ls -la $D
+  cp .carry/g3/part /tmp/gg/part02 && { [ ! -d .carry/mix2 ] || unxz_into $D .carry/mix2/*; } && ls -la $D
   ;;
 b)
   assemble_model || exit 1
@@ -187,6 +189,24 @@ servechat)  # after a, a2 and a3 (carry .carry/g4 .carry/serve): chat turns thro
   for len in 128 512; do
     python3 benchmarks/serve_bench.py --device cuda --dtype bfloat16 --chat --load-only --prompt-tokens $len \
       --requests 48 --concurrency 8 --max-tokens 32 --modes exact predicted predicted@1 --warm-up 256,512,1024 \
+      2>&1 | grep -v "Warn\|warn\|Loading\|INFO" | tee $OUT/serve_chat_$len.txt
+  done
+  ;;
+chatgpu)  # after a, a2 and a3 (carry .carry/g4 .carry/serve .carry/data): the shipped default's chat path with its chat
+  # tail: the tail measured on held-out chats the base writes (seed 7; training used seed 3), chat TTFT at batch 1, and
+  # chat turns under load
+  assemble_model || exit 1
+  python3 -m pip install -q --no-index --no-deps --target "$SITE" .carry/serve/*.whl
+  cp -r .carry/data /tmp/carry/
+  kv data sample --chat --out /tmp/heldout_chats --tokens 300000 --batch-size 1024 --max-new-tokens 16 --seed 7 \
+    > $OUT/sample_chats.log 2>&1; echo "sampled held-out chats: rc=$?"
+  kv calibrate --model smollm2-135m --chats /tmp/heldout_chats --prompts 2048 --batch-size 128 --device cuda \
+    --dtype bfloat16 --out /tmp/calibrated 2> $OUT/calibrate_chats.log | tee $OUT/calibrate_chats.json
+  python3 benchmarks/chat_tail_ttft.py --device cuda --dtype bfloat16 --prompt-lens 64,512,2048 --prompts 12 \
+    --data-dir /tmp/carry/data 2>&1 | grep -v "Warn\|warn\|Loading\|INFO" | tee $OUT/chat_tail_ttft.md
+  for len in 128 512; do
+    python3 benchmarks/serve_bench.py --device cuda --dtype bfloat16 --chat --load-only --prompt-tokens $len \
+      --requests 48 --concurrency 8 --max-tokens 32 --modes exact predicted predicted@6 --warm-up 256,512,1024 \
       2>&1 | grep -v "Warn\|warn\|Loading\|INFO" | tee $OUT/serve_chat_$len.txt
   done
   ;;

@@ -13,11 +13,11 @@
    that the server's worker thread stays the only user of the served one.
 2. Under load: --concurrency streaming clients keep requests in flight until --requests have run, per KV mode;
    p50/p95 TTFT as the clients see it and as the server reports it (ttft_s: arrival to first token). With --chat
-   the requests are chat turns (/v1/chat/completions), whose default exact tail is the template's reply opening; a
-   mode written `predicted@W` sends exact_tail W.
+   the requests are chat turns (/v1/chat/completions), whose default exact tail is the model's chat tail
+   (`KVPredictionModel.chat_tail`); a mode written `predicted@W` sends exact_tail W.
 
     python benchmarks/serve_bench.py --device cuda --dtype bfloat16 --chat --load-only --prompt-tokens 512 \
-        --modes exact predicted predicted@1
+        --modes exact predicted predicted@6
 """
 import argparse
 import asyncio
