@@ -35,7 +35,7 @@
 #   stage chatgpu (after a, a2 and a3; carry .carry/g4 .carry/serve .carry/data) the chat tail measured on held-out chats,
 #                chat TTFT at batch 1 and chat turns through the server under load
 #   stage equalflops (after a, a2 and a3; carry .carry/g4) exact tail vs truncation at equal FLOPs, 512-2048-token prompts
-#   stage evalfull (after a, a2 and a3; carry .carry/g4) the shipped default on every item of every task, then HumanEval
+#   stage evalfull (after a, a2 and a3; carry .carry/g4 .carry/data) the shipped default on every item of every task
 #   stage generate (after a, a2 and a3; carry .carry/g4) generate() on CUDA-graph steps vs transformers' loop, timed and compared
 #   stage evalpair (after `ROUND=solo ... wait`) the shipped default and the solo run on the same 800 items, paired
 #   stage evalcopy (after `ROUND=solo SOLO=copy ... wait`, the solo run with SOLO_FLAGS="--exact-self --copy-spans
@@ -233,10 +233,11 @@ for mode in ("exact", "predicted"):
           f"all 32 equal {(a == b).all(1).float().mean():.3f}, per position {(a == b).float().mean():.3f}")
 PY
   ;;
-evalfull)  # after a, a2 and a3 (carry .carry/g4): the shipped default on every item of every task
+evalfull)  # after a, a2 and a3 (carry .carry/g4 .carry/data): the shipped default on every item of every task
   assemble_model || exit 1
+  [ -d .carry/data ] && cp -r .carry/data /tmp/carry/
   mkdir -p /tmp/eval
-  for run in "core lambada,arc_easy,piqa,agreement,heldout,kv 400" "humaneval humaneval 150"; do
+  for run in "core lambada,arc_easy,piqa,agreement,heldout,kv 400" "gen triviaqa,humaneval 300"; do
     read -r label tasks secs <<< "$run"
     timeout -k 5 $secs python3 -m kvpred.cli eval --model smollm2-135m --device cuda --dtype bfloat16 --batch-size 64 \
       --tasks $tasks --quiet --data-dir /tmp/carry/data --label shipped_$label --out /tmp/eval/shipped_$label.json \
