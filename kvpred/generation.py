@@ -27,6 +27,12 @@ def encode_prompts(tokenizer, prompts: list[str], chat: bool = False) -> tuple[t
     return enc.input_ids, enc.attention_mask
 
 
+def cut_at_stop(text: str, stops) -> str:
+    """`text` up to the first of the `stops` strings it holds (empty ones never match), else all of it."""
+    cuts = [text.find(s) for s in stops if s and s in text]
+    return text[:min(cuts)] if cuts else text
+
+
 def chat_exact_tail(tokenizer) -> int:
     """The exact tail of chat prompts for a checkpoint that records none (`KVPredictionModel.chat_tail`): the tokens
     the chat template appends after the last user message to open the assistant's reply (SmolLM2:

@@ -31,8 +31,9 @@ from lm_eval.api.registry import MODEL_REGISTRY, register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
+from .generation import cut_at_stop
 from .models import KVPredError
-from .tasks import MODES, cut_at_stop, generate, score
+from .tasks import MODES, generate, score
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

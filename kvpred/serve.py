@@ -65,6 +65,7 @@ import torch
 from transformers.generation import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 from .decoding import Pooled, RollingBatch, sample
+from .generation import cut_at_stop
 from .models import KVPredError
 from .refine import REFINE_CHOICES, ChatSession, generate_refined
 
@@ -223,9 +224,9 @@ class Job:
 def visible_text(text: str, stops: tuple[str, ...]) -> tuple[str, bool]:
     """The part of generated `text` that may be sent: up to the first stop string (then True), else all but a tail
     that could still grow into a stop string or is an unfinished UTF-8 character (decoded as U+FFFD)."""
-    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
-    if hits:
-        return text[:min(hits)], True
+    cut = cut_at_stop(text, stops)
+    if len(cut) < len(text):  # a stop string begins there
+        return cut, True
     safe = text.rstrip("\ufffd")
     hold = max((k for s in stops for k in range(1, len(s)) if safe.endswith(s[:k])), default=0)
     return safe[:len(safe) - hold], False

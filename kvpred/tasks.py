@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from .generation import cut_at_stop
 from .model import position_ids_from_mask
 from .models import KVPredError
 from .rope import rope_tables, unrotate
@@ -282,11 +283,6 @@ def generate(model, prompts: list[list[int]], mode: str, *, ratio: float = 1.0, 
         yield results
         if progress is not None:
             progress.update(len(chunk))
-
-
-def cut_at_stop(text: str, stop: list[str]) -> str:
-    cuts = [text.find(s) for s in stop if s and s in text]
-    return text[:min(cuts)] if cuts else text
 
 
 # ------------------------------------------------------------------ task kinds

@@ -185,6 +185,7 @@ def test_visible_text_holds_back_a_possible_stop_string_and_unfinished_character
     assert visible_text("hello world!", ("world",)) == ("hello ", True)
     assert visible_text("caf\ufffd", ()) == ("caf", False)
     assert visible_text("abc", ("x", "bc")) == ("a", True)
+    assert visible_text("abc", ("",)) == ("abc", False)  # an empty stop string never matches
 
 
 def test_a_seed_makes_sampling_reproducible(client):
