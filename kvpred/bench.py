@@ -31,6 +31,7 @@ from .models import KVPredError
 
 RANDOM_LABEL = "random-weight timing model"
 DEFAULT_OUT = "benchmarks/results"
+DEFAULT_PROMPT_LENS = (128, 512, 2048, 8192)
 # Targets from the task (printed, never asserted)
 TARGET_EFFICIENCY, TARGET_MIN_LEN, TARGET_PREDICTOR_SHARE, TARGET_DECODE_GAP = 0.9, 1024, 0.03, 0.02
 
@@ -723,6 +724,8 @@ def _ttft_command(args) -> int:
             variant.model.compile_step()
     model = variants[0].model
     limit = model.context_length - args.decode_tokens
+    if args.prompt_lens is None:  # the default lengths that fit this model's context
+        args.prompt_lens = settings.prompt_lens = [n for n in DEFAULT_PROMPT_LENS if n <= limit] or [limit]
     too_long = [n for n in args.prompt_lens if n > limit or n < 2]
     if too_long:
         raise KVPredError(f"prompt lengths {too_long} do not fit: each needs 2..{limit} tokens ({label}'s context "
@@ -791,7 +794,9 @@ def register(subparsers) -> None:
                         "(repeatable with --shape: one variant per source)")
     p.add_argument("--predictor-rank", type=int, default=None,
                    help="with --shape and --source hidden: time a factorised predictor of this rank")
-    p.add_argument("--prompt-lens", type=_ints, default=[128, 512, 2048, 8192], help="comma-separated lengths")
+    p.add_argument("--prompt-lens", type=_ints, default=None,
+                   help=f"comma-separated lengths (default: those of {','.join(map(str, DEFAULT_PROMPT_LENS))} that "
+                        "fit the model's context with the decode tokens)")
     p.add_argument("--batch", type=_ints, default=[1], help="comma-separated batch sizes")
     p.add_argument("--repeats", type=int, default=5, help="timed runs per mode and shape (after warm-up)")
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds per shape")

@@ -93,6 +93,15 @@ def test_cli_rejects_prompts_over_the_context(tiny_path, tmp_path, capsys):
     assert "do not fit" in capsys.readouterr().err
 
 
+def test_without_prompt_lens_the_default_lengths_that_fit_the_context_are_timed(tiny_path, tmp_path):
+    """The tiny model's context is 512: of 128, 512, 2048 and 8192, only 128 leaves room for the decode tokens."""
+    assert bench.main(["ttft", "--model", str(tiny_path), "--device", "cpu", "--repeats", "1", "--warmup", "0",
+                       "--decode-tokens", "2", "--out", str(tmp_path), "--name", "d", "--no-plot"]) == 0
+    data = json.loads((tmp_path / "d.json").read_text())
+    assert [r["prompt_len"] for r in data["rows"]] == [128]
+    assert "--prompt-lens 128 " in data["meta"][0]["command"]  # the command that reproduces it names them
+
+
 def test_max_batch_tokens_skips_and_says_so(tiny_path, tmp_path):
     assert bench.main(["ttft", "--model", str(tiny_path), "--device", "cpu", "--prompt-lens", "8,32",
                        "--batch", "1,4", "--max-batch-tokens", "64", "--repeats", "1", "--warmup", "0",
