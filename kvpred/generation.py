@@ -97,7 +97,10 @@ def _chat_prompt(line: str, tokenizer, opening: str, where: str) -> str:
         raise KVPredError(f"{where} is not valid JSON ({err})") from err
     if isinstance(row, dict) and isinstance(row.get("messages"), list):
         turns = row["messages"]
-        roles = [turn.get("role") if isinstance(turn, dict) else None for turn in turns]
+        if not all(isinstance(t, dict) and isinstance(t.get("role"), str) and isinstance(t.get("content"), str)
+                   for t in turns):
+            raise KVPredError(f"{where}: every message needs a \"role\" and a \"content\" string")
+        roles = [turn["role"] for turn in turns]
         if "user" not in roles:
             raise KVPredError(f"{where}: the conversation has no user message")
         last_user = len(roles) - 1 - roles[::-1].index("user")

@@ -539,7 +539,7 @@ class ChatSession:
 
 # -------------------------------------------------------------------- CLI: kvpred chat
 def register(subparsers) -> None:
-    from .cli import add_model_arguments, add_save_dtype_argument
+    from .cli import add_model_arguments, add_save_dtype_argument, positive_int
 
     p = subparsers.add_parser("chat", help="interactive multi-turn chat reusing the cache of earlier turns",
                               description="Chat with the base through KV prediction: each turn's new tokens are "
@@ -574,7 +574,7 @@ def register(subparsers) -> None:
     p.add_argument("--chats", help=".jsonl chats (file, folder or glob; lines of \"messages\" or rendered "
                                    "\"text\") that calibrate the chat tail")
     p.add_argument("--out", required=True, help="folder for the calibrated checkpoint")
-    p.add_argument("--prompts", type=int, default=256, help="prompts (windows, chats) measured")
+    p.add_argument("--prompts", type=positive_int, default=256, help="prompts (windows, chats) measured")
     p.add_argument("--prompt-len", type=int, default=256, help="tokens per --data window")
     p.add_argument("--trust", type=float, default=0.9, help="first-token agreement that needs no refinement")
     p.add_argument("--distrust", type=float, default=0.5, help="first-token agreement that refines at once")

@@ -594,6 +594,7 @@ def test_chat_prompts_are_read_up_to_the_opening_of_the_last_reply(tmp_path):
 @pytest.mark.parametrize("line, error", [
     ({"text": "plain prose, no chat at all"}, "not a chat in this tokenizer's template"),
     ({"messages": [{"role": "system", "content": "be brief"}]}, "no user message"),
+    ({"messages": [{"role": "user"}]}, 'needs a "role" and a "content" string'),
     ({"prompt": "hi"}, 'neither a "messages" list nor a "text" string'),
     ("[1, 2", "is not valid JSON")])
 def test_a_chat_line_that_is_not_a_conversation_is_a_clear_error_naming_its_line(tmp_path, line, error):
