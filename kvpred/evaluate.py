@@ -190,7 +190,8 @@ def evaluate(model, specs, modes: list[str], options, *, limit: int | None = Non
             # what makes a unit result: model, task data and settings, r for truncate mode, and the exact tail
             # for predicted mode (named only when not the paper's 1, so earlier caches stay valid)
             key = [msig, spec.kind, spec.path, settings, options.ratio if mode == "truncate" else None]
-            sig = _digest(key + [options.exact_tail] if mode == "predicted" and options.exact_tail != 1 else key)
+            tail = kind.exact_tail(model, options)
+            sig = _digest(key + [tail] if mode == "predicted" and tail != 1 else key)
             pending = [u for u in units if cache.get(sig, spec.name, mode, u[0]) is None]
             if pending:
                 bar = tqdm(total=len(pending), desc=f"{spec.name}/{mode}", disable=not progress, file=sys.stderr)
@@ -288,7 +289,9 @@ def register(subparsers) -> None:
                     "(multiple choice: query/choices/gold; QA: question/answer(s); LM: context/continuation; "
                     "HumanEval) file. Results are cached per item in OUT.items.jsonl, so a rerun resumes.")
     add_model_arguments(p)
-    p.add_argument("--tasks", required=True, help="comma-separated tasks, e.g. lambada,arc_easy,heldout,kv")
+    p.add_argument("--tasks", required=True,
+                   help="comma-separated tasks, e.g. lambada,arc_easy,heldout,kv; NAME=PATH runs a built-in task on "
+                        "other data, and chat=PATH measures agreement on chat prompts (.jsonl of \"messages\")")
     p.add_argument("--modes", default=",".join(DEFAULT_MODES), help="comma-separated (default: all four)")
     p.add_argument("--limit", type=int, default=None, help="items per task (default: all)")
     p.add_argument("--batch-size", type=int, default=d.batch_size)

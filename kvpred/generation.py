@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from pathlib import Path
 
 import torch
 from transformers import TextStreamer
@@ -70,14 +71,20 @@ def _common_suffix(a, b) -> int:
 
 
 def read_chat_prompts(source: str, tokenizer, limit: int) -> list[str]:
-    """Up to `limit` chat prompts, each rendered up to the opening of the conversation's last assistant reply, from
-    the .jsonl files of `source` (a file, folder or glob; not evaluation data). A line holds either "messages" (a
-    list of {"role", "content"}, OpenAI-style: the turns before the last assistant message become the prompt) or
-    "text", a conversation already rendered in the tokenizer's template (what `kvpred data sample --chat` writes)."""
-    opening = reply_opening(tokenizer)
+    """`chat_prompts` of the .jsonl files of `source` (a file, folder or glob), which must not be evaluation data:
+    what calibrates a model."""
     files = [f for f in expand_source(source) if f.suffix == ".jsonl"]
     if not files:
         raise KVPredError(f"chats {source!r} hold no .jsonl files")
+    return chat_prompts(files, tokenizer, limit)
+
+
+def chat_prompts(files: list[Path], tokenizer, limit: int | None) -> list[str]:
+    """Up to `limit` chat prompts from .jsonl `files`, each rendered up to the opening of the conversation's last
+    assistant reply. A line holds either "messages" (a list of {"role", "content"}, OpenAI-style: the turns before
+    the last assistant message become the prompt) or "text", a conversation already rendered in the tokenizer's
+    template (what `kvpred data sample --chat` writes)."""
+    opening = reply_opening(tokenizer)
     prompts = []
     for path in files:
         for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
@@ -86,7 +93,7 @@ def read_chat_prompts(source: str, tokenizer, limit: int) -> list[str]:
             if line.strip():
                 prompts.append(_chat_prompt(line, tokenizer, opening, f"{path}:{lineno}"))
     if not prompts:
-        raise KVPredError(f"chats {source!r} hold no conversations")
+        raise KVPredError(f"{', '.join(map(str, files))} hold no conversations")
     return prompts
 
 

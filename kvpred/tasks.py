@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .generation import cut_at_stop
+from .generation import chat_prompts, cut_at_stop
 from .model import position_ids_from_mask
 from .models import KVPredError
 from .rope import rope_tables, unrotate
@@ -83,6 +83,7 @@ BUILTIN_TASKS = {
     "triviaqa": ("qa", "triviaqa_sm_sub.jsonl"),
     "humaneval": ("humaneval", "HumanEval.jsonl.gz"),
     "retrieval": ("retrieval", "wikitext2-test.txt"),
+    "chat": ("chat", None),  # no chats in the shared data: chat=PATH
 }
 
 
@@ -107,6 +108,8 @@ def parse_tasks(text: str, data_dir: Path) -> list[TaskSpec]:
             name, path = entry, ""
         if name in BUILTIN_TASKS:
             kind, default = BUILTIN_TASKS[name]
+            if not (path or default):
+                raise KVPredError(f"task {name!r} needs a data file: {name}=PATH")
             specs.append(TaskSpec(name, kind, path or str(data_dir / default)))
             continue
         if not _expand(path):
@@ -129,6 +132,8 @@ def detect_kind(path: str) -> str:
     if not isinstance(first, dict):
         raise KVPredError(f"{files[0]} is neither a .txt file nor JSON lines with an object per line")
     keys = set(first)
+    if "messages" in keys:
+        return "chat"
     if {"query", "choices", "gold"} <= keys:
         return "mc"
     if {"task_id", "prompt", "test", "entry_point"} <= keys:
@@ -303,6 +308,10 @@ class Kind:
 
     def modes(self, requested: list[str]) -> list[str]:
         return list(requested)
+
+    def exact_tail(self, model, opts: EvalOptions) -> int:
+        """Prompt tokens the base runs itself in predicted mode."""
+        return opts.exact_tail
 
     def build(self, model, spec: TaskSpec, opts: EvalOptions, limit: int | None) -> list[dict]:
         raise NotImplementedError
@@ -531,7 +540,7 @@ class Agreement(Kind):
     def run(self, ctx, mode, units):
         opts = ctx.options
         for batch in generate(ctx.model, [p["prompt"] for _, p in units], mode, ratio=opts.ratio,
-                              exact_tail=opts.exact_tail, batch_size=opts.batch_size,
+                              exact_tail=self.exact_tail(ctx.model, opts), batch_size=opts.batch_size,
                               max_new_tokens=opts.agreement_tokens, progress=ctx.progress):
             yield [(units[i][0], {"tokens": tokens}) for i, tokens in batch]
 
@@ -546,6 +555,24 @@ class Agreement(Kind):
             prefix.append(common / n)
             per_position.append(sum(same) / n)
         return {"first_token": first, "prefix": prefix, "per_position": per_position}
+
+
+class ChatAgreement(Agreement):
+    """Agreement (first token, prefix, per position) on chat prompts: .jsonl lines of "messages" (OpenAI-style; the
+    turns up to the last user message) or of "text" rendered in the model's chat template, each prompt ending with
+    the template's reply opening. Predicted mode's exact tail is at least the model's chat tail, as for chat requests
+    (`KVPredictionModel.chat_tail`)."""
+    option_fields = ("agreement_tokens",)
+
+    def build(self, model, spec, opts, limit):
+        files = [Path(f) for f in _expand(spec.path)]
+        if not files:
+            raise KVPredError(f"data file {spec.path!r} does not exist")
+        return [{"prompt": model.tokenizer(p, add_special_tokens=False).input_ids, "compare": opts.agreement_tokens}
+                for p in chat_prompts(files, model.tokenizer, limit)]
+
+    def exact_tail(self, model, opts):
+        return max(opts.exact_tail, model.chat_tail)
 
 
 class Retrieval(GenerationKind):
@@ -796,4 +823,5 @@ def _kill_group(proc: subprocess.Popen) -> None:
 KINDS: dict[str, Kind] = {
     "kv": KVError(), "heldout": HeldOut(), "agreement": Agreement(), "lm": LanguageModelling(),
     "mc": MultipleChoice(), "qa": QuestionAnswering(), "humaneval": HumanEval(), "retrieval": Retrieval(),
+    "chat": ChatAgreement(),
 }

@@ -150,6 +150,40 @@ def test_task_formats_are_detected_from_file_contents(tmp_path):
         parse_tasks(str(odd), DATA)
 
 
+def test_chat_agreement_runs_predicted_mode_with_at_least_the_models_chat_tail(tiny_path):
+    """chat=PATH (or a .jsonl of "messages"): agreement on chat prompts, whose predicted first token comes with the
+    model's chat tail as for chat requests; a new chat tail is not answered from results cached for the old one."""
+    from kvpred.testing import CHAT_TEMPLATE
+
+    model = KVPredictionModel.from_pretrained(str(tiny_path), keep_ratio=0.5)
+    model.tokenizer.chat_template = CHAT_TEMPLATE
+    assert [s.kind for s in parse_tasks(f"{DATA}/chat.jsonl,mine=" + f"{DATA}/chat.jsonl", DATA)] == ["chat", "chat"]
+    with pytest.raises(KVPredError, match="needs a data file: chat=PATH"):
+        parse_tasks("chat", DATA)
+    specs, cache = parse_tasks(f"chat={DATA}/chat.jsonl", DATA), ResultCache(None)
+
+    def first_token_agreement(tail: int) -> float:
+        from kvpred.generation import chat_prompts
+
+        hits = []
+        for text in chat_prompts([DATA / "chat.jsonl"], model.tokenizer, None):
+            ids = model.tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
+            exact, mine = (model.generate(ids, mode=m, exact_tail=tail, max_new_tokens=1)[0, -1] for m in
+                           ("exact", "predicted"))
+            hits.append(float(exact == mine))
+        return sum(hits) / len(hits)
+
+    found = {}
+    for chat_tail in (None, 1, 4096):  # None: the template's reply opening, 12 byte tokens; 4096: whole prompts
+        model.config.chat_exact_tail = chat_tail
+        doc = evaluate(model, specs, ["exact", "predicted"], small_options(model), cache=cache, progress=False)
+        task = doc["tasks"]["chat"]
+        assert task["n"] == 8 and task["metrics"]["first_token"]["exact"]["value"] == 1.0
+        found[chat_tail] = task["metrics"]["first_token"]["predicted"]["value"]
+        assert found[chat_tail] == pytest.approx(first_token_agreement(model.chat_tail))
+    assert found[1] < 1.0 and found[4096] == 1.0  # the base ran every prompt token: nothing predicted
+
+
 # ------------------------------------------------------------------ every task, every mode
 def test_every_task_reports_every_mode_with_intervals_around_the_value(pruned_doc):
     expected = {"kv": ["predicted"], "humaneval": MODES}
