@@ -148,6 +148,9 @@ def detect_kind(path: str) -> str:
 
 
 def _expand(path: str) -> list[str]:
+    """The data files of a file, a glob or a folder (its .txt, .jsonl and .jsonl.gz files, recursively)."""
+    if Path(path).is_dir():
+        return sorted(str(f) for f in Path(path).rglob("*") if f.name.endswith((".txt", ".jsonl", ".jsonl.gz")))
     return sorted(glob.glob(path)) if any(c in path for c in "*?[") else ([path] if Path(path).is_file() else [])
 
 

@@ -150,14 +150,16 @@ def test_task_formats_are_detected_from_file_contents(tmp_path):
         parse_tasks(str(odd), DATA)
 
 
-def test_chat_agreement_runs_predicted_mode_with_at_least_the_models_chat_tail(tiny_path):
+def test_chat_agreement_runs_predicted_mode_with_at_least_the_models_chat_tail(tiny_path, tmp_path):
     """chat=PATH (or a .jsonl of "messages"): agreement on chat prompts, whose predicted first token comes with the
     model's chat tail as for chat requests; a new chat tail is not answered from results cached for the old one."""
     from kvpred.testing import CHAT_TEMPLATE
 
     model = KVPredictionModel.from_pretrained(str(tiny_path), keep_ratio=0.5)
     model.tokenizer.chat_template = CHAT_TEMPLATE
-    assert [s.kind for s in parse_tasks(f"{DATA}/chat.jsonl,mine=" + f"{DATA}/chat.jsonl", DATA)] == ["chat", "chat"]
+    (tmp_path / "chats").mkdir()
+    (tmp_path / "chats" / "a.jsonl").write_text((DATA / "chat.jsonl").read_text())
+    assert [s.kind for s in parse_tasks(f"{DATA}/chat.jsonl,mine={tmp_path}/chats", DATA)] == ["chat", "chat"]
     with pytest.raises(KVPredError, match="needs a data file: chat=PATH"):
         parse_tasks("chat", DATA)
     specs, cache = parse_tasks(f"chat={DATA}/chat.jsonl", DATA), ResultCache(None)
