@@ -34,6 +34,7 @@
 #   stage sessions (after a, a2 and a3; carry .carry/g4 .carry/serve) first turns of new chat sessions through the server
 #   stage chatgpu (after a, a2 and a3; carry .carry/g4 .carry/serve .carry/data) the chat tail measured on held-out chats,
 #                chat TTFT at batch 1 and chat turns through the server under load
+#   stage evalchat (after a, a2 and a3; carry .carry/g4) kvpred eval's chat agreement on 2048 held-out chats, every mode
 #   stage equalflops (after a, a2 and a3; carry .carry/g4) exact tail vs truncation at equal FLOPs, 512-2048-token prompts
 #   stage evalfull (after a, a2 and a3; carry .carry/g4 .carry/data) the shipped default on every item of every task
 #   stage generate (after a, a2 and a3; carry .carry/g4) generate() on CUDA-graph steps vs transformers' loop, timed and compared
@@ -209,6 +210,15 @@ chatgpu)  # after a, a2 and a3 (carry .carry/g4 .carry/serve .carry/data): the s
       --requests 48 --concurrency 8 --max-tokens 32 --modes exact predicted predicted@6 --warm-up 256,512,1024 \
       2>&1 | grep -v "Warn\|warn\|Loading\|INFO" | tee $OUT/serve_chat_$len.txt
   done
+  ;;
+evalchat)  # after a, a2 and a3 (carry .carry/g4): kvpred eval's chat agreement on held-out chats the base wrote (seed 7,
+  # as in chatgpu), every mode
+  assemble_model || exit 1
+  kv data sample --chat --out /tmp/heldout_chats --tokens 300000 --batch-size 1024 --max-new-tokens 16 --seed 7 \
+    > $OUT/sample_chats.log 2>&1; echo "sampled held-out chats: rc=$?"
+  kv eval --model smollm2-135m --device cuda --dtype bfloat16 --batch-size 128 --tasks chat=/tmp/heldout_chats \
+    --limit 2048 --quiet --label shipped_chat --out /tmp/eval_chat/shipped_chat.json > $OUT/eval_chat.log 2>&1
+  echo "eval rc=$?"; cp /tmp/eval_chat/shipped_chat.json /tmp/eval_chat/shipped_chat.md $OUT/
   ;;
 equalflops)  # after a, a2 and a3 (carry .carry/g4): the shipped default's equal-FLOPs operating points on long prompts
   assemble_model || exit 1
