@@ -34,7 +34,8 @@
 #   stage sessions (after a, a2 and a3; carry .carry/g4 .carry/serve) first turns of new chat sessions through the server
 #   stage chatgpu (after a, a2 and a3; carry .carry/g4 .carry/serve .carry/data) the chat tail measured on held-out chats,
 #                chat TTFT at batch 1 and chat turns through the server under load
-#   stage evalchat (after a, a2 and a3; carry .carry/g4) kvpred eval's chat agreement on 2048 held-out chats, every mode
+#   stage evalchat (after a, a2 and a3; carry .carry/g4 [.carry/data]) kvpred eval's chat agreement on 2048 held-out chats,
+#                every mode [and pass-key retrieval]
 #   stage equalflops (after a, a2 and a3; carry .carry/g4) exact tail vs truncation at equal FLOPs, 512-2048-token prompts
 #   stage evalfull (after a, a2 and a3; carry .carry/g4 .carry/data) the shipped default on every item of every task
 #   stage generate (after a, a2 and a3; carry .carry/g4) generate() on CUDA-graph steps vs transformers' loop, timed and compared
@@ -211,7 +212,7 @@ chatgpu)  # after a, a2 and a3 (carry .carry/g4 .carry/serve .carry/data): the s
       2>&1 | grep -v "Warn\|warn\|Loading\|INFO" | tee $OUT/serve_chat_$len.txt
   done
   ;;
-evalchat)  # after a, a2 and a3 (carry .carry/g4): kvpred eval's chat agreement on held-out chats the base wrote (seed 7,
+evalchat)  # after a, a2 and a3 (carry .carry/g4 [.carry/data]): kvpred eval's chat agreement on held-out chats the base wrote (seed 7,
   # as in chatgpu), every mode
   assemble_model || exit 1
   kv data sample --chat --out /tmp/heldout_chats --tokens 300000 --batch-size 1024 --max-new-tokens 16 --seed 7 \
@@ -219,6 +220,12 @@ evalchat)  # after a, a2 and a3 (carry .carry/g4): kvpred eval's chat agreement 
   kv eval --model smollm2-135m --device cuda --dtype bfloat16 --batch-size 128 --tasks chat=/tmp/heldout_chats \
     --limit 2048 --quiet --label shipped_chat --out /tmp/eval_chat/shipped_chat.json > $OUT/eval_chat.log 2>&1
   echo "eval rc=$?"; cp /tmp/eval_chat/shipped_chat.json /tmp/eval_chat/shipped_chat.md $OUT/
+  if [ -d .carry/data ]; then  # pass-key retrieval, as run for the round-2 default
+    kv eval --model smollm2-135m --device cuda --dtype bfloat16 --tasks retrieval --data-dir .carry/data \
+      --retrieval-lengths 2048,4096 --limit 64 --batch-size 8 --modes exact,predicted,truncate --quiet \
+      --label shipped_retrieval --out /tmp/eval_chat/shipped_retrieval.json > $OUT/eval_retrieval.log 2>&1
+    echo "retrieval rc=$?"; cp /tmp/eval_chat/shipped_retrieval.json /tmp/eval_chat/shipped_retrieval.md $OUT/
+  fi
   ;;
 equalflops)  # after a, a2 and a3 (carry .carry/g4): the shipped default's equal-FLOPs operating points on long prompts
   assemble_model || exit 1
