@@ -144,7 +144,8 @@ def detect_kind(path: str) -> str:
         return "qa"
     raise KVPredError(f"cannot tell the task format of {files[0]} from its fields {sorted(keys)}: expected "
                       "multiple choice (query, choices, gold), QA (question, answer|answers), language modelling "
-                      "(context, continuation) or HumanEval (task_id, prompt, test, entry_point)")
+                      "(context, continuation), HumanEval (task_id, prompt, test, entry_point) or chats (messages; "
+                      "rendered chat text as chat=PATH)")
 
 
 def _expand(path: str) -> list[str]:
