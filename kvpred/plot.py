@@ -25,16 +25,18 @@ X_RULES = {"param": "param_ratio", "matmul": "matmul_ratio"}
 ACCURACY_KINDS = ("lm", "mc", "qa", "humaneval", "retrieval")
 
 
-def load_results(paths: list[Path]) -> list[dict]:
+def load_results(paths: list[str | Path]) -> list[dict]:
+    """`kvpred eval` documents; an entry written LABEL=PATH names its points LABEL instead of the run's label."""
     docs = []
-    for path in paths:
+    for entry in map(str, paths):
+        label, _, path = entry.partition("=") if "=" in entry and not Path(entry).exists() else ("", "", entry)
         try:
             doc = json.loads(Path(path).read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as err:
             raise KVPredError(f"cannot read results {path}: {err}") from err
         if not isinstance(doc, dict) or "tasks" not in doc or "flops" not in doc:
             raise KVPredError(f"{path} is not a `kvpred eval` results file (no tasks/flops)")
-        doc.setdefault("label", Path(path).stem)
+        doc["label"] = label or doc.get("label") or Path(path).stem
         docs.append(doc)
     return docs
 
@@ -160,7 +162,8 @@ def register(subparsers) -> None:
                               description="One point per results file and mode: x = TTFT FLOPs reduction, y = "
                                           "accuracy relative to the exact base; a second panel against measured "
                                           "TTFT speedup when the results carry one.")
-    p.add_argument("--results", nargs="+", type=Path, required=True, help="`kvpred eval` JSON files")
+    p.add_argument("--results", nargs="+", required=True,
+                   help="`kvpred eval` JSON files; LABEL=PATH names a file's points LABEL")
     p.add_argument("--out", type=Path, default=Path("pareto.png"))
     p.add_argument("--x", choices=sorted(X_RULES), default="param",
                    help="FLOPs rule for the x axis (param: the paper's params(base)/params(aux))")

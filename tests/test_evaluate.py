@@ -344,6 +344,9 @@ def test_plot_draws_the_pareto_figure_with_a_ttft_panel(pruned_doc, tmp_path):
         paths.append(tmp_path / f"{doc['label']}.json")
         paths[-1].write_text(json.dumps(doc))
     points = pareto_points(load_results(paths))
+    assert {p["label"] for p in points} == {"lp50", "lp50-fast"}
+    renamed = pareto_points(load_results([f"round 5={paths[0]}", paths[1]]))  # LABEL=PATH names a file's points
+    assert {p["label"] for p in renamed} == {"round 5", "lp50-fast"}
     exact = [p for p in points if p["mode"] == "exact"]
     assert all(p["y"] == 1.0 and p["flops_x"] == 1.0 for p in exact)
     assert {p["flops_x"] for p in points if p["mode"] == "predicted"} == {pruned_doc["flops"]["param_ratio"], 3.0}
