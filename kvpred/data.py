@@ -509,12 +509,13 @@ def topic_words(tokenizer, min_letters: int = 4) -> list[str]:
     return [w.capitalize() for w in words]
 
 
-def chat_prefix(tokenizer) -> str:
-    """The chat template rendered up to where the first user message begins (a default system message included)."""
+def chat_prefix(tokenizer, conversation: Sequence[dict] = ()) -> str:
+    """The chat template rendered up to where the next user message after `conversation` begins (for the first
+    message, a default system message included)."""
     if not getattr(tokenizer, "chat_template", None):
         raise KVPredError("the tokenizer has no chat template to sample chats with; sample plain documents instead")
     marker = "\x00user\x00"
-    text = tokenizer.apply_chat_template([{"role": "user", "content": marker}], tokenize=False)
+    text = tokenizer.apply_chat_template([*conversation, {"role": "user", "content": marker}], tokenize=False)
     return text[:text.index(marker)]
 
 
@@ -539,41 +540,46 @@ def _documents_batch(model, tokenizer, rng, size: int, max_new_tokens: int, word
     return [(prompt + tokenizer.decode(row, skip_special_tokens=True), len(row)) for prompt, row in zip(prompts, rows)]
 
 
-def _chats_batch(model, tokenizer, rng, size: int, max_new_tokens: int, prefix: str, user_tokens: int,
+def _chats_batch(model, tokenizer, rng, size: int, max_new_tokens: int, user_tokens: int, turns: int,
                  **sampling) -> list[tuple[str, int]]:
-    """Single-turn chats, both sides written by the model: first the user's message after the template's opening
-    `prefix`, then the assistant's reply; the text is the rendered conversation, special tokens as text."""
-    users = _continue(model, tokenizer, [prefix] * size, user_tokens, **sampling)
-    turns = [[{"role": "user", "content": tokenizer.decode(row, skip_special_tokens=True).strip()}] for row in users]
-    kept = [(turn, len(row)) for turn, row in zip(turns, users) if turn[0]["content"]]
-    if not kept:
-        return []
-    prompts = [tokenizer.apply_chat_template(turn, tokenize=False, add_generation_prompt=True) for turn, _ in kept]
-    replies = _continue(model, tokenizer, prompts, max_new_tokens, **sampling)
-    chats = []
-    for (turn, n_user), reply in zip(kept, replies):
-        turn = turn + [{"role": "assistant", "content": tokenizer.decode(reply, skip_special_tokens=True).strip()}]
-        text = tokenizer.apply_chat_template(turn, tokenize=False).rstrip()
-        chats.append((text.removesuffix(tokenizer.eos_token or ""), n_user + len(reply)))  # the shards add EOS
-    return chats
+    """Chats of up to `turns` exchanges, both sides written by the model: each user message is sampled after the
+    template's opening of a user turn, then the assistant's reply to the conversation so far; a chat whose user has
+    nothing (more) to say ends there. The text is the rendered conversation, special tokens as text."""
+    ended, live = [], [([], 0)] * size  # (messages, sampled tokens)
+    for _ in range(turns):
+        users = _continue(model, tokenizer, [chat_prefix(tokenizer, m) for m, _ in live], user_tokens, **sampling)
+        asked = []
+        for (messages, n), row in zip(live, users):
+            if text := tokenizer.decode(row, skip_special_tokens=True).strip():
+                asked.append((messages + [{"role": "user", "content": text}], n + len(row)))
+            elif messages:
+                ended.append((messages, n))
+        prompts = [tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m, _ in asked]
+        replies = _continue(model, tokenizer, prompts, max_new_tokens, **sampling) if asked else []
+        live = [(m + [{"role": "assistant", "content": tokenizer.decode(r, skip_special_tokens=True).strip()}],
+                 n + len(r)) for (m, n), r in zip(asked, replies)]
+    eos = tokenizer.eos_token or ""
+    return [(tokenizer.apply_chat_template(m, tokenize=False).rstrip().removesuffix(eos), n)  # the shards add EOS
+            for m, n in ended + live]
 
 
 @torch.no_grad()
 def sample_corpus(model, tokenizer, out_dir: str | Path, tokens: int, *, batch_size: int = 256,
                   max_new_tokens: int = 512, temperature: float = 1.0, top_p: float = 0.95, seed: int = 0,
-                  openings: Sequence[str] | None = None, chat: bool = False, user_tokens: int = 128,
+                  openings: Sequence[str] | None = None, chat: bool = False, user_tokens: int = 128, turns: int = 1,
                   progress: bool = True) -> int:
     """Sample documents from `model` until `tokens` tokens, as out_dir/sample_NNNNN.jsonl files of {"text", "tokens"}
     lines, one file per batch written atomically. Batch b opens its documents with `openings` (default: the
     vocabulary's words) drawn with seed (seed, b), so a killed run resumes after its last finished file. With `chat`,
-    each document is instead a chat turn in the tokenizer's template: a user message of at most `user_tokens` and a
-    reply of at most `max_new_tokens`, both sampled. Returns the tokens sampled in all."""
+    each document is instead a chat in the tokenizer's template: up to `turns` exchanges of a user message of at most
+    `user_tokens` and a reply of at most `max_new_tokens`, both sampled. Returns the tokens sampled in all."""
     from tqdm.auto import tqdm
 
     if tokenizer.eos_token_id is None:
         raise KVPredError("the tokenizer has no EOS token, which ends a sampled document")
     if chat:
-        make = partial(_chats_batch, prefix=chat_prefix(tokenizer), user_tokens=user_tokens)
+        chat_prefix(tokenizer)  # no template: refused before any sampling
+        make = partial(_chats_batch, user_tokens=user_tokens, turns=turns)
     else:
         make = partial(_documents_batch, words=list(openings or topic_words(tokenizer)))
     out = Path(out_dir)
@@ -632,9 +638,11 @@ def register(subparsers) -> None:
     g.add_argument("--top-p", type=float, default=0.95)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--chat", action="store_true",
-                   help="sample single-turn chats in the tokenizer's chat template instead: a user message, then "
-                        "the reply (at most --max-new-tokens), both written by the model")
+                   help="sample chats in the tokenizer's chat template instead: a user message, then the reply "
+                        "(at most --max-new-tokens), both written by the model, --turns times")
     g.add_argument("--user-tokens", type=int, default=128, help="longest user message with --chat, in tokens")
+    g.add_argument("--turns", type=int, default=1,
+                   help="exchanges per chat with --chat: each later user message follows up on the conversation")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     g.set_defaults(func=_sample)
     i = sub.add_parser("info", help="print a token build's meta.json summary")
@@ -658,13 +666,15 @@ def _build(args: argparse.Namespace) -> int:
 def _sample(args: argparse.Namespace) -> int:
     from .models import load_causal_lm
 
-    if min(args.tokens, args.batch_size, args.max_new_tokens, args.user_tokens) < 1:
-        raise KVPredError("--tokens, --batch-size, --max-new-tokens and --user-tokens must be positive")
+    if min(args.tokens, args.batch_size, args.max_new_tokens, args.user_tokens, args.turns) < 1:
+        raise KVPredError("--tokens, --batch-size, --max-new-tokens, --user-tokens and --turns must be positive")
+    if args.turns > 1 and not args.chat:
+        raise KVPredError("--turns samples chats of several exchanges: add --chat")
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     model, tokenizer = load_causal_lm(args.model, dtype=dtype, device=args.device)
     total = sample_corpus(model, tokenizer, args.out, args.tokens, batch_size=args.batch_size,
                           max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                          seed=args.seed, chat=args.chat, user_tokens=args.user_tokens)
+                          seed=args.seed, chat=args.chat, user_tokens=args.user_tokens, turns=args.turns)
     print(f"{args.out}: {total:,} sampled tokens")
     return 0
 

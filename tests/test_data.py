@@ -279,6 +279,36 @@ def test_sampled_chats_are_turns_in_the_chat_template_with_both_sides_written_by
         assert not line["text"].endswith(TOK.eos_token)  # the shards add EOS after each document
 
 
+def test_sampled_chats_of_several_turns_follow_up_on_the_conversation(tiny_llama, tmp_path):
+    """--turns N: each later user message is sampled after the conversation so far, rendered, then its reply."""
+    model, tok = load_causal_lm(tiny_llama)
+    tok.chat_template = CHAT_TEMPLATE
+    sampled_after, generate = [], model.generate
+
+    def recording(**kwargs):
+        sampled_after.extend(tok.batch_decode(kwargs["input_ids"], skip_special_tokens=True))
+        return generate(**kwargs)
+
+    model.generate = recording
+    total = sample_corpus(model, tok, tmp_path / "c", 1, batch_size=4, max_new_tokens=5, user_tokens=4, chat=True,
+                          turns=3, progress=False)
+    lines = [json.loads(line) for line in (tmp_path / "c" / "sample_00000.jsonl").read_text().splitlines()]
+    assert sum(line["tokens"] for line in lines) == total
+    exchanges = [line["text"].count("<assistant>") for line in lines]
+    assert all(1 <= n <= 3 for n in exchanges) and max(exchanges) > 1
+    for line, n in zip(lines, exchanges):
+        assert line["text"].startswith("<user>") and line["text"].count("<user>") == n
+        if n > 1:  # the second user message followed the first exchange
+            second = line["text"].index("\n<user>") + len("\n<user>")
+            assert line["text"][:second] in sampled_after
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["data", "sample", "--model", tiny_llama, "--out", str(tmp_path / "u"), "--tokens", "9",
+                              "--turns", "2"])
+    with pytest.raises(KVPredError, match="add --chat"):
+        args.func(args)
+
+
 def test_evaluation_data_is_refused(tmp_path):
     for source in ["/work/shared/data", "/work/shared/data/wikitext2-test.txt", "/work/shared/data/*.jsonl"]:
         with pytest.raises(KVPredError, match="evaluation data"):
