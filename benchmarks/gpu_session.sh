@@ -36,6 +36,8 @@
 #                chat TTFT at batch 1 and chat turns through the server under load
 #   stage evalchat (after a, a2 and a3; carry .carry/g4 [.carry/data]) kvpred eval's chat agreement on 2048 held-out chats,
 #                every mode [and pass-key retrieval]
+#   stage chat3 (after a, a2 and a3; carry .carry/g4 .carry/serve [.carry/data]) the chat tail and chat agreement on chats
+#                of 3 exchanges, then the CUDA tests of decoding, refinement, serving and evaluation
 #   stage equalflops (after a, a2 and a3; carry .carry/g4) exact tail vs truncation at equal FLOPs, 512-2048-token prompts
 #   stage evalfull (after a, a2 and a3; carry .carry/g4 .carry/data) the shipped default on every item of every task
 #   stage generate (after a, a2 and a3; carry .carry/g4) generate() on CUDA-graph steps vs transformers' loop, timed and compared
@@ -226,6 +228,23 @@ evalchat)  # after a, a2 and a3 (carry .carry/g4 [.carry/data]): kvpred eval's c
       --label shipped_retrieval --out /tmp/eval_chat/shipped_retrieval.json > $OUT/eval_retrieval.log 2>&1
     echo "retrieval rc=$?"; cp /tmp/eval_chat/shipped_retrieval.json /tmp/eval_chat/shipped_retrieval.md $OUT/
   fi
+  ;;
+chat3)  # after a, a2 and a3 (carry .carry/g4 .carry/serve [.carry/data]): chats of 3 exchanges the base wrote (seed 7):
+  # the chat tail and chat agreement on them; then the CUDA tests of decoding, refinement, serving and evaluation
+  assemble_model || exit 1
+  python3 -m pip install -q --no-index --no-deps --target "$SITE" .carry/serve/*.whl
+  kv data sample --chat --turns 3 --out /tmp/chats3 --tokens 300000 --batch-size 1024 --max-new-tokens 64 --seed 7 \
+    > $OUT/sample_chats3.log 2>&1; echo "sampled 3-exchange chats: rc=$?"
+  head -20 /tmp/chats3/sample_00000.jsonl > $OUT/chats3_first20.jsonl
+  kv calibrate --model smollm2-135m --chats /tmp/chats3 --prompts 1024 --batch-size 64 --device cuda \
+    --dtype bfloat16 --out /tmp/calibrated3 2> $OUT/calibrate_chats3.log > $OUT/calibrate_chats3.json
+  echo "calibrate rc=$?"
+  kv eval --model smollm2-135m --device cuda --dtype bfloat16 --batch-size 64 --tasks chat=/tmp/chats3 \
+    --limit 1024 --quiet --label shipped_chat3 --out /tmp/eval_chat/shipped_chat3.json > $OUT/eval_chat3.log 2>&1
+  echo "eval rc=$?"; cp /tmp/eval_chat/shipped_chat3.json /tmp/eval_chat/shipped_chat3.md $OUT/
+  python3 -m pytest -q -p no:cacheprovider tests/test_decoding.py tests/test_refine.py tests/test_serve.py \
+    tests/test_serve_refine.py tests/test_evaluate.py tests/test_core.py 2>&1 | tail -25 > $OUT/cuda_tests.txt
+  tail -3 $OUT/cuda_tests.txt
   ;;
 equalflops)  # after a, a2 and a3 (carry .carry/g4): the shipped default's equal-FLOPs operating points on long prompts
   assemble_model || exit 1
