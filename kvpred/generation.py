@@ -81,9 +81,9 @@ def read_chat_prompts(source: str, tokenizer, limit: int) -> list[str]:
 
 def chat_prompts(files: list[Path], tokenizer, limit: int | None) -> list[str]:
     """Up to `limit` chat prompts from .jsonl `files`, each rendered up to the opening of the conversation's last
-    assistant reply. A line holds either "messages" (a list of {"role", "content"}, OpenAI-style: the turns before
-    the last assistant message become the prompt) or "text", a conversation already rendered in the tokenizer's
-    template (what `kvpred data sample --chat` writes)."""
+    assistant reply. A line holds either "messages" (a list of {"role", "content"}, OpenAI-style: the turns up to its
+    last user message become the prompt) or "text", a conversation already rendered in the tokenizer's template (what
+    `kvpred data sample --chat` writes), cut after the opening of its last reply."""
     opening = reply_opening(tokenizer)
     prompts = []
     for path in files:
