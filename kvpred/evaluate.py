@@ -291,8 +291,8 @@ def register(subparsers) -> None:
     add_model_arguments(p)
     p.add_argument("--tasks", required=True,
                    help="comma-separated tasks, e.g. lambada,arc_easy,heldout,kv; NAME=PATH runs a built-in task on "
-                        "other data, and chat=PATH measures agreement on chat prompts (.jsonl of \"messages\" or of rendered "
-                        "chat \"text\")")
+                        "other data, and chat=PATH measures agreement on chat prompts (.jsonl of \"messages\" or "
+                        "of rendered chat \"text\")")
     p.add_argument("--modes", default=",".join(DEFAULT_MODES), help="comma-separated (default: all four)")
     p.add_argument("--limit", type=int, default=None, help="items per task (default: all)")
     p.add_argument("--batch-size", type=int, default=d.batch_size)
