@@ -589,6 +589,11 @@ def test_chat_prompts_are_read_up_to_the_opening_of_the_last_reply(tmp_path):
         "<user>what is 2+2?\n<assistant>4\n<user>and 3+3?\n<assistant>",
         "<user>one more\n<assistant>"]
     assert len(read_chat_prompts(str(tmp_path), tok, 2)) == 2  # a folder, capped
+    held = tmp_path / "shared" / "data"  # evaluation sets calibrate nothing, as they train nothing
+    held.mkdir(parents=True)
+    (held / "chats.jsonl").write_text((tmp_path / "chats.jsonl").read_text())
+    with pytest.raises(KVPredError, match="evaluation data"):
+        read_chat_prompts(str(held), tok, 10)
 
 
 @pytest.mark.parametrize("line, error", [
