@@ -204,6 +204,7 @@ def evaluate(model, specs, modes: list[str], options, *, limit: int | None = Non
         doc["tasks"][spec.name] = {
             "kind": spec.kind, "data": spec.path, "n": len(items), "primary": kind.primary,
             "higher_is_better": {m: kind.metrics_higher_is_better[m] for m in next(iter(per_mode.values()))},
+            "exact_tail": kind.exact_tail(model, options),  # predicted mode's; chats take the model's chat tail
             "metrics": summarise(per_mode, options.seed),
             "extra": {mode: e for mode in task_modes if (e := kind.extra(items, results[mode], mode))},
             "seconds": round(time.perf_counter() - started, 2)}
@@ -227,6 +228,9 @@ def markdown_report(doc: dict) -> str:
              f"layers only); truncate keeps the last 1/{doc['truncate_ratio']:.2f} of each prompt",
              *([f"* predicted mode: the base runs the last {tail} prompt tokens itself (exact tail; the matmul rule "
                 "above counts them)"] if (tail := doc["options"].get("exact_tail", 1)) != 1 else []),
+             *[f"* {name}: predicted mode's exact tail is {task['exact_tail']} tokens (the model's chat tail)"
+               for name, task in doc["tasks"].items()
+               if task.get("exact_tail", 1) != doc["options"].get("exact_tail", 1)],
              "* cells: value [95% CI]; gap = (mode - aux) / (exact - aux), 1 = as good as exact, with a paired "
              "bootstrap 95% CI", ""]
     modes = doc["modes"]

@@ -182,6 +182,9 @@ def test_chat_agreement_runs_predicted_mode_with_at_least_the_models_chat_tail(t
         task = doc["tasks"]["chat"]
         assert task["n"] == 8 and task["metrics"]["first_token"]["exact"]["value"] == 1.0
         found[chat_tail] = task["metrics"]["first_token"]["predicted"]["value"]
+        assert task["exact_tail"] == model.chat_tail
+        assert (f"chat: predicted mode's exact tail is {model.chat_tail} tokens" in markdown_report(
+            dict(doc, command="kvpred eval"))) == (model.chat_tail != 1)
         assert found[chat_tail] == pytest.approx(first_token_agreement(model.chat_tail))
     assert found[1] < 1.0 and found[4096] == 1.0  # the base ran every prompt token: nothing predicted
 
