@@ -156,7 +156,6 @@ def _use_factorised(model: KVPredictionModel, xtx: torch.Tensor, rank: int) -> l
     """Replace model.predictor by its rank-`rank` factorisation; return the per-tap relative output errors."""
     model.predictor, errors = factorise(model.predictor, xtx, rank)
     model.config.predictor = model.predictor.config
-    model.config.forget_measurements()
     return errors
 
 

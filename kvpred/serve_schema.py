@@ -27,7 +27,7 @@ class StreamOptions(_Body):
 
 
 class _Request(_Body):
-    model_config = ConfigDict(strict=True, extra="forbid")
+    model_config = ConfigDict(extra="forbid")  # merged with _Body's: strict as well
     model: str
     max_tokens: int | None = Field(None, ge=0)  # None: 16 for completions, the rest of the context for chat
     temperature: float = Field(1.0, ge=0, le=2)  # 0 means greedy decoding

@@ -729,7 +729,6 @@ def set_rng_state(state: dict) -> None:
 
 
 # ---------------------------------------------------------------- CLI
-# help for the flags whose name does not say what 0 means
 def add_arguments(p: argparse.ArgumentParser) -> None:
     for f in fields(TrainConfig):
         flag, default = f"--{f.name.replace('_', '-')}", f.default
