@@ -22,20 +22,21 @@ def main() -> None:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--title", default="SmolLM2-135M, shipped default: first token = exact mode's (H100, bf16)")
     args = p.parse_args()
+    labels, paths = zip(*(entry.split("=", 1) for entry in args.results))
+    metrics = [json.loads(Path(path).read_text())["tasks"]["chat"]["metrics"]["first_token"] for path in paths]
     fig, ax = plt.subplots(figsize=(7, 4))
     width = 0.8 / len(MODES)
     for i, mode in enumerate(MODES):
         values, errors = [], [[], []]
-        for entry in args.results:
-            metric = json.loads(Path(entry.partition("=")[2]).read_text())["tasks"]["chat"]["metrics"]["first_token"]
+        for metric in metrics:
             value, (lo, hi) = metric[mode]["value"], metric[mode]["ci"]
             values.append(value)
             errors[0].append(value - lo)
             errors[1].append(hi - value)
-        xs = [k + (i - (len(MODES) - 1) / 2) * width for k in range(len(args.results))]
+        xs = [k + (i - (len(MODES) - 1) / 2) * width for k in range(len(metrics))]
         bars = ax.bar(xs, values, width, yerr=errors, capsize=3, label=mode)
         ax.bar_label(bars, fmt="%.2f", padding=4, fontsize=8)
-    ax.set_xticks(range(len(args.results)), [e.partition("=")[0] for e in args.results])
+    ax.set_xticks(range(len(labels)), labels)
     ax.set_ylabel("first-token agreement with exact mode")
     ax.set_ylim(0, 0.75)
     ax.legend(title="mode (same TTFT FLOPs)", fontsize=8)
