@@ -521,12 +521,9 @@ def chat_prefix(tokenizer, conversation: Sequence[dict] = ()) -> str:
 
 def _continue(model, tokenizer, prompts: list[str], max_new_tokens: int, **sampling) -> list[list[int]]:
     """Sampled continuations of `prompts`, each cut before its first EOS."""
-    eos, side = tokenizer.eos_token_id, tokenizer.padding_side
-    tokenizer.padding_side = "left"  # generate() appends after the last column, so padding must go first
-    try:
-        enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-    finally:
-        tokenizer.padding_side = side
+    eos = tokenizer.eos_token_id
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False,
+                    padding_side="left")  # generate() appends after the last column, so padding must go first
     enc = enc.to(next(model.parameters()).device)
     ids = model.generate(**enc, do_sample=True, top_k=0, max_new_tokens=max_new_tokens, pad_token_id=eos,
                          eos_token_id=eos, **sampling)
