@@ -21,6 +21,10 @@ Progressive refinement and multi-turn reuse (kvpred.refine; predicted mode only)
   stored conversation (its earlier messages and the replies the server gave), the cached columns that agree with
   the new prompt's tokens are reused and only the rest is predicted; otherwise the session starts over. Responses
   carry `session` and `reused_tokens` (prompt tokens taken from the stored cache), in a stream's last chunk.
+  With --auto-sessions, a chat request that names none but could (predicted mode, a user message last) runs as a
+  turn of an automatic session, with a server-made id ("auto-..."): the one whose stored conversation its earlier
+  messages extend most, else a new one. Sessions a client named are never continued this way, and a conversation
+  is continued once: it then holds the new turn, so another request with the same history starts its own.
 
 How requests run
 * One worker thread owns the model; HTTP handlers only tokenize, validate and wait. Prompts wait in a bounded
@@ -92,6 +96,8 @@ class ServeConfig:
     max_sessions: int = 16  # chat sessions whose cache is kept; the least recently used beyond this is dropped
     warm_up: tuple[int, ...] = ()  # cache capacities made ready before the server starts
     continuous_batching: bool = True  # queued exact/predicted prompts join the running batch (RollingBatch)
+    auto_sessions: bool = False  # chat requests that name no session continue the stored automatic session whose
+    # conversation their messages extend (else start one), so stateless clients reuse earlier turns' cache too
 
 
 class APIError(Exception):
@@ -138,6 +144,8 @@ class Job:
     refine_chunk: int = 256
     request_id: str = ""  # auto prompts batch only with their own request's: one policy decision per request
     session: str | None = None  # a chat session id: reuse the cache of the conversation's earlier turns
+    auto_session: bool = False  # session is a fresh id, which the worker replaces by the id of the automatic
+    # session whose stored conversation the messages extend most, if one does (--auto-sessions)
     messages: list[dict] | None = None  # a session turn's chat messages, as the chat template gets them
     # progress
     tokens: list[int] = field(default_factory=list)
@@ -288,6 +296,7 @@ class _ServedSession(ChatSession):
         super().__init__(model, spare=spare)
         self.tokenizer = tokenizer
         self.turn: Job | None = None
+        self.automatic = False  # its last turn named no session: stateless clients' requests may continue it
 
     def conversation_ids(self, messages: list[dict]) -> torch.Tensor:
         text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -565,19 +574,30 @@ class Scheduler:
 
     def _session(self, job: Job) -> _ServedSession:
         """The job's session, most recently used now; a new one when its messages do not extend the stored
-        conversation. Beyond max_sessions, the least recently used session (and its cache) is dropped."""
+        conversation. An automatic job's session is the automatic one its messages extend most, if any. Beyond
+        max_sessions, the least recently used session (and its cache) is dropped."""
         history = job.messages[:-1]
+        if job.auto_session:
+            job.session = self._automatic_match(history) or job.session
         session = self.sessions.pop(job.session, None)
-        if session is None or history[:len(session.messages)] != session.messages:
+        if session is None or not extends(history, session.messages):
             self._keep_spare(session)
             while len(self.sessions) >= self.config.max_sessions:  # drop first, so the new one can take its cache
                 self._keep_spare(self.sessions.popitem(last=False)[1])
             session = _ServedSession(self.model, self.tokenizer, self.spares.pop() if self.spares else None)
         # messages the server did not generate may join the history: the cache is reused by token prefix anyway
         session.messages = list(history)
+        session.automatic = job.auto_session  # a session a client names is never continued for another client
         self.sessions[job.session] = session
         self.metrics.sessions.set(len(self.sessions))
         return session
+
+    def _automatic_match(self, history: list[dict]) -> str | None:
+        """The id of the automatic session whose stored conversation is the longest that `history` extends. Once
+        continued, a conversation grows by the new turn, so a second request with the same history starts its own."""
+        found = {key: len(session.messages) for key, session in self.sessions.items()
+                 if session.automatic and extends(history, session.messages)}
+        return max(found, key=found.__getitem__, default=None)
 
     def _keep_spare(self, dropped: _ServedSession | None) -> None:
         """Keep a dropped session's cache for the next new session: on a GPU its step is captured already, which
@@ -718,16 +738,23 @@ def refine_policy(body, mode: str, default: str) -> str:
     return body.refine or default
 
 
-def check_session(messages: list[dict], mode: str) -> None:
-    """A session turn predicts only the new turn on top of the stored cache: predicted mode, a user message last."""
+def session_refusal(messages: list[dict], mode: str) -> APIError | None:
+    """Why these messages cannot be a session turn, or None if they can. A session turn predicts only the new turn
+    on top of the stored cache: predicted mode, a user message last."""
     if mode != "predicted":
-        raise APIError(400, f"session applies only to kv_mode 'predicted' (it reuses a cache and predicts the new "
-                            f"turn), but this request runs kv_mode {mode!r}; send kv_mode='predicted' or no session",
-                       param="session", code="invalid_value")
+        return APIError(400, f"session applies only to kv_mode 'predicted' (it reuses a cache and predicts the new "
+                             f"turn), but this request runs kv_mode {mode!r}; send kv_mode='predicted' or no session",
+                        param="session", code="invalid_value")
     last = messages[-1]
     if set(last) != {"role", "content"} or last["role"] != "user" or not isinstance(last["content"], str):
-        raise APIError(400, "with session, the last message must be a user message of role and text content only "
-                            "(the new turn)", param="messages", code="invalid_value")
+        return APIError(400, "with session, the last message must be a user message of role and text content only "
+                             "(the new turn)", param="messages", code="invalid_value")
+    return None
+
+
+def extends(history: list[dict], stored: list[dict]) -> bool:
+    """Whether a request's earlier messages begin with a session's stored conversation."""
+    return history[:len(stored)] == stored
 
 
 def check_prompts(prompts: list[list[int]], max_tokens: int, context: int, vocab: int) -> None:
@@ -858,7 +885,8 @@ def create_app(model, config: ServeConfig | None = None):
                            param="model", code="model_not_found")
 
     def make_jobs(prompts: list[list[int]], body, max_tokens: int, arrived: float, logprobs: int | None = None,
-                  score: bool = False, messages: list[dict] | None = None) -> tuple[list[Job], asyncio.Queue]:
+                  score: bool = False, messages: list[dict] | None = None,
+                  auto_session: bool = False) -> tuple[list[Job], asyncio.Queue]:
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()
         sink = lambda event: loop.call_soon_threadsafe(queue.put_nowait, event)  # noqa: E731 (worker -> loop)
         mode, request_id = body.kv_mode or config.default_mode, uuid.uuid4().hex
@@ -869,7 +897,8 @@ def create_app(model, config: ServeConfig | None = None):
                     temperature=body.temperature, top_p=body.top_p, seed=body.seed, stops=body.stops,
                     logprobs=logprobs, score_tail=(body.exact_tail or math.ceil(len(ids) / 2)) if score else None,
                     arrived=arrived, sink=sink, refine=refine, refine_chunk=body.refine_chunk or config.refine_chunk,
-                    request_id=request_id, session=body.session, messages=messages)
+                    request_id=request_id, session=f"auto-{request_id[:12]}" if auto_session else body.session,
+                    auto_session=auto_session, messages=messages)
                 for i, ids in enumerate(prompts)]
         scheduler.submit(jobs)
         return jobs, queue
@@ -936,8 +965,9 @@ def create_app(model, config: ServeConfig | None = None):
         if tokenizer.chat_template is None:
             raise APIError(400, "this model's tokenizer has no chat template; use /v1/completions", param="messages")
         messages = [m.for_template() for m in body.messages]
-        if body.session is not None:
-            check_session(messages, body.kv_mode or config.default_mode)
+        refusal = session_refusal(messages, body.kv_mode or config.default_mode)
+        if body.session is not None and refusal is not None:
+            raise refusal
         try:
             text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         except Exception as err:  # jinja errors: the template rejects these messages
@@ -946,7 +976,9 @@ def create_app(model, config: ServeConfig | None = None):
         limit = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         max_tokens = limit if limit is not None else max(context - len(ids), 0)
         check_prompts([ids], max_tokens, context, vocab)
-        jobs, queue = make_jobs([ids], body, max_tokens, arrived, messages=messages)
+        # --auto-sessions: a request that could name a session runs as one (a request for no tokens has no turn)
+        auto = config.auto_sessions and body.session is None and refusal is None and max_tokens > 0
+        jobs, queue = make_jobs([ids], body, max_tokens, arrived, messages=messages, auto_session=auto)
         metrics.requests.labels("chat", jobs[0].mode).inc()
         return await respond(request, body, jobs, queue, True, lambda head, jobs: chat_body(head, jobs[0]))
 
@@ -1041,6 +1073,13 @@ def register(subparsers) -> None:
     p.add_argument("--max-sessions", type=int, default=16,
                    help="chat sessions (request field session) whose cache is kept; the least recently used "
                         "beyond this is dropped")
+    p.add_argument("--auto-sessions", action="store_true",
+                   help="run a predicted-mode chat request that names no session as a session turn: it continues "
+                        "the automatic session whose stored conversation its earlier messages extend most, else "
+                        "starts one (within --max-sessions). Stateless clients, which resend the whole conversation, "
+                        "then reuse the cache of earlier turns, exact where refinement ran (pair with --refine lazy). "
+                        "Cost: session turns run alone, so concurrent chat requests no longer share batches; for "
+                        "interactive, low-concurrency serving")
     p.add_argument("--continuous-batching", action=argparse.BooleanOptionalAction, default=True,
                    help="let queued exact and predicted prompts join the running batch at a step boundary, instead "
                         "of waiting for it to end (default: on)")
@@ -1084,6 +1123,7 @@ def _serve(args: argparse.Namespace) -> int:
                                         exact_tail=args.exact_tail, max_queue=args.max_queue,
                                         max_batch=args.max_batch, refine=args.refine,
                                         refine_chunk=args.refine_chunk, max_sessions=args.max_sessions,
-                                        warm_up=args.warm_up, continuous_batching=args.continuous_batching))
+                                        warm_up=args.warm_up, continuous_batching=args.continuous_batching,
+                                        auto_sessions=args.auto_sessions))
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0

@@ -271,6 +271,86 @@ def test_a_new_session_starts_from_a_dropped_sessions_cache_and_replies_as_a_fre
     assert reply == fresh.send(other[1]["content"], max_new_tokens=16)  # what the old cache held is not read
 
 
+# ---------------------------------------------------------------- automatic sessions (--auto-sessions)
+@pytest.fixture
+def auto(tiny_llama):
+    """--auto-sessions with a pruned auxiliary, so that reuse changes replies; a server per test, since the stored
+    conversations are what each test specifies."""
+    app = create_app(chat_model(tiny_llama, 0.5), ServeConfig(model_name=NAME, auto_sessions=True))
+    with serve_in_thread(app) as url:
+        yield OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+
+
+def continued(messages: list[dict], reply, user: str = "And then?") -> list[dict]:
+    """What a stateless client sends next: the conversation so far, the reply (a response or a text) and a new turn."""
+    text = reply if isinstance(reply, str) else reply.choices[0].message.content
+    return messages + [{"role": "assistant", "content": text}, {"role": "user", "content": user}]
+
+
+def test_with_auto_sessions_a_stateless_client_reuses_earlier_turns_as_a_named_session_does(auto):
+    first = chat(auto, CHAT, 12)
+    session = first.model_extra["session"]
+    assert session.startswith("auto-") and first.model_extra["reused_tokens"] == 0
+    second = chat(auto, continued(CHAT, first), 12)  # the whole conversation again, no session named
+    assert second.model_extra["session"] == session
+    assert second.model_extra["reused_tokens"] >= first.usage.prompt_tokens
+    _, messages, named = two_turns(auto, "named", refine="off")
+    assert messages == continued(CHAT, first)
+    assert second.choices[0].message.content == named.choices[0].message.content
+    assert second.model_extra["reused_tokens"] == named.model_extra["reused_tokens"]
+
+
+def test_a_stored_conversation_is_continued_once_and_a_history_that_matches_none_starts_afresh(auto):
+    first = chat(auto, CHAT)
+    messages = continued(CHAT, first)
+    second, again = chat(auto, messages), chat(auto, messages)  # two clients send the same history
+    assert second.model_extra["session"] == first.model_extra["session"] and second.model_extra["reused_tokens"] > 0
+    assert again.model_extra["reused_tokens"] == 0  # the stored conversation holds second's turn by now
+    edited = chat(auto, continued(CHAT, "A reply this server never gave."))
+    assert edited.model_extra["reused_tokens"] == 0
+    sessions = {resp.model_extra["session"] for resp in (first, again, edited)}
+    assert len(sessions) == 3 and all(session.startswith("auto-") for session in sessions)
+
+
+def test_an_auto_request_continues_the_longest_stored_conversation_its_history_extends(auto):
+    chat(auto, CHAT)  # one client's first exchange
+    first = chat(auto, CHAT)  # another's, alike
+    messages = continued(CHAT, first)
+    second = chat(auto, messages)
+    third = chat(auto, continued(messages, second))  # extends both stored conversations
+    assert third.model_extra["session"] == second.model_extra["session"]
+    assert third.model_extra["reused_tokens"] >= second.usage.prompt_tokens
+
+
+def test_sessions_a_client_named_are_never_continued_automatically(auto):
+    first = chat(auto, CHAT, session="mine")
+    messages = continued(CHAT, first)
+    stateless = chat(auto, messages)
+    assert stateless.model_extra["session"] != "mine" and stateless.model_extra["reused_tokens"] == 0
+    assert chat(auto, messages, session="mine").model_extra["reused_tokens"] > 0  # still the client's to continue
+    pinned_id = stateless.model_extra["session"]  # a client may pin its automatic session: then it is named
+    pinned = chat(auto, continued(messages, stateless), session=pinned_id)
+    assert pinned.model_extra["session"] == pinned_id and pinned.model_extra["reused_tokens"] > 0
+    later = chat(auto, continued(continued(messages, stateless), pinned))
+    assert later.model_extra["session"] != pinned_id and later.model_extra["reused_tokens"] == 0
+
+
+def test_under_auto_sessions_requests_that_cannot_be_session_turns_run_as_without_it(auto, pruned):
+    prefilled = CHAT + [{"role": "assistant", "content": "Well,"}]  # the reply's opening given: no new user turn
+    for messages, max_tokens, extra in [(CHAT, 16, {"kv_mode": "exact"}), (prefilled, 16, {}), (CHAT, 0, {})]:
+        resp = chat(auto, messages, max_tokens, **extra)
+        assert "session" not in resp.model_extra and "reused_tokens" not in resp.model_extra
+        assert resp.choices[0].message.content == chat(pruned, messages, max_tokens, **extra).choices[0].message.content
+
+
+def test_without_auto_sessions_a_chat_request_that_names_no_session_runs_none(same):
+    first = chat(same, CHAT)
+    second = chat(same, continued(CHAT, first))
+    assert not ServeConfig().auto_sessions
+    assert all("session" not in resp.model_extra and "reused_tokens" not in resp.model_extra
+               for resp in (first, second))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_on_a_gpu_the_first_session_takes_the_warm_ups_spare_cache_and_its_graph(tiny_llama):
     model = KVPredictionModel.from_pretrained(tiny_llama, keep_ratio=1.0, device="cuda")
@@ -340,10 +420,12 @@ def test_refined_prompts_batch_with_equal_policies_auto_with_its_own_request_ses
     assert scheduler.next_batch() == [jobs[7]] and scheduler.next_batch() == [jobs[8]]
 
 
-def test_cli_serve_takes_refine_options():
-    args = build_parser().parse_args(["serve", "--refine", "auto", "--refine-chunk", "64", "--max-sessions", "4"])
-    assert (args.refine, args.refine_chunk, args.max_sessions) == ("auto", 64, 4)
-    assert build_parser().parse_args(["serve"]).refine == "off"
+def test_cli_serve_takes_refine_and_session_options():
+    args = build_parser().parse_args(["serve", "--refine", "auto", "--refine-chunk", "64", "--max-sessions", "4",
+                                      "--auto-sessions"])
+    assert (args.refine, args.refine_chunk, args.max_sessions, args.auto_sessions) == ("auto", 64, 4, True)
+    defaults = build_parser().parse_args(["serve"])
+    assert (defaults.refine, defaults.auto_sessions) == ("off", False)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
