@@ -58,6 +58,11 @@
 #   stage evalpair (after `ROUND=solo ... wait`) the shipped default and the solo run on the same 800 items, paired
 #   stage evalcopy (after `ROUND=solo SOLO=copy ... wait`, the solo run with SOLO_FLAGS="--exact-self --copy-spans
 #                0.25") agreement, held-out loss, LAMBADA and pass-key retrieval of both models, paired
+#   stage mtround (the daemon, started by `b mtround` after a, a2 and a3) round 6: chats of three exchanges and documents
+#                sampled from the base, then the shipped default trained on them for TRAIN_MINUTES (default 7) and
+#                compacted to rank-128 adapters (ship_mt); also samples the held-out chats `evalmt` reads (seed 7)
+#   stage evalmt (after mtround; carry .carry/data) the shipped default and ship_mt on the same items at once: chat
+#                agreement on single-turn and three-exchange chats, agreement, held-out loss and LAMBADA, paired
 #   stage env    only set up the environment (source this script)
 set -uo pipefail
 export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1 KVPRED_CACHE=/tmp/kvcache HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
@@ -427,6 +432,45 @@ evalcopy)  # (after `ROUND=solo SOLO=copy ... wait`) the shipped default and shi
   python3 benchmarks/paired_diff.py /tmp/eval/shipped.items.jsonl /tmp/eval/$SOLO.items.jsonl | tee /tmp/eval/paired.txt
   grep -h "^| retrieval\|^| lambada" /tmp/eval/*.md
   cp /tmp/eval/*.json /tmp/eval/*.md /tmp/eval/*.log /tmp/eval/paired.txt $OUT/
+  ;;
+mtround)  # round 6 (daemon): train the shipped default on multi-turn chats and documents the base wrote
+  { kv data sample --chat --turns 3 --out /tmp/mt --tokens 2500000 --batch-size 2048 --max-new-tokens 128 --seed 11
+    kv data sample --out /tmp/docs --tokens 1500000 --batch-size 2048 --max-new-tokens 256 --seed 13
+    kv data sample --chat --out /tmp/heldout_chats --tokens 300000 --batch-size 1024 --max-new-tokens 16 --seed 7
+    kv data sample --chat --turns 3 --out /tmp/chats3 --tokens 300000 --batch-size 1024 --max-new-tokens 64 --seed 7
+    kv data build --sources /tmp/mt --out /tmp/mt_tokens && kv data build --sources /tmp/docs --out /tmp/docs_tokens
+  } > $RUNS/sample.log 2>&1 || { echo "exit sampling" > $RUNS/mt.done; exit 1; }
+  head -40 /tmp/mt/sample_00000.jsonl > $RUNS/mt_first40.jsonl
+  kv train --model smollm2-135m --data /tmp/mt_tokens,/tmp/docs_tokens --steps 20000 --max-minutes ${TRAIN_MINUTES:-7} \
+     --seq-len 512 --batch-size 32 --warmup 50 --eval-every 250 --save-every 250 --log-every 25 $RECIPE --exact-self \
+     --out $RUNS/mt > $RUNS/mt.log 2>&1 \
+    && kv compress --model $RUNS/mt/final --aux-rank 128 --save-dtype bfloat16 --out $RUNS/ship_mt >> $RUNS/mt.log 2>&1
+  echo "exit $?" > $RUNS/mt.done
+  ;;
+evalmt)  # (after mtround's sampling; carry .carry/data) evaluate `shipped` (the shipped default) or `mt` (ship_mt) as
+  # $1, in the background (shipped can run beside training): chat agreement on single-turn and three-exchange chats,
+  # agreement, held-out loss and LAMBADA; `collectmt` waits for both and pairs them
+  mkdir -p /tmp/eval; cp -r .carry/data /tmp/carry/ 2>/dev/null
+  model=$([ "$1" = mt ] && echo $RUNS/ship_mt || echo smollm2-135m)
+  setsid nohup bash -c "ev() { timeout -k 5 400 python3 -m kvpred.cli eval --model $model --device cuda --dtype bfloat16 \
+      --quiet --data-dir /tmp/carry/data --batch-size 64 \"\${@:2}\" --label $1\$1 --out /tmp/eval/$1\$1.json \
+      > /tmp/eval/$1\$1.log 2>&1; echo \"$1\$1 rc=\$?\" >> /tmp/eval/$1.done; }
+    ev _chat --tasks chat=/tmp/heldout_chats --limit 1024 --modes exact,predicted,truncate
+    ev _chat3 --tasks chat=/tmp/chats3 --limit 1024 --modes exact,predicted,truncate
+    ev '' --tasks agreement,heldout,lambada --limit 800 --modes exact,predicted; echo end >> /tmp/eval/$1.done" \
+    > /tmp/eval/$1.out 2>&1 < /dev/null &
+  sleep 2; cat /tmp/eval/$1.out
+  ;;
+collectmt)  # after `evalmt shipped` and `evalmt mt`: wait for both, pair them, bring everything back
+  until [ "$(cat /tmp/eval/*.done 2>/dev/null | grep -c end)" = 2 ]; do sleep 15; done
+  cat /tmp/eval/*.done
+  for s in _chat _chat3 ""; do
+    echo "== paired$s"; python3 benchmarks/paired_diff.py /tmp/eval/shipped$s.items.jsonl /tmp/eval/mt$s.items.jsonl
+  done | tee /tmp/eval/paired.txt
+  grep -h "^| chat\|^| agreement\|^| lambada\|^| heldout" /tmp/eval/*.md
+  cp /tmp/eval/*.json /tmp/eval/*.md /tmp/eval/*.log /tmp/eval/paired.txt $RUNS/sample.log $RUNS/mt.log \
+     $RUNS/mt_first40.jsonl $RUNS/mt/metrics.jsonl $OUT/
+  tar -czf - -C $RUNS ship_mt | split -b 15M - $OUT/ship_mt.tgz.part-
   ;;
 env) ;;
 esac

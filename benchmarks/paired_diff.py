@@ -23,7 +23,7 @@ def per_item(rows: dict, task: str) -> dict[str, float]:
     for (t, mode, key), r in rows.items():
         if t != task or mode != "predicted":
             continue
-        if task == "agreement":
+        if task in ("agreement", "chat"):
             out[key] = float(r["tokens"][0] == rows[(t, "exact", key)]["tokens"][0])
         elif task in ("heldout", "lambada_nll"):
             out[key] = -r["ll"] / r["n"]
@@ -32,12 +32,18 @@ def per_item(rows: dict, task: str) -> dict[str, float]:
     return out
 
 
+LABELS = {"agreement": "first-token agreement", "chat": "chat first-token agreement", "heldout": "WikiText NLL",
+          "lambada": "LAMBADA acc"}
+
+
 def main(a: str, b: str) -> None:
     ra, rb = load(a), load(b)
     rng = np.random.default_rng(0)
-    for task, label in (("agreement", "first-token agreement"), ("heldout", "WikiText NLL"), ("lambada", "LAMBADA acc")):
+    for task, label in LABELS.items():
         sa, sb = per_item(ra, task), per_item(rb, task)
         keys = sorted(set(sa) & set(sb))
+        if not keys:
+            continue
         d = np.array([sb[k] - sa[k] for k in keys])
         boot = [d[rng.integers(len(d), size=len(d))].mean() for _ in range(2000)]
         print(f"{label}: {np.mean([sa[k] for k in keys]):.3f} -> {np.mean([sb[k] for k in keys]):.3f}, "
