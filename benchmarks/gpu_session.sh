@@ -59,10 +59,14 @@
 #   stage evalcopy (after `ROUND=solo SOLO=copy ... wait`, the solo run with SOLO_FLAGS="--exact-self --copy-spans
 #                0.25") agreement, held-out loss, LAMBADA and pass-key retrieval of both models, paired
 #   stage mtround (the daemon, started by `b mtround` after a, a2 and a3) round 6: chats of three exchanges and documents
-#                sampled from the base, then the shipped default trained on them for TRAIN_MINUTES (default 7) and
-#                compacted to rank-128 adapters (ship_mt); also samples the held-out chats `evalmt` reads (seed 7)
-#   stage evalmt (after mtround; carry .carry/data) the shipped default and ship_mt on the same items at once: chat
-#                agreement on single-turn and three-exchange chats, agreement, held-out loss and LAMBADA, paired
+#                sampled from the base (+ MT_EXTRA shards), then the shipped default trained on them for TRAIN_MINUTES
+#                (default 7) and compacted to rank-128 adapters (ship_$MT_NAME); also samples the held-out chats that
+#                `evalmt` reads (seed 7)
+#   stage evalmt (after mtround's sampling; carry .carry/data) `evalmt shipped` and `evalmt $MT_NAME` evaluate the two on
+#                the same items, in the background; `collectmt` waits for both and pairs them
+#   stage evalmtmc (after a, a2, a3 and a call copying .carry/mt, ship_mt, to /tmp/carry; carry .carry/g4 .carry/data)
+#                ARC-Easy and PIQA, every item,
+#                the shipped default and ship_mt side by side
 #   stage env    only set up the environment (source this script)
 set -uo pipefail
 export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1 KVPRED_CACHE=/tmp/kvcache HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
@@ -433,44 +437,62 @@ evalcopy)  # (after `ROUND=solo SOLO=copy ... wait`) the shipped default and shi
   grep -h "^| retrieval\|^| lambada" /tmp/eval/*.md
   cp /tmp/eval/*.json /tmp/eval/*.md /tmp/eval/*.log /tmp/eval/paired.txt $OUT/
   ;;
-mtround)  # round 6 (daemon): train the shipped default on multi-turn chats and documents the base wrote
-  { kv data sample --chat --turns 3 --out /tmp/mt --tokens 2500000 --batch-size 2048 --max-new-tokens 128 --seed 11
-    kv data sample --out /tmp/docs --tokens 1500000 --batch-size 2048 --max-new-tokens 256 --seed 13
+mtround)  # round 6 (daemon): train the shipped default on multi-turn chats and documents the base wrote (+ MT_EXTRA
+  # token shards), as run MT_NAME (default mt; round 6b: MT_NAME=mtmix MT_TOKENS=1200000 MT_EXTRA=/tmp/pydocs)
+  N=${MT_NAME:-mt}
+  { kv data sample --chat --turns 3 --out /tmp/mt --tokens ${MT_TOKENS:-2500000} --batch-size 2048 --max-new-tokens 128 \
+       --seed 11
+    kv data sample --out /tmp/docs --tokens ${DOC_TOKENS:-1500000} --batch-size 2048 --max-new-tokens 256 --seed 13
     kv data sample --chat --out /tmp/heldout_chats --tokens 300000 --batch-size 1024 --max-new-tokens 16 --seed 7
     kv data sample --chat --turns 3 --out /tmp/chats3 --tokens 300000 --batch-size 1024 --max-new-tokens 64 --seed 7
     kv data build --sources /tmp/mt --out /tmp/mt_tokens && kv data build --sources /tmp/docs --out /tmp/docs_tokens
-  } > $RUNS/sample.log 2>&1 || { echo "exit sampling" > $RUNS/mt.done; exit 1; }
+  } > $RUNS/sample.log 2>&1 || { echo "exit sampling" > $RUNS/$N.done; exit 1; }
   head -40 /tmp/mt/sample_00000.jsonl > $RUNS/mt_first40.jsonl
-  kv train --model smollm2-135m --data /tmp/mt_tokens,/tmp/docs_tokens --steps 20000 --max-minutes ${TRAIN_MINUTES:-7} \
-     --seq-len 512 --batch-size 32 --warmup 50 --eval-every 250 --save-every 250 --log-every 25 $RECIPE --exact-self \
-     --out $RUNS/mt > $RUNS/mt.log 2>&1 \
-    && kv compress --model $RUNS/mt/final --aux-rank 128 --save-dtype bfloat16 --out $RUNS/ship_mt >> $RUNS/mt.log 2>&1
-  echo "exit $?" > $RUNS/mt.done
+  kv train --model smollm2-135m --data /tmp/mt_tokens,/tmp/docs_tokens${MT_EXTRA:+,$MT_EXTRA} --steps 20000 \
+     --max-minutes ${TRAIN_MINUTES:-7} --seq-len 512 --batch-size 32 --warmup 50 --eval-every 250 --save-every 250 \
+     --log-every 25 $RECIPE --exact-self --out $RUNS/$N > $RUNS/$N.log 2>&1 \
+    && kv compress --model $RUNS/$N/final --aux-rank 128 --save-dtype bfloat16 --out $RUNS/ship_$N >> $RUNS/$N.log 2>&1
+  echo "exit $?" > $RUNS/$N.done
   ;;
-evalmt)  # (after mtround's sampling; carry .carry/data) evaluate `shipped` (the shipped default) or `mt` (ship_mt) as
-  # $1, in the background (shipped can run beside training): chat agreement on single-turn and three-exchange chats,
-  # agreement, held-out loss and LAMBADA; `collectmt` waits for both and pairs them
+evalmt)  # (after mtround's sampling; carry .carry/data) evaluate `shipped` (the shipped default) or MT_NAME (its
+  # ship_ folder) as $1, in the background (shipped can run beside training): chat agreement on single-turn and
+  # three-exchange chats, agreement, held-out loss and LAMBADA (800 items); with MC=1 also ARC-Easy and PIQA (every
+  # item). `collectmt` waits for both and pairs them
   mkdir -p /tmp/eval; cp -r .carry/data /tmp/carry/ 2>/dev/null
-  model=$([ "$1" = mt ] && echo $RUNS/ship_mt || echo smollm2-135m)
+  model=$([ "$1" = shipped ] && echo smollm2-135m || echo $RUNS/ship_$1)
   setsid nohup bash -c "ev() { timeout -k 5 400 python3 -m kvpred.cli eval --model $model --device cuda --dtype bfloat16 \
       --quiet --data-dir /tmp/carry/data --batch-size 64 \"\${@:2}\" --label $1\$1 --out /tmp/eval/$1\$1.json \
       > /tmp/eval/$1\$1.log 2>&1; echo \"$1\$1 rc=\$?\" >> /tmp/eval/$1.done; }
     ev _chat --tasks chat=/tmp/heldout_chats --limit 1024 --modes exact,predicted,truncate
     ev _chat3 --tasks chat=/tmp/chats3 --limit 1024 --modes exact,predicted,truncate
-    ev '' --tasks agreement,heldout,lambada --limit 800 --modes exact,predicted; echo end >> /tmp/eval/$1.done" \
+    ev '' --tasks agreement,heldout,lambada --limit 800 --modes exact,predicted
+    [ -n \"${MC:-}\" ] && ev _mc --tasks arc_easy,piqa --modes exact,predicted; echo end >> /tmp/eval/$1.done" \
     > /tmp/eval/$1.out 2>&1 < /dev/null &
   sleep 2; cat /tmp/eval/$1.out
   ;;
-collectmt)  # after `evalmt shipped` and `evalmt mt`: wait for both, pair them, bring everything back
+collectmt)  # after `evalmt shipped` and `evalmt $MT_NAME`: wait for both, pair them, bring everything back
+  N=${MT_NAME:-mt}
   until [ "$(cat /tmp/eval/*.done 2>/dev/null | grep -c end)" = 2 ]; do sleep 15; done
   cat /tmp/eval/*.done
-  for s in _chat _chat3 ""; do
-    echo "== paired$s"; python3 benchmarks/paired_diff.py /tmp/eval/shipped$s.items.jsonl /tmp/eval/mt$s.items.jsonl
+  for s in _chat _chat3 "" _mc; do [ -f /tmp/eval/$N$s.items.jsonl ] || continue
+    echo "== paired$s"
+    python3 benchmarks/paired_diff.py /tmp/eval/shipped$s.items.jsonl /tmp/eval/$N$s.items.jsonl /tmp/carry/data
   done | tee /tmp/eval/paired.txt
-  grep -h "^| chat\|^| agreement\|^| lambada\|^| heldout" /tmp/eval/*.md
-  cp /tmp/eval/*.json /tmp/eval/*.md /tmp/eval/*.log /tmp/eval/paired.txt $RUNS/sample.log $RUNS/mt.log \
-     $RUNS/mt_first40.jsonl $RUNS/mt/metrics.jsonl $OUT/
-  tar -czf - -C $RUNS ship_mt | split -b 15M - $OUT/ship_mt.tgz.part-
+  grep -h "^| chat\|^| agreement\|^| lambada\|^| heldout\|^| arc\|^| piqa" /tmp/eval/*.md
+  tar -czf $OUT/${N}_results.tgz -C /tmp/eval . -C $RUNS sample.log $N.log mt_first40.jsonl $N/metrics.jsonl
+  tar -czf - -C $RUNS ship_$N | split -b 15M - $OUT/ship_$N.tgz.part-
+  ;;
+evalmtmc)  # (after a, a2 and a3; carry .carry/g4 .carry/data .carry/mt) multiple choice, every item, both models at once
+  assemble_model || exit 1
+  mkdir -p /tmp/eval
+  for m in smollm2-135m:shipped /tmp/carry/mt/ship_mt:mt; do
+    ( timeout -k 5 400 python3 -m kvpred.cli eval --model ${m%%:*} --device cuda --dtype bfloat16 --batch-size 64 \
+        --tasks arc_easy,piqa --modes exact,predicted --quiet --data-dir .carry/data --label ${m##*:}_mc \
+        --out /tmp/eval/${m##*:}_mc.json > /tmp/eval/${m##*:}_mc.log 2>&1; echo "${m##*:} rc=$?" ) &
+  done
+  wait
+  grep -h "^| arc\|^| piqa" /tmp/eval/*_mc.md
+  tar -czf $OUT/mc.tgz -C /tmp/eval .
   ;;
 env) ;;
 esac

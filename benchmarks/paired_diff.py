@@ -1,9 +1,13 @@
 """Paired differences between two models' `kvpred eval` runs on the same items (predicted mode), with bootstrap 95% CIs.
 
-    python benchmarks/paired_diff.py A.items.jsonl B.items.jsonl   # prints B - A per task
+    python benchmarks/paired_diff.py A.items.jsonl B.items.jsonl [DATA_DIR]   # prints B - A per task
+
+Multiple-choice items (arc_easy, piqa) store only each choice's log-likelihood; their gold answers are read from
+DATA_DIR (default ../shared/data).
 """
 import json
 import sys
+from pathlib import Path
 
 import numpy as np
 
@@ -17,8 +21,23 @@ def load(path: str) -> dict:
     return rows
 
 
-def per_item(rows: dict, task: str) -> dict[str, float]:
+def choice_accuracy(rows: dict, task: str, data_dir: Path) -> dict[str, float]:
+    """Per item of a multiple-choice task: 1 if predicted mode's most likely choice is the gold one."""
+    lls: dict[str, dict[int, float]] = {}
+    for (t, mode, key), r in rows.items():
+        if t == task and mode == "predicted":
+            item, choice = key.split(".")
+            lls.setdefault(item, {})[int(choice)] = r["ll"]
+    if not lls:
+        return {}
+    gold = [int(json.loads(line)["gold"]) for line in open(data_dir / f"{task}.jsonl")]
+    return {item: float(max(ll, key=ll.get) == gold[int(item)]) for item, ll in lls.items()}
+
+
+def per_item(rows: dict, task: str, data_dir: Path) -> dict[str, float]:
     """The task's primary per-item score in predicted mode: first-token agreement, NLL per token, or accuracy."""
+    if task in ("arc_easy", "piqa"):
+        return choice_accuracy(rows, task, data_dir)
     out = {}
     for (t, mode, key), r in rows.items():
         if t != task or mode != "predicted":
@@ -33,14 +52,14 @@ def per_item(rows: dict, task: str) -> dict[str, float]:
 
 
 LABELS = {"agreement": "first-token agreement", "chat": "chat first-token agreement", "heldout": "WikiText NLL",
-          "lambada": "LAMBADA acc"}
+          "lambada": "LAMBADA acc", "arc_easy": "ARC-Easy acc", "piqa": "PIQA acc"}
 
 
-def main(a: str, b: str) -> None:
+def main(a: str, b: str, data_dir: str = "../shared/data") -> None:
     ra, rb = load(a), load(b)
     rng = np.random.default_rng(0)
     for task, label in LABELS.items():
-        sa, sb = per_item(ra, task), per_item(rb, task)
+        sa, sb = per_item(ra, task, Path(data_dir)), per_item(rb, task, Path(data_dir))
         keys = sorted(set(sa) & set(sb))
         if not keys:
             continue
@@ -52,4 +71,4 @@ def main(a: str, b: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:3])
+    main(*sys.argv[1:4])
