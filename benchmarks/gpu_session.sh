@@ -64,9 +64,6 @@
 #                `evalmt` reads (seed 7)
 #   stage evalmt (after mtround's sampling; carry .carry/data) `evalmt shipped` and `evalmt $MT_NAME` evaluate the two on
 #                the same items, in the background; `collectmt` waits for both and pairs them
-#   stage evalmtmc (after a, a2, a3 and a call copying .carry/mt, ship_mt, to /tmp/carry; carry .carry/g4 .carry/data)
-#                ARC-Easy and PIQA, every item,
-#                the shipped default and ship_mt side by side
 #   stage env    only set up the environment (source this script)
 set -uo pipefail
 export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1 KVPRED_CACHE=/tmp/kvcache HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
@@ -438,7 +435,7 @@ evalcopy)  # (after `ROUND=solo SOLO=copy ... wait`) the shipped default and shi
   cp /tmp/eval/*.json /tmp/eval/*.md /tmp/eval/*.log /tmp/eval/paired.txt $OUT/
   ;;
 mtround)  # round 6 (daemon): train the shipped default on multi-turn chats and documents the base wrote (+ MT_EXTRA
-  # token shards), as run MT_NAME (default mt; round 6b: MT_NAME=mtmix MT_TOKENS=1200000 MT_EXTRA=/tmp/pydocs)
+  # token shards), as run MT_NAME (default mt; the shipped round 6: MT_NAME=mtmix MT_TOKENS=1200000 MT_EXTRA=/tmp/pydocs)
   N=${MT_NAME:-mt}
   { kv data sample --chat --turns 3 --out /tmp/mt --tokens ${MT_TOKENS:-2500000} --batch-size 2048 --max-new-tokens 128 \
        --seed 11
@@ -481,18 +478,6 @@ collectmt)  # after `evalmt shipped` and `evalmt $MT_NAME`: wait for both, pair 
   grep -h "^| chat\|^| agreement\|^| lambada\|^| heldout\|^| arc\|^| piqa" /tmp/eval/*.md
   tar -czf $OUT/${N}_results.tgz -C /tmp/eval . -C $RUNS sample.log $N.log mt_first40.jsonl $N/metrics.jsonl
   tar -czf - -C $RUNS ship_$N | split -b 15M - $OUT/ship_$N.tgz.part-
-  ;;
-evalmtmc)  # (after a, a2 and a3; carry .carry/g4 .carry/data .carry/mt) multiple choice, every item, both models at once
-  assemble_model || exit 1
-  mkdir -p /tmp/eval
-  for m in smollm2-135m:shipped /tmp/carry/mt/ship_mt:mt; do
-    ( timeout -k 5 400 python3 -m kvpred.cli eval --model ${m%%:*} --device cuda --dtype bfloat16 --batch-size 64 \
-        --tasks arc_easy,piqa --modes exact,predicted --quiet --data-dir .carry/data --label ${m##*:}_mc \
-        --out /tmp/eval/${m##*:}_mc.json > /tmp/eval/${m##*:}_mc.log 2>&1; echo "${m##*:} rc=$?" ) &
-  done
-  wait
-  grep -h "^| arc\|^| piqa" /tmp/eval/*_mc.md
-  tar -czf $OUT/mc.tgz -C /tmp/eval .
   ;;
 env) ;;
 esac
