@@ -11,14 +11,13 @@ TTFT is the server's `ttft_s`: from a request's arrival to its first token, toke
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import sys
 from pathlib import Path
 
 from openai import OpenAI
 
-from chat_ttft import add_conversation_arguments, user_turns
+from chat_ttft import add_conversation_arguments, user_turns, write_report
 from kvpred.bench import _device_name
 from kvpred.cli import load_model
 from kvpred.refine import REFINE_CHOICES
@@ -78,11 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     for turn, r in enumerate(rows, 1):
         lines.append(f"| {turn} | {r['prompt_tokens']} | {r['reused_tokens']} | {r['auto_s'] * 1e3:.1f} | "
                      f"{r['predicted_s'] * 1e3:.1f} | {r['exact_s'] * 1e3:.1f} | {r['exact_s'] / r['auto_s']:.2f}x |")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(lines) + "\n")
-    out.with_suffix(".json").write_text(json.dumps({"command": command, "setup": setup, "turns": rows}, indent=1))
-    print("\n".join(lines))
+    write_report(Path(args.out), lines, {"command": command, "setup": setup, "turns": rows})
     return 0
 
 

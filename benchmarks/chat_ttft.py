@@ -75,6 +75,14 @@ def started_session(model, refine: str) -> ChatSession:
     return ChatSession(model, system="You are a helpful assistant.", refine=refine)
 
 
+def write_report(out: Path, lines: list[str], payload: dict) -> None:
+    """The markdown table to `out` and stdout, the JSON beside it."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines) + "\n")
+    out.with_suffix(".json").write_text(json.dumps(payload, indent=1))
+    print("\n".join(lines))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_conversation_arguments(parser, turns=5)
@@ -116,11 +124,7 @@ def main(argv: list[str] | None = None) -> int:
                      f"{r['exact_s'] * 1e3:.1f} ({r['exact_again_s'] * 1e3:.1f}) | {r['predicted_s'] * 1e3:.1f} "
                      f"({r['predicted_again_s'] * 1e3:.1f}) | {r['session_s'] * 1e3:.1f} | "
                      f"{r['exact_s'] / r['session_s']:.2f}x |")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(lines) + "\n")
-    out.with_suffix(".json").write_text(json.dumps({"command": command, "setup": setup, "turns": rows}, indent=1))
-    print("\n".join(lines))
+    write_report(Path(args.out), lines, {"command": command, "setup": setup, "turns": rows})
     return 0
 
 
