@@ -185,12 +185,12 @@ def evaluate(model, specs, modes: list[str], options, *, limit: int | None = Non
         units = kind.units(items)
         settings = {f: getattr(options, f) for f in kind.option_fields}
         task_modes = kind.modes(modes)
+        tail = kind.exact_tail(model, options)  # predicted mode's; chats take the model's chat tail
         results: dict[str, dict[str, dict]] = {}
         for mode in task_modes:
             # what makes a unit result: model, task data and settings, r for truncate mode, and the exact tail
             # for predicted mode (named only when not the paper's 1, so earlier caches stay valid)
             key = [msig, spec.kind, spec.path, settings, options.ratio if mode == "truncate" else None]
-            tail = kind.exact_tail(model, options)
             sig = _digest(key + [tail] if mode == "predicted" and tail != 1 else key)
             pending = [u for u in units if cache.get(sig, spec.name, mode, u[0]) is None]
             if pending:
@@ -204,7 +204,7 @@ def evaluate(model, specs, modes: list[str], options, *, limit: int | None = Non
         doc["tasks"][spec.name] = {
             "kind": spec.kind, "data": spec.path, "n": len(items), "primary": kind.primary,
             "higher_is_better": {m: kind.metrics_higher_is_better[m] for m in next(iter(per_mode.values()))},
-            "exact_tail": kind.exact_tail(model, options),  # predicted mode's; chats take the model's chat tail
+            "exact_tail": tail,
             "metrics": summarise(per_mode, options.seed),
             "extra": {mode: e for mode in task_modes if (e := kind.extra(items, results[mode], mode))},
             "seconds": round(time.perf_counter() - started, 2)}
