@@ -21,9 +21,9 @@ import torch
 from torch import nn
 from transformers import AttentionInterface, PreTrainedModel
 from transformers.cache_utils import Cache
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
+from .matvec import sdpa
 from .predictor import KVPredictor
 
 ATTENTION = "kvpred_deferred"
@@ -100,7 +100,7 @@ def _attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value:
             pending.attended[layer] = True
             return pending.attend(layer, query, key, value, attention_mask, scaling or query.shape[-1] ** -0.5), None
         pending.materialize(layer)
-    return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+    return sdpa(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
 
 
 @contextmanager
