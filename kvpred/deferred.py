@@ -82,7 +82,8 @@ class PendingValues:
         probs = scores.softmax(-1).to(value.dtype).view(b, heads, group * w, t)
         out = torch.matmul(probs[..., n:], value[:, :, n:])  # the tail's own values
         x = self.inputs[self.index[layer]]  # [B, n, w_in]
-        mixed = torch.matmul(probs[..., :n], x.unsqueeze(1))  # [B, H, group * W, w_in]
+        # x is shared by the heads: one product over all of them (broadcasting it would copy x once per head)
+        mixed = torch.bmm(probs[..., :n].reshape(b, heads * group * w, n), x).view(b, heads, group * w, -1)
         weight = self.predictor.value_weight[layer].view(heads, -1, x.shape[-1])  # [H, Dv, w_in]
         out += torch.matmul(mixed, weight.transpose(1, 2))
         out += probs[..., :n].sum(-1, keepdim=True) * self.predictor.value_bias[layer].view(heads, 1, -1)
