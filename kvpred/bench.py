@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import os
 import platform
 import shlex
@@ -222,6 +223,7 @@ class Settings:
     cuda_graph: bool = True
     compile_predictor: bool = False
     defer_values: bool = True  # with the eager step only: a captured graph cannot branch on pending values
+    pipeline: bool = False  # with the graph step: predicted mode's step runs tap by tap behind the auxiliary
     max_batch_tokens: int | None = None
     time_budget: float | None = None
     seed: int = 0
@@ -239,6 +241,7 @@ class Combo:
     defer_values: bool
     last_pos: torch.Tensor  # [B, 1] position of the last prompt token
     next_pos: torch.Tensor  # [B, 1] position of the first generated token
+    pipelines: dict[str, object] = field(default_factory=dict)  # per variant: kvpred.pipeline.PipelinedPrefill
     samples: dict[str, list] = field(default_factory=dict)
 
 
@@ -294,6 +297,11 @@ class TTFTBench:
         combo = Combo(batch, length, base_cache, aux_caches, step, note, defer, pos(length - 1), pos(length))
         if isinstance(step, GraphStep):
             combo.step_note = self._check_graph(combo)
+            if self.s.pipeline:
+                from .pipeline import PipelinedPrefill
+
+                combo.pipelines = {v.name: PipelinedPrefill(v.model, base_cache) for v in self.variants}
+                combo.step_note += ", pipelined behind the auxiliary (kvpred.pipeline)"
         combo.step_note += ", values deferred" if defer else ""
         return combo
 
@@ -322,7 +330,10 @@ class TTFTBench:
         """One timed prompt: until the first token's id is on the host."""
         clock, model = self.clock, variant.model
         clock.start()
-        if mode == "predicted":
+        if mode == "predicted" and c.pipelines:  # no phases to tell apart: all of it counts as the step
+            token = c.pipelines[variant.name](ids)
+            clock.mark("step")
+        elif mode == "predicted":
             model.predict_into(c.base_cache, ids, mark=clock.mark, defer_values=c.defer_values)
             c.step.start(ids[:, -1:], c.last_pos, c.length - 1)
             with deferred_values(model.base, c.base_cache.pending_values, finish=False):
@@ -381,7 +392,8 @@ class TTFTBench:
         exact = c.samples["exact"]
         for v in self.variants:
             aux, pred = c.samples[f"aux|{v.name}"], c.samples[f"predicted|{v.name}"]
-            phase = {name: _ms([p[name] for p in pred["phases"]]) for name in ("aux", "predictor", "write", "step")}
+            phase = {name: _ms([p.get(name, math.nan) for p in pred["phases"]])
+                     for name in ("aux", "predictor", "write", "step")}
             m = v.model
             ratio_p = flop_ratio_params(m.base.config, m.aux.config)
             ratio_f = flop_ratio_full(m.base.config, m.aux.config, m.predictor.config, c.length, c.defer_values)
@@ -533,9 +545,10 @@ def targets(rows: list[dict]) -> list[str]:
         found = (f"{len(met)}/{len(long)} rows (lowest efficiency {min(r[key] for r in long):.2f})" if long
                  else "not measured (no prompt that long)")
         out.append(f"speedup >= {TARGET_EFFICIENCY} x FLOP ratio ({label}) for prompts >= {TARGET_MIN_LEN}: {found}")
-    share = [r for r in rows if r["predictor_write_pct"] <= 100 * TARGET_PREDICTOR_SHARE]
+    timed = [r for r in rows if not math.isnan(r["predictor_write_pct"])]  # pipelined runs have no breakdown
+    share = [r for r in timed if r["predictor_write_pct"] <= 100 * TARGET_PREDICTOR_SHARE]
     out.append(f"predictor + cache write <= {100 * TARGET_PREDICTOR_SHARE:.0f}% of predicted TTFT: {len(share)}/"
-               f"{len(rows)} rows (highest {max((r['predictor_write_pct'] for r in rows), default=0):.1f}%)")
+               f"{len(timed)} rows (highest {max((r['predictor_write_pct'] for r in timed), default=0):.1f}%)")
     close = [r for r in rows if abs(r["decode_pred_vs_exact"] - 1) <= TARGET_DECODE_GAP]
     out.append(f"decode after predicted within {100 * TARGET_DECODE_GAP:.0f}% of exact: {len(close)}/{len(rows)} "
                f"rows (largest gap {max((abs(r['decode_pred_vs_exact'] - 1) for r in rows), default=0):.1%})")
@@ -690,7 +703,7 @@ def _command(args, weights: str) -> str:
     for flag, value in (("--max-batch-tokens", args.max_batch_tokens), ("--time-budget", args.time_budget)):
         parts += [flag, str(value)] if value is not None else []
     parts += ["--cuda-graph", args.cuda_graph, "--compile", args.compile, "--compile-step", args.compile_step,
-              "--defer-values", args.defer_values]
+              "--defer-values", args.defer_values, "--pipeline", args.pipeline]
     parts += ["--predictor-dtype", args.predictor_dtype, "--aux-dtype", args.aux_dtype, "--seed", str(args.seed)]
     parts += ["--label", args.label] if args.label else []
     parts += ["--threads", str(args.threads)] if args.threads else []
@@ -703,7 +716,8 @@ def _ttft_command(args) -> int:
     settings = Settings(prompt_lens=args.prompt_lens, batches=args.batch, repeats=args.repeats, warmup=args.warmup,
                         decode_tokens=args.decode_tokens, cuda_graph=args.cuda_graph == "auto",
                         compile_predictor=args.compile == "auto" and args.device.startswith("cuda"),
-                        defer_values=args.defer_values == "auto", max_batch_tokens=args.max_batch_tokens,
+                        defer_values=args.defer_values == "auto", pipeline=args.pipeline == "auto",
+                        max_batch_tokens=args.max_batch_tokens,
                         time_budget=args.time_budget, seed=args.seed)
     if args.repeats < 1:
         raise KVPredError("--repeats must be at least 1")
@@ -816,6 +830,10 @@ def register(subparsers) -> None:
     p.add_argument("--defer-values", choices=("auto", "off"), default="auto",
                    help="auto: with the eager step, predicted mode writes only the keys before its first token and "
                         "the values in the first decode step (kvpred.deferred; the decode speed pays for them)")
+    p.add_argument("--pipeline", choices=("off", "auto"), default="off",
+                   help="auto: with the CUDA-graph step, predicted mode runs the base's step one group of layers at "
+                        "a time, each as soon as its auxiliary tap is predicted, on a second stream beside the "
+                        "auxiliary (kvpred.pipeline); the breakdown then has no phases")
     p.add_argument("--predictor-dtype", choices=("auto", "model", "bfloat16"), default="auto",
                    help="what the predictor's matmuls run in (auto: bf16 for an fp32 model on a CPU with bf16 dot "
                         "products, else the model's dtype; see KVPredictionModel.predictor_dtype)")

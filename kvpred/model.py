@@ -338,23 +338,26 @@ class KVPredictionModel(nn.Module):
         cos, sin = rope_tables(self.base, position_ids, keys.dtype)
         return rotate(keys, cos, sin), values
 
-    def _k_norm(self, keys: torch.Tensor) -> torch.Tensor:
-        """The base's k-norm on [L, B, T, H, D] keys; identity for bases without one."""
+    def _k_norm(self, keys: torch.Tensor, layers: slice = slice(None)) -> torch.Tensor:
+        """The base's k-norm on [L, B, T, H, D] keys of base `layers`; identity for bases without one."""
         if self.k_norm_weight is None:
             return keys
         var = keys.float().pow(2).mean(-1, keepdim=True)
         normed = (keys.float() * torch.rsqrt(var + self.k_norm_eps)).to(keys.dtype)
-        return self.k_norm_weight.view(keys.shape[0], 1, 1, 1, -1) * normed
+        return self.k_norm_weight[layers].view(keys.shape[0], 1, 1, 1, -1) * normed
 
     @torch.no_grad()
     def base_kv_into(self, keys: torch.Tensor, values: torch.Tensor | None, position_ids: torch.Tensor,
-                     key_out: torch.Tensor, value_out: torch.Tensor) -> None:
+                     key_out: torch.Tensor, value_out: torch.Tensor, layers: slice = slice(None),
+                     rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         """`base_kv` for inference, written into `key_out`, `value_out` [L, B, H, T, D] (e.g. a BufferCache's
-        arena): values (unless None) in one strided copy, keys rotated straight into the output (out= ops)."""
+        arena): values (unless None) in one strided copy, keys rotated straight into the output (out= ops).
+        `layers`: which base layers the L are (all of them by default); `rope`: the base's (cos, sin) at
+        `position_ids`, when the caller has them."""
         n_layers, b, t, _ = keys.shape
         keys = keys.to(key_out.dtype)  # before RoPE: mixed-dtype elementwise ops are several times slower on a CPU
-        keys = self._k_norm(keys.view(n_layers, b, t, self.base_kv_heads, self.base_head_dim))  # [L, B, T, H, D]
-        cos, sin = rope_tables(self.base, position_ids, keys.dtype)  # [B, T, D]
+        keys = self._k_norm(keys.view(n_layers, b, t, self.base_kv_heads, self.base_head_dim), layers)
+        cos, sin = rope or rope_tables(self.base, position_ids, keys.dtype)  # [B, T, D]
         _rotate_into(keys.transpose(2, 3), cos, sin, key_out)  # [L, B, H, T, D]
         if values is not None:
             value_out.copy_(values.view(n_layers, b, t, self.base_kv_heads, -1).transpose(2, 3))

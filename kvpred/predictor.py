@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 SOURCES = ("kv", "hidden")
 
@@ -119,6 +120,23 @@ class KVPredictor(nn.Module):
         weight, bias = self.cast((self.key_weight, self.key_bias), dtype)
         keys = self._project(key_src[0].to(weight.dtype).index_select(0, key_src[1]), weight, bias)
         return keys, value_src
+
+    def group(self, key_x: torch.Tensor, value_x: torch.Tensor, layers: range,
+              dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values [len(layers), B, T, *] (views) of base `layers`, which all read one auxiliary tap, whose
+        inputs are key_x, value_x [B, T, in]: the unit of kvpred.pipeline. One matmul per kind over the group's
+        stacked maps; `dtype` as in `keys_and_value_inputs`."""
+        if self.config.rank is not None:
+            (down,) = self.cast((self.down,), dtype)
+            code = key_x.to(down.dtype) @ down[self.config.taps.index(self.config.layer_map[layers.start])].T
+            key_x = value_x = code  # [B, T, rank]
+        picked = slice(layers.start, layers.stop)
+        out = []
+        for x, params in ((key_x, (self.key_weight, self.key_bias)), (value_x, (self.value_weight, self.value_bias))):
+            weight, bias = (p[picked] for p in self.cast(params, dtype))
+            y = F.linear(x.to(weight.dtype), weight.flatten(0, 1), bias.flatten())  # [B, T, L * out]
+            out.append(y.view(*y.shape[:-1], len(layers), -1).permute(2, 0, 1, 3))
+        return out[0], out[1]
 
     def cast(self, params: tuple[nn.Parameter, ...], dtype: torch.dtype | None) -> tuple[torch.Tensor, ...]:
         """`params` in `dtype` (as they are when None or already in it). Casts are kept until a parameter is

@@ -1,0 +1,178 @@
+"""Pipelined predicted mode: the base's first step runs one group of layers at a time, each group as soon as the
+predicted keys and values it attends to are written, while the auxiliary goes on with its next layers.
+
+At batch 1 the base's one-token step reads every weight once (memory-bound) and the auxiliary's prefill multiplies
+whole prompts (compute-bound), so on a GPU the two can share the machine: on an H100 84-108% of a Llama-3.2-1B-shaped
+step, and 41-46% of a Llama-3.1-8B-shaped one, ran beside the auxiliary's prefill
+(benchmarks/results/h100/overlap_probe). Base layer l reads auxiliary tap `layer_map[l]`; when the map never goes
+back to an earlier tap (every default map), the base's layers fall into consecutive groups, one per tap, in the order
+the auxiliary produces the taps. Each tap, once out, is predicted and written for its group on the main stream, and
+the group's part of the step is replayed as its own CUDA graph on a second stream after that write. Only the group
+that reads the last tap waits for the whole auxiliary.
+
+For unpadded batches and one exact token (the shape `kvpred bench ttft` times); off the GPU the same code runs one
+group after the other, which is how the tests check it against the plain path.
+"""
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+from torch import nn
+
+from .decoding import _capture
+from .model import BufferCache, KVPredictionModel, cache_kwargs
+from .rope import rope_tables
+
+
+def layer_groups(layer_map: list[int]) -> list[tuple[int, range]] | None:
+    """(tap, the base layers that read it) in tap order; None when a later base layer reads an earlier tap."""
+    if any(b < a for a, b in zip(layer_map, layer_map[1:])):
+        return None
+    groups: list[tuple[int, range]] = []
+    for layer, tap in enumerate(layer_map):
+        if groups and groups[-1][0] == tap:
+            groups[-1] = (tap, range(groups[-1][1].start, layer + 1))
+        else:
+            groups.append((tap, range(layer, layer + 1)))
+    return groups
+
+
+class GroupedStep:
+    """The base's one-token step (as `GraphStep` runs it: the whole buffer under a mask, inside `static_step`) cut
+    into parts that each run a range of layers; the hidden state passes between parts in a static buffer. On CUDA
+    each part is captured as its own graph."""
+
+    @torch.no_grad()
+    def __init__(self, model: KVPredictionModel, cache: BufferCache, parts: list[range]):
+        base, device = model.base, model.device
+        self.model, self.cache, self.parts = model, cache, parts
+        self.layer_kw = cache_kwargs(base.model.layers[0], cache)
+        batch, capacity = cache.key_arena.shape[1], cache.capacity
+        self.ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.positions = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.slot = torch.zeros(1, dtype=torch.long, device=device)
+        self.mask = torch.zeros(batch, 1, 1, capacity, dtype=torch.bool, device=device)
+        self.hidden = torch.zeros(batch, 1, base.config.hidden_size, dtype=base.dtype, device=device)
+        self.graphs: list[torch.cuda.CUDAGraph] | None = None
+        self.token = self.logits = None  # the last part's outputs (a graph's own tensors on CUDA)
+        if device.type == "cuda":
+            def warm_up() -> None:
+                self.slot.fill_(capacity - 1)
+                self.mask[..., 0] = True
+
+            with model.static_step(cache, self.slot):
+                self.graphs = [_capture(lambda i=i: self._part(i), device, warm_up) for i in range(len(parts))]
+
+    def _part(self, i: int) -> None:
+        base = self.model.base
+        if i == 0:
+            self.mask.index_fill_(3, self.slot, True)
+            hidden = base.model.embed_tokens(self.ids)
+        else:
+            hidden = self.hidden
+        rope = base.model.rotary_emb(hidden, self.positions)
+        for layer in base.model.layers[self.parts[i].start:self.parts[i].stop]:
+            out = layer(hidden, attention_mask=self.mask, position_ids=self.positions, position_embeddings=rope,
+                        use_cache=True, **self.layer_kw)
+            hidden = out[0] if isinstance(out, tuple) else out  # older transformers return a tuple
+        if i < len(self.parts) - 1:
+            self.hidden.copy_(hidden)
+            return
+        logits = base.lm_head(base.model.norm(hidden))  # [B, 1, V]
+        token = logits[:, -1].argmax(-1)
+        self.ids.copy_(token[:, None])
+        self.positions.add_(1)
+        self.slot.add_(1)
+        self.token, self.logits = token, logits
+
+    def start(self, ids: torch.Tensor, positions: torch.Tensor, slot: int) -> None:
+        """The next run feeds `ids` [B, 1] at `positions` [B, 1] into column `slot`, seeing the columns before it."""
+        self.ids.copy_(ids)
+        self.positions.copy_(positions)
+        self.slot.fill_(slot)
+        self.mask.zero_()
+        self.mask[..., :slot] = True
+
+    def run(self, i: int) -> None:
+        if self.graphs is not None:
+            self.graphs[i].replay()
+            return
+        with torch.no_grad(), self.model.static_step(self.cache, self.slot):
+            self._part(i)
+
+
+class PipelinedPrefill:
+    """Predicted mode's first token with the base's step pipelined behind the auxiliary (see the module docstring).
+    `__call__(input_ids)` fills `cache` as `predict_into` does, runs the step and returns the token ids [B]."""
+
+    def __init__(self, model: KVPredictionModel, cache: BufferCache):
+        groups = layer_groups(model.predictor.config.layer_map)
+        if groups is None:
+            raise ValueError("the layer map goes back to an earlier tap; the step cannot run tap by tap")
+        self.model, self.cache, self.groups = model, cache, groups
+        self.step = GroupedStep(model, cache, [layers for _, layers in groups])
+        self.side = torch.cuda.Stream(model.device) if model.device.type == "cuda" else None
+
+    @torch.no_grad()
+    def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
+        model, cache = self.model, self.cache
+        b, n = input_ids.shape[0], input_ids.shape[1] - 1
+        positions = torch.arange(n, device=input_ids.device).expand(b, n)
+        rope = rope_tables(model.base, positions, cache.key_arena.dtype)  # once for every group
+        cache.reset()
+        self.step.start(input_ids[:, -1:], torch.full((b, 1), n, device=input_ids.device), n)
+        keys_out, values_out = cache.slices(n)
+        main = torch.cuda.current_stream(model.device) if self.side is not None else None
+        if self.side is not None:
+            self.side.wait_stream(main)  # the step's inputs, written by `start`
+        pending = iter(enumerate(self.groups))
+
+        def tap_out(tap: int, key_x: torch.Tensor, value_x: torch.Tensor) -> None:
+            i, (group_tap, layers) = next(pending)
+            assert group_tap == tap, (group_tap, tap)
+            dtype, picked = model.predictor_compute_dtype, slice(layers.start, layers.stop)
+            keys, values = model.predictor.group(key_x.to(model.aux.dtype), value_x.to(model.aux.dtype), layers,
+                                                 dtype)
+            model.base_kv_into(keys, values, positions, keys_out[picked], values_out[picked], picked, rope)
+            if self.side is not None:
+                self.side.wait_stream(main)
+            with torch.cuda.stream(self.side) if self.side is not None else nullcontext():
+                self.step.run(i)
+
+        with _tap_hooks(model, tap_out):
+            model.aux_inputs(input_ids[:, :n], None, None)
+        if self.side is not None:
+            main.wait_stream(self.side)
+        cache.set_length(n)
+        return self.step.token
+
+
+class _tap_hooks:
+    """Forward hooks on the auxiliary that call `tap_out(tap, key_x, value_x)` as each tap the predictor reads
+    comes out, in tap order. Entered before `aux_inputs` installs its own hooks, so these run first and the last
+    tap is handed over before the auxiliary's pass is cut short."""
+
+    def __init__(self, model: KVPredictionModel, tap_out):
+        self.model, self.tap_out = model, tap_out
+
+    def __enter__(self) -> None:
+        layers, taps = self.model.aux.model.layers, sorted(set(self.model.predictor.config.layer_map))
+        self.hooks = []
+        if self.model.predictor.config.source == "hidden":
+            for tap in taps:
+                point: nn.Module = layers[tap].input_layernorm if tap < len(layers) else self.model.aux.model.norm
+                self.hooks.append(point.register_forward_hook(
+                    lambda module, args, out, tap=tap: self.tap_out(tap, out, out)))
+        else:
+            keys: dict[int, torch.Tensor] = {}
+            for tap in taps:
+                attn = layers[tap].self_attn
+                self.hooks.append(attn.k_proj.register_forward_hook(
+                    lambda module, args, out, tap=tap: keys.__setitem__(tap, out)))
+                self.hooks.append(attn.v_proj.register_forward_hook(
+                    lambda module, args, out, tap=tap: self.tap_out(tap, keys.pop(tap), out)))
+
+    def __exit__(self, *exc) -> None:
+        for hook in self.hooks:
+            hook.remove()

@@ -1,0 +1,74 @@
+"""Specification of kvpred.pipeline: the base's first step cut into one part per auxiliary tap, each part run once its
+tap is predicted and written, gives predicted mode's first token and cache as the plain path does."""
+import pytest
+import torch
+
+from kvpred.decoding import EagerStep
+from kvpred.model import KVPredictionModel
+from kvpred.pipeline import PipelinedPrefill, layer_groups
+from kvpred.predictor import KVPredictor, PredictorConfig
+from tests.conftest import ARCHS
+
+
+def test_layer_groups_follow_the_taps_in_order():
+    assert layer_groups([0, 0, 1, 1, 3]) == [(0, range(0, 2)), (1, range(2, 4)), (3, range(4, 5))]
+    assert layer_groups([2]) == [(2, range(0, 1))]
+    assert layer_groups([0, 1, 0]) is None  # a later layer goes back to an earlier tap: no tap-by-tap order
+
+
+@pytest.mark.parametrize("rank", [None, 4])
+def test_a_groups_keys_and_values_are_the_predictors_for_those_layers(rank):
+    torch.manual_seed(0)
+    config = PredictorConfig(layer_map=[0, 0, 1, 1, 1], in_features=8, key_features=6, value_features=4,
+                             source="hidden" if rank else "kv", rank=rank)
+    predictor = KVPredictor(config)
+    x = torch.randn(2, 2, 7, 8)  # [taps, B, T, in]
+    keys, values = predictor(x, x)
+    for tap, layers in layer_groups(config.layer_map):
+        got_keys, got_values = predictor.group(x[tap], x[tap], layers)
+        torch.testing.assert_close(got_keys, keys[layers.start:layers.stop])
+        torch.testing.assert_close(got_values, values[layers.start:layers.stop])
+
+
+def plain_first_token(model: KVPredictionModel, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple]:
+    cache = model.new_cache(ids.shape[0], ids.shape[1] + 8)
+    model.predict_into(cache, ids)
+    step = EagerStep(model, cache)
+    n = ids.shape[1] - 1
+    step.start(ids[:, -1:], torch.full((ids.shape[0], 1), n, device=ids.device), n)
+    token = step()
+    return token, step.logits, cache.slices(n + 1)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("source", ["kv", "hidden"])
+def test_the_pipelined_first_token_and_cache_are_the_plain_paths(arch, source, tiny_models):
+    model = KVPredictionModel.from_pretrained(tiny_models[arch], keep_layers=[0, 2], source=source)
+    ids = torch.randint(3, 259, (2, 19), generator=torch.Generator().manual_seed(1))
+    token, logits, (keys, values) = plain_first_token(model, ids)
+    cache = model.new_cache(2, ids.shape[1] + 8)
+    pipelined = PipelinedPrefill(model, cache)
+    assert len(pipelined.groups) == len(set(model.predictor.config.layer_map)) > 1
+    for _ in range(2):  # and again on the same cache
+        got = pipelined(ids)
+        assert torch.equal(got, token)
+        torch.testing.assert_close(pipelined.step.logits, logits, atol=1e-4, rtol=1e-4)
+        got_keys, got_values = cache.slices(ids.shape[1])
+        torch.testing.assert_close(got_keys, keys, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got_values, values, atol=1e-5, rtol=1e-5)
+        assert cache.get_seq_length() == ids.shape[1] - 1  # as predict_into leaves it; the step wrote the next column
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs and streams need a GPU")
+@pytest.mark.parametrize("source", ["kv", "hidden"])
+def test_on_cuda_the_parts_run_as_graphs_on_a_second_stream(source, tiny_llama):
+    model = KVPredictionModel.from_pretrained(tiny_llama, keep_layers=[0, 2], source=source, device="cuda")
+    ids = torch.randint(3, 259, (2, 40), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+    token, logits, (keys, _) = plain_first_token(model, ids)
+    cache = model.new_cache(2, 48)
+    pipelined = PipelinedPrefill(model, cache)
+    assert pipelined.step.graphs is not None and pipelined.side is not None
+    for _ in range(3):
+        assert torch.equal(pipelined(ids), token)
+        torch.testing.assert_close(pipelined.step.logits, logits, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(cache.slices(ids.shape[1])[0], keys, atol=1e-5, rtol=1e-5)
