@@ -4,7 +4,9 @@ take, with and without each of its device-specific speed-ups, the exact base bes
 * `--compare loops` (the default): transformers' generate loop, against kvpred.decoding's loop (on CUDA-graph
   steps on a GPU), in both modes;
 * `--compare deferred`: predicted values written before the first token, against deferred to after it
-  (kvpred.deferred).
+  (kvpred.deferred);
+* `--compare pipeline`: predicted mode's first step after the whole prediction, against tap by tap behind the
+  auxiliary (`KVPredictionModel.pipelined_first_step`, kvpred.pipeline; GPU).
 
 Fresh random prompts, medians over repeats after one warm-up; times are taken when the streamer receives each token
 on the host.
@@ -28,9 +30,11 @@ from kvpred.bench import _device_name, variant_name
 from kvpred.model import KVPredictionModel
 from kvpred.shapes import random_kvp_model
 
-RUNS = {  # label, mode, generate() arguments
+RUNS = {  # label, mode, generate() arguments (those named "model." set the model's attribute for that run)
     "deferred": [("exact", "exact", {}), ("predicted, values first", "predicted", {"defer_values": False}),
                  ("predicted, values deferred", "predicted", {"defer_values": True})],
+    "pipeline": [("exact", "exact", {}), ("predicted", "predicted", {}),
+                 ("predicted, pipelined", "predicted", {"model.pipelined_first_step": True})],
     "loops": [("exact, transformers loop", "exact", {"transformers_loop": True}),
               ("exact, kvpred loop", "exact", {}),
               ("predicted, transformers loop", "predicted", {"transformers_loop": True}),
@@ -54,10 +58,16 @@ class Clock:
 def run(model: KVPredictionModel, ids: torch.Tensor, mode: str, kwargs: dict, new_tokens: int) -> tuple[float, float]:
     """(TTFT ms, decode tokens/s per row after the first token)."""
     clock = Clock()
+    attrs = {k.removeprefix("model."): v for k, v in kwargs.items() if k.startswith("model.")}
+    kwargs = {k: v for k, v in kwargs.items() if not k.startswith("model.")}
+    for name, value in attrs.items():
+        setattr(model, name, value)
     if model.device.type == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
     model.generate(ids, mode=mode, max_new_tokens=new_tokens, streamer=clock, **kwargs)
+    for name in attrs:
+        delattr(model, name)  # back to the class's value
     tokens = clock.times[1:]
     decode = (len(tokens) - 1) / (tokens[-1] - tokens[0]) if len(tokens) > 1 else float("nan")
     return (tokens[0] - start) * 1e3, decode

@@ -207,11 +207,24 @@ class Pooled:
     cache: object
     step: "GraphStep | EagerStep | None" = None
     chunks: dict = field(default_factory=dict)  # width -> GraphChunk, or None where it cannot be captured
+    pipeline: object = None  # kvpred.pipeline.PipelinedPrefill once made; False where it cannot be
 
     def made_step(self, model) -> "GraphStep | EagerStep":
         if self.step is None:
             self.step = make_step(model, self.cache, want_graph=True)[0]
         return self.step
+
+    def made_pipeline(self, model):
+        """The pipelined first step on this cache (kvpred.pipeline), made on first use; None where the layer map
+        has no tap-by-tap order or the capture fails (the plain step serves then)."""
+        if self.pipeline is None:
+            from .pipeline import PipelinedPrefill
+
+            try:
+                self.pipeline = PipelinedPrefill(model, self.cache)
+            except Exception:  # noqa: BLE001 - as for the step: what cannot be captured runs the plain way
+                self.pipeline = False
+        return self.pipeline or None
 
     def run_chunk(self, model, ids: torch.Tensor, positions: torch.Tensor, start: int, visible: torch.Tensor) -> bool:
         """Run the base backbone over columns [start, start + width) as a captured chunk; False (and nothing run)
@@ -418,10 +431,15 @@ def first_logits(model, pooled: Pooled, input_ids: torch.Tensor, mask: torch.Ten
     the prompt and the tokens to come. Predicted mode's last prompt token is the pooled step (eager until the
     shape's graph was captured, after a first token, so no request waits for a capture before its first token),
     after the rest of a longer tail (`base_tail`, where `tail_on_steps`; else one eager forward, `prefill_into`).
-    `defer_values` (kvpred.deferred) applies to a one-token tail's eager step."""
+    `defer_values` (kvpred.deferred) applies to a one-token tail's eager step. With `model.pipelined_first_step`,
+    an unpadded prompt with a one-token tail whose shape has a captured step runs pipelined (kvpred.pipeline)."""
     prompt_mask = mask[:, :input_ids.shape[1]]
     padded = not bool(prompt_mask.all())
     cache = pooled.cache
+    if (mode == "predicted" and exact_tail == 1 and not padded and model.pipelined_first_step
+            and isinstance(pooled.step, GraphStep) and pooled.made_pipeline(model) is not None):
+        pooled.pipeline(input_ids)
+        return pooled.pipeline.step.logits[:, -1]
     if mode == "predicted" and tail_on_steps(model, exact_tail):
         model.predict_into(cache, input_ids, prompt_mask if padded else None, exact_tail,
                            defer_values=defer_values and exact_tail == 1 and not isinstance(pooled.step, GraphStep))

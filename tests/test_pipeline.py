@@ -72,3 +72,15 @@ def test_on_cuda_the_parts_run_as_graphs_on_a_second_stream(source, tiny_llama):
         assert torch.equal(pipelined(ids), token)
         torch.testing.assert_close(pipelined.step.logits, logits, atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(cache.slices(ids.shape[1])[0], keys, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs and streams need a GPU")
+def test_generate_runs_the_first_step_pipelined_once_its_shape_is_captured(tiny_llama, monkeypatch):
+    model = KVPredictionModel.from_pretrained(tiny_llama, keep_layers=[0, 2], source="hidden", device="cuda")
+    ids = torch.randint(3, 259, (1, 30), device="cuda", generator=torch.Generator("cuda").manual_seed(2))
+    plain = model.generate(ids, mode="predicted", max_new_tokens=8)
+    monkeypatch.setattr(model, "pipelined_first_step", True)
+    for _ in range(2):  # the first call of a shape captures its step; the next ones run pipelined
+        assert torch.equal(model.generate(ids, mode="predicted", max_new_tokens=8), plain)
+    (pooled,) = model._steps.entries.values()
+    assert isinstance(pooled.pipeline, PipelinedPrefill)
