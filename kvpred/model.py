@@ -292,15 +292,21 @@ class KVPredictionModel(nn.Module):
         cache of the tokens before `input_ids`, as a chat session keeps it), `input_ids` attend to it and are added
         to it; the layers past the last tap never run, so their cache stays empty.
         """
-        with capture(self.aux, self.config.predictor.source) as taps, self._stop_after_last_tap(), \
-                self._prefill_autocast("aux"):
+        with capture(self.aux, self.config.predictor.source) as taps:
+            self.run_aux(input_ids, attention_mask, position_ids, past)
+        key_in, value_in = taps.stacked()
+        return key_in.to(self.aux.dtype), value_in.to(self.aux.dtype)  # autocast may leave them in its dtype
+
+    def run_aux(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                position_ids: torch.Tensor | None, past: Cache | None = None) -> None:
+        """The auxiliary backbone as `aux_inputs` runs it, up to its last tap; hooks the caller installed first see
+        what it computes (kvpred.pipeline takes the taps one by one that way)."""
+        with self._stop_after_last_tap(), self._prefill_autocast("aux"):
             try:
                 self.aux.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                use_cache=past is not None, **cache_kwargs(self.aux.model, past))
             except _TapsComplete:
                 pass
-        key_in, value_in = taps.stacked()
-        return key_in.to(self.aux.dtype), value_in.to(self.aux.dtype)  # autocast may leave them in its dtype
 
     @contextmanager
     def _stop_after_last_tap(self) -> Iterator[None]:

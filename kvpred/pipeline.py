@@ -15,7 +15,8 @@ group after the other, which is how the tests check it against the plain path.
 """
 from __future__ import annotations
 
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -132,47 +133,44 @@ class PipelinedPrefill:
             i, (group_tap, layers) = next(pending)
             assert group_tap == tap, (group_tap, tap)
             dtype, picked = model.predictor_compute_dtype, slice(layers.start, layers.stop)
-            keys, values = model.predictor.group(key_x.to(model.aux.dtype), value_x.to(model.aux.dtype), layers,
-                                                 dtype)
-            model.base_kv_into(keys, values, positions, keys_out[picked], values_out[picked], picked, rope)
+            with torch.autocast(input_ids.device.type, enabled=False):  # inside the auxiliary's, where it has one
+                keys, values = model.predictor.group(key_x.to(model.aux.dtype), value_x.to(model.aux.dtype), layers,
+                                                     dtype)
+                model.base_kv_into(keys, values, positions, keys_out[picked], values_out[picked], picked, rope)
             if self.side is not None:
                 self.side.wait_stream(main)
             with torch.cuda.stream(self.side) if self.side is not None else nullcontext():
                 self.step.run(i)
 
         with _tap_hooks(model, tap_out):
-            model.aux_inputs(input_ids[:, :n], None, None)
+            model.run_aux(input_ids[:, :n], None, None)
         if self.side is not None:
             main.wait_stream(self.side)
         cache.set_length(n)
         return self.step.token
 
 
-class _tap_hooks:
-    """Forward hooks on the auxiliary that call `tap_out(tap, key_x, value_x)` as each tap the predictor reads
-    comes out, in tap order. Entered before `aux_inputs` installs its own hooks, so these run first and the last
-    tap is handed over before the auxiliary's pass is cut short."""
-
-    def __init__(self, model: KVPredictionModel, tap_out):
-        self.model, self.tap_out = model, tap_out
-
-    def __enter__(self) -> None:
-        layers, taps = self.model.aux.model.layers, sorted(set(self.model.predictor.config.layer_map))
-        self.hooks = []
-        if self.model.predictor.config.source == "hidden":
-            for tap in taps:
-                point: nn.Module = layers[tap].input_layernorm if tap < len(layers) else self.model.aux.model.norm
-                self.hooks.append(point.register_forward_hook(
-                    lambda module, args, out, tap=tap: self.tap_out(tap, out, out)))
-        else:
-            keys: dict[int, torch.Tensor] = {}
-            for tap in taps:
-                attn = layers[tap].self_attn
-                self.hooks.append(attn.k_proj.register_forward_hook(
-                    lambda module, args, out, tap=tap: keys.__setitem__(tap, out)))
-                self.hooks.append(attn.v_proj.register_forward_hook(
-                    lambda module, args, out, tap=tap: self.tap_out(tap, keys.pop(tap), out)))
-
-    def __exit__(self, *exc) -> None:
-        for hook in self.hooks:
+@contextmanager
+def _tap_hooks(model: KVPredictionModel, tap_out) -> Iterator[None]:
+    """Forward hooks on the auxiliary that call `tap_out(tap, key_x, value_x)` as each tap the predictor reads comes
+    out, in tap order. Entered before `run_aux` installs its own hooks, so these run first and the last tap is
+    handed over before the auxiliary's pass is cut short."""
+    layers, taps = model.aux.model.layers, sorted(set(model.predictor.config.layer_map))
+    hooks = []
+    if model.predictor.config.source == "hidden":
+        for tap in taps:
+            point: nn.Module = layers[tap].input_layernorm if tap < len(layers) else model.aux.model.norm
+            hooks.append(point.register_forward_hook(lambda module, args, out, tap=tap: tap_out(tap, out, out)))
+    else:
+        keys: dict[int, torch.Tensor] = {}
+        for tap in taps:
+            attn = layers[tap].self_attn
+            hooks.append(attn.k_proj.register_forward_hook(
+                lambda module, args, out, tap=tap: keys.__setitem__(tap, out)))
+            hooks.append(attn.v_proj.register_forward_hook(
+                lambda module, args, out, tap=tap: tap_out(tap, keys.pop(tap), out)))
+    try:
+        yield
+    finally:
+        for hook in hooks:
             hook.remove()
