@@ -296,8 +296,8 @@ def test_ctrl_c_saves_a_checkpoint_at_the_step_boundary_and_the_same_command_res
                         "2", "--log-every", "1", "--save-every", "100", "--eval-every", "100", "--no-bf16"]
     assert cli_main(argv("straight")) == 0
     step = Trainer._step
-    # Python's own handler, as `kvpred train` has it from a shell: once in the full suite on CI the first Ctrl+C went
-    # unnoticed (no "stopping after this step"), as if an earlier test had left another SIGINT handler behind
+    # Python's own handler, as `kvpred train` has it from a shell. A suite started as a background job of a
+    # non-interactive shell inherits SIGINT ignored, and the trainer then (rightly) leaves Ctrl+C alone
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def ctrl_c_during_step_2(self):
