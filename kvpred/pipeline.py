@@ -119,6 +119,8 @@ class PipelinedPrefill:
     def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
         model, cache = self.model, self.cache
         b, n = input_ids.shape[0], input_ids.shape[1] - 1
+        if n < 1:  # no prefix: the auxiliary has nothing to run, so no tap would start the step
+            raise ValueError("a pipelined first step needs a prompt of at least 2 tokens")
         positions = torch.arange(n, device=input_ids.device).expand(b, n)
         rope = rope_tables(model.base, positions, cache.key_arena.dtype)  # once for every group
         cache.reset()

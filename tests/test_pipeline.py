@@ -57,6 +57,8 @@ def test_the_pipelined_first_token_and_cache_are_the_plain_paths(arch, source, t
         torch.testing.assert_close(got_keys, keys, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(got_values, values, atol=1e-5, rtol=1e-5)
         assert cache.get_seq_length() == ids.shape[1] - 1  # as predict_into leaves it; the step wrote the next column
+    with pytest.raises(ValueError, match="at least 2 tokens"):  # nothing for the auxiliary: no tap starts the step
+        pipelined(ids[:, :1])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs and streams need a GPU")
@@ -82,5 +84,10 @@ def test_generate_runs_the_first_step_pipelined_once_its_shape_is_captured(tiny_
     monkeypatch.setattr(model, "pipelined_first_step", True)
     for _ in range(2):  # the first call of a shape captures its step; the next ones run pipelined
         assert torch.equal(model.generate(ids, mode="predicted", max_new_tokens=8), plain)
+    one = ids[:, :1]  # no prefix to pipeline: the plain path serves it
+    monkeypatch.setattr(model, "pipelined_first_step", False)
+    expected = model.generate(one, mode="predicted", max_new_tokens=4)
+    monkeypatch.setattr(model, "pipelined_first_step", True)
+    assert torch.equal(model.generate(one, mode="predicted", max_new_tokens=4), expected)
     (pooled,) = model._steps.entries.values()
     assert isinstance(pooled.pipeline, PipelinedPrefill)
