@@ -302,6 +302,8 @@ class TTFTBench:
 
                 combo.pipelines = {v.name: PipelinedPrefill(v.model, base_cache) for v in self.variants}
                 combo.step_note += ", pipelined behind the auxiliary (kvpred.pipeline)"
+        elif self.s.pipeline:
+            combo.step_note += ", not pipelined (that needs the CUDA-graph step)"
         combo.step_note += ", values deferred" if defer else ""
         return combo
 

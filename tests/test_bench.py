@@ -73,6 +73,24 @@ def test_cli_on_a_gpu_times_a_checked_graph_step(tiny_path, tmp_path, compile_st
                            else "cuda-graph, compiled (max|d logit| vs its eager run"), step
 
 
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_a_pipelined_bench_needs_the_graph_step_and_says_which_it_ran(tiny_path, tmp_path, device):
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("CUDA graphs need a GPU")
+    rc = cli_main(["bench", "ttft", "--model", str(tiny_path), "--device", device, "--prompt-lens", "24",
+                   "--repeats", "2", "--warmup", "0", "--decode-tokens", "3", "--no-plot", "--pipeline", "auto",
+                   "--out", str(tmp_path), "--name", "t"])
+    assert rc == 0
+    with (tmp_path / "t.csv").open() as f:
+        row = next(csv.DictReader(f))
+    if device == "cpu":
+        assert "not pipelined (that needs the CUDA-graph step)" in row["step"]
+        assert float(row["pred_predictor_ms"]) > 0
+    else:
+        assert "pipelined behind the auxiliary" in row["step"] and "not pipelined" not in row["step"]
+        assert float(row["pred_ms"]) > 0 and row["pred_predictor_ms"] == "nan"  # overlapping phases: no breakdown
+
+
 def test_report_merges_runs(tiny_path, tmp_path):
     for name, lens in (("a", "8"), ("b", "16")):
         assert bench.main(["ttft", "--model", str(tiny_path), "--device", "cpu", "--prompt-lens", lens,
