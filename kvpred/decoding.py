@@ -64,7 +64,41 @@ class EagerStep:
         self.mask[rows, -1] = True
 
 
-class GraphStep:
+class StepInputs:
+    """What a captured one-token step reads and advances in place: token ids and positions [B, 1], the cache column
+    `slot` it writes, and `mask` [B, 1, 1, capacity] of the columns each row sees. GraphStep and
+    kvpred.pipeline.GroupedStep hold them."""
+
+    def __init__(self, batch: int, capacity: int, device: torch.device):
+        self.ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.positions = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.slot = torch.zeros(1, dtype=torch.long, device=device)
+        self.mask = torch.zeros(batch, 1, 1, capacity, dtype=torch.bool, device=device)  # [B, 1, q=1, capacity]
+
+    def warm_up(self) -> None:
+        """Before each warm-up run of a capture: the run writes the last column (and advances the slot), and no row
+        sees nothing (NaN)."""
+        self.slot.fill_(self.mask.shape[-1] - 1)
+        self.mask[..., 0] = True
+
+    def advance(self, token: torch.Tensor) -> None:
+        """After a step: feed `token` [B] next, one position and one column on."""
+        self.ids.copy_(token[:, None])
+        self.positions.add_(1)
+        self.slot.add_(1)
+
+    def start(self, ids: torch.Tensor, positions: torch.Tensor, slot: int, visible: torch.Tensor | None = None) -> None:
+        self.ids.copy_(ids)
+        self.positions.copy_(positions)
+        self.slot.fill_(slot)
+        self.mask.zero_()
+        if visible is None:
+            self.mask[..., :slot] = True
+        else:
+            self.mask[:, 0, 0, :slot] = visible.bool()
+
+
+class GraphStep(StepInputs):
     """The same step captured once as a CUDA graph (KVPredictionModel.static_step: fixed shapes, the whole
     buffer under a mask). Replays write the token's K/V at `slot`, then advance ids, positions and slot.
     Capturing runs the step three times at the cache's last column, seeing only column 0, so a cache in use
@@ -76,18 +110,9 @@ class GraphStep:
 
         self.forward = model.compiled_step or model.base
         self.cache_kw, self.cache = cache_kwargs(model.base, cache), cache
-        batch, capacity, device = cache.key_arena.shape[1], cache.capacity, model.device
-        self.ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
-        self.positions = torch.zeros(batch, 1, dtype=torch.long, device=device)
-        self.slot = torch.zeros(1, dtype=torch.long, device=device)
-        self.mask = torch.zeros(batch, 1, 1, capacity, dtype=torch.bool, device=device)  # [B, 1, q=1, capacity]
-
-        def warm_up() -> None:
-            self.slot.fill_(capacity - 1)  # each run writes there (and advances the slot)
-            self.mask[..., 0] = True  # no row sees nothing (NaN)
-
+        super().__init__(cache.key_arena.shape[1], cache.capacity, model.device)
         with model.static_step(cache, self.slot):
-            self.graph = _capture(self._body, device, warm_up)
+            self.graph = _capture(self._body, model.device, self.warm_up)
         self.token, self.logits = self.captured
 
     def _body(self) -> None:
@@ -95,20 +120,8 @@ class GraphStep:
         logits = self.forward(input_ids=self.ids, position_ids=self.positions, attention_mask=self.mask,
                            use_cache=True, logits_to_keep=1, **self.cache_kw).logits  # [B, 1, V]
         token = logits[:, -1].argmax(-1)
-        self.ids.copy_(token[:, None])
-        self.positions.add_(1)
-        self.slot.add_(1)
+        self.advance(token)
         self.captured = token, logits  # inside the capture: the graph's output tensors
-
-    def start(self, ids: torch.Tensor, positions: torch.Tensor, slot: int, visible: torch.Tensor | None = None) -> None:
-        self.ids.copy_(ids)
-        self.positions.copy_(positions)
-        self.slot.fill_(slot)
-        self.mask.zero_()
-        if visible is None:
-            self.mask[..., :slot] = True
-        else:
-            self.mask[:, 0, 0, :slot] = visible.bool()
 
     def __call__(self) -> torch.Tensor:
         self.graph.replay()

@@ -21,7 +21,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from .decoding import _capture
+from .decoding import StepInputs, _capture
 from .model import BufferCache, KVPredictionModel, cache_kwargs
 from .rope import rope_tables
 
@@ -39,31 +39,23 @@ def layer_groups(layer_map: list[int]) -> list[tuple[int, range]] | None:
     return groups
 
 
-class GroupedStep:
+class GroupedStep(StepInputs):
     """The base's one-token step (as `GraphStep` runs it: the whole buffer under a mask, inside `static_step`) cut
     into parts that each run a range of layers; the hidden state passes between parts in a static buffer. On CUDA
     each part is captured as its own graph."""
 
     @torch.no_grad()
     def __init__(self, model: KVPredictionModel, cache: BufferCache, parts: list[range]):
-        base, device = model.base, model.device
+        base, device, batch = model.base, model.device, cache.key_arena.shape[1]
+        super().__init__(batch, cache.capacity, device)
         self.model, self.cache, self.parts = model, cache, parts
         self.layer_kw = cache_kwargs(base.model.layers[0], cache)
-        batch, capacity = cache.key_arena.shape[1], cache.capacity
-        self.ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
-        self.positions = torch.zeros(batch, 1, dtype=torch.long, device=device)
-        self.slot = torch.zeros(1, dtype=torch.long, device=device)
-        self.mask = torch.zeros(batch, 1, 1, capacity, dtype=torch.bool, device=device)
         self.hidden = torch.zeros(batch, 1, base.config.hidden_size, dtype=base.dtype, device=device)
         self.graphs: list[torch.cuda.CUDAGraph] | None = None
         self.token = self.logits = None  # the last part's outputs (a graph's own tensors on CUDA)
         if device.type == "cuda":
-            def warm_up() -> None:
-                self.slot.fill_(capacity - 1)
-                self.mask[..., 0] = True
-
             with model.static_step(cache, self.slot):
-                self.graphs = [_capture(lambda i=i: self._part(i), device, warm_up) for i in range(len(parts))]
+                self.graphs = [_capture(lambda i=i: self._part(i), device, self.warm_up) for i in range(len(parts))]
 
     def _part(self, i: int) -> None:
         base = self.model.base
@@ -81,19 +73,8 @@ class GroupedStep:
             self.hidden.copy_(hidden)
             return
         logits = base.lm_head(base.model.norm(hidden))  # [B, 1, V]
-        token = logits[:, -1].argmax(-1)
-        self.ids.copy_(token[:, None])
-        self.positions.add_(1)
-        self.slot.add_(1)
-        self.token, self.logits = token, logits
-
-    def start(self, ids: torch.Tensor, positions: torch.Tensor, slot: int) -> None:
-        """The next run feeds `ids` [B, 1] at `positions` [B, 1] into column `slot`, seeing the columns before it."""
-        self.ids.copy_(ids)
-        self.positions.copy_(positions)
-        self.slot.fill_(slot)
-        self.mask.zero_()
-        self.mask[..., :slot] = True
+        self.token, self.logits = logits[:, -1].argmax(-1), logits
+        self.advance(self.token)
 
     def run(self, i: int) -> None:
         if self.graphs is not None:
