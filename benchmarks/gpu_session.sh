@@ -64,6 +64,7 @@
 #                `evalmt` reads (seed 7)
 #   stage evalmt (after mtround's sampling; carry .carry/data) `evalmt shipped` and `evalmt $MT_NAME` evaluate the two on
 #                the same items, in the background; `collectmt` waits for both and pairs them
+#   stage tests  (after a, a2 and a3; carry .carry/g4 .carry/serve .carry/pytest) the whole test suite, real model included
 #   stage env    only set up the environment (source this script)
 set -uo pipefail
 export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1 KVPRED_CACHE=/tmp/kvcache HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
@@ -248,6 +249,11 @@ evalchat)  # after a, a2 and a3 (carry .carry/g4 [.carry/data]): kvpred eval's c
       --label shipped_retrieval --out /tmp/eval_chat/shipped_retrieval.json > $OUT/eval_retrieval.log 2>&1
     echo "retrieval rc=$?"; cp /tmp/eval_chat/shipped_retrieval.json /tmp/eval_chat/shipped_retrieval.md $OUT/
   fi
+  ;;
+tests)  # after a, a2 and a3 (carry .carry/g4 .carry/serve .carry/pytest): the whole test suite on the GPU with the real model
+  assemble_model || exit 1
+  python3 -m pip install -q --no-index --no-deps --target "$SITE" .carry/serve/*.whl .carry/pytest/*.whl
+  python3 -m pytest -q -p no:cacheprovider -rs tests/ 2>&1 | tail -40 > $OUT/tests_gpu.txt; tail -40 $OUT/tests_gpu.txt
   ;;
 chat3)  # after a, a2 and a3 (carry .carry/g4 .carry/serve [.carry/data]): chats of 3 exchanges the base wrote (seed 7):
   # the chat tail and chat agreement on them; then the CUDA tests of decoding, refinement, serving and evaluation

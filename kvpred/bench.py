@@ -835,7 +835,7 @@ def register(subparsers) -> None:
     p.add_argument("--pipeline", choices=("off", "auto"), default="off",
                    help="auto: with the CUDA-graph step, predicted mode runs the base's step one group of layers at "
                         "a time, each as soon as its auxiliary tap is predicted, on a second stream beside the "
-                        "auxiliary (kvpred.pipeline); the breakdown then has no phases")
+                        "auxiliary (kvpred.pipeline), as generate() does on a GPU; the breakdown then has no phases")
     p.add_argument("--predictor-dtype", choices=("auto", "model", "bfloat16"), default="auto",
                    help="what the predictor's matmuls run in (auto: bf16 for an fp32 model on a CPU with bf16 dot "
                         "products, else the model's dtype; see KVPredictionModel.predictor_dtype)")

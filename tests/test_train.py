@@ -108,18 +108,18 @@ def test_training_reduces_the_loss_and_writes_a_loadable_checkpoint(tiny_llama, 
     assert losses[-1] < 0.8 * losses[0]
     assert {"tokens_per_s", "mfu", "lr", "grad_norm"} <= set(records[0])
     assert "heldout_nll_predicted" in records[-1] and 0 <= records[-1]["first_token_agreement"] <= 1
-    loaded = KVPredictionModel.from_pretrained(str(final))
-    ids = torch.randint(3, 259, (2, 20))
+    loaded = KVPredictionModel.from_pretrained(str(final), device=trainer.device)
+    ids = torch.randint(3, 259, (2, 20), device=trainer.device)
     torch.testing.assert_close(loaded.prefill(ids)[0], trainer.model.prefill(ids)[0], atol=1e-4, rtol=1e-4)
 
 
 def test_adapters_keep_the_checkpoint_small_and_load_merged(tiny_llama, shards, tmp_path):
     trainer = Trainer(config(tiny_llama, shards, tmp_path, steps=6, aux_lora_rank=2, lr=3e-3, aux_lr=1e-2))
     final = trainer.train()
-    saved = KVPredictionModel.from_pretrained(str(final))
+    saved = KVPredictionModel.from_pretrained(str(final), device=trainer.device)
     names = saved.config.aux.saved_params
     assert any(n.endswith(lora.SUFFIX_A) for n in names) and not any(n.endswith("proj.weight") for n in names)
-    ids = torch.randint(3, 259, (2, 20))
+    ids = torch.randint(3, 259, (2, 20), device=trainer.device)
     torch.testing.assert_close(saved.prefill(ids)[0], trainer.model.prefill(ids)[0], atol=1e-4, rtol=1e-4)
 
 
@@ -128,10 +128,10 @@ def test_a_second_round_of_adapter_training_keeps_the_first(tiny_llama, shards, 
     first = Trainer(config(tiny_llama, shards, tmp_path, steps=4, aux_lora_rank=2, aux_lr=1e-2)).train()
     again = Trainer(config(str(first), shards, tmp_path, steps=4, aux_lora_rank=2, aux_lr=1e-2, keep_ratio=None,
                            out=str(tmp_path / "again")))
-    saved = KVPredictionModel.from_pretrained(str(again.train()))
+    saved = KVPredictionModel.from_pretrained(str(again.train()), device=again.device)
     factors = {n: t for n, t in saved.aux_tensors.items() if n.endswith(lora.SUFFIX_A)}
     assert factors and all(t.shape[0] == 4 for t in factors.values())
-    ids = torch.randint(3, 259, (2, 20))
+    ids = torch.randint(3, 259, (2, 20), device=again.device)
     torch.testing.assert_close(saved.prefill(ids)[0], again.model.prefill(ids)[0], atol=1e-4, rtol=1e-4)
 
 
@@ -174,15 +174,15 @@ def test_a_corrupt_or_foreign_checkpoint_is_refused(tiny_llama, shards, tmp_path
 
 
 def train_cli(tiny_llama, shards, out, *, steps: int, nproc: int = 1, fsdp: bool = False, warmup: int = 1) -> None:
-    """`kvpred train` in a subprocess: one process, or `nproc` gloo processes under torchrun at the same global
-    batch of 4."""
+    """`kvpred train` in a subprocess on the CPU (GPUs hidden, so also on a GPU machine): one process, or `nproc`
+    gloo processes under torchrun at the same global batch of 4."""
     args = ["-m", "kvpred.train", "--model", tiny_llama, "--data", shards, "--keep-ratio", "0.5", "--steps",
             str(steps), "--seq-len", "32", "--warmup", str(warmup), "--log-every", "1", "--eval-every", "100",
             "--save-every", "2", "--no-bf16", "--batch-size", str(4 // nproc), "--out", str(out),
             *(["--fsdp"] if fsdp else [])]
     if nproc > 1:
         args = ["-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port", "29533", *args]
-    subprocess.run([sys.executable, *args], check=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    subprocess.run([sys.executable, *args], check=True, env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""},
                    capture_output=True)
 
 
