@@ -296,11 +296,13 @@ for mode in ("exact", "predicted"):
 PY
   ;;
 evalfull)  # after a, a2 and a3 (carry .carry/g4 .carry/data): the shipped default on every item of every task
+           # (both runs, or the one named: `evalfull core`, then `evalfull gen` with .carry/data on the same machine)
   assemble_model || exit 1
   [ -d .carry/data ] && cp -r .carry/data /tmp/carry/
   mkdir -p /tmp/eval
   for run in "core lambada,arc_easy,piqa,agreement,heldout,kv 400" "gen triviaqa,humaneval 300"; do
     read -r label tasks secs <<< "$run"
+    [ -n "${1:-}" ] && [ "$1" != "$label" ] && continue  # `evalfull core` or `evalfull gen`: that run alone
     timeout -k 5 $secs python3 -m kvpred.cli eval --model smollm2-135m --device cuda --dtype bfloat16 --batch-size 64 \
       --tasks $tasks --quiet --data-dir /tmp/carry/data --label shipped_$label --out /tmp/eval/shipped_$label.json \
       > /tmp/eval/shipped_$label.log 2>&1; echo "$label rc=$?"
