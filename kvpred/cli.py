@@ -135,12 +135,10 @@ def _generate(args: argparse.Namespace) -> int:
     refine_info = {}
     start = time.perf_counter()
     if args.refine != "off" and args.mode == "predicted":
-        if args.stop:
-            raise KVPredError("--stop is not supported together with --refine")
         from .refine import generate_refined
 
         out, info = generate_refined(model, input_ids, attention_mask, refine=args.refine,
-                                     chunk_size=args.refine_chunk, **options)
+                                     chunk_size=args.refine_chunk, stop_strings=args.stop, **options)
         refine_info = {"refine": info.get("policy", args.refine), "exact_from": info.get("exact_from")}
     else:
         out = model.generate(input_ids, attention_mask, mode=args.mode, stop_strings=args.stop, **options)

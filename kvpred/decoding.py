@@ -383,6 +383,17 @@ def sample(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: flo
     return torch.multinomial(probs, 1).squeeze(-1)
 
 
+def with_stop_strings(model, criteria, stop_strings: list[str] | None, tokenizer=None):
+    """transformers' stopping `criteria` (a list, or None) plus one that ends a row once its text holds any of
+    `stop_strings`; None when there is nothing to check."""
+    from transformers import StoppingCriteriaList, StopStringCriteria
+
+    out = StoppingCriteriaList(criteria or [])
+    if stop_strings:
+        out.append(StopStringCriteria(tokenizer or model.tokenizer, stop_strings))
+    return out or None
+
+
 def eos_token_ids(model, eos_token_id=None) -> torch.Tensor:
     """The ids that end a row: `eos_token_id` (int or list), else the base's generation config's, else the
     tokenizer's. KVPredictionModel.generate's every loop uses this default."""

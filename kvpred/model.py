@@ -13,13 +13,13 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import (AttentionInterface, DynamicCache, GenerationConfig, PreTrainedModel, StoppingCriteriaList,
-                          StopStringCriteria)
+from transformers import AttentionInterface, DynamicCache, GenerationConfig, PreTrainedModel
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from . import lora, models
 from .models import KVPredError
-from .decoding import StepPool, capacity_bucket, eos_token_ids, generate_with_steps, pad_id, without_cudnn_attention
+from .decoding import (StepPool, capacity_bucket, eos_token_ids, generate_with_steps, pad_id, with_stop_strings,
+                       without_cudnn_attention)
 from .deferred import PendingValues, deferred_values
 from .generation import chat_exact_tail
 from .matvec import use_blocked_matvec
@@ -595,14 +595,12 @@ class KVPredictionModel(nn.Module):
         tokenizer = generate_kwargs.pop("tokenizer", None) or self.tokenizer  # transformers' callers pass one
         if not transformers_loop and mode != "aux" and set(generate_kwargs) <= {"logits_processor",
                                                                                 "stopping_criteria"}:
-            criteria = StoppingCriteriaList(generate_kwargs.get("stopping_criteria") or [])
-            if stop_strings:
-                criteria.append(StopStringCriteria(tokenizer, stop_strings))
+            criteria = with_stop_strings(self, generate_kwargs.get("stopping_criteria"), stop_strings, tokenizer)
             return generate_with_steps(
                 self, input_ids, attention_mask, mode=mode, exact_tail=exact_tail, max_new_tokens=max_new_tokens,
                 do_sample=do_sample, temperature=temperature, top_p=top_p, top_k=top_k, eos=eos_token_ids(self),
                 pad_token_id=pad_id(self), streamer=streamer, logits_processor=generate_kwargs.get("logits_processor"),
-                stopping_criteria=criteria or None, defer_values=defer, pool=self._steps)
+                stopping_criteria=criteria, defer_values=defer, pool=self._steps)
         config = GenerationConfig(
             max_new_tokens=max_new_tokens, do_sample=do_sample,
             temperature=temperature if do_sample else None, top_p=top_p if do_sample else None,

@@ -19,7 +19,7 @@ import torch
 from transformers import DynamicCache
 
 from .decoding import (Pooled, Trace, base_tail, capacity_bucket, decode, eos_token_ids, first_logits,
-                       pad_id, tail_on_steps, without_cudnn_attention)
+                       pad_id, tail_on_steps, with_stop_strings, without_cudnn_attention)
 from .model import BufferCache, KVPredictionModel, cache_kwargs, capture, position_ids_from_mask
 from .models import KVPredError
 
@@ -336,7 +336,8 @@ def generate_refined(model: KVPredictionModel, input_ids: torch.Tensor, attentio
                      *, exact_tail: int = 1, max_new_tokens: int = 32, do_sample: bool = False,
                      temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, refine: str = "eager",
                      chunk_size: int = 256, eos_token_id=None, streamer=None, logits_processor=None,
-                     stopping_criteria=None, thresholds: Thresholds | None = None) -> tuple[torch.Tensor, dict]:
+                     stopping_criteria=None, stop_strings: list[str] | None = None,
+                     thresholds: Thresholds | None = None) -> tuple[torch.Tensor, dict]:
     """Predicted-mode generation whose cache is progressively replaced by the exact one.
 
     The first token is predicted mode's (predicted cache for prompt[:-W], the base over the last W tokens), from the
@@ -344,7 +345,8 @@ def generate_refined(model: KVPredictionModel, input_ids: torch.Tensor, attentio
     recompute the next `chunk_size` columns ("eager"; chunk_size // 4 for "lazy") of prompt + generated tokens in
     place (`Refiner`); once it covers the sequence, decoding is the exact base's continuation of the tokens so far.
     "off" never refines (= predicted mode); "auto" picks a policy per batch with `confidence` signals and
-    `thresholds`. `logits_processor` and `stopping_criteria` are called as transformers' generate calls them.
+    `thresholds`. `logits_processor` and `stopping_criteria` are called as transformers' generate calls them;
+    `stop_strings` end a row as in `KVPredictionModel.generate`.
 
     Returns ids [B, N + new] and info: policy, signal (auto only), ttft_s, exact_from (index of the first new
     token decoded from an exact cache; None if refinement never caught up), refined_per_step (columns refined
@@ -377,7 +379,8 @@ def generate_refined(model: KVPredictionModel, input_ids: torch.Tensor, attentio
     seq = decode(model, pooled, ids, full_mask, logits, max_new_tokens=max_new_tokens, do_sample=do_sample,
                  temperature=temperature, top_p=top_p, top_k=top_k, eos=eos_token_ids(model, eos_token_id),
                  pad_token_id=pad_id(model), streamer=streamer, logits_processor=logits_processor,
-                 stopping_criteria=stopping_criteria, refiner=refiner, trace=trace)
+                 stopping_criteria=with_stop_strings(model, stopping_criteria, stop_strings), refiner=refiner,
+                 trace=trace)
     info = {"policy": policy, "signal": None if signal is None else {k: v.tolist() for k, v in signal.items()},
             **_report(trace, seq.shape[1] - n)}
     return seq, info

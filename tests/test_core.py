@@ -411,9 +411,10 @@ def test_cli_help_explains_itself(command, capsys):
     assert "usage: kvpred" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("stream", [False, True])
-def test_cli_generate_ends_the_text_before_a_stop_string_like_the_server(tiny_llama, capsys, stream):
-    argv = ["generate", "--model", tiny_llama, "--prompt", "hello", "--mode", "exact", "--max-new-tokens", "20"]
+@pytest.mark.parametrize("stream, mode", [(False, ["--mode", "exact"]), (True, ["--mode", "exact"]),
+                                          (False, ["--refine", "eager", "--refine-chunk", "8"])])
+def test_cli_generate_ends_the_text_before_a_stop_string_like_the_server(tiny_llama, capsys, stream, mode):
+    argv = ["generate", "--model", tiny_llama, "--prompt", "hello", *mode, "--max-new-tokens", "20"]
     assert main(argv + ["--json"]) == 0
     full = json.loads(capsys.readouterr().out)["text"]
     stop = _a_stop_string(full)
