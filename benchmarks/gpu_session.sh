@@ -64,6 +64,7 @@
 #                `evalmt` reads (seed 7)
 #   stage evalmt (after mtround's sampling; carry .carry/data) `evalmt shipped` and `evalmt $MT_NAME` evaluate the two on
 #                the same items, in the background; `collectmt` waits for both and pairs them
+#   stage generatepipe (after a, a2 and a3; carry .carry/g4) the shipped default's generate() with and without the pipeline
 #   stage tests  (after a, a2 and a3; carry .carry/g4 .carry/serve .carry/pytest) the whole test suite, real model included
 #   stage env    only set up the environment (source this script)
 set -uo pipefail
@@ -277,6 +278,11 @@ equalflops)  # after a, a2 and a3 (carry .carry/g4): the shipped default's equal
   python3 benchmarks/equal_flops.py --out /tmp/eqf --device cuda --dtype bfloat16 --batch-size 32 \
     --data-dir /tmp/carry/data 2>&1 | grep -v "it/s\|^|\|^$\|^\*\|^#"
   tar -czf $OUT/equal_flops.tgz -C /tmp/eqf --exclude '*.items.jsonl' .
+  ;;
+generatepipe)  # after a, a2 and a3 (carry .carry/g4): the shipped default's generate() with and without the pipeline
+  assemble_model || exit 1
+  python3 benchmarks/generate_ttft.py --model smollm2-135m --device cuda --prompt-lens 512,2048,8000 --batch 1 \
+    --compare pipeline --repeats 9 --new-tokens 9 --out $OUT/generate_gpu_shipped_pipeline.md 2>&1 | grep "^| [0-9]"
   ;;
 generate)  # after a, a2 and a3 (carry .carry/g4): the shipped default's generate() on CUDA-graph steps vs transformers' loop
   assemble_model || exit 1
