@@ -135,7 +135,7 @@ class KVPredictionModel(nn.Module):
     predictor_dtype: torch.dtype | None | str = "auto"
     aux_dtype: torch.dtype | None | str = "auto"
     # On a GPU, run predicted mode's first step tap by tap behind the auxiliary (kvpred.pipeline) in `generate`:
-    # 8-9% lower TTFT there on an H200 (benchmarks/results/h200/pipeline), same logits up to rounding.
+    # 4-19% lower TTFT there on an H200 (benchmarks/results/h200/pipeline), same logits up to rounding.
     pipelined_first_step: bool = True
 
     def __init__(self, base: PreTrainedModel, aux: PreTrainedModel, predictor: KVPredictor, tokenizer,

@@ -182,8 +182,8 @@ def train_cli(tiny_llama, shards, out, *, steps: int, nproc: int = 1, fsdp: bool
             *(["--fsdp"] if fsdp else [])]
     if nproc > 1:
         args = ["-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port", "29533", *args]
-    subprocess.run([sys.executable, *args], check=True, env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""},
-                   capture_output=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    subprocess.run([sys.executable, *args], check=True, env=env, capture_output=True)
 
 
 def losses(run) -> list[float]:
