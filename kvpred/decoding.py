@@ -456,15 +456,14 @@ def first_logits(model, pooled: Pooled, input_ids: torch.Tensor, mask: torch.Ten
     shape's graph was captured, after a first token, so no request waits for a capture before its first token),
     after the rest of a longer tail (`base_tail`, where `tail_on_steps`; else one eager forward, `prefill_into`).
     `defer_values` (kvpred.deferred) applies to a one-token tail's eager step. With `model.pipelined_first_step`,
-    an unpadded prompt of 2+ tokens with a one-token tail whose shape has a captured step runs pipelined
-    (kvpred.pipeline)."""
+    prompts of 2+ tokens with a one-token tail whose shape has a captured step run pipelined (kvpred.pipeline)."""
     prompt_mask = mask[:, :input_ids.shape[1]]
     padded = not bool(prompt_mask.all())
     cache = pooled.cache
-    if (mode == "predicted" and exact_tail == 1 and not padded and input_ids.shape[1] > 1
+    if (mode == "predicted" and exact_tail == 1 and input_ids.shape[1] > 1
             and model.pipelined_first_step and isinstance(pooled.step, GraphStep)
             and pooled.made_pipeline(model) is not None):
-        pooled.pipeline(input_ids)
+        pooled.pipeline(input_ids, prompt_mask if padded else None)
         return pooled.pipeline.step.logits[:, -1]
     if mode == "predicted" and tail_on_steps(model, exact_tail):
         model.predict_into(cache, input_ids, prompt_mask if padded else None, exact_tail,

@@ -10,8 +10,8 @@ the auxiliary produces the taps. Each tap, once out, is predicted and written fo
 the group's part of the step is replayed as its own CUDA graph on a second stream after that write. Only the group
 that reads the last tap waits for the whole auxiliary.
 
-For unpadded batches and one exact token (the shape `kvpred bench ttft` times); off the GPU the same code runs one
-group after the other, which is how the tests check it against the plain path.
+For one exact token, in unpadded and left-padded batches; off the GPU the same code runs one group after the other,
+which is how the tests check it against the plain path.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .decoding import StepInputs, _capture
-from .model import BufferCache, KVPredictionModel, cache_kwargs
+from .model import BufferCache, KVPredictionModel, cache_kwargs, position_ids_from_mask
 from .rope import rope_tables
 
 
@@ -86,7 +86,8 @@ class GroupedStep(StepInputs):
 
 class PipelinedPrefill:
     """Predicted mode's first token with the base's step pipelined behind the auxiliary (see the module docstring).
-    `__call__(input_ids)` fills `cache` as `predict_into` does, runs the step and returns the token ids [B]."""
+    `__call__(input_ids, attention_mask)` fills `cache` as `predict_into` does, runs the step and returns the token
+    ids [B]."""
 
     def __init__(self, model: KVPredictionModel, cache: BufferCache):
         groups = layer_groups(model.predictor.config.layer_map)
@@ -97,15 +98,20 @@ class PipelinedPrefill:
         self.side = torch.cuda.Stream(model.device) if model.device.type == "cuda" else None
 
     @torch.no_grad()
-    def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """`attention_mask` [B, N] of a left-padded batch; None for an unpadded one (no host-device syncs)."""
         model, cache = self.model, self.cache
         b, n = input_ids.shape[0], input_ids.shape[1] - 1
         if n < 1:  # no prefix: the auxiliary has nothing to run, so no tap would start the step
             raise ValueError("a pipelined first step needs a prompt of at least 2 tokens")
-        positions = torch.arange(n, device=input_ids.device).expand(b, n)
+        if attention_mask is None:
+            prefix_mask, positions = None, torch.arange(n + 1, device=input_ids.device).expand(b, n + 1)
+        else:
+            prefix_mask, positions = attention_mask[:, :n], position_ids_from_mask(attention_mask)
+        positions, last = positions[:, :n], positions[:, n:]
         rope = rope_tables(model.base, positions, cache.key_arena.dtype)  # once for every group
         cache.reset()
-        self.step.start(input_ids[:, -1:], torch.full((b, 1), n, device=input_ids.device), n)
+        self.step.start(input_ids[:, -1:], last, n, prefix_mask)
         keys_out, values_out = cache.slices(n)
         main = torch.cuda.current_stream(model.device) if self.side is not None else None
         if self.side is not None:
@@ -116,17 +122,18 @@ class PipelinedPrefill:
             i, (group_tap, layers) = next(pending)
             assert group_tap == tap, (group_tap, tap)
             dtype, picked = model.predictor_compute_dtype, slice(layers.start, layers.stop)
-            with torch.autocast(input_ids.device.type, enabled=False):  # inside the auxiliary's, where it has one
+            # the hooks run inside the auxiliary's autocast, where it has one (bf16 on some CPUs): not for the base
+            with torch.autocast(input_ids.device.type, enabled=False):
                 keys, values = model.predictor.group(key_x.to(model.aux.dtype), value_x.to(model.aux.dtype), layers,
                                                      dtype)
                 model.base_kv_into(keys, values, positions, keys_out[picked], values_out[picked], picked, rope)
-            if self.side is not None:
-                self.side.wait_stream(main)
-            with torch.cuda.stream(self.side) if self.side is not None else nullcontext():
-                self.step.run(i)
+                if self.side is not None:
+                    self.side.wait_stream(main)
+                with torch.cuda.stream(self.side) if self.side is not None else nullcontext():
+                    self.step.run(i)
 
         with _tap_hooks(model, tap_out):
-            model.run_aux(input_ids[:, :n], None, None)
+            model.run_aux(input_ids[:, :n], prefix_mask, None if prefix_mask is None else positions)
         if self.side is not None:
             main.wait_stream(self.side)
         cache.set_length(n)

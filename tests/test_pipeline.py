@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from kvpred.decoding import EagerStep
-from kvpred.model import KVPredictionModel
+from kvpred.model import KVPredictionModel, position_ids_from_mask
 from kvpred.pipeline import PipelinedPrefill, layer_groups
 from kvpred.predictor import KVPredictor, PredictorConfig
 from tests.conftest import ARCHS
@@ -30,35 +30,55 @@ def test_a_groups_keys_and_values_are_the_predictors_for_those_layers(rank):
         torch.testing.assert_close(got_values, values[layers.start:layers.stop])
 
 
-def plain_first_token(model: KVPredictionModel, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple]:
+def plain_first_token(model: KVPredictionModel, ids: torch.Tensor, mask: torch.Tensor | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor, tuple]:
     cache = model.new_cache(ids.shape[0], ids.shape[1] + 8)
-    model.predict_into(cache, ids)
+    model.predict_into(cache, ids, mask)
     step = EagerStep(model, cache)
     n = ids.shape[1] - 1
-    step.start(ids[:, -1:], torch.full((ids.shape[0], 1), n, device=ids.device), n)
+    positions = position_ids_from_mask(torch.ones_like(ids) if mask is None else mask)
+    step.start(ids[:, -1:], positions[:, -1:], n, None if mask is None else mask[:, :-1])
     token = step()
     return token, step.logits, cache.slices(n + 1)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("source", ["kv", "hidden"])
-def test_the_pipelined_first_token_and_cache_are_the_plain_paths(arch, source, tiny_models):
+@pytest.mark.parametrize("padded", [False, True])
+def test_the_pipelined_first_token_and_cache_are_the_plain_paths(arch, source, padded, tiny_models):
     model = KVPredictionModel.from_pretrained(tiny_models[arch], keep_layers=[0, 2], source=source)
     ids = torch.randint(3, 259, (2, 19), generator=torch.Generator().manual_seed(1))
-    token, logits, (keys, values) = plain_first_token(model, ids)
+    mask = None
+    if padded:  # the first row is 6 tokens shorter, left-padded
+        mask = torch.ones_like(ids)
+        mask[0, :6] = 0
+    token, logits, (keys, values) = plain_first_token(model, ids, mask)
     cache = model.new_cache(2, ids.shape[1] + 8)
     pipelined = PipelinedPrefill(model, cache)
     assert len(pipelined.groups) == len(set(model.predictor.config.layer_map)) > 1
+    seen = torch.ones_like(ids) if mask is None else mask  # the columns each row attends to: not its padding
+    seen = seen.bool()[None, :, None, :, None].expand_as(keys)  # as the cache's [L, B, H, T, D]
     for _ in range(2):  # and again on the same cache
-        got = pipelined(ids)
+        got = pipelined(ids, mask)
         assert torch.equal(got, token)
         torch.testing.assert_close(pipelined.step.logits, logits, atol=1e-4, rtol=1e-4)
         got_keys, got_values = cache.slices(ids.shape[1])
-        torch.testing.assert_close(got_keys, keys, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(got_values, values, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got_keys[seen], keys[seen], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got_values[seen], values[seen], atol=1e-5, rtol=1e-5)
         assert cache.get_seq_length() == ids.shape[1] - 1  # as predict_into leaves it; the step wrote the next column
     with pytest.raises(ValueError, match="at least 2 tokens"):  # nothing for the auxiliary: no tap starts the step
         pipelined(ids[:, :1])
+
+
+def test_the_base_runs_in_its_own_dtype_beside_a_bf16_auxiliary(tiny_llama):
+    """The parts run from hooks inside the auxiliary's autocast; the base's step must not run under it."""
+    model = KVPredictionModel.from_pretrained(tiny_llama, keep_layers=[0, 2], source="hidden")
+    model.aux_dtype = model.predictor_dtype = torch.bfloat16  # as "auto" picks on a CPU with bf16 dot products
+    ids = torch.randint(3, 259, (1, 23), generator=torch.Generator().manual_seed(3))
+    token, logits, _ = plain_first_token(model, ids)
+    pipelined = PipelinedPrefill(model, model.new_cache(1, 31))
+    assert torch.equal(pipelined(ids), token)
+    torch.testing.assert_close(pipelined.step.logits, logits, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs and streams need a GPU")
@@ -80,14 +100,24 @@ def test_on_cuda_the_parts_run_as_graphs_on_a_second_stream(source, tiny_llama):
 def test_generate_runs_the_first_step_pipelined_once_its_shape_is_captured(tiny_llama, monkeypatch):
     model = KVPredictionModel.from_pretrained(tiny_llama, keep_layers=[0, 2], source="hidden", device="cuda")
     ids = torch.randint(3, 259, (1, 30), device="cuda", generator=torch.Generator("cuda").manual_seed(2))
+    monkeypatch.setattr(model, "pipelined_first_step", False)
     plain = model.generate(ids, mode="predicted", max_new_tokens=8)
     monkeypatch.setattr(model, "pipelined_first_step", True)
     for _ in range(2):  # the first call of a shape captures its step; the next ones run pipelined
         assert torch.equal(model.generate(ids, mode="predicted", max_new_tokens=8), plain)
+    batch = torch.randint(3, 259, (2, 30), device="cuda", generator=torch.Generator("cuda").manual_seed(3))
+    mask = torch.ones_like(batch)
+    mask[1, :7] = 0  # left-padded
+    monkeypatch.setattr(model, "pipelined_first_step", False)
+    plain = model.generate(batch, mask, mode="predicted", max_new_tokens=8)
+    monkeypatch.setattr(model, "pipelined_first_step", True)
+    for _ in range(2):
+        assert torch.equal(model.generate(batch, mask, mode="predicted", max_new_tokens=8), plain)
     one = ids[:, :1]  # no prefix to pipeline: the plain path serves it
     monkeypatch.setattr(model, "pipelined_first_step", False)
     expected = model.generate(one, mode="predicted", max_new_tokens=4)
     monkeypatch.setattr(model, "pipelined_first_step", True)
     assert torch.equal(model.generate(one, mode="predicted", max_new_tokens=4), expected)
-    (pooled,) = model._steps.entries.values()
-    assert isinstance(pooled.pipeline, PipelinedPrefill)
+    made = {batch for (batch, _), pooled in model._steps.entries.items()
+            if isinstance(pooled.pipeline, PipelinedPrefill)}
+    assert made == {1, 2}  # the batch of one and the padded batch of two ran pipelined
