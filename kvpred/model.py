@@ -619,15 +619,18 @@ class KVPredictionModel(nn.Module):
     def warm_up(self, capacities: Iterable[int] = (256, 512, 1024, 2048), batch_size: int = 1) -> list[int]:
         """Get `generate` ready for requests of `batch_size` rows: for each capacity (rounded up to the pool's
         buckets, capped at the context length; at most as many as the pool keeps, the smallest first) the pooled
-        cache and, on a GPU, its CUDA-graph step, and each mode's kernels once. The first request of each shape
-        then pays no allocation, graph capture or lazy initialisation (`kvpred serve` does this before it takes
-        requests). Returns the capacities made ready."""
+        cache and, on a GPU, its CUDA-graph step and pipelined first step (`pipelined_first_step`), and each mode's
+        kernels once. The first request of each shape then pays no allocation, graph capture or lazy initialisation
+        (`kvpred serve` does this before it takes requests). Returns the capacities made ready."""
         context = self.context_length
         buckets = sorted({capacity_bucket(min(c, context), context) for c in capacities})[:self._steps.size]
         for i, capacity in enumerate(buckets):
             n = capacity - 2  # + 2 new tokens: the step is captured after the first
             ids = torch.arange(n, device=self.device).remainder(self.base.config.vocab_size).expand(batch_size, n)
-            for mode in MODES if i == 0 else ("predicted",):  # per shape, modes share the pooled cache and step
+            modes = MODES if i == 0 else ("predicted",)  # per shape, modes share the pooled cache and step
+            if i > 0 and self.device.type == "cuda" and self.pipelined_first_step:
+                modes += ("predicted",)  # the first call captured the step, the second makes the pipeline
+            for mode in modes:
                 self.generate(ids, mode=mode, max_new_tokens=2)
         return buckets
 

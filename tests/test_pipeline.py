@@ -121,3 +121,10 @@ def test_generate_runs_the_first_step_pipelined_once_its_shape_is_captured(tiny_
     made = {batch for (batch, _), pooled in model._steps.entries.items()
             if isinstance(pooled.pipeline, PipelinedPrefill)}
     assert made == {1, 2}  # the batch of one and the padded batch of two ran pipelined
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs and streams need a GPU")
+def test_warming_up_makes_each_shapes_pipelined_first_step(tiny_llama):
+    model = KVPredictionModel.from_pretrained(tiny_llama, keep_layers=[0, 2], source="hidden", device="cuda")
+    assert model.warm_up((100, 300)) == [256, 512]
+    assert all(isinstance(pooled.pipeline, PipelinedPrefill) for pooled in model._steps.entries.values())
