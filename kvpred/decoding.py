@@ -383,14 +383,14 @@ def sample(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: flo
     return torch.multinomial(probs, 1).squeeze(-1)
 
 
-def with_stop_strings(model, criteria, stop_strings: list[str] | None, tokenizer=None):
-    """transformers' stopping `criteria` (a list, or None) plus one that ends a row once its text holds any of
-    `stop_strings`; None when there is nothing to check."""
+def with_stop_strings(criteria, stop_strings: list[str] | None, tokenizer):
+    """transformers' stopping `criteria` (a list, or None) plus one that ends a row once its text, as `tokenizer`
+    decodes it, holds any of `stop_strings`; None when there is nothing to check."""
     from transformers import StoppingCriteriaList, StopStringCriteria
 
     out = StoppingCriteriaList(criteria or [])
     if stop_strings:
-        out.append(StopStringCriteria(tokenizer or model.tokenizer, stop_strings))
+        out.append(StopStringCriteria(tokenizer, stop_strings))
     return out or None
 
 

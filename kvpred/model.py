@@ -595,7 +595,7 @@ class KVPredictionModel(nn.Module):
         tokenizer = generate_kwargs.pop("tokenizer", None) or self.tokenizer  # transformers' callers pass one
         if not transformers_loop and mode != "aux" and set(generate_kwargs) <= {"logits_processor",
                                                                                 "stopping_criteria"}:
-            criteria = with_stop_strings(self, generate_kwargs.get("stopping_criteria"), stop_strings, tokenizer)
+            criteria = with_stop_strings(generate_kwargs.get("stopping_criteria"), stop_strings, tokenizer)
             return generate_with_steps(
                 self, input_ids, attention_mask, mode=mode, exact_tail=exact_tail, max_new_tokens=max_new_tokens,
                 do_sample=do_sample, temperature=temperature, top_p=top_p, top_k=top_k, eos=eos_token_ids(self),

@@ -379,7 +379,7 @@ def generate_refined(model: KVPredictionModel, input_ids: torch.Tensor, attentio
     seq = decode(model, pooled, ids, full_mask, logits, max_new_tokens=max_new_tokens, do_sample=do_sample,
                  temperature=temperature, top_p=top_p, top_k=top_k, eos=eos_token_ids(model, eos_token_id),
                  pad_token_id=pad_id(model), streamer=streamer, logits_processor=logits_processor,
-                 stopping_criteria=with_stop_strings(model, stopping_criteria, stop_strings), refiner=refiner,
+                 stopping_criteria=with_stop_strings(stopping_criteria, stop_strings, model.tokenizer), refiner=refiner,
                  trace=trace)
     info = {"policy": policy, "signal": None if signal is None else {k: v.tolist() for k, v in signal.items()},
             **_report(trace, seq.shape[1] - n)}
