@@ -17,7 +17,7 @@ from transformers import AttentionInterface, DynamicCache, GenerationConfig, Pre
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from . import lora, models
-from .models import KVPredError
+from .models import KVPredError, context_limit, sliding_window
 from .decoding import (StepPool, capacity_bucket, eos_token_ids, generate_with_steps, pad_id, with_stop_strings,
                        without_cudnn_attention)
 from .deferred import PendingValues, deferred_values
@@ -272,7 +272,8 @@ class KVPredictionModel(nn.Module):
 
     @property
     def context_length(self) -> int:
-        return min(self.base.config.max_position_embeddings, self.aux.config.max_position_embeddings)
+        """The longest prompt + new tokens accepted: the shorter of base's and auxiliary's `context_limit`."""
+        return min(context_limit(self.base.config), context_limit(self.aux.config))
 
     @property
     def chat_tail(self) -> int:
@@ -569,8 +570,10 @@ class KVPredictionModel(nn.Module):
             raise KVPredError(f"token ids must lie in [0, {vocab}), got {input_ids.min()}..{input_ids.max()}")
         longest = input_ids.shape[1] + max_new_tokens
         if longest > self.context_length:
+            windowed = self.context_length in (sliding_window(self.base.config), sliding_window(self.aux.config))
+            why = " (the sliding attention window: kvpred runs only sequences the window covers)" if windowed else ""
             raise KVPredError(f"prompt of {input_ids.shape[1]} tokens + {max_new_tokens} new tokens exceeds the "
-                              f"context limit of {self.context_length} tokens")
+                              f"context limit of {self.context_length} tokens{why}")
         return input_ids, attention_mask
 
     @torch.no_grad()

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedModel,
+                          PreTrainedTokenizerBase)
 
 
 class KVPredError(ValueError):
@@ -165,6 +166,22 @@ def check_supported(config, name: str = "model") -> None:
     if config.model_type not in SUPPORTED_MODEL_TYPES:
         raise KVPredError(f"{name} has architecture {config.model_type!r}, which kvpred does not support; "
                           f"supported: {', '.join(SUPPORTED_MODEL_TYPES)} (Llama-style decoders with RoPE)")
+
+
+def sliding_window(config) -> int | None:
+    """The attention window of a model any of whose layers attend to a sliding window (Mistral-7B-v0.1: 4096), as
+    transformers lays out its caches; None for full attention everywhere."""
+    if any(getattr(layer, "is_sliding", False) for layer in DynamicCache(config=config).layers):
+        return config.sliding_window
+    return None
+
+
+def context_limit(config) -> int:
+    """The longest sequence kvpred runs through a model: its position limit, or its sliding window if shorter.
+    kvpred's caches keep every column and its captured steps attend to all of them, so a sliding-window model is
+    run only where the window covers the whole sequence, and sliding and full attention agree."""
+    window = sliding_window(config)
+    return min(config.max_position_embeddings, window or config.max_position_embeddings)
 
 
 def check_same_tokenizer(base: PreTrainedTokenizerBase, aux: PreTrainedTokenizerBase, aux_name: str) -> None:

@@ -398,8 +398,7 @@ class ChatSession:
     that the base costs fewer FLOPs on it than the auxiliary on what it has not read runs exactly instead.
     Refinement that has not caught up by the end of a reply is finished right after it, so the next turn starts
     from an exact cache (with refine="off" the kept cache stays approximate). The session holds its own
-    preallocated cache (and, on a GPU, its own CUDA-graph step), grown when a turn outgrows it. Batch size 1;
-    full-attention bases only.
+    preallocated cache (and, on a GPU, its own CUDA-graph step), grown when a turn outgrows it. Batch size 1.
     """
 
     def __init__(self, model: KVPredictionModel, *, system: str | None = None, exact_tail: int | None = None,
@@ -410,8 +409,6 @@ class ChatSession:
         _check_refine(refine, chunk_size)
         if model.tokenizer.chat_template is None:
             raise KVPredError("this model's tokenizer has no chat template; ChatSession needs one")
-        if any(getattr(layer, "is_sliding", False) for layer in DynamicCache(config=model.base.config).layers):
-            raise KVPredError("cache reuse needs full-attention layers; this base has sliding-window layers")
         self.model, self.refine = model, refine
         self.exact_tail = model.chat_tail if exact_tail is None else exact_tail
         self.chunk_size, self.thresholds = chunk_size, thresholds

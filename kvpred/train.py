@@ -421,6 +421,9 @@ class Trainer:
         self.model = KVPredictionModel.from_pretrained(c.model, keep_ratio=c.keep_ratio, source=c.source,
                                                        dtype=torch.float32, device=self.device)
         check_tokenizer(c.data, self.model.tokenizer)
+        if c.seq_len > self.model.context_length:  # the training forwards' own masks know no sliding window
+            raise KVPredError(f"--seq-len {c.seq_len} exceeds the model's context limit of "
+                              f"{self.model.context_length} tokens")
         self.model.base.requires_grad_(False)
         groups = trainable_parameters(self.model, c)
         if c.activation_checkpointing:

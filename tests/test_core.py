@@ -280,6 +280,20 @@ def test_a_predictor_of_the_wrong_shape_is_refused(tmp_path, tiny_llama):
         KVPredictionModel.from_pretrained(str(tmp_path / "ckpt"))
 
 
+def test_a_sliding_window_base_runs_only_sequences_its_window_covers(tmp_path):
+    # kvpred's caches keep every column and its captured steps attend to all of them: within the window, sliding
+    # and full attention agree, so predicted mode still equals the exact base there
+    path = save_tiny_model(tmp_path / "mistral", arch="mistral", sliding_window=24)
+    model = KVPredictionModel.from_pretrained(str(path), keep_layers=[0, 1, 2, 3])
+    model.predictor.set_identity()
+    assert model.context_length == 24
+    ids = torch.randint(3, 259, (1, 16))
+    assert torch.equal(model.generate(ids, mode="predicted", max_new_tokens=8),
+                       model.generate(ids, mode="exact", max_new_tokens=8))
+    with pytest.raises(KVPredError, match="context limit of 24 tokens .the sliding attention window"):
+        model.generate(ids, max_new_tokens=9)
+
+
 # ---------------------------------------------------------------- bad input
 def test_bad_prompts_get_clear_errors(tiny_llama):
     model = KVPredictionModel.from_pretrained(tiny_llama, keep_ratio=0.5)

@@ -311,9 +311,10 @@ def test_agreement_measures():
 TURNS = ["Hi there", "What is two and two?", "ok"]
 
 
-@pytest.mark.parametrize("refine", ["eager", "lazy", "auto"])
-def test_chat_session_with_aux_equal_to_base_replies_like_exact_mode(tiny_llama, refine):
-    model = chat_model(tiny_llama, 1.0)
+@pytest.mark.parametrize("arch, refine", [("llama", "eager"), ("llama", "lazy"), ("llama", "auto"),
+                                          ("mistral", "eager")])  # mistral: a sliding-window base
+def test_chat_session_with_aux_equal_to_base_replies_like_exact_mode(tiny_models, arch, refine):
+    model = chat_model(tiny_models[arch], 1.0)
     session = ChatSession(model, system="be brief", exact_tail=2, refine=refine, chunk_size=8)
     for turn, text in enumerate(TURNS):
         conversation = session.conversation_ids(session.messages + [{"role": "user", "content": text}])

@@ -244,6 +244,13 @@ def test_settings_that_cannot_train_are_one_line_errors_naming_the_flag(tiny_lla
     assert not (tmp_path / "run").exists()
 
 
+def test_windows_longer_than_the_models_context_are_refused(tiny_llama, shards, tmp_path, capsys):
+    argv = ["train", "--model", tiny_llama, "--data", shards, "--out", str(tmp_path / "run"), "--seq-len", "600"]
+    assert cli_main(argv) == 2
+    assert "kvpred: error: --seq-len 600 exceeds the model's context limit of 512 tokens" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
 def test_every_0_means_never_and_no_heldout_split_is_needed_without_evaluation(tiny_llama, tmp_path, capsys):
     """--eval-every 0 never evaluates, so shards without a held-out split train; --log-every 0 writes no metrics;
     --save-every 0 writes the training state only at the end of the run."""
