@@ -295,7 +295,7 @@ class TTFTBench:
         pos = lambda p: torch.full((batch, 1), p, dtype=torch.long, device=self.device)  # noqa: E731
         defer = self.s.defer_values and isinstance(step, EagerStep)
         combo = Combo(batch, length, base_cache, aux_caches, step, note, defer, pos(length - 1), pos(length))
-        if isinstance(step, GraphStep):
+        if isinstance(step, GraphStep) and step.graph is not None:
             combo.step_note = self._check_graph(combo)
             if self.s.pipeline:
                 from .pipeline import PipelinedPrefill
@@ -736,7 +736,7 @@ def _ttft_command(args) -> int:
     for variant in variants:
         if settings.compile_predictor:
             variant.model.compile_predictor()
-        if args.compile_step == "auto" and args.device.startswith("cuda") and settings.cuda_graph:
+        if args.compile_step == "auto" and settings.cuda_graph:
             variant.model.compile_step()
     model = variants[0].model
     limit = model.context_length - args.decode_tokens
@@ -827,8 +827,9 @@ def register(subparsers) -> None:
                         "breakdown then reports the two under predictor). Off by default: on an H100 it moves TTFT "
                         "at 8k-32k tokens by -1%% to +4%%")
     p.add_argument("--compile-step", choices=("off", "auto"), default="off",
-                   help="auto: on CUDA, capture the base's one-token step from a torch.compile'd forward "
-                        "(KVPredictionModel.compile_step); each batch and capacity compiles once, before it is timed")
+                   help="auto: run the base's one-token step through a torch.compile'd forward, captured as a CUDA "
+                        "graph on a GPU (KVPredictionModel.compile_step; on a CPU predicted mode's values are then "
+                        "not deferred); each batch and capacity compiles once, before it is timed")
     p.add_argument("--defer-values", choices=("auto", "off"), default="auto",
                    help="auto: with the eager step, predicted mode writes only the keys before its first token and "
                         "the values in the first decode step (kvpred.deferred; the decode speed pays for them)")

@@ -99,21 +99,25 @@ class StepInputs:
 
 
 class GraphStep(StepInputs):
-    """The same step captured once as a CUDA graph (KVPredictionModel.static_step: fixed shapes, the whole
-    buffer under a mask). Replays write the token's K/V at `slot`, then advance ids, positions and slot.
+    """The same step with fixed shapes (KVPredictionModel.static_step: the whole buffer under a mask), captured once
+    as a CUDA graph on a GPU. Replays write the token's K/V at `slot`, then advance ids, positions and slot.
     Capturing runs the step three times at the cache's last column, seeing only column 0, so a cache in use
-    keeps its entries (`start` comes before that last column is reached)."""
+    keeps its entries (`start` comes before that last column is reached). On a CPU nothing is captured: each call
+    runs the compiled forward (`KVPredictionModel.compile_step`, which fixed shapes keep from recompiling)."""
 
     @torch.no_grad()
     def __init__(self, model, cache):
         from .model import cache_kwargs
 
         self.forward = model.compiled_step or model.base
+        self.static_step = lambda: model.static_step(cache, self.slot)
         self.cache_kw, self.cache = cache_kwargs(model.base, cache), cache
         super().__init__(cache.key_arena.shape[1], cache.capacity, model.device)
-        with model.static_step(cache, self.slot):
-            self.graph = _capture(self._body, model.device, self.warm_up)
-        self.token, self.logits = self.captured
+        self.graph = None
+        if model.device.type == "cuda":
+            with self.static_step():
+                self.graph = _capture(self._body, model.device, self.warm_up)
+            self.token, self.logits = self.captured
 
     def _body(self) -> None:
         self.mask.index_fill_(3, self.slot, True)
@@ -124,7 +128,12 @@ class GraphStep(StepInputs):
         self.captured = token, logits  # inside the capture: the graph's output tensors
 
     def __call__(self) -> torch.Tensor:
-        self.graph.replay()
+        if self.graph is not None:
+            self.graph.replay()
+            return self.token
+        with torch.no_grad(), self.static_step():
+            self._body()
+        self.token, self.logits = self.captured
         return self.token
 
     def feed(self, token: torch.Tensor) -> None:
@@ -140,9 +149,14 @@ class GraphStep(StepInputs):
 
 
 def make_step(model, cache, want_graph: bool):
-    """A CUDA-graph step where possible; the eager step otherwise, with the reason."""
-    if not want_graph or model.device.type != "cuda":
-        return EagerStep(model, cache), "eager" if model.device.type == "cuda" else "eager (cpu)"
+    """A CUDA-graph step where possible; on a CPU the compiled static step after `compile_step`; the eager step
+    otherwise, with the reason."""
+    if model.device.type != "cuda":
+        if want_graph and model.compiled_step is not None:
+            return GraphStep(model, cache), "compiled (cpu)"
+        return EagerStep(model, cache), "eager (cpu)"
+    if not want_graph:
+        return EagerStep(model, cache), "eager"
     try:
         return GraphStep(model, cache), "cuda-graph, compiled" if model.compiled_step else "cuda-graph"
     except Exception as err:  # noqa: BLE001 - any capture failure falls back to the eager step, and says so
@@ -461,7 +475,7 @@ def first_logits(model, pooled: Pooled, input_ids: torch.Tensor, mask: torch.Ten
     padded = not bool(prompt_mask.all())
     cache = pooled.cache
     if (mode == "predicted" and exact_tail == 1 and input_ids.shape[1] > 1
-            and model.pipelined_first_step and isinstance(pooled.step, GraphStep)
+            and model.pipelined_first_step and getattr(pooled.step, "graph", None) is not None
             and pooled.made_pipeline(model) is not None):
         pooled.pipeline(input_ids, prompt_mask if padded else None)
         return pooled.pipeline.step.logits[:, -1]

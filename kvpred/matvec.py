@@ -36,12 +36,19 @@ def _forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     if (not 0 < rows <= MAX_ROWS or x.device.type != "cpu" or weight.dtype != torch.float32
             or not weight.is_contiguous()):
         return F.linear(x, weight, self.bias)
-    blocks = math.gcd(weight.shape[0], torch.get_num_threads())  # one per thread, where the rows divide evenly
+    blocks = math.gcd(weight.shape[0], _threads())  # one per thread, where the rows divide evenly
     columns = x.reshape(rows, -1).T.expand(blocks, -1, -1)  # [blocks, in, rows]
     out = torch.bmm(weight.view(blocks, -1, weight.shape[1]), columns)  # [blocks, out / blocks, rows]
     # one row is already in order (the common case: a step at batch 1); more take a small transpose
     out = out.view(*x.shape[:-1], -1) if rows == 1 else out.permute(2, 0, 1).reshape(*x.shape[:-1], -1)
     return out if self.bias is None else out + self.bias
+
+
+@torch.compiler.assume_constant_result
+def _threads() -> int:
+    """torch's intra-op threads; a compiled step (KVPredictionModel.compile_step) keeps the count it was traced with,
+    since torch.compile cannot put the call itself in a graph."""
+    return torch.get_num_threads()
 
 
 def use_blocked_matvec(model: nn.Module) -> None:

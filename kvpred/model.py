@@ -449,17 +449,17 @@ class KVPredictionModel(nn.Module):
         return BufferCache(model.config, batch_size, capacity, dtype=model.dtype, device=model.device)
 
     def compile_step(self) -> None:
-        """Capture the base's one-token CUDA-graph step (`kvpred.decoding.GraphStep`: predicted mode's first token,
-        and every decode step in either mode) from a torch.compile'd base forward. Inductor fuses the norms, RoPE,
-        SiLU and residual adds that make most of a small model's step: on an H100 (bf16) the step takes 1.6 ms
+        """Run the base's one-token step (`kvpred.decoding.GraphStep`: predicted mode's first token, and every decode
+        step in either mode) through a torch.compile'd base forward. Inductor fuses the norms, RoPE, SiLU and
+        residual adds that make most of a small model's step: on an H100 (bf16) the CUDA-graph step takes 1.6 ms
         instead of 3.4 for SmolLM2-135M, 1.8 instead of 2.8 for Llama-3.2-1B and 7.1 instead of 9.2 for
         Llama-3.1-8B (benchmarks/results/h100/step_compile). Logits differ from the eager step's by bf16 rounding.
+        On a CPU the step then runs with fixed shapes too (the whole cache under a mask), without a graph to
+        capture; there the fused forward saves the eager step's per-op overhead instead (see benchmarks/results/
+        cpu_compiled_step), and predicted mode's first step no longer defers its values (kvpred.deferred).
 
-        Opt-in, like `compile_predictor`: each batch size and cache capacity compiles once, 20-45 s on that
-        machine, when its step is first made (`warm_up` makes them up front). CUDA only: on a CPU the step is not
-        a captured graph and grows by one column each step, so static shapes would recompile at every token."""
-        if self.device.type != "cuda":
-            raise KVPredError(f"compile_step needs a CUDA device; this model is on {self.device.type}")
+        Opt-in, like `compile_predictor`: each batch size and cache capacity compiles once when its step is first
+        made, 20-45 s on the H100 and about a minute on a 2-core CPU (`warm_up` makes them up front)."""
         # Static shapes: dynamic ones took 110-135 s to compile and ran no faster. Each (batch, capacity) is one
         # entry, so let more of them stay compiled than dynamo's default of 8.
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)

@@ -221,9 +221,26 @@ def test_a_compiled_step_gives_the_uncompiled_steps_tokens_on_a_gpu(tiny_llama, 
     assert model._steps.entries and all(p.step.forward is model.compiled_step for p in model._steps.entries.values())
 
 
-def test_compiling_the_step_needs_a_gpu(model):
-    with pytest.raises(KVPredError, match="compile_step needs a CUDA device"):
-        model.compile_step()
+@pytest.mark.parametrize("mode", ["exact", "predicted"])
+def test_on_a_cpu_a_compiled_step_gives_the_eager_steps_tokens(tiny_llama, mode):
+    torch.manual_seed(0)
+    model = KVPredictionModel.from_pretrained(tiny_llama, keep_ratio=0.5)
+    ids, mask = encode_prompts(model.tokenizer, PROMPTS)
+    plain = model.generate(ids, mask, mode=mode, max_new_tokens=10)
+    model.compile_step()
+    for _ in range(2):  # the first call's first token takes the eager step (deferring its values), later ones not
+        assert torch.equal(model.generate(ids, mask, mode=mode, max_new_tokens=10), plain)
+    (pooled,) = model._steps.entries.values()
+    assert pooled.step.forward is model.compiled_step and pooled.step.graph is None
+
+
+def test_on_a_cpu_a_rolling_batch_on_the_compiled_step_decodes_what_prompts_decode_alone(tiny_llama):
+    torch.manual_seed(0)
+    model = KVPredictionModel.from_pretrained(tiny_llama, keep_ratio=0.5)
+    alone = [model.generate(ids[None], max_new_tokens=6)[0, len(ids):].tolist()
+             for ids in (torch.tensor(model.tokenizer.encode(p)) for p in PROMPTS)]
+    model.compile_step()
+    assert rolled(model, "predicted", rows=2, new_tokens=6) == alone
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
