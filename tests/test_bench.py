@@ -73,6 +73,16 @@ def test_cli_on_a_gpu_times_a_checked_graph_step(tiny_path, tmp_path, compile_st
                            else "cuda-graph, compiled (max|d logit| vs its eager run"), step
 
 
+def test_cli_on_a_cpu_times_the_compiled_step_when_asked(tiny_path, tmp_path):
+    rc = cli_main(["bench", "ttft", "--model", str(tiny_path), "--device", "cpu", "--prompt-lens", "24",
+                   "--repeats", "2", "--warmup", "1", "--decode-tokens", "3", "--no-plot", "--compile-step", "auto",
+                   "--out", str(tmp_path), "--name", "t"])
+    assert rc == 0
+    with (tmp_path / "t.csv").open() as f:
+        row = next(csv.DictReader(f))
+    assert row["step"] == "compiled (cpu)" and float(row["pred_ms"]) > 0  # values not deferred: not the eager path
+
+
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
 def test_a_pipelined_bench_needs_the_graph_step_and_says_which_it_ran(tiny_path, tmp_path, device):
     if device == "cuda" and not torch.cuda.is_available():

@@ -280,16 +280,21 @@ def test_a_predictor_of_the_wrong_shape_is_refused(tmp_path, tiny_llama):
         KVPredictionModel.from_pretrained(str(tmp_path / "ckpt"))
 
 
-def test_a_sliding_window_base_runs_only_sequences_its_window_covers(tmp_path):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="CUDA graphs need a GPU"))])
+def test_a_sliding_window_base_runs_only_sequences_its_window_covers(tmp_path, device):
     # kvpred's caches keep every column and its captured steps attend to all of them: within the window, sliding
     # and full attention agree, so predicted mode still equals the exact base there
     path = save_tiny_model(tmp_path / "mistral", arch="mistral", sliding_window=24)
-    model = KVPredictionModel.from_pretrained(str(path), keep_layers=[0, 1, 2, 3])
+    model = KVPredictionModel.from_pretrained(str(path), keep_layers=[0, 1, 2, 3], device=device)
     model.predictor.set_identity()
     assert model.context_length == 24
-    ids = torch.randint(3, 259, (1, 16))
-    assert torch.equal(model.generate(ids, mode="predicted", max_new_tokens=8),
-                       model.generate(ids, mode="exact", max_new_tokens=8))
+    ids = torch.randint(3, 259, (1, 16), device=device)
+    exact = model.base.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
+                                pad_token_id=0)
+    for _ in range(2):  # on a GPU the second call decodes on captured steps
+        for mode in ("exact", "predicted"):
+            assert torch.equal(model.generate(ids, mode=mode, max_new_tokens=8), exact)
     with pytest.raises(KVPredError, match="context limit of 24 tokens .the sliding attention window"):
         model.generate(ids, max_new_tokens=9)
 
