@@ -29,7 +29,8 @@ def main() -> None:
         for call in (1, 2):  # the first call runs the eager step; the pooled graph step from the second
             ours = model.generate(ids, mode="exact", max_new_tokens=10)[:, 30:]
             same = (ours == hf).float().mean().item()
-            print(f"call {call}: kvpred exact mode vs transformers' generate past the window: {same:.2f} of tokens equal")
+            print(f"call {call}: kvpred exact mode vs transformers' generate past the window: {same:.2f} of "
+                  "tokens equal")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria,
 from kvpred.decoding import Pooled, RollingBatch, StepPool, capacity_bucket
 from kvpred.generation import encode_prompts
 from kvpred.model import KVPredictionModel
-from kvpred.models import KVPredError
 
 PROMPTS = ["The quick brown fox jumps over", "a", "Hello, world! This prompt is longer than the others."]
 
