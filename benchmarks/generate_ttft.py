@@ -13,6 +13,7 @@ on the host.
 
     python benchmarks/generate_ttft.py --model smollm2-135m --device cpu --prompt-lens 512,2048 --out FILE.md
     python benchmarks/generate_ttft.py --shape llama-3.2-1b --device cuda --prompt-lens 2048,8192 --batch 1,8
+    python benchmarks/generate_ttft.py --shape smollm2-135m --device cuda --compare pipeline --exact-tail 6
 """
 from __future__ import annotations
 
@@ -83,6 +84,7 @@ def main() -> None:
     p.add_argument("--prompt-lens", default="512,2048")
     p.add_argument("--batch", default="1")
     p.add_argument("--new-tokens", type=int, default=33, help="tokens per generate call (decode speed: all but one)")
+    p.add_argument("--exact-tail", type=int, default=1, help="predicted mode's exact tail (a chat reply opening: 6)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--compare", choices=sorted(RUNS), default="loops",
                    help="which speed-up to time (default: %(default)s)")
@@ -99,7 +101,8 @@ def main() -> None:
     lines = [f"# generate(): TTFT and decode speed ({label})", "",
              f"`{shlex.join(['python', *sys.argv])}`", "",
              f"{_device_name(model.device)}, {str(model.base.dtype).removeprefix('torch.')}, torch {torch.__version__};"
-             f" {variant_name(model)}; medians over {args.repeats} fresh random prompts after one warm-up; "
+             f" {variant_name(model)}; predicted mode's exact tail {args.exact_tail}; medians over {args.repeats} "
+             "fresh random prompts after one warm-up; "
              f"{args.new_tokens} new tokens a call.", "",
              "| batch | prompt | " + " | ".join(f"{name}: TTFT ms / decode tok/s" for name, _, _ in runs) + " |",
              "|--:|--:|" + "--:|" * len(runs)]
@@ -110,7 +113,8 @@ def main() -> None:
             for r in range(args.repeats + 1):
                 for name, mode, kwargs in runs:
                     ids = torch.randint(100, model.base.config.vocab_size, (b, n), generator=gen).to(model.device)
-                    result = run(model, ids, mode, kwargs, args.new_tokens)
+                    tail = {"exact_tail": args.exact_tail} if mode == "predicted" else {}
+                    result = run(model, ids, mode, {**kwargs, **tail}, args.new_tokens)
                     if r:
                         got[name].append(result)
             medians = [[statistics.median(column) for column in zip(*got[name])] for name, _, _ in runs]

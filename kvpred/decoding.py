@@ -164,7 +164,34 @@ def make_step(model, cache, want_graph: bool):
         return EagerStep(model, cache), f"eager (graph capture failed: {reason})"
 
 
-class GraphChunk:
+class ColumnInputs:
+    """What a captured forward over `width` consecutive cache columns per row reads: token ids and positions
+    [B, width], the columns `slots` [width] it writes and `mask` [B, 1, width, capacity] of the columns each of its
+    queries sees. GraphChunk and kvpred.pipeline.GroupedStep hold them."""
+
+    def __init__(self, batch: int, width: int, capacity: int, device: torch.device):
+        self.width = width
+        self.ids = torch.zeros(batch, width, dtype=torch.long, device=device)
+        self.positions = torch.zeros_like(self.ids)
+        self.offsets = torch.arange(width, device=device)
+        self.slots = self.offsets.clone()
+        self.mask = torch.zeros(batch, 1, width, capacity, dtype=torch.bool, device=device)
+
+    def load(self, ids: torch.Tensor, positions: torch.Tensor, start: int, visible: torch.Tensor) -> None:
+        """Columns [start, start + width) hold `ids` at `positions`; `visible` [B, <= capacity] marks the columns
+        each row may attend to (its padding excluded). Each query sees those up to its own column, and its own
+        column always, so a padding query never attends to nothing."""
+        self.ids.copy_(ids)
+        self.positions.copy_(positions)
+        self.slots.copy_(self.offsets + start)
+        columns = torch.arange(self.mask.shape[-1], device=ids.device)
+        own = self.slots[:, None]  # [width, 1]
+        seen = torch.zeros(self.mask.shape[0], self.mask.shape[-1], dtype=torch.bool, device=ids.device)
+        seen[:, :visible.shape[1]] = visible.bool()
+        self.mask.copy_((seen[:, None, None, :] & (columns <= own)) | (columns == own))
+
+
+class GraphChunk(ColumnInputs):
     """The base backbone over `width` consecutive columns per row of a BufferCache, captured as a CUDA graph: it
     writes their K/V and attends over the whole buffer under a mask (KVPredictionModel.static_step). This is
     refinement's chunk: on a GPU an eager forward of a small base is launch-bound, 40-100 ms at batch 64 for
@@ -179,12 +206,8 @@ class GraphChunk:
 
         self.backbone, self.cache = model.base.model, cache
         self.cache_kw = cache_kwargs(self.backbone, cache)
-        batch, self.width = ids.shape
-        self.ids, self.positions = torch.zeros_like(ids), torch.zeros_like(positions)
-        self.offsets = torch.arange(self.width, device=ids.device)
-        self.slots = self.offsets.clone()
-        self.mask = torch.zeros(batch, 1, self.width, cache.capacity, dtype=torch.bool, device=ids.device)
-        self._load(ids, positions, start, visible)
+        super().__init__(ids.shape[0], ids.shape[1], cache.capacity, ids.device)
+        self.load(ids, positions, start, visible)
         with model.static_step(cache, self.slots):
             self.graph = _capture(self._body, ids.device)
         self.graph.replay()
@@ -193,21 +216,8 @@ class GraphChunk:
         self.backbone(input_ids=self.ids, position_ids=self.positions, attention_mask=self.mask, use_cache=True,
                       **self.cache_kw)
 
-    def _load(self, ids: torch.Tensor, positions: torch.Tensor, start: int, visible: torch.Tensor) -> None:
-        """Columns [start, start + width) hold `ids` at `positions`; `visible` [B, <= capacity] marks the columns
-        each row may attend to (its padding excluded). Each query also sees its own column, so a padding query
-        never attends to nothing."""
-        self.ids.copy_(ids)
-        self.positions.copy_(positions)
-        self.slots.copy_(self.offsets + start)
-        columns = torch.arange(self.mask.shape[-1], device=ids.device)
-        own = self.slots[:, None]  # [width, 1]
-        seen = torch.zeros(self.mask.shape[0], self.mask.shape[-1], dtype=torch.bool, device=ids.device)
-        seen[:, :visible.shape[1]] = visible.bool()
-        self.mask.copy_((seen[:, None, None, :] & (columns <= own)) | (columns == own))
-
     def __call__(self, ids: torch.Tensor, positions: torch.Tensor, start: int, visible: torch.Tensor) -> None:
-        self._load(ids, positions, start, visible)
+        self.load(ids, positions, start, visible)
         self.graph.replay()
 
 
@@ -234,24 +244,24 @@ class Pooled:
     cache: object
     step: "GraphStep | EagerStep | None" = None
     chunks: dict = field(default_factory=dict)  # width -> GraphChunk, or None where it cannot be captured
-    pipeline: object = None  # kvpred.pipeline.PipelinedPrefill once made; False where it cannot be
+    pipelines: dict = field(default_factory=dict)  # exact tail -> kvpred.pipeline.PipelinedPrefill, False where none
 
     def made_step(self, model) -> "GraphStep | EagerStep":
         if self.step is None:
             self.step = make_step(model, self.cache, want_graph=True)[0]
         return self.step
 
-    def made_pipeline(self, model):
-        """The pipelined first step on this cache (kvpred.pipeline), made on first use; None where the layer map
-        has no tap-by-tap order or the capture fails (the plain step serves then)."""
-        if self.pipeline is None:
+    def made_pipeline(self, model, tail: int = 1):
+        """The pipelined first step for an exact tail of `tail` tokens on this cache (kvpred.pipeline), made on first
+        use; None where the layer map has no tap-by-tap order or the capture fails (the plain path serves then)."""
+        if tail not in self.pipelines:
             from .pipeline import PipelinedPrefill
 
             try:
-                self.pipeline = PipelinedPrefill(model, self.cache)
+                self.pipelines[tail] = PipelinedPrefill(model, self.cache, tail)
             except Exception:  # noqa: BLE001 - as for the step: what cannot be captured runs the plain way
-                self.pipeline = False
-        return self.pipeline or None
+                self.pipelines[tail] = False
+        return self.pipelines[tail] or None
 
     def run_chunk(self, model, ids: torch.Tensor, positions: torch.Tensor, start: int, visible: torch.Tensor) -> bool:
         """Run the base backbone over columns [start, start + width) as a captured chunk; False (and nothing run)
@@ -470,15 +480,15 @@ def first_logits(model, pooled: Pooled, input_ids: torch.Tensor, mask: torch.Ten
     shape's graph was captured, after a first token, so no request waits for a capture before its first token),
     after the rest of a longer tail (`base_tail`, where `tail_on_steps`; else one eager forward, `prefill_into`).
     `defer_values` (kvpred.deferred) applies to a one-token tail's eager step. With `model.pipelined_first_step`,
-    prompts of 2+ tokens with a one-token tail whose shape has a captured step run pipelined (kvpred.pipeline)."""
+    prompts longer than their exact tail whose shape has a captured step run pipelined (kvpred.pipeline)."""
     prompt_mask = mask[:, :input_ids.shape[1]]
     padded = not bool(prompt_mask.all())
     cache = pooled.cache
-    if (mode == "predicted" and exact_tail == 1 and input_ids.shape[1] > 1
+    if (mode == "predicted" and input_ids.shape[1] > exact_tail
             and model.pipelined_first_step and getattr(pooled.step, "graph", None) is not None
-            and pooled.made_pipeline(model) is not None):
-        pooled.pipeline(input_ids, prompt_mask if padded else None)
-        return pooled.pipeline.step.logits[:, -1]
+            and (pipeline := pooled.made_pipeline(model, exact_tail)) is not None):
+        pipeline(input_ids, prompt_mask if padded else None)
+        return pipeline.step.logits[:, -1]
     if mode == "predicted" and tail_on_steps(model, exact_tail):
         model.predict_into(cache, input_ids, prompt_mask if padded else None, exact_tail,
                            defer_values=defer_values and exact_tail == 1 and not isinstance(pooled.step, GraphStep))

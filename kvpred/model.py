@@ -623,8 +623,9 @@ class KVPredictionModel(nn.Module):
         """Get `generate` ready for requests of `batch_size` rows: for each capacity (rounded up to the pool's
         buckets, capped at the context length; at most as many as the pool keeps, the smallest first) the pooled
         cache and, on a GPU, its CUDA-graph step and pipelined first step (`pipelined_first_step`; after
-        `compile_step`, on a CPU too, its compiled step), and each mode's kernels once. The first request of each shape then pays no allocation, graph capture or lazy initialisation
-        (`kvpred serve` does this before it takes requests). Returns the capacities made ready."""
+        `compile_step`, on a CPU too, its compiled step), and each mode's kernels once. The first request of each
+        shape then pays no allocation, graph capture or lazy initialisation (`kvpred serve` does this before it
+        takes requests). Returns the capacities made ready."""
         context = self.context_length
         buckets = sorted({capacity_bucket(min(c, context), context) for c in capacities})[:self._steps.size]
         for i, capacity in enumerate(buckets):

@@ -10,8 +10,9 @@ the auxiliary produces the taps. Each tap, once out, is predicted and written fo
 the group's part of the step is replayed as its own CUDA graph on a second stream after that write. Only the group
 that reads the last tap waits for the whole auxiliary.
 
-For one exact token, in unpadded and left-padded batches; off the GPU the same code runs one group after the other,
-which is how the tests check it against the plain path.
+The same holds for an exact tail of W tokens (a chat template's reply opening, say): each group's part then runs
+the base's layers over those W tokens. In unpadded and left-padded batches; off the GPU the same code runs one group
+after the other, which is how the tests check it against the plain path.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from .decoding import StepInputs, _capture
+from .decoding import ColumnInputs, _capture
 from .model import BufferCache, KVPredictionModel, cache_kwargs, position_ids_from_mask
 from .rope import rope_tables
 
@@ -39,31 +40,32 @@ def layer_groups(layer_map: list[int]) -> list[tuple[int, range]] | None:
     return groups
 
 
-class GroupedStep(StepInputs):
-    """The base's one-token step (as `GraphStep` runs it: the whole buffer under a mask, inside `static_step`) cut
-    into parts that each run a range of layers; the hidden state passes between parts in a static buffer. On CUDA
-    each part is captured as its own graph."""
+class GroupedStep(ColumnInputs):
+    """The base's forward over a prompt's last `width` tokens (its exact tail; one token: the first step) as the
+    static step runs it (the whole buffer under a mask, inside `static_step`), cut into parts that each run a range
+    of layers; the hidden states pass between parts in a static buffer. On CUDA each part is captured as its own
+    graph, at the cache's last columns (seeing only themselves), so a cache in use keeps its entries."""
 
     @torch.no_grad()
-    def __init__(self, model: KVPredictionModel, cache: BufferCache, parts: list[range]):
+    def __init__(self, model: KVPredictionModel, cache: BufferCache, parts: list[range], width: int = 1):
         base, device, batch = model.base, model.device, cache.key_arena.shape[1]
-        super().__init__(batch, cache.capacity, device)
+        super().__init__(batch, width, cache.capacity, device)
         self.model, self.cache, self.parts = model, cache, parts
         self.layer_kw = cache_kwargs(base.model.layers[0], cache)
-        self.hidden = torch.zeros(batch, 1, base.config.hidden_size, dtype=base.dtype, device=device)
+        self.hidden = torch.zeros(batch, width, base.config.hidden_size, dtype=base.dtype, device=device)
         self.graphs: list[torch.cuda.CUDAGraph] | None = None
         self.token = self.logits = None  # the last part's outputs (a graph's own tensors on CUDA)
         if device.type == "cuda":
-            with model.static_step(cache, self.slot):
-                self.graphs = [_capture(lambda i=i: self._part(i), device, self.warm_up) for i in range(len(parts))]
+            with model.static_step(cache, self.slots):
+                self.graphs = [_capture(lambda i=i: self._part(i), device, self._at_last_columns)
+                               for i in range(len(parts))]
+
+    def _at_last_columns(self) -> None:
+        self.load(self.ids, self.positions, self.cache.capacity - self.width, self.ids[:, :0])
 
     def _part(self, i: int) -> None:
         base = self.model.base
-        if i == 0:
-            self.mask.index_fill_(3, self.slot, True)
-            hidden = base.model.embed_tokens(self.ids)
-        else:
-            hidden = self.hidden
+        hidden = base.model.embed_tokens(self.ids) if i == 0 else self.hidden
         rope = base.model.rotary_emb(hidden, self.positions)
         for layer in base.model.layers[self.parts[i].start:self.parts[i].stop]:
             out = layer(hidden, attention_mask=self.mask, position_ids=self.positions, position_embeddings=rope,
@@ -72,50 +74,52 @@ class GroupedStep(StepInputs):
         if i < len(self.parts) - 1:
             self.hidden.copy_(hidden)
             return
-        logits = base.lm_head(base.model.norm(hidden))  # [B, 1, V]
+        logits = base.lm_head(base.model.norm(hidden[:, -1:]))  # [B, 1, V]: the last prompt token's
         self.token, self.logits = logits[:, -1].argmax(-1), logits
-        self.advance(self.token)
 
     def run(self, i: int) -> None:
         if self.graphs is not None:
             self.graphs[i].replay()
             return
-        with torch.no_grad(), self.model.static_step(self.cache, self.slot):
+        with torch.no_grad(), self.model.static_step(self.cache, self.slots):
             self._part(i)
 
 
 class PipelinedPrefill:
-    """Predicted mode's first token with the base's step pipelined behind the auxiliary (see the module docstring).
-    `__call__(input_ids, attention_mask)` fills `cache` as `predict_into` does, runs the step and returns the token
-    ids [B]."""
+    """Predicted mode's first token with the base's forward over the exact tail (`tail` tokens, the paper's one by
+    default) pipelined behind the auxiliary (see the module docstring). `__call__(input_ids, attention_mask)` fills
+    `cache` as `predict_into` and the tail's forward do, and returns the first token's ids [B]."""
 
-    def __init__(self, model: KVPredictionModel, cache: BufferCache):
+    def __init__(self, model: KVPredictionModel, cache: BufferCache, tail: int = 1):
         groups = layer_groups(model.predictor.config.layer_map)
         if groups is None:
             raise ValueError("the layer map goes back to an earlier tap; the step cannot run tap by tap")
-        self.model, self.cache, self.groups = model, cache, groups
-        self.step = GroupedStep(model, cache, [layers for _, layers in groups])
+        self.model, self.cache, self.groups, self.tail = model, cache, groups, tail
+        self.step = GroupedStep(model, cache, [layers for _, layers in groups], tail)
         self.side = torch.cuda.Stream(model.device) if model.device.type == "cuda" else None
 
     @torch.no_grad()
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """`attention_mask` [B, N] of a left-padded batch; None for an unpadded one (no host-device syncs)."""
         model, cache = self.model, self.cache
-        b, n = input_ids.shape[0], input_ids.shape[1] - 1
+        b, total = input_ids.shape
+        n = total - self.tail  # the predicted prefix
         if n < 1:  # no prefix: the auxiliary has nothing to run, so no tap would start the step
-            raise ValueError("a pipelined first step needs a prompt of at least 2 tokens")
+            raise ValueError(f"a pipelined first step needs a prompt longer than its exact tail of {self.tail}")
         if attention_mask is None:
-            prefix_mask, positions = None, torch.arange(n + 1, device=input_ids.device).expand(b, n + 1)
+            prefix_mask, positions = None, torch.arange(total, device=input_ids.device).expand(b, total)
+            visible = torch.ones(b, total, dtype=torch.bool, device=input_ids.device)
         else:
             prefix_mask, positions = attention_mask[:, :n], position_ids_from_mask(attention_mask)
-        positions, last = positions[:, :n], positions[:, n:]
+            visible = attention_mask
+        positions, tail_positions = positions[:, :n], positions[:, n:]
         rope = rope_tables(model.base, positions, cache.key_arena.dtype)  # once for every group
         cache.reset()
-        self.step.start(input_ids[:, -1:], last, n, prefix_mask)
+        self.step.load(input_ids[:, n:], tail_positions, n, visible)
         keys_out, values_out = cache.slices(n)
         main = torch.cuda.current_stream(model.device) if self.side is not None else None
         if self.side is not None:
-            self.side.wait_stream(main)  # the step's inputs, written by `start`
+            self.side.wait_stream(main)  # the step's inputs, written by `load`
         pending = iter(enumerate(self.groups))
 
         def tap_out(tap: int, key_x: torch.Tensor, value_x: torch.Tensor) -> None:
@@ -136,7 +140,7 @@ class PipelinedPrefill:
             model.run_aux(input_ids[:, :n], prefix_mask, None if prefix_mask is None else positions)
         if self.side is not None:
             main.wait_stream(self.side)
-        cache.set_length(n)
+        cache.set_length(total - 1)  # as the plain path leaves it: the tail's last column is the step's to advance
         return self.step.token
 
 

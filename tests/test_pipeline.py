@@ -30,13 +30,18 @@ def test_a_groups_keys_and_values_are_the_predictors_for_those_layers(rank):
         torch.testing.assert_close(got_values, values[layers.start:layers.stop])
 
 
-def plain_first_token(model: KVPredictionModel, ids: torch.Tensor, mask: torch.Tensor | None = None
+def plain_first_token(model: KVPredictionModel, ids: torch.Tensor, mask: torch.Tensor | None = None, tail: int = 1
                       ) -> tuple[torch.Tensor, torch.Tensor, tuple]:
+    """The first token, its logits [B, 1, V] and the cache's keys and values as predicted mode's plain path gives them:
+    the predicted prefix, then the base's eager forward over the tail."""
     cache = model.new_cache(ids.shape[0], ids.shape[1] + 8)
-    model.predict_into(cache, ids, mask)
-    step = EagerStep(model, cache)
-    n = ids.shape[1] - 1
+    model.predict_into(cache, ids, mask, exact_tail=tail)
     positions = position_ids_from_mask(torch.ones_like(ids) if mask is None else mask)
+    n = ids.shape[1] - 1
+    if tail > 1:
+        model.base.model(input_ids=ids[:, -tail:-1], attention_mask=None if mask is None else mask[:, :-1],
+                         position_ids=positions[:, -tail:-1], past_key_values=cache, use_cache=True)
+    step = EagerStep(model, cache)
     step.start(ids[:, -1:], positions[:, -1:], n, None if mask is None else mask[:, :-1])
     token = step()
     return token, step.logits, cache.slices(n + 1)
@@ -45,16 +50,17 @@ def plain_first_token(model: KVPredictionModel, ids: torch.Tensor, mask: torch.T
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("source", ["kv", "hidden"])
 @pytest.mark.parametrize("padded", [False, True])
-def test_the_pipelined_first_token_and_cache_are_the_plain_paths(arch, source, padded, tiny_models):
+@pytest.mark.parametrize("tail", [1, 4])
+def test_the_pipelined_first_token_and_cache_are_the_plain_paths(arch, source, padded, tail, tiny_models):
     model = KVPredictionModel.from_pretrained(tiny_models[arch], keep_layers=[0, 2], source=source)
     ids = torch.randint(3, 259, (2, 19), generator=torch.Generator().manual_seed(1))
     mask = None
     if padded:  # the first row is 6 tokens shorter, left-padded
         mask = torch.ones_like(ids)
         mask[0, :6] = 0
-    token, logits, (keys, values) = plain_first_token(model, ids, mask)
+    token, logits, (keys, values) = plain_first_token(model, ids, mask, tail)
     cache = model.new_cache(2, ids.shape[1] + 8)
-    pipelined = PipelinedPrefill(model, cache)
+    pipelined = PipelinedPrefill(model, cache, tail)
     assert len(pipelined.groups) == len(set(model.predictor.config.layer_map)) > 1
     seen = torch.ones_like(ids) if mask is None else mask  # the columns each row attends to: not its padding
     seen = seen.bool()[None, :, None, :, None].expand_as(keys)  # as the cache's [L, B, H, T, D]
@@ -66,8 +72,8 @@ def test_the_pipelined_first_token_and_cache_are_the_plain_paths(arch, source, p
         torch.testing.assert_close(got_keys[seen], keys[seen], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(got_values[seen], values[seen], atol=1e-5, rtol=1e-5)
         assert cache.get_seq_length() == ids.shape[1] - 1  # as predict_into leaves it; the step wrote the next column
-    with pytest.raises(ValueError, match="at least 2 tokens"):  # nothing for the auxiliary: no tap starts the step
-        pipelined(ids[:, :1])
+    with pytest.raises(ValueError, match="longer than its exact tail"):  # nothing for the auxiliary: no tap starts it
+        pipelined(ids[:, :tail])
 
 
 def test_the_base_runs_in_its_own_dtype_beside_a_bf16_auxiliary(tiny_llama):
@@ -119,7 +125,7 @@ def test_generate_runs_the_first_step_pipelined_once_its_shape_is_captured(tiny_
     monkeypatch.setattr(model, "pipelined_first_step", True)
     assert torch.equal(model.generate(one, mode="predicted", max_new_tokens=4), expected)
     made = {batch for (batch, _), pooled in model._steps.entries.items()
-            if isinstance(pooled.pipeline, PipelinedPrefill)}
+            if isinstance(pooled.pipelines.get(1), PipelinedPrefill)}
     assert made == {1, 2}  # the batch of one and the padded batch of two ran pipelined
 
 
@@ -127,4 +133,19 @@ def test_generate_runs_the_first_step_pipelined_once_its_shape_is_captured(tiny_
 def test_warming_up_makes_each_shapes_pipelined_first_step(tiny_llama):
     model = KVPredictionModel.from_pretrained(tiny_llama, keep_layers=[0, 2], source="hidden", device="cuda")
     assert model.warm_up((100, 300)) == [256, 512]
-    assert all(isinstance(pooled.pipeline, PipelinedPrefill) for pooled in model._steps.entries.values())
+    assert all(isinstance(pooled.pipelines.get(1), PipelinedPrefill) for pooled in model._steps.entries.values())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs and streams need a GPU")
+def test_generate_pipelines_a_longer_exact_tail_too(tiny_llama, monkeypatch):
+    model = KVPredictionModel.from_pretrained(tiny_llama, keep_layers=[0, 2], source="hidden", device="cuda")
+    batch = torch.randint(3, 259, (2, 30), device="cuda", generator=torch.Generator("cuda").manual_seed(4))
+    mask = torch.ones_like(batch)
+    mask[1, :27] = 0  # left-padded to 3 tokens: shorter than the tail
+    monkeypatch.setattr(model, "pipelined_first_step", False)
+    plain = model.generate(batch, mask, mode="predicted", exact_tail=6, max_new_tokens=8)
+    monkeypatch.setattr(model, "pipelined_first_step", True)
+    for _ in range(2):
+        assert torch.equal(model.generate(batch, mask, mode="predicted", exact_tail=6, max_new_tokens=8), plain)
+    (pooled,) = model._steps.entries.values()
+    assert isinstance(pooled.pipelines.get(6), PipelinedPrefill)
