@@ -55,6 +55,7 @@
 #   stage equalflops (after a, a2 and a3; carry .carry/g4) exact tail vs truncation at equal FLOPs, 512-2048-token prompts
 #   stage evalfull (after a, a2 and a3; carry .carry/g4 .carry/data) the shipped default on every item of every task
 #   stage generate (after a, a2 and a3; carry .carry/g4) generate() on CUDA-graph steps vs transformers' loop, timed and compared
+#   stage generatetail (after a, a2 and a3; carry .carry/g4) generate() with the pipeline on and off, exact tails 6 and 1
 #   stage evalpair (after `ROUND=solo ... wait`) the shipped default and the solo run on the same 800 items, paired
 #   stage evalcopy (after `ROUND=solo SOLO=copy ... wait`, the solo run with SOLO_FLAGS="--exact-self --copy-spans
 #                0.25") agreement, held-out loss, LAMBADA and pass-key retrieval of both models, paired
@@ -283,6 +284,14 @@ generatepipe)  # after a, a2 and a3 (carry .carry/g4): the shipped default's gen
   assemble_model || exit 1
   python3 benchmarks/generate_ttft.py --model smollm2-135m --device cuda --prompt-lens 512,2048,8000 --batch 1 \
     --compare pipeline --repeats 9 --new-tokens 9 --out $OUT/generate_gpu_shipped_pipeline.md 2>&1 | grep "^| [0-9]"
+  ;;
+generatetail)  # after a, a2 and a3 (carry .carry/g4): the same with the chat template's 6-token reply opening as tail
+  assemble_model || exit 1
+  for tail in 6 1; do
+    python3 benchmarks/generate_ttft.py --model smollm2-135m --device cuda --prompt-lens 128,512,2048 --batch 1 \
+      --compare pipeline --exact-tail $tail --repeats 15 --new-tokens 9 \
+      --out $OUT/generate_shipped_tail$tail.md 2>&1 | grep "^| [0-9]"
+  done
   ;;
 generate)  # after a, a2 and a3 (carry .carry/g4): the shipped default's generate() on CUDA-graph steps vs transformers' loop
   assemble_model || exit 1
