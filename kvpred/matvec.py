@@ -10,8 +10,10 @@ a matrix-matrix product is what runs, so those keep it. SmolLM2's CPU step takes
 
 Attention: with one bf16 query per row, transformers' SDPA on the CPU took 4x longer than SDPA with the query heads
 that share a KV head passed as that head's queries (0.58 against 0.15 ms per SmolLM2 layer over 1024 cached tokens;
-the outputs differ by bf16 rounding at most), so one-query forwards of half-precision models attend that way
-(benchmarks/results/cpu_bf16_step). In fp32, and with several queries, SDPA as transformers calls it was as fast.
+the outputs differ by bf16 rounding at most), so one-query forwards attend that way (benchmarks/results/cpu_bf16_step).
+In fp32 the gain is small: SmolLM2's eager step took 0.3-0.65 ms less of 34-39 ms at 512-2048 cached tokens, paired in
+one process (benchmarks/results/matvec/step_attention_fp32_cpu.txt). With several queries, SDPA as transformers calls
+it was as fast.
 """
 from __future__ import annotations
 
@@ -26,7 +28,6 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
 ATTENTION = "kvpred_cpu"  # the attention implementation name `use_blocked_matvec` gives a model
-HALF = (torch.bfloat16, torch.float16)
 MAX_ROWS = 16  # up to this many rows (batch x tokens) the blocked product was faster (fp32, 2 cores)
 
 
@@ -53,13 +54,13 @@ def _threads() -> int:
 
 def use_blocked_matvec(model: nn.Module) -> None:
     """Route `model`'s few-row fp32 linear layers on a CPU through the blocked product (module by module: names,
-    weights and hooks are unchanged, and every other call still goes to F.linear); a half-precision model's SDPA
-    attention goes through `sdpa`."""
+    weights and hooks are unchanged, and every other call still goes to F.linear); its SDPA attention goes through
+    `sdpa`."""
     for module in model.modules():
         if type(module) is nn.Linear:
             module.forward = types.MethodType(_forward, module)
     config = getattr(model, "config", None)
-    if config is not None and config._attn_implementation == "sdpa" and model.dtype in HALF:
+    if config is not None and config._attn_implementation == "sdpa":
         AttentionInterface.register(ATTENTION, sdpa)
         ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION, sdpa_mask)
         config._attn_implementation = ATTENTION
@@ -67,13 +68,13 @@ def use_blocked_matvec(model: nn.Module) -> None:
 
 def sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
          attention_mask: torch.Tensor | None, scaling: float | None = None, **kwargs) -> tuple[torch.Tensor, None]:
-    """transformers' SDPA attention; a single half-precision query per row on a CPU runs with the query heads of each
-    KV head as that head's queries (the same arithmetic, up to rounding). query [B, Hq, Q, D], key/value
-    [B, Hkv, T, D]; returns [B, Q, Hq, Dv]."""
+    """transformers' SDPA attention; a single query per row on a CPU runs with the query heads of each KV head as
+    that head's queries (the same arithmetic, up to rounding). query [B, Hq, Q, D], key/value [B, Hkv, T, D];
+    returns [B, Q, Hq, Dv]."""
     b, hq, q_len, d = query.shape
     hkv = key.shape[1]
-    if (q_len != 1 or query.device.type != "cpu" or query.dtype not in HALF
-            or module.training or (attention_mask is not None and attention_mask.dtype != torch.bool)):
+    if (q_len != 1 or query.device.type != "cpu" or module.training
+            or (attention_mask is not None and attention_mask.dtype != torch.bool)):
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
     mask = None if attention_mask is None else attention_mask.expand(b, 1, hq // hkv, key.shape[2])
     out = F.scaled_dot_product_attention(query.view(b, hkv, hq // hkv, d), key, value, attn_mask=mask, scale=scaling)

@@ -6,6 +6,7 @@ import dataclasses
 import pytest
 import torch
 
+from kvpred import matvec
 from kvpred.decoding import EagerStep
 from kvpred.deferred import PendingValues, deferred_values
 from kvpred.generation import encode_prompts
@@ -46,7 +47,7 @@ def test_first_forward_and_finished_cache_match_the_plain_path(tiny_models, arch
             assert model.base.config._attn_implementation == "kvpred_deferred"
         real = mask[:, -tail:].bool()  # a padded query's logits are whatever each kernel makes of seeing nothing
         torch.testing.assert_close(got[real], want[real], atol=1e-5, rtol=1e-4)
-        assert model.base.config._attn_implementation == "sdpa"  # restored
+        assert model.base.config._attn_implementation == matvec.ATTENTION  # restored
         columns = mask.bool()  # [B, T]: the cache's real columns, [B, H, T, D] transposed
         for mine, theirs in zip(deferred.layers, plain.layers):  # the context's end wrote the pending values
             for part in ("keys", "values"):
@@ -91,7 +92,7 @@ def test_generate_defers_and_matches_the_plain_cache(tiny_llama, monkeypatch):
                                eos_token_id=None, pad_token_id=model.tokenizer.pad_token_id,
                                **cache_kwargs(model.base, plain))
     assert torch.equal(got, want)
-    assert model.base.config._attn_implementation == "sdpa"
+    assert model.base.config._attn_implementation == matvec.ATTENTION
 
 
 @pytest.mark.parametrize("kind", ["kv", "rank"])

@@ -1,6 +1,6 @@
 """Specification of kvpred.matvec: few-row fp32 linear layers on a CPU give F.linear's results through the blocked
-matrix-vector product; everything else is F.linear itself. One half-precision query per row attends with the query
-heads of each KV head as its queries, with transformers' SDPA result up to rounding."""
+matrix-vector product; everything else is F.linear itself. One query per row attends with the query heads of each
+KV head as its queries, with transformers' SDPA result up to rounding."""
 import pytest
 import torch
 from torch import nn
@@ -90,19 +90,20 @@ def test_one_query_attention_gives_sdpas_result(dtype, masked):
     torch.testing.assert_close(got, expected)  # bf16: within 1.6% or 1e-5
 
 
-def test_the_folded_attention_runs_only_for_one_half_precision_query(monkeypatch):
+def test_the_folded_attention_runs_only_for_one_query(monkeypatch):
     calls = []
     monkeypatch.setattr(matvec, "sdpa_attention_forward", lambda *a, **k: calls.append(a[1].shape[2]) or (None, None))
-    for dtype, queries in ((torch.float32, 1), (torch.bfloat16, 2), (torch.bfloat16, 1)):
+    for dtype, queries in ((torch.float32, 1), (torch.bfloat16, 2), (torch.bfloat16, 1), (torch.float32, 3)):
         kv = torch.randn(1, 2, 8, 16, dtype=dtype)
         matvec.sdpa(attention_layer(), torch.randn(1, 6, queries, 16, dtype=dtype), kv, kv, None)
-    assert calls == [1, 2]  # fp32 and several queries go to SDPA as they are
+    assert calls == [2, 3]  # several queries go to SDPA as they are
 
 
-def test_a_half_precision_model_on_a_cpu_decodes_as_with_sdpa(tiny_llama):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_a_model_on_a_cpu_decodes_as_with_sdpa(tiny_llama, dtype):
     from kvpred.model import KVPredictionModel
 
-    model = KVPredictionModel.from_pretrained(tiny_llama, keep_ratio=0.5, dtype=torch.bfloat16)
+    model = KVPredictionModel.from_pretrained(tiny_llama, keep_ratio=0.5, dtype=dtype)
     assert model.base.config._attn_implementation == model.aux.config._attn_implementation == matvec.ATTENTION
     ids = torch.randint(3, 200, (2, 12))
     mask = torch.ones_like(ids)
