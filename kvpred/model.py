@@ -17,7 +17,7 @@ from transformers import AttentionInterface, DynamicCache, GenerationConfig, Pre
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from . import lora, models
-from .models import KVPredError, context_limit, sliding_window
+from .models import KVPredError, sliding_window
 from .decoding import (StepPool, capacity_bucket, eos_token_ids, generate_with_steps, pad_id, with_stop_strings,
                        without_cudnn_attention)
 from .deferred import PendingValues, deferred_values
@@ -150,6 +150,9 @@ class KVPredictionModel(nn.Module):
         self._compiled_write: Callable | None = None  # see compile_predictor
         self.compiled_step: Callable | None = None  # see compile_step
         self._steps = StepPool()  # generate's caches and CUDA-graph steps, per batch size and capacity
+        # Sliding attention windows of base and auxiliary (None: full attention), fixed with the architecture. Asking
+        # transformers takes ~0.3 ms per config, too long for `context_length`, which every request reads.
+        self.sliding_windows = (sliding_window(base.config), sliding_window(aux.config))
         attn = base.model.layers[0].self_attn
         self.base_kv_heads = base.config.num_key_value_heads
         self.base_head_dim = attn.head_dim
@@ -272,8 +275,11 @@ class KVPredictionModel(nn.Module):
 
     @property
     def context_length(self) -> int:
-        """The longest prompt + new tokens accepted: the shorter of base's and auxiliary's `context_limit`."""
-        return min(context_limit(self.base.config), context_limit(self.aux.config))
+        """The longest prompt + new tokens accepted: the base's and auxiliary's position limits, and their sliding
+        windows where they have one. kvpred's caches keep every column and its captured steps attend to all of them,
+        so a sliding-window model runs only sequences its window covers, where sliding and full attention agree."""
+        limits = [self.base.config.max_position_embeddings, self.aux.config.max_position_embeddings]
+        return min(limits + [window for window in self.sliding_windows if window is not None])
 
     @property
     def chat_tail(self) -> int:
@@ -570,7 +576,7 @@ class KVPredictionModel(nn.Module):
             raise KVPredError(f"token ids must lie in [0, {vocab}), got {input_ids.min()}..{input_ids.max()}")
         longest = input_ids.shape[1] + max_new_tokens
         if longest > self.context_length:
-            windowed = self.context_length in (sliding_window(self.base.config), sliding_window(self.aux.config))
+            windowed = self.context_length in self.sliding_windows
             why = " (the sliding attention window: kvpred runs only sequences the window covers)" if windowed else ""
             raise KVPredError(f"prompt of {input_ids.shape[1]} tokens + {max_new_tokens} new tokens exceeds the "
                               f"context limit of {self.context_length} tokens{why}")

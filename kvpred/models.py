@@ -176,14 +176,6 @@ def sliding_window(config) -> int | None:
     return None
 
 
-def context_limit(config) -> int:
-    """The longest sequence kvpred runs through a model: its position limit, or its sliding window if shorter.
-    kvpred's caches keep every column and its captured steps attend to all of them, so a sliding-window model is
-    run only where the window covers the whole sequence, and sliding and full attention agree."""
-    window = sliding_window(config)
-    return min(config.max_position_embeddings, window or config.max_position_embeddings)
-
-
 def check_same_tokenizer(base: PreTrainedTokenizerBase, aux: PreTrainedTokenizerBase, aux_name: str) -> None:
     """KVP-C reads the base's tokens with the auxiliary, so both must split text into the very same ids."""
     if base.get_vocab() != aux.get_vocab():
