@@ -64,28 +64,36 @@ class EagerStep:
         self.mask[rows, -1] = True
 
 
-class StepInputs:
-    """What a captured one-token step reads and advances in place: token ids and positions [B, 1], the cache column
-    `slot` it writes, and `mask` [B, 1, 1, capacity] of the columns each row sees. GraphStep and
-    kvpred.pipeline.GroupedStep hold them."""
+class GraphStep:
+    """The same step with fixed shapes (KVPredictionModel.static_step: the whole buffer under a mask), captured once
+    as a CUDA graph on a GPU. It reads token ids and positions [B, 1], the cache column `slot` it writes, and `mask`
+    [B, 1, 1, capacity] of the columns each row sees; replays write the token's K/V at `slot`, then advance ids,
+    positions and slot. Capturing runs the step three times at the cache's last column, seeing only column 0, so a
+    cache in use keeps its entries (`start` comes before that last column is reached). On a CPU nothing is captured:
+    each call runs the compiled forward (`KVPredictionModel.compile_step`, which fixed shapes keep from recompiling)."""
 
-    def __init__(self, batch: int, capacity: int, device: torch.device):
+    @torch.no_grad()
+    def __init__(self, model, cache):
+        from .model import cache_kwargs
+
+        self.forward = model.compiled_step or model.base
+        self.static_step = lambda: model.static_step(cache, self.slot)
+        self.cache_kw, self.cache = cache_kwargs(model.base, cache), cache
+        batch, capacity, device = cache.key_arena.shape[1], cache.capacity, model.device
         self.ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.positions = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.slot = torch.zeros(1, dtype=torch.long, device=device)
         self.mask = torch.zeros(batch, 1, 1, capacity, dtype=torch.bool, device=device)  # [B, 1, q=1, capacity]
 
-    def warm_up(self) -> None:
-        """Before each warm-up run of a capture: the run writes the last column (and advances the slot), and no row
-        sees nothing (NaN)."""
-        self.slot.fill_(self.mask.shape[-1] - 1)
-        self.mask[..., 0] = True
+        def warm_up() -> None:
+            self.slot.fill_(capacity - 1)  # each run writes there (and advances the slot)
+            self.mask[..., 0] = True  # no row sees nothing (NaN)
 
-    def advance(self, token: torch.Tensor) -> None:
-        """After a step: feed `token` [B] next, one position and one column on."""
-        self.ids.copy_(token[:, None])
-        self.positions.add_(1)
-        self.slot.add_(1)
+        self.graph = None
+        if device.type == "cuda":
+            with self.static_step():
+                self.graph = _capture(self._body, device, warm_up)
+            self.token, self.logits = self.captured
 
     def start(self, ids: torch.Tensor, positions: torch.Tensor, slot: int, visible: torch.Tensor | None = None) -> None:
         self.ids.copy_(ids)
@@ -97,34 +105,14 @@ class StepInputs:
         else:
             self.mask[:, 0, 0, :slot] = visible.bool()
 
-
-class GraphStep(StepInputs):
-    """The same step with fixed shapes (KVPredictionModel.static_step: the whole buffer under a mask), captured once
-    as a CUDA graph on a GPU. Replays write the token's K/V at `slot`, then advance ids, positions and slot.
-    Capturing runs the step three times at the cache's last column, seeing only column 0, so a cache in use
-    keeps its entries (`start` comes before that last column is reached). On a CPU nothing is captured: each call
-    runs the compiled forward (`KVPredictionModel.compile_step`, which fixed shapes keep from recompiling)."""
-
-    @torch.no_grad()
-    def __init__(self, model, cache):
-        from .model import cache_kwargs
-
-        self.forward = model.compiled_step or model.base
-        self.static_step = lambda: model.static_step(cache, self.slot)
-        self.cache_kw, self.cache = cache_kwargs(model.base, cache), cache
-        super().__init__(cache.key_arena.shape[1], cache.capacity, model.device)
-        self.graph = None
-        if model.device.type == "cuda":
-            with self.static_step():
-                self.graph = _capture(self._body, model.device, self.warm_up)
-            self.token, self.logits = self.captured
-
     def _body(self) -> None:
         self.mask.index_fill_(3, self.slot, True)
         logits = self.forward(input_ids=self.ids, position_ids=self.positions, attention_mask=self.mask,
                            use_cache=True, logits_to_keep=1, **self.cache_kw).logits  # [B, 1, V]
         token = logits[:, -1].argmax(-1)
-        self.advance(token)
+        self.ids.copy_(token[:, None])
+        self.positions.add_(1)
+        self.slot.add_(1)
         self.captured = token, logits  # inside the capture: the graph's output tensors
 
     def __call__(self) -> torch.Tensor:
