@@ -94,7 +94,7 @@ class PipelinedPrefill:
         groups = layer_groups(model.predictor.config.layer_map)
         if groups is None:
             raise ValueError("the layer map goes back to an earlier tap; the step cannot run tap by tap")
-        self.model, self.cache, self.groups, self.tail = model, cache, groups, tail
+        self.model, self.cache, self.groups = model, cache, groups
         self.step = GroupedStep(model, cache, [layers for _, layers in groups], tail)
         self.side = torch.cuda.Stream(model.device) if model.device.type == "cuda" else None
 
@@ -103,9 +103,9 @@ class PipelinedPrefill:
         """`attention_mask` [B, N] of a left-padded batch; None for an unpadded one (no host-device syncs)."""
         model, cache = self.model, self.cache
         b, total = input_ids.shape
-        n = total - self.tail  # the predicted prefix
+        n = total - self.step.width  # the predicted prefix
         if n < 1:  # no prefix: the auxiliary has nothing to run, so no tap would start the step
-            raise ValueError(f"a pipelined first step needs a prompt longer than its exact tail of {self.tail}")
+            raise ValueError(f"a pipelined first step needs a prompt longer than its exact tail of {self.step.width}")
         if attention_mask is None:
             prefix_mask, positions = None, torch.arange(total, device=input_ids.device).expand(b, total)
             visible = torch.ones(b, total, dtype=torch.bool, device=input_ids.device)
