@@ -62,13 +62,24 @@ def _refuse_eval_data(path: Path, source: str) -> None:
                           "folder); never train or calibrate on the evaluation sets: pass text from elsewhere")
 
 
-def _walk(root: Path) -> list[Path]:
-    """Files under `root` with a known suffix, in sorted order; hidden folders and __pycache__ are skipped."""
+def _walk(root: Path, suffixes: tuple[str, ...]) -> list[Path]:
+    """Files under `root` with one of `suffixes`, in sorted order; hidden folders and __pycache__ are skipped."""
     found = []
     for folder, dirs, files in os.walk(root):
         dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d != "__pycache__")
-        found += [Path(folder) / f for f in sorted(files) if f.endswith(SUFFIXES)]
+        found += [Path(folder) / f for f in sorted(files) if f.endswith(suffixes)]
     return found
+
+
+def find_files(source: str, suffixes: tuple[str, ...]) -> list[Path]:
+    """The files `source` names: itself if it is a file, the files with one of `suffixes` under it if it is a
+    folder (walked recursively), or those a glob matches (folders among them walked); [] if there are none."""
+    if glob.has_magic(source):
+        matches = [Path(m) for m in sorted(glob.glob(source, recursive=True))]
+        return [f for m in matches for f in (_walk(m, suffixes) if m.is_dir() else [m] if m.name.endswith(suffixes)
+                                             else [])]
+    path = Path(source)
+    return _walk(path, suffixes) if path.is_dir() else [path] if path.is_file() else []
 
 
 def _file_order_key(path: Path) -> str:
@@ -83,18 +94,11 @@ def expand_source(source: str, exclude: Sequence[str] = (), shuffle: bool = Fals
     patterns tested against each file's full path (e.g. "*/tests/*").
     """
     _refuse_eval_data(Path(source), source)
-    if glob.has_magic(source):
-        matches = [Path(m) for m in sorted(glob.glob(source, recursive=True))]
-        files = [f for m in matches for f in (_walk(m) if m.is_dir() else [m] if m.name.endswith(SUFFIXES) else [])]
-    elif Path(source).is_dir():
-        files = _walk(Path(source))
-    elif Path(source).is_file():
-        if not source.endswith(SUFFIXES):
-            raise KVPredError(f"source {source!r} is not a {'/'.join(SUFFIXES)} file")
-        files = [Path(source)]
-    else:
+    if not glob.has_magic(source) and not Path(source).exists():
         raise KVPredError(f"source {source!r} does not exist")
-    files = [f for f in files if not any(fnmatch.fnmatch(f.as_posix(), pat) for pat in exclude)]
+    if Path(source).is_file() and not source.endswith(SUFFIXES):
+        raise KVPredError(f"source {source!r} is not a {'/'.join(SUFFIXES)} file")
+    files = [f for f in find_files(source, SUFFIXES) if not any(fnmatch.fnmatch(f.as_posix(), pat) for pat in exclude)]
     if not files:
         raise KVPredError(f"source {source!r} matches no {'/'.join(SUFFIXES)} files"
                           + (f" outside the excluded patterns {list(exclude)}" if exclude else ""))

@@ -9,7 +9,6 @@ the last 1/r of the prompt tokens, r = the TTFT FLOPs reduction of the model: an
 """
 from __future__ import annotations
 
-import glob
 import gzip
 import json
 import math
@@ -31,12 +30,14 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from .data import find_files
 from .generation import chat_prompts, cut_at_stop
 from .model import position_ids_from_mask
 from .models import KVPredError
 from .rope import rope_tables, unrotate
 
 MODES = ("exact", "aux", "predicted", "truncate")
+DATA_SUFFIXES = (".txt", ".jsonl", ".jsonl.gz")  # what a task path may hold
 Unit = tuple[str, dict]  # (key within the task, payload)
 
 
@@ -150,9 +151,7 @@ def detect_kind(path: str) -> str:
 
 def _expand(path: str) -> list[str]:
     """The data files of a file, a glob or a folder (its .txt, .jsonl and .jsonl.gz files, recursively)."""
-    if Path(path).is_dir():
-        return sorted(str(f) for f in Path(path).rglob("*") if f.name.endswith((".txt", ".jsonl", ".jsonl.gz")))
-    return sorted(glob.glob(path)) if any(c in path for c in "*?[") else ([path] if Path(path).is_file() else [])
+    return [str(f) for f in find_files(path, DATA_SUFFIXES)]
 
 
 def read_jsonl(path: str) -> Iterator[dict]:

@@ -46,7 +46,8 @@ def test_cli_writes_table_and_files(tiny_path, tmp_path):
     assert sorted((int(r["batch"]), int(r["prompt_len"])) for r in rows) == [(1, 8), (1, 24), (2, 8), (2, 24)]
     for r in rows:
         for key in ("exact_ms", "aux_ms", "pred_ms", "pred_aux_ms", "decode_exact_tok_s", "decode_pred_tok_s",
-                    "flop_ratio_params", "flop_ratio_full", "mem_pred_gib"):
+                    "first_step_exact_ms", "first_step_pred_ms", "flop_ratio_params", "flop_ratio_full",
+                    "predictor_flops_pct", "mem_pred_gib"):
             assert float(r[key]) > 0, key
         assert float(r["pred_p10_ms"]) <= float(r["pred_ms"]) <= float(r["pred_p90_ms"])
         assert abs(float(r["speedup"]) - float(r["exact_ms"]) / float(r["pred_ms"])) < 0.01 * float(r["speedup"])
@@ -119,6 +120,13 @@ def test_cli_rejects_prompts_over_the_context(tiny_path, tmp_path, capsys):
                    "--out", str(tmp_path)])
     assert rc == 2
     assert "do not fit" in capsys.readouterr().err
+
+
+def test_cli_needs_two_decode_tokens_to_time_the_first_step_apart(tiny_path, tmp_path, capsys):
+    rc = cli_main(["bench", "ttft", "--model", str(tiny_path), "--device", "cpu", "--prompt-lens", "8",
+                   "--decode-tokens", "1", "--out", str(tmp_path)])
+    assert rc == 2
+    assert "--decode-tokens must be at least 2" in capsys.readouterr().err
 
 
 def test_without_prompt_lens_the_default_lengths_that_fit_the_context_are_timed(tiny_path, tmp_path):
@@ -364,7 +372,10 @@ def test_graph_step_matches_the_eager_step(tmp_path):
 
 def test_efficiency_targets_say_when_no_prompt_was_long_enough_to_judge_them():
     row = {"prompt_len": 128, "eff_params": 2.0, "eff_full": 0.5, "predictor_write_pct": 2.0,
-           "decode_pred_vs_exact": 1.0}
+           "predictor_flops_pct": 1.5, "decode_pred_vs_exact": 1.0, "first_step_exact_ms": 3.0,
+           "first_step_pred_ms": 4.5}
     lines = bench.targets([row])
     assert all("not measured (no prompt that long)" in line for line in lines[:2])
     assert "1/1 rows" in bench.targets([{**row, "prompt_len": 2048}])[0]
+    assert "FLOPs, its floor at equal efficiency, is 1.5%" in lines[2]
+    assert "the first step takes 1.5 ms more" in lines[3]
