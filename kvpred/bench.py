@@ -585,10 +585,9 @@ def targets(rows: list[dict]) -> list[str]:
 
 
 def _range(values: Iterable[float]) -> str:
-    values = sorted(values)
-    if not values:
-        return "-"
-    return f"{values[0]:.1f}" if values[0] == values[-1] else f"{values[0]:.1f}-{values[-1]:.1f}"
+    """"lo to hi" of `values` to one decimal, or the one value they all round to."""
+    shown = sorted({f"{v:.1f}" for v in values}, key=float)
+    return "-" if not shown else shown[0] if len(shown) == 1 else f"{shown[0]} to {shown[-1]}"
 
 
 def summary_table(rows: list[dict]) -> str:
