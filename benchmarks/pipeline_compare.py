@@ -40,6 +40,7 @@ def compare(shape: str, lengths: list[int], args) -> list[str]:
 def time_length(model, shape: str, n: int, args) -> str:
     cache = model.new_cache(1, -(-(n + 8) // 64) * 64)
     step, pipelined = GraphStep(model, cache), PipelinedPrefill(model, cache)
+    urgent = None if args.priority is None else PipelinedPrefill(model, cache, priority=args.priority)
     last = torch.full((1, 1), n - 1, device="cuda")
 
     def plain(ids: torch.Tensor) -> torch.Tensor:
@@ -49,10 +50,12 @@ def time_length(model, shape: str, n: int, args) -> str:
 
     runs = {"exact": lambda ids: model.prefill_into(cache, ids, mode="exact")[:, -1].argmax(-1),
             "plain": plain, "pipelined": pipelined}
+    if urgent is not None:
+        runs["urgent"] = urgent
     times: dict[str, list[float]] = {name: [] for name in runs}
     same = 0
     for r in range(args.warmup + args.repeats):
-        order = list(runs)[r % 3:] + list(runs)[:r % 3]
+        order = list(runs)[r % len(runs):] + list(runs)[:r % len(runs)]
         ids = prompts(model.base.config.vocab_size, 1, n, torch.device("cuda"), args.seed, shape, n, r)
         tokens = {}
         for name in order:
@@ -63,9 +66,13 @@ def time_length(model, shape: str, n: int, args) -> str:
                 times[name].append(1e3 * (time.perf_counter() - start))
         same += r >= args.warmup and torch.equal(tokens["plain"], tokens["pipelined"])
     exact, plain_ms, piped = (statistics.median(times[k]) for k in ("exact", "plain", "pipelined"))
-    return (f"| {shape} | {model.predictor.config.source} | {n} | {quantiles(times['exact'])} | "
+    line = (f"| {shape} | {model.predictor.config.source} | {n} | {quantiles(times['exact'])} | "
             f"{quantiles(times['plain'])} | {quantiles(times['pipelined'])} | {exact / plain_ms:.2f} | "
             f"{exact / piped:.2f} | {piped / plain_ms:.3f} | {len(pipelined.groups)} | {same}/{args.repeats} |")
+    if urgent is not None:
+        fast = statistics.median(times["urgent"])
+        line += f" {quantiles(times['urgent'])} | {exact / fast:.2f} | {fast / piped:.3f} |"
+    return line
 
 
 def main() -> None:
@@ -78,6 +85,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--priority", type=int, default=None,
+                        help="also time the pipeline with its step's stream at this CUDA priority (e.g. -1, "
+                             "higher than the default pipeline's and the auxiliary's 0)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     head = [f"{torch.cuda.get_device_name()}, bf16, batch 1, random-weight timing models, KVP-LP keeping "
@@ -85,7 +95,10 @@ def main() -> None:
             + (f" (rank {args.predictor_rank})" if args.predictor_rank else "")
             + f"; torch {torch.__version__}; ms, median [p10-p90] of {args.repeats} prompts per path, in turns", "",
             "| shape | input | N | exact | predicted, plain | predicted, pipelined | speedup, plain | pipelined "
-            "| pipelined / plain | groups | same token |", "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
+            "| pipelined / plain | groups | same token |"
+            + (f" pipelined, step at priority {args.priority} | its speedup | its time / pipelined |"
+               if args.priority is not None else ""),
+            "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|" + ("--:|--:|--:|" if args.priority is not None else "")]
     print("\n".join(head), flush=True)
     lines = head + [line for shape in args.shapes.split(",")
                     for line in compare(shape, [int(n) for n in args.prompt_lens.split(",")], args)]

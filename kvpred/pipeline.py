@@ -90,13 +90,15 @@ class PipelinedPrefill:
     default) pipelined behind the auxiliary (see the module docstring). `__call__(input_ids, attention_mask)` fills
     `cache` as `predict_into` and the tail's forward do, and returns the first token's ids [B]."""
 
-    def __init__(self, model: KVPredictionModel, cache: BufferCache, tail: int = 1):
+    def __init__(self, model: KVPredictionModel, cache: BufferCache, tail: int = 1, priority: int = 0):
+        """`priority`: the CUDA priority of the step's stream (lower runs first; the auxiliary's stream has 0). A
+        higher one made no measurable difference on an H100 (benchmarks/results/h100/pipeline_priority)."""
         groups = layer_groups(model.predictor.config.layer_map)
         if groups is None:
             raise ValueError("the layer map goes back to an earlier tap; the step cannot run tap by tap")
         self.model, self.cache, self.groups = model, cache, groups
         self.step = GroupedStep(model, cache, [layers for _, layers in groups], tail)
-        self.side = torch.cuda.Stream(model.device) if model.device.type == "cuda" else None
+        self.side = torch.cuda.Stream(model.device, priority=priority) if model.device.type == "cuda" else None
 
     @torch.no_grad()
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
