@@ -165,6 +165,14 @@ serve)  # after a, a2 and a3 (carry .carry/g4 .carry/serve): the server on the G
       $flags 2>&1 | grep -v "Warn\|Loading" | tee -a $OUT/serve_gpu.txt
   done
   ;;
+serveone)  # after a, a2 and a3 (carry .carry/g4 .carry/serve): lone requests through the server, continuous batching on/off
+  assemble_model || exit 1
+  python3 -m pip install -q --no-index --no-deps --target "$SITE" .carry/serve/*.whl
+  for flags in "" "--no-continuous-batching"; do
+    python3 benchmarks/serve_bench.py --device cuda --dtype bfloat16 --prompt-tokens 512 --requests 24 --concurrency 1 \
+      --max-tokens 32 $flags 2>&1 | grep -v "Warn\|Loading" | tee -a $OUT/serve_one.txt
+  done
+  ;;
 compile)  # after a, a2 and a3 (carry .carry/g4 .carry/serve): the shipped default with and without compile_step
   assemble_model || exit 1
   python3 -m pip install -q --no-index --no-deps --target "$SITE" .carry/serve/*.whl
