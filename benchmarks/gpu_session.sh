@@ -173,6 +173,13 @@ serveone)  # after a, a2 and a3 (carry .carry/g4 .carry/serve): lone requests th
       --max-tokens 32 $flags 2>&1 | grep -v "Warn\|Loading" | tee -a $OUT/serve_one.txt
   done
   ;;
+admitprobe)  # after a, a2 and a3 (carry .carry/g4): a lone request's first token, rolling batch against generate()
+  assemble_model || exit 1
+  for m in predicted exact; do
+    python3 benchmarks/rolling_admit_probe.py --device cuda --dtype bfloat16 --tokens 512 --mode $m 2>&1 \
+      | grep -v "Warn\|Loading" | tee -a $OUT/admit_probe.txt
+  done
+  ;;
 compile)  # after a, a2 and a3 (carry .carry/g4 .carry/serve): the shipped default with and without compile_step
   assemble_model || exit 1
   python3 -m pip install -q --no-index --no-deps --target "$SITE" .carry/serve/*.whl
