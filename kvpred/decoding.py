@@ -312,6 +312,9 @@ class StepPool:
         return self.entries[key]
 
 
+JOIN_COPY_BYTES = 256 << 20  # RollingBatch.admit's stacked copies: the most extra memory one may take
+
+
 class RollingBatch:
     """Continuous batching on one pooled cache. Its rows decode in lockstep: each step writes one cache column for
     every row. A prompt joins at a step boundary: its cache (predicted, or exact) is written into a free row so
@@ -360,9 +363,12 @@ class RollingBatch:
                 backbone(input_ids=input_ids[:, predicted:-1], attention_mask=attention_mask[:, :-1],
                          position_ids=positions[:, predicted:-1], use_cache=True, **cache_kwargs(backbone, prefix))
             for arena, kind in ((self.cache.key_arena, "keys"), (self.cache.value_arena, "values")):
-                # stacked first: one copy into the rows for all layers instead of one per layer (fewer launches)
-                stacked = torch.stack([getattr(lay, kind) for lay in prefix.layers])  # [L, b, H, t - 1, D]
-                arena[:, :, :, start:self.slot].index_copy_(1, index, stacked)
+                # layers stacked, so that one copy writes many of them (fewer launches), in groups of at most
+                # JOIN_COPY_BYTES so that a long prompt of a large model needs little extra memory for it
+                layers = [getattr(lay, kind) for lay in prefix.layers]  # each [b, H, t - 1, D]
+                group = max(1, JOIN_COPY_BYTES // (layers[0].numel() * layers[0].element_size()))
+                for g in range(0, len(layers), group):
+                    arena[g:g + group, :, :, start:self.slot].index_copy_(1, index, torch.stack(layers[g:g + group]))
         self.step.admit(index, input_ids[:, -1], positions[:, -1], attention_mask[:, :-1].bool(), start)
         return rows
 

@@ -5,6 +5,7 @@ import pytest
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
+from kvpred import decoding
 from kvpred.decoding import Pooled, RollingBatch, StepPool, capacity_bucket
 from kvpred.generation import encode_prompts
 from kvpred.model import KVPredictionModel
@@ -165,6 +166,13 @@ def test_prompts_joining_a_rolling_batch_decode_what_they_decode_alone(model, mo
     alone = [model.generate(ids[None], mode=mode, exact_tail=tail, max_new_tokens=6)[0, len(ids):].tolist()
              for ids in (torch.tensor(model.tokenizer.encode(p)) for p in PROMPTS)]
     assert rolled(model, mode, rows=2, new_tokens=6, tail=tail) == alone
+
+
+def test_a_joining_prompt_copied_into_its_row_a_layer_at_a_time_decodes_the_same(model, monkeypatch):
+    """The copy of a joining prompt's cache into its row, in groups of layers bounded in memory: groups of one."""
+    alone = rolled(model, "predicted", rows=2, new_tokens=4)
+    monkeypatch.setattr(decoding, "JOIN_COPY_BYTES", 1)
+    assert rolled(model, "predicted", rows=2, new_tokens=4) == alone
 
 
 def test_a_rolling_batch_takes_no_prompt_it_has_no_room_for(model):
