@@ -180,6 +180,27 @@ admitprobe)  # after a, a2 and a3 (carry .carry/g4): a lone request's first toke
       | grep -v "Warn\|Loading" | tee -a $OUT/admit_probe.txt
   done
   ;;
+rollpipe)  # after a, a2 and a3 (carry .carry/g4 .carry/serve .carry/pytest): the rolling batch's pipelined join: its
+  # CUDA tests (decoding, pipeline, serving), the admit probe (pipelined, plain, generate()), lone requests served
+  python3 -m pip install -q --no-index --no-deps --target "$SITE" .carry/serve/*.whl .carry/pytest/*.whl
+  python3 -m pytest -q -p no:cacheprovider -rs -m "not smollm" tests/test_decoding.py tests/test_pipeline.py \
+    tests/test_serve.py 2>&1 | tail -15 > $OUT/cuda_tests_rollpipe.txt; tail -3 $OUT/cuda_tests_rollpipe.txt
+  assemble_model || exit 1
+  python3 benchmarks/rolling_admit_probe.py --device cuda --dtype bfloat16 --tokens 512 --mode predicted 2>&1 \
+    | grep -v "Warn\|Loading" | tee -a $OUT/admit_probe.txt
+  for flags in "" "--no-pipeline" "--no-continuous-batching"; do
+    python3 benchmarks/serve_bench.py --device cuda --dtype bfloat16 --prompt-tokens 512 --requests 24 --concurrency 1 \
+      --max-tokens 32 $flags 2>&1 | grep -v "Warn\|Loading" | tee -a $OUT/serve_one.txt
+  done
+  ;;
+rollload)  # after rollpipe (carry .carry/g4 .carry/serve): the server under load, the rolling batch's join pipelined or not
+  assemble_model || exit 1
+  python3 -m pip install -q --no-index --no-deps --target "$SITE" .carry/serve/*.whl
+  for flags in "" "--no-pipeline" "--vary-lengths" "--vary-lengths --no-pipeline"; do
+    python3 benchmarks/serve_bench.py --device cuda --dtype bfloat16 --prompt-tokens 512 --requests 48 --concurrency 8 \
+      --max-tokens 32 --load-only $flags 2>&1 | grep -v "Warn\|Loading" | tee -a $OUT/serve_load.txt
+  done
+  ;;
 compile)  # after a, a2 and a3 (carry .carry/g4 .carry/serve): the shipped default with and without compile_step
   assemble_model || exit 1
   python3 -m pip install -q --no-index --no-deps --target "$SITE" .carry/serve/*.whl

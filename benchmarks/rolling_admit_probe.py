@@ -2,8 +2,10 @@
 
 For fresh random prompts of --tokens tokens, one at a time, in turns: `model.generate(ids)`'s time to first token
 (the pooled cache written in place, the pipelined first step), and the rolling batch as `kvpred serve` runs a lone
-request (a RollingBatch of --max-batch rows, the prompt admitted, one step), split into its parts. The admit's
-prefill is also timed alone with and without its all-ones attention mask. Medians in ms, synchronised.
+request (a RollingBatch of --max-batch rows, the prompt admitted, one step), split into its parts: pipelined (the
+default on a GPU: the admit only books the row, the step runs the prefill behind it) and plain (prefilled apart,
+copied into the row, then the step). The plain admit's prefill is also timed alone with and without its all-ones
+attention mask. Medians in ms, synchronised.
 
     python benchmarks/rolling_admit_probe.py --device cuda --dtype bfloat16 --tokens 512 --mode predicted
 """
@@ -53,16 +55,17 @@ def main() -> None:
         need = n + args.max_new
         pooled = model._steps.get(model, rows, max(min(model.context_length, 2 * need), n + args.max_new))
         slot = max(n - 1, min(pooled.cache.capacity // 2, pooled.cache.capacity - args.max_new))
-        sync()
-        start = time.perf_counter()
-        batch = RollingBatch(model, pooled, slot)
-        t = clock("rolling: new batch", start)
-        joined = batch.admit(ids, mask, args.mode, 1)
-        t = clock("rolling: admit", t)
-        logits = batch()
-        int(logits[joined[0]].float().argmax())
-        clock("rolling: first step + token", t)
-        clock("rolling: total", start)
+        for name, pipelined in (("rolling", None), ("rolling plain", False)):
+            sync()
+            start = time.perf_counter()
+            batch = RollingBatch(model, pooled, slot, pipelined)
+            t = clock(f"{name}: new batch", start)
+            joined = batch.admit(ids, mask, args.mode, 1)
+            t = clock(f"{name}: admit", t)
+            logits = batch()
+            int(logits[joined[0]].float().argmax())
+            clock(f"{name}: first step + token", t)
+            clock(f"{name}: total", start)
         if args.mode == "predicted":
             for name, m in (("predicted_cache, all-ones mask", mask), ("predicted_cache, no mask", None)):
                 sync()

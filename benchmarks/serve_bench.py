@@ -166,6 +166,8 @@ def main() -> None:
     p.add_argument("--load-only", action="store_true", help="skip part 1 (server overhead)")
     p.add_argument("--chat", action="store_true", help="under load, send chat turns instead of completions")
     p.add_argument("--compile-step", action="store_true", help="the server's --compile-step (GPU only)")
+    p.add_argument("--no-pipeline", action="store_true",
+                   help="predicted mode's first step not pipelined behind the auxiliary (server and in-process)")
     args = p.parse_args()
 
     load_model = lambda: KVPredictionModel.from_pretrained(args.model, dtype=DTYPES[args.dtype],  # noqa: E731
@@ -173,6 +175,7 @@ def main() -> None:
     served, local = load_model(), load_model()
     if args.compile_step:
         served.compile_step()
+    served.pipelined_first_step = local.pipelined_first_step = not args.no_pipeline
     print(f"$ python {' '.join(sys.argv)}")
     print(f"model {args.model} ({served.base.config.num_hidden_layers} base layers, "
           f"{served.aux.config.num_hidden_layers} aux layers), device {args.device}, dtype {args.dtype}, "
@@ -180,7 +183,8 @@ def main() -> None:
           f"load average {os.getloadavg()[0]:.1f} at start")
     print(f"prompt {args.prompt_tokens} tokens, {args.max_tokens} new tokens, greedy, batch 1 in-process; "
           f"server max_batch {args.max_batch}, continuous batching {not args.no_continuous_batching}, "
-          f"warm-up {','.join(map(str, args.warm_up)) or 'none'}, compiled step {args.compile_step}"
+          f"warm-up {','.join(map(str, args.warm_up)) or 'none'}, compiled step {args.compile_step}, "
+          f"pipelined first step {not args.no_pipeline}"
           + (f"; under load, prompts of {args.prompt_tokens // 2}-{args.prompt_tokens} tokens" if args.vary_lengths
              else "")
           + (f"; {torch.cuda.get_device_name()}" if args.device.startswith("cuda") else ""))

@@ -320,15 +320,26 @@ class RollingBatch:
     every row. A prompt joins at a step boundary: its cache (predicted, or exact) is written into a free row so
     that it ends just before the current column, and the next step runs its last prompt token beside the running
     rows' newest tokens, giving its first token. A row's columns before its prompt stay masked. Once the columns
-    run out, prompts stop joining and the batch drains."""
+    run out, prompts stop joining and the batch drains.
 
-    def __init__(self, model, pooled: Pooled, slot: int):
-        self.model, self.cache, self.slot = model, pooled.cache, slot
+    `pipelined` (by default: on a GPU, once the step is a captured graph, as `model.pipelined_first_step` says)
+    joins predicted prompts of a one-token tail as `generate()` runs them (kvpred.pipeline): the step after the join
+    runs one group of layers at a time, each as soon as the auxiliary's tap for it is predicted and written into the
+    joining rows, beside the auxiliary's next layers. Without it a joining prompt is prefilled apart, copied into its
+    row, and waits for the whole step after that: 3 ms more for a lone 512-token request on an H100
+    (benchmarks/results/h100/serve)."""
+
+    def __init__(self, model, pooled: Pooled, slot: int, pipelined: bool | None = None):
+        self.model, self.pooled, self.cache, self.slot = model, pooled, pooled.cache, slot
         rows, device = self.cache.key_arena.shape[1], model.device
         self.free = list(range(rows))
         self.cache.reset()
         self.cache.set_length(slot)
         self.step = pooled.made_step(model)
+        if pipelined is None:
+            pipelined = model.pipelined_first_step and getattr(self.step, "graph", None) is not None
+        self.pipelined = pipelined and isinstance(self.step, GraphStep)
+        self.joining: tuple | None = None  # a pipelined join, for the next step: (prefix ids, mask, positions, rows)
         zeros = torch.zeros(rows, 1, dtype=torch.long, device=device)
         self.step.start(zeros, zeros, slot, torch.zeros(rows, slot, dtype=torch.bool, device=device))
 
@@ -342,7 +353,8 @@ class RollingBatch:
               ) -> list[int]:
         """Left-padded prompts [b, T] join (b <= free rows); returns their rows. Their cache of all but the last
         token comes from one batched prefill: in "predicted" mode the auxiliary and predictor's for all but the last
-        `exact_tail` tokens, then the base's for the rest of the tail; the base's alone in "exact"."""
+        `exact_tail` tokens, then the base's for the rest of the tail; the base's alone in "exact". Pipelined, the
+        predicted prefill runs inside the next step."""
         from transformers import DynamicCache
 
         from .model import cache_kwargs, position_ids_from_mask
@@ -352,8 +364,12 @@ class RollingBatch:
         index = torch.tensor(rows, device=self.model.device)
         start = self.slot - (t - 1)
         positions = position_ids_from_mask(attention_mask)
-        if t > 1:
-            predicted = max(t - exact_tail, 0) if mode == "predicted" else 0  # columns the predictor writes
+        predicted = max(t - exact_tail, 0) if mode == "predicted" else 0  # columns the predictor writes
+        if (predicted and exact_tail == 1 and self.pipelined and self.joining is None
+                and self.pooled.made_pipeline(self.model) is not None):
+            prefix_mask = None if bool(attention_mask.all()) else attention_mask[:, :-1]
+            self.joining = input_ids[:, :-1], prefix_mask, positions[:, :-1], index
+        elif t > 1:
             prefix = (self.model.predicted_cache(input_ids, attention_mask, exact_tail) if predicted
                       else DynamicCache(config=self.model.base.config))
             # the base computes the columns after the prediction, eagerly: building the joining rows apart so that
@@ -374,9 +390,41 @@ class RollingBatch:
 
     def __call__(self) -> torch.Tensor:
         """One step for every row: the logits [rows, V] of each row's next token."""
-        self.step()
+        if self.joining is not None:
+            logits = self._pipelined_step()
+        else:
+            self.step()
+            logits = self.step.logits
         self.slot += 1
-        return self.step.logits[:, -1]
+        return logits[:, -1]
+
+    @torch.no_grad()
+    @without_cudnn_attention()
+    def _pipelined_step(self) -> torch.Tensor:
+        """The step, with the joining prompts' predicted prefill behind it (kvpred.pipeline); the graph step's
+        inputs then advance as its own replay would have advanced them. Returns the logits [rows, 1, V]."""
+        (ids, mask, positions, index), self.joining = self.joining, None
+        pipeline, step = self.pooled.made_pipeline(self.model), self.step
+        grouped, (b, n), start = pipeline.step, ids.shape, self.slot - ids.shape[1]
+        step.mask.index_fill_(3, step.slot, True)
+        for mine, theirs in ((grouped.ids, step.ids), (grouped.positions, step.positions),
+                             (grouped.slots, step.slot), (grouped.mask, step.mask)):
+            mine.copy_(theirs)
+        arenas = self.cache.key_arena, self.cache.value_arena
+
+        def into(layers: slice) -> tuple[torch.Tensor, torch.Tensor]:  # the joining rows' keys and values, apart
+            shape = (layers.stop - layers.start, b, arenas[0].shape[2], n, arenas[0].shape[4])
+            return arenas[0].new_empty(shape), arenas[1].new_empty(shape)
+
+        def then(layers: slice, keys: torch.Tensor, values: torch.Tensor) -> None:  # ... copied into their rows
+            for arena, kv in zip(arenas, (keys, values)):
+                arena[layers, :, :, start:self.slot].index_copy_(1, index, kv)
+
+        pipeline.behind_aux(ids, mask, positions, into, then)
+        step.ids.copy_(grouped.token[:, None])
+        step.positions.add_(1)
+        step.slot.add_(1)
+        return grouped.logits
 
     def feed(self, token: torch.Tensor) -> None:
         """The tokens [rows] the next step reads (a free row's is ignored)."""

@@ -17,7 +17,7 @@ after the other, which is how the tests check it against the plain path.
 from __future__ import annotations
 
 from contextlib import contextmanager, nullcontext
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -103,7 +103,7 @@ class PipelinedPrefill:
     @torch.no_grad()
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """`attention_mask` [B, N] of a left-padded batch; None for an unpadded one (no host-device syncs)."""
-        model, cache = self.model, self.cache
+        cache = self.cache
         b, total = input_ids.shape
         n = total - self.step.width  # the predicted prefix
         if n < 1:  # no prefix: the auxiliary has nothing to run, so no tap would start the step
@@ -114,14 +114,27 @@ class PipelinedPrefill:
         else:
             prefix_mask, positions = attention_mask[:, :n], position_ids_from_mask(attention_mask)
             visible = attention_mask
-        positions, tail_positions = positions[:, :n], positions[:, n:]
-        rope = rope_tables(model.base, positions, cache.key_arena.dtype)  # once for every group
         cache.reset()
-        self.step.load(input_ids[:, n:], tail_positions, n, visible)
+        self.step.load(input_ids[:, n:], positions[:, n:], n, visible)
         keys_out, values_out = cache.slices(n)
+        self.behind_aux(input_ids[:, :n], prefix_mask, positions[:, :n],
+                        lambda layers: (keys_out[layers], values_out[layers]))
+        cache.set_length(total - 1)  # as the plain path leaves it: the tail's last column is the step's to advance
+        return self.step.token
+
+    def behind_aux(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, positions: torch.Tensor,
+                   into: Callable[[slice], tuple[torch.Tensor, torch.Tensor]],
+                   then: Callable[[slice, torch.Tensor, torch.Tensor], None] = lambda layers, k, v: None) -> None:
+        """The auxiliary over the predicted prefix `input_ids` [b, n] (`attention_mask` and `positions` [b, n]: the
+        mask None for an unpadded batch); as each tap comes out, its group of base layers gets keys and values
+        predicted and written into `into(layers)` ([L, b, H, n, D] each), `then(layers, keys, values)` is called
+        with them (for a copy elsewhere), and the group's part of the step runs. The step's inputs are loaded
+        already; the step may have more rows than the prefix (kvpred.decoding.RollingBatch)."""
+        model = self.model
+        rope = rope_tables(model.base, positions, self.cache.key_arena.dtype)  # once for every group
         main = torch.cuda.current_stream(model.device) if self.side is not None else None
         if self.side is not None:
-            self.side.wait_stream(main)  # the step's inputs, written by `load`
+            self.side.wait_stream(main)  # the step's inputs, written by the caller
         pending = iter(enumerate(self.groups))
 
         def tap_out(tap: int, key_x: torch.Tensor, value_x: torch.Tensor) -> None:
@@ -132,18 +145,18 @@ class PipelinedPrefill:
             with torch.autocast(input_ids.device.type, enabled=False):
                 keys, values = model.predictor.group(key_x.to(model.aux.dtype), value_x.to(model.aux.dtype), layers,
                                                      dtype)
-                model.base_kv_into(keys, values, positions, keys_out[picked], values_out[picked], picked, rope)
+                key_out, value_out = into(picked)
+                model.base_kv_into(keys, values, positions, key_out, value_out, picked, rope)
+                then(picked, key_out, value_out)
                 if self.side is not None:
                     self.side.wait_stream(main)
                 with torch.cuda.stream(self.side) if self.side is not None else nullcontext():
                     self.step.run(i)
 
         with _tap_hooks(model, tap_out):
-            model.run_aux(input_ids[:, :n], prefix_mask, None if prefix_mask is None else positions)
+            model.run_aux(input_ids, attention_mask, None if attention_mask is None else positions)
         if self.side is not None:
             main.wait_stream(self.side)
-        cache.set_length(total - 1)  # as the plain path leaves it: the tail's last column is the step's to advance
-        return self.step.token
 
 
 @contextmanager

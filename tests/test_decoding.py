@@ -138,17 +138,18 @@ def test_the_pool_lets_go_of_its_caches_when_a_new_one_does_not_fit(model, monke
     assert pool.get(model, 1, 10) is not kept
 
 
-def rolled(model, mode: str, rows: int, new_tokens: int, tail: int = 1) -> list[list[int]]:
+def rolled(model, mode: str, rows: int, new_tokens: int, tail: int = 1, pooled: Pooled | None = None,
+           at_once: int = 1, **batch_kw) -> list[list[int]]:
     """PROMPTS through a RollingBatch of `rows` rows, greedy: the first starts it, the others join as rows come
-    free, one at each step boundary."""
-    batch = RollingBatch(model, Pooled(model.new_cache(rows, 256)), slot=64)
+    free, `at_once` of them (left-padded together) at a step boundary."""
+    batch = RollingBatch(model, pooled or Pooled(model.new_cache(rows, 256)), slot=64, **batch_kw)
     waiting, running = list(range(len(PROMPTS))), {}
     got: list[list[int]] = [[] for _ in PROMPTS]
     while waiting or running:
         if waiting and batch.fits(64, new_tokens):
-            ids, mask = encode_prompts(model.tokenizer, [PROMPTS[waiting[0]]])
-            (row,) = batch.admit(ids.to(model.device), mask.to(model.device), mode, tail)
-            running[row] = waiting.pop(0)
+            joining, waiting = waiting[:min(at_once, len(batch.free))], waiting[min(at_once, len(batch.free)):]
+            ids, mask = encode_prompts(model.tokenizer, [PROMPTS[i] for i in joining])
+            running.update(zip(batch.admit(ids.to(model.device), mask.to(model.device), mode, tail), joining))
         tokens = batch().argmax(-1)
         for row, i in list(running.items()):
             got[i].append(int(tokens[row]))
@@ -173,6 +174,18 @@ def test_a_joining_prompt_copied_into_its_row_a_layer_at_a_time_decodes_the_same
     alone = rolled(model, "predicted", rows=2, new_tokens=4)
     monkeypatch.setattr(decoding, "JOIN_COPY_BYTES", 1)
     assert rolled(model, "predicted", rows=2, new_tokens=4) == alone
+
+
+@pytest.mark.parametrize("at_once", [1, 2])
+def test_prompts_joining_pipelined_decode_what_they_decode_alone(model, at_once):
+    """A pipelined join (what a GPU's rolling batch does once its step is a graph; here on a CPU, the step's parts
+    run one after the other): the joining prompts' prefix is predicted into their rows group by group while the
+    step runs for every row; alone and two left-padded prompts at once, into rows other prompts left."""
+    alone = rolled(model, "predicted", rows=3, new_tokens=6, at_once=at_once)
+    cache = model.new_cache(3, 256)
+    pooled = Pooled(cache, step=decoding.GraphStep(model, cache))  # the static step, uncompiled on a CPU
+    assert rolled(model, "predicted", rows=3, new_tokens=6, pooled=pooled, at_once=at_once, pipelined=True) == alone
+    assert pooled.pipelines[1] is not False  # the joins went through the pipeline
 
 
 def test_a_rolling_batch_takes_no_prompt_it_has_no_room_for(model):
@@ -258,7 +271,9 @@ def test_a_rolling_batch_on_graph_steps_decodes_what_prompts_decode_alone(tiny_l
     model = KVPredictionModel.from_pretrained(tiny_llama, keep_ratio=0.5, device="cuda")
     alone = [model.generate(ids[None].cuda(), mode=mode, exact_tail=tail, max_new_tokens=6)[0, len(ids):].tolist()
              for ids in (torch.tensor(model.tokenizer.encode(p)) for p in PROMPTS)]
-    assert rolled(model, mode, rows=2, new_tokens=6, tail=tail) == alone
+    pooled = Pooled(model.new_cache(2, 256))
+    assert rolled(model, mode, rows=2, new_tokens=6, tail=tail, pooled=pooled) == alone
+    assert bool(pooled.pipelines) == (mode == "predicted" and tail == 1)  # such joins run pipelined on a GPU
 
 
 def test_generation_runs_without_cudnn_attention_and_restores_it(model, monkeypatch):
