@@ -193,6 +193,16 @@ rollpipe)  # after a, a2 and a3 (carry .carry/g4 .carry/serve .carry/pytest): th
       --max-tokens 32 $flags 2>&1 | grep -v "Warn\|Loading" | tee -a $OUT/serve_one.txt
   done
   ;;
+sessionpipe)  # after a (carrying .carry/data too), a2 and a3 (carry .carry/g4 .carry/serve .carry/pytest): chat sessions'
+  # first step pipelined: the CUDA tests of the pipeline, refinement, chat and the server's sessions, then the paired probe
+  python3 -m pip install -q --no-index --no-deps --target "$SITE" .carry/serve/*.whl .carry/pytest/*.whl
+  python3 -m pytest -q -p no:cacheprovider -rs -m "not smollm" tests/test_pipeline.py tests/test_refine.py \
+    tests/test_serve_refine.py 2>&1 | tail -15 > $OUT/cuda_tests_sessionpipe.txt; tail -3 $OUT/cuda_tests_sessionpipe.txt
+  assemble_model || exit 1
+  (cd benchmarks && python3 session_pipeline_probe.py --model smollm2-135m --device cuda --dtype bfloat16 \
+    --data /tmp/carry/data/wikitext2-test.txt --turns 4 --repeats 6 2>&1 | grep -v "Warn\|Loading" \
+    | tee $OUT/session_pipeline_probe.txt)
+  ;;
 rollload)  # after rollpipe (carry .carry/g4 .carry/serve): the server under load, the rolling batch's join pipelined or not
   assemble_model || exit 1
   python3 -m pip install -q --no-index --no-deps --target "$SITE" .carry/serve/*.whl

@@ -420,7 +420,8 @@ class RollingBatch:
             for arena, kv in zip(arenas, (keys, values)):
                 arena[layers, :, :, start:self.slot].index_copy_(1, index, kv)
 
-        pipeline.behind_aux(ids, mask, positions, into, then)
+        pipeline.behind_aux(lambda: self.model.run_aux(ids, mask, None if mask is None else positions), positions,
+                            into, then)
         step.ids.copy_(grouped.token[:, None])
         step.positions.add_(1)
         step.slot.add_(1)

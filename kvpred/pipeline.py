@@ -21,6 +21,7 @@ from typing import Callable, Iterator
 
 import torch
 from torch import nn
+from transformers import Cache
 
 from .decoding import ColumnInputs, _capture
 from .model import BufferCache, KVPredictionModel, cache_kwargs, position_ids_from_mask
@@ -101,35 +102,44 @@ class PipelinedPrefill:
         self.side = torch.cuda.Stream(model.device, priority=priority) if model.device.type == "cuda" else None
 
     @torch.no_grad()
-    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """`attention_mask` [B, N] of a left-padded batch; None for an unpadded one (no host-device syncs)."""
-        cache = self.cache
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, kept: int = 0,
+                 aux_past: Cache | None = None) -> torch.Tensor:
+        """`attention_mask` [B, N] of a left-padded batch; None for an unpadded one (no host-device syncs). On top
+        of the cache's first `kept` columns (computed before, and kept: a chat session's earlier turns), as
+        kvpred.refine's prefill runs it: the auxiliary reads the tokens its own cache `aux_past` (at most `kept`
+        long) lacks, and extends it; columns [kept, N - tail) are predicted."""
+        cache, model = self.cache, self.model
         b, total = input_ids.shape
-        n = total - self.step.width  # the predicted prefix
-        if n < 1:  # no prefix: the auxiliary has nothing to run, so no tap would start the step
-            raise ValueError(f"a pipelined first step needs a prompt longer than its exact tail of {self.step.width}")
+        n = total - self.step.width  # the end of the predicted columns
+        if n <= kept:  # nothing to predict: no tap would start the step
+            raise ValueError(f"a pipelined first step needs a prompt longer than its exact tail of {self.step.width}"
+                             + (f" plus {kept} kept columns" if kept else ""))
+        start = 0 if aux_past is None else aux_past.get_seq_length()  # what the auxiliary has read already
         if attention_mask is None:
-            prefix_mask, positions = None, torch.arange(total, device=input_ids.device).expand(b, total)
+            positions = torch.arange(total, device=input_ids.device).expand(b, total)
             visible = torch.ones(b, total, dtype=torch.bool, device=input_ids.device)
         else:
-            prefix_mask, positions = attention_mask[:, :n], position_ids_from_mask(attention_mask)
-            visible = attention_mask
-        cache.reset()
+            positions, visible = position_ids_from_mask(attention_mask), attention_mask
+        cache.reset()  # its first `kept` columns stay in the arena
         self.step.load(input_ids[:, n:], positions[:, n:], n, visible)
         keys_out, values_out = cache.slices(n)
-        self.behind_aux(input_ids[:, :n], prefix_mask, positions[:, :n],
-                        lambda layers: (keys_out[layers], values_out[layers]))
+        aux_mask = None if attention_mask is None else attention_mask[:, :n]
+        aux_positions = positions[:, start:n] if attention_mask is not None or start else None
+        self.behind_aux(lambda: model.run_aux(input_ids[:, start:n], aux_mask, aux_positions, aux_past),
+                        positions[:, kept:n], lambda layers: (keys_out[layers, ..., kept:, :],
+                                                              values_out[layers, ..., kept:, :]), skip=kept - start)
         cache.set_length(total - 1)  # as the plain path leaves it: the tail's last column is the step's to advance
         return self.step.token
 
-    def behind_aux(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, positions: torch.Tensor,
+    def behind_aux(self, run_aux: Callable[[], None], positions: torch.Tensor,
                    into: Callable[[slice], tuple[torch.Tensor, torch.Tensor]],
-                   then: Callable[[slice, torch.Tensor, torch.Tensor], None] = lambda layers, k, v: None) -> None:
-        """The auxiliary over the predicted prefix `input_ids` [b, n] (`attention_mask` and `positions` [b, n]: the
-        mask None for an unpadded batch); as each tap comes out, its group of base layers gets keys and values
-        predicted and written into `into(layers)` ([L, b, H, n, D] each), `then(layers, keys, values)` is called
-        with them (for a copy elsewhere), and the group's part of the step runs. The step's inputs are loaded
-        already; the step may have more rows than the prefix (kvpred.decoding.RollingBatch)."""
+                   then: Callable[[slice, torch.Tensor, torch.Tensor], None] = lambda layers, k, v: None,
+                   skip: int = 0) -> None:
+        """`run_aux()` (the auxiliary's pass, `KVPredictionModel.run_aux`) with, as each tap comes out, its group of
+        base layers' keys and values predicted at `positions` [b, n] from the tap's outputs after the first `skip`
+        tokens, written into `into(layers)` ([L, b, H, n, D] each) and handed to `then(layers, keys, values)` (for a
+        copy elsewhere); then the group's part of the step runs. The step's inputs are loaded already; it may have
+        more rows than the auxiliary (kvpred.decoding.RollingBatch)."""
         model = self.model
         rope = rope_tables(model.base, positions, self.cache.key_arena.dtype)  # once for every group
         main = torch.cuda.current_stream(model.device) if self.side is not None else None
@@ -141,10 +151,10 @@ class PipelinedPrefill:
             i, (group_tap, layers) = next(pending)
             assert group_tap == tap, (group_tap, tap)
             dtype, picked = model.predictor_compute_dtype, slice(layers.start, layers.stop)
+            key_x, value_x = key_x[:, skip:].to(model.aux.dtype), value_x[:, skip:].to(model.aux.dtype)
             # the hooks run inside the auxiliary's autocast, where it has one (bf16 on some CPUs): not for the base
-            with torch.autocast(input_ids.device.type, enabled=False):
-                keys, values = model.predictor.group(key_x.to(model.aux.dtype), value_x.to(model.aux.dtype), layers,
-                                                     dtype)
+            with torch.autocast(positions.device.type, enabled=False):
+                keys, values = model.predictor.group(key_x, value_x, layers, dtype)
                 key_out, value_out = into(picked)
                 model.base_kv_into(keys, values, positions, key_out, value_out, picked, rope)
                 then(picked, key_out, value_out)
@@ -154,7 +164,7 @@ class PipelinedPrefill:
                     self.step.run(i)
 
         with _tap_hooks(model, tap_out):
-            model.run_aux(input_ids, attention_mask, None if attention_mask is None else positions)
+            run_aux()
         if self.side is not None:
             main.wait_stream(self.side)
 

@@ -214,12 +214,19 @@ def _prefill(model: KVPredictionModel, ids: torch.Tensor, mask: torch.Tensor, ex
     predicted K/V for columns [kept, N - W), then the base over the rest, a last single token through the pooled
     step (a CUDA graph once captured). The auxiliary reads the columns before them for context: from `aux_past`, its
     own cache of at most `kept` columns, which it extends, or else again. Returns the logits of the columns the base
-    ran [B, T, V] (only the last one without signals) and the signals (empty unless `with_signal`)."""
+    ran [B, T, V] (only the last one without signals) and the signals (empty unless `with_signal`). Without
+    signals, where the pooled cache has a pipelined first step for this tail (made beforehand: capturing it here
+    would delay the first token), the base's forward over the tail runs pipelined behind the auxiliary
+    (kvpred.pipeline), as in `generate`."""
     cache = pooled.cache
     n_total = ids.shape[1]
     n = max(n_total - exact_tail, kept)  # columns [kept, n) are predicted; [n, N) run through the base
     pos = position_ids_from_mask(mask)
     padded = not bool(mask.all())  # unpadded batches pass no mask: SDPA's causal fast path, as generate takes
+    pipeline = pooled.pipelines.get(n_total - n) if model.pipelined_first_step and not with_signal else None
+    if pipeline and n > kept:
+        pipeline(ids, mask if padded else None, kept, aux_past)
+        return pipeline.step.logits, {}
     aux_end = n_total if with_signal and exact_tail >= 2 else n
     tail_keys = tail_values = None
     cache.reset()  # drops a previous request's pending values too
@@ -459,10 +466,12 @@ class ChatSession:
             tail = n - reuse  # the base runs the new turn itself: cheaper than the aux, and exact
         predicted = max(n - tail - reuse, 0)
         policy = "off" if self.refine == "auto" and predicted == 0 else self.refine  # auto: nothing to decide
-        logits, signal = _prefill(model, ids, mask, tail, pooled, reuse, with_signal=policy == "auto",
+        thresholds = self.thresholds or Thresholds.for_model(model)
+        tail_signals = policy == "auto" and thresholds.signal != "entropy"  # these need the tail's logits and K/V
+        logits, signal = _prefill(model, ids, mask, tail, pooled, reuse, with_signal=tail_signals,
                                   aux_past=self.aux_cache)
         if policy == "auto":
-            policy = choose_policy(signal, self.thresholds or Thresholds.for_model(self.model))
+            policy = choose_policy(signal if tail_signals else {"entropy": _entropy(logits[:, -1]).cpu()}, thresholds)
         budget = _budget(policy, self.chunk_size)
         if predicted == 0 and exact_cols == reuse:  # nothing predicted on top of an exact prefix: all exact
             refiner = Refiner(model, pooled, budget, done=n)
@@ -525,8 +534,11 @@ class ChatSession:
             self._room(cols, min(2 * capacity, context))  # user reads, rather than before its first token
         self.pooled.cache.set_length(cols)
         # the next turn's first token takes the pooled step: capture it now if decoding did not (a new cache, or a
-        # reply that ended at its first token)
-        self.pooled.made_step(self.model)
+        # reply that ended at its first token); on a GPU its pipelined form too, where it fits after what is kept
+        step = self.pooled.made_step(self.model)
+        if (self.model.pipelined_first_step and getattr(step, "graph", None) is not None
+                and cols + self.exact_tail < self.pooled.cache.capacity):  # its capture writes the last columns
+            self.pooled.made_pipeline(self.model, self.exact_tail)
         new = seq[0, n:]
         eos = eos_token_ids(self.model, None)
         ends = torch.isin(new, eos).nonzero()

@@ -3,10 +3,13 @@ tap is predicted and written, gives predicted mode's first token and cache as th
 import pytest
 import torch
 
-from kvpred.decoding import EagerStep
-from kvpred.model import KVPredictionModel, position_ids_from_mask
+from transformers import DynamicCache
+
+from kvpred.decoding import EagerStep, Pooled
+from kvpred.model import KVPredictionModel, cache_kwargs, position_ids_from_mask
 from kvpred.pipeline import PipelinedPrefill, layer_groups
 from kvpred.predictor import KVPredictor, PredictorConfig
+from kvpred.refine import _prefill
 from tests.conftest import ARCHS
 
 
@@ -74,6 +77,33 @@ def test_the_pipelined_first_token_and_cache_are_the_plain_paths(arch, source, p
         assert cache.get_seq_length() == ids.shape[1] - 1  # as predict_into leaves it; the step wrote the next column
     with pytest.raises(ValueError, match="longer than its exact tail"):  # nothing for the auxiliary: no tap starts it
         pipelined(ids[:, :tail])
+
+
+@pytest.mark.parametrize("tail", [1, 3])
+def test_on_top_of_kept_columns_the_pipeline_gives_a_chat_turns_plain_prefill(tail, tiny_llama):
+    """A chat session's turn (kvpred.refine): the cache's first columns are kept from earlier turns and the
+    auxiliary's own cache holds fewer of them; only the columns after the kept ones are predicted."""
+    model = KVPredictionModel.from_pretrained(tiny_llama, keep_layers=[0, 2], source="kv")
+    ids = torch.randint(3, 259, (1, 30), generator=torch.Generator().manual_seed(4))
+    kept, aux_read = 12, 8
+
+    def session_state() -> tuple:
+        cache, aux_past = model.new_cache(1, 40), DynamicCache(config=model.aux.config)
+        model.base.model(input_ids=ids[:, :kept], use_cache=True, **cache_kwargs(model.base.model, cache))
+        model.run_aux(ids[:, :aux_read], None, None, aux_past)
+        return cache, aux_past
+
+    cache, aux_past = session_state()
+    logits, _ = _prefill(model, ids, torch.ones_like(ids), tail, Pooled(cache), kept, aux_past=aux_past)
+    pipelined_cache, pipelined_past = session_state()
+    pipelined = PipelinedPrefill(model, pipelined_cache, tail)
+    assert torch.equal(pipelined(ids, None, kept, pipelined_past), logits[:, -1].argmax(-1))
+    torch.testing.assert_close(pipelined.step.logits.float(), logits, atol=1e-4, rtol=1e-4)
+    for got, want in zip(pipelined_cache.slices(ids.shape[1]), cache.slices(ids.shape[1])):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert pipelined_past.get_seq_length() == aux_past.get_seq_length() == ids.shape[1] - tail  # both extended it
+    with pytest.raises(ValueError, match="plus 29 kept columns"):
+        pipelined(ids, None, 29, pipelined_past)
 
 
 def test_the_base_runs_in_its_own_dtype_beside_a_bf16_auxiliary(tiny_llama):

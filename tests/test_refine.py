@@ -692,6 +692,7 @@ def test_refinement_decodes_on_graph_steps_on_a_gpu(tiny_llama):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_chat_turns_take_their_first_token_from_the_sessions_captured_step_on_a_gpu(tiny_llama):
     from kvpred.decoding import GraphStep
+    from kvpred.pipeline import PipelinedPrefill
 
     model = KVPredictionModel.from_pretrained(tiny_llama, keep_ratio=1.0, device="cuda")  # aux == base: exact
     model.tokenizer.chat_template = CHAT_TEMPLATE
@@ -702,6 +703,8 @@ def test_chat_turns_take_their_first_token_from_the_sessions_captured_step_on_a_
         session.send(text, max_new_tokens=8)
         assert torch.equal(session.tokens[0, conversation.shape[1]:], exact)
         assert isinstance(session.pooled.step, GraphStep)  # captured after the first turn's first token
+        # and its pipelined form, after the reply: later turns' first tokens run behind the auxiliary
+        assert isinstance(session.pooled.pipelines.get(session.exact_tail), PipelinedPrefill)
     session.pooled.step = None  # as in a cache that has just grown
     session.send("one more", max_new_tokens=1)  # a reply that never steps
     assert isinstance(session.pooled.step, GraphStep)  # captured after the reply, for the next turn's first token
