@@ -206,7 +206,7 @@ sessionpipe)  # after a (carrying .carry/data too), a2 and a3 (carry .carry/g4 .
 sessionturn)  # after a (carrying .carry/data too), a2 and a3 (carry .carry/g4): where a chat session turn's TTFT goes
   assemble_model || exit 1
   (cd benchmarks && python3 session_turn_probe.py --model smollm2-135m --device cuda --dtype bfloat16 \
-    --data /tmp/carry/data/wikitext2-test.txt --turns 4 --repeats 6 2>&1 | grep -v "Warn\|Loading" \
+    --data /tmp/carry/data/wikitext2-test.txt --turns 4 --repeats 6 --profile 2>&1 | grep -v "Warn\|Loading" \
     | tee $OUT/session_turn_probe.txt)
   ;;
 rollload)  # after rollpipe (carry .carry/g4 .carry/serve): the server under load, the rolling batch's join pipelined or not

@@ -29,6 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     add_conversation_arguments(parser, turns=4)
     parser.add_argument("--reply-tokens", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=6)
+    parser.add_argument("--profile", action="store_true",
+                        help="after the timings, torch.profiler tables of the last turn and of generate() on its ids")
     args = parser.parse_args(argv)
     model = load_model(args)
     turns = user_turns(model.tokenizer, args)
@@ -91,7 +93,29 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         cells = [f"{statistics.median(times[(i + 1, name)]):.2f}" for i in range(len(turns))]
         print(f"| {name} | " + " | ".join(cells) + " |")
+    if args.profile:
+        profile(model, turns, args.reply_tokens)
     return 0
+
+
+def profile(model, turns: list[str], reply_tokens: int) -> None:
+    """torch.profiler tables (by self CPU time) of a fresh session's last turn and of generate() on its ids."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as profiler
+
+    session = started_session(model, "off")
+    for text in turns[:-1]:
+        session.send(text, max_new_tokens=reply_tokens)
+    runs = {"session turn": lambda: session.send(turns[-1], max_new_tokens=1)}
+    runs["generate() on its ids"] = lambda: model.generate(session.tokens[:, :session.last_info["prompt_tokens"]],
+                                                           mode="predicted", max_new_tokens=1)
+    for name, run in runs.items():
+        synchronize(model.device)
+        with profiler(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            run()
+            synchronize(model.device)
+        print(f"\n## {name}\n")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=60))
 
 
 if __name__ == "__main__":
