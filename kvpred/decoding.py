@@ -68,8 +68,8 @@ class GraphStep:
     """The same step with fixed shapes (KVPredictionModel.static_step: the whole buffer under a mask), captured once
     as a CUDA graph on a GPU. It reads token ids and positions [B, 1], the cache column `slot` it writes, and `mask`
     [B, 1, 1, capacity] of the columns each row sees; replays write the token's K/V at `slot`, then advance ids,
-    positions and slot. Capturing runs the step three times at the cache's last column, seeing only column 0, so a
-    cache in use keeps its entries (`start` comes before that last column is reached). On a CPU nothing is captured:
+    positions and slot. Capturing runs the step at the cache's last column, seeing only column 0, so a cache in use
+    keeps its entries (`start` comes before that last column is reached). On a CPU nothing is captured:
     each call runs the compiled forward (`KVPredictionModel.compile_step`, which fixed shapes keep from recompiling)."""
 
     @torch.no_grad()
@@ -197,8 +197,7 @@ class GraphChunk(ColumnInputs):
         super().__init__(ids.shape[0], ids.shape[1], cache.capacity, ids.device)
         self.load(ids, positions, start, visible)
         with model.static_step(cache, self.slots):
-            self.graph = _capture(self._body, ids.device)
-        self.graph.replay()
+            self.graph = _capture(self._body, ids.device)  # its replay computes this first chunk
 
     def _body(self) -> None:
         self.backbone(input_ids=self.ids, position_ids=self.positions, attention_mask=self.mask, use_cache=True,
@@ -211,7 +210,9 @@ class GraphChunk(ColumnInputs):
 
 def _capture(body: Callable[[], None], device: torch.device,
              before_warm_up: Callable[[], None] = lambda: None) -> torch.cuda.CUDAGraph:
-    """`body` captured as a CUDA graph, after two warm-up runs on a side stream (cuBLAS handles, lazy inits)."""
+    """`body` captured as a CUDA graph, after two warm-up runs on a side stream (cuBLAS handles, lazy inits), and
+    replayed once (after `before_warm_up` again): a fresh graph's first replay costs about twice the CPU time of
+    later ones (benchmarks/results/h100/session_pipeline), and here no request waits for it."""
     side = torch.cuda.Stream(device)
     side.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(side):
@@ -222,6 +223,8 @@ def _capture(body: Callable[[], None], device: torch.device,
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         body()
+    before_warm_up()
+    graph.replay()
     return graph
 
 
