@@ -139,9 +139,11 @@ def test_a_captured_refinement_chunk_writes_the_exact_cache_of_a_padded_batch(pr
     pos = position_ids_from_mask(mask)
     cache, config = pruned.new_cache(b, 256), pruned.base.config
 
-    class Replayed:  # stands in for torch.cuda.CUDAGraph on the CPU: runs the body as it was captured
-        def __init__(self, body, device, before_warm_up=None):
+    class Replayed:  # stands in for _capture's CUDAGraph on the CPU: runs the body as it was captured, once at once
+        def __init__(self, body, device, before_warm_up=lambda: None):
             self.body, self.captured = body, (config._attn_implementation, cache.step_slot)
+            before_warm_up()
+            self.replay()
 
         def replay(self):
             previous = config._attn_implementation
