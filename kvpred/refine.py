@@ -20,6 +20,7 @@ from transformers import DynamicCache
 
 from .decoding import (Pooled, Trace, base_tail, capacity_bucket, decode, eos_token_ids, first_logits,
                        pad_id, tail_on_steps, with_stop_strings, without_cudnn_attention)
+from .generation import ConversationTokenizer
 from .model import BufferCache, KVPredictionModel, cache_kwargs, capture, position_ids_from_mask
 from .models import KVPredError
 
@@ -410,13 +411,16 @@ class ChatSession:
 
     def __init__(self, model: KVPredictionModel, *, system: str | None = None, exact_tail: int | None = None,
                  refine: str = "eager", chunk_size: int = 256, thresholds: Thresholds | None = None,
-                 spare: Pooled | None = None):
+                 spare: Pooled | None = None, tokenizer=None):
         """`exact_tail` None: the model's chat tail (`KVPredictionModel.chat_tail`). `spare`: a cache of batch 1
-        to start from (an ended session's, with its CUDA graphs already captured); what it holds is ignored."""
+        to start from (an ended session's, with its CUDA graphs already captured); what it holds is ignored.
+        `tokenizer`: the one to render and tokenize with, the model's by default (a server's worker keeps its own,
+        as a fast tokenizer must not be used from two threads at once)."""
         _check_refine(refine, chunk_size)
         if model.tokenizer.chat_template is None:
             raise KVPredError("this model's tokenizer has no chat template; ChatSession needs one")
         self.model, self.refine = model, refine
+        self.tokenize = ConversationTokenizer(tokenizer or model.tokenizer)
         self.exact_tail = model.chat_tail if exact_tail is None else exact_tail
         self.chunk_size, self.thresholds = chunk_size, thresholds
         self.messages: list[dict] = [] if system is None else [{"role": "system", "content": system}]
@@ -437,10 +441,10 @@ class ChatSession:
         return None if self.pooled is None else self.pooled.cache
 
     def conversation_ids(self, messages: list[dict]) -> torch.Tensor:
-        """[1, T] ids of `messages` rendered for the assistant's next reply, as exact mode would tokenize them."""
-        tok = self.model.tokenizer
-        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return tok(text, add_special_tokens=False, return_tensors="pt").input_ids.to(self.model.device)
+        """[1, T] ids of `messages` rendered for the assistant's next reply, as exact mode would tokenize them
+        (tokenizing only what follows the conversation before: `ConversationTokenizer`)."""
+        text = self.tokenize.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return torch.tensor([self.tokenize(text)], device=self.model.device)
 
     @torch.no_grad()
     @without_cudnn_attention()

@@ -293,14 +293,9 @@ class _ServedSession(ChatSession):
     turn's Job how many prompt tokens came from the stored cache, before its first token."""
 
     def __init__(self, model, tokenizer, spare: Pooled | None = None):
-        super().__init__(model, spare=spare)
-        self.tokenizer = tokenizer
+        super().__init__(model, spare=spare, tokenizer=tokenizer)
         self.turn: Job | None = None
         self.automatic = False  # its last turn named no session: stateless clients' requests may continue it
-
-    def conversation_ids(self, messages: list[dict]) -> torch.Tensor:
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return self.tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids.to(self.model.device)
 
     def _reusable(self, ids: torch.Tensor) -> int:
         reused = super()._reusable(ids)

@@ -475,6 +475,50 @@ def test_chat_session_needs_a_chat_template(tiny_llama):
         ChatSession(model)
 
 
+class Seen:
+    """A tokenizer that notes the texts it is asked to tokenize."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.texts = tokenizer, []
+
+    def __getattr__(self, name):
+        return getattr(self.tokenizer, name)
+
+    def __call__(self, text, **kwargs):
+        self.texts.append(text)
+        return self.tokenizer(text, **kwargs)
+
+
+def test_a_conversation_is_tokenized_from_the_previous_texts_last_added_token_on():
+    from kvpred.generation import ConversationTokenizer
+    from kvpred.testing import byte_tokenizer
+
+    tok = Seen(byte_tokenizer())
+    tokenize = ConversationTokenizer(tok)
+    first = "<s>hello there</s><s>assistant\n"
+    second = first + "fine thanks</s><s>user\nhow are you?</s><s>assistant\n"
+    for text in (first, second, second + "ok"):
+        assert tokenize(text) == tok(text, add_special_tokens=False).input_ids
+    assert tok.texts[::2] == [first, "assistant\nfine thanks</s><s>user\nhow are you?</s><s>assistant\n",
+                              "assistant\nok"]
+    assert tokenize("<s>another chat") == tok("<s>another chat", add_special_tokens=False).input_ids
+    assert tok.texts[-2] == "<s>another chat"  # not an extension: tokenized whole
+
+
+def test_where_the_previous_ids_do_not_come_out_the_same_the_whole_conversation_is_tokenized():
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    from kvpred.generation import ConversationTokenizer
+
+    merged = Tokenizer(models.BPE(vocab={"<s>": 0, "a": 1, "b": 2, "c": 3, "bc": 4}, merges=[("b", "c")]))
+    tok = Seen(PreTrainedTokenizerFast(tokenizer_object=merged, bos_token="<s>"))
+    tokenize = ConversationTokenizer(tok)
+    assert tokenize("<s>ab") == [0, 1, 2]
+    assert tokenize("<s>abc") == [0, 1, 4]  # "b" now merges with what follows it
+    assert tok.texts[-1] == "<s>abc"
+
+
 def test_chat_command_answers_each_line_and_reuses_the_cache(tmp_path, monkeypatch, capsys):
     path = save_tiny_model(tmp_path / "m")
     model = KVPredictionModel.from_pretrained(str(path), keep_ratio=0.5)

@@ -48,3 +48,22 @@ def test_cli_default_model(capsys):
     assert main(["generate", "--prompt", "Hello", "--max-new-tokens", "3", "--json", "--mode", "exact"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["model"] == "smollm2-135m" and len(out["tokens"]) <= 3
+
+
+def test_a_smollm_conversation_tokenized_turn_by_turn_is_tokenized_as_a_whole(smollm):
+    """ChatSession tokenizes each turn's conversation only from the last special token before it on."""
+    from kvpred.generation import ConversationTokenizer
+    from tests.test_refine import Seen
+
+    tok = Seen(smollm.tokenizer)
+    tokenize = ConversationTokenizer(tok)
+    messages, previous = [{"role": "system", "content": "You are a helpful assistant."}], ""
+    for user, reply in (("What is the capital of France?", " Paris.\n"), ("And  of Spain?\n\n", "Madrid, I think"),
+                        ("Thanks! ", "")):
+        messages.append({"role": "user", "content": user})
+        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        assert tokenize(text) == tok(text, add_special_tokens=False).input_ids
+        if previous:  # later turns: only what follows the previous text's last special token
+            assert tok.texts[-2] == text[previous.rindex("<|im_start|>") + len("<|im_start|>"):]
+        previous = text
+        messages.append({"role": "assistant", "content": reply})
