@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -28,41 +29,55 @@ def encode_prompts(tokenizer, prompts: list[str], chat: bool = False) -> tuple[t
     return enc.input_ids, enc.attention_mask
 
 
-class ConversationTokenizer:
-    """Token ids of texts that each extend the one before (a chat rendered again at every turn), tokenizing only
-    what follows the last added token (a chat template's special token) of the previous text. Fast tokenizers cut
-    a text at its added tokens before anything else, so what follows one is tokenized apart from what precedes it.
-    As a check, the previous text's ids from there on must come out the same again; where they do not (an added token
-    that strips the whitespace after it, a normalizer that looks across), or where the text does not extend the
-    previous one, the whole text is tokenized. Tokenizing a whole 1685-token SmolLM2 conversation took 5.3 ms of a
-    chat session turn's 18.7 ms time to first token on an H100 host (benchmarks/results/h100/session_pipeline)."""
+@dataclass
+class _Tokenized:
+    text: str
+    ids: list[int]
+    cut: tuple[int, int]  # (characters, ids) of `text` up to and with its last added token; (0, 0) where none
 
-    def __init__(self, tokenizer):
-        self.tokenizer, self.added = tokenizer, set(getattr(tokenizer, "added_tokens_decoder", {}))
-        self.text, self.ids = "", []
-        self.cut = (0, 0)  # (characters, ids) of the previous text up to and with its last added token
+
+class ConversationTokenizer:
+    """Token ids of texts that extend earlier ones (a chat rendered again at every turn, by a session or by a
+    stateless client that sends the whole conversation each time), tokenizing only what follows the last added
+    token (a chat template's special token) of the longest of the `keep` most recent texts that the new one extends.
+    Fast tokenizers cut a text at its added tokens before anything else, so what follows one is tokenized apart from
+    what precedes it. As a check, the earlier text's ids from there on must come out the same again; where they do
+    not (an added token that strips the whitespace after it, a normalizer that looks across), or where no recent
+    text is extended, the whole text is tokenized. Tokenizing a whole 1685-token SmolLM2 conversation took 5.3-8.0 ms
+    of a chat session turn's 18-24 ms time to first token on an H100 host (benchmarks/results/h100/session_pipeline).
+    """
+
+    def __init__(self, tokenizer, keep: int = 1):
+        self.tokenizer, self.keep = tokenizer, keep
+        self.added = set(getattr(tokenizer, "added_tokens_decoder", {}))
+        self.recent: list[_Tokenized] = []  # oldest first
 
     def __call__(self, text: str) -> list[int]:
-        if self.tokenizer.is_fast and self.cut != (0, 0) and text.startswith(self.text):
-            ids, cut = self._after(text, *self.cut)
-            if ids[:len(self.ids)] != self.ids:  # the part after the cut came out differently: no shortcut here
-                ids, cut = self._after(text, 0, 0)
-        else:
-            ids, cut = self._after(text, 0, 0)
-        self.text, self.ids, self.cut = text, ids, cut
-        return ids
+        extended = [r for r in self.recent if r.cut[1] and text.startswith(r.text)] if self.tokenizer.is_fast else []
+        done = None
+        if extended:
+            earlier = max(extended, key=lambda r: r.cut[1])
+            done = self._after(text, earlier)
+            if done.ids[:len(earlier.ids)] != earlier.ids:  # the part after the cut came out differently
+                done = None
+            else:
+                self.recent.remove(earlier)  # its conversation went on: keep the longer text in its place
+        done = done or self._after(text, None)
+        self.recent = (self.recent + [done])[-self.keep:]
+        return done.ids
 
-    def _after(self, text: str, chars: int, count: int) -> tuple[list[int], tuple[int, int]]:
-        """The ids of `text`: the previous ones up to `count`, then `text[chars:]` tokenized; and the new cut."""
+    def _after(self, text: str, earlier: _Tokenized | None) -> _Tokenized:
+        """`text` tokenized after `earlier`'s cut (its ids up to there kept), or whole."""
         if not self.tokenizer.is_fast:  # no offsets, so no cuts: every text whole
-            return self.tokenizer(text, add_special_tokens=False).input_ids, (0, 0)
+            return _Tokenized(text, self.tokenizer(text, add_special_tokens=False).input_ids, (0, 0))
+        chars, count = earlier.cut if earlier is not None else (0, 0)
         enc = self.tokenizer(text[chars:], add_special_tokens=False, return_offsets_mapping=True)
         cut = (chars, count)
         for i in reversed(range(len(enc.input_ids))):
             if enc.input_ids[i] in self.added:
                 cut = (chars + enc.offset_mapping[i][1], count + i + 1)
                 break
-        return self.ids[:count] + enc.input_ids, cut
+        return _Tokenized(text, (earlier.ids[:count] if earlier is not None else []) + enc.input_ids, cut)
 
 
 def cut_at_stop(text: str, stops) -> str:

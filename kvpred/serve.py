@@ -69,13 +69,14 @@ import torch
 from transformers.generation import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 from .decoding import Pooled, RollingBatch, sample
-from .generation import cut_at_stop
+from .generation import ConversationTokenizer, cut_at_stop
 from .models import KVPredError
 from .refine import REFINE_CHOICES, ChatSession, generate_refined
 
 KV_MODES = ("exact", "aux", "predicted")
 SPARE_SESSION_CACHES = 2  # dropped sessions' caches kept for new sessions
 COMPLETIONS_MAX_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
+CONVERSATIONS_KEPT = 64  # recent chat conversations whose tokenization a request that extends one starts from
 TTFT_BUCKETS = (.005, .01, .025, .05, .075, .1, .15, .2, .3, .5, .75, 1., 1.5, 2.5, 5., 10., 30.)
 log = logging.getLogger("kvpred.serve")
 
@@ -830,6 +831,8 @@ def create_app(model, config: ServeConfig | None = None):
         raise KVPredError(f"--warm-up token counts must be >= 4, got {', '.join(map(str, config.warm_up))}")
     tokenizer, context, vocab = model.tokenizer, model.context_length, model.base.config.vocab_size
     chat_tail = model.chat_tail  # chat requests that name no exact_tail get at least this one
+    # stateless clients send the whole conversation every turn: tokenize only what is new to it
+    conversations = ConversationTokenizer(tokenizer, keep=CONVERSATIONS_KEPT)
     metrics = Metrics(lambda: scheduler.depth)
     scheduler = Scheduler(model, config, metrics)
 
@@ -967,7 +970,7 @@ def create_app(model, config: ServeConfig | None = None):
             text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         except Exception as err:  # jinja errors: the template rejects these messages
             raise APIError(400, f"the chat template rejects these messages: {err}", param="messages") from err
-        ids = tokenizer.encode(text, add_special_tokens=False)  # the template holds the special tokens
+        ids = conversations(text)  # the template holds the special tokens
         limit = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         max_tokens = limit if limit is not None else max(context - len(ids), 0)
         check_prompts([ids], max_tokens, context, vocab)

@@ -505,6 +505,20 @@ def test_a_conversation_is_tokenized_from_the_previous_texts_last_added_token_on
     assert tok.texts[-2] == "<s>another chat"  # not an extension: tokenized whole
 
 
+def test_kept_conversations_go_on_in_turns_each_from_its_own_last_added_token():
+    """As a server sees stateless clients: several conversations, each sent whole at every turn, interleaved."""
+    from kvpred.generation import ConversationTokenizer
+    from kvpred.testing import byte_tokenizer
+
+    tok = Seen(byte_tokenizer())
+    tokenize = ConversationTokenizer(tok, keep=2)
+    a, b = "<s>system</s><s>user: hi</s><s>", "<s>system</s><s>user: yo</s><s>"
+    for text in (a, b, a + "hello</s><s>", b + "hey</s><s>", a + "hello</s><s>again</s><s>"):
+        assert tokenize(text) == tok(text, add_special_tokens=False).input_ids
+    assert tok.texts[::2] == [a, b, "hello</s><s>", "hey</s><s>", "again</s><s>"]
+    assert len(tokenize.recent) == 2
+
+
 def test_where_the_previous_ids_do_not_come_out_the_same_the_whole_conversation_is_tokenized():
     from tokenizers import Tokenizer, models
     from transformers import PreTrainedTokenizerFast

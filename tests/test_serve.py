@@ -257,6 +257,21 @@ def test_chat_uses_the_chat_template_and_streams(client, reference):
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == resp.choices[0].message.content
 
 
+def test_a_chat_sent_whole_again_at_each_turn_gets_the_ids_of_the_whole_conversation(client, reference):
+    """Stateless clients send the whole conversation every turn; the server tokenizes only what follows the last
+    special token of the conversation it saw before (kvpred.generation.ConversationTokenizer)."""
+    messages = [{"role": "user", "content": "Hi</s> there"}]  # "</s>": a special token of the byte tokenizer
+    for _ in range(3):
+        resp = client.chat.completions.create(model=NAME, messages=messages, max_tokens=6, temperature=0,
+                                              extra_body={"kv_mode": "exact"})
+        prompt = reference.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        ids = reference.tokenizer(prompt, add_special_tokens=False).input_ids
+        assert resp.usage.prompt_tokens == len(ids)
+        assert resp.choices[0].message.content == in_process(reference, ids, "exact", 6)
+        messages += [{"role": "assistant", "content": resp.choices[0].message.content},
+                     {"role": "user", "content": "and</s> then?"}]
+
+
 # ---------------------------------------------------------------- errors
 BAD_REQUESTS = {
     "malformed JSON": ("/v1/completions", b'{"model": "tiny", "prompt": "x"', 400, None),
