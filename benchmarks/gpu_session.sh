@@ -67,6 +67,12 @@
 #                the same items, in the background; `collectmt` waits for both and pairs them
 #   stage generatepipe (after a, a2 and a3; carry .carry/g4) the shipped default's generate() with and without the pipeline
 #   stage tests  (after a, a2 and a3; carry .carry/g4 .carry/serve .carry/pytest) the whole test suite, real model included
+#   stage rollpipe (after a, a2 and a3; carry .carry/g4 .carry/serve .carry/pytest) the rolling batch's pipelined join:
+#                CUDA tests, the admit probe, lone requests served (pipelined, not, no continuous batching)
+#   stage rollload (after rollpipe; carry .carry/g4 .carry/serve) the server under load, the join pipelined or not
+#   stage sessionpipe (after a with .carry/data, a2 and a3; carry .carry/g4 .carry/serve .carry/pytest) chat sessions'
+#                pipelined first step: CUDA tests and the paired probe
+#   stage sessionturn (after a with .carry/data, a2 and a3; carry .carry/g4) where a session turn's TTFT goes
 #   stage env    only set up the environment (source this script)
 set -uo pipefail
 export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1 KVPRED_CACHE=/tmp/kvcache HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
