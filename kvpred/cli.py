@@ -68,7 +68,7 @@ def _register_generate(sub) -> None:
     p.add_argument("--prompt", required=True, help="prompt text")
     p.add_argument("--mode", choices=("exact", "aux", "predicted"), default="predicted",
                    help="exact: base alone; aux: auxiliary alone; predicted: KV prediction (default)")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=positive_int, default=64)
     p.add_argument("--exact-tail", type=int, default=None,
                    help="prompt tokens the base runs itself (default: the paper's 1; with --chat, the model's "
                         "chat tail: the checkpoint's own, else the template's tokens that open the reply)")

@@ -8,6 +8,7 @@ cache capacity (`StepPool`), instead of transformers' generate.
 """
 from __future__ import annotations
 
+import math
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -438,12 +439,23 @@ class RollingBatch:
         self.free.append(row)
 
 
+def check_sampling(do_sample: bool, temperature: float, top_p: float, top_k: int) -> None:
+    """Clear errors for sampling arguments no draw can use, before any work (greedy decoding ignores them)."""
+    if not do_sample:
+        return
+    if not math.isfinite(temperature) or temperature <= 0:
+        raise KVPredError(f"temperature must be a finite number > 0 when sampling, got {temperature}")
+    if not 0 < top_p <= 1:
+        raise KVPredError(f"top_p must lie in (0, 1] when sampling, got {top_p}")
+    if top_k < 0:
+        raise KVPredError(f"top_k must be >= 0 (0: no top-k cut), got {top_k}")
+
+
 def sample(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float, top_k: int) -> torch.Tensor:
-    """Next token per row from logits [B, V] (float32): argmax, or a temperature / top-k / top-p draw."""
+    """Next token per row from logits [B, V] (float32): argmax, or a temperature / top-k / top-p draw (arguments as
+    `check_sampling` lets through)."""
     if not do_sample:
         return logits.argmax(-1)
-    if temperature <= 0:
-        raise KVPredError(f"temperature must be > 0 when sampling, got {temperature}")
     if 0 < top_k < logits.shape[-1]:
         logits = logits.masked_fill(logits < logits.topk(top_k, -1).values[:, -1:], float("-inf"))
     probs = (logits / temperature).softmax(-1)
@@ -456,10 +468,12 @@ def sample(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: flo
 
 def with_stop_strings(criteria, stop_strings: list[str] | None, tokenizer):
     """transformers' stopping `criteria` (a list, or None) plus one that ends a row once its text, as `tokenizer`
-    decodes it, holds any of `stop_strings`; None when there is nothing to check."""
+    decodes it, holds any of `stop_strings` (empty ones never match, as in the server); None when there is nothing
+    to check."""
     from transformers import StoppingCriteriaList, StopStringCriteria
 
     out = StoppingCriteriaList(criteria or [])
+    stop_strings = [s for s in stop_strings or [] if s]
     if stop_strings:
         out.append(StopStringCriteria(tokenizer, stop_strings))
     return out or None

@@ -305,6 +305,9 @@ def _fit_command(args: argparse.Namespace) -> int:
     model = KVPredictionModel.from_pretrained(args.model, aux=args.aux, keep_ratio=args.keep_ratio, keep_layers=keep,
                                               source=args.source, dtype=torch.float32, device=args.device)
     check_tokenizer(args.data, model.tokenizer)
+    if config.seq_len > model.context_length:  # statistics of positions the model never serves
+        raise KVPredError(f"--seq-len {config.seq_len} exceeds the model's context limit of {model.context_length} "
+                          "tokens")
     if model.predictor.config.rank is not None:
         raise KVPredError(f"{args.model} has a factorised predictor; fit solves full-rank maps (add --rank to "
                           f"factorise them): start from a base or a full-rank checkpoint")

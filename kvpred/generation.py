@@ -14,10 +14,22 @@ from .data import expand_source
 from .models import KVPredError
 
 
+def check_text(text: str, what: str = "prompt") -> str:
+    """`text`, if a tokenizer can take it: not a lone UTF-16 surrogate in it (JSON "\\ud800"), nor the stand-ins
+    Python makes for bytes that are not UTF-8 (a command line or stdin in another encoding)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise KVPredError(f"the {what} is not valid UTF-8 text (character {err.start}: {text[err.start]!r})") from None
+    return text
+
+
 def encode_prompts(tokenizer, prompts: list[str], chat: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-padded input_ids and attention_mask [B, T]; with `chat`, each prompt becomes one user turn."""
     if not prompts or any(not p for p in prompts):
         raise KVPredError("empty prompt: give at least one character of text")
+    for prompt in prompts:
+        check_text(prompt)
     if chat:
         if tokenizer.chat_template is None:
             raise KVPredError("this model's tokenizer has no chat template; drop --chat")

@@ -18,8 +18,8 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from . import lora, models
 from .models import KVPredError, sliding_window
-from .decoding import (StepPool, capacity_bucket, eos_token_ids, generate_with_steps, pad_id, with_stop_strings,
-                       without_cudnn_attention)
+from .decoding import (StepPool, capacity_bucket, check_sampling, eos_token_ids, generate_with_steps, pad_id,
+                       with_stop_strings, without_cudnn_attention)
 from .deferred import PendingValues, deferred_values
 from .generation import chat_exact_tail
 from .matvec import use_blocked_matvec
@@ -71,6 +71,13 @@ class KVPConfig:
             tail = raw.get("chat_exact_tail")
             if tail is not None and not (type(tail) is int and tail >= 1):
                 raise ValueError(f"chat_exact_tail must be a positive integer or null, got {tail!r}")
+            if raw.get("refine_thresholds") is not None:  # checked now, not at the first request that refines
+                from .refine import Thresholds
+
+                try:
+                    Thresholds(**raw["refine_thresholds"])
+                except KVPredError as err:
+                    raise ValueError(f"refine_thresholds: {err}") from err
             return cls(base=raw["base"], base_fingerprint=raw["base_fingerprint"], aux=AuxSpec(**raw["aux"]),
                        predictor=PredictorConfig(**raw["predictor"]), format_version=raw["format_version"],
                        refine_thresholds=raw.get("refine_thresholds"), chat_exact_tail=tail)
@@ -203,6 +210,8 @@ class KVPredictionModel(nn.Module):
         """Load a kvpred checkpoint folder, an embedded default (e.g. "smollm2-135m"), or build a new model
         around a base (HF folder, hub id, GGUF file or alias) with a pruned (`keep_ratio` / `keep_layers`) or
         separate (`aux`) auxiliary and an identity-initialised (pruned) or default-initialised predictor."""
+        if device is not None:
+            models.check_device(device)
         building = any(x is not None for x in (aux, keep_ratio, keep_layers, layer_map, source))
         checkpoint = Path(name_or_path)
         if not (checkpoint / CONFIG_NAME).is_file() and not building:
@@ -562,9 +571,16 @@ class KVPredictionModel(nn.Module):
         if input_ids.dim() != 2 or input_ids.numel() == 0:
             raise KVPredError(f"input_ids must be a non-empty [batch, length] tensor, got shape "
                               f"{tuple(input_ids.shape)}")
+        if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
+            raise KVPredError(f"input_ids must hold integer token ids, got {input_ids.dtype}")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        attention_mask = torch.as_tensor(attention_mask, device=self.device).view_as(input_ids)
+        attention_mask = torch.as_tensor(attention_mask, device=self.device)
+        if attention_mask.dim() == 1:  # a 1-D prompt's
+            attention_mask = attention_mask.unsqueeze(0)
+        if attention_mask.shape != input_ids.shape:
+            raise KVPredError(f"attention_mask of shape {tuple(attention_mask.shape)} does not match input_ids of "
+                              f"shape {tuple(input_ids.shape)}")
         lengths = attention_mask.sum(-1)
         if (lengths == 0).any():
             raise KVPredError(f"empty prompt in batch rows {lengths.eq(0).nonzero().flatten().tolist()}")
@@ -600,6 +616,8 @@ class KVPredictionModel(nn.Module):
         input_ids, attention_mask = self.check_inputs(input_ids, attention_mask, mode, max_new_tokens, exact_tail)
         if max_new_tokens < 1:
             raise KVPredError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        check_sampling(do_sample, temperature, top_p, top_k)
+        stop_strings = [s for s in stop_strings or [] if s] or None  # an empty one never matches (as in the server)
         defer = self.device.type == "cpu" if defer_values is None else defer_values
         tokenizer = generate_kwargs.pop("tokenizer", None) or self.tokenizer  # transformers' callers pass one
         if not transformers_loop and mode != "aux" and set(generate_kwargs) <= {"logits_processor",
@@ -718,9 +736,13 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise KVPredError(f"checkpoint file {path} is missing")
     try:
-        return load_file(str(path))
+        state = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as err:
         raise KVPredError(f"checkpoint file {path} is corrupt or not safetensors: {err}") from err
+    for name, tensor in state.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise KVPredError(f"checkpoint file {path} is corrupt: tensor {name} holds NaN or infinite values")
+    return state
 
 
 def _load_into(module: nn.Module, state: dict[str, torch.Tensor], names: list[str] | None, where: Path) -> None:

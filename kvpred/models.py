@@ -55,8 +55,11 @@ def _convert_gguf(gguf: Path, name: str) -> Path:
     target = cache_dir() / "converted" / f"{name}-{key}"
     if (target / "config.json").exists():
         return target
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    except (ValueError, OSError, KeyError) as err:  # transformers' GGUF reader: bad magic, truncated, unknown arch
+        raise KVPredError(f"GGUF file {gguf} cannot be read ({type(err).__name__}: {_first_line(err)})") from err
     config = quantized.config
     del config.quantization_config  # the dequantized weights are the model; keep no GGUF state around
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -73,6 +76,21 @@ def _convert_gguf(gguf: Path, name: str) -> Path:
         if not (target / "config.json").exists():  # another process won the race otherwise
             raise
     return target
+
+
+def check_device(name: str | torch.device) -> torch.device:
+    """The torch device `name` names, if this machine has it (and kvpred runs on it); a clear error otherwise."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise KVPredError(f"unknown device {name!r}; give cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise KVPredError(f"device {name!r}: this machine (or this torch build) has no CUDA GPU; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise KVPredError(f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    if device.type not in ("cpu", "cuda"):
+        raise KVPredError(f"device {name!r}: kvpred runs on cpu or cuda")
+    return device
 
 
 def resolve(name_or_path: str) -> str:

@@ -18,9 +18,9 @@ from typing import Iterator, Sequence
 import torch
 from transformers import DynamicCache
 
-from .decoding import (Pooled, Trace, base_tail, capacity_bucket, decode, eos_token_ids, first_logits,
-                       pad_id, tail_on_steps, with_stop_strings, without_cudnn_attention)
-from .generation import ConversationTokenizer
+from .decoding import (Pooled, Trace, base_tail, capacity_bucket, check_sampling, decode, eos_token_ids,
+                       first_logits, pad_id, tail_on_steps, with_stop_strings, without_cudnn_attention)
+from .generation import ConversationTokenizer, check_text
 from .model import BufferCache, KVPredictionModel, cache_kwargs, capture, position_ids_from_mask
 from .models import KVPredError
 
@@ -365,6 +365,7 @@ def generate_refined(model: KVPredictionModel, input_ids: torch.Tensor, attentio
     ids, mask = model.check_inputs(input_ids, attention_mask, "predicted", max_new_tokens, exact_tail)
     if max_new_tokens < 1:
         raise KVPredError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    check_sampling(do_sample, temperature, top_p, top_k)
     trace = Trace.started(model.device)
     (b, n), signal = ids.shape, None
     pooled = model._steps.get(model, b, n + max_new_tokens)
@@ -455,7 +456,10 @@ class ChatSession:
         transformers BaseStreamer) gets the conversation's ids, then each new token; `logits_processor` and
         `stopping_criteria` are called as transformers' generate calls them."""
         model = self.model
-        messages = self.messages + [{"role": "user", "content": user_text}]
+        if max_new_tokens < 1:
+            raise KVPredError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        check_sampling(do_sample, temperature, top_p, top_k)
+        messages = self.messages + [{"role": "user", "content": check_text(user_text, "message")}]
         ids, mask = model.check_inputs(self.conversation_ids(messages), None, "predicted", max_new_tokens,
                                        self.exact_tail)
         trace = Trace.started(model.device)
@@ -570,7 +574,7 @@ def register(subparsers) -> None:
     p.add_argument("--exact-tail", type=int, default=None,
                    help="prompt tokens the base runs itself (default: the checkpoint's chat tail, else the chat "
                         "template's tokens that open the reply; the shipped default, trained on chats, takes 1)")
-    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--max-new-tokens", type=positive_int, default=256)
     p.add_argument("--verbose", action="store_true", help="print per-turn reuse and timing to stderr")
     p.set_defaults(func=_chat)
 

@@ -69,7 +69,7 @@ import torch
 from transformers.generation import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 from .decoding import Pooled, RollingBatch, sample
-from .generation import ConversationTokenizer, cut_at_stop
+from .generation import ConversationTokenizer, check_text, cut_at_stop
 from .models import KVPredError
 from .refine import REFINE_CHOICES, ChatSession, generate_refined
 
@@ -379,6 +379,9 @@ class Scheduler:
 
     def submit(self, jobs: list[Job]) -> None:
         """Queue all of a request's prompts, or none of them."""
+        if len(jobs) > self.config.max_queue:
+            raise APIError(400, f"a request may hold at most {self.config.max_queue} prompts (the server's "
+                                f"--max-queue), got {len(jobs)}", param="prompt")
         with self._cond:
             if len(self._pending) + len(jobs) > self.config.max_queue:
                 raise APIError(429, f"the server is busy: {len(self._pending)} prompts are waiting and the queue "
@@ -769,13 +772,29 @@ def check_prompts(prompts: list[list[int]], max_tokens: int, context: int, vocab
                            param="prompt" if len(ids) >= context else "max_tokens", code="context_length_exceeded")
 
 
+def port_number(text: str) -> int:
+    """argparse type: a TCP port, checked before the model loads."""
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must lie in 0-65535, got {value}")
+    return value
+
+
+def valid_text(text: str, param: str) -> str:
+    """`text` if a tokenizer can take it, else a 400 naming `param` (JSON may carry lone surrogates: "\\ud800")."""
+    try:
+        return check_text(text, param)
+    except KVPredError as err:
+        raise APIError(400, str(err), param=param) from None
+
+
 def prompt_token_lists(prompt, tokenizer) -> list[list[int]]:
     """OpenAI's prompt forms: str, list[str], list[int] (one tokenized prompt), list[list[int]]."""
     if isinstance(prompt, str):
         prompt = [prompt]
     if prompt and all(isinstance(t, int) for t in prompt):
         return [list(prompt)]
-    return [tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompt]
+    return [tokenizer.encode(valid_text(p, "prompt")) if isinstance(p, str) else list(p) for p in prompt]
 
 
 def echo_texts(prompt, prompts: list[list[int]], tokenizer) -> list[str]:
@@ -970,7 +989,7 @@ def create_app(model, config: ServeConfig | None = None):
             text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         except Exception as err:  # jinja errors: the template rejects these messages
             raise APIError(400, f"the chat template rejects these messages: {err}", param="messages") from err
-        ids = conversations(text)  # the template holds the special tokens
+        ids = conversations(valid_text(text, "messages"))  # the template holds the special tokens
         limit = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         max_tokens = limit if limit is not None else max(context - len(ids), 0)
         check_prompts([ids], max_tokens, context, vocab)
@@ -998,7 +1017,7 @@ def create_app(model, config: ServeConfig | None = None):
 
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest):
-        ids = tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+        ids = tokenizer.encode(valid_text(body.prompt, "prompt"), add_special_tokens=body.add_special_tokens)
         return {"tokens": ids, "count": len(ids), "max_model_len": context}
 
     @app.post("/detokenize")
@@ -1053,7 +1072,7 @@ def register(subparsers) -> None:
                                           "ttft_s, refine, and for sessions session and reused_tokens.")
     add_model_arguments(p)
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=port_number, default=8000)
     p.add_argument("--default-mode", choices=KV_MODES, default="predicted",
                    help="kv_mode of requests that name none (default: predicted)")
     p.add_argument("--exact-tail", type=int, default=1,
@@ -1111,8 +1130,9 @@ def _serve(args: argparse.Namespace) -> int:
 
     from .cli import load_model
 
-    if args.exact_tail < 1 or args.max_batch < 1 or args.max_queue < 0:
-        raise KVPredError("--exact-tail and --max-batch must be >= 1 and --max-queue >= 0")
+    if args.exact_tail < 1 or args.max_batch < 1 or args.max_queue < 1:
+        raise KVPredError("--exact-tail, --max-batch and --max-queue must be >= 1 (a queue of 0 would refuse every "
+                          "request)")
     if args.compile_step and not args.warm_up:
         raise KVPredError("--compile-step compiles each shape's step during the warm-up; give --warm-up capacities")
     model = load_model(args)

@@ -30,11 +30,11 @@ class _Request(_Body):
     model_config = ConfigDict(extra="forbid")  # merged with _Body's: strict as well
     model: str
     max_tokens: int | None = Field(None, ge=0)  # None: 16 for completions, the rest of the context for chat
-    temperature: float = Field(1.0, ge=0, le=2)  # 0 means greedy decoding
-    top_p: float = Field(1.0, gt=0, le=1)
+    temperature: float = Field(1.0, ge=0, le=2, allow_inf_nan=False)  # 0 means greedy decoding
+    top_p: float = Field(1.0, gt=0, le=1, allow_inf_nan=False)
     n: int = Field(1, ge=1, le=1)  # one choice per prompt
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-2 ** 63, lt=2 ** 64)  # what torch.manual_seed takes
     stream: bool = False
     stream_options: StreamOptions | None = None
     # kvpred's extensions

@@ -270,6 +270,34 @@ def test_corrupt_checkpoints_are_refused_with_a_clear_error(tmp_path, tiny_llama
         KVPredictionModel.from_pretrained(str(tmp_path / "ckpt"))
 
 
+@pytest.mark.parametrize("thresholds", ["abc", {"entropy_hi": 1.0}, {"off_below": "x"}, {"signal": "luck"}])
+def test_refinement_thresholds_a_checkpoint_cannot_use_are_refused_when_it_loads(tmp_path, tiny_llama, thresholds):
+    KVPredictionModel.from_pretrained(tiny_llama, keep_ratio=0.5).save_pretrained(tmp_path / "ckpt")
+    config = json.loads((tmp_path / "ckpt" / CONFIG_NAME).read_text())
+    (tmp_path / "ckpt" / CONFIG_NAME).write_text(json.dumps({**config, "refine_thresholds": thresholds}))
+    with pytest.raises(KVPredError, match="not a valid kvpred config"):
+        KVPredictionModel.from_pretrained(str(tmp_path / "ckpt"))
+
+
+def test_a_predictor_holding_nan_is_refused_when_it_loads(tmp_path, tiny_llama):
+    from safetensors.torch import load_file, save_file
+
+    KVPredictionModel.from_pretrained(tiny_llama, keep_ratio=0.5).save_pretrained(tmp_path / "ckpt")
+    path = tmp_path / "ckpt" / PREDICTOR_NAME
+    state = load_file(str(path))
+    name = sorted(state)[0]
+    state[name][0] = float("nan")
+    save_file(state, str(path))
+    with pytest.raises(KVPredError, match=f"corrupt: tensor {name} holds NaN"):
+        KVPredictionModel.from_pretrained(str(tmp_path / "ckpt"))
+
+
+def test_a_file_that_is_not_gguf_is_a_clear_error(tmp_path):
+    (tmp_path / "bad.gguf").write_bytes(b"junk")
+    with pytest.raises(KVPredError, match="bad.gguf cannot be read"):
+        KVPredictionModel.from_pretrained(str(tmp_path / "bad.gguf"))
+
+
 def test_a_predictor_of_the_wrong_shape_is_refused(tmp_path, tiny_llama):
     model = KVPredictionModel.from_pretrained(tiny_llama, keep_ratio=0.5)
     model.save_pretrained(tmp_path / "ckpt")
@@ -317,6 +345,28 @@ def test_bad_prompts_get_clear_errors(tiny_llama):
     for transformers_loop in (False, True):  # kvpred's loop and transformers' alike
         with pytest.raises(KVPredError, match="max_new_tokens must be >= 1"):
             model.generate(torch.ones(1, 5, dtype=torch.long), max_new_tokens=0, transformers_loop=transformers_loop)
+    with pytest.raises(KVPredError, match="not valid UTF-8"):  # a command line in another encoding
+        encode_prompts(model.tokenizer, [b"hi \xff there".decode("utf-8", "surrogateescape")])
+    with pytest.raises(KVPredError, match="does not match input_ids"):
+        model.generate(torch.ones(2, 5, dtype=torch.long), torch.ones(2, 3, dtype=torch.long))
+    with pytest.raises(KVPredError, match="integer token ids"):
+        model.generate(torch.ones(1, 5))
+
+
+@pytest.mark.parametrize("setting, message", [({"top_p": 0.0}, "top_p must lie in"), ({"top_p": 2.0}, "top_p"),
+                                              ({"temperature": float("nan")}, "finite number > 0"),
+                                              ({"temperature": 0.0}, "finite number > 0"), ({"top_k": -4}, "top_k")])
+def test_sampling_arguments_no_draw_can_use_are_clear_errors_before_any_work(tiny_llama, setting, message):
+    model = KVPredictionModel.from_pretrained(tiny_llama, keep_ratio=0.5)
+    with pytest.raises(KVPredError, match=message):
+        model.generate(torch.ones(1, 5, dtype=torch.long), do_sample=True, **setting)
+    model.generate(torch.ones(1, 5, dtype=torch.long), max_new_tokens=2, **setting)  # greedy decoding ignores them
+
+
+def test_an_empty_stop_string_never_matches_as_in_the_server(tiny_llama):
+    model = KVPredictionModel.from_pretrained(tiny_llama, keep_ratio=0.5)
+    ids = torch.tensor([model.tokenizer.encode("hello there")])
+    assert torch.equal(model.generate(ids, max_new_tokens=6, stop_strings=[""]), model.generate(ids, max_new_tokens=6))
 
 
 def test_a_different_tokenizer_is_refused_for_a_separate_auxiliary(tmp_path, tiny_llama):
@@ -417,9 +467,13 @@ def test_cli_generate_with_top_k_1_samples_the_greedy_tokens(tiny_llama, capsys)
     assert tokens("--sample", "--temperature", "5", "--top-k", "1") == tokens()
 
 
-def test_cli_reports_bad_input_without_a_traceback(tiny_llama, capsys):
-    assert main(["generate", "--model", tiny_llama, "--prompt", "x" * 600]) == 2
-    assert "context limit" in capsys.readouterr().err
+@pytest.mark.parametrize("flags, message", [(["--prompt", "x" * 600], "context limit"),
+                                           (["--prompt", "hi", "--device", "foo"], "unknown device 'foo'"),
+                                           (["--prompt", "hi", "--sample", "--top-p", "0"], "top_p")]
+                         + ([] if torch.cuda.is_available() else [(["--prompt", "hi", "--device", "cuda"], "no CUDA")]))
+def test_cli_reports_bad_input_without_a_traceback(tiny_llama, capsys, flags, message):
+    assert main(["generate", "--model", tiny_llama, *flags]) == 2
+    assert message in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("command", [[], ["generate"]])

@@ -114,8 +114,9 @@ def test_cli_fit_with_rank_and_compress_write_factorised_checkpoints(tiny_llama,
 @pytest.mark.parametrize("argv, message", [
     (["fit", "--keep-layers", "0,2", "--source", "kv", "--rank", "4"], "hidden-state predictor"),
     (["compress", "--rank", "4"], "hidden-state input"),
+    (["fit", "--keep-layers", "0,2", "--seq-len", "1024"], "--seq-len 1024 exceeds the model's context limit of 512"),
 ])
-def test_factorising_a_key_value_predictor_is_a_clear_error(tiny_llama, shards, tmp_path, capsys, argv, message):
+def test_fits_that_cannot_work_are_clear_errors(tiny_llama, shards, tmp_path, capsys, argv, message):
     argv = argv[:1] + ["--model", tiny_llama, "--data", shards, "--out", str(tmp_path / "x"), "--device", "cpu",
                        "--tokens", "64", "--seq-len", "32", "--batch-size", "2"] + argv[1:]
     assert main(argv) == 2

@@ -468,6 +468,15 @@ def test_chat_session_without_refinement_keeps_only_the_exact_prefix(tiny_llama)
     assert session.exact_cols == 0 and session.last_info["refined_after_reply"] == 0
 
 
+def test_a_session_turn_with_nothing_to_generate_or_text_no_tokenizer_takes_is_a_clear_error(tiny_llama):
+    session = ChatSession(chat_model(tiny_llama, 0.5))
+    with pytest.raises(KVPredError, match="max_new_tokens must be >= 1"):
+        session.send("hi", max_new_tokens=0)
+    with pytest.raises(KVPredError, match="message is not valid UTF-8"):
+        session.send(b"hi \xff".decode("utf-8", "surrogateescape"))
+    assert session.messages == []  # neither turn happened
+
+
 def test_chat_session_needs_a_chat_template(tiny_llama):
     model = KVPredictionModel.from_pretrained(tiny_llama, keep_ratio=0.5)
     model.tokenizer.chat_template = None

@@ -291,6 +291,16 @@ BAD_REQUESTS = {
     "misspelt extension": ("/v1/completions", {"model": NAME, "prompt": "x", "kv_mod": "exact"}, 400, "kv_mod"),
     "unknown chat field": ("/v1/chat/completions", {"model": NAME, "messages": [{"role": "user", "content": "hi"}],
                                                    "exact_tale": 2}, 400, "exact_tale"),
+    # json.dumps escapes a lone surrogate as JSON may carry it ("\\ud800"), and writes NaN, which Python's JSON reads
+    "lone surrogate in a prompt": ("/v1/completions", json.dumps({"model": NAME, "prompt": "\ud800x"}).encode(), 400,
+                                   "prompt"),
+    "lone surrogate in a message": ("/v1/chat/completions", json.dumps(
+        {"model": NAME, "messages": [{"role": "user", "content": "\ud800"}]}).encode(), 400, "messages"),
+    "lone surrogate to tokenize": ("/tokenize", json.dumps({"prompt": "\ud800"}).encode(), 400, "prompt"),
+    "NaN temperature": ("/v1/completions", json.dumps({"model": NAME, "prompt": "x", "temperature": float("nan")}
+                                                      ).encode(), 400, "temperature"),
+    "seed beyond 64 bits": ("/v1/completions", {"model": NAME, "prompt": "x", "seed": 2 ** 70}, 400, "seed"),
+    "more prompts than the queue holds": ("/v1/completions", {"model": NAME, "prompt": ["x"] * 65}, 400, "prompt"),
 }
 
 
@@ -394,15 +404,34 @@ def test_no_prompt_joins_a_running_batch_ahead_of_an_older_one_that_cannot(model
     assert scheduler._joinable(later.batch_key, batch) == [later] and scheduler._running == [later]
 
 
+@pytest.mark.parametrize("flags", [["--port", "-1"], ["--port", "70000"], ["--max-queue", "0"]])
+def test_serve_flags_that_cannot_work_are_refused_before_the_model_loads(flags, capsys, monkeypatch):
+    from kvpred.cli import main
+
+    monkeypatch.setattr(KVPredictionModel, "from_pretrained", lambda *a, **k: pytest.fail("the model loaded"))
+    try:
+        code = main(["serve", "--model", "anything", *flags])
+    except SystemExit as exit_:  # argparse's own refusal
+        code = exit_.code
+    assert code == 2 and flags[0] in capsys.readouterr().err
+
+
 def test_the_queue_takes_all_of_a_request_or_none_of_it(model):
-    scheduler = Scheduler(model, ServeConfig(max_queue=2), Metrics(lambda: 0))
+    scheduler = Scheduler(model, ServeConfig(max_queue=2), Metrics(lambda: 0))  # not started: nothing leaves it
+    scheduler.submit([make_job()])
     with pytest.raises(APIError) as err:
+        scheduler.submit([make_job(), make_job()])
+    assert err.value.status == 429 and scheduler.depth == 1
+    with pytest.raises(APIError) as err:  # more prompts than the queue ever holds: retrying cannot help
         scheduler.submit([make_job(), make_job(), make_job()])
-    assert err.value.status == 429 and scheduler.depth == 0
+    assert err.value.status == 400 and "--max-queue" in err.value.message and scheduler.depth == 1
 
 
-def test_a_full_queue_answers_429(model):
-    with serve_in_thread(create_app(model, ServeConfig(model_name=NAME, max_queue=0))) as url:
+def test_a_full_queue_answers_429(model, monkeypatch):
+    monkeypatch.setattr(Scheduler, "start", lambda self: None)  # no worker: the first prompt stays queued
+    with serve_in_thread(create_app(model, ServeConfig(model_name=NAME, max_queue=1, warm_up=()))) as url:
+        with pytest.raises(httpx.TimeoutException):
+            httpx.post(f"{url}/v1/completions", json={"model": NAME, "prompt": "x"}, timeout=0.5)
         resp = httpx.post(f"{url}/v1/completions", json={"model": NAME, "prompt": "x"})
     assert resp.status_code == 429 and resp.json()["error"]["code"] == "queue_full"
 
