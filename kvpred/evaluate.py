@@ -119,10 +119,14 @@ class ResultCache:
     or settings) are ignored, so a changed run never reuses stale results."""
 
     def __init__(self, path: Path | None):
-        self.path = path
+        self.path, self.cut_short = path, False
         self.entries: dict[tuple[str, str, str, str], dict] = {}
         if path is not None and path.is_file():
-            with path.open(encoding="utf-8") as f:
+            if path.stat().st_size:  # a last line cut short by a killed run: the next record starts a new line
+                with path.open("rb") as f:
+                    f.seek(-1, os.SEEK_END)
+                    self.cut_short = f.read(1) != b"\n"
+            with path.open(encoding="utf-8", errors="replace") as f:  # a damaged line is skipped, not fatal
                 for line in f:
                     try:
                         rec = json.loads(line)
@@ -140,8 +144,9 @@ class ResultCache:
             lines.append(json.dumps({"sig": sig, "task": task, "mode": mode, "key": key, "result": result}))
         if self.path is not None and lines:
             with self.path.open("a", encoding="utf-8") as f:
-                f.write("\n".join(lines) + "\n")
+                f.write("\n" * self.cut_short + "\n".join(lines) + "\n")
                 f.flush()
+            self.cut_short = False
 
 
 def model_signature(model, name: str) -> dict:
@@ -165,7 +170,7 @@ def evaluate(model, specs, modes: list[str], options, *, limit: int | None = Non
     """Run every task in every mode (exact first, so agreement can compare against it) and return the results
     document: model signature, flop_ratio, settings, and per task {kind, data, n, primary, higher_is_better,
     metrics: {metric: {mode: {value, ci, n, gap_recovered, gap_ci}}}, extra: {mode: ...}, seconds}."""
-    from .tasks import KINDS, MODES, RunContext
+    from .tasks import KINDS, MODES, RunContext, data_digest
 
     bad = [m for m in modes if m not in MODES]
     if bad or not modes:
@@ -187,10 +192,11 @@ def evaluate(model, specs, modes: list[str], options, *, limit: int | None = Non
         task_modes = kind.modes(modes)
         tail = kind.exact_tail(model, options)  # predicted mode's; chats take the model's chat tail
         results: dict[str, dict[str, dict]] = {}
+        data = data_digest(spec.path)
         for mode in task_modes:
-            # what makes a unit result: model, task data and settings, r for truncate mode, and the exact tail
-            # for predicted mode (named only when not the paper's 1, so earlier caches stay valid)
-            key = [msig, spec.kind, spec.path, settings, options.ratio if mode == "truncate" else None]
+            # what makes a unit result: model, task data (its files' contents too) and settings, r for truncate mode,
+            # and the exact tail for predicted mode (named only when not the paper's 1)
+            key = [msig, spec.kind, spec.path, data, settings, options.ratio if mode == "truncate" else None]
             sig = _digest(key + [tail] if mode == "predicted" and tail != 1 else key)
             pending = [u for u in units if cache.get(sig, spec.name, mode, u[0]) is None]
             if pending:
@@ -375,6 +381,8 @@ def run_cli(args: argparse.Namespace) -> int:
 
     if args.batch_size < 1 or args.exact_tail < 1 or (args.limit is not None and args.limit < 1):
         raise KVPredError("--batch-size, --exact-tail and --limit must be at least 1")
+    if args.out.suffix == ".md" or args.out.is_dir():  # the report goes to OUT.md: it would replace the results
+        raise KVPredError(f"--out {args.out} must name the results JSON file (the report goes beside it, as .md)")
     data_dir = args.data_dir or default_data_dir()
     specs = parse_tasks(args.tasks, data_dir)
     check_builtin_data(specs, data_dir)

@@ -10,6 +10,7 @@ the last 1/r of the prompt tokens, r = the TTFT FLOPs reduction of the model: an
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import math
 import os
@@ -152,6 +153,20 @@ def detect_kind(path: str) -> str:
 def _expand(path: str) -> list[str]:
     """The data files of a file, a glob or a folder (its .txt, .jsonl and .jsonl.gz files, recursively)."""
     return [str(f) for f in find_files(path, DATA_SUFFIXES)]
+
+
+def data_digest(path: str) -> str:
+    """A digest of the names and contents of the data files `path` names ("" where it names none), so that a result
+    cache never serves what was computed on data since edited, replaced or grown."""
+    try:
+        files = _expand(path)
+    except KVPredError:
+        return ""
+    h = hashlib.sha256()
+    for name in files:
+        h.update(name.encode())
+        h.update(Path(name).read_bytes())
+    return h.hexdigest()[:16]
 
 
 def read_jsonl(path: str) -> Iterator[dict]:

@@ -334,6 +334,30 @@ def test_result_cache_ignores_other_signatures_and_torn_lines(tmp_path):
     again = ResultCache(path)
     assert again.get("sig", "t", "exact", "0") == {"ll": -1.0}
     assert again.get("other", "t", "exact", "0") is None and again.get("sig", "t", "exact", "1") is None
+    again.put("sig", "t", "exact", [("1", {"ll": -2.0})])  # after the torn line, on a line of its own
+    with path.open("ab") as f:
+        f.write(b"\xff\xfe not text\n")  # a damaged line: skipped like a torn one
+    third = ResultCache(path)
+    assert third.get("sig", "t", "exact", "1") == {"ll": -2.0} and third.get("sig", "t", "exact", "0") == {"ll": -1.0}
+
+
+def test_a_cache_never_serves_results_of_data_edited_since(tiny_path, tmp_path):
+    data, out = tmp_path / "lm.jsonl", tmp_path / "eval.json"
+    lines = (DATA / "lm.jsonl").read_text().splitlines()
+    argv = ["eval", "--model", str(tiny_path), "--tasks", f"lambada={data}", "--modes", "exact", "--out", str(out),
+            "--quiet"]
+    results = []
+    for chosen in (lines[:2], lines[2:4], lines[:2]):
+        data.write_text("\n".join(chosen) + "\n")
+        assert cli.main(argv) == 0
+        results.append(json.loads(out.read_text())["tasks"]["lambada"]["metrics"])
+    assert results[0] != results[1] and results[2] == results[0]  # the edit is seen; the first items stay cached
+
+
+def test_an_out_that_would_lose_the_results_is_refused_before_the_model_loads(tiny_path, tmp_path, capsys):
+    for out in (tmp_path / "report.md", tmp_path):
+        assert cli.main(["eval", "--model", "no-such-model", "--tasks", f"{DATA}/lm.jsonl", "--out", str(out)]) == 2
+        assert "must name the results JSON file" in capsys.readouterr().err
 
 
 def test_plot_draws_the_pareto_figure_with_a_ttft_panel(pruned_doc, tmp_path):
