@@ -1,6 +1,7 @@
 """KVPredictionModel: a frozen base, an auxiliary and a predictor, with exact / aux / predicted prefill (METHOD 1.2)."""
 from __future__ import annotations
 
+import hashlib
 import inspect
 import json
 import os
@@ -53,6 +54,7 @@ class KVPConfig:
     refine_thresholds: dict | None = None  # refine.Thresholds fields from `kvpred calibrate`; None: the defaults
     chat_exact_tail: int | None = None  # exact tail of chat prompts, measured for these weights; None: the
     # template's reply opening (generation.chat_exact_tail), the safe choice for a predictor never trained on chats
+    weights_sha256: dict[str, str] | None = None  # file -> digest of the weights files saved with this config
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -78,9 +80,13 @@ class KVPConfig:
                     Thresholds(**raw["refine_thresholds"])
                 except KVPredError as err:
                     raise ValueError(f"refine_thresholds: {err}") from err
+            digests = raw.get("weights_sha256")
+            if digests is not None and not (isinstance(digests, dict) and all(
+                    isinstance(k, str) and isinstance(v, str) for k, v in digests.items())):
+                raise ValueError(f"weights_sha256 must map file names to digests, got {digests!r}")
             return cls(base=raw["base"], base_fingerprint=raw["base_fingerprint"], aux=AuxSpec(**raw["aux"]),
                        predictor=PredictorConfig(**raw["predictor"]), format_version=raw["format_version"],
-                       refine_thresholds=raw.get("refine_thresholds"), chat_exact_tail=tail)
+                       refine_thresholds=raw.get("refine_thresholds"), chat_exact_tail=tail, weights_sha256=digests)
         except (json.JSONDecodeError, KeyError, TypeError, AttributeError, ValueError) as err:
             raise KVPredError(f"{where} is not a valid kvpred config ({type(err).__name__}: {err})") from err
 
@@ -241,6 +247,10 @@ class KVPredictionModel(nn.Module):
     @classmethod
     def _load_checkpoint(cls, path: Path, *, base: str | None, dtype, device) -> "KVPredictionModel":
         config = KVPConfig.from_json((path / CONFIG_NAME).read_text(), str(path / CONFIG_NAME))
+        for name, digest in (config.weights_sha256 or {}).items():  # a set of files from one save, not two
+            if (path / name).is_file() and _file_digest(path / name) != digest:
+                raise KVPredError(f"checkpoint {path} is half-written (a save stopped part-way?): {name} is not the "
+                                  f"file its {CONFIG_NAME} was saved with")
         if base is None:
             models.check_base_exists(config.base, path)
         base_model, tokenizer = models.load_causal_lm(base or config.base, dtype, device)
@@ -264,18 +274,27 @@ class KVPredictionModel(nn.Module):
         return model
 
     def save_pretrained(self, path: str | os.PathLike, dtype: torch.dtype | None = None) -> None:
-        """Write config JSON + predictor safetensors (+ `aux_tensors`, the trained aux tensors), each atomically;
-        `dtype` (e.g. bfloat16, to ship a small default) converts the stored tensors."""
+        """Write config JSON + predictor safetensors (+ `aux_tensors`, the trained aux tensors); `dtype` (e.g.
+        bfloat16, to ship a small default) converts the stored tensors. Every file is written under a temporary
+        name first and renamed into place, the config last; the config holds the weights files' digests, so a
+        folder a killed save left with files of two saves is refused when it loads, not used."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         self.config.aux.saved_params = sorted(self.aux_tensors)
-        state = {k: v.detach().to(dtype or v.dtype).contiguous().cpu()
-                 for k, v in self.predictor.state_dict().items()}
-        _atomic(path / PREDICTOR_NAME, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
-        if self.aux_tensors:
-            saved = {k: v.detach().to(dtype or v.dtype).contiguous().cpu().clone() for k, v in self.aux_tensors.items()}
-            _atomic(path / AUX_NAME, lambda tmp: save_file(saved, tmp, metadata={"format": "pt"}))
-        _atomic(path / CONFIG_NAME, lambda tmp: Path(tmp).write_text(self.config.to_json()))
+        files = {PREDICTOR_NAME: self.predictor.state_dict()} | ({AUX_NAME: self.aux_tensors} if self.aux_tensors
+                                                                 else {})
+        staged = {name: path / f".{name}.tmp{os.getpid()}" for name in files}
+        try:
+            for name, tensors in files.items():
+                save_file({k: v.detach().to(dtype or v.dtype).contiguous().cpu().clone() for k, v in tensors.items()},
+                          str(staged[name]), metadata={"format": "pt"})
+            self.config.weights_sha256 = {name: _file_digest(tmp) for name, tmp in staged.items()}
+            for name, tmp in staged.items():
+                os.replace(tmp, path / name)
+            _atomic(path / CONFIG_NAME, lambda tmp: Path(tmp).write_text(self.config.to_json()))
+        finally:
+            for tmp in staged.values():
+                tmp.unlink(missing_ok=True)
 
     # ---------------------------------------------------------------- properties
     @property
@@ -777,6 +796,10 @@ def _load_aux_tensors(aux: nn.Module, state: dict[str, torch.Tensor], names: lis
             if weight not in own or b is None or (b.shape[0], a.shape[1]) != own[weight].shape:
                 raise KVPredError(f"{where}: adapter {name} does not fit the auxiliary's weights")
     lora.merge_factors(aux, factors)
+
+
+def _file_digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
 def _atomic(path: Path, write) -> None:

@@ -288,6 +288,8 @@ def test_a_predictor_holding_nan_is_refused_when_it_loads(tmp_path, tiny_llama):
     name = sorted(state)[0]
     state[name][0] = float("nan")
     save_file(state, str(path))
+    config = json.loads((tmp_path / "ckpt" / CONFIG_NAME).read_text())  # as written before configs held digests
+    (tmp_path / "ckpt" / CONFIG_NAME).write_text(json.dumps({**config, "weights_sha256": None}))
     with pytest.raises(KVPredError, match=f"corrupt: tensor {name} holds NaN"):
         KVPredictionModel.from_pretrained(str(tmp_path / "ckpt"))
 
@@ -296,6 +298,30 @@ def test_a_file_that_is_not_gguf_is_a_clear_error(tmp_path):
     (tmp_path / "bad.gguf").write_bytes(b"junk")
     with pytest.raises(KVPredError, match="bad.gguf cannot be read"):
         KVPredictionModel.from_pretrained(str(tmp_path / "bad.gguf"))
+
+
+def test_a_save_killed_before_its_config_leaves_a_checkpoint_that_is_refused_not_mixed(tmp_path, tiny_llama,
+                                                                                      monkeypatch):
+    import kvpred.model
+
+    model = KVPredictionModel.from_pretrained(tiny_llama, keep_ratio=0.5)
+    model.save_pretrained(tmp_path / "ckpt")
+    with torch.no_grad():
+        next(model.predictor.parameters()).add_(1.0)
+
+    def killed(path, write):
+        raise KeyboardInterrupt  # the process dies after the weights are in place, before the config is
+
+    monkeypatch.setattr(kvpred.model, "_atomic", killed)
+    with pytest.raises(KeyboardInterrupt):
+        model.save_pretrained(tmp_path / "ckpt")
+    monkeypatch.undo()
+    assert not [f for f in (tmp_path / "ckpt").iterdir() if f.name.startswith(".")]  # no temporary file left
+    with pytest.raises(KVPredError, match="half-written"):
+        KVPredictionModel.from_pretrained(str(tmp_path / "ckpt"))
+    model.save_pretrained(tmp_path / "ckpt")  # saving again mends it
+    assert torch.equal(next(KVPredictionModel.from_pretrained(str(tmp_path / "ckpt")).predictor.parameters()),
+                       next(model.predictor.parameters()))
 
 
 def test_a_predictor_of_the_wrong_shape_is_refused(tmp_path, tiny_llama):
