@@ -141,7 +141,23 @@ class TrainConfig:
             (min(every.values()) < 0, f"{', '.join(every)} must be >= 0 (0: never), got {every}"),
             (self.eval_every > 0 and self.eval_windows < 1,
              f"--eval-windows must be at least 1 with evaluation (--eval-every > 0), got {self.eval_windows}"),
+            (Path(self.out).exists() and not Path(self.out).is_dir(),
+             f"--out {self.out} is a file; the run needs a folder (its checkpoint, metrics and final/)"),
         ]
+
+
+def hold_run_folder(out: Path):
+    """An exclusive lock on the run folder `out` for as long as the returned file stays open (the process's life):
+    two runs writing one folder would overwrite each other's checkpoints and interleave their metrics."""
+    import fcntl
+
+    handle = open(out / ".lock", "w")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise KVPredError(f"{out} is in use by another kvpred train run; wait for it, or give another --out") from None
+    return handle
 
 
 class Interrupted(KeyboardInterrupt):
@@ -443,7 +459,12 @@ class Trainer:
         self.step = 0
         self.out = Path(c.out)
         self.out.mkdir(parents=True, exist_ok=True)
-        self._resume_if_possible()
+        self.lock = hold_run_folder(self.out) if self.rank == 0 else None
+        try:
+            self._resume_if_possible()
+        except BaseException:
+            self.release()
+            raise
         if self.rank == 0:
             trim_metrics(self.out / METRICS_NAME, self.step)
 
@@ -524,6 +545,8 @@ class Trainer:
         except Exception as err:  # torch raises many types for a truncated or foreign file
             raise KVPredError(f"training checkpoint {path} is corrupt ({type(err).__name__}: {err}); "
                               "move it away to start over") from err
+        if not isinstance(state, dict) or not {"config", "step", "predictor", "aux", "optimizer"} <= set(state):
+            raise KVPredError(f"{path} is not a kvpred training checkpoint; move it away to start over")
         saved = state.get("config", {})
         diff = {k: (saved.get(k), v) for k, v in asdict(self.config).items()
                 if k not in TrainConfig.RESUMABLE_CHANGES and saved.get(k) != v}
@@ -546,13 +569,29 @@ class Trainer:
         self.data.load_state_dict(state["data"])
         set_rng_state(state["rng"])
         self.step = state["step"]
+        if self.step > self.config.steps:
+            raise KVPredError(f"{path} is at step {self.step}, past --steps {self.config.steps}: give --steps >= "
+                              f"{self.step} to go on, or another --out to start over")
         self.total_steps = min(self.config.steps, state.get("fitted_steps") or self.config.steps)
         self.log(f"resumed from {path} at step {self.step}")
 
     # ---------------------------------------------------------- loop
     def train(self) -> Path:
         """Train to total_steps and write final/. In one process, a first Ctrl+C stops at the end of the step under
-        way: a checkpoint is saved there and Interrupted raised, and the same run resumes from it."""
+        way: a checkpoint is saved there and Interrupted raised, and the same run resumes from it. The run folder is
+        let go however it ends."""
+        try:
+            return self._train()
+        finally:
+            self.release()
+
+    def release(self) -> None:
+        """Let go of the run folder (`hold_run_folder`), so that another run may use it."""
+        if getattr(self, "lock", None) is not None:
+            self.lock.close()
+            self.lock = None
+
+    def _train(self) -> Path:
         from tqdm import tqdm
 
         c = self.config

@@ -168,9 +168,29 @@ def test_a_corrupt_or_foreign_checkpoint_is_refused(tiny_llama, shards, tmp_path
     Trainer(config(tiny_llama, shards, tmp_path, steps=2)).train()
     with pytest.raises(KVPredError, match="different configuration"):
         Trainer(config(tiny_llama, shards, tmp_path, steps=4, lr=0.5))
+    with pytest.raises(KVPredError, match="at step 2, past --steps 1"):  # a shorter run cannot be what was meant
+        Trainer(config(tiny_llama, shards, tmp_path, steps=1))
     (tmp_path / "run" / STATE_NAME).write_bytes(b"garbage")
     with pytest.raises(KVPredError, match="corrupt"):
         Trainer(config(tiny_llama, shards, tmp_path, steps=4))
+    torch.save([1, 2], tmp_path / "run" / STATE_NAME)
+    with pytest.raises(KVPredError, match="not a kvpred training checkpoint"):
+        Trainer(config(tiny_llama, shards, tmp_path, steps=4))
+
+
+def test_a_run_folder_is_held_by_one_run_at_a_time(tiny_llama, shards, tmp_path):
+    running = Trainer(config(tiny_llama, shards, tmp_path, steps=2))
+    with pytest.raises(KVPredError, match="in use by another kvpred train run"):
+        Trainer(config(tiny_llama, shards, tmp_path, steps=2))
+    running.train()  # ends, and lets the folder go
+    assert Trainer(config(tiny_llama, shards, tmp_path, steps=2)).step == 2
+
+
+def test_an_out_that_is_a_file_is_refused_before_anything_loads(tmp_path):
+    (tmp_path / "afile").write_text("mine")
+    with pytest.raises(KVPredError, match="is a file"):
+        TrainConfig(out=str(tmp_path / "afile"))
+    assert (tmp_path / "afile").read_text() == "mine"
 
 
 def train_cli(tiny_llama, shards, out, *, steps: int, nproc: int = 1, fsdp: bool = False, warmup: int = 1) -> None:
