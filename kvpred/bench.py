@@ -773,6 +773,8 @@ def _ttft_command(args) -> int:
             variant.model.compile_predictor()
         if args.compile_step == "auto" and settings.cuda_graph:
             variant.model.compile_step()
+    if Path(args.out).exists() and not Path(args.out).is_dir():  # checked before the measuring, not after
+        raise KVPredError(f"--out {args.out} is a file; give a folder for the results")
     model = variants[0].model
     limit = model.context_length - args.decode_tokens
     if args.prompt_lens is None:  # the default lengths that fit this model's context
@@ -796,9 +798,12 @@ def _ttft_command(args) -> int:
     out = Path(args.out)
     rows, notes = run(bench, label, weights, dtype,
                       on_rows=lambda rows, notes: write_outputs(rows, meta, notes, out, name, with_plot=False))
+    if not rows:  # the results of an earlier run under this name stay as they are
+        raise KVPredError("no shape was measured (" + "; ".join(notes or ["every one was skipped"]) + "); nothing "
+                          "written")
     meta[0]["loadavg_end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
     paths = write_outputs(rows, meta, notes, out, name, with_plot=not args.no_plot)
-    print("\n" + "\n".join(targets(rows)) if rows else "no rows")
+    print("\n" + "\n".join(targets(rows)))
     print("\n" + summary_table(rows))
     print("wrote " + ", ".join(str(p) for p in paths))
     return 0

@@ -147,6 +147,19 @@ def test_max_batch_tokens_skips_and_says_so(tiny_path, tmp_path):
     assert data["notes"] == ["skipped batch 4, prompt 32: batch x length 128 > --max-batch-tokens 64"]
 
 
+def test_a_run_that_measures_nothing_keeps_earlier_results_and_an_out_file_is_refused_first(tiny_path, tmp_path,
+                                                                                           capsys):
+    argv = ["bench", "ttft", "--model", str(tiny_path), "--device", "cpu", "--prompt-lens", "8", "--repeats", "1",
+            "--warmup", "0", "--decode-tokens", "2", "--name", "k", "--no-plot"]
+    assert cli_main(argv + ["--out", str(tmp_path)]) == 0
+    earlier = (tmp_path / "k.json").read_text()
+    assert cli_main(argv + ["--out", str(tmp_path), "--max-batch-tokens", "1"]) == 2
+    assert "no shape was measured" in capsys.readouterr().err and (tmp_path / "k.json").read_text() == earlier
+    (tmp_path / "afile").write_text("mine")
+    assert cli_main(argv + ["--out", str(tmp_path / "afile")]) == 2
+    assert "is a file" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------- FLOP accounting
 def test_param_rule_on_smollm2_shape():
     # 49152*576 embedding + 30 layers * (2*576*576 + 2*576*192 + 3*576*1536) = 28,311,552 + 30 * 3,538,944
