@@ -740,14 +740,16 @@ class HumanEval(Kind):
         opts = ctx.options
         n = opts.humaneval_samples
         prompts = [p["prompt"] for _, p in units for _ in range(n)]  # n copies of each prompt, adjacent
-        per_batch = max(1, opts.batch_size // n) * n  # whole problems per batch, so results complete per batch
+        # whole problems per batch, so results complete per batch; sampled, one problem per batch, seeded by its own
+        # index, so that its samples depend neither on --batch-size nor on which problems a resumed run has left
+        per_batch = n if n > 1 else opts.batch_size
         for start in range(0, len(prompts), per_batch):
             texts = [""] * (min(per_batch, len(prompts) - start))
             for batch in generate(ctx.model, prompts[start:start + per_batch], mode, ratio=opts.ratio,
                                   exact_tail=opts.exact_tail, batch_size=per_batch,
                                   max_new_tokens=opts.humaneval_max_new_tokens, stop=self.stop, do_sample=n > 1,
                                   temperature=opts.humaneval_temperature, top_p=opts.humaneval_top_p,
-                                  seed=opts.seed + start):
+                                  seed=opts.seed + int(units[start // n][0]) if n > 1 else None):
                 for i, tokens in batch:
                     texts[i] = cut_at_stop(ctx.model.tokenizer.decode(tokens, skip_special_tokens=True), self.stop)
             problems = [units[(start + j) // n][1]["problem"] for j in range(len(texts))]

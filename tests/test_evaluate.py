@@ -458,3 +458,16 @@ def test_smollm_identity_setting_scores_arc_easy_the_same_in_predicted_and_exact
                    limit=8, progress=False)
     acc = doc["tasks"]["arc_easy"]["metrics"]["acc"]
     assert acc["predicted"]["value"] == acc["exact"]["value"] and acc["exact"]["value"] > 0.25
+
+
+def test_sampled_humaneval_completions_depend_on_the_problem_not_on_batching_or_resuming(pruned, tmp_path):
+    specs, runs = parse_tasks(f"humaneval={DATA}/humaneval.jsonl", DATA), []
+    for batch_size, kept in ((4, 0), (2, 0), (4, 1)):  # the last: a run killed after its first problem, resumed
+        path = tmp_path / f"cache{len(runs)}.jsonl"
+        if kept:
+            path.write_text("".join((tmp_path / "cache0.jsonl").read_text().splitlines(keepends=True)[:kept]))
+        evaluate(pruned, specs, ["exact"], small_options(pruned, batch_size=batch_size, humaneval_samples=2),
+                 cache=ResultCache(path), progress=False)
+        lines = [json.loads(line) for line in path.read_text().splitlines()]
+        runs.append({rec["key"]: rec["result"]["completions"] for rec in lines})
+    assert len(runs[0]) == 2 and runs[0] == runs[1] == runs[2]
