@@ -589,7 +589,9 @@ def sample_corpus(model, tokenizer, out_dir: str | Path, tokens: int, *, batch_s
     total = sum(json.loads(line)["tokens"] for f in done for line in f.read_text().splitlines())
     bar = tqdm(total=tokens, initial=min(total, tokens), unit="tok", unit_scale=True, desc=f"sampling into {out}",
                disable=not progress)
-    batch = len(done)
+    # after the highest number there: files a user removed must not make a new batch overwrite a kept one
+    batch = max((int(f.stem.removeprefix("sample_")) + 1 for f in done if f.stem.removeprefix("sample_").isdigit()),
+                default=0)
     while total < tokens:
         rng = np.random.default_rng([seed, batch])
         torch.manual_seed(int(rng.integers(2 ** 31)))

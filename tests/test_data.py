@@ -252,6 +252,12 @@ def test_sampled_documents_come_in_batch_files_and_a_killed_run_resumes(tiny_lla
     files[-1].unlink()  # killed before the last batch was written
     assert sample_corpus(model, tok, tmp_path / "s", 20, **options) == total
     assert [f.read_text() for f in sorted((tmp_path / "s").glob("sample_*.jsonl"))] == before
+    files[0].unlink()  # a user removed an early batch: asking for more never overwrites a later one
+    sample_corpus(model, tok, tmp_path / "s", total + 1, seed=1, **options)  # another seed: other documents
+    assert [f.read_text() for f in sorted((tmp_path / "s").glob("sample_*.jsonl"))][:len(files) - 1] == before[1:]
+    files[0].write_text(before[0])
+    for extra in sorted((tmp_path / "s").glob("sample_*.jsonl"))[len(files):]:
+        extra.unlink()
     meta = build_shards([str(tmp_path / "s")], tok, tmp_path / "tokens", heldout_fraction=0.0, progress=False)
     assert meta["splits"]["train"]["documents"] == len(set(line["text"] for line in lines))
     with pytest.raises(KVPredError, match="whole-word"):  # a byte tokenizer has no words to open documents with
