@@ -660,7 +660,11 @@ def _chat(args) -> int:
     for line in _typed_lines(sys.stdin):
         if not line.strip():
             continue
-        print(session.send(line.rstrip("\n"), max_new_tokens=args.max_new_tokens), flush=True)
+        try:
+            print(session.send(line.rstrip("\n"), max_new_tokens=args.max_new_tokens), flush=True)
+        except KVPredError as err:  # this turn cannot run (too long for the context, say): the chat goes on
+            print(f"kvpred: error: {err}", file=sys.stderr, flush=True)
+            continue
         if args.verbose:
             i = session.last_info
             print(f"[reused {i['reused_tokens']} of {i['prompt_tokens']} tokens, predicted {i['predicted_tokens']}, "

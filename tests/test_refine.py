@@ -551,10 +551,13 @@ def test_chat_command_answers_each_line_and_reuses_the_cache(tmp_path, monkeypat
     register(parser.add_subparsers())
     args = parser.parse_args(["chat", "--model", str(path), "--device", "cpu", "--max-new-tokens", "4",
                               "--refine", "lazy", "--verbose"])
-    monkeypatch.setattr("sys.stdin", io.StringIO("hello\n\nhow are you?\n"))
+    # the third line is too long for the context: it is refused, and the chat goes on with its cache
+    monkeypatch.setattr("sys.stdin", io.StringIO("hello\n\nhow are you?\n" + "q" * 600 + "\nand now?\n"))
     assert args.func(args) == 0
-    reused = [int(n) for n in re.findall(r"\[reused (\d+) of", capsys.readouterr().err)]
-    assert len(reused) == 2 and reused[0] == 0 and reused[1] > 0
+    err = capsys.readouterr().err
+    reused = [int(n) for n in re.findall(r"\[reused (\d+) of", err)]
+    assert len(reused) == 3 and reused[0] == 0 and 0 < reused[1] < reused[2]
+    assert "exceeds the context limit" in err
 
 
 def test_chat_at_a_terminal_asks_for_each_message_and_ends_on_ctrl_d(monkeypatch, capsys):
