@@ -279,6 +279,8 @@ class KVPredictionModel(nn.Module):
         name first and renamed into place, the config last; the config holds the weights files' digests, so a
         folder a killed save left with files of two saves is refused when it loads, not used."""
         path = Path(path)
+        if path.exists() and not path.is_dir():
+            raise KVPredError(f"cannot save a checkpoint to {path}: it is a file (a checkpoint is a folder)")
         path.mkdir(parents=True, exist_ok=True)
         self.config.aux.saved_params = sorted(self.aux_tensors)
         files = {PREDICTOR_NAME: self.predictor.state_dict()} | ({AUX_NAME: self.aux_tensors} if self.aux_tensors

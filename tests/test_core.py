@@ -320,6 +320,9 @@ def test_a_save_killed_before_its_config_leaves_a_checkpoint_that_is_refused_not
     with pytest.raises(KVPredError, match="half-written"):
         KVPredictionModel.from_pretrained(str(tmp_path / "ckpt"))
     model.save_pretrained(tmp_path / "ckpt")  # saving again mends it
+    (tmp_path / "afile").write_text("mine")
+    with pytest.raises(KVPredError, match="it is a file"):
+        model.save_pretrained(tmp_path / "afile")
     assert torch.equal(next(KVPredictionModel.from_pretrained(str(tmp_path / "ckpt")).predictor.parameters()),
                        next(model.predictor.parameters()))
 
