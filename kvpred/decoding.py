@@ -439,8 +439,11 @@ class RollingBatch:
         self.free.append(row)
 
 
-def check_sampling(do_sample: bool, temperature: float, top_p: float, top_k: int) -> None:
-    """Clear errors for sampling arguments no draw can use, before any work (greedy decoding ignores them)."""
+def check_decoding(max_new_tokens: int, do_sample: bool, temperature: float, top_p: float, top_k: int) -> None:
+    """Clear errors, before any work, for no tokens to generate and for sampling arguments no draw can use (greedy
+    decoding ignores them). Every generation loop (generate, generate_refined, ChatSession.send) calls it."""
+    if max_new_tokens < 1:
+        raise KVPredError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if not do_sample:
         return
     if not math.isfinite(temperature) or temperature <= 0:
@@ -453,7 +456,7 @@ def check_sampling(do_sample: bool, temperature: float, top_p: float, top_k: int
 
 def sample(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float, top_k: int) -> torch.Tensor:
     """Next token per row from logits [B, V] (float32): argmax, or a temperature / top-k / top-p draw (arguments as
-    `check_sampling` lets through)."""
+    `check_decoding` lets through)."""
     if not do_sample:
         return logits.argmax(-1)
     if 0 < top_k < logits.shape[-1]:

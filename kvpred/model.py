@@ -19,7 +19,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from . import lora, models
 from .models import KVPredError, sliding_window
-from .decoding import (StepPool, capacity_bucket, check_sampling, eos_token_ids, generate_with_steps, pad_id,
+from .decoding import (StepPool, capacity_bucket, check_decoding, eos_token_ids, generate_with_steps, pad_id,
                        with_stop_strings, without_cudnn_attention)
 from .deferred import PendingValues, deferred_values
 from .generation import chat_exact_tail
@@ -635,9 +635,7 @@ class KVPredictionModel(nn.Module):
         generate instead. On a CPU predicted mode defers its values (kvpred.deferred; `defer_values`). None of
         this changes the tokens."""
         input_ids, attention_mask = self.check_inputs(input_ids, attention_mask, mode, max_new_tokens, exact_tail)
-        if max_new_tokens < 1:
-            raise KVPredError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        check_sampling(do_sample, temperature, top_p, top_k)
+        check_decoding(max_new_tokens, do_sample, temperature, top_p, top_k)
         stop_strings = [s for s in stop_strings or [] if s] or None  # an empty one never matches (as in the server)
         defer = self.device.type == "cpu" if defer_values is None else defer_values
         tokenizer = generate_kwargs.pop("tokenizer", None) or self.tokenizer  # transformers' callers pass one

@@ -18,7 +18,7 @@ from typing import Iterator, Sequence
 import torch
 from transformers import DynamicCache
 
-from .decoding import (Pooled, Trace, base_tail, capacity_bucket, check_sampling, decode, eos_token_ids,
+from .decoding import (Pooled, Trace, base_tail, capacity_bucket, check_decoding, decode, eos_token_ids,
                        first_logits, pad_id, tail_on_steps, with_stop_strings, without_cudnn_attention)
 from .generation import ConversationTokenizer, check_text
 from .model import BufferCache, KVPredictionModel, cache_kwargs, capture, position_ids_from_mask
@@ -363,9 +363,7 @@ def generate_refined(model: KVPredictionModel, input_ids: torch.Tensor, attentio
     """
     _check_refine(refine, chunk_size)
     ids, mask = model.check_inputs(input_ids, attention_mask, "predicted", max_new_tokens, exact_tail)
-    if max_new_tokens < 1:
-        raise KVPredError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    check_sampling(do_sample, temperature, top_p, top_k)
+    check_decoding(max_new_tokens, do_sample, temperature, top_p, top_k)
     trace = Trace.started(model.device)
     (b, n), signal = ids.shape, None
     pooled = model._steps.get(model, b, n + max_new_tokens)
@@ -456,9 +454,7 @@ class ChatSession:
         transformers BaseStreamer) gets the conversation's ids, then each new token; `logits_processor` and
         `stopping_criteria` are called as transformers' generate calls them."""
         model = self.model
-        if max_new_tokens < 1:
-            raise KVPredError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        check_sampling(do_sample, temperature, top_p, top_k)
+        check_decoding(max_new_tokens, do_sample, temperature, top_p, top_k)
         messages = self.messages + [{"role": "user", "content": check_text(user_text, "message")}]
         ids, mask = model.check_inputs(self.conversation_ids(messages), None, "predicted", max_new_tokens,
                                        self.exact_tail)
