@@ -130,7 +130,8 @@ class ResultCache:
                 for line in f:
                     try:
                         rec = json.loads(line)
-                        self.entries[(rec["sig"], rec["task"], rec["mode"], rec["key"])] = rec["result"]
+                        if isinstance(rec["result"], dict) and rec["result"]:  # else the unit runs again
+                            self.entries[(rec["sig"], rec["task"], rec["mode"], rec["key"])] = rec["result"]
                     except (json.JSONDecodeError, KeyError, TypeError):
                         continue  # a line cut short by a killed run
 

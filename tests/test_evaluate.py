@@ -339,6 +339,11 @@ def test_result_cache_ignores_other_signatures_and_torn_lines(tmp_path):
         f.write(b"\xff\xfe not text\n")  # a damaged line: skipped like a torn one
     third = ResultCache(path)
     assert third.get("sig", "t", "exact", "1") == {"ll": -2.0} and third.get("sig", "t", "exact", "0") == {"ll": -1.0}
+    with path.open("a") as f:  # valid JSON with no result in it: the unit runs again
+        for key, result in (("2", {}), ("3", None), ("4", [1])):
+            f.write(json.dumps({"sig": "sig", "task": "t", "mode": "exact", "key": key, "result": result}) + "\n")
+    fourth = ResultCache(path)
+    assert [fourth.get("sig", "t", "exact", k) for k in "234"] == [None, None, None]
 
 
 def test_a_cache_never_serves_results_of_data_edited_since(tiny_path, tmp_path):
