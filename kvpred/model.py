@@ -608,9 +608,12 @@ class KVPredictionModel(nn.Module):
         if (attention_mask[:, -1] == 0).any():
             raise KVPredError("batches must be left-padded (tokenizer.padding_side = 'left'): every row's last "
                               "column must be a real token")
-        vocab = self.base.config.vocab_size
+        vocab, whose = self.base.config.vocab_size, "base"
+        if mode != "exact" and self.aux.get_input_embeddings().num_embeddings < vocab:  # a KVP-C auxiliary's table
+            vocab, whose = self.aux.get_input_embeddings().num_embeddings, "auxiliary"  # may be the smaller one
         if input_ids.min() < 0 or input_ids.max() >= vocab:
-            raise KVPredError(f"token ids must lie in [0, {vocab}), got {input_ids.min()}..{input_ids.max()}")
+            raise KVPredError(f"token ids must lie in [0, {vocab}) (the {whose}'s embedding rows), got "
+                              f"{input_ids.min()}..{input_ids.max()}")
         longest = input_ids.shape[1] + max_new_tokens
         if longest > self.context_length:
             windowed = self.context_length in self.sliding_windows

@@ -184,6 +184,13 @@ def check_supported(config, name: str = "model") -> None:
     if config.model_type not in SUPPORTED_MODEL_TYPES:
         raise KVPredError(f"{name} has architecture {config.model_type!r}, which kvpred does not support; "
                           f"supported: {', '.join(SUPPORTED_MODEL_TYPES)} (Llama-style decoders with RoPE)")
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    kinds = [r for r in rope.values() if isinstance(r, dict)] or [rope]  # per layer type, or one for all layers
+    if any(r.get("rope_type", r.get("type")) == "longrope" for r in kinds):
+        # HF picks longrope's short or long frequencies by the largest position in each forward call, so keys
+        # predicted for a prompt's start and the base's own tail would be rotated with different tables
+        raise KVPredError(f"{name} uses longrope RoPE scaling, which kvpred does not support: its rotary tables "
+                          f"change with the length of each forward call")
 
 
 def sliding_window(config) -> int | None:

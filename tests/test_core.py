@@ -12,7 +12,7 @@ from kvpred.model import CONFIG_NAME, PREDICTOR_NAME, KVPredictionModel
 from kvpred.models import KVPredError
 from kvpred.predictor import KVPredictor, PredictorConfig
 from kvpred.rope import rope_tables, rotate, unrotate
-from kvpred.testing import save_tiny_model
+from kvpred.testing import byte_tokenizer, save_tiny_model, tiny_config
 from conftest import ARCHS
 
 PROMPTS = ["The quick brown fox jumps over", "a", "Hello, world! This prompt is quite a lot longer than the others."]
@@ -415,6 +415,30 @@ def test_an_unknown_architecture_is_refused(tmp_path):
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100)).save_pretrained(tmp_path / "gpt2")
     with pytest.raises(KVPredError, match="architecture 'gpt2'"):
         KVPredictionModel.from_pretrained(str(tmp_path / "gpt2"))
+
+
+def test_a_longrope_base_is_refused(tmp_path):
+    # its rotary tables depend on each call's longest position: a predicted prefix and the base's tail would differ
+    path = save_tiny_model(tmp_path / "longrope", rope_parameters={
+        "rope_type": "longrope", "rope_theta": 10000.0, "original_max_position_embeddings": 32,
+        "short_factor": [1.0] * 8, "long_factor": [2.0] * 8})
+    with pytest.raises(KVPredError, match="longrope"):
+        KVPredictionModel.from_pretrained(str(path))
+
+
+def test_ids_beyond_a_smaller_auxiliary_vocabulary_are_a_clear_error(tmp_path, tiny_llama):
+    from transformers import AutoModelForCausalLM
+
+    config = tiny_config("llama", layers=2, hidden=32, heads=2, kv_heads=1)
+    config.vocab_size = 200  # the same tokenizer, fewer embedding rows than the base's 259 (as Qwen2.5 0.5B vs 7B)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "aux")
+    byte_tokenizer().save_pretrained(tmp_path / "aux")
+    model = KVPredictionModel.from_pretrained(tiny_llama, aux=str(tmp_path / "aux"))
+    ids = torch.tensor([[5, 6, 230, 8]])
+    assert model.generate(ids, mode="exact", max_new_tokens=2).shape == (1, 6)
+    for mode in ("predicted", "aux"):
+        with pytest.raises(KVPredError, match=r"\[0, 200\) \(the auxiliary's embedding rows\)"):
+            model.generate(ids, mode=mode, max_new_tokens=2)
 
 
 def test_a_missing_model_is_a_clear_error(tmp_path):
