@@ -404,13 +404,17 @@ class Scheduler:
                     first.release()
                     self.metrics.record(first)
                     continue
-                batch = [first]
+                batch, longest, most = [first], len(first.prompt_ids), first.max_tokens
                 for job in list(self._pending) if first.batch_key is not None else []:
                     if len(batch) == self.config.max_batch:
                         break
-                    if job.batch_key == first.batch_key and not job.cancelled.is_set():
+                    # padded together, the longest prompt gets the most new tokens: that must fit the context
+                    fits = (max(longest, len(job.prompt_ids)) + max(most, job.max_tokens)
+                            <= self.model.context_length)
+                    if job.batch_key == first.batch_key and fits and not job.cancelled.is_set():
                         self._pending.remove(job)
                         batch.append(job)
+                        longest, most = max(longest, len(job.prompt_ids)), max(most, job.max_tokens)
                 self.metrics.batch_size.observe(len(batch))
                 return batch
 

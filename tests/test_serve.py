@@ -339,6 +339,17 @@ def test_queued_prompts_with_equal_settings_are_decoded_together_up_to_max_batch
     assert scheduler.next_batch() == [jobs[6], jobs[7]]
 
 
+def test_prompts_batch_together_only_where_padded_together_they_fit_the_context(model):
+    scheduler = Scheduler(model, ServeConfig(max_batch=8), Metrics(lambda: 0))  # not started: we take by hand
+    context = model.context_length
+    long_prompt, long_reply, short = make_job(), make_job(), make_job()
+    long_prompt.prompt_ids, long_prompt.max_tokens = [5] * (context - 8), 8
+    long_reply.max_tokens = context - 4  # each fits alone; padded to the long prompt, the long reply would not
+    scheduler.submit([long_prompt, long_reply, short])
+    assert scheduler.next_batch() == [long_prompt, short]
+    assert scheduler.next_batch() == [long_reply]
+
+
 @pytest.mark.parametrize("tail", [1, 4])
 def test_a_queued_prompt_joins_the_running_batch_when_a_row_comes_free(tiny_llama, tail):
     """Continuous batching: a prompt queued while a batch decodes takes the row of a prompt that finished, and
