@@ -454,6 +454,9 @@ def check_decoding(max_new_tokens: int, do_sample: bool, temperature: float, top
         raise KVPredError(f"top_k must be >= 0 (0: no top-k cut), got {top_k}")
 
 
+MIN_TEMPERATURE = 1e-30  # a smaller one is 0 in float32 (0 / 0 = NaN), or overflows logits / temperature to inf
+
+
 def sample(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float, top_k: int) -> torch.Tensor:
     """Next token per row from logits [B, V] (float32): argmax, or a temperature / top-k / top-p draw (arguments as
     `check_decoding` lets through)."""
@@ -461,10 +464,12 @@ def sample(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: flo
         return logits.argmax(-1)
     if 0 < top_k < logits.shape[-1]:
         logits = logits.masked_fill(logits < logits.topk(top_k, -1).values[:, -1:], float("-inf"))
-    probs = (logits / temperature).softmax(-1)
+    # less the row's largest first: a tiny temperature then sends the other tokens to -inf, not to inf - inf = NaN
+    probs = ((logits - logits.amax(-1, keepdim=True)) / max(temperature, MIN_TEMPERATURE)).softmax(-1)
     if top_p < 1.0:
         sorted_probs, order = probs.sort(-1, descending=True)
         drop = sorted_probs.cumsum(-1) - sorted_probs >= top_p  # keep the smallest set reaching top_p
+        drop[:, 0] = False  # and always the likeliest token, when top_p is below float32's smallest number
         probs = probs.scatter(-1, order, sorted_probs.masked_fill(drop, 0.0))
     return torch.multinomial(probs, 1).squeeze(-1)
 

@@ -19,8 +19,8 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from . import lora, models
 from .models import KVPredError, sliding_window
-from .decoding import (StepPool, capacity_bucket, check_decoding, eos_token_ids, generate_with_steps, pad_id,
-                       with_stop_strings, without_cudnn_attention)
+from .decoding import (MIN_TEMPERATURE, StepPool, capacity_bucket, check_decoding, eos_token_ids, generate_with_steps,
+                       pad_id, with_stop_strings, without_cudnn_attention)
 from .deferred import PendingValues, deferred_values
 from .generation import chat_exact_tail
 from .matvec import use_blocked_matvec
@@ -652,7 +652,7 @@ class KVPredictionModel(nn.Module):
                 stopping_criteria=criteria, defer_values=defer, pool=self._steps)
         config = GenerationConfig(
             max_new_tokens=max_new_tokens, do_sample=do_sample,
-            temperature=temperature if do_sample else None, top_p=top_p if do_sample else None,
+            temperature=max(temperature, MIN_TEMPERATURE) if do_sample else None, top_p=top_p if do_sample else None,
             top_k=top_k if do_sample else None, stop_strings=stop_strings,
             eos_token_id=eos_token_ids(self).tolist() or None,
             pad_token_id=self.tokenizer.pad_token_id)

@@ -8,7 +8,7 @@ from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria,
 from kvpred import decoding
 from kvpred.decoding import Pooled, RollingBatch, StepPool, capacity_bucket
 from kvpred.generation import encode_prompts
-from kvpred.model import KVPredictionModel
+from kvpred.model import MODES, KVPredictionModel
 
 PROMPTS = ["The quick brown fox jumps over", "a", "Hello, world! This prompt is longer than the others."]
 
@@ -102,6 +102,19 @@ def test_sampling_with_top_k_of_one_is_greedy(model):
     torch.manual_seed(1)
     sampled, greedy = both(model, max_new_tokens=6, do_sample=True, top_k=1, temperature=0.7)
     assert torch.equal(sampled, greedy)
+
+
+@pytest.mark.parametrize("temperature, top_p", [(1e-40, 1.0), (1e-300, 1.0), (0.5, 1e-300)])
+def test_a_vanishing_temperature_or_top_p_samples_the_likeliest_token(model, temperature, top_p):
+    logits = torch.tensor([[1.0, 3.0, 2.0, float("-inf")], [5.0, 5.0, -1.0, 0.0]])
+    for _ in range(20):
+        token = decoding.sample(logits, True, temperature, top_p, 0)
+        assert token[0] == 1 and token[1] in (0, 1)
+    ids = torch.tensor([[5, 6, 7, 8]], device=model.device)
+    for mode in MODES:  # kvpred's loop, and transformers' generate in aux mode
+        greedy = model.generate(ids, mode=mode, max_new_tokens=3)
+        assert torch.equal(model.generate(ids, mode=mode, max_new_tokens=3, do_sample=True, temperature=temperature,
+                                          top_p=top_p), greedy)
 
 
 def test_the_pool_reuses_a_cache_per_shape_and_keeps_the_most_recent(model):
