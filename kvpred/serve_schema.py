@@ -21,6 +21,11 @@ OPENAI_IGNORED = frozenset({
 class _Body(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, data):  # as in OpenAI's API: the official client sends null for a field not given
+        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
+
 
 class StreamOptions(_Body):
     include_usage: bool = False

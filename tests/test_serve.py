@@ -322,6 +322,16 @@ def test_openai_fields_kvpred_does_not_implement_are_accepted_and_ignored(client
     assert resp.choices[0].text == in_process(reference, reference.tokenizer.encode("Hello"), "exact", 4)
 
 
+def test_null_fields_take_their_defaults_as_in_openai(client, reference):
+    ids = reference.tokenizer.encode("Hello")
+    resp = client.completions.create(model=NAME, prompt="Hello", max_tokens=4, temperature=0, top_p=None, n=None,
+                                     echo=None, stream=None, extra_body={"kv_mode": "exact", "exact_tail": None})
+    assert resp.choices[0].text == in_process(reference, ids, "exact", 4)
+    chat = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "Hi"}], max_tokens=2,
+                                          temperature=None, top_p=None, n=None, logprobs=None, stream=None)
+    assert chat.choices[0].finish_reason in ("stop", "length")
+
+
 def make_job(mode="exact", temperature=0.0, seed=None) -> Job:
     return Job(index=0, prompt_ids=[5, 6], mode=mode, exact_tail=1, max_tokens=4, temperature=temperature, top_p=1.0,
                seed=seed, stops=(), logprobs=None, score_tail=None, arrived=0.0, sink=lambda event: None)
