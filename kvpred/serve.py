@@ -1003,11 +1003,17 @@ def create_app(model, config: ServeConfig | None = None):
         metrics.requests.labels("chat", jobs[0].mode).inc()
         return await respond(request, body, jobs, queue, True, lambda head, jobs: chat_body(head, jobs[0]))
 
+    def model_card(name: str) -> dict:
+        return {"id": name, "object": "model", "created": 0, "owned_by": "kvpred", "max_model_len": context}
+
     @app.get("/v1/models")
     async def models():
-        ids = dict.fromkeys([config.model_name, "kvpred"])
-        return {"object": "list", "data": [{"id": i, "object": "model", "created": 0, "owned_by": "kvpred",
-                                            "max_model_len": context} for i in ids]}
+        return {"object": "list", "data": [model_card(i) for i in dict.fromkeys([config.model_name, "kvpred"])]}
+
+    @app.get("/v1/models/{name:path}")
+    async def retrieve_model(name: str):
+        check_model(name)
+        return model_card(name)
 
     @app.get("/health")
     async def health():

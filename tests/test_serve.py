@@ -487,6 +487,8 @@ def test_a_client_that_disconnects_cancels_its_generation(tiny_llama, stream):
 # ---------------------------------------------------------------- models, health, metrics, CLI
 def test_models_health_and_metrics(client, http):
     assert {m.id for m in client.models.list()} == {NAME, "kvpred"}
+    assert client.models.retrieve(NAME).id == NAME
+    assert http.get("/v1/models/other").status_code == 404
     assert http.get("/health").json()["status"] == "ok"
     client.completions.create(model="kvpred", prompt="abc", max_tokens=3, extra_body={"kv_mode": "aux"})
     http.post("/v1/completions", json={"model": NAME, "prompt": "x", "kv_mode": "nope"})
