@@ -18,12 +18,14 @@ How each request type uses the mode:
 * loglikelihood: the context goes through `mode`; the base runs the context's last `exact_tail` tokens and
   scores the continuation (prefill with exact_tail = len(continuation) + exact_tail), as `kvpred eval` does.
 * loglikelihood_rolling: lm-eval's disjoint windows of the model's context length, each scored as a
-  loglikelihood request (context = the window's first token, so predicted mode is close to exact here).
+  loglikelihood request. A window's context is the one token before it, except in the last window, which lm-eval
+  fills up with earlier text as context; that goes through `mode`.
 * generate_until: the prompt through `mode`, then the base decodes (the auxiliary in aux mode).
 """
 from __future__ import annotations
 
 import json
+import logging
 
 import torch
 from lm_eval.api.model import TemplateLM
@@ -36,6 +38,8 @@ from .models import KVPredError
 from .tasks import MODES, generate, score
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+MAX_TOKENS_KEYS = ("max_gen_toks", "max_new_tokens", "max_tokens", "max_completion_tokens")  # lm-eval's, by priority
+log = logging.getLogger(__name__)
 
 
 class KVPredLM(TemplateLM):
@@ -54,7 +58,10 @@ class KVPredLM(TemplateLM):
         if isinstance(pretrained, KVPredictionModel):
             self.model = pretrained
         else:
-            device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+            if device is None or (str(device).startswith("cuda") and not torch.cuda.is_available()):
+                if device is not None:  # lm-eval's default is cuda:0; like its hf model, run on the CPU instead
+                    log.warning("device %s: this machine has no CUDA GPU; running on the CPU", device)
+                device = "cuda" if torch.cuda.is_available() else "cpu"
             if dtype not in (None, "auto") and dtype not in DTYPES:
                 raise KVPredError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
             torch_dtype = DTYPES.get(dtype) or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
@@ -73,6 +80,11 @@ class KVPredLM(TemplateLM):
     @property
     def eot_token_id(self) -> int:
         return self.tokenizer.eos_token_id
+
+    @property
+    def prefix_token_id(self) -> int:  # what an empty context becomes: BOS where there is one, as lm-eval's hf model
+        bos = self.tokenizer.bos_token_id
+        return self.eot_token_id if bos is None else bos
 
     @property
     def max_length(self) -> int:
@@ -108,9 +120,8 @@ class KVPredLM(TemplateLM):
         windows, owner = [], []
         for n, req in enumerate(requests):
             tokens = self.tok_encode(req.args[0])
-            # max_length - 1: the scored input is context + continuation, one longer than the window
             for ctx, cont in map(make_disjoint_window, get_rolling_token_windows(
-                    token_list=tokens, prefix_token=self.prefix_token_id, max_seq_len=self.max_length - 1,
+                    token_list=tokens, prefix_token=self.prefix_token_id, max_seq_len=self.max_length,
                     context_len=1)):
                 windows.append((None, ctx, cont))
                 owner.append(n)
@@ -132,7 +143,8 @@ class KVPredLM(TemplateLM):
             kwargs = dict(requests[members[0]].args[1])
             until = kwargs.pop("until", None) or [self.tokenizer.decode([self.eot_token_id])]
             until = [until] if isinstance(until, str) else list(until)
-            max_new = int(kwargs.pop("max_gen_toks", self.max_gen_toks))
+            sizes = [kwargs.pop(key, None) for key in MAX_TOKENS_KEYS]
+            max_new = int(next((size for size in sizes if size is not None), self.max_gen_toks))
             temperature = float(kwargs.pop("temperature", 0.0) or 0.0)
             do_sample = bool(kwargs.pop("do_sample", temperature > 0)) and temperature > 0
             prompts = [self.tok_encode(requests[i].args[0]) or [self.prefix_token_id] for i in members]

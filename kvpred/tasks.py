@@ -240,9 +240,10 @@ def score(model, requests: list[tuple[list[int], list[int]]], mode: str, *, rati
     {"ll": sum log p, "greedy": every token argmax, "n": tokens})].
 
     The context goes through `mode` (predicted: auxiliary + predictor for all but its last `exact_tail` tokens);
-    the base (the auxiliary in aux mode) runs the rest of the context and scores the continuation: prefill with
-    exact_tail = len(continuation) + exact_tail. Requests are grouped by continuation length, since one batch has
-    one exact_tail, and sorted by length to pad little.
+    the base (the auxiliary in aux mode) runs the rest of the context and scores the continuation: prefill of
+    context + continuation but its last token, with exact_tail = len(continuation) - 1 + exact_tail. Contexts too
+    long for the window lose their first tokens, as in lm-eval's hf model. Requests are grouped by continuation
+    length, since one batch has one exact_tail, and sorted by length to pad little.
     """
     limit, tail = model.context_length, exact_tail if model_mode(mode) == "predicted" else 1
     order = sorted(range(len(requests)), key=lambda i: (len(requests[i][1]), len(requests[i][0])))
@@ -251,7 +252,7 @@ def score(model, requests: list[tuple[list[int], list[int]]], mode: str, *, rati
         cont = requests[i][1]
         if not cont:
             raise KVPredError(f"request {i} has an empty continuation; nothing to score")
-        if len(cont) >= limit:
+        if len(cont) > limit:
             raise KVPredError(f"continuation of {len(cont)} tokens does not fit the context of {limit}")
         groups.setdefault(len(cont), []).append(i)
     for width, members in groups.items():
@@ -259,14 +260,14 @@ def score(model, requests: list[tuple[list[int], list[int]]], mode: str, *, rati
             rows, targets = [], []
             for i in chunk:
                 ctx, cont = requests[i]
-                ctx = mode_prompt(ctx, mode, ratio)[-(limit - width):]  # fit the context window from the left
+                ctx = mode_prompt(ctx, mode, ratio)[-(limit + 1 - width):]  # fit the window from the left
                 if not ctx:
                     raise KVPredError(f"request {i} has an empty context; give at least one token")
-                rows.append(ctx + cont)
+                rows.append(ctx + cont[:-1])
                 targets.append(cont)
             ids, mask = left_pad(rows, model.tokenizer.pad_token_id, model.device)
-            logits, _ = model.prefill(ids, mask, mode=model_mode(mode), exact_tail=width + tail)
-            logp = logits[:, -width - 1:-1].float().log_softmax(-1)  # [B, width, V]: position t predicts t+1
+            logits, _ = model.prefill(ids, mask, mode=model_mode(mode), exact_tail=width - 1 + tail)
+            logp = logits[:, -width:].float().log_softmax(-1)  # [B, width, V]: position t predicts t+1
             target = torch.tensor(targets, device=logp.device)  # [B, width]
             ll = logp.gather(-1, target.unsqueeze(-1)).squeeze(-1).sum(-1)
             greedy = (logp.argmax(-1) == target).all(-1)

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from kvpred import cli
 from kvpred.bench import flop_ratio_full
@@ -436,6 +437,33 @@ def test_lm_eval_model_runs_local_tasks_and_predicted_equals_exact_for_identity(
     for task in tasks:
         for key, value in scores["exact"][task].items():
             assert scores["predicted"][task][key] == pytest.approx(value, rel=1e-4), (task, key)
+
+
+def test_lm_eval_model_in_exact_mode_scores_as_lm_evals_own_hf_model(tmp_path):
+    pytest.importorskip("lm_eval")
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    from kvpred.lm_eval_model import KVPredLM
+
+    path = str(save_tiny_model(tmp_path / "m", context=64))
+    hf = HFLM(pretrained=path, device="cpu", batch_size=2)
+    # lm-eval's default device is cuda:0; on a machine without one, both run on the CPU
+    ours = KVPredLM(pretrained=path, mode="exact", batch_size=2,
+                    device="cpu" if torch.cuda.is_available() else "cuda:0")
+    pairs = [("", "abc"), ("abcdefgh" * 16, "xyz"), ("hello", " world")]  # an empty and an over-long context
+    requests = [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)]
+    for (mine, greedy), (theirs, their_greedy) in zip(ours.loglikelihood(requests, disable_tqdm=True),
+                                                      hf.loglikelihood(requests, disable_tqdm=True)):
+        assert mine == pytest.approx(theirs, rel=1e-4) and greedy == their_greedy
+    rolling = [Instance("loglikelihood_rolling", {}, ("some text, " * 20,), 0)]  # longer than the window
+    assert ours.loglikelihood_rolling(rolling, disable_tqdm=True) == pytest.approx(
+        hf.loglikelihood_rolling(rolling, disable_tqdm=True), rel=1e-4)
+    texts = {}
+    for key in ("max_gen_toks", "max_new_tokens", "max_tokens", "max_completion_tokens"):  # lm-eval's aliases
+        request = Instance("generate_until", {}, ("def add(a, b):", {"until": ["zzz"], key: 3}), 0)
+        texts[key] = ours.generate_until([request], disable_tqdm=True)[0]
+    assert len(set(texts.values())) == 1 and len(texts["max_gen_toks"].encode()) <= 3
 
 
 def test_lm_eval_wrapper_command_registers_the_model(tmp_path):
