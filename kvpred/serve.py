@@ -995,7 +995,11 @@ def create_app(model, config: ServeConfig | None = None):
             raise APIError(400, f"the chat template rejects these messages: {err}", param="messages") from err
         ids = conversations(valid_text(text, "messages"))  # the template holds the special tokens
         limit = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        max_tokens = limit if limit is not None else max(context - len(ids), 0)
+        if limit is None and len(ids) >= context:
+            raise APIError(400, f"this model's context length is {context} tokens, and the messages take "
+                                f"{len(ids)} of them: no room is left for a reply; shorten the conversation",
+                           param="messages", code="context_length_exceeded")
+        max_tokens = limit if limit is not None else context - len(ids)
         check_prompts([ids], max_tokens, context, vocab)
         # --auto-sessions: a request that could name a session runs as one (a request for no tokens has no turn)
         auto = config.auto_sessions and body.session is None and refusal is None and max_tokens > 0

@@ -287,6 +287,8 @@ BAD_REQUESTS = {
     "n > 1": ("/v1/completions", {"model": NAME, "prompt": "x", "n": 2}, 400, "n"),
     "unknown model": ("/v1/completions", {"model": "gpt-9", "prompt": "x"}, 404, "model"),
     "chat without messages": ("/v1/chat/completions", {"model": NAME, "messages": []}, 400, "messages"),
+    "chat filling the context": ("/v1/chat/completions", {"model": NAME, "messages": [
+        {"role": "user", "content": "x" * 600}]}, 400, "messages"),
     "chat message of wrong type": ("/v1/chat/completions", {"model": NAME, "messages": ["hi"]}, 400, "messages"),
     "misspelt extension": ("/v1/completions", {"model": NAME, "prompt": "x", "kv_mod": "exact"}, 400, "kv_mod"),
     "unknown chat field": ("/v1/chat/completions", {"model": NAME, "messages": [{"role": "user", "content": "hi"}],
