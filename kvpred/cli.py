@@ -52,6 +52,14 @@ def positive_int(text: str) -> int:
     return value
 
 
+def layer_list(text: str) -> list[int]:
+    """argparse type: comma-separated layer indices, e.g. 0,4,8."""
+    try:
+        return [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer numbers such as 0,4,8, got {text!r}")
+
+
 def load_model(args: argparse.Namespace):
     from .model import KVPredictionModel
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -40,8 +41,8 @@ class FitConfig:
         problems = [f"--{name.replace('_', '-')} must be at least 1, got {value}"
                     for name, value in (("tokens", self.tokens), ("seq_len", self.seq_len),
                                         ("batch_size", self.batch_size)) if value < 1]
-        if self.ridge < 0 or self.rank < 0:
-            problems.append(f"--ridge and --rank must be >= 0, got {self.ridge} and {self.rank}")
+        if not (math.isfinite(self.ridge) and self.ridge >= 0) or self.rank < 0:
+            problems.append(f"--ridge must be a finite number >= 0 and --rank >= 0, got {self.ridge} and {self.rank}")
         if problems:
             raise KVPredError("; ".join(problems))
 
@@ -171,7 +172,11 @@ def _solve(xtx: torch.Tensor, xty: torch.Tensor, prior: torch.Tensor, ridge: flo
     d = xtx.shape[-1] - 1
     penalty = torch.zeros_like(xtx[0])
     penalty.diagonal()[:d] = ridge * xtx[:, range(d), range(d)].mean()
-    return torch.linalg.solve(xtx + penalty, xty + penalty @ prior)  # [L, in+1, out]
+    try:
+        return torch.linalg.solve(xtx + penalty, xty + penalty @ prior)  # [L, in+1, out]
+    except torch.linalg.LinAlgError as err:
+        raise KVPredError("the calibration statistics are singular (too few or too repetitive tokens for the "
+                          "predictor's inputs): use --ridge > 0 or more --tokens") from err
 
 
 def _relative_error(xtx, xty, yy, w) -> torch.Tensor:
@@ -211,7 +216,8 @@ def fit_predictor(model: KVPredictionModel, batches: Iterable[torch.Tensor], con
 
 # ---------------------------------------------------------------- CLI
 def register(subparsers) -> None:
-    from .cli import add_calibration_arguments, add_model_arguments, add_save_dtype_argument, positive_int
+    from .cli import (add_calibration_arguments, add_model_arguments, add_save_dtype_argument, layer_list,
+                      positive_int)
 
     p = subparsers.add_parser(
         "fit", help="training-free predictor: ridge regression on a calibration corpus",
@@ -223,7 +229,8 @@ def register(subparsers) -> None:
     p.add_argument("--source", choices=("kv", "hidden"), default=None,
                    help="predictor input: aux keys/values (paper) or the aux hidden state (default: the model's)")
     p.add_argument("--keep-ratio", type=float, default=None, help="build a new pruned aux keeping this share of layers")
-    p.add_argument("--keep-layers", default=None, help="build a new pruned aux keeping these layers, e.g. 0,4,8")
+    p.add_argument("--keep-layers", type=layer_list, default=None,
+                   help="build a new pruned aux keeping these layers, e.g. 0,4,8")
     p.add_argument("--aux", default=None, help="build with this separate auxiliary (KVP-C; e.g. from `kvpred narrow`)")
     for f, default in asdict(FitConfig()).items():
         p.add_argument(f"--{f.replace('_', '-')}", type=type(default), default=default)
@@ -300,9 +307,9 @@ def _fit_command(args: argparse.Namespace) -> int:
     from .data import PackedTokens, check_tokenizer
 
     config = FitConfig(**{f: getattr(args, f) for f in asdict(FitConfig())})  # checked before the model loads
-    keep = [int(x) for x in args.keep_layers.split(",")] if args.keep_layers else None
     # statistics in float32 whatever the serving dtype: X^T X of bf16 activations loses the small directions
-    model = KVPredictionModel.from_pretrained(args.model, aux=args.aux, keep_ratio=args.keep_ratio, keep_layers=keep,
+    model = KVPredictionModel.from_pretrained(args.model, aux=args.aux, keep_ratio=args.keep_ratio,
+                                              keep_layers=args.keep_layers,
                                               source=args.source, dtype=torch.float32, device=args.device)
     check_tokenizer(args.data, model.tokenizer)
     if config.seq_len > model.context_length:  # statistics of positions the model never serves

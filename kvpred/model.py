@@ -218,12 +218,20 @@ class KVPredictionModel(nn.Module):
         separate (`aux`) auxiliary and an identity-initialised (pruned) or default-initialised predictor."""
         if device is not None:
             models.check_device(device)
-        building = any(x is not None for x in (aux, keep_ratio, keep_layers, layer_map, source))
+        given = {"aux": aux, "keep ratio": keep_ratio, "keep layers": keep_layers, "layer map": layer_map,
+                 "source": source}
+        building = [name for name, value in given.items() if value is not None]
         checkpoint = Path(name_or_path)
         if not (checkpoint / CONFIG_NAME).is_file() and not building:
             embedded = DEFAULTS_DIR / name_or_path
             checkpoint = embedded if (embedded / CONFIG_NAME).is_file() else checkpoint
-        if (checkpoint / CONFIG_NAME).is_file() and not building:
+        if (checkpoint / CONFIG_NAME).is_file():
+            if building:
+                base_name = json.loads((checkpoint / CONFIG_NAME).read_text()).get("base")
+                raise KVPredError(f"{name_or_path!r} is already a kvpred checkpoint with its own auxiliary and "
+                                  f"predictor, but the {' / '.join(building)} given builds new ones around a base "
+                                  f"model: leave {'it' if len(building) == 1 else 'them'} out to use the checkpoint, "
+                                  f"or give its base ({base_name}) to start over")
             return cls._load_checkpoint(checkpoint, base=base, dtype=dtype, device=device)
         return cls.build(name_or_path, aux=aux, keep_ratio=keep_ratio, keep_layers=keep_layers,
                          layer_map=layer_map, source=source or "kv", dtype=dtype, device=device)

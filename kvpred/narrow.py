@@ -147,7 +147,7 @@ def narrow_copy(base: PreTrainedModel, width: Width, importance: Importance) -> 
 
 # ---------------------------------------------------------------- CLI
 def register(subparsers) -> None:
-    from .cli import DEFAULT_MODEL, add_calibration_arguments
+    from .cli import DEFAULT_MODEL, add_calibration_arguments, layer_list
 
     p = subparsers.add_parser(
         "narrow", help="cut a narrow auxiliary (fewer layers, heads, MLP channels) out of a base model",
@@ -156,7 +156,8 @@ def register(subparsers) -> None:
                     "`kvpred fit --model BASE --aux FOLDER`, then `kvpred train`.")
     p.add_argument("--model", default=DEFAULT_MODEL, help="the base: HF folder, hub id, .gguf file or alias")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--keep-layers", default=None, help="base layers to keep, e.g. 0,2,4 (default: all)")
+    p.add_argument("--keep-layers", type=layer_list, default=None,
+                   help="base layers to keep, e.g. 0,2,4 (default: all)")
     p.add_argument("--heads", type=int, required=True, help="query heads per layer")
     p.add_argument("--kv-heads", type=int, required=True, help="key/value heads per layer")
     p.add_argument("--intermediate", type=int, required=True, help="MLP channels per layer")
@@ -167,10 +168,14 @@ def register(subparsers) -> None:
 def _narrow_command(args: argparse.Namespace) -> int:
     from .data import PackedTokens, check_tokenizer
 
+    if Path(args.out).resolve() == Path(args.model).resolve() or (Path(args.out) / "config.json").is_file():
+        raise KVPredError(f"--out {args.out} already holds a model (the base?); give a new folder")
     base, tokenizer = load_causal_lm(args.model, torch.float32, args.device)
     check_tokenizer(args.data, tokenizer)
-    n = base.config.num_hidden_layers
-    keep = [int(x) for x in args.keep_layers.split(",")] if args.keep_layers else list(range(n))
+    if args.seq_len > base.config.max_position_embeddings:  # importance of positions the model never serves
+        raise KVPredError(f"--seq-len {args.seq_len} exceeds the model's context limit of "
+                          f"{base.config.max_position_embeddings} tokens")
+    keep = args.keep_layers or list(range(base.config.num_hidden_layers))
     width = Width(keep, args.heads, args.kv_heads, args.intermediate)
     check_width(base.config, width)
     batches = PackedTokens(args.data, "train", seq_len=args.seq_len, batch_size=args.batch_size)

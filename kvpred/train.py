@@ -41,7 +41,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from . import lora
-from .model import CONFIG_NAME, KVPredictionModel, cache_kwargs, capture
+from .model import KVPredictionModel, cache_kwargs, capture
 from .models import KVPredError
 
 STATE_NAME = "train_state.pt"
@@ -357,19 +357,6 @@ def train_flops_per_token(model: KVPredictionModel, config: TrainConfig) -> floa
                   + model.predictor.config.multiply_adds_per_token())
 
 
-def check_new_auxiliary(config: TrainConfig) -> None:
-    """--keep-ratio and --source build a new auxiliary and predictor around a base model. Given a kvpred checkpoint,
-    which has its own, loading it as a base would fail with an error that does not say why: say why instead."""
-    given = [flag for flag, value in (("--keep-ratio", config.keep_ratio), ("--source", config.source))
-             if value is not None]
-    checkpoint = Path(config.model) / CONFIG_NAME
-    if given and checkpoint.is_file():
-        base = json.loads(checkpoint.read_text()).get("base")
-        raise KVPredError(f"{' / '.join(given)} builds a new auxiliary and predictor around a base model, but "
-                          f"{config.model!r} is already a kvpred checkpoint with its own: leave out "
-                          f"{' and '.join(given)} to train it further, or pass its base model ({base}) to start over")
-
-
 def trim_metrics(path: Path, step: int) -> None:
     """Keep only the records of steps <= `step` in a run's metrics log. A run resumed from its checkpoint at `step`
     logs the later steps again (the killed run had logged some of them), and the log should read as one run."""
@@ -433,7 +420,6 @@ class Trainer:
         else:
             self.device = torch.device("cpu")
         seed_everything(c.seed)
-        check_new_auxiliary(c)
         self.model = KVPredictionModel.from_pretrained(c.model, keep_ratio=c.keep_ratio, source=c.source,
                                                        dtype=torch.float32, device=self.device)
         check_tokenizer(c.data, self.model.tokenizer)

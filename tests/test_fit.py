@@ -8,6 +8,7 @@ from kvpred.cli import main
 from kvpred.data import PackedTokens
 from kvpred.fit import FitConfig, factorise, fit_predictor, input_moments
 from kvpred.model import KVPredictionModel
+from kvpred.models import KVPredError
 from kvpred.predictor import PredictorConfig
 from kvpred.train import Distillation, TrainConfig
 
@@ -115,12 +116,31 @@ def test_cli_fit_with_rank_and_compress_write_factorised_checkpoints(tiny_llama,
     (["fit", "--keep-layers", "0,2", "--source", "kv", "--rank", "4"], "hidden-state predictor"),
     (["compress", "--rank", "4"], "hidden-state input"),
     (["fit", "--keep-layers", "0,2", "--seq-len", "1024"], "--seq-len 1024 exceeds the model's context limit of 512"),
+    (["fit", "--keep-layers", "0,2", "--ridge", "nan"], "--ridge must be a finite number >= 0"),
+    (["fit", "--keep-layers", "0,2", "--ridge", "inf"], "--ridge must be a finite number >= 0"),
+    (["fit", "--keep-layers", "0,2", "--ridge", "0", "--tokens", "1", "--seq-len", "1", "--batch-size", "1"],
+     "statistics are singular"),
 ])
 def test_fits_that_cannot_work_are_clear_errors(tiny_llama, shards, tmp_path, capsys, argv, message):
     argv = argv[:1] + ["--model", tiny_llama, "--data", shards, "--out", str(tmp_path / "x"), "--device", "cpu",
                        "--tokens", "64", "--seq-len", "32", "--batch-size", "2"] + argv[1:]
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["fit", "narrow"])
+def test_a_malformed_layer_list_is_refused_by_argparse(tiny_llama, tmp_path, capsys, command):
+    with pytest.raises(SystemExit) as exit_:
+        main([command, "--model", tiny_llama, "--keep-layers", "0,,2", "--data", str(tmp_path), "--out",
+              str(tmp_path / "o"), "--heads", "2", "--kv-heads", "2", "--intermediate", "8"])
+    assert exit_.value.code == 2
+    assert "argument --keep-layers: expected comma-separated layer numbers" in capsys.readouterr().err
+
+
+def test_options_that_build_a_new_model_are_refused_for_a_checkpoint(tiny_llama, tmp_path):
+    KVPredictionModel.from_pretrained(tiny_llama, keep_ratio=0.5).save_pretrained(tmp_path / "fitted")
+    with pytest.raises(KVPredError, match=f"already a kvpred checkpoint.*the source given.*its base \\({tiny_llama}"):
+        KVPredictionModel.from_pretrained(str(tmp_path / "fitted"), source="hidden")
 
 
 def test_a_rank_without_hidden_input_is_refused_by_the_config():

@@ -61,6 +61,19 @@ def test_the_cli_writes_an_auxiliary_that_fit_and_generate_use_as_kvp_c(tiny_lla
         KVPredictionModel.from_pretrained(str(tmp_path / "fit"))
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--seq-len", "1024"], "--seq-len 1024 exceeds the model's context limit of 512"),
+    (["--out", "BASE"], "already holds a model"),
+])
+def test_narrow_commands_that_cannot_work_are_clear_errors(tiny_llama, shards, tmp_path, capsys, flags, message):
+    flags = [tiny_llama if flag == "BASE" else flag for flag in flags]
+    argv = ["narrow", "--model", tiny_llama, "--heads", "2", "--kv-heads", "2", "--intermediate", "32", "--data",
+            shards, "--device", "cpu", "--tokens", "64", "--seq-len", "32", "--out", str(tmp_path / "aux"), *flags]
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "aux").exists()
+
+
 @pytest.mark.parametrize("width, message", [
     (Width([0, 2], heads=3, kv_heads=2, intermediate=8), "multiple of kv_heads"),
     (Width([0, 2], heads=2, kv_heads=3, intermediate=8), "kv_heads must be"),
