@@ -591,12 +591,13 @@ def register(subparsers) -> None:
                                    "\"text\") that calibrate the chat tail")
     p.add_argument("--out", required=True, help="folder for the calibrated checkpoint")
     p.add_argument("--prompts", type=positive_int, default=256, help="prompts (windows, chats) measured")
-    p.add_argument("--prompt-len", type=int, default=256, help="tokens per --data window")
+    p.add_argument("--prompt-len", type=positive_int, default=256,
+                   help="tokens per --data window (at least 2: one to predict, one the base runs)")
     p.add_argument("--trust", type=float, default=0.9, help="first-token agreement that needs no refinement")
     p.add_argument("--distrust", type=float, default=0.5, help="first-token agreement that refines at once")
     p.add_argument("--chat-tolerance", type=float, default=0.02,
                    help="first-token agreement a shorter chat tail may lose against the template's reply opening")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=positive_int, default=16)
     add_save_dtype_argument(p)
     p.set_defaults(func=_calibrate)
 
@@ -615,6 +616,9 @@ def _calibrate(args) -> int:
         raise KVPredError(f"need 0 <= --distrust <= --trust <= 1, got {args.distrust} and {args.trust}")
     if not 0 <= args.chat_tolerance <= 1:
         raise KVPredError(f"--chat-tolerance must be within [0, 1], got {args.chat_tolerance}")
+    if args.data is not None and (args.prompt_len < 2 or args.prompts < 2):  # else nothing predicted, or one point
+        raise KVPredError(f"refinement thresholds need --prompts >= 2 windows of --prompt-len >= 2 tokens, got "
+                          f"{args.prompts} of {args.prompt_len}")
     model = load_model(args)
     report = {"model": args.model}
     if args.data is not None:

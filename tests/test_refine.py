@@ -636,6 +636,9 @@ def test_calibrate_saves_thresholds_that_auto_refinement_then_uses(pruned, tmp_p
         assert info["policy"] == policy
     assert cli.main(argv[:-2] + ["--trust", "0.2", "--distrust", "0.5"]) == 2
     assert "--distrust <= --trust" in capsys.readouterr().err
+    for flag in ("--prompt-len", "--prompts"):  # one token predicts nothing; one prompt makes no threshold
+        assert cli.main(argv + [flag, "1"]) == 2
+        assert "need --prompts >= 2 windows of --prompt-len >= 2 tokens" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------ calibrated chat tail
