@@ -29,7 +29,7 @@ import torch
 
 from .decoding import EagerStep, GraphStep, make_step, synchronize
 from .deferred import deferred_values
-from .models import KVPredError
+from .models import KVPredError, out_folder
 
 RANDOM_LABEL = "random-weight timing model"
 DEFAULT_OUT = "benchmarks/results"
@@ -773,8 +773,7 @@ def _ttft_command(args) -> int:
             variant.model.compile_predictor()
         if args.compile_step == "auto" and settings.cuda_graph:
             variant.model.compile_step()
-    if Path(args.out).exists() and not Path(args.out).is_dir():  # checked before the measuring, not after
-        raise KVPredError(f"--out {args.out} is a file; give a folder for the results")
+    out_folder(args.out, "the results")  # checked before the measuring, not after
     model = variants[0].model
     limit = model.context_length - args.decode_tokens
     if args.prompt_lens is None:  # the default lengths that fit this model's context

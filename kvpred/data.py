@@ -23,6 +23,8 @@ import glob
 import hashlib
 import json
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -31,7 +33,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from .models import KVPredError
+from .models import KVPredError, out_folder
 
 TEXT_SUFFIXES = (".py", ".txt", ".md", ".rst")
 JSONL_SUFFIX = ".jsonl"
@@ -83,7 +85,7 @@ def find_files(source: str, suffixes: tuple[str, ...]) -> list[Path]:
 
 
 def _file_order_key(path: Path) -> str:
-    return hashlib.sha1(path.as_posix().encode()).hexdigest()
+    return hashlib.sha1(os.fsencode(path.as_posix())).hexdigest()  # names need not be UTF-8
 
 
 def expand_source(source: str, exclude: Sequence[str] = (), shuffle: bool = False) -> list[Path]:
@@ -244,43 +246,22 @@ def _hold_out_one(out: Path, train: dict, start: int, length: int, shard_tokens:
     return {"train": kept.close(), "heldout": moved.close()}
 
 
-def build_shards(sources: Sequence[str], tokenizer, out_dir: str | Path, *, shard_tokens: int = 2 ** 23,
-                 max_tokens: int | None = None, heldout_fraction: float = 0.01, text_field: str = "text",
-                 exclude: Sequence[str] = (), shuffle_files: bool = False, tokenizer_name: str | None = None,
-                 progress: bool = True) -> dict:
-    """Tokenize `sources` once into train_NNNNN.bin / heldout_NNNNN.bin token shards + meta.json in `out_dir`.
-
-    Sources are read in the order given (files in each in sorted order, or hashed order with shuffle_files), so with
-    `max_tokens` (train + held-out) the first sources are taken whole and the last one is cut. Exact duplicate
-    documents and empty ones are dropped; files that are not UTF-8 are skipped. Both are counted in meta.json.
-    A document goes to the held-out split when its hash is below `heldout_fraction`; if that holds out none of two or
-    more documents, the one with the smallest hash is held out, so that a small corpus still has a held-out split.
-    meta.json is written last: a folder without it is an unfinished build. Returns the meta dict.
-    """
+def _tokenize_into(stage: Path, files: dict[str, list[Path]], tokenizer, *, label: str, shard_tokens: int,
+                   max_tokens: int | None, heldout_fraction: float, text_field: str, exclude: Sequence[str],
+                   shuffle_files: bool, tokenizer_name: str | None, progress: bool) -> dict:
+    """`build_shards`' work: every source's documents tokenized into shards in `stage`; returns the meta dict."""
     from tqdm.auto import tqdm
 
-    if not sources:
-        raise KVPredError("no sources given: pass files, folders or globs of training text")
-    if not 0 <= heldout_fraction < 1:
-        raise KVPredError(f"heldout_fraction must be in [0, 1), got {heldout_fraction}")
-    if shard_tokens < 1 or (max_tokens is not None and max_tokens < 1):
-        raise KVPredError(f"shard_tokens and max_tokens must be positive, got {shard_tokens} and {max_tokens}")
     eos = tokenizer.eos_token_id
-    if eos is None:
-        raise KVPredError("the tokenizer has no EOS token, which separates documents in the packed stream")
-    files = {s: expand_source(s, exclude, shuffle_files) for s in sources}  # every source checked before any work
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / META_NAME).unlink(missing_ok=True)  # the old build is invalid from here on
     dtype = token_dtype(len(tokenizer))
-    writers = {s: _ShardWriter(out, s, shard_tokens, dtype) for s in SPLITS}
+    writers = {s: _ShardWriter(stage, s, shard_tokens, dtype) for s in SPLITS}
     skipped = {"duplicate_documents": 0, "empty_documents": 0, "undecodable_files": []}
     seen: set[bytes] = set()
     total = 0
     # (hash, start, length) of the train document with the smallest hash: held out if the rule holds out none
     first_out: tuple[float, int, int] | None = None
     bar = tqdm(total=sum(f.stat().st_size for fs in files.values() for f in fs), unit="B", unit_scale=True,
-               desc=f"tokenizing into {out}", disable=not progress)
+               desc=f"tokenizing into {label}", disable=not progress)
 
     def tokenize(batch: list[tuple[str, str, float]]) -> bool:
         """Append a batch of (split, text, hash) documents; False once max_tokens is reached."""
@@ -323,8 +304,8 @@ def build_shards(sources: Sequence[str], tokenizer, out_dir: str | Path, *, shar
     splits = {s: w.close() for s, w in writers.items()}
     if heldout_fraction and not splits["heldout"]["documents"] and splits["train"]["documents"] >= 2:
         # decided only now, so that corpora whose hashes hold some out keep exactly the split they always had
-        splits = _hold_out_one(out, splits["train"], *first_out[1:], shard_tokens, dtype)
-    meta = {
+        splits = _hold_out_one(stage, splits["train"], *first_out[1:], shard_tokens, dtype)
+    return {
         "format": FORMAT_VERSION,
         "tokenizer": {"name": tokenizer_name or getattr(tokenizer, "name_or_path", ""), "vocab_size": len(tokenizer),
                       "sha256": tokenizer_fingerprint(tokenizer), "eos_token_id": eos},
@@ -341,8 +322,45 @@ def build_shards(sources: Sequence[str], tokenizer, out_dir: str | Path, *, shar
         "shuffle_files": shuffle_files,
         "skipped": skipped,
     }
-    _write_atomic(out / META_NAME, (json.dumps(meta, indent=1) + "\n").encode())
-    wanted = {s["file"] for split in splits.values() for s in split["shards"]}
+
+
+def build_shards(sources: Sequence[str], tokenizer, out_dir: str | Path, *, shard_tokens: int = 2 ** 23,
+                 max_tokens: int | None = None, heldout_fraction: float = 0.01, text_field: str = "text",
+                 exclude: Sequence[str] = (), shuffle_files: bool = False, tokenizer_name: str | None = None,
+                 progress: bool = True) -> dict:
+    """Tokenize `sources` once into train_NNNNN.bin / heldout_NNNNN.bin token shards + meta.json in `out_dir`.
+
+    Sources are read in the order given (files in each in sorted order, or hashed order with shuffle_files), so with
+    `max_tokens` (train + held-out) the first sources are taken whole and the last one is cut. Exact duplicate
+    documents and empty ones are dropped; files that are not UTF-8 are skipped. Both are counted in meta.json.
+    A document goes to the held-out split when its hash is below `heldout_fraction`; if that holds out none of two or
+    more documents, the one with the smallest hash is held out, so that a small corpus still has a held-out split.
+    meta.json is written last: a folder without it is an unfinished build. Returns the meta dict.
+    """
+    if not sources:
+        raise KVPredError("no sources given: pass files, folders or globs of training text")
+    if not 0 <= heldout_fraction < 1:
+        raise KVPredError(f"heldout_fraction must be in [0, 1), got {heldout_fraction}")
+    if shard_tokens < 1 or (max_tokens is not None and max_tokens < 1):
+        raise KVPredError(f"shard_tokens and max_tokens must be positive, got {shard_tokens} and {max_tokens}")
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise KVPredError("the tokenizer has no EOS token, which separates documents in the packed stream")
+    files = {s: expand_source(s, exclude, shuffle_files) for s in sources}  # every source checked before any work
+    out = out_folder(out_dir, "the token shards")
+    stage = Path(tempfile.mkdtemp(dir=out, prefix=".build-"))  # an earlier build stays whole until this one is done
+    try:
+        meta = _tokenize_into(stage, files, tokenizer, label=str(out), shard_tokens=shard_tokens,
+                              max_tokens=max_tokens, heldout_fraction=heldout_fraction, text_field=text_field,
+                              exclude=exclude, shuffle_files=shuffle_files, tokenizer_name=tokenizer_name,
+                              progress=progress)
+        (out / META_NAME).unlink(missing_ok=True)  # the old build is invalid from here on
+        for shard in stage.glob("*.bin"):
+            os.replace(shard, out / shard.name)
+        _write_atomic(out / META_NAME, (json.dumps(meta, indent=1) + "\n").encode())
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    wanted = {s["file"] for split in meta["splits"].values() for s in split["shards"]}
     for stale in out.glob("*.bin"):  # shards of an earlier, larger build in the same folder
         if stale.name.split("_")[0] in SPLITS and stale.name not in wanted:
             stale.unlink()
@@ -354,7 +372,16 @@ def read_meta(shard_dir: str | Path) -> dict:
     if not path.is_file():
         raise KVPredError(f"{path} does not exist: {shard_dir} holds no finished token build; "
                           "make one with `kvpred data build`")
-    return json.loads(path.read_text())
+    try:  # what readers of a build rely on
+        meta = json.loads(path.read_text())
+        shards = [s for split in SPLITS for s in meta["splits"][split]["shards"]]
+        if not all(isinstance(s["file"], str) and isinstance(s["tokens"], int) for s in shards):
+            raise ValueError("a shard entry lacks its file name or token count")
+        np.dtype(meta["dtype"]), meta["tokenizer"]["sha256"], meta["tokens"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise KVPredError(f"{path} is corrupt ({type(err).__name__}: {err}); rebuild with `kvpred data build`") \
+            from err
+    return meta
 
 
 def shard_folders(shard_dir: str | Path) -> list[Path]:
@@ -372,6 +399,18 @@ def check_tokenizer(shard_dir: str | Path, tokenizer) -> None:
                               f"({len(tokenizer)} tokens); rebuild them with `kvpred data build --model ...`")
 
 
+def shard_files(folder: Path, meta: dict, split: str) -> list[Path]:
+    """A build's shard files of `split`, each checked to be there with the size `meta` says."""
+    paths = []
+    for shard in meta["splits"][split]["shards"]:
+        path = folder / shard["file"]
+        expected = shard["tokens"] * np.dtype(meta["dtype"]).itemsize
+        if not path.is_file() or path.stat().st_size != expected:
+            raise KVPredError(f"{path} is missing or not {expected} bytes as {META_NAME} says; rebuild the shards")
+        paths.append(path)
+    return paths
+
+
 # ---------------------------------------------------------------- shards -> windows -> batches
 class TokenStream:
     """One split's shards (of each build, in order) as a single memory-mapped token sequence, cut into windows of
@@ -386,13 +425,7 @@ class TokenStream:
         self.shards = []
         for folder in shard_folders(shard_dir):
             meta = read_meta(folder)
-            for shard in meta["splits"][split]["shards"]:
-                path = folder / shard["file"]
-                expected = shard["tokens"] * np.dtype(meta["dtype"]).itemsize
-                if not path.is_file() or path.stat().st_size != expected:
-                    raise KVPredError(f"{path} is missing or not {expected} bytes as {META_NAME} says; "
-                                      "rebuild the shards")
-                self.shards.append(np.memmap(path, dtype=meta["dtype"], mode="r"))
+            self.shards += [np.memmap(path, dtype=meta["dtype"], mode="r") for path in shard_files(folder, meta, split)]
         self.starts = np.cumsum([0] + [len(s) for s in self.shards])  # token offset of each shard in the split
         self.tokens = int(self.starts[-1])
         self.n_windows = self.tokens // seq_len  # the tail shorter than a window is never used
@@ -583,8 +616,7 @@ def sample_corpus(model, tokenizer, out_dir: str | Path, tokens: int, *, batch_s
         make = partial(_chats_batch, user_tokens=user_tokens, turns=turns)
     else:
         make = partial(_documents_batch, words=list(openings or topic_words(tokenizer)))
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = out_folder(out_dir, "the sampled documents")
     done = sorted(out.glob("sample_*.jsonl"))
     total = sum(json.loads(line)["tokens"] for f in done for line in f.read_text().splitlines())
     bar = tqdm(total=tokens, initial=min(total, tokens), unit="tok", unit_scale=True, desc=f"sampling into {out}",
@@ -667,12 +699,14 @@ def _build(args: argparse.Namespace) -> int:
 
 
 def _sample(args: argparse.Namespace) -> int:
+    from .decoding import check_decoding
     from .models import load_causal_lm
 
     if min(args.tokens, args.batch_size, args.max_new_tokens, args.user_tokens, args.turns) < 1:
         raise KVPredError("--tokens, --batch-size, --max-new-tokens, --user-tokens and --turns must be positive")
     if args.turns > 1 and not args.chat:
         raise KVPredError("--turns samples chats of several exchanges: add --chat")
+    check_decoding(1, True, args.temperature, args.top_p, 0)
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     model, tokenizer = load_causal_lm(args.model, dtype=dtype, device=args.device)
     total = sample_corpus(model, tokenizer, args.out, args.tokens, batch_size=args.batch_size,
@@ -688,7 +722,7 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _print_summary(shard_dir: str, meta: dict) -> None:
-    size = sum((Path(shard_dir) / s["file"]).stat().st_size for sp in meta["splits"].values() for s in sp["shards"])
+    size = sum(path.stat().st_size for split in SPLITS for path in shard_files(Path(shard_dir), meta, split))
     print(f"{shard_dir}: {meta['tokens']:,} tokens ({meta['dtype']}, {size / 2 ** 20:.1f} MiB), tokenizer "
           f"{meta['tokenizer']['name']} ({meta['tokenizer']['vocab_size']} ids)"
           + (f", capped at {meta['max_tokens']:,}" if meta["capped"] else ""))

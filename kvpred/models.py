@@ -145,6 +145,15 @@ def load_causal_lm(name_or_path: str, dtype: torch.dtype | None = None,
 TRAIN_RUN_FILES = ("train_state.pt", "metrics.jsonl")
 
 
+def out_folder(path: str | os.PathLike, holds: str) -> Path:
+    """`path` as an output folder for `holds` (made if missing); a clear error where it is a file."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise KVPredError(f"--out {out} is a file; give a folder for {holds}")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
 def check_model_folder(source: str, name: str) -> None:
     """A folder without config.json is no model: say what it is instead (a training run's folder, or neither)."""
     folder = Path(source)

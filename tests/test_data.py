@@ -103,6 +103,27 @@ def test_a_rebuild_replaces_the_previous_build(tmp_path, corpus):
     assert sorted(p.name for p in out.iterdir()) == ["meta.json", "train_00000.bin"] and read_meta(out) == meta
 
 
+def test_a_failed_build_leaves_the_previous_build_whole(tmp_path, corpus):
+    out = tmp_path / "tokens"
+    meta = build_shards([str(corpus[0])], TOK, out, shard_tokens=500, progress=False)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "a.jsonl").write_text('{"content": "no text field"}\n')
+    with pytest.raises(KVPredError, match="no string field 'text'"):
+        build_shards([str(bad)], TOK, out, shard_tokens=7, progress=False)
+    assert read_meta(out) == meta and sorted(p.name for p in out.iterdir()) == sorted(
+        ["meta.json"] + [s["file"] for split in meta["splits"].values() for s in split["shards"]])
+    assert split_tokens(out, "train").size == meta["splits"]["train"]["tokens"]
+
+
+def test_file_names_that_are_not_utf8_are_shuffled_like_any_other(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "plain.txt").write_text("one document")
+    (src / b"caf\xe9.txt".decode("utf-8", "surrogateescape")).write_text("another document")
+    assert len(expand_source(str(src), shuffle=True)) == 2
+
+
 def test_max_tokens_caps_the_build_and_earlier_sources_come_first(tmp_path, corpus):
     prose = tmp_path / "prose.md"
     prose.write_text("Prose first. " * 20)
@@ -366,6 +387,40 @@ def test_empty_or_missing_sources_are_clear_errors(tmp_path):
         build_shards([str(empty)], TOK, tmp_path / "t", progress=False)
     with pytest.raises(KVPredError, match="no finished token build"):
         PackedTokens(tmp_path / "t", seq_len=8, batch_size=1)
+
+
+def test_a_corrupt_build_or_a_file_for_out_is_a_clear_error(tmp_path, corpus, built):
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(KVPredError, match="is a file; give a folder for the token shards"):
+        build_shards([str(corpus[0])], TOK, tmp_path / "afile", progress=False)
+    meta = json.loads((built / "meta.json").read_text())
+    for broken in ("{not json", "{}", json.dumps(dict(meta, splits={"train": {"shards": [{"file": 3}]}}))):
+        (built / "meta.json").write_text(broken)
+        with pytest.raises(KVPredError, match="meta.json is corrupt"):
+            read_meta(built)
+
+
+def test_data_info_checks_every_shard(tmp_path, built, capsys):
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["data", "info", str(built)])
+    shard = sorted(built.glob("train_*.bin"))[0]
+    shard.write_bytes(shard.read_bytes()[:-2])  # truncated
+    with pytest.raises(KVPredError, match="is missing or not .* bytes as meta.json says"):
+        args.func(args)
+    shard.unlink()
+    with pytest.raises(KVPredError, match="is missing"):
+        args.func(args)
+
+
+def test_sampling_settings_are_checked_before_the_model_loads(tmp_path):
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(dest="command"))
+    for flag, value, message in (("--temperature", "0", "temperature must be"), ("--top-p", "1.5", "top_p must")):
+        args = parser.parse_args(["data", "sample", "--model", str(tmp_path / "no-model"), "--out",
+                                  str(tmp_path / "s"), "--tokens", "10", flag, value])
+        with pytest.raises(KVPredError, match=message):
+            args.func(args)
 
 
 def test_too_little_data_for_a_batch_is_a_clear_error(built):
