@@ -34,8 +34,12 @@ def load_results(paths: list[str | Path]) -> list[dict]:
             doc = json.loads(Path(path).read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as err:
             raise KVPredError(f"cannot read results {path}: {err}") from err
-        if not isinstance(doc, dict) or "tasks" not in doc or "flops" not in doc:
+        if not (isinstance(doc, dict) and isinstance(doc.get("tasks"), dict) and isinstance(doc.get("flops"), dict)):
             raise KVPredError(f"{path} is not a `kvpred eval` results file (no tasks/flops)")
+        for name, task in doc["tasks"].items():  # what the figure reads of each task
+            if not (isinstance(task, dict) and isinstance(task.get("metrics"), dict) and "primary" in task
+                    and isinstance(task.get("higher_is_better"), dict)):
+                raise KVPredError(f"{path}: task {name!r} lacks its primary metric, metrics or higher_is_better")
         doc["label"] = label or doc.get("label") or Path(path).stem
         docs.append(doc)
     return docs
@@ -52,6 +56,8 @@ def measured_speedups(bench: Path, length: int | None = None) -> dict[str, float
     row = next((r for r in rows if r["prompt_len"] == length), None)
     if row is None:
         raise KVPredError(f"{bench} has no batch-1 row at {length} tokens")
+    if not all(isinstance(row.get(k), (int, float)) and row[k] > 0 for k in ("exact_ms", "pred_ms", "aux_ms")):
+        raise KVPredError(f"{bench}: the row at {length} tokens lacks positive exact_ms, pred_ms and aux_ms")
     return {"predicted": row["exact_ms"] / row["pred_ms"], "aux": row["exact_ms"] / row["aux_ms"]}
 
 
@@ -83,7 +89,10 @@ def pareto_points(docs: list[dict], x_rule: str = "param", tasks: list[str] | No
             if y is None:
                 continue
             # the matmul rule counts what predicted mode runs; aux and truncate cost the params rule by construction
-            ratio = doc["flops"][X_RULES[x_rule] if mode == "predicted" else "param_ratio"]
+            rule = X_RULES[x_rule] if mode == "predicted" else "param_ratio"
+            ratio = doc["flops"].get(rule)
+            if not isinstance(ratio, (int, float)):
+                raise KVPredError(f"results {doc['label']!r} have no flops {rule} for the x axis")
             points.append({"label": doc["label"], "mode": mode, "flops_x": 1.0 if mode == "exact" else ratio,
                            "ttft_x": 1.0 if mode == "exact" else speedups.get(mode), "y": y})
     return points
@@ -177,6 +186,8 @@ def register(subparsers) -> None:
 
 
 def _plot_cli(args: argparse.Namespace) -> int:
+    if args.out.suffix.lower() not in (".png", ".svg", ".pdf"):  # matplotlib would add .png, or refuse, otherwise
+        raise KVPredError(f"--out {args.out}: name a .png (or .svg, .pdf) file")
     tasks = [t.strip() for t in args.tasks.split(",")] if args.tasks else None
     docs = load_results(args.results)
     if args.ttft_bench:

@@ -410,6 +410,24 @@ def test_plot_takes_measured_speedups_from_a_ttft_benchmark(pruned_doc, tmp_path
     assert measured_speedups(bench) == {"predicted": 5.0, "aux": 10.0}
     assert cli.main(argv + ["--ttft-length", "1024"]) == 2
     assert "no batch-1 row at 1024" in capsys.readouterr().err
+    bench.write_text(json.dumps({"rows": [dict(rows[0], pred_ms=0.0)]}))
+    assert cli.main(argv) == 2 and "lacks positive exact_ms, pred_ms and aux_ms" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"out": "figs"}, "name a .png"),
+    ({"flops": {"param_ratio": 2.0}, "x": "matmul"}, "no flops matmul_ratio"),
+    ({"tasks": ["lambada"]}, "not a `kvpred eval` results file"),
+    ({"task": {"metrics": {}}}, "lacks its primary metric"),
+])
+def test_plot_names_what_is_wrong_with_its_inputs(pruned_doc, tmp_path, capsys, change, message):
+    doc = dict(pruned_doc, **{k: v for k, v in change.items() if k in ("flops", "tasks")})
+    if "task" in change:
+        doc["tasks"] = {name: change["task"] for name in doc["tasks"]}
+    (tmp_path / "r.json").write_text(json.dumps(doc))
+    argv = ["plot", "--results", str(tmp_path / "r.json"), "--out", str(tmp_path / change.get("out", "p.png")),
+            "--x", change.get("x", "param")]
+    assert cli.main(argv) == 2 and message in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------ lm-evaluation-harness
