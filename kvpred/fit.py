@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -297,7 +298,8 @@ def _compress_predictor(model: KVPredictionModel, args: argparse.Namespace) -> d
     except ValueError as err:
         raise KVPredError(f"cannot compress {args.model}: {err}") from err
     after = model.predictor.config.multiply_adds_per_token()
-    print(f"rank {args.rank}: predictor multiply-adds per token {before} -> {after} ({before / after:.1f}x fewer); "
+    change = f"{before / after:.1f}x fewer" if after <= before else f"{after / before:.1f}x more: a rank this high costs"
+    print(f"rank {args.rank}: predictor multiply-adds per token {before} -> {after} ({change}); "
           f"relative output error per tap {', '.join(f'{e:.3f}' for e in errors)}")
     return {"rank": args.rank, "tokens": args.tokens, "rel_error_per_tap": errors,
             "multiply_adds_per_token": [before, after]}
@@ -321,6 +323,9 @@ def _fit_command(args: argparse.Namespace) -> int:
     if config.rank and model.predictor.config.source != "hidden":
         raise KVPredError("--rank needs a hidden-state predictor (--source hidden)")
     batches = PackedTokens(args.data, "train", seq_len=config.seq_len, batch_size=config.batch_size)
+    if config.tokens > batches.stream.tokens:
+        print(f"note: the train split holds {batches.stream.tokens} tokens, fewer than --tokens {config.tokens}: "
+              "its windows are read more than once", file=sys.stderr)
     report = fit_predictor(model, batches, config)
     model.save_pretrained(args.out)
     Path(args.out, "fit_report.json").write_text(json.dumps(report, indent=2))
