@@ -298,7 +298,7 @@ def _compress_predictor(model: KVPredictionModel, args: argparse.Namespace) -> d
     except ValueError as err:
         raise KVPredError(f"cannot compress {args.model}: {err}") from err
     after = model.predictor.config.multiply_adds_per_token()
-    change = f"{before / after:.1f}x fewer" if after <= before else f"{after / before:.1f}x more: a rank this high costs"
+    change = f"{before / after:.1f}x fewer" if after <= before else f"{after / before:.1f}x more: too high a rank"
     print(f"rank {args.rank}: predictor multiply-adds per token {before} -> {after} ({change}); "
           f"relative output error per tap {', '.join(f'{e:.3f}' for e in errors)}")
     return {"rank": args.rank, "tokens": args.tokens, "rel_error_per_tap": errors,
