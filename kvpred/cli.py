@@ -33,7 +33,8 @@ def add_calibration_arguments(parser: argparse.ArgumentParser, out_help: str, da
     """--data / --out / --tokens / --seq-len / --batch-size, for subcommands that measure on calibration text."""
     parser.add_argument("--data", required=data_required, help="token shard folder made by `kvpred data build`")
     parser.add_argument("--out", required=True, help=out_help)
-    parser.add_argument("--tokens", type=positive_int, default=65_536, help="calibration tokens")
+    parser.add_argument("--tokens", type=positive_int, default=65_536,
+                        help="calibration tokens (read in whole batches of --batch-size x --seq-len)")
     parser.add_argument("--seq-len", type=positive_int, default=512)
     parser.add_argument("--batch-size", type=positive_int, default=8)
 
