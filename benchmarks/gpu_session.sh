@@ -313,7 +313,7 @@ evalchat)  # after a, a2 and a3 (carry .carry/g4 [.carry/data]): kvpred eval's c
 tests)  # after a, a2 and a3 (carry .carry/g4 .carry/serve .carry/pytest): the whole test suite on the GPU with the real model
   assemble_model || exit 1
   python3 -m pip install -q --no-index --no-deps --target "$SITE" .carry/serve/*.whl .carry/pytest/*.whl
-  python3 -m pytest -q -p no:cacheprovider -rs tests/ 2>&1 | tail -40 > $OUT/tests_gpu.txt; tail -40 $OUT/tests_gpu.txt
+  python3 -m pytest -q -p no:cacheprovider -rfs tests/ 2>&1 | tail -40 > $OUT/tests_gpu.txt; tail -40 $OUT/tests_gpu.txt
   ;;
 chat3)  # after a, a2 and a3 (carry .carry/g4 .carry/serve [.carry/data]): chats of 3 exchanges the base wrote (seed 7):
   # the chat tail and chat agreement on them; then the CUDA tests of decoding, refinement, serving and evaluation

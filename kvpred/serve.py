@@ -405,12 +405,15 @@ class Scheduler:
                     self.metrics.record(first)
                     continue
                 batch, longest, most = [first], len(first.prompt_ids), first.max_tokens
+                # a batch decoded padded (not rolling, where each row has columns of its own) gives its longest
+                # prompt the most new tokens: that must fit the context
+                padded = first.refine != "off" or not (self.config.continuous_batching
+                                                       and first.mode in ("exact", "predicted"))
                 for job in list(self._pending) if first.batch_key is not None else []:
                     if len(batch) == self.config.max_batch:
                         break
-                    # padded together, the longest prompt gets the most new tokens: that must fit the context
-                    fits = (max(longest, len(job.prompt_ids)) + max(most, job.max_tokens)
-                            <= self.model.context_length)
+                    fits = not padded or (max(longest, len(job.prompt_ids)) + max(most, job.max_tokens)
+                                          <= self.model.context_length)
                     if job.batch_key == first.batch_key and fits and not job.cancelled.is_set():
                         self._pending.remove(job)
                         batch.append(job)

@@ -351,15 +351,21 @@ def test_queued_prompts_with_equal_settings_are_decoded_together_up_to_max_batch
     assert scheduler.next_batch() == [jobs[6], jobs[7]]
 
 
-def test_prompts_batch_together_only_where_padded_together_they_fit_the_context(model):
+@pytest.mark.parametrize("mode", ["aux", "exact"])
+def test_prompts_decoded_padded_batch_together_only_where_they_fit_the_context(model, mode):
+    """Aux mode decodes padded: the longest prompt gets the most new tokens. A rolling batch (exact mode) gives each
+    row columns of its own, so anything that fits alone joins it."""
     scheduler = Scheduler(model, ServeConfig(max_batch=8), Metrics(lambda: 0))  # not started: we take by hand
     context = model.context_length
-    long_prompt, long_reply, short = make_job(), make_job(), make_job()
+    long_prompt, long_reply, short = make_job(mode), make_job(mode), make_job(mode)
     long_prompt.prompt_ids, long_prompt.max_tokens = [5] * (context - 8), 8
     long_reply.max_tokens = context - 4  # each fits alone; padded to the long prompt, the long reply would not
     scheduler.submit([long_prompt, long_reply, short])
-    assert scheduler.next_batch() == [long_prompt, short]
-    assert scheduler.next_batch() == [long_reply]
+    if mode == "aux":
+        assert scheduler.next_batch() == [long_prompt, short]
+        assert scheduler.next_batch() == [long_reply]
+    else:
+        assert scheduler.next_batch() == [long_prompt, long_reply, short]
 
 
 @pytest.mark.parametrize("tail", [1, 4])
