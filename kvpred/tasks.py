@@ -16,6 +16,7 @@ import math
 import os
 import random
 import re
+import secrets
 import shutil
 import string
 import subprocess
@@ -784,27 +785,38 @@ def humaneval_program(problem: dict, completion: str) -> str:
     return f"{problem['prompt']}{completion}\n\n{problem['test']}\n\ncheck({problem['entry_point']})\n"
 
 
-# Runs first inside the child: resource limits and no sockets, before any model-written code.
+# Runs first inside the child, before any model-written code: resource limits, no sockets and, as in OpenAI's
+# human-eval harness, no functions that kill, fork, run commands or delete files (a guard against careless code, not
+# a security boundary: the namespaces are that, where available). The program keeps the evaluator's user: another
+# may not read the Python installation (under /root with pyenv, say).
 _SANDBOX_PRELUDE = '''\
-import resource as _r, socket as _s
+import builtins as _b, os as _o, resource as _r, shutil as _sh, socket as _s, _socket as _ss, subprocess as _sp
 for _lim, _val in ((_r.RLIMIT_AS, 4 << 30), (_r.RLIMIT_FSIZE, 16 << 20), (_r.RLIMIT_CORE, 0)):
     try:
         _r.setrlimit(_lim, (_val, _val))
     except (ValueError, OSError):
         pass
-def _no_network(*args, **kwargs):
-    raise OSError("network access is disabled in the kvpred evaluation sandbox")
-_s.socket = _s.create_connection = _s.socketpair = _s.getaddrinfo = _no_network
-del _r, _s, _lim, _val
+def _disabled(*args, **kwargs):
+    raise OSError("disabled in the kvpred evaluation sandbox")
+_s.socket = _s.create_connection = _s.socketpair = _s.getaddrinfo = _ss.socket = _disabled
+for _name in ("kill", "killpg", "system", "fork", "forkpty", "setsid", "remove", "unlink", "rmdir", "removedirs",
+              "rename", "renames", "replace", "truncate", "putenv", "chmod", "chown", "setuid", "execv", "execve",
+              "spawnv", "spawnve", "posix_spawn", "posix_spawnp"):
+    setattr(_o, _name, _disabled)
+_sh.rmtree = _sh.move = _sh.chown = _sp.Popen = _b.exit = _b.quit = _disabled
+del _b, _o, _r, _sh, _s, _ss, _sp, _lim, _val, _name
 '''
 
 
 @lru_cache(maxsize=1)
-def _netns_prefix() -> tuple[str, ...]:
-    """`unshare --net` (an empty network namespace) when this machine allows it; else nothing (the prelude
-    still blocks Python's sockets)."""
+def _namespace_prefix() -> tuple[str, ...]:
+    """`unshare` into fresh PID, mount and network namespaces where this machine allows it (as root, or in a user
+    namespace): the program cannot see or signal the evaluator, reach a network, or leave a process behind (all
+    die with it). Else only a network namespace, else nothing (the prelude still disables Python's sockets)."""
     unshare = shutil.which("unshare")
-    for prefix in ((unshare, "--net"), (unshare, "--user", "--map-root-user", "--net")) if unshare else ():
+    isolated = ("--pid", "--fork", "--mount-proc", "--net")
+    for prefix in ((unshare, *isolated), (unshare, "--user", "--map-root-user", *isolated), (unshare, "--net"),
+                   (unshare, "--user", "--map-root-user", "--net")) if unshare else ():
         try:
             if subprocess.run([*prefix, "true"], capture_output=True, timeout=10).returncode == 0:
                 return prefix
@@ -815,12 +827,16 @@ def _netns_prefix() -> tuple[str, ...]:
 
 def execute_program(program: str, timeout: float = 10.0) -> str:
     """Run untrusted `program` in a separate isolated Python (-I -S: no environment, no site-packages) in an
-    empty temporary folder, with memory/file-size limits, no network and a wall-clock limit. Returns
-    "passed" (exit 0), "failed" or "timeout". Never executes anything in this process."""
+    empty temporary folder, in namespaces of its own where the machine allows (`_namespace_prefix`), with memory
+    and file-size limits, no network, no destructive os functions and a wall-clock limit. Returns "passed" (it ran
+    to its end: a line appended to it writes a random token, so exiting early, even with status 0, fails),
+    "failed" or "timeout". Never executes anything in this process."""
+    token = secrets.token_hex(16)
     with tempfile.TemporaryDirectory(prefix="kvpred-exec-") as tmp:
-        script = Path(tmp) / "program.py"
-        script.write_text(_SANDBOX_PRELUDE + program, encoding="utf-8")
-        cmd = [*_netns_prefix(), sys.executable, "-I", "-S", "-B", str(script)]
+        script, done = Path(tmp) / "program.py", Path(tmp) / "done"
+        script.write_text(f"{_SANDBOX_PRELUDE}{program}\nopen({str(done)!r}, 'w').write({token!r})\n",
+                          encoding="utf-8")
+        cmd = [*_namespace_prefix(), sys.executable, "-I", "-S", "-B", str(script)]
         env = {"PATH": "/usr/bin:/bin", "HOME": tmp, "TMPDIR": tmp, "LANG": "C.UTF-8"}
         proc = subprocess.Popen(cmd, cwd=tmp, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL, start_new_session=True)
@@ -830,7 +846,8 @@ def execute_program(program: str, timeout: float = 10.0) -> str:
             _kill_group(proc)
             return "timeout"
         _kill_group(proc)  # reap anything the program left running in its session
-        return "passed" if code == 0 else "failed"
+        finished = done.is_file() and done.read_text() == token
+        return "passed" if code == 0 and finished else "failed"
 
 
 def _kill_group(proc: subprocess.Popen) -> None:

@@ -281,6 +281,15 @@ def test_sandbox_times_out_an_infinite_loop_and_blocks_the_network():
     assert execute_program(_program(net)) == "failed"
 
 
+def test_sandbox_fails_programs_that_exit_early_and_survives_one_that_kills_its_parent():
+    for early in ("    import sys\n    sys.exit(0)\n", "    raise SystemExit\n", "    import os\n    os._exit(0)\n"):
+        assert execute_program(_program(early)) == "failed"  # exit status 0, but the checks never ran
+    kill = "    import os, signal\n    os.kill(os.getppid(), signal.SIGKILL)\n"
+    assert execute_program(_program(kill)) == "failed"  # and this test process is still here to see it
+    remove = "    import os\n    os.remove(__file__)\n    return a + b\n"
+    assert execute_program(_program(remove)) == "failed"
+
+
 # ------------------------------------------------------------------ CLI, resume, plot
 def test_cli_writes_json_and_markdown_and_resumes_from_the_item_cache(tiny_path, tmp_path, monkeypatch):
     out = tmp_path / "res" / "eval.json"
