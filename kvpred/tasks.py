@@ -417,22 +417,23 @@ class LanguageModelling(ScoringKind):
 
 class MultipleChoice(ScoringKind):
     """ARC/PIQA-style: each choice scored after the context; acc by summed log-likelihood, acc_norm by
-    log-likelihood per character of the choice (lm-eval's acc_norm)."""
+    log-likelihood per character of the choice's text (lm-eval's acc_norm: the space before it not counted)."""
     metrics_higher_is_better = {"acc": True, "acc_norm": True}
     primary = "acc"
     option_fields = ("fewshot", "seed")
 
     def build(self, model, spec, opts, limit):
         rows = load_rows(spec.path)
+        golds = [_mc_gold(row, f"{spec.path}, row {i + 1}") for i, row in enumerate(rows)]
         shots = 0 if opts.fewshot is None else opts.fewshot
         items = []
         for idx, row in enumerate(rows[:limit]):
-            prefix = "".join(f"{_mc_context(rows[j])} {rows[j]['choices'][rows[j]['gold']]}\n\n"
+            prefix = "".join(f"{_mc_context(rows[j])} {rows[j]['choices'][golds[j]]}\n\n"
                              for j in _shots(len(rows), idx, shots, opts.seed))
             context = prefix + _mc_context(row)
             pairs = [_encode_pair(model.tokenizer, context, " " + str(c)) for c in row["choices"]]
-            items.append({"ctx": pairs[0][0], "conts": [p[1] for p in pairs], "gold": int(row["gold"]),
-                          "chars": [len(" " + str(c)) for c in row["choices"]]})
+            items.append({"ctx": pairs[0][0], "conts": [p[1] for p in pairs], "gold": golds[idx],
+                          "chars": [len(str(c)) or 1 for c in row["choices"]]})
         return items
 
     def units(self, items):
@@ -446,6 +447,18 @@ class MultipleChoice(ScoringKind):
             acc.append(float(_argmax(lls) == item["gold"]))
             acc_norm.append(float(_argmax([ll / n for ll, n in zip(lls, item["chars"])]) == item["gold"]))
         return {"acc": acc, "acc_norm": acc_norm}
+
+
+def _mc_gold(row: dict, where: str) -> int:
+    """The row's right choice, as an index into its non-empty list of choices."""
+    choices, gold = row.get("choices"), row.get("gold")
+    if not isinstance(choices, list) or not choices:
+        raise KVPredError(f"{where}: 'choices' must be a non-empty list, got {choices!r}")
+    if isinstance(gold, bool) or not (isinstance(gold, int) or (isinstance(gold, str) and gold.isdigit())):
+        raise KVPredError(f"{where}: 'gold' must be the index of the right choice, got {gold!r}")
+    if not 0 <= int(gold) < len(choices):
+        raise KVPredError(f"{where}: 'gold' {gold} is not an index into its {len(choices)} choices")
+    return int(gold)
 
 
 def _mc_context(row: dict) -> str:
@@ -513,8 +526,18 @@ def _qa_prompt(row: dict) -> str:
 
 
 def _qa_targets(row: dict) -> list[str]:
-    targets = [row["answer"]] if isinstance(row.get("answer"), str) else list(row.get("answer") or [])
-    targets += list(row.get("answers") or []) + list(row.get("aliases") or [])
+    """The row's accepted answers: `answer`, `answers` and `aliases`, each a string or a list of them (a SQuAD-style
+    {"text": [...]} too); numbers as text. Answers that normalise to nothing ("the", ".") would match an empty
+    generation, so they are left out."""
+    targets = []
+    for key in ("answer", "answers", "aliases"):
+        value = row.get(key)
+        value = value.get("text") if isinstance(value, dict) else value
+        for answer in value if isinstance(value, list) else [] if value is None else [value]:
+            if not isinstance(answer, (str, int, float)) or isinstance(answer, bool):
+                raise KVPredError(f"QA row's {key!r} must hold strings, got {answer!r}: {str(row)[:200]}")
+            targets.append(str(answer))
+    targets = [t for t in targets if normalize_answer(t)]
     if not targets:
         raise KVPredError(f"QA row has no answer: {str(row)[:200]}")
     return targets

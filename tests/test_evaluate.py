@@ -117,6 +117,38 @@ def test_answers_are_normalised_before_exact_match():
     assert exact_match("the Eiffel tower.", ["Eiffel Tower"]) and not exact_match("Paris", ["London", "Rome"])
 
 
+def test_qa_answers_come_in_the_usual_shapes_and_empty_ones_never_match():
+    from kvpred.tasks import _qa_targets
+    assert _qa_targets({"answer": "Paris", "aliases": ["paris, France"]}) == ["Paris", "paris, France"]
+    assert _qa_targets({"answers": {"text": ["Paris"], "answer_start": [0]}}) == ["Paris"]  # SQuAD's shape
+    assert _qa_targets({"answer": 4}) == ["4"] and _qa_targets({"answer": 0}) == ["0"]
+    assert _qa_targets({"answers": ["The", ".", "Seine"]}) == ["Seine"]  # "the" would match an empty generation
+    with pytest.raises(KVPredError, match="has no answer"):
+        _qa_targets({"answer": "the"})
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"query": "q", "choices": ["a", "b"], "gold": 5}, "not an index into its 2 choices"),
+    ({"query": "q", "choices": ["a", "b"], "gold": "A"}, "must be the index of the right choice"),
+    ({"query": "q", "choices": [], "gold": 0}, "must be a non-empty list"),
+])
+def test_multiple_choice_rows_are_checked(pruned, tmp_path, row, message):
+    path = tmp_path / "mc.jsonl"
+    path.write_text(json.dumps({"query": "ok", "choices": ["x", "y"], "gold": "1"}) + "\n" + json.dumps(row) + "\n")
+    with pytest.raises(KVPredError, match=message):
+        KINDS["mc"].build(pruned, parse_tasks(f"arc_easy={path}", DATA)[0], small_options(pruned), None)
+
+
+def test_acc_norm_divides_by_the_choice_text_as_lm_eval_does(pruned, tmp_path):
+    path = tmp_path / "mc.jsonl"
+    path.write_text(json.dumps({"query": "q", "choices": ["ab", "abcd"], "gold": "1"}) + "\n")
+    items = KINDS["mc"].build(pruned, parse_tasks(f"arc_easy={path}", DATA)[0], small_options(pruned, fewshot=1), None)
+    assert items[0]["gold"] == 1 and items[0]["chars"] == [2, 4]
+    # summed, -3 beats -5.5; per character of the text, -5.5 / 4 beats -3 / 2 (counting the space, -3 / 3 would win)
+    results = {"0.0": {"ll": -3.0}, "0.1": {"ll": -5.5}}
+    assert KINDS["mc"].metrics(items, results, None) == {"acc": [0.0], "acc_norm": [1.0]}
+
+
 def test_truncate_keeps_the_last_n_over_r_prompt_tokens():
     ids = list(range(10))
     assert mode_prompt(ids, "truncate", 2.5) == list(range(6, 10))  # ceil(10 / 2.5) = 4
