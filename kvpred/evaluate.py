@@ -63,20 +63,24 @@ def flop_ratio(model, prompt_tokens: int = 1024, tail: int = 1) -> dict:
 
 
 # ------------------------------------------------------------------ statistics
-def confidence_interval(values: list[float], seed: int = 0) -> tuple[float, float, float]:
-    """(mean, lo, hi), 95%: Wilson score interval for 0/1 values, percentile bootstrap of the mean otherwise (unlike
-    a normal approximation, it stays inside the values' range: no negative bound for a loss or a share)."""
+def confidence_interval(values: list[float], seed: int = 0, binary: bool = False
+                        ) -> tuple[float, float | None, float | None]:
+    """(mean, lo, hi), 95%: Wilson score interval for a `binary` metric (each value 0 or 1), percentile bootstrap of
+    the mean otherwise (unlike a normal approximation, it stays inside the values' range: no negative bound for a
+    loss or a share); no bounds (None) for one value of a metric that is not binary."""
     x = np.asarray(values, dtype=float)
     n = len(x)
     if n == 0:
-        return math.nan, math.nan, math.nan
+        return math.nan, None, None
     mean = float(x.mean())
-    if np.isin(x, (0.0, 1.0)).all():
+    if binary:
         denom = 1 + Z95 ** 2 / n
         centre = (mean + Z95 ** 2 / (2 * n)) / denom
         half = Z95 * math.sqrt(mean * (1 - mean) / n + Z95 ** 2 / (4 * n * n)) / denom
         # Wilson's interval contains the sample proportion; min/max only absorb rounding at 0 and 1
         return mean, min(mean, max(0.0, centre - half)), max(mean, min(1.0, centre + half))
+    if n < 2:
+        return mean, None, None
     means = x[np.random.default_rng(seed).integers(0, n, size=(BOOTSTRAP_SAMPLES, n))].mean(1)
     return mean, min(mean, float(np.percentile(means, 2.5))), max(mean, float(np.percentile(means, 97.5)))
 
@@ -90,6 +94,8 @@ def gap_recovered(value: list[float], exact: list[float], aux: list[float],
     if not len(v) == len(e) == len(a) or len(v) == 0 or abs(denom) < 1e-12:
         return None, None, None
     point = float((v.mean() - a.mean()) / denom)
+    if len(v) < 2:  # one item: nothing to resample
+        return point, None, None
     idx = np.random.default_rng(seed).integers(0, len(v), size=(BOOTSTRAP_SAMPLES, len(v)))
     d = e[idx].mean(1) - a[idx].mean(1)
     ok = np.abs(d) > 1e-12
@@ -99,12 +105,14 @@ def gap_recovered(value: list[float], exact: list[float], aux: list[float],
     return point, float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))
 
 
-def summarise(per_mode: dict[str, dict[str, list[float]]], seed: int = 0) -> dict[str, dict[str, dict]]:
-    """{mode: {metric: values}} -> {metric: {mode: {value, ci, n, gap_recovered, gap_ci}}}."""
+def summarise(per_mode: dict[str, dict[str, list[float]]], seed: int = 0,
+              binary: frozenset[str] = frozenset()) -> dict[str, dict[str, dict]]:
+    """{mode: {metric: values}} -> {metric: {mode: {value, ci, n, gap_recovered, gap_ci}}}; `binary`: the metrics
+    whose every value is 0 or 1 by construction (Wilson intervals)."""
     table: dict[str, dict[str, dict]] = {}
     for mode, metrics in per_mode.items():
         for metric, values in metrics.items():
-            mean, lo, hi = confidence_interval(values, seed)
+            mean, lo, hi = confidence_interval(values, seed, binary=metric in binary)
             entry = {"value": mean, "ci": [lo, hi], "n": len(values)}
             if "exact" in per_mode and "aux" in per_mode:
                 gap, glo, ghi = gap_recovered(values, per_mode["exact"][metric], per_mode["aux"][metric], seed)
@@ -212,7 +220,7 @@ def evaluate(model, specs, modes: list[str], options, *, limit: int | None = Non
             "kind": spec.kind, "data": spec.path, "n": len(items), "primary": kind.primary,
             "higher_is_better": {m: kind.metrics_higher_is_better[m] for m in next(iter(per_mode.values()))},
             "exact_tail": tail,
-            "metrics": summarise(per_mode, options.seed),
+            "metrics": summarise(per_mode, options.seed, kind.binary_metrics),
             "extra": {mode: e for mode in task_modes if (e := kind.extra(items, results[mode], mode))},
             "seconds": round(time.perf_counter() - started, 2)}
     return doc

@@ -176,7 +176,7 @@ def measure_chat_tail(model: KVPredictionModel, prompts: list[str], *, tolerance
         for w, hits in agree.items():
             logits, _ = model.prefill(enc.input_ids, enc.attention_mask, mode="predicted", exact_tail=w)
             hits += (logits[:, -1].argmax(-1) == exact).tolist()
-    rates = {w: confidence_interval(hits) for w, hits in agree.items()}
+    rates = {w: confidence_interval(hits, binary=True) for w, hits in agree.items()}
     chosen = shortest_tail_within({w: rate for w, (rate, _, _) in rates.items()}, tolerance)
     report = {"chat_prompts": len(prompts), "reply_opening_tokens": opening, "chat_tolerance": tolerance,
               "chat_exact_tail": chosen,

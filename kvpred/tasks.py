@@ -323,6 +323,7 @@ class RunContext:
 class Kind:
     """One task format. Subclasses define how items are built, split into units, run and scored."""
     metrics_higher_is_better: dict[str, bool] = {}
+    binary_metrics: frozenset[str] = frozenset()  # metrics whose every per-item value is 0 or 1
     primary: str = ""
     option_fields: tuple[str, ...] = ()  # EvalOptions fields that change this kind's unit results
 
@@ -397,6 +398,7 @@ def _encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int],
 class LanguageModelling(ScoringKind):
     """LAMBADA-style: the continuation (last word) must come out greedily, every token argmax-correct."""
     metrics_higher_is_better = {"acc": True, "nll": False}
+    binary_metrics = frozenset({"acc"})
     primary = "acc"
 
     def build(self, model, spec, opts, limit):
@@ -419,6 +421,7 @@ class MultipleChoice(ScoringKind):
     """ARC/PIQA-style: each choice scored after the context; acc by summed log-likelihood, acc_norm by
     log-likelihood per character of the choice's text (lm-eval's acc_norm: the space before it not counted)."""
     metrics_higher_is_better = {"acc": True, "acc_norm": True}
+    binary_metrics = frozenset({"acc", "acc_norm"})
     primary = "acc"
     option_fields = ("fewshot", "seed")
 
@@ -499,6 +502,7 @@ class HeldOut(ScoringKind):
 class QuestionAnswering(GenerationKind):
     """TriviaQA-style: k-shot greedy generation until "\\n", "." or ","; normalised exact match against any alias."""
     metrics_higher_is_better = {"em": True}
+    binary_metrics = frozenset({"em"})
     primary = "em"
     option_fields = ("fewshot", "seed", "qa_max_new_tokens")
     stop = ["\n", ".", ","]
@@ -567,6 +571,7 @@ class Agreement(Kind):
     end at the same place match there.
     """
     metrics_higher_is_better = {"first_token": True, "prefix": True, "per_position": True}
+    binary_metrics = frozenset({"first_token"})
     primary = "first_token"
     option_fields = ("agreement_prompt", "agreement_tokens")
 
@@ -623,6 +628,7 @@ class Retrieval(GenerationKind):
     for at the end; correct when the first number generated is the key. Truncation drops the key by
     construction whenever it keeps less than the last 80% of the prompt."""
     metrics_higher_is_better = {"acc": True}
+    binary_metrics = frozenset({"acc"})
     primary = "acc"
     option_fields = ("retrieval_lengths", "retrieval_items", "seed")
     header = "There is a pass key hidden inside a lot of irrelevant text. Find it and remember it.\n\n"

@@ -85,12 +85,16 @@ def test_flop_ratio_counts_a_tied_embedding_once_and_reports_both_rules(pruned, 
 
 
 def test_confidence_intervals_contain_the_mean():
-    mean, lo, hi = confidence_interval([1, 0, 1, 1])  # 0/1 values: Wilson interval
+    mean, lo, hi = confidence_interval([1, 0, 1, 1], binary=True)  # a 0/1 metric: Wilson interval
     assert mean == 0.75 and 0 <= lo < mean < hi <= 1
     mean, lo, hi = confidence_interval([2.0, 3.0, 4.5])
     assert mean == pytest.approx(3.1666, abs=1e-3) and lo < mean < hi
     assert confidence_interval([2.0, 2.0]) == (2.0, 2.0, 2.0)
-    assert confidence_interval([1, 1])[1] < 1  # all successes still leave doubt with two items
+    assert confidence_interval([1, 1], binary=True)[1] < 1  # all successes still leave doubt with two items
+    # a continuous metric whose values happen to be 0 or 1 is no proportion; one value of one has no interval
+    assert confidence_interval([0.0, 0.0, 0.0]) == (0.0, 0.0, 0.0) and confidence_interval([2.5]) == (2.5, None, None)
+    assert confidence_interval([1], binary=True)[1] > 0
+    assert gap_recovered([0.5], [1.0], [0.0]) == (0.5, None, None)
     mean, lo, hi = confidence_interval([0.0, 0.0, 0.0, 0.05, 0.5])  # a share near 0: no negative bound
     assert 0.0 <= lo < mean < hi <= 0.5
 
