@@ -57,7 +57,7 @@ def first_tokens(model, ids: torch.Tensor, tails: list[int], cuts: list[int]) ->
 
 
 def point(label: str, agree: list[float], cost: float, exact_cost: float, **extra) -> dict:
-    mean, lo, hi = confidence_interval(agree)
+    mean, lo, hi = confidence_interval(agree, binary=True)
     return {"label": label, "agreement": mean, "ci": [lo, hi], "reduction": exact_cost / cost, **extra}
 
 

@@ -81,7 +81,7 @@ def main() -> None:
     print("| prompt as the base sees it | chats | first token = exact's [95% CI] |\n|---|--:|--:|")
     for name, values in hits.items():
         if values:
-            mean, lo, hi = confidence_interval(values)
+            mean, lo, hi = confidence_interval(values, binary=True)
             print(f"| {name} | {len(values)} | {mean:.3f} [{lo:.3f}, {hi:.3f}] |")
     if predicted_share:
         print(f"\nsession: the chats with an earlier exchange; their last user message and reply opening are "
