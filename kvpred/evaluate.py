@@ -388,8 +388,8 @@ def run_cli(args: argparse.Namespace) -> int:
     from .cli import load_model
     from .tasks import EvalOptions, default_data_dir, parse_tasks
 
-    if args.batch_size < 1 or args.exact_tail < 1 or (args.limit is not None and args.limit < 1):
-        raise KVPredError("--batch-size, --exact-tail and --limit must be at least 1")
+    if args.limit is not None and args.limit < 1:
+        raise KVPredError(f"--limit must be at least 1, got {args.limit}")
     if args.out.suffix == ".md" or args.out.is_dir():  # the report goes to OUT.md: it would replace the results
         raise KVPredError(f"--out {args.out} must name the results JSON file (the report goes beside it, as .md)")
     data_dir = args.data_dir or default_data_dir()
@@ -401,18 +401,18 @@ def run_cli(args: argparse.Namespace) -> int:
         lengths = [int(x) for x in args.retrieval_lengths.split(",")]
     except ValueError as err:
         raise KVPredError(f"--retrieval-lengths takes integers, got {args.retrieval_lengths!r}") from err
-    model = load_model(args)
-    options = EvalOptions(
-        batch_size=args.batch_size, ratio=args.truncate_ratio or flop_ratio(model)["param_ratio"],
-        exact_tail=args.exact_tail, seed=args.seed,
+    if args.truncate_ratio is not None and not args.truncate_ratio >= 1:
+        raise KVPredError(f"--truncate-ratio must be >= 1, got {args.truncate_ratio}")
+    options = EvalOptions(  # checked here, before the model loads
+        batch_size=args.batch_size, ratio=args.truncate_ratio or 1.0, exact_tail=args.exact_tail, seed=args.seed,
         fewshot=args.fewshot, heldout_context=args.heldout_context, heldout_continuation=args.heldout_continuation,
         kv_length=args.kv_length, agreement_prompt=args.agreement_prompt, agreement_tokens=args.agreement_tokens,
         qa_max_new_tokens=args.qa_max_new_tokens, retrieval_lengths=lengths, retrieval_items=args.retrieval_items,
         humaneval_samples=args.humaneval_samples, humaneval_temperature=args.humaneval_temperature,
         humaneval_top_p=args.humaneval_top_p, humaneval_max_new_tokens=args.humaneval_max_new_tokens,
         humaneval_timeout=args.humaneval_timeout, humaneval_workers=args.humaneval_workers)
-    if options.ratio < 1:
-        raise KVPredError(f"truncate ratio must be >= 1, got {options.ratio}")
+    model = load_model(args)
+    options.ratio = args.truncate_ratio or flop_ratio(model)["param_ratio"]
     cache_path = args.out.with_suffix(".items.jsonl")
     if args.no_resume:
         cache_path.unlink(missing_ok=True)

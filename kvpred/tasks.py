@@ -67,6 +67,23 @@ class EvalOptions:
     humaneval_timeout: float = 10.0
     humaneval_workers: int = 4
 
+    def __post_init__(self) -> None:
+        counts = ("batch_size", "exact_tail", "heldout_context", "heldout_continuation", "agreement_prompt",
+                  "agreement_tokens", "qa_max_new_tokens", "retrieval_items", "humaneval_samples",
+                  "humaneval_max_new_tokens", "humaneval_workers")
+        bad = [f"--{name.replace('_', '-')} {getattr(self, name)}" for name in counts if getattr(self, name) < 1]
+        bad += [f"--kv-length {self.kv_length}"] * (self.kv_length < 2)
+        bad += [f"--fewshot {self.fewshot}"] * (self.fewshot is not None and self.fewshot < 0)
+        bad += [f"--humaneval-timeout {self.humaneval_timeout}"] * (not self.humaneval_timeout > 0)
+        bad += [f"--retrieval-lengths {self.retrieval_lengths}"] * (not self.retrieval_lengths
+                                                                    or min(self.retrieval_lengths) < 1)
+        if bad:
+            raise KVPredError(f"out of range: {', '.join(bad)} (counts and lengths must be at least 1, "
+                              f"--kv-length at least 2, --fewshot at least 0, the timeout above 0)")
+        if self.humaneval_samples > 1:
+            from .decoding import check_decoding
+            check_decoding(1, True, self.humaneval_temperature, self.humaneval_top_p, 0)
+
 
 
 @dataclass
@@ -625,8 +642,8 @@ class ChatAgreement(Agreement):
 
 class Retrieval(GenerationKind):
     """Long-range recall: a 5-digit pass key stated early (5-20% into a prompt of wikitext filler), asked
-    for at the end; correct when the first number generated is the key. Truncation drops the key by
-    construction whenever it keeps less than the last 80% of the prompt."""
+    for at the end; correct when the first number generated is the key. Truncation to the last 1/r of the prompt
+    drops the key whenever that is less than what follows it (at least 80% of the prompt)."""
     metrics_higher_is_better = {"acc": True}
     binary_metrics = frozenset({"acc"})
     primary = "acc"
@@ -653,7 +670,10 @@ class Retrieval(GenerationKind):
             n_fill = length - len(head) - len(needle) - len(question)
             if n_fill < 10:
                 raise KVPredError(f"retrieval length {length} is too short for the pass-key prompt")
-            start = rng.randrange(0, max(1, len(filler) - n_fill))
+            if len(filler) < n_fill:
+                raise KVPredError(f"retrieval filler {spec.path} holds {len(filler)} tokens, fewer than the {n_fill} "
+                                  f"a {length}-token prompt needs")
+            start = rng.randrange(0, len(filler) - n_fill + 1)
             fill = list(filler[start:start + n_fill])
             at = int(n_fill * rng.uniform(0.05, 0.2))
             items.append({"prompt": head + fill[:at] + needle + fill[at:] + question, "key": key, "length": length,
@@ -805,6 +825,8 @@ class HumanEval(Kind):
 
 def pass_at_k(n: int, c: int, k: int) -> float:
     """Unbiased pass@k from n samples of which c passed: 1 - C(n-c, k) / C(n, k), as a stable product."""
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
     if n - c < k:
         return 1.0
     return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))

@@ -114,6 +114,21 @@ def test_pass_at_k_is_the_unbiased_estimator():
     assert pass_at_k(10, 0, 1) == 0.0 and pass_at_k(10, 10, 5) == 1.0
     assert pass_at_k(2, 1, 1) == pytest.approx(0.5)
     assert pass_at_k(10, 3, 5) == pytest.approx(1 - math.comb(7, 5) / math.comb(10, 5))
+    with pytest.raises(ValueError, match="1 <= k <= n"):
+        pass_at_k(3, 0, 5)  # k samples cannot be drawn from fewer
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--humaneval-samples", "0"], "--humaneval-samples 0"),
+    (["--kv-length", "1"], "--kv-length 1"),
+    (["--fewshot", "-1"], "--fewshot -1"),
+    (["--truncate-ratio", "0.5"], "--truncate-ratio must be >= 1"),
+    (["--humaneval-samples", "4", "--humaneval-temperature", "0"], "temperature must be"),
+])
+def test_eval_settings_out_of_range_are_refused_before_the_model_loads(tmp_path, capsys, flags, message):
+    argv = ["eval", "--model", str(tmp_path / "no-model"), "--tasks", f"lambada={DATA}/lm.jsonl", "--out",
+            str(tmp_path / "r.json"), *flags]
+    assert cli.main(argv) == 2 and message in capsys.readouterr().err
 
 
 def test_answers_are_normalised_before_exact_match():
@@ -158,6 +173,13 @@ def test_truncate_keeps_the_last_n_over_r_prompt_tokens():
     assert mode_prompt(ids, "truncate", 2.5) == list(range(6, 10))  # ceil(10 / 2.5) = 4
     assert mode_prompt(ids, "truncate", 100.0) == [9]  # never empty
     assert mode_prompt(ids, "predicted", 2.5) == ids
+
+
+def test_retrieval_refuses_filler_too_short_for_its_prompts(pruned, tmp_path):
+    (tmp_path / "short.txt").write_text("Too little filler. " * 5)
+    spec = parse_tasks(f"retrieval={tmp_path / 'short.txt'}", DATA)[0]
+    with pytest.raises(KVPredError, match="fewer than the .* a 448-token prompt needs"):
+        Retrieval().build(pruned, spec, small_options(pruned, retrieval_lengths=[448]), 2)
 
 
 def test_retrieval_places_the_key_where_truncation_drops_it(pruned):
