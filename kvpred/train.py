@@ -46,6 +46,7 @@ from .models import KVPredError
 
 STATE_NAME = "train_state.pt"
 METRICS_NAME = "metrics.jsonl"
+FIT_AFTER = 10  # --max-minutes: steps timed before the schedule is fitted, where the warm-up is shorter
 
 
 def opt(default, help: str):
@@ -131,6 +132,13 @@ class TrainConfig:
             (not all(w >= 0 for w in weights.values()), f"loss weights must be >= 0, got {weights}"),
             (not (self.base_loss or self.aux_loss or self.kv_loss or self.kl_loss),
              "all loss weights are 0: set one of --base-loss, --aux-loss, --kv-loss, --kl-loss"),
+            (not self.train_aux and not (self.base_loss or self.kv_loss or self.kl_loss),
+             "with the auxiliary frozen (--no-train-aux) only --base-loss, --kv-loss and --kl-loss train the "
+             "predictor, and all three are 0"),
+            (not self.train_aux and self.aux_lora_rank > 0,
+             "--aux-lora-rank trains adapters on the auxiliary, which --no-train-aux freezes"),
+            (self.lr == 0 and not (self.train_aux and self.aux_lr > 0),
+             "nothing would train: --lr is 0 and the auxiliary is frozen or has --aux-lr 0"),
             (self.kv_reduction not in ("mean", "sum"),
              f"--kv-reduction must be mean or sum, got {self.kv_reduction!r}"),
             (not 0 <= self.copy_spans <= 1, f"--copy-spans is a share in [0, 1], got {self.copy_spans}"),
@@ -320,7 +328,8 @@ def lr_lambda(config: TrainConfig, total_steps: Callable[[], int]):
     def factor(step: int) -> float:
         if step < config.warmup:
             return (step + 1) / config.warmup
-        progress = min(1.0, (step - config.warmup) / max(1, total_steps() - config.warmup))
+        # the peak once, at the warm-up's last step; the minimum at the last step
+        progress = min(1.0, (step + 1 - config.warmup) / max(1, total_steps() - config.warmup))
         return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
     return factor
 
@@ -559,6 +568,9 @@ class Trainer:
             raise KVPredError(f"{path} is at step {self.step}, past --steps {self.config.steps}: give --steps >= "
                               f"{self.step} to go on, or another --out to start over")
         self.total_steps = min(self.config.steps, state.get("fitted_steps") or self.config.steps)
+        for group, base, factor in zip(self.optimizer.param_groups, self.scheduler.base_lrs,
+                                       self.scheduler.lr_lambdas):  # this run's schedule (a new --steps) from here
+            group["lr"] = base * factor(self.step)
         self.log(f"resumed from {path} at step {self.step}")
 
     # ---------------------------------------------------------- loop
@@ -595,7 +607,8 @@ class Trainer:
                 losses = self._step()
                 self.step += 1
                 bar.update(1)
-                if self.step == c.warmup and c.max_minutes and self.total_steps == c.steps:
+                # the rate from this process's own steps, after the warm-up (a resumed run too, if newly limited)
+                if self.step == max(c.warmup, step_start + FIT_AFTER) and c.max_minutes and self.total_steps == c.steps:
                     self._fit_schedule_to_time(t_start, step_start, deadline, bar)
                 last = self.step == self.total_steps or time.perf_counter() > deadline
                 if c.log_every and (self.step % c.log_every == 0 or last):
@@ -603,7 +616,7 @@ class Trainer:
                     elapsed = time.perf_counter() - t_last
                     tok_s = tokens_per_step * (self.step - step_last) / elapsed
                     record = {"step": self.step, **{k: round(v, 5) for k, v in losses.items()},
-                              "lr": self.scheduler.get_last_lr()[0], "tokens_per_s": round(tok_s),
+                              "lr": self.step_lr, "tokens_per_s": round(tok_s),
                               "mfu": round(flops * tok_s / peak_flops(self.device) / self.world, 4)}
                     bar.set_postfix(loss=f"{losses['loss']:.3f}", tok_s=f"{tok_s:,.0f}")
                     t_last, step_last = time.perf_counter(), self.step
@@ -661,6 +674,7 @@ class Trainer:
             totals = dict(zip(totals, (reduced / self.world).tolist()))
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         totals["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, c.clip))
+        self.step_lr = self.optimizer.param_groups[0]["lr"]  # what this step used, for the log
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()

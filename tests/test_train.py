@@ -17,7 +17,7 @@ from kvpred.model import KVPredictionModel, cache_kwargs
 from kvpred.models import KVPredError
 from kvpred.testing import byte_tokenizer
 from kvpred.train import (STATE_NAME, Distillation, PredictedKV, TrainConfig, Trainer, add_arguments,
-                          with_copied_spans)
+                          lr_lambda, with_copied_spans)
 
 # tiny models on a few busy cores: intra-op threads only spin (the time-limit test took minutes with 2 threads)
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -233,20 +233,34 @@ def test_an_fsdp2_run_resumed_after_a_kill_continues_like_an_uninterrupted_one(t
     assert losses(tmp_path / "killed") == pytest.approx(losses(tmp_path / "straight"), rel=1e-5)
 
 
-def test_a_time_limit_shortens_the_schedule_so_it_still_ends_annealed(tiny_llama, shards, tmp_path, monkeypatch):
-    """With max_minutes too short for `steps`, the cosine is fitted to the time after warm-up, not cut off."""
+@pytest.mark.parametrize("warmup", [3, 0])
+def test_a_time_limit_shortens_the_schedule_so_it_still_ends_annealed(tiny_llama, shards, tmp_path, monkeypatch,
+                                                                       warmup):
+    """With max_minutes too short for `steps`, the cosine is fitted to the time after warm-up (or after a few steps
+    without one), not cut off; its last step runs at the minimum rate, and the log says what each step used."""
     clock = [0.0]  # a steady 100 steps/s, whatever this machine's speed and load
     monkeypatch.setattr("kvpred.train.time.perf_counter", lambda: clock[0])
     step = Trainer._step
     monkeypatch.setattr(Trainer, "_step", lambda self: (clock.__setitem__(0, clock[0] + 0.01), step(self))[1])
-    c = config(tiny_llama, shards, tmp_path, steps=10**6, warmup=3, max_minutes=0.1, save_every=10**6)
+    c = config(tiny_llama, shards, tmp_path, steps=10**6, warmup=warmup, max_minutes=0.05, save_every=10**6)
     trainer = Trainer(c)
+    used = []
+    trainer.optimizer.register_step_pre_hook(lambda opt, args, kwargs: used.append(opt.param_groups[0]["lr"]))
     trainer.train()
-    assert c.warmup < trainer.step == trainer.total_steps < 600  # 6 s at 100 steps/s, less the margin for evals
-    assert trainer.scheduler.get_last_lr()[0] == pytest.approx(c.lr * c.min_lr_ratio)
-    resumed = Trainer(config(tiny_llama, shards, tmp_path, steps=10**6, warmup=3, max_minutes=0.1,
+    assert c.warmup < trainer.step == trainer.total_steps < 300  # 3 s at 100 steps/s, less the margin for evals
+    assert used[-1] == pytest.approx(c.lr * c.min_lr_ratio) and max(used) == pytest.approx(c.lr)
+    logged = [json.loads(line)["lr"] for line in open(tmp_path / "run" / "metrics.jsonl") if '"lr"' in line]
+    assert logged == pytest.approx(used)
+    resumed = Trainer(config(tiny_llama, shards, tmp_path, steps=10**6, warmup=warmup, max_minutes=0.05,
                              save_every=10**6))
     assert resumed.total_steps == trainer.total_steps  # a resumed run keeps the fitted schedule
+
+
+def test_the_schedule_reaches_its_peak_once_and_its_minimum_at_the_last_step():
+    factor = lr_lambda(TrainConfig(model="m", data="d", out="o", steps=10, warmup=3, min_lr_ratio=0.1), lambda: 10)
+    factors = [factor(s) for s in range(10)]
+    assert factors[:3] == pytest.approx([1 / 3, 2 / 3, 1.0]) and factors[3] < 1.0
+    assert factors[-1] == pytest.approx(0.1) and factors == sorted(factors[:3]) + sorted(factors[3:], reverse=True)
 
 
 @pytest.mark.parametrize("flags, named", [
@@ -254,7 +268,9 @@ def test_a_time_limit_shortens_the_schedule_so_it_still_ends_annealed(tiny_llama
     (["--batch-size", "0"], "--batch-size"), (["--grad-accum", "0"], "--grad-accum"), (["--lr=-1e-3"], "--lr"),
     (["--aux-lr", "nan"], "--aux-lr"), (["--warmup", "-1"], "--warmup"), (["--clip", "0"], "--clip"),
     (["--log-every", "-1"], "--log-every"), (["--eval-windows", "0"], "--eval-windows"),
-    (["--kv-loss", "-1"], "loss weights"), (["--kv-reduction", "max"], "--kv-reduction")])
+    (["--kv-loss", "-1"], "loss weights"), (["--kv-reduction", "max"], "--kv-reduction"),
+    (["--base-loss", "0", "--kv-loss", "0", "--no-train-aux"], "--no-train-aux"),
+    (["--aux-lora-rank", "4", "--no-train-aux"], "--aux-lora-rank"), (["--lr", "0", "--aux-lr", "0"], "--lr is 0")])
 def test_settings_that_cannot_train_are_one_line_errors_naming_the_flag(tiny_llama, shards, tmp_path, capsys, flags,
                                                                          named):
     argv = ["train", "--model", tiny_llama, "--data", shards, "--out", str(tmp_path / "run"), *flags]
