@@ -164,9 +164,14 @@ def model_signature(model, name: str) -> dict:
     for key, tensor in sorted(model.predictor.state_dict().items()):
         h.update(key.encode())
         h.update(tensor.detach().to("cpu", torch.float32).numpy().tobytes())
+    def name_of(dtype: torch.dtype | None) -> str:
+        return str(dtype or model.base.dtype).replace("torch.", "")
+
     return {"model": name, "base": fingerprint(model.base), "aux": fingerprint(model.aux),
-            "predictor": h.hexdigest()[:16], "dtype": str(model.base.dtype).replace("torch.", ""),
-            "device": model.device.type}
+            "predictor": h.hexdigest()[:16], "dtype": name_of(None), "device": model.device.type,
+            # what the auxiliary's prefill and the predictor compute in (bf16 on a CPU that has it, by default)
+            "aux_compute_dtype": name_of(model.aux_compute_dtype),
+            "predictor_compute_dtype": name_of(model.predictor_compute_dtype)}
 
 
 def _digest(obj) -> str:
@@ -235,7 +240,9 @@ def markdown_report(doc: dict) -> str:
     f = doc["flops"]
     lines = [f"# kvpred eval: {doc['model']}", "",
              f"* command: `{doc.get('command', '')}`", *([f"* note: {doc['note']}"] if doc.get("note") else []),
-             f"* device {doc['model_signature']['device']}, dtype {doc['model_signature']['dtype']}, "
+             f"* device {doc['model_signature']['device']}, dtype {doc['model_signature']['dtype']} "
+             f"(auxiliary prefill {doc['model_signature'].get('aux_compute_dtype', '?')}, predictor "
+             f"{doc['model_signature'].get('predictor_compute_dtype', '?')}), "
              f"limit {doc['limit']}, batch {doc['options']['batch_size']}",
              f"* TTFT FLOPs reduction: params rule {f['param_ratio']:.2f}x "
              f"({f['params_base'] / 1e6:.1f}M / {f['params_aux'] / 1e6:.1f}M), matmul rule "
