@@ -173,11 +173,15 @@ def _solve(xtx: torch.Tensor, xty: torch.Tensor, prior: torch.Tensor, ridge: flo
     d = xtx.shape[-1] - 1
     penalty = torch.zeros_like(xtx[0])
     penalty.diagonal()[:d] = ridge * xtx[:, range(d), range(d)].mean()
+    singular = KVPredError("the calibration statistics are singular (too few or too repetitive tokens for the "
+                           "predictor's inputs): use --ridge > 0 or more --tokens")
     try:
-        return torch.linalg.solve(xtx + penalty, xty + penalty @ prior)  # [L, in+1, out]
+        w = torch.linalg.solve(xtx + penalty, xty + penalty @ prior)  # [L, in+1, out]
     except torch.linalg.LinAlgError as err:
-        raise KVPredError("the calibration statistics are singular (too few or too repetitive tokens for the "
-                          "predictor's inputs): use --ridge > 0 or more --tokens") from err
+        raise singular from err
+    if not torch.isfinite(w).all():  # some LAPACK builds return inf / NaN for a singular system instead
+        raise singular
+    return w
 
 
 def _relative_error(xtx, xty, yy, w) -> torch.Tensor:
@@ -190,6 +194,9 @@ def _relative_error(xtx, xty, yy, w) -> torch.Tensor:
 def solve(model: KVPredictionModel, stats: Statistics, ridge: float) -> dict:
     """Write the ridge solution into model.predictor; return per-layer relative L2 errors before and after."""
     p, lm = model.predictor, model.predictor.layer_map
+    if ridge == 0 and stats.tokens < stats.xtx.shape[-1]:  # X^T X of fewer rows than columns has no inverse
+        raise KVPredError(f"--ridge 0 needs at least {stats.xtx.shape[-1]} calibration tokens for the predictor's "
+                          f"{stats.xtx.shape[-1] - 1} inputs, got {stats.tokens}: use --ridge > 0 or more --tokens")
     report = {"tokens": stats.tokens, "ridge": ridge}
     for name, s, xty, yy, weight, bias in (("key", 0, stats.xty_k, stats.yy_k, p.key_weight, p.key_bias),
                                            ("value", 1, stats.xty_v, stats.yy_v, p.value_weight, p.value_bias)):

@@ -119,7 +119,7 @@ def test_cli_fit_with_rank_and_compress_write_factorised_checkpoints(tiny_llama,
     (["fit", "--keep-layers", "0,2", "--ridge", "nan"], "--ridge must be a finite number >= 0"),
     (["fit", "--keep-layers", "0,2", "--ridge", "inf"], "--ridge must be a finite number >= 0"),
     (["fit", "--keep-layers", "0,2", "--ridge", "0", "--tokens", "1", "--seq-len", "1", "--batch-size", "1"],
-     "statistics are singular"),
+     "--ridge 0 needs at least"),
 ])
 def test_fits_that_cannot_work_are_clear_errors(tiny_llama, shards, tmp_path, capsys, argv, message):
     argv = argv[:1] + ["--model", tiny_llama, "--data", shards, "--out", str(tmp_path / "x"), "--device", "cpu",
@@ -135,6 +135,13 @@ def test_a_malformed_layer_list_is_refused_by_argparse(tiny_llama, tmp_path, cap
               str(tmp_path / "o"), "--heads", "2", "--kv-heads", "2", "--intermediate", "8"])
     assert exit_.value.code == 2
     assert "argument --keep-layers: expected comma-separated layer numbers" in capsys.readouterr().err
+
+
+def test_singular_statistics_are_a_clear_error_whatever_lapack_does():
+    from kvpred.fit import _solve
+    xtx = torch.zeros(1, 3, 3, dtype=torch.float64)  # inputs that never vary
+    with pytest.raises(KVPredError, match="statistics are singular"):
+        _solve(xtx, torch.ones(1, 3, 2, dtype=torch.float64), torch.zeros(3, 2, dtype=torch.float64), 0.0)
 
 
 def test_options_that_build_a_new_model_are_refused_for_a_checkpoint(tiny_llama, tmp_path):
