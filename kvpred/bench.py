@@ -439,7 +439,7 @@ class TTFTBench:
 
     def combos(self) -> list[tuple[int, int]]:
         """Cheapest first, so a time budget cuts the most expensive ones."""
-        pairs = [(b, n) for b in self.s.batches for n in self.s.prompt_lens]
+        pairs = {(b, n) for b in self.s.batches for n in self.s.prompt_lens}  # each shape once
         return sorted(pairs, key=lambda bn: (bn[0] * bn[1], bn[0]))
 
     def skipped(self, b: int, n: int) -> str | None:
@@ -754,8 +754,11 @@ def _ttft_command(args) -> int:
                         defer_values=args.defer_values == "auto", pipeline=args.pipeline == "auto",
                         max_batch_tokens=args.max_batch_tokens,
                         time_budget=args.time_budget, seed=args.seed)
-    if args.repeats < 1:
-        raise KVPredError("--repeats must be at least 1")
+    if args.repeats < 1 or args.warmup < 0:
+        raise KVPredError(f"--repeats must be at least 1 and --warmup at least 0, got {args.repeats} and "
+                          f"{args.warmup}")
+    if args.name is not None and (not args.name or Path(args.name).name != args.name):
+        raise KVPredError(f"--name {args.name!r} is a file stem inside --out, not a path")
     if args.decode_tokens < 2:
         raise KVPredError("--decode-tokens must be at least 2: the first step is timed apart from the others")
     if args.threads:
@@ -829,7 +832,7 @@ def _report_command(args) -> int:
 
 
 def register(subparsers) -> None:
-    from .cli import add_model_arguments
+    from .cli import add_model_arguments, positive_int
 
     bench = subparsers.add_parser("bench", help="benchmarks: time to first token",
                                   description="Benchmarks of KV prediction.")
@@ -885,7 +888,8 @@ def register(subparsers) -> None:
                         "KVPredictionModel.aux_dtype)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--label", default=None, help="model name in the tables (default: --shape or --model)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--threads", type=positive_int, default=None,
+                   help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
     p.add_argument("--name", default=None, help="file stem (default ttft_<device>_<model>)")
     p.add_argument("--no-plot", action="store_true", help="write json/csv only")

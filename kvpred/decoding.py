@@ -491,16 +491,20 @@ def eos_token_ids(model, eos_token_id=None) -> torch.Tensor:
     """The ids that end a row: `eos_token_id` (int or list), else the base's generation config's, else the
     tokenizer's. KVPredictionModel.generate's every loop uses this default."""
     eos = eos_token_id
+    if eos is None:  # `is None`, not falsiness: id 0 ends rows in some vocabularies
+        eos = model.base.generation_config.eos_token_id
     if eos is None:
-        eos = model.base.generation_config.eos_token_id or model.tokenizer.eos_token_id
+        eos = model.tokenizer.eos_token_id
     eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
     return torch.tensor(eos, dtype=torch.long, device=model.device)
 
 
 def pad_id(model) -> int:
-    """The id that fills a row after it ended: the tokenizer's pad, else the first EOS id."""
+    """The id that fills a row after it ended: the tokenizer's pad, else the first EOS id (else 0: with no EOS no
+    row ends before the others)."""
     pad = model.tokenizer.pad_token_id
-    return pad if pad is not None else int(eos_token_ids(model, None)[0])
+    eos = eos_token_ids(model, None)
+    return pad if pad is not None else int(eos[0]) if len(eos) else 0
 
 
 @dataclass
@@ -620,6 +624,8 @@ def decode(model, pooled: Pooled, input_ids: torch.Tensor, mask: torch.Tensor, l
     With a `refiner` (kvpred.refine.Refiner: `done`, `advance(seq, mask, positions, upto)`), each decode step first
     lets it make more of the cache exact in place; `trace` records timings, refinement and the token from which the
     cache was wholly exact. Returns [B, N + new]."""
+    from transformers import LogitsProcessorList
+
     from .model import position_ids_from_mask
 
     b, n = input_ids.shape
@@ -631,6 +637,8 @@ def decode(model, pooled: Pooled, input_ids: torch.Tensor, mask: torch.Tensor, l
             trace.exact_from = 0
     if streamer is not None:
         streamer.put(input_ids.cpu())
+    if logits_processor is not None:  # a plain list, as transformers' generate takes it, applies each in turn
+        logits_processor = LogitsProcessorList(logits_processor)
     seq, unfinished = input_ids, torch.ones(b, dtype=torch.bool, device=input_ids.device)
     for i in range(max_new_tokens):
         scores = logits.float()

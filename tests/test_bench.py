@@ -129,6 +129,21 @@ def test_cli_needs_two_decode_tokens_to_time_the_first_step_apart(tiny_path, tmp
     assert "--decode-tokens must be at least 2" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flags, message", [(["--name", "a/b"], "is a file stem inside --out"),
+                                            (["--warmup", "-1"], "--warmup at least 0")])
+def test_cli_refuses_a_path_for_a_name_and_a_negative_warm_up(tiny_path, tmp_path, capsys, flags, message):
+    assert cli_main(["bench", "ttft", "--model", str(tiny_path), "--device", "cpu", "--prompt-lens", "8",
+                     "--out", str(tmp_path), *flags]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_each_shape_is_timed_once(tiny_path, tmp_path):
+    assert bench.main(["ttft", "--model", str(tiny_path), "--device", "cpu", "--prompt-lens", "8,8", "--batch", "1,1",
+                       "--repeats", "1", "--warmup", "0", "--decode-tokens", "2", "--out", str(tmp_path), "--name",
+                       "u", "--no-plot"]) == 0
+    assert len(json.loads((tmp_path / "u.json").read_text())["rows"]) == 1
+
+
 def test_without_prompt_lens_the_default_lengths_that_fit_the_context_are_timed(tiny_path, tmp_path):
     """The tiny model's context is 512: of 128, 512, 2048 and 8192, only 128 leaves room for the decode tokens."""
     assert bench.main(["ttft", "--model", str(tiny_path), "--device", "cpu", "--repeats", "1", "--warmup", "0",

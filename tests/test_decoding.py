@@ -62,14 +62,41 @@ def test_logits_processors_and_stopping_criteria_are_applied_as_transformers_doe
     greedy = model.generate(*encode_prompts(model.tokenizer, PROMPTS), max_new_tokens=6)
     banned = int(greedy[0, ids.shape[1]])
     outputs = []
-    for transformers_loop in (False, True):
-        ban = Ban(banned)
+    for transformers_loop, wrap in ((False, LogitsProcessorList), (True, LogitsProcessorList), (False, list)):
+        ban = Ban(banned)  # a plain list of processors too, as transformers takes it
         outputs.append(model.generate(*encode_prompts(model.tokenizer, PROMPTS), max_new_tokens=8,
-                                      transformers_loop=transformers_loop, logits_processor=LogitsProcessorList([ban]),
+                                      transformers_loop=transformers_loop, logits_processor=wrap([ban]),
                                       stopping_criteria=StoppingCriteriaList([StopAfter(ids.shape[1] + 5)])))
         assert ban.calls == 5
-    assert outputs[0].shape[1] == ids.shape[1] + 5 and torch.equal(*outputs)
+    assert outputs[0].shape[1] == ids.shape[1] + 5 and torch.equal(*outputs[:2]) and torch.equal(*outputs[1:])
     assert not outputs[0][:, ids.shape[1]:].eq(banned).any()
+
+
+def test_end_of_sequence_ids_follow_transformers(tiny_llama):
+    model = KVPredictionModel.from_pretrained(tiny_llama, keep_ratio=0.5)
+    ids, mask = encode_prompts(model.tokenizer, PROMPTS)
+    free = model.generate(ids, mask, max_new_tokens=6)[:, ids.shape[1]:]
+    model.base.generation_config.eos_token_id = 0  # an id 0 ends rows (falsy, but set)
+    model.base.generation_config.pad_token_id = 0
+    ban_zero_late = LogitsProcessorList([ForceAt(ids.shape[1] + 2, 0)])
+    mine, theirs = both(model, max_new_tokens=6, logits_processor=ban_zero_late)
+    assert torch.equal(mine, theirs) and mine.shape[1] == ids.shape[1] + 3
+    model.base.generation_config.eos_token_id = None  # no EOS, no pad: no row ends early, and nothing is needed
+    model.tokenizer.eos_token, model.tokenizer.pad_token = None, None
+    one = ids[:1, mask[0].bool()]
+    assert torch.equal(model.generate(one, max_new_tokens=6), model.generate(one, max_new_tokens=6,
+                                                                               transformers_loop=True))
+    assert torch.equal(model.generate(one, max_new_tokens=6)[0, one.shape[1]:], free[0])
+
+
+class ForceAt(LogitsProcessor):
+    def __init__(self, length: int, token: int):
+        self.length, self.token = length, token
+
+    def __call__(self, input_ids, scores):
+        if input_ids.shape[1] == self.length:
+            scores = torch.full_like(scores, -1e4).index_fill(1, torch.tensor([self.token]), 0.0)
+        return scores
 
 
 def test_stop_strings_and_streaming(model):
