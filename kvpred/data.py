@@ -527,6 +527,9 @@ class PackedTokens:
 
 def heldout_windows(shard_dir: str | Path, seq_len: int, n: int) -> torch.Tensor:
     """A fixed LongTensor [n, seq_len] of held-out windows, evenly spaced over the held-out split."""
+    if not any(read_meta(folder)["splits"]["heldout"]["tokens"] for folder in shard_folders(shard_dir)):
+        raise KVPredError(f"{shard_dir} has no held-out split (built with --heldout-fraction 0); rebuild it with "
+                          "one, or use another build's")
     stream = TokenStream(shard_dir, "heldout", seq_len)
     if not 1 <= n <= stream.n_windows:
         raise KVPredError(f"asked for {n} held-out windows of {seq_len} tokens but the held-out split has "

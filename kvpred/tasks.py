@@ -145,12 +145,20 @@ def parse_tasks(text: str, data_dir: Path) -> list[TaskSpec]:
 
 
 def detect_kind(path: str) -> str:
-    files = _expand(path)
-    if all(f.endswith(".txt") for f in files):
+    """The task format of the data at `path`: the same for every one of its files, from each one's first row."""
+    kinds = {f: _file_kind(f) for f in _expand(path)}
+    if len(set(kinds.values())) > 1:
+        listed = ", ".join(f"{Path(f).name}: {k}" for f, k in list(kinds.items())[:6])
+        raise KVPredError(f"the files of {path} hold different task formats ({listed}); give each its own task")
+    return next(iter(kinds.values()))
+
+
+def _file_kind(file: str) -> str:
+    if file.endswith(".txt"):
         return "heldout"
-    first = next(read_jsonl(files[0]), None)
+    first = next(read_jsonl(file), None)
     if not isinstance(first, dict):
-        raise KVPredError(f"{files[0]} is neither a .txt file nor JSON lines with an object per line")
+        raise KVPredError(f"{file} is neither a .txt file nor JSON lines with an object per line")
     keys = set(first)
     if "messages" in keys:
         return "chat"
@@ -162,7 +170,7 @@ def detect_kind(path: str) -> str:
         return "lm"
     if ("question" in keys or "context" in keys) and keys & {"answer", "answers", "aliases"}:
         return "qa"
-    raise KVPredError(f"cannot tell the task format of {files[0]} from its fields {sorted(keys)}: expected "
+    raise KVPredError(f"cannot tell the task format of {file} from its fields {sorted(keys)}: expected "
                       "multiple choice (query, choices, gold), QA (question, answer|answers), language modelling "
                       "(context, continuation), HumanEval (task_id, prompt, test, entry_point) or chats (messages; "
                       "rendered chat text as chat=PATH)")

@@ -200,6 +200,12 @@ def test_heldout_windows_are_fixed_and_spread_over_the_heldout_split(built):
         heldout_windows(built, seq_len=8, n=10 ** 6)
 
 
+def test_a_build_without_a_heldout_split_says_so(tmp_path, corpus):
+    build_shards([str(corpus[0])], TOK, tmp_path / "t", heldout_fraction=0.0, progress=False)
+    with pytest.raises(KVPredError, match="no held-out split .built with --heldout-fraction 0"):
+        heldout_windows(tmp_path / "t", seq_len=8, n=2)
+
+
 # ---------------------------------------------------------------- shuffling, resume, ranks
 def test_each_epoch_is_a_fresh_permutation_of_all_windows(built):
     batches = PackedTokens(built, seq_len=16, batch_size=4, seed=7)

@@ -207,6 +207,12 @@ def test_task_formats_are_detected_from_file_contents(tmp_path):
     odd.write_text('{"foo": 1}\n')
     with pytest.raises(KVPredError, match="cannot tell the task format"):
         parse_tasks(str(odd), DATA)
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    for name in ("mc.jsonl", "qa.jsonl"):
+        (mixed / name).write_text((DATA / name).read_text())
+    with pytest.raises(KVPredError, match="hold different task formats"):
+        parse_tasks(str(mixed), DATA)
 
 
 def test_chat_agreement_runs_predicted_mode_with_at_least_the_models_chat_tail(tiny_path, tmp_path):
