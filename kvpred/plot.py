@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from .models import KVPredError
@@ -196,6 +197,9 @@ def _plot_cli(args: argparse.Namespace) -> int:
         for doc, bench in zip(docs, args.ttft_bench):
             doc["ttft_speedup"] = measured_speedups(bench, args.ttft_length)
     points = plot(docs, args.out, args.x, tasks, args.title)
+    if all(p["mode"] == "exact" for p in points):
+        print("note: only exact mode has results here, so the figure has nothing to compare with it "
+              "(evaluate --modes exact,aux,predicted,truncate)", file=sys.stderr)
     for p in points:
         ttft = "" if p["ttft_x"] is None else f"  ttft x{p['ttft_x']:.2f}"
         print(f"{p['label']:>24} {p['mode']:>9}  flops x{p['flops_x']:.2f}{ttft}  relative accuracy {p['y']:.3f}")
