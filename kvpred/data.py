@@ -283,24 +283,26 @@ def _tokenize_into(stage: Path, files: dict[str, list[Path]], tokenizer, *, labe
 
     per_source = []
     running = True
-    for source, paths in files.items():
-        tokens_before, docs_before = total, sum(w.documents for w in writers.values())
-        duplicates_before = skipped["duplicate_documents"]
-        texts = _documents(paths, text_field, heldout_fraction, seen, skipped, bar)
-        nonempty = 0
-        for batch in _batches(texts, TOKENIZE_BATCH_CHARS):
-            nonempty += len(batch)
-            if not (running := tokenize(batch)):
+    try:  # the bar closed first, so an error prints on a line of its own
+        for source, paths in files.items():
+            tokens_before, docs_before = total, sum(w.documents for w in writers.values())
+            duplicates_before = skipped["duplicate_documents"]
+            texts = _documents(paths, text_field, heldout_fraction, seen, skipped, bar)
+            nonempty = 0
+            for batch in _batches(texts, TOKENIZE_BATCH_CHARS):
+                nonempty += len(batch)
+                if not (running := tokenize(batch)):
+                    break
+            per_source.append({"source": source, "files": len(paths), "tokens": total - tokens_before,
+                               "documents": sum(w.documents for w in writers.values()) - docs_before})
+            if not running:
                 break
-        per_source.append({"source": source, "files": len(paths), "tokens": total - tokens_before,
-                           "documents": sum(w.documents for w in writers.values()) - docs_before})
-        if not running:
-            break
-        if nonempty == 0 and skipped["duplicate_documents"] == duplicates_before:
-            raise KVPredError(f"source {source!r} holds no text: its {len(paths)} file(s) are empty"
-                              + (f" or have no {text_field!r} field" if any(p.suffix == JSONL_SUFFIX for p in paths)
-                                 else "") + " or are not UTF-8")
-    bar.close()
+            if nonempty == 0 and skipped["duplicate_documents"] == duplicates_before:
+                raise KVPredError(f"source {source!r} holds no text: its {len(paths)} file(s) are empty"
+                                  + (f" or have no {text_field!r} field" if any(p.suffix == JSONL_SUFFIX for p in paths)
+                                     else "") + " or are not UTF-8")
+    finally:
+        bar.close()
     splits = {s: w.close() for s, w in writers.items()}
     if heldout_fraction and not splits["heldout"]["documents"] and splits["train"]["documents"] >= 2:
         # decided only now, so that corpora whose hashes hold some out keep exactly the split they always had
