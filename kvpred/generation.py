@@ -53,9 +53,11 @@ class ConversationTokenizer:
     stateless client that sends the whole conversation each time), tokenizing only what follows the last added
     token (a chat template's special token) of the longest of the `keep` most recent texts that the new one extends.
     Fast tokenizers cut a text at its added tokens before anything else, so what follows one is tokenized apart from
-    what precedes it. As a check, the earlier text's ids from there on must come out the same again; where they do
-    not (an added token that strips the whitespace after it, a normalizer that looks across), or where no recent
-    text is extended, the whole text is tokenized. Tokenizing a whole 1685-token SmolLM2 conversation took 5.3-8.0 ms
+    what precedes it. As a check, the earlier text's ids after the cut must come out the same again, so the cut is
+    the last added token that ordinary text follows (a template's prompt may end with added tokens, which would
+    leave the check nothing to compare); where they do not (an added token that strips the whitespace after it, a
+    Metaspace pre-tokenizer that marks a text's start, a normalizer that looks across), or where no recent text is
+    extended, the whole text is tokenized. Tokenizing a whole 1685-token SmolLM2 conversation took 5.3-8.0 ms
     of a chat session turn's 18-24 ms time to first token on an H100 host (benchmarks/results/h100/session_pipeline).
     """
 
@@ -85,8 +87,9 @@ class ConversationTokenizer:
         chars, count = earlier.cut if earlier is not None else (0, 0)
         enc = self.tokenizer(text[chars:], add_special_tokens=False, return_offsets_mapping=True)
         cut = (chars, count)
-        for i in reversed(range(len(enc.input_ids))):
-            if enc.input_ids[i] in self.added:
+        ids = enc.input_ids
+        for i in reversed(range(len(ids) - 1)):  # an added token that ordinary text follows
+            if ids[i] in self.added and ids[i + 1] not in self.added:
                 cut = (chars + enc.offset_mapping[i][1], count + i + 1)
                 break
         return _Tokenized(text, (earlier.ids[:count] if earlier is not None else []) + enc.input_ids, cut)

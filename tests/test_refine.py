@@ -524,8 +524,34 @@ def test_kept_conversations_go_on_in_turns_each_from_its_own_last_added_token():
     a, b = "<s>system</s><s>user: hi</s><s>", "<s>system</s><s>user: yo</s><s>"
     for text in (a, b, a + "hello</s><s>", b + "hey</s><s>", a + "hello</s><s>again</s><s>"):
         assert tokenize(text) == tok(text, add_special_tokens=False).input_ids
-    assert tok.texts[::2] == [a, b, "hello</s><s>", "hey</s><s>", "again</s><s>"]
+    # each from the last added token that ordinary text follows: the check then has something to compare
+    assert tok.texts[::2] == [a, b, "user: hi</s><s>hello</s><s>", "user: yo</s><s>hey</s><s>",
+                              "hello</s><s>again</s><s>"]
     assert len(tokenize.recent) == 2
+
+
+def test_added_tokens_that_strip_the_space_after_them_or_a_metaspace_start_give_the_whole_texts_ids():
+    """A prompt that ends with an added token leaves nothing after it to check: the cut is an earlier one."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from kvpred.generation import ConversationTokenizer
+    from kvpred.testing import byte_tokenizer
+
+    stripping = byte_tokenizer()
+    stripping.add_special_tokens({"additional_special_tokens": [AddedToken("<bot>", rstrip=True, special=True)]})
+    chars = sorted(set("▁abcdefghijklmnopqrstuvwxyz"))
+    vocab = {c: i for i, c in enumerate(["<unk>", "<s>", "</s>", "[INST]", "[/INST]"] + chars)}
+    meta = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    meta.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    meta.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    sentencepiece_like = PreTrainedTokenizerFast(tokenizer_object=meta, bos_token="<s>", eos_token="</s>",
+                                                 unk_token="<unk>", additional_special_tokens=["[INST]", "[/INST]"])
+    for tok, turns in ((stripping, ["<user>hi\n<bot>", "<user>hi\n<bot> hello\n<user>more\n<bot>"]),
+                       (sentencepiece_like, ["[INST]hi[/INST]", "[INST]hi[/INST]hello</s>[INST]more[/INST]"])):
+        tokenize = ConversationTokenizer(tok)
+        for text in turns:
+            assert tokenize(text) == tok(text, add_special_tokens=False).input_ids
 
 
 def test_where_the_previous_ids_do_not_come_out_the_same_the_whole_conversation_is_tokenized():
