@@ -854,7 +854,9 @@ def create_app(model, config: ServeConfig | None = None):
                           f">= 1, got {config.refine_chunk} and {config.max_sessions}")
     if any(tokens < 4 for tokens in config.warm_up):
         raise KVPredError(f"--warm-up token counts must be >= 4, got {', '.join(map(str, config.warm_up))}")
-    tokenizer, context, vocab = model.tokenizer, model.context_length, model.base.config.vocab_size
+    tokenizer, context = model.tokenizer, model.context_length
+    # ids every mode can read: a KVP-C auxiliary's table may be the smaller one (its extra rows are the base's padding)
+    vocab = min(model.base.config.vocab_size, model.aux.get_input_embeddings().num_embeddings)
     chat_tail = model.chat_tail  # chat requests that name no exact_tail get at least this one
     # stateless clients send the whole conversation every turn: tokenize only what is new to it
     conversations = ConversationTokenizer(tokenizer, keep=CONVERSATIONS_KEPT)

@@ -334,6 +334,23 @@ def test_null_fields_take_their_defaults_as_in_openai(client, reference):
     assert chat.choices[0].finish_reason in ("stop", "length")
 
 
+def test_token_ids_beyond_a_smaller_auxiliary_table_are_a_400(tiny_llama, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from kvpred.testing import byte_tokenizer, tiny_config
+
+    config = tiny_config("llama", layers=2, hidden=32, heads=2, kv_heads=1)
+    config.vocab_size = 200  # the base's tokenizer, fewer embedding rows (as Qwen2.5 0.5B against 7B)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "aux")
+    byte_tokenizer().save_pretrained(tmp_path / "aux")
+    model = KVPredictionModel.from_pretrained(tiny_llama, aux=str(tmp_path / "aux"))
+    with serve_in_thread(create_app(model, ServeConfig(model_name=NAME, warm_up=()))) as url:
+        bad = httpx.post(url + "/v1/completions", json={"model": NAME, "prompt": [5, 230], "max_tokens": 2})
+        ok = httpx.post(url + "/v1/completions", json={"model": NAME, "prompt": [5, 120], "max_tokens": 2})
+    assert bad.status_code == 400 and "[0, 200)" in bad.json()["error"]["message"]
+    assert ok.status_code == 200
+
+
 def make_job(mode="exact", temperature=0.0, seed=None) -> Job:
     return Job(index=0, prompt_ids=[5, 6], mode=mode, exact_tail=1, max_tokens=4, temperature=temperature, top_p=1.0,
                seed=seed, stops=(), logprobs=None, score_tail=None, arrived=0.0, sink=lambda event: None)
