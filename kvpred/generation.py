@@ -51,7 +51,8 @@ class _Tokenized:
 class ConversationTokenizer:
     """Token ids of texts that extend earlier ones (a chat rendered again at every turn, by a session or by a
     stateless client that sends the whole conversation each time), tokenizing only what follows the last added
-    token (a chat template's special token) that ordinary text follows, in the longest of the `keep` most recent texts that the new one extends.
+    token (a chat template's special token) that ordinary text follows, in the longest of the `keep` most recent
+    texts that the new one extends.
     Fast tokenizers cut a text at its added tokens before anything else, so what follows one is tokenized apart from
     what precedes it. As a check, the earlier text's ids after the cut must come out the same again, so the cut is
     the last added token that ordinary text follows (a template's prompt may end with added tokens, which would
