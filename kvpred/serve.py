@@ -406,8 +406,7 @@ class Scheduler:
                 batch, longest, most = [first], len(first.prompt_ids), first.max_tokens
                 # a batch decoded padded (not rolling, where each row has columns of its own) gives its longest
                 # prompt the most new tokens: that must fit the context
-                padded = first.refine != "off" or not (self.config.continuous_batching
-                                                       and first.mode in ("exact", "predicted"))
+                padded = not self._may_roll(first)
                 for job in list(self._pending) if first.batch_key is not None else []:
                     if len(batch) == self.config.max_batch:
                         break
@@ -494,12 +493,15 @@ class Scheduler:
                             max_new_tokens=max(job.max_tokens for job in jobs), **self._sampling(first),
                             **self._hooks(jobs))
 
+    def _may_roll(self, job: Job) -> bool:
+        """Whether jobs like `job` can decode as a RollingBatch (else as one padded batch)."""
+        return self.config.continuous_batching and job.refine == "off" and job.mode in ("exact", "predicted")
+
     def _rolls(self, jobs: list[Job]) -> bool:
         """Whether `jobs` run as a RollingBatch. On a CPU each of its max_batch rows costs in every step, so a lone
         prompt with nothing queued behind it runs on its own instead (one row, to its end)."""
         first = jobs[0]
-        return (self.config.continuous_batching and first.batch_key is not None
-                and first.mode in ("exact", "predicted")
+        return (self._may_roll(first) and first.batch_key is not None
                 and (self.model.device.type == "cuda" or len(jobs) > 1 or self.depth > 0))
 
     def _roll(self, jobs: list[Job]) -> None:
