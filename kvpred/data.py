@@ -431,6 +431,9 @@ class TokenStream:
         self.starts = np.cumsum([0] + [len(s) for s in self.shards])  # token offset of each shard in the split
         self.tokens = int(self.starts[-1])
         self.n_windows = self.tokens // seq_len  # the tail shorter than a window is never used
+        if self.tokens == 0 and split == "heldout":
+            raise KVPredError(f"{shard_dir} has no held-out split (built with --heldout-fraction 0); rebuild it with "
+                              "one, or use another build's")
         if self.n_windows == 0:
             raise KVPredError(f"the {split} split of {shard_dir} has {self.tokens} tokens, less than one window of "
                               f"{seq_len}; build more data or use a smaller seq_len")
@@ -529,9 +532,6 @@ class PackedTokens:
 
 def heldout_windows(shard_dir: str | Path, seq_len: int, n: int) -> torch.Tensor:
     """A fixed LongTensor [n, seq_len] of held-out windows, evenly spaced over the held-out split."""
-    if not any(read_meta(folder)["splits"]["heldout"]["tokens"] for folder in shard_folders(shard_dir)):
-        raise KVPredError(f"{shard_dir} has no held-out split (built with --heldout-fraction 0); rebuild it with "
-                          "one, or use another build's")
     stream = TokenStream(shard_dir, "heldout", seq_len)
     if not 1 <= n <= stream.n_windows:
         raise KVPredError(f"asked for {n} held-out windows of {seq_len} tokens but the held-out split has "
