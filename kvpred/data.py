@@ -247,9 +247,8 @@ def _hold_out_one(out: Path, train: dict, start: int, length: int, shard_tokens:
 
 
 def _tokenize_into(stage: Path, files: dict[str, list[Path]], tokenizer, *, label: str, shard_tokens: int,
-                   max_tokens: int | None, heldout_fraction: float, text_field: str, exclude: Sequence[str],
-                   shuffle_files: bool, tokenizer_name: str | None, progress: bool) -> dict:
-    """`build_shards`' work: every source's documents tokenized into shards in `stage`; returns the meta dict."""
+                   max_tokens: int | None, heldout_fraction: float, text_field: str, progress: bool) -> dict:
+    """`build_shards`' work: every source's documents tokenized into shards in `stage`; returns what was written."""
     from tqdm.auto import tqdm
 
     eos = tokenizer.eos_token_id
@@ -307,23 +306,27 @@ def _tokenize_into(stage: Path, files: dict[str, list[Path]], tokenizer, *, labe
     if heldout_fraction and not splits["heldout"]["documents"] and splits["train"]["documents"] >= 2:
         # decided only now, so that corpora whose hashes hold some out keep exactly the split they always had
         splits = _hold_out_one(stage, splits["train"], *first_out[1:], shard_tokens, dtype)
-    return {
-        "format": FORMAT_VERSION,
-        "tokenizer": {"name": tokenizer_name or getattr(tokenizer, "name_or_path", ""), "vocab_size": len(tokenizer),
-                      "sha256": tokenizer_fingerprint(tokenizer), "eos_token_id": eos},
-        "dtype": dtype.name,
-        "tokens": total,
-        "splits": splits,
-        "heldout_fraction": heldout_fraction,
-        "max_tokens": max_tokens,
-        "capped": max_tokens is not None and total >= max_tokens,
-        "shard_tokens": shard_tokens,
-        "sources": per_source,
-        "text_field": text_field,
-        "exclude": list(exclude),
-        "shuffle_files": shuffle_files,
-        "skipped": skipped,
-    }
+    capped = max_tokens is not None and total >= max_tokens
+    return {"dtype": dtype.name, "tokens": total, "splits": splits, "capped": capped, "sources": per_source,
+            "skipped": skipped}
+
+
+def _remove_dead_stages(out: Path) -> None:
+    """Delete the staging folders of builds that were killed (their process is gone): they can hold gigabytes."""
+    for stage in out.glob(".build-*"):
+        pid = stage.name.split("-")[1]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(stage, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def build_shards(sources: Sequence[str], tokenizer, out_dir: str | Path, *, shard_tokens: int = 2 ** 23,
@@ -350,12 +353,20 @@ def build_shards(sources: Sequence[str], tokenizer, out_dir: str | Path, *, shar
         raise KVPredError("the tokenizer has no EOS token, which separates documents in the packed stream")
     files = {s: expand_source(s, exclude, shuffle_files) for s in sources}  # every source checked before any work
     out = out_folder(out_dir, "the token shards")
-    stage = Path(tempfile.mkdtemp(dir=out, prefix=".build-"))  # an earlier build stays whole until this one is done
+    _remove_dead_stages(out)
+    stage = Path(tempfile.mkdtemp(dir=out, prefix=f".build-{os.getpid()}-"))  # an earlier build stays whole meanwhile
     try:
-        meta = _tokenize_into(stage, files, tokenizer, label=str(out), shard_tokens=shard_tokens,
-                              max_tokens=max_tokens, heldout_fraction=heldout_fraction, text_field=text_field,
-                              exclude=exclude, shuffle_files=shuffle_files, tokenizer_name=tokenizer_name,
-                              progress=progress)
+        built = _tokenize_into(stage, files, tokenizer, label=str(out), shard_tokens=shard_tokens,
+                               max_tokens=max_tokens, heldout_fraction=heldout_fraction, text_field=text_field,
+                               progress=progress)
+        meta = {
+            "format": FORMAT_VERSION,
+            "tokenizer": {"name": tokenizer_name or getattr(tokenizer, "name_or_path", ""),
+                          "vocab_size": len(tokenizer), "sha256": tokenizer_fingerprint(tokenizer),
+                          "eos_token_id": eos},
+            **built, "heldout_fraction": heldout_fraction, "max_tokens": max_tokens, "shard_tokens": shard_tokens,
+            "text_field": text_field, "exclude": list(exclude), "shuffle_files": shuffle_files,
+        }
         (out / META_NAME).unlink(missing_ok=True)  # the old build is invalid from here on
         for shard in stage.glob("*.bin"):
             os.replace(shard, out / shard.name)

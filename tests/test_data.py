@@ -2,6 +2,9 @@
 import argparse
 import hashlib
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -114,6 +117,16 @@ def test_a_failed_build_leaves_the_previous_build_whole(tmp_path, corpus):
     assert read_meta(out) == meta and sorted(p.name for p in out.iterdir()) == sorted(
         ["meta.json"] + [s["file"] for split in meta["splits"].values() for s in split["shards"]])
     assert split_tokens(out, "train").size == meta["splits"]["train"]["tokens"]
+
+
+def test_a_build_clears_what_a_killed_build_left_but_not_a_running_ones(tmp_path, corpus):
+    out = tmp_path / "tokens"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (out / f".build-{dead.pid}-x").mkdir(parents=True)  # what a SIGKILLed build leaves behind
+    (out / f".build-{os.getpid()}-y").mkdir()  # a build still running in this process
+    build_shards([str(corpus[0])], TOK, out, shard_tokens=10 ** 6, heldout_fraction=0.0, progress=False)
+    assert sorted(p.name for p in out.iterdir()) == [f".build-{os.getpid()}-y", "meta.json", "train_00000.bin"]
 
 
 def test_file_names_that_are_not_utf8_are_shuffled_like_any_other(tmp_path):
