@@ -423,6 +423,9 @@ class Trainer:
             dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
         self.rank = dist.get_rank() if self.distributed else 0
         self.world = dist.get_world_size() if self.distributed else 1
+        if c.fsdp and not self.distributed:
+            print("kvpred: --fsdp shards the model over the processes torchrun starts; this run has one, so it "
+                  "trains the model whole (start it with torchrun --nproc-per-node N to shard)", file=sys.stderr)
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
             self.device = torch.device("cuda", torch.cuda.current_device())

@@ -186,6 +186,11 @@ def test_a_run_folder_is_held_by_one_run_at_a_time(tiny_llama, shards, tmp_path)
     assert Trainer(config(tiny_llama, shards, tmp_path, steps=2)).step == 2
 
 
+def test_fsdp_in_a_single_process_says_it_trains_the_model_whole(tiny_llama, shards, tmp_path, capsys):
+    Trainer(config(tiny_llama, shards, tmp_path, steps=1, fsdp=True)).train()
+    assert "start it with torchrun" in capsys.readouterr().err
+
+
 def test_an_out_that_is_a_file_is_refused_before_anything_loads(tmp_path):
     (tmp_path / "afile").write_text("mine")
     with pytest.raises(KVPredError, match="is a file"):
