@@ -18,7 +18,7 @@ from transformers import AttentionInterface, DynamicCache, GenerationConfig, Pre
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from . import lora, models
-from .models import KVPredError, sliding_window
+from .models import KVPredError, out_folder, sliding_window
 from .decoding import (MIN_TEMPERATURE, StepPool, capacity_bucket, check_decoding, eos_token_ids, generate_with_steps,
                        pad_id, with_stop_strings, without_cudnn_attention)
 from .deferred import PendingValues, deferred_values
@@ -286,10 +286,7 @@ class KVPredictionModel(nn.Module):
         bfloat16, to ship a small default) converts the stored tensors. Every file is written under a temporary
         name first and renamed into place, the config last; the config holds the weights files' digests, so a
         folder a killed save left with files of two saves is refused when it loads, not used."""
-        path = Path(path)
-        if path.exists() and not path.is_dir():
-            raise KVPredError(f"cannot save a checkpoint to {path}: it is a file (a checkpoint is a folder)")
-        path.mkdir(parents=True, exist_ok=True)
+        path = out_folder(path, "the checkpoint")
         self.config.aux.saved_params = sorted(self.aux_tensors)
         files = {PREDICTOR_NAME: self.predictor.state_dict()} | ({AUX_NAME: self.aux_tensors} if self.aux_tensors
                                                                  else {})

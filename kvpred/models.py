@@ -149,7 +149,7 @@ def out_folder(path: str | os.PathLike, holds: str) -> Path:
     """`path` as an output folder for `holds` (made if missing); a clear error where it is a file."""
     out = Path(path)
     if out.exists() and not out.is_dir():
-        raise KVPredError(f"--out {out} is a file; give a folder for {holds}")
+        raise KVPredError(f"{out} is a file; give a folder for {holds}")
     out.mkdir(parents=True, exist_ok=True)
     return out
 

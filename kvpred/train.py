@@ -150,7 +150,7 @@ class TrainConfig:
             (self.eval_every > 0 and self.eval_windows < 1,
              f"--eval-windows must be at least 1 with evaluation (--eval-every > 0), got {self.eval_windows}"),
             (Path(self.out).exists() and not Path(self.out).is_dir(),
-             f"--out {self.out} is a file; the run needs a folder (its checkpoint, metrics and final/)"),
+             f"{self.out} is a file; give a folder for the run (its checkpoint, metrics and final/)"),
         ]
 
 

@@ -321,7 +321,7 @@ def test_a_save_killed_before_its_config_leaves_a_checkpoint_that_is_refused_not
         KVPredictionModel.from_pretrained(str(tmp_path / "ckpt"))
     model.save_pretrained(tmp_path / "ckpt")  # saving again mends it
     (tmp_path / "afile").write_text("mine")
-    with pytest.raises(KVPredError, match="it is a file"):
+    with pytest.raises(KVPredError, match="is a file; give a folder for the checkpoint"):
         model.save_pretrained(tmp_path / "afile")
     assert torch.equal(next(KVPredictionModel.from_pretrained(str(tmp_path / "ckpt")).predictor.parameters()),
                        next(model.predictor.parameters()))
