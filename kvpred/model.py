@@ -313,8 +313,18 @@ class KVPredictionModel(nn.Module):
         """The longest prompt + new tokens accepted: the base's and auxiliary's position limits, and their sliding
         windows where they have one. kvpred's caches keep every column and its captured steps attend to all of them,
         so a sliding-window model runs only sequences its window covers, where sliding and full attention agree."""
-        limits = [self.base.config.max_position_embeddings, self.aux.config.max_position_embeddings]
-        return min(limits + [window for window in self.sliding_windows if window is not None])
+        return min(self._context_limits())
+
+    def _context_limits(self) -> dict[int, str]:
+        """Each limit `context_length` takes the least of -> what it is (the first such, where two are equal)."""
+        (base_window, aux_window), limits = self.sliding_windows, {}
+        for limit, what in [(self.base.config.max_position_embeddings, "the base's position limit"),
+                            (self.aux.config.max_position_embeddings, "the auxiliary's position limit"),
+                            (base_window, "the base's sliding attention window"),
+                            (aux_window, "the auxiliary's sliding attention window")]:
+            if limit is not None:
+                limits.setdefault(limit, what)
+        return limits
 
     @property
     def chat_tail(self) -> int:
@@ -621,10 +631,10 @@ class KVPredictionModel(nn.Module):
                               f"{input_ids.min()}..{input_ids.max()}")
         longest = input_ids.shape[1] + max_new_tokens
         if longest > self.context_length:
-            windowed = self.context_length in self.sliding_windows
-            why = " (the sliding attention window: kvpred runs only sequences the window covers)" if windowed else ""
+            what = self._context_limits()[self.context_length]
+            why = "; kvpred runs only sequences the window covers" if "window" in what else ""
             raise KVPredError(f"prompt of {input_ids.shape[1]} tokens + {max_new_tokens} new tokens exceeds the "
-                              f"context limit of {self.context_length} tokens{why}")
+                              f"context limit of {self.context_length} tokens ({what}{why})")
         return input_ids, attention_mask
 
     @torch.no_grad()

@@ -16,6 +16,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedModel,
                           PreTrainedTokenizerBase)
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 
 class KVPredError(ValueError):
@@ -195,7 +196,11 @@ def check_supported(config, name: str = "model") -> None:
                           f"supported: {', '.join(SUPPORTED_MODEL_TYPES)} (Llama-style decoders with RoPE)")
     rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
     kinds = [r for r in rope.values() if isinstance(r, dict)] or [rope]  # per layer type, or one for all layers
-    if any(r.get("rope_type", r.get("type")) == "longrope" for r in kinds):
+    types = {r.get("rope_type", r.get("type", "default")) for r in kinds}
+    if unknown := types - {"default", *ROPE_INIT_FUNCTIONS}:
+        raise KVPredError(f"{name} has RoPE type {', '.join(map(repr, sorted(unknown)))}, which transformers does not "
+                          f"know; known: default, {', '.join(ROPE_INIT_FUNCTIONS)}")
+    if "longrope" in types:
         # HF picks longrope's short or long frequencies by the largest position in each forward call, so keys
         # predicted for a prompt's start and the base's own tail would be rotated with different tables
         raise KVPredError(f"{name} uses longrope RoPE scaling, which kvpred does not support: its rotary tables "

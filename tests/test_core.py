@@ -352,8 +352,16 @@ def test_a_sliding_window_base_runs_only_sequences_its_window_covers(tmp_path, d
     for _ in range(2):  # on a GPU the second call decodes on captured steps
         for mode in ("exact", "predicted"):
             assert torch.equal(model.generate(ids, mode=mode, max_new_tokens=8), exact)
-    with pytest.raises(KVPredError, match="context limit of 24 tokens .the sliding attention window"):
+    with pytest.raises(KVPredError, match="context limit of 24 tokens .the base's sliding attention window"):
         model.generate(ids, max_new_tokens=9)
+
+
+def test_the_context_limit_names_the_model_that_sets_it(tmp_path):
+    base = save_tiny_model(tmp_path / "base", arch="mistral", context=256)
+    aux = save_tiny_model(tmp_path / "aux", arch="mistral", context=256, layers=2, sliding_window=16)
+    model = KVPredictionModel.from_pretrained(str(base), aux=str(aux))
+    with pytest.raises(KVPredError, match="limit of 16 tokens .the auxiliary's sliding attention window"):
+        model.generate(torch.ones(1, 14, dtype=torch.long), max_new_tokens=4)
 
 
 # ---------------------------------------------------------------- bad input
@@ -363,7 +371,7 @@ def test_bad_prompts_get_clear_errors(tiny_llama):
         encode_prompts(model.tokenizer, [""])
     with pytest.raises(KVPredError, match="non-empty"):
         model.generate(torch.zeros(1, 0, dtype=torch.long))
-    with pytest.raises(KVPredError, match="context limit of 512"):
+    with pytest.raises(KVPredError, match="context limit of 512 tokens .the base's position limit"):
         model.generate(torch.ones(1, 500, dtype=torch.long), max_new_tokens=20)
     with pytest.raises(KVPredError, match="unknown mode"):
         model.generate(torch.ones(1, 5, dtype=torch.long), mode="fast")
@@ -423,6 +431,15 @@ def test_a_longrope_base_is_refused(tmp_path):
         "rope_type": "longrope", "rope_theta": 10000.0, "original_max_position_embeddings": 32,
         "short_factor": [1.0] * 8, "long_factor": [2.0] * 8})
     with pytest.raises(KVPredError, match="longrope"):
+        KVPredictionModel.from_pretrained(str(path))
+
+
+def test_a_rope_type_transformers_does_not_know_is_named(tmp_path):
+    path = save_tiny_model(tmp_path / "su")
+    config = json.loads((path / "config.json").read_text())
+    config["rope_scaling"] = {"type": "su", "factor": 2.0}  # Phi-3's early name for longrope
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(KVPredError, match="RoPE type 'su', which transformers does not know"):
         KVPredictionModel.from_pretrained(str(path))
 
 
