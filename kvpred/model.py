@@ -41,6 +41,7 @@ class AuxSpec:
     kind: str  # "pruned" (KVP-LP: retained base layers) or "separate" (KVP-C: its own model)
     keep_layers: list[int] | None = None  # pruned: base layers the auxiliary keeps
     name_or_path: str | None = None  # separate: where the auxiliary loads from
+    fingerprint: str | None = None  # separate: models.fingerprint of that auxiliary as loaded from there
     saved_params: list[str] = field(default_factory=list)  # aux tensors stored in aux.safetensors (the trained ones)
 
 
@@ -64,7 +65,7 @@ class KVPConfig:
         self.refine_thresholds = self.chat_exact_tail = None
 
     @classmethod
-    def from_json(cls, text: str, where: str) -> "KVPConfig":
+    def from_json(cls, text: str | bytes, where: str) -> "KVPConfig":
         try:
             raw = json.loads(text)
             if raw.get("format_version") != FORMAT_VERSION:
@@ -80,6 +81,9 @@ class KVPConfig:
                     Thresholds(**raw["refine_thresholds"])
                 except KVPredError as err:
                     raise ValueError(f"refine_thresholds: {err}") from err
+            if not (isinstance(raw["base"], str) and isinstance(raw["base_fingerprint"], str)):
+                raise ValueError(f"base and base_fingerprint must be strings, got {raw['base']!r} and "
+                                 f"{raw['base_fingerprint']!r}")
             digests = raw.get("weights_sha256")
             if digests is not None and not (isinstance(digests, dict) and all(
                     isinstance(k, str) and isinstance(v, str) for k, v in digests.items())):
@@ -243,31 +247,44 @@ class KVPredictionModel(nn.Module):
         base, tokenizer = models.load_causal_lm(base_name, dtype, device)
         spec = _aux_spec(base, aux, keep_ratio, keep_layers)
         aux_model = _make_aux(base, tokenizer, spec, dtype, device)
+        if spec.kind == "separate":
+            spec.fingerprint = models.fingerprint(aux_model)
         if layer_map is None:
             layer_map = default_layer_map(base, aux_model, spec, source)
         pconf = _predictor_config(base, aux_model, layer_map, source)
         predictor = KVPredictor(pconf)
         if spec.kind == "pruned" and source == "kv":
             predictor.set_identity()
-        config = KVPConfig(base=base_name, base_fingerprint=models.fingerprint(base), aux=spec, predictor=pconf)
+        config = KVPConfig(base=models.stored_name(base_name), base_fingerprint=models.fingerprint(base), aux=spec,
+                           predictor=pconf)
         return cls(base, aux_model, predictor.to(base.device, base.dtype), tokenizer, config)
 
     @classmethod
     def _load_checkpoint(cls, path: Path, *, base: str | None, dtype, device) -> "KVPredictionModel":
-        config = KVPConfig.from_json((path / CONFIG_NAME).read_text(), str(path / CONFIG_NAME))
+        config = KVPConfig.from_json((path / CONFIG_NAME).read_bytes(), str(path / CONFIG_NAME))
         for name, digest in (config.weights_sha256 or {}).items():  # a set of files from one save, not two
             if (path / name).is_file() and _file_digest(path / name) != digest:
                 raise KVPredError(f"checkpoint {path} is half-written (a save stopped part-way?): {name} is not the "
                                   f"file its {CONFIG_NAME} was saved with")
         if base is None:
-            models.check_base_exists(config.base, path)
+            models.check_recorded_model_exists(config.base, path, '"base"',
+                                               ", or in Python pass KVPredictionModel.from_pretrained(..., base=NEW)")
         base_model, tokenizer = models.load_causal_lm(base or config.base, dtype, device)
         found = models.fingerprint(base_model)
         if found != config.base_fingerprint:
             raise KVPredError(f"checkpoint {path} was trained for base {config.base!r} (fingerprint "
                               f"{config.base_fingerprint}), but the base loaded from {base or config.base!r} has "
                               f"fingerprint {found}: the predictor would produce wrong keys and values for it")
+        if base is not None:  # the base's new location, checked above, is what a later save records
+            config.base = models.stored_name(base)
+        if config.aux.kind == "separate":
+            models.check_recorded_model_exists(config.aux.name_or_path, path, '"aux": "name_or_path"', "")
         aux_model = _make_aux(base_model, tokenizer, config.aux, dtype, device)
+        if config.aux.fingerprint is not None and models.fingerprint(aux_model) != config.aux.fingerprint:
+            raise KVPredError(f"checkpoint {path} was trained with the auxiliary {config.aux.name_or_path!r} "
+                              f"(fingerprint {config.aux.fingerprint}), but what loads from there now has fingerprint "
+                              f"{models.fingerprint(aux_model)}: its weights changed, and the predictor would produce "
+                              "wrong keys and values from it")
         aux_tensors = _read_safetensors(path / AUX_NAME) if config.aux.saved_params else {}
         _load_aux_tensors(aux_model, aux_tensors, config.aux.saved_params, path / AUX_NAME)
         expected = _predictor_config(base_model, aux_model, config.predictor.layer_map, config.predictor.source,
@@ -287,6 +304,8 @@ class KVPredictionModel(nn.Module):
         name first and renamed into place, the config last; the config holds the weights files' digests, so a
         folder a killed save left with files of two saves is refused when it loads, not used."""
         path = out_folder(path, "the checkpoint")
+        if (path / "config.json").is_file():
+            raise KVPredError(f"{path} holds a Hugging Face model (config.json): save the checkpoint to its own folder")
         self.config.aux.saved_params = sorted(self.aux_tensors)
         files = {PREDICTOR_NAME: self.predictor.state_dict()} | ({AUX_NAME: self.aux_tensors} if self.aux_tensors
                                                                  else {})
@@ -722,7 +741,7 @@ def _aux_spec(base: PreTrainedModel, aux: str | None, keep_ratio: float | None,
     if aux is not None:
         if keep_ratio is not None or keep_layers is not None:
             raise KVPredError("choose either a separate auxiliary (aux) or a pruned one (keep_ratio/keep_layers)")
-        return AuxSpec(kind="separate", name_or_path=aux)
+        return AuxSpec(kind="separate", name_or_path=models.stored_name(aux))
     if keep_layers is None:
         n = base.config.num_hidden_layers
         keep_layers = models.keep_layers_for_ratio(n, DEFAULT_KEEP_RATIO if keep_ratio is None else keep_ratio)

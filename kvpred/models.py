@@ -171,12 +171,19 @@ def check_model_folder(source: str, name: str) -> None:
                       "Face model folder)")
 
 
-def check_base_exists(base: str, checkpoint: str | os.PathLike) -> None:
-    """A checkpoint's base named by a path that is gone: say it came from the checkpoint and how to redirect it."""
-    if base.startswith(("/", "./", "../", "~")) and not Path(base).expanduser().exists():
-        raise KVPredError(f"checkpoint {checkpoint} was made for base {base!r} (the \"base\" field of its "
-                          "kvpred_config.json), which does not exist (moved?): set that field to the base's new "
-                          "location, or in Python pass KVPredictionModel.from_pretrained(..., base=NEW_PATH)")
+def stored_name(name_or_path: str) -> str:
+    """How a checkpoint records a model: a local path made absolute, so the checkpoint loads from any directory;
+    aliases, hub ids and GGUF files as given."""
+    path = Path(name_or_path).expanduser()
+    return str(path.resolve()) if name_or_path not in ALIASES and path.exists() else name_or_path
+
+
+def check_recorded_model_exists(name: str, checkpoint: str | os.PathLike, field: str, redirect: str) -> None:
+    """A model a checkpoint names by a path that is gone: say it came from the checkpoint and how to redirect it."""
+    if name.startswith(("/", "./", "../", "~")) and not Path(name).expanduser().exists():
+        raise KVPredError(f"checkpoint {checkpoint} was made with {name!r} (the {field} field of its "
+                          f"kvpred_config.json), which does not exist (moved?): set that field to its new location"
+                          f"{redirect}")
 
 
 def _unknown_name(name: str, err: Exception) -> str:

@@ -42,7 +42,7 @@ from transformers import DynamicCache
 
 from . import lora
 from .model import KVPredictionModel, cache_kwargs, capture
-from .models import KVPredError
+from .models import KVPredError, fingerprint
 
 STATE_NAME = "train_state.pt"
 METRICS_NAME = "metrics.jsonl"
@@ -435,6 +435,8 @@ class Trainer:
         self.model = KVPredictionModel.from_pretrained(c.model, keep_ratio=c.keep_ratio, source=c.source,
                                                        dtype=torch.float32, device=self.device)
         check_tokenizer(c.data, self.model.tokenizer)
+        # what --model loaded, before training changes it: a resumed run must start from the same models
+        self.fingerprints = [self.model.config.base_fingerprint, fingerprint(self.model.aux)]
         if c.seq_len > self.model.context_length:  # the training forwards' own masks know no sliding window
             raise KVPredError(f"--seq-len {c.seq_len} exceeds the model's context limit of "
                               f"{self.model.context_length} tokens")
@@ -524,7 +526,8 @@ class Trainer:
                 "predictor": part("predictor."), "aux": part("aux."),
                 "optimizer": optimizer, "scheduler": self.scheduler.state_dict(),
                 "data": self.data.state_dict(), "rng": rng_state(),
-                "fitted_steps": self.total_steps if self.total_steps < self.config.steps else None}
+                "fitted_steps": self.total_steps if self.total_steps < self.config.steps else None,
+                "fingerprints": self.fingerprints}
 
     def save(self) -> None:
         whole, optimizer = self._whole_state(), self._optimizer_state()
@@ -551,10 +554,14 @@ class Trainer:
         if diff:
             raise KVPredError(f"{path} was written by a run with a different configuration {diff} "
                               "(saved, now); use another --out or the same settings")
+        if state.get("fingerprints", self.fingerprints) != self.fingerprints:
+            raise KVPredError(f"{path} was written by a run that started from other weights than --model "
+                              f"{self.config.model} holds now (base, auxiliary fingerprints {state['fingerprints']}, "
+                              f"now {self.fingerprints}); use another --out or the model the run started from")
         predictor, aux = dict(self.model.predictor.named_parameters()), dict(self.model.aux.named_parameters())
         with torch.no_grad():
-            for params, saved in ((predictor, state["predictor"]), (aux, state["aux"])):
-                for n, t in saved.items():
+            for params, tensors in ((predictor, state["predictor"]), (aux, state["aux"])):
+                for n, t in tensors.items():
                     _load_whole(params[n], t)
         if self.sharded:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
@@ -570,7 +577,10 @@ class Trainer:
         if self.step > self.config.steps:
             raise KVPredError(f"{path} is at step {self.step}, past --steps {self.config.steps}: give --steps >= "
                               f"{self.step} to go on, or another --out to start over")
-        self.total_steps = min(self.config.steps, state.get("fitted_steps") or self.config.steps)
+        # a schedule fitted to --max-minutes holds only for the limits it was fitted to
+        fitted = state.get("fitted_steps") if all(saved.get(k) == getattr(self.config, k)
+                                                  for k in ("steps", "max_minutes")) else None
+        self.total_steps = min(self.config.steps, fitted or self.config.steps)
         for group, base, factor in zip(self.optimizer.param_groups, self.scheduler.base_lrs,
                                        self.scheduler.lr_lambdas):  # this run's schedule (a new --steps) from here
             group["lr"] = base * factor(self.step)

@@ -514,10 +514,43 @@ def test_a_checkpoint_whose_base_has_moved_says_so_and_loads_against_the_new_pla
     base.rename(tmp_path / "moved")
     assert main(["generate", "--model", str(tmp_path / "ckpt"), "--prompt", "hi"]) == 2
     err = capsys.readouterr().err
-    assert f"made for base '{base}'" in err and "does not exist (moved?)" in err and "base=NEW_PATH" in err
+    assert f"made with '{base}' (the \"base\" field" in err and "does not exist (moved?)" in err and "base=NEW" in err
     with pytest.raises(KVPredError, match=r"does not exist \(moved\?\)"):
         KVPredictionModel.from_pretrained(str(tmp_path / "ckpt"))
-    KVPredictionModel.from_pretrained(str(tmp_path / "ckpt"), base=str(tmp_path / "moved"))
+    moved = KVPredictionModel.from_pretrained(str(tmp_path / "ckpt"), base=str(tmp_path / "moved"))
+    moved.save_pretrained(tmp_path / "again")  # records the new place, so it loads without base=
+    KVPredictionModel.from_pretrained(str(tmp_path / "again"))
+
+
+def test_a_checkpoint_made_from_a_relative_path_loads_from_any_directory(tmp_path, tiny_llama, monkeypatch):
+    import shutil
+
+    shutil.copytree(tiny_llama, tmp_path / "base")
+    monkeypatch.chdir(tmp_path)
+    KVPredictionModel.from_pretrained("base", keep_ratio=0.5).save_pretrained("ckpt")
+    monkeypatch.chdir(tmp_path.parent)
+    assert KVPredictionModel.from_pretrained(str(tmp_path / "ckpt")).config.base == str((tmp_path / "base").resolve())
+
+
+def test_a_checkpoint_is_never_saved_into_a_model_folder(tmp_path, tiny_llama):
+    import shutil
+
+    base = shutil.copytree(tiny_llama, tmp_path / "base")
+    with pytest.raises(KVPredError, match="holds a Hugging Face model"):
+        KVPredictionModel.from_pretrained(str(base), keep_ratio=0.5).save_pretrained(base)
+    assert not (base / "kvpred_config.json").exists()
+
+
+@pytest.mark.parametrize("field, value", [("base", None), ("base_fingerprint", 7)])
+def test_a_config_with_a_field_of_the_wrong_type_is_a_clear_error(tmp_path, tiny_llama, field, value):
+    KVPredictionModel.from_pretrained(tiny_llama, keep_ratio=0.5).save_pretrained(tmp_path / "ckpt")
+    config = json.loads((tmp_path / "ckpt" / "kvpred_config.json").read_text())
+    (tmp_path / "ckpt" / "kvpred_config.json").write_text(json.dumps({**config, field: value}))
+    with pytest.raises(KVPredError, match="not a valid kvpred config .*must be strings"):
+        KVPredictionModel.from_pretrained(str(tmp_path / "ckpt"))
+    (tmp_path / "ckpt" / "kvpred_config.json").write_bytes(b"\xff\xfe{")
+    with pytest.raises(KVPredError, match="not a valid kvpred config"):
+        KVPredictionModel.from_pretrained(str(tmp_path / "ckpt"))
 
 
 # ---------------------------------------------------------------- CLI

@@ -57,7 +57,12 @@ def test_the_cli_writes_an_auxiliary_that_fit_and_generate_use_as_kvp_c(tiny_lla
     assert model.config.aux.kind == "separate" and model.predictor.config.layer_map == [0, 0, 1, 1]
     assert model.generate(torch.randint(3, 259, (1, 10)), max_new_tokens=3).shape == (1, 13)
     (tmp_path / "aux").rename(tmp_path / "moved")
-    with pytest.raises(KVPredError, match="separate auxiliary cannot be loaded: .*aux' does not exist"):
+    with pytest.raises(KVPredError, match="aux' .the \"aux\": \"name_or_path\" field .*does not exist .moved"):
+        KVPredictionModel.from_pretrained(str(tmp_path / "fit"))
+    # an auxiliary of the same shapes with other weights in its place (narrow run again) is no longer the one
+    assert main(["narrow", "--model", tiny_llama, "--keep-layers", "0,1", "--heads", "2", "--kv-heads", "2",
+                 "--intermediate", "32", "--out", str(tmp_path / "aux"), *common]) == 0
+    with pytest.raises(KVPredError, match="trained with the auxiliary .* its weights changed"):
         KVPredictionModel.from_pretrained(str(tmp_path / "fit"))
 
 

@@ -15,7 +15,7 @@ from kvpred.cli import main as cli_main
 from kvpred.data import build_shards, read_meta
 from kvpred.model import KVPredictionModel, cache_kwargs
 from kvpred.models import KVPredError
-from kvpred.testing import byte_tokenizer
+from kvpred.testing import byte_tokenizer, save_tiny_model
 from kvpred.train import (STATE_NAME, Distillation, PredictedKV, TrainConfig, Trainer, add_arguments,
                           lr_lambda, with_copied_spans)
 
@@ -164,6 +164,16 @@ def test_resume_after_a_kill_continues_exactly(tiny_llama, shards, tmp_path):
     assert log("a") == pytest.approx(log("b"), rel=1e-6)
 
 
+def test_a_run_resumed_from_other_weights_than_it_started_from_is_refused(tiny_llama, shards, tmp_path):
+    import shutil
+
+    base = shutil.copytree(tiny_llama, tmp_path / "base")
+    Trainer(config(str(base), shards, tmp_path, steps=2)).train()
+    save_tiny_model(base, seed=1)  # same shapes, other weights, at the same path
+    with pytest.raises(KVPredError, match="started from other weights than --model"):
+        Trainer(config(str(base), shards, tmp_path, steps=4))
+
+
 def test_a_corrupt_or_foreign_checkpoint_is_refused(tiny_llama, shards, tmp_path):
     Trainer(config(tiny_llama, shards, tmp_path, steps=2)).train()
     with pytest.raises(KVPredError, match="different configuration"):
@@ -259,6 +269,9 @@ def test_a_time_limit_shortens_the_schedule_so_it_still_ends_annealed(tiny_llama
     resumed = Trainer(config(tiny_llama, shards, tmp_path, steps=10**6, warmup=warmup, max_minutes=0.05,
                              save_every=10**6))
     assert resumed.total_steps == trainer.total_steps  # a resumed run keeps the fitted schedule
+    resumed.release()
+    longer = Trainer(config(tiny_llama, shards, tmp_path, steps=400, warmup=warmup, max_minutes=0, save_every=10**6))
+    assert longer.total_steps == 400  # ... unless its limits changed: then it goes on to the new --steps
 
 
 def test_the_schedule_reaches_its_peak_once_and_its_minimum_at_the_last_step():
