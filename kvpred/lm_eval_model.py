@@ -34,6 +34,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
 from .generation import cut_at_stop
+from .model import check_exact_tail
 from .models import KVPredError
 from .tasks import MODES, generate, score
 
@@ -73,8 +74,7 @@ class KVPredLM(TemplateLM):
         self.max_gen_toks = int(max_gen_toks)
         self.ratio = float(truncate_ratio) if truncate_ratio else flop_ratio(self.model)["param_ratio"]
         self.exact_tail = int(exact_tail)
-        if self.exact_tail < 1:
-            raise KVPredError(f"exact_tail must be >= 1 (the base always runs the last prompt token), got {exact_tail}")
+        check_exact_tail(self.exact_tail)
 
     # ------------------------------------------------------------ TemplateLM plumbing
     @property

@@ -95,6 +95,11 @@ class KVPConfig:
             raise KVPredError(f"{where} is not a valid kvpred config ({type(err).__name__}: {err})") from err
 
 
+def check_exact_tail(exact_tail: int) -> None:
+    if exact_tail < 1:
+        raise KVPredError(f"exact_tail must be >= 1 (the base always runs the last prompt token), got {exact_tail}")
+
+
 def cache_kwargs(model: PreTrainedModel, cache) -> dict:
     """transformers renamed `past_key_values` to `cache` during 5.x; pass whichever this version takes."""
     return {"cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values": cache}
@@ -618,8 +623,7 @@ class KVPredictionModel(nn.Module):
                      max_new_tokens: int = 0, exact_tail: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         if mode not in MODES:
             raise KVPredError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
-        if exact_tail < 1:
-            raise KVPredError(f"exact_tail must be >= 1 (the base always runs the last prompt token), got {exact_tail}")
+        check_exact_tail(exact_tail)
         input_ids = torch.as_tensor(input_ids, device=self.device)
         if input_ids.dim() == 1:
             input_ids = input_ids.unsqueeze(0)

@@ -21,7 +21,7 @@ from transformers import DynamicCache
 from .decoding import (Pooled, Trace, base_tail, capacity_bucket, check_decoding, decode, eos_token_ids,
                        first_logits, pad_id, tail_on_steps, with_stop_strings, without_cudnn_attention)
 from .generation import ConversationTokenizer, check_text
-from .model import BufferCache, KVPredictionModel, cache_kwargs, capture, position_ids_from_mask
+from .model import BufferCache, KVPredictionModel, cache_kwargs, capture, check_exact_tail, position_ids_from_mask
 from .models import KVPredError
 
 POLICIES = ("eager", "lazy", "off")
@@ -266,7 +266,8 @@ def _signals(logits: torch.Tensor, tail_ids: torch.Tensor, tail_mask: torch.Tens
     logp = logits.log_softmax(-1)
     signal = {"entropy": _entropy(logits[:, -1])}
     if logits.shape[1] >= 2:
-        real = tail_mask[:, 1:].float()  # NLL only of real (unpadded) next tokens
+        # NLL of real next tokens after real ones: a row's first token, after padding, is never scored unpadded
+        real = (tail_mask[:, 1:] * tail_mask[:, :-1]).float()
         nll = -logp[:, :-1].gather(-1, tail_ids[:, 1:, None]).squeeze(-1)  # [B, T-1]
         signal["tail_nll"] = (nll * real).sum(-1) / real.sum(-1).clamp(min=1)
     if tail_keys is not None and tail_keys.shape[2] >= 2:
@@ -377,7 +378,12 @@ def generate_refined(model: KVPredictionModel, input_ids: torch.Tensor, attentio
                               defer_values=model.device.type == "cpu")
         if refine == "auto":
             signal = {"entropy": _entropy(logits).cpu()}
-    policy = choose_policy(signal, thresholds) if refine == "auto" else refine
+    if refine != "auto":
+        policy = refine
+    elif n <= exact_tail:  # nothing was predicted: nothing to decide, nor the tail's signals to decide by
+        policy = "off"
+    else:
+        policy = choose_policy(signal, thresholds)
     budget = _budget(policy, chunk_size)
     if n <= exact_tail:  # the base ran the whole prompt: the cache is exact already
         refiner = Refiner(model, pooled, budget, done=n)
@@ -421,6 +427,7 @@ class ChatSession:
         self.model, self.refine = model, refine
         self.tokenize = ConversationTokenizer(tokenizer or model.tokenizer)
         self.exact_tail = model.chat_tail if exact_tail is None else exact_tail
+        check_exact_tail(self.exact_tail)
         self.chunk_size, self.thresholds = chunk_size, thresholds
         self.messages: list[dict] = [] if system is None else [{"role": "system", "content": system}]
         self.tokens = torch.empty(1, 0, dtype=torch.long, device=model.device)  # conversation so far

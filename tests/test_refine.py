@@ -221,6 +221,10 @@ def test_bad_arguments_fail_with_clear_errors(pruned):
         generate_refined(pruned, ids, max_new_tokens=1000)
     with pytest.raises(KVPredError, match="exact_tail >= 2"):
         generate_refined(pruned, ids, refine="auto", thresholds=Thresholds("kv_error", 0.1, 0.5))
+    # a tail over the whole prompt predicts nothing: nothing to decide, whatever the signal
+    seq, info = generate_refined(pruned, ids[:, :2], exact_tail=4, max_new_tokens=2, refine="auto",
+                                 thresholds=Thresholds("kv_error", 0.1, 0.5))
+    assert info["policy"] == "off" and info["exact_from"] == 0
 
 
 # ---------------------------------------------------------------- adaptive fallback
@@ -232,10 +236,17 @@ def test_confidence_signals_see_a_perfect_and_an_untrained_predictor(same, prune
     # with aux == base the signals are those of the exact base: tail NLL of the known tail tokens
     logits, _ = same.prefill(ids, mask, mode="exact", exact_tail=4)
     nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, -3:], reduction="none")
-    real = mask[:, -3:]  # padded tail tokens do not count
+    real = mask[:, -3:] * mask[:, -4:-1]  # padded tail tokens, and a row's first after padding, do not count
     torch.testing.assert_close(perfect["tail_nll"], (nll * real).sum(-1) / real.sum(-1).clamp(min=1),
                                atol=1e-4, rtol=1e-4)
     assert set(confidence(same, ids, mask, exact_tail=1)) == {"entropy"}
+
+
+def test_a_rows_signals_do_not_depend_on_how_far_its_batch_pads_it(pruned):
+    alone = confidence(pruned, *batch(pruned, ["ab"]), exact_tail=4)
+    padded = confidence(pruned, *batch(pruned, ["ab", "The quick brown fox"]), exact_tail=4)
+    for name in alone:
+        torch.testing.assert_close(padded[name][0], alone[name][0], atol=1e-4, rtol=1e-4)
 
 
 def test_entropy_tracks_how_sure_the_base_is(tiny_llama):
@@ -477,8 +488,11 @@ def test_a_session_turn_with_nothing_to_generate_or_text_no_tokenizer_takes_is_a
     assert session.messages == []  # neither turn happened
 
 
-def test_chat_session_needs_a_chat_template(tiny_llama):
+def test_chat_session_checks_its_settings_before_the_first_turn(tiny_llama):
     model = KVPredictionModel.from_pretrained(tiny_llama, keep_ratio=0.5)
+    model.tokenizer.chat_template = CHAT_TEMPLATE
+    with pytest.raises(KVPredError, match="exact_tail must be >= 1"):
+        ChatSession(model, exact_tail=0)
     model.tokenizer.chat_template = None
     with pytest.raises(KVPredError, match="no chat template"):
         ChatSession(model)
