@@ -391,14 +391,37 @@ def check_builtin_data(specs, data_dir: Path) -> None:
                               f"task its own file as {spec.name}=PATH")
 
 
+def check_out(out: Path) -> None:
+    """--out names a .json file, and it and what goes beside it (the .md report, the .items.jsonl cache) are new or
+    an earlier run's: a user's own file of that name is never overwritten."""
+    if out.suffix != ".json" or out.is_dir():
+        raise KVPredError(f"--out {out} must name the results .json file (the report goes beside it, as .md)")
+    for path in (out, out.with_suffix(".md"), out.with_suffix(".items.jsonl")):
+        if path.exists() and not _earlier_output(path):
+            raise KVPredError(f"{path} exists and is not kvpred eval output: give --out another name, so that it "
+                              "is not overwritten")
+
+
+def _earlier_output(path: Path) -> bool:
+    try:
+        with path.open(encoding="utf-8") as f:
+            if path.suffix == ".md":
+                return f.read(13) == "# kvpred eval"
+            if path.name.endswith(".items.jsonl"):
+                first = f.readline()
+                return not first.strip() or "sig" in json.loads(first)
+            return "tasks" in json.load(f)
+    except (ValueError, OSError, TypeError):
+        return False
+
+
 def run_cli(args: argparse.Namespace) -> int:
     from .cli import load_model
     from .tasks import EvalOptions, default_data_dir, parse_tasks
 
     if args.limit is not None and args.limit < 1:
         raise KVPredError(f"--limit must be at least 1, got {args.limit}")
-    if args.out.suffix == ".md" or args.out.is_dir():  # the report goes to OUT.md: it would replace the results
-        raise KVPredError(f"--out {args.out} must name the results JSON file (the report goes beside it, as .md)")
+    check_out(args.out)
     data_dir = args.data_dir or default_data_dir()
     specs = parse_tasks(args.tasks, data_dir)
     check_builtin_data(specs, data_dir)

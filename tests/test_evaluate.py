@@ -434,9 +434,15 @@ def test_a_cache_never_serves_results_of_data_edited_since(tiny_path, tmp_path):
 
 
 def test_an_out_that_would_lose_the_results_is_refused_before_the_model_loads(tiny_path, tmp_path, capsys):
-    for out in (tmp_path / "report.md", tmp_path):
+    for out in (tmp_path / "report.md", tmp_path, tmp_path / "notes.py"):
         assert cli.main(["eval", "--model", "no-such-model", "--tasks", f"{DATA}/lm.jsonl", "--out", str(out)]) == 2
-        assert "must name the results JSON file" in capsys.readouterr().err
+        assert "must name the results .json file" in capsys.readouterr().err
+    (tmp_path / "README.md").write_text("# my notes\n")  # a user's file where the report would go
+    (tmp_path / "data.json").write_text("[1, 2]")
+    for out, mine in ((tmp_path / "README.json", "README.md"), (tmp_path / "data.json", "data.json")):
+        assert cli.main(["eval", "--model", "no-such-model", "--tasks", f"{DATA}/lm.jsonl", "--out", str(out)]) == 2
+        assert f"{mine} exists and is not kvpred eval output" in capsys.readouterr().err
+    assert (tmp_path / "README.md").read_text() == "# my notes\n"
 
 
 def test_plot_draws_the_pareto_figure_with_a_ttft_panel(pruned_doc, tmp_path):
