@@ -815,9 +815,11 @@ def _report_command(args) -> int:
     rows, meta, notes = [], [], []
     for path in args.inputs:
         try:
-            data = json.loads(Path(path).read_text())
-        except (OSError, json.JSONDecodeError) as err:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:
             raise KVPredError(f"cannot read benchmark results {path}: {err}") from err
+        if not (isinstance(data, dict) and isinstance(data.get("rows"), list) and isinstance(data.get("meta"), list)):
+            raise KVPredError(f"{path} is not a `kvpred bench ttft` JSON (no rows and meta)")
         rows += data["rows"]
         meta += data["meta"]
         notes += data.get("notes", [])

@@ -11,7 +11,7 @@ import torch
 from transformers import TextStreamer
 
 from .data import expand_source
-from .models import KVPredError
+from .models import KVPredError, read_text
 
 
 def check_text(text: str, what: str = "prompt") -> str:
@@ -155,7 +155,7 @@ def chat_prompts(files: list[Path], tokenizer, limit: int | None) -> list[str]:
     opening = reply_opening(tokenizer)
     prompts = []
     for path in files:
-        for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        for lineno, line in enumerate(read_text(path).splitlines(), 1):
             if len(prompts) == limit:
                 return prompts
             if line.strip():

@@ -146,6 +146,14 @@ def load_causal_lm(name_or_path: str, dtype: torch.dtype | None = None,
 TRAIN_RUN_FILES = ("train_state.pt", "metrics.jsonl")
 
 
+def read_text(path: str | os.PathLike) -> str:
+    """A text file's contents; a clear error where it is not UTF-8."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise KVPredError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start})") from err
+
+
 def out_folder(path: str | os.PathLike, holds: str) -> Path:
     """`path` as an output folder for `holds` (made if missing); a clear error where it is a file."""
     out = Path(path)

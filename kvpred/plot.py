@@ -33,7 +33,7 @@ def load_results(paths: list[str | Path]) -> list[dict]:
         label, _, path = entry.partition("=") if "=" in entry and not Path(entry).exists() else ("", "", entry)
         try:
             doc = json.loads(Path(path).read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as err:
+        except (OSError, ValueError) as err:
             raise KVPredError(f"cannot read results {path}: {err}") from err
         if not (isinstance(doc, dict) and isinstance(doc.get("tasks"), dict) and isinstance(doc.get("flops"), dict)):
             raise KVPredError(f"{path} is not a `kvpred eval` results file (no tasks/flops)")
@@ -51,7 +51,7 @@ def measured_speedups(bench: Path, length: int | None = None) -> dict[str, float
     from a `kvpred bench ttft` JSON."""
     try:
         rows = [r for r in json.loads(Path(bench).read_text(encoding="utf-8"))["rows"] if r["batch"] == 1]
-    except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:
+    except (OSError, ValueError, KeyError, TypeError) as err:
         raise KVPredError(f"{bench} is not a `kvpred bench ttft` JSON: {err}") from err
     length = length or max((r["prompt_len"] for r in rows), default=0)
     row = next((r for r in rows if r["prompt_len"] == length), None)

@@ -35,7 +35,7 @@ from tqdm import tqdm
 from .data import find_files
 from .generation import chat_prompts, cut_at_stop
 from .model import position_ids_from_mask
-from .models import KVPredError
+from .models import KVPredError, read_text
 from .rope import rope_tables, unrotate
 
 MODES = ("exact", "aux", "predicted", "truncate")
@@ -198,12 +198,15 @@ def data_digest(path: str) -> str:
 def read_jsonl(path: str) -> Iterator[dict]:
     opener = gzip.open if path.endswith(".gz") else open
     with opener(path, "rt", encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    yield json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise KVPredError(f"{path}:{n} is not valid JSON: {err}") from err
+        try:  # (text mode decodes ahead of the line it yields, so no line number)
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        yield json.loads(line)
+                    except json.JSONDecodeError as err:
+                        raise KVPredError(f"{path}:{n} is not valid JSON: {err}") from err
+        except UnicodeDecodeError as err:
+            raise KVPredError(f"{path} is not UTF-8 text ({err.reason})") from err
 
 
 def load_rows(path: str) -> list[dict]:
@@ -218,7 +221,7 @@ def _text_tokens(tokenizer, path: str) -> tuple[int, ...]:
     files = _expand(path)
     if not files:
         raise KVPredError(f"text file(s) {path!r} not found")
-    text = "\n".join(Path(f).read_text(encoding="utf-8") for f in files)
+    text = "\n".join(read_text(f) for f in files)
     return tuple(tokenizer(text, add_special_tokens=False).input_ids)
 
 

@@ -115,6 +115,13 @@ def test_report_merges_runs(tiny_path, tmp_path):
     assert (tmp_path / "all.png").stat().st_size > 0 and (tmp_path / "all.md").exists()
 
 
+@pytest.mark.parametrize("content", [b'{"results": []}', b"\xff\xfe"])
+def test_report_refuses_a_file_that_is_no_bench_output(tmp_path, capsys, content):
+    (tmp_path / "other.json").write_bytes(content)
+    assert cli_main(["bench", "report", str(tmp_path / "other.json"), "--out", str(tmp_path)]) == 2
+    assert "other.json" in capsys.readouterr().err
+
+
 def test_cli_rejects_prompts_over_the_context(tiny_path, tmp_path, capsys):
     rc = cli_main(["bench", "ttft", "--model", str(tiny_path), "--device", "cpu", "--prompt-lens", "500",
                    "--out", str(tmp_path)])

@@ -19,7 +19,7 @@ from kvpred.model import KVPredictionModel
 from kvpred.models import KVPredError
 from kvpred.tasks import (KINDS, EvalOptions, Retrieval, default_data_dir, exact_match, execute_program, mode_prompt,
                           normalize_answer, parse_tasks, pass_at_k)
-from kvpred.testing import save_tiny_model
+from kvpred.testing import CHAT_TEMPLATE, byte_tokenizer, save_tiny_model
 
 DATA = Path(__file__).parent / "data"
 TASKS = (f"kv={DATA}/tiny.txt,heldout={DATA}/tiny.txt,agreement={DATA}/tiny.txt,lambada={DATA}/lm.jsonl,"
@@ -431,6 +431,22 @@ def test_a_cache_never_serves_results_of_data_edited_since(tiny_path, tmp_path):
         assert cli.main(argv) == 0
         results.append(json.loads(out.read_text())["tasks"]["lambada"]["metrics"])
     assert results[0] != results[1] and results[2] == results[0]  # the edit is seen; the first items stay cached
+
+
+def test_input_files_that_are_not_utf8_are_named(tmp_path):
+    from kvpred.generation import chat_prompts
+    from kvpred.tasks import load_rows, text_windows
+
+    bad = tmp_path / "latin1.jsonl"
+    bad.write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(KVPredError, match="latin1.jsonl is not UTF-8"):
+        load_rows(str(bad))
+    tokenizer = byte_tokenizer()
+    tokenizer.chat_template = CHAT_TEMPLATE
+    with pytest.raises(KVPredError, match="latin1.jsonl is not UTF-8"):
+        chat_prompts([bad], tokenizer, None)
+    with pytest.raises(KVPredError, match="latin1.jsonl is not UTF-8"):
+        text_windows(byte_tokenizer(), str(bad), 8, None)
 
 
 def test_an_out_that_would_lose_the_results_is_refused_before_the_model_loads(tiny_path, tmp_path, capsys):
