@@ -95,6 +95,8 @@ def expand_source(source: str, exclude: Sequence[str] = (), shuffle: bool = Fals
     --max-tokens cap takes a spread of the source rather than its alphabetical head. `exclude` holds fnmatch
     patterns tested against each file's full path (e.g. "*/tests/*").
     """
+    if not source.strip():  # Path("") is the current directory, which nobody means
+        raise KVPredError("a source is empty: give a file, folder or glob")
     _refuse_eval_data(Path(source), source)
     if not glob.has_magic(source) and not Path(source).exists():
         raise KVPredError(f"source {source!r} does not exist")

@@ -25,7 +25,7 @@ import torch
 from tqdm import tqdm
 
 from . import lora
-from .model import KVPredictionModel, capture, position_ids_from_mask
+from .model import KVPredictionModel, capture, check_checkpoint_out, position_ids_from_mask
 from .models import KVPredError
 from .predictor import KVPredictor
 
@@ -265,6 +265,7 @@ def _compress_command(args: argparse.Namespace) -> int:
         raise KVPredError("nothing to compress: give --rank (the predictor) and/or --aux-rank (the adapters)")
     if args.rank is not None and args.data is None:
         raise KVPredError("--rank fits the factorised predictor on calibration text: give --data")
+    check_checkpoint_out(args.out)
     model = KVPredictionModel.from_pretrained(args.model, dtype=torch.float32, device=args.device)
     report = {"from": args.model}
     if args.aux_rank is not None:
@@ -316,6 +317,7 @@ def _fit_command(args: argparse.Namespace) -> int:
     from .data import PackedTokens, check_tokenizer
 
     config = FitConfig(**{f: getattr(args, f) for f in asdict(FitConfig())})  # checked before the model loads
+    check_checkpoint_out(args.out)
     # statistics in float32 whatever the serving dtype: X^T X of bf16 activations loses the small directions
     model = KVPredictionModel.from_pretrained(args.model, aux=args.aux, keep_ratio=args.keep_ratio,
                                               keep_layers=args.keep_layers,

@@ -95,6 +95,15 @@ class KVPConfig:
             raise KVPredError(f"{where} is not a valid kvpred config ({type(err).__name__}: {err})") from err
 
 
+def check_checkpoint_out(path: str | os.PathLike) -> None:
+    """Where a checkpoint may be saved: not a file, and not a Hugging Face model's folder (the base's, say). Commands
+    that save one check this before their work, `save_pretrained` again."""
+    if (Path(path) / "config.json").is_file():
+        raise KVPredError(f"{path} holds a Hugging Face model (config.json): save the checkpoint to its own folder")
+    if Path(path).exists() and not Path(path).is_dir():
+        raise KVPredError(f"{path} is a file; give a folder for the checkpoint")
+
+
 def check_exact_tail(exact_tail: int) -> None:
     if exact_tail < 1:
         raise KVPredError(f"exact_tail must be >= 1 (the base always runs the last prompt token), got {exact_tail}")
@@ -308,9 +317,8 @@ class KVPredictionModel(nn.Module):
         bfloat16, to ship a small default) converts the stored tensors. Every file is written under a temporary
         name first and renamed into place, the config last; the config holds the weights files' digests, so a
         folder a killed save left with files of two saves is refused when it loads, not used."""
+        check_checkpoint_out(path)
         path = out_folder(path, "the checkpoint")
-        if (path / "config.json").is_file():
-            raise KVPredError(f"{path} holds a Hugging Face model (config.json): save the checkpoint to its own folder")
         self.config.aux.saved_params = sorted(self.aux_tensors)
         files = {PREDICTOR_NAME: self.predictor.state_dict()} | ({AUX_NAME: self.aux_tensors} if self.aux_tensors
                                                                  else {})
@@ -746,6 +754,8 @@ def _aux_spec(base: PreTrainedModel, aux: str | None, keep_ratio: float | None,
         if keep_ratio is not None or keep_layers is not None:
             raise KVPredError("choose either a separate auxiliary (aux) or a pruned one (keep_ratio/keep_layers)")
         return AuxSpec(kind="separate", name_or_path=models.stored_name(aux))
+    if keep_ratio is not None and keep_layers is not None:
+        raise KVPredError("give the pruned auxiliary's keep_ratio or its keep_layers, not both")
     if keep_layers is None:
         n = base.config.num_hidden_layers
         keep_layers = models.keep_layers_for_ratio(n, DEFAULT_KEEP_RATIO if keep_ratio is None else keep_ratio)

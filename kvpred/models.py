@@ -155,7 +155,9 @@ def read_text(path: str | os.PathLike) -> str:
 
 
 def out_folder(path: str | os.PathLike, holds: str) -> Path:
-    """`path` as an output folder for `holds` (made if missing); a clear error where it is a file."""
+    """`path` as an output folder for `holds` (made if missing); a clear error where it is a file or empty."""
+    if not str(path).strip():  # Path("") is the current directory, which nobody means
+        raise KVPredError(f"the output folder for {holds} is empty: give a folder")
     out = Path(path)
     if out.exists() and not out.is_dir():
         raise KVPredError(f"{out} is a file; give a folder for {holds}")

@@ -21,7 +21,8 @@ from transformers import DynamicCache
 from .decoding import (Pooled, Trace, base_tail, capacity_bucket, check_decoding, decode, eos_token_ids,
                        first_logits, pad_id, tail_on_steps, with_stop_strings, without_cudnn_attention)
 from .generation import ConversationTokenizer, check_text
-from .model import BufferCache, KVPredictionModel, cache_kwargs, capture, check_exact_tail, position_ids_from_mask
+from .model import (BufferCache, KVPredictionModel, cache_kwargs, capture, check_checkpoint_out, check_exact_tail,
+                    position_ids_from_mask)
 from .models import KVPredError
 
 POLICIES = ("eager", "lazy", "off")
@@ -626,6 +627,7 @@ def _calibrate(args) -> int:
     if args.data is not None and (args.prompt_len < 2 or args.prompts < 2):  # else nothing predicted, or one point
         raise KVPredError(f"refinement thresholds need --prompts >= 2 windows of --prompt-len >= 2 tokens, got "
                           f"{args.prompts} of {args.prompt_len}")
+    check_checkpoint_out(args.out)
     model = load_model(args)
     report = {"model": args.model}
     if args.data is not None:
@@ -662,8 +664,13 @@ def _typed_lines(stdin) -> Iterator[str]:
 def _chat(args) -> int:
     from .cli import load_model
 
-    session = ChatSession(load_model(args), system=args.system, exact_tail=args.exact_tail, refine=args.refine,
+    model = load_model(args)
+    if not 1 <= args.max_new_tokens < model.context_length:
+        raise KVPredError(f"--max-new-tokens must be in [1, {model.context_length}) (the context limit), got "
+                          f"{args.max_new_tokens}")
+    session = ChatSession(model, system=args.system, exact_tail=args.exact_tail, refine=args.refine,
                           chunk_size=args.chunk_size)
+    failed = 0
     for line in _typed_lines(sys.stdin):
         if not line.strip():
             continue
@@ -671,10 +678,11 @@ def _chat(args) -> int:
             print(session.send(line.rstrip("\n"), max_new_tokens=args.max_new_tokens), flush=True)
         except KVPredError as err:  # this turn cannot run (too long for the context, say): the chat goes on
             print(f"kvpred: error: {err}", file=sys.stderr, flush=True)
+            failed += 1
             continue
         if args.verbose:
             i = session.last_info
             print(f"[reused {i['reused_tokens']} of {i['prompt_tokens']} tokens, predicted {i['predicted_tokens']}, "
                   f"policy {i['policy']}, ttft {i['ttft_s'] * 1e3:.1f} ms, exact from token {i['exact_from']}]",
                   file=sys.stderr, flush=True)
-    return 0
+    return 1 if failed else 0  # a script piping turns in learns that some got no reply

@@ -412,6 +412,10 @@ def test_a_corrupt_build_or_a_file_for_out_is_a_clear_error(tmp_path, corpus, bu
     (tmp_path / "afile").write_text("x")
     with pytest.raises(KVPredError, match="is a file; give a folder for the token shards"):
         build_shards([str(corpus[0])], TOK, tmp_path / "afile", progress=False)
+    with pytest.raises(KVPredError, match="output folder for the token shards is empty"):
+        build_shards([str(corpus[0])], TOK, "", progress=False)  # not the current directory
+    with pytest.raises(KVPredError, match="a source is empty"):
+        build_shards([""], TOK, tmp_path / "tokens", progress=False)
     meta = json.loads((built / "meta.json").read_text())
     for broken in ("{not json", "{}", json.dumps(dict(meta, splits={"train": {"shards": [{"file": 3}]}}))):
         (built / "meta.json").write_text(broken)

@@ -120,8 +120,12 @@ def test_cli_fit_with_rank_and_compress_write_factorised_checkpoints(tiny_llama,
     (["fit", "--keep-layers", "0,2", "--ridge", "inf"], "--ridge must be a finite number >= 0"),
     (["fit", "--keep-layers", "0,2", "--ridge", "0", "--tokens", "1", "--seq-len", "1", "--batch-size", "1"],
      "--ridge 0 needs at least"),
+    (["fit", "--keep-layers", "0,2", "--keep-ratio", "0.5"], "keep_ratio or its keep_layers, not both"),
+    (["fit", "--keep-layers", "0,2", "--out", "BASE"], "holds a Hugging Face model"),
+    (["compress", "--aux-rank", "4", "--out", "BASE"], "holds a Hugging Face model"),
 ])
 def test_fits_that_cannot_work_are_clear_errors(tiny_llama, shards, tmp_path, capsys, argv, message):
+    argv = [tiny_llama if arg == "BASE" else arg for arg in argv]
     argv = argv[:1] + ["--model", tiny_llama, "--data", shards, "--out", str(tmp_path / "x"), "--device", "cpu",
                        "--tokens", "64", "--seq-len", "32", "--batch-size", "2"] + argv[1:]
     assert main(argv) == 2

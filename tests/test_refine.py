@@ -591,13 +591,19 @@ def test_chat_command_answers_each_line_and_reuses_the_cache(tmp_path, monkeypat
     register(parser.add_subparsers())
     args = parser.parse_args(["chat", "--model", str(path), "--device", "cpu", "--max-new-tokens", "4",
                               "--refine", "lazy", "--verbose"])
-    # the third line is too long for the context: it is refused, and the chat goes on with its cache
+    # the third line is too long for the context: it is refused, the chat goes on with its cache, and the exit
+    # status says that a turn got no reply
     monkeypatch.setattr("sys.stdin", io.StringIO("hello\n\nhow are you?\n" + "q" * 600 + "\nand now?\n"))
-    assert args.func(args) == 0
+    assert args.func(args) == 1
     err = capsys.readouterr().err
     reused = [int(n) for n in re.findall(r"\[reused (\d+) of", err)]
     assert len(reused) == 3 and reused[0] == 0 and 0 < reused[1] < reused[2]
     assert "exceeds the context limit" in err
+    monkeypatch.setattr("sys.stdin", io.StringIO("hello\n"))
+    assert args.func(args) == 0
+    args.max_new_tokens = 600
+    with pytest.raises(KVPredError, match="--max-new-tokens must be in \\[1, 512\\)"):
+        args.func(args)
 
 
 def test_chat_at_a_terminal_asks_for_each_message_and_ends_on_ctrl_d(monkeypatch, capsys):
