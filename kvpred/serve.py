@@ -796,13 +796,28 @@ def valid_text(text: str, param: str) -> str:
         raise APIError(400, str(err), param=param) from None
 
 
-def prompt_token_lists(prompt, tokenizer) -> list[list[int]]:
+def prompt_token_lists(prompt, tokenizer, max_chars: int) -> list[list[int]]:
     """OpenAI's prompt forms: str, list[str], list[int] (one tokenized prompt), list[list[int]]."""
     if isinstance(prompt, str):
         prompt = [prompt]
     if prompt and all(isinstance(t, int) for t in prompt):
         return [list(prompt)]
-    return [tokenizer.encode(valid_text(p, "prompt")) if isinstance(p, str) else list(p) for p in prompt]
+    return [tokenizer.encode(valid_text(check_chars(p, max_chars, "prompt"), "prompt")) if isinstance(p, str)
+            else list(p) for p in prompt]
+
+
+def text_chars_limit(tokenizer, context: int) -> int:
+    """More characters than any text of `context` tokens can have: no token stands for more characters than its
+    vocabulary entry has (twice that, for normalizers that drop some). Longer texts are refused untokenized: the
+    event loop tokenizes, and a text of megabytes would stall every other request meanwhile."""
+    return 2 * context * max(map(len, tokenizer.get_vocab()))
+
+
+def check_chars(text: str, max_chars: int, param: str) -> str:
+    if len(text) > max_chars:
+        raise APIError(400, f"{param} has {len(text)} characters, more than this model's context can hold in "
+                            "tokens; shorten it", param=param, code="context_length_exceeded")
+    return text
 
 
 def echo_texts(prompt, prompts: list[list[int]], tokenizer) -> list[str]:
@@ -862,6 +877,7 @@ def create_app(model, config: ServeConfig | None = None):
     chat_tail = model.chat_tail  # chat requests that name no exact_tail get at least this one
     # stateless clients send the whole conversation every turn: tokenize only what is new to it
     conversations = ConversationTokenizer(tokenizer, keep=CONVERSATIONS_KEPT)
+    max_chars = text_chars_limit(tokenizer, context)
     metrics = Metrics(lambda: scheduler.depth)
     scheduler = Scheduler(model, config, metrics)
 
@@ -973,7 +989,7 @@ def create_app(model, config: ServeConfig | None = None):
         if body.session is not None:
             raise APIError(400, "session is only supported on /v1/chat/completions, whose messages tell which part "
                                 "of the prompt is a new turn", param="session")
-        prompts = prompt_token_lists(body.prompt, tokenizer)
+        prompts = prompt_token_lists(body.prompt, tokenizer, max_chars)
         max_tokens = COMPLETIONS_MAX_TOKENS if body.max_tokens is None else body.max_tokens
         check_prompts(prompts, max_tokens, context, vocab)
         echoes = echo_texts(body.prompt, prompts, tokenizer) if body.echo else None
@@ -992,6 +1008,7 @@ def create_app(model, config: ServeConfig | None = None):
         if tokenizer.chat_template is None:
             raise APIError(400, "this model's tokenizer has no chat template; use /v1/completions", param="messages")
         messages = [m.for_template() for m in body.messages]
+        check_chars("".join(m.get("content", "") for m in messages), max_chars, "messages")  # before the template runs
         refusal = session_refusal(messages, body.kv_mode or config.default_mode)
         if body.session is not None and refusal is not None:
             raise refusal
@@ -1037,7 +1054,8 @@ def create_app(model, config: ServeConfig | None = None):
 
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest):
-        ids = tokenizer.encode(valid_text(body.prompt, "prompt"), add_special_tokens=body.add_special_tokens)
+        text = valid_text(check_chars(body.prompt, max_chars, "prompt"), "prompt")
+        ids = tokenizer.encode(text, add_special_tokens=body.add_special_tokens)
         return {"tokens": ids, "count": len(ids), "max_model_len": context}
 
     @app.post("/detokenize")

@@ -303,6 +303,11 @@ BAD_REQUESTS = {
                                                       ).encode(), 400, "temperature"),
     "seed beyond 64 bits": ("/v1/completions", {"model": NAME, "prompt": "x", "seed": 2 ** 70}, 400, "seed"),
     "more prompts than the queue holds": ("/v1/completions", {"model": NAME, "prompt": ["x"] * 65}, 400, "prompt"),
+    # refused by their length in characters, before the event loop would spend seconds tokenizing them
+    "megabytes of prompt": ("/v1/completions", {"model": NAME, "prompt": ["x", "y" * 10 ** 7]}, 400, "prompt"),
+    "megabytes of messages": ("/v1/chat/completions", {"model": NAME, "messages": [
+        {"role": "user", "content": "z" * 10 ** 7}]}, 400, "messages"),
+    "megabytes to tokenize": ("/tokenize", {"prompt": "z" * 10 ** 7}, 400, "prompt"),
 }
 
 
