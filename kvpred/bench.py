@@ -761,6 +761,10 @@ def _ttft_command(args) -> int:
         raise KVPredError(f"--name {args.name!r} is a file stem inside --out, not a path")
     if args.decode_tokens < 2:
         raise KVPredError("--decode-tokens must be at least 2: the first step is timed apart from the others")
+    if not (args.max_batch_tokens is None or args.max_batch_tokens >= 1) or not (
+            args.time_budget is None or 0 < args.time_budget < math.inf):
+        raise KVPredError(f"--max-batch-tokens must be >= 1 and --time-budget a positive number of seconds, got "
+                          f"{args.max_batch_tokens} and {args.time_budget}")
     if args.threads:
         torch.set_num_threads(args.threads)
     from .model import KVPredictionModel

@@ -361,9 +361,13 @@ def _parse_speedups(text: str | None) -> dict[str, float] | None:
     if not text:
         return None
     try:
-        return {k.strip(): float(v) for k, v in (pair.split("=") for pair in text.split(","))}
+        speedups = {k.strip(): float(v) for k, v in (pair.split("=") for pair in text.split(","))}
+        if not all(0 < x < math.inf for x in speedups.values()):
+            raise ValueError("a speedup is not a positive number")
+        return speedups
     except ValueError as err:
-        raise KVPredError(f"--ttft-speedup takes MODE=X pairs, e.g. predicted=1.8,aux=2.2; got {text!r}") from err
+        raise KVPredError(f"--ttft-speedup takes MODE=X pairs of positive numbers, e.g. predicted=1.8,aux=2.2; got "
+                          f"{text!r}") from err
 
 
 def _command_line(args: argparse.Namespace) -> str:
@@ -425,7 +429,7 @@ def run_cli(args: argparse.Namespace) -> int:
     data_dir = args.data_dir or default_data_dir()
     specs = parse_tasks(args.tasks, data_dir)
     check_builtin_data(specs, data_dir)
-    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    modes = list(dict.fromkeys(m.strip() for m in args.modes.split(",") if m.strip()))  # each once
     speedups = _parse_speedups(args.ttft_speedup)
     try:
         lengths = [int(x) for x in args.retrieval_lengths.split(",")]

@@ -137,8 +137,10 @@ def test_cli_needs_two_decode_tokens_to_time_the_first_step_apart(tiny_path, tmp
 
 
 @pytest.mark.parametrize("flags, message", [(["--name", "a/b"], "is a file stem inside --out"),
-                                            (["--warmup", "-1"], "--warmup at least 0")])
-def test_cli_refuses_a_path_for_a_name_and_a_negative_warm_up(tiny_path, tmp_path, capsys, flags, message):
+                                            (["--warmup", "-1"], "--warmup at least 0"),
+                                            (["--time-budget", "nan"], "--time-budget a positive number"),
+                                            (["--max-batch-tokens", "0"], "--max-batch-tokens must be >= 1")])
+def test_cli_refuses_settings_that_cannot_mean_anything(tiny_path, tmp_path, capsys, flags, message):
     assert cli_main(["bench", "ttft", "--model", str(tiny_path), "--device", "cpu", "--prompt-lens", "8",
                      "--out", str(tmp_path), *flags]) == 2
     assert message in capsys.readouterr().err

@@ -124,6 +124,7 @@ def test_pass_at_k_is_the_unbiased_estimator():
     (["--fewshot", "-1"], "--fewshot -1"),
     (["--truncate-ratio", "0.5"], "--truncate-ratio must be >= 1"),
     (["--humaneval-samples", "4", "--humaneval-temperature", "0"], "temperature must be"),
+    (["--ttft-speedup", "predicted=nan"], "pairs of positive numbers"),
 ])
 def test_eval_settings_out_of_range_are_refused_before_the_model_loads(tmp_path, capsys, flags, message):
     argv = ["eval", "--model", str(tmp_path / "no-model"), "--tasks", f"lambada={DATA}/lm.jsonl", "--out",
