@@ -1,6 +1,7 @@
 """KVPredictionModel: a frozen base, an auxiliary and a predictor, with exact / aux / predicted prefill (METHOD 1.2)."""
 from __future__ import annotations
 
+import copy
 import hashlib
 import inspect
 import json
@@ -102,6 +103,22 @@ def check_checkpoint_out(path: str | os.PathLike) -> None:
         raise KVPredError(f"{path} holds a Hugging Face model (config.json): save the checkpoint to its own folder")
     if Path(path).exists() and not Path(path).is_dir():
         raise KVPredError(f"{path} is a file; give a folder for the checkpoint")
+
+
+GENERATION_DEFAULTS = {"max_new_tokens": 32, "do_sample": False, "temperature": 1.0, "top_p": 1.0, "top_k": 0}
+
+
+def generation_settings(config: GenerationConfig | None, prompt_length: int, max_length: int | None,
+                        **given) -> dict:
+    """`KVPredictionModel.generate`'s GENERATION_DEFAULTS settings: those given (not None), else `config`'s, else the
+    defaults. Without max_new_tokens, a max_length (given, else the config's) counts the prompt too."""
+    settings = {}
+    for name, default in GENERATION_DEFAULTS.items():
+        value = given[name] if given[name] is not None else getattr(config, name, None)
+        settings[name] = default if value is None else value
+    if given["max_new_tokens"] is None and (max_length is not None or getattr(config, "max_new_tokens", 0) is None):
+        settings["max_new_tokens"] = (max_length if max_length is not None else config.max_length) - prompt_length
+    return settings
 
 
 def check_exact_tail(exact_tail: int) -> None:
@@ -640,8 +657,10 @@ class KVPredictionModel(nn.Module):
                               f"{tuple(input_ids.shape)}")
         if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
             raise KVPredError(f"input_ids must hold integer token ids, got {input_ids.dtype}")
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
+        if attention_mask is None:  # as transformers infers it: pad ids are padding, where they are not also EOS
+            pad = self.tokenizer.pad_token_id
+            padded = pad is not None and pad not in eos_token_ids(self).tolist() and bool((input_ids == pad).any())
+            attention_mask = (input_ids != pad).long() if padded else torch.ones_like(input_ids)
         attention_mask = torch.as_tensor(attention_mask, device=self.device)
         if attention_mask.dim() == 1:  # a 1-D prompt's
             attention_mask = attention_mask.unsqueeze(0)
@@ -671,44 +690,62 @@ class KVPredictionModel(nn.Module):
     @torch.no_grad()
     @without_cudnn_attention()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
-                 mode: str = "predicted", exact_tail: int = 1, max_new_tokens: int = 32, do_sample: bool = False,
-                 temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
-                 stop_strings: list[str] | None = None, streamer=None, defer_values: bool | None = None,
-                 transformers_loop: bool = False, **generate_kwargs) -> torch.Tensor:
+                 mode: str = "predicted", exact_tail: int = 1, max_new_tokens: int | None = None,
+                 do_sample: bool | None = None, temperature: float | None = None, top_p: float | None = None,
+                 top_k: int | None = None, stop_strings: list[str] | None = None, streamer=None,
+                 defer_values: bool | None = None, transformers_loop: bool = False, **generate_kwargs) -> torch.Tensor:
         """Like transformers' generate: returns [B, prompt + new] token ids. Decoding is always the base's own
         (or, in "aux" mode, the auxiliary's); only the prompt's cache differs between modes.
 
-        Modes "exact" and "predicted" decode with kvpred.decoding's loop on a preallocated cache, whose one-token
-        step is a CUDA graph on a GPU; it takes `logits_processor` and `stopping_criteria` besides the arguments
-        above. Aux mode, `transformers_loop=True` and any other transformers generate argument use transformers'
-        generate instead. On a CPU predicted mode defers its values (kvpred.deferred; `defer_values`). None of
-        this changes the tokens."""
+        Settings not given come from a `generation_config` passed as in transformers, else kvpred's defaults
+        (`GENERATION_DEFAULTS`: 32 new tokens, greedy; sampling with top_k 0, no cut, where transformers cuts at 50);
+        `max_length` (prompt + new tokens) counts where `max_new_tokens` is not given. Modes "exact" and "predicted"
+        decode with kvpred.decoding's loop on a preallocated cache, whose one-token step is a CUDA graph on a GPU; it
+        takes `logits_processor` and `stopping_criteria` besides the arguments above. Aux mode,
+        `transformers_loop=True`, a `generation_config` and any other transformers generate argument (beams, several
+        sequences per prompt, penalties...) use transformers' generate instead. On a CPU predicted mode defers its
+        values (kvpred.deferred; `defer_values`). None of this changes the tokens."""
+        given = generate_kwargs.pop("generation_config", None)
+        length = torch.as_tensor(input_ids).shape[-1]
+        settings = generation_settings(given, length, generate_kwargs.pop("max_length", None),
+                                       max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
+                                       top_p=top_p, top_k=top_k)
+        max_new_tokens = settings["max_new_tokens"]
         input_ids, attention_mask = self.check_inputs(input_ids, attention_mask, mode, max_new_tokens, exact_tail)
-        check_decoding(max_new_tokens, do_sample, temperature, top_p, top_k)
+        check_decoding(**settings)
+        if mode == "predicted" and generate_kwargs.get("use_cache", True) is False:
+            raise KVPredError("use_cache=False drops the cache that predicted mode fills: use mode='exact'")
         stop_strings = [s for s in stop_strings or [] if s] or None  # an empty one never matches (as in the server)
         defer = self.device.type == "cpu" if defer_values is None else defer_values
         tokenizer = generate_kwargs.pop("tokenizer", None) or self.tokenizer  # transformers' callers pass one
-        if not transformers_loop and mode != "aux" and set(generate_kwargs) <= {"logits_processor",
-                                                                                "stopping_criteria"}:
+        if not transformers_loop and mode != "aux" and given is None and set(generate_kwargs) <= {
+                "logits_processor", "stopping_criteria"}:
             criteria = with_stop_strings(generate_kwargs.get("stopping_criteria"), stop_strings, tokenizer)
             return generate_with_steps(
-                self, input_ids, attention_mask, mode=mode, exact_tail=exact_tail, max_new_tokens=max_new_tokens,
-                do_sample=do_sample, temperature=temperature, top_p=top_p, top_k=top_k, eos=eos_token_ids(self),
-                pad_token_id=pad_id(self), streamer=streamer, logits_processor=generate_kwargs.get("logits_processor"),
-                stopping_criteria=criteria, defer_values=defer, pool=self._steps)
-        config = GenerationConfig(
-            max_new_tokens=max_new_tokens, do_sample=do_sample,
-            temperature=max(temperature, MIN_TEMPERATURE) if do_sample else None, top_p=top_p if do_sample else None,
-            top_k=top_k if do_sample else None, stop_strings=stop_strings,
-            eos_token_id=eos_token_ids(self).tolist() or None,
-            pad_token_id=self.tokenizer.pad_token_id)
+                self, input_ids, attention_mask, mode=mode, exact_tail=exact_tail, **settings,
+                eos=eos_token_ids(self), pad_token_id=pad_id(self), streamer=streamer,
+                logits_processor=generate_kwargs.get("logits_processor"), stopping_criteria=criteria,
+                defer_values=defer, pool=self._steps)
+        config = copy.deepcopy(given) if given is not None else GenerationConfig()
+        if config.eos_token_id is None:
+            config.eos_token_id = eos_token_ids(self).tolist() or None
+        if config.pad_token_id is None:
+            config.pad_token_id = self.tokenizer.pad_token_id
+        sampling = settings["do_sample"]
+        config.update(max_new_tokens=max_new_tokens, do_sample=sampling, stop_strings=stop_strings,
+                      temperature=max(settings["temperature"], MIN_TEMPERATURE) if sampling else None,
+                      top_p=settings["top_p"] if sampling else None, top_k=settings["top_k"] if sampling else None)
+        model_kwargs = config.update(**generate_kwargs)  # generation settings go into the config, as in transformers
         model = self.aux if mode == "aux" else self.base
-        cache = (self.predicted_cache(input_ids, attention_mask, exact_tail, defer_values=defer)
-                 if mode == "predicted" else None)
+        copies = max(config.num_beams or 1, config.num_return_sequences or 1)  # rows per prompt: beams or samples
+        cache = None
+        if mode == "predicted":
+            cache = self.predicted_cache(input_ids, attention_mask, exact_tail, defer_values=defer and copies == 1)
+            if copies > 1:  # transformers repeats the prompt's rows, not a cache it was given
+                cache.batch_repeat_interleave(copies)
         with deferred_values(model, getattr(cache, "pending_values", None)):
             return model.generate(input_ids=input_ids, attention_mask=attention_mask, **cache_kwargs(model, cache),
-                                  generation_config=config, streamer=streamer, tokenizer=tokenizer,
-                                  **generate_kwargs)
+                                  generation_config=config, streamer=streamer, tokenizer=tokenizer, **model_kwargs)
 
     @torch.no_grad()
     def warm_up(self, capacities: Iterable[int] = (256, 512, 1024, 2048), batch_size: int = 1) -> list[int]:

@@ -556,7 +556,7 @@ class ChatSession:
         ends = torch.isin(new, eos).nonzero()
         reply = new if len(ends) == 0 else new[:int(ends[0])]
         self.messages = messages + [{"role": "assistant",
-                                     "content": self.model.tokenizer.decode(reply, skip_special_tokens=True)}]
+                                     "content": self.tokenize.tokenizer.decode(reply, skip_special_tokens=True)}]
         self.tokens, self.exact_cols = seq, exact_cols
         self.last_info = {**_report(trace, seq.shape[1] - n), "refined_after_reply": finished}
 

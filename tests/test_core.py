@@ -4,6 +4,7 @@ import re
 
 import pytest
 import torch
+from transformers import GenerationConfig
 
 from kvpred import models
 from kvpred.cli import main
@@ -53,6 +54,39 @@ def test_exact_tail_keeps_equivalence(tiny_llama, tail):
     assert predicted.shape == (len(PROMPTS), tail, model.base.config.vocab_size)
     assert cache.get_seq_length() == ids.shape[1]
     torch.testing.assert_close(predicted, exact, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("settings", [
+    dict(num_beams=3, max_new_tokens=6),
+    dict(num_beams=3, num_return_sequences=2, max_new_tokens=6),
+    dict(do_sample=True, num_return_sequences=2, max_new_tokens=6, top_k=50),
+    dict(max_length=70),  # prompt (64 columns) + new tokens
+    dict(generation_config=GenerationConfig(max_new_tokens=5, do_sample=True, top_k=50)),
+    dict(max_new_tokens=6, repetition_penalty=1.3, no_repeat_ngram_size=2),
+])
+def test_transformers_generation_arguments_mean_what_they_mean_to_the_base(tiny_llama, settings):
+    # beams and several sequences per prompt repeat the predicted cache's rows as transformers repeats the prompt's
+    model = KVPredictionModel.from_pretrained(tiny_llama, keep_ratio=1.0)
+    ids, mask = batch(model)
+    torch.manual_seed(0)
+    expected = model.base.generate(ids, attention_mask=mask, pad_token_id=0, **settings)
+    for mode in ("exact", "predicted"):
+        torch.manual_seed(0)
+        assert torch.equal(model.generate(ids, mask, mode=mode, **settings), expected)
+
+
+def test_a_padded_batch_without_its_mask_is_read_as_transformers_reads_it(tiny_llama):
+    model = KVPredictionModel.from_pretrained(tiny_llama, keep_ratio=1.0)
+    ids, mask = batch(model)  # the byte tokenizer's pad id (0) is not its EOS (2): pads are padding
+    for mode in ("exact", "predicted"):
+        assert torch.equal(model.generate(ids, mode=mode, max_new_tokens=4),
+                           model.generate(ids, mask, mode=mode, max_new_tokens=4))
+
+
+def test_predicted_mode_without_a_cache_is_refused(tiny_llama):
+    model = KVPredictionModel.from_pretrained(tiny_llama, keep_ratio=0.5)
+    with pytest.raises(KVPredError, match="use_cache=False drops the cache"):
+        model.generate(batch(model)[0], use_cache=False)
 
 
 def test_pruned_auxiliary_changes_the_prediction_but_not_the_decoding_rules(tiny_llama):
