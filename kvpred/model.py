@@ -301,17 +301,17 @@ class KVPredictionModel(nn.Module):
             models.check_recorded_model_exists(config.base, path, '"base"',
                                                ", or in Python pass KVPredictionModel.from_pretrained(..., base=NEW)")
         base_model, tokenizer = models.load_causal_lm(base or config.base, dtype, device)
-        found = models.fingerprint(base_model)
-        if found != config.base_fingerprint:
+        if not models.same_model(base_model, config.base_fingerprint):
             raise KVPredError(f"checkpoint {path} was trained for base {config.base!r} (fingerprint "
                               f"{config.base_fingerprint}), but the base loaded from {base or config.base!r} has "
-                              f"fingerprint {found}: the predictor would produce wrong keys and values for it")
+                              f"fingerprint {models.fingerprint(base_model)}: the predictor would produce wrong keys "
+                              "and values for it")
         if base is not None:  # the base's new location, checked above, is what a later save records
             config.base = models.stored_name(base)
         if config.aux.kind == "separate":
             models.check_recorded_model_exists(config.aux.name_or_path, path, '"aux": "name_or_path"', "")
         aux_model = _make_aux(base_model, tokenizer, config.aux, dtype, device)
-        if config.aux.fingerprint is not None and models.fingerprint(aux_model) != config.aux.fingerprint:
+        if config.aux.fingerprint is not None and not models.same_model(aux_model, config.aux.fingerprint):
             raise KVPredError(f"checkpoint {path} was trained with the auxiliary {config.aux.name_or_path!r} "
                               f"(fingerprint {config.aux.fingerprint}), but what loads from there now has fingerprint "
                               f"{models.fingerprint(aux_model)}: its weights changed, and the predictor would produce "

@@ -280,23 +280,31 @@ def prune_layers(model: PreTrainedModel, keep: list[int]) -> PreTrainedModel:
     return pruned
 
 
-def fingerprint(model: PreTrainedModel) -> str:
-    """Identify a base by its config and a sample of its weights rounded to bf16: the same whether it was loaded in
+def fingerprint(model: PreTrainedModel, version: int = 2) -> str:
+    """Identify a model by its config and a sample of its weights rounded to bf16: the same whether it was loaded in
     fp32, bf16 or fp16. fp16 rounding can move a value across a bf16 rounding boundary, so fp16 samples are taken
-    from the model's safetensors files where these hold them (and agree with the loaded weights)."""
+    from the model's safetensors files where these hold them (and agree with the loaded weights). Version 2, what
+    checkpoints record, samples the first 64 values of every tensor, so that a replaced layer shows; version 1, which
+    earlier checkpoints recorded (`same_model` checks those), the first 1024 of 16 tensors."""
     cfg = model.config
     h = hashlib.sha256(json.dumps([cfg.model_type, cfg.num_hidden_layers, cfg.hidden_size,
                                    cfg.num_key_value_heads, cfg.vocab_size]).encode())
     state = model.state_dict()
+    names, values = (sorted(state), 64) if version == 2 else (sorted(state)[:: max(1, len(state) // 16)], 1024)
     stored: dict[str, Path] | None = None  # tensor name -> safetensors file; read only for fp16 weights
-    for name in sorted(state)[:: max(1, len(state) // 16)]:
-        sample = state[name].detach().flatten()[:1024].to("cpu")
+    for name in names:
+        sample = state[name].detach().flatten()[:values].to("cpu")
         if sample.dtype == torch.float16:
             stored = _stored_tensors(model) if stored is None else stored
             sample = _stored_sample(stored, _aliases(state, name), sample)
         h.update(name.encode())
         h.update(sample.to(torch.float32).to(torch.bfloat16).view(torch.int16).numpy().tobytes())
-    return h.hexdigest()[:16]
+    return f"v2-{h.hexdigest()[:16]}" if version == 2 else h.hexdigest()[:16]
+
+
+def same_model(model: PreTrainedModel, recorded: str) -> bool:
+    """Whether `model` is the one whose `fingerprint` was `recorded`, by that fingerprint's version."""
+    return fingerprint(model, version=2 if recorded.startswith("v2-") else 1) == recorded
 
 
 def _stored_tensors(model: PreTrainedModel) -> dict[str, Path]:

@@ -285,6 +285,28 @@ def test_an_fp16_base_changed_in_memory_has_another_fingerprint(tiny_llama):
     assert models.fingerprint(base) != before
 
 
+def test_a_base_with_one_layer_replaced_has_another_fingerprint(tiny_llama):
+    base, _ = models.load_causal_lm(tiny_llama)
+    before = models.fingerprint(base)
+    with torch.no_grad():
+        base.model.layers[2].mlp.down_proj.weight.normal_()  # every tensor is sampled, each one's start
+    assert models.fingerprint(base) != before
+
+
+def test_a_checkpoint_that_recorded_a_version_1_fingerprint_is_checked_by_it(tmp_path, tiny_llama):
+    model = KVPredictionModel.from_pretrained(tiny_llama, keep_ratio=0.5)
+    model.save_pretrained(tmp_path / "ckpt")
+    path = tmp_path / "ckpt" / CONFIG_NAME
+    config = json.loads(path.read_text())
+    for recorded, loads in ((models.fingerprint(model.base, version=1), True), ("0123456789abcdef", False)):
+        path.write_text(json.dumps({**config, "base_fingerprint": recorded}))
+        if loads:
+            KVPredictionModel.from_pretrained(str(tmp_path / "ckpt"))
+        else:
+            with pytest.raises(KVPredError, match="fingerprint"):
+                KVPredictionModel.from_pretrained(str(tmp_path / "ckpt"))
+
+
 @pytest.mark.smollm
 def test_the_shipped_default_loads_in_fp16():
     model = KVPredictionModel.from_pretrained("smollm2-135m", dtype=torch.float16)
