@@ -33,7 +33,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from .models import KVPredError, out_folder
+from .models import KVPredError, out_folder, remove_dead_temporaries
 
 TEXT_SUFFIXES = (".py", ".txt", ".md", ".rst")
 JSONL_SUFFIX = ".jsonl"
@@ -313,24 +313,6 @@ def _tokenize_into(stage: Path, files: dict[str, list[Path]], tokenizer, *, labe
             "skipped": skipped}
 
 
-def _remove_dead_stages(out: Path) -> None:
-    """Delete the staging folders of builds that were killed (their process is gone): they can hold gigabytes."""
-    for stage in out.glob(".build-*"):
-        pid = stage.name.split("-")[1]
-        if pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(stage, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
-
-
 def build_shards(sources: Sequence[str], tokenizer, out_dir: str | Path, *, shard_tokens: int = 2 ** 23,
                  max_tokens: int | None = None, heldout_fraction: float = 0.01, text_field: str = "text",
                  exclude: Sequence[str] = (), shuffle_files: bool = False, tokenizer_name: str | None = None,
@@ -355,7 +337,7 @@ def build_shards(sources: Sequence[str], tokenizer, out_dir: str | Path, *, shar
         raise KVPredError("the tokenizer has no EOS token, which separates documents in the packed stream")
     files = {s: expand_source(s, exclude, shuffle_files) for s in sources}  # every source checked before any work
     out = out_folder(out_dir, "the token shards")
-    _remove_dead_stages(out)
+    remove_dead_temporaries(out, ".build-")
     stage = Path(tempfile.mkdtemp(dir=out, prefix=f".build-{os.getpid()}-"))  # an earlier build stays whole meanwhile
     try:
         built = _tokenize_into(stage, files, tokenizer, label=str(out), shard_tokens=shard_tokens,

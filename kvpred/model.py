@@ -253,6 +253,7 @@ class KVPredictionModel(nn.Module):
         separate (`aux`) auxiliary and an identity-initialised (pruned) or default-initialised predictor."""
         if device is not None:
             models.check_device(device)
+        name_or_path = os.fspath(name_or_path)
         given = {"aux": aux, "keep ratio": keep_ratio, "keep layers": keep_layers, "layer map": layer_map,
                  "source": source}
         building = [name for name, value in given.items() if value is not None]

@@ -9,6 +9,7 @@ import json
 import math
 import os
 import shutil
+import struct
 import tempfile
 from pathlib import Path
 
@@ -50,33 +51,79 @@ def _gguf_for_alias(alias: str) -> Path:
 
 
 def _convert_gguf(gguf: Path, name: str) -> Path:
-    """Dequantize a GGUF file once into a cached HF folder (safetensors + tokenizer.json); later loads take seconds."""
-    stat = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
-    target = cache_dir() / "converted" / f"{name}-{key}"
+    """Dequantize a GGUF file once into a cached HF folder (safetensors + tokenizer.json); later loads take seconds.
+    The folder is keyed by the file's content, so copies of one file in several environments share it."""
+    converted = cache_dir() / "converted"
+    target = converted / f"{name}-{_content_key(gguf)}"
     if (target / "config.json").exists():
         return target
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    except (ValueError, OSError, KeyError) as err:  # transformers' GGUF reader: bad magic, truncated, unknown arch
+        quantized, info = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
+                                                               output_loading_info=True)
+    except (ValueError, OSError, KeyError, struct.error) as err:  # transformers' GGUF reader: bad magic, truncated
         raise KVPredError(f"GGUF file {gguf} cannot be read ({type(err).__name__}: {_first_line(err)})") from err
+    check_supported(quantized.config, str(gguf))  # before anything is written
+    if info["missing_keys"]:  # they would be cached as random weights
+        missing = sorted(info["missing_keys"])
+        raise KVPredError(f"GGUF file {gguf} lacks tensors the model needs: {', '.join(missing[:3])}"
+                          f"{' ...' if len(missing) > 3 else ''}")
     config = quantized.config
     del config.quantization_config  # the dequantized weights are the model; keep no GGUF state around
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(quantized.state_dict())
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    converted.mkdir(parents=True, exist_ok=True)
+    remove_dead_temporaries(converted, ".")
+    tmp = Path(tempfile.mkdtemp(dir=converted, prefix=f".{os.getpid()}-{target.name}."))
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "kvpred_source.json").write_text(json.dumps({"gguf": str(gguf.resolve())}))
-        os.replace(tmp, target)  # atomic: a killed conversion never leaves a half-written folder behind
+        _publish(tmp, target)
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)
         if not (target / "config.json").exists():  # another process won the race otherwise
             raise
     return target
+
+
+def _publish(tmp: Path, target: Path) -> None:
+    """Move a finished conversion into place atomically: a killed conversion never leaves a half-written folder."""
+    tmp.chmod(0o755)  # mkdtemp's 0700 would keep a shared cache from other users
+    if target.exists() and not (target / "config.json").exists():  # damaged by hand: os.replace needs it gone
+        shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
+
+
+def _content_key(path: Path, samples: int = 16, chunk: int = 1 << 16) -> str:
+    """A short hash of a file's size and of `samples` chunks spread over it: about a megabyte read, whatever its
+    size."""
+    size = path.stat().st_size
+    h = hashlib.sha256(str(size).encode())
+    with path.open("rb") as f:
+        for i in range(samples):
+            f.seek(max(0, size - chunk) * i // (samples - 1))
+            h.update(f.read(chunk))
+    return h.hexdigest()[:12]
+
+
+def remove_dead_temporaries(folder: Path, prefix: str) -> None:
+    """Delete `folder`'s temporaries named PREFIX<pid>-... whose process is gone (killed part-way): they can hold
+    gigabytes."""
+    for path in folder.glob(f"{prefix}*"):
+        pid = path.name[len(prefix):].split("-")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def check_device(name: str | torch.device) -> torch.device:
@@ -94,19 +141,20 @@ def check_device(name: str | torch.device) -> torch.device:
     return device
 
 
-def resolve(name_or_path: str) -> str:
+def resolve(name_or_path: str | os.PathLike) -> str:
     """Map an alias or GGUF file to a loadable HF folder; folders and hub ids pass through."""
+    name_or_path = os.fspath(name_or_path)
     if name_or_path in ALIASES:
         return str(_convert_gguf(_gguf_for_alias(name_or_path), name_or_path))
-    path = Path(name_or_path)
+    path = Path(name_or_path).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
             raise KVPredError(f"GGUF file {name_or_path!r} does not exist")
         return str(_convert_gguf(path, path.stem))
-    if name_or_path.startswith(("/", "./", "../", "~")) and not path.expanduser().exists():
+    if name_or_path.startswith(("/", "./", "../", "~")) and not path.exists():
         raise KVPredError(f"{name_or_path!r} does not exist: give a kvpred checkpoint or model folder, a .gguf file, "
                           f"a hub id or an alias ({', '.join(ALIASES)})")
-    return str(path.expanduser()) if name_or_path.startswith("~") else name_or_path
+    return str(path) if name_or_path.startswith("~") else name_or_path
 
 
 def load_causal_lm(name_or_path: str, dtype: torch.dtype | None = None,
@@ -124,8 +172,8 @@ def load_causal_lm(name_or_path: str, dtype: torch.dtype | None = None,
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as err:
-        raise KVPredError(f"model {where} has no usable tokenizer (its tokenizer files are missing or corrupt; "
-                          f"{type(err).__name__})") from err
+        raise KVPredError(f"model {where} has no usable tokenizer (its tokenizer files are missing or corrupt: "
+                          f"{type(err).__name__}: {_first_line(err)})") from err
     try:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype or torch.float32)
     except (OSError, SafetensorError) as err:
@@ -177,13 +225,18 @@ def check_model_folder(source: str, name: str) -> None:
         raise KVPredError(f"{name!r} is a `kvpred train` run folder without its final/ model yet (training has "
                           f"not ended; train_state.pt is the resumable training state, not a model): rerun the "
                           f"same `kvpred train` command to resume and finish, then load {folder / 'final'}")
+    if (folder / "kvpred_config.json").is_file():  # given where a base or a separate auxiliary goes
+        base = json.loads((folder / "kvpred_config.json").read_bytes()).get("base", "?")
+        raise KVPredError(f"{name!r} is a kvpred checkpoint, not a Hugging Face model: load it as the model itself, "
+                          f"or give its base ({base}) here")
     raise KVPredError(f"{name!r} has neither kvpred_config.json (a kvpred checkpoint) nor config.json (a Hugging "
                       "Face model folder)")
 
 
-def stored_name(name_or_path: str) -> str:
+def stored_name(name_or_path: str | os.PathLike) -> str:
     """How a checkpoint records a model: a local path made absolute, so the checkpoint loads from any directory;
-    aliases, hub ids and GGUF files as given."""
+    aliases and hub ids as given."""
+    name_or_path = os.fspath(name_or_path)
     path = Path(name_or_path).expanduser()
     return str(path.resolve()) if name_or_path not in ALIASES and path.exists() else name_or_path
 

