@@ -226,9 +226,8 @@ def check_model_folder(source: str, name: str) -> None:
                           f"not ended; train_state.pt is the resumable training state, not a model): rerun the "
                           f"same `kvpred train` command to resume and finish, then load {folder / 'final'}")
     if (folder / "kvpred_config.json").is_file():  # given where a base or a separate auxiliary goes
-        base = json.loads((folder / "kvpred_config.json").read_bytes()).get("base", "?")
         raise KVPredError(f"{name!r} is a kvpred checkpoint, not a Hugging Face model: load it as the model itself, "
-                          f"or give its base ({base}) here")
+                          "or give here the base its kvpred_config.json names")
     raise KVPredError(f"{name!r} has neither kvpred_config.json (a kvpred checkpoint) nor config.json (a Hugging "
                       "Face model folder)")
 

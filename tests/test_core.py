@@ -386,7 +386,7 @@ def test_converted_ggufs_are_cached_by_content_and_a_damaged_folder_is_replaced(
 
 def test_a_kvpred_checkpoint_where_a_model_goes_is_named_as_one(tmp_path, tiny_llama):
     KVPredictionModel.from_pretrained(Path(tiny_llama), keep_ratio=0.5).save_pretrained(tmp_path / "ckpt")
-    with pytest.raises(KVPredError, match="is a kvpred checkpoint, not a Hugging Face model: .* give its base"):
+    with pytest.raises(KVPredError, match="is a kvpred checkpoint, not a Hugging Face model: .* give here the base"):
         KVPredictionModel.from_pretrained(tiny_llama, aux=str(tmp_path / "ckpt"))
 
 
