@@ -27,7 +27,7 @@ from tqdm import tqdm
 from . import lora
 from .model import KVPredictionModel, capture, check_checkpoint_out, position_ids_from_mask
 from .models import KVPredError
-from .predictor import KVPredictor
+from .predictor import KVPredictor, PredictorConfig
 
 
 @dataclass
@@ -129,9 +129,7 @@ def factorise(predictor: KVPredictor, xtx: torch.Tensor, rank: int) -> tuple[KVP
     c = predictor.config
     if c.rank is not None:
         raise ValueError(f"the predictor is already factorised (rank {c.rank})")
-    widest = min(c.in_features, *(c.layer_map.count(j) * (c.key_features + c.value_features) for j in c.taps))
-    if not 0 < rank <= widest:
-        raise ValueError(f"rank {rank} is not in [1, {widest}]: the maps of one tap have rank at most {widest}")
+    check_rank(c, rank)
     lowrank = KVPredictor(replace(c, rank=rank)).to(predictor.key_weight.device)
     errors = []
     for code, tap in enumerate(c.taps):
@@ -140,6 +138,9 @@ def factorise(predictor: KVPredictor, xtx: torch.Tensor, rank: int) -> tuple[KVP
         b = torch.cat([torch.cat([predictor.key_bias[i], predictor.value_bias[i]]) for i in layers]).double()
         n, mean = xtx[tap][-1, -1], xtx[tap][:-1, -1] / xtx[tap][-1, -1]
         e, v = torch.linalg.eigh(xtx[tap][:-1, :-1] / n - torch.outer(mean, mean))
+        if not e.max() > 0:
+            raise KVPredError(f"the predictor's inputs at auxiliary tap {tap} do not vary over the calibration "
+                              "tokens, so no factorisation can be fitted: give more --tokens")
         e = e.clamp(min=e.max() * 1e-12)
         u, sv, vh = torch.linalg.svd(w @ (v * e.sqrt()) @ v.T, full_matrices=False)
         root = sv[:rank].sqrt()  # split evenly between the two factors
@@ -152,6 +153,13 @@ def factorise(predictor: KVPredictor, xtx: torch.Tensor, rank: int) -> tuple[KVP
             lowrank.key_bias.data[i], lowrank.value_bias.data[i] = bias.split([c.key_features, c.value_features])
         errors.append((sv[rank:].pow(2).sum() / sv.pow(2).sum()).sqrt().item())
     return lowrank.to(predictor.key_weight.dtype), errors
+
+
+def check_rank(config: PredictorConfig, rank: int) -> None:
+    widest = min(config.in_features, *(config.layer_map.count(j) * (config.key_features + config.value_features)
+                                       for j in config.taps))
+    if not 0 < rank <= widest:
+        raise KVPredError(f"rank {rank} is not in [1, {widest}]: the maps of one tap have rank at most {widest}")
 
 
 def _use_factorised(model: KVPredictionModel, xtx: torch.Tensor, rank: int) -> list[float]:
@@ -171,10 +179,12 @@ def _prior(model: KVPredictionModel, d_in: int, d_out: int) -> torch.Tensor:
 
 def _solve(xtx: torch.Tensor, xty: torch.Tensor, prior: torch.Tensor, ridge: float) -> torch.Tensor:
     d = xtx.shape[-1] - 1
-    penalty = torch.zeros_like(xtx[0])
-    penalty.diagonal()[:d] = ridge * xtx[:, range(d), range(d)].mean()
+    penalty = torch.zeros_like(xtx)  # per map: ridge x the mean diagonal of its own inputs' X^T X (bias unpenalised)
+    penalty.diagonal(dim1=-2, dim2=-1)[:, :d] = ridge * xtx.diagonal(dim1=-2, dim2=-1)[:, :d].mean(-1, keepdim=True)
     singular = KVPredError("the calibration statistics are singular (too few or too repetitive tokens for the "
                            "predictor's inputs): use --ridge > 0 or more --tokens")
+    if ridge == 0 and (torch.linalg.cond(xtx) > 1e12).any():  # LAPACK may still return a (useless) solution
+        raise singular
     try:
         w = torch.linalg.solve(xtx + penalty, xty + penalty @ prior)  # [L, in+1, out]
     except torch.linalg.LinAlgError as err:
@@ -212,6 +222,8 @@ def solve(model: KVPredictionModel, stats: Statistics, ridge: float) -> dict:
 
 def fit_predictor(model: KVPredictionModel, batches: Iterable[torch.Tensor], config: FitConfig) -> dict:
     start = time.perf_counter()
+    if config.rank:  # before the collection, not after it
+        check_rank(model.predictor.config, config.rank)
     stats = collect(model, batches, config.tokens)
     report = solve(model, stats, config.ridge)
     model.config.forget_measurements()
@@ -298,6 +310,10 @@ def _compress_predictor(model: KVPredictionModel, args: argparse.Namespace) -> d
     from .data import PackedTokens, check_tokenizer
 
     check_tokenizer(args.data, model.tokenizer)
+    if model.predictor.config.rank is not None:  # both found before the calibration pass, not after it
+        raise KVPredError(f"cannot compress {args.model}: its predictor is already factorised (rank "
+                          f"{model.predictor.config.rank})")
+    check_rank(model.predictor.config, args.rank)
     before = model.predictor.config.multiply_adds_per_token()
     xtx = input_moments(model, PackedTokens(args.data, "train", seq_len=args.seq_len, batch_size=args.batch_size),
                         args.tokens)

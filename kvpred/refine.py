@@ -121,6 +121,9 @@ def entropy_thresholds(entropy: Sequence[float], agree: Sequence[bool], trust: f
     counts = torch.arange(1, len(e) + 1, dtype=torch.float64)
     low = (a.cumsum(0) / counts >= trust).nonzero().flatten()  # the k lowest agree >= trust (k = index + 1)
     high = (a.flip(0).cumsum(0) / counts <= distrust).nonzero().flatten()  # the k highest agree <= distrust
+    gap = e[1:] > e[:-1]  # only a cut between unequal values puts exactly those k on its side
+    low = low[torch.cat([gap, gap.new_ones(1)])[low]]
+    high = high[torch.cat([gap.flip(0), gap.new_ones(1)])[high]]
 
     def cut(i: int) -> float:  # between the i-th and the next value; past either end, beyond it
         return float(e[0]) - 1.0 if i < 0 else float(e[-1]) + 1.0 if i + 1 >= len(e) else float(e[i] + e[i + 1]) / 2

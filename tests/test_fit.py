@@ -112,6 +112,30 @@ def test_cli_fit_with_rank_and_compress_write_factorised_checkpoints(tiny_llama,
     assert out.shape == (1, 13)
 
 
+def test_the_ridge_penalty_is_relative_to_each_maps_own_inputs():
+    from kvpred.fit import _solve
+
+    torch.manual_seed(0)
+    x, y = torch.randn(200, 5, dtype=torch.float64), torch.randn(200, 3, dtype=torch.float64)
+    stats = [(torch.cat([x * s, torch.ones(200, 1, dtype=torch.float64)], 1), y) for s in (1.0, 10.0)]
+    xtx = torch.stack([a.T @ a for a, _ in stats])
+    xty = torch.stack([a.T @ b for a, b in stats])
+    w = _solve(xtx, xty, torch.zeros(6, 3, dtype=torch.float64), ridge=0.1)
+    # inputs 10x as large: the same fit, weights a tenth (a penalty shared by all maps would shrink them less)
+    torch.testing.assert_close(w[1, :5], w[0, :5] / 10)
+    torch.testing.assert_close(w[1, 5], w[0, 5])
+
+
+def test_singular_statistics_without_a_ridge_are_refused():
+    from kvpred.fit import _solve
+
+    x = torch.randn(100, 2, dtype=torch.float64)
+    a = torch.cat([x, x[:, :1], torch.ones(100, 1, dtype=torch.float64)], 1)  # a repeated input column
+    with pytest.raises(KVPredError, match="singular"):
+        _solve((a.T @ a)[None], (a.T @ torch.randn(100, 2, dtype=torch.float64))[None],
+               torch.zeros(4, 2, dtype=torch.float64), ridge=0.0)
+
+
 @pytest.mark.parametrize("argv, message", [
     (["fit", "--keep-layers", "0,2", "--source", "kv", "--rank", "4"], "hidden-state predictor"),
     (["compress", "--rank", "4"], "hidden-state input"),
@@ -120,6 +144,9 @@ def test_cli_fit_with_rank_and_compress_write_factorised_checkpoints(tiny_llama,
     (["fit", "--keep-layers", "0,2", "--ridge", "inf"], "--ridge must be a finite number >= 0"),
     (["fit", "--keep-layers", "0,2", "--ridge", "0", "--tokens", "1", "--seq-len", "1", "--batch-size", "1"],
      "--ridge 0 needs at least"),
+    (["fit", "--keep-layers", "0,2", "--source", "hidden", "--rank", "65"], "rank 65 is not in [1, 64]"),
+    (["fit", "--keep-layers", "0,2", "--source", "hidden", "--rank", "4", "--tokens", "1", "--seq-len", "1",
+      "--batch-size", "1"], "do not vary over the calibration tokens"),
     (["fit", "--keep-layers", "0,2", "--keep-ratio", "0.5"], "keep_ratio or its keep_layers, not both"),
     (["fit", "--keep-layers", "0,2", "--out", "BASE"], "holds a Hugging Face model"),
     (["compress", "--aux-rank", "4", "--out", "BASE"], "holds a Hugging Face model"),

@@ -654,6 +654,10 @@ def test_entropy_thresholds_cut_where_agreement_crosses_trust_and_distrust():
     assert never.off_below < min(entropy) and never.eager_above < min(entropy)  # nothing trusted, all refined
     always = entropy_thresholds(entropy, [1] * 8, trust=0.9, distrust=0.5)
     assert always.off_below > max(entropy) and always.eager_above >= always.off_below  # all trusted
+    # equal entropies fall on one side of any cut: the 2 lowest agree 1/2, but no cut separates them from the
+    # third, and the lowest 1 or 3 agree less
+    tied = entropy_thresholds([0.0, 1.0, 1.0, 2.0], [0, 1, 0, 0], trust=0.5, distrust=0.0)
+    assert tied.off_below < 0.0
 
 
 def test_calibrate_saves_thresholds_that_auto_refinement_then_uses(pruned, tmp_path, shards, capsys):
