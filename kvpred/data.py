@@ -686,11 +686,12 @@ def register(subparsers) -> None:
 
 
 def _build(args: argparse.Namespace) -> int:
-    from transformers import AutoTokenizer
+    from .model import CONFIG_NAME, KVPConfig
+    from .models import load_tokenizer
 
-    from .models import resolve
-
-    tokenizer = AutoTokenizer.from_pretrained(resolve(args.model))
+    checkpoint = Path(args.model) / CONFIG_NAME  # a kvpred checkpoint tokenizes as its base does
+    base = KVPConfig.from_json(checkpoint.read_bytes(), str(checkpoint)).base if checkpoint.is_file() else args.model
+    tokenizer = load_tokenizer(base)
     meta = build_shards(args.sources, tokenizer, args.out, shard_tokens=args.shard_tokens, max_tokens=args.max_tokens,
                         heldout_fraction=args.heldout_fraction, text_field=args.text_field, exclude=args.exclude,
                         shuffle_files=args.shuffle_files, tokenizer_name=args.model)

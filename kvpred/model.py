@@ -353,6 +353,12 @@ class KVPredictionModel(nn.Module):
             for tmp in staged.values():
                 tmp.unlink(missing_ok=True)
 
+    def _apply(self, fn, *args, **kwargs):
+        """nn.Module's casts and moves (`to`, `half`, `cuda`...) make new parameter tensors: the pooled caches and
+        captured steps were made for the old ones, so they go."""
+        self._steps.entries.clear()
+        return super()._apply(fn, *args, **kwargs)
+
     # ---------------------------------------------------------------- properties
     @property
     def device(self) -> torch.device:

@@ -169,24 +169,36 @@ def load_causal_lm(name_or_path: str, dtype: torch.dtype | None = None,
         raise KVPredError(f"cannot load model {name_or_path!r}: {err}") from err
     check_supported(config, name_or_path)
     where = repr(name_or_path) if source == name_or_path else f"{name_or_path!r} ({source})"
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
-    except (OSError, ValueError) as err:
-        raise KVPredError(f"model {where} has no usable tokenizer (its tokenizer files are missing or corrupt: "
-                          f"{type(err).__name__}: {_first_line(err)})") from err
+    tokenizer = _tokenizer(source, where)
     try:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype or torch.float32)
     except (OSError, SafetensorError) as err:
         redo = (f"delete {source} to convert it again" if cache_dir() / "converted" in Path(source).parents
                 else "restore its weight files")
         raise KVPredError(f"model {where} has missing or corrupt weights ({_first_line(err)}): {redo}") from err
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "left"  # prompts end together, so the last prompt token sits in the same column
     model.eval().requires_grad_(False)
     if device is not None:
         model.to(device)
     return model, tokenizer
+
+
+def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
+    """The tokenizer of a model (folder, hub id, GGUF file or alias; a folder with only a tokenizer will do), as
+    load_causal_lm sets it up."""
+    source = resolve(name_or_path)
+    return _tokenizer(source, repr(name_or_path) if source == name_or_path else f"{name_or_path!r} ({source})")
+
+
+def _tokenizer(source: str, where: str) -> PreTrainedTokenizerBase:
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as err:
+        raise KVPredError(f"model {where} has no usable tokenizer (its tokenizer files are missing or corrupt: "
+                          f"{type(err).__name__}: {_first_line(err)})") from err
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"  # prompts end together, so the last prompt token sits in the same column
+    return tokenizer
 
 
 # What `kvpred train --out RUN` writes (kvpred.train): RUN/final/ is the trained kvpred checkpoint, written when

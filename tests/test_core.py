@@ -85,6 +85,15 @@ def test_a_padded_batch_without_its_mask_is_read_as_transformers_reads_it(tiny_l
                            model.generate(ids, mask, mode=mode, max_new_tokens=4))
 
 
+def test_generate_after_a_cast_matches_a_model_loaded_in_that_dtype(tiny_llama):
+    model = KVPredictionModel.from_pretrained(tiny_llama, keep_ratio=0.5)
+    ids, mask = batch(model)
+    model.generate(ids, mask, max_new_tokens=4)  # pools an fp32 cache for this shape
+    model.to(torch.bfloat16)
+    loaded = KVPredictionModel.from_pretrained(tiny_llama, keep_ratio=0.5, dtype=torch.bfloat16)
+    assert torch.equal(model.generate(ids, mask, max_new_tokens=4), loaded.generate(ids, mask, max_new_tokens=4))
+
+
 def test_predicted_mode_without_a_cache_is_refused(tiny_llama):
     model = KVPredictionModel.from_pretrained(tiny_llama, keep_ratio=0.5)
     with pytest.raises(KVPredError, match="use_cache=False drops the cache"):

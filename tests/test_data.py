@@ -12,6 +12,7 @@ import torch
 
 from kvpred.data import (PackedTokens, build_shards, check_tokenizer, expand_source, heldout_windows, read_meta,
                          register, sample_corpus, token_dtype)
+from kvpred.model import KVPredictionModel
 from kvpred.models import KVPredError, load_causal_lm
 from kvpred.testing import CHAT_TEMPLATE, byte_tokenizer
 
@@ -476,6 +477,15 @@ def test_cli_builds_shards_with_the_models_tokenizer(tmp_path, corpus, capsys):
     assert "2,000 tokens" in capsys.readouterr().out
     args = parser.parse_args(["data", "info", str(tmp_path / "t")])
     assert args.func(args) == 0 and "train:" in capsys.readouterr().out
+
+
+def test_cli_builds_shards_for_a_kvpred_checkpoint_with_its_bases_tokenizer(tmp_path, corpus, tiny_llama):
+    KVPredictionModel.from_pretrained(tiny_llama, keep_ratio=0.5).save_pretrained(tmp_path / "ckpt")
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["data", "build", "--model", str(tmp_path / "ckpt"), "--sources", str(corpus[0]),
+                              "--out", str(tmp_path / "t")])
+    assert args.func(args) == 0 and read_meta(tmp_path / "t")["tokenizer"]["vocab_size"] == len(TOK)
 
 
 @pytest.mark.smollm
