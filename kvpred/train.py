@@ -101,8 +101,15 @@ class TrainConfig:
     eval_windows: int = opt(64, "held-out windows per evaluation")
     seed: int = opt(0, "seed of every random choice: data order, split points, initialisation")
 
-    # fields that may change between a run and its resumption
-    RESUMABLE_CHANGES = ("steps", "max_minutes", "log_every", "save_every", "eval_every", "eval_windows", "out")
+    # fields that may change between a run and its resumption; batch_size too, where the global batch stays the same
+    # (batch_size x processes: PackedTokens' resumption checks it), so a run may resume on another number of GPUs
+    RESUMABLE_CHANGES = ("steps", "max_minutes", "log_every", "save_every", "eval_every", "eval_windows", "out",
+                         "batch_size")
+
+    @property
+    def uses_base(self) -> bool:
+        """Whether a loss needs the base and the predictor; else only the auxiliary trains (the paper's OE-LP)."""
+        return bool(self.base_loss or self.kv_loss or self.kl_loss)
 
     def __post_init__(self) -> None:
         """Refuse, naming the flags, settings that would crash mid-run or silently train nothing (the CLI prints
@@ -132,7 +139,7 @@ class TrainConfig:
             (not all(w >= 0 for w in weights.values()), f"loss weights must be >= 0, got {weights}"),
             (not (self.base_loss or self.aux_loss or self.kv_loss or self.kl_loss),
              "all loss weights are 0: set one of --base-loss, --aux-loss, --kv-loss, --kl-loss"),
-            (not self.train_aux and not (self.base_loss or self.kv_loss or self.kl_loss),
+            (not self.train_aux and not self.uses_base,
              "with the auxiliary frozen (--no-train-aux) only --base-loss, --kv-loss and --kl-loss train the "
              "predictor, and all three are 0"),
             (not self.train_aux and self.aux_lora_rank > 0,
@@ -198,18 +205,21 @@ class PredictedKV(DynamicCache):
         return k, v
 
 
-def with_copied_spans(ids: torch.Tensor, share: float, shortest: int = 16, longest: int = 64) -> torch.Tensor:
+def with_copied_spans(ids: torch.Tensor, share: float, shortest: int = 16, longest: int = 64, rank: int = 0,
+                      world: int = 1) -> torch.Tensor:
     """`ids` [B, T] with, in a `share` of the rows, the last s tokens (s in [shortest, longest]) replaced by a copy of
     s tokens from the window's first half. Next-token loss on the copy rewards a predicted cache the base can copy
     from, by induction over the predicted keys and values: what a pass key or LAMBADA's last word needs, and what
-    natural text seldom asks for."""
+    natural text seldom asks for. Under torchrun the draws are made for the global batch and `rank` takes its rows,
+    so the copies are those of one process with the whole batch."""
     ids = ids.clone()
-    t = ids.shape[1]
-    for row in range(ids.shape[0]):
+    b, t = ids.shape
+    for row in range(b * world):
         if random.random() < share:
             s = random.randint(min(shortest, t // 4), min(longest, t // 4))
             a = random.randint(0, t // 2 - s)
-            ids[row, t - s:] = ids[row, a:a + s]
+            if rank * b <= row < (rank + 1) * b:
+                ids[row - rank * b, t - s:] = ids[row - rank * b, a:a + s]
     return ids
 
 
@@ -243,7 +253,7 @@ class Distillation(nn.Module):
     def forward(self, ids: torch.Tensor, split: int | None = None, prefix: int = 0) -> dict[str, torch.Tensor]:
         m, c = self.model, self.config
         pos = window_positions(ids)
-        if not (c.base_loss or c.kv_loss or c.kl_loss):  # the aux alone (the paper's OE-LP baseline)
+        if not c.uses_base:  # the aux alone (the paper's OE-LP baseline)
             ce, z = cross_entropy_with_z(m.aux(input_ids=ids, position_ids=pos, use_cache=False).logits, ids, c.z_loss)
             return {"aux_ce": ce, "loss": c.aux_loss * (ce + z)}
         with torch.no_grad():  # targets: the exact base's cache (and logits for KL)
@@ -295,8 +305,11 @@ class Distillation(nn.Module):
 def trainable_parameters(model: KVPredictionModel, config: TrainConfig) -> list[dict]:
     """Optimizer groups: predictor; aux matrices (decayed) and aux norms/biases (not), per the paper's AdamW."""
     model.requires_grad_(False)
-    model.predictor.requires_grad_(True)
-    groups = [{"params": list(model.predictor.parameters()), "lr": config.lr, "weight_decay": 0.0, "name": "predictor"}]
+    groups = []
+    if config.uses_base:  # else no loss reaches it, and DDP refuses parameters that get no gradient
+        model.predictor.requires_grad_(True)
+        groups.append({"params": list(model.predictor.parameters()), "lr": config.lr, "weight_decay": 0.0,
+                       "name": "predictor"})
     if not config.train_aux:
         return groups
     if config.aux_lora_rank:
@@ -360,7 +373,7 @@ def train_flops_per_token(model: KVPredictionModel, config: TrainConfig) -> floa
     def matmul_params(m) -> int:
         return sum(p.numel() for n, p in m.named_parameters() if p.dim() == 2 and "embed_tokens" not in n) + \
             (m.get_output_embeddings().weight.numel() if m.config.tie_word_embeddings else 0)
-    if not (config.base_loss or config.kv_loss or config.kl_loss):
+    if not config.uses_base:
         return 6.0 * matmul_params(model.aux)
     return 6.0 * (matmul_params(model.aux) + matmul_params(model.base)
                   + model.predictor.config.multiply_adds_per_token())
@@ -623,7 +636,7 @@ class Trainer:
                 # the rate from this process's own steps, after the warm-up (a resumed run too, if newly limited)
                 if self.step == max(c.warmup, step_start + FIT_AFTER) and c.max_minutes and self.total_steps == c.steps:
                     self._fit_schedule_to_time(t_start, step_start, deadline, bar)
-                last = self.step == self.total_steps or time.perf_counter() > deadline
+                last = self.step == self.total_steps or self._past(deadline)
                 if c.log_every and (self.step % c.log_every == 0 or last):
                     self._sync()
                     elapsed = time.perf_counter() - t_last
@@ -649,6 +662,16 @@ class Trainer:
                     break
         return self.finish()
 
+    def _past(self, deadline: float) -> bool:
+        """Whether the time limit has passed, for every rank at once: ranks that start apart must not stop apart
+        (one would wait in a collective for the others forever)."""
+        past = time.perf_counter() > deadline
+        if self.distributed and deadline < math.inf:
+            flag = torch.tensor([float(past)], device=self.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            past = bool(flag.item())
+        return past
+
     def _fit_schedule_to_time(self, t_start: float, step_start: int, deadline: float, bar) -> None:
         """Shorten the cosine so that it ends, annealed, inside max_minutes instead of being cut off mid-way.
         Decided once, from the warm-up's step rate, and saved, so a resumed run keeps the same schedule."""
@@ -672,7 +695,7 @@ class Trainer:
         for _ in range(c.grad_accum):
             ids = next(self.data).to(self.device)
             # copies and prefixes are drawn only when asked for, so runs without them keep their random stream
-            ids = with_copied_spans(ids, c.copy_spans) if c.copy_spans else ids
+            ids = with_copied_spans(ids, c.copy_spans, rank=self.rank, world=self.world) if c.copy_spans else ids
             split = random.randint(1, c.seq_len - 1) if c.suffix_split else None
             prefix = random.randint(0, split - 1) if split and c.exact_prefix and random.random() < c.exact_prefix \
                 else 0

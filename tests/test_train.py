@@ -208,13 +208,14 @@ def test_an_out_that_is_a_file_is_refused_before_anything_loads(tmp_path):
     assert (tmp_path / "afile").read_text() == "mine"
 
 
-def train_cli(tiny_llama, shards, out, *, steps: int, nproc: int = 1, fsdp: bool = False, warmup: int = 1) -> None:
+def train_cli(tiny_llama, shards, out, *, steps: int, nproc: int = 1, fsdp: bool = False, warmup: int = 1,
+              extra: tuple[str, ...] = ()) -> None:
     """`kvpred train` in a subprocess on the CPU (GPUs hidden, so also on a GPU machine): one process, or `nproc`
     gloo processes under torchrun at the same global batch of 4."""
     args = ["-m", "kvpred.train", "--model", tiny_llama, "--data", shards, "--keep-ratio", "0.5", "--steps",
             str(steps), "--seq-len", "32", "--warmup", str(warmup), "--log-every", "1", "--eval-every", "100",
             "--save-every", "2", "--no-bf16", "--batch-size", str(4 // nproc), "--out", str(out),
-            *(["--fsdp"] if fsdp else [])]
+            *(["--fsdp"] if fsdp else []), *extra]
     if nproc > 1:
         args = ["-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port", "29533", *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
@@ -237,6 +238,32 @@ def test_two_gloo_processes_match_one_process_at_the_same_global_batch(tiny_llam
     torch.testing.assert_close(two.prefill(ids)[0], one.prefill(ids)[0], atol=1e-4, rtol=1e-4)
     state = torch.load(tmp_path / "two" / STATE_NAME, weights_only=False)
     assert state["step"] == 3 and state["predictor"]["key_weight"].shape == one.predictor.key_weight.shape
+
+
+@pytest.mark.parametrize("extra", [("--copy-spans", "0.5"), ("--base-loss", "0", "--kv-loss", "0")])
+def test_copied_spans_and_the_auxiliary_alone_train_under_ddp_as_in_one_process(tiny_llama, shards, tmp_path, extra):
+    # copies are drawn for the global batch (each rank's were its neighbour's); OE-LP leaves the predictor out
+    train_cli(tiny_llama, shards, tmp_path / "one", steps=2, extra=extra)
+    train_cli(tiny_llama, shards, tmp_path / "two", steps=2, nproc=2, extra=extra)
+    assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=1e-4)
+
+
+def test_a_run_resumes_on_another_number_of_processes_at_the_same_global_batch(tiny_llama, shards, tmp_path):
+    train_cli(tiny_llama, shards, tmp_path / "straight", steps=4, warmup=2)
+    train_cli(tiny_llama, shards, tmp_path / "moved", steps=2, nproc=2, warmup=2)  # then on one GPU instead of two
+    train_cli(tiny_llama, shards, tmp_path / "moved", steps=4, warmup=2)
+    assert losses(tmp_path / "moved") == pytest.approx(losses(tmp_path / "straight"), rel=1e-4)
+
+
+def test_copies_drawn_for_the_global_batch_give_each_rank_its_own_rows():
+    ids = torch.arange(4 * 64).view(4, 64)
+    random.seed(1)
+    whole = with_copied_spans(ids, 0.5)
+    parts = []
+    for rank in (0, 1):
+        random.seed(1)
+        parts.append(with_copied_spans(ids[2 * rank:2 * rank + 2], 0.5, rank=rank, world=2))
+    assert torch.equal(torch.cat(parts), whole)
 
 
 def test_an_fsdp2_run_resumed_after_a_kill_continues_like_an_uninterrupted_one(tiny_llama, shards, tmp_path):
