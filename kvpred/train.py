@@ -469,6 +469,9 @@ class Trainer:
         self.data = PackedTokens(c.data, "train", seq_len=c.seq_len, batch_size=c.batch_size, rank=self.rank,
                                  world_size=self.world, seed=c.seed)
         self.heldout = self._heldout() if self.evaluates else None
+        if self.sharded and c.eval_every and self.rank == 0:
+            print("kvpred: held-out evaluation does not run under FSDP2: --eval-every is ignored (evaluate final/ "
+                  "with `kvpred eval`)", file=sys.stderr)
         self.step = 0
         self.out = Path(c.out)
         self.out.mkdir(parents=True, exist_ok=True)
