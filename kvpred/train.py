@@ -47,6 +47,7 @@ from .models import KVPredError, fingerprint
 STATE_NAME = "train_state.pt"
 METRICS_NAME = "metrics.jsonl"
 FIT_AFTER = 10  # --max-minutes: steps timed before the schedule is fitted, where the warm-up is shorter
+FIT_SHARE = 0.25  # --max-minutes: the schedule is fitted by this share of the time at the latest, warm-up or not
 
 
 def opt(default, help: str):
@@ -91,8 +92,8 @@ class TrainConfig:
     activation_checkpointing: bool = opt(False, "recompute the auxiliary's layers in the backward pass")
     bf16: bool = opt(True, "bf16 autocast on CUDA")
     fsdp: bool = opt(False, "FSDP2 (fully_shard) instead of DDP under torchrun")
-    max_minutes: float = opt(0.0, "stop with a checkpoint and a final model after this wall time, the cosine "
-                                  "fitted to it; 0: no limit")
+    max_minutes: float = opt(0.0, "stop with a checkpoint and a final model after this wall time (the run's, over "
+                                  "the processes that resume it), the cosine fitted to it; 0: no limit")
     log_every: int = opt(10, "steps between loss records in metrics.jsonl (0: never)")
     save_every: int = opt(200, "steps between checkpoints (train_state.pt) (0: only at the end, at the time limit "
                                "and on Ctrl+C)")
@@ -176,7 +177,12 @@ def hold_run_folder(out: Path):
 
 
 class Interrupted(KeyboardInterrupt):
-    """Ctrl+C stopped training at a step boundary, after saving a checkpoint there; the message says where."""
+    """Ctrl+C or SIGTERM stopped training at a step boundary, after saving a checkpoint there; the message says
+    where, `signal` which."""
+
+    def __init__(self, message: str, signal: int = 2):
+        super().__init__(message)
+        self.signal = signal
 
 
 class PredictedKV(DynamicCache):
@@ -337,12 +343,15 @@ def _load_whole(param: torch.Tensor, whole: torch.Tensor) -> None:
 
 
 def lr_lambda(config: TrainConfig, total_steps: Callable[[], int]):
-    """Linear warm-up, then cosine to min_lr_ratio at total_steps() (config.steps, or fewer to fit max_minutes)."""
+    """Linear warm-up, then cosine to min_lr_ratio at total_steps() (config.steps, or fewer to fit max_minutes).
+    Fitted to max_minutes, the warm-up takes at most half the steps, so that even a run the time cuts short anneals."""
     def factor(step: int) -> float:
-        if step < config.warmup:
-            return (step + 1) / config.warmup
+        total = total_steps()
+        warmup = config.warmup if total >= config.steps else min(config.warmup, total // 2)
+        if step < warmup:
+            return (step + 1) / warmup
         # the peak once, at the warm-up's last step; the minimum at the last step
-        progress = min(1.0, (step + 1 - config.warmup) / max(1, total_steps() - config.warmup))
+        progress = min(1.0, (step + 1 - warmup) / max(1, total - warmup))
         return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
     return factor
 
@@ -400,29 +409,32 @@ def _logged_step(line: str) -> float:
 
 
 @contextlib.contextmanager
-def deferred_interrupt(enabled: bool = True) -> Iterator[Callable[[], bool]]:
-    """Yield a function that says whether Ctrl+C (SIGINT) was pressed. The first press only sets that flag, so the
-    loop can stop at a step boundary, where the state to save is consistent, and gives SIGINT back to its previous
-    handler, so a second press interrupts at once. Inert unless enabled, in the main thread, with SIGINT raising
-    KeyboardInterrupt as usual (not ignored, no other handler)."""
-    previous = signal.getsignal(signal.SIGINT)
-    if not enabled or previous is not signal.default_int_handler \
-            or threading.current_thread() is not threading.main_thread():
-        yield lambda: False
-        return
-    pressed = []
+def deferred_interrupt(enabled: bool = True) -> Iterator[Callable[[], int]]:
+    """Yield a function that says which of Ctrl+C (SIGINT) and SIGTERM (what `timeout` and job schedulers send)
+    arrived, 0 for neither. The first only sets that, so the loop can stop at a step boundary, where the state to
+    save is consistent, and gives the signal back to its previous handler, so a second one stops at once. Inert
+    unless enabled and in the main thread; each signal only where it has its usual effect (SIGINT raising
+    KeyboardInterrupt, SIGTERM ending the process), not where it is ignored or handled otherwise."""
+    usual = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
+    previous = {sig: signal.getsignal(sig) for sig in usual}
+    caught = [sig for sig in usual if previous[sig] is usual[sig]]
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        caught = []
+    arrived = []
 
-    def first_press(signum, frame) -> None:
-        pressed.append(signum)
-        signal.signal(signal.SIGINT, previous)
+    def first(signum, frame) -> None:
+        arrived.append(signum)
+        signal.signal(signum, previous[signum])
         # os.write, not print: a handler that prints while the loop is printing may hit a reentrant-call error
-        os.write(2, b"\nkvpred: stopping after this step to save a checkpoint (Ctrl+C again: stop at once)\n")
+        os.write(2, b"\nkvpred: stopping after this step to save a checkpoint (again: stop at once)\n")
 
-    signal.signal(signal.SIGINT, first_press)
+    for sig in caught:
+        signal.signal(sig, first)
     try:
-        yield lambda: bool(pressed)
+        yield lambda: int(arrived[0]) if arrived else 0
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig in caught:
+            signal.signal(sig, previous[sig])
 
 
 # ---------------------------------------------------------------- the recipe
@@ -473,6 +485,7 @@ class Trainer:
             print("kvpred: held-out evaluation does not run under FSDP2: --eval-every is ignored (evaluate final/ "
                   "with `kvpred eval`)", file=sys.stderr)
         self.step = 0
+        self.spent_before, self.t_start = 0.0, None  # training seconds of earlier runs in this folder; this one's start
         self.out = Path(c.out)
         self.out.mkdir(parents=True, exist_ok=True)
         self.lock = hold_run_folder(self.out) if self.rank == 0 else None
@@ -543,6 +556,7 @@ class Trainer:
                 "optimizer": optimizer, "scheduler": self.scheduler.state_dict(),
                 "data": self.data.state_dict(), "rng": rng_state(),
                 "fitted_steps": self.total_steps if self.total_steps < self.config.steps else None,
+                "spent_s": self.spent_before + (0.0 if self.t_start is None else time.perf_counter() - self.t_start),
                 "fingerprints": self.fingerprints}
 
     def save(self) -> None:
@@ -589,7 +603,7 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.data.load_state_dict(state["data"])
         set_rng_state(state["rng"])
-        self.step = state["step"]
+        self.step, self.spent_before = state["step"], state.get("spent_s", 0.0)
         if self.step > self.config.steps:
             raise KVPredError(f"{path} is at step {self.step}, past --steps {self.config.steps}: give --steps >= "
                               f"{self.step} to go on, or another --out to start over")
@@ -622,13 +636,20 @@ class Trainer:
         from tqdm import tqdm
 
         c = self.config
+        # --max-minutes is the run's budget over all its processes: a resumed run gets what earlier ones left
+        left = 60 * c.max_minutes - self.spent_before if c.max_minutes else math.inf
+        if left <= 0 and self.step < self.total_steps:
+            self.log(f"the {c.max_minutes} min of --max-minutes were spent by earlier runs in {self.out}: raise it "
+                     "to train on")
+            return self.finish()
         tokens_per_step = c.batch_size * c.seq_len * c.grad_accum * self.world
         flops = train_flops_per_token(self.model, c)
         bar = tqdm(total=self.total_steps, initial=self.step, desc="train", disable=self.rank != 0, dynamic_ncols=True)
         metrics = open(self.out / METRICS_NAME, "a") if self.rank == 0 else contextlib.nullcontext()
         t_last, step_last = time.perf_counter(), self.step
         t_start, step_start = time.perf_counter(), self.step
-        deadline = t_start + 60 * c.max_minutes if c.max_minutes else math.inf
+        self.t_start = t_start
+        deadline, fit_by = t_start + left, t_start + FIT_SHARE * left
         # Not under torchrun: there Ctrl+C reaches each rank at its own step and the agent signals the workers again,
         # so ranks would stop at different steps and wait for each other's collectives; Ctrl+C keeps its usual effect.
         with bar, metrics as metrics_file, deferred_interrupt(enabled=not self.distributed) as interrupted:
@@ -636,10 +657,15 @@ class Trainer:
                 losses = self._step()
                 self.step += 1
                 bar.update(1)
-                # the rate from this process's own steps, after the warm-up (a resumed run too, if newly limited)
-                if self.step == max(c.warmup, step_start + FIT_AFTER) and c.max_minutes and self.total_steps == c.steps:
+                past, fit_due = self._clock(deadline, fit_by)
+                # the rate from this process's own steps, after the warm-up (a resumed run too, if newly limited),
+                # or earlier where the warm-up would take too much of the time
+                if c.max_minutes and self.total_steps == c.steps and (
+                        self.step == max(c.warmup, step_start + FIT_AFTER) or fit_due):
                     self._fit_schedule_to_time(t_start, step_start, deadline, bar)
-                last = self.step == self.total_steps or self._past(deadline)
+                last = self.step == self.total_steps or past
+                if past:  # the run is done: the same command again does not train on
+                    self.total_steps = self.step
                 if c.log_every and (self.step % c.log_every == 0 or last):
                     self._sync()
                     elapsed = time.perf_counter() - t_last
@@ -654,26 +680,26 @@ class Trainer:
                     record = {"step": self.step, **self.evaluate()}
                     self.log(json.dumps(record))
                     self._write(metrics_file, record)
-                stop = interrupted() and not last  # read once: a later Ctrl+C stops after the next step
+                stop = 0 if last else interrupted()  # read once: a later signal stops after the next step
                 if (c.save_every and self.step % c.save_every == 0) or last or stop:
                     self.save()
                 if stop:
                     raise Interrupted(f"interrupted at step {self.step}; checkpoint saved to "
-                                      f"{self.out / STATE_NAME}; run the same command to resume")
-                if last and self.step < self.total_steps:
-                    self.log(f"time limit of {c.max_minutes} min reached at step {self.step} of {self.total_steps}")
-                    break
+                                      f"{self.out / STATE_NAME}; run the same command to resume", stop)
+                if past:
+                    self.log(f"time limit of {c.max_minutes} min reached at step {self.step}")
         return self.finish()
 
-    def _past(self, deadline: float) -> bool:
-        """Whether the time limit has passed, for every rank at once: ranks that start apart must not stop apart
-        (one would wait in a collective for the others forever)."""
-        past = time.perf_counter() > deadline
+    def _clock(self, deadline: float, fit_by: float) -> tuple[bool, bool]:
+        """Whether the time limit, and the latest time to fit the schedule to it, have passed, for every rank at
+        once: ranks that start apart must not stop or fit apart (one would wait in a collective forever)."""
+        now = time.perf_counter()
+        flags = [now > deadline, now > fit_by]
         if self.distributed and deadline < math.inf:
-            flag = torch.tensor([float(past)], device=self.device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            past = bool(flag.item())
-        return past
+            agreed = torch.tensor(flags, dtype=torch.float32, device=self.device)
+            dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
+            flags = [bool(x) for x in agreed.tolist()]
+        return flags[0], flags[1]
 
     def _fit_schedule_to_time(self, t_start: float, step_start: int, deadline: float, bar) -> None:
         """Shorten the cosine so that it ends, annealed, inside max_minutes instead of being cut off mid-way.
@@ -837,7 +863,7 @@ def _train_command(args: argparse.Namespace) -> int:
         Trainer(config).train()
     except Interrupted as stop:
         print(f"kvpred: {stop}", file=sys.stderr)
-        return 130  # 128 + SIGINT, what a shell reports for a command stopped by Ctrl+C
+        return 128 + stop.signal  # what a shell reports for a command stopped by that signal (Ctrl+C: 130)
     except KeyboardInterrupt:  # a second Ctrl+C, one before training began, or one under torchrun
         print(f"kvpred: interrupted without saving; the same command resumes from the last checkpoint in "
               f"{config.out}, if there is one", file=sys.stderr)
