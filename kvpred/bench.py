@@ -17,6 +17,7 @@ import json
 import math
 import os
 import platform
+import re
 import shlex
 import sys
 import time
@@ -791,7 +792,7 @@ def _ttft_command(args) -> int:
                           f"of {model.context_length} minus {args.decode_tokens} decode tokens)")
     dtype = str(model.base.dtype).removeprefix("torch.")
     device = model.device
-    name = args.name or f"ttft_{device.type}_{label.replace('/', '_')}"
+    name = args.name or f"ttft_{device.type}_{re.sub(r'[^A-Za-z0-9._+-]+', '_', Path(label).name) or 'model'}"
     meta = [{"command": _command(args, weights),
              "device": _device_name(device), "dtype": dtype, "torch": torch.__version__,
              "transformers": __import__("transformers").__version__, "threads": torch.get_num_threads(),

@@ -45,9 +45,11 @@ def flop_ratio(model, prompt_tokens: int = 1024, tail: int = 1) -> dict:
     * param_ratio (the paper's rule, METHOD 4): params(base) / params(aux), each counting a tied embedding
       once. This is the r that truncate mode uses.
     * matmul_ratio: FLOPs of an exact prefill of `prompt_tokens` tokens over those of a predicted one, as
-      `kvpred bench` counts them (bench.predicted_flops: the auxiliary layers predicted mode runs, the predictor,
-      the base's pass over the last `tail` prompt tokens; attention included). matmul_ratio_linear is its limit
-      for long prompts without attention (with the paper's tail of 1).
+      `kvpred bench` counts them where values are not deferred (bench.predicted_flops: the auxiliary layers
+      predicted mode runs, the predictor, the base's pass over the last `tail` prompt tokens; attention included).
+      On a CPU the bench defers values (kvpred.deferred), which changes their arithmetic, so its "full" ratio there
+      differs by a few percent. matmul_ratio_linear is its limit for long prompts without attention (with the
+      paper's tail of 1).
     """
     from .bench import Dims, aux_run, exact_flops, predicted_flops
 

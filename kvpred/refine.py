@@ -641,6 +641,9 @@ def _calibrate(args) -> int:
         report |= {"data": args.data, "prompt_len": args.prompt_len, **model.config.refine_thresholds, **found}
     if args.chats is not None:
         prompts = read_chat_prompts(args.chats, model.tokenizer, args.prompts)
+        if len(prompts) < args.prompts:
+            print(f"kvpred: {args.chats} holds {len(prompts)} conversations, fewer than --prompts {args.prompts}: "
+                  "the chat tail is measured on those", file=sys.stderr)
         model.config.chat_exact_tail, found = measure_chat_tail(model, prompts, tolerance=args.chat_tolerance,
                                                                 batch_size=args.batch_size)
         report |= {"chats": args.chats, **found}

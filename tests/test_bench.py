@@ -146,6 +146,12 @@ def test_cli_refuses_settings_that_cannot_mean_anything(tiny_path, tmp_path, cap
     assert message in capsys.readouterr().err
 
 
+def test_results_are_named_after_the_models_folder(tiny_path, tmp_path):
+    assert bench.main(["ttft", "--model", f"{tiny_path}/", "--device", "cpu", "--prompt-lens", "8", "--repeats", "1",
+                       "--warmup", "0", "--decode-tokens", "2", "--out", str(tmp_path), "--no-plot"]) == 0
+    assert (tmp_path / f"ttft_cpu_{tiny_path.name}.json").is_file()
+
+
 def test_each_shape_is_timed_once(tiny_path, tmp_path):
     assert bench.main(["ttft", "--model", str(tiny_path), "--device", "cpu", "--prompt-lens", "8,8", "--batch", "1,1",
                        "--repeats", "1", "--warmup", "0", "--decode-tokens", "2", "--out", str(tmp_path), "--name",
