@@ -96,13 +96,13 @@ class KVPConfig:
             raise KVPredError(f"{where} is not a valid kvpred config ({type(err).__name__}: {err})") from err
 
 
-def check_checkpoint_out(path: str | os.PathLike) -> None:
-    """Where a checkpoint may be saved: not a file, and not a Hugging Face model's folder (the base's, say). Commands
-    that save one check this before their work, `save_pretrained` again."""
-    if (Path(path) / "config.json").is_file():
-        raise KVPredError(f"{path} holds a Hugging Face model (config.json): save the checkpoint to its own folder")
-    if Path(path).exists() and not Path(path).is_dir():
-        raise KVPredError(f"{path} is a file; give a folder for the checkpoint")
+def check_checkpoint_out(path: str | os.PathLike) -> Path:
+    """Where a checkpoint may be saved: an output folder (`out_folder`), not a Hugging Face model's (the base's, say).
+    Commands that save one check this before their work, `save_pretrained` again."""
+    out = out_folder(path, "the checkpoint", make=False)
+    if (out / "config.json").is_file():
+        raise KVPredError(f"{out} holds a Hugging Face model (config.json): save the checkpoint to its own folder")
+    return out
 
 
 GENERATION_DEFAULTS = {"max_new_tokens": 32, "do_sample": False, "temperature": 1.0, "top_p": 1.0, "top_k": 0}
@@ -335,8 +335,8 @@ class KVPredictionModel(nn.Module):
         bfloat16, to ship a small default) converts the stored tensors. Every file is written under a temporary
         name first and renamed into place, the config last; the config holds the weights files' digests, so a
         folder a killed save left with files of two saves is refused when it loads, not used."""
-        check_checkpoint_out(path)
-        path = out_folder(path, "the checkpoint")
+        path = check_checkpoint_out(path)
+        path.mkdir(parents=True, exist_ok=True)
         self.config.aux.saved_params = sorted(self.aux_tensors)
         files = {PREDICTOR_NAME: self.predictor.state_dict()} | ({AUX_NAME: self.aux_tensors} if self.aux_tensors
                                                                  else {})

@@ -214,14 +214,16 @@ def read_text(path: str | os.PathLike) -> str:
         raise KVPredError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start})") from err
 
 
-def out_folder(path: str | os.PathLike, holds: str) -> Path:
-    """`path` as an output folder for `holds` (made if missing); a clear error where it is a file or empty."""
+def out_folder(path: str | os.PathLike, holds: str, make: bool = True) -> Path:
+    """`path` as an output folder for `holds` (made if missing, with `make`; without, checked before a command's
+    work and made at its end); a clear error where it is a file or empty."""
     if not str(path).strip():  # Path("") is the current directory, which nobody means
         raise KVPredError(f"the output folder for {holds} is empty: give a folder")
     out = Path(path)
     if out.exists() and not out.is_dir():
         raise KVPredError(f"{out} is a file; give a folder for {holds}")
-    out.mkdir(parents=True, exist_ok=True)
+    if make:
+        out.mkdir(parents=True, exist_ok=True)
     return out
 
 

@@ -170,8 +170,7 @@ def _narrow_command(args: argparse.Namespace) -> int:
 
     if Path(args.out).resolve() == Path(args.model).resolve() or (Path(args.out) / "config.json").is_file():
         raise KVPredError(f"--out {args.out} already holds a model (the base?); give a new folder")
-    if Path(args.out).exists() and not Path(args.out).is_dir():  # found now, not after the importance pass
-        raise KVPredError(f"{args.out} is a file; give a folder for the narrow auxiliary")
+    out = out_folder(args.out, "the narrow auxiliary", make=False)  # found now, not after the importance pass
     base, tokenizer = load_causal_lm(args.model, torch.float32, args.device)
     check_tokenizer(args.data, tokenizer)
     if args.seq_len > base.config.max_position_embeddings:  # importance of positions the model never serves
@@ -182,7 +181,7 @@ def _narrow_command(args: argparse.Namespace) -> int:
     check_width(base.config, width)
     batches = PackedTokens(args.data, "train", seq_len=args.seq_len, batch_size=args.batch_size)
     aux = narrow_copy(base, width, measure_importance(base, batches, args.tokens))
-    out = out_folder(args.out, "the narrow auxiliary")
+    out.mkdir(parents=True, exist_ok=True)
     aux.save_pretrained(out)
     tokenizer.save_pretrained(out)
     ours, theirs = decoder_parameters(aux), decoder_parameters(base)
