@@ -624,17 +624,29 @@ class KVPredictionModel(nn.Module):
         `check_inputs` first); an attention_mask of None means an unpadded batch and avoids host-device syncs."""
         if input_ids.shape[1] > cache.capacity:
             raise KVPredError(f"prompt of {input_ids.shape[1]} tokens does not fit a cache of {cache.capacity}")
-        model = self.aux if mode == "aux" else self.base
         if mode == "predicted":
             self.predict_into(cache, input_ids, attention_mask, exact_tail)
         else:
             cache.reset()
         past = cache.get_seq_length()
         pos = None if attention_mask is None else position_ids_from_mask(attention_mask)[:, past:]
-        with self._prefill_autocast(mode):  # the auxiliary alone runs as predicted mode runs it
-            out = model(input_ids=input_ids[:, past:], attention_mask=attention_mask, position_ids=pos,
-                        **cache_kwargs(model, cache), use_cache=True, logits_to_keep=exact_tail)
-        return out.logits.to(model.dtype)
+        return self._prompt_logits(mode, input_ids[:, past:], attention_mask, pos, cache, exact_tail)
+
+    def _prompt_logits(self, mode: str, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                       position_ids: torch.Tensor | None, cache, last: int) -> torch.Tensor:
+        """The forward of `mode`'s model (the auxiliary in aux mode, else the base) over the prompt tokens not yet
+        in `cache`, filling it: logits [B, last, V] of the `last` positions. The auxiliary alone runs its layers as
+        predicted mode runs them (autocast, see `aux_compute_dtype`), but its LM head in its own dtype: bf16
+        logits are 0.06 apart at magnitude 8 and would shift log-likelihoods by that much, differently per batch."""
+        model = self.aux if mode == "aux" else self.base
+        args = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                    **cache_kwargs(model, cache), use_cache=True)
+        if mode != "aux" or self.aux_compute_dtype is None:
+            return model(**args, logits_to_keep=last).logits.to(model.dtype)
+        with self._prefill_autocast(mode):
+            hidden = model.base_model(**args).last_hidden_state[:, -last:]
+        head = model.get_output_embeddings()
+        return head(hidden.to(head.weight.dtype))
 
     @contextmanager
     def static_step(self, cache: "BufferCache", slot: torch.Tensor) -> Iterator[None]:
@@ -780,15 +792,11 @@ class KVPredictionModel(nn.Module):
         """The whole prompt pass: logits of the last `exact_tail` positions [B, W, V] and the cache of the prompt.
         In predicted mode the base computes those W positions over the predicted cache of the rest."""
         input_ids, attention_mask = self.check_inputs(input_ids, attention_mask, mode, 0, exact_tail)
-        model = self.aux if mode == "aux" else self.base
         cache = (self.predicted_cache(input_ids, attention_mask, exact_tail) if mode == "predicted"
-                 else DynamicCache(config=model.config))
+                 else DynamicCache(config=(self.aux if mode == "aux" else self.base).config))
         past = cache.get_seq_length()
         pos = position_ids_from_mask(attention_mask)[:, past:]
-        with self._prefill_autocast(mode):
-            out = model(input_ids=input_ids[:, past:], attention_mask=attention_mask, position_ids=pos,
-                        **cache_kwargs(model, cache), use_cache=True, logits_to_keep=exact_tail)
-        return out.logits.to(model.dtype), cache
+        return self._prompt_logits(mode, input_ids[:, past:], attention_mask, pos, cache, exact_tail), cache
 
 
 # -------------------------------------------------------------------- helpers

@@ -309,10 +309,10 @@ def generate(model, prompts: list[list[int]], mode: str, *, ratio: float = 1.0, 
              batch_size: int = 8,
              max_new_tokens: int = 32, stop: list[str] | None = None, do_sample: bool = False,
              temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None,
-             progress: tqdm | None = None) -> Iterator[list[tuple[int, list[int]]]]:
+             progress: tqdm | None = None, **generate_kwargs) -> Iterator[list[tuple[int, list[int]]]]:
     """Batched left-padded generation in `mode` (predicted: the base runs the last `exact_tail` prompt tokens).
     Yields per batch [(prompt index, new tokens)], each cut after the first end-of-sequence token (padding after
-    it dropped)."""
+    it dropped). `generate_kwargs` go to KVPredictionModel.generate."""
     eos = model.base.generation_config.eos_token_id
     eos = set(eos if isinstance(eos, list) else [eos if eos is not None else model.tokenizer.eos_token_id])
     room = model.context_length - max_new_tokens
@@ -327,7 +327,7 @@ def generate(model, prompts: list[list[int]], mode: str, *, ratio: float = 1.0, 
             torch.manual_seed(seed + chunk[0])
         out = model.generate(ids, mask, mode=model_mode(mode), max_new_tokens=max_new_tokens, do_sample=do_sample,
                              exact_tail=exact_tail,  # model.generate reads it in predicted mode only
-                             temperature=temperature, top_p=top_p, stop_strings=stop)
+                             temperature=temperature, top_p=top_p, stop_strings=stop, **generate_kwargs)
         new = out[:, ids.shape[1]:].tolist()
         results = []
         for i, tokens in zip(chunk, new):

@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
 SPECIALS = ["<pad>", "<s>", "</s>"]
@@ -13,13 +13,16 @@ CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{%
                  "{% if add_generation_prompt %}<assistant>{% endif %}")
 
 
-def byte_tokenizer() -> PreTrainedTokenizerFast:
-    """256 byte tokens + pad/bos/eos: every string round-trips, no files needed."""
+def byte_tokenizer(add_bos: bool = False) -> PreTrainedTokenizerFast:
+    """256 byte tokens + pad/bos/eos: every string round-trips, no files needed. With `add_bos`, encoding puts
+    BOS first by default, as Llama's and Mistral's tokenizers do."""
     byte_chars = list(pre_tokenizers.ByteLevel.alphabet())
     vocab = {tok: i for i, tok in enumerate(SPECIALS + sorted(byte_chars))}
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
+    if add_bos:
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
                                    padding_side="left")
 
@@ -34,8 +37,10 @@ def tiny_config(arch: str = "llama", layers: int = 4, hidden: int = 64, heads: i
         tie_word_embeddings=True, **extra)
 
 
-def save_tiny_model(path: str | Path, arch: str = "llama", seed: int = 0, **config_kwargs) -> Path:
-    """Write a random tiny model + tokenizer to `path` as a normal HF folder and return the path."""
+def save_tiny_model(path: str | Path, arch: str = "llama", seed: int = 0, add_bos: bool = False,
+                    **config_kwargs) -> Path:
+    """Write a random tiny model + tokenizer (see `byte_tokenizer`) to `path` as a normal HF folder and return
+    the path."""
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(arch, **config_kwargs))
     with torch.no_grad():  # larger than default init so that random models make confident, varied predictions
@@ -44,5 +49,5 @@ def save_tiny_model(path: str | Path, arch: str = "llama", seed: int = 0, **conf
                 p.normal_(0, 0.2)
     path = Path(path)
     model.save_pretrained(path)
-    byte_tokenizer().save_pretrained(path)
+    byte_tokenizer(add_bos).save_pretrained(path)
     return path

@@ -145,3 +145,19 @@ def test_a_bf16_auxiliary_prefill_stays_within_its_rounding_of_fp32(tiny_llama):
     cache = model.new_cache(1, 64, "aux")
     assert close(model.prefill_into(cache, ids, mode="aux"), want[1])  # the fast path too
 
+
+
+def test_aux_mode_under_a_bf16_auxiliary_scores_with_its_lm_head_in_the_models_dtype(tiny_llama):
+    """bf16 logits are 0.06 apart at magnitude 8: a bf16 head would shift every log-likelihood by up to that, by
+    batch. The layers run in bf16, the head does not, so the logits are not bf16 numbers and equal the head's
+    fp32 output of the last hidden state."""
+    model = model_with(tiny_llama, "rank")
+    model.aux_dtype = torch.bfloat16
+    ids = torch.tensor([model.tokenizer.encode(PROMPTS[0])])
+    logits = model.prefill(ids, mode="aux", exact_tail=3)[0]
+    assert logits.dtype == torch.float32 and not torch.equal(logits, logits.bfloat16().float())
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        hidden = model.aux.base_model(input_ids=ids).last_hidden_state[:, -3:]
+    assert torch.allclose(logits, model.aux.lm_head(hidden.float()), atol=1e-5)
+    cache = model.new_cache(1, 64, "aux")
+    assert torch.equal(model.prefill_into(cache, ids, mode="aux", exact_tail=3), logits)  # the fast path too

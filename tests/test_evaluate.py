@@ -219,7 +219,6 @@ def test_task_formats_are_detected_from_file_contents(tmp_path):
 def test_chat_agreement_runs_predicted_mode_with_at_least_the_models_chat_tail(tiny_path, tmp_path):
     """chat=PATH (or a .jsonl of "messages"): agreement on chat prompts, whose predicted first token comes with the
     model's chat tail as for chat requests; a new chat tail is not answered from results cached for the old one."""
-    from kvpred.testing import CHAT_TEMPLATE
 
     model = KVPredictionModel.from_pretrained(str(tiny_path), keep_ratio=0.5)
     model.tokenizer.chat_template = CHAT_TEMPLATE
@@ -553,14 +552,15 @@ def test_lm_eval_model_runs_local_tasks_and_predicted_equals_exact_for_identity(
             assert scores["predicted"][task][key] == pytest.approx(value, rel=1e-4), (task, key)
 
 
-def test_lm_eval_model_in_exact_mode_scores_as_lm_evals_own_hf_model(tmp_path):
+@pytest.mark.parametrize("add_bos", [False, True], ids=["no-bos", "tokenizer-adds-bos"])
+def test_lm_eval_model_in_exact_mode_scores_as_lm_evals_own_hf_model(tmp_path, add_bos):
     pytest.importorskip("lm_eval")
     from lm_eval.api.instance import Instance
     from lm_eval.models.huggingface import HFLM
 
     from kvpred.lm_eval_model import KVPredLM
 
-    path = str(save_tiny_model(tmp_path / "m", context=64))
+    path = str(save_tiny_model(tmp_path / "m", context=64, add_bos=add_bos))
     hf = HFLM(pretrained=path, device="cpu", batch_size=2)
     # lm-eval's default device is cuda:0; on a machine without one, both run on the CPU
     ours = KVPredLM(pretrained=path, mode="exact", batch_size=2,
@@ -578,6 +578,40 @@ def test_lm_eval_model_in_exact_mode_scores_as_lm_evals_own_hf_model(tmp_path):
         request = Instance("generate_until", {}, ("def add(a, b):", {"until": ["zzz"], key: 3}), 0)
         texts[key] = ours.generate_until([request], disable_tqdm=True)[0]
     assert len(set(texts.values())) == 1 and len(texts["max_gen_toks"].encode()) <= 3
+    # settings beyond kvpred's own reach transformers' generate, as in lm-eval's hf model
+    for settings in ({"do_sample": True, "temperature": 1.0, "top_k": 1}, {"repetition_penalty": 5.0}):
+        request = [Instance("generate_until", {}, ("abcabc", {"until": ["zzz"], "max_gen_toks": 8, **settings}), 0)]
+        assert ours.generate_until(request, disable_tqdm=True) == hf.generate_until(request, disable_tqdm=True)
+
+
+@pytest.mark.parametrize("args, problem", [
+    ({"exact_tail": "abc"}, "exact_tail must be a whole number"),
+    ({"exact_tail": 2.5}, "exact_tail must be a whole number"),
+    ({"max_gen_toks": 0}, "max_gen_toks must be a whole number >= 1"),
+    ({"batch_size": 0}, "batch_size must be a whole number >= 1"),
+    ({"truncate_ratio": 0}, "truncate_ratio must be a number above 1"),
+    ({"truncate_ratio": "nan"}, "truncate_ratio must be a number above 1"),
+    ({"aux_dtype": "fp16"}, "aux_dtype must be auto, model or one of"),
+])
+def test_lm_eval_model_arguments_out_of_range_are_refused_by_name(pruned, args, problem):
+    pytest.importorskip("lm_eval")
+    from kvpred.lm_eval_model import KVPredLM
+
+    with pytest.raises(KVPredError, match=problem):
+        KVPredLM(pretrained=pruned, **args)
+
+
+def test_lm_eval_model_applies_the_tokenizers_chat_template(pruned, monkeypatch):
+    pytest.importorskip("lm_eval")
+    from kvpred.lm_eval_model import KVPredLM
+
+    lm = KVPredLM(pretrained=pruned)
+    monkeypatch.setattr(pruned.tokenizer, "chat_template", CHAT_TEMPLATE)
+    assert lm.chat_template(True) == CHAT_TEMPLATE and lm.chat_template(False) is None
+    assert lm.apply_chat_template([{"role": "user", "content": "hi"}]) == "<user>hi\n<assistant>"
+    monkeypatch.setattr(pruned.tokenizer, "chat_template", None)
+    with pytest.raises(KVPredError, match="no chat template"):
+        lm.chat_template(True)
 
 
 def test_lm_eval_wrapper_command_registers_the_model(tmp_path):
