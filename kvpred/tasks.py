@@ -22,6 +22,7 @@ import string
 import subprocess
 import sys
 import tempfile
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -848,11 +849,12 @@ def humaneval_program(problem: dict, completion: str) -> str:
 
 
 # Runs first inside the child, before any model-written code: resource limits, no sockets and, as in OpenAI's
-# human-eval harness, no functions that kill, fork, run commands or delete files (a guard against careless code, not
-# a security boundary: the namespaces are that, where available). The program keeps the evaluator's user: another
-# may not read the Python installation (under /root with pyenv, say).
+# human-eval harness, no functions that kill, fork, run commands or delete files, in os and in posix beneath it (a
+# guard against careless code, not a security boundary: `_isolation` is that, where available). The program keeps
+# the evaluator's user: another may not read the Python installation (under /root with pyenv, say).
 _SANDBOX_PRELUDE = '''\
-import builtins as _b, os as _o, resource as _r, shutil as _sh, socket as _s, _socket as _ss, subprocess as _sp
+import builtins as _b, os as _o, posix as _p, resource as _r, shutil as _sh, socket as _s, _socket as _ss
+import subprocess as _sp
 for _lim, _val in ((_r.RLIMIT_AS, 4 << 30), (_r.RLIMIT_FSIZE, 16 << 20), (_r.RLIMIT_CORE, 0)):
     try:
         _r.setrlimit(_lim, (_val, _val))
@@ -863,42 +865,65 @@ def _disabled(*args, **kwargs):
 _s.socket = _s.create_connection = _s.socketpair = _s.getaddrinfo = _ss.socket = _disabled
 for _name in ("kill", "killpg", "system", "fork", "forkpty", "setsid", "remove", "unlink", "rmdir", "removedirs",
               "rename", "renames", "replace", "truncate", "putenv", "chmod", "chown", "setuid", "execv", "execve",
-              "spawnv", "spawnve", "posix_spawn", "posix_spawnp"):
-    setattr(_o, _name, _disabled)
+              "spawnv", "spawnve", "posix_spawn", "posix_spawnp", "pidfd_open", "register_at_fork"):
+    for _m in (_o, _p):
+        if hasattr(_m, _name):
+            setattr(_m, _name, _disabled)
 _sh.rmtree = _sh.move = _sh.chown = _sp.Popen = _b.exit = _b.quit = _disabled
-del _b, _o, _r, _sh, _s, _ss, _sp, _lim, _val, _name
+del _b, _o, _p, _r, _sh, _s, _ss, _sp, _lim, _val, _name, _m
 '''
+_WORK = "{work}"  # in an `_isolation` command: the program's own folder, the one place it may write
 
 
 @lru_cache(maxsize=1)
-def _namespace_prefix() -> tuple[str, ...]:
-    """`unshare` into fresh PID, mount and network namespaces where this machine allows it (as root, or in a user
-    namespace): the program cannot see or signal the evaluator, reach a network, or leave a process behind (all
-    die with it). Else only a network namespace, else nothing (the prelude still disables Python's sockets)."""
-    unshare = shutil.which("unshare")
-    isolated = ("--pid", "--fork", "--mount-proc", "--net")
-    for prefix in ((unshare, *isolated), (unshare, "--user", "--map-root-user", *isolated), (unshare, "--net"),
-                   (unshare, "--user", "--map-root-user", "--net")) if unshare else ():
-        try:
-            if subprocess.run([*prefix, "true"], capture_output=True, timeout=10).returncode == 0:
-                return prefix
-        except (OSError, subprocess.SubprocessError):
-            pass
-    return ()
+def _isolation() -> tuple[str, ...]:
+    """The strongest isolation this machine allows, as a command prefix (`_WORK` stands for the program's folder):
+    * bubblewrap (`bwrap`, Debian's bubblewrap): the file system read-only but for that folder, fresh namespaces
+      (PID, network, IPC, ...), killed with the evaluator;
+    * else `unshare` into fresh PID, mount and network namespaces (as root, or in a user namespace): the program
+      cannot see or signal the evaluator, reach a network or leave a process behind; it can still write where the
+      evaluator's user may;
+    * else a network namespace, else nothing but the prelude (with a warning).
+    Each runs under `setpriv --pdeathsig KILL`, so a killed evaluator takes its programs along."""
+    bwrap, unshare, setpriv = (shutil.which(name) for name in ("bwrap", "unshare", "setpriv"))
+    candidates = []
+    if bwrap:
+        candidates.append((bwrap, "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--bind", _WORK, _WORK,
+                           "--unshare-all", "--die-with-parent", "--new-session"))
+    if unshare:
+        isolated = ("--pid", "--kill-child", "--mount-proc", "--net")  # --kill-child: the namespace dies with it
+        candidates += [(unshare, *isolated), (unshare, "--user", "--map-root-user", *isolated), (unshare, "--net"),
+                       (unshare, "--user", "--map-root-user", "--net")]
+    death = (setpriv, "--pdeathsig", "KILL") if setpriv else ()
+    with tempfile.TemporaryDirectory(prefix="kvpred-probe-") as work:
+        for prefix in candidates:
+            try:
+                probe = [*death, *(work if part == _WORK else part for part in prefix), sys.executable, "-I", "-S",
+                         "-c", f"open({work!r} + '/w', 'w')"]  # runs Python and may write its folder
+                if subprocess.run(probe, capture_output=True, timeout=10).returncode == 0:
+                    return (*death, *prefix)
+            except (OSError, subprocess.SubprocessError):
+                pass
+    warnings.warn("HumanEval programs run without isolation on this machine (no working bwrap or unshare): only "
+                  "Python-level guards stand between generated code and your files; install bubblewrap",
+                  stacklevel=2)
+    return death
 
 
 def execute_program(program: str, timeout: float = 10.0) -> str:
     """Run untrusted `program` in a separate isolated Python (-I -S: no environment, no site-packages) in an
-    empty temporary folder, in namespaces of its own where the machine allows (`_namespace_prefix`), with memory
-    and file-size limits, no network, no destructive os functions and a wall-clock limit. Returns "passed" (it ran
-    to its end: a line appended to it writes a random token, so exiting early, even with status 0, fails),
-    "failed" or "timeout". Never executes anything in this process."""
+    empty temporary folder, isolated as far as the machine allows (`_isolation`), with memory and file-size limits,
+    no network, no destructive os functions and a wall-clock limit. Returns "passed" (it ran to its end: a line
+    appended to it writes a random token, so exiting early, even with status 0, fails; code written to forge that
+    token could, as code written to fake its tests could), "failed" or "timeout". Never executes anything in this
+    process."""
     token = secrets.token_hex(16)
     with tempfile.TemporaryDirectory(prefix="kvpred-exec-") as tmp:
         script, done = Path(tmp) / "program.py", Path(tmp) / "done"
         script.write_text(f"{_SANDBOX_PRELUDE}{program}\nopen({str(done)!r}, 'w').write({token!r})\n",
                           encoding="utf-8")
-        cmd = [*_namespace_prefix(), sys.executable, "-I", "-S", "-B", str(script)]
+        cmd = [*(tmp if part == _WORK else part for part in _isolation()), sys.executable, "-I", "-S", "-B",
+               str(script)]
         env = {"PATH": "/usr/bin:/bin", "HOME": tmp, "TMPDIR": tmp, "LANG": "C.UTF-8"}
         proc = subprocess.Popen(cmd, cwd=tmp, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL, start_new_session=True)

@@ -4,8 +4,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -352,6 +354,51 @@ def test_sandbox_fails_programs_that_exit_early_and_survives_one_that_kills_its_
     assert execute_program(_program(kill)) == "failed"  # and this test process is still here to see it
     remove = "    import os\n    os.remove(__file__)\n    return a + b\n"
     assert execute_program(_program(remove)) == "failed"
+
+
+def test_sandbox_guards_hold_for_the_posix_module_beneath_os(tmp_path):
+    victim = tmp_path / "keep.txt"
+    victim.write_text("mine")
+    for call in (f"posix.unlink({str(victim)!r})", "posix.kill(posix.getppid(), 9)", "posix.fork()"):
+        assert execute_program(_program(f"    import posix\n    {call}\n    return a + b\n")) == "failed"
+    assert victim.read_text() == "mine"
+
+
+@pytest.mark.skipif(not shutil.which("bwrap"), reason="needs bubblewrap, which makes the file system read-only")
+def test_sandbox_with_bubblewrap_cannot_write_outside_its_folder(tmp_path):
+    target = tmp_path / "written.txt"
+    assert execute_program(_program(f"    open({str(target)!r}, 'w').write('x')\n    return a + b\n")) == "failed"
+    assert not target.exists()
+
+
+@pytest.mark.skipif(not shutil.which("setpriv"), reason="needs util-linux's setpriv")
+def test_sandboxed_programs_die_with_a_killed_evaluator(tmp_path):
+    marker = f"kvpred-orphan-{os.getpid()}"
+    program = f"import time\n{marker!r}\ntime.sleep(120)\n"
+    evaluator = f"from kvpred.tasks import execute_program\nexecute_program({program!r}, timeout=120)\n"
+    proc = subprocess.Popen([sys.executable, "-c", evaluator])
+    deadline = time.monotonic() + 60
+    while not _processes_running(marker) and time.monotonic() < deadline:  # the program has started
+        time.sleep(0.2)
+    assert _processes_running(marker)
+    proc.kill()
+    proc.wait()
+    deadline = time.monotonic() + 10
+    while _processes_running(marker) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _processes_running(marker)
+
+
+def _processes_running(marker: str) -> bool:
+    """Whether a process's program file holds `marker` (the sandbox's program.py is read back from /proc)."""
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            script = next((a for a in cmdline.read_bytes().split(b"\0") if a.endswith(b"program.py")), None)
+            if script and marker in Path(script.decode()).read_text():
+                return True
+        except OSError:
+            continue
+    return False
 
 
 # ------------------------------------------------------------------ CLI, resume, plot
