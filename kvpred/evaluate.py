@@ -92,8 +92,10 @@ def gap_recovered(value: list[float], exact: list[float], aux: list[float],
     """(m - aux) / (exact - aux) of the means with a paired percentile-bootstrap 95% interval over items
     (the same items in all three modes). None where exact and aux agree, so the gap is undefined."""
     v, e, a = (np.asarray(x, dtype=float) for x in (value, exact, aux))
+    if not len(v) == len(e) == len(a) or len(v) == 0:
+        return None, None, None
     denom = e.mean() - a.mean()
-    if not len(v) == len(e) == len(a) or len(v) == 0 or abs(denom) < 1e-12:
+    if abs(denom) <= 1e-6 * max(abs(e.mean()), abs(a.mean()), 1e-6):  # level within rounding: a ratio would be noise
         return None, None, None
     point = float((v.mean() - a.mean()) / denom)
     if len(v) < 2:  # one item: nothing to resample
@@ -110,11 +112,12 @@ def gap_recovered(value: list[float], exact: list[float], aux: list[float],
 def summarise(per_mode: dict[str, dict[str, list[float]]], seed: int = 0,
               binary: frozenset[str] = frozenset()) -> dict[str, dict[str, dict]]:
     """{mode: {metric: values}} -> {metric: {mode: {value, ci, n, gap_recovered, gap_ci}}}; `binary`: the metrics
-    whose every value is 0 or 1 by construction (Wilson intervals)."""
+    that are 0 or 1 per item (Wilson intervals) where every value is (pass@1 is, for greedy HumanEval)."""
     table: dict[str, dict[str, dict]] = {}
     for mode, metrics in per_mode.items():
         for metric, values in metrics.items():
-            mean, lo, hi = confidence_interval(values, seed, binary=metric in binary)
+            bernoulli = metric in binary and all(v in (0.0, 1.0) for v in values)
+            mean, lo, hi = confidence_interval(values, seed, binary=bernoulli)
             entry = {"value": mean, "ci": [lo, hi], "n": len(values)}
             if "exact" in per_mode and "aux" in per_mode:
                 gap, glo, ghi = gap_recovered(values, per_mode["exact"][metric], per_mode["aux"][metric], seed)

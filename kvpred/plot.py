@@ -89,9 +89,12 @@ def pareto_points(docs: list[dict], x_rule: str = "param", tasks: list[str] | No
             y = relative_accuracy(doc, mode, tasks)
             if y is None:
                 continue
-            # the matmul rule counts what predicted mode runs; aux and truncate cost the params rule by construction
+            # the matmul rule counts what predicted mode runs; aux costs the params rule by construction, and
+            # truncate the ratio it kept the last 1/r of each prompt by (the params rule unless --truncate-ratio)
             rule = X_RULES[x_rule] if mode == "predicted" else "param_ratio"
             ratio = doc["flops"].get(rule)
+            if mode == "truncate" and isinstance(doc.get("truncate_ratio"), (int, float)):
+                ratio = doc["truncate_ratio"]
             if not isinstance(ratio, (int, float)):
                 raise KVPredError(f"results {doc['label']!r} have no flops {rule} for the x axis")
             points.append({"label": doc["label"], "mode": mode, "flops_x": 1.0 if mode == "exact" else ratio,

@@ -210,11 +210,23 @@ def read_jsonl(path: str) -> Iterator[dict]:
             raise KVPredError(f"{path} is not UTF-8 text ({err.reason})") from err
 
 
-def load_rows(path: str) -> list[dict]:
+def load_rows(path: str, fields: tuple[str, ...] = (), one_of: tuple[str, ...] = ()) -> list[dict]:
+    """The JSON objects of `path`'s files, each checked to hold every one of `fields` and one of `one_of`: a
+    format is told from a file's first row, and a later row that does not fit is named, not a KeyError."""
     files = _expand(path)
     if not files:
         raise KVPredError(f"data file {path!r} does not exist")
-    return [row for f in files for row in read_jsonl(f)]
+    rows = []
+    for file in files:
+        for n, row in enumerate(read_jsonl(file), 1):
+            if not isinstance(row, dict):
+                raise KVPredError(f"{file}, row {n}: expected a JSON object, got {type(row).__name__}")
+            missing = [key for key in fields if key not in row] + (
+                [" or ".join(one_of)] if one_of and not set(one_of) & set(row) else [])
+            if missing:
+                raise KVPredError(f"{file}, row {n} lacks {', '.join(missing)} (it has {sorted(row)})")
+            rows.append(row)
+    return rows
 
 
 @lru_cache(maxsize=4)
@@ -352,7 +364,7 @@ class RunContext:
 class Kind:
     """One task format. Subclasses define how items are built, split into units, run and scored."""
     metrics_higher_is_better: dict[str, bool] = {}
-    binary_metrics: frozenset[str] = frozenset()  # metrics whose every per-item value is 0 or 1
+    binary_metrics: frozenset[str] = frozenset()  # metrics that are 0 or 1 per item (always, or where all are)
     primary: str = ""
     option_fields: tuple[str, ...] = ()  # EvalOptions fields that change this kind's unit results
 
@@ -431,10 +443,15 @@ class LanguageModelling(ScoringKind):
     primary = "acc"
 
     def build(self, model, spec, opts, limit):
-        rows = load_rows(spec.path)[:limit]
+        rows = load_rows(spec.path, ("context", "continuation"))[:limit]
         items = []
-        for row in rows:
-            ctx, cont = _encode_pair(model.tokenizer, row["context"], " " + row["continuation"].lstrip())
+        for n, row in enumerate(rows, 1):
+            context, word = str(row["context"]), str(row["continuation"]).lstrip()
+            if not word:
+                raise KVPredError(f"{spec.path}, row {n}: the continuation is empty")
+            # the word follows a space, or the context's own trailing whitespace (a newline, say)
+            sep = "" if context[-1:].isspace() or not context else " "
+            ctx, cont = _encode_pair(model.tokenizer, context, sep + word)
             items.append({"ctx": ctx, "cont": cont})
         return items
 
@@ -455,7 +472,7 @@ class MultipleChoice(ScoringKind):
     option_fields = ("fewshot", "seed")
 
     def build(self, model, spec, opts, limit):
-        rows = load_rows(spec.path)
+        rows = load_rows(spec.path, ("query", "choices", "gold"))
         golds = [_mc_gold(row, f"{spec.path}, row {i + 1}") for i, row in enumerate(rows)]
         shots = 0 if opts.fewshot is None else opts.fewshot
         items = []
@@ -537,7 +554,7 @@ class QuestionAnswering(GenerationKind):
     stop = ["\n", ".", ","]
 
     def build(self, model, spec, opts, limit):
-        rows = load_rows(spec.path)
+        rows = load_rows(spec.path, one_of=("question", "context"))
         shots = 1 if opts.fewshot is None else opts.fewshot
         items = []
         for idx, row in enumerate(rows[:limit]):
@@ -653,9 +670,9 @@ class ChatAgreement(Agreement):
 
 
 class Retrieval(GenerationKind):
-    """Long-range recall: a 5-digit pass key stated early (5-20% into a prompt of wikitext filler), asked
-    for at the end; correct when the first number generated is the key. Truncation to the last 1/r of the prompt
-    drops the key whenever that is less than what follows it (at least 80% of the prompt)."""
+    """Long-range recall: a 5-digit pass key stated early (5-20% into wikitext filler, and before the last ceil(N/r)
+    tokens of the N-token prompt, which truncation keeps, so truncation does not see it; a warning where N is too
+    short for that), asked for at the end; correct when the first number generated is the key."""
     metrics_higher_is_better = {"acc": True}
     binary_metrics = frozenset({"acc"})
     primary = "acc"
@@ -673,7 +690,7 @@ class Retrieval(GenerationKind):
         filler = _text_tokens(tok, spec.path)
         head, question = tok(self.header).input_ids, tok(self.question, add_special_tokens=False).input_ids
         count = opts.retrieval_items if limit is None else limit
-        items = []
+        items, short = [], set()
         for i in range(count):
             rng = random.Random(opts.seed * 7919 + i)
             length, key = lengths[i % len(lengths)], str(rng.randint(10000, 99999))
@@ -687,7 +704,13 @@ class Retrieval(GenerationKind):
                                   f"a {length}-token prompt needs")
             start = rng.randrange(0, len(filler) - n_fill + 1)
             fill = list(filler[start:start + n_fill])
-            at = int(n_fill * rng.uniform(0.05, 0.2))
+            latest = length - math.ceil(length / opts.ratio) - len(head) - len(needle)  # ends before truncate's part
+            if latest < 0 and length not in short:
+                short.add(length)
+                warnings.warn(f"a {length}-token pass-key prompt cannot state the key before its last 1/"
+                              f"{opts.ratio:.2f}, so truncate mode sees it: give longer --retrieval-lengths to "
+                              "compare with truncation", stacklevel=2)
+            at = max(0, min(int(n_fill * rng.uniform(0.05, 0.2)), latest))
             items.append({"prompt": head + fill[:at] + needle + fill[at:] + question, "key": key, "length": length,
                           "depth": (len(head) + at) / length})
         return items
@@ -784,16 +807,14 @@ class HumanEval(Kind):
     option_fields = ("humaneval_samples", "humaneval_temperature", "humaneval_top_p", "humaneval_max_new_tokens",
                      "humaneval_timeout", "seed")
 
+    binary_metrics = frozenset({"pass@1", "pass@10", "pass@100"})  # 0 or 1 per problem for greedy pass@1, pass@n
+
     @property
     def metrics_higher_is_better(self):  # type: ignore[override]
         return {f"pass@{k}": True for k in (1, 10, 100)}
 
     def build(self, model, spec, opts, limit):
-        rows = load_rows(spec.path)[:limit]
-        for row in rows:
-            missing = {"task_id", "prompt", "test", "entry_point"} - set(row)
-            if missing:
-                raise KVPredError(f"{spec.path}: HumanEval row lacks {sorted(missing)}")
+        rows = load_rows(spec.path, ("task_id", "prompt", "test", "entry_point"))[:limit]
         return [{"prompt": model.tokenizer(row["prompt"]).input_ids, "problem": row} for row in rows]
 
     def units(self, items):

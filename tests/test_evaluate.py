@@ -33,7 +33,7 @@ MODES = ["exact", "aux", "predicted", "truncate"]
 def small_options(model, **overrides) -> EvalOptions:
     opts = dict(batch_size=4, ratio=flop_ratio(model)["param_ratio"], kv_length=48, heldout_context=40,
                 heldout_continuation=12, agreement_prompt=24, agreement_tokens=6, qa_max_new_tokens=6,
-                retrieval_lengths=[256], humaneval_max_new_tokens=8, humaneval_timeout=5.0)
+                retrieval_lengths=[384], humaneval_max_new_tokens=8, humaneval_timeout=5.0)
     opts.update(overrides)
     return EvalOptions(**opts)
 
@@ -110,6 +110,16 @@ def test_gap_recovered_is_one_at_exact_and_zero_at_aux_for_accuracies_and_losses
     point, lo, hi = gap_recovered([3.0, 3.2, 2.8], [2.0, 2.1, 1.9], [4.0, 4.2, 3.8])
     assert point == pytest.approx(0.5) and lo <= point <= hi
     assert gap_recovered([1, 1], [1, 1], [1, 1]) == (None, None, None)  # exact == aux: undefined
+    assert gap_recovered([3.0], [2.5 + 1e-9], [2.5]) == (None, None, None)  # ... and level within rounding
+
+
+def test_summaries_use_wilson_intervals_for_a_binary_capable_metric_only_where_every_value_is_0_or_1():
+    from kvpred.evaluate import summarise
+
+    greedy = summarise({"exact": {"pass@1": [0.0, 0.0, 0.0]}}, binary=frozenset({"pass@1"}))
+    assert greedy["pass@1"]["exact"]["ci"][1] > 0.5  # Wilson: three failures leave much doubt
+    sampled = summarise({"exact": {"pass@1": [0.25, 0.5, 0.0]}}, binary=frozenset({"pass@1"}))
+    assert sampled["pass@1"]["exact"]["ci"][1] <= 0.5  # a bootstrap of the per-problem fractions
 
 
 def test_pass_at_k_is_the_unbiased_estimator():
@@ -161,6 +171,32 @@ def test_multiple_choice_rows_are_checked(pruned, tmp_path, row, message):
         KINDS["mc"].build(pruned, parse_tasks(f"arc_easy={path}", DATA)[0], small_options(pruned), None)
 
 
+@pytest.mark.parametrize("task, first, row, message", [
+    ("arc_easy", {"query": "q", "choices": ["x"], "gold": 0}, {"choices": ["a"], "gold": 0}, "row 2 lacks query"),
+    ("lambada", {"context": "a", "continuation": "b"}, ["a", "b"], "row 2: expected a JSON object, got list"),
+    ("lambada", {"context": "a", "continuation": "b"}, {"context": "a"}, "row 2 lacks continuation"),
+    ("lambada", {"context": "a", "continuation": "b"}, {"context": "a", "continuation": " "}, "continuation is empty"),
+    ("triviaqa", {"question": "q", "answer": "a"}, {"answer": "a"}, "row 2 lacks question or context"),
+])
+def test_a_later_row_that_does_not_fit_its_files_format_is_named(pruned, tmp_path, task, first, row, message):
+    path = tmp_path / "rows.jsonl"
+    path.write_text(json.dumps(first) + "\n" + json.dumps(row) + "\n")
+    spec = parse_tasks(f"{task}={path}", DATA)[0]
+    with pytest.raises(KVPredError, match=message):
+        KINDS[spec.kind].build(pruned, spec, small_options(pruned), None)
+
+
+def test_a_lambada_style_word_follows_a_space_or_the_contexts_own_whitespace(pruned, tmp_path):
+    path = tmp_path / "lm.jsonl"
+    rows = [{"context": "Line one.\n", "continuation": "Next"}, {"context": "The cat sat on the",
+                                                                  "continuation": "mat"},
+            {"context": "It was a", "continuation": " dog"}]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    items = KINDS["lm"].build(pruned, parse_tasks(f"lambada={path}", DATA)[0], small_options(pruned), None)
+    texts = [pruned.tokenizer.decode(item["ctx"] + item["cont"]) for item in items]
+    assert texts == ["Line one.\nNext", "The cat sat on the mat", "It was a dog"]
+
+
 def test_acc_norm_divides_by_the_choice_text_as_lm_eval_does(pruned, tmp_path):
     path = tmp_path / "mc.jsonl"
     path.write_text(json.dumps({"query": "q", "choices": ["ab", "abcd"], "gold": "1"}) + "\n")
@@ -185,15 +221,23 @@ def test_retrieval_refuses_filler_too_short_for_its_prompts(pruned, tmp_path):
         Retrieval().build(pruned, spec, small_options(pruned, retrieval_lengths=[448]), 2)
 
 
-def test_retrieval_places_the_key_where_truncation_drops_it(pruned):
-    opts = small_options(pruned, retrieval_lengths=[448, 9999])  # 9999 exceeds the context: skipped
-    items = Retrieval().build(pruned, parse_tasks(f"retrieval={DATA}/tiny.txt", DATA)[0], opts, 4)
-    assert len({item["key"] for item in items}) == 4
+@pytest.mark.parametrize("ratio", [1.5, 2.0, 3.17])
+def test_retrieval_places_the_key_where_truncation_drops_it(pruned, ratio):
+    opts = small_options(pruned, retrieval_lengths=[448, 9999], ratio=ratio)  # 9999 exceeds the context: skipped
+    items = Retrieval().build(pruned, parse_tasks(f"retrieval={DATA}/tiny.txt", DATA)[0], opts, 8)
+    assert len({item["key"] for item in items}) == 8
     for item in items:
         assert len(item["prompt"]) == item["length"] == 448 and item["depth"] < 0.4  # byte tokens: long header
         text = pruned.tokenizer.decode(item["prompt"])
         assert f"pass key is {item['key']}" in text
-        assert item["key"] not in pruned.tokenizer.decode(mode_prompt(item["prompt"], "truncate", 2.0))
+        assert item["key"] not in pruned.tokenizer.decode(mode_prompt(item["prompt"], "truncate", ratio))
+
+
+def test_retrieval_warns_at_lengths_where_truncation_keeps_the_key(pruned):
+    opts = small_options(pruned, retrieval_lengths=[448], ratio=1.05)
+    with pytest.warns(UserWarning, match="cannot state the key before its last 1/1.05, so truncate mode sees it"):
+        items = Retrieval().build(pruned, parse_tasks(f"retrieval={DATA}/tiny.txt", DATA)[0], opts, 2)
+    assert len(items) == 2
 
 
 # ------------------------------------------------------------------ task specs and data
@@ -525,6 +569,8 @@ def test_plot_draws_the_pareto_figure_with_a_ttft_panel(pruned_doc, tmp_path):
     exact = [p for p in points if p["mode"] == "exact"]
     assert all(p["y"] == 1.0 and p["flops_x"] == 1.0 for p in exact)
     assert {p["flops_x"] for p in points if p["mode"] == "predicted"} == {pruned_doc["flops"]["param_ratio"], 3.0}
+    truncated = pareto_points([dict(first, modes=["exact", "truncate"], truncate_ratio=5.0)])
+    assert [p["flops_x"] for p in truncated if p["mode"] == "truncate"] == [5.0]  # the ratio it truncated by
     out = tmp_path / "pareto.png"
     assert cli.main(["plot", "--results", *map(str, paths), "--out", str(out)]) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
