@@ -23,6 +23,7 @@ import glob
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -41,6 +42,7 @@ SUFFIXES = TEXT_SUFFIXES + (JSONL_SUFFIX,)
 EVAL_DATA = Path("/work/shared/data")
 META_NAME = "meta.json"
 SPLITS = ("train", "heldout")
+SHARD_NAME = re.compile(r"(train|heldout)_\d{5}\.bin")  # what a build names its shards
 FORMAT_VERSION = 1
 # Tokenize this many characters per call: large enough for the Rust tokenizer to use both cores, small enough for RAM.
 TOKENIZE_BATCH_CHARS = 4_000_000
@@ -115,11 +117,11 @@ def read_documents(path: Path, text_field: str = "text") -> list[str]:
     """The documents in one file: its whole text, or one per jsonl line (that line's `text_field`).
 
     Raises UnicodeDecodeError for a file that is not UTF-8."""
-    text = path.read_text(encoding="utf-8")
+    text = path.read_text(encoding="utf-8-sig")  # a byte-order mark is no text
     if not path.name.endswith(JSONL_SUFFIX):
         return [text]
     docs = []
-    for lineno, line in enumerate(text.splitlines(), 1):
+    for lineno, line in enumerate(text.split("\n"), 1):  # JSON lines end at \n only: U+2028 may sit in a string
         if not line.strip():
             continue
         try:
@@ -190,7 +192,7 @@ class _ShardWriter:
 
     def _flush(self, n: int) -> None:
         flat = np.concatenate(self._buffer)
-        name = f"{self.split}_{len(self.shards):05d}.bin"
+        name = f"{self.split}_{len(self.shards):05d}.bin"  # SHARD_NAME
         _write_atomic(self.out_dir / name, flat[:n])
         self.shards.append({"file": name, "tokens": int(n)})
         self._buffer, self._buffered = [flat[n:]], len(flat) - n
@@ -337,6 +339,7 @@ def build_shards(sources: Sequence[str], tokenizer, out_dir: str | Path, *, shar
         raise KVPredError("the tokenizer has no EOS token, which separates documents in the packed stream")
     files = {s: expand_source(s, exclude, shuffle_files) for s in sources}  # every source checked before any work
     out = out_folder(out_dir, "the token shards")
+    _check_meta_is_ours(out)
     remove_dead_temporaries(out, ".build-")
     stage = Path(tempfile.mkdtemp(dir=out, prefix=f".build-{os.getpid()}-"))  # an earlier build stays whole meanwhile
     try:
@@ -350,6 +353,7 @@ def build_shards(sources: Sequence[str], tokenizer, out_dir: str | Path, *, shar
                           "eos_token_id": eos},
             **built, "heldout_fraction": heldout_fraction, "max_tokens": max_tokens, "shard_tokens": shard_tokens,
             "text_field": text_field, "exclude": list(exclude), "shuffle_files": shuffle_files,
+            "content_sha256": _digest(sorted(stage.glob("*.bin"))),
         }
         (out / META_NAME).unlink(missing_ok=True)  # the old build is invalid from here on
         for shard in stage.glob("*.bin"):
@@ -358,10 +362,32 @@ def build_shards(sources: Sequence[str], tokenizer, out_dir: str | Path, *, shar
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     wanted = {s["file"] for split in meta["splits"].values() for s in split["shards"]}
-    for stale in out.glob("*.bin"):  # shards of an earlier, larger build in the same folder
-        if stale.name.split("_")[0] in SPLITS and stale.name not in wanted:
+    for stale in out.glob("*.bin"):  # shards of an earlier, larger build in the same folder (by their names only)
+        if SHARD_NAME.fullmatch(stale.name) and stale.name not in wanted:
             stale.unlink()
     return meta
+
+
+def _check_meta_is_ours(out: Path) -> None:
+    """A build replaces the META_NAME in `out`: refuse, before any work, one that no build made."""
+    path = out / META_NAME
+    try:
+        ours = not path.exists() or {"format", "splits", "tokenizer"} <= set(json.loads(path.read_bytes()))
+    except (ValueError, TypeError):
+        ours = False
+    if not ours:
+        raise KVPredError(f"--out {out} holds a {META_NAME} that is not a kvpred token build's, which a build would "
+                          "overwrite: choose another folder")
+
+
+def _digest(files: Sequence[Path]) -> str:
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode())
+        with open(f, "rb") as stream:
+            for block in iter(lambda: stream.read(1 << 24), b""):
+                h.update(block)
+    return h.hexdigest()[:16]
 
 
 def read_meta(shard_dir: str | Path) -> dict:
@@ -419,10 +445,13 @@ class TokenStream:
         if seq_len < 1:
             raise KVPredError(f"seq_len must be positive, got {seq_len}")
         self.split, self.seq_len = split, seq_len
-        self.shards = []
+        self.shards, self.content = [], []
         for folder in shard_folders(shard_dir):
             meta = read_meta(folder)
             self.shards += [np.memmap(path, dtype=meta["dtype"], mode="r") for path in shard_files(folder, meta, split)]
+            # what each build holds; builds made before the digest existed: their meta.json's contents
+            self.content.append(meta.get("content_sha256")
+                                or hashlib.sha256((Path(folder) / META_NAME).read_bytes()).hexdigest()[:16])
         self.starts = np.cumsum([0] + [len(s) for s in self.shards])  # token offset of each shard in the split
         self.tokens = int(self.starts[-1])
         self.n_windows = self.tokens // seq_len  # the tail shorter than a window is never used
@@ -510,12 +539,16 @@ class PackedTokens:
         """JSON-able position: the next batch is global step `step` (epoch, cursor are informative)."""
         return {"split": self.split, "seed": self.seed, "shuffle": self.shuffle, "seq_len": self.seq_len,
                 "global_batch_size": self.global_batch_size, "n_windows": self.stream.n_windows,
-                "tokens": self.stream.tokens, "step": self.step, "epoch": self.epoch,
+                "tokens": self.stream.tokens, "content": self.stream.content, "step": self.step, "epoch": self.epoch,
                 "cursor": (self.step % self.steps_per_epoch) * self.global_batch_size}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue exactly where `state` left off; the data and the global batch must be the same."""
         current = self.state_dict()
+        if state.get("content", current["content"]) != current["content"]:  # (older checkpoints have none)
+            raise KVPredError("cannot resume: the token build(s) given hold other tokens than the run was trained on "
+                              f"(content {state['content']} then, {current['content']} now): rebuilt since? Resume "
+                              "with the same data, or train into a new folder")
         for key in ("split", "seq_len", "global_batch_size", "n_windows", "tokens"):
             if state[key] != current[key]:
                 raise KVPredError(f"cannot resume: the saved data position has {key}={state[key]!r} but this "

@@ -107,6 +107,21 @@ def test_a_rebuild_replaces_the_previous_build(tmp_path, corpus):
     assert sorted(p.name for p in out.iterdir()) == ["meta.json", "train_00000.bin"] and read_meta(out) == meta
 
 
+def test_a_build_keeps_the_users_files_in_its_folder_and_refuses_a_meta_json_it_did_not_write(tmp_path, corpus):
+    out = tmp_path / "tokens"
+    out.mkdir()
+    mine = {"notes.txt": b"notes", "train_weights.bin": b"weights", "heldout_old.bin": b"old"}
+    for name, data in mine.items():
+        (out / name).write_bytes(data)
+    build_shards([str(corpus[0])], TOK, out, heldout_fraction=0.0, progress=False)
+    assert all((out / name).read_bytes() == data for name, data in mine.items())
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "meta.json").write_text('{"my": "settings"}')
+    with pytest.raises(KVPredError, match="holds a meta.json that is not a kvpred token build's"):
+        build_shards([str(corpus[0])], TOK, tmp_path / "other", heldout_fraction=0.0, progress=False)
+    assert (tmp_path / "other" / "meta.json").read_text() == '{"my": "settings"}'
+
+
 def test_a_failed_build_leaves_the_previous_build_whole(tmp_path, corpus):
     out = tmp_path / "tokens"
     meta = build_shards([str(corpus[0])], TOK, out, shard_tokens=500, progress=False)
@@ -256,6 +271,24 @@ def test_resume_refuses_a_different_data_layout(built):
         PackedTokens(built, seq_len=8, batch_size=4).load_state_dict(state)
 
 
+def test_resume_refuses_a_build_rebuilt_from_other_text_of_the_same_size(tmp_path, corpus):
+    built = tmp_path / "tokens"
+    build_shards([str(corpus[0])], TOK, built, shard_tokens=500, heldout_fraction=0.0, progress=False)
+    state = PackedTokens(built, seq_len=16, batch_size=4).state_dict()
+    other = tmp_path / "other"
+    other.mkdir()
+    for f in (f for f in corpus[0].rglob("*") if f.is_file()):  # the same layout and sizes, other letters
+        (other / f.relative_to(corpus[0])).parent.mkdir(parents=True, exist_ok=True)
+        (other / f.relative_to(corpus[0])).write_bytes(f.read_bytes().replace(b"x", b"y"))
+    build_shards([str(other)], TOK, built, shard_tokens=500, heldout_fraction=0.0, progress=False)
+    again = PackedTokens(built, seq_len=16, batch_size=4)
+    assert again.state_dict()["tokens"] == state["tokens"]
+    with pytest.raises(KVPredError, match="hold other tokens than the run was trained on"):
+        again.load_state_dict(state)
+    del state["content"]  # a checkpoint from before builds recorded their content resumes as before
+    again.load_state_dict(state)
+
+
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_ranks_together_take_exactly_the_single_process_global_batch(built, world_size):
     single = PackedTokens(built, seq_len=8, batch_size=2 * world_size, seed=5)
@@ -380,6 +413,15 @@ def test_jsonl_documents_come_from_the_text_field(tmp_path):
     assert split_documents(tmp_path / "t", "train") == ["first row", "second row"]
     with pytest.raises(KVPredError, match=r"rows.jsonl:1 has no string field 'text'.*--text-field"):
         build_shards([str(path)], TOK, tmp_path / "u", progress=False)
+
+
+def test_jsonl_lines_end_at_newlines_only_and_a_byte_order_mark_is_no_text(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + "\n".join(json.dumps({"text": t}, ensure_ascii=False)
+                                                 for t in ("one\u2028line", "two")).encode() + b"\r\n")
+    (tmp_path / "doc.txt").write_bytes(b"\xef\xbb\xbfplain")
+    build_shards([str(path), str(tmp_path / "doc.txt")], TOK, tmp_path / "t", heldout_fraction=0.0, progress=False)
+    assert split_documents(tmp_path / "t", "train") == ["one\u2028line", "two", "plain"]
 
 
 def test_globs_expand_and_exclusions_apply(tmp_path, corpus):
