@@ -67,23 +67,33 @@ def _refuse_eval_data(path: Path, source: str) -> None:
 
 
 def _walk(root: Path, suffixes: tuple[str, ...]) -> list[Path]:
-    """Files under `root` with one of `suffixes`, in sorted order; hidden folders and __pycache__ are skipped."""
-    found = []
-    for folder, dirs, files in os.walk(root):
+    """Files under `root` with one of `suffixes` (in any case), in sorted order, linked folders followed once each;
+    hidden files and folders and __pycache__ are skipped."""
+    found, walked = [], set()
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in walked:  # a link back up the tree, or a second way into a folder: its files are listed already
+            dirs[:] = []
+            continue
+        walked.add(real)
         dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d != "__pycache__")
-        found += [Path(folder) / f for f in sorted(files) if f.endswith(suffixes)]
+        found += [Path(folder) / f for f in sorted(files) if not f.startswith(".") and f.lower().endswith(suffixes)]
     return found
 
 
 def find_files(source: str, suffixes: tuple[str, ...]) -> list[Path]:
     """The files `source` names: itself if it is a file, the files with one of `suffixes` under it if it is a
-    folder (walked recursively), or those a glob matches (folders among them walked); [] if there are none."""
+    folder (walked recursively), or those a glob matches (folders among them walked); each file once (by its real
+    path, in the order first found); [] if there are none."""
     if glob.has_magic(source):
         matches = [Path(m) for m in sorted(glob.glob(source, recursive=True))]
-        return [f for m in matches for f in (_walk(m, suffixes) if m.is_dir() else [m] if m.name.endswith(suffixes)
-                                             else [])]
-    path = Path(source)
-    return _walk(path, suffixes) if path.is_dir() else [path] if path.is_file() else []
+        found = [f for m in matches if "__pycache__" not in m.parts
+                 for f in (_walk(m, suffixes) if m.is_dir() else [m] if m.name.lower().endswith(suffixes) else [])]
+    else:
+        path = Path(source)
+        found = _walk(path, suffixes) if path.is_dir() else [path] if path.is_file() else []
+    seen: set[str] = set()
+    return [f for f in found if not (os.path.realpath(f) in seen or seen.add(os.path.realpath(f)))]
 
 
 def _file_order_key(path: Path) -> str:
@@ -93,9 +103,10 @@ def _file_order_key(path: Path) -> str:
 def expand_source(source: str, exclude: Sequence[str] = (), shuffle: bool = False) -> list[Path]:
     """A file, folder (walked recursively) or glob -> its .py/.txt/.md/.rst/.jsonl files.
 
-    Order is sorted by path, or with shuffle=True a fixed pseudo-random order (a hash of each path), so that a
-    --max-tokens cap takes a spread of the source rather than its alphabetical head. `exclude` holds fnmatch
-    patterns tested against each file's full path (e.g. "*/tests/*").
+    Order is sorted by path, or with shuffle=True a fixed pseudo-random order (a hash of each path as found from the
+    source as given, so the same command reproduces it), so that a --max-tokens cap takes a spread of the source
+    rather than its alphabetical head. `exclude` holds fnmatch patterns tested against each file's path, as found
+    and made absolute (e.g. "*/tests/*").
     """
     if not source.strip():  # Path("") is the current directory, which nobody means
         raise KVPredError("a source is empty: give a file, folder or glob")
@@ -104,7 +115,9 @@ def expand_source(source: str, exclude: Sequence[str] = (), shuffle: bool = Fals
         raise KVPredError(f"source {source!r} does not exist")
     if Path(source).is_file() and not source.endswith(SUFFIXES):
         raise KVPredError(f"source {source!r} is not a {'/'.join(SUFFIXES)} file")
-    files = [f for f in find_files(source, SUFFIXES) if not any(fnmatch.fnmatch(f.as_posix(), pat) for pat in exclude)]
+    files = [f for f in find_files(source, SUFFIXES)
+             if not any(fnmatch.fnmatch(name, pat) for name in (f.as_posix(), f.absolute().as_posix())
+                        for pat in exclude)]
     if not files:
         raise KVPredError(f"source {source!r} matches no {'/'.join(SUFFIXES)} files"
                           + (f" outside the excluded patterns {list(exclude)}" if exclude else ""))
@@ -130,8 +143,9 @@ def read_documents(path: Path, text_field: str = "text") -> list[str]:
             raise KVPredError(f"{path}:{lineno} is not valid JSON ({err})") from err
         value = row.get(text_field) if isinstance(row, dict) else None
         if not isinstance(value, str):
-            keys = sorted(row) if isinstance(row, dict) else type(row).__name__
-            raise KVPredError(f"{path}:{lineno} has no string field {text_field!r} (has {keys}); "
+            has = (f"its {text_field!r} is {type(value).__name__}" if isinstance(row, dict) and text_field in row
+                   else f"has {sorted(row) if isinstance(row, dict) else type(row).__name__}")
+            raise KVPredError(f"{path}:{lineno} has no string field {text_field!r} ({has}); "
                               "choose the field with --text-field")
         docs.append(value)
     return docs
@@ -409,7 +423,12 @@ def read_meta(shard_dir: str | Path) -> dict:
 
 def shard_folders(shard_dir: str | Path) -> list[Path]:
     """One token build, or several joined by commas ("mix/,sampled/"), whose splits are then read as one."""
-    return [Path(d) for d in str(shard_dir).split(",") if d]
+    folders = [Path(d) for d in str(shard_dir).split(",") if d]
+    reals = [os.path.realpath(f) for f in folders]
+    if len(set(reals)) < len(reals):
+        raise KVPredError(f"{shard_dir} names a token build twice: each is read once (to weight one more, "
+                          "build it again into another folder)")
+    return folders
 
 
 def check_tokenizer(shard_dir: str | Path, tokenizer) -> None:
@@ -569,14 +588,23 @@ def heldout_windows(shard_dir: str | Path, seq_len: int, n: int) -> torch.Tensor
 
 # ---------------------------------------------------------------- sampling a corpus from the base
 def topic_words(tokenizer, min_letters: int = 4) -> list[str]:
-    """Whole lower-case words of the vocabulary (byte-level BPE marks a leading space with 'Ġ'), capitalised: the
-    openings of sampled documents, so their topics spread over what the tokenizer knows."""
+    """Whole lower-case words of the vocabulary (byte-level BPE marks a leading space with 'Ġ', SentencePiece with
+    '▁'), capitalised: the openings of sampled documents, so their topics spread over what the tokenizer knows."""
     vocab = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
-    words = sorted({t[1:] for t in vocab if t and t[0] == "Ġ" and t[1:].isascii() and t[1:].isalpha()
+    words = sorted({t[1:] for t in vocab if t and t[0] in "Ġ▁" and t[1:].isascii() and t[1:].isalpha()
                     and t[1:].islower() and len(t) > min_letters})
     if not words:
         raise KVPredError("the tokenizer has no whole-word tokens to open sampled documents with")
     return [w.capitalize() for w in words]
+
+
+def _sampled_tokens(batch_file: Path) -> int:
+    """The tokens a finished batch file of `sample_corpus` holds (what a resumed run counts as done)."""
+    try:
+        return sum(json.loads(line)["tokens"] for line in batch_file.read_text().splitlines() if line.strip())
+    except (ValueError, KeyError, TypeError):
+        raise KVPredError(f"{batch_file} is not a batch of sampled documents (JSON lines with a \"tokens\" count), "
+                          "but the folder resumes from such files: sample into another folder") from None
 
 
 def chat_prefix(tokenizer, conversation: Sequence[dict] = ()) -> str:
@@ -651,7 +679,7 @@ def sample_corpus(model, tokenizer, out_dir: str | Path, tokens: int, *, batch_s
         make = partial(_documents_batch, words=list(openings or topic_words(tokenizer)))
     out = out_folder(out_dir, "the sampled documents")
     done = sorted(out.glob("sample_*.jsonl"))
-    total = sum(json.loads(line)["tokens"] for f in done for line in f.read_text().splitlines())
+    total = sum(_sampled_tokens(f) for f in done)
     bar = tqdm(total=tokens, initial=min(total, tokens), unit="tok", unit_scale=True, desc=f"sampling into {out}",
                disable=not progress)
     # after the highest number there: files a user removed must not make a new batch overwrite a kept one

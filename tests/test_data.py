@@ -424,6 +424,52 @@ def test_jsonl_lines_end_at_newlines_only_and_a_byte_order_mark_is_no_text(tmp_p
     assert split_documents(tmp_path / "t", "train") == ["one\u2028line", "two", "plain"]
 
 
+def test_each_file_is_read_once_whichever_links_or_globs_reach_it(tmp_path):
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    (src / "a.txt").write_text("alpha")
+    (src / "sub" / "B.TXT").write_text("bravo")  # suffixes in any case
+    (src / ".hidden.txt").write_text("hidden")
+    (src / "loop").symlink_to(src)  # a link back up the tree
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "c.txt").write_text("charlie")
+    (src / "linked").symlink_to(outside)  # a linked folder is walked like any other
+    for source in (str(src), f"{src}/**"):
+        names = sorted(f.name for f in expand_source(source))
+        assert names == ["B.TXT", "a.txt", "c.txt"], source
+
+
+def test_sampled_documents_open_with_whole_words_of_byte_level_and_sentencepiece_vocabularies():
+    from kvpred.data import topic_words
+
+    class Vocab:
+        def __init__(self, tokens):
+            self.tokens = tokens
+
+        def __len__(self):
+            return len(self.tokens)
+
+        def convert_ids_to_tokens(self, ids):
+            return [self.tokens[i] for i in ids]
+
+    assert topic_words(Vocab(["Ġhouse", "Ġa", "hous", "ĠHouse"])) == ["House"]
+    assert topic_words(Vocab(["▁river", "▁of", "riv", "▁x2yz"])) == ["River"]
+
+
+def test_a_folder_of_other_jsonl_files_is_refused_for_sampling(tiny_llama, tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "sample_00000.jsonl").write_text('{"text": "mine"}\n')
+    model, tok = load_causal_lm(str(tiny_llama))
+    with pytest.raises(KVPredError, match="is not a batch of sampled documents"):
+        sample_corpus(model, tok, tmp_path / "out", 10, openings=["Hello"], progress=False)
+
+
+def test_a_token_build_given_twice_is_refused(built):
+    with pytest.raises(KVPredError, match="names a token build twice"):
+        PackedTokens(f"{built},{built}/", seq_len=16, batch_size=4)
+
+
 def test_globs_expand_and_exclusions_apply(tmp_path, corpus):
     src = corpus[0]
     assert [p.name for p in expand_source(str(src / "pkg1" / "*.py"))] == ["doc004.py", "doc016.py", "doc028.py"]
