@@ -123,9 +123,11 @@ a)
   ;;
 a2)
   cp .carry/g2/part /tmp/gg/part01 && { [ ! -d .carry/mix1 ] || unxz_into $D .carry/mix1/*; }
+  [ -d .carry/pydocs ] && cp -r .carry/pydocs /tmp/pydocs  # Python's documentation as token shards (round 6)
   ;;
 a3)
   cp .carry/g3/part /tmp/gg/part02 && { [ ! -d .carry/mix2 ] || unxz_into $D .carry/mix2/*; } && ls -la $D
+  [ -d .carry/data ] && cp -r .carry/data /tmp/carry/
   ;;
 b)
   assemble_model || exit 1
@@ -563,6 +565,48 @@ collectmt)  # after `evalmt shipped` and `evalmt $MT_NAME`: wait for both, pair 
   done | tee /tmp/eval/paired.txt
   grep -h "^| chat\|^| agreement\|^| lambada\|^| heldout\|^| arc\|^| piqa" /tmp/eval/*.md
   tar -czf $OUT/${N}_results.tgz -C /tmp/eval . -C $RUNS sample.log $N.log mt_first40.jsonl $N/metrics.jsonl
+  tar -czf - -C $RUNS ship_$N | split -b 15M - $OUT/ship_$N.tgz.part-
+  ;;
+longround)  # (daemon, started by `b longround`, after a, a2 carrying .carry/pydocs and a3 carrying .carry/data): does
+  # training at long prompts help long prompts? The shipped default trained at --seq-len 512 and its first-token
+  # agreement falls from 0.47 at 512 tokens to 0.40 at 2048 (h100/equal_flops). Samples LONG_TOKENS of documents of up
+  # to 2048 tokens from the base, continues the shipped default on them plus Python's documentation at --seq-len 2048
+  # (batch 8: the same tokens per step) for TRAIN_MINUTES, and evaluates it and the shipped default (beside training)
+  # on WikiText prompts of 512, 1024 and 2048 tokens and on pass keys at 2048 and 4096; `waitlong` brings it back
+  N=long; mkdir -p /tmp/eval
+  { kv data sample --out /tmp/long --tokens ${LONG_TOKENS:-2000000} --batch-size 512 --max-new-tokens 2048 --seed 17 \
+    && kv data build --sources /tmp/long --out /tmp/long_tokens; } > $RUNS/sample.log 2>&1 \
+    || { echo "exit sampling" > $RUNS/$N.done; exit 1; }
+  ev() { kv eval --model $2 --device cuda --dtype bfloat16 --quiet --data-dir /tmp/carry/data --label $1 \
+           --out /tmp/eval/$1.json "${@:3}" > /tmp/eval/$1.log 2>&1; echo "$1 rc=$?"; }
+  evals() {  # $1: label, $2: model
+    for n in 512 1024 2048; do
+      ev $1_n$n $2 --tasks agreement,heldout --modes exact,predicted --limit 400 --batch-size 32 \
+        --agreement-prompt $n --heldout-context $n
+    done
+    ev $1_retrieval $2 --tasks retrieval --retrieval-lengths 2048,4096 --limit 64 --batch-size 16 \
+      --modes exact,predicted,truncate
+  }
+  evals shipped smollm2-135m > /tmp/eval/shipped.evals 2>&1 &
+  kv train --model smollm2-135m --data /tmp/long_tokens,/tmp/pydocs --steps 20000 --max-minutes ${TRAIN_MINUTES:-8} \
+     --seq-len 2048 --batch-size 8 --warmup 50 --eval-every 250 --save-every 250 --log-every 25 $RECIPE --exact-self \
+     --out $RUNS/$N > $RUNS/$N.log 2>&1 \
+    && kv compress --model $RUNS/$N/final --aux-rank 128 --save-dtype bfloat16 --out $RUNS/ship_$N >> $RUNS/$N.log 2>&1 \
+    && evals $N $RUNS/ship_$N > /tmp/eval/$N.evals 2>&1
+  echo "exit $?" > $RUNS/$N.done
+  ;;
+waitlong)  # after `b longround`: waits up to 9 min a call (call again until it reports the end), then pairs the two
+  # models' items and brings everything back
+  N=long
+  for i in $(seq 54); do [ -f $RUNS/$N.done ] && break; sleep 10; done
+  tail -c 400 $RUNS/$N.log 2>/dev/null | tr '\r' '\n' | tail -2; tail -2 $RUNS/sample.log; [ -f $RUNS/$N.done ] || exit 0
+  cat $RUNS/$N.done /tmp/eval/*.evals
+  for s in n512 n1024 n2048 retrieval; do
+    echo "== $s"; python3 benchmarks/paired_diff.py /tmp/eval/shipped_$s.items.jsonl /tmp/eval/${N}_$s.items.jsonl
+  done 2>&1 | tee /tmp/eval/paired.txt
+  grep -h "^| agreement | first\|^| heldout\|^| retrieval" /tmp/eval/*.md
+  head -c 3000 /tmp/long/sample_00000.jsonl > /tmp/eval/long_first_sample.jsonl
+  tar -czf $OUT/${N}_results.tgz -C /tmp/eval . -C $RUNS sample.log $N.log $N/metrics.jsonl
   tar -czf - -C $RUNS ship_$N | split -b 15M - $OUT/ship_$N.tgz.part-
   ;;
 env) ;;
