@@ -8,8 +8,8 @@ true tail); with `exact_prefix` > 0 that share of windows also uses its own keys
 attends to its own key/value as the base computes it in this pass (METHOD 1.3's train/inference mismatch: the paper's
 diagonal is predicted, while at inference the last prompt token uses its own), so each position trains as the last
 token of its prefix. With `copy_spans`, that share of windows ends by repeating an earlier span. Loss = base CE +
-aux CE (both + z-loss) + L1 on keys and values (sum or mean over layers) + optional KL to the exact base's next-token
-distribution.
+aux CE (both + z-loss) + L1 on keys (before RoPE, METHOD 1.7) and values (sum or mean over layers) + optional KL to
+the exact base's next-token distribution. Runs before 2026-11-28 compared keys after RoPE (the cached ones).
 
     kvpred train --model smollm2-135m --data .carry/tokens --out runs/kvp --steps 2000
     torchrun --nproc-per-node 2 -m kvpred.train --model ... (same flags): DDP, or --fsdp for FSDP2
@@ -43,6 +43,7 @@ from transformers import DynamicCache
 from . import lora
 from .model import KVPredictionModel, cache_kwargs, capture
 from .models import KVPredError, fingerprint
+from .rope import rope_tables, unrotate
 
 STATE_NAME = "train_state.pt"
 METRICS_NAME = "metrics.jsonl"
@@ -72,7 +73,8 @@ class TrainConfig:
     aux_lr: float = opt(3e-4, "peak learning rate of the auxiliary (its adapters or full weights)")
     warmup: int = opt(50, "linear warm-up steps")
     min_lr_ratio: float = opt(0.1, "the cosine ends at this share of the peak learning rate")
-    weight_decay: float = opt(0.1, "AdamW weight decay")
+    weight_decay: float = opt(0.1, "AdamW weight decay of the auxiliary's matrices (not its norms and biases, nor the "
+                                   "predictor, whose fitted or identity start decay would pull toward zero)")
     clip: float = opt(1.0, "gradient norm limit")
     base_loss: float = opt(1.0, "weight of the base's next-token loss through the predicted keys/values")
     aux_loss: float = opt(1.0, "weight of the auxiliary's own next-token loss")
@@ -86,7 +88,8 @@ class TrainConfig:
     exact_self: bool = opt(False, "each position sees its own true key/value, as the last prompt token does at "
                                   "inference")
     copy_spans: float = opt(0.0, "share of windows that end by repeating an earlier span")
-    train_aux: bool = opt(True, "train the auxiliary (--no-train-aux: the predictor only)")
+    train_aux: bool = opt(True, "train the auxiliary's layers; its embeddings and final norm stay the base's, so a "
+                                "checkpoint holds no copy of them (--no-train-aux: the predictor only)")
     aux_lora_rank: int = opt(0, "> 0: train low-rank adapters of this rank on the auxiliary (small checkpoints); "
                                 "0: its full weights")
     activation_checkpointing: bool = opt(False, "recompute the auxiliary's layers in the backward pass")
@@ -273,7 +276,10 @@ class Distillation(nn.Module):
         losses = {}
         losses["base_ce"], base_z = cross_entropy_with_z(pred, ids, c.z_loss)
         losses["aux_ce"], aux_z = cross_entropy_with_z(aux_logits, ids, c.z_loss)
-        per_layer_k = (keys.float() - true_k.float()).abs().mean((1, 2, 3, 4))
+        # keys compared before RoPE, as METHOD 1.7 says: L1 is not rotation-invariant, and after RoPE it would weigh
+        # fast-turning dimensions by position (the rotation is linear, so the difference is un-rotated once)
+        cos, sin = rope_tables(m.base, pos, torch.float32)
+        per_layer_k = unrotate(keys.float() - true_k.float(), cos, sin).abs().mean((1, 2, 3, 4))
         per_layer_v = (values.float() - true_v.float()).abs().mean((1, 2, 3, 4))
         reduce = torch.sum if c.kv_reduction == "sum" else torch.mean
         losses["kv_l1"] = reduce(per_layer_k) + reduce(per_layer_v)

@@ -41,6 +41,29 @@ def test_training_forward_with_aux_equal_to_base_is_the_base(tiny_llama, split, 
     assert losses["kv_l1"].item() < 1e-5
 
 
+def test_the_kv_loss_compares_keys_before_rope_and_values_as_cached(tiny_llama):
+    """METHOD 1.7: the targets are the base's keys before RoPE; the mean |error| per layer, summed over kinds."""
+    from transformers import DynamicCache
+
+    from kvpred.rope import rope_tables, unrotate
+
+    model = KVPredictionModel.from_pretrained(tiny_llama, keep_ratio=0.5)
+    ids = torch.randint(3, 259, (2, 24))
+    training = Distillation(model, TrainConfig(kv_reduction="mean"))
+    _, keys, values = training.predicted_kv(ids)
+    cache = DynamicCache(config=model.base.config)
+    model.base(input_ids=ids, use_cache=True, **cache_kwargs(model.base, cache))
+    true_k = torch.stack([layer.keys for layer in cache.layers])
+    true_v = torch.stack([layer.values for layer in cache.layers])
+    cos, sin = rope_tables(model.base, torch.arange(24).expand(2, 24), torch.float32)
+    want = ((unrotate(keys, cos, sin) - unrotate(true_k, cos, sin)).abs().mean((1, 2, 3, 4)).mean()
+            + (values - true_v).abs().mean((1, 2, 3, 4)).mean())
+    rotated = (keys - true_k).abs().mean((1, 2, 3, 4)).mean() + (values - true_v).abs().mean((1, 2, 3, 4)).mean()
+    got = training.forward(ids)["kv_l1"]
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert abs(got - rotated) > 1e-4  # the test can tell the two apart
+
+
 def test_an_exact_prefix_is_the_base_itself_and_only_the_span_after_it_is_predicted(tiny_llama):
     """The multi-turn training regime: positions before `prefix` see only the base's own keys/values, so their
     logits are the exact base's; the predicted span [prefix, split) changes what comes after it."""
