@@ -8,8 +8,11 @@ cache capacity (`StepPool`), instead of transformers' generate.
 """
 from __future__ import annotations
 
+import functools
 import math
+import threading
 import time
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable
@@ -279,8 +282,28 @@ def without_cudnn_attention():
     for each new sequence length: the first call at each prompt length took 49-741 ms longer than the next
     (benchmarks/results/h100/shape_cost), and a server meets a new length with nearly every request. Flash and
     memory-efficient attention pay nothing per length. `generate`, `generate_refined` and `ChatSession.send` run
-    inside it."""
+    inside it (`decoding_entry`)."""
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
+
+_LOCKS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> its decoding lock
+_LOCKS_GUARD = threading.Lock()
+
+
+def decoding_entry(fn: Callable) -> Callable:
+    """The decorator of the entry points that decode on a model's pooled caches and steps (`generate`,
+    `generate_refined`, `ChatSession.send`; the first argument is the model, or holds it as `.model`). Inside:
+    no gradients; SDPA without cuDNN (`without_cudnn_attention`); one call at a time per model, since the pool and
+    the auxiliary's capture hooks are shared (calls from several threads gave wrong tokens); and not in
+    torch.inference_mode, whose tensors, pooled by one call made in it, a later call outside it could not write."""
+    @functools.wraps(fn)
+    def entry(first, *args, **kwargs):
+        model = first if isinstance(first, torch.nn.Module) else first.model
+        with _LOCKS_GUARD:
+            lock = _LOCKS.setdefault(model, threading.RLock())
+        with lock, torch.inference_mode(False), torch.no_grad(), without_cudnn_attention():
+            return fn(first, *args, **kwargs)
+    return entry
 
 
 def capacity_bucket(tokens: int, context: int) -> int:
@@ -500,11 +523,13 @@ def eos_token_ids(model, eos_token_id=None) -> torch.Tensor:
 
 
 def pad_id(model) -> int:
-    """The id that fills a row after it ended: the tokenizer's pad, else the first EOS id (else 0: with no EOS no
-    row ends before the others)."""
-    pad = model.tokenizer.pad_token_id
+    """The id that fills a row after it ended, as transformers' generate picks it: the base's generation config's
+    pad, else the tokenizer's, else the first EOS id (else 0: with no EOS no row ends before the others)."""
+    for pad in (model.base.generation_config.pad_token_id, model.tokenizer.pad_token_id):
+        if pad is not None:
+            return int(pad)
     eos = eos_token_ids(model, None)
-    return pad if pad is not None else int(eos[0]) if len(eos) else 0
+    return int(eos[0]) if len(eos) else 0
 
 
 @dataclass

@@ -20,8 +20,8 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from . import lora, models
 from .models import KVPredError, out_folder, sliding_window
-from .decoding import (MIN_TEMPERATURE, StepPool, capacity_bucket, check_decoding, eos_token_ids, generate_with_steps,
-                       pad_id, with_stop_strings, without_cudnn_attention)
+from .decoding import (MIN_TEMPERATURE, StepPool, capacity_bucket, check_decoding, decoding_entry, eos_token_ids,
+                       generate_with_steps, pad_id, with_stop_strings)
 from .deferred import PendingValues, deferred_values
 from .generation import chat_exact_tail
 from .matvec import use_blocked_matvec
@@ -706,8 +706,7 @@ class KVPredictionModel(nn.Module):
                               f"context limit of {self.context_length} tokens ({what}{why})")
         return input_ids, attention_mask
 
-    @torch.no_grad()
-    @without_cudnn_attention()
+    @decoding_entry
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
                  mode: str = "predicted", exact_tail: int = 1, max_new_tokens: int | None = None,
                  do_sample: bool | None = None, temperature: float | None = None, top_p: float | None = None,
@@ -749,7 +748,7 @@ class KVPredictionModel(nn.Module):
         if config.eos_token_id is None:
             config.eos_token_id = eos_token_ids(self).tolist() or None
         if config.pad_token_id is None:
-            config.pad_token_id = self.tokenizer.pad_token_id
+            config.pad_token_id = pad_id(self)
         sampling = settings["do_sample"]
         config.update(max_new_tokens=max_new_tokens, do_sample=sampling, stop_strings=stop_strings,
                       temperature=max(settings["temperature"], MIN_TEMPERATURE) if sampling else None,
@@ -762,7 +761,7 @@ class KVPredictionModel(nn.Module):
             cache = self.predicted_cache(input_ids, attention_mask, exact_tail, defer_values=defer and copies == 1)
             if copies > 1:  # transformers repeats the prompt's rows, not a cache it was given
                 cache.batch_repeat_interleave(copies)
-        with deferred_values(model, getattr(cache, "pending_values", None)):
+        with deferred_values(model, getattr(cache, "pending_values", None)), _token_ids_only(model):
             return model.generate(input_ids=input_ids, attention_mask=attention_mask, **cache_kwargs(model, cache),
                                   generation_config=config, streamer=streamer, tokenizer=tokenizer, **model_kwargs)
 
@@ -800,6 +799,20 @@ class KVPredictionModel(nn.Module):
 
 
 # -------------------------------------------------------------------- helpers
+@contextmanager
+def _token_ids_only(model: PreTrainedModel) -> Iterator[None]:
+    """Inside, `model`'s generation config holds only its special token ids. transformers' generate fills what a
+    call leaves unset from it (a repetition penalty, say), which kvpred's own loop does not read: the two loops would
+    give different tokens for one call. Settings come from the call, or a generation_config passed to it."""
+    own = model.generation_config
+    model.generation_config = GenerationConfig(bos_token_id=own.bos_token_id, eos_token_id=own.eos_token_id,
+                                               pad_token_id=own.pad_token_id)
+    try:
+        yield
+    finally:
+        model.generation_config = own
+
+
 def _aux_spec(base: PreTrainedModel, aux: str | None, keep_ratio: float | None,
               keep_layers: list[int] | None) -> AuxSpec:
     if aux is not None:

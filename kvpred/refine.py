@@ -18,8 +18,8 @@ from typing import Iterator, Sequence
 import torch
 from transformers import DynamicCache
 
-from .decoding import (Pooled, Trace, base_tail, capacity_bucket, check_decoding, decode, eos_token_ids,
-                       first_logits, pad_id, tail_on_steps, with_stop_strings, without_cudnn_attention)
+from .decoding import (Pooled, Trace, base_tail, capacity_bucket, check_decoding, decode, decoding_entry,
+                       eos_token_ids, first_logits, pad_id, tail_on_steps, with_stop_strings)
 from .generation import ConversationTokenizer, check_text
 from .model import (BufferCache, KVPredictionModel, cache_kwargs, capture, check_checkpoint_out, check_exact_tail,
                     position_ids_from_mask)
@@ -343,8 +343,7 @@ def _budget(policy: str, chunk_size: int) -> int:
     return chunk_size if policy == "eager" else max(2, chunk_size // LAZY_DIVISOR)
 
 
-@torch.no_grad()
-@without_cudnn_attention()
+@decoding_entry
 def generate_refined(model: KVPredictionModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                      *, exact_tail: int = 1, max_new_tokens: int = 32, do_sample: bool = False,
                      temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, refine: str = "eager",
@@ -456,8 +455,7 @@ class ChatSession:
         text = self.tokenize.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return torch.tensor([self.tokenize(text)], device=self.model.device)
 
-    @torch.no_grad()
-    @without_cudnn_attention()
+    @decoding_entry
     def send(self, user_text: str, *, max_new_tokens: int = 64, do_sample: bool = False, temperature: float = 1.0,
              top_p: float = 1.0, top_k: int = 0, streamer=None, logits_processor=None,
              stopping_criteria=None) -> str:

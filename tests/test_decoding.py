@@ -40,6 +40,43 @@ def test_rows_that_end_are_padded_and_generation_stops_when_all_end(model):
     assert mine[0, ids.shape[1] + 3:].eq(model.tokenizer.pad_token_id).all()
 
 
+def test_the_bases_own_generation_settings_reach_neither_loop(model, monkeypatch):
+    """A repetition penalty in the base's generation config (Qwen's Instruct models ship one) is not applied by
+    kvpred's own loop; transformers' loop, which another argument selects, must give the same tokens."""
+    monkeypatch.setattr(model.base.generation_config, "repetition_penalty", 5.0)
+    plain, via_transformers = both(model, max_new_tokens=10)
+    assert torch.equal(plain, via_transformers)
+    penalised, _ = both(model, max_new_tokens=10, repetition_penalty=5.0)  # asked for in the call, it applies
+    assert not torch.equal(penalised, plain)
+
+
+def test_finished_rows_are_filled_with_the_pad_id_transformers_would_use(model, monkeypatch):
+    ids, mask = encode_prompts(model.tokenizer, PROMPTS)
+    eos = int(model.generate(ids, mask, max_new_tokens=3)[0, ids.shape[1]])  # row 0 ends at once
+    monkeypatch.setattr(model.base.generation_config, "pad_token_id", 7)  # differs from the tokenizer's pad
+    mine, theirs = both(model, max_new_tokens=4, eos_token_id=eos)
+    assert torch.equal(mine, theirs) and mine[0, ids.shape[1] + 1:].eq(7).all()
+
+
+def test_a_call_under_inference_mode_leaves_later_calls_free_to_decode(model):
+    ids, mask = encode_prompts(model.tokenizer, PROMPTS)
+    model._steps.entries.clear()  # the pooled cache is made by the call under inference mode
+    with torch.inference_mode():
+        inside = model.generate(ids, mask, max_new_tokens=5)
+    assert torch.equal(model.generate(ids, mask, max_new_tokens=5), inside)  # on the same pooled cache
+
+
+def test_calls_from_several_threads_give_each_its_own_tokens(model):
+    from concurrent.futures import ThreadPoolExecutor
+
+    ids, mask = encode_prompts(model.tokenizer, PROMPTS)
+    alone = [model.generate(ids[i:i + 1], mask[i:i + 1], max_new_tokens=6) for i in range(len(PROMPTS))]
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(lambda i: model.generate(ids[i:i + 1], mask[i:i + 1], max_new_tokens=6),
+                                 [i for i in range(len(PROMPTS)) for _ in range(3)]))
+    assert all(torch.equal(out, alone[n // 3]) for n, out in enumerate(together))
+
+
 class Ban(LogitsProcessor):
     def __init__(self, token: int):
         self.token, self.calls = token, 0
