@@ -64,11 +64,15 @@ class Dims:
         return 2 * (self.hidden + self.qkv_bias) * self.kv_heads * self.head_dim
 
     @property
+    def q_params(self) -> int:
+        """q_proj weight and bias of one layer."""
+        return (self.hidden + self.qkv_bias) * self.heads * self.head_dim
+
+    @property
     def layer_params(self) -> int:
         """Linear weights (and q/k/v biases) of one decoder layer: q, k, v, o and the SwiGLU MLP; norms left out."""
-        q = (self.hidden + self.qkv_bias) * self.heads * self.head_dim
         o = self.heads * self.head_dim * self.hidden
-        return q + self.kv_params + o + 3 * self.hidden * self.intermediate
+        return self.q_params + self.kv_params + o + 3 * self.hidden * self.intermediate
 
 
 def param_count(config) -> int:
@@ -121,11 +125,11 @@ def predictor_flops(predictor_config, tokens: int, defer_values: bool = False) -
 
 def aux_run(aux_config, predictor_config) -> tuple[int, int]:
     """(matmul multiply-adds per token, layers whose attention runs) of the auxiliary in predicted mode: with K/V
-    input the pass stops at the last layer's K/V projections; with hidden-state input tap j is layer j's normed
-    input, so layers 0..j-1 run for the deepest tap."""
+    input the pass stops after the last layer's Q/K/V projections (transformers runs q_proj first); with
+    hidden-state input tap j is layer j's normed input, so layers 0..j-1 run for the deepest tap."""
     a = Dims.of(aux_config)
     if predictor_config.source == "kv":
-        return (a.layers - 1) * a.layer_params + a.kv_params, a.layers - 1
+        return (a.layers - 1) * a.layer_params + a.q_params + a.kv_params, a.layers - 1
     layers = min(max(predictor_config.layer_map), a.layers)
     return layers * a.layer_params, layers
 
@@ -278,7 +282,7 @@ def prompts(vocab: int, batch: int, length: int, device: torch.device, *key) -> 
     """Fresh random token ids [B, N], one stream per (seed, batch, length, repeat, mode): no two runs share a
     prefix, so no prefix cache could help."""
     gen = torch.Generator(device=device)
-    gen.manual_seed(zlib.crc32(repr(key).encode()))
+    gen.manual_seed(zlib.crc32(repr((batch, length, *key)).encode()))
     return torch.randint(0, vocab, (batch, length), generator=gen, device=device)
 
 
@@ -652,11 +656,41 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+OUTPUT_SUFFIXES = (".json", ".csv", ".md", ".png")
+ROW_FIELDS = frozenset({"model", "weights", "aux", "device", "dtype", "batch", "prompt_len", "exact_ms", "aux_ms",
+                        "pred_ms", "speedup", "flop_ratio_params", "flop_ratio_full", "predictor_write_pct",
+                        "decode_pred_vs_exact"})  # what the reports read of every row
+
+
+def check_outputs(out: str, name: str | None) -> None:
+    """Before any work: `out` is a folder (or will be) and `name` a file stem in it, whose files, where they exist
+    already, are an earlier run's results (a `{name}.json` of rows and meta beside them), not a user's own files."""
+    if name is not None and (not name or Path(name).name != name):
+        raise KVPredError(f"--name {name!r} is a file stem inside --out, not a path")
+    folder = out_folder(out, "the results", make=False)
+    if not folder.exists() and folder.suffix in OUTPUT_SUFFIXES:
+        raise KVPredError(f"--out {out} is the folder the results go into; {folder.name} looks like a file name")
+    if name is None or not any((folder / f"{name}{suffix}").exists() for suffix in OUTPUT_SUFFIXES):
+        return
+    try:
+        data = json.loads((folder / f"{name}.json").read_text(encoding="utf-8"))
+        ours = isinstance(data, dict) and {"rows", "meta"} <= set(data)
+    except (OSError, ValueError):
+        ours = False
+    if not ours:
+        raise KVPredError(f"{folder} holds {name}.* files that are not benchmark results: writing them would overwrite "
+                          "them; choose another --out or --name")
+
+
 def write_outputs(rows: list[dict], meta: list[dict], notes: list[str], out: Path, name: str,
                   with_plot: bool = True) -> list[Path]:
-    """json + csv always; with_plot adds the markdown table and the png."""
+    """json + csv always; with_plot adds the markdown table and the png (without, an earlier run's are removed,
+    which would no longer match)."""
     out.mkdir(parents=True, exist_ok=True)
     paths = []
+    if not with_plot:
+        for stale in (out / f"{name}.md", out / f"{name}.png"):
+            stale.unlink(missing_ok=True)
     if with_plot and rows:
         try:
             plot(rows, out / f"{name}.png")
@@ -758,8 +792,7 @@ def _ttft_command(args) -> int:
     if args.repeats < 1 or args.warmup < 0:
         raise KVPredError(f"--repeats must be at least 1 and --warmup at least 0, got {args.repeats} and "
                           f"{args.warmup}")
-    if args.name is not None and (not args.name or Path(args.name).name != args.name):
-        raise KVPredError(f"--name {args.name!r} is a file stem inside --out, not a path")
+    check_outputs(args.out, args.name)
     if args.decode_tokens < 2:
         raise KVPredError("--decode-tokens must be at least 2: the first step is timed apart from the others")
     if not (args.max_batch_tokens is None or args.max_batch_tokens >= 1) or not (
@@ -781,7 +814,6 @@ def _ttft_command(args) -> int:
             variant.model.compile_predictor()
         if args.compile_step == "auto" and settings.cuda_graph:
             variant.model.compile_step()
-    out_folder(args.out, "the results")  # checked before the measuring, not after
     model = variants[0].model
     limit = model.context_length - args.decode_tokens
     if args.prompt_lens is None:  # the default lengths that fit this model's context
@@ -793,6 +825,8 @@ def _ttft_command(args) -> int:
     dtype = str(model.base.dtype).removeprefix("torch.")
     device = model.device
     name = args.name or f"ttft_{device.type}_{re.sub(r'[^A-Za-z0-9._+-]+', '_', Path(label).name) or 'model'}"
+    if args.name is None:
+        check_outputs(args.out, name)
     meta = [{"command": _command(args, weights),
              "device": _device_name(device), "dtype": dtype, "torch": torch.__version__,
              "transformers": __import__("transformers").__version__, "threads": torch.get_num_threads(),
@@ -817,14 +851,17 @@ def _ttft_command(args) -> int:
 
 
 def _report_command(args) -> int:
+    check_outputs(args.out, args.name)
     rows, meta, notes = [], [], []
     for path in args.inputs:
         try:
             data = json.loads(Path(path).read_text(encoding="utf-8"))
         except (OSError, ValueError) as err:
             raise KVPredError(f"cannot read benchmark results {path}: {err}") from err
-        if not (isinstance(data, dict) and isinstance(data.get("rows"), list) and isinstance(data.get("meta"), list)):
-            raise KVPredError(f"{path} is not a `kvpred bench ttft` JSON (no rows and meta)")
+        if not (isinstance(data, dict) and isinstance(data.get("rows"), list) and isinstance(data.get("meta"), list)
+                and all(isinstance(row, dict) and ROW_FIELDS <= set(row) for row in data["rows"])):
+            raise KVPredError(f"{path} is not a `kvpred bench ttft` JSON (rows of {', '.join(sorted(ROW_FIELDS))}, "
+                              "and meta)")
         rows += data["rows"]
         meta += data["meta"]
         notes += data.get("notes", [])

@@ -22,7 +22,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 from tqdm import tqdm
 
 from .models import KVPredError, fingerprint
@@ -34,16 +33,12 @@ BOOTSTRAP_SAMPLES = 2000
 
 
 # ------------------------------------------------------------------ FLOPs accounting
-def count_params(model: nn.Module) -> int:
-    """Parameters counted once each, so a tied input/output embedding counts once (the paper's rule)."""
-    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-
-
 def flop_ratio(model, prompt_tokens: int = 1024, tail: int = 1) -> dict:
     """TTFT FLOPs reduction of KV prediction over the exact base, by two rules.
 
-    * param_ratio (the paper's rule, METHOD 4): params(base) / params(aux), each counting a tied embedding
-      once. This is the r that truncate mode uses.
+    * param_ratio (the paper's rule, METHOD 4, as `kvpred bench` counts it): params(base) / params(aux), each one
+      vocab x hidden embedding (an untied LM head not counted again) plus every layer's linear weights. This is the
+      r that truncate mode uses.
     * matmul_ratio: FLOPs of an exact prefill of `prompt_tokens` tokens over those of a predicted one, as
       `kvpred bench` counts them where values are not deferred (bench.predicted_flops: the auxiliary layers
       predicted mode runs, the predictor, the base's pass over the last `tail` prompt tokens; attention included).
@@ -51,13 +46,13 @@ def flop_ratio(model, prompt_tokens: int = 1024, tail: int = 1) -> dict:
       differs by a few percent. matmul_ratio_linear is its limit for long prompts without attention (with the
       paper's tail of 1).
     """
-    from .bench import Dims, aux_run, exact_flops, predicted_flops
+    from .bench import Dims, aux_run, exact_flops, param_count, predicted_flops
 
     n, base, aux, pc = prompt_tokens, model.base.config, model.aux.config, model.predictor.config
     exact, predicted = exact_flops(base, n), predicted_flops(base, aux, pc, n, tail=tail)
     b = Dims.of(base)
     linear = b.layers * b.layer_params / (aux_run(aux, pc)[0] + pc.multiply_adds_per_token())
-    params_base, params_aux = count_params(model.base), count_params(model.aux)
+    params_base, params_aux = param_count(base), param_count(aux)
     return {"param_ratio": params_base / params_aux, "params_base": params_base, "params_aux": params_aux,
             "matmul_ratio": exact / predicted, "matmul_ratio_linear": linear,
             "prompt_tokens": n, "exact_tail": tail, "exact_prefill_flops": exact, "predicted_prefill_flops": predicted,

@@ -54,9 +54,14 @@ def measured_speedups(bench: Path, length: int | None = None) -> dict[str, float
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise KVPredError(f"{bench} is not a `kvpred bench ttft` JSON: {err}") from err
     length = length or max((r["prompt_len"] for r in rows), default=0)
-    row = next((r for r in rows if r["prompt_len"] == length), None)
-    if row is None:
+    matching = [r for r in rows if r["prompt_len"] == length]
+    if not matching:
         raise KVPredError(f"{bench} has no batch-1 row at {length} tokens")
+    if len(matching) > 1:  # several auxiliaries (or merged runs) timed at that shape: which one is this model?
+        names = ", ".join(f"{r.get('model')} / {r.get('aux')}" for r in matching)
+        raise KVPredError(f"{bench} has {len(matching)} batch-1 rows at {length} tokens ({names}): give a benchmark "
+                          "of this model alone")
+    row = matching[0]
     if not all(isinstance(row.get(k), (int, float)) and row[k] > 0 for k in ("exact_ms", "pred_ms", "aux_ms")):
         raise KVPredError(f"{bench}: the row at {length} tokens lacks positive exact_ms, pred_ms and aux_ms")
     return {"predicted": row["exact_ms"] / row["pred_ms"], "aux": row["exact_ms"] / row["aux_ms"]}

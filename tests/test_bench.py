@@ -122,6 +122,25 @@ def test_report_refuses_a_file_that_is_no_bench_output(tmp_path, capsys, content
     assert "other.json" in capsys.readouterr().err
 
 
+def test_outputs_never_overwrite_a_users_files_and_a_rerun_leaves_no_stale_table(tiny_path, tmp_path, capsys):
+    run = ["ttft", "--model", str(tiny_path), "--device", "cpu", "--prompt-lens", "8", "--repeats", "1",
+           "--warmup", "0", "--decode-tokens", "2", "--out", str(tmp_path), "--name", "t"]
+    (tmp_path / "t.md").write_text("my notes")
+    assert cli_main(["bench", *run]) == 2 and "not benchmark results" in capsys.readouterr().err
+    assert (tmp_path / "t.md").read_text() == "my notes"
+    (tmp_path / "t.md").unlink()
+    assert bench.main(run) == 0 and (tmp_path / "t.md").exists()
+    assert bench.main([*run, "--no-plot"]) == 0 and not (tmp_path / "t.md").exists()  # an earlier run's table
+    (tmp_path / "notes.txt").write_text("x")
+    for flags in (["--out", str(tmp_path / "notes.txt")], ["--out", str(tmp_path / "new.json")],
+                  ["--out", str(tmp_path), "--name", "../t"]):
+        assert cli_main(["bench", "report", str(tmp_path / "t.json"), *flags]) == 2
+    broken = tmp_path / "broken.json"
+    broken.write_text(json.dumps({"meta": [], "rows": [{"model": "m"}]}))
+    assert cli_main(["bench", "report", str(broken), "--out", str(tmp_path / "r")]) == 2
+    assert "is not a `kvpred bench ttft` JSON" in capsys.readouterr().err
+
+
 def test_cli_rejects_prompts_over_the_context(tiny_path, tmp_path, capsys):
     rc = cli_main(["bench", "ttft", "--model", str(tiny_path), "--device", "cpu", "--prompt-lens", "500",
                    "--out", str(tmp_path)])
@@ -212,11 +231,12 @@ def test_flop_counts_by_hand():
     assert flop_ratio_params(cfg, aux) == pytest.approx(328 / 184)
     # exact, 4 tokens: 2*4*2*144 = 2304 linear + 4*2 layers*2 heads*2 dim*(1+2+3+4) = 320 attention + 2*4*10 head
     assert exact_flops(cfg, 4) == 2304 + 320 + 80
-    # predicted, 4 tokens: aux on 3 tokens, its only layer up to k/v: 2*3*16 = 96, no attention run;
-    # predictor 2*3 tokens*2 base layers*2 in*(2+2) out = 96; base step 2*2*144 = 576 + 4*2*2*2*(3+1) = 128 + 80
+    # predicted, 4 tokens: aux on 3 tokens, its only layer up to q/k/v (transformers projects q first): 2*3*32 = 192,
+    # no attention run; predictor 2*3 tokens*2 base layers*2 in*(2+2) out = 96; base step 2*2*144 = 576 +
+    # 4*2*2*2*(3+1) = 128 + 80
     pconf = PredictorConfig(layer_map=[0, 0], in_features=2, key_features=2, value_features=2)
-    assert predicted_flops(cfg, aux, pconf, 4) == 96 + 96 + 576 + 128 + 80
-    assert flop_ratio_full(cfg, aux, pconf, 4) == pytest.approx(2704 / 976)
+    assert predicted_flops(cfg, aux, pconf, 4) == 192 + 96 + 576 + 128 + 80
+    assert flop_ratio_full(cfg, aux, pconf, 4) == pytest.approx(2704 / 1072)
     # hidden-state input: the aux runs its whole layer (2*3*144 = 864) and attention (4*1*2*2*(1+2+3) = 96) for the
     # final normed state; the predictor reads 4 wide inputs: 2*3*2*4*(2+2) = 192
     hidden = PredictorConfig(layer_map=[0, 1], in_features=4, key_features=2, value_features=2, source="hidden")
@@ -225,9 +245,9 @@ def test_flop_counts_by_hand():
     factorised = PredictorConfig(layer_map=[0, 1], in_features=4, key_features=2, value_features=2,
                                  source="hidden", rank=1)
     assert predicted_flops(cfg, aux, factorised, 4) == 864 + 96 + 48 + 48 + 576 + 128 + 80
-    # an exact tail of 2: aux and predictor on 2 tokens (64 + 64), the base on 2 tokens over 2 predicted ones:
+    # an exact tail of 2: aux and predictor on 2 tokens (128 + 64), the base on 2 tokens over 2 predicted ones:
     # 2*2*2*144 = 1152 linear + 4*2*2*2*(2*2 + 1+2) = 224 attention + 80 head; a tail of the whole prompt is exact
-    assert predicted_flops(cfg, aux, pconf, 4, tail=2) == 64 + 64 + 1152 + 224 + 80
+    assert predicted_flops(cfg, aux, pconf, 4, tail=2) == 128 + 64 + 1152 + 224 + 80
     assert predicted_flops(cfg, aux, pconf, 4, tail=4) == exact_flops(cfg, 4)
 
 
