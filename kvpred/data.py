@@ -92,8 +92,10 @@ def find_files(source: str, suffixes: tuple[str, ...]) -> list[Path]:
     else:
         path = Path(source)
         found = _walk(path, suffixes) if path.is_dir() else [path] if path.is_file() else []
-    seen: set[str] = set()
-    return [f for f in found if not (os.path.realpath(f) in seen or seen.add(os.path.realpath(f)))]
+    once: dict[str, Path] = {}
+    for f in found:
+        once.setdefault(os.path.realpath(f), f)
+    return list(once.values())
 
 
 def _file_order_key(path: Path) -> str:
@@ -206,7 +208,7 @@ class _ShardWriter:
 
     def _flush(self, n: int) -> None:
         flat = np.concatenate(self._buffer)
-        name = f"{self.split}_{len(self.shards):05d}.bin"  # SHARD_NAME
+        name = f"{self.split}_{len(self.shards):05d}.bin"  # as SHARD_NAME matches
         _write_atomic(self.out_dir / name, flat[:n])
         self.shards.append({"file": name, "tokens": int(n)})
         self._buffer, self._buffered = [flat[n:]], len(flat) - n
