@@ -187,8 +187,8 @@ class Job:
         if entry is not None:
             self.token_logprobs.append(entry)
         if is_eos:
-            return self.finish("stop", tokenizer.decode(self.tokens[:-1], skip_special_tokens=True))
-        text = tokenizer.decode(self.tokens, skip_special_tokens=True)
+            return self.finish("stop", decode_after(tokenizer, self.prompt_ids, self.tokens[:-1]))
+        text = decode_after(tokenizer, self.prompt_ids, self.tokens)
         visible, stopped = visible_text(text, self.stops)
         if stopped:
             return self.finish("stop", visible)
@@ -241,19 +241,34 @@ def visible_text(text: str, stops: tuple[str, ...]) -> tuple[str, bool]:
     return safe[:len(safe) - hold], False
 
 
-def token_entry(tokenizer, logprobs: torch.Tensor, token: int, top: int | None) -> LogprobEntry:
-    """logprobs: [V] log-probabilities of one position -> (token text, its logprob, its `top` best alternatives)."""
+DECODE_CONTEXT = 4  # tokens before a piece that settle how it decodes (a word's leading space, say)
+
+
+def decode_after(tokenizer, context: list[int], ids: list[int]) -> str:
+    """The text `ids` add after the tokens `context`. Decoded alone, a SentencePiece tokenizer drops a word's leading
+    space ("world" after "Hello"); special tokens add nothing, as in the text a response carries."""
+    context = list(context[-DECODE_CONTEXT:])
+    before = tokenizer.decode(context, skip_special_tokens=True)
+    after = tokenizer.decode(context + list(ids), skip_special_tokens=True)
+    return after[len(before):] if after.startswith(before) else tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def token_entry(tokenizer, logprobs: torch.Tensor, token: int, top: int | None,
+                context: list[int]) -> LogprobEntry:
+    """logprobs: [V] log-probabilities of one position after the tokens `context` -> (token text, its logprob, its
+    `top` best alternatives); texts as each adds to the response's text (`decode_after`)."""
     alternatives: dict[str, float] = {}
     if top:
         values, ids = logprobs.topk(top)
         for value, alt in zip(values.tolist(), ids.tolist()):
             if math.isfinite(value):  # keep the best when two tokens decode to the same text
-                alternatives.setdefault(tokenizer.decode([alt]), value)
-    return tokenizer.decode([token]), logprobs[token].item(), alternatives
+                alternatives.setdefault(decode_after(tokenizer, context, [alt]), value)
+    return decode_after(tokenizer, context, [token]), logprobs[token].item(), alternatives
 
 
 class _LastScores(LogitsProcessor):
-    """Keeps the scores a decoding step samples from (after temperature and top-p), for generated-token logprobs."""
+    """Keeps a decoding step's scores before temperature and top-p (it runs first), for generated-token logprobs:
+    the model's own log-probabilities, as OpenAI reports them."""
 
     scores: torch.Tensor | None = None
 
@@ -284,7 +299,7 @@ def hand_out(jobs: dict[int, Job], tokens: list[int], scores: torch.Tensor | Non
     logprobs = None if scores is None else torch.log_softmax(scores.float(), dim=-1)  # [B, V]
     for row, job in jobs.items():
         token = tokens[row]
-        entry = (token_entry(tokenizer, logprobs[row], token, job.logprobs)
+        entry = (token_entry(tokenizer, logprobs[row], token, job.logprobs, job.prompt_ids + job.tokens)
                  if logprobs is not None and job.logprobs is not None else None)
         job.advance(token, token in eos_ids, now, tokenizer, entry)
 
@@ -633,8 +648,8 @@ class Scheduler:
             head = self.model.aux(input_ids=input_ids[:, :n - tail]).logits  # [1, N - tail, V]
             logits = torch.cat([head, logits], dim=1)  # [1, N, V]
         logprobs = torch.log_softmax(logits[0, :-1].float(), dim=-1)  # [N-1, V]: row i predicts token i+1
-        first = (self.tokenizer.decode(job.prompt_ids[:1]), None, None)
-        return [first] + [token_entry(self.tokenizer, logprobs[i], token, job.logprobs)
+        first = (decode_after(self.tokenizer, [], job.prompt_ids[:1]), None, None)
+        return [first] + [token_entry(self.tokenizer, logprobs[i], token, job.logprobs, job.prompt_ids[:i + 1])
                           for i, token in enumerate(job.prompt_ids[1:])]
 
 

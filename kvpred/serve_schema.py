@@ -1,7 +1,8 @@
 """Request bodies of the OpenAI-compatible server. Strict types, so that a wrong type is a 400, never a guess:
-"16" is not an int and "true" is not a bool. OpenAI fields kvpred does not implement (user, presence_penalty,
-logit_bias, ...) are ignored, as most OpenAI-compatible servers do; any other unknown field is a 400 naming it, so that
-a misspelt extension (`kv_mod`) is not silently ignored."""
+"16" is not an int and "true" is not a bool. OpenAI fields kvpred does not implement are ignored where they cannot
+change the reply (user, metadata, a penalty of 0, empty tools...), as most OpenAI-compatible servers do, and a 400
+where they would (a penalty, a logit bias, JSON mode, tools to call); any other unknown field is a 400 naming it, so
+that a misspelt extension (`kv_mod`) is not silently ignored."""
 from __future__ import annotations
 
 from typing import Literal
@@ -16,6 +17,13 @@ OPENAI_IGNORED = frozenset({
     "parallel_tool_calls", "prediction", "presence_penalty", "prompt_cache_key", "reasoning_effort", "response_format",
     "safety_identifier", "service_tier", "store", "suffix", "tool_choice", "tools", "top_logprobs", "user",
     "verbosity", "web_search_options"})
+# ... of which these would change the reply: accepted only at a value that changes nothing
+NEUTRAL_ONLY = {
+    "presence_penalty": lambda v: v == 0, "frequency_penalty": lambda v: v == 0, "logit_bias": lambda v: not v,
+    "best_of": lambda v: v == 1, "suffix": lambda v: not v, "tools": lambda v: not v, "functions": lambda v: not v,
+    "tool_choice": lambda v: v in ("none", "auto"), "function_call": lambda v: v in ("none", "auto"),
+    "response_format": lambda v: isinstance(v, dict) and v.get("type") == "text",
+}
 
 
 class _Body(BaseModel):
@@ -52,7 +60,13 @@ class _Request(_Body):
     @model_validator(mode="before")
     @classmethod
     def _drop_ignored(cls, data):
-        return {k: v for k, v in data.items() if k not in OPENAI_IGNORED} if isinstance(data, dict) else data
+        if not isinstance(data, dict):
+            return data
+        for key, neutral in NEUTRAL_ONLY.items():
+            if data.get(key) is not None and not neutral(data[key]):
+                raise ValueError(f"{key} {data[key]!r} is not implemented by kvpred, and would change the reply: "
+                                 "leave it out")
+        return {k: v for k, v in data.items() if k not in OPENAI_IGNORED}
 
     @property
     def stops(self) -> tuple[str, ...]:

@@ -194,6 +194,28 @@ def test_a_seed_makes_sampling_reproducible(client):
 
 
 # ---------------------------------------------------------------- scoring (echo + logprobs)
+def test_response_text_and_logprob_tokens_join_as_the_text_reads():
+    """A completion's text and its tokens' texts are what each adds after what came before: a SentencePiece word
+    keeps its leading space after the prompt, and a BOS the tokenizer added shows as nothing, so that
+    text_offset indexes the echoed prompt."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from kvpred.serve import decode_after
+    from kvpred.testing import byte_tokenizer
+
+    pieces = Tokenizer(models.WordLevel({"<s>": 0, "</s>": 1, "▁Hello": 2, "▁world": 3, "▁again": 4}, "</s>"))
+    pieces.pre_tokenizer, pieces.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+    sentencepiece = PreTrainedTokenizerFast(tokenizer_object=pieces, bos_token="<s>", eos_token="</s>")
+    assert sentencepiece.decode([3, 4]) == "world again"  # decoded alone, the space is gone
+    assert decode_after(sentencepiece, [0, 2], [3, 4]) == " world again"
+    with_bos = byte_tokenizer(add_bos=True)
+    ids = with_bos("Hi there").input_ids
+    assert ids[0] == with_bos.bos_token_id
+    assert [decode_after(with_bos, ids[:i], ids[i:i + 1]) for i in range(3)] == ["", "H", "i"]
+    assert "".join(decode_after(with_bos, ids[:i], ids[i:i + 1]) for i in range(len(ids))) == "Hi there"
+
+
 def test_echo_logprobs_in_exact_mode_are_the_base_models_prompt_logprobs(http, reference):
     prompt = "The capital of France is Paris"
     body = http.post("/v1/completions", json={"model": NAME, "prompt": prompt, "max_tokens": 0, "echo": True,
@@ -323,10 +345,28 @@ def test_bad_requests_get_openai_error_json_and_the_server_keeps_serving(http, c
     assert ok.status_code == 200
 
 
-def test_openai_fields_kvpred_does_not_implement_are_accepted_and_ignored(client, reference):
+def test_openai_fields_kvpred_does_not_implement_are_ignored_where_they_cannot_change_the_reply(client, reference):
     resp = client.completions.create(model=NAME, prompt="Hello", max_tokens=4, temperature=0, user="u1",
-                                     presence_penalty=0.5, frequency_penalty=0.1, extra_body={"kv_mode": "exact"})
+                                     presence_penalty=0, frequency_penalty=0, logit_bias={},
+                                     extra_body={"kv_mode": "exact"})
     assert resp.choices[0].text == in_process(reference, reference.tokenizer.encode("Hello"), "exact", 4)
+
+
+TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
+
+
+@pytest.mark.parametrize("path, field", [
+    ("/v1/completions", {"presence_penalty": 0.5}), ("/v1/completions", {"frequency_penalty": -0.1}),
+    ("/v1/completions", {"logit_bias": {"5": 10}}), ("/v1/completions", {"best_of": 2}),
+    ("/v1/completions", {"suffix": "end"}), ("/v1/chat/completions", {"response_format": {"type": "json_object"}}),
+    ("/v1/chat/completions", {"tools": [TOOL], "tool_choice": "required"}),
+])
+def test_openai_fields_that_would_change_the_reply_are_refused_by_name(http, path, field):
+    body = {"model": NAME, "max_tokens": 2, **field,
+            **({"prompt": "Hi"} if path.endswith("/completions") and "chat" not in path else
+               {"messages": [{"role": "user", "content": "Hi"}]})}
+    resp = http.post(path, json=body)
+    assert resp.status_code == 400 and next(iter(field)) in resp.json()["error"]["message"]
 
 
 def test_null_fields_take_their_defaults_as_in_openai(client, reference):
