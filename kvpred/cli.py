@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import json
+import os
 import sys
 import time
 
@@ -24,7 +26,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL,
                         help="kvpred checkpoint folder, embedded default (smollm2-135m), or a base model "
                              "(HF folder, hub id, .gguf) to wrap with an identity-initialised pruned auxiliary")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cpu, cuda or cuda:N (default: cuda where there is a GPU)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                         help="weights dtype (default: float32 on CPU, bfloat16 on CUDA)")
 
@@ -77,28 +80,35 @@ def _register_generate(sub) -> None:
     p.add_argument("--prompt", required=True, help="prompt text")
     p.add_argument("--mode", choices=("exact", "aux", "predicted"), default="predicted",
                    help="exact: base alone; aux: auxiliary alone; predicted: KV prediction (default)")
-    p.add_argument("--max-new-tokens", type=positive_int, default=64)
+    p.add_argument("--max-new-tokens", type=positive_int, default=64, help="most tokens to generate (default 64)")
     p.add_argument("--exact-tail", type=int, default=None,
                    help="prompt tokens the base runs itself (default: the paper's 1; with --chat, the model's "
                         "chat tail: the checkpoint's own, else the template's tokens that open the reply)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0: all)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--temperature", type=float, default=None, help="with --sample: softmax temperature (default 1)")
+    p.add_argument("--top-p", type=float, default=None, help="with --sample: nucleus cut (default 1: none)")
+    p.add_argument("--top-k", type=int, default=None, help="with --sample: the k most likely tokens (default 0: all)")
+    p.add_argument("--seed", type=int, default=0, help="random seed of --sample (default 0)")
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     p.add_argument("--refine", choices=("off", "eager", "lazy", "auto"), default="off",
                    help="predicted mode: after the first token, replace the predicted cache by the exact one, "
                         "chunk by chunk while decoding (auto: decide from the first token's confidence)")
-    p.add_argument("--refine-chunk", type=int, default=256, help="prompt tokens the base refines per decode step")
-    p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+    p.add_argument("--refine-chunk", type=int, default=256,
+                   help="with --refine: prompt tokens the base refines per decode step (default 256)")
+    p.add_argument("--stream", action="store_true", help="print tokens as they are generated (not with --json, "
+                                                        "which prints one object at the end)")
     p.add_argument("--json", action="store_true", help="print one JSON object: text, tokens, mode, ttft_s, ...")
     p.set_defaults(func=_generate)
 
 
 def check_generate_options(args: argparse.Namespace) -> None:
-    """Options that act only in predicted mode are refused elsewhere, as the server refuses them (a 400)."""
+    """Options that would change nothing are refused: sampling settings without --sample, and those that act only
+    in predicted mode elsewhere, as the server refuses them (a 400)."""
+    unused = [flag for flag, value in (("--temperature", args.temperature), ("--top-p", args.top_p),
+                                       ("--top-k", args.top_k)) if value is not None and not args.sample]
+    if unused:
+        raise KVPredError(f"{', '.join(unused)} set(s) how to sample, but decoding is greedy without --sample")
     if args.mode == "predicted":
         return
     if args.refine != "off":
@@ -139,8 +149,9 @@ def _generate(args: argparse.Namespace) -> int:
     tail = args.exact_tail
     if tail is None:
         tail = model.chat_tail if args.chat and args.mode == "predicted" else 1
-    options = dict(exact_tail=tail, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
-                   temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, streamer=streamer)
+    sampling = dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k) if args.sample else {}
+    options = dict(exact_tail=tail, max_new_tokens=args.max_new_tokens, do_sample=args.sample, streamer=streamer,
+                   **{k: v for k, v in sampling.items() if v is not None})
     refine_info = {}
     start = time.perf_counter()
     if args.refine != "off" and args.mode == "predicted":
@@ -160,10 +171,8 @@ def _generate(args: argparse.Namespace) -> int:
         print(json.dumps({"text": text, "tokens": new, "mode": args.mode, "ttft_s": streamer.ttft(start),
                           "total_s": total, "prompt_tokens": input_ids.shape[1], "new_tokens": len(new),
                           "model": args.model, **refine_info}))
-    elif not args.stream:
+    elif not args.stream:  # (the streamer ended a streamed text with its newline)
         print(text)
-    else:
-        print()
     return 0
 
 
@@ -172,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="kvpred",
         description="KV prediction: a small auxiliary model and a learned predictor fill the base model's KV "
                     "cache for the prompt, so the first token comes sooner (Horton et al., arXiv 2410.08391).")
+    parser.add_argument("--version", action="version", version=f"kvpred {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _register_generate(sub)
     for name in SUBCOMMAND_MODULES:
@@ -186,9 +196,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
     try:
+        return version("kvpred")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "(not installed)"
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
         return args.func(args)
     except KVPredError as err:
         print(f"kvpred: error: {err}", file=sys.stderr)
@@ -196,6 +215,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # Ctrl+C in any command: no traceback (`kvpred train` saves a checkpoint first)
         print("kvpred: interrupted", file=sys.stderr)
         return 130  # 128 + SIGINT, what a shell reports for a command stopped by Ctrl+C
+    except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as a shell tool does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
+        return 141  # 128 + SIGPIPE
+    except OSError as err:
+        if err.errno != errno.ENOSPC:
+            raise
+        print(f"kvpred: error: cannot write the output: {err.strerror}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

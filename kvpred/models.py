@@ -57,6 +57,12 @@ def _convert_gguf(gguf: Path, name: str) -> Path:
     target = converted / f"{name}-{_content_key(gguf)}"
     if (target / "config.json").exists():
         return target
+    try:  # before the conversion's half minute of work, not after
+        converted.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=converted).close()
+    except OSError as err:
+        raise KVPredError(f"cannot write the converted model under {converted} ({err.strerror}): point KVPRED_CACHE "
+                          "at a writable folder") from err
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         quantized, info = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
@@ -72,7 +78,6 @@ def _convert_gguf(gguf: Path, name: str) -> Path:
     del config.quantization_config  # the dequantized weights are the model; keep no GGUF state around
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(quantized.state_dict())
-    converted.mkdir(parents=True, exist_ok=True)
     remove_dead_temporaries(converted, ".")
     tmp = Path(tempfile.mkdtemp(dir=converted, prefix=f".{os.getpid()}-{target.name}."))
     try:

@@ -575,11 +575,12 @@ def register(subparsers) -> None:
     p.add_argument("--refine", choices=REFINE_CHOICES, default="eager",
                    help="eager: refine at once; lazy: a quarter chunk per step; off: trust the prediction; "
                         "auto: decide per turn from the first-token entropy")
-    p.add_argument("--chunk-size", type=int, default=256, help="columns refined per decode step (eager)")
+    p.add_argument("--chunk-size", type=int, default=256,
+                   help="columns refined per decode step (eager; lazy refines a quarter of it; default 256)")
     p.add_argument("--exact-tail", type=int, default=None,
                    help="prompt tokens the base runs itself (default: the checkpoint's chat tail, else the chat "
                         "template's tokens that open the reply; the shipped default, trained on chats, takes 1)")
-    p.add_argument("--max-new-tokens", type=positive_int, default=256)
+    p.add_argument("--max-new-tokens", type=positive_int, default=256, help="most tokens per reply (default 256)")
     p.add_argument("--verbose", action="store_true", help="print per-turn reuse and timing to stderr")
     p.set_defaults(func=_chat)
 
@@ -681,7 +682,9 @@ def _chat(args) -> int:
         try:
             print(session.send(line.rstrip("\n"), max_new_tokens=args.max_new_tokens), flush=True)
         except KVPredError as err:  # this turn cannot run (too long for the context, say): the chat goes on
-            print(f"kvpred: error: {err}", file=sys.stderr, flush=True)
+            hint = ("; the whole conversation counts: start a new `kvpred chat` to begin again"
+                    if "context limit" in str(err) else "")
+            print(f"kvpred: error: {err}{hint}", file=sys.stderr, flush=True)
             failed += 1
             continue
         if args.verbose:

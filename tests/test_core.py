@@ -669,6 +669,38 @@ def test_cli_generate_with_top_k_1_samples_the_greedy_tokens(tiny_llama, capsys)
     assert tokens("--sample", "--temperature", "5", "--top-k", "1") == tokens()
 
 
+def test_cli_generate_streams_the_text_once_with_one_newline_and_refuses_sampling_flags_without_sample(
+        tiny_llama, capsys):
+    argv = ["generate", "--model", tiny_llama, "--prompt", "hello", "--max-new-tokens", "5"]
+    assert main(argv) == 0
+    plain = capsys.readouterr().out
+    assert main([*argv, "--stream"]) == 0
+    assert capsys.readouterr().out == plain and plain.endswith("\n") and not plain.endswith("\n\n")
+    assert main([*argv, "--temperature", "0.5"]) == 2
+    assert "--temperature set(s) how to sample, but decoding is greedy without --sample" in capsys.readouterr().err
+
+
+def test_cli_output_into_a_closed_pipe_ends_quietly(tiny_llama):
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "kvpred.cli", "generate", "--model", tiny_llama, "--prompt",
+                             "hello", "--max-new-tokens", "40", "--stream"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    proc.stdout.read(1)
+    proc.stdout.close()  # as `| head -c 1` does
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) in (0, 141) and "Traceback" not in err, err
+
+
+def test_an_unwritable_conversion_cache_is_named_before_any_conversion(tmp_path, monkeypatch):
+    (tmp_path / "file").write_text("not a folder")
+    monkeypatch.setenv("KVPRED_CACHE", str(tmp_path / "file" / "cache"))
+    (tmp_path / "m.gguf").write_bytes(b"GGUF" + b"x" * 1000)  # never read: the cache is checked first
+    with pytest.raises(KVPredError, match="cannot write the converted model under .*point KVPRED_CACHE"):
+        models._convert_gguf(tmp_path / "m.gguf", "m")
+
+
 @pytest.mark.parametrize("flags, message", [(["--prompt", "x" * 600], "context limit"),
                                            (["--prompt", "hi", "--device", "foo"], "unknown device 'foo'"),
                                            (["--prompt", "hi", "--sample", "--top-p", "0"], "top_p")]
