@@ -816,6 +816,9 @@ def _ttft_command(args) -> int:
             variant.model.compile_step()
     model = variants[0].model
     limit = model.context_length - args.decode_tokens
+    if limit < 2:
+        raise KVPredError(f"{label}'s context of {model.context_length} tokens ({model.context_limit_reason}) leaves "
+                          f"no room for a prompt besides {args.decode_tokens} decode tokens: lower --decode-tokens")
     if args.prompt_lens is None:  # the default lengths that fit this model's context
         args.prompt_lens = settings.prompt_lens = [n for n in DEFAULT_PROMPT_LENS if n <= limit] or [limit]
     too_long = [n for n in args.prompt_lens if n > limit or n < 2]

@@ -341,7 +341,7 @@ def _fit_command(args: argparse.Namespace) -> int:
     check_tokenizer(args.data, model.tokenizer)
     if config.seq_len > model.context_length:  # statistics of positions the model never serves
         raise KVPredError(f"--seq-len {config.seq_len} exceeds the model's context limit of {model.context_length} "
-                          "tokens")
+                          f"tokens ({model.context_limit_reason})")
     if model.predictor.config.rank is not None:
         raise KVPredError(f"{args.model} has a factorised predictor; fit solves full-rank maps (add --rank to "
                           f"factorise them): start from a base or a full-rank checkpoint")

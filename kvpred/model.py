@@ -368,16 +368,23 @@ class KVPredictionModel(nn.Module):
     def context_length(self) -> int:
         """The longest prompt + new tokens accepted: the base's and auxiliary's position limits, and their sliding
         windows where they have one. kvpred's caches keep every column and its captured steps attend to all of them,
-        so a sliding-window model runs only sequences its window covers, where sliding and full attention agree."""
+        so a sliding-window model runs only sequences its window covers, where sliding and full attention agree;
+        less one token, since transformers' sliding cache keeps window - 1 of them (a full window would lose its
+        first token's keys and values)."""
         return min(self._context_limits())
+
+    @property
+    def context_limit_reason(self) -> str:
+        """What sets `context_length`, in words."""
+        return self._context_limits()[self.context_length]
 
     def _context_limits(self) -> dict[int, str]:
         """Each limit `context_length` takes the least of -> what it is (the first such, where two are equal)."""
         (base_window, aux_window), limits = self.sliding_windows, {}
         for limit, what in [(self.base.config.max_position_embeddings, "the base's position limit"),
                             (self.aux.config.max_position_embeddings, "the auxiliary's position limit"),
-                            (base_window, "the base's sliding attention window"),
-                            (aux_window, "the auxiliary's sliding attention window")]:
+                            (base_window and base_window - 1, "the base's sliding attention window, less one"),
+                            (aux_window and aux_window - 1, "the auxiliary's sliding attention window, less one")]:
             if limit is not None:
                 limits.setdefault(limit, what)
         return limits
@@ -700,7 +707,7 @@ class KVPredictionModel(nn.Module):
                               f"{input_ids.min()}..{input_ids.max()}")
         longest = input_ids.shape[1] + max_new_tokens
         if longest > self.context_length:
-            what = self._context_limits()[self.context_length]
+            what = self.context_limit_reason
             why = "; kvpred runs only sequences the window covers" if "window" in what else ""
             raise KVPredError(f"prompt of {input_ids.shape[1]} tokens + {max_new_tokens} new tokens exceeds the "
                               f"context limit of {self.context_length} tokens ({what}{why})")

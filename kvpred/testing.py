@@ -34,7 +34,7 @@ def tiny_config(arch: str = "llama", layers: int = 4, hidden: int = 64, heads: i
         arch, vocab_size=259, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
         num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim or hidden // heads,
         max_position_embeddings=context, rope_theta=10000.0, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-        tie_word_embeddings=True, **extra)
+        **{"tie_word_embeddings": True, **extra})
 
 
 def save_tiny_model(path: str | Path, arch: str = "llama", seed: int = 0, add_bos: bool = False,

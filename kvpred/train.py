@@ -470,7 +470,7 @@ class Trainer:
         self.fingerprints = [self.model.config.base_fingerprint, fingerprint(self.model.aux)]
         if c.seq_len > self.model.context_length:  # the training forwards' own masks know no sliding window
             raise KVPredError(f"--seq-len {c.seq_len} exceeds the model's context limit of "
-                              f"{self.model.context_length} tokens")
+                              f"{self.model.context_length} tokens ({self.model.context_limit_reason})")
         self.model.base.requires_grad_(False)
         groups = trainable_parameters(self.model, c)
         if c.activation_checkpointing:

@@ -444,22 +444,24 @@ def test_a_sliding_window_base_runs_only_sequences_its_window_covers(tmp_path, d
     path = save_tiny_model(tmp_path / "mistral", arch="mistral", sliding_window=24)
     model = KVPredictionModel.from_pretrained(str(path), keep_layers=[0, 1, 2, 3], device=device)
     model.predictor.set_identity()
-    assert model.context_length == 24
+    assert model.context_length == 23  # transformers' sliding cache keeps 23 of a 24-token window
     ids = torch.randint(3, 259, (1, 16), device=device)
-    exact = model.base.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
+    exact = model.base.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=7, do_sample=False,
                                 pad_token_id=0)
     for _ in range(2):  # on a GPU the second call decodes on captured steps
         for mode in ("exact", "predicted"):
-            assert torch.equal(model.generate(ids, mode=mode, max_new_tokens=8), exact)
-    with pytest.raises(KVPredError, match="context limit of 24 tokens .the base's sliding attention window"):
-        model.generate(ids, max_new_tokens=9)
+            assert torch.equal(model.generate(ids, mode=mode, max_new_tokens=7), exact)
+    with pytest.raises(KVPredError, match="context limit of 23 tokens .the base's sliding attention window, less"):
+        model.generate(ids, max_new_tokens=8)
+    full = torch.randint(3, 259, (1, 23), device=device)  # a prompt as long as allowed keeps every position
+    assert model.prefill(full, mode="exact")[1].layers[0].keys.shape[-2] == 23
 
 
 def test_the_context_limit_names_the_model_that_sets_it(tmp_path):
     base = save_tiny_model(tmp_path / "base", arch="mistral", context=256)
     aux = save_tiny_model(tmp_path / "aux", arch="mistral", context=256, layers=2, sliding_window=16)
     model = KVPredictionModel.from_pretrained(str(base), aux=str(aux))
-    with pytest.raises(KVPredError, match="limit of 16 tokens .the auxiliary's sliding attention window"):
+    with pytest.raises(KVPredError, match="limit of 15 tokens .the auxiliary's sliding attention window, less one"):
         model.generate(torch.ones(1, 14, dtype=torch.long), max_new_tokens=4)
 
 
