@@ -714,7 +714,7 @@ class KVPredictionModel(nn.Module):
         return input_ids, attention_mask
 
     @decoding_entry
-    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+    def generate(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None, *,
                  mode: str = "predicted", exact_tail: int = 1, max_new_tokens: int | None = None,
                  do_sample: bool | None = None, temperature: float | None = None, top_p: float | None = None,
                  top_k: int | None = None, stop_strings: list[str] | None = None, streamer=None,
@@ -729,7 +729,12 @@ class KVPredictionModel(nn.Module):
         takes `logits_processor` and `stopping_criteria` besides the arguments above. Aux mode,
         `transformers_loop=True`, a `generation_config` and any other transformers generate argument (beams, several
         sequences per prompt, penalties...) use transformers' generate instead. On a CPU predicted mode defers its
-        values (kvpred.deferred; `defer_values`). None of this changes the tokens."""
+        values (kvpred.deferred; `defer_values`). None of this changes the tokens. The prompt may also be given as
+        `inputs`, transformers' name."""
+        inputs = generate_kwargs.pop("inputs", None)
+        if (input_ids is None) == (inputs is None):
+            raise KVPredError("give the prompt's token ids once, as input_ids (or inputs, as transformers names them)")
+        input_ids = inputs if input_ids is None else input_ids
         given = generate_kwargs.pop("generation_config", None)
         length = torch.as_tensor(input_ids).shape[-1]
         settings = generation_settings(given, length, generate_kwargs.pop("max_length", None),

@@ -68,6 +68,12 @@ class _Request(_Body):
                                  "leave it out")
         return {k: v for k, v in data.items() if k not in OPENAI_IGNORED}
 
+    @model_validator(mode="after")
+    def _stream_options_need_a_stream(self):
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options apply to a streamed reply: send stream=true, or leave them out")
+        return self
+
     @property
     def stops(self) -> tuple[str, ...]:
         stops = [self.stop] if isinstance(self.stop, str) else self.stop or []

@@ -9,6 +9,7 @@ from kvpred import decoding
 from kvpred.decoding import Pooled, RollingBatch, StepPool, capacity_bucket
 from kvpred.generation import encode_prompts
 from kvpred.model import MODES, KVPredictionModel
+from kvpred.models import KVPredError
 
 PROMPTS = ["The quick brown fox jumps over", "a", "Hello, world! This prompt is longer than the others."]
 
@@ -56,6 +57,14 @@ def test_finished_rows_are_filled_with_the_pad_id_transformers_would_use(model, 
     monkeypatch.setattr(model.base.generation_config, "pad_token_id", 7)  # differs from the tokenizer's pad
     mine, theirs = both(model, max_new_tokens=4, eos_token_id=eos)
     assert torch.equal(mine, theirs) and mine[0, ids.shape[1] + 1:].eq(7).all()
+
+
+def test_the_prompt_may_come_as_inputs_as_transformers_names_it(model):
+    ids, mask = encode_prompts(model.tokenizer, PROMPTS)
+    assert torch.equal(model.generate(inputs=ids, attention_mask=mask, max_new_tokens=3),
+                       model.generate(ids, mask, max_new_tokens=3))
+    with pytest.raises(KVPredError, match="give the prompt's token ids once"):
+        model.generate(ids, inputs=ids)
 
 
 def test_a_call_under_inference_mode_leaves_later_calls_free_to_decode(model):

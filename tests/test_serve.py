@@ -301,6 +301,8 @@ BAD_REQUESTS = {
     "prompt of wrong type": ("/v1/completions", {"model": NAME, "prompt": {"text": "x"}}, 400, "prompt"),
     "unknown kv_mode": ("/v1/completions", {"model": NAME, "prompt": "x", "kv_mode": "fast"}, 400, "kv_mode"),
     "exact_tail 0": ("/v1/completions", {"model": NAME, "prompt": "x", "exact_tail": 0}, 400, "exact_tail"),
+    "stream_options without a stream": ("/v1/completions", {"model": NAME, "prompt": "x",
+                                                            "stream_options": {"include_usage": True}}, 400, None),
     "max_tokens over context": ("/v1/completions", {"model": NAME, "prompt": "x", "max_tokens": 600}, 400,
                                 "max_tokens"),
     "prompt over context": ("/v1/completions", {"model": NAME, "prompt": "x" * 600}, 400, "prompt"),
