@@ -569,7 +569,8 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("chat", help="interactive multi-turn chat reusing the cache of earlier turns",
                               description="Chat with the base through KV prediction: each turn's new tokens are "
                                           "predicted on top of the exact cache of earlier turns, and decoding "
-                                          "refines the cache to the exact one. One user turn per input line.")
+                                          "refines the cache to the exact one. One user turn per input line; "
+                                          "a line /reset starts a new conversation.")
     add_model_arguments(p)
     p.add_argument("--system", default=None, help="system message")
     p.add_argument("--refine", choices=REFINE_CHOICES, default="eager",
@@ -673,16 +674,22 @@ def _chat(args) -> int:
     if not 1 <= args.max_new_tokens < model.context_length:
         raise KVPredError(f"--max-new-tokens must be in [1, {model.context_length}) (the context limit), got "
                           f"{args.max_new_tokens}")
-    session = ChatSession(model, system=args.system, exact_tail=args.exact_tail, refine=args.refine,
-                          chunk_size=args.chunk_size)
-    failed = 0
+    def new_session() -> ChatSession:
+        return ChatSession(model, system=args.system, exact_tail=args.exact_tail, refine=args.refine,
+                           chunk_size=args.chunk_size)
+
+    session, failed = new_session(), 0
     for line in _typed_lines(sys.stdin):
         if not line.strip():
+            continue
+        if line.strip() == "/reset":
+            session = new_session()
+            print("[new conversation]", file=sys.stderr, flush=True)
             continue
         try:
             print(session.send(line.rstrip("\n"), max_new_tokens=args.max_new_tokens), flush=True)
         except KVPredError as err:  # this turn cannot run (too long for the context, say): the chat goes on
-            hint = ("; the whole conversation counts: start a new `kvpred chat` to begin again"
+            hint = ("; the whole conversation counts: type /reset to begin a new one"
                     if "context limit" in str(err) else "")
             print(f"kvpred: error: {err}{hint}", file=sys.stderr, flush=True)
             failed += 1

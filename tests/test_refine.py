@@ -593,12 +593,13 @@ def test_chat_command_answers_each_line_and_reuses_the_cache(tmp_path, monkeypat
                               "--refine", "lazy", "--verbose"])
     # the third line is too long for the context: it is refused, the chat goes on with its cache, and the exit
     # status says that a turn got no reply
-    monkeypatch.setattr("sys.stdin", io.StringIO("hello\n\nhow are you?\n" + "q" * 600 + "\nand now?\n"))
+    monkeypatch.setattr("sys.stdin", io.StringIO("hello\n\nhow are you?\n" + "q" * 600 + "\nand now?\n/reset\nhi\n"))
     assert args.func(args) == 1
     err = capsys.readouterr().err
     reused = [int(n) for n in re.findall(r"\[reused (\d+) of", err)]
-    assert len(reused) == 3 and reused[0] == 0 and 0 < reused[1] < reused[2]
-    assert "exceeds the context limit" in err
+    assert len(reused) == 4 and reused[0] == 0 and 0 < reused[1] < reused[2]
+    assert reused[3] == 0 and "[new conversation]" in err  # /reset begins again with an empty cache
+    assert "exceeds the context limit" in err and "type /reset" in err
     monkeypatch.setattr("sys.stdin", io.StringIO("hello\n"))
     assert args.func(args) == 0
     args.max_new_tokens = 600
