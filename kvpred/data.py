@@ -326,6 +326,10 @@ def _tokenize_into(stage: Path, files: dict[str, list[Path]], tokenizer, *, labe
     if heldout_fraction and not splits["heldout"]["documents"] and splits["train"]["documents"] >= 2:
         # decided only now, so that corpora whose hashes hold some out keep exactly the split they always had
         splits = _hold_out_one(stage, splits["train"], *first_out[1:], shard_tokens, dtype)
+    if not splits["train"]["tokens"]:  # training would refuse it later; say why now, the earlier build kept
+        raise KVPredError(f"the build would hold no training tokens: all {total:,} went to held-out documents"
+                          + (" before --max-tokens cut it off; raise --max-tokens" if not running else "")
+                          + " (or lower --heldout-fraction)")
     capped = max_tokens is not None and total >= max_tokens
     return {"dtype": dtype.name, "tokens": total, "splits": splits, "capped": capped, "sources": per_source,
             "skipped": skipped}

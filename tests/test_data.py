@@ -229,6 +229,13 @@ def test_heldout_windows_are_fixed_and_spread_over_the_heldout_split(built):
         heldout_windows(built, seq_len=8, n=10 ** 6)
 
 
+def test_a_build_that_would_hold_no_training_tokens_is_refused_and_the_earlier_build_kept(tmp_path, corpus, built):
+    before = read_meta(built)
+    with pytest.raises(KVPredError, match="would hold no training tokens: all .* went to held-out documents"):
+        build_shards([str(corpus[0])], TOK, built, heldout_fraction=0.9999, progress=False)
+    assert read_meta(built) == before
+
+
 def test_a_build_without_a_heldout_split_says_so(tmp_path, corpus):
     build_shards([str(corpus[0])], TOK, tmp_path / "t", heldout_fraction=0.0, progress=False)
     with pytest.raises(KVPredError, match="no held-out split .built with --heldout-fraction 0"):
