@@ -478,7 +478,8 @@ class ChatSession:
         if 0 < reuse == exact_cols and self._exact_turn_is_cheaper(n, reuse):
             tail = n - reuse  # the base runs the new turn itself: cheaper than the aux, and exact
         predicted = max(n - tail - reuse, 0)
-        policy = "off" if self.refine == "auto" and predicted == 0 else self.refine  # auto: nothing to decide
+        # auto with nothing approximate (no predicted tokens on top of an exact prefix): nothing to decide
+        policy = "off" if self.refine == "auto" and predicted == 0 and exact_cols == reuse else self.refine
         thresholds = self.thresholds or Thresholds.for_model(model)
         tail_signals = policy == "auto" and thresholds.signal != "entropy"  # these need the tail's logits and K/V
         logits, signal = _prefill(model, ids, mask, tail, pooled, reuse, with_signal=tail_signals,

@@ -479,6 +479,18 @@ def test_chat_session_without_refinement_keeps_only_the_exact_prefix(tiny_llama)
     assert session.exact_cols == 0 and session.last_info["refined_after_reply"] == 0
 
 
+def test_auto_still_decides_for_a_turn_it_need_not_predict_when_earlier_turns_stayed_approximate(tiny_llama):
+    model = chat_model(tiny_llama, 0.5)
+    session = ChatSession(model, refine="auto", chunk_size=8, exact_tail=12,
+                          thresholds=Thresholds(off_below=1e9, eager_above=1e9))  # auto trusts the prediction
+    session.send(TURNS[0], max_new_tokens=6)
+    assert session.last_info["policy"] == "off" and session.exact_cols == 0
+    session.thresholds, session.exact_tail = Thresholds(off_below=-1.0, eager_above=-1.0), 200  # ... now refines
+    session.send("Ok", max_new_tokens=6)  # the base runs the whole new turn: nothing of it predicted
+    assert session.last_info["predicted_tokens"] == 0 and session.last_info["policy"] == "eager"
+    assert session.exact_cols == session.cache.get_seq_length()  # the first turn's columns were refined too
+
+
 def test_a_session_turn_with_nothing_to_generate_or_text_no_tokenizer_takes_is_a_clear_error(tiny_llama):
     session = ChatSession(chat_model(tiny_llama, 0.5))
     with pytest.raises(KVPredError, match="max_new_tokens must be >= 1"):
