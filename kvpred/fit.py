@@ -156,6 +156,9 @@ def factorise(predictor: KVPredictor, xtx: torch.Tensor, rank: int) -> tuple[KVP
 
 
 def check_rank(config: PredictorConfig, rank: int) -> None:
+    if config.source != "hidden":  # the kv source's inputs are already narrow
+        raise KVPredError(f"a factorised predictor needs hidden-state input, but this one reads {config.source!r}: "
+                          "fit one with --source hidden first")
     widest = min(config.in_features, *(config.layer_map.count(j) * (config.key_features + config.value_features)
                                        for j in config.taps))
     if not 0 < rank <= widest:

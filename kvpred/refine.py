@@ -634,20 +634,26 @@ def _calibrate(args) -> int:
     check_checkpoint_out(args.out)
     model = load_model(args)
     report = {"model": args.model}
+    # read before any measuring: a tokenizer without a chat template is refused at once
+    chats = None if args.chats is None else read_chat_prompts(args.chats, model.tokenizer, args.prompts)
     if args.data is not None:
         check_tokenizer(args.data, model.tokenizer)
         thresholds, found = calibrate(model, heldout_windows(args.data, args.prompt_len, args.prompts),
                                       trust=args.trust, distrust=args.distrust, batch_size=args.batch_size)
         model.config.refine_thresholds = asdict(thresholds)
         report |= {"data": args.data, "prompt_len": args.prompt_len, **model.config.refine_thresholds, **found}
-    if args.chats is not None:
-        prompts = read_chat_prompts(args.chats, model.tokenizer, args.prompts)
-        if len(prompts) < args.prompts:
-            print(f"kvpred: {args.chats} holds {len(prompts)} conversations, fewer than --prompts {args.prompts}: "
+    if chats is not None:
+        if len(chats) < args.prompts:
+            print(f"kvpred: {args.chats} holds {len(chats)} conversations, fewer than --prompts {args.prompts}: "
                   "the chat tail is measured on those", file=sys.stderr)
-        model.config.chat_exact_tail, found = measure_chat_tail(model, prompts, tolerance=args.chat_tolerance,
+        model.config.chat_exact_tail, found = measure_chat_tail(model, chats, tolerance=args.chat_tolerance,
                                                                 batch_size=args.batch_size)
         report |= {"chats": args.chats, **found}
+    if model.base.dtype != torch.float32:  # measured in the serving dtype (bf16 on a GPU): save the weights as loaded
+        measured, model = model.config, KVPredictionModel.from_pretrained(args.model, dtype=torch.float32,
+                                                                          device="cpu")
+        model.config.refine_thresholds, model.config.chat_exact_tail = (measured.refine_thresholds,
+                                                                        measured.chat_exact_tail)
     model.save_pretrained(args.out, dtype=getattr(torch, args.save_dtype))
     Path(args.out, "calibration.json").write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))

@@ -112,6 +112,17 @@ def test_cli_fit_with_rank_and_compress_write_factorised_checkpoints(tiny_llama,
     assert out.shape == (1, 13)
 
 
+def test_compress_refuses_a_kv_input_predictor_before_its_calibration_pass(tiny_llama, shards, tmp_path, capsys,
+                                                                           monkeypatch):
+    KVPredictionModel.from_pretrained(tiny_llama, keep_ratio=0.5).save_pretrained(tmp_path / "kv")
+    import kvpred.fit
+
+    monkeypatch.setattr(kvpred.fit, "input_moments", lambda *a, **k: pytest.fail("the pass ran"))
+    assert main(["compress", "--model", str(tmp_path / "kv"), "--rank", "4", "--out", str(tmp_path / "small"),
+                 "--data", shards, "--device", "cpu", "--tokens", "64", "--seq-len", "32"]) == 2
+    assert "needs hidden-state input, but this one reads 'kv'" in capsys.readouterr().err
+
+
 def test_the_ridge_penalty_is_relative_to_each_maps_own_inputs():
     from kvpred.fit import _solve
 

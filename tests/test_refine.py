@@ -704,6 +704,24 @@ def test_calibrate_saves_thresholds_that_auto_refinement_then_uses(pruned, tmp_p
         assert "need --prompts >= 2 windows of --prompt-len >= 2 tokens" in capsys.readouterr().err
 
 
+def test_calibrate_measuring_in_bf16_saves_the_weights_as_they_were(tiny_llama, tmp_path, shards):
+    from safetensors.torch import load_file
+
+    from kvpred import cli
+
+    model = KVPredictionModel.from_pretrained(tiny_llama, keep_ratio=0.5)
+    with torch.no_grad():
+        model.predictor.key_weight.add_(0.01 * torch.randn_like(model.predictor.key_weight))  # not bf16 numbers
+    model.save_pretrained(tmp_path / "model")
+    # bf16 is the serving dtype on a GPU, and what calibrate measures in there by default
+    assert cli.main(["calibrate", "--model", str(tmp_path / "model"), "--data", shards, "--out",
+                     str(tmp_path / "calibrated"), "--prompts", "4", "--prompt-len", "16", "--device", "cpu",
+                     "--dtype", "bfloat16"]) == 0
+    before = load_file(tmp_path / "model" / "predictor.safetensors")
+    after = load_file(tmp_path / "calibrated" / "predictor.safetensors")
+    assert all(torch.equal(before[name], after[name]) for name in before)
+
+
 # ------------------------------------------------------------------ calibrated chat tail
 def write_chats(path, lines):
     path.write_text("".join(json.dumps(line) + "\n" for line in lines))
