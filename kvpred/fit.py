@@ -359,7 +359,10 @@ def _fit_command(args: argparse.Namespace) -> int:
     Path(args.out, "fit_report.json").write_text(json.dumps(report, indent=2))
     k0, k1 = report["key_rel_error_before"], report["key_rel_error_after"]
     v0, v1 = report["value_rel_error_before"], report["value_rel_error_after"]
+    factorised = report.get("factorised_rel_error_per_tap")
+    rank_note = (f" (full rank; factorised to rank {report['rank']}: relative output error per tap "
+                 f"{', '.join(f'{e:.3f}' for e in factorised)})" if factorised else "")
     print(f"fitted on {report['tokens']} tokens in {report['seconds']:.0f} s; mean relative error "
           f"keys {sum(k0) / len(k0):.3f} -> {sum(k1) / len(k1):.3f}, values {sum(v0) / len(v0):.3f} -> "
-          f"{sum(v1) / len(v1):.3f}; saved {args.out}")
+          f"{sum(v1) / len(v1):.3f}{rank_note}; saved {args.out}")
     return 0

@@ -168,8 +168,11 @@ def register(subparsers) -> None:
 def _narrow_command(args: argparse.Namespace) -> int:
     from .data import PackedTokens, check_tokenizer
 
-    if Path(args.out).resolve() == Path(args.model).resolve() or (Path(args.out) / "config.json").is_file():
-        raise KVPredError(f"--out {args.out} already holds a model (the base?); give a new folder")
+    out_path = Path(args.out)
+    if out_path.resolve() == Path(args.model).resolve() or any((out_path / name).is_file()
+                                                                 for name in ("config.json", "kvpred_config.json")):
+        raise KVPredError(f"--out {args.out} already holds a model (the base, a kvpred checkpoint, or a narrow run "
+                          "that stopped part-way: delete it to start over); give a new folder")
     out = out_folder(args.out, "the narrow auxiliary", make=False)  # found now, not after the importance pass
     base, tokenizer = load_causal_lm(args.model, torch.float32, args.device)
     check_tokenizer(args.data, tokenizer)

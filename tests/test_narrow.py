@@ -69,11 +69,15 @@ def test_the_cli_writes_an_auxiliary_that_fit_and_generate_use_as_kvp_c(tiny_lla
 @pytest.mark.parametrize("flags, message", [
     (["--seq-len", "1024"], "--seq-len 1024 exceeds the model's context limit of 512"),
     (["--out", "BASE"], "already holds a model"),
+    (["--out", "CHECKPOINT"], "already holds a model (the base, a kvpred checkpoint"),
     (["--out", "AFILE"], "is a file; give a folder for the narrow auxiliary"),
 ])
 def test_narrow_commands_that_cannot_work_are_clear_errors(tiny_llama, shards, tmp_path, capsys, flags, message):
     (tmp_path / "afile").write_text("mine")
-    flags = [{"BASE": tiny_llama, "AFILE": str(tmp_path / "afile")}.get(flag, flag) for flag in flags]
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "kvpred_config.json").write_text("{}")
+    places = {"BASE": tiny_llama, "AFILE": str(tmp_path / "afile"), "CHECKPOINT": str(tmp_path / "ckpt")}
+    flags = [places.get(flag, flag) for flag in flags]
     argv = ["narrow", "--model", tiny_llama, "--heads", "2", "--kv-heads", "2", "--intermediate", "32", "--data",
             shards, "--device", "cpu", "--tokens", "64", "--seq-len", "32", "--out", str(tmp_path / "aux"), *flags]
     assert main(argv) == 2
