@@ -299,8 +299,10 @@ def hand_out(jobs: dict[int, Job], tokens: list[int], scores: torch.Tensor | Non
     logprobs = None if scores is None else torch.log_softmax(scores.float(), dim=-1)  # [B, V]
     for row, job in jobs.items():
         token = tokens[row]
-        entry = (token_entry(tokenizer, logprobs[row], token, job.logprobs, job.prompt_ids + job.tokens)
-                 if logprobs is not None and job.logprobs is not None else None)
+        entry = None
+        if logprobs is not None and job.logprobs is not None:  # in the context of the tokens before it, no more
+            context = (job.prompt_ids[-DECODE_CONTEXT:] + job.tokens[-DECODE_CONTEXT:])[-DECODE_CONTEXT:]
+            entry = token_entry(tokenizer, logprobs[row], token, job.logprobs, context)
         job.advance(token, token in eos_ids, now, tokenizer, entry)
 
 
@@ -649,7 +651,8 @@ class Scheduler:
             logits = torch.cat([head, logits], dim=1)  # [1, N, V]
         logprobs = torch.log_softmax(logits[0, :-1].float(), dim=-1)  # [N-1, V]: row i predicts token i+1
         first = (decode_after(self.tokenizer, [], job.prompt_ids[:1]), None, None)
-        return [first] + [token_entry(self.tokenizer, logprobs[i], token, job.logprobs, job.prompt_ids[:i + 1])
+        return [first] + [token_entry(self.tokenizer, logprobs[i], token, job.logprobs,
+                                      job.prompt_ids[max(0, i + 1 - DECODE_CONTEXT):i + 1])
                           for i, token in enumerate(job.prompt_ids[1:])]
 
 
