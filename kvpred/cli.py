@@ -21,29 +21,33 @@ SUBCOMMAND_MODULES = ("data", "narrow", "fit", "train", "bench", "evaluate", "pl
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """--model / --device / --dtype, shared by every subcommand that loads a KVPredictionModel."""
+def add_model_arguments(parser: argparse.ArgumentParser, dtype: bool = True) -> None:
+    """--model / --device / --dtype, shared by every subcommand that loads a KVPredictionModel; without `dtype`
+    (commands that measure in float32 whatever the serving dtype) no --dtype."""
     parser.add_argument("--model", default=DEFAULT_MODEL,
                         help="kvpred checkpoint folder, embedded default (smollm2-135m), or a base model "
                              "(HF folder, hub id, .gguf) to wrap with an identity-initialised pruned auxiliary")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cpu, cuda or cuda:N (default: cuda where there is a GPU)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
-                        help="weights dtype (default: float32 on CPU, bfloat16 on CUDA)")
+    if dtype:
+        parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                            help="weights dtype (default: float32 on CPU, bfloat16 on CUDA)")
 
 
-def add_calibration_arguments(parser: argparse.ArgumentParser, out_help: str, data_required: bool = True) -> None:
-    """--data / --out / --tokens / --seq-len / --batch-size, for subcommands that measure on calibration text."""
+def add_calibration_arguments(parser: argparse.ArgumentParser, data_required: bool = True) -> None:
+    """--data / --tokens / --seq-len / --batch-size, for subcommands that measure on calibration text."""
     parser.add_argument("--data", required=data_required, help="token shard folder made by `kvpred data build`")
-    parser.add_argument("--out", required=True, help=out_help)
     parser.add_argument("--tokens", type=positive_int, default=65_536,
                         help="calibration tokens (read in whole batches of --batch-size x --seq-len)")
     parser.add_argument("--seq-len", type=positive_int, default=512)
     parser.add_argument("--batch-size", type=positive_int, default=8)
 
 
-def add_save_dtype_argument(parser: argparse.ArgumentParser) -> None:
-    """--save-dtype, for subcommands that write a checkpoint from one loaded in float32."""
+def add_checkpoint_out_arguments(parser: argparse.ArgumentParser, out_help: str) -> None:
+    """--out / --overwrite / --save-dtype, for subcommands that write a checkpoint from one loaded in float32."""
+    parser.add_argument("--out", required=True, help=out_help)
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a kvpred checkpoint already in --out (refused without this flag)")
     parser.add_argument("--save-dtype", choices=("float32", "bfloat16"), default="float32",
                         help="dtype of the saved tensors (bfloat16: half the size, as the shipped default is stored)")
 

@@ -13,19 +13,17 @@ the best rank-r approximation in output error over the calibration inputs (reduc
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
-from pathlib import Path
 from typing import Iterable
 
 import torch
 from tqdm import tqdm
 
 from . import lora
-from .model import KVPredictionModel, capture, check_checkpoint_out, position_ids_from_mask
+from .model import KVPredictionModel, capture, check_checkpoint_out, position_ids_from_mask, write_report
 from .models import KVPredError
 from .predictor import KVPredictor, PredictorConfig
 
@@ -239,16 +237,16 @@ def fit_predictor(model: KVPredictionModel, batches: Iterable[torch.Tensor], con
 
 # ---------------------------------------------------------------- CLI
 def register(subparsers) -> None:
-    from .cli import (add_calibration_arguments, add_model_arguments, add_save_dtype_argument, layer_list,
+    from .cli import (add_calibration_arguments, add_checkpoint_out_arguments, add_model_arguments, layer_list,
                       positive_int)
 
     p = subparsers.add_parser(
         "fit", help="training-free predictor: ridge regression on a calibration corpus",
         description="Fit every predictor map in closed form (ridge) from auxiliary->base key/value pairs collected "
                     "on token shards (see `kvpred data build`), and save a kvpred checkpoint.")
-    add_model_arguments(p)
+    add_model_arguments(p, dtype=False)  # statistics in float32 whatever the serving dtype (see _fit_command)
     p.add_argument("--data", required=True, help="token shard folder made by `kvpred data build`")
-    p.add_argument("--out", required=True, help="folder for the fitted checkpoint")
+    add_checkpoint_out_arguments(p, "folder for the fitted checkpoint")
     p.add_argument("--source", choices=("kv", "hidden"), default=None,
                    help="predictor input: aux keys/values (paper) or the aux hidden state (default: the model's)")
     p.add_argument("--keep-ratio", type=float, default=None, help="build a new pruned aux keeping this share of layers")
@@ -267,11 +265,11 @@ def register(subparsers) -> None:
                     "Hidden-state predictors only. Fine-tune the result with `kvpred train` to recover what it "
                     "loses. --aux-rank: refactor the auxiliary's saved adapters (whose rank grows with each round of "
                     "training) to at most that rank by truncated SVD; it reports the largest relative error.")
-    add_model_arguments(p)
+    add_model_arguments(p, dtype=False)  # loaded and measured in float32
     p.add_argument("--rank", type=positive_int, default=None, help="width of each tap's shared code")
     p.add_argument("--aux-rank", type=positive_int, default=None, help="largest rank of each auxiliary adapter")
-    add_save_dtype_argument(p)
-    add_calibration_arguments(p, "folder for the compressed checkpoint", data_required=False)
+    add_checkpoint_out_arguments(p, "folder for the compressed checkpoint")
+    add_calibration_arguments(p, data_required=False)
     p.set_defaults(func=_compress_command)
 
 
@@ -280,7 +278,7 @@ def _compress_command(args: argparse.Namespace) -> int:
         raise KVPredError("nothing to compress: give --rank (the predictor) and/or --aux-rank (the adapters)")
     if args.rank is not None and args.data is None:
         raise KVPredError("--rank fits the factorised predictor on calibration text: give --data")
-    check_checkpoint_out(args.out)
+    check_checkpoint_out(args.out, args.overwrite)
     model = KVPredictionModel.from_pretrained(args.model, dtype=torch.float32, device=args.device)
     report = {"from": args.model}
     if args.aux_rank is not None:
@@ -289,7 +287,7 @@ def _compress_command(args: argparse.Namespace) -> int:
         report.update(_compress_predictor(model, args))
     model.config.forget_measurements()
     model.save_pretrained(args.out, dtype=getattr(torch, args.save_dtype))
-    Path(args.out, "compress_report.json").write_text(json.dumps(report, indent=2))
+    write_report(args.out, "compress_report.json", report)
     print(f"saved {args.out}")
     return 0
 
@@ -336,7 +334,7 @@ def _fit_command(args: argparse.Namespace) -> int:
     from .data import PackedTokens, check_tokenizer
 
     config = FitConfig(**{f: getattr(args, f) for f in asdict(FitConfig())})  # checked before the model loads
-    check_checkpoint_out(args.out)
+    check_checkpoint_out(args.out, args.overwrite)
     # statistics in float32 whatever the serving dtype: X^T X of bf16 activations loses the small directions
     model = KVPredictionModel.from_pretrained(args.model, aux=args.aux, keep_ratio=args.keep_ratio,
                                               keep_layers=args.keep_layers,
@@ -355,8 +353,8 @@ def _fit_command(args: argparse.Namespace) -> int:
         print(f"note: the train split holds {batches.stream.tokens} tokens, fewer than --tokens {config.tokens}: "
               "its windows are read more than once", file=sys.stderr)
     report = fit_predictor(model, batches, config)
-    model.save_pretrained(args.out)
-    Path(args.out, "fit_report.json").write_text(json.dumps(report, indent=2))
+    model.save_pretrained(args.out, dtype=getattr(torch, args.save_dtype))
+    write_report(args.out, "fit_report.json", report)
     k0, k1 = report["key_rel_error_before"], report["key_rel_error_after"]
     v0, v1 = report["value_rel_error_before"], report["value_rel_error_after"]
     factorised = report.get("factorised_rel_error_per_tap")

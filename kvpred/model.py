@@ -96,13 +96,30 @@ class KVPConfig:
             raise KVPredError(f"{where} is not a valid kvpred config ({type(err).__name__}: {err})") from err
 
 
-def check_checkpoint_out(path: str | os.PathLike) -> Path:
-    """Where a checkpoint may be saved: an output folder (`out_folder`), not a Hugging Face model's (the base's, say).
-    Commands that save one check this before their work, `save_pretrained` again."""
+# What `kvpred fit`, `compress` and `calibrate` write beside the checkpoint they save
+REPORT_NAMES = ("fit_report.json", "compress_report.json", "calibration.json")
+
+
+def check_checkpoint_out(path: str | os.PathLike, overwrite: bool = True) -> Path:
+    """Where a checkpoint may be saved: an output folder (`out_folder`), not a Hugging Face model's (the base's, say),
+    nor, unless `overwrite`, one holding a kvpred checkpoint already. Commands that save one check this before their
+    work (with their --overwrite flag), `save_pretrained` again (which replaces a checkpoint, as transformers' does)."""
     out = out_folder(path, "the checkpoint", make=False)
     if (out / "config.json").is_file():
         raise KVPredError(f"{out} holds a Hugging Face model (config.json): save the checkpoint to its own folder")
+    if not overwrite and (out / CONFIG_NAME).is_file():
+        raise KVPredError(f"{out} already holds a kvpred checkpoint: choose another folder, or pass --overwrite to "
+                          "replace it")
     return out
+
+
+def write_report(out: str | os.PathLike, name: str, report: dict) -> None:
+    """A command's JSON report beside the checkpoint it saved in `out`; another command's report there described the
+    checkpoint this one replaced, so it goes."""
+    for other in REPORT_NAMES:
+        if other != name:
+            Path(out, other).unlink(missing_ok=True)
+    Path(out, name).write_text(json.dumps(report, indent=2))
 
 
 GENERATION_DEFAULTS = {"max_new_tokens": 32, "do_sample": False, "temperature": 1.0, "top_p": 1.0, "top_k": 0}

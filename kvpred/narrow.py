@@ -161,7 +161,8 @@ def register(subparsers) -> None:
     p.add_argument("--heads", type=int, required=True, help="query heads per layer")
     p.add_argument("--kv-heads", type=int, required=True, help="key/value heads per layer")
     p.add_argument("--intermediate", type=int, required=True, help="MLP channels per layer")
-    add_calibration_arguments(p, "folder for the auxiliary model")
+    p.add_argument("--out", required=True, help="folder for the auxiliary model")
+    add_calibration_arguments(p)
     p.set_defaults(func=_narrow_command)
 
 

@@ -22,7 +22,7 @@ from .decoding import (Pooled, Trace, base_tail, capacity_bucket, check_decoding
                        eos_token_ids, first_logits, pad_id, tail_on_steps, with_stop_strings)
 from .generation import ConversationTokenizer, check_text
 from .model import (BufferCache, KVPredictionModel, cache_kwargs, capture, check_checkpoint_out, check_exact_tail,
-                    position_ids_from_mask)
+                    position_ids_from_mask, write_report)
 from .models import KVPredError
 
 POLICIES = ("eager", "lazy", "off")
@@ -565,7 +565,7 @@ class ChatSession:
 
 # -------------------------------------------------------------------- CLI: kvpred chat
 def register(subparsers) -> None:
-    from .cli import add_model_arguments, add_save_dtype_argument, positive_int
+    from .cli import add_checkpoint_out_arguments, add_model_arguments, positive_int
 
     p = subparsers.add_parser("chat", help="interactive multi-turn chat reusing the cache of earlier turns",
                               description="Chat with the base through KV prediction: each turn's new tokens are "
@@ -601,7 +601,6 @@ def register(subparsers) -> None:
     p.add_argument("--data", help="token shard folder; its held-out split calibrates the refinement thresholds")
     p.add_argument("--chats", help=".jsonl chats (file, folder or glob; lines of \"messages\" or rendered "
                                    "\"text\") that calibrate the chat tail")
-    p.add_argument("--out", required=True, help="folder for the calibrated checkpoint")
     p.add_argument("--prompts", type=positive_int, default=256, help="prompts (windows, chats) measured")
     p.add_argument("--prompt-len", type=positive_int, default=256,
                    help="tokens per --data window (at least 2: one to predict, one the base runs)")
@@ -610,13 +609,12 @@ def register(subparsers) -> None:
     p.add_argument("--chat-tolerance", type=float, default=0.02,
                    help="first-token agreement a shorter chat tail may lose against the template's reply opening")
     p.add_argument("--batch-size", type=positive_int, default=16)
-    add_save_dtype_argument(p)
+    add_checkpoint_out_arguments(p, "folder for the calibrated checkpoint")
     p.set_defaults(func=_calibrate)
 
 
 def _calibrate(args) -> int:
     import json
-    from pathlib import Path
 
     from .cli import load_model
     from .data import check_tokenizer, heldout_windows
@@ -631,7 +629,7 @@ def _calibrate(args) -> int:
     if args.data is not None and (args.prompt_len < 2 or args.prompts < 2):  # else nothing predicted, or one point
         raise KVPredError(f"refinement thresholds need --prompts >= 2 windows of --prompt-len >= 2 tokens, got "
                           f"{args.prompts} of {args.prompt_len}")
-    check_checkpoint_out(args.out)
+    check_checkpoint_out(args.out, args.overwrite)
     model = load_model(args)
     report = {"model": args.model}
     # read before any measuring: a tokenizer without a chat template is refused at once
@@ -655,7 +653,7 @@ def _calibrate(args) -> int:
         model.config.refine_thresholds, model.config.chat_exact_tail = (measured.refine_thresholds,
                                                                         measured.chat_exact_tail)
     model.save_pretrained(args.out, dtype=getattr(torch, args.save_dtype))
-    Path(args.out, "calibration.json").write_text(json.dumps(report, indent=2))
+    write_report(args.out, "calibration.json", report)
     print(json.dumps(report, indent=2))
     return 0
 

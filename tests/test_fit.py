@@ -112,6 +112,39 @@ def test_cli_fit_with_rank_and_compress_write_factorised_checkpoints(tiny_llama,
     assert out.shape == (1, 13)
 
 
+def test_a_checkpoint_in_out_is_replaced_only_with_overwrite(tiny_llama, shards, tmp_path, capsys):
+    """fit, compress and calibrate share the rule: a kvpred checkpoint already in --out is refused before any work;
+    --overwrite replaces it, and the reports of the checkpoint it replaced go with it."""
+    out = tmp_path / "out"
+    fit = ["fit", "--model", tiny_llama, "--keep-layers", "0,2", "--source", "hidden", "--out", str(out), "--data",
+           shards, "--device", "cpu", "--tokens", "64", "--seq-len", "32", "--batch-size", "2"]
+    assert main(fit + ["--save-dtype", "bfloat16"]) == 0
+    assert KVPredictionModel.from_pretrained(str(out)).predictor.key_weight.dtype == torch.float32  # loaded as asked
+    from safetensors import safe_open
+    with safe_open(str(out / "predictor.safetensors"), "pt") as f:
+        assert f.get_tensor("key_weight").dtype == torch.bfloat16
+    (out / "calibration.json").write_text("{}")  # as a calibrate into this folder would have left
+    before = (out / "predictor.safetensors").read_bytes()
+    capsys.readouterr()
+    for argv in (fit, ["compress", "--model", str(out), "--aux-rank", "1", "--out", str(out)],
+                 ["calibrate", "--model", str(out), "--data", shards, "--out", str(out), "--device", "cpu"]):
+        assert main(argv) == 2
+        assert f"{out} already holds a kvpred checkpoint: choose another folder, or pass --overwrite" in \
+            capsys.readouterr().err
+    assert (out / "predictor.safetensors").read_bytes() == before
+    assert main(fit + ["--overwrite"]) == 0
+    assert sorted(p.name for p in out.glob("*.json")) == ["fit_report.json", "kvpred_config.json"]
+    assert (out / "predictor.safetensors").read_bytes() != before  # float32 now
+
+
+def test_fit_and_compress_have_no_dtype_flag_they_would_ignore(tiny_llama, tmp_path, capsys):
+    for command in ("fit", "compress"):
+        with pytest.raises(SystemExit):
+            main([command, "--model", tiny_llama, "--data", str(tmp_path), "--out", str(tmp_path / "o"),
+                  "--dtype", "bfloat16"])
+        assert "unrecognized arguments: --dtype bfloat16" in capsys.readouterr().err
+
+
 def test_compress_refuses_a_kv_input_predictor_before_its_calibration_pass(tiny_llama, shards, tmp_path, capsys,
                                                                            monkeypatch):
     KVPredictionModel.from_pretrained(tiny_llama, keep_ratio=0.5).save_pretrained(tmp_path / "kv")

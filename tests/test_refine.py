@@ -684,7 +684,7 @@ def test_calibrate_saves_thresholds_that_auto_refinement_then_uses(pruned, tmp_p
     assert KVPredictionModel.from_pretrained(str(tmp_path / "calibrated")).config.refine_thresholds is not None
     from safetensors.torch import load_file
     assert {t.dtype for t in load_file(tmp_path / "calibrated" / "predictor.safetensors").values()} == {torch.bfloat16}
-    assert cli.main(argv) == 0
+    assert cli.main(argv + ["--overwrite"]) == 0
     report = json.loads((tmp_path / "calibrated" / "calibration.json").read_text())
     assert report["prompts"] == 8 and 0 <= report["agreement"] <= 1
     assert report["off_fraction"] + report["lazy_fraction"] + report["eager_fraction"] == pytest.approx(1)
