@@ -23,6 +23,7 @@ NEUTRAL_ONLY = {
     "best_of": lambda v: v == 1, "suffix": lambda v: not v, "tools": lambda v: not v, "functions": lambda v: not v,
     "tool_choice": lambda v: v in ("none", "auto"), "function_call": lambda v: v in ("none", "auto"),
     "response_format": lambda v: isinstance(v, dict) and v.get("type") == "text",
+    "top_logprobs": lambda v: v == 0,  # chat logprobs are refused; completions count alternatives in `logprobs`
 }
 
 

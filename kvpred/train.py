@@ -47,6 +47,7 @@ from .rope import rope_tables, unrotate
 
 STATE_NAME = "train_state.pt"
 METRICS_NAME = "metrics.jsonl"
+LOGGED_LR = {"predictor": "lr", "aux": "aux_lr"}  # optimizer group -> its learning rate's name in the metrics log
 FIT_AFTER = 10  # --max-minutes: steps timed before the schedule is fitted, where the warm-up is shorter
 FIT_SHARE = 0.25  # --max-minutes: the schedule is fitted by this share of the time at the latest, warm-up or not
 
@@ -677,7 +678,7 @@ class Trainer:
                     elapsed = time.perf_counter() - t_last
                     tok_s = tokens_per_step * (self.step - step_last) / elapsed
                     record = {"step": self.step, **{k: round(v, 5) for k, v in losses.items()},
-                              "lr": self.step_lr, "tokens_per_s": round(tok_s),
+                              **self.step_lr, "tokens_per_s": round(tok_s),
                               "mfu": round(flops * tok_s / peak_flops(self.device) / self.world, 4)}
                     bar.set_postfix(loss=f"{losses['loss']:.3f}", tok_s=f"{tok_s:,.0f}")
                     t_last, step_last = time.perf_counter(), self.step
@@ -745,7 +746,8 @@ class Trainer:
             totals = dict(zip(totals, (reduced / self.world).tolist()))
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         totals["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, c.clip))
-        self.step_lr = self.optimizer.param_groups[0]["lr"]  # what this step used, for the log
+        # what this step used, for the log: the predictor's rate as "lr", the auxiliary's as "aux_lr"
+        self.step_lr = {LOGGED_LR[g["name"]]: g["lr"] for g in self.optimizer.param_groups if g["name"] in LOGGED_LR}
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()

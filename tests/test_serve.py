@@ -362,6 +362,7 @@ TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "ob
     ("/v1/completions", {"logit_bias": {"5": 10}}), ("/v1/completions", {"best_of": 2}),
     ("/v1/completions", {"suffix": "end"}), ("/v1/chat/completions", {"response_format": {"type": "json_object"}}),
     ("/v1/chat/completions", {"tools": [TOOL], "tool_choice": "required"}),
+    ("/v1/chat/completions", {"top_logprobs": 3}),
 ])
 def test_openai_fields_that_would_change_the_reply_are_refused_by_name(http, path, field):
     body = {"model": NAME, "max_tokens": 2, **field,

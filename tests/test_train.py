@@ -314,8 +314,9 @@ def test_a_time_limit_shortens_the_schedule_so_it_still_ends_annealed(tiny_llama
     trainer.train()
     assert 10 < trainer.step == trainer.total_steps < 60  # 3 s at 20 steps/s, less the margin for evals
     assert used[-1] == pytest.approx(c.lr * c.min_lr_ratio) and max(used) == pytest.approx(c.lr)
-    logged = [json.loads(line)["lr"] for line in open(tmp_path / "run" / "metrics.jsonl") if '"lr"' in line]
-    assert logged == pytest.approx(used)
+    logged = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl") if '"lr"' in line]
+    assert [r["lr"] for r in logged] == pytest.approx(used)
+    assert [r["aux_lr"] / r["lr"] for r in logged] == pytest.approx([c.aux_lr / c.lr] * len(logged))
     again = dict(steps=10**6, warmup=warmup, save_every=10**6)
     resumed = Trainer(config(tiny_llama, shards, tmp_path, max_minutes=0.05, **again))
     assert resumed.total_steps == trainer.total_steps  # the same command again finds the run done
