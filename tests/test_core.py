@@ -745,3 +745,25 @@ def test_cli_generate_with_refinement_reports_when_the_cache_became_exact(tiny_l
     assert main(argv) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["refine"] == "eager" and out["exact_from"] == 1 and len(out["tokens"]) == 4
+
+
+def test_ctrl_c_while_the_command_starts_is_a_quiet_interruption(monkeypatch, capsys):
+    """The entry point imports nothing heavy before its handler: Ctrl+C while torch loads is exit 130, no traceback."""
+    import subprocess
+    import sys
+
+    from kvpred import launch
+
+    light = subprocess.run([sys.executable, "-c", "import sys, kvpred, kvpred.launch; print('torch' in sys.modules)"],
+                           capture_output=True, text=True, check=True)
+    assert light.stdout.strip() == "False"
+
+    class InterruptedImport:  # what a Ctrl+C in the middle of importing kvpred.cli (and torch) raises
+        def find_spec(self, name, path=None, target=None):
+            if name == "kvpred.cli":
+                raise KeyboardInterrupt
+
+    monkeypatch.delitem(sys.modules, "kvpred.cli")
+    monkeypatch.setattr(sys, "meta_path", [InterruptedImport(), *sys.meta_path])
+    assert launch.main() == 130
+    assert capsys.readouterr().err == "kvpred: interrupted\n"
