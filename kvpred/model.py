@@ -692,6 +692,11 @@ class KVPredictionModel(nn.Module):
         if mode not in MODES:
             raise KVPredError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
         check_exact_tail(exact_tail)
+        parts = {"base": self.base.device, "auxiliary": self.aux.device, "predictor": self.predictor.key_weight.device}
+        if len(set(parts.values())) > 1:  # one part moved alone (model.base.to(...)): its pooled caches are stale too
+            where = ", ".join(f"{part} on {device}" for part, device in parts.items())
+            raise KVPredError(f"the model's parts are on different devices ({where}): move the whole model, "
+                              "model.to(device)")
         input_ids = torch.as_tensor(input_ids, device=self.device)
         if input_ids.dim() == 1:
             input_ids = input_ids.unsqueeze(0)

@@ -767,3 +767,10 @@ def test_ctrl_c_while_the_command_starts_is_a_quiet_interruption(monkeypatch, ca
     monkeypatch.setattr(sys, "meta_path", [InterruptedImport(), *sys.meta_path])
     assert launch.main() == 130
     assert capsys.readouterr().err == "kvpred: interrupted\n"
+
+
+def test_a_part_moved_alone_is_named_instead_of_a_device_mismatch_deep_inside(tiny_llama):
+    model = KVPredictionModel.from_pretrained(tiny_llama, keep_ratio=0.5)
+    model.predictor.to("meta")
+    with pytest.raises(KVPredError, match="base on cpu, auxiliary on cpu, predictor on meta.*model.to\\(device\\)"):
+        model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=2)
