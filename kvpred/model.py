@@ -134,7 +134,11 @@ def generation_settings(config: GenerationConfig | None, prompt_length: int, max
         value = given[name] if given[name] is not None else getattr(config, name, None)
         settings[name] = default if value is None else value
     if given["max_new_tokens"] is None and (max_length is not None or getattr(config, "max_new_tokens", 0) is None):
-        settings["max_new_tokens"] = (max_length if max_length is not None else config.max_length) - prompt_length
+        max_length = max_length if max_length is not None else config.max_length
+        if max_length <= prompt_length:  # said in the caller's terms; max_new_tokens would be <= 0
+            raise KVPredError(f"max_length {max_length} leaves no room for new tokens after a prompt of "
+                              f"{prompt_length}: give a larger max_length, or max_new_tokens")
+        settings["max_new_tokens"] = max_length - prompt_length
     return settings
 
 

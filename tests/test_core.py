@@ -77,6 +77,12 @@ def test_transformers_generation_arguments_mean_what_they_mean_to_the_base(tiny_
         assert torch.equal(model.generate(ids, mask, mode=mode, **settings), expected)
 
 
+def test_a_max_length_that_leaves_no_room_is_refused_in_its_own_terms(tiny_llama):
+    model = KVPredictionModel.from_pretrained(tiny_llama, keep_ratio=0.5)
+    with pytest.raises(KVPredError, match="max_length 3 leaves no room for new tokens after a prompt of 3"):
+        model.generate(torch.tensor([[5, 6, 7]]), max_length=3)
+
+
 def test_a_padded_batch_without_its_mask_is_read_as_transformers_reads_it(tiny_llama):
     model = KVPredictionModel.from_pretrained(tiny_llama, keep_ratio=1.0)
     ids, mask = batch(model)  # the byte tokenizer's pad id (0) is not its EOS (2): pads are padding
