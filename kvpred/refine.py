@@ -255,6 +255,8 @@ def _prefill(model: KVPredictionModel, ids: torch.Tensor, mask: torch.Tensor, ex
                          logits_to_keep=0 if with_signal else 1)  # 0: all (tail_nll reads them)
     logits = out.logits.float()  # [B, N-n or 1, V]
     signal = _signals(logits, ids[:, n:], mask[:, n:], tail_keys, tail_values, taps) if with_signal else {}
+    if "kv_error" in signal:  # a row with nothing predicted (all of it in the tail, beside a longer one) has an exact
+        signal["kv_error"] *= mask[:, kept:n].any(-1).cpu()  # cache: no error, as when it runs alone
     return logits, signal
 
 

@@ -228,11 +228,22 @@ def test_bad_arguments_fail_with_clear_errors(pruned):
 
 
 # ---------------------------------------------------------------- adaptive fallback
+def test_a_row_with_nothing_predicted_has_no_kv_error_beside_a_longer_one(pruned):
+    """Its cache is exact (all of it is in the tail), as when it runs alone, whatever the auxiliary makes of it."""
+    short, longer = torch.tensor([[7, 8]]), torch.tensor([[3, 4, 5, 6, 7, 8]])
+    ids = torch.cat([torch.cat([torch.zeros(1, 4, dtype=torch.long), short], 1), longer])
+    mask = torch.tensor([[0, 0, 0, 0, 1, 1], [1] * 6])
+    signal = confidence(pruned, ids, mask, exact_tail=2)
+    assert signal["kv_error"][0] == 0 and signal["kv_error"][1] > 0.1
+    assert "kv_error" not in confidence(pruned, short, exact_tail=2)
+
+
 def test_confidence_signals_see_a_perfect_and_an_untrained_predictor(same, pruned):
     ids, mask = batch(same)
     perfect, untrained = confidence(same, ids, mask, exact_tail=4), confidence(pruned, ids, mask, exact_tail=4)
     assert set(perfect) == {"entropy", "tail_nll", "kv_error"} and perfect["entropy"].shape == (3,)
-    assert perfect["kv_error"].max() < 1e-4 and untrained["kv_error"].min() > 0.1
+    assert perfect["kv_error"].max() < 1e-4 and untrained["kv_error"][[0, 2]].min() > 0.1
+    assert untrained["kv_error"][1] == 0  # "a": all of it in the tail, nothing predicted
     # with aux == base the signals are those of the exact base: tail NLL of the known tail tokens
     logits, _ = same.prefill(ids, mask, mode="exact", exact_tail=4)
     nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, -3:], reduction="none")
