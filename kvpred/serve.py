@@ -377,7 +377,18 @@ class Scheduler:
 
     @property
     def depth(self) -> int:
-        return len(self._pending)
+        with self._cond:
+            self._drop_cancelled()
+            return len(self._pending)
+
+    def _drop_cancelled(self) -> None:
+        """Tell the clients that left while their jobs waited, and free their places in the queue at once (not when
+        the worker reaches them, after the generation under way): under the lock."""
+        for job in [job for job in self._pending if job.cancelled.is_set()]:
+            self._pending.remove(job)
+            job.finish("cancelled")
+            job.release()
+            self.metrics.record(job)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="kvpred-worker", daemon=True)
@@ -399,6 +410,7 @@ class Scheduler:
             raise APIError(400, f"a request may hold at most {self.config.max_queue} prompts (the server's "
                                 f"--max-queue), got {len(jobs)}", param="prompt")
         with self._cond:
+            self._drop_cancelled()
             if len(self._pending) + len(jobs) > self.config.max_queue:
                 raise APIError(429, f"the server is busy: {len(self._pending)} prompts are waiting and the queue "
                                     f"holds {self.config.max_queue}; retry later", code="queue_full",
@@ -414,12 +426,10 @@ class Scheduler:
                     self._cond.wait()
                 if self._closing:
                     return None
-                first = self._pending.popleft()
-                if first.cancelled.is_set():  # its client left while it waited
-                    first.finish("cancelled")
-                    first.release()
-                    self.metrics.record(first)
+                self._drop_cancelled()
+                if not self._pending:
                     continue
+                first = self._pending.popleft()
                 batch, longest, most = [first], len(first.prompt_ids), first.max_tokens
                 # a batch decoded padded (not rolling, where each row has columns of its own) gives its longest
                 # prompt the most new tokens: that must fit the context
@@ -556,7 +566,7 @@ class Scheduler:
         with self._cond:
             for job in self._pending:
                 if job.cancelled.is_set():
-                    continue  # next_batch tells its client
+                    continue  # _drop_cancelled tells its client
                 if len(found) == len(batch.free) or job.batch_key != key or not batch.fits(len(job.prompt_ids),
                                                                                           job.max_tokens):
                     break

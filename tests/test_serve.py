@@ -416,6 +416,21 @@ def test_queued_prompts_with_equal_settings_are_decoded_together_up_to_max_batch
     assert scheduler.next_batch() == [jobs[6], jobs[7]]
 
 
+def test_prompts_whose_clients_left_free_their_queue_places_at_once(model):
+    """Not when the worker reaches them after the generation under way: until then they made live clients' requests
+    a 429 (queue full) and /health counted them as waiting."""
+    scheduler = Scheduler(model, ServeConfig(max_queue=2), Metrics(lambda: 0))  # not started: the worker is busy
+    gone = [make_job(), make_job()]
+    scheduler.submit(gone)
+    for job in gone:
+        job.cancelled.set()  # as the handler does when its client disconnects or times out
+    live = [make_job(), make_job()]
+    scheduler.submit(live)
+    assert [job.finish_reason for job in gone] == ["cancelled", "cancelled"] and scheduler.depth == 2
+    live[0].cancelled.set()
+    assert scheduler.depth == 1 and scheduler.next_batch() == [live[1]]
+
+
 @pytest.mark.parametrize("mode", ["aux", "exact"])
 def test_prompts_decoded_padded_batch_together_only_where_they_fit_the_context(model, mode):
     """Aux mode decodes padded: the longest prompt gets the most new tokens. A rolling batch (exact mode) gives each
@@ -522,11 +537,19 @@ def test_the_queue_takes_all_of_a_request_or_none_of_it(model):
 
 
 def test_a_full_queue_answers_429(model, monkeypatch):
+    import threading
+
     monkeypatch.setattr(Scheduler, "start", lambda self: None)  # no worker: the first prompt stays queued
     with serve_in_thread(create_app(model, ServeConfig(model_name=NAME, max_queue=1, warm_up=()))) as url:
-        with pytest.raises(httpx.TimeoutException):
-            httpx.post(f"{url}/v1/completions", json={"model": NAME, "prompt": "x"}, timeout=0.5)
+        def waiting_client():  # keeps its place in the queue while it waits (a client that left frees it)
+            with pytest.raises(httpx.TimeoutException):
+                httpx.post(f"{url}/v1/completions", json={"model": NAME, "prompt": "x"}, timeout=3)
+
+        first = threading.Thread(target=waiting_client)
+        first.start()
+        wait_for(lambda: httpx.get(f"{url}/health").json()["queue_depth"] == 1)
         resp = httpx.post(f"{url}/v1/completions", json={"model": NAME, "prompt": "x"})
+        first.join()
     assert resp.status_code == 429 and resp.json()["error"]["code"] == "queue_full"
 
 
