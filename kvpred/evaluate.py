@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .models import KVPredError, fingerprint
+from .models import KVPredError, fingerprint, temporary_name
 
 RESULTS_VERSION = 1
 DEFAULT_MODES = ("exact", "aux", "predicted", "truncate")
@@ -295,7 +295,7 @@ def write_report(doc: dict, out: Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     md = out.with_suffix(".md")
     for path, text in ((out, json.dumps(doc, indent=2)), (md, markdown_report(doc))):
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        tmp = temporary_name(path)
         tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, path)
     return md
@@ -413,7 +413,7 @@ def _earlier_output(path: Path) -> bool:
                 return f.read(13) == "# kvpred eval"
             if path.name.endswith(".items.jsonl"):
                 first = f.readline()
-                return not first.strip() or "sig" in json.loads(first)
+                return not first.strip() or first.startswith('{"sig": ')  # a line a kill cut short too
             return "tasks" in json.load(f)
     except (ValueError, OSError, TypeError):
         return False

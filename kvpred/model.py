@@ -19,7 +19,7 @@ from transformers import AttentionInterface, DynamicCache, GenerationConfig, Pre
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from . import lora, models
-from .models import KVPredError, out_folder, sliding_window
+from .models import KVPredError, out_folder, remove_dead_temporaries, sliding_window, temporary_name
 from .decoding import (MIN_TEMPERATURE, StepPool, capacity_bucket, check_decoding, decoding_entry, eos_token_ids,
                        generate_with_steps, pad_id, with_stop_strings)
 from .deferred import PendingValues, deferred_values
@@ -358,10 +358,11 @@ class KVPredictionModel(nn.Module):
         folder a killed save left with files of two saves is refused when it loads, not used."""
         path = check_checkpoint_out(path)
         path.mkdir(parents=True, exist_ok=True)
+        remove_dead_temporaries(path)  # weights files of a save that was killed
         self.config.aux.saved_params = sorted(self.aux_tensors)
         files = {PREDICTOR_NAME: self.predictor.state_dict()} | ({AUX_NAME: self.aux_tensors} if self.aux_tensors
                                                                  else {})
-        staged = {name: path / f".{name}.tmp{os.getpid()}" for name in files}
+        staged = {name: temporary_name(path / name) for name in files}
         try:
             for name, tensors in files.items():
                 save_file({k: v.detach().to(dtype or v.dtype).contiguous().cpu().clone() for k, v in tensors.items()},
@@ -957,7 +958,7 @@ def _file_digest(path: Path) -> str:
 
 
 def _atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = temporary_name(path)
     try:
         write(str(tmp))
         os.replace(tmp, path)

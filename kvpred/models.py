@@ -112,13 +112,25 @@ def _content_key(path: Path, samples: int = 16, chunk: int = 1 << 16) -> str:
     return h.hexdigest()[:12]
 
 
-def remove_dead_temporaries(folder: Path, prefix: str) -> None:
-    """Delete `folder`'s temporaries named PREFIX<pid>-... whose process is gone (killed part-way): they can hold
-    gigabytes."""
+TEMPORARY_PREFIX = ".tmp"
+
+
+def temporary_name(path: Path) -> Path:
+    """Where this process writes `path` before renaming it into place: `remove_dead_temporaries(folder)` finds it
+    once the process is gone."""
+    return path.with_name(f"{TEMPORARY_PREFIX}{os.getpid()}-{path.name}")
+
+
+def remove_dead_temporaries(folder: Path, prefix: str = TEMPORARY_PREFIX) -> None:
+    """Delete `folder`'s temporaries (files or folders) named PREFIX<pid>-... whose process is gone (killed
+    part-way): they can hold gigabytes."""
     for path in folder.glob(f"{prefix}*"):
         pid = path.name[len(prefix):].split("-")[0]
         if pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(path, ignore_errors=True)
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
 
 
 def _alive(pid: int) -> bool:

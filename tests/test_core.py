@@ -424,7 +424,14 @@ def test_a_save_killed_before_its_config_leaves_a_checkpoint_that_is_refused_not
     assert not [f for f in (tmp_path / "ckpt").iterdir() if f.name.startswith(".")]  # no temporary file left
     with pytest.raises(KVPredError, match="half-written"):
         KVPredictionModel.from_pretrained(str(tmp_path / "ckpt"))
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    leftover = tmp_path / "ckpt" / f".tmp{dead.stdout.strip()}-predictor.safetensors"  # a save killed -9 left it
+    leftover.write_bytes(b"x" * 100)
     model.save_pretrained(tmp_path / "ckpt")  # saving again mends it
+    assert not leftover.exists()
     (tmp_path / "afile").write_text("mine")
     with pytest.raises(KVPredError, match="is a file; give a folder for the checkpoint"):
         model.save_pretrained(tmp_path / "afile")

@@ -550,6 +550,9 @@ def test_an_out_that_would_lose_the_results_is_refused_before_the_model_loads(ti
         assert cli.main(["eval", "--model", "no-such-model", "--tasks", f"{DATA}/lm.jsonl", "--out", str(out)]) == 2
         assert f"{mine} exists and is not kvpred eval output" in capsys.readouterr().err
     assert (tmp_path / "README.md").read_text() == "# my notes\n"
+    (tmp_path / "killed.items.jsonl").write_text('{"sig": "0a1b')  # a run killed while writing its first line
+    from kvpred.evaluate import check_out
+    check_out(tmp_path / "killed.json")  # the same command resumes
 
 
 def test_plot_draws_the_pareto_figure_with_a_ttft_panel(pruned_doc, tmp_path):
