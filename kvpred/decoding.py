@@ -320,9 +320,13 @@ class StepPool:
     def __init__(self, size: int = 4):
         self.size, self.entries = size, OrderedDict()
         self.made = 0  # caches made so far: requests that found no cache (and step) of their shape
+        self.made_for: tuple | None = None  # the base's (device, dtype) the entries were made for
 
     def get(self, model, batch: int, tokens: int) -> Pooled:
         """The pooled cache (and step) for `batch` rows of up to `tokens` tokens."""
+        if self.made_for != (model.base.device, model.base.dtype):  # moved or cast since (e.g. model.base.to alone)
+            self.entries.clear()
+            self.made_for = (model.base.device, model.base.dtype)
         key = (batch, capacity_bucket(tokens, model.context_length))
         if key not in self.entries:
             while len(self.entries) >= self.size:

@@ -250,6 +250,11 @@ class KVPredictionModel(nn.Module):
             if value is not None and not (isinstance(value, torch.dtype) and value.is_floating_point):
                 raise KVPredError(f"{name} must be 'auto', None (the model's dtype) or a floating-point torch dtype, "
                                   f"got {value!r}")
+            if value == self.base.dtype:
+                return None
+            if name == "aux_dtype" and value not in (None, torch.bfloat16, torch.float16):  # autocast ignores others
+                raise KVPredError(f"aux_dtype {value} cannot run the auxiliary: it runs by autocast, which takes "
+                                  f"bfloat16 or float16 (or None, the model's {self.base.dtype})")
             return value
         # Native bf16 dot products only: oneDNN also "supports" bf16 on plain AVX512, by emulation, which need not
         # be faster.
@@ -377,9 +382,15 @@ class KVPredictionModel(nn.Module):
 
     def _apply(self, fn, *args, **kwargs):
         """nn.Module's casts and moves (`to`, `half`, `cuda`...) make new parameter tensors: the pooled caches and
-        captured steps were made for the old ones, so they go."""
+        captured steps were made for the old ones, so they go. RoPE's inverse frequencies stay float32, as
+        from_pretrained(dtype=...) leaves them: rounded to bf16 they turn the angles of later positions."""
         self._steps.entries.clear()
-        return super()._apply(fn, *args, **kwargs)
+        rope = {(module, name): buffer for module in self.modules() for name, buffer in module.named_buffers(
+            recurse=False) if name.endswith("inv_freq") and buffer.dtype == torch.float32}
+        out = super()._apply(fn, *args, **kwargs)
+        for (module, name), buffer in rope.items():
+            setattr(module, name, buffer.to(getattr(module, name).device))
+        return out
 
     # ---------------------------------------------------------------- properties
     @property
@@ -697,11 +708,11 @@ class KVPredictionModel(nn.Module):
         if mode not in MODES:
             raise KVPredError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
         check_exact_tail(exact_tail)
-        parts = {"base": self.base.device, "auxiliary": self.aux.device, "predictor": self.predictor.key_weight.device}
-        if len(set(parts.values())) > 1:  # one part moved alone (model.base.to(...)): its pooled caches are stale too
-            where = ", ".join(f"{part} on {device}" for part, device in parts.items())
-            raise KVPredError(f"the model's parts are on different devices ({where}): move the whole model, "
-                              "model.to(device)")
+        parts = {"base": self.base, "auxiliary": self.aux, "predictor": self.predictor.key_weight}
+        if len({(part.device, part.dtype) for part in parts.values()}) > 1:  # one part moved or cast alone
+            where = ", ".join(f"{name} {part.dtype} on {part.device}" for name, part in parts.items())
+            raise KVPredError(f"the model's parts differ in device or dtype ({where}): move or cast the whole model, "
+                              "model.to(...)")
         input_ids = torch.as_tensor(input_ids, device=self.device)
         if input_ids.dim() == 1:
             input_ids = input_ids.unsqueeze(0)

@@ -466,6 +466,7 @@ class ChatSession:
         `stopping_criteria` are called as transformers' generate calls them."""
         model = self.model
         check_decoding(max_new_tokens, do_sample, temperature, top_p, top_k)
+        self._follow_model()
         messages = self.messages + [{"role": "user", "content": check_text(user_text, "message")}]
         ids, mask = model.check_inputs(self.conversation_ids(messages), None, "predicted", max_new_tokens,
                                        self.exact_tail)
@@ -502,6 +503,15 @@ class ChatSession:
         self._remember(seq, n, messages, refiner, trace, exact_cols)
         self.last_info.update(policy=policy, reused_tokens=reuse, predicted_tokens=predicted, prompt_tokens=n)
         return self.messages[-1]["content"]
+
+    def _follow_model(self) -> None:
+        """After `model.to(...)` the caches of earlier turns are in the old dtype or on the old device: drop them
+        (the conversation is kept), so that the next turn computes them again."""
+        arena = None if self.pooled is None else self.pooled.cache.key_arena
+        if arena is not None and (arena.device, arena.dtype) != (self.model.base.device, self.model.base.dtype):
+            self.pooled, self.exact_cols = None, 0
+            self.aux_cache = DynamicCache(config=self.model.aux.config)
+            self.tokens = self.tokens[:, :0].to(self.model.device)  # nothing cached
 
     def _room(self, reuse: int, tokens: int) -> Pooled:
         """The session's cache, able to hold `tokens` columns: a larger one (keeping the first `reuse` columns)

@@ -782,8 +782,35 @@ def test_ctrl_c_while_the_command_starts_is_a_quiet_interruption(monkeypatch, ca
     assert capsys.readouterr().err == "kvpred: interrupted\n"
 
 
-def test_a_part_moved_alone_is_named_instead_of_a_device_mismatch_deep_inside(tiny_llama):
+@pytest.mark.parametrize("part, moved", [("predictor", "meta"), ("aux", torch.bfloat16), ("base", torch.bfloat16)])
+def test_a_part_moved_or_cast_alone_is_named_instead_of_a_mismatch_deep_inside(tiny_llama, part, moved):
     model = KVPredictionModel.from_pretrained(tiny_llama, keep_ratio=0.5)
-    model.predictor.to("meta")
-    with pytest.raises(KVPredError, match="base on cpu, auxiliary on cpu, predictor on meta.*model.to\\(device\\)"):
+    ids = torch.tensor([[5, 6, 7, 8]])
+    model.generate(ids, max_new_tokens=2)  # pools a float32 cache
+    getattr(model, part).to(moved)
+    with pytest.raises(KVPredError, match="parts differ in device or dtype .*cast the whole model, model.to"):
+        model.generate(ids, max_new_tokens=2)
+    for other in ("base", "aux", "predictor"):  # all of it, part by part: the pooled cache follows
+        getattr(model, other).to(moved)
+    if moved != "meta":
+        assert model.generate(ids, max_new_tokens=2).shape == (1, 6)
+
+
+def test_casting_a_loaded_model_gives_the_model_loaded_in_that_dtype(tiny_llama):
+    """RoPE's inverse frequencies stay float32, as from_pretrained(dtype=...) leaves them."""
+    cast = KVPredictionModel.from_pretrained(tiny_llama, keep_ratio=0.5).to(torch.bfloat16)
+    loaded = KVPredictionModel.from_pretrained(tiny_llama, keep_ratio=0.5, dtype=torch.bfloat16)
+    assert cast.base.model.rotary_emb.inv_freq.dtype == cast.aux.model.rotary_emb.inv_freq.dtype == torch.float32
+    ids = torch.randint(3, 259, (1, 40))
+    for mode in ("exact", "predicted"):
+        assert torch.equal(cast.generate(ids, mode=mode, max_new_tokens=6),
+                           loaded.generate(ids, mode=mode, max_new_tokens=6))
+
+
+def test_an_aux_dtype_autocast_cannot_run_is_refused(tiny_llama):
+    model = KVPredictionModel.from_pretrained(tiny_llama, keep_ratio=0.5)
+    model.aux_dtype = torch.float32  # the model's own: nothing to autocast
+    assert model.aux_compute_dtype is None
+    model.aux_dtype = torch.float64
+    with pytest.raises(KVPredError, match="aux_dtype torch.float64 cannot run the auxiliary: it runs by autocast"):
         model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=2)

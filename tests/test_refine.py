@@ -461,6 +461,18 @@ def test_a_session_past_half_its_cache_grows_it_after_the_reply_not_before_the_n
     assert torch.equal(session.tokens[0, conversation.shape[1]:], exact)
 
 
+def test_a_session_goes_on_after_the_model_is_cast_computing_its_history_again(tiny_llama):
+    model = chat_model(tiny_llama, keep_ratio=1.0)
+    session = ChatSession(model, refine="off")
+    session.send("hello there, how are you?", max_new_tokens=4)
+    model.to(torch.bfloat16)
+    reply = session.send("and tomorrow?", max_new_tokens=4)
+    assert session.last_info["reused_tokens"] == 0 and session.cache.key_arena.dtype == torch.bfloat16
+    fresh = ChatSession(model, refine="off")
+    fresh.messages = session.messages[:2]  # the same history, never cached in float32
+    assert fresh.send("and tomorrow?", max_new_tokens=4) == reply
+
+
 def test_a_session_cache_does_not_grow_past_the_context_length(tiny_llama):
     session = ChatSession(chat_model(tiny_llama, 1.0), refine="eager", chunk_size=64)
     session.send("word " * 60, max_new_tokens=6)  # over half of a 512-column cache, and the context is 512
