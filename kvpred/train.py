@@ -100,7 +100,7 @@ class TrainConfig:
                                   "the processes that resume it), the cosine fitted to it; 0: no limit")
     log_every: int = opt(10, "steps between loss records in metrics.jsonl (0: never)")
     save_every: int = opt(200, "steps between checkpoints (train_state.pt) (0: only at the end, at the time limit "
-                               "and on Ctrl+C)")
+                               "and on Ctrl+C in one process; under torchrun a signal stops the run unsaved)")
     eval_every: int = opt(200, "steps between held-out evaluations (0: never, and then the data needs no held-out "
                                "split)")
     eval_windows: int = opt(64, "held-out windows per evaluation")
@@ -549,12 +549,12 @@ class Trainer:
         return {n: t.detach() for n, t in whole.items() if n in trainable}
 
     def _optimizer_state(self) -> dict:
-        if not self.sharded:
-            return self.optimizer.state_dict()
+        """The optimizer's whole state keyed by parameter name, one format for one process, DDP and FSDP2, so that
+        a run resumes under any of them (a state keyed by index does not load into a sharded optimizer)."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
         return get_optimizer_state_dict(self.module, self.optimizer,
-                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+                                        options=StateDictOptions(full_state_dict=True, cpu_offload=self.sharded))
 
     def _state(self, whole: dict[str, torch.Tensor], optimizer: dict) -> dict:
         part = lambda prefix: {n.removeprefix(prefix): t for n, t in whole.items() if n.startswith(prefix)}
@@ -565,6 +565,18 @@ class Trainer:
                 "fitted_steps": self.total_steps if self.total_steps < self.config.steps else None,
                 "spent_s": self.spent_before + (0.0 if self.t_start is None else time.perf_counter() - self.t_start),
                 "fingerprints": self.fingerprints}
+
+    def _load_optimizer_state(self, saved: dict, path: Path) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        if all(isinstance(key, str) for key in saved["state"]):  # by name: `_optimizer_state`
+            set_optimizer_state_dict(self.module, self.optimizer, saved, options=StateDictOptions(full_state_dict=True))
+        elif not self.sharded:  # by index, as runs in one process or DDP saved it before
+            self.optimizer.load_state_dict(saved)
+        else:
+            raise KVPredError(f"{path} holds an optimizer state by parameter index (an older kvpred saved it so in "
+                              "one process), which FSDP2 cannot load: resume in one process first; its next "
+                              "checkpoint loads anywhere")
 
     def save(self) -> None:
         whole, optimizer = self._whole_state(), self._optimizer_state()
@@ -600,13 +612,7 @@ class Trainer:
             for params, tensors in ((predictor, state["predictor"]), (aux, state["aux"])):
                 for n, t in tensors.items():
                     _load_whole(params[n], t)
-        if self.sharded:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-            set_optimizer_state_dict(self.module, self.optimizer, state["optimizer"],
-                                     options=StateDictOptions(full_state_dict=True))
-        else:
-            self.optimizer.load_state_dict(state["optimizer"])
+        self._load_optimizer_state(state["optimizer"], path)
         self.scheduler.load_state_dict(state["scheduler"])
         self.data.load_state_dict(state["data"])
         set_rng_state(state["rng"])
@@ -653,6 +659,8 @@ class Trainer:
         flops = train_flops_per_token(self.model, c)
         bar = tqdm(total=self.total_steps, initial=self.step, desc="train", disable=self.rank != 0, dynamic_ncols=True)
         metrics = open(self.out / METRICS_NAME, "a") if self.rank == 0 else contextlib.nullcontext()
+        if self.distributed:  # the ranks start their clocks together: waiting for a late one is no step time
+            dist.barrier()
         t_last, step_last = time.perf_counter(), self.step
         t_start, step_start = time.perf_counter(), self.step
         self.t_start = t_start
