@@ -69,9 +69,17 @@ class KVPConfig:
     def from_json(cls, text: str | bytes, where: str) -> "KVPConfig":
         try:
             raw = json.loads(text)
-            if raw.get("format_version") != FORMAT_VERSION:
-                raise KVPredError(f"{where} has format_version {raw.get('format_version')!r}; "
-                                  f"this kvpred reads version {FORMAT_VERSION}")
+        except ValueError as err:  # not JSON, or not text
+            raise KVPredError(f"{where} is not a valid kvpred config ({type(err).__name__}: {err})") from err
+        if not isinstance(raw, dict):
+            raise KVPredError(f"{where} is not a valid kvpred config: it holds a JSON {type(raw).__name__}, not an "
+                              "object")
+        version = raw.get("format_version")
+        if version != FORMAT_VERSION:
+            newer = isinstance(version, int) and version > FORMAT_VERSION
+            raise KVPredError(f"{where} has format_version {version!r}; this kvpred reads version {FORMAT_VERSION}"
+                              + (": a newer kvpred wrote it, upgrade kvpred to load it" if newer else ""))
+        try:
             tail = raw.get("chat_exact_tail")
             if tail is not None and not (type(tail) is int and tail >= 1):
                 raise ValueError(f"chat_exact_tail must be a positive integer or null, got {tail!r}")
@@ -89,11 +97,19 @@ class KVPConfig:
             if digests is not None and not (isinstance(digests, dict) and all(
                     isinstance(k, str) and isinstance(v, str) for k, v in digests.items())):
                 raise ValueError(f"weights_sha256 must map file names to digests, got {digests!r}")
-            return cls(base=raw["base"], base_fingerprint=raw["base_fingerprint"], aux=AuxSpec(**raw["aux"]),
-                       predictor=PredictorConfig(**raw["predictor"]), format_version=raw["format_version"],
+            return cls(base=raw["base"], base_fingerprint=raw["base_fingerprint"], aux=_known(AuxSpec, raw["aux"]),
+                       predictor=_known(PredictorConfig, raw["predictor"]), format_version=raw["format_version"],
                        refine_thresholds=raw.get("refine_thresholds"), chat_exact_tail=tail, weights_sha256=digests)
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError, ValueError) as err:
+        except (KeyError, TypeError, AttributeError, ValueError) as err:
             raise KVPredError(f"{where} is not a valid kvpred config ({type(err).__name__}: {err})") from err
+
+
+def _known(kind: type, fields_given: dict):
+    """Dataclass `kind` from a config section, ignoring fields it does not know (as the top level does): a later
+    kvpred may add optional ones."""
+    if not isinstance(fields_given, dict):
+        raise TypeError(f"{kind.__name__} must be a JSON object, got {fields_given!r}")
+    return kind(**{name: value for name, value in fields_given.items() if name in kind.__dataclass_fields__})
 
 
 # What `kvpred fit`, `compress` and `calibrate` write beside the checkpoint they save
@@ -279,7 +295,7 @@ class KVPredictionModel(nn.Module):
         separate (`aux`) auxiliary and an identity-initialised (pruned) or default-initialised predictor."""
         if device is not None:
             models.check_device(device)
-        name_or_path = os.fspath(name_or_path)
+        name_or_path = os.path.expanduser(os.fspath(name_or_path))
         given = {"aux": aux, "keep ratio": keep_ratio, "keep layers": keep_layers, "layer map": layer_map,
                  "source": source}
         building = [name for name, value in given.items() if value is not None]
@@ -289,7 +305,8 @@ class KVPredictionModel(nn.Module):
             checkpoint = embedded if (embedded / CONFIG_NAME).is_file() else checkpoint
         if (checkpoint / CONFIG_NAME).is_file():
             if building:
-                base_name = json.loads((checkpoint / CONFIG_NAME).read_text()).get("base")
+                base_name = KVPConfig.from_json((checkpoint / CONFIG_NAME).read_bytes(),
+                                                str(checkpoint / CONFIG_NAME)).base
                 raise KVPredError(f"{name_or_path!r} is already a kvpred checkpoint with its own auxiliary and "
                                   f"predictor, but the {' / '.join(building)} given builds new ones around a base "
                                   f"model: leave {'it' if len(building) == 1 else 'them'} out to use the checkpoint, "
@@ -324,6 +341,9 @@ class KVPredictionModel(nn.Module):
             if (path / name).is_file() and _file_digest(path / name) != digest:
                 raise KVPredError(f"checkpoint {path} is half-written (a save stopped part-way?): {name} is not the "
                                   f"file its {CONFIG_NAME} was saved with")
+        config.base = _beside(path, config.base)
+        if config.aux.kind == "separate":
+            config.aux.name_or_path = _beside(path, config.aux.name_or_path)
         if base is None:
             models.check_recorded_model_exists(config.base, path, '"base"',
                                                ", or in Python pass KVPredictionModel.from_pretrained(..., base=NEW)")
@@ -376,6 +396,8 @@ class KVPredictionModel(nn.Module):
             for name, tmp in staged.items():
                 os.replace(tmp, path / name)
             _atomic(path / CONFIG_NAME, lambda tmp: Path(tmp).write_text(self.config.to_json()))
+            if AUX_NAME not in files:  # an earlier save's, in a folder this one replaced
+                (path / AUX_NAME).unlink(missing_ok=True)
         finally:
             for tmp in staged.values():
                 tmp.unlink(missing_ok=True)
@@ -915,6 +937,15 @@ def _predictor_config(base: PreTrainedModel, aux: PreTrainedModel, layer_map: li
     return PredictorConfig(layer_map=list(layer_map), in_features=in_features,
                            key_features=b_attn.k_proj.out_features, value_features=b_attn.v_proj.out_features,
                            source=source, rank=rank)
+
+
+def _beside(checkpoint: Path, recorded: str) -> str:
+    """A model path a checkpoint records relative (written by hand, after moving both) is relative to the checkpoint
+    folder, not to the current directory; kept as an absolute path, so that a later save elsewhere still finds it."""
+    path = Path(recorded).expanduser()
+    if not path.is_absolute() and (checkpoint / path).exists():
+        return models.stored_name(str(checkpoint / path))
+    return recorded
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:

@@ -35,7 +35,7 @@ ALIASES = {
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("KVPRED_CACHE", Path.home() / ".cache" / "kvpred"))
+    return Path(os.environ.get("KVPRED_CACHE", Path.home() / ".cache" / "kvpred")).expanduser()
 
 
 def _gguf_for_alias(alias: str) -> Path:
@@ -236,9 +236,15 @@ def out_folder(path: str | os.PathLike, holds: str, make: bool = True) -> Path:
     work and made at its end); a clear error where it is a file or empty."""
     if not str(path).strip():  # Path("") is the current directory, which nobody means
         raise KVPredError(f"the output folder for {holds} is empty: give a folder")
-    out = Path(path)
+    out = Path(path).expanduser()
     if out.exists() and not out.is_dir():
         raise KVPredError(f"{out} is a file; give a folder for {holds}")
+    made_in = next(p for p in (out.absolute(), *out.absolute().parents) if p.exists())  # the folder, or where it goes
+    if not made_in.is_dir():
+        raise KVPredError(f"{made_in} is a file, so {out} cannot be made; give a folder for {holds}")
+    if not os.access(made_in, os.W_OK):  # found now, not after the work
+        raise KVPredError(f"{made_in} cannot be written (read-only, or another user's); give a folder for {holds} "
+                          "that you can write")
     if make:
         out.mkdir(parents=True, exist_ok=True)
     return out
@@ -275,7 +281,8 @@ def check_recorded_model_exists(name: str, checkpoint: str | os.PathLike, field:
     """A model a checkpoint names by a path that is gone: say it came from the checkpoint and how to redirect it."""
     if name.startswith(("/", "./", "../", "~")) and not Path(name).expanduser().exists():
         raise KVPredError(f"checkpoint {checkpoint} was made with {name!r} (the {field} field of its "
-                          f"kvpred_config.json), which does not exist (moved?): set that field to its new location"
+                          f"kvpred_config.json), which does not exist (moved?): set that field to its new location "
+                          f"(absolute, or relative to the checkpoint's folder)"
                           f"{redirect}")
 
 

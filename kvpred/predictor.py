@@ -26,6 +26,12 @@ class PredictorConfig:
     rank: int | None = None  # None: full-rank maps; else the factorised predictor's code width per tap
 
     def __post_init__(self) -> None:
+        if not (isinstance(self.layer_map, list) and self.layer_map
+                and all(type(j) is int and j >= 0 for j in self.layer_map)):
+            raise ValueError(f"layer_map must be a non-empty list of auxiliary layer numbers, got {self.layer_map!r}")
+        widths = (self.in_features, self.key_features, self.value_features)
+        if not all(type(w) is int and w >= 1 for w in widths):
+            raise ValueError(f"in_features, key_features and value_features must be positive integers, got {widths}")
         if self.source not in SOURCES:
             raise ValueError(f"predictor source must be one of {SOURCES}, got {self.source!r}")
         if self.rank is not None and (self.source != "hidden" or self.rank < 1):

@@ -667,6 +667,73 @@ def test_a_config_with_a_field_of_the_wrong_type_is_a_clear_error(tmp_path, tiny
         KVPredictionModel.from_pretrained(str(tmp_path / "ckpt"))
 
 
+@pytest.mark.parametrize("edit, message", [
+    (lambda c: {**c, "aux": {**c["aux"], "added_later": 1}, "predictor": {**c["predictor"], "added_later": 1}}, None),
+    (lambda c: {**c, "format_version": 99}, "format_version 99; this kvpred reads version 1: a newer kvpred wrote it, "
+                                            "upgrade kvpred"),
+    (lambda c: [c], "it holds a JSON list, not an object"),
+    (lambda c: {**c, "predictor": {**c["predictor"], "layer_map": "0011"}}, "layer_map must be a non-empty list"),
+    (lambda c: {**c, "aux": "pruned"}, "AuxSpec must be a JSON object"),
+])
+def test_a_config_loads_with_fields_a_later_kvpred_adds_and_is_refused_clearly_otherwise(tmp_path, tiny_llama, edit,
+                                                                                      message):
+    KVPredictionModel.from_pretrained(tiny_llama, keep_ratio=0.5).save_pretrained(tmp_path / "ckpt")
+    config = json.loads((tmp_path / "ckpt" / CONFIG_NAME).read_text())
+    (tmp_path / "ckpt" / CONFIG_NAME).write_text(json.dumps(edit(config)))
+    if message is None:
+        KVPredictionModel.from_pretrained(str(tmp_path / "ckpt"))
+        return
+    for build in ({}, {"keep_ratio": 0.5}):  # also where the base is read only to name it in another error
+        with pytest.raises(KVPredError, match=re.escape(message)):
+            KVPredictionModel.from_pretrained(str(tmp_path / "ckpt"), **build)
+
+
+def test_a_base_recorded_relative_is_found_beside_the_checkpoint_from_any_directory(tmp_path, tiny_llama,
+                                                                                  monkeypatch):
+    import shutil
+
+    shutil.copytree(tiny_llama, tmp_path / "bundle" / "base")  # moved together, then the field edited by hand
+    KVPredictionModel.from_pretrained(str(tmp_path / "bundle" / "base"), keep_ratio=0.5).save_pretrained(
+        tmp_path / "bundle" / "ckpt")
+    config = json.loads((tmp_path / "bundle" / "ckpt" / CONFIG_NAME).read_text())
+    (tmp_path / "bundle" / "ckpt" / CONFIG_NAME).write_text(json.dumps({**config, "base": "../base"}))
+    monkeypatch.chdir(tmp_path)
+    model = KVPredictionModel.from_pretrained("bundle/ckpt")
+    assert model.config.base == str((tmp_path / "bundle" / "base").resolve())  # so a save elsewhere still finds it
+
+
+def test_a_home_relative_path_is_expanded_for_checkpoints_outputs_and_the_cache(tmp_path, tiny_llama, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    model = KVPredictionModel.from_pretrained(tiny_llama, keep_ratio=0.5)
+    model.save_pretrained("~/ckpt")
+    assert (tmp_path / "ckpt" / CONFIG_NAME).is_file() and not (tmp_path / "~").exists()
+    KVPredictionModel.from_pretrained("~/ckpt")
+    monkeypatch.setenv("KVPRED_CACHE", "~/cache")
+    assert models.cache_dir() == tmp_path / "cache"
+
+
+def test_an_output_folder_that_cannot_be_made_is_refused_before_the_work(tmp_path, tiny_llama, capsys):
+    (tmp_path / "afile").write_text("mine")
+    assert main(["fit", "--model", tiny_llama, "--keep-layers", "0,1", "--data", str(tmp_path / "no-data"),
+                 "--out", str(tmp_path / "afile" / "fitted")]) == 2
+    assert f"{tmp_path / 'afile'} is a file, so {tmp_path / 'afile' / 'fitted'} cannot be made" in \
+        capsys.readouterr().err
+
+
+def test_a_checkpoint_saved_without_trained_aux_tensors_drops_an_earlier_saves_file(tmp_path, tiny_llama):
+    from kvpred.model import AUX_NAME
+
+    model = KVPredictionModel.from_pretrained(tiny_llama, keep_ratio=0.5)
+    model.aux_tensors = {"model.norm.weight": model.aux.model.norm.weight.detach().clone()}
+    model.save_pretrained(tmp_path / "ckpt")
+    assert (tmp_path / "ckpt" / AUX_NAME).is_file()
+    model.aux_tensors = {}
+    model.save_pretrained(tmp_path / "ckpt")
+    assert not (tmp_path / "ckpt" / AUX_NAME).exists()
+    KVPredictionModel.from_pretrained(str(tmp_path / "ckpt"))
+
+
 # ---------------------------------------------------------------- CLI
 def test_cli_generate_prints_json_with_ttft(tiny_llama, capsys):
     assert main(["generate", "--model", tiny_llama, "--prompt", "hello", "--json", "--max-new-tokens", "4"]) == 0
