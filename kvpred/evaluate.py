@@ -220,7 +220,13 @@ def evaluate(model, specs, modes: list[str], options, *, limit: int | None = Non
                     cache.put(sig, spec.name, mode, batch)
                 bar.close()
             results[mode] = {key: cache.get(sig, spec.name, mode, key) for key, _ in units}
-        per_mode = {mode: kind.metrics(items, results[mode], results.get("exact")) for mode in task_modes}
+        try:
+            per_mode = {mode: kind.metrics(items, results[mode], results.get("exact")) for mode in task_modes}
+        except (KeyError, TypeError, ValueError) as err:
+            if cache.path is None:
+                raise
+            raise KVPredError(f"task {spec.name}: {cache.path} holds item results this task cannot read "
+                              f"({type(err).__name__}: {err}; edited by hand?): rerun with --no-resume") from err
         doc["tasks"][spec.name] = {
             "kind": spec.kind, "data": spec.path, "n": len(items), "primary": kind.primary,
             "higher_is_better": {m: kind.metrics_higher_is_better[m] for m in next(iter(per_mode.values()))},

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -446,7 +447,7 @@ def _processes_running(marker: str) -> bool:
 
 
 # ------------------------------------------------------------------ CLI, resume, plot
-def test_cli_writes_json_and_markdown_and_resumes_from_the_item_cache(tiny_path, tmp_path, monkeypatch):
+def test_cli_writes_json_and_markdown_and_resumes_from_the_item_cache(tiny_path, tmp_path, monkeypatch, capsys):
     out = tmp_path / "res" / "eval.json"
     argv = ["eval", "--model", str(tiny_path), "--tasks", f"lambada={DATA}/lm.jsonl,arc_easy={DATA}/mc.jsonl",
             "--limit", "3", "--batch-size", "2", "--out", str(out), "--quiet", "--ttft-speedup", "predicted=1.5"]
@@ -467,6 +468,12 @@ def test_cli_writes_json_and_markdown_and_resumes_from_the_item_cache(tiny_path,
     again = json.loads(out.read_text())["tasks"]
     assert {t: d["metrics"] for t, d in again.items()} == {t: d["metrics"] for t, d in doc["tasks"].items()}
     assert len(out.with_suffix(".items.jsonl").read_text().splitlines()) == len(cached)
+    edited = [json.loads(line) for line in cached]
+    edited[0]["result"] = {"edited": True}  # valid JSON a task cannot read
+    out.with_suffix(".items.jsonl").write_text("".join(json.dumps(r) + "\n" for r in edited))
+    capsys.readouterr()
+    assert cli.main(argv) == 2
+    assert re.search("holds item results this task cannot read .*rerun with --no-resume", capsys.readouterr().err)
 
 
 def test_cli_errors_are_clear(tiny_path, tmp_path, capsys):
