@@ -168,10 +168,18 @@ def model_signature(model, name: str) -> dict:
         return str(dtype or model.base.dtype).replace("torch.", "")
 
     return {"model": name, "base": fingerprint(model.base), "aux": fingerprint(model.aux),
-            "predictor": h.hexdigest()[:16], "dtype": name_of(None), "device": model.device.type,
+            "predictor": h.hexdigest()[:16], "tokenizer": _tokenizer_digest(model.tokenizer),
+            "dtype": name_of(None), "device": model.device.type,
             # what the auxiliary's prefill and the predictor compute in (bf16 on a CPU that has it, by default)
             "aux_compute_dtype": name_of(model.aux_compute_dtype),
             "predictor_compute_dtype": name_of(model.predictor_compute_dtype)}
+
+
+def _tokenizer_digest(tokenizer) -> str:
+    """What makes the tokenizer's ids and prompts: its vocabulary and rules, chat template and special tokens."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    rules = backend.to_str() if backend is not None else sorted(tokenizer.get_vocab().items())
+    return _digest([rules, tokenizer.chat_template, tokenizer.special_tokens_map])
 
 
 def _digest(obj) -> str:

@@ -1,6 +1,7 @@
 """Prompt encoding and streaming helpers shared by the CLI, the server and the evaluators."""
 from __future__ import annotations
 
+import gzip
 import json
 import sys
 import time
@@ -147,6 +148,18 @@ def read_chat_prompts(source: str, tokenizer, limit: int) -> list[str]:
     return chat_prompts(files, tokenizer, limit)
 
 
+def _jsonl_lines(path: Path) -> list[str]:
+    """The lines of a .jsonl or .jsonl.gz file, split on newlines only: JSON strings may hold U+2028 and the other
+    characters str.splitlines also breaks at."""
+    if not str(path).endswith(".gz"):
+        return read_text(path).split("\n")
+    try:
+        with gzip.open(path, "rt", encoding="utf-8", newline="\n") as f:
+            return f.read().split("\n")
+    except UnicodeDecodeError as err:
+        raise KVPredError(f"{path} is not UTF-8 text ({err.reason})") from err
+
+
 def chat_prompts(files: list[Path], tokenizer, limit: int | None) -> list[str]:
     """Up to `limit` chat prompts from .jsonl `files`, each rendered up to the opening of the conversation's last
     assistant reply. A line holds either "messages" (a list of {"role", "content"}, OpenAI-style: the turns up to its
@@ -155,7 +168,7 @@ def chat_prompts(files: list[Path], tokenizer, limit: int | None) -> list[str]:
     opening = reply_opening(tokenizer)
     prompts = []
     for path in files:
-        for lineno, line in enumerate(read_text(path).splitlines(), 1):
+        for lineno, line in enumerate(_jsonl_lines(path), 1):
             if len(prompts) == limit:
                 return prompts
             if line.strip():

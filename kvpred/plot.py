@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 
 from .models import KVPredError
@@ -72,9 +73,8 @@ def relative_accuracy(doc: dict, mode: str, tasks: list[str] | None = None) -> f
     metric, higher-is-better ones only (a loss has no meaningful ratio to accuracy) and where exact scores
     above zero. None when no task qualifies."""
     ratios = []
-    for name, task in doc["tasks"].items():
-        if (name not in tasks) if tasks else (task.get("kind") not in ACCURACY_KINDS):
-            continue
+    for name in averaged_tasks(doc, tasks):
+        task = doc["tasks"][name]
         metric = task["primary"]
         by_mode = task["metrics"].get(metric, {})
         if not task["higher_is_better"].get(metric) or mode not in by_mode or "exact" not in by_mode:
@@ -85,8 +85,20 @@ def relative_accuracy(doc: dict, mode: str, tasks: list[str] | None = None) -> f
     return sum(ratios) / len(ratios) if ratios else None
 
 
+def averaged_tasks(doc: dict, tasks: list[str] | None = None) -> list[str]:
+    """The tasks of `doc` whose scores the y axis averages: those named, else its accuracy tasks."""
+    return [name for name, task in doc["tasks"].items()
+            if ((name in tasks) if tasks else (task.get("kind") in ACCURACY_KINDS))]
+
+
 def pareto_points(docs: list[dict], x_rule: str = "param", tasks: list[str] | None = None) -> list[dict]:
-    """[{label, mode, flops_x, ttft_x, y}] for every file and mode with a relative accuracy."""
+    """[{label, mode, flops_x, ttft_x, y}] for every file and mode with a relative accuracy. Files that average
+    different tasks are plotted with a warning: their points do not measure the same thing."""
+    averaged = {doc["label"]: sorted(averaged_tasks(doc, tasks)) for doc in docs}
+    if len({tuple(names) for names in averaged.values()}) > 1:
+        listed = "; ".join(f"{label}: {', '.join(names) or 'none'}" for label, names in averaged.items())
+        warnings.warn(f"the results files average different tasks ({listed}): their points are not comparable; "
+                      "name the tasks all of them hold with --tasks", stacklevel=2)
     points = []
     for doc in docs:
         speedups = doc.get("ttft_speedup") or {}

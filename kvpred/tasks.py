@@ -124,7 +124,7 @@ def parse_tasks(text: str, data_dir: Path) -> list[TaskSpec]:
     'name=my.jsonl' (format detected from the file)."""
     specs = []
     for entry in filter(None, (t.strip() for t in text.split(","))):
-        name, _, path = entry.partition("=") if "=" in entry else ("", "", entry)
+        name, _, path = entry.partition("=") if "=" in entry and not _expand(entry) else ("", "", entry)
         if not name and entry in BUILTIN_TASKS:
             name, path = entry, ""
         if name in BUILTIN_TASKS:
@@ -229,12 +229,17 @@ def load_rows(path: str, fields: tuple[str, ...] = (), one_of: tuple[str, ...] =
     return rows
 
 
-@lru_cache(maxsize=4)
 def _text_tokens(tokenizer, path: str) -> tuple[int, ...]:
     files = _expand(path)
     if not files:
         raise KVPredError(f"text file(s) {path!r} not found")
-    text = "\n".join(read_text(f) for f in files)
+    stamps = tuple((f, os.stat(f).st_mtime_ns, os.stat(f).st_size) for f in files)  # an edited file is read again
+    return _tokenized(tokenizer, stamps)
+
+
+@lru_cache(maxsize=4)
+def _tokenized(tokenizer, stamps: tuple) -> tuple[int, ...]:
+    text = "\n".join(read_text(f) for f, _, _ in stamps)
     return tuple(tokenizer(text, add_special_tokens=False).input_ids)
 
 
@@ -259,6 +264,14 @@ def mode_prompt(ids: list[int], mode: str, ratio: float) -> list[int]:
     """Truncate mode keeps the last ceil(N / ratio) prompt tokens: the base then spends about the FLOPs the
     auxiliary spends on all N."""
     return ids[-max(1, math.ceil(len(ids) / ratio)):] if mode == "truncate" else ids
+
+
+def _warn_cut(cut: int, total: int, room: int, what: str) -> None:
+    """Items longer than the model's window lose their first tokens in every mode, before truncate mode keeps 1/r
+    of what is left (so it still spends 1/r of the others' FLOPs): say how many."""
+    if cut:
+        warnings.warn(f"{cut} of {total} {what} do not fit the {room} tokens the model's context leaves them: every "
+                      "mode sees their last tokens that fit (truncate mode 1/r of those)", stacklevel=3)
 
 
 def left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -288,6 +301,7 @@ def score(model, requests: list[tuple[list[int], list[int]]], mode: str, *, rati
     length, since one batch has one exact_tail, and sorted by length to pad little.
     """
     limit, tail = model.context_length, exact_tail if model_mode(mode) == "predicted" else 1
+    _warn_cut(sum(len(ctx) + len(cont) > limit + 1 for ctx, cont in requests), len(requests), limit, "contexts")
     order = sorted(range(len(requests)), key=lambda i: (len(requests[i][1]), len(requests[i][0])))
     groups: dict[int, list[int]] = {}
     for i in order:
@@ -302,7 +316,7 @@ def score(model, requests: list[tuple[list[int], list[int]]], mode: str, *, rati
             rows, targets = [], []
             for i in chunk:
                 ctx, cont = requests[i]
-                ctx = mode_prompt(ctx, mode, ratio)[-(limit + 1 - width):]  # fit the window from the left
+                ctx = mode_prompt(ctx[-(limit + 1 - width):], mode, ratio)  # fit the window from the left first
                 if not ctx:
                     raise KVPredError(f"request {i} has an empty context; give at least one token")
                 rows.append(ctx + cont[:-1])
@@ -332,9 +346,10 @@ def generate(model, prompts: list[list[int]], mode: str, *, ratio: float = 1.0, 
     if room < 1:
         raise KVPredError(f"max_new_tokens {max_new_tokens} leaves no room for a prompt in the context of "
                           f"{model.context_length}")
+    _warn_cut(sum(len(p) > room for p in prompts), len(prompts), room, "prompts")
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     for chunk in _chunks(order, batch_size):
-        rows = [mode_prompt(prompts[i], mode, ratio)[-room:] for i in chunk]
+        rows = [mode_prompt(prompts[i][-room:], mode, ratio) for i in chunk]
         ids, mask = left_pad(rows, model.tokenizer.pad_token_id, model.device)
         if seed is not None:
             torch.manual_seed(seed + chunk[0])
@@ -499,10 +514,11 @@ class MultipleChoice(ScoringKind):
 
 
 def _mc_gold(row: dict, where: str) -> int:
-    """The row's right choice, as an index into its non-empty list of choices."""
+    """The row's right choice, as an index into its list of two or more choices, none of them empty (an empty one
+    would be scored as a lone space, and one choice is always right)."""
     choices, gold = row.get("choices"), row.get("gold")
-    if not isinstance(choices, list) or not choices:
-        raise KVPredError(f"{where}: 'choices' must be a non-empty list, got {choices!r}")
+    if not isinstance(choices, list) or len(choices) < 2 or not all(str(c).strip() for c in choices):
+        raise KVPredError(f"{where}: 'choices' must be a list of two or more non-empty choices, got {choices!r}")
     if isinstance(gold, bool) or not (isinstance(gold, int) or (isinstance(gold, str) and gold.isdigit())):
         raise KVPredError(f"{where}: 'gold' must be the index of the right choice, got {gold!r}")
     if not 0 <= int(gold) < len(choices):

@@ -1,6 +1,7 @@
 """`kvpred eval` / `kvpred plot` / the lm-eval model, as specifications, on tiny random models and fixtures."""
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -160,10 +161,76 @@ def test_qa_answers_come_in_the_usual_shapes_and_empty_ones_never_match():
         _qa_targets({"answer": "the"})
 
 
+def test_items_longer_than_the_context_are_cut_to_it_before_truncation_and_counted(pruned):
+    """Truncate mode keeps 1/r of what the other modes see: cut after it, it would see what exact mode sees."""
+    from kvpred.tasks import generate, score
+
+    limit = pruned.context_length
+    long, short = list(range(3, 3 + 200)) * 4, [5, 6, 7]  # 800 context tokens, more than the window
+    requests = [(long, [9, 10]), (short, [9, 10])]
+    with pytest.warns(UserWarning, match=f"1 of 2 contexts do not fit the {limit} tokens"):
+        exact = dict(r for batch in score(pruned, requests, "exact") for r in batch)
+    truncate = dict(r for batch in score(pruned, requests, "truncate", ratio=4.0) for r in batch)
+    alone = dict(r for batch in score(pruned, [(long[-(limit - 1):][-((limit - 1 + 3) // 4):], [9, 10])], "exact")
+                 for r in batch)
+    assert truncate[0]["ll"] == pytest.approx(alone[0]["ll"], abs=1e-4) != pytest.approx(exact[0]["ll"], abs=1e-3)
+    with pytest.warns(UserWarning, match="1 of 1 prompts do not fit"):
+        list(generate(pruned, [long], "exact", max_new_tokens=2))
+
+
+def test_a_text_file_edited_between_evaluations_is_read_again(pruned, tmp_path):
+    from kvpred.tasks import text_windows
+
+    path = tmp_path / "notes.txt"
+    path.write_text("a" * 64)
+    first = text_windows(pruned.tokenizer, str(path), 16, None)
+    path.write_text("b" * 64)
+    assert text_windows(pruned.tokenizer, str(path), 16, None) != first
+
+
+def test_chat_data_may_hold_line_separators_in_strings_and_be_gzipped(pruned, tmp_path):
+    import gzip
+
+    from kvpred.generation import chat_prompts
+    from kvpred.testing import CHAT_TEMPLATE
+
+    tokenizer = copy.deepcopy(pruned.tokenizer)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    line = json.dumps({"messages": [{"role": "user", "content": "one\u2028two"}]}, ensure_ascii=False) + "\n"
+    (tmp_path / "chats.jsonl").write_text(line, encoding="utf-8")
+    with gzip.open(tmp_path / "chats.jsonl.gz", "wt", encoding="utf-8") as f:
+        f.write(line)
+    plain = chat_prompts([tmp_path / "chats.jsonl"], tokenizer, None)
+    assert len(plain) == 1 and "one\u2028two" in plain[0]
+    assert chat_prompts([tmp_path / "chats.jsonl.gz"], tokenizer, None) == plain
+
+
+def test_the_tokenizer_is_part_of_what_cached_results_were_made_with(pruned):
+    from kvpred.evaluate import model_signature
+
+    before = model_signature(pruned, "m")
+    tokenizer = pruned.tokenizer
+    pruned.tokenizer = copy.deepcopy(tokenizer)
+    pruned.tokenizer.chat_template = "{{ messages[0]['content'] }}"
+    try:
+        assert model_signature(pruned, "m")["tokenizer"] != before["tokenizer"]
+    finally:
+        pruned.tokenizer = tokenizer
+
+
+def test_a_task_file_whose_name_holds_an_equals_sign_is_a_path(tmp_path):
+    path = tmp_path / "k=v.jsonl"
+    path.write_text(json.dumps({"query": "q", "choices": ["x", "y"], "gold": 0}) + "\n")
+    (spec,) = parse_tasks(str(path), DATA)
+    assert spec.path == str(path) and spec.kind == "mc"
+
+
 @pytest.mark.parametrize("row, message", [
     ({"query": "q", "choices": ["a", "b"], "gold": 5}, "not an index into its 2 choices"),
     ({"query": "q", "choices": ["a", "b"], "gold": "A"}, "must be the index of the right choice"),
-    ({"query": "q", "choices": [], "gold": 0}, "must be a non-empty list"),
+    ({"query": "q", "choices": [], "gold": 0}, "must be a list of two or more non-empty choices"),
+    ({"query": "q", "choices": ["a"], "gold": 0}, "must be a list of two or more non-empty choices"),
+    ({"query": "q", "choices": ["a", " "], "gold": 0}, "must be a list of two or more non-empty choices"),
 ])
 def test_multiple_choice_rows_are_checked(pruned, tmp_path, row, message):
     path = tmp_path / "mc.jsonl"
@@ -581,6 +648,9 @@ def test_plot_draws_the_pareto_figure_with_a_ttft_panel(pruned_doc, tmp_path):
     assert {p["flops_x"] for p in points if p["mode"] == "predicted"} == {pruned_doc["flops"]["param_ratio"], 3.0}
     truncated = pareto_points([dict(first, modes=["exact", "truncate"], truncate_ratio=5.0)])
     assert [p["flops_x"] for p in truncated if p["mode"] == "truncate"] == [5.0]  # the ratio it truncated by
+    fewer = dict(second, tasks={name: task for name, task in list(second["tasks"].items())[:1]})
+    with pytest.warns(UserWarning, match="average different tasks .*not comparable"):
+        pareto_points([first, fewer])
     out = tmp_path / "pareto.png"
     assert cli.main(["plot", "--results", *map(str, paths), "--out", str(out)]) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
