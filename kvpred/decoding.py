@@ -238,8 +238,10 @@ class Pooled:
     can be captured)."""
     cache: object
     step: "GraphStep | EagerStep | None" = None
-    chunks: dict = field(default_factory=dict)  # width -> GraphChunk, or None where it cannot be captured
-    pipelines: dict = field(default_factory=dict)  # exact tail -> kvpred.pipeline.PipelinedPrefill, False where none
+    # the most recently used MAX_CAPTURED of each (widths and tails come from requests: unbounded, they would pile up
+    # graphs, each with its own memory pool)
+    chunks: OrderedDict = field(default_factory=OrderedDict)  # width -> GraphChunk, or None where not capturable
+    pipelines: OrderedDict = field(default_factory=OrderedDict)  # exact tail -> PipelinedPrefill, False where none
 
     def made_step(self, model) -> "GraphStep | EagerStep":
         if self.step is None:
@@ -253,9 +255,10 @@ class Pooled:
             from .pipeline import PipelinedPrefill
 
             try:
-                self.pipelines[tail] = PipelinedPrefill(model, self.cache, tail)
+                _keep(self.pipelines, tail, PipelinedPrefill(model, self.cache, tail))
             except Exception:  # noqa: BLE001 - as for the step: what cannot be captured runs the plain way
-                self.pipelines[tail] = False
+                _keep(self.pipelines, tail, False)
+        self.pipelines.move_to_end(tail)
         return self.pipelines[tail] or None
 
     def run_chunk(self, model, ids: torch.Tensor, positions: torch.Tensor, start: int, visible: torch.Tensor) -> bool:
@@ -265,16 +268,27 @@ class Pooled:
         if model.device.type != "cuda":
             return False
         if width in self.chunks:
+            self.chunks.move_to_end(width)
             chunk = self.chunks[width]
             if chunk is not None:
                 chunk(ids, positions, start, visible)
             return chunk is not None
         try:
-            self.chunks[width] = GraphChunk(model, self.cache, ids, positions, start, visible)
+            _keep(self.chunks, width, GraphChunk(model, self.cache, ids, positions, start, visible))
         except Exception:  # noqa: BLE001 - an uncapturable chunk runs eagerly instead, as the step does
-            self.chunks[width] = None
+            _keep(self.chunks, width, None)
             return False
         return True
+
+
+MAX_CAPTURED = 8  # refinement chunk widths and pipelined exact tails kept per pooled cache
+
+
+def _keep(table: OrderedDict, key, value) -> None:
+    """table[key] = value, dropping the least recently used entries beyond MAX_CAPTURED."""
+    table[key] = value
+    while len(table) > MAX_CAPTURED:
+        table.popitem(last=False)
 
 
 def without_cudnn_attention():

@@ -12,6 +12,7 @@ each layer's next forward, or all at once when the `deferred_values` context end
 """
 from __future__ import annotations
 
+import weakref
 from contextlib import contextmanager
 from contextvars import ContextVar
 from functools import cached_property
@@ -36,7 +37,8 @@ class PendingValues:
 
     def __init__(self, predictor: KVPredictor, inputs: torch.Tensor, index: torch.Tensor, cache: Cache,
                  dtype: torch.dtype | None = None):
-        self.predictor, self.inputs, self.cache = predictor, inputs, cache  # inputs [M, B, n, w]
+        self.predictor, self.inputs = predictor, inputs  # inputs [M, B, n, w]
+        self.cache = weakref.proxy(cache)  # the cache holds this as its pending_values: no cycle to outlive the pool
         self.dtype = dtype  # what `values` runs the value maps in (KVPredictionModel.predictor_compute_dtype)
         self.index = index.tolist()
         self.length = inputs.shape[2]

@@ -6,6 +6,7 @@ import hashlib
 import inspect
 import json
 import os
+import weakref
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -1063,7 +1064,10 @@ class _BufferLayer(CacheLayerMixin):
 
     def __init__(self, key_buffer: torch.Tensor, value_buffer: torch.Tensor, owner: "BufferCache"):
         super().__init__()
-        self.key_buffer, self.value_buffer, self.owner = key_buffer, value_buffer, owner
+        self.key_buffer, self.value_buffer = key_buffer, value_buffer
+        # weak: a cache and its layers must not hold each other, or a cache the pool drops (gigabytes on a GPU) stays
+        # allocated until Python's cyclic collector happens to run
+        self.owner = weakref.proxy(owner)
         self.device = key_buffer.device
         self.is_initialized = True
         self.set_length(0)

@@ -200,6 +200,33 @@ def test_the_pool_reuses_a_cache_per_shape_and_keeps_the_most_recent(model):
     assert pool.get(model, 2, 100) is not first  # evicted by the two newer shapes
 
 
+def test_a_cache_the_pool_drops_is_freed_at_once_not_at_the_next_garbage_collection(model):
+    """A cache and its layers (and its pending values) hold no cycle: on a GPU the pool's out-of-memory retry
+    relies on the caches it drops being freed."""
+    import gc
+    import weakref
+
+    model.generate(torch.randint(3, 259, (2, 20)), max_new_tokens=2)  # predicted, values deferred on a CPU
+    arena = weakref.ref(next(iter(model._steps.entries.values())).cache.key_arena)
+    gc.disable()
+    try:
+        model._steps.entries.clear()
+        assert arena() is None
+    finally:
+        gc.enable()
+
+
+def test_a_pooled_cache_keeps_the_graphs_of_its_most_recent_chunk_widths_only(monkeypatch):
+    """Widths come from requests (refine_chunk, exact_tail): each captured graph has its own memory pool."""
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(decoding, "GraphChunk", lambda *args: SimpleNamespace(__call__=None))
+    pooled, gpu = Pooled(cache=None), SimpleNamespace(device=torch.device("cuda"))
+    for width in range(1, 21):
+        assert pooled.run_chunk(gpu, torch.zeros(1, width), None, 0, None)
+    assert list(pooled.chunks) == list(range(21 - decoding.MAX_CAPTURED, 21))
+
+
 def test_capacities_round_up_to_powers_of_two_within_the_context():
     assert [capacity_bucket(n, 8192) for n in (1, 256, 257, 3000, 8192)] == [256, 256, 512, 4096, 8192]
     assert [capacity_bucket(n, 600) for n in (100, 300, 513, 600)] == [256, 512, 600, 600]
