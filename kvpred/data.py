@@ -34,7 +34,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from .models import KVPredError, out_folder, remove_dead_temporaries
+from .models import KVPredError, files_digest, out_folder, remove_dead_temporaries
 
 TEXT_SUFFIXES = (".py", ".txt", ".md", ".rst")
 JSONL_SUFFIX = ".jsonl"
@@ -373,7 +373,7 @@ def build_shards(sources: Sequence[str], tokenizer, out_dir: str | Path, *, shar
                           "eos_token_id": eos},
             **built, "heldout_fraction": heldout_fraction, "max_tokens": max_tokens, "shard_tokens": shard_tokens,
             "text_field": text_field, "exclude": list(exclude), "shuffle_files": shuffle_files,
-            "content_sha256": _digest(sorted(stage.glob("*.bin"))),
+            "content_sha256": files_digest((shard.name, shard) for shard in sorted(stage.glob("*.bin"))),
         }
         (out / META_NAME).unlink(missing_ok=True)  # the old build is invalid from here on
         for shard in stage.glob("*.bin"):
@@ -398,16 +398,6 @@ def _check_meta_is_ours(out: Path) -> None:
     if not ours:
         raise KVPredError(f"--out {out} holds a {META_NAME} that is not a kvpred token build's, which a build would "
                           "overwrite: choose another folder")
-
-
-def _digest(files: Sequence[Path]) -> str:
-    h = hashlib.sha256()
-    for f in files:
-        h.update(f.name.encode())
-        with open(f, "rb") as stream:
-            for block in iter(lambda: stream.read(1 << 24), b""):
-                h.update(block)
-    return h.hexdigest()[:16]
 
 
 def read_meta(shard_dir: str | Path) -> dict:

@@ -1,8 +1,6 @@
 """Prompt encoding and streaming helpers shared by the CLI, the server and the evaluators."""
 from __future__ import annotations
 
-import gzip
-import json
 import sys
 import time
 from dataclasses import dataclass
@@ -12,7 +10,7 @@ import torch
 from transformers import TextStreamer
 
 from .data import expand_source
-from .models import KVPredError, read_text
+from .models import KVPredError, read_jsonl
 
 
 def check_text(text: str, what: str = "prompt") -> str:
@@ -148,18 +146,6 @@ def read_chat_prompts(source: str, tokenizer, limit: int) -> list[str]:
     return chat_prompts(files, tokenizer, limit)
 
 
-def _jsonl_lines(path: Path) -> list[str]:
-    """The lines of a .jsonl or .jsonl.gz file, split on newlines only: JSON strings may hold U+2028 and the other
-    characters str.splitlines also breaks at."""
-    if not str(path).endswith(".gz"):
-        return read_text(path).split("\n")
-    try:
-        with gzip.open(path, "rt", encoding="utf-8", newline="\n") as f:
-            return f.read().split("\n")
-    except UnicodeDecodeError as err:
-        raise KVPredError(f"{path} is not UTF-8 text ({err.reason})") from err
-
-
 def chat_prompts(files: list[Path], tokenizer, limit: int | None) -> list[str]:
     """Up to `limit` chat prompts from .jsonl `files`, each rendered up to the opening of the conversation's last
     assistant reply. A line holds either "messages" (a list of {"role", "content"}, OpenAI-style: the turns up to its
@@ -168,21 +154,16 @@ def chat_prompts(files: list[Path], tokenizer, limit: int | None) -> list[str]:
     opening = reply_opening(tokenizer)
     prompts = []
     for path in files:
-        for lineno, line in enumerate(_jsonl_lines(path), 1):
+        for lineno, row in read_jsonl(path):
             if len(prompts) == limit:
                 return prompts
-            if line.strip():
-                prompts.append(_chat_prompt(line, tokenizer, opening, f"{path}:{lineno}"))
+            prompts.append(_chat_prompt(row, tokenizer, opening, f"{path}:{lineno}"))
     if not prompts:
         raise KVPredError(f"{', '.join(map(str, files))} hold no conversations")
     return prompts
 
 
-def _chat_prompt(line: str, tokenizer, opening: str, where: str) -> str:
-    try:
-        row = json.loads(line)
-    except json.JSONDecodeError as err:
-        raise KVPredError(f"{where} is not valid JSON ({err})") from err
+def _chat_prompt(row, tokenizer, opening: str, where: str) -> str:
     if isinstance(row, dict) and isinstance(row.get("messages"), list):
         turns = row["messages"]
         if not all(isinstance(t, dict) and isinstance(t.get("role"), str) and isinstance(t.get("content"), str)

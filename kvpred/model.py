@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import copy
-import hashlib
 import inspect
 import json
 import os
@@ -339,7 +338,7 @@ class KVPredictionModel(nn.Module):
     def _load_checkpoint(cls, path: Path, *, base: str | None, dtype, device) -> "KVPredictionModel":
         config = KVPConfig.from_json((path / CONFIG_NAME).read_bytes(), str(path / CONFIG_NAME))
         for name, digest in (config.weights_sha256 or {}).items():  # a set of files from one save, not two
-            if (path / name).is_file() and _file_digest(path / name) != digest:
+            if (path / name).is_file() and models.files_digest([("", path / name)]) != digest:
                 raise KVPredError(f"checkpoint {path} is half-written (a save stopped part-way?): {name} is not the "
                                   f"file its {CONFIG_NAME} was saved with")
         config.base = _beside(path, config.base)
@@ -393,7 +392,7 @@ class KVPredictionModel(nn.Module):
             for name, tensors in files.items():
                 save_file({k: v.detach().to(dtype or v.dtype).contiguous().cpu().clone() for k, v in tensors.items()},
                           str(staged[name]), metadata={"format": "pt"})
-            self.config.weights_sha256 = {name: _file_digest(tmp) for name, tmp in staged.items()}
+            self.config.weights_sha256 = {name: models.files_digest([("", tmp)]) for name, tmp in staged.items()}
             for name, tmp in staged.items():
                 os.replace(tmp, path / name)
             _atomic(path / CONFIG_NAME, lambda tmp: Path(tmp).write_text(self.config.to_json()))
@@ -994,10 +993,6 @@ def _load_aux_tensors(aux: nn.Module, state: dict[str, torch.Tensor], names: lis
             if weight not in own or b is None or (b.shape[0], a.shape[1]) != own[weight].shape:
                 raise KVPredError(f"{where}: adapter {name} does not fit the auxiliary's weights")
     lora.merge_factors(aux, factors)
-
-
-def _file_digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
 def _atomic(path: Path, write) -> None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import gzip
 import hashlib
 import importlib.util
 import json
@@ -12,6 +13,7 @@ import shutil
 import struct
 import tempfile
 from pathlib import Path
+from typing import Iterable, Iterator
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -229,6 +231,35 @@ def read_text(path: str | os.PathLike) -> str:
         return Path(path).read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
         raise KVPredError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start})") from err
+
+
+def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, object]]:
+    """(line number, parsed value) of each non-blank line of a .jsonl or .jsonl.gz file, read as it goes. Lines end at
+    newlines only (str.splitlines would also break at a U+2028 inside a JSON string); clear errors for a line that is
+    not JSON and for text that is not UTF-8."""
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        try:  # (text mode decodes ahead of the line it yields, so no line number)
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        yield n, json.loads(line)
+                    except json.JSONDecodeError as err:
+                        raise KVPredError(f"{path}:{n} is not valid JSON: {err}") from err
+        except UnicodeDecodeError as err:
+            raise KVPredError(f"{path} is not UTF-8 text ({err.reason})") from err
+
+
+def files_digest(named: Iterable[tuple[str, str | os.PathLike]]) -> str:
+    """16 hex digits of SHA-256 over each (name, file): the name, then the file's bytes, read in blocks. A name may
+    be "" (the digest of one file's contents)."""
+    h = hashlib.sha256()
+    for name, path in named:
+        h.update(name.encode())
+        with open(path, "rb") as stream:
+            for block in iter(lambda: stream.read(1 << 24), b""):
+                h.update(block)
+    return h.hexdigest()[:16]
 
 
 def out_folder(path: str | os.PathLike, holds: str, make: bool = True) -> Path:

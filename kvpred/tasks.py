@@ -9,9 +9,6 @@ the last 1/r of the prompt tokens, r = the TTFT FLOPs reduction of the model: an
 """
 from __future__ import annotations
 
-import gzip
-import hashlib
-import json
 import math
 import os
 import random
@@ -36,7 +33,7 @@ from tqdm import tqdm
 from .data import find_files
 from .generation import chat_prompts, cut_at_stop
 from .model import position_ids_from_mask
-from .models import KVPredError, read_text
+from .models import KVPredError, files_digest, read_jsonl, read_text
 from .rope import rope_tables, unrotate
 
 MODES = ("exact", "aux", "predicted", "truncate")
@@ -157,7 +154,7 @@ def detect_kind(path: str) -> str:
 def _file_kind(file: str) -> str:
     if file.endswith(".txt"):
         return "heldout"
-    first = next(read_jsonl(file), None)
+    first = next((row for _, row in read_jsonl(file)), None)
     if not isinstance(first, dict):
         raise KVPredError(f"{file} is neither a .txt file nor JSON lines with an object per line")
     keys = set(first)
@@ -189,25 +186,7 @@ def data_digest(path: str) -> str:
         files = _expand(path)
     except KVPredError:
         return ""
-    h = hashlib.sha256()
-    for name in files:
-        h.update(name.encode())
-        h.update(Path(name).read_bytes())
-    return h.hexdigest()[:16]
-
-
-def read_jsonl(path: str) -> Iterator[dict]:
-    opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        try:  # (text mode decodes ahead of the line it yields, so no line number)
-            for n, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        yield json.loads(line)
-                    except json.JSONDecodeError as err:
-                        raise KVPredError(f"{path}:{n} is not valid JSON: {err}") from err
-        except UnicodeDecodeError as err:
-            raise KVPredError(f"{path} is not UTF-8 text ({err.reason})") from err
+    return files_digest((name, name) for name in files)
 
 
 def load_rows(path: str, fields: tuple[str, ...] = (), one_of: tuple[str, ...] = ()) -> list[dict]:
@@ -218,7 +197,7 @@ def load_rows(path: str, fields: tuple[str, ...] = (), one_of: tuple[str, ...] =
         raise KVPredError(f"data file {path!r} does not exist")
     rows = []
     for file in files:
-        for n, row in enumerate(read_jsonl(file), 1):
+        for n, (_, row) in enumerate(read_jsonl(file), 1):
             if not isinstance(row, dict):
                 raise KVPredError(f"{file}, row {n}: expected a JSON object, got {type(row).__name__}")
             missing = [key for key in fields if key not in row] + (
