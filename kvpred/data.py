@@ -465,8 +465,7 @@ class TokenStream:
             meta = read_meta(folder)
             self.shards += [np.memmap(path, dtype=meta["dtype"], mode="r") for path in shard_files(folder, meta, split)]
             # what each build holds; builds made before the digest existed: their meta.json's contents
-            self.content.append(meta.get("content_sha256")
-                                or hashlib.sha256((Path(folder) / META_NAME).read_bytes()).hexdigest()[:16])
+            self.content.append(meta.get("content_sha256") or files_digest([("", Path(folder) / META_NAME)]))
         self.starts = np.cumsum([0] + [len(s) for s in self.shards])  # token offset of each shard in the split
         self.tokens = int(self.starts[-1])
         self.n_windows = self.tokens // seq_len  # the tail shorter than a window is never used

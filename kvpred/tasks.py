@@ -212,7 +212,7 @@ def _text_tokens(tokenizer, path: str) -> tuple[int, ...]:
     files = _expand(path)
     if not files:
         raise KVPredError(f"text file(s) {path!r} not found")
-    stamps = tuple((f, os.stat(f).st_mtime_ns, os.stat(f).st_size) for f in files)  # an edited file is read again
+    stamps = tuple((f, s.st_mtime_ns, s.st_size) for f in files for s in [os.stat(f)])  # an edited file: read again
     return _tokenized(tokenizer, stamps)
 
 
