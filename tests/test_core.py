@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import GenerationConfig
+from transformers import AutoModelForCausalLM, GenerationConfig
 
 from kvpred import models
 from kvpred.cli import main
@@ -14,7 +14,8 @@ from kvpred.generation import TimedStreamer, encode_prompts
 from kvpred.model import CONFIG_NAME, PREDICTOR_NAME, KVPredictionModel
 from kvpred.models import KVPredError
 from kvpred.predictor import KVPredictor, PredictorConfig
-from kvpred.rope import rope_tables, rotate, unrotate
+from kvpred.rope import rope_tables, rotate, unrotate, unrotate_layers
+from kvpred.tasks import kv_errors
 from kvpred.testing import byte_tokenizer, save_tiny_model, tiny_config
 from conftest import ARCHS
 
@@ -142,6 +143,41 @@ def test_rope_round_trip_recovers_position_free_keys(tiny_llama):
     torch.testing.assert_close(unrotate(rotated, cos, sin), keys)
     # scaled rope variants: cos, sin carry an attention scaling factor that unrotate must undo too
     torch.testing.assert_close(unrotate(rotate(keys, 1.3 * cos, 1.3 * sin), 1.3 * cos, 1.3 * sin), keys)
+
+
+def test_keys_of_layers_without_rope_stay_as_cached(tiny_models):
+    """SmolLM3 caches every fourth layer's keys unrotated (NoPE): un-rotating undoes RoPE on the other layers only."""
+    model = KVPredictionModel.from_pretrained(tiny_models["smollm3"], keep_ratio=1.0)
+    assert model.base_rotated == [True, True, True, False]
+    keys = torch.randn(4, 2, 2, 7, 16)  # [L, B, H, T, D]
+    cos, sin = rope_tables(model.base, torch.arange(7).expand(2, 7), keys.dtype)
+    cached = torch.stack([rotate(k, cos, sin) if r else k for k, r in zip(keys, model.base_rotated)])
+    torch.testing.assert_close(unrotate_layers(cached, cos, sin, model.base_rotated), keys)
+
+
+def test_key_errors_compare_position_free_keys_on_every_layer(tiny_models):
+    model = KVPredictionModel.from_pretrained(tiny_models["smollm3"], keep_layers=[0, 2])
+    ids = torch.randint(3, 259, (2, 10))
+    errors = kv_errors(model, ids.tolist())
+    predicted = model.predicted_cache(ids, torch.ones_like(ids))
+    _, exact = model.prefill(ids, torch.ones_like(ids), mode="exact")
+    cos, sin = rope_tables(model.base, torch.arange(9).expand(2, 9), torch.float32)
+    for layer, free in ((1, lambda k: unrotate(k, cos, sin)), (3, lambda k: k)):  # layer 3 has no RoPE
+        pred, true = free(predicted.layers[layer].keys), free(exact.layers[layer].keys[:, :, :9])
+        want = ((pred - true).abs().sum((1, 2, 3)) / true.abs().sum((1, 2, 3))).tolist()
+        assert [e["key_rel_l1"][layer] for e in errors] == pytest.approx(want, rel=1e-4)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_a_pruned_copy_rebuilt_from_its_config_is_the_same_model(tiny_models, arch):
+    """Per-layer config lists (attention kinds, SmolLM3's NoPE layers) follow the kept layers, so a pruned auxiliary
+    saved and loaded again is the same model."""
+    base, _ = models.load_causal_lm(tiny_models[arch], torch.float32)
+    pruned = models.prune_layers(base, [0, 3])
+    rebuilt = AutoModelForCausalLM.from_config(pruned.config)
+    rebuilt.load_state_dict(pruned.state_dict())
+    ids = torch.randint(3, 259, (2, 12))
+    torch.testing.assert_close(rebuilt(ids).logits, pruned(ids).logits)
 
 
 def test_a_predictor_run_in_bf16_follows_its_weights_through_optimiser_steps():

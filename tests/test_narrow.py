@@ -6,7 +6,7 @@ from transformers import AutoModelForCausalLM
 from kvpred.cli import main
 from kvpred.data import PackedTokens
 from kvpred.model import KVPredictionModel
-from kvpred.models import KVPredError, load_causal_lm
+from kvpred.models import KVPredError, load_causal_lm, prune_layers
 from kvpred.narrow import Width, choose_heads, measure_importance, narrow_copy
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -16,7 +16,7 @@ def importance(base, shards):
     return measure_importance(base, PackedTokens(shards, "train", seq_len=32, batch_size=4), 256)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "smollm3"])
 def test_keeping_everything_reproduces_the_base(tiny_models, shards, arch):
     base, _ = load_causal_lm(tiny_models[arch], torch.float32)
     c = base.config
@@ -25,6 +25,16 @@ def test_keeping_everything_reproduces_the_base(tiny_models, shards, arch):
     aux = narrow_copy(base, whole, importance(base, shards))
     ids = torch.randint(3, 259, (2, 12))
     torch.testing.assert_close(aux(ids).logits, base(ids).logits)
+
+
+@pytest.mark.parametrize("arch", ["llama", "smollm3"])
+def test_keeping_every_head_and_channel_of_some_layers_is_the_layer_pruned_copy(tiny_models, shards, arch):
+    base, _ = load_causal_lm(tiny_models[arch], torch.float32)
+    c = base.config
+    aux = narrow_copy(base, Width([0, 3], c.num_attention_heads, c.num_key_value_heads, c.intermediate_size),
+                      importance(base, shards))  # smollm3's layer 3 has no RoPE
+    ids = torch.randint(3, 259, (2, 12))
+    torch.testing.assert_close(aux(ids).logits, prune_layers(base, [0, 3])(ids).logits)
 
 
 def test_a_narrow_copy_has_the_asked_shape_and_keeps_the_chosen_base_weights(tiny_llama, shards):

@@ -43,7 +43,7 @@ def plain_first_token(model: KVPredictionModel, ids: torch.Tensor, mask: torch.T
     n = ids.shape[1] - 1
     if tail > 1:
         model.base.model(input_ids=ids[:, -tail:-1], attention_mask=None if mask is None else mask[:, :-1],
-                         position_ids=positions[:, -tail:-1], past_key_values=cache, use_cache=True)
+                         position_ids=positions[:, -tail:-1], use_cache=True, **cache_kwargs(model.base.model, cache))
     step = EagerStep(model, cache)
     step.start(ids[:, -1:], positions[:, -1:], n, None if mask is None else mask[:, :-1])
     token = step()
