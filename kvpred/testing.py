@@ -27,14 +27,22 @@ def byte_tokenizer(add_bos: bool = False) -> PreTrainedTokenizerFast:
                                    padding_side="left")
 
 
+# Four small experts, two per token, for the mixture-of-experts architectures
+EXPERTS = {"mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
+           "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                             shared_expert_intermediate_size=64),
+           "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)}
+
+
 def tiny_config(arch: str = "llama", layers: int = 4, hidden: int = 64, heads: int = 4, kv_heads: int = 2,
                 head_dim: int | None = None, context: int = 512, **extra):
-    """A small Llama/Qwen2/Qwen3/Mistral config over the byte tokenizer's vocabulary."""
+    """A small config of a supported architecture (kvpred.models.SUPPORTED_MODEL_TYPES) over the byte tokenizer's
+    vocabulary."""
     return AutoConfig.for_model(
         arch, vocab_size=259, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
         num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim or hidden // heads,
         max_position_embeddings=context, rope_theta=10000.0, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-        **{"tie_word_embeddings": True, **extra})
+        **{"tie_word_embeddings": True, **EXPERTS.get(arch, {}), **extra})
 
 
 def save_tiny_model(path: str | Path, arch: str = "llama", seed: int = 0, add_bos: bool = False,

@@ -251,17 +251,19 @@ def test_flop_counts_by_hand():
     assert predicted_flops(cfg, aux, pconf, 4, tail=4) == exact_flops(cfg, 4)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_param_rule_counts_the_models_linear_weights(arch):
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mixtral", "qwen2_moe", "qwen3_moe"])
+def test_param_rule_counts_the_linear_weights_a_token_runs_through(arch):
+    """With experts, only the 2 of 4 each token is routed to count (and the router, and Qwen2-MoE's shared expert)."""
     model = random_causal_lm(tiny_config(arch), torch.float32, "meta")
-    linear = sum(p.numel() for name, p in model.model.layers.named_parameters() if "norm" not in name)
+    linear = sum(p.numel() * (0.5 if ".experts." in name else 1)
+                 for name, p in model.model.layers.named_parameters() if "norm" not in name)
     assert param_count(model.config) == model.config.vocab_size * model.config.hidden_size + linear
 
 
 # ---------------------------------------------------------------- random-weight shapes
 PUBLIC_PARAMS = {"smollm2-135m": 134_515_008, "llama-3.2-1b": 1_235_814_400, "llama-3.2-3b": 3_212_749_824,
                  "llama-3.1-8b": 8_030_261_248, "qwen2.5-0.5b": 494_032_768, "qwen2.5-1.5b": 1_543_714_304,
-                 "smollm3-3b": 3_075_098_624}
+                 "smollm3-3b": 3_075_098_624, "qwen1.5-moe-a2.7b": 14_315_784_192, "qwen3-30b-a3b": 30_532_122_624}
 
 
 @pytest.mark.parametrize("name", sorted(SHAPES))

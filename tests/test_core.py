@@ -575,6 +575,14 @@ def test_an_unknown_architecture_is_refused(tmp_path):
         KVPredictionModel.from_pretrained(str(tmp_path / "gpt2"))
 
 
+@pytest.mark.parametrize("layout", [dict(mlp_only_layers=[1]), dict(decoder_sparse_step=2)])
+def test_a_base_mixing_dense_and_expert_layers_is_refused(tmp_path, layout):
+    # which layers have experts follows from layer numbers, which a layer-pruned auxiliary changes
+    path = save_tiny_model(tmp_path / "mixed", arch="qwen3_moe", **layout)
+    with pytest.raises(KVPredError, match="mixes dense and mixture-of-experts layers"):
+        KVPredictionModel.from_pretrained(str(path))
+
+
 def test_a_longrope_base_is_refused(tmp_path):
     # its rotary tables depend on each call's longest position: a predicted prefix and the base's tail would differ
     path = save_tiny_model(tmp_path / "longrope", rope_parameters={

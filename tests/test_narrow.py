@@ -37,6 +37,12 @@ def test_keeping_every_head_and_channel_of_some_layers_is_the_layer_pruned_copy(
     torch.testing.assert_close(aux(ids).logits, prune_layers(base, [0, 3])(ids).logits)
 
 
+def test_a_mixture_of_experts_base_is_not_narrowed(tiny_models):
+    base, _ = load_causal_lm(tiny_models["mixtral"], torch.float32)
+    with pytest.raises(KVPredError, match="mixture-of-experts"):
+        narrow_copy(base, Width([0, 2], 4, 2, 32), None)
+
+
 def test_a_narrow_copy_has_the_asked_shape_and_keeps_the_chosen_base_weights(tiny_llama, shards):
     base, _ = load_causal_lm(tiny_llama, torch.float32)  # 4 layers, 4 heads, 2 kv heads, MLP 128
     scores = importance(base, shards)

@@ -125,8 +125,9 @@ def test_copy_span_training_runs_and_a_share_outside_0_1_is_refused(tiny_llama, 
     assert "--copy-spans is a share" in capsys.readouterr().err
 
 
-def test_training_reduces_the_loss_and_writes_a_loadable_checkpoint(tiny_llama, shards, tmp_path):
-    trainer = Trainer(config(tiny_llama, shards, tmp_path, steps=30, lr=3e-3, aux_lr=3e-3, eval_every=30))
+@pytest.mark.parametrize("arch", ["llama", "mixtral", "qwen3_moe"])
+def test_training_reduces_the_loss_and_writes_a_loadable_checkpoint(tiny_models, shards, tmp_path, arch):
+    trainer = Trainer(config(tiny_models[arch], shards, tmp_path, steps=30, lr=3e-3, aux_lr=3e-3, eval_every=30))
     final = trainer.train()
     records = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
     losses = [r["loss"] for r in records if "loss" in r]
@@ -138,8 +139,9 @@ def test_training_reduces_the_loss_and_writes_a_loadable_checkpoint(tiny_llama, 
     torch.testing.assert_close(loaded.prefill(ids)[0], trainer.model.prefill(ids)[0], atol=1e-4, rtol=1e-4)
 
 
-def test_adapters_keep_the_checkpoint_small_and_load_merged(tiny_llama, shards, tmp_path):
-    trainer = Trainer(config(tiny_llama, shards, tmp_path, steps=6, aux_lora_rank=2, lr=3e-3, aux_lr=1e-2))
+@pytest.mark.parametrize("arch", ["llama", "qwen2_moe"])  # qwen2_moe: adapters on attention and the shared expert
+def test_adapters_keep_the_checkpoint_small_and_load_merged(tiny_models, shards, tmp_path, arch):
+    trainer = Trainer(config(tiny_models[arch], shards, tmp_path, steps=6, aux_lora_rank=2, lr=3e-3, aux_lr=1e-2))
     final = trainer.train()
     saved = KVPredictionModel.from_pretrained(str(final), device=trainer.device)
     names = saved.config.aux.saved_params
