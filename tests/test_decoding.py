@@ -326,10 +326,12 @@ def test_warming_up_makes_no_more_shapes_than_the_pool_keeps(model, monkeypatch)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-@pytest.mark.parametrize("mode,tail", [("predicted", 1), ("predicted", 3), ("exact", 1)])
-def test_graph_steps_give_transformers_tokens_on_a_gpu(tiny_llama, mode, tail):
+@pytest.mark.parametrize("mode,tail,arch", [("predicted", 1, "llama"), ("predicted", 3, "llama"), ("exact", 1, "llama"),
+                                           ("predicted", 3, "smollm3"), ("predicted", 3, "qwen3_moe"),
+                                           ("predicted", 1, "mixtral")])
+def test_graph_steps_give_transformers_tokens_on_a_gpu(tiny_models, mode, tail, arch):
     torch.manual_seed(0)
-    model = KVPredictionModel.from_pretrained(tiny_llama, keep_ratio=0.5, device="cuda")
+    model = KVPredictionModel.from_pretrained(tiny_models[arch], keep_ratio=0.5, device="cuda")
     model.pipelined_first_step = False  # the plain path here; kvpred.pipeline has its own specification
     ids, mask = encode_prompts(model.tokenizer, PROMPTS)
     ids, mask = ids.cuda(), mask.cuda()
@@ -339,6 +341,7 @@ def test_graph_steps_give_transformers_tokens_on_a_gpu(tiny_llama, mode, tail):
         assert torch.equal(mine, theirs)
     chunks = [chunk for pooled in model._steps.entries.values() for chunk in pooled.chunks.values()]
     assert [type(chunk).__name__ for chunk in chunks] == (["GraphChunk"] if tail > 1 else [])
+    assert {type(pooled.step).__name__ for pooled in model._steps.entries.values()} == {"GraphStep"}
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
