@@ -5,7 +5,7 @@ import torch
 
 from transformers import DynamicCache
 
-from kvpred.decoding import EagerStep, Pooled
+from kvpred.decoding import EagerStep, Pooled, make_step
 from kvpred.model import KVPredictionModel, cache_kwargs, position_ids_from_mask
 from kvpred.pipeline import PipelinedPrefill, layer_groups
 from kvpred.predictor import KVPredictor, PredictorConfig
@@ -118,8 +118,7 @@ def test_the_base_runs_in_its_own_dtype_beside_a_bf16_auxiliary(tiny_llama):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs and streams need a GPU")
-@pytest.mark.parametrize("source, arch", [("kv", "llama"), ("hidden", "llama"), ("hidden", "smollm3"),
-                                          ("hidden", "qwen3_moe"), ("kv", "mixtral")])
+@pytest.mark.parametrize("source, arch", [("kv", "llama"), ("hidden", "llama"), ("hidden", "smollm3")])
 def test_on_cuda_the_parts_run_as_graphs_on_a_second_stream(source, arch, tiny_models):
     model = KVPredictionModel.from_pretrained(tiny_models[arch], keep_layers=[0, 2], source=source, device="cuda")
     ids = torch.randint(3, 259, (2, 40), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
@@ -131,6 +130,24 @@ def test_on_cuda_the_parts_run_as_graphs_on_a_second_stream(source, arch, tiny_m
         assert torch.equal(pipelined(ids), token)
         torch.testing.assert_close(pipelined.step.logits, logits, atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(cache.slices(ids.shape[1])[0], keys, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs and streams need a GPU")
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
+def test_on_cuda_a_mixture_of_experts_base_gets_a_captured_step_and_pipeline(arch, tiny_models):
+    """transformers' grouped experts (its default) capture in bf16, not in fp32 on torch 2.11, where the eager step
+    serves instead (benchmarks/results/h100/session_2026-11-28d); its batched experts capture in fp32 too, which
+    checks the captured parts against the plain path to float precision (in bf16, rounding flips routing choices)."""
+    bf16 = KVPredictionModel.from_pretrained(tiny_models[arch], keep_layers=[0, 2], device="cuda", dtype=torch.bfloat16)
+    assert make_step(bf16, bf16.new_cache(2, 48), True)[1] == "cuda-graph"
+    model = KVPredictionModel.from_pretrained(tiny_models[arch], keep_layers=[0, 2], device="cuda")
+    model.base.config._experts_implementation = "batched_mm"
+    ids = torch.randint(3, 259, (2, 40), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+    token, logits, _ = plain_first_token(model, ids)
+    pipelined = PipelinedPrefill(model, model.new_cache(2, 48))
+    assert pipelined.step.graphs is not None
+    assert torch.equal(pipelined(ids), token)
+    torch.testing.assert_close(pipelined.step.logits, logits, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs and streams need a GPU")
