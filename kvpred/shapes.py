@@ -51,6 +51,11 @@ SHAPES: dict[str, dict] = {
                        num_hidden_layers=36, num_attention_heads=16, num_key_value_heads=4,
                        max_position_embeddings=65536, rope_parameters={"rope_type": "default", "rope_theta": 5e6},
                        rms_norm_eps=1e-6, tie_word_embeddings=True, use_sliding_window=False),
+    # Qwen/Qwen3-0.6B: the KVP-C auxiliary for Qwen3-30B-A3B (same tokenizer)
+    "qwen3-0.6b": dict(model_type="qwen3", vocab_size=151936, hidden_size=1024, intermediate_size=3072,
+                       num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8, head_dim=128,
+                       max_position_embeddings=40960, rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+                       rms_norm_eps=1e-6, tie_word_embeddings=True, use_sliding_window=False),
     # Qwen/Qwen1.5-MoE-A2.7B: 60 experts, 4 per token, and a shared expert (14.3B parameters, 2.7B active)
     "qwen1.5-moe-a2.7b": dict(model_type="qwen2_moe", vocab_size=151936, hidden_size=2048, intermediate_size=5632,
                               num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=16,
@@ -67,7 +72,8 @@ SHAPES: dict[str, dict] = {
 }
 
 # A public model of the same family and tokenizer that can serve as a KVP-C auxiliary (METHOD 2)
-KVP_C_AUX = {"llama-3.2-3b": "llama-3.2-1b", "llama-3.1-8b": "llama-3.2-1b", "qwen2.5-1.5b": "qwen2.5-0.5b"}
+KVP_C_AUX = {"llama-3.2-3b": "llama-3.2-1b", "llama-3.1-8b": "llama-3.2-1b", "qwen2.5-1.5b": "qwen2.5-0.5b",
+             "qwen3-30b-a3b": "qwen3-0.6b"}
 
 
 def shape_config(name: str) -> PretrainedConfig:
