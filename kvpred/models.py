@@ -26,8 +26,9 @@ class KVPredError(ValueError):
     """A user-facing error: bad input, unsupported model or mismatched checkpoint. The message says what to do."""
 
 
-# Architectures whose decoder layers expose self_attn.{k_proj,v_proj}, RoPE applied after the projections,
-# and keys cached after RoPE: the shape kvpred's predictor and cache writer rely on.
+# Architectures whose decoder layers expose self_attn.{k_proj,v_proj}, RoPE applied after the projections (and a
+# per-head k-norm, where there is one), and keys cached after RoPE (or without it, in SmolLM3's NoPE layers): the shape
+# kvpred's predictor and cache writer rely on. Their MLPs may be dense or mixtures of experts.
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "ministral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe",
                          "smollm3")
 
