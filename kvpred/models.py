@@ -172,7 +172,9 @@ def resolve(name_or_path: str | os.PathLike) -> str:
         if not path.is_file():
             raise KVPredError(f"GGUF file {name_or_path!r} does not exist")
         return str(_convert_gguf(path, path.stem))
-    if name_or_path.startswith(("/", "./", "../", "~")) and not path.exists():
+    # a relative path under an existing folder ("runs/final" where runs/ exists) is meant as a path, not a hub id
+    local = name_or_path.startswith(("/", "./", "../", "~")) or (path.parent != Path(".") and path.parent.is_dir())
+    if local and not path.exists():
         raise KVPredError(f"{name_or_path!r} does not exist: give a kvpred checkpoint or model folder, a .gguf file, "
                           f"a hub id or an alias ({', '.join(ALIASES)})")
     return str(path) if name_or_path.startswith("~") else name_or_path
@@ -322,8 +324,8 @@ def check_recorded_model_exists(name: str, checkpoint: str | os.PathLike, field:
 def _unknown_name(name: str, err: Exception) -> str:
     close = difflib.get_close_matches(name.lower(), list(ALIASES), n=1)
     hint = f"; did you mean {close[0]!r}?" if close else ""
-    return (f"{name!r} is neither a local path, a known alias ({', '.join(ALIASES)}) nor a hub model in the local "
-            f"Hugging Face cache{hint} (hub: {_first_line(err)})")
+    return (f"{name!r} is neither a local path, a known alias ({', '.join(ALIASES)}) nor a model the Hugging Face hub "
+            f"or its local cache has{hint} (hub: {_first_line(err)})")
 
 
 def _first_line(err: Exception) -> str:

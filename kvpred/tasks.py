@@ -746,7 +746,11 @@ class KVError(Kind):
     def build(self, model, spec, opts, limit):
         if opts.kv_length < 2:
             raise KVPredError("--kv-length must be at least 2 (one predicted position + the last token)")
-        return [{"ids": w} for w in text_windows(model.tokenizer, spec.path, opts.kv_length, limit)]
+        length = min(opts.kv_length, model.context_length)
+        if length < opts.kv_length:
+            warnings.warn(f"kv windows of {opts.kv_length} tokens do not fit the model's context: {length} tokens "
+                          f"each instead (--kv-length)", stacklevel=2)
+        return [{"ids": w} for w in text_windows(model.tokenizer, spec.path, length, limit)]
 
     def units(self, items):
         return [(str(i), item) for i, item in enumerate(items)]

@@ -625,10 +625,18 @@ def test_a_missing_model_is_a_clear_error(tmp_path):
         KVPredictionModel.from_pretrained(str(tmp_path / "missing.gguf"))
 
 
+def test_a_mistyped_path_under_an_existing_folder_is_not_looked_up_on_the_hub(tmp_path, monkeypatch):
+    (tmp_path / "runs").mkdir()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("transformers.AutoConfig.from_pretrained", lambda *a, **k: pytest.fail("looked up the hub"))
+    with pytest.raises(KVPredError, match="'runs/fianl' does not exist"):
+        KVPredictionModel.from_pretrained("runs/fianl")
+
+
 def test_an_unknown_name_lists_the_aliases(monkeypatch):
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)  # no waiting for an unreachable hub
-    with pytest.raises(KVPredError, match=r"neither a local path, a known alias \(smollm2-135m\) nor a hub model "
-                                          r"in the local Hugging Face cache; did you mean 'smollm2-135m'\?"):
+    with pytest.raises(KVPredError, match=r"neither a local path, a known alias \(smollm2-135m\) nor a model the "
+                                          r"Hugging Face hub or its local cache has; did you mean 'smollm2-135m'\?"):
         KVPredictionModel.from_pretrained("SmolLM2-135M")
 
 

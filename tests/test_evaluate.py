@@ -178,6 +178,14 @@ def test_items_longer_than_the_context_are_cut_to_it_before_truncation_and_count
         list(generate(pruned, [long], "exact", max_new_tokens=2))
 
 
+def test_kv_windows_longer_than_the_context_are_made_as_long_as_it_and_said_so(pruned):
+    doc_tasks = parse_tasks(f"kv={DATA}/tiny.txt", DATA)
+    opts = small_options(pruned, kv_length=pruned.context_length + 100)
+    with pytest.warns(UserWarning, match=f"{pruned.context_length} tokens each instead"):
+        doc = evaluate(pruned, doc_tasks, ["predicted"], opts, limit=2, progress=False)
+    assert doc["tasks"]["kv"]["n"] == 2
+
+
 def test_a_text_file_edited_between_evaluations_is_read_again(pruned, tmp_path):
     from kvpred.tasks import text_windows
 
