@@ -230,9 +230,9 @@ TRAIN_RUN_FILES = ("train_state.pt", "metrics.jsonl")
 
 
 def read_text(path: str | os.PathLike) -> str:
-    """A text file's contents; a clear error where it is not UTF-8."""
+    """A text file's contents (a byte-order mark is no text); a clear error where it is not UTF-8."""
     try:
-        return Path(path).read_text(encoding="utf-8")
+        return Path(path).read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as err:
         raise KVPredError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start})") from err
 
@@ -240,9 +240,9 @@ def read_text(path: str | os.PathLike) -> str:
 def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, object]]:
     """(line number, parsed value) of each non-blank line of a .jsonl or .jsonl.gz file, read as it goes. Lines end at
     newlines only (str.splitlines would also break at a U+2028 inside a JSON string); clear errors for a line that is
-    not JSON and for text that is not UTF-8."""
+    not JSON and for text that is not UTF-8. A byte-order mark (Windows editors write one) is skipped."""
     opener = gzip.open if str(path).endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as f:
+    with opener(path, "rt", encoding="utf-8-sig") as f:
         try:  # (text mode decodes ahead of the line it yields, so no line number)
             for n, line in enumerate(f, 1):
                 if line.strip():

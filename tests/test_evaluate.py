@@ -622,6 +622,16 @@ def test_input_files_that_are_not_utf8_are_named(tmp_path):
         text_windows(byte_tokenizer(), str(bad), 8, None)
 
 
+def test_a_byte_order_mark_at_the_start_of_an_input_file_is_no_text(tmp_path):
+    from kvpred.tasks import load_rows, text_windows
+
+    rows, text = tmp_path / "rows.jsonl", tmp_path / "notes.txt"
+    rows.write_bytes(b'\xef\xbb\xbf{"text": "ok"}\n')  # as Windows editors save UTF-8
+    text.write_bytes(b"\xef\xbb\xbf" + b"abcdefgh")
+    assert load_rows(str(rows)) == [{"text": "ok"}]
+    assert byte_tokenizer().decode(text_windows(byte_tokenizer(), str(text), 8, None)[0]) == "abcdefgh"
+
+
 def test_an_out_that_would_lose_the_results_is_refused_before_the_model_loads(tiny_path, tmp_path, capsys):
     for out in (tmp_path / "report.md", tmp_path, tmp_path / "notes.py"):
         assert cli.main(["eval", "--model", "no-such-model", "--tasks", f"{DATA}/lm.jsonl", "--out", str(out)]) == 2
