@@ -19,7 +19,7 @@ from transformers import AttentionInterface, DynamicCache, GenerationConfig, Pre
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from . import lora, models
-from .models import KVPredError, out_folder, remove_dead_temporaries, sliding_window, temporary_name
+from .models import KVPredError, expert_count, out_folder, remove_dead_temporaries, sliding_window, temporary_name
 from .decoding import (MIN_TEMPERATURE, StepPool, capacity_bucket, check_decoding, decoding_entry, eos_token_ids,
                        generate_with_steps, pad_id, with_stop_strings)
 from .deferred import PendingValues, deferred_values
@@ -729,10 +729,18 @@ class KVPredictionModel(nn.Module):
         config = self.base.config
         previous = config._attn_implementation
         config._attn_implementation, cache.step_slot = STEP_ATTENTION, slot
+        # transformers' grouped experts (its default) cannot be captured as a CUDA graph outside bf16 (torch 2.11);
+        # its batched ones can. They copy each routed expert's weights per row: for one token, a few reads of them
+        batched = bool(expert_count(config)) and slot.numel() == 1 and self.base.dtype != torch.bfloat16
+        experts = config._experts_implementation if batched else None
+        if batched:
+            config._experts_implementation = "batched_mm"
         try:
             yield
         finally:
             config._attn_implementation, cache.step_slot = previous, None
+            if batched:
+                config._experts_implementation = experts
 
     # ---------------------------------------------------------------- inference
     def check_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, mode: str,

@@ -301,6 +301,21 @@ def test_prompts_joining_pipelined_decode_what_they_decode_alone(model, at_once)
     assert pooled.pipelines[1] is not False  # the joins went through the pipeline
 
 
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
+def test_the_static_step_of_an_fp32_mixture_of_experts_base_decodes_like_the_eager_step(tiny_models, arch):
+    """Outside bf16 a one-token static step runs transformers' batched experts (its grouped ones, the default, cannot
+    be captured as a CUDA graph there): the tokens stay the eager step's, and the default comes back after the step."""
+    moe = KVPredictionModel.from_pretrained(tiny_models[arch], keep_ratio=0.5)
+    cache = moe.new_cache(3, 256)
+    pooled = Pooled(cache, step=decoding.GraphStep(moe, cache))  # the static step, uncompiled on a CPU
+    seen = []
+    moe.base.model.layers[0].register_forward_pre_hook(
+        lambda module, args: seen.append(moe.base.config._experts_implementation))
+    assert rolled(moe, "predicted", rows=3, new_tokens=6, pooled=pooled) == rolled(moe, "predicted", rows=3,
+                                                                                    new_tokens=6)
+    assert "batched_mm" in seen and moe.base.config._experts_implementation == "grouped_mm"
+
+
 def test_a_rolling_batch_takes_no_prompt_it_has_no_room_for(model):
     batch = RollingBatch(model, Pooled(model.new_cache(1, 256)), slot=10)
     assert batch.fits(11, 200) and not batch.fits(12, 200) and not batch.fits(5, 247)  # prompt columns; capacity
