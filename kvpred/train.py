@@ -100,7 +100,7 @@ class TrainConfig:
                                   "the processes that resume it), the cosine fitted to it; 0: no limit")
     log_every: int = opt(10, "steps between loss records in metrics.jsonl (0: never)")
     save_every: int = opt(200, "steps between checkpoints (train_state.pt) (0: only at the end, at the time limit "
-                               "and on Ctrl+C in one process; under torchrun a signal stops the run unsaved)")
+                               "and on Ctrl+C or SIGTERM, also under torchrun)")
     eval_every: int = opt(200, "steps between held-out evaluations (0: never, and then the data needs no held-out "
                                "split)")
     eval_windows: int = opt(64, "held-out windows per evaluation")
@@ -631,9 +631,10 @@ class Trainer:
 
     # ---------------------------------------------------------- loop
     def train(self) -> Path:
-        """Train to total_steps and write final/. In one process, a first Ctrl+C stops at the end of the step under
-        way: a checkpoint is saved there and Interrupted raised, and the same run resumes from it. The run folder is
-        let go however it ends."""
+        """Train to total_steps and write final/. A first Ctrl+C or SIGTERM stops at the end of the step under way
+        (under torchrun, which passes its own signal on to every worker, the ranks agree on that step): a checkpoint
+        is saved there and Interrupted raised, and the same run resumes from it. The run folder is let go however
+        it ends."""
         try:
             return self._train()
         finally:
@@ -665,14 +666,12 @@ class Trainer:
         t_start, step_start = time.perf_counter(), self.step
         self.t_start = t_start
         deadline, fit_by = t_start + left, t_start + FIT_SHARE * left
-        # Not under torchrun: there Ctrl+C reaches each rank at its own step and the agent signals the workers again,
-        # so ranks would stop at different steps and wait for each other's collectives; Ctrl+C keeps its usual effect.
-        with bar, metrics as metrics_file, deferred_interrupt(enabled=not self.distributed) as interrupted:
+        with bar, metrics as metrics_file, deferred_interrupt() as interrupted:
             while self.step < self.total_steps:
                 losses = self._step()
                 self.step += 1
                 bar.update(1)
-                past, fit_due = self._clock(deadline, fit_by)
+                past, fit_due, stop = self._agree(deadline, fit_by, interrupted())
                 # the rate from this process's own steps, after the warm-up (a resumed run too, if newly limited),
                 # or earlier where the warm-up would take too much of the time
                 if c.max_minutes and self.total_steps == c.steps and (
@@ -695,7 +694,7 @@ class Trainer:
                     record = {"step": self.step, **self.evaluate()}
                     self.log(json.dumps(record))
                     self._write(metrics_file, record)
-                stop = 0 if last else interrupted()  # read once: a later signal stops after the next step
+                stop = 0 if last else stop  # a signal after the agreement stops the run after the next step
                 if (c.save_every and self.step % c.save_every == 0) or last or stop:
                     self.save()
                 if stop:
@@ -705,16 +704,17 @@ class Trainer:
                     self.log(f"time limit of {c.max_minutes} min reached at step {self.step}")
         return self.finish()
 
-    def _clock(self, deadline: float, fit_by: float) -> tuple[bool, bool]:
-        """Whether the time limit, and the latest time to fit the schedule to it, have passed, for every rank at
-        once: ranks that start apart must not stop or fit apart (one would wait in a collective forever)."""
+    def _agree(self, deadline: float, fit_by: float, signal_number: int) -> tuple[bool, bool, int]:
+        """Whether the time limit, and the latest time to fit the schedule to it, have passed, and which signal
+        (0: none) stops the run here, for every rank at once. Ranks that start apart, or that torchrun signals a
+        moment apart, must not stop, save or fit apart: one would wait in a collective forever."""
         now = time.perf_counter()
-        flags = [now > deadline, now > fit_by]
-        if self.distributed and deadline < math.inf:
+        flags = [float(now > deadline), float(now > fit_by), float(signal_number)]
+        if self.distributed:
             agreed = torch.tensor(flags, dtype=torch.float32, device=self.device)
             dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
-            flags = [bool(x) for x in agreed.tolist()]
-        return flags[0], flags[1]
+            flags = agreed.tolist()
+        return bool(flags[0]), bool(flags[1]), int(flags[2])
 
     def _fit_schedule_to_time(self, t_start: float, step_start: int, deadline: float, bar) -> None:
         """Shorten the cosine so that it ends, annealed, inside max_minutes instead of being cut off mid-way.
@@ -880,7 +880,7 @@ def _train_command(args: argparse.Namespace) -> int:
     except Interrupted as stop:
         print(f"kvpred: {stop}", file=sys.stderr)
         return 128 + stop.signal  # what a shell reports for a command stopped by that signal (Ctrl+C: 130)
-    except KeyboardInterrupt:  # a second Ctrl+C, one before training began, or one under torchrun
+    except KeyboardInterrupt:  # a second Ctrl+C, or one before training began
         print(f"kvpred: interrupted without saving; the same command resumes from the last checkpoint in "
               f"{config.out}, if there is one", file=sys.stderr)
         return 130

@@ -6,6 +6,7 @@ import random
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -49,7 +50,7 @@ def test_the_kv_loss_compares_keys_before_rope_and_values_as_cached(tiny_models,
     from kvpred.rope import rope_tables, unrotate
 
     model = KVPredictionModel.from_pretrained(tiny_models[arch], keep_ratio=0.5)
-    ids = torch.randint(3, 259, (2, 24))
+    ids = torch.randint(3, 259, (2, 24), generator=torch.Generator().manual_seed(0))
     training = Distillation(model, TrainConfig(kv_reduction="mean"))
     _, keys, values = training.predicted_kv(ids)
     cache = DynamicCache(config=model.base.config)
@@ -64,7 +65,8 @@ def test_the_kv_loss_compares_keys_before_rope_and_values_as_cached(tiny_models,
     rotated = (keys - true_k).abs().mean((1, 2, 3, 4)).mean() + (values - true_v).abs().mean((1, 2, 3, 4)).mean()
     got = training.forward(ids)["kv_l1"]
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-    assert abs(got - rotated) > 1e-4  # the test can tell the two apart
+    # the test can tell the two apart: an L1 barely changes under rotation, so the margin is a few tolerances
+    assert abs(got - rotated) > 3 * (1e-5 + 1e-5 * abs(want))
 
 
 def test_an_exact_prefix_is_the_base_itself_and_only_the_span_after_it_is_predicted(tiny_llama):
@@ -298,6 +300,38 @@ def test_a_time_limit_under_torchrun_is_not_fitted_to_a_late_ranks_start(tiny_ll
     subprocess.run([sys.executable, *args], check=True, env=env, capture_output=True)
     state = torch.load(tmp_path / "run" / STATE_NAME, weights_only=False)
     assert state["fitted_steps"] > 20  # about 40 steps/s here; with the wait counted, 2-3 in all
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])  # Ctrl+C at torchrun; what schedulers send it
+def test_a_signal_to_torchrun_saves_every_rank_at_one_step_and_the_same_command_resumes(tiny_llama, shards, tmp_path,
+                                                                                          sig):
+    """torchrun passes its signal on to the workers, a moment apart; the ranks agree on one step, save there
+    together and stop, and the run resumed from that checkpoint ends where an uninterrupted one does."""
+    slow = tmp_path / "slow.py"  # steps of 0.3 s, so the signal lands mid-run
+    slow.write_text("import sys, time\nfrom kvpred import train\nstep = train.Trainer._step\n"
+                    "train.Trainer._step = lambda self: (time.sleep(0.3), step(self))[1]\n"
+                    "sys.exit(train.main())\n")
+    train_cli(tiny_llama, shards, tmp_path / "straight", steps=8, warmup=2)
+    flags = ["--model", tiny_llama, "--data", shards, "--keep-ratio", "0.5", "--steps", "8", "--seq-len", "32",
+             "--warmup", "2", "--log-every", "1", "--eval-every", "100", "--save-every", "100", "--no-bf16",
+             "--batch-size", "2", "--out", str(tmp_path / "run")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    agent = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                              "29535", str(slow), *flags], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    metrics, deadline = tmp_path / "run" / "metrics.jsonl", time.monotonic() + 120
+    while not (metrics.exists() and len(losses(tmp_path / "run")) >= 2) and agent.poll() is None \
+            and time.monotonic() < deadline:
+        time.sleep(0.05)
+    agent.send_signal(sig)
+    printed = agent.communicate(timeout=120)[0].decode()
+    assert agent.returncode != 0
+    stopped = len(losses(tmp_path / "run"))
+    assert 2 <= stopped < 8, printed
+    assert f"interrupted at step {stopped}; checkpoint saved" in printed  # rank 0 says so
+    assert torch.load(tmp_path / "run" / STATE_NAME, weights_only=False)["step"] == stopped
+    assert not (tmp_path / "run" / "final").exists()
+    train_cli(tiny_llama, shards, tmp_path / "run", steps=8, nproc=2, warmup=2)
+    assert losses(tmp_path / "run") == pytest.approx(losses(tmp_path / "straight"), rel=1e-4)
 
 
 def test_copies_drawn_for_the_global_batch_give_each_rank_its_own_rows():
