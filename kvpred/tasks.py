@@ -552,11 +552,12 @@ class QuestionAnswering(GenerationKind):
         rows = load_rows(spec.path, one_of=("question", "context"))
         shots = 1 if opts.fewshot is None else opts.fewshot
         items = []
+        where = lambda j: f"{spec.path}, row {j + 1}"  # noqa: E731
         for idx, row in enumerate(rows[:limit]):
-            prefix = "".join(f"{_qa_prompt(rows[j])} {_qa_targets(rows[j])[0]}\n"
+            prefix = "".join(f"{_qa_prompt(rows[j])} {_qa_targets(rows[j], where(j))[0]}\n"
                              for j in _shots(len(rows), idx, shots, opts.seed))
             items.append({"prompt": model.tokenizer(prefix + _qa_prompt(row)).input_ids,
-                          "targets": _qa_targets(row)})
+                          "targets": _qa_targets(row, where(idx))})
         return items
 
     def new_tokens(self, opts):
@@ -570,7 +571,7 @@ def _qa_prompt(row: dict) -> str:
     return row["context"] if "context" in row else f"Question: {row['question']}\nAnswer:"
 
 
-def _qa_targets(row: dict) -> list[str]:
+def _qa_targets(row: dict, where: str) -> list[str]:
     """The row's accepted answers: `answer`, `answers` and `aliases`, each a string or a list of them (a SQuAD-style
     {"text": [...]} too); numbers as text. Answers that normalise to nothing ("the", ".") would match an empty
     generation, so they are left out."""
@@ -580,11 +581,12 @@ def _qa_targets(row: dict) -> list[str]:
         value = value.get("text") if isinstance(value, dict) else value
         for answer in value if isinstance(value, list) else [] if value is None else [value]:
             if not isinstance(answer, (str, int, float)) or isinstance(answer, bool):
-                raise KVPredError(f"QA row's {key!r} must hold strings, got {answer!r}: {str(row)[:200]}")
+                raise KVPredError(f"{where}: {key!r} must hold strings, got {answer!r}")
             targets.append(str(answer))
     targets = [t for t in targets if normalize_answer(t)]
     if not targets:
-        raise KVPredError(f"QA row has no answer: {str(row)[:200]}")
+        raise KVPredError(f"{where} has no answer (answer, answers or aliases that are not empty or only "
+                          f"articles and punctuation): {str(row)[:200]}")
     return targets
 
 

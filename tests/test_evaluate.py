@@ -152,13 +152,16 @@ def test_answers_are_normalised_before_exact_match():
 
 
 def test_qa_answers_come_in_the_usual_shapes_and_empty_ones_never_match():
+    from functools import partial
+
     from kvpred.tasks import _qa_targets
-    assert _qa_targets({"answer": "Paris", "aliases": ["paris, France"]}) == ["Paris", "paris, France"]
-    assert _qa_targets({"answers": {"text": ["Paris"], "answer_start": [0]}}) == ["Paris"]  # SQuAD's shape
-    assert _qa_targets({"answer": 4}) == ["4"] and _qa_targets({"answer": 0}) == ["0"]
-    assert _qa_targets({"answers": ["The", ".", "Seine"]}) == ["Seine"]  # "the" would match an empty generation
-    with pytest.raises(KVPredError, match="has no answer"):
-        _qa_targets({"answer": "the"})
+    targets = partial(_qa_targets, where="qa.jsonl, row 1")
+    assert targets({"answer": "Paris", "aliases": ["paris, France"]}) == ["Paris", "paris, France"]
+    assert targets({"answers": {"text": ["Paris"], "answer_start": [0]}}) == ["Paris"]  # SQuAD's shape
+    assert targets({"answer": 4}) == ["4"] and targets({"answer": 0}) == ["0"]
+    assert targets({"answers": ["The", ".", "Seine"]}) == ["Seine"]  # "the" would match an empty generation
+    with pytest.raises(KVPredError, match="qa.jsonl, row 1 has no answer"):
+        targets({"answer": "the"})
 
 
 def test_items_longer_than_the_context_are_cut_to_it_before_truncation_and_counted(pruned):
@@ -253,12 +256,14 @@ def test_multiple_choice_rows_are_checked(pruned, tmp_path, row, message):
     ("lambada", {"context": "a", "continuation": "b"}, {"context": "a"}, "row 2 lacks continuation"),
     ("lambada", {"context": "a", "continuation": "b"}, {"context": "a", "continuation": " "}, "continuation is empty"),
     ("triviaqa", {"question": "q", "answer": "a"}, {"answer": "a"}, "row 2 lacks question or context"),
+    ("triviaqa", {"question": "q", "answer": "a"}, {"question": "q", "answer": "The"}, "row 2 has no answer"),
+    ("triviaqa", {"question": "q", "answer": "a"}, {"question": "q", "answers": [["a"]]}, "row 2: 'answers' must hold"),
 ])
 def test_a_later_row_that_does_not_fit_its_files_format_is_named(pruned, tmp_path, task, first, row, message):
     path = tmp_path / "rows.jsonl"
     path.write_text(json.dumps(first) + "\n" + json.dumps(row) + "\n")
     spec = parse_tasks(f"{task}={path}", DATA)[0]
-    with pytest.raises(KVPredError, match=message):
+    with pytest.raises(KVPredError, match=f"{path}.*{message}"):
         KINDS[spec.kind].build(pruned, spec, small_options(pruned), None)
 
 
