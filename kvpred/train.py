@@ -433,7 +433,8 @@ def deferred_interrupt(enabled: bool = True) -> Iterator[Callable[[], int]]:
         arrived.append(signum)
         signal.signal(signum, previous[signum])
         # os.write, not print: a handler that prints while the loop is printing may hit a reentrant-call error
-        os.write(2, b"\nkvpred: stopping after this step to save a checkpoint (again: stop at once)\n")
+        if first_rank():
+            os.write(2, b"\nkvpred: stopping after this step to save a checkpoint (again: stop at once)\n")
 
     for sig in caught:
         signal.signal(sig, first)
@@ -442,6 +443,11 @@ def deferred_interrupt(enabled: bool = True) -> Iterator[Callable[[], int]]:
     finally:
         for sig in caught:
             signal.signal(sig, previous[sig])
+
+
+def first_rank() -> bool:
+    """This process is torchrun's rank 0, or runs alone: the one that speaks for the run."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 # ---------------------------------------------------------------- the recipe
@@ -878,7 +884,8 @@ def _train_command(args: argparse.Namespace) -> int:
     try:
         Trainer(config).train()
     except Interrupted as stop:
-        print(f"kvpred: {stop}", file=sys.stderr)
+        if first_rank():
+            print(f"kvpred: {stop}", file=sys.stderr)
         return 128 + stop.signal  # what a shell reports for a command stopped by that signal (Ctrl+C: 130)
     except KeyboardInterrupt:  # a second Ctrl+C, or one before training began
         print(f"kvpred: interrupted without saving; the same command resumes from the last checkpoint in "
