@@ -948,7 +948,7 @@ def register(subparsers) -> None:
     p.add_argument("--aux-dtype", choices=("auto", "model", "bfloat16"), default="auto",
                    help="what the auxiliary's prefill runs in, by autocast (auto: as --predictor-dtype; see "
                         "KVPredictionModel.aux_dtype)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the random prompts (and timing models)")
     p.add_argument("--label", default=None, help="model name in the tables (default: --shape or --model)")
     p.add_argument("--threads", type=positive_int, default=None,
                    help="CPU threads for torch (default: torch's choice)")
@@ -959,8 +959,8 @@ def register(subparsers) -> None:
     r = sub.add_parser("report", help="merge bench ttft results (json) into one csv/md/png",
                        description="Merge the json files of several `bench ttft` runs into one table and plot.")
     r.add_argument("inputs", nargs="+", help="json files written by bench ttft")
-    r.add_argument("--out", default=DEFAULT_OUT)
-    r.add_argument("--name", default="ttft")
+    r.add_argument("--out", default=DEFAULT_OUT, help="output folder for the redrawn report")
+    r.add_argument("--name", default="ttft", help="file stem of the .md, .csv and .png")
     r.add_argument("--note", action="append", default=None, help="a line for the notes section (repeatable)")
     r.set_defaults(func=_report_command)
 

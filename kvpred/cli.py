@@ -39,8 +39,8 @@ def add_calibration_arguments(parser: argparse.ArgumentParser, data_required: bo
     parser.add_argument("--data", required=data_required, help="token shard folder made by `kvpred data build`")
     parser.add_argument("--tokens", type=positive_int, default=65_536,
                         help="calibration tokens (read in whole batches of --batch-size x --seq-len)")
-    parser.add_argument("--seq-len", type=positive_int, default=512)
-    parser.add_argument("--batch-size", type=positive_int, default=8)
+    parser.add_argument("--seq-len", type=positive_int, default=512, help="tokens per calibration window")
+    parser.add_argument("--batch-size", type=positive_int, default=8, help="windows per forward")
 
 
 def add_checkpoint_out_arguments(parser: argparse.ArgumentParser, out_help: str) -> None:
@@ -197,7 +197,21 @@ def build_parser() -> argparse.ArgumentParser:
             continue
         if hasattr(module, "register"):
             module.register(sub)
+    _show_defaults(parser)
     return parser
+
+
+def _show_defaults(parser: argparse.ArgumentParser) -> None:
+    """Every option's help ends with its default, unless it already says it or there is none to say (flags, None);
+    subcommands' too, at any depth."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for subparser in action.choices.values():
+                _show_defaults(subparser)
+        elif (action.option_strings and action.help and action.help != argparse.SUPPRESS
+              and action.default not in (None, argparse.SUPPRESS) and not isinstance(action.default, bool)
+              and "default" not in action.help):
+            action.help += " (default: %(default)s)"
 
 
 def _version() -> str:

@@ -723,18 +723,20 @@ def register(subparsers) -> None:
     g.add_argument("--model", default="smollm2-135m", help="base model to sample from (alias, folder, hub id)")
     g.add_argument("--out", required=True, help="output folder")
     g.add_argument("--tokens", type=int, required=True, help="stop after this many sampled tokens")
-    g.add_argument("--batch-size", type=int, default=256)
+    g.add_argument("--batch-size", type=int, default=256,
+                   help="documents sampled at once; each batch is one file (the last may overshoot --tokens)")
     g.add_argument("--max-new-tokens", type=int, default=512, help="longest document, in tokens")
-    g.add_argument("--temperature", type=float, default=1.0)
-    g.add_argument("--top-p", type=float, default=0.95)
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+    g.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling cut")
+    g.add_argument("--seed", type=int, default=0, help="seed of the openings and the sampling, per batch")
     g.add_argument("--chat", action="store_true",
                    help="sample chats in the tokenizer's chat template instead: a user message, then the reply "
                         "(at most --max-new-tokens), both written by the model, --turns times")
     g.add_argument("--user-tokens", type=int, default=128, help="longest user message with --chat, in tokens")
     g.add_argument("--turns", type=int, default=1,
                    help="exchanges per chat with --chat: each later user message follows up on the conversation")
-    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu, cuda or cuda:N (default: cuda where there is a GPU)")
     g.set_defaults(func=_sample)
     i = sub.add_parser("info", help="print a token build's meta.json summary")
     i.add_argument("dir", help="folder made by `kvpred data build`")

@@ -335,7 +335,7 @@ def register(subparsers) -> None:
                         "of rendered chat \"text\")")
     p.add_argument("--modes", default=",".join(DEFAULT_MODES), help="comma-separated (default: all four)")
     p.add_argument("--limit", type=int, default=None, help="items per task (default: all)")
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="items per forward")
     p.add_argument("--out", type=Path, default=Path("eval_results.json"),
                    help="results JSON; FILE.md (report) and FILE.items.jsonl (resume cache) go beside it")
     p.add_argument("--no-resume", action="store_true", help="ignore and overwrite the cached item results")
@@ -348,25 +348,33 @@ def register(subparsers) -> None:
                    help="measured TTFT speedups over exact to record for `kvpred plot`, e.g. predicted=1.8,aux=2.2")
     p.add_argument("--exact-tail", type=int, default=d.exact_tail,
                    help="predicted mode: prompt tokens the base runs itself (the paper's 1)")
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of few-shot draws and sampling")
     p.add_argument("--fewshot", type=int, default=None, help="shots for QA / multiple choice "
                    "(default: triviaqa 1, others 0); drawn from the other rows of the same file")
-    p.add_argument("--heldout-context", type=int, default=d.heldout_context)
-    p.add_argument("--heldout-continuation", type=int, default=d.heldout_continuation)
-    p.add_argument("--kv-length", type=int, default=d.kv_length)
-    p.add_argument("--agreement-prompt", type=int, default=d.agreement_prompt)
-    p.add_argument("--agreement-tokens", type=int, default=d.agreement_tokens)
-    p.add_argument("--qa-max-new-tokens", type=int, default=d.qa_max_new_tokens)
+    p.add_argument("--heldout-context", type=int, default=d.heldout_context,
+                   help="heldout: context tokens (predicted in predicted mode)")
+    p.add_argument("--heldout-continuation", type=int, default=d.heldout_continuation,
+                   help="heldout: continuation tokens whose loss is measured")
+    p.add_argument("--kv-length", type=int, default=d.kv_length,
+                   help="kv: window tokens; all but the last are compared")
+    p.add_argument("--agreement-prompt", type=int, default=d.agreement_prompt, help="agreement: prompt tokens")
+    p.add_argument("--agreement-tokens", type=int, default=d.agreement_tokens,
+                   help="agreement: greedy tokens compared with the exact base")
+    p.add_argument("--qa-max-new-tokens", type=int, default=d.qa_max_new_tokens,
+                   help="QA: most tokens per answer")
     p.add_argument("--retrieval-lengths", default=",".join(map(str, d.retrieval_lengths)),
                    help="prompt lengths in tokens for the pass-key task (those over the context are skipped)")
     p.add_argument("--retrieval-items", type=int, default=d.retrieval_items, help="items when no --limit")
     p.add_argument("--humaneval-samples", type=int, default=d.humaneval_samples,
                    help="1: greedy pass@1; n > 1: n samples per problem, pass@k for k in 1,10,100 up to n")
-    p.add_argument("--humaneval-temperature", type=float, default=d.humaneval_temperature)
-    p.add_argument("--humaneval-top-p", type=float, default=d.humaneval_top_p)
-    p.add_argument("--humaneval-max-new-tokens", type=int, default=d.humaneval_max_new_tokens)
+    p.add_argument("--humaneval-temperature", type=float, default=d.humaneval_temperature,
+                   help="with --humaneval-samples > 1")
+    p.add_argument("--humaneval-top-p", type=float, default=d.humaneval_top_p, help="with --humaneval-samples > 1")
+    p.add_argument("--humaneval-max-new-tokens", type=int, default=d.humaneval_max_new_tokens,
+                   help="most tokens per program")
     p.add_argument("--humaneval-timeout", type=float, default=d.humaneval_timeout, help="seconds per program")
-    p.add_argument("--humaneval-workers", type=int, default=d.humaneval_workers)
+    p.add_argument("--humaneval-workers", type=int, default=d.humaneval_workers,
+                   help="programs run at once, each in its own subprocess")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run_cli)
 

@@ -16,7 +16,7 @@ import argparse
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Iterable
 
 import torch
@@ -29,12 +29,14 @@ from .predictor import KVPredictor, PredictorConfig
 
 
 @dataclass
-class FitConfig:
-    tokens: int = 65_536  # calibration tokens
-    seq_len: int = 512
-    batch_size: int = 8
-    ridge: float = 1e-3  # lam, relative to the mean diagonal of X^T X
-    rank: int = 0  # > 0: factorise the fitted maps to this rank per tap (hidden-state input only)
+class FitConfig:  # each field is a `kvpred fit` flag, with its help text
+    tokens: int = field(default=65_536, metadata={
+        "help": "calibration tokens (read in whole batches of --batch-size x --seq-len)"})
+    seq_len: int = field(default=512, metadata={"help": "tokens per calibration window"})
+    batch_size: int = field(default=8, metadata={"help": "windows per forward"})
+    ridge: float = field(default=1e-3, metadata={"help": "ridge strength, relative to the mean diagonal of X^T X"})
+    rank: int = field(default=0, metadata={
+        "help": "> 0: factorise the fitted maps to this rank per tap (hidden-state input only); 0: full rank"})
 
     def __post_init__(self) -> None:
         problems = [f"--{name.replace('_', '-')} must be at least 1, got {value}"
@@ -253,8 +255,9 @@ def register(subparsers) -> None:
     p.add_argument("--keep-layers", type=layer_list, default=None,
                    help="build a new pruned aux keeping these layers, e.g. 0,4,8")
     p.add_argument("--aux", default=None, help="build with this separate auxiliary (KVP-C; e.g. from `kvpred narrow`)")
-    for f, default in asdict(FitConfig()).items():
-        p.add_argument(f"--{f.replace('_', '-')}", type=type(default), default=default)
+    for f in fields(FitConfig):
+        p.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default,
+                       help=f.metadata["help"])
     p.set_defaults(func=_fit_command)
 
     p = subparsers.add_parser(

@@ -157,7 +157,8 @@ def register(subparsers) -> None:
                     "and MLP channels (measured on token shards), for use as a separate auxiliary (KVP-C): "
                     "`kvpred fit --model BASE --aux FOLDER`, then `kvpred train`.")
     p.add_argument("--model", default=DEFAULT_MODEL, help="the base: HF folder, hub id, .gguf file or alias")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu, cuda or cuda:N (default: cuda where there is a GPU)")
     p.add_argument("--keep-layers", type=layer_list, default=None,
                    help="base layers to keep, e.g. 0,2,4 (default: all)")
     p.add_argument("--heads", type=int, required=True, help="query heads per layer")

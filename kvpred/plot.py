@@ -194,11 +194,11 @@ def register(subparsers) -> None:
                                           "TTFT speedup when the results carry one.")
     p.add_argument("--results", nargs="+", required=True,
                    help="`kvpred eval` JSON files; LABEL=PATH names a file's points LABEL")
-    p.add_argument("--out", type=Path, default=Path("pareto.png"))
+    p.add_argument("--out", type=Path, default=Path("pareto.png"), help="PNG to write")
     p.add_argument("--x", choices=sorted(X_RULES), default="param",
                    help="FLOPs rule for the x axis (param: the paper's params(base)/params(aux))")
     p.add_argument("--tasks", default=None, help="comma-separated tasks to average (default: all accuracy tasks)")
-    p.add_argument("--title", default=None)
+    p.add_argument("--title", default=None, help="figure title (default: none)")
     p.add_argument("--ttft-bench", nargs="+", type=Path, default=None,
                    help="one `kvpred bench ttft` JSON per results file (same order): its measured batch-1 speedups "
                         "of predicted and aux mode feed the second panel")

@@ -620,7 +620,7 @@ def register(subparsers) -> None:
     p.add_argument("--distrust", type=float, default=0.5, help="first-token agreement that refines at once")
     p.add_argument("--chat-tolerance", type=float, default=0.02,
                    help="first-token agreement a shorter chat tail may lose against the template's reply opening")
-    p.add_argument("--batch-size", type=positive_int, default=16)
+    p.add_argument("--batch-size", type=positive_int, default=16, help="prompts per forward")
     add_checkpoint_out_arguments(p, "folder for the calibrated checkpoint")
     p.set_defaults(func=_calibrate)
 

@@ -1137,8 +1137,8 @@ def register(subparsers) -> None:
                                           "cache of the conversation's earlier turns); responses report kv_mode, "
                                           "ttft_s, refine, and for sessions session and reused_tokens.")
     add_model_arguments(p)
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=port_number, default=8000)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=port_number, default=8000, help="port to listen on")
     p.add_argument("--default-mode", choices=KV_MODES, default="predicted",
                    help="kv_mode of requests that name none (default: predicted)")
     p.add_argument("--exact-tail", type=int, default=1,
@@ -1176,7 +1176,8 @@ def register(subparsers) -> None:
                         "faster on an H100 for 135M-8B shapes, captured as a CUDA graph; on a CPU without deferring "
                         "predicted values). The --warm-up compiles each of its shapes (20-45 s each on an H100, "
                         "about a minute on 2 CPU cores); a shape it did not make runs the uncompiled step")
-    p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
+                   help="uvicorn's log level")
     p.set_defaults(func=_serve)
 
 

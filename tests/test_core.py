@@ -852,6 +852,31 @@ def test_cli_help_explains_itself(command, capsys):
     assert "usage: kvpred" in capsys.readouterr().out
 
 
+def test_every_option_of_every_subcommand_says_what_it_does_and_its_default():
+    import argparse
+
+    from kvpred.cli import build_parser
+
+    def parsers(parser, name):
+        yield name, parser
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub, subparser in action.choices.items():
+                    yield from parsers(subparser, f"{name} {sub}")
+
+    silent, no_default = [], []
+    for name, parser in parsers(build_parser(), "kvpred"):
+        for action in parser._actions:
+            if not action.option_strings or isinstance(action, (argparse._HelpAction, argparse._VersionAction)):
+                continue
+            flag = f"{name} {action.option_strings[-1]}"
+            if not (action.help or "").strip():
+                silent.append(flag)
+            elif action.default is not None and not isinstance(action.default, bool) and "default" not in action.help:
+                no_default.append(flag)
+    assert silent == [] and no_default == []
+
+
 @pytest.mark.parametrize("stream, mode", [(False, ["--mode", "exact"]), (True, ["--mode", "exact"]),
                                           (False, ["--refine", "eager", "--refine-chunk", "8"])])
 def test_cli_generate_ends_the_text_before_a_stop_string_like_the_server(tiny_llama, capsys, stream, mode):
