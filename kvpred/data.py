@@ -2,7 +2,7 @@
 
 Tokenizing happens once, on a CPU machine, and only the compact shards travel to the GPU machine:
 
-    meta = build_shards(["docs/", "src/**/*.py"], tokenizer, "tokens/")   # train_*.bin, heldout_*.bin, meta.json
+    meta = build_shards(["docs/", "src/**/*.py"], tokenizer, "tokens/")   # shards-*/{train,heldout}_*.bin, meta.json
     batches = PackedTokens("tokens/", "train", seq_len=512, batch_size=8)  # iterator of LongTensor [8, 512]
     PackedTokens("tokens/,sampled/", ...)  # several builds, comma-separated, read as one
 
@@ -43,6 +43,7 @@ EVAL_DATA = Path("/work/shared/data")
 META_NAME = "meta.json"
 SPLITS = ("train", "heldout")
 SHARD_NAME = re.compile(r"(train|heldout)_\d{5}\.bin")  # what a build names its shards
+SHARD_FOLDER = re.compile(r"shards-[0-9a-f]{16}")  # and the folder it keeps them in
 FORMAT_VERSION = 1
 # Tokenize this many characters per call: large enough for the Rust tokenizer to use both cores, small enough for RAM.
 TOKENIZE_BATCH_CHARS = 4_000_000
@@ -339,14 +340,16 @@ def build_shards(sources: Sequence[str], tokenizer, out_dir: str | Path, *, shar
                  max_tokens: int | None = None, heldout_fraction: float = 0.01, text_field: str = "text",
                  exclude: Sequence[str] = (), shuffle_files: bool = False, tokenizer_name: str | None = None,
                  progress: bool = True) -> dict:
-    """Tokenize `sources` once into train_NNNNN.bin / heldout_NNNNN.bin token shards + meta.json in `out_dir`.
+    """Tokenize `sources` once into train_NNNNN.bin / heldout_NNNNN.bin token shards + meta.json in `out_dir`, the
+    shards in a folder of their own (shards-<digest>/).
 
     Sources are read in the order given (files in each in sorted order, or hashed order with shuffle_files), so with
     `max_tokens` (train + held-out) the first sources are taken whole and the last one is cut. Exact duplicate
     documents and empty ones are dropped; files that are not UTF-8 are skipped. Both are counted in meta.json.
     A document goes to the held-out split when its hash is below `heldout_fraction`; if that holds out none of two or
     more documents, the one with the smallest hash is held out, so that a small corpus still has a held-out split.
-    meta.json is written last: a folder without it is an unfinished build. Returns the meta dict.
+    meta.json is written last: a folder without it is an unfinished build. Until then the folder's earlier build, if
+    any, stays whole, so a kill at any moment leaves one of the two. Returns the meta dict.
     """
     if not sources:
         raise KVPredError("no sources given: pass files, folders or globs of training text")
@@ -366,6 +369,10 @@ def build_shards(sources: Sequence[str], tokenizer, out_dir: str | Path, *, shar
         built = _tokenize_into(stage, files, tokenizer, label=str(out), shard_tokens=shard_tokens,
                                max_tokens=max_tokens, heldout_fraction=heldout_fraction, text_field=text_field,
                                progress=progress)
+        listed = {s["file"] for split in built["splits"].values() for s in split["shards"]}
+        for unlisted in stage.glob("*.bin"):  # a first pass's train shards past those a held-out rewrite kept
+            if unlisted.name not in listed:
+                unlisted.unlink()
         meta = {
             "format": FORMAT_VERSION,
             "tokenizer": {"name": tokenizer_name or getattr(tokenizer, "name_or_path", ""),
@@ -373,19 +380,36 @@ def build_shards(sources: Sequence[str], tokenizer, out_dir: str | Path, *, shar
                           "eos_token_id": eos},
             **built, "heldout_fraction": heldout_fraction, "max_tokens": max_tokens, "shard_tokens": shard_tokens,
             "text_field": text_field, "exclude": list(exclude), "shuffle_files": shuffle_files,
-            "content_sha256": files_digest((shard.name, shard) for shard in sorted(stage.glob("*.bin"))),
+            "content_sha256": files_digest((name, stage / name) for name in sorted(listed)),
         }
-        (out / META_NAME).unlink(missing_ok=True)  # the old build is invalid from here on
-        for shard in stage.glob("*.bin"):
-            os.replace(shard, out / shard.name)
+        folder = _keep_shards(stage, out, meta)
+        # the switch from the earlier build to this one: until this replace, meta.json names the earlier build's
+        # shards, which are all still there; after it, this build's, which all are
         _write_atomic(out / META_NAME, (json.dumps(meta, indent=1) + "\n").encode())
     finally:
         shutil.rmtree(stage, ignore_errors=True)
-    wanted = {s["file"] for split in meta["splits"].values() for s in split["shards"]}
-    for stale in out.glob("*.bin"):  # shards of an earlier, larger build in the same folder (by their names only)
-        if SHARD_NAME.fullmatch(stale.name) and stale.name not in wanted:
-            stale.unlink()
+    for stale in out.iterdir():  # earlier builds' shards: flat (before shard folders) or in their own folder
+        if SHARD_NAME.fullmatch(stale.name) or (SHARD_FOLDER.fullmatch(stale.name) and stale != folder):
+            shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
     return meta
+
+
+def _keep_shards(stage: Path, out: Path, meta: dict) -> Path:
+    """Move the staged shards to their own folder in `out`, named after their contents, and point `meta`'s shard
+    entries into it. A folder of that name is the same build's (a rebuild of the same text) and is kept if whole."""
+    folder = out / f"shards-{meta['content_sha256'][:16]}"
+    for split in meta["splits"].values():
+        for shard in split["shards"]:
+            shard["file"] = f"{folder.name}/{shard['file']}"
+    if folder.is_dir():
+        try:
+            for split in SPLITS:
+                shard_files(out, meta, split)
+            return folder
+        except KVPredError:  # cut short by a kill while it was being removed as stale: replaced
+            shutil.rmtree(folder)
+    os.replace(stage, folder)
+    return folder
 
 
 def _check_meta_is_ours(out: Path) -> None:
@@ -700,8 +724,10 @@ def register(subparsers) -> None:
     sub = p.add_subparsers(dest="data_command", required=True, metavar="ACTION")
     b = sub.add_parser("build", help="tokenize files/folders/globs into token shards + meta.json",
                        description="Tokenize .py/.txt/.md/.rst/.jsonl sources with a model's tokenizer into "
-                                   "train_NNNNN.bin / heldout_NNNNN.bin (uint16 when the vocabulary fits) and "
-                                   "meta.json. Evaluation data under shared/data is refused.")
+                                   "train_NNNNN.bin / heldout_NNNNN.bin (uint16 when the vocabulary fits) in a "
+                                   "shards-<digest>/ folder, and meta.json. A new build into the same folder "
+                                   "replaces the earlier one only once it is whole. Evaluation data under "
+                                   "shared/data is refused.")
     b.add_argument("--model", default="smollm2-135m", help="model whose tokenizer to use (alias, folder, hub id)")
     b.add_argument("--sources", nargs="+", required=True, help="files, folders (recursive) or quoted globs")
     b.add_argument("--out", required=True, help="output folder")

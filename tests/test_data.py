@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+import kvpred.data
 from kvpred.data import (PackedTokens, build_shards, check_tokenizer, expand_source, heldout_windows, read_meta,
                          register, sample_corpus, token_dtype)
 from kvpred.model import KVPredictionModel
@@ -77,8 +78,10 @@ def test_packing_round_trip_reproduces_documents_joined_by_eos(tmp_path, corpus)
     expected = [t for d in docs for t in ids(d) + [EOS]]
     assert meta["dtype"] == "uint16" and meta["tokens"] == len(expected) == meta["splits"]["train"]["tokens"]
     assert len(meta["splits"]["train"]["shards"]) == -(-len(expected) // 300)
-    assert sorted(p.name for p in out.iterdir()) == ["meta.json"] + [f"train_{i:05d}.bin" for i in
-                                                                     range(len(meta["splits"]["train"]["shards"]))]
+    (folder,) = out.glob("shards-*")
+    assert sorted(p.name for p in out.iterdir()) == ["meta.json", folder.name]
+    assert sorted(p.name for p in folder.iterdir()) == [f"train_{i:05d}.bin" for i in
+                                                        range(len(meta["splits"]["train"]["shards"]))]
     assert split_documents(out, "train") == docs
 
     seq_len, batch_size = 16, 3
@@ -104,7 +107,35 @@ def test_a_rebuild_replaces_the_previous_build(tmp_path, corpus):
     out = tmp_path / "tokens"
     build_shards([str(corpus[0])], TOK, out, shard_tokens=100, heldout_fraction=0.0, progress=False)
     meta = build_shards([str(corpus[0])], TOK, out, shard_tokens=10 ** 6, heldout_fraction=0.0, progress=False)
-    assert sorted(p.name for p in out.iterdir()) == ["meta.json", "train_00000.bin"] and read_meta(out) == meta
+    (folder,) = out.glob("shards-*")
+    assert sorted(p.name for p in out.iterdir()) == ["meta.json", folder.name] and read_meta(out) == meta
+    assert [p.name for p in folder.iterdir()] == ["train_00000.bin"]
+    out.joinpath("train_00000.bin").write_bytes(b"a shard of a build made before shard folders")
+    assert build_shards([str(corpus[0])], TOK, out, shard_tokens=10 ** 6, heldout_fraction=0.0,
+                        progress=False) == meta  # the same text again: the same folder, kept
+    assert sorted(p.name for p in out.iterdir()) == ["meta.json", folder.name]
+
+
+def test_a_build_killed_as_it_switches_leaves_the_earlier_build_whole(tmp_path, corpus, monkeypatch):
+    """Killed after its shards are in place, before meta.json names them: the earlier build still reads."""
+    out = tmp_path / "tokens"
+    meta = build_shards([str(corpus[0])], TOK, out, shard_tokens=100, heldout_fraction=0.0, progress=False)
+    before = split_tokens(out, "train")
+    written = kvpred.data._write_atomic
+
+    def killed_at_meta(path, payload):
+        if path.name == "meta.json":
+            raise KeyboardInterrupt
+        written(path, payload)
+
+    monkeypatch.setattr(kvpred.data, "_write_atomic", killed_at_meta)
+    with pytest.raises(KeyboardInterrupt):
+        build_shards([str(corpus[0])], TOK, out, shard_tokens=70, heldout_fraction=0.0, progress=False)
+    assert read_meta(out) == meta and np.array_equal(split_tokens(out, "train"), before)
+    monkeypatch.setattr(kvpred.data, "_write_atomic", written)
+    newer = build_shards([str(corpus[0])], TOK, out, shard_tokens=70, heldout_fraction=0.0, progress=False)
+    assert len(newer["splits"]["train"]["shards"]) > len(meta["splits"]["train"]["shards"])
+    assert np.array_equal(split_tokens(out, "train"), before) and len(list(out.glob("shards-*"))) == 1
 
 
 def test_a_build_keeps_the_users_files_in_its_folder_and_refuses_a_meta_json_it_did_not_write(tmp_path, corpus):
@@ -125,13 +156,15 @@ def test_a_build_keeps_the_users_files_in_its_folder_and_refuses_a_meta_json_it_
 def test_a_failed_build_leaves_the_previous_build_whole(tmp_path, corpus):
     out = tmp_path / "tokens"
     meta = build_shards([str(corpus[0])], TOK, out, shard_tokens=500, progress=False)
+    (folder,) = out.glob("shards-*")
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "a.jsonl").write_text('{"content": "no text field"}\n')
     with pytest.raises(KVPredError, match="no string field 'text'"):
         build_shards([str(bad)], TOK, out, shard_tokens=7, progress=False)
-    assert read_meta(out) == meta and sorted(p.name for p in out.iterdir()) == sorted(
-        ["meta.json"] + [s["file"] for split in meta["splits"].values() for s in split["shards"]])
+    assert read_meta(out) == meta and sorted(p.name for p in out.iterdir()) == ["meta.json", folder.name]
+    assert sorted(folder.glob("*")) == sorted(out / s["file"] for split in meta["splits"].values()
+                                              for s in split["shards"])
     assert split_tokens(out, "train").size == meta["splits"]["train"]["tokens"]
 
 
@@ -142,7 +175,8 @@ def test_a_build_clears_what_a_killed_build_left_but_not_a_running_ones(tmp_path
     (out / f".build-{dead.pid}-x").mkdir(parents=True)  # what a SIGKILLed build leaves behind
     (out / f".build-{os.getpid()}-y").mkdir()  # a build still running in this process
     build_shards([str(corpus[0])], TOK, out, shard_tokens=10 ** 6, heldout_fraction=0.0, progress=False)
-    assert sorted(p.name for p in out.iterdir()) == [f".build-{os.getpid()}-y", "meta.json", "train_00000.bin"]
+    (folder,) = out.glob("shards-*")
+    assert sorted(p.name for p in out.iterdir()) == [f".build-{os.getpid()}-y", "meta.json", folder.name]
 
 
 def test_file_names_that_are_not_utf8_are_shuffled_like_any_other(tmp_path):
@@ -210,7 +244,7 @@ def test_a_split_that_would_hold_out_nothing_holds_out_the_document_with_the_sma
     assert split_documents(tmp_path / "t", "train") == [d for d in docs[:6] if d != smallest]
     assert meta["splits"]["heldout"]["documents"] == 1 and meta["splits"]["train"]["documents"] == 5
     assert len(meta["splits"]["train"]["shards"]) > 1
-    assert sorted(p.name for p in (tmp_path / "t").glob("train_*.bin")) == \
+    assert sorted(str(p.relative_to(tmp_path / "t")) for p in (tmp_path / "t").glob("*/train_*.bin")) == \
         [s["file"] for s in meta["splits"]["train"]["shards"]]  # no shard of the first pass is left over
 
     meta = build_shards([str(few)], TOK, tmp_path / "none", heldout_fraction=0.0, progress=False)
@@ -523,7 +557,7 @@ def test_data_info_checks_every_shard(tmp_path, built, capsys):
     parser = argparse.ArgumentParser()
     register(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["data", "info", str(built)])
-    shard = sorted(built.glob("train_*.bin"))[0]
+    shard = sorted(built.glob("shards-*/train_*.bin"))[0]
     shard.write_bytes(shard.read_bytes()[:-2])  # truncated
     with pytest.raises(KVPredError, match="is missing or not .* bytes as meta.json says"):
         args.func(args)
