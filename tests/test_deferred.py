@@ -46,7 +46,9 @@ def test_first_forward_and_finished_cache_match_the_plain_path(tiny_models, arch
             got = first_forward(model, ids, mask, deferred, tail)
             assert model.base.config._attn_implementation == "kvpred_deferred"
         real = mask[:, -tail:].bool()  # a padded query's logits are whatever each kernel makes of seeing nothing
-        torch.testing.assert_close(got[real], want[real], atol=1e-5, rtol=1e-4)
+        # fp32 in another order: up to 1.6e-5 apart on logits of about 5 (mixtral, this suite's CPU); a wrong value
+        # map or bias moves them by far more
+        torch.testing.assert_close(got[real], want[real], atol=5e-5, rtol=1e-4)
         assert model.base.config._attn_implementation == matvec.ATTENTION  # restored
         columns = mask.bool()  # [B, T]: the cache's real columns, [B, H, T, D] transposed
         for mine, theirs in zip(deferred.layers, plain.layers):  # the context's end wrote the pending values
