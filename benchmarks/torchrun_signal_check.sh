@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Ctrl+C to torchrun on a GPU machine (NCCL): the ranks stop at one step, save there together, and the same command
-# resumes from it. Tiny random model, byte tokenizer, this repository's Python files as the corpus.
+# Ctrl+C to torchrun: the ranks stop at one step, save there together, and the same command resumes from it. One
+# process per GPU (NCCL), or on a machine without one, CPU processes (gloo). Tiny random model, byte tokenizer, this
+# repository's Python files as the corpus.
 #   bash benchmarks/torchrun_signal_check.sh OUT_DIR [NPROC]
 set -u
 out=$1; nproc=${2:-2}; mkdir -p "$out"
