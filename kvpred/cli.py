@@ -6,6 +6,7 @@ import errno
 import importlib
 import json
 import os
+import re
 import sys
 import time
 
@@ -19,6 +20,7 @@ DEFAULT_MODEL = "smollm2-135m"
 # Modules that contribute subcommands through `register(subparsers)`; missing ones are skipped.
 SUBCOMMAND_MODULES = ("data", "narrow", "fit", "train", "bench", "evaluate", "plot", "serve", "refine")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+STATES_DEFAULT = re.compile(r"\(default|default:|by default")  # a help text that already gives its default
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, dtype: bool = True) -> None:
@@ -210,7 +212,7 @@ def _show_defaults(parser: argparse.ArgumentParser) -> None:
                 _show_defaults(subparser)
         elif (action.option_strings and action.help and action.help != argparse.SUPPRESS
               and action.default not in (None, argparse.SUPPRESS) and not isinstance(action.default, bool)
-              and "default" not in action.help):
+              and not STATES_DEFAULT.search(action.help)):
             action.help += " (default: %(default)s)"
 
 

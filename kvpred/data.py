@@ -369,6 +369,9 @@ def build_shards(sources: Sequence[str], tokenizer, out_dir: str | Path, *, shar
         built = _tokenize_into(stage, files, tokenizer, label=str(out), shard_tokens=shard_tokens,
                                max_tokens=max_tokens, heldout_fraction=heldout_fraction, text_field=text_field,
                                progress=progress)
+        # every shard written, as builds always hashed them (a held-out rewrite's leftovers too): the same text gives
+        # the digest an earlier build recorded, which a run resumes against
+        digest = files_digest((shard.name, shard) for shard in sorted(stage.glob("*.bin")))
         listed = {s["file"] for split in built["splits"].values() for s in split["shards"]}
         for unlisted in stage.glob("*.bin"):  # a first pass's train shards past those a held-out rewrite kept
             if unlisted.name not in listed:
@@ -380,7 +383,7 @@ def build_shards(sources: Sequence[str], tokenizer, out_dir: str | Path, *, shar
                           "eos_token_id": eos},
             **built, "heldout_fraction": heldout_fraction, "max_tokens": max_tokens, "shard_tokens": shard_tokens,
             "text_field": text_field, "exclude": list(exclude), "shuffle_files": shuffle_files,
-            "content_sha256": files_digest((name, stage / name) for name in sorted(listed)),
+            "content_sha256": digest,
         }
         folder = _keep_shards(stage, out, meta)
         # the switch from the earlier build to this one: until this replace, meta.json names the earlier build's

@@ -872,7 +872,8 @@ def test_every_option_of_every_subcommand_says_what_it_does_and_its_default():
             flag = f"{name} {action.option_strings[-1]}"
             if not (action.help or "").strip():
                 silent.append(flag)
-            elif action.default is not None and not isinstance(action.default, bool) and "default" not in action.help:
+            elif action.default is not None and not isinstance(action.default, bool) and \
+                    not re.search(r"\(default|default:|by default", action.help):
                 no_default.append(flag)
     assert silent == [] and no_default == []
 
