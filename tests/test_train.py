@@ -319,7 +319,8 @@ def test_a_signal_to_torchrun_saves_every_rank_at_one_step_and_the_same_command_
     agent = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
                               "29535", str(slow), *flags], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     metrics, deadline = tmp_path / "run" / "metrics.jsonl", time.monotonic() + 120
-    while not (metrics.exists() and len(losses(tmp_path / "run")) >= 2) and agent.poll() is None \
+    # counted as text: the last line may be half-written while it is read
+    while not (metrics.exists() and metrics.read_text().count('"loss"') >= 2) and agent.poll() is None \
             and time.monotonic() < deadline:
         time.sleep(0.05)
     agent.send_signal(sig)
