@@ -14,8 +14,9 @@ the exact base's next-token distribution. Runs before 2026-11-28 compared keys a
     kvpred train --model smollm2-135m --data .carry/tokens --out runs/kvp --steps 2000
     torchrun --nproc-per-node 2 -m kvpred.train --model ... (same flags): DDP, or --fsdp for FSDP2
 
-Rerunning the same command resumes from the run's last checkpoint (train_state.pt). In one process, Ctrl+C lets the
-step under way finish, saves a checkpoint there and exits with status 130; a second Ctrl+C stops at once.
+Rerunning the same command resumes from the run's last checkpoint (train_state.pt). Ctrl+C or SIGTERM (under torchrun
+too, which passes it on to every rank) lets the step under way finish, saves a checkpoint there and exits with status
+130 or 143; a second one stops at once.
 """
 from __future__ import annotations
 
