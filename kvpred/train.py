@@ -887,6 +887,8 @@ def _train_command(args: argparse.Namespace) -> int:
     except Interrupted as stop:
         if first_rank():
             print(f"kvpred: {stop}", file=sys.stderr)
+        if dist.is_initialized():  # every rank stopped at the same step, so they leave together
+            dist.destroy_process_group()
         return 128 + stop.signal  # what a shell reports for a command stopped by that signal (Ctrl+C: 130)
     except KeyboardInterrupt:  # a second Ctrl+C, or one before training began
         print(f"kvpred: interrupted without saving; the same command resumes from the last checkpoint in "
