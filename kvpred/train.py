@@ -882,21 +882,20 @@ def register(subparsers) -> None:
 
 def _train_command(args: argparse.Namespace) -> int:
     config = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
+    status = 0
     try:
         Trainer(config).train()
-    except Interrupted as stop:
+    except Interrupted as stop:  # every rank stopped at the same step, so they leave together, as after the last
         if first_rank():
             print(f"kvpred: {stop}", file=sys.stderr)
-        if dist.is_initialized():  # every rank stopped at the same step, so they leave together
-            dist.destroy_process_group()
-        return 128 + stop.signal  # what a shell reports for a command stopped by that signal (Ctrl+C: 130)
+        status = 128 + stop.signal  # what a shell reports for a command stopped by that signal (Ctrl+C: 130)
     except KeyboardInterrupt:  # a second Ctrl+C, or one before training began
         print(f"kvpred: interrupted without saving; the same command resumes from the last checkpoint in "
               f"{config.out}, if there is one", file=sys.stderr)
         return 130
     if dist.is_initialized():
         dist.destroy_process_group()
-    return 0
+    return status
 
 
 def main(argv: list[str] | None = None) -> int:
