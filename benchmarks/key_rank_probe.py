@@ -6,9 +6,8 @@ keep their width with the other columns zero, which computes what narrower maps 
 
     python benchmarks/key_rank_probe.py CALIBRATION_SHARDS WINDOWS LENGTH KEY_RANKS   # e.g. shards/ 256 512 128,64,32
 """
-import sys
-
 import copy
+import sys
 
 import torch
 
