@@ -14,7 +14,7 @@ base runs itself; default 1), dtype (float32 | bfloat16 | float16),
 max_gen_toks (default 256), truncate_ratio (default: the params-rule FLOPs reduction), add_bos_token (as lm-eval's
 hf model: default the tokenizer's own), aux_dtype and predictor_dtype (auto | model | a dtype, as the attributes of
 KVPredictionModel: "auto" runs the auxiliary and predictor in bf16 on an fp32 model on CPUs with bf16 dot products,
-faster, but then scores move by ~0.01 nats with the batch; "model" keeps them in the model's dtype). Device and batch
+faster, but then scores can move slightly with the batch; "model" keeps them in the model's dtype). Device and batch
 size come from lm-eval's own --device / --batch_size (giving them in --model_args as well is an error in lm-eval).
 --apply_chat_template uses the tokenizer's chat template.
 
