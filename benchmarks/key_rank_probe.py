@@ -13,7 +13,7 @@ import torch
 
 from kvpred import KVPredictionModel
 from kvpred.data import PackedTokens
-from kvpred.fit import input_moments
+from kvpred.fit import input_moments, mean_and_covariance
 from kvpred.predictor import KVPredictor
 from kvpred.tasks import text_windows
 
@@ -26,8 +26,8 @@ def narrow_keys(predictor: KVPredictor, xtx: torch.Tensor, key_rank: int) -> tup
     for code, tap in enumerate(c.taps):
         layers = [i for i, j in enumerate(c.layer_map) if j == tap]
         down = predictor.down[code].double()
-        n, mean = xtx[tap][-1, -1], xtx[tap][:-1, -1] / xtx[tap][-1, -1]
-        e, v = torch.linalg.eigh(down @ (xtx[tap][:-1, :-1] / n - torch.outer(mean, mean)) @ down.T)
+        mean, covariance = mean_and_covariance(xtx[tap])
+        e, v = torch.linalg.eigh(down @ covariance @ down.T)
         e = e.clamp(min=e.max() * 1e-12)
         root, inverse_root = (v * e.sqrt()) @ v.T, (v * e.rsqrt()) @ v.T
         keys = torch.cat([predictor.key_weight[i] for i in layers]).double()

@@ -121,6 +121,12 @@ def input_moments(model: KVPredictionModel, batches: Iterable[torch.Tensor], tok
     return xtx
 
 
+def mean_and_covariance(xtx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The inputs' mean [in] and covariance [in, in] from their moments [in+1, in+1], augmented as in `_augmented`."""
+    mean = xtx[:-1, -1] / xtx[-1, -1]
+    return mean, xtx[:-1, :-1] / xtx[-1, -1] - torch.outer(mean, mean)
+
+
 @torch.no_grad()
 def factorise(predictor: KVPredictor, xtx: torch.Tensor, rank: int) -> tuple[KVPredictor, list[float]]:
     """The rank-`rank` factorised predictor closest to the full-rank `predictor` in output error on inputs with
@@ -136,8 +142,8 @@ def factorise(predictor: KVPredictor, xtx: torch.Tensor, rank: int) -> tuple[KVP
         layers = [i for i, j in enumerate(c.layer_map) if j == tap]
         w = torch.cat([torch.cat([predictor.key_weight[i], predictor.value_weight[i]]) for i in layers]).double()
         b = torch.cat([torch.cat([predictor.key_bias[i], predictor.value_bias[i]]) for i in layers]).double()
-        n, mean = xtx[tap][-1, -1], xtx[tap][:-1, -1] / xtx[tap][-1, -1]
-        e, v = torch.linalg.eigh(xtx[tap][:-1, :-1] / n - torch.outer(mean, mean))
+        mean, covariance = mean_and_covariance(xtx[tap])
+        e, v = torch.linalg.eigh(covariance)
         if not e.max() > 0:
             raise KVPredError(f"the predictor's inputs at auxiliary tap {tap} do not vary over the calibration "
                               "tokens, so no factorisation can be fitted: give more --tokens")

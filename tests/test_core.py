@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM, GenerationConfig
 
 from kvpred import models
-from kvpred.cli import main
+from kvpred.cli import STATES_DEFAULT, main
 from kvpred.generation import TimedStreamer, encode_prompts
 from kvpred.model import CONFIG_NAME, PREDICTOR_NAME, KVPredictionModel
 from kvpred.models import KVPredError
@@ -873,7 +873,7 @@ def test_every_option_of_every_subcommand_says_what_it_does_and_its_default():
             if not (action.help or "").strip():
                 silent.append(flag)
             elif action.default is not None and not isinstance(action.default, bool) and \
-                    not re.search(r"\(default|default:|by default", action.help):
+                    not STATES_DEFAULT.search(action.help):
                 no_default.append(flag)
     assert silent == [] and no_default == []
 
