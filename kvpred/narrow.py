@@ -127,6 +127,9 @@ def narrow_copy(base: PreTrainedModel, width: Width, importance: Importance) -> 
             if name.startswith(("self_attn.q_proj.", "self_attn.k_proj.", "self_attn.v_proj.")):
                 heads = q if ".q_proj." in name else kv
                 tensor = _rows(tensor, heads, head_dim)
+            elif name.startswith(("self_attn.q_norm.", "self_attn.k_norm.")) and tensor.numel() != head_dim:
+                heads = q if ".q_norm." in name else kv  # OLMo 2 normalises the whole projection: one weight per row
+                tensor = _rows(tensor[:, None], heads, head_dim)[:, 0]
             elif name == "self_attn.o_proj.weight":
                 tensor = _rows(tensor.T, q, head_dim).T
             elif name.startswith(("mlp.gate_proj.", "mlp.up_proj.")):

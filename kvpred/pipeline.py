@@ -24,7 +24,7 @@ from torch import nn
 from transformers import Cache
 
 from .decoding import ColumnInputs, _capture
-from .model import BufferCache, KVPredictionModel, cache_kwargs, position_ids_from_mask
+from .model import BufferCache, KVPredictionModel, cache_kwargs, hidden_output, hidden_tap, position_ids_from_mask
 from .rope import rope_tables
 
 
@@ -39,6 +39,17 @@ def layer_groups(layer_map: list[int]) -> list[tuple[int, range]] | None:
         else:
             groups.append((tap, range(layer, layer + 1)))
     return groups
+
+
+def input_embeddings(base: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """What the base's forward feeds its first layer: Granite scales the embeddings in its forward (Gemma's
+    embedding module scales its own)."""
+    return base.model.embed_tokens(ids) * getattr(base.config, "embedding_multiplier", 1.0)
+
+
+def output_logits(base: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """The base's logits from its last layer's hidden states, as its forward makes them (Granite divides them)."""
+    return base.lm_head(base.model.norm(hidden)) / getattr(base.config, "logits_scaling", 1.0)
 
 
 class GroupedStep(ColumnInputs):
@@ -66,7 +77,7 @@ class GroupedStep(ColumnInputs):
 
     def _part(self, i: int) -> None:
         base = self.model.base
-        hidden = base.model.embed_tokens(self.ids) if i == 0 else self.hidden
+        hidden = input_embeddings(base, self.ids) if i == 0 else self.hidden
         rope = base.model.rotary_emb(hidden, self.positions)
         for layer in base.model.layers[self.parts[i].start:self.parts[i].stop]:
             out = layer(hidden, attention_mask=self.mask, position_ids=self.positions, position_embeddings=rope,
@@ -75,7 +86,7 @@ class GroupedStep(ColumnInputs):
         if i < len(self.parts) - 1:
             self.hidden.copy_(hidden)
             return
-        logits = base.lm_head(base.model.norm(hidden[:, -1:]))  # [B, 1, V]: the last prompt token's
+        logits = output_logits(base, hidden[:, -1:])  # [B, 1, V]: the last prompt token's
         self.token, self.logits = logits[:, -1].argmax(-1), logits
 
     def run(self, i: int) -> None:
@@ -178,8 +189,8 @@ def _tap_hooks(model: KVPredictionModel, tap_out) -> Iterator[None]:
     hooks = []
     if model.predictor.config.source == "hidden":
         for tap in taps:
-            point: nn.Module = layers[tap].input_layernorm if tap < len(layers) else model.aux.model.norm
-            hooks.append(point.register_forward_hook(lambda module, args, out, tap=tap: tap_out(tap, out, out)))
+            hooks.append(hidden_tap(model.aux, tap).register_forward_hook(
+                lambda module, args, out, tap=tap: tap_out(tap, hidden_output(out), hidden_output(out))))
     else:
         keys: dict[int, torch.Tensor] = {}
         for tap in taps:

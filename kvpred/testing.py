@@ -28,6 +28,9 @@ def byte_tokenizer(add_bos: bool = False) -> PreTrainedTokenizerFast:
 
 
 # Four small experts, two per token, for the mixture-of-experts architectures
+# Granite's multipliers away from 1, so that a path which forgets one differs (its published models use these)
+ARCH_EXTRAS = {"granite": dict(embedding_multiplier=12.0, logits_scaling=8.0, residual_multiplier=0.22,
+                               attention_multiplier=0.0078125)}
 EXPERTS = {"mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
            "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
                              shared_expert_intermediate_size=64),
@@ -42,7 +45,7 @@ def tiny_config(arch: str = "llama", layers: int = 4, hidden: int = 64, heads: i
         arch, vocab_size=259, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
         num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim or hidden // heads,
         max_position_embeddings=context, rope_theta=10000.0, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-        **{"tie_word_embeddings": True, **EXPERTS.get(arch, {}), **extra})
+        **{"tie_word_embeddings": True, **EXPERTS.get(arch, {}), **ARCH_EXTRAS.get(arch, {}), **extra})
 
 
 def save_tiny_model(path: str | Path, arch: str = "llama", seed: int = 0, add_bos: bool = False,

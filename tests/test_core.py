@@ -174,7 +174,7 @@ def test_a_pruned_copy_rebuilt_from_its_config_is_the_same_model(tiny_models, ar
     saved and loaded again is the same model."""
     base, _ = models.load_causal_lm(tiny_models[arch], torch.float32)
     pruned = models.prune_layers(base, [0, 3])
-    rebuilt = AutoModelForCausalLM.from_config(pruned.config)
+    rebuilt = AutoModelForCausalLM.from_config(pruned.config).eval()  # Seed-OSS's configs ask for dropout
     rebuilt.load_state_dict(pruned.state_dict())
     ids = torch.randint(3, 259, (2, 12))
     torch.testing.assert_close(rebuilt(ids).logits, pruned(ids).logits)
@@ -580,6 +580,12 @@ def test_a_base_mixing_dense_and_expert_layers_is_refused(tmp_path, layout):
     # which layers have experts follows from layer numbers, which a layer-pruned auxiliary changes
     path = save_tiny_model(tmp_path / "mixed", arch="qwen3_moe", **layout)
     with pytest.raises(KVPredError, match="mixes dense and mixture-of-experts layers"):
+        KVPredictionModel.from_pretrained(str(path))
+
+
+def test_a_base_that_clips_its_keys_and_values_is_refused(tmp_path):
+    path = save_tiny_model(tmp_path / "clipped", arch="olmo", clip_qkv=8.0)  # as OLMo-7B-0424 does
+    with pytest.raises(KVPredError, match="clip_qkv=8.0"):
         KVPredictionModel.from_pretrained(str(path))
 
 

@@ -16,7 +16,7 @@ def importance(base, shards):
     return measure_importance(base, PackedTokens(shards, "train", seq_len=32, batch_size=4), 256)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "smollm3"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "smollm3", "olmo2"])  # olmo2: q/k norms span all heads
 def test_keeping_everything_reproduces_the_base(tiny_models, shards, arch):
     base, _ = load_causal_lm(tiny_models[arch], torch.float32)
     c = base.config
@@ -59,6 +59,23 @@ def test_a_narrow_copy_has_the_asked_shape_and_keeps_the_chosen_base_weights(tin
     channels = scores.channels[2].topk(32).indices.sort().values
     torch.testing.assert_close(aux.model.layers[1].mlp.down_proj.weight,
                                base.model.layers[2].mlp.down_proj.weight[:, channels])
+
+
+def test_norms_over_all_heads_keep_the_weights_of_the_kept_heads(tiny_models, shards):
+    """OLMo 2 normalises the whole query and key projections, with a weight per row of each."""
+    base, _ = load_causal_lm(tiny_models["olmo2"], torch.float32)
+    with torch.no_grad():
+        for layer in base.model.layers:  # distinct weights (a random tiny model's norms are all ones)
+            for norm in (layer.self_attn.q_norm, layer.self_attn.k_norm):
+                norm.weight.copy_(torch.arange(norm.weight.numel()) / 10)
+    scores, width = importance(base, shards), Width([0, 2], heads=2, kv_heads=1, intermediate=32)
+    aux = narrow_copy(base, width, scores)
+    q, kv = choose_heads(scores.heads[2], 2, width)
+    d = aux.config.head_dim
+    src, dst = base.model.layers[2].self_attn, aux.model.layers[1].self_attn
+    torch.testing.assert_close(dst.q_norm.weight, src.q_norm.weight[(q[:, None] * d + torch.arange(d)).flatten()])
+    torch.testing.assert_close(dst.k_norm.weight, src.k_norm.weight[kv.item() * d:(kv.item() + 1) * d])
+    assert aux(torch.randint(3, 259, (1, 8))).logits.isfinite().all()
 
 
 def test_the_cli_writes_an_auxiliary_that_fit_and_generate_use_as_kvp_c(tiny_llama, shards, tmp_path, capsys):

@@ -42,7 +42,8 @@ def test_training_forward_with_aux_equal_to_base_is_the_base(tiny_llama, split, 
     assert losses["kv_l1"].item() < 1e-5
 
 
-@pytest.mark.parametrize("arch", ["llama", "smollm3"])  # smollm3: layer 3's keys are cached without RoPE (NoPE)
+# smollm3: layer 3's keys are cached without RoPE (NoPE); olmo2: its k-norm spans all heads
+@pytest.mark.parametrize("arch", ["llama", "smollm3", "olmo2"])
 def test_the_kv_loss_compares_keys_before_rope_and_values_as_cached(tiny_models, arch):
     """METHOD 1.7: the targets are the base's keys before RoPE; the mean |error| per layer, summed over kinds."""
     from transformers import DynamicCache
@@ -128,7 +129,7 @@ def test_copy_span_training_runs_and_a_share_outside_0_1_is_refused(tiny_llama, 
     assert "--copy-spans is a share" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("arch", ["llama", "mixtral", "qwen3_moe"])
+@pytest.mark.parametrize("arch", ["llama", "mixtral", "qwen3_moe", "olmo2"])  # olmo2: post-norm layers
 def test_training_reduces_the_loss_and_writes_a_loadable_checkpoint(tiny_models, shards, tmp_path, arch):
     trainer = Trainer(config(tiny_models[arch], shards, tmp_path, steps=30, lr=3e-3, aux_lr=3e-3, eval_every=30))
     final = trainer.train()
