@@ -19,6 +19,7 @@ from kvpred.models import KVPredError
 from kvpred.testing import byte_tokenizer, save_tiny_model
 from kvpred.train import (STATE_NAME, Distillation, PredictedKV, TrainConfig, Trainer, add_arguments,
                           lr_lambda, with_copied_spans)
+from conftest import ARCHS
 
 # tiny models on a few busy cores: intra-op threads only spin (the time-limit test took minutes with 2 threads)
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -30,10 +31,12 @@ def config(tiny_llama, shards, tmp_path, **overrides) -> TrainConfig:
     return TrainConfig(**{**base, **overrides})
 
 
-@pytest.mark.parametrize("split, prefix, exact_self", [(None, 0, False), (9, 0, False), (9, 4, False), (None, 0, True)])
-def test_training_forward_with_aux_equal_to_base_is_the_base(tiny_llama, split, prefix, exact_self):
+@pytest.mark.parametrize("arch, split, prefix, exact_self", [
+    ("llama", None, 0, False), ("llama", 9, 0, False), ("llama", 9, 4, False),
+    *[(arch, None, 0, True) for arch in ARCHS]])
+def test_training_forward_with_aux_equal_to_base_is_the_base(tiny_models, arch, split, prefix, exact_self):
     """METHOD 1.8: with A = B and identity P the training-path loss is the base's own loss and the KV loss is 0."""
-    model = KVPredictionModel.from_pretrained(tiny_llama, keep_ratio=1.0)
+    model = KVPredictionModel.from_pretrained(tiny_models[arch], keep_ratio=1.0)
     ids = torch.randint(3, 259, (2, 24))
     losses = Distillation(model, TrainConfig(z_loss=0.0, exact_self=exact_self)).forward(ids, split, prefix)
     logits = model.base(input_ids=ids).logits[:, :-1]
