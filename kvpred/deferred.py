@@ -67,13 +67,15 @@ class PendingValues:
                 self.done[i] = True
 
     def attend(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-               mask: torch.Tensor | None, scaling: float) -> torch.Tensor:
+               mask: torch.Tensor | None, scaling: float, softcap: float | None = None) -> torch.Tensor:
         """The first forward's attention: query [B, Hq, W, D] over key/value [B, H, n + W, D], whose first n
         value columns are not written yet. Returns [B, W, Hq, Dv] like transformers' sdpa_attention_forward."""
         b, hq, w, d = query.shape
         heads, t, n = key.shape[1], key.shape[2], self.length
         group = hq // heads  # head h = kv_head * group + r, as repeat_kv lays them out
         scores = torch.matmul(query.reshape(b, heads, group * w, d), key.transpose(-1, -2)).float().mul_(scaling)
+        if softcap is not None:  # Gemma 2
+            scores = torch.tanh(scores / softcap) * softcap
         if mask is None and w > 1:  # transformers skipped a plainly causal mask: tail token i sees columns <= n + i
             mask = torch.ones(w, t, dtype=torch.bool, device=query.device).tril(t - w)
         if mask is not None:
@@ -93,7 +95,7 @@ class PendingValues:
 
 
 def _attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-               attention_mask: torch.Tensor | None, scaling: float | None = None,
+               attention_mask: torch.Tensor | None, scaling: float | None = None, softcap: float | None = None,
                **kwargs) -> tuple[torch.Tensor, None]:
     """SDPA, except on a layer whose prefix values are pending: its first forward attends through the value map,
     its next one writes the values first."""
@@ -101,9 +103,10 @@ def _attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value:
     if pending is not None and not pending.done[layer]:
         if not pending.attended[layer]:
             pending.attended[layer] = True
-            return pending.attend(layer, query, key, value, attention_mask, scaling or query.shape[-1] ** -0.5), None
+            return pending.attend(layer, query, key, value, attention_mask, scaling or query.shape[-1] ** -0.5,
+                                  softcap), None
         pending.materialize(layer)
-    return sdpa(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+    return sdpa(module, query, key, value, attention_mask, scaling=scaling, softcap=softcap, **kwargs)
 
 
 @contextmanager

@@ -67,10 +67,13 @@ def use_blocked_matvec(model: nn.Module) -> None:
 
 
 def sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-         attention_mask: torch.Tensor | None, scaling: float | None = None, **kwargs) -> tuple[torch.Tensor, None]:
+         attention_mask: torch.Tensor | None, scaling: float | None = None, softcap: float | None = None,
+         **kwargs) -> tuple[torch.Tensor, None]:
     """transformers' SDPA attention; a single query per row on a CPU runs with the query heads of each KV head as
-    that head's queries (the same arithmetic, up to rounding). query [B, Hq, Q, D], key/value [B, Hkv, T, D];
-    returns [B, Q, Hq, Dv]."""
+    that head's queries (the same arithmetic, up to rounding). Logits soft-capped (Gemma 2), which SDPA cannot do,
+    go through `capped_attention`. query [B, Hq, Q, D], key/value [B, Hkv, T, D]; returns [B, Q, Hq, Dv]."""
+    if softcap is not None:
+        return capped_attention(query, key, value, attention_mask, scaling, softcap), None
     b, hq, q_len, d = query.shape
     hkv = key.shape[1]
     if (q_len != 1 or query.device.type != "cpu" or module.training
@@ -79,3 +82,17 @@ def sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch
     mask = None if attention_mask is None else attention_mask.expand(b, 1, hq // hkv, key.shape[2])
     out = F.scaled_dot_product_attention(query.view(b, hkv, hq // hkv, d), key, value, attn_mask=mask, scale=scaling)
     return out.view(b, hq, 1, -1).transpose(1, 2).contiguous(), None  # head h = kv_head * group + r, as repeat_kv
+
+
+def capped_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
+                     scaling: float | None, softcap: float) -> torch.Tensor:
+    """Attention with its logits soft-capped to (-softcap, softcap) by tanh, as Gemma 2's eager attention does.
+    query [B, Hq, Q, D], key/value [B, Hkv, T, D], mask [B, 1, Q, T] boolean (True: seen) or additive; returns
+    [B, Q, Hq, Dv]."""
+    group = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(group, 1), value.repeat_interleave(group, 1)  # as repeat_kv lays heads out
+    scores = torch.matmul(query, key.transpose(-1, -2)).float() * (scaling or query.shape[-1] ** -0.5)
+    scores = torch.tanh(scores / softcap) * softcap
+    if mask is not None:  # finfo.min, not -inf: a padding query that sees nothing gets no NaN
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min) if mask.dtype == torch.bool else scores + mask
+    return torch.matmul(scores.softmax(-1).to(value.dtype), value).transpose(1, 2).contiguous()

@@ -24,7 +24,7 @@ from .decoding import (MIN_TEMPERATURE, StepPool, capacity_bucket, check_decodin
                        generate_with_steps, pad_id, with_stop_strings)
 from .deferred import PendingValues, deferred_values
 from .generation import chat_exact_tail
-from .matvec import use_blocked_matvec
+from .matvec import capped_attention, use_blocked_matvec
 from .predictor import KVPredictor, PredictorConfig
 from .rope import rope_tables, rotate, rotated_layers
 
@@ -1069,7 +1069,8 @@ def _rotate_into(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: 
 
 
 def _step_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                    attention_mask: torch.Tensor, scaling: float | None = None, **kwargs) -> tuple[torch.Tensor, None]:
+                    attention_mask: torch.Tensor, scaling: float | None = None, softcap: float | None = None,
+                    **kwargs) -> tuple[torch.Tensor, None]:
     """The static step's attention over a whole buffer under a mask. query [B, Hq, Q, D], key/value [B, Hkv, T, D],
     attention_mask [B, 1, Q, T] bool; returns [B, Q, Hq, Dv] like transformers' sdpa_attention_forward.
 
@@ -1079,12 +1080,16 @@ def _step_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, v
     (benchmarks/results/h100/step_attention). Several query tokens per row (a refinement chunk) go to SDPA."""
     b, hq, q_len, d = query.shape
     hkv = key.shape[1]
+    if q_len > 1 and softcap is not None:  # Gemma 2's logits, which SDPA cannot cap
+        return capped_attention(query, key, value, attention_mask, scaling, softcap), None
     if q_len > 1:  # a refinement chunk (kvpred.decoding.GraphChunk): enough queries for SDPA's kernels
         out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask,
                                                                scale=scaling, enable_gqa=hq != hkv)
         return out.transpose(1, 2).contiguous(), None
     query = query.reshape(b, hkv, hq // hkv, d)  # head h = kv_head * group + r, as repeat_kv lays them out
     scores = torch.matmul(query, key.transpose(-1, -2)).float().mul_(scaling or d ** -0.5)
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
     weights = scores.masked_fill_(~attention_mask, float("-inf")).softmax(-1).to(value.dtype)
     out = torch.matmul(weights, value)  # [B, Hkv, group, Dv]
     return out.reshape(b, hq, 1, -1).transpose(1, 2).contiguous(), None

