@@ -7,6 +7,7 @@ import json
 import os
 import weakref
 from contextlib import contextmanager, nullcontext
+from contextvars import ContextVar
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -252,9 +253,6 @@ class KVPredictionModel(nn.Module):
         self._compiled_write: Callable | None = None  # see compile_predictor
         self.compiled_step: Callable | None = None  # see compile_step
         self._steps = StepPool()  # generate's caches and CUDA-graph steps, per batch size and capacity
-        # Sliding attention windows of base and auxiliary (None: full attention), fixed with the architecture. Asking
-        # transformers takes ~0.3 ms per config, too long for `context_length`, which every request reads.
-        self.sliding_windows = (sliding_window(base.config), sliding_window(aux.config))
         attn = base.model.layers[0].self_attn
         self.base_kv_heads = base.config.num_key_value_heads
         self.base_head_dim = attn.head_dim
@@ -265,6 +263,7 @@ class KVPredictionModel(nn.Module):
         self.register_buffer("k_norm_weight", torch.stack([n.weight.detach() for n in norms]) if norms else None,
                              persistent=False)  # [L, head_dim] or [L, kv_heads * head_dim]
         self.base_rotated = rotated_layers(base.config)  # per base layer: False for SmolLM3's NoPE layers
+        self.base_window = sliding_window(base.config)  # None for full attention in every layer
 
     @property
     def predictor_compute_dtype(self) -> torch.dtype | None:
@@ -440,11 +439,9 @@ class KVPredictionModel(nn.Module):
 
     @property
     def context_length(self) -> int:
-        """The longest prompt + new tokens accepted: the base's and auxiliary's position limits, and their sliding
-        windows where they have one. kvpred's caches keep every column and its captured steps attend to all of them,
-        so a sliding-window model runs only sequences its window covers, where sliding and full attention agree;
-        less one token, since transformers' sliding cache keeps window - 1 of them (a full window would lose its
-        first token's keys and values)."""
+        """The longest prompt + new tokens accepted: the base's and auxiliary's position limits. (A sliding-window
+        model's layers see their window: kvpred's caches keep every column, and its captured steps mask those
+        outside a sliding layer's window.)"""
         return min(self._context_limits())
 
     @property
@@ -454,13 +451,10 @@ class KVPredictionModel(nn.Module):
 
     def _context_limits(self) -> dict[int, str]:
         """Each limit `context_length` takes the least of -> what it is (the first such, where two are equal)."""
-        (base_window, aux_window), limits = self.sliding_windows, {}
+        limits: dict[int, str] = {}
         for limit, what in [(self.base.config.max_position_embeddings, "the base's position limit"),
-                            (self.aux.config.max_position_embeddings, "the auxiliary's position limit"),
-                            (base_window and base_window - 1, "the base's sliding attention window, less one"),
-                            (aux_window and aux_window - 1, "the auxiliary's sliding attention window, less one")]:
-            if limit is not None:
-                limits.setdefault(limit, what)
+                            (self.aux.config.max_position_embeddings, "the auxiliary's position limit")]:
+            limits.setdefault(limit, what)
         return limits
 
     @property
@@ -587,6 +581,7 @@ class KVPredictionModel(nn.Module):
         `defer_values`, the values are left to the base's first forwards (see `kvpred.deferred`): the cache's
         `pending_values` then says what they are, and it must be used inside `deferred_values`."""
         prefix = self._aux_prefix(input_ids, attention_mask, exact_tail)
+        defer_values = defer_values and self.base_window is None  # a sliding layer's cache drops early columns
         if prefix is None:
             cache = DynamicCache(config=self.base.config)
             cache.pending_values = None
@@ -751,6 +746,7 @@ class KVPredictionModel(nn.Module):
         config = self.base.config
         previous = config._attn_implementation
         config._attn_implementation, cache.step_slot = STEP_ATTENTION, slot
+        token = _STEP_SLOT.set(slot)
         # transformers' grouped experts (its default) cannot be captured as a CUDA graph outside bf16 (torch 2.11);
         # its batched ones can. They copy each routed expert's weights per row: for one token, a few reads of them
         batched = bool(expert_count(config)) and slot.numel() == 1 and self.base.dtype != torch.bfloat16
@@ -761,6 +757,7 @@ class KVPredictionModel(nn.Module):
             yield
         finally:
             config._attn_implementation, cache.step_slot = previous, None
+            _STEP_SLOT.reset(token)
             if batched:
                 config._experts_implementation = experts
 
@@ -1046,6 +1043,7 @@ def _atomic(path: Path, write) -> None:
 
 # -------------------------------------------------------------------- fast-path helpers
 STEP_ATTENTION = "kvpred_step"
+_STEP_SLOT: ContextVar[torch.Tensor] = ContextVar("kvpred_step_slot")  # inside static_step: the columns written
 # On a CPU, a long prompt's predicted K/V outgrow the caches between the predictor's matmuls and the write; chunks of
 # this many rows (batch x tokens) took SmolLM2's predictor + write from 85 to 56 ms at 2048 tokens (2 cores). A GPU
 # does best with one pass.
@@ -1070,16 +1068,21 @@ def _rotate_into(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: 
 
 def _step_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                     attention_mask: torch.Tensor, scaling: float | None = None, softcap: float | None = None,
-                    **kwargs) -> tuple[torch.Tensor, None]:
+                    sliding_window: int | None = None, **kwargs) -> tuple[torch.Tensor, None]:
     """The static step's attention over a whole buffer under a mask. query [B, Hq, Q, D], key/value [B, Hkv, T, D],
     attention_mask [B, 1, Q, T] bool; returns [B, Q, Hq, Dv] like transformers' sdpa_attention_forward.
 
     One query token per row (the decode step) runs as two matmuls, without repeating K/V for GQA: the query heads
     sharing a KV head become that head's queries. Not SDPA: under a mask it takes 3-6x longer per layer at 32k tokens
     on an H100, and the CUDA-graph step of Llama-3.2-1B drops from 11.5 to 4.1 ms
-    (benchmarks/results/h100/step_attention). Several query tokens per row (a refinement chunk) go to SDPA."""
+    (benchmarks/results/h100/step_attention). Several query tokens per row (a refinement chunk) go to SDPA. A sliding
+    layer's queries see only the columns within its window of their own (the slots `static_step` writes)."""
     b, hq, q_len, d = query.shape
     hkv = key.shape[1]
+    window = sliding_window or getattr(module, "sliding_window", None)  # Qwen2-MoE's layers say it only there
+    if window:  # a sliding layer: each query sees the columns within its window, the last `window` up to its own
+        columns = torch.arange(key.shape[2], device=key.device)
+        attention_mask = attention_mask & (columns > _STEP_SLOT.get()[:, None] - window)  # [B, 1, Q, T]
     if q_len > 1 and softcap is not None:  # Gemma 2's logits, which SDPA cannot cap
         return capped_attention(query, key, value, attention_mask, scaling, softcap), None
     if q_len > 1:  # a refinement chunk (kvpred.decoding.GraphChunk): enough queries for SDPA's kernels

@@ -748,10 +748,11 @@ class KVError(Kind):
     def build(self, model, spec, opts, limit):
         if opts.kv_length < 2:
             raise KVPredError("--kv-length must be at least 2 (one predicted position + the last token)")
-        length = min(opts.kv_length, model.context_length)
+        # a sliding-window base's cache keeps window - 1 columns, and kv_errors compares them all
+        length = min(opts.kv_length, model.context_length, (model.base_window or opts.kv_length + 1) - 1)
         if length < opts.kv_length:
-            warnings.warn(f"kv windows of {opts.kv_length} tokens do not fit the model's context: {length} tokens "
-                          f"each instead (--kv-length)", stacklevel=2)
+            warnings.warn(f"kv windows of {opts.kv_length} tokens do not fit the model's context or sliding "
+                          f"attention window: {length} tokens each instead (--kv-length)", stacklevel=2)
         return [{"ids": w} for w in text_windows(model.tokenizer, spec.path, length, limit)]
 
     def units(self, items):
@@ -779,6 +780,10 @@ class KVError(Kind):
 def kv_errors(model, windows: list[list[int]]) -> list[dict[str, list[float]]]:
     """Per window, per base layer: relative L1 / L2 and cosine error of predicted vs exact keys and values."""
     ids = torch.tensor(windows, device=model.device)  # [B, N], equal lengths: no padding
+    if model.base_window is not None and ids.shape[1] >= model.base_window:
+        raise KVPredError(f"the kv task compares every cached column, and the base's sliding attention window of "
+                          f"{model.base_window} tokens leaves its cache {model.base_window - 1}: use windows "
+                          f"shorter than {model.base_window} tokens")
     mask = torch.ones_like(ids)
     n = ids.shape[1] - 1  # positions the predictor fills
     predicted = model.predicted_cache(ids, mask, exact_tail=1)

@@ -28,11 +28,12 @@ def byte_tokenizer(add_bos: bool = False) -> PreTrainedTokenizerFast:
 
 
 # Four small experts, two per token, for the mixture-of-experts architectures
-# Granite's multipliers away from 1 (its published models use these) and Gemma 2's soft caps low, so that a path
-# which forgets one differs
+# Granite's multipliers away from 1 (its published models use these), Gemma 2's soft caps low and Mistral's sliding
+# window short, so that a path which forgets one differs
 ARCH_EXTRAS = {"granite": dict(embedding_multiplier=12.0, logits_scaling=8.0, residual_multiplier=0.22,
                                attention_multiplier=0.0078125),
-               "gemma2": dict(attn_logit_softcapping=2.0, final_logit_softcapping=3.0)}
+               "gemma2": dict(attn_logit_softcapping=2.0, final_logit_softcapping=3.0),
+               "mistral": dict(sliding_window=16)}
 EXPERTS = {"mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
            "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
                              shared_expert_intermediate_size=64),

@@ -43,7 +43,7 @@ from transformers import DynamicCache
 
 from . import lora
 from .model import KVPredictionModel, cache_kwargs, capture
-from .models import KVPredError, fingerprint
+from .models import KVPredError, fingerprint, sliding_window
 from .rope import rope_tables, unrotate_layers
 
 STATE_NAME = "train_state.pt"
@@ -476,9 +476,14 @@ class Trainer:
         check_tokenizer(c.data, self.model.tokenizer)
         # what --model loaded, before training changes it: a resumed run must start from the same models
         self.fingerprints = [self.model.config.base_fingerprint, fingerprint(self.model.aux)]
-        if c.seq_len > self.model.context_length:  # the training forwards' own masks know no sliding window
+        if c.seq_len > self.model.context_length:
             raise KVPredError(f"--seq-len {c.seq_len} exceeds the model's context limit of "
                               f"{self.model.context_length} tokens ({self.model.context_limit_reason})")
+        # the training forwards' own masks know no sliding window, and transformers' sliding caches keep window - 1
+        windows = [w for w in map(sliding_window, (self.model.base.config, self.model.aux.config)) if w]
+        if windows and c.seq_len >= min(windows):
+            raise KVPredError(f"--seq-len {c.seq_len} reaches the sliding attention window of {min(windows)} tokens "
+                              f"that the base or auxiliary has; training windows must be shorter")
         self.model.base.requires_grad_(False)
         groups = trainable_parameters(self.model, c)
         if c.activation_checkpointing:

@@ -168,6 +168,13 @@ def test_key_errors_compare_position_free_keys_on_every_layer(tiny_models):
         assert [e["key_rel_l1"][layer] for e in errors] == pytest.approx(want, rel=1e-4)
 
 
+def test_key_errors_need_windows_a_sliding_window_cache_keeps_whole(tiny_models):
+    model = KVPredictionModel.from_pretrained(tiny_models["mistral"], keep_ratio=0.5)  # a 16-token window
+    assert len(kv_errors(model, torch.randint(3, 259, (1, 15)).tolist())[0]["key_rel_l1"]) == 4
+    with pytest.raises(KVPredError, match="shorter than 16 tokens"):
+        kv_errors(model, torch.randint(3, 259, (1, 16)).tolist())
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_a_pruned_copy_rebuilt_from_its_config_is_the_same_model(tiny_models, arch):
     """Per-layer config lists (attention kinds, SmolLM3's NoPE layers) follow the kept layers, so a pruned auxiliary
@@ -487,31 +494,28 @@ def test_a_predictor_of_the_wrong_shape_is_refused(tmp_path, tiny_llama):
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="CUDA graphs need a GPU"))])
-def test_a_sliding_window_base_runs_only_sequences_its_window_covers(tmp_path, device):
-    # kvpred's caches keep every column and its captured steps attend to all of them: within the window, sliding
-    # and full attention agree, so predicted mode still equals the exact base there
-    path = save_tiny_model(tmp_path / "mistral", arch="mistral", sliding_window=24)
+@pytest.mark.parametrize("arch", ["mistral", "gemma2"])  # every layer sliding; sliding and full layers in turn
+def test_a_sliding_window_base_sees_its_window_beyond_it(tmp_path, device, arch):
+    """kvpred's caches keep every column; its steps (captured on a GPU) mask those outside a sliding layer's window,
+    so prompts and replies longer than the window decode as transformers decodes them."""
+    path = save_tiny_model(tmp_path / arch, arch=arch, sliding_window=8)
     model = KVPredictionModel.from_pretrained(str(path), keep_layers=[0, 1, 2, 3], device=device)
     model.predictor.set_identity()
-    assert model.context_length == 23  # transformers' sliding cache keeps 23 of a 24-token window
-    ids = torch.randint(3, 259, (1, 16), device=device)
-    exact = model.base.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=7, do_sample=False,
+    assert model.context_length == 512  # the position limit, not the window
+    ids = torch.randint(3, 259, (2, 30), device=device, generator=torch.Generator(device).manual_seed(0))
+    exact = model.base.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
                                 pad_token_id=0)
     for _ in range(2):  # on a GPU the second call decodes on captured steps
-        for mode in ("exact", "predicted"):
-            assert torch.equal(model.generate(ids, mode=mode, max_new_tokens=7), exact)
-    with pytest.raises(KVPredError, match="context limit of 23 tokens .the base's sliding attention window, less"):
-        model.generate(ids, max_new_tokens=8)
-    full = torch.randint(3, 259, (1, 23), device=device)  # a prompt as long as allowed keeps every position
-    assert model.prefill(full, mode="exact")[1].layers[0].keys.shape[-2] == 23
+        for mode, tail in (("exact", 1), ("predicted", 1), ("predicted", 3)):
+            assert torch.equal(model.generate(ids, mode=mode, exact_tail=tail, max_new_tokens=12), exact)
 
 
 def test_the_context_limit_names_the_model_that_sets_it(tmp_path):
-    base = save_tiny_model(tmp_path / "base", arch="mistral", context=256)
-    aux = save_tiny_model(tmp_path / "aux", arch="mistral", context=256, layers=2, sliding_window=16)
+    base = save_tiny_model(tmp_path / "base", context=256)
+    aux = save_tiny_model(tmp_path / "aux", context=64, layers=2)
     model = KVPredictionModel.from_pretrained(str(base), aux=str(aux))
-    with pytest.raises(KVPredError, match="limit of 15 tokens .the auxiliary's sliding attention window, less one"):
-        model.generate(torch.ones(1, 14, dtype=torch.long), max_new_tokens=4)
+    with pytest.raises(KVPredError, match="limit of 64 tokens .the auxiliary's position limit"):
+        model.generate(torch.ones(1, 60, dtype=torch.long), max_new_tokens=8)
 
 
 # ---------------------------------------------------------------- bad input

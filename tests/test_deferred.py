@@ -41,6 +41,9 @@ def test_first_forward_and_finished_cache_match_the_plain_path(tiny_models, arch
         plain = model.predicted_cache(ids, mask, tail)
         want = first_forward(model, ids, mask, plain, tail)
         deferred = model.predicted_cache(ids, mask, tail, defer_values=True)
+        if model.base_window is not None:  # transformers' sliding cache drops early columns: nothing is deferred
+            assert deferred.pending_values is None
+            continue
         assert deferred.pending_values is not None and plain.pending_values is None
         before = model.base.config._attn_implementation  # kvpred's CPU SDPA, or eager (Gemma 2's soft caps)
         with deferred_values(model.base, deferred.pending_values):

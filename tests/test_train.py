@@ -37,7 +37,7 @@ def config(tiny_llama, shards, tmp_path, **overrides) -> TrainConfig:
 def test_training_forward_with_aux_equal_to_base_is_the_base(tiny_models, arch, split, prefix, exact_self):
     """METHOD 1.8: with A = B and identity P the training-path loss is the base's own loss and the KV loss is 0."""
     model = KVPredictionModel.from_pretrained(tiny_models[arch], keep_ratio=1.0)
-    ids = torch.randint(3, 259, (2, 24))
+    ids = torch.randint(3, 259, (2, min(24, (model.base_window or 25) - 1)))  # shorter than a sliding window
     losses = Distillation(model, TrainConfig(z_loss=0.0, exact_self=exact_self)).forward(ids, split, prefix)
     logits = model.base(input_ids=ids).logits[:, :-1]
     base_ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
@@ -423,6 +423,14 @@ def test_windows_longer_than_the_models_context_are_refused(tiny_llama, shards, 
     assert cli_main(argv) == 2
     assert "kvpred: error: --seq-len 600 exceeds the model's context limit of 512 tokens" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_windows_longer_than_a_sliding_attention_window_are_refused(shards, tmp_path, capsys):
+    # the training forwards attend under masks of their own, which know no sliding window
+    base = save_tiny_model(tmp_path / "mistral", arch="mistral", sliding_window=24)
+    argv = ["train", "--model", str(base), "--data", shards, "--out", str(tmp_path / "run"), "--seq-len", "32"]
+    assert cli_main(argv) == 2
+    assert "--seq-len 32 reaches the sliding attention window of 24 tokens" in capsys.readouterr().err
 
 
 def test_every_0_means_never_and_no_heldout_split_is_needed_without_evaluation(tiny_llama, tmp_path, capsys):
