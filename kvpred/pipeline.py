@@ -25,7 +25,7 @@ from transformers import Cache
 
 from .decoding import ColumnInputs, _capture
 from .model import BufferCache, KVPredictionModel, cache_kwargs, hidden_output, hidden_tap, position_ids_from_mask
-from .rope import rope_tables
+from .rope import layer_position_embeddings, rope_tables
 
 
 def layer_groups(layer_map: list[int]) -> list[tuple[int, range]] | None:
@@ -82,10 +82,10 @@ class GroupedStep(ColumnInputs):
     def _part(self, i: int) -> None:
         base = self.model.base
         hidden = input_embeddings(base, self.ids) if i == 0 else self.hidden
-        rope = base.model.rotary_emb(hidden, self.positions)
-        for layer in base.model.layers[self.parts[i].start:self.parts[i].stop]:
-            out = layer(hidden, attention_mask=self.mask, position_ids=self.positions, position_embeddings=rope,
-                        use_cache=True, **self.layer_kw)
+        rope = layer_position_embeddings(base, hidden, self.positions)
+        for index in self.parts[i]:
+            out = base.model.layers[index](hidden, attention_mask=self.mask, position_ids=self.positions,
+                                           position_embeddings=rope[index], use_cache=True, **self.layer_kw)
             hidden = out[0] if isinstance(out, tuple) else out  # older transformers return a tuple
         if i < len(self.parts) - 1:
             self.hidden.copy_(hidden)

@@ -2,9 +2,12 @@
 
 HF Llama-style models cache keys *after* RoPE. kvpred predicts keys in position-free space and rotates them with
 the base's own rotary tables (so rope scaling variants such as llama3 or yarn come for free). SmolLM3's NoPE layers
-cache their keys unrotated, so they are left as predicted (`rotated_layers`).
+cache their keys unrotated, so they are left as predicted (`rotated_layers`); Gemma 3's sliding and full layers
+rotate with tables of their own (`layer_position_embeddings`).
 """
 from __future__ import annotations
+
+import inspect
 
 import torch
 
@@ -41,7 +44,24 @@ def unrotate_layers(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ro
     return torch.where(torch.tensor(rotated, device=keys.device).view(-1, 1, 1, 1, 1), back, keys)
 
 
+def layer_position_embeddings(model, x: torch.Tensor, position_ids: torch.Tensor
+                              ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per decoder layer of `model` (a *ForCausalLM), its rotary (cos, sin) [B, T, head_dim] at `position_ids`
+    [B, T], in `x`'s dtype: one table for every layer, or one per layer kind where the tables differ by kind
+    (Gemma 3's sliding and full layers have their own RoPE bases)."""
+    rotary, config = model.model.rotary_emb, model.config
+    if "layer_type" not in inspect.signature(rotary.forward).parameters:
+        return [rotary(x, position_ids)] * config.num_hidden_layers
+    tables = {kind: rotary(x, position_ids, kind) for kind in set(config.layer_types)}
+    return [tables[kind] for kind in config.layer_types]
+
+
 def rope_tables(model, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin [B, T, head_dim] of `model` (a *ForCausalLM) at `position_ids` [B, T]."""
+    """cos, sin [B, T, head_dim] of `model` (a *ForCausalLM) at `position_ids` [B, T]; [L, B, T, head_dim], one per
+    layer, where its layer kinds have tables of their own (see `layer_position_embeddings`). Either broadcasts
+    against keys [L, B, H, T, D] in `rotate`."""
     probe = torch.empty(0, device=position_ids.device, dtype=dtype)
-    return model.model.rotary_emb(probe, position_ids)
+    per_layer = layer_position_embeddings(model, probe, position_ids)
+    if all(table is per_layer[0] for table in per_layer):
+        return per_layer[0]
+    return torch.stack([cos for cos, _ in per_layer]), torch.stack([sin for _, sin in per_layer])

@@ -790,10 +790,11 @@ def kv_errors(model, windows: list[list[int]]) -> list[dict[str, list[float]]]:
     _, exact = model.prefill(ids, mask, mode="exact")
     cos, sin = rope_tables(model.base, position_ids_from_mask(mask)[:, :n], torch.float32)
     out: dict[str, list[list[float]]] = {k: [] for k in KVError.metrics_higher_is_better}
-    for pred_layer, true_layer, rotated in zip(predicted.layers, exact.layers, model.base_rotated):
-        position_free = (lambda k: unrotate(k, cos, sin)) if rotated else (lambda k: k)  # SmolLM3's NoPE layers
-        pairs = {"key": (position_free(pred_layer.keys.float()),
-                         position_free(true_layer.keys[:, :, :n].float())),  # [B, H, n, D]
+    for i, (pred_layer, true_layer, rotated) in enumerate(zip(predicted.layers, exact.layers, model.base_rotated)):
+        keys = pred_layer.keys.float(), true_layer.keys[:, :, :n].float()  # [B, H, n, D]
+        if rotated:  # position-free (not in SmolLM3's NoPE layers), with tables per layer (Gemma 3) or for all
+            keys = tuple(unrotate(k, *((cos[i], sin[i]) if cos.dim() == 4 else (cos, sin))) for k in keys)
+        pairs = {"key": keys,
                  "value": (pred_layer.values.float(), true_layer.values[:, :, :n].float())}
         for name, (pred, true) in pairs.items():
             diff = pred - true

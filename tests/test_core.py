@@ -494,11 +494,12 @@ def test_a_predictor_of_the_wrong_shape_is_refused(tmp_path, tiny_llama):
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="CUDA graphs need a GPU"))])
-@pytest.mark.parametrize("arch", ["mistral", "gemma2"])  # every layer sliding; sliding and full layers in turn
+@pytest.mark.parametrize("arch", ["mistral", "gemma2", "gemma3_text"])  # every layer sliding; sliding and full in turn
 def test_a_sliding_window_base_sees_its_window_beyond_it(tmp_path, device, arch):
     """kvpred's caches keep every column; its steps (captured on a GPU) mask those outside a sliding layer's window,
     so prompts and replies longer than the window decode as transformers decodes them."""
-    path = save_tiny_model(tmp_path / arch, arch=arch, sliding_window=8)
+    kinds = {} if arch == "mistral" else {"layer_types": ["sliding_attention", "full_attention"] * 2}
+    path = save_tiny_model(tmp_path / arch, arch=arch, sliding_window=8, **kinds)
     model = KVPredictionModel.from_pretrained(str(path), keep_layers=[0, 1, 2, 3], device=device)
     model.predictor.set_identity()
     assert model.context_length == 512  # the position limit, not the window

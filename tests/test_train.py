@@ -45,8 +45,9 @@ def test_training_forward_with_aux_equal_to_base_is_the_base(tiny_models, arch, 
     assert losses["kv_l1"].item() < 1e-5
 
 
-# smollm3: layer 3's keys are cached without RoPE (NoPE); olmo2: its k-norm spans all heads
-@pytest.mark.parametrize("arch", ["llama", "smollm3", "olmo2"])
+# smollm3: layer 3's keys are cached without RoPE (NoPE); olmo2: its k-norm spans all heads; gemma3_text: RoPE tables
+# per layer kind, a k-norm scaling by 1 + its weight
+@pytest.mark.parametrize("arch", ["llama", "smollm3", "olmo2", "gemma3_text"])
 def test_the_kv_loss_compares_keys_before_rope_and_values_as_cached(tiny_models, arch):
     """METHOD 1.7: the targets are the base's keys before RoPE; the mean |error| per layer, summed over kinds."""
     from transformers import DynamicCache
@@ -54,17 +55,20 @@ def test_the_kv_loss_compares_keys_before_rope_and_values_as_cached(tiny_models,
     from kvpred.rope import rope_tables, unrotate
 
     model = KVPredictionModel.from_pretrained(tiny_models[arch], keep_ratio=0.5)
-    ids = torch.randint(3, 259, (2, 24), generator=torch.Generator().manual_seed(0))
+    n = min(24, (model.base_window or 25) - 1)  # training windows are shorter than a sliding window
+    ids = torch.randint(3, 259, (2, n), generator=torch.Generator().manual_seed(0))
     training = Distillation(model, TrainConfig(kv_reduction="mean"))
     _, keys, values = training.predicted_kv(ids)
     cache = DynamicCache(config=model.base.config)
     model.base(input_ids=ids, use_cache=True, **cache_kwargs(model.base, cache))
     true_k = torch.stack([layer.keys for layer in cache.layers])
     true_v = torch.stack([layer.values for layer in cache.layers])
-    cos, sin = rope_tables(model.base, torch.arange(24).expand(2, 24), torch.float32)
+    cos, sin = rope_tables(model.base, torch.arange(n).expand(2, n), torch.float32)
+    if cos.dim() == 3:  # one table for every layer; else one per layer (Gemma 3's kinds)
+        cos, sin = cos.expand(len(keys), *cos.shape), sin.expand(len(keys), *sin.shape)
     nope = {i for i, rope in enumerate(getattr(model.base.config, "no_rope_layers", None) or []) if not rope}
-    key_error = torch.stack([(k - t if layer in nope else unrotate(k, cos, sin) - unrotate(t, cos, sin)).abs().mean()
-                             for layer, (k, t) in enumerate(zip(keys, true_k))])
+    key_error = torch.stack([(k - t if i in nope else unrotate(k, c, s) - unrotate(t, c, s)).abs().mean()
+                             for i, (k, t, c, s) in enumerate(zip(keys, true_k, cos, sin))])
     want = key_error.mean() + (values - true_v).abs().mean((1, 2, 3, 4)).mean()
     rotated = (keys - true_k).abs().mean((1, 2, 3, 4)).mean() + (values - true_v).abs().mean((1, 2, 3, 4)).mean()
     got = training.forward(ids)["kv_l1"]
