@@ -69,6 +69,14 @@ SHAPES: dict[str, dict] = {
                           moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8,
                           max_position_embeddings=40960, rope_parameters={"rope_type": "default", "rope_theta": 1e6},
                           rms_norm_eps=1e-6, tie_word_embeddings=False, use_sliding_window=False),
+    # google/gemma-3-1b-pt: five sliding layers (512-token window, RoPE base 10k) to one full layer (RoPE base 1M)
+    "gemma-3-1b": dict(model_type="gemma3_text", vocab_size=262144, hidden_size=1152, intermediate_size=6912,
+                       num_hidden_layers=26, num_attention_heads=4, num_key_value_heads=1, head_dim=256,
+                       max_position_embeddings=32768, sliding_window=512, query_pre_attn_scalar=256,
+                       layer_types=["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(26)],
+                       rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                                        "full_attention": {"rope_type": "default", "rope_theta": 1e6}},
+                       rms_norm_eps=1e-6, tie_word_embeddings=True),
 }
 
 # A public model of the same family and tokenizer that can serve as a KVP-C auxiliary (METHOD 2)
