@@ -34,7 +34,7 @@ from .data import find_files
 from .generation import chat_prompts, cut_at_stop
 from .model import position_ids_from_mask
 from .models import KVPredError, files_digest, read_jsonl, read_text
-from .rope import rope_tables, unrotate
+from .rope import rope_tables, unrotate_layers
 
 MODES = ("exact", "aux", "predicted", "truncate")
 DATA_SUFFIXES = (".txt", ".jsonl", ".jsonl.gz")  # what a task path may hold
@@ -789,12 +789,12 @@ def kv_errors(model, windows: list[list[int]]) -> list[dict[str, list[float]]]:
     predicted = model.predicted_cache(ids, mask, exact_tail=1)
     _, exact = model.prefill(ids, mask, mode="exact")
     cos, sin = rope_tables(model.base, position_ids_from_mask(mask)[:, :n], torch.float32)
+    # position-free keys [L, B, H, n, D] (SmolLM3's NoPE layers as cached)
+    pred_keys, true_keys = (unrotate_layers(torch.stack(k).float(), cos, sin, model.base_rotated) for k in (
+        [layer.keys for layer in predicted.layers], [layer.keys[:, :, :n] for layer in exact.layers]))
     out: dict[str, list[list[float]]] = {k: [] for k in KVError.metrics_higher_is_better}
-    for i, (pred_layer, true_layer, rotated) in enumerate(zip(predicted.layers, exact.layers, model.base_rotated)):
-        keys = pred_layer.keys.float(), true_layer.keys[:, :, :n].float()  # [B, H, n, D]
-        if rotated:  # position-free (not in SmolLM3's NoPE layers), with tables per layer (Gemma 3) or for all
-            keys = tuple(unrotate(k, *((cos[i], sin[i]) if cos.dim() == 4 else (cos, sin))) for k in keys)
-        pairs = {"key": keys,
+    for i, (pred_layer, true_layer) in enumerate(zip(predicted.layers, exact.layers)):
+        pairs = {"key": (pred_keys[i], true_keys[i]),
                  "value": (pred_layer.values.float(), true_layer.values[:, :, :n].float())}
         for name, (pred, true) in pairs.items():
             diff = pred - true

@@ -27,7 +27,6 @@ def byte_tokenizer(add_bos: bool = False) -> PreTrainedTokenizerFast:
                                    padding_side="left")
 
 
-# Four small experts, two per token, for the mixture-of-experts architectures
 # Granite's multipliers away from 1 (its published models use these), Gemma 2's soft caps low, the sliding windows of
 # Mistral, Gemma 3 and OLMo 3 short (Gemma 3's and OLMo 3's layers of both kinds, Gemma 3's with RoPE tables of their
 # own), so that a path which forgets one differs
@@ -39,6 +38,7 @@ ARCH_EXTRAS = {"granite": dict(embedding_multiplier=12.0, logits_scaling=8.0, re
                                    rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
                                                     "full_attention": {"rope_type": "default", "rope_theta": 1e6}}),
                "olmo3": dict(sliding_window=16, layer_types=["sliding_attention", "full_attention"] * 2)}
+# Four small experts, two per token, for the mixture-of-experts architectures
 EXPERTS = {"mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
            "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
                              shared_expert_intermediate_size=64),

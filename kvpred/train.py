@@ -480,7 +480,7 @@ class Trainer:
             raise KVPredError(f"--seq-len {c.seq_len} exceeds the model's context limit of "
                               f"{self.model.context_length} tokens ({self.model.context_limit_reason})")
         # the training forwards' own masks know no sliding window, and transformers' sliding caches keep window - 1
-        windows = [w for w in map(sliding_window, (self.model.base.config, self.model.aux.config)) if w]
+        windows = [w for w in (self.model.base_window, sliding_window(self.model.aux.config)) if w]
         if windows and c.seq_len >= min(windows):
             raise KVPredError(f"--seq-len {c.seq_len} reaches the sliding attention window of {min(windows)} tokens "
                               f"that the base or auxiliary has; training windows must be shorter")
