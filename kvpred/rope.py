@@ -7,6 +7,7 @@ rotate with tables of their own (`layer_position_embeddings`).
 """
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
@@ -50,10 +51,20 @@ def layer_position_embeddings(model, x: torch.Tensor, position_ids: torch.Tensor
     [B, T], in `x`'s dtype: one table for every layer, or one per layer kind where the tables differ by kind
     (Gemma 3's sliding and full layers have their own RoPE bases)."""
     rotary, config = model.model.rotary_emb, model.config
-    if "layer_type" not in inspect.signature(rotary.forward).parameters:
+    if not _tables_per_kind(type(rotary)):
         return [rotary(x, position_ids)] * config.num_hidden_layers
-    tables = {kind: rotary(x, position_ids, kind) for kind in set(config.layer_types)}
-    return [tables[kind] for kind in config.layer_types]
+    # kinds with the same RoPE parameters (OLMo 3's) share one table, which `rope_tables` then need not stack per layer
+    by_parameters: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for kind in sorted(set(config.layer_types)):
+        parameters = repr(config.rope_parameters.get(kind, kind))
+        by_parameters.setdefault(parameters, rotary(x, position_ids, kind))
+    return [by_parameters[repr(config.rope_parameters.get(kind, kind))] for kind in config.layer_types]
+
+
+@functools.cache
+def _tables_per_kind(rotary_type: type) -> bool:
+    """Whether a rotary embedding class makes its tables per layer kind (its forward takes a `layer_type`)."""
+    return "layer_type" in inspect.signature(rotary_type.forward).parameters
 
 
 def rope_tables(model, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
