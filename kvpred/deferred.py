@@ -24,7 +24,7 @@ from transformers import AttentionInterface, PreTrainedModel
 from transformers.cache_utils import Cache
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
-from .matvec import sdpa
+from .matvec import sdpa, soft_cap
 from .predictor import KVPredictor
 
 ATTENTION = "kvpred_deferred"
@@ -75,7 +75,7 @@ class PendingValues:
         group = hq // heads  # head h = kv_head * group + r, as repeat_kv lays them out
         scores = torch.matmul(query.reshape(b, heads, group * w, d), key.transpose(-1, -2)).float().mul_(scaling)
         if softcap is not None:  # Gemma 2
-            scores = torch.tanh(scores / softcap) * softcap
+            scores = soft_cap(scores, softcap)
         if mask is None and w > 1:  # transformers skipped a plainly causal mask: tail token i sees columns <= n + i
             mask = torch.ones(w, t, dtype=torch.bool, device=query.device).tril(t - w)
         if mask is not None:

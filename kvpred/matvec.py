@@ -92,7 +92,12 @@ def capped_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     group = query.shape[1] // key.shape[1]
     key, value = key.repeat_interleave(group, 1), value.repeat_interleave(group, 1)  # as repeat_kv lays heads out
     scores = torch.matmul(query, key.transpose(-1, -2)).float() * (scaling or query.shape[-1] ** -0.5)
-    scores = torch.tanh(scores / softcap) * softcap
+    scores = soft_cap(scores, softcap)
     if mask is not None:  # finfo.min, not -inf: a padding query that sees nothing gets no NaN
         scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min) if mask.dtype == torch.bool else scores + mask
     return torch.matmul(scores.softmax(-1).to(value.dtype), value).transpose(1, 2).contiguous()
+
+
+def soft_cap(x: torch.Tensor, cap: float) -> torch.Tensor:
+    """`x` squashed into (-cap, cap) by tanh: Gemma 2's soft cap on attention scores and final logits."""
+    return torch.tanh(x / cap) * cap

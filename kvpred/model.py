@@ -25,7 +25,7 @@ from .decoding import (MIN_TEMPERATURE, StepPool, capacity_bucket, check_decodin
                        generate_with_steps, pad_id, with_stop_strings)
 from .deferred import PendingValues, deferred_values
 from .generation import chat_exact_tail
-from .matvec import capped_attention, use_blocked_matvec
+from .matvec import capped_attention, soft_cap, use_blocked_matvec
 from .predictor import KVPredictor, PredictorConfig
 from .rope import rope_tables, rotate, rotated_layers
 
@@ -1102,7 +1102,7 @@ def _step_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, v
     query = query.reshape(b, hkv, hq // hkv, d)  # head h = kv_head * group + r, as repeat_kv lays them out
     scores = torch.matmul(query, key.transpose(-1, -2)).float().mul_(scaling or d ** -0.5)
     if softcap is not None:
-        scores = torch.tanh(scores / softcap) * softcap
+        scores = soft_cap(scores, softcap)
     weights = scores.masked_fill_(~attention_mask, float("-inf")).softmax(-1).to(value.dtype)
     out = torch.matmul(weights, value)  # [B, Hkv, group, Dv]
     return out.reshape(b, hq, 1, -1).transpose(1, 2).contiguous(), None

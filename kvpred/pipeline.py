@@ -24,6 +24,7 @@ from torch import nn
 from transformers import Cache
 
 from .decoding import ColumnInputs, _capture
+from .matvec import soft_cap
 from .model import BufferCache, KVPredictionModel, cache_kwargs, hidden_output, hidden_tap, position_ids_from_mask
 from .rope import layer_position_embeddings, rope_tables
 
@@ -52,7 +53,7 @@ def output_logits(base: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     Gemma 2 soft-caps them)."""
     logits = base.lm_head(base.model.norm(hidden)) / getattr(base.config, "logits_scaling", 1.0)
     if cap := getattr(base.config, "final_logit_softcapping", None):
-        logits = torch.tanh(logits / cap) * cap
+        logits = soft_cap(logits, cap)
     return logits
 
 
