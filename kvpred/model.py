@@ -20,14 +20,15 @@ from transformers import AttentionInterface, DynamicCache, GenerationConfig, Pre
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from . import lora, models
-from .models import KVPredError, expert_count, out_folder, remove_dead_temporaries, sliding_window, temporary_name
+from .models import (KVPredError, expert_count, hook_kv_projections, kv_widths, out_folder, remove_dead_temporaries,
+                     sliding_window, temporary_name)
 from .decoding import (MIN_TEMPERATURE, StepPool, capacity_bucket, check_decoding, decoding_entry, eos_token_ids,
                        generate_with_steps, pad_id, with_stop_strings)
 from .deferred import PendingValues, deferred_values
 from .generation import chat_exact_tail
 from .matvec import capped_attention, soft_cap, use_blocked_matvec
 from .predictor import KVPredictor, PredictorConfig
-from .rope import rope_tables, rotate, rotated_layers
+from .rope import adjacent_pairs, rope_tables, rotate, rotate_into, rotated_layers
 
 MODES = ("exact", "aux", "predicted")
 FORMAT_VERSION = 1
@@ -217,7 +218,7 @@ def hidden_output(output) -> torch.Tensor:
 
 @contextmanager
 def capture(model: PreTrainedModel, source: str) -> Iterator[Taps]:
-    """Hook `model`'s layers to capture, per layer, k_proj and v_proj outputs ("kv": keys before k-norm and RoPE,
+    """Hook `model`'s layers to capture, per layer, projected keys and values ("kv": keys before k-norm and RoPE,
     the position-free space the predictor works in) or the normed layer inputs plus the final norm ("hidden")."""
     taps, hooks = Taps(), []
 
@@ -228,8 +229,7 @@ def capture(model: PreTrainedModel, source: str) -> Iterator[Taps]:
         if source == "hidden":
             hooks.append(hidden_tap(model, i).register_forward_hook(keep(taps.hidden)))
         else:
-            hooks.append(layer.self_attn.k_proj.register_forward_hook(keep(taps.k)))
-            hooks.append(layer.self_attn.v_proj.register_forward_hook(keep(taps.v)))
+            hooks += hook_kv_projections(layer.self_attn, lambda k, v: (taps.k.append(k), taps.v.append(v)))
     if source == "hidden":
         hooks.append(hidden_tap(model, len(model.model.layers)).register_forward_hook(keep(taps.hidden)))
     try:
@@ -271,6 +271,7 @@ class KVPredictionModel(nn.Module):
         self.register_buffer("k_norm_weight", torch.stack([_norm_scale(n, self.k_norm_eps) for n in norms])
                              if norms else None, persistent=False)  # [L, head_dim] or [L, kv_heads * head_dim]
         self.base_rotated = rotated_layers(base.config)  # per base layer: False for SmolLM3's NoPE layers
+        self.base_adjacent = adjacent_pairs(base.config)  # RoPE turns dimensions 2i and 2i + 1 together (GLM)
         self.base_window = sliding_window(base.config)  # None for full attention in every layer
 
     @property
@@ -506,21 +507,15 @@ class KVPredictionModel(nn.Module):
         past it (kept only for the auxiliary's own LM head) are skipped. Registered after the taps, so the last
         taps are taken before `_TapsComplete` is raised."""
         layers = self.aux.model.layers
+
+        def complete(*args):
+            raise _TapsComplete
+
         if self.config.predictor.source == "hidden":
             last = max(self.config.predictor.layer_map)
-            points = [hidden_tap(self.aux, last)] if last < len(layers) else []
+            hooks = [hidden_tap(self.aux, last).register_forward_hook(complete)] if last < len(layers) else []
         else:
-            points = [layers[-1].self_attn.k_proj, layers[-1].self_attn.v_proj]
-        done: set[int] = set()
-
-        def stop(i):
-            def hook(module, args, output):
-                done.add(i)
-                if len(done) == len(points):
-                    raise _TapsComplete
-            return hook
-
-        hooks = [point.register_forward_hook(stop(i)) for i, point in enumerate(points)]
+            hooks = hook_kv_projections(layers[-1].self_attn, complete)
         try:
             yield
         finally:
@@ -536,7 +531,7 @@ class KVPredictionModel(nn.Module):
         keys = keys.transpose(2, 3)  # [L, B, H, T, D]
         values = values.view(n_layers, b, t, self.base_kv_heads, -1).transpose(2, 3)  # [L, B, H, T, Dv]
         cos, sin = rope_tables(self.base, position_ids, keys.dtype)
-        rotated = rotate(keys, cos, sin)
+        rotated = rotate(keys, cos, sin, self.base_adjacent)
         for i in self._unrotated(slice(None)):
             rotated[i] = keys[i]
         return rotated, values
@@ -568,10 +563,10 @@ class KVPredictionModel(nn.Module):
         n_layers, b, t, _ = keys.shape
         keys = keys.to(key_out.dtype)  # before RoPE: mixed-dtype elementwise ops are several times slower on a CPU
         keys = self._k_norm(keys.view(n_layers, b, t, self.base_kv_heads, self.base_head_dim), layers)
-        cos, sin = rope or rope_tables(self.base, position_ids, keys.dtype)  # [B, T, D], or [L, B, T, D] per layer
+        cos, sin = rope or rope_tables(self.base, position_ids, keys.dtype)  # [B, T, R], or [L, B, T, R] per layer
         if cos.dim() == 4:
             cos, sin = cos[layers], sin[layers]
-        _rotate_into(keys.transpose(2, 3), cos, sin, key_out)  # [L, B, H, T, D]
+        rotate_into(keys.transpose(2, 3), cos, sin, key_out, self.base_adjacent)  # [L, B, H, T, D]
         for i in self._unrotated(layers):
             key_out[i].copy_(keys[i].transpose(1, 2))
         if values is not None:
@@ -977,12 +972,11 @@ def _predictor_config(base: PreTrainedModel, aux: PreTrainedModel, layer_map: li
     n_aux = aux.config.num_hidden_layers + (source == "hidden")  # "hidden" also offers the final normed state
     if len(layer_map) != n_base or not all(0 <= j < n_aux for j in layer_map):
         raise KVPredError(f"invalid layer map {layer_map}: need {n_base} entries, each an aux layer in [0, {n_aux})")
-    b_attn, a_attn = base.model.layers[0].self_attn, aux.model.layers[0].self_attn
-    in_features = aux.config.hidden_size if source == "hidden" else a_attn.k_proj.out_features
-    if source != "hidden" and a_attn.k_proj.out_features != a_attn.v_proj.out_features:
+    (key_features, value_features), aux_widths = (kv_widths(m.model.layers[0].self_attn) for m in (base, aux))
+    if source != "hidden" and aux_widths[0] != aux_widths[1]:
         raise KVPredError("auxiliary keys and values differ in width; use source='hidden'")
-    return PredictorConfig(layer_map=list(layer_map), in_features=in_features,
-                           key_features=b_attn.k_proj.out_features, value_features=b_attn.v_proj.out_features,
+    return PredictorConfig(layer_map=list(layer_map), in_features=aux.config.hidden_size if source == "hidden"
+                           else aux_widths[0], key_features=key_features, value_features=value_features,
                            source=source, rank=rank)
 
 
@@ -1064,21 +1058,12 @@ class _TapsComplete(Exception):
     """Raised by the auxiliary's last tap: what the auxiliary would compute after it feeds nothing."""
 
 
-def _rotate_into(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor) -> None:
-    """out = rope.rotate(keys, cos, sin), computed half by half so rotate_half's copy is never materialised.
-    keys, out: [..., B, H, T, D]; cos, sin: [B, T, D]."""
-    half = keys.shape[-1] // 2
-    cos, sin = cos.unsqueeze(-3), sin.unsqueeze(-3)  # [B, 1, T, D]
-    k1, k2, o1, o2 = keys[..., :half], keys[..., half:], out[..., :half], out[..., half:]
-    torch.mul(k1, cos[..., :half], out=o1)
-    o1.addcmul_(k2, sin[..., :half], value=-1)  # rotate_half's first half is -k2
-    torch.mul(k2, cos[..., half:], out=o2)
-    o2.addcmul_(k1, sin[..., half:])
+_UNSAID = object()  # an argument the caller did not pass
 
 
 def _step_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                     attention_mask: torch.Tensor, scaling: float | None = None, softcap: float | None = None,
-                    sliding_window: int | None = None, **kwargs) -> tuple[torch.Tensor, None]:
+                    sliding_window: int | None | object = _UNSAID, **kwargs) -> tuple[torch.Tensor, None]:
     """The static step's attention over a whole buffer under a mask. query [B, Hq, Q, D], key/value [B, Hkv, T, D],
     attention_mask [B, 1, Q, T] bool; returns [B, Q, Hq, Dv] like transformers' sdpa_attention_forward.
 
@@ -1089,7 +1074,8 @@ def _step_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, v
     layer's queries see only the columns within its window of their own (the slots `static_step` writes)."""
     b, hq, q_len, d = query.shape
     hkv = key.shape[1]
-    window = sliding_window or getattr(module, "sliding_window", None)  # Qwen2-MoE's layers say it only there
+    # Qwen2-MoE's layers say their window only on the module; EXAONE 4's full layers pass None beside a module's window
+    window = getattr(module, "sliding_window", None) if sliding_window is _UNSAID else sliding_window
     if window:  # a sliding layer: each query sees the columns within its window, the last `window` up to its own
         columns = torch.arange(key.shape[2], device=key.device)
         attention_mask = attention_mask & (columns > _STEP_SLOT.get()[:, None] - window)  # [B, 1, Q, T]

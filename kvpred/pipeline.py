@@ -26,6 +26,7 @@ from transformers import Cache
 from .decoding import ColumnInputs, _capture
 from .matvec import soft_cap
 from .model import BufferCache, KVPredictionModel, cache_kwargs, hidden_output, hidden_tap, position_ids_from_mask
+from .models import hook_kv_projections
 from .rope import layer_position_embeddings, rope_tables
 
 
@@ -50,8 +51,9 @@ def input_embeddings(base: nn.Module, ids: torch.Tensor) -> torch.Tensor:
 
 def output_logits(base: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     """The base's logits from its last layer's hidden states, as its forward makes them (Granite divides them,
-    Gemma 2 soft-caps them)."""
+    Cohere multiplies them, Gemma 2 soft-caps them)."""
     logits = base.lm_head(base.model.norm(hidden)) / getattr(base.config, "logits_scaling", 1.0)
+    logits = logits * getattr(base.config, "logit_scale", 1.0)
     if cap := getattr(base.config, "final_logit_softcapping", None):
         logits = soft_cap(logits, cap)
     return logits
@@ -197,13 +199,8 @@ def _tap_hooks(model: KVPredictionModel, tap_out) -> Iterator[None]:
             hooks.append(hidden_tap(model.aux, tap).register_forward_hook(
                 lambda module, args, out, tap=tap: tap_out(tap, hidden_output(out), hidden_output(out))))
     else:
-        keys: dict[int, torch.Tensor] = {}
         for tap in taps:
-            attn = layers[tap].self_attn
-            hooks.append(attn.k_proj.register_forward_hook(
-                lambda module, args, out, tap=tap: keys.__setitem__(tap, out)))
-            hooks.append(attn.v_proj.register_forward_hook(
-                lambda module, args, out, tap=tap: tap_out(tap, keys.pop(tap), out)))
+            hooks += hook_kv_projections(layers[tap].self_attn, lambda k, v, tap=tap: tap_out(tap, k, v))
     try:
         yield
     finally:

@@ -1,9 +1,10 @@
 """Rotary position embedding, forwards and backwards, on HF's [batch, heads, seq, head_dim] key layout.
 
-HF Llama-style models cache keys *after* RoPE. kvpred predicts keys in position-free space and rotates them with
-the base's own rotary tables (so rope scaling variants such as llama3 or yarn come for free). SmolLM3's NoPE layers
-cache their keys unrotated, so they are left as predicted (`rotated_layers`); Gemma 3's sliding and full layers
-rotate with tables of their own (`layer_position_embeddings`).
+HF Llama-style models cache keys *after* RoPE. kvpred predicts keys in position-free space and rotates them with the
+base's own rotary tables (so rope scaling variants such as llama3 or yarn come for free), over the base's rotary
+dimensions (all of them, or the first R: partial rotary) and in its pairing of dimensions (`adjacent_pairs`). SmolLM3's
+NoPE layers (and Cohere 2's full-attention layers) cache their keys unrotated, so they are left as predicted
+(`rotated_layers`); Gemma 3's sliding and full layers rotate with tables of their own (`layer_position_embeddings`).
 """
 from __future__ import annotations
 
@@ -13,33 +14,82 @@ import inspect
 import torch
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+# Model types whose attention rotates adjacent key dimensions (2i, 2i + 1) together, GPT-J style, rather than i with
+# i + R/2 (R the rotary dimensions); Cohere's rotary tables, besides, repeat each frequency twice in a row rather than
+# laying out two halves.
+ADJACENT_PAIRS = frozenset({"cohere", "cohere2", "ernie4_5", "glm", "glm4", "helium"})
+REPEATED_TABLES = frozenset({"cohere", "cohere2"})
+ROPE_ONLY_WHEN_SLIDING = frozenset({"cohere2", "exaone4"})
 
 
-def rotate(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """keys: [..., B, H, T, D]; cos, sin: [B, T, D] from the model's rotary_emb."""
-    cos, sin = cos.unsqueeze(-3), sin.unsqueeze(-3)  # [B, 1, T, D]: broadcast over heads
-    return keys * cos + rotate_half(keys) * sin
+def adjacent_pairs(config) -> bool:
+    """Whether a model `config`'s attention rotates adjacent key dimensions together (see ADJACENT_PAIRS)."""
+    return config.model_type in ADJACENT_PAIRS
 
 
-def unrotate(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Inverse of `rotate`. Dividing by cos^2 + sin^2 undoes rope variants that also scale (attention_scaling)."""
-    cos, sin = cos.unsqueeze(-3), sin.unsqueeze(-3)
-    return (keys * cos - rotate_half(keys) * sin) / (cos * cos + sin * sin)
+def _pairs(x: torch.Tensor, rotary_dim: int, adjacent: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two views of `x`'s first `rotary_dim` dimensions that RoPE turns together, one pair per frequency."""
+    if adjacent:
+        return x[..., 0:rotary_dim:2], x[..., 1:rotary_dim:2]
+    return x[..., :rotary_dim // 2], x[..., rotary_dim // 2:rotary_dim]
+
+
+def _turn(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, adjacent: bool, inverse: bool) -> torch.Tensor:
+    """`rotate` (or `unrotate`, `inverse`). Dimensions past the tables' width (partial rotary: Phi-3, GLM, StableLM)
+    pass through, as HF's apply_rotary_pos_emb leaves them."""
+    rotary_dim = cos.shape[-1]
+    c, s = cos[..., :rotary_dim // 2].unsqueeze(-3), sin[..., :rotary_dim // 2].unsqueeze(-3)  # [B, 1, T, R/2]
+    x1, x2 = _pairs(keys, rotary_dim, adjacent)
+    if inverse:  # dividing by cos^2 + sin^2 undoes rope variants that also scale (attention_scaling)
+        norm = c * c + s * s
+        y1, y2 = (x1 * c + x2 * s) / norm, (x2 * c - x1 * s) / norm
+    else:
+        y1, y2 = x1 * c - x2 * s, x2 * c + x1 * s
+    turned = torch.stack((y1, y2), dim=-1).flatten(-2) if adjacent else torch.cat((y1, y2), dim=-1)
+    return torch.cat((turned, keys[..., rotary_dim:]), dim=-1) if rotary_dim < keys.shape[-1] else turned
+
+
+def rotate(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, adjacent: bool = False) -> torch.Tensor:
+    """keys: [..., B, H, T, D]; cos, sin: [B, T, R] from `rope_tables`, R <= D; `adjacent`: see `adjacent_pairs`."""
+    return _turn(keys, cos, sin, adjacent, inverse=False)
+
+
+def unrotate(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, adjacent: bool = False) -> torch.Tensor:
+    """Inverse of `rotate`."""
+    return _turn(keys, cos, sin, adjacent, inverse=True)
+
+
+def rotate_into(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor,
+                adjacent: bool = False) -> None:
+    """out = rotate(keys, cos, sin, adjacent), written pair by pair with out= ops, so no rotated copy is
+    materialised on the way into a cache. keys, out: [..., B, H, T, D]; cos, sin: [B, T, R]."""
+    rotary_dim = cos.shape[-1]
+    c, s = cos[..., :rotary_dim // 2].unsqueeze(-3), sin[..., :rotary_dim // 2].unsqueeze(-3)  # [B, 1, T, R/2]
+    (k1, k2), (o1, o2) = _pairs(keys, rotary_dim, adjacent), _pairs(out, rotary_dim, adjacent)
+    torch.mul(k1, c, out=o1)
+    o1.addcmul_(k2, s, value=-1)
+    torch.mul(k2, c, out=o2)
+    o2.addcmul_(k1, s)
+    if rotary_dim < keys.shape[-1]:
+        out[..., rotary_dim:].copy_(keys[..., rotary_dim:])
 
 
 def rotated_layers(config) -> list[bool]:
     """Per layer of a model `config`, whether its cached keys are rotated: all of them, but for SmolLM3's NoPE
-    layers (`no_rope_layers[i] == 0`)."""
+    layers (`no_rope_layers[i] == 0`) and, in Cohere 2 and EXAONE 4 models with sliding layers, the full-attention
+    layers (only sliding layers rotate there)."""
     flags = getattr(config, "no_rope_layers", None)
-    return [bool(f) for f in flags] if flags is not None else [True] * config.num_hidden_layers
+    if flags is not None:
+        return [bool(f) for f in flags]
+    if config.model_type in ROPE_ONLY_WHEN_SLIDING and getattr(config, "sliding_window", None):
+        return [kind == "sliding_attention" for kind in config.layer_types]
+    return [True] * config.num_hidden_layers
 
 
-def unrotate_layers(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotated: list[bool]) -> torch.Tensor:
+def unrotate_layers(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotated: list[bool],
+                    adjacent: bool = False) -> torch.Tensor:
     """`unrotate` of [L, B, H, T, D] keys, each of the L layers only where `rotated` says so."""
-    back = unrotate(keys, cos, sin)
+    back = unrotate(keys, cos, sin, adjacent)
     if all(rotated):
         return back
     return torch.where(torch.tensor(rotated, device=keys.device).view(-1, 1, 1, 1, 1), back, keys)
@@ -68,11 +118,15 @@ def _tables_per_kind(rotary_type: type) -> bool:
 
 
 def rope_tables(model, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin [B, T, head_dim] of `model` (a *ForCausalLM) at `position_ids` [B, T]; [L, B, T, head_dim], one per
-    layer, where its layer kinds have tables of their own (see `layer_position_embeddings`). Either broadcasts
-    against keys [L, B, H, T, D] in `rotate`."""
+    """cos, sin [B, T, R] of `model` (a *ForCausalLM) at `position_ids` [B, T], R its rotary dimensions; [L, B, T, R],
+    one per layer, where its layer kinds have tables of their own (see `layer_position_embeddings`). Either broadcasts
+    against keys [L, B, H, T, D] in `rotate`. The tables come in one layout, each frequency's entries in two halves."""
     probe = torch.empty(0, device=position_ids.device, dtype=dtype)
     per_layer = layer_position_embeddings(model, probe, position_ids)
     if all(table is per_layer[0] for table in per_layer):
-        return per_layer[0]
-    return torch.stack([cos for cos, _ in per_layer]), torch.stack([sin for _, sin in per_layer])
+        cos, sin = per_layer[0]
+    else:
+        cos, sin = torch.stack([cos for cos, _ in per_layer]), torch.stack([sin for _, sin in per_layer])
+    if model.config.model_type in REPEATED_TABLES:
+        cos, sin = (torch.cat((table[..., 0::2],) * 2, dim=-1) for table in (cos, sin))
+    return cos, sin

@@ -77,6 +77,12 @@ SHAPES: dict[str, dict] = {
                        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
                                         "full_attention": {"rope_type": "default", "rope_theta": 1e6}},
                        rms_norm_eps=1e-6, tie_word_embeddings=True),
+    # microsoft/phi-4: fused q/k/v and gate/up projections (14.7B parameters)
+    "phi-4": dict(model_type="phi3", vocab_size=100352, hidden_size=5120, intermediate_size=17920,
+                  num_hidden_layers=40, num_attention_heads=40, num_key_value_heads=10,
+                  max_position_embeddings=16384, original_max_position_embeddings=16384,
+                  rope_parameters={"rope_type": "default", "rope_theta": 250000.0}, rms_norm_eps=1e-5,
+                  tie_word_embeddings=False),
 }
 
 # A public model of the same family and tokenizer that can serve as a KVP-C auxiliary (METHOD 2)

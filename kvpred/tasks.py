@@ -790,8 +790,9 @@ def kv_errors(model, windows: list[list[int]]) -> list[dict[str, list[float]]]:
     _, exact = model.prefill(ids, mask, mode="exact")
     cos, sin = rope_tables(model.base, position_ids_from_mask(mask)[:, :n], torch.float32)
     # position-free keys [L, B, H, n, D] (SmolLM3's NoPE layers as cached)
-    pred_keys, true_keys = (unrotate_layers(torch.stack(k).float(), cos, sin, model.base_rotated) for k in (
-        [layer.keys for layer in predicted.layers], [layer.keys[:, :, :n] for layer in exact.layers]))
+    cached = ([layer.keys for layer in predicted.layers], [layer.keys[:, :, :n] for layer in exact.layers])
+    pred_keys, true_keys = (unrotate_layers(torch.stack(k).float(), cos, sin, model.base_rotated, model.base_adjacent)
+                            for k in cached)
     out: dict[str, list[list[float]]] = {k: [] for k in KVError.metrics_higher_is_better}
     for i, (pred_layer, true_layer) in enumerate(zip(predicted.layers, exact.layers)):
         pairs = {"key": (pred_keys[i], true_keys[i]),

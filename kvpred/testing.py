@@ -27,9 +27,10 @@ def byte_tokenizer(add_bos: bool = False) -> PreTrainedTokenizerFast:
                                    padding_side="left")
 
 
-# Granite's multipliers away from 1 (its published models use these), Gemma 2's soft caps low, the sliding windows of
-# Mistral, Gemma 3 and OLMo 3 short (Gemma 3's and OLMo 3's layers of both kinds, Gemma 3's with RoPE tables of their
-# own), so that a path which forgets one differs
+# Granite's multipliers away from 1 (its published models use these), Cohere's logit scale too, Gemma 2's soft caps
+# low, the sliding windows of Mistral, Gemma 3, OLMo 3, Cohere 2 and EXAONE 4 short (Gemma 3's and OLMo 3's layers of
+# both kinds, Gemma 3's with RoPE tables of their own), Phi-3 rotating half of each head's dimensions, so that a path
+# which forgets one differs
 ARCH_EXTRAS = {"granite": dict(embedding_multiplier=12.0, logits_scaling=8.0, residual_multiplier=0.22,
                                attention_multiplier=0.0078125),
                "gemma2": dict(attn_logit_softcapping=2.0, final_logit_softcapping=3.0),
@@ -37,7 +38,11 @@ ARCH_EXTRAS = {"granite": dict(embedding_multiplier=12.0, logits_scaling=8.0, re
                "gemma3_text": dict(sliding_window=16, layer_types=["sliding_attention", "full_attention"] * 2,
                                    rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
                                                     "full_attention": {"rope_type": "default", "rope_theta": 1e6}}),
-               "olmo3": dict(sliding_window=16, layer_types=["sliding_attention", "full_attention"] * 2)}
+               "olmo3": dict(sliding_window=16, layer_types=["sliding_attention", "full_attention"] * 2),
+               "cohere": dict(logit_scale=4.0),
+               "cohere2": dict(sliding_window=16, logit_scale=4.0),
+               "exaone4": dict(sliding_window=16),
+               "phi3": dict(partial_rotary_factor=0.5)}
 # Four small experts, two per token, for the mixture-of-experts architectures
 EXPERTS = {"mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
            "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,

@@ -281,7 +281,8 @@ class Distillation(nn.Module):
         # keys compared before RoPE, as METHOD 1.7 says: L1 is not rotation-invariant, and after RoPE it would weigh
         # fast-turning dimensions by position (the rotation is linear, so the difference is un-rotated once)
         cos, sin = rope_tables(m.base, pos, torch.float32)
-        per_layer_k = unrotate_layers(keys.float() - true_k.float(), cos, sin, m.base_rotated).abs().mean((1, 2, 3, 4))
+        per_layer_k = unrotate_layers(keys.float() - true_k.float(), cos, sin, m.base_rotated, m.base_adjacent)
+        per_layer_k = per_layer_k.abs().mean((1, 2, 3, 4))
         per_layer_v = (values.float() - true_v.float()).abs().mean((1, 2, 3, 4))
         reduce = torch.sum if c.kv_reduction == "sum" else torch.mean
         losses["kv_l1"] = reduce(per_layer_k) + reduce(per_layer_v)

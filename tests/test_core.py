@@ -2,6 +2,7 @@
 import importlib.util
 import json
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ from kvpred.generation import TimedStreamer, encode_prompts
 from kvpred.model import CONFIG_NAME, PREDICTOR_NAME, KVPredictionModel
 from kvpred.models import KVPredError
 from kvpred.predictor import KVPredictor, PredictorConfig
-from kvpred.rope import rope_tables, rotate, unrotate, unrotate_layers
+from kvpred.rope import rope_tables, rotate, rotate_into, unrotate, unrotate_layers
 from kvpred.tasks import kv_errors
 from kvpred.testing import byte_tokenizer, save_tiny_model, tiny_config
 from conftest import ARCHS
@@ -145,14 +146,35 @@ def test_rope_round_trip_recovers_position_free_keys(tiny_llama):
     torch.testing.assert_close(unrotate(rotate(keys, 1.3 * cos, 1.3 * sin), 1.3 * cos, 1.3 * sin), keys)
 
 
-def test_keys_of_layers_without_rope_stay_as_cached(tiny_models):
-    """SmolLM3 caches every fourth layer's keys unrotated (NoPE): un-rotating undoes RoPE on the other layers only."""
-    model = KVPredictionModel.from_pretrained(tiny_models["smollm3"], keep_ratio=1.0)
-    assert model.base_rotated == [True, True, True, False]
+# llama: two halves; phi3: partial (half of each head); glm: partial, adjacent dimensions paired; cohere: adjacent pairs
+# and tables that repeat each frequency. (StableLM's attention splits off its rotary part before applying RoPE.)
+@pytest.mark.parametrize("arch", ["llama", "phi3", "glm", "cohere"])
+def test_keys_are_rotated_as_the_base_rotates_them(tiny_models, arch):
+    model = KVPredictionModel.from_pretrained(tiny_models[arch], keep_ratio=1.0)
+    keys = torch.randn(2, 2, 7, model.base_head_dim)  # [B, H, T, D]
+    pos = torch.tensor([[0, 1, 2, 3, 4, 5, 6], [1, 1, 0, 1, 2, 3, 4]])
+    apply = sys.modules[type(model.base.model.layers[0].self_attn).__module__].apply_rotary_pos_emb
+    _, want = apply(keys, keys, *model.base.model.rotary_emb(keys, pos))
+    cos, sin = rope_tables(model.base, pos, keys.dtype)
+    torch.testing.assert_close(rotate(keys, cos, sin, model.base_adjacent), want)
+    written = torch.empty_like(keys)
+    rotate_into(keys, cos, sin, written, model.base_adjacent)  # the cache writer's rotation
+    torch.testing.assert_close(written, want)
+    torch.testing.assert_close(unrotate(want, cos, sin, model.base_adjacent), keys)
+
+
+@pytest.mark.parametrize("arch, rotated", [("smollm3", [True, True, True, False]),
+                                           ("cohere2", [True, True, True, False]),  # its full layers have no RoPE
+                                           ("exaone4", [True, True, True, False])])
+def test_keys_of_layers_without_rope_stay_as_cached(tiny_models, arch, rotated):
+    """SmolLM3 caches every fourth layer's keys unrotated (NoPE), Cohere 2 and EXAONE 4 their full-attention layers':
+    un-rotating undoes RoPE on the other layers only."""
+    model = KVPredictionModel.from_pretrained(tiny_models[arch], keep_ratio=1.0)
+    assert model.base_rotated == rotated
     keys = torch.randn(4, 2, 2, 7, 16)  # [L, B, H, T, D]
     cos, sin = rope_tables(model.base, torch.arange(7).expand(2, 7), keys.dtype)
-    cached = torch.stack([rotate(k, cos, sin) if r else k for k, r in zip(keys, model.base_rotated)])
-    torch.testing.assert_close(unrotate_layers(cached, cos, sin, model.base_rotated), keys)
+    cached = torch.stack([rotate(k, cos, sin, model.base_adjacent) if r else k for k, r in zip(keys, rotated)])
+    torch.testing.assert_close(unrotate_layers(cached, cos, sin, rotated, model.base_adjacent), keys)
 
 
 def test_key_errors_compare_position_free_keys_on_every_layer(tiny_models):
@@ -494,7 +516,8 @@ def test_a_predictor_of_the_wrong_shape_is_refused(tmp_path, tiny_llama):
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="CUDA graphs need a GPU"))])
-@pytest.mark.parametrize("arch", ["mistral", "gemma2", "gemma3_text"])  # every layer sliding; sliding and full in turn
+# mistral: every layer sliding; the others sliding and full layers in turn, without RoPE in cohere2's and exaone4's full
+@pytest.mark.parametrize("arch", ["mistral", "gemma2", "gemma3_text", "cohere2", "exaone4"])
 def test_a_sliding_window_base_sees_its_window_beyond_it(tmp_path, device, arch):
     """kvpred's caches keep every column; its steps (captured on a GPU) mask those outside a sliding layer's window,
     so prompts and replies longer than the window decode as transformers decodes them."""
@@ -591,6 +614,14 @@ def test_a_base_mixing_dense_and_expert_layers_is_refused(tmp_path, layout):
 def test_a_base_that_clips_its_keys_and_values_is_refused(tmp_path):
     path = save_tiny_model(tmp_path / "clipped", arch="olmo", clip_qkv=8.0)  # as OLMo-7B-0424 does
     with pytest.raises(KVPredError, match="clip_qkv=8.0"):
+        KVPredictionModel.from_pretrained(str(path))
+
+
+@pytest.mark.parametrize("arch, flag", [("stablelm", "qk_layernorm"), ("cohere", "use_qk_norm")])
+def test_a_base_that_normalises_keys_with_layernorms_is_refused(tmp_path, arch, flag):
+    # predicted keys get the base's k-norm, which kvpred applies as an RMS norm
+    path = save_tiny_model(tmp_path / arch, arch=arch, **{flag: True})
+    with pytest.raises(KVPredError, match=f"LayerNorms .*{flag}"):
         KVPredictionModel.from_pretrained(str(path))
 
 

@@ -344,7 +344,10 @@ def test_warming_up_makes_no_more_shapes_than_the_pool_keeps(model, monkeypatch)
 @pytest.mark.parametrize("mode,tail,arch", [("predicted", 1, "llama"), ("predicted", 3, "llama"), ("exact", 1, "llama"),
                                            ("predicted", 3, "smollm3"), ("predicted", 1, "gemma"),
                                            ("predicted", 1, "granite"), ("predicted", 1, "olmo2"),
-                                           ("predicted", 3, "gemma2"), ("predicted", 3, "gemma3_text")])
+                                           ("predicted", 3, "gemma2"), ("predicted", 3, "gemma3_text"),
+                                           ("predicted", 1, "phi3"), ("predicted", 3, "glm"),
+                                           ("predicted", 1, "cohere"), ("predicted", 3, "cohere2"),
+                                           ("predicted", 3, "exaone4")])
 def test_graph_steps_give_transformers_tokens_on_a_gpu(tiny_models, mode, tail, arch):
     torch.manual_seed(0)
     model = KVPredictionModel.from_pretrained(tiny_models[arch], keep_ratio=0.5, device="cuda")

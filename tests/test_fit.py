@@ -27,7 +27,7 @@ def mean(xs: list[float]) -> float:
 
 
 @pytest.mark.parametrize("arch, source", [("llama", "kv"), ("llama", "hidden"), ("olmo2", "hidden"),
-                                          ("gemma3_text", "kv"), ("gemma3_text", "hidden")])
+                                          ("gemma3_text", "kv"), ("gemma3_text", "hidden"), ("phi3", "kv")])
 def test_ridge_fit_predicts_base_keys_and_values_better_than_the_initial_predictor(tiny_models, shards, arch, source):
     model = KVPredictionModel.from_pretrained(tiny_models[arch], keep_layers=[0, 2], source=source)
     report = fit_predictor(model, batches(shards), FitConfig(tokens=512, seq_len=32, batch_size=4))

@@ -16,7 +16,8 @@ def importance(base, shards):
     return measure_importance(base, PackedTokens(shards, "train", seq_len=32, batch_size=4), 256)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "smollm3", "olmo2"])  # olmo2: q/k norms span all heads
+# olmo2: q/k norms span all heads; phi3: fused q/k/v and gate/up projections; glm: fused gate/up projections
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "smollm3", "olmo2", "phi3", "glm"])
 def test_keeping_everything_reproduces_the_base(tiny_models, shards, arch):
     base, _ = load_causal_lm(tiny_models[arch], torch.float32)
     c = base.config
@@ -128,3 +129,23 @@ def test_impossible_widths_are_clear_errors(tiny_llama, shards, width, message):
     base, _ = load_causal_lm(tiny_llama, torch.float32)
     with pytest.raises(KVPredError, match=message):
         narrow_copy(base, width, importance(base, shards))
+
+
+def test_fused_projections_keep_the_rows_of_the_kept_heads_and_channels(tiny_models, shards):
+    """Phi-3 stacks its query, key and value rows in one qkv_proj, its MLP's gate and up rows in one gate_up_proj."""
+    base, _ = load_causal_lm(tiny_models["phi3"], torch.float32)
+    scores, width = importance(base, shards), Width([0, 2], heads=2, kv_heads=1, intermediate=32)
+    aux = narrow_copy(base, width, scores)
+    q, kv = choose_heads(scores.heads[2], 2, width)
+    c, d = base.config, aux.config.head_dim
+    src, dst = base.model.layers[2], aux.model.layers[1]
+
+    def rows(heads: torch.Tensor, start: int) -> torch.Tensor:
+        return (start + heads[:, None] * d + torch.arange(d)).flatten()
+    q_rows, kv_rows = c.num_attention_heads * d, c.num_key_value_heads * d
+    kept = torch.cat([rows(q, 0), rows(kv, q_rows), rows(kv, q_rows + kv_rows)])
+    torch.testing.assert_close(dst.self_attn.qkv_proj.weight, src.self_attn.qkv_proj.weight[kept])
+    channels = scores.channels[2].topk(32).indices.sort().values
+    torch.testing.assert_close(dst.mlp.gate_up_proj.weight,
+                               src.mlp.gate_up_proj.weight[torch.cat([channels, channels + c.intermediate_size])])
+    assert aux(torch.randint(3, 259, (1, 8))).logits.isfinite().all()

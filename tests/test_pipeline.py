@@ -120,7 +120,9 @@ def test_the_base_runs_in_its_own_dtype_beside_a_bf16_auxiliary(tiny_llama):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs and streams need a GPU")
 @pytest.mark.parametrize("source, arch", [("kv", "llama"), ("hidden", "llama"), ("hidden", "smollm3"),
                                           ("hidden", "granite"), ("hidden", "olmo2"), ("kv", "gemma"),
-                                          ("hidden", "gemma2"), ("kv", "gemma3_text"), ("hidden", "olmo3")])
+                                          ("hidden", "gemma2"), ("kv", "gemma3_text"), ("hidden", "olmo3"),
+                                          ("kv", "phi3"), ("kv", "glm"), ("hidden", "cohere"), ("kv", "cohere2"),
+                                          ("hidden", "exaone4")])
 def test_on_cuda_the_parts_run_as_graphs_on_a_second_stream(source, arch, tiny_models):
     model = KVPredictionModel.from_pretrained(tiny_models[arch], keep_layers=[0, 2], source=source, device="cuda")
     ids = torch.randint(3, 259, (2, 40), device="cuda", generator=torch.Generator("cuda").manual_seed(1))

@@ -46,8 +46,8 @@ def test_training_forward_with_aux_equal_to_base_is_the_base(tiny_models, arch, 
 
 
 # smollm3: layer 3's keys are cached without RoPE (NoPE); olmo2: its k-norm spans all heads; gemma3_text: RoPE tables
-# per layer kind, a k-norm scaling by 1 + its weight
-@pytest.mark.parametrize("arch", ["llama", "smollm3", "olmo2", "gemma3_text"])
+# per layer kind, a k-norm scaling by 1 + its weight; glm: RoPE on half of each head, adjacent dimensions paired
+@pytest.mark.parametrize("arch", ["llama", "smollm3", "olmo2", "gemma3_text", "glm"])
 def test_the_kv_loss_compares_keys_before_rope_and_values_as_cached(tiny_models, arch):
     """METHOD 1.7: the targets are the base's keys before RoPE; the mean |error| per layer, summed over kinds."""
     from transformers import DynamicCache
@@ -67,7 +67,9 @@ def test_the_kv_loss_compares_keys_before_rope_and_values_as_cached(tiny_models,
     if cos.dim() == 3:  # one table for every layer; else one per layer (Gemma 3's kinds)
         cos, sin = cos.expand(len(keys), *cos.shape), sin.expand(len(keys), *sin.shape)
     nope = {i for i, rope in enumerate(getattr(model.base.config, "no_rope_layers", None) or []) if not rope}
-    key_error = torch.stack([(k - t if i in nope else unrotate(k, c, s) - unrotate(t, c, s)).abs().mean()
+    def free(k, c, s):  # before RoPE
+        return unrotate(k, c, s, model.base_adjacent)
+    key_error = torch.stack([(k - t if i in nope else free(k, c, s) - free(t, c, s)).abs().mean()
                              for i, (k, t, c, s) in enumerate(zip(keys, true_k, cos, sin))])
     want = key_error.mean() + (values - true_v).abs().mean((1, 2, 3, 4)).mean()
     rotated = (keys - true_k).abs().mean((1, 2, 3, 4)).mean() + (values - true_v).abs().mean((1, 2, 3, 4)).mean()
@@ -150,13 +152,16 @@ def test_training_reduces_the_loss_and_writes_a_loadable_checkpoint(tiny_models,
     torch.testing.assert_close(loaded.prefill(ids)[0], trainer.model.prefill(ids)[0], atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2_moe"])  # qwen2_moe: adapters on attention and the shared expert
+# qwen2_moe: adapters on attention and the shared expert; phi3: on fused q/k/v and gate/up projections
+@pytest.mark.parametrize("arch", ["llama", "qwen2_moe", "phi3"])
 def test_adapters_keep_the_checkpoint_small_and_load_merged(tiny_models, shards, tmp_path, arch):
     trainer = Trainer(config(tiny_models[arch], shards, tmp_path, steps=6, aux_lora_rank=2, lr=3e-3, aux_lr=1e-2))
     final = trainer.train()
     saved = KVPredictionModel.from_pretrained(str(final), device=trainer.device)
     names = saved.config.aux.saved_params
     assert any(n.endswith(lora.SUFFIX_A) for n in names) and not any(n.endswith("proj.weight") for n in names)
+    if arch == "phi3":
+        assert {"qkv_proj", "gate_up_proj"} <= {n.split(".")[-3] for n in names}  # "...qkv_proj.weight.lora_A"
     ids = torch.randint(3, 259, (2, 20), device=trainer.device)
     torch.testing.assert_close(saved.prefill(ids)[0], trainer.model.prefill(ids)[0], atol=1e-4, rtol=1e-4)
 
