@@ -77,6 +77,13 @@ SHAPES: dict[str, dict] = {
                        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
                                         "full_attention": {"rope_type": "default", "rope_theta": 1e6}},
                        rms_norm_eps=1e-6, tie_word_embeddings=True),
+    # microsoft/Phi-3-mini-4k-instruct: fused projections, no grouped-query attention (32 KV heads), a 2047-token
+    # sliding window
+    "phi-3-mini": dict(model_type="phi3", vocab_size=32064, hidden_size=3072, intermediate_size=8192,
+                       num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
+                       max_position_embeddings=4096, original_max_position_embeddings=4096, sliding_window=2047,
+                       rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, rms_norm_eps=1e-5,
+                       tie_word_embeddings=False),
     # microsoft/phi-4: fused q/k/v and gate/up projections (14.7B parameters)
     "phi-4": dict(model_type="phi3", vocab_size=100352, hidden_size=5120, intermediate_size=17920,
                   num_hidden_layers=40, num_attention_heads=40, num_key_value_heads=10,

@@ -264,7 +264,8 @@ def test_param_rule_counts_the_linear_weights_a_token_runs_through(arch):
 PUBLIC_PARAMS = {"smollm2-135m": 134_515_008, "llama-3.2-1b": 1_235_814_400, "llama-3.2-3b": 3_212_749_824,
                  "llama-3.1-8b": 8_030_261_248, "qwen2.5-0.5b": 494_032_768, "qwen2.5-1.5b": 1_543_714_304,
                  "smollm3-3b": 3_075_098_624, "qwen1.5-moe-a2.7b": 14_315_784_192, "qwen3-30b-a3b": 30_532_122_624,
-                 "qwen3-0.6b": 596_049_920, "gemma-3-1b": 999_885_952, "phi-4": 14_659_507_200}
+                 "qwen3-0.6b": 596_049_920, "gemma-3-1b": 999_885_952, "phi-4": 14_659_507_200,
+                 "phi-3-mini": 3_821_079_552}
 
 
 @pytest.mark.parametrize("name", sorted(SHAPES))
