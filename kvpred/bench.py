@@ -30,7 +30,7 @@ import torch
 
 from .decoding import EagerStep, GraphStep, make_step, synchronize
 from .deferred import deferred_values
-from .models import KVPredError, expert_count, out_folder
+from .models import UNGATED_MLPS, KVPredError, expert_count, out_folder
 
 RANDOM_LABEL = "random-weight timing model"
 DEFAULT_OUT = "benchmarks/results"
@@ -78,13 +78,13 @@ class Dims:
 
 
 def mlp_params(config) -> int:
-    """The MLP weights one token runs through in one layer: the SwiGLU MLP; in a mixture-of-experts layer the router
-    and the experts each token is routed to (and Qwen2-MoE's shared expert with its gate), not the other experts,
-    since FLOPs are what the count stands for."""
+    """The MLP weights one token runs through in one layer: the SwiGLU MLP (or an ungated one: StarCoder2, Nemotron);
+    in a mixture-of-experts layer the router and the experts each token is routed to (and Qwen2-MoE's shared expert
+    with its gate), not the other experts, since FLOPs are what the count stands for."""
     h = config.hidden_size
     experts = expert_count(config)
     if not experts:
-        return 3 * h * config.intermediate_size
+        return (2 if config.model_type in UNGATED_MLPS else 3) * h * config.intermediate_size
     per_expert = getattr(config, "moe_intermediate_size", None) or config.intermediate_size
     shared = getattr(config, "shared_expert_intermediate_size", None) or 0
     return h * experts + config.num_experts_per_tok * 3 * h * per_expert + (3 * h * shared + h if shared else 0)

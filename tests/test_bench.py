@@ -251,7 +251,9 @@ def test_flop_counts_by_hand():
     assert predicted_flops(cfg, aux, pconf, 4, tail=4) == exact_flops(cfg, 4)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "mixtral", "qwen2_moe", "qwen3_moe"])
+# phi3: fused projections; nemotron, arcee: ungated MLPs
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "phi3", "nemotron",
+                                  "arcee"])
 def test_param_rule_counts_the_linear_weights_a_token_runs_through(arch):
     """With experts, only the 2 of 4 each token is routed to count (and the router, and Qwen2-MoE's shared expert)."""
     model = random_causal_lm(tiny_config(arch), torch.float32, "meta")

@@ -16,8 +16,10 @@ def importance(base, shards):
     return measure_importance(base, PackedTokens(shards, "train", seq_len=32, batch_size=4), 256)
 
 
-# olmo2: q/k norms span all heads; phi3: fused q/k/v and gate/up projections; glm: fused gate/up projections
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "smollm3", "olmo2", "phi3", "glm"])
+# olmo2: q/k norms span all heads; phi3: fused q/k/v and gate/up projections; glm: fused gate/up projections;
+# starcoder2: an ungated MLP with biases (c_fc, c_proj); nemotron: an ungated MLP (up_proj, down_proj)
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "smollm3", "olmo2", "phi3", "glm", "starcoder2",
+                                  "nemotron"])
 def test_keeping_everything_reproduces_the_base(tiny_models, shards, arch):
     base, _ = load_causal_lm(tiny_models[arch], torch.float32)
     c = base.config
@@ -149,3 +151,15 @@ def test_fused_projections_keep_the_rows_of_the_kept_heads_and_channels(tiny_mod
     torch.testing.assert_close(dst.mlp.gate_up_proj.weight,
                                src.mlp.gate_up_proj.weight[torch.cat([channels, channels + c.intermediate_size])])
     assert aux(torch.randint(3, 259, (1, 8))).logits.isfinite().all()
+
+
+def test_an_ungated_mlp_keeps_the_chosen_channels_and_their_biases(tiny_models, shards):
+    base, _ = load_causal_lm(tiny_models["starcoder2"], torch.float32)
+    scores = importance(base, shards)
+    aux = narrow_copy(base, Width([0, 2], heads=2, kv_heads=1, intermediate=32), scores)
+    channels = scores.channels[2].topk(32).indices.sort().values
+    src, dst = base.model.layers[2].mlp, aux.model.layers[1].mlp
+    torch.testing.assert_close(dst.c_fc.weight, src.c_fc.weight[channels])
+    torch.testing.assert_close(dst.c_fc.bias, src.c_fc.bias[channels])
+    torch.testing.assert_close(dst.c_proj.weight, src.c_proj.weight[:, channels])
+    torch.testing.assert_close(dst.c_proj.bias, src.c_proj.bias)

@@ -72,8 +72,9 @@ def test_the_pipelined_first_token_and_cache_are_the_plain_paths(arch, source, p
         assert torch.equal(got, token)
         torch.testing.assert_close(pipelined.step.logits, logits, atol=1e-4, rtol=1e-4)
         got_keys, got_values = cache.slices(ids.shape[1])
-        torch.testing.assert_close(got_keys[seen], keys[seen], atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(got_values[seen], values[seen], atol=1e-5, rtol=1e-5)
+        # the groups' matmuls are cut differently from the plain path's: fp32 rounding apart
+        torch.testing.assert_close(got_keys[seen], keys[seen], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(got_values[seen], values[seen], atol=1e-5, rtol=1e-4)
         assert cache.get_seq_length() == ids.shape[1] - 1  # as predict_into leaves it; the step wrote the next column
     with pytest.raises(ValueError, match="longer than its exact tail"):  # nothing for the auxiliary: no tap starts it
         pipelined(ids[:, :tail])
@@ -122,7 +123,8 @@ def test_the_base_runs_in_its_own_dtype_beside_a_bf16_auxiliary(tiny_llama):
                                           ("hidden", "granite"), ("hidden", "olmo2"), ("kv", "gemma"),
                                           ("hidden", "gemma2"), ("kv", "gemma3_text"), ("hidden", "olmo3"),
                                           ("kv", "phi3"), ("kv", "glm"), ("hidden", "cohere"), ("kv", "cohere2"),
-                                          ("hidden", "exaone4")])
+                                          ("hidden", "exaone4"), ("kv", "starcoder2"), ("hidden", "nemotron"),
+                                          ("kv", "olmoe")])
 def test_on_cuda_the_parts_run_as_graphs_on_a_second_stream(source, arch, tiny_models):
     model = KVPredictionModel.from_pretrained(tiny_models[arch], keep_layers=[0, 2], source=source, device="cuda")
     ids = torch.randint(3, 259, (2, 40), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
