@@ -26,7 +26,7 @@ def main() -> None:
     with torch.no_grad():
         key_in, value_in, pos = model._aux_prefix(ids, None, 1)
         cache = model.new_cache(1, args.tokens)
-        keys, values = cache.slices(pos.shape[1])
+        keys, values = cache.slices(key_in.shape[2])
         for dtype in (torch.float32, torch.bfloat16):
             model.predictor_dtype = dtype
             for _ in range(3):

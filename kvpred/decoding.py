@@ -12,16 +12,19 @@ import functools
 import math
 import threading
 import time
+import warnings
 import weakref
 from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .deferred import deferred_values
 from .models import KVPredError
+from .rope import rope_tables
 
 
 class EagerStep:
@@ -216,12 +219,18 @@ def _capture(body: Callable[[], None], device: torch.device,
              before_warm_up: Callable[[], None] = lambda: None) -> torch.cuda.CUDAGraph:
     """`body` captured as a CUDA graph, after two warm-up runs on a side stream (cuBLAS handles, lazy inits), and
     replayed once (after `before_warm_up` again): a fresh graph's first replay costs about twice the CPU time of
-    later ones (benchmarks/results/h100/session_pipeline), and here no request waits for it."""
+    later ones (benchmarks/results/h100/session_pipeline), and here no request waits for it.
+
+    The second warm-up may not wait on the host (RuntimeError): a body that does cannot be captured (transformers
+    5.17 picks longrope's tables with a Python `if` on a tensor), and a capture that failed half-way left later
+    graphs computing wrong results on an H200 (benchmarks/results/h200/longrope)."""
     side = torch.cuda.Stream(device)
     side.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(side):
-        for _ in range(2):
-            before_warm_up()
+        before_warm_up()
+        body()  # lazy inits (cuBLAS handles, tables made on first use) may wait on the host once
+        before_warm_up()
+        with _host_waits_raise():
             body()
     torch.cuda.current_stream(device).wait_stream(side)
     graph = torch.cuda.CUDAGraph()
@@ -230,6 +239,19 @@ def _capture(body: Callable[[], None], device: torch.device,
     before_warm_up()
     graph.replay()
     return graph
+
+
+@contextmanager
+def _host_waits_raise() -> Iterator[None]:
+    """CUDA operations that wait on the host raise a RuntimeError inside."""
+    previous = torch.cuda.get_sync_debug_mode()
+    with warnings.catch_warnings():  # "a prototype feature": it is used for what it does detect
+        warnings.simplefilter("ignore", UserWarning)
+        torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
 
 
 @dataclass
@@ -384,7 +406,8 @@ class RollingBatch:
         if pipelined is None:
             pipelined = model.pipelined_first_step and getattr(self.step, "graph", None) is not None
         self.pipelined = pipelined and isinstance(self.step, GraphStep)
-        self.joining: tuple | None = None  # a pipelined join, for the next step: (prefix ids, mask, positions, rows)
+        # a pipelined join, for the next step: (prefix ids, mask, the whole prompts' positions, rows)
+        self.joining: tuple | None = None
         zeros = torch.zeros(rows, 1, dtype=torch.long, device=device)
         self.step.start(zeros, zeros, slot, torch.zeros(rows, slot, dtype=torch.bool, device=device))
 
@@ -413,7 +436,7 @@ class RollingBatch:
         if (predicted and exact_tail == 1 and self.pipelined and self.joining is None
                 and self.pooled.made_pipeline(self.model) is not None):
             prefix_mask = None if bool(attention_mask.all()) else attention_mask[:, :-1]
-            self.joining = input_ids[:, :-1], prefix_mask, positions[:, :-1], index
+            self.joining = input_ids[:, :-1], prefix_mask, positions, index
         elif t > 1:
             prefix = (self.model.predicted_cache(input_ids, attention_mask, exact_tail) if predicted
                       else DynamicCache(config=self.model.base.config))
@@ -465,7 +488,8 @@ class RollingBatch:
             for arena, kv in zip(arenas, (keys, values)):
                 arena[layers, :, :, start:self.slot].index_copy_(1, index, kv)
 
-        pipeline.behind_aux(lambda: self.model.run_aux(ids, mask, None if mask is None else positions), positions,
+        rope = rope_tables(self.model.base, positions, arenas[0].dtype, n)  # the prompt's last position included
+        pipeline.behind_aux(lambda: self.model.run_aux(ids, mask, None if mask is None else positions[:, :n]), rope,
                             into, then)
         step.ids.copy_(grouped.token[:, None])
         step.positions.add_(1)

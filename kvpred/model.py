@@ -525,12 +525,13 @@ class KVPredictionModel(nn.Module):
     def base_kv(self, keys: torch.Tensor, values: torch.Tensor,
                 position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Predicted [L, B, T, kv_heads*head_dim] -> cache layout [L, B, kv_heads, T, head_dim], keys normed
-        with the base's k-norm (where it has one) and rotated with the base's RoPE at `position_ids` [B, T]."""
+        with the base's k-norm (where it has one) and rotated with the base's RoPE at the first T of `position_ids`
+        [B, >= T], the positions of the forward they open (see `rope_tables`)."""
         n_layers, b, t, _ = keys.shape
         keys = self._k_norm(keys.view(n_layers, b, t, self.base_kv_heads, self.base_head_dim))  # [L, B, T, H, D]
         keys = keys.transpose(2, 3)  # [L, B, H, T, D]
         values = values.view(n_layers, b, t, self.base_kv_heads, -1).transpose(2, 3)  # [L, B, H, T, Dv]
-        cos, sin = rope_tables(self.base, position_ids, keys.dtype)
+        cos, sin = rope_tables(self.base, position_ids, keys.dtype, t)
         rotated = rotate(keys, cos, sin, self.base_adjacent)
         for i in self._unrotated(slice(None)):
             rotated[i] = keys[i]
@@ -553,17 +554,16 @@ class KVPredictionModel(nn.Module):
         return (weight.view(shape[0], *[1] * (keys.dim() - 2), -1) * normed).view(shape)
 
     @torch.no_grad()
-    def base_kv_into(self, keys: torch.Tensor, values: torch.Tensor | None, position_ids: torch.Tensor,
-                     key_out: torch.Tensor, value_out: torch.Tensor, layers: slice = slice(None),
-                     rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+    def base_kv_into(self, keys: torch.Tensor, values: torch.Tensor | None, rope: tuple[torch.Tensor, torch.Tensor],
+                     key_out: torch.Tensor, value_out: torch.Tensor, layers: slice = slice(None)) -> None:
         """`base_kv` for inference, written into `key_out`, `value_out` [L, B, H, T, D] (e.g. a BufferCache's
         arena): values (unless None) in one strided copy, keys rotated straight into the output (out= ops).
-        `layers`: which base layers the L are (all of them by default); `rope`: the base's (cos, sin) at
-        `position_ids`, when the caller has them."""
+        `rope`: the base's (cos, sin) at the T columns (`rope_tables`); `layers`: which base layers the L are (all
+        of them by default)."""
         n_layers, b, t, _ = keys.shape
         keys = keys.to(key_out.dtype)  # before RoPE: mixed-dtype elementwise ops are several times slower on a CPU
         keys = self._k_norm(keys.view(n_layers, b, t, self.base_kv_heads, self.base_head_dim), layers)
-        cos, sin = rope or rope_tables(self.base, position_ids, keys.dtype)  # [B, T, R], or [L, B, T, R] per layer
+        cos, sin = rope  # [B, T, R], or [L, B, T, R] per layer
         if cos.dim() == 4:
             cos, sin = cos[layers], sin[layers]
         rotate_into(keys.transpose(2, 3), cos, sin, key_out, self.base_adjacent)  # [L, B, H, T, D]
@@ -592,7 +592,7 @@ class KVPredictionModel(nn.Module):
             cache.pending_values = None
             return cache
         key_in, value_in, pos = prefix
-        shape = (len(self.base.model.layers), pos.shape[0], self.base_kv_heads, pos.shape[1])
+        shape = (len(self.base.model.layers), pos.shape[0], self.base_kv_heads, key_in.shape[2])
         keys = torch.empty(*shape, self.base_head_dim, dtype=self.base.dtype, device=pos.device)
         values = torch.empty(*shape, self.predictor.config.value_features // self.base_kv_heads,
                              dtype=self.base.dtype, device=pos.device)
@@ -606,11 +606,14 @@ class KVPredictionModel(nn.Module):
     def predict_kv_into(self, key_in: torch.Tensor, value_in: torch.Tensor, position_ids: torch.Tensor,
                         key_out: torch.Tensor, value_out: torch.Tensor, mark: Callable[[str], None] = lambda p: None,
                         defer_values: bool = False) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Predictor then `base_kv_into`, on the CPU over chunks of CPU_PREDICT_ROWS rows; `mark` as in
-        `predict_into`, after each chunk's predictor and write. With `defer_values` only the keys are written, and
-        what the value maps read is returned (KVPredictor.keys_and_value_inputs)."""
-        n = position_ids.shape[1]
+        """Predictor then `base_kv_into` for the n columns of `key_in`, `value_in` [.., B, n, ..], the first of the
+        forward whose `position_ids` [B, >= n] are given (see `rope_tables`). On the CPU over chunks of
+        CPU_PREDICT_ROWS rows; `mark` as in `predict_into`, after each chunk's predictor and write. With
+        `defer_values` only the keys are written, and what the value maps read is returned
+        (KVPredictor.keys_and_value_inputs)."""
+        n = key_in.shape[2]
         step = n if key_in.device.type != "cpu" else max(1, CPU_PREDICT_ROWS // position_ids.shape[0])
+        cos, sin = rope_tables(self.base, position_ids, key_out.dtype, n)  # once: its table may depend on all of them
         dtype = self.predictor_compute_dtype
         value_inputs = []
         for s in range(0, n, step):
@@ -623,7 +626,8 @@ class KVPredictionModel(nn.Module):
             else:
                 keys, values = self.predictor(key_in[:, :, s:e], value_in[:, :, s:e], dtype)  # [L, B, <=step, kv]
             mark("predictor")
-            self.base_kv_into(keys, values, position_ids[:, s:e], key_out[..., s:e, :], value_out[..., s:e, :])
+            self.base_kv_into(keys, values, (cos[..., s:e, :], sin[..., s:e, :]), key_out[..., s:e, :],
+                              value_out[..., s:e, :])
             mark("write")
         if not defer_values:
             return None
@@ -631,16 +635,16 @@ class KVPredictionModel(nn.Module):
 
     def _aux_prefix(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                     exact_tail: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        """The auxiliary over prompt[:-exact_tail]: the predictor's inputs and positions [B, n]; None when that
-        prefix is empty. A mask of None means an unpadded batch (no host-device syncs)."""
+        """The auxiliary over prompt[:-exact_tail]: the predictor's inputs, and the whole prompt's positions [B, N];
+        None when that prefix is empty. A mask of None means an unpadded batch (no host-device syncs)."""
         n = input_ids.shape[1] - exact_tail
         if n <= 0:
             return None
-        mask = None if attention_mask is None else attention_mask[:, :n]
-        pos = None if mask is None else position_ids_from_mask(mask)
-        key_in, value_in = self.aux_inputs(input_ids[:, :n], mask, pos)
-        if pos is None:
-            pos = torch.arange(n, device=input_ids.device).expand(input_ids.shape[0], n)
+        if attention_mask is None:
+            key_in, value_in = self.aux_inputs(input_ids[:, :n], None, None)
+            return key_in, value_in, torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+        pos = position_ids_from_mask(attention_mask)
+        key_in, value_in = self.aux_inputs(input_ids[:, :n], attention_mask[:, :n], pos[:, :n])
         return key_in, value_in, pos
 
     # ---------------------------------------------------------------- fast path
@@ -699,7 +703,7 @@ class KVPredictionModel(nn.Module):
         if prefix is None:
             return
         key_in, value_in, pos = prefix
-        n = pos.shape[1]
+        n = key_in.shape[2]
         if self._compiled_write is not None and not defer_values:
             self._compiled_write(key_in, value_in, pos, *cache.slices(n))
             mark("predictor")

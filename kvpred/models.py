@@ -21,6 +21,8 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, Dynam
                           PreTrainedTokenizerBase)
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
+from .rope import rope_types
+
 
 class KVPredError(ValueError):
     """A user-facing error: bad input, unsupported model or mismatched checkpoint. The message says what to do."""
@@ -356,17 +358,9 @@ def check_supported(config, name: str = "model") -> None:
         # per-head LayerNorms (StableLM, Cohere) subtract the mean; kvpred applies RMS k-norms to predicted keys
         raise KVPredError(f"{name} normalises its keys with LayerNorms (qk_layernorm / use_qk_norm), which kvpred "
                           f"does not support")
-    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-    kinds = [r for r in rope.values() if isinstance(r, dict)] or [rope]  # per layer type, or one for all layers
-    types = {r.get("rope_type", r.get("type", "default")) for r in kinds}
-    if unknown := types - {"default", *ROPE_INIT_FUNCTIONS}:
+    if unknown := rope_types(config) - {"default", *ROPE_INIT_FUNCTIONS}:
         raise KVPredError(f"{name} has RoPE type {', '.join(map(repr, sorted(unknown)))}, which transformers does not "
                           f"know; known: default, {', '.join(ROPE_INIT_FUNCTIONS)}")
-    if "longrope" in types:
-        # HF picks longrope's short or long frequencies by the largest position in each forward call, so keys
-        # predicted for a prompt's start and the base's own tail would be rotated with different tables
-        raise KVPredError(f"{name} uses longrope RoPE scaling, which kvpred does not support: its rotary tables "
-                          f"change with the length of each forward call")
 
 
 def kv_widths(attn: torch.nn.Module) -> tuple[int, int]:

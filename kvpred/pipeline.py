@@ -143,23 +143,24 @@ class PipelinedPrefill:
         keys_out, values_out = cache.slices(n)
         aux_mask = None if attention_mask is None else attention_mask[:, :n]
         aux_positions = positions[:, start:n] if attention_mask is not None or start else None
-        self.behind_aux(lambda: model.run_aux(input_ids[:, start:n], aux_mask, aux_positions, aux_past),
-                        positions[:, kept:n], lambda layers: (keys_out[layers, ..., kept:, :],
-                                                              values_out[layers, ..., kept:, :]), skip=kept - start)
+        rope = rope_tables(model.base, positions[:, kept:], cache.key_arena.dtype, n - kept)
+        self.behind_aux(lambda: model.run_aux(input_ids[:, start:n], aux_mask, aux_positions, aux_past), rope,
+                        lambda layers: (keys_out[layers, ..., kept:, :], values_out[layers, ..., kept:, :]),
+                        skip=kept - start)
         cache.set_length(total - 1)  # as the plain path leaves it: the tail's last column is the step's to advance
         return self.step.token
 
-    def behind_aux(self, run_aux: Callable[[], None], positions: torch.Tensor,
+    def behind_aux(self, run_aux: Callable[[], None], rope: tuple[torch.Tensor, torch.Tensor],
                    into: Callable[[slice], tuple[torch.Tensor, torch.Tensor]],
                    then: Callable[[slice, torch.Tensor, torch.Tensor], None] = lambda layers, k, v: None,
                    skip: int = 0) -> None:
         """`run_aux()` (the auxiliary's pass, `KVPredictionModel.run_aux`) with, as each tap comes out, its group of
-        base layers' keys and values predicted at `positions` [b, n] from the tap's outputs after the first `skip`
-        tokens, written into `into(layers)` ([L, b, H, n, D] each) and handed to `then(layers, keys, values)` (for a
-        copy elsewhere); then the group's part of the step runs. The step's inputs are loaded already; it may have
-        more rows than the auxiliary (kvpred.decoding.RollingBatch)."""
+        base layers' keys and values predicted from the tap's outputs after the first `skip` tokens, rotated with
+        `rope` (the base's tables at their n columns, `rope_tables`), written into `into(layers)` ([L, b, H, n, D]
+        each) and handed to `then(layers, keys, values)` (for a copy elsewhere); then the group's part of the step
+        runs. The step's inputs are loaded already; it may have more rows than the auxiliary
+        (kvpred.decoding.RollingBatch)."""
         model = self.model
-        rope = rope_tables(model.base, positions, self.cache.key_arena.dtype)  # once for every group
         main = torch.cuda.current_stream(model.device) if self.side is not None else None
         if self.side is not None:
             self.side.wait_stream(main)  # the step's inputs, written by the caller
@@ -171,10 +172,10 @@ class PipelinedPrefill:
             dtype, picked = model.predictor_compute_dtype, slice(layers.start, layers.stop)
             key_x, value_x = key_x[:, skip:].to(model.aux.dtype), value_x[:, skip:].to(model.aux.dtype)
             # the hooks run inside the auxiliary's autocast, where it has one (bf16 on some CPUs): not for the base
-            with torch.autocast(positions.device.type, enabled=False):
+            with torch.autocast(model.device.type, enabled=False):
                 keys, values = model.predictor.group(key_x, value_x, layers, dtype)
                 key_out, value_out = into(picked)
-                model.base_kv_into(keys, values, positions, key_out, value_out, picked, rope)
+                model.base_kv_into(keys, values, rope, key_out, value_out, picked)
                 then(picked, key_out, value_out)
                 if self.side is not None:
                     self.side.wait_stream(main)

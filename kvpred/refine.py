@@ -24,6 +24,7 @@ from .generation import ConversationTokenizer, check_text
 from .model import (BufferCache, KVPredictionModel, cache_kwargs, capture, check_checkpoint_out, check_exact_tail,
                     position_ids_from_mask, write_report)
 from .models import KVPredError
+from .rope import rope_types, tables_follow_forward_length
 
 POLICIES = ("eager", "lazy", "off")
 REFINE_CHOICES = POLICIES + ("auto",)
@@ -243,7 +244,7 @@ def _prefill(model: KVPredictionModel, ids: torch.Tensor, mask: torch.Tensor, ex
         # only the new columns go through the predictor
         key_out, value_out = cache.slices(n)
         model.predict_kv_into(key_in[:, :, kept - start:n - start], value_in[:, :, kept - start:n - start],
-                              pos[:, kept:n], key_out[..., kept:, :], value_out[..., kept:, :])
+                              pos[:, kept:], key_out[..., kept:, :], value_out[..., kept:, :])
         cache.set_length(n)
         if aux_end > n:  # the tail's own predicted K/V, which kv_error compares with the base's [L, B, N-n, kv]
             tail_keys, tail_values = model.predictor(key_in[:, :, n - start:], value_in[:, :, n - start:])
@@ -333,12 +334,17 @@ def _report(trace: Trace, new_tokens: int) -> dict:
             "decode_s_after_exact": sum(after) / len(after) if after else None}
 
 
-def _check_refine(refine: str, chunk_size: int) -> None:
+def _check_refine(model: KVPredictionModel, refine: str, chunk_size: int) -> None:
     if refine not in REFINE_CHOICES:
         raise KVPredError(f"unknown refine policy {refine!r}; choose one of {', '.join(REFINE_CHOICES)}")
     if chunk_size < 2:
         # the sequence grows by one column per step, so a refiner of one column per step never catches up
         raise KVPredError(f"chunk_size must be >= 2 so refinement can catch up with decoding, got {chunk_size}")
+    if refine != "off" and tables_follow_forward_length(model.base.config):
+        # a chunk [a, b) of the prompt gets the tables of a forward ending at b, not those of the whole prompt
+        raise KVPredError(f"refinement recomputes the prompt's cache in chunks, and this base's RoPE "
+                          f"({', '.join(sorted(rope_types(model.base.config)))}) picks its tables by each forward's "
+                          f"last position, so the chunks would not give the exact prefill's cache; use refine='off'")
 
 
 def _budget(policy: str, chunk_size: int) -> int:
@@ -367,7 +373,7 @@ def generate_refined(model: KVPredictionModel, input_ids: torch.Tensor, attentio
     in each decode step), step_s, decode_s_before_exact (mean over steps up to and including the switch) and
     decode_s_after_exact, new_tokens.
     """
-    _check_refine(refine, chunk_size)
+    _check_refine(model, refine, chunk_size)
     ids, mask = model.check_inputs(input_ids, attention_mask, "predicted", max_new_tokens, exact_tail)
     check_decoding(max_new_tokens, do_sample, temperature, top_p, top_k)
     trace = Trace.started(model.device)
@@ -426,7 +432,7 @@ class ChatSession:
         to start from (an ended session's, with its CUDA graphs already captured); what it holds is ignored.
         `tokenizer`: the one to render and tokenize with, the model's by default (a server's worker keeps its own,
         as a fast tokenizer must not be used from two threads at once)."""
-        _check_refine(refine, chunk_size)
+        _check_refine(model, refine, chunk_size)
         if model.tokenizer.chat_template is None:
             raise KVPredError("this model's tokenizer has no chat template; ChatSession needs one")
         self.model, self.refine = model, refine

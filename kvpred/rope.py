@@ -22,6 +22,19 @@ REPEATED_TABLES = frozenset({"cohere", "cohere2"})
 ROPE_ONLY_WHEN_SLIDING = frozenset({"cohere2", "exaone4"})
 
 
+def rope_types(config) -> set[str]:
+    """The RoPE types of a model `config`: one, or one per layer kind (Gemma 3)."""
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    kinds = [r for r in rope.values() if isinstance(r, dict)] or [rope]
+    return {r.get("rope_type", r.get("type", "default")) for r in kinds}
+
+
+def tables_follow_forward_length(config) -> bool:
+    """Whether transformers picks `config`'s rotary tables by the largest position of each forward call: longrope's
+    short or long factors (Phi-3.5, Phi-4-mini), dynamic NTK's base."""
+    return any(kind == "longrope" or "dynamic" in kind for kind in rope_types(config))
+
+
 def adjacent_pairs(config) -> bool:
     """Whether a model `config`'s attention rotates adjacent key dimensions together (see ADJACENT_PAIRS)."""
     return config.model_type in ADJACENT_PAIRS
@@ -117,10 +130,16 @@ def _tables_per_kind(rotary_type: type) -> bool:
     return "layer_type" in inspect.signature(rotary_type.forward).parameters
 
 
-def rope_tables(model, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin [B, T, R] of `model` (a *ForCausalLM) at `position_ids` [B, T], R its rotary dimensions; [L, B, T, R],
-    one per layer, where its layer kinds have tables of their own (see `layer_position_embeddings`). Either broadcasts
-    against keys [L, B, H, T, D] in `rotate`. The tables come in one layout, each frequency's entries in two halves."""
+def rope_tables(model, position_ids: torch.Tensor, dtype: torch.dtype,
+                width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [B, T, R] of `model` (a *ForCausalLM) at the first `width` (default: all) of `position_ids` [B, N],
+    R its rotary dimensions; [L, B, T, R], one per layer, where its layer kinds have tables of their own (see
+    `layer_position_embeddings`). Either broadcasts against keys [L, B, H, T, D] in `rotate`. The tables come in one
+    layout, each frequency's entries in two halves.
+
+    `position_ids` are those of a whole forward, of which the T columns are the first: longrope picks its short or
+    long frequencies (and dynamic NTK its base) by the largest position of each forward call, so keys predicted for a
+    prompt's first columns get the tables a forward over the whole prompt, tail included, would give them."""
     probe = torch.empty(0, device=position_ids.device, dtype=dtype)
     per_layer = layer_position_embeddings(model, probe, position_ids)
     if all(table is per_layer[0] for table in per_layer):
@@ -129,4 +148,6 @@ def rope_tables(model, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[
         cos, sin = torch.stack([cos for cos, _ in per_layer]), torch.stack([sin for _, sin in per_layer])
     if model.config.model_type in REPEATED_TABLES:
         cos, sin = (torch.cat((table[..., 0::2],) * 2, dim=-1) for table in (cos, sin))
+    if width is not None:
+        cos, sin = cos[..., :width, :], sin[..., :width, :]
     return cos, sin

@@ -788,7 +788,7 @@ def kv_errors(model, windows: list[list[int]]) -> list[dict[str, list[float]]]:
     n = ids.shape[1] - 1  # positions the predictor fills
     predicted = model.predicted_cache(ids, mask, exact_tail=1)
     _, exact = model.prefill(ids, mask, mode="exact")
-    cos, sin = rope_tables(model.base, position_ids_from_mask(mask)[:, :n], torch.float32)
+    cos, sin = rope_tables(model.base, position_ids_from_mask(mask), torch.float32, n)
     # position-free keys [L, B, H, n, D] (SmolLM3's NoPE layers as cached)
     cached = ([layer.keys for layer in predicted.layers], [layer.keys[:, :, :n] for layer in exact.layers])
     pred_keys, true_keys = (unrotate_layers(torch.stack(k).float(), cos, sin, model.base_rotated, model.base_adjacent)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, GenerationConfig
 
-from kvpred import models
+from kvpred import model as model_module, models
 from kvpred.cli import STATES_DEFAULT, main
 from kvpred.generation import TimedStreamer, encode_prompts
 from kvpred.model import CONFIG_NAME, PREDICTOR_NAME, KVPredictionModel
@@ -631,13 +631,46 @@ def test_a_base_that_soft_caps_its_attention_logits_runs_eager_attention(tiny_mo
     assert model.base.config._attn_implementation == model.aux.config._attn_implementation == "eager"
 
 
-def test_a_longrope_base_is_refused(tmp_path):
-    # its rotary tables depend on each call's longest position: a predicted prefix and the base's tail would differ
+@pytest.fixture
+def longrope_model(tmp_path, monkeypatch):
+    """Llama with Phi-3.5's longrope: short factors up to 32 positions, long ones beyond, chosen per forward call by
+    its last position. Identity maps from a full copy, and CPU chunks of 4 columns for 2 rows."""
+    monkeypatch.setattr(model_module, "CPU_PREDICT_ROWS", 8)
     path = save_tiny_model(tmp_path / "longrope", rope_parameters={
         "rope_type": "longrope", "rope_theta": 10000.0, "original_max_position_embeddings": 32,
-        "short_factor": [1.0] * 8, "long_factor": [2.0] * 8})
-    with pytest.raises(KVPredError, match="longrope"):
-        KVPredictionModel.from_pretrained(str(path))
+        "short_factor": [1.0] * 8, "long_factor": [4.0] * 8})
+    return lambda device="cpu": KVPredictionModel.from_pretrained(str(path), keep_ratio=1.0, device=device)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="CUDA graphs need a GPU"))])
+def test_a_longrope_base_reproduces_itself_below_and_beyond_its_original_length(longrope_model, device):
+    model = longrope_model(device)
+    for n, tail in ((20, 1), (32, 3), (40, 1), (40, 3), (60, 3)):
+        ids = torch.randint(3, 259, (2, n), generator=torch.Generator().manual_seed(n)).to(device)
+        exact = model.generate(ids, mode="exact", max_new_tokens=8)
+        for _ in range(2):  # on a GPU the second call replays captured steps
+            assert torch.equal(model.generate(ids, mode="predicted", exact_tail=tail, max_new_tokens=8), exact)
+
+
+def test_keys_predicted_for_a_longrope_prompt_get_the_whole_prompts_tables(longrope_model):
+    """33 tokens: the exact prefill takes the long factors; so must the 32 predicted columns, whose own positions
+    alone would take the short ones. Layer 0's keys come from the embeddings, so with aux = base they are exact."""
+    model = longrope_model()
+    ids = torch.randint(3, 259, (2, 33), generator=torch.Generator().manual_seed(0))
+    predicted = model.predicted_cache(ids, torch.ones_like(ids))
+    _, exact = model.prefill(ids, mode="exact")
+    torch.testing.assert_close(predicted.layers[0].keys, exact.layers[0].keys[:, :, :32])
+
+
+def test_refinement_of_a_longrope_base_is_refused(longrope_model):
+    # refinement's chunks would each get the tables of a forward ending with them
+    from kvpred.refine import generate_refined
+
+    model, ids = longrope_model(), torch.randint(3, 259, (1, 40))
+    with pytest.raises(KVPredError, match="refine='off'"):
+        generate_refined(model, ids, refine="eager", max_new_tokens=4)
+    assert generate_refined(model, ids, refine="off", max_new_tokens=4)[0].shape == (1, 44)
 
 
 def test_a_rope_type_transformers_does_not_know_is_named(tmp_path):
