@@ -5,6 +5,8 @@ base's own rotary tables (so rope scaling variants such as llama3 or yarn come f
 dimensions (all of them, or the first R: partial rotary) and in its pairing of dimensions (`adjacent_pairs`). SmolLM3's
 NoPE layers (and Cohere 2's full-attention layers) cache their keys unrotated, so they are left as predicted
 (`rotated_layers`); Gemma 3's sliding and full layers rotate with tables of their own (`layer_position_embeddings`).
+Where transformers picks the tables by a forward's last position (longrope, dynamic NTK), predicted keys get those of a
+forward over the whole prompt (`rope_tables`).
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import torch
 # laying out two halves.
 ADJACENT_PAIRS = frozenset({"cohere", "cohere2", "ernie4_5", "glm", "glm4", "helium"})
 REPEATED_TABLES = frozenset({"cohere", "cohere2"})
+# Model types whose layers rotate their keys only where they attend to a sliding window, when they have any
 ROPE_ONLY_WHEN_SLIDING = frozenset({"cohere2", "exaone4"})
 
 
@@ -48,7 +51,7 @@ def _pairs(x: torch.Tensor, rotary_dim: int, adjacent: bool) -> tuple[torch.Tens
 
 
 def _turn(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, adjacent: bool, inverse: bool) -> torch.Tensor:
-    """`rotate` (or `unrotate`, `inverse`). Dimensions past the tables' width (partial rotary: Phi-3, GLM, StableLM)
+    """`rotate` (or `unrotate`, `inverse`). Dimensions past the tables' width (partial rotary: GLM, StableLM, Phi-4-mini)
     pass through, as HF's apply_rotary_pos_emb leaves them."""
     rotary_dim = cos.shape[-1]
     c, s = cos[..., :rotary_dim // 2].unsqueeze(-3), sin[..., :rotary_dim // 2].unsqueeze(-3)  # [B, 1, T, R/2]
