@@ -51,8 +51,8 @@ def _pairs(x: torch.Tensor, rotary_dim: int, adjacent: bool) -> tuple[torch.Tens
 
 
 def _turn(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, adjacent: bool, inverse: bool) -> torch.Tensor:
-    """`rotate` (or `unrotate`, `inverse`). Dimensions past the tables' width (partial rotary: GLM, StableLM, Phi-4-mini)
-    pass through, as HF's apply_rotary_pos_emb leaves them."""
+    """`rotate` (or `unrotate`, `inverse`). Dimensions past the tables' width (partial rotary: GLM, StableLM,
+    Phi-4-mini) pass through, as HF's apply_rotary_pos_emb leaves them."""
     rotary_dim = cos.shape[-1]
     c, s = cos[..., :rotary_dim // 2].unsqueeze(-3), sin[..., :rotary_dim // 2].unsqueeze(-3)  # [B, 1, T, R/2]
     x1, x2 = _pairs(keys, rotary_dim, adjacent)
