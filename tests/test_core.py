@@ -12,8 +12,8 @@ from transformers import AutoModelForCausalLM, GenerationConfig
 from kvpred import model as model_module, models
 from kvpred.cli import STATES_DEFAULT, main
 from kvpred.generation import TimedStreamer, encode_prompts
-from kvpred.model import CONFIG_NAME, PREDICTOR_NAME, KVPredictionModel
-from kvpred.models import KVPredError
+from kvpred.model import CONFIG_NAME, PREDICTOR_NAME, KVPredictionModel, capture
+from kvpred.models import KVPredError, kv_widths
 from kvpred.predictor import KVPredictor, PredictorConfig
 from kvpred.rope import rope_tables, rotate, rotate_into, unrotate, unrotate_layers
 from kvpred.tasks import kv_errors
@@ -37,6 +37,23 @@ def test_aux_equal_to_base_with_identity_predictor_reproduces_the_base(tiny_mode
     torch.testing.assert_close(predicted_logits, exact_logits, atol=1e-4, rtol=1e-4)
     exact = model.generate(ids, mask, mode="exact", max_new_tokens=12)
     assert torch.equal(model.generate(ids, mask, mode="predicted", max_new_tokens=12), exact)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_a_hidden_tap_is_what_its_layer_projects_keys_from(tiny_models, arch):
+    """Pre-norm layers: their input norm's output (Apertus calls the norm attention_layernorm); post-norm layers
+    (OLMo 2, EXAONE 4): the layer's input."""
+    base = KVPredictionModel.from_pretrained(tiny_models[arch], keep_ratio=1.0).base
+    with capture(base, "hidden") as hidden, capture(base, "kv") as kv:
+        base(input_ids=torch.randint(3, 259, (1, 9)))
+    for layer, x, keys in zip(base.model.layers, hidden.hidden, kv.k):
+        attn = layer.self_attn
+        if hasattr(attn, "k_proj"):
+            projected = attn.k_proj(x)
+        else:  # Phi-3's fused projection: queries, then keys
+            start = base.config.num_attention_heads * attn.head_dim
+            projected = attn.qkv_proj(x)[..., start:start + kv_widths(attn)[0]]
+        torch.testing.assert_close(projected, keys)
 
 
 def test_equivalence_holds_for_single_prompts_and_each_row_of_a_padded_batch(tiny_llama):

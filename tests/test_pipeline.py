@@ -124,7 +124,7 @@ def test_the_base_runs_in_its_own_dtype_beside_a_bf16_auxiliary(tiny_llama):
                                           ("hidden", "gemma2"), ("kv", "gemma3_text"), ("hidden", "olmo3"),
                                           ("kv", "phi3"), ("kv", "glm"), ("hidden", "cohere"), ("kv", "cohere2"),
                                           ("hidden", "exaone4"), ("kv", "starcoder2"), ("hidden", "nemotron"),
-                                          ("kv", "olmoe")])
+                                          ("kv", "olmoe"), ("hidden", "apertus")])
 def test_on_cuda_the_parts_run_as_graphs_on_a_second_stream(source, arch, tiny_models):
     model = KVPredictionModel.from_pretrained(tiny_models[arch], keep_layers=[0, 2], source=source, device="cuda")
     ids = torch.randint(3, 259, (2, 40), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
