@@ -36,7 +36,7 @@ class KVPredError(ValueError):
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "ministral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe",
                          "smollm3", "gemma", "gemma2", "gemma3_text", "granite", "olmo", "olmo2", "olmo3", "seed_oss",
                          "phi3", "stablelm", "glm", "glm4", "cohere", "cohere2", "exaone4", "helium", "ernie4_5",
-                         "starcoder2", "nemotron", "arcee", "apertus", "olmoe")
+                         "starcoder2", "nemotron", "arcee", "apertus", "olmoe", "granitemoe")
 # Their MLPs without a gate: an up projection (StarCoder2's c_fc), an activation and a down projection (c_proj)
 UNGATED_MLPS = frozenset({"starcoder2", "nemotron", "arcee", "apertus"})
 
@@ -445,7 +445,8 @@ def prune_layers(model: PreTrainedModel, keep: list[int]) -> PreTrainedModel:
 
 
 def expert_count(config) -> int:
-    """Experts per layer of a mixture-of-experts model (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE); 0 for a dense one."""
+    """Experts per layer of a mixture-of-experts model (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, Granite-MoE); 0 for a
+    dense one."""
     return getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None) or 0
 
 

@@ -31,8 +31,9 @@ def byte_tokenizer(add_bos: bool = False) -> PreTrainedTokenizerFast:
 # low, the sliding windows of Mistral, Gemma 3, OLMo 3, Cohere 2 and EXAONE 4 short (Gemma 3's and OLMo 3's layers of
 # both kinds, Gemma 3's with RoPE tables of their own), Phi-3 rotating half of each head's dimensions, so that a path
 # which forgets one differs
-ARCH_EXTRAS = {"granite": dict(embedding_multiplier=12.0, logits_scaling=8.0, residual_multiplier=0.22,
-                               attention_multiplier=0.0078125),
+GRANITE_MULTIPLIERS = dict(embedding_multiplier=12.0, logits_scaling=8.0, residual_multiplier=0.22,
+                           attention_multiplier=0.0078125)
+ARCH_EXTRAS = {"granite": GRANITE_MULTIPLIERS, "granitemoe": GRANITE_MULTIPLIERS,
                "gemma2": dict(attn_logit_softcapping=2.0, final_logit_softcapping=3.0),
                "mistral": dict(sliding_window=16),
                "gemma3_text": dict(sliding_window=16, layer_types=["sliding_attention", "full_attention"] * 2,
@@ -48,7 +49,8 @@ EXPERTS = {"mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
            "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
                              shared_expert_intermediate_size=64),
            "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32),
-           "olmoe": dict(num_experts=4, num_experts_per_tok=2)}
+           "olmoe": dict(num_experts=4, num_experts_per_tok=2),
+           "granitemoe": dict(num_local_experts=4, num_experts_per_tok=2)}
 
 
 def tiny_config(arch: str = "llama", layers: int = 4, hidden: int = 64, heads: int = 4, kv_heads: int = 2,
