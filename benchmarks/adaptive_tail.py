@@ -41,7 +41,7 @@ def base_tail_flops(config, n: int, w: int) -> float:
     """The base's pass over the last w of n prompt tokens, over a cache of the n - w before them (as
     bench.predicted_flops counts the base's part)."""
     b = Dims.of(config)
-    return 2.0 * w * b.layers * b.layer_params + attention_flops(b, b.layers, w, n - w) + 2.0 * b.hidden * b.vocab
+    return 2.0 * w * b.linear_params() + attention_flops(b, b.layers, w, n - w) + 2.0 * b.hidden * b.vocab
 
 
 def first_tokens(model, ids: torch.Tensor, tails: list[int], cuts: list[int]) -> dict[str, torch.Tensor]:

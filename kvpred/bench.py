@@ -30,7 +30,7 @@ import torch
 
 from .decoding import EagerStep, GraphStep, make_step, synchronize
 from .deferred import deferred_values
-from .models import UNGATED_MLPS, KVPredError, expert_count, out_folder
+from .models import UNGATED_MLPS, KVPredError, expert_count, expert_layers, out_folder
 
 RANDOM_LABEL = "random-weight timing model"
 DEFAULT_OUT = "benchmarks/results"
@@ -48,7 +48,7 @@ class Dims:
     heads: int
     kv_heads: int
     head_dim: int
-    mlp_params: int  # per layer, the MLP weights one token runs through (see `mlp_params`)
+    mlp_params: tuple[int, ...]  # per layer, the MLP weights one token runs through (see `mlp_params`)
     qkv_bias: bool
 
     @classmethod
@@ -69,31 +69,35 @@ class Dims:
         """q_proj weight and bias of one layer."""
         return (self.hidden + self.qkv_bias) * self.heads * self.head_dim
 
-    @property
-    def layer_params(self) -> int:
-        """Linear weights (and q/k/v biases) one token runs through in one decoder layer: q, k, v, o and the MLP;
-        norms left out."""
+    def linear_params(self, layers: int | None = None) -> int:
+        """Linear weights (and q/k/v biases) one token runs through in the first `layers` decoder layers (all by
+        default): q, k, v, o and the MLP; norms left out."""
+        layers = self.layers if layers is None else layers
         o = self.heads * self.head_dim * self.hidden
-        return self.q_params + self.kv_params + o + self.mlp_params
+        return layers * (self.q_params + self.kv_params + o) + sum(self.mlp_params[:layers])
 
 
-def mlp_params(config) -> int:
-    """The MLP weights one token runs through in one layer: the SwiGLU MLP (or an ungated one: StarCoder2, Nemotron);
-    in a mixture-of-experts layer the router and the experts each token is routed to (and Qwen2-MoE's shared expert
-    with its gate), not the other experts, since FLOPs are what the count stands for."""
+def mlp_params(config) -> tuple[int, ...]:
+    """Per layer, the MLP weights one token runs through: the SwiGLU MLP (or an ungated one: StarCoder2, Nemotron);
+    in a mixture-of-experts layer the router and the experts each token is routed to (and the shared experts:
+    Qwen2-MoE's with its gate, GLM-4.5's), not the other experts, since FLOPs are what the count stands for."""
     h = config.hidden_size
+    dense = (2 if config.model_type in UNGATED_MLPS else 3) * h * config.intermediate_size
     experts = expert_count(config)
     if not experts:
-        return (2 if config.model_type in UNGATED_MLPS else 3) * h * config.intermediate_size
+        return (dense,) * config.num_hidden_layers
     per_expert = getattr(config, "moe_intermediate_size", None) or config.intermediate_size
-    shared = getattr(config, "shared_expert_intermediate_size", None) or 0
-    return h * experts + config.num_experts_per_tok * 3 * h * per_expert + (3 * h * shared + h if shared else 0)
+    shared = ((getattr(config, "shared_expert_intermediate_size", None) or 0)
+              or (getattr(config, "n_shared_experts", None) or 0) * per_expert)
+    shared_gate = h if getattr(config, "shared_expert_intermediate_size", None) else 0  # Qwen2-MoE's
+    moe = h * experts + config.num_experts_per_tok * 3 * h * per_expert + 3 * h * shared + shared_gate
+    return tuple(moe if routed else dense for routed in expert_layers(config))
 
 
 def param_count(config) -> int:
     """METHOD 4's count: one (tied) embedding vocab x hidden plus every layer's linear weights."""
     d = Dims.of(config)
-    return d.vocab * d.hidden + d.layers * d.layer_params
+    return d.vocab * d.hidden + d.linear_params()
 
 
 def flop_ratio_params(base_config, aux_config) -> float:
@@ -110,7 +114,7 @@ def attention_flops(d: Dims, layers: int, new: int, past: int = 0) -> float:
 def exact_flops(base_config, n: int) -> float:
     """Base prefill of n tokens, LM head on the last one only."""
     d = Dims.of(base_config)
-    return 2.0 * n * d.layers * d.layer_params + attention_flops(d, d.layers, n) + 2.0 * d.hidden * d.vocab
+    return 2.0 * n * d.linear_params() + attention_flops(d, d.layers, n) + 2.0 * d.hidden * d.vocab
 
 
 def predicted_flops(base_config, aux_config, predictor_config, n: int, tail: int = 1,
@@ -126,7 +130,7 @@ def predicted_flops(base_config, aux_config, predictor_config, n: int, tail: int
     macs, layers = aux_run(aux_config, predictor_config)
     aux = 2.0 * t * macs + attention_flops(a, layers, t)
     predictor = predictor_flops(predictor_config, t, defer_values)
-    base = 2.0 * tail * b.layers * b.layer_params + attention_flops(b, b.layers, tail, t) + 2.0 * b.hidden * b.vocab
+    base = 2.0 * tail * b.linear_params() + attention_flops(b, b.layers, tail, t) + 2.0 * b.hidden * b.vocab
     if defer_values:
         w = predictor_config.rank or predictor_config.in_features
         base += 2.0 * tail * b.layers * b.heads * (t * (w - b.head_dim) + w * b.head_dim)
@@ -144,9 +148,9 @@ def aux_run(aux_config, predictor_config) -> tuple[int, int]:
     hidden-state input tap j is layer j's normed input, so layers 0..j-1 run for the deepest tap."""
     a = Dims.of(aux_config)
     if predictor_config.source == "kv":
-        return (a.layers - 1) * a.layer_params + a.q_params + a.kv_params, a.layers - 1
+        return a.linear_params(a.layers - 1) + a.q_params + a.kv_params, a.layers - 1
     layers = min(max(predictor_config.layer_map), a.layers)
-    return layers * a.layer_params, layers
+    return a.linear_params(layers), layers
 
 
 def flop_ratio_full(base_config, aux_config, predictor_config, n: int, defer_values: bool = False) -> float:

@@ -51,7 +51,7 @@ def flop_ratio(model, prompt_tokens: int = 1024, tail: int = 1) -> dict:
     n, base, aux, pc = prompt_tokens, model.base.config, model.aux.config, model.predictor.config
     exact, predicted = exact_flops(base, n), predicted_flops(base, aux, pc, n, tail=tail)
     b = Dims.of(base)
-    linear = b.layers * b.layer_params / (aux_run(aux, pc)[0] + pc.multiply_adds_per_token())
+    linear = b.linear_params() / (aux_run(aux, pc)[0] + pc.multiply_adds_per_token())
     params_base, params_aux = param_count(base), param_count(aux)
     return {"param_ratio": params_base / params_aux, "params_base": params_base, "params_aux": params_aux,
             "matmul_ratio": exact / predicted, "matmul_ratio_linear": linear,

@@ -36,7 +36,7 @@ class KVPredError(ValueError):
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "ministral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe",
                          "smollm3", "gemma", "gemma2", "gemma3_text", "granite", "olmo", "olmo2", "olmo3", "seed_oss",
                          "phi3", "stablelm", "glm", "glm4", "cohere", "cohere2", "exaone4", "helium", "ernie4_5",
-                         "starcoder2", "nemotron", "arcee", "apertus", "olmoe", "granitemoe")
+                         "starcoder2", "nemotron", "arcee", "apertus", "olmoe", "granitemoe", "glm4_moe")
 # Their MLPs without a gate: an up projection (StarCoder2's c_fc), an activation and a down projection (c_proj)
 UNGATED_MLPS = frozenset({"starcoder2", "nemotron", "arcee", "apertus"})
 
@@ -346,15 +346,11 @@ def check_supported(config, name: str = "model") -> None:
     if config.model_type not in SUPPORTED_MODEL_TYPES:
         raise KVPredError(f"{name} has architecture {config.model_type!r}, which kvpred does not support; "
                           f"supported: {', '.join(SUPPORTED_MODEL_TYPES)} (Llama-style decoders with RoPE)")
-    if getattr(config, "mlp_only_layers", None) or getattr(config, "decoder_sparse_step", 1) != 1:
-        # which layers are dense follows from layer numbers, which a layer-pruned auxiliary renumbers
-        raise KVPredError(f"{name} mixes dense and mixture-of-experts layers (mlp_only_layers / decoder_sparse_step), "
-                          f"which kvpred does not support")
     if getattr(config, "clip_qkv", None):
         # the base clips the keys and values it caches; predicted ones would be written unclipped
         raise KVPredError(f"{name} clips its queries, keys and values (clip_qkv={config.clip_qkv}), which kvpred does "
                           f"not support")
-    if getattr(config, "qk_layernorm", False) or getattr(config, "use_qk_norm", False):
+    if getattr(config, "qk_layernorm", False) or (config.model_type == "cohere" and config.use_qk_norm):
         # per-head LayerNorms (StableLM, Cohere) subtract the mean; kvpred applies RMS k-norms to predicted keys
         raise KVPredError(f"{name} normalises its keys with LayerNorms (qk_layernorm / use_qk_norm), which kvpred "
                           f"does not support")
@@ -445,18 +441,39 @@ def prune_layers(model: PreTrainedModel, keep: list[int]) -> PreTrainedModel:
 
 
 def expert_count(config) -> int:
-    """Experts per layer of a mixture-of-experts model (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, Granite-MoE); 0 for a
-    dense one."""
-    return getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None) or 0
+    """Experts in each mixture-of-experts layer of a model (Mixtral, Qwen2/3-MoE, OLMoE, Granite-MoE, GLM-4.5); 0 for
+    a dense one."""
+    return (getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None)
+            or getattr(config, "n_routed_experts", None) or 0)
+
+
+def expert_layers(config) -> list[bool]:
+    """Per layer, whether its MLP is a mixture of experts, as transformers builds the layers: all of them, or all but
+    Qwen2/3-MoE's `mlp_only_layers` and those off their `decoder_sparse_step`, or from GLM-4.5's
+    `first_k_dense_replace` on; none in a dense model."""
+    n = config.num_hidden_layers
+    if not expert_count(config):
+        return [False] * n
+    if hasattr(config, "first_k_dense_replace"):
+        return [i >= config.first_k_dense_replace for i in range(n)]
+    dense, step = getattr(config, "mlp_only_layers", None) or [], getattr(config, "decoder_sparse_step", 1) or 1
+    return [i not in dense and (i + 1) % step == 0 for i in range(n)]
 
 
 def keep_layer_fields(config, keep: list[int]) -> None:
     """`config` of a model cut to layers `keep`: its layer count and per-layer lists (attention kinds, SmolLM3's
-    NoPE flags), which transformers indexes by the new layer numbers."""
+    NoPE flags), which transformers indexes by the new layer numbers; which kept layers have experts, as transformers
+    reads it from layer numbers (GLM-4.5's dense first layers stay first, so a count says it)."""
+    experts = expert_layers(config)
     config.num_hidden_layers = len(keep)
     for field in ("layer_types", "no_rope_layers"):
         if getattr(config, field, None):
             setattr(config, field, [getattr(config, field)[i] for i in keep])
+    if hasattr(config, "first_k_dense_replace"):
+        config.first_k_dense_replace = sum(not experts[i] for i in keep)
+    elif hasattr(config, "mlp_only_layers"):
+        config.mlp_only_layers = [new for new, old in enumerate(keep) if not experts[old]]
+        config.decoder_sparse_step = 1
 
 
 def fingerprint(model: PreTrainedModel, version: int = 2) -> str:

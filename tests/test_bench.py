@@ -226,7 +226,7 @@ def test_flop_counts_by_hand():
     aux = tiny_config("llama", layers=1, hidden=4, heads=2, kv_heads=1, head_dim=2)
     aux.vocab_size, aux.intermediate_size = 10, 8
     # per layer: q 4*4=16, k+v 2*4*2=16, o 4*4=16, mlp 3*4*8=96 -> 144; plus one 10x4 embedding
-    assert Dims.of(cfg).layer_params == 144
+    assert Dims.of(cfg).linear_params(1) == 144
     assert param_count(cfg) == 40 + 2 * 144 and param_count(aux) == 40 + 144
     assert flop_ratio_params(cfg, aux) == pytest.approx(328 / 184)
     # exact, 4 tokens: 2*4*2*144 = 2304 linear + 4*2 layers*2 heads*2 dim*(1+2+3+4) = 320 attention + 2*4*10 head
@@ -252,10 +252,11 @@ def test_flop_counts_by_hand():
 
 
 # phi3: fused projections; nemotron, arcee: ungated MLPs
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "phi3", "nemotron",
-                                  "arcee"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "glm4_moe", "phi3",
+                                  "nemotron", "arcee"])
 def test_param_rule_counts_the_linear_weights_a_token_runs_through(arch):
-    """With experts, only the 2 of 4 each token is routed to count (and the router, and Qwen2-MoE's shared expert)."""
+    """With experts, only the 2 of 4 each token is routed to count (and the router, and the shared experts); GLM-4.5's
+    first layer is dense."""
     model = random_causal_lm(tiny_config(arch), torch.float32, "meta")
     linear = sum(p.numel() * (0.5 if ".experts." in name else 1)
                  for name, p in model.model.layers.named_parameters() if "norm" not in name)

@@ -13,7 +13,7 @@ from kvpred import model as model_module, models
 from kvpred.cli import STATES_DEFAULT, main
 from kvpred.generation import TimedStreamer, encode_prompts
 from kvpred.model import CONFIG_NAME, PREDICTOR_NAME, KVPredictionModel, capture
-from kvpred.models import KVPredError, kv_widths
+from kvpred.models import KVPredError, expert_layers, kv_widths
 from kvpred.predictor import KVPredictor, PredictorConfig
 from kvpred.rope import rope_tables, rotate, rotate_into, unrotate, unrotate_layers
 from kvpred.tasks import kv_errors
@@ -620,12 +620,20 @@ def test_an_unknown_architecture_is_refused(tmp_path):
         KVPredictionModel.from_pretrained(str(tmp_path / "gpt2"))
 
 
-@pytest.mark.parametrize("layout", [dict(mlp_only_layers=[1]), dict(decoder_sparse_step=2)])
-def test_a_base_mixing_dense_and_expert_layers_is_refused(tmp_path, layout):
-    # which layers have experts follows from layer numbers, which a layer-pruned auxiliary changes
-    path = save_tiny_model(tmp_path / "mixed", arch="qwen3_moe", **layout)
-    with pytest.raises(KVPredError, match="mixes dense and mixture-of-experts layers"):
-        KVPredictionModel.from_pretrained(str(path))
+@pytest.mark.parametrize("arch, layout, keep", [("qwen3_moe", dict(mlp_only_layers=[2]), [0, 2, 3]),
+                                               ("qwen3_moe", dict(decoder_sparse_step=2), [0, 1, 3]),
+                                               ("glm4_moe", dict(first_k_dense_replace=2), [0, 2, 3])])
+def test_a_layer_pruned_copy_of_a_base_mixing_dense_and_expert_layers_keeps_each_kind(tmp_path, arch, layout, keep):
+    """transformers reads which layers have experts from layer numbers, which pruning changes: the copy's config
+    says the same as its layers, so FLOP counts and rebuilt copies agree with them."""
+    path = save_tiny_model(tmp_path / "mixed", arch=arch, **layout)
+    model = KVPredictionModel.from_pretrained(str(path), keep_layers=keep)
+    kinds = [type(layer.mlp).__name__ for layer in model.base.model.layers]
+    assert len(set(kinds)) == 2 and [type(layer.mlp).__name__ for layer in model.aux.model.layers] == [
+        kinds[i] for i in keep]
+    assert expert_layers(model.aux.config) == [expert_layers(model.base.config)[i] for i in keep]
+    rebuilt = AutoModelForCausalLM.from_config(model.aux.config)
+    assert [type(layer.mlp).__name__ for layer in rebuilt.model.layers] == [kinds[i] for i in keep]
 
 
 def test_a_base_that_clips_its_keys_and_values_is_refused(tmp_path):

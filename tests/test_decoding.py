@@ -349,7 +349,8 @@ def test_warming_up_makes_no_more_shapes_than_the_pool_keeps(model, monkeypatch)
                                            ("predicted", 1, "cohere"), ("predicted", 3, "cohere2"),
                                            ("predicted", 3, "exaone4"), ("predicted", 1, "starcoder2"),
                                            ("predicted", 1, "nemotron"), ("predicted", 1, "olmoe"),
-                                           ("predicted", 1, "apertus"), ("predicted", 1, "granitemoe")])
+                                           ("predicted", 1, "apertus"), ("predicted", 1, "granitemoe"),
+                                           ("predicted", 1, "glm4_moe")])
 def test_graph_steps_give_transformers_tokens_on_a_gpu(tiny_models, mode, tail, arch):
     torch.manual_seed(0)
     model = KVPredictionModel.from_pretrained(tiny_models[arch], keep_ratio=0.5, device="cuda")
