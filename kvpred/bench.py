@@ -87,10 +87,10 @@ def mlp_params(config) -> tuple[int, ...]:
     if not experts:
         return (dense,) * config.num_hidden_layers
     per_expert = getattr(config, "moe_intermediate_size", None) or config.intermediate_size
-    shared = ((getattr(config, "shared_expert_intermediate_size", None) or 0)
-              or (getattr(config, "n_shared_experts", None) or 0) * per_expert)
-    shared_gate = h if getattr(config, "shared_expert_intermediate_size", None) else 0  # Qwen2-MoE's
-    moe = h * experts + config.num_experts_per_tok * 3 * h * per_expert + 3 * h * shared + shared_gate
+    gated_shared = getattr(config, "shared_expert_intermediate_size", None) or 0  # Qwen2-MoE's, behind a gate of h
+    shared = gated_shared or (getattr(config, "n_shared_experts", None) or 0) * per_expert  # or GLM-4.5's
+    moe = (h * experts + config.num_experts_per_tok * 3 * h * per_expert + 3 * h * shared
+           + (h if gated_shared else 0))
     return tuple(moe if routed else dense for routed in expert_layers(config))
 
 

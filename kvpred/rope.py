@@ -50,11 +50,17 @@ def _pairs(x: torch.Tensor, rotary_dim: int, adjacent: bool) -> tuple[torch.Tens
     return x[..., :rotary_dim // 2], x[..., rotary_dim // 2:rotary_dim]
 
 
+def _frequencies(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One cos and sin per frequency, [B, 1, T, R/2] (broadcast over heads), from `rope_tables`' [B, T, R]."""
+    half = cos.shape[-1] // 2
+    return cos[..., :half].unsqueeze(-3), sin[..., :half].unsqueeze(-3)
+
+
 def _turn(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, adjacent: bool, inverse: bool) -> torch.Tensor:
     """`rotate` (or `unrotate`, `inverse`). Dimensions past the tables' width (partial rotary: GLM, StableLM,
     Phi-4-mini) pass through, as HF's apply_rotary_pos_emb leaves them."""
     rotary_dim = cos.shape[-1]
-    c, s = cos[..., :rotary_dim // 2].unsqueeze(-3), sin[..., :rotary_dim // 2].unsqueeze(-3)  # [B, 1, T, R/2]
+    c, s = _frequencies(cos, sin)
     x1, x2 = _pairs(keys, rotary_dim, adjacent)
     if inverse:  # dividing by cos^2 + sin^2 undoes rope variants that also scale (attention_scaling)
         norm = c * c + s * s
@@ -80,7 +86,7 @@ def rotate_into(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: t
     """out = rotate(keys, cos, sin, adjacent), written pair by pair with out= ops, so no rotated copy is
     materialised on the way into a cache. keys, out: [..., B, H, T, D]; cos, sin: [B, T, R]."""
     rotary_dim = cos.shape[-1]
-    c, s = cos[..., :rotary_dim // 2].unsqueeze(-3), sin[..., :rotary_dim // 2].unsqueeze(-3)  # [B, 1, T, R/2]
+    c, s = _frequencies(cos, sin)
     (k1, k2), (o1, o2) = _pairs(keys, rotary_dim, adjacent), _pairs(out, rotary_dim, adjacent)
     torch.mul(k1, c, out=o1)
     o1.addcmul_(k2, s, value=-1)
