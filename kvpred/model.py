@@ -192,11 +192,21 @@ class Taps:
 
 
 @torch.no_grad()
-def _norm_scale(norm: nn.Module, eps: float) -> torch.Tensor:
-    """What an RMS norm multiplies normalised inputs by: its weight, or 1 + its weight (Gemma 3), read off the norm
-    of a vector of ones, whose RMS is 1."""
+def _k_norm_scale(norm: nn.Module) -> tuple[torch.Tensor, bool, float]:
+    """A base k-norm as (scale, centred, eps): what it multiplies normalised keys by, and whether it subtracts their
+    mean first: LayerNorms do (StableLM's, one per head; Cohere's, with a weight per head and dimension), RMS norms
+    do not. An RMS norm's scale is read off its output for a vector of ones, whose RMS is 1: its weight, or 1 + its
+    weight (Gemma 3)."""
+    if hasattr(norm, "norms"):  # StableLM: a LayerNorm per head
+        scales, _, eps = zip(*map(_k_norm_scale, norm.norms))
+        return torch.stack(scales), True, eps[0]
+    eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", 0.0))
+    if isinstance(norm, nn.LayerNorm) or type(norm).__name__.endswith("LayerNorm"):
+        if getattr(norm, "bias", None) is not None:
+            raise KVPredError(f"the base's k-norm ({type(norm).__name__}) has a bias, which kvpred does not apply")
+        return norm.weight.detach(), True, eps
     ones = torch.ones(norm.weight.shape[-1], device=norm.weight.device)
-    return (norm(ones).float() * (1.0 + eps) ** 0.5).to(norm.weight.dtype)
+    return (norm(ones).float() * (1.0 + eps) ** 0.5).to(norm.weight.dtype), False, eps
 
 
 def hidden_tap(model: PreTrainedModel, layer: int) -> nn.Module:
@@ -265,12 +275,14 @@ class KVPredictionModel(nn.Module):
         attn = base.model.layers[0].self_attn
         self.base_kv_heads = base.config.num_key_value_heads
         self.base_head_dim = attn.head_dim
-        # Base k-norm, stacked over layers so it applies to all predicted keys at once: per head (Qwen3) or over the
-        # whole projection, all heads together (OLMo 2)
-        norms = [layer.self_attn.k_norm for layer in base.model.layers] if hasattr(attn, "k_norm") else []
-        self.k_norm_eps = getattr(norms[0], "variance_epsilon", getattr(norms[0], "eps", 0.0)) if norms else 0.0
-        self.register_buffer("k_norm_weight", torch.stack([_norm_scale(n, self.k_norm_eps) for n in norms])
-                             if norms else None, persistent=False)  # [L, head_dim] or [L, kv_heads * head_dim]
+        # Base k-norm, stacked over layers so it applies to all predicted keys at once: over each head, with one
+        # weight for all (Qwen3) or one per head (StableLM, Cohere), or over the whole projection (OLMo 2)
+        norm_name = next((n for n in ("k_norm", "k_layernorm") if getattr(attn, n, None) is not None), None)
+        scales, centred, eps = zip(*[_k_norm_scale(getattr(layer.self_attn, norm_name))
+                                     for layer in base.model.layers]) if norm_name else [[None], [False], [0.0]]
+        self.k_norm_centred, self.k_norm_eps = centred[0], eps[0]
+        # [L, head_dim], [L, kv_heads, head_dim] or [L, kv_heads * head_dim]
+        self.register_buffer("k_norm_weight", torch.stack(scales) if norm_name else None, persistent=False)
         self.base_rotated = rotated_layers(base.config)  # per base layer: False for SmolLM3's NoPE layers
         self.base_adjacent = adjacent_pairs(base.config)  # RoPE turns dimensions 2i and 2i + 1 together (GLM)
         self.base_window = sliding_window(base.config)  # None for full attention in every layer
@@ -550,9 +562,12 @@ class KVPredictionModel(nn.Module):
         shape = keys.shape
         if weight.shape[-1] != shape[-1]:  # over all heads: normalise [L, B, T, H * D]
             keys = keys.flatten(-2)
-        var = keys.float().pow(2).mean(-1, keepdim=True)
-        normed = (keys.float() * torch.rsqrt(var + self.k_norm_eps)).to(keys.dtype)
-        return (weight.view(shape[0], *[1] * (keys.dim() - 2), -1) * normed).view(shape)
+        x = keys.float()
+        if self.k_norm_centred:
+            x = x - x.mean(-1, keepdim=True)
+        normed = (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.k_norm_eps)).to(keys.dtype)
+        # weight [L, *S] against normed [L, B, T, ..., S]
+        return (weight.view(shape[0], *[1] * (normed.dim() - weight.dim()), *weight.shape[1:]) * normed).view(shape)
 
     @torch.no_grad()
     def base_kv_into(self, keys: torch.Tensor, values: torch.Tensor | None, rope: tuple[torch.Tensor, torch.Tensor],

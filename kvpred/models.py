@@ -350,10 +350,6 @@ def check_supported(config, name: str = "model") -> None:
         # the base clips the keys and values it caches; predicted ones would be written unclipped
         raise KVPredError(f"{name} clips its queries, keys and values (clip_qkv={config.clip_qkv}), which kvpred does "
                           f"not support")
-    if getattr(config, "qk_layernorm", False) or (config.model_type == "cohere" and config.use_qk_norm):
-        # per-head LayerNorms (StableLM, Cohere) subtract the mean; kvpred applies RMS k-norms to predicted keys
-        raise KVPredError(f"{name} normalises its keys with LayerNorms (qk_layernorm / use_qk_norm), which kvpred "
-                          f"does not support")
     if unknown := rope_types(config) - {"default", *ROPE_INIT_FUNCTIONS}:
         raise KVPredError(f"{name} has RoPE type {', '.join(map(repr, sorted(unknown)))}, which transformers does not "
                           f"know; known: default, {', '.join(ROPE_INIT_FUNCTIONS)}")

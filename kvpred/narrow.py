@@ -137,8 +137,11 @@ def narrow_copy(base: PreTrainedModel, width: Width, importance: Importance) -> 
                                       *[base.config.num_key_value_heads * head_dim] * 2])
                 tensor = torch.cat([_rows(part, heads, head_dim) for part, heads in zip(parts, (q, kv, kv))])
             elif name.startswith(("self_attn.q_norm.", "self_attn.k_norm.")) and tensor.numel() != head_dim:
-                heads = q if ".q_norm." in name else kv  # OLMo 2 normalises the whole projection: one weight per row
-                tensor = _rows(tensor[:, None], heads, head_dim)[:, 0]
+                heads = q if ".q_norm." in name else kv
+                if tensor.dim() == 2:  # Cohere: a weight per head and dimension
+                    tensor = tensor.index_select(0, heads.to(tensor.device))
+                else:  # OLMo 2 normalises the whole projection: one weight per row
+                    tensor = _rows(tensor[:, None], heads, head_dim)[:, 0]
             elif name == "self_attn.o_proj.weight":
                 tensor = _rows(tensor.T, q, head_dim).T
             elif name.startswith(("mlp.gate_proj.", "mlp.up_proj.", "mlp.c_fc.")):  # weights' rows, biases
@@ -151,6 +154,12 @@ def narrow_copy(base: PreTrainedModel, width: Width, importance: Importance) -> 
     for name, tensor in base.state_dict().items():
         if not name.startswith("model.layers."):
             state[name] = tensor  # embeddings, final norm, LM head (tied or not)
+    shapes = {name: tensor.shape for name, tensor in aux.state_dict().items()}
+    if wrong := [name for name, tensor in state.items() if name in shapes and shapes[name] != tensor.shape]:
+        # StableLM and Helium size their attention from hidden_size, whatever the config's head counts say
+        raise KVPredError(f"{config.model_type} does not take the shape of {wrong[0]} from the config's head counts "
+                          f"alone, so kvpred cannot cut its heads: keep all {base.config.num_attention_heads} heads "
+                          f"and {base.config.num_key_value_heads} key/value heads, and narrow layers and MLP channels")
     missing, unexpected = aux.load_state_dict(state, strict=False)
     missing = [m for m in missing if "rotary_emb" not in m]
     if missing or unexpected:

@@ -29,8 +29,8 @@ def byte_tokenizer(add_bos: bool = False) -> PreTrainedTokenizerFast:
 
 # Granite's multipliers away from 1 (its published models use these), Cohere's logit scale too, Gemma 2's soft caps
 # low, the sliding windows of Mistral, Gemma 3, OLMo 3, Cohere 2 and EXAONE 4 short (Gemma 3's and OLMo 3's layers of
-# both kinds, Gemma 3's with RoPE tables of their own), Phi-3 rotating half of each head's dimensions, so that a path
-# which forgets one differs
+# both kinds, Gemma 3's with RoPE tables of their own), Phi-3 rotating half of each head's dimensions, StableLM's and
+# Cohere's optional LayerNorms on queries and keys on, so that a path which forgets one differs
 GRANITE_MULTIPLIERS = dict(embedding_multiplier=12.0, logits_scaling=8.0, residual_multiplier=0.22,
                            attention_multiplier=0.0078125)
 ARCH_EXTRAS = {"granite": GRANITE_MULTIPLIERS, "granitemoe": GRANITE_MULTIPLIERS,
@@ -40,7 +40,8 @@ ARCH_EXTRAS = {"granite": GRANITE_MULTIPLIERS, "granitemoe": GRANITE_MULTIPLIERS
                                    rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
                                                     "full_attention": {"rope_type": "default", "rope_theta": 1e6}}),
                "olmo3": dict(sliding_window=16, layer_types=["sliding_attention", "full_attention"] * 2),
-               "cohere": dict(logit_scale=4.0),
+               "cohere": dict(logit_scale=4.0, use_qk_norm=True),
+               "stablelm": dict(qk_layernorm=True),
                "cohere2": dict(sliding_window=16, logit_scale=4.0),
                "exaone4": dict(sliding_window=16),
                "phi3": dict(partial_rotary_factor=0.5)}

@@ -642,12 +642,21 @@ def test_a_base_that_clips_its_keys_and_values_is_refused(tmp_path):
         KVPredictionModel.from_pretrained(str(path))
 
 
-@pytest.mark.parametrize("arch, flag", [("stablelm", "qk_layernorm"), ("cohere", "use_qk_norm")])
-def test_a_base_that_normalises_keys_with_layernorms_is_refused(tmp_path, arch, flag):
-    # predicted keys get the base's k-norm, which kvpred applies as an RMS norm
-    path = save_tiny_model(tmp_path / arch, arch=arch, **{flag: True})
-    with pytest.raises(KVPredError, match=f"LayerNorms .*{flag}"):
-        KVPredictionModel.from_pretrained(str(path))
+@pytest.mark.parametrize("arch", ["qwen3", "olmo2", "gemma3_text", "stablelm", "cohere"])
+def test_predicted_keys_get_the_bases_own_k_norm(tmp_path, arch):
+    """RMS norms over each head (Qwen3; Gemma 3 scales by 1 + weight) or the whole projection (OLMo 2); LayerNorms
+    with a weight per head (StableLM: one LayerNorm per head; Cohere: one weight of [heads, head_dim])."""
+    path = save_tiny_model(tmp_path / arch, arch=arch)
+    base = AutoModelForCausalLM.from_pretrained(path)
+    with torch.no_grad():  # weights away from their initial ones (or zeros), different in every layer and head
+        for name, p in base.named_parameters():
+            if "k_norm" in name or "k_layernorm" in name:
+                p.copy_(torch.rand_like(p) + 0.5)
+    base.save_pretrained(path)
+    model = KVPredictionModel.from_pretrained(str(path), keep_ratio=1.0)
+    ids, mask = batch(model)
+    torch.testing.assert_close(model.prefill(ids, mask, mode="predicted")[0], model.prefill(ids, mask, mode="exact")[0],
+                               atol=1e-4, rtol=1e-4)
 
 
 def test_a_base_that_soft_caps_its_attention_logits_runs_eager_attention(tiny_models):

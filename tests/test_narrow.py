@@ -64,20 +64,33 @@ def test_a_narrow_copy_has_the_asked_shape_and_keeps_the_chosen_base_weights(tin
                                base.model.layers[2].mlp.down_proj.weight[:, channels])
 
 
-def test_norms_over_all_heads_keep_the_weights_of_the_kept_heads(tiny_models, shards):
-    """OLMo 2 normalises the whole query and key projections, with a weight per row of each."""
-    base, _ = load_causal_lm(tiny_models["olmo2"], torch.float32)
-    with torch.no_grad():
-        for layer in base.model.layers:  # distinct weights (a random tiny model's norms are all ones)
-            for norm in (layer.self_attn.q_norm, layer.self_attn.k_norm):
-                norm.weight.copy_(torch.arange(norm.weight.numel()) / 10)
+@pytest.mark.parametrize("arch", ["olmo2", "cohere"])
+def test_query_and_key_norms_keep_the_weights_of_the_kept_heads(tiny_models, shards, arch):
+    """OLMo 2 normalises the whole query and key projections, with a weight per row of each; Cohere's LayerNorms
+    hold a weight per head and dimension."""
+    base, _ = load_causal_lm(tiny_models[arch], torch.float32)
+    with torch.no_grad():  # distinct weights (a random tiny model's norms are all ones)
+        for name, p in base.named_parameters():
+            if "_norm" in name or "_layernorm" in name:
+                p.copy_(torch.rand_like(p))
     scores, width = importance(base, shards), Width([0, 2], heads=2, kv_heads=1, intermediate=32)
     aux = narrow_copy(base, width, scores)
     q, kv = choose_heads(scores.heads[2], 2, width)
-    d = aux.config.head_dim
     src, dst = base.model.layers[2].self_attn, aux.model.layers[1].self_attn
-    torch.testing.assert_close(dst.q_norm.weight, src.q_norm.weight[(q[:, None] * d + torch.arange(d)).flatten()])
-    torch.testing.assert_close(dst.k_norm.weight, src.k_norm.weight[kv.item() * d:(kv.item() + 1) * d])
+    d = aux.config.head_dim
+    for norm, heads in (("q_norm", q), ("k_norm", kv)):
+        kept = getattr(src, norm).weight.view(-1, d)[heads]
+        torch.testing.assert_close(getattr(dst, norm).weight.view(-1, d), kept)
+    assert aux(torch.randint(3, 259, (1, 8))).logits.isfinite().all()
+
+
+@pytest.mark.parametrize("arch", ["stablelm", "helium"])
+def test_heads_are_kept_whole_where_attention_is_sized_from_the_hidden_size(tiny_models, shards, arch):
+    base, _ = load_causal_lm(tiny_models[arch], torch.float32)
+    scores = importance(base, shards)
+    with pytest.raises(KVPredError, match="cannot cut its heads: keep all 4 heads and 2 key/value heads"):
+        narrow_copy(base, Width([0, 2], heads=2, kv_heads=1, intermediate=32), scores)
+    aux = narrow_copy(base, Width([0, 2], heads=4, kv_heads=2, intermediate=32), scores)
     assert aux(torch.randint(3, 259, (1, 8))).logits.isfinite().all()
 
 
