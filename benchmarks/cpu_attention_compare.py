@@ -1,8 +1,8 @@
-"""One-query attention on the CPU: transformers' SDPA against `kvpred.matvec.sdpa`, which passes the query heads that
+"""One-query attention on the CPU: transformers' SDPA against `kvpred.attention.sdpa`, which passes the query heads that
 share a KV head as that head's queries.
 
 First a probe: SmolLM2's attention shapes (9 query heads, 3 KV heads, head dim 64), 30 layers' caches of N tokens in
-one arena, timed each way in fp32 (where `kvpred.matvec.sdpa` is SDPA itself) and bf16, and the largest difference
+one arena, timed each way in fp32 (where `kvpred.attention.sdpa` is SDPA itself) and bf16, and the largest difference
 between the two outputs. Then `kvpred bench ttft` twice in one process, with the folding off (as before it existed:
 `ttft_sdpa.*`) and on (`ttft_folded.*`); `--order folded,sdpa` runs them the other way round, `--order ""` only
 probes, and the other arguments go to the bench.
@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from kvpred import deferred, matvec
+from kvpred import attention, deferred
 from kvpred.cli import main
 
 LAYERS, HEADS, KV_HEADS, HEAD_DIM = 30, 9, 3, 64
@@ -47,7 +47,7 @@ def probe(lengths: list[int]) -> None:
             query = torch.randn(1, HEADS, 1, HEAD_DIM, dtype=dtype)
             runs = {name: lambda f=f: [f(module, query, keys[i], values[i], None, scaling=0.125)[0] for i in
                                        range(LAYERS)] for name, f in (("sdpa", sdpa_attention_forward),
-                                                                      ("folded", matvec.sdpa))}
+                                                                      ("folded", attention.sdpa))}
             pairs = list(zip(runs["sdpa"](), runs["folded"]()))
             diff = max((a.float() - b.float()).abs().max().item() / a.float().abs().max().item() for a, b in pairs)
             ms = {name: _median_ms(run) / LAYERS for name, run in runs.items()}
@@ -66,10 +66,10 @@ if __name__ == "__main__":
     args, bench_args = parser.parse_known_args()
     torch.manual_seed(0)
     probe([int(n) for n in args.probe_lengths.split(",")])
-    folded = matvec.sdpa
+    folded = attention.sdpa
     for name in filter(None, args.order.split(",")):
-        # use_blocked_matvec registers `matvec.sdpa` when the bench builds the model; deferred calls its own import
-        matvec.sdpa = deferred.sdpa = folded if name == "folded" else _plain_sdpa
+        # KVPredictionModel registers `attention.sdpa` when the bench builds the model; deferred calls its own import
+        attention.sdpa = deferred.sdpa = folded if name == "folded" else _plain_sdpa
         print(f"===== one-query attention: {name}", flush=True)
         main(["bench", "ttft", *bench_args, "--name", f"ttft_{name}"])
-    matvec.sdpa = deferred.sdpa = folded
+    attention.sdpa = deferred.sdpa = folded

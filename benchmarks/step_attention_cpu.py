@@ -1,4 +1,4 @@
-"""The CPU's eager one-token step with transformers' SDPA against kvpred.matvec's grouped one-query call (each KV
+"""The CPU's eager one-token step with transformers' SDPA against kvpred.attention's grouped one-query call (each KV
 head's query heads passed as that head's queries), alternating in one process over the same filled cache.
 
     python benchmarks/step_attention_cpu.py --tokens 512,1024,2048 --steps 120
@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from kvpred import matvec
+from kvpred import attention
 from kvpred.decoding import EagerStep
 from kvpred.model import KVPredictionModel, cache_kwargs
 
@@ -31,9 +31,9 @@ def main() -> None:
             cache = model.new_cache(1, 2 * n)
             model.base.model(input_ids=ids[:, :-1], **cache_kwargs(model.base.model, cache), use_cache=True)
             step = EagerStep(model, cache)
-            times, logits = {"sdpa": [], matvec.ATTENTION: []}, {}
+            times, logits = {"sdpa": [], attention.ATTENTION: []}, {}
             for i in range(args.steps):
-                for name in (("sdpa", matvec.ATTENTION) if i % 2 else (matvec.ATTENTION, "sdpa")):
+                for name in (("sdpa", attention.ATTENTION) if i % 2 else (attention.ATTENTION, "sdpa")):
                     config._attn_implementation = name
                     cache.set_length(n - 1)
                     step.start(ids[:, -1:], torch.tensor([[n - 1]]), n - 1)
@@ -41,11 +41,11 @@ def main() -> None:
                     step()
                     times[name].append(time.perf_counter() - start)
                     logits[name] = step.logits
-            config._attn_implementation = matvec.ATTENTION
+            config._attn_implementation = attention.ATTENTION
         ms = {name: statistics.median(t[5:]) * 1e3 for name, t in times.items()}
-        diff = (logits["sdpa"] - logits[matvec.ATTENTION]).abs().max().item()
+        diff = (logits["sdpa"] - logits[attention.ATTENTION]).abs().max().item()
         print(f"{n} cached tokens: step median {ms['sdpa']:.2f} ms with transformers' SDPA, "
-              f"{ms[matvec.ATTENTION]:.2f} ms grouped ({ms['sdpa'] - ms[matvec.ATTENTION]:+.2f}); "
+              f"{ms[attention.ATTENTION]:.2f} ms grouped ({ms['sdpa'] - ms[attention.ATTENTION]:+.2f}); "
               f"max |d logit| {diff:.1e}", flush=True)
 
 

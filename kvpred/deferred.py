@@ -24,7 +24,7 @@ from transformers import AttentionInterface, PreTrainedModel
 from transformers.cache_utils import Cache
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
-from .matvec import sdpa, soft_cap
+from .attention import sdpa, soft_cap
 from .predictor import KVPredictor
 
 ATTENTION = "kvpred_deferred"

@@ -26,7 +26,8 @@ from .decoding import (MIN_TEMPERATURE, StepPool, capacity_bucket, check_decodin
                        generate_with_steps, pad_id, with_stop_strings)
 from .deferred import PendingValues, deferred_values
 from .generation import chat_exact_tail
-from .matvec import capped_attention, soft_cap, use_blocked_matvec
+from .attention import capped_attention, soft_cap, use_kvpred_attention
+from .matvec import use_blocked_matvec
 from .predictor import KVPredictor, PredictorConfig
 from .rope import adjacent_pairs, rope_tables, rotate, rotate_into, rotated_layers
 
@@ -264,9 +265,10 @@ class KVPredictionModel(nn.Module):
                  config: KVPConfig):
         super().__init__()
         self.base, self.aux, self.predictor, self.tokenizer, self.config = base, aux, predictor, tokenizer, config
-        if base.device.type == "cpu":  # one-token steps stream the weights 2-3x faster (kvpred.matvec)
-            use_blocked_matvec(base)
-            use_blocked_matvec(aux)
+        for model in (base, aux):
+            use_kvpred_attention(model)  # faster one-query steps on a CPU and long masked prefills on a GPU
+            if base.device.type == "cpu":  # one-token steps stream the weights 2-3x faster (kvpred.matvec)
+                use_blocked_matvec(model)
         # Trained aux tensors as saved (full tensors, or low-rank adapter factors already merged into `aux`)
         self.aux_tensors: dict[str, torch.Tensor] = {}
         self._compiled_write: Callable | None = None  # see compile_predictor

@@ -24,7 +24,7 @@ from torch import nn
 from transformers import Cache
 
 from .decoding import ColumnInputs, _capture
-from .matvec import soft_cap
+from .attention import soft_cap
 from .model import BufferCache, KVPredictionModel, cache_kwargs, hidden_output, hidden_tap, position_ids_from_mask
 from .models import hook_kv_projections
 from .rope import layer_position_embeddings, rope_tables

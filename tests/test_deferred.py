@@ -6,7 +6,7 @@ import dataclasses
 import pytest
 import torch
 
-from kvpred import matvec
+from kvpred import attention
 from kvpred.decoding import EagerStep
 from kvpred.deferred import PendingValues, deferred_values
 from kvpred.generation import encode_prompts
@@ -98,7 +98,7 @@ def test_generate_defers_and_matches_the_plain_cache(tiny_llama, monkeypatch):
                                eos_token_id=None, pad_token_id=model.tokenizer.pad_token_id,
                                **cache_kwargs(model.base, plain))
     assert torch.equal(got, want)
-    assert model.base.config._attn_implementation == matvec.ATTENTION
+    assert model.base.config._attn_implementation == attention.ATTENTION
 
 
 @pytest.mark.parametrize("kind", ["kv", "rank"])

@@ -1,12 +1,9 @@
 """Specification of kvpred.matvec: few-row fp32 linear layers on a CPU give F.linear's results through the blocked
-matrix-vector product; everything else is F.linear itself. One query per row attends with the query heads of each
-KV head as its queries, with transformers' SDPA result up to rounding."""
+matrix-vector product; everything else is F.linear itself."""
 import pytest
 import torch
 from torch import nn
 from torch.nn import functional as F
-
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from kvpred import matvec
 from kvpred.matvec import use_blocked_matvec
@@ -67,49 +64,3 @@ def test_kvp_models_on_a_cpu_use_it_and_keep_their_weights_and_names(tiny_llama)
     assert projections and all(m.forward.__func__ is matvec._forward for m in projections)
     assert all(m.forward.__func__ is matvec._forward for m in model.aux.modules() if type(m) is nn.Linear)
     assert "model.layers.0.self_attn.q_proj.weight" in dict(model.base.named_parameters())
-
-
-def attention_layer(heads: int = 6, kv_heads: int = 2) -> nn.Module:
-    module = nn.Module().eval()  # what SDPA reads of an attention layer
-    module.num_key_value_groups, module.is_causal = heads // kv_heads, True
-    return module
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("masked", [False, True])
-def test_one_query_attention_gives_sdpas_result(dtype, masked):
-    torch.manual_seed(0)
-    batch, heads, kv_heads, length = 3, 6, 2, 300
-    query = torch.randn(batch, heads, 1, 16, dtype=dtype)
-    key, value = (torch.randn(batch, kv_heads, length + 5, 16, dtype=dtype)[:, :, :length] for _ in range(2))
-    mask = torch.rand(batch, 1, 1, length) > 0.3 if masked else None  # a padded batch's columns
-    module = attention_layer(heads, kv_heads)
-    got, _ = matvec.sdpa(module, query, key, value, mask, scaling=0.25)
-    expected, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=0.25)
-    assert got.shape == expected.shape == (batch, 1, heads, 16)
-    torch.testing.assert_close(got, expected)  # bf16: within 1.6% or 1e-5
-
-
-def test_the_folded_attention_runs_only_for_one_query(monkeypatch):
-    calls = []
-    monkeypatch.setattr(matvec, "sdpa_attention_forward", lambda *a, **k: calls.append(a[1].shape[2]) or (None, None))
-    for dtype, queries in ((torch.float32, 1), (torch.bfloat16, 2), (torch.bfloat16, 1), (torch.float32, 3)):
-        kv = torch.randn(1, 2, 8, 16, dtype=dtype)
-        matvec.sdpa(attention_layer(), torch.randn(1, 6, queries, 16, dtype=dtype), kv, kv, None)
-    assert calls == [2, 3]  # several queries go to SDPA as they are
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_a_model_on_a_cpu_decodes_as_with_sdpa(tiny_llama, dtype):
-    from kvpred.model import KVPredictionModel
-
-    model = KVPredictionModel.from_pretrained(tiny_llama, keep_ratio=0.5, dtype=dtype)
-    assert model.base.config._attn_implementation == model.aux.config._attn_implementation == matvec.ATTENTION
-    ids = torch.randint(3, 200, (2, 12))
-    mask = torch.ones_like(ids)
-    mask[1, :4] = 0  # a padded row
-    runs = {}
-    for name in (matvec.ATTENTION, "sdpa"):
-        model.base.config._attn_implementation = name
-        runs[name] = [model.generate(ids, mask, mode=mode, max_new_tokens=6) for mode in ("exact", "predicted")]
-    assert all(torch.equal(a, b) for a, b in zip(*runs.values()))
