@@ -43,6 +43,15 @@ def use_kvpred_attention(model: PreTrainedModel) -> None:
         model.config._attn_implementation = ATTENTION
 
 
+def warm_up_cudnn(device: torch.device, dtype: torch.dtype) -> None:
+    """Start cuDNN's attention on `device` with one small masked call: its start-up took about a second on an H200,
+    which the first long masked prefill would otherwise pay (KVPredictionModel.warm_up calls this)."""
+    query = torch.zeros(1, 1, ALIGN, 64, device=device, dtype=dtype)
+    mask = torch.ones(ALIGN, ALIGN, dtype=torch.bool, device=device).tril()[None, None]
+    with sdpa_kernel(CUDNN_FIRST):
+        F.scaled_dot_product_attention(query, query, query, attn_mask=mask)
+
+
 def sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
          attention_mask: torch.Tensor | None, scaling: float | None = None, softcap: float | None = None,
          **kwargs) -> tuple[torch.Tensor, None]:

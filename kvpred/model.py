@@ -26,7 +26,7 @@ from .decoding import (MIN_TEMPERATURE, StepPool, capacity_bucket, check_decodin
                        generate_with_steps, pad_id, with_stop_strings)
 from .deferred import PendingValues, deferred_values
 from .generation import chat_exact_tail
-from .attention import capped_attention, soft_cap, use_kvpred_attention
+from .attention import capped_attention, soft_cap, use_kvpred_attention, warm_up_cudnn
 from .matvec import use_blocked_matvec
 from .predictor import KVPredictor, PredictorConfig
 from .rope import adjacent_pairs, rope_tables, rotate, rotate_into, rotated_layers
@@ -907,10 +907,13 @@ class KVPredictionModel(nn.Module):
         buckets, capped at the context length; at most as many as the pool keeps, the smallest first) the pooled
         cache and, on a GPU, its CUDA-graph step and pipelined first step (`pipelined_first_step`; after
         `compile_step`, on a CPU too, its compiled step), and each mode's kernels once. The first request of each
-        shape then pays no allocation, graph capture or lazy initialisation (`kvpred serve` does this before it
-        takes requests). Returns the capacities made ready."""
+        shape then pays no allocation, graph capture or lazy initialisation, and on a GPU cuDNN's attention is
+        started (`kvpred.attention`) (`kvpred serve` does this before it takes requests). Returns the capacities
+        made ready."""
         context = self.context_length
         buckets = sorted({capacity_bucket(min(c, context), context) for c in capacities})[:self._steps.size]
+        if self.device.type == "cuda":  # long masked prefills (sliding windows, padded batches) run on cuDNN
+            warm_up_cudnn(self.device, self.base.dtype)
         for i, capacity in enumerate(buckets):
             n = capacity - 2  # + 2 new tokens: the step is captured after the first
             ids = torch.arange(n, device=self.device).remainder(self.base.config.vocab_size).expand(batch_size, n)
