@@ -89,14 +89,17 @@ def test_the_padded_mask_is_made_once_per_mask_and_dropped_with_it(monkeypatch):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the padded path runs on a GPU")
-@pytest.mark.parametrize("arch", ["mistral", "gemma3_text"])
+@pytest.mark.parametrize("arch", ["llama", "mistral", "gemma3_text"])
 def test_long_masked_prefills_on_a_gpu_give_the_same_tokens_padded(tmp_path, arch, monkeypatch):
-    """Sliding windows put a mask on every prefill; 2100 tokens are past MIN_ALIGNED and off a multiple of 128."""
+    """A left-padded batch puts a mask on every prefill, and so do sliding windows (Mistral, Gemma 3); 2100 tokens
+    are past MIN_ALIGNED and off a multiple of 128."""
     path = save_tiny_model(tmp_path / arch, arch=arch, context=4096)
     model = KVPredictionModel.from_pretrained(str(path), keep_ratio=0.5, device="cuda")
     ids = torch.randint(3, 259, (2, 2100), device="cuda")
+    mask = torch.ones_like(ids)
+    ids[1, :70], mask[1, :70] = model.tokenizer.pad_token_id, 0
     runs = []
     for smallest in (attention.MIN_ALIGNED, 10**9):
         monkeypatch.setattr(attention, "MIN_ALIGNED", smallest)
-        runs.append([model.generate(ids, mode=mode, max_new_tokens=4) for mode in ("exact", "aux", "predicted")])
+        runs.append([model.generate(ids, mask, mode=mode, max_new_tokens=4) for mode in ("exact", "aux", "predicted")])
     assert all(torch.equal(a, b) for a, b in zip(*runs))
