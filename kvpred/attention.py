@@ -12,9 +12,9 @@ mask, but it takes up to 1.7x longer when the prompt's length is not a multiple 
 Gemma 3 1B layer at 31,999 tokens against 19.1 at 32,000; memory-efficient attention took 35-37 ms at either), and
 it builds an execution plan for every new shape, which is why `generate` otherwise keeps SDPA off cuDNN
 (kvpred.decoding.without_cudnn_attention). So from 2048 tokens such prefills run on cuDNN with queries and keys
-padded to a multiple of 128: a plan then serves a whole bucket of 128 lengths, 65-85 ms the first time. In
-`generate` on the Gemma 3 1B shape, an exact prefill of 31,000 tokens took 602 instead of 912 ms, and predicted
-mode's first token came after 212 instead of 296 ms (benchmarks/results/h200/aligned_attention).
+padded to a multiple of 128: a plan then serves a whole bucket of 128 lengths (it cost up to 85 ms the first time).
+In `generate` on the Gemma 3 1B shape, an exact prefill of 31,000 tokens took 681 instead of 1048 ms, and predicted
+mode's first token came after 213 instead of 309 ms (benchmarks/results/h200/aligned_attention).
 """
 from __future__ import annotations
 
@@ -31,7 +31,9 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 ATTENTION = "kvpred_sdpa"  # the attention implementation name `use_kvpred_attention` gives a model
 ALIGN = 128  # long masked prefills on a GPU pad their queries and keys to a multiple of this
 MIN_ALIGNED = 2048  # from this many queries; below, padding saved nothing on an H200 and cost time at 1024
-CUDNN_FIRST = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+# SDPA's backends with cuDNN among them: flash attention takes no mask, and SDPA picks cuDNN before memory-efficient
+# attention on an H200
+WITH_CUDNN = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 _padded_mask: list = [None]  # (weakref to a layer's mask, its padded copy): one copy per forward, not per layer
 
 
@@ -48,7 +50,7 @@ def warm_up_cudnn(device: torch.device, dtype: torch.dtype) -> None:
     which the first long masked prefill would otherwise pay (KVPredictionModel.warm_up calls this)."""
     query = torch.zeros(1, 1, ALIGN, 64, device=device, dtype=dtype)
     mask = torch.ones(ALIGN, ALIGN, dtype=torch.bool, device=device).tril()[None, None]
-    with sdpa_kernel(CUDNN_FIRST):
+    with sdpa_kernel(WITH_CUDNN):
         F.scaled_dot_product_attention(query, query, query, attn_mask=mask)
 
 
@@ -76,7 +78,7 @@ def sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch
 
 def aligned(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
             attention_mask: torch.Tensor, **kwargs) -> tuple[torch.Tensor, None]:
-    """transformers' SDPA, cuDNN first, over queries and keys padded with zeros to a multiple of ALIGN, under the
+    """transformers' SDPA, cuDNN allowed, over queries and keys padded with zeros to a multiple of ALIGN, under the
     boolean mask [B, 1, Q, T] padded to match: the real queries see no padded key, and each padded query sees the
     first key only (a softmax over nothing would be NaN); their outputs are dropped."""
     q_len, k_len = query.shape[2], key.shape[2]
@@ -92,7 +94,7 @@ def aligned(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: to
             _padded_mask[0] = (weakref.ref(attention_mask, _forget), mask)
         query = F.pad(query, (0, 0, 0, pad_q))
         key, value = F.pad(key, (0, 0, 0, pad_k)), F.pad(value, (0, 0, 0, pad_k))
-    with sdpa_kernel(CUDNN_FIRST):
+    with sdpa_kernel(WITH_CUDNN):
         out, weights = sdpa_attention_forward(module, query, key, value, mask, **kwargs)
     return out[:, :q_len], weights
 
