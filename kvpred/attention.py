@@ -58,15 +58,16 @@ def sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch
          attention_mask: torch.Tensor | None, scaling: float | None = None, softcap: float | None = None,
          **kwargs) -> tuple[torch.Tensor, None]:
     """transformers' SDPA attention; a single query per row on a CPU runs with the query heads of each KV head as
-    that head's queries (the same arithmetic, up to rounding), and a long masked prefill on a GPU (not in training)
-    on cuDNN with its queries and keys padded (`aligned`). Logits soft-capped (Gemma 2), which SDPA cannot do, go
-    through `capped_attention`. query [B, Hq, Q, D], key/value [B, Hkv, T, D]; returns [B, Q, Hq, Dv]."""
+    that head's queries (the same arithmetic, up to rounding), and a long masked prefill on a GPU on cuDNN with its
+    queries and keys padded (`aligned`; not where gradients are on: training keeps SDPA's own choice). Logits
+    soft-capped (Gemma 2), which SDPA cannot do, go through `capped_attention`. query [B, Hq, Q, D], key/value
+    [B, Hkv, T, D]; returns [B, Q, Hq, Dv]."""
     if softcap is not None:
         return capped_attention(query, key, value, attention_mask, scaling, softcap), None
     b, hq, q_len, d = query.shape
     hkv = key.shape[1]
     boolean = attention_mask is not None and attention_mask.dtype == torch.bool
-    if q_len >= MIN_ALIGNED and boolean and query.device.type == "cuda" and not module.training:
+    if q_len >= MIN_ALIGNED and boolean and query.device.type == "cuda" and not torch.is_grad_enabled():
         return aligned(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
     if (q_len != 1 or query.device.type != "cpu" or module.training
             or (attention_mask is not None and not boolean)):
