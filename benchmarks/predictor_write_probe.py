@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from kvpred.rope import rope_tables
+from kvpred.rope import rope_runs
 from kvpred.shapes import random_kvp_model
 
 
@@ -43,7 +43,7 @@ def main() -> None:
 
         def eager(key_in, value_in, pos, key_out, value_out):
             keys, values = model.predictor(key_in, value_in)
-            model.base_kv_into(keys, values, rope_tables(model.base, pos, key_out.dtype), key_out, value_out)
+            model.base_kv_into(keys, values, rope_runs(model.base, pos, key_out.dtype), key_out, value_out)
 
         def fused(key_in, value_in, pos, key_out, value_out):
             keys, values = model.base_kv(*model.predictor(key_in, value_in), pos)

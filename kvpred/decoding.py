@@ -24,7 +24,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .deferred import deferred_values
 from .models import KVPredError
-from .rope import rope_tables
+from .rope import rope_runs
 
 
 class EagerStep:
@@ -488,7 +488,7 @@ class RollingBatch:
             for arena, kv in zip(arenas, (keys, values)):
                 arena[layers, :, :, start:self.slot].index_copy_(1, index, kv)
 
-        rope = rope_tables(self.model.base, positions, arenas[0].dtype, n)  # the prompt's last position included
+        rope = rope_runs(self.model.base, positions, arenas[0].dtype, n)  # the prompt's last position included
         pipeline.behind_aux(lambda: self.model.run_aux(ids, mask, None if mask is None else positions[:, :n]), rope,
                             into, then)
         step.ids.copy_(grouped.token[:, None])

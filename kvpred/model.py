@@ -29,7 +29,7 @@ from .generation import chat_exact_tail
 from .attention import capped_attention, soft_cap, use_kvpred_attention, warm_up_cudnn
 from .matvec import use_blocked_matvec
 from .predictor import KVPredictor, PredictorConfig
-from .rope import adjacent_pairs, rope_tables, rotate, rotate_into, rotated_layers
+from .rope import adjacent_pairs, rope_runs, rope_tables, rotate, rotate_into, rotated_layers
 
 MODES = ("exact", "aux", "predicted")
 FORMAT_VERSION = 1
@@ -572,21 +572,24 @@ class KVPredictionModel(nn.Module):
         return (weight.view(shape[0], *[1] * (normed.dim() - weight.dim()), *weight.shape[1:]) * normed).view(shape)
 
     @torch.no_grad()
-    def base_kv_into(self, keys: torch.Tensor, values: torch.Tensor | None, rope: tuple[torch.Tensor, torch.Tensor],
-                     key_out: torch.Tensor, value_out: torch.Tensor, layers: slice = slice(None)) -> None:
+    def base_kv_into(self, keys: torch.Tensor, values: torch.Tensor | None,
+                     rope: list[tuple[slice, torch.Tensor, torch.Tensor]], key_out: torch.Tensor,
+                     value_out: torch.Tensor, layers: slice = slice(None)) -> None:
         """`base_kv` for inference, written into `key_out`, `value_out` [L, B, H, T, D] (e.g. a BufferCache's
         arena): values (unless None) in one strided copy, keys rotated straight into the output (out= ops).
-        `rope`: the base's (cos, sin) at the T columns (`rope_tables`); `layers`: which base layers the L are (all
-        of them by default)."""
+        `rope`: the base's tables at the T columns, per run of base layers (`rope_runs`); `layers`: which base
+        layers the L are (all of them by default)."""
         n_layers, b, t, _ = keys.shape
         keys = keys.to(key_out.dtype)  # before RoPE: mixed-dtype elementwise ops are several times slower on a CPU
         keys = self._k_norm(keys.view(n_layers, b, t, self.base_kv_heads, self.base_head_dim), layers)
-        cos, sin = rope  # [B, T, R], or [L, B, T, R] per layer
-        if cos.dim() == 4:
-            cos, sin = cos[layers], sin[layers]
-        rotate_into(keys.transpose(2, 3), cos, sin, key_out, self.base_adjacent)  # [L, B, H, T, D]
+        keys = keys.transpose(2, 3)  # [L, B, H, T, D]
+        first = layers.start or 0
+        for run, cos, sin in rope:  # the runs' layers within `layers`, numbered from its first
+            mine = slice(max(run.start, first) - first, min(run.stop, first + n_layers) - first)
+            if mine.start < mine.stop:
+                rotate_into(keys[mine], cos, sin, key_out[mine], self.base_adjacent)
         for i in self._unrotated(layers):
-            key_out[i].copy_(keys[i].transpose(1, 2))
+            key_out[i].copy_(keys[i])
         if values is not None:
             value_out.copy_(values.view(n_layers, b, t, self.base_kv_heads, -1).transpose(2, 3))
 
@@ -631,7 +634,7 @@ class KVPredictionModel(nn.Module):
         (KVPredictor.keys_and_value_inputs)."""
         n = key_in.shape[2]
         step = n if key_in.device.type != "cpu" else max(1, CPU_PREDICT_ROWS // position_ids.shape[0])
-        cos, sin = rope_tables(self.base, position_ids, key_out.dtype, n)  # once: its table may depend on all of them
+        runs = rope_runs(self.base, position_ids, key_out.dtype, n)  # once: its table may depend on all of them
         dtype = self.predictor_compute_dtype
         value_inputs = []
         for s in range(0, n, step):
@@ -644,8 +647,8 @@ class KVPredictionModel(nn.Module):
             else:
                 keys, values = self.predictor(key_in[:, :, s:e], value_in[:, :, s:e], dtype)  # [L, B, <=step, kv]
             mark("predictor")
-            self.base_kv_into(keys, values, (cos[..., s:e, :], sin[..., s:e, :]), key_out[..., s:e, :],
-                              value_out[..., s:e, :])
+            self.base_kv_into(keys, values, [(run, cos[..., s:e, :], sin[..., s:e, :]) for run, cos, sin in runs],
+                              key_out[..., s:e, :], value_out[..., s:e, :])
             mark("write")
         if not defer_values:
             return None

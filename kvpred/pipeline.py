@@ -27,7 +27,7 @@ from .decoding import ColumnInputs, _capture
 from .attention import soft_cap
 from .model import BufferCache, KVPredictionModel, cache_kwargs, hidden_output, hidden_tap, position_ids_from_mask
 from .models import hook_kv_projections
-from .rope import layer_position_embeddings, rope_tables
+from .rope import layer_position_embeddings, rope_runs
 
 
 def layer_groups(layer_map: list[int]) -> list[tuple[int, range]] | None:
@@ -143,20 +143,20 @@ class PipelinedPrefill:
         keys_out, values_out = cache.slices(n)
         aux_mask = None if attention_mask is None else attention_mask[:, :n]
         aux_positions = positions[:, start:n] if attention_mask is not None or start else None
-        rope = rope_tables(model.base, positions[:, kept:], cache.key_arena.dtype, n - kept)
+        rope = rope_runs(model.base, positions[:, kept:], cache.key_arena.dtype, n - kept)
         self.behind_aux(lambda: model.run_aux(input_ids[:, start:n], aux_mask, aux_positions, aux_past), rope,
                         lambda layers: (keys_out[layers, ..., kept:, :], values_out[layers, ..., kept:, :]),
                         skip=kept - start)
         cache.set_length(total - 1)  # as the plain path leaves it: the tail's last column is the step's to advance
         return self.step.token
 
-    def behind_aux(self, run_aux: Callable[[], None], rope: tuple[torch.Tensor, torch.Tensor],
+    def behind_aux(self, run_aux: Callable[[], None], rope: list[tuple[slice, torch.Tensor, torch.Tensor]],
                    into: Callable[[slice], tuple[torch.Tensor, torch.Tensor]],
                    then: Callable[[slice, torch.Tensor, torch.Tensor], None] = lambda layers, k, v: None,
                    skip: int = 0) -> None:
         """`run_aux()` (the auxiliary's pass, `KVPredictionModel.run_aux`) with, as each tap comes out, its group of
         base layers' keys and values predicted from the tap's outputs after the first `skip` tokens, rotated with
-        `rope` (the base's tables at their n columns, `rope_tables`), written into `into(layers)` ([L, b, H, n, D]
+        `rope` (the base's tables at their n columns, `rope_runs`), written into `into(layers)` ([L, b, H, n, D]
         each) and handed to `then(layers, keys, values)` (for a copy elsewhere); then the group's part of the step
         runs. The step's inputs are loaded already; it may have more rows than the auxiliary
         (kvpred.decoding.RollingBatch)."""

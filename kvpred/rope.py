@@ -125,7 +125,7 @@ def layer_position_embeddings(model, x: torch.Tensor, position_ids: torch.Tensor
     rotary, config = model.model.rotary_emb, model.config
     if not _tables_per_kind(type(rotary)):
         return [rotary(x, position_ids)] * config.num_hidden_layers
-    # kinds with the same RoPE parameters (OLMo 3's) share one table, which `rope_tables` then need not stack per layer
+    # kinds with the same RoPE parameters share one table, which `rope_runs` then hands out as one run
     by_parameters: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for kind in sorted(set(config.layer_types)):
         parameters = repr(config.rope_parameters.get(kind, kind))
@@ -139,24 +139,42 @@ def _tables_per_kind(rotary_type: type) -> bool:
     return "layer_type" in inspect.signature(rotary_type.forward).parameters
 
 
-def rope_tables(model, position_ids: torch.Tensor, dtype: torch.dtype,
-                width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin [B, T, R] of `model` (a *ForCausalLM) at the first `width` (default: all) of `position_ids` [B, N],
-    R its rotary dimensions; [L, B, T, R], one per layer, where its layer kinds have tables of their own (see
-    `layer_position_embeddings`). Either broadcasts against keys [L, B, H, T, D] in `rotate`. The tables come in one
-    layout, each frequency's entries in two halves.
+def rope_runs(model, position_ids: torch.Tensor, dtype: torch.dtype,
+              width: int | None = None) -> list[tuple[slice, torch.Tensor, torch.Tensor]]:
+    """The rotary tables of `model` (a *ForCausalLM) at the first `width` (default: all) of `position_ids` [B, N], as
+    (layers, cos, sin) per run of consecutive decoder layers that share one table, cos and sin [B, T, R], R its rotary
+    dimensions: one run for most models; for Gemma 3, whose sliding and full layers have tables of their own (see
+    `layer_position_embeddings`), one per stretch of one kind, each table made once and not copied per layer (at 32k
+    tokens a table per layer would take as much memory as the KV cache). The tables come in one layout, each
+    frequency's entries in two halves.
 
     `position_ids` are those of a whole forward, of which the T columns are the first: longrope picks its short or
     long frequencies (and dynamic NTK its base) by the largest position of each forward call, so keys predicted for a
     prompt's first columns get the tables a forward over the whole prompt, tail included, would give them."""
     probe = torch.empty(0, device=position_ids.device, dtype=dtype)
     per_layer = layer_position_embeddings(model, probe, position_ids)
-    if all(table is per_layer[0] for table in per_layer):
-        cos, sin = per_layer[0]
-    else:
-        cos, sin = torch.stack([cos for cos, _ in per_layer]), torch.stack([sin for _, sin in per_layer])
-    if model.config.model_type in REPEATED_TABLES:
-        cos, sin = (torch.cat((table[..., 0::2],) * 2, dim=-1) for table in (cos, sin))
-    if width is not None:
-        cos, sin = cos[..., :width, :], sin[..., :width, :]
+    made: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # one per distinct table
+    runs = []
+    for i, table in enumerate(per_layer):
+        if runs and per_layer[i - 1] is table:
+            runs[-1][0] = slice(runs[-1][0].start, i + 1)
+            continue
+        if id(table) not in made:
+            cos, sin = table
+            if model.config.model_type in REPEATED_TABLES:
+                cos, sin = (torch.cat((t[..., 0::2],) * 2, dim=-1) for t in (cos, sin))
+            made[id(table)] = cos[..., :width, :], sin[..., :width, :]
+        runs.append([slice(i, i + 1), *made[id(table)]])
+    return [tuple(run) for run in runs]
+
+
+def rope_tables(model, position_ids: torch.Tensor, dtype: torch.dtype,
+                width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`rope_runs`' tables as one cos, sin pair: [B, T, R] where every layer shares one table, else [L, B, T, R], one
+    per layer. Either broadcasts against keys [L, B, H, T, D] in `rotate`."""
+    runs = rope_runs(model, position_ids, dtype, width)
+    if len(runs) == 1:
+        return runs[0][1:]
+    cos = torch.cat([c.expand(run.stop - run.start, *c.shape) for run, c, _ in runs])
+    sin = torch.cat([s.expand(run.stop - run.start, *s.shape) for run, _, s in runs])
     return cos, sin

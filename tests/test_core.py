@@ -15,7 +15,7 @@ from kvpred.generation import TimedStreamer, encode_prompts
 from kvpred.model import CONFIG_NAME, PREDICTOR_NAME, KVPredictionModel, capture
 from kvpred.models import KVPredError, expert_layers, kv_widths
 from kvpred.predictor import KVPredictor, PredictorConfig
-from kvpred.rope import rope_tables, rotate, rotate_into, unrotate, unrotate_layers
+from kvpred.rope import rope_runs, rope_tables, rotate, rotate_into, unrotate, unrotate_layers
 from kvpred.tasks import kv_errors
 from kvpred.testing import byte_tokenizer, save_tiny_model, tiny_config
 from conftest import ARCHS
@@ -640,6 +640,22 @@ def test_a_base_that_clips_its_keys_and_values_is_refused(tmp_path):
     path = save_tiny_model(tmp_path / "clipped", arch="olmo", clip_qkv=8.0)  # as OLMo-7B-0424 does
     with pytest.raises(KVPredError, match="clip_qkv=8.0"):
         KVPredictionModel.from_pretrained(str(path))
+
+
+def test_layers_of_one_kind_share_one_rope_table(tiny_models):
+    """Gemma 3's sliding and full layers (alternating here) have tables of their own, made once per kind and handed
+    out per run of layers, not copied per layer; Llama's layers share one table, one run."""
+    base = KVPredictionModel.from_pretrained(tiny_models["gemma3_text"], keep_ratio=1.0).base
+    pos = torch.arange(9).expand(2, 9)
+    runs = rope_runs(base, pos, torch.float32, 7)
+    assert [run for run, _, _ in runs] == [slice(i, i + 1) for i in range(4)]
+    assert runs[0][1] is runs[2][1] and runs[1][1] is runs[3][1] and runs[0][1].shape == (2, 7, 16)
+    assert not torch.equal(runs[0][1], runs[1][1])
+    cos, sin = rope_tables(base, pos, torch.float32, 7)  # [L, B, T, R]
+    for run, c, s in runs:
+        assert torch.equal(cos[run], c.expand_as(cos[run])) and torch.equal(sin[run], s.expand_as(sin[run]))
+    llama = KVPredictionModel.from_pretrained(tiny_models["llama"], keep_ratio=1.0).base
+    assert [run for run, _, _ in rope_runs(llama, pos, torch.float32)] == [slice(0, 4)]
 
 
 @pytest.mark.parametrize("arch", ["qwen3", "olmo2", "gemma3_text", "stablelm", "cohere"])
