@@ -29,7 +29,7 @@ from .generation import chat_exact_tail
 from .attention import capped_attention, soft_cap, use_kvpred_attention, warm_up_cudnn
 from .matvec import use_blocked_matvec
 from .predictor import KVPredictor, PredictorConfig
-from .rope import adjacent_pairs, rope_runs, rope_tables, rotate, rotate_into, rotated_layers
+from .rope import KEY_NORM_AFTER_ROPE, adjacent_pairs, rope_runs, rope_tables, rotate, rotate_into, rotated_layers
 
 MODES = ("exact", "aux", "predicted")
 FORMAT_VERSION = 1
@@ -278,8 +278,11 @@ class KVPredictionModel(nn.Module):
         self.base_kv_heads = base.config.num_key_value_heads
         self.base_head_dim = attn.head_dim
         # Base k-norm, stacked over layers so it applies to all predicted keys at once: over each head, with one
-        # weight for all (Qwen3) or one per head (StableLM, Cohere), or over the whole projection (OLMo 2)
-        norm_name = next((n for n in ("k_norm", "k_layernorm") if getattr(attn, n, None) is not None), None)
+        # weight for all (Qwen3) or one per head (StableLM, Cohere), or over the whole projection (OLMo 2); before
+        # RoPE, or after it (Hunyuan)
+        norm_name = next((n for n in ("k_norm", "k_layernorm", "key_layernorm") if getattr(attn, n, None) is not None),
+                         None)
+        self.k_norm_after_rope = base.config.model_type in KEY_NORM_AFTER_ROPE
         scales, centred, eps = zip(*[_k_norm_scale(getattr(layer.self_attn, norm_name))
                                      for layer in base.model.layers]) if norm_name else [[None], [False], [0.0]]
         self.k_norm_centred, self.k_norm_eps = centred[0], eps[0]
@@ -543,21 +546,23 @@ class KVPredictionModel(nn.Module):
         with the base's k-norm (where it has one) and rotated with the base's RoPE at the first T of `position_ids`
         [B, >= T], the positions of the forward they open (see `rope_tables`)."""
         n_layers, b, t, _ = keys.shape
-        keys = self._k_norm(keys.view(n_layers, b, t, self.base_kv_heads, self.base_head_dim))  # [L, B, T, H, D]
+        keys = keys.view(n_layers, b, t, self.base_kv_heads, self.base_head_dim)  # [L, B, T, H, D]
+        keys = keys if self.k_norm_after_rope else self._k_norm(keys)
         keys = keys.transpose(2, 3)  # [L, B, H, T, D]
         values = values.view(n_layers, b, t, self.base_kv_heads, -1).transpose(2, 3)  # [L, B, H, T, Dv]
         cos, sin = rope_tables(self.base, position_ids, keys.dtype, t)
         rotated = rotate(keys, cos, sin, self.base_adjacent)
         for i in self._unrotated(slice(None)):
             rotated[i] = keys[i]
-        return rotated, values
+        return (self._k_norm(rotated) if self.k_norm_after_rope else rotated), values
 
     def _unrotated(self, layers: slice) -> list[int]:
         """Indices within base `layers` of the layers whose keys are cached unrotated (SmolLM3's NoPE layers)."""
         return [i for i, rotated in enumerate(self.base_rotated[layers]) if not rotated]
 
     def _k_norm(self, keys: torch.Tensor, layers: slice = slice(None)) -> torch.Tensor:
-        """The base's k-norm on [L, B, T, H, D] keys of base `layers`; identity for bases without one."""
+        """The base's k-norm on [L, B, T, H, D] keys of base `layers` (or [L, B, H, T, D], where the norm has one
+        weight for all heads); identity for bases without one."""
         if self.k_norm_weight is None:
             return keys
         weight = self.k_norm_weight[layers]
@@ -581,7 +586,8 @@ class KVPredictionModel(nn.Module):
         layers the L are (all of them by default)."""
         n_layers, b, t, _ = keys.shape
         keys = keys.to(key_out.dtype)  # before RoPE: mixed-dtype elementwise ops are several times slower on a CPU
-        keys = self._k_norm(keys.view(n_layers, b, t, self.base_kv_heads, self.base_head_dim), layers)
+        keys = keys.view(n_layers, b, t, self.base_kv_heads, self.base_head_dim)
+        keys = keys if self.k_norm_after_rope else self._k_norm(keys, layers)
         keys = keys.transpose(2, 3)  # [L, B, H, T, D]
         first = layers.start or 0
         for run, cos, sin in rope:  # the runs' layers within `layers`, numbered from its first
@@ -590,6 +596,8 @@ class KVPredictionModel(nn.Module):
                 rotate_into(keys[mine], cos, sin, key_out[mine], self.base_adjacent)
         for i in self._unrotated(layers):
             key_out[i].copy_(keys[i])
+        if self.k_norm_after_rope:
+            key_out.copy_(self._k_norm(key_out, layers))
         if values is not None:
             value_out.copy_(values.view(n_layers, b, t, self.base_kv_heads, -1).transpose(2, 3))
 

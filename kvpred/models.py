@@ -36,7 +36,8 @@ class KVPredError(ValueError):
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "ministral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe",
                          "smollm3", "gemma", "gemma2", "gemma3_text", "granite", "olmo", "olmo2", "olmo3", "seed_oss",
                          "phi3", "stablelm", "glm", "glm4", "cohere", "cohere2", "exaone4", "helium", "ernie4_5",
-                         "starcoder2", "nemotron", "arcee", "apertus", "olmoe", "granitemoe", "glm4_moe")
+                         "starcoder2", "nemotron", "arcee", "apertus", "olmoe", "granitemoe", "glm4_moe",
+                         "hunyuan_v1_dense")
 # Their MLPs without a gate: an up projection (StarCoder2's c_fc), an activation and a down projection (c_proj)
 UNGATED_MLPS = frozenset({"starcoder2", "nemotron", "arcee", "apertus"})
 

@@ -6,7 +6,8 @@ dimensions (all of them, or the first R: partial rotary) and in its pairing of d
 NoPE layers (and Cohere 2's full-attention layers) cache their keys unrotated, so they are left as predicted
 (`rotated_layers`); Gemma 3's sliding and full layers rotate with tables of their own (`layer_position_embeddings`).
 Where transformers picks the tables by a forward's last position (longrope, dynamic NTK), predicted keys get those of a
-forward over the whole prompt (`rope_tables`).
+forward over the whole prompt (`rope_runs`). Hunyuan normalises its keys after RoPE, not before
+(`KEY_NORM_AFTER_ROPE`), and so are predicted keys.
 """
 from __future__ import annotations
 
@@ -23,6 +24,8 @@ ADJACENT_PAIRS = frozenset({"cohere", "cohere2", "ernie4_5", "glm", "glm4", "hel
 REPEATED_TABLES = frozenset({"cohere", "cohere2"})
 # Model types whose layers rotate their keys only where they attend to a sliding window, when they have any
 ROPE_ONLY_WHEN_SLIDING = frozenset({"cohere2", "exaone4"})
+# Model types whose attention normalises its keys after RoPE rather than before (Hunyuan's key_layernorm)
+KEY_NORM_AFTER_ROPE = frozenset({"hunyuan_v1_dense"})
 
 
 def rope_types(config) -> set[str]:

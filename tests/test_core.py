@@ -658,15 +658,16 @@ def test_layers_of_one_kind_share_one_rope_table(tiny_models):
     assert [run for run, _, _ in rope_runs(llama, pos, torch.float32)] == [slice(0, 4)]
 
 
-@pytest.mark.parametrize("arch", ["qwen3", "olmo2", "gemma3_text", "stablelm", "cohere"])
+@pytest.mark.parametrize("arch", ["qwen3", "olmo2", "gemma3_text", "stablelm", "cohere", "hunyuan_v1_dense"])
 def test_predicted_keys_get_the_bases_own_k_norm(tmp_path, arch):
     """RMS norms over each head (Qwen3; Gemma 3 scales by 1 + weight) or the whole projection (OLMo 2); LayerNorms
-    with a weight per head (StableLM: one LayerNorm per head; Cohere: one weight of [heads, head_dim])."""
+    with a weight per head (StableLM: one LayerNorm per head; Cohere: one weight of [heads, head_dim]); an RMS norm
+    after RoPE (Hunyuan)."""
     path = save_tiny_model(tmp_path / arch, arch=arch)
     base = AutoModelForCausalLM.from_pretrained(path)
     with torch.no_grad():  # weights away from their initial ones (or zeros), different in every layer and head
         for name, p in base.named_parameters():
-            if "k_norm" in name or "k_layernorm" in name:
+            if any(norm in name for norm in ("k_norm", "k_layernorm", "key_layernorm")):
                 p.copy_(torch.rand_like(p) + 0.5)
     base.save_pretrained(path)
     model = KVPredictionModel.from_pretrained(str(path), keep_ratio=1.0)
