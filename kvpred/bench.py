@@ -254,6 +254,7 @@ class Settings:
     compile_predictor: bool = False
     defer_values: bool = True  # with the eager step only: a captured graph cannot branch on pending values
     pipeline: bool = False  # with the graph step: predicted mode's step runs tap by tap behind the auxiliary
+    prefill_graphs: bool = False  # on a GPU, each mode's whole prompt pass replays a CUDA graph (kvpred.prefill_graphs)
     max_batch_tokens: int | None = None
     time_budget: float | None = None
     seed: int = 0
@@ -272,6 +273,7 @@ class Combo:
     last_pos: torch.Tensor  # [B, 1] position of the last prompt token
     next_pos: torch.Tensor  # [B, 1] position of the first generated token
     pipelines: dict[str, object] = field(default_factory=dict)  # per variant: kvpred.pipeline.PipelinedPrefill
+    prefills: dict[str, object] = field(default_factory=dict)  # per sample key: kvpred.prefill_graphs.PrefillGraph
     samples: dict[str, list] = field(default_factory=dict)
 
 
@@ -317,10 +319,14 @@ class TTFTBench:
     def setup(self, batch: int, length: int) -> Combo:
         from .model import BufferCache
 
+        from .prefill_graphs import LONGEST, bucket
+
         first = self.variants[0].model
-        capacity = -(-(length + self.s.decode_tokens) // 64) * 64  # aligned mask rows for fused SDPA kernels
+        graphed = self.s.prefill_graphs and self.device.type == "cuda" and length <= LONGEST
+        columns = bucket(length) if graphed else length  # a prompt pass's graph writes its bucket's columns
+        capacity = -(-(max(columns, length + self.s.decode_tokens)) // 64) * 64  # aligned mask rows for SDPA kernels
         base_cache = BufferCache(self.base.config, batch, capacity, dtype=self.base.dtype, device=self.device)
-        aux_caches = {v.name: v.model.new_cache(batch, length, "aux") for v in self.variants}
+        aux_caches = {v.name: v.model.new_cache(batch, columns, "aux") for v in self.variants}
         step, note = make_step(first, base_cache, self.s.cuda_graph)
         pos = lambda p: torch.full((batch, 1), p, dtype=torch.long, device=self.device)  # noqa: E731
         defer = self.s.defer_values and isinstance(step, EagerStep)
@@ -335,7 +341,27 @@ class TTFTBench:
         elif self.s.pipeline:
             combo.step_note += ", not pipelined (that needs the CUDA-graph step)"
         combo.step_note += ", values deferred" if defer else ""
+        if graphed:
+            combo.step_note += self._capture_prefills(combo, columns)
         return combo
+
+    def _capture_prefills(self, c: Combo, columns: int) -> str:
+        """Each mode's prompt pass as a CUDA graph over `columns` (predicted mode's pipelined); what it says."""
+        from .prefill_graphs import PrefillGraph
+
+        pool = torch.cuda.graph_pool_handle()  # the graphs replay one at a time: their buffers can overlap
+        try:
+            first = self.variants[0].model
+            c.prefills["exact"] = PrefillGraph(first, c.base_cache, "exact", c.batch, columns, pool=pool)
+            for v in self.variants:
+                c.prefills[f"aux|{v.name}"] = PrefillGraph(v.model, c.aux_caches[v.name], "aux", c.batch, columns,
+                                                           pool=pool)
+                c.prefills[f"predicted|{v.name}"] = PrefillGraph(v.model, c.base_cache, "predicted", c.batch,
+                                                                 columns, pool=pool)
+        except Exception as err:  # noqa: BLE001 - the passes then run eagerly, and the table says why
+            c.prefills.clear()
+            return f", prompt passes eager (capture failed: {type(err).__name__}: {err})"[:200]
+        return f", prompt passes replayed as CUDA graphs over {columns} columns (kvpred.prefill_graphs)"
 
     def _check_graph(self, c: Combo) -> str:
         """The captured step replayed against the same step run eagerly (same attention, same mask): a capture
@@ -362,7 +388,11 @@ class TTFTBench:
         """One timed prompt: until the first token's id is on the host."""
         clock, model = self.clock, variant.model
         clock.start()
-        if mode == "predicted" and c.pipelines:  # no phases to tell apart: all of it counts as the step
+        graph = c.prefills.get("exact" if mode == "exact" else f"{mode}|{variant.name}")
+        if graph is not None:  # predicted mode's pass is pipelined: its phases are not told apart either
+            token = graph(ids)
+            clock.mark("step" if mode == "predicted" else "prefill")
+        elif mode == "predicted" and c.pipelines:  # no phases to tell apart: all of it counts as the step
             token = c.pipelines[variant.name](ids)
             clock.mark("step")
         elif mode == "predicted":
@@ -792,7 +822,7 @@ def _command(args, weights: str) -> str:
     for flag, value in (("--max-batch-tokens", args.max_batch_tokens), ("--time-budget", args.time_budget)):
         parts += [flag, str(value)] if value is not None else []
     parts += ["--cuda-graph", args.cuda_graph, "--compile", args.compile, "--compile-step", args.compile_step,
-              "--defer-values", args.defer_values, "--pipeline", args.pipeline]
+              "--defer-values", args.defer_values, "--pipeline", args.pipeline, "--prefill-graphs", args.prefill_graphs]
     parts += ["--predictor-dtype", args.predictor_dtype, "--aux-dtype", args.aux_dtype, "--seed", str(args.seed)]
     parts += ["--label", args.label] if args.label else []
     parts += ["--threads", str(args.threads)] if args.threads else []
@@ -806,6 +836,7 @@ def _ttft_command(args) -> int:
                         decode_tokens=args.decode_tokens, cuda_graph=args.cuda_graph == "auto",
                         compile_predictor=args.compile == "auto" and args.device.startswith("cuda"),
                         defer_values=args.defer_values == "auto", pipeline=args.pipeline == "auto",
+                        prefill_graphs=args.prefill_graphs == "auto",
                         max_batch_tokens=args.max_batch_tokens,
                         time_budget=args.time_budget, seed=args.seed)
     if args.repeats < 1 or args.warmup < 0:
@@ -946,6 +977,10 @@ def register(subparsers) -> None:
                    help="auto: with the CUDA-graph step, predicted mode runs the base's step one group of layers at "
                         "a time, each as soon as its auxiliary tap is predicted, on a second stream beside the "
                         "auxiliary (kvpred.pipeline), as generate() does on a GPU; the breakdown then has no phases")
+    p.add_argument("--prefill-graphs", choices=("off", "auto"), default="off",
+                   help="auto: on CUDA, each mode's whole prompt pass (predicted mode's pipelined) replays a CUDA "
+                        "graph, the prompt right-padded to a multiple of 128 tokens, up to 2048 "
+                        "(kvpred.prefill_graphs)")
     p.add_argument("--predictor-dtype", choices=("auto", "model", "bfloat16"), default="auto",
                    help="what the predictor's matmuls run in (auto: bf16 for an fp32 model on a CPU with bf16 dot "
                         "products, else the model's dtype; see KVPredictionModel.predictor_dtype)")

@@ -216,10 +216,11 @@ class GraphChunk(ColumnInputs):
 
 
 def _capture(body: Callable[[], None], device: torch.device,
-             before_warm_up: Callable[[], None] = lambda: None) -> torch.cuda.CUDAGraph:
+             before_warm_up: Callable[[], None] = lambda: None, pool=None) -> torch.cuda.CUDAGraph:
     """`body` captured as a CUDA graph, after two warm-up runs on a side stream (cuBLAS handles, lazy inits), and
     replayed once (after `before_warm_up` again): a fresh graph's first replay costs about twice the CPU time of
-    later ones (benchmarks/results/h100/session_pipeline), and here no request waits for it.
+    later ones (benchmarks/results/h100/session_pipeline), and here no request waits for it. `pool`: a memory pool
+    shared with other graphs that never replay at once (torch.cuda.graph_pool_handle).
 
     The second warm-up may not wait on the host (RuntimeError): a body that does cannot be captured (transformers
     5.17 picks longrope's tables with a Python `if` on a tensor), and a capture that failed half-way left later
@@ -234,7 +235,7 @@ def _capture(body: Callable[[], None], device: torch.device,
             body()
     torch.cuda.current_stream(device).wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, pool=pool):
         body()
     before_warm_up()
     graph.replay()

@@ -327,7 +327,9 @@ class KVPredictionModel(nn.Module):
         """The context a prefill of `mode` runs in: for the auxiliary ("aux", also under predicted mode's
         predictor inputs) autocast to `aux_compute_dtype` where it is set; else nothing."""
         dtype = self.aux_compute_dtype if mode == "aux" else None
-        return nullcontext() if dtype is None else torch.autocast(self.aux.device.type, dtype=dtype)
+        # no cache of cast weights: a CUDA graph cannot capture with one, and a forward casts each weight once
+        return nullcontext() if dtype is None else torch.autocast(self.aux.device.type, dtype=dtype,
+                                                                 cache_enabled=False)
 
     # ---------------------------------------------------------------- construction
     @classmethod
@@ -760,18 +762,20 @@ class KVPredictionModel(nn.Module):
         return self._prompt_logits(mode, input_ids[:, past:], attention_mask, pos, cache, exact_tail)
 
     def _prompt_logits(self, mode: str, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                       position_ids: torch.Tensor | None, cache, last: int) -> torch.Tensor:
+                       position_ids: torch.Tensor | None, cache, last: int | torch.Tensor) -> torch.Tensor:
         """The forward of `mode`'s model (the auxiliary in aux mode, else the base) over the prompt tokens not yet
-        in `cache`, filling it: logits [B, last, V] of the `last` positions. The auxiliary alone runs its layers as
-        predicted mode runs them (autocast, see `aux_compute_dtype`), but its LM head in its own dtype: bf16
-        logits are 0.06 apart at magnitude 8 and would shift log-likelihoods by that much, differently per batch."""
+        in `cache`, filling it: logits [B, W, V] of the `last` W positions (or of those `last` [W] indexes). The
+        auxiliary alone runs its layers as predicted mode runs them (autocast, see `aux_compute_dtype`), but its LM
+        head in its own dtype: bf16 logits are 0.06 apart at magnitude 8 and would shift log-likelihoods by that
+        much, differently per batch."""
         model = self.aux if mode == "aux" else self.base
         args = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                     **cache_kwargs(model, cache), use_cache=True)
         if mode != "aux" or self.aux_compute_dtype is None:
             return model(**args, logits_to_keep=last).logits.to(model.dtype)
         with self._prefill_autocast(mode):
-            hidden = model.base_model(**args).last_hidden_state[:, -last:]
+            hidden = model.base_model(**args).last_hidden_state
+            hidden = hidden[:, last] if isinstance(last, torch.Tensor) else hidden[:, -last:]
         head = model.get_output_embeddings()
         return head(hidden.to(head.weight.dtype))
 

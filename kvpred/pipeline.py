@@ -63,10 +63,12 @@ class GroupedStep(ColumnInputs):
     """The base's forward over a prompt's last `width` tokens (its exact tail; one token: the first step) as the
     static step runs it (the whole buffer under a mask, inside `static_step`), cut into parts that each run a range
     of layers; the hidden states pass between parts in a static buffer. On CUDA each part is captured as its own
-    graph, at the cache's last columns (seeing only themselves), so a cache in use keeps its entries."""
+    graph (unless `capture` is False: a graph of the whole prompt pass then holds them, kvpred.prefill_graphs), at
+    the cache's last columns (seeing only themselves), so a cache in use keeps its entries."""
 
     @torch.no_grad()
-    def __init__(self, model: KVPredictionModel, cache: BufferCache, parts: list[range], width: int = 1):
+    def __init__(self, model: KVPredictionModel, cache: BufferCache, parts: list[range], width: int = 1,
+                 capture: bool = True):
         base, device, batch = model.base, model.device, cache.key_arena.shape[1]
         super().__init__(batch, width, cache.capacity, device)
         self.model, self.cache, self.parts = model, cache, parts
@@ -74,7 +76,7 @@ class GroupedStep(ColumnInputs):
         self.hidden = torch.zeros(batch, width, base.config.hidden_size, dtype=base.dtype, device=device)
         self.graphs: list[torch.cuda.CUDAGraph] | None = None
         self.token = self.logits = None  # the last part's outputs (a graph's own tensors on CUDA)
-        if device.type == "cuda":
+        if device.type == "cuda" and capture:
             with model.static_step(cache, self.slots):
                 self.graphs = [_capture(lambda i=i: self._part(i), device, self._at_last_columns)
                                for i in range(len(parts))]
@@ -109,14 +111,16 @@ class PipelinedPrefill:
     default) pipelined behind the auxiliary (see the module docstring). `__call__(input_ids, attention_mask)` fills
     `cache` as `predict_into` and the tail's forward do, and returns the first token's ids [B]."""
 
-    def __init__(self, model: KVPredictionModel, cache: BufferCache, tail: int = 1, priority: int = 0):
+    def __init__(self, model: KVPredictionModel, cache: BufferCache, tail: int = 1, priority: int = 0,
+                 capture: bool = True):
         """`priority`: the CUDA priority of the step's stream (lower runs first; the auxiliary's stream has 0). A
-        higher one made no measurable difference on an H100 (benchmarks/results/h100/pipeline_priority)."""
+        higher one made no measurable difference on an H100 (benchmarks/results/h100/pipeline_priority).
+        `capture`: whether the step's parts are captured as graphs of their own (see GroupedStep)."""
         groups = layer_groups(model.predictor.config.layer_map)
         if groups is None:
             raise ValueError("the layer map goes back to an earlier tap; the step cannot run tap by tap")
         self.model, self.cache, self.groups = model, cache, groups
-        self.step = GroupedStep(model, cache, [layers for _, layers in groups], tail)
+        self.step = GroupedStep(model, cache, [layers for _, layers in groups], tail, capture)
         self.side = torch.cuda.Stream(model.device, priority=priority) if model.device.type == "cuda" else None
 
     @torch.no_grad()

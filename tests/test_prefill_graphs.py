@@ -1,0 +1,68 @@
+"""Specification of kvpred.prefill_graphs: a prompt pass over a whole bucket of columns, the prompt right-padded to
+it, gives each mode's first token, logits and cache as the unpadded pass does: replayed as a CUDA graph on a GPU, run
+uncaptured on a CPU."""
+import pytest
+import torch
+
+from kvpred.model import KVPredictionModel
+from kvpred.prefill_graphs import BUCKET, PrefillGraph, bucket
+from tests.conftest import ARCHS
+from tests.test_pipeline import plain_first_token
+
+
+def test_prompts_share_a_graph_per_bucket_of_lengths():
+    assert [bucket(n) for n in (1, BUCKET, BUCKET + 1, 2000)] == [BUCKET, BUCKET, 2 * BUCKET, 2048]
+
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                  reason="CUDA graphs need a GPU"))]
+
+
+def prompts(n: int, seed: int, device: str = "cpu") -> torch.Tensor:
+    return torch.randint(3, 259, (2, n), generator=torch.Generator().manual_seed(seed)).to(device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("mode", ["exact", "aux"])
+def test_an_exact_or_auxiliary_pass_over_the_bucket_is_the_prompts_own(arch, mode, device, tiny_models):
+    model = KVPredictionModel.from_pretrained(tiny_models[arch], keep_layers=[0, 2], device=device)
+    cache, reference = (model.new_cache(2, BUCKET + 8, mode) for _ in range(2))
+    graph = PrefillGraph(model, cache, mode, batch=2, length=BUCKET, tail=2)
+    assert (graph.graph is not None) == (device == "cuda")
+    for n, seed in [(40, 1), (19, 2), (BUCKET, 3)]:  # shorter after longer: the earlier prompt's tokens stay behind
+        ids = prompts(n, seed, device)
+        logits = model.prefill_into(reference, ids, mode=mode, exact_tail=2)
+        assert torch.equal(graph(ids), logits[:, -1].argmax(-1))
+        torch.testing.assert_close(graph.logits, logits, atol=1e-4, rtol=1e-4)
+        assert cache.get_seq_length() == n
+        torch.testing.assert_close(cache.slices(n), reference.slices(n), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("tail", [1, 4])
+def test_a_predicted_pass_over_the_bucket_is_the_plain_paths(arch, tail, device, tiny_models):
+    model = KVPredictionModel.from_pretrained(tiny_models[arch], keep_layers=[0, 2], device=device)
+    cache = model.new_cache(2, BUCKET)
+    graph = PrefillGraph(model, cache, "predicted", batch=2, length=BUCKET, tail=tail)
+    assert (graph.graph is not None) == (device == "cuda")
+    for n, seed in [(40, 1), (19, 2)]:
+        ids = prompts(n, seed, device)
+        token, logits, (keys, values) = plain_first_token(model, ids, tail=tail)
+        assert torch.equal(graph(ids), token)
+        torch.testing.assert_close(graph.logits, logits, atol=1e-4, rtol=1e-4)
+        assert cache.get_seq_length() == n - 1  # as the pipelined step leaves it; the step wrote column n - 1
+        got_keys, got_values = cache.slices(n)
+        torch.testing.assert_close(got_keys, keys, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(got_values, values, atol=1e-5, rtol=1e-4)
+
+
+def test_a_prompt_the_graph_cannot_take_is_refused(tiny_llama):
+    model = KVPredictionModel.from_pretrained(tiny_llama, keep_layers=[0, 2])
+    graph = PrefillGraph(model, model.new_cache(2, BUCKET), "predicted", batch=2, length=BUCKET)
+    for ids in (prompts(BUCKET + 1, 0), prompts(1, 0), prompts(8, 0)[:1]):
+        with pytest.raises(ValueError, match="cannot take prompts of shape"):
+            graph(ids)
+    with pytest.raises(ValueError, match="does not fit a cache"):
+        PrefillGraph(model, model.new_cache(2, BUCKET - 1), "exact", batch=2, length=BUCKET)
