@@ -6,7 +6,9 @@ take, with and without each of its device-specific speed-ups, the exact base bes
 * `--compare deferred`: predicted values written before the first token, against deferred to after it
   (kvpred.deferred);
 * `--compare pipeline`: predicted mode's first step after the whole prediction, against tap by tap behind the
-  auxiliary (`KVPredictionModel.pipelined_first_step`, kvpred.pipeline; GPU).
+  auxiliary (`KVPredictionModel.pipelined_first_step`, kvpred.pipeline; GPU);
+* `--compare prefill-graphs`: each mode's prompt pass run eagerly, against replayed as a CUDA graph
+  (`KVPredictionModel.prefill_graphs`, kvpred.prefill_graphs; GPU).
 
 Fresh random prompts, medians over repeats after one warm-up; times are taken when the streamer receives each token
 on the host.
@@ -36,6 +38,10 @@ RUNS = {  # label, mode, generate() arguments (those named "model." set the mode
                  ("predicted, values deferred", "predicted", {"defer_values": True})],
     "pipeline": [("exact", "exact", {}), ("predicted", "predicted", {"model.pipelined_first_step": False}),
                  ("predicted, pipelined", "predicted", {"model.pipelined_first_step": True})],
+    "prefill-graphs": [("exact", "exact", {"model.prefill_graphs": False}),
+                       ("exact, graph", "exact", {"model.prefill_graphs": True}),
+                       ("predicted", "predicted", {"model.prefill_graphs": False}),
+                       ("predicted, graph", "predicted", {"model.prefill_graphs": True})],
     "loops": [("exact, transformers loop", "exact", {"transformers_loop": True}),
               ("exact, kvpred loop", "exact", {}),
               ("predicted, transformers loop", "predicted", {"transformers_loop": True}),

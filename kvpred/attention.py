@@ -67,7 +67,8 @@ def sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch
     b, hq, q_len, d = query.shape
     hkv = key.shape[1]
     boolean = attention_mask is not None and attention_mask.dtype == torch.bool
-    if q_len >= MIN_ALIGNED and boolean and query.device.type == "cuda" and not torch.is_grad_enabled():
+    if (q_len >= MIN_ALIGNED and boolean and query.device.type == "cuda" and not torch.is_grad_enabled()
+            and not torch.cuda.is_current_stream_capturing()):  # cuDNN failed to allocate inside a graph capture
         return aligned(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
     if (q_len != 1 or query.device.type != "cpu" or module.training
             or (attention_mask is not None and not boolean)):

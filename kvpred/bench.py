@@ -319,10 +319,10 @@ class TTFTBench:
     def setup(self, batch: int, length: int) -> Combo:
         from .model import BufferCache
 
-        from .prefill_graphs import LONGEST, bucket
+        from .prefill_graphs import bucket, served
 
         first = self.variants[0].model
-        graphed = self.s.prefill_graphs and self.device.type == "cuda" and length <= LONGEST
+        graphed = self.s.prefill_graphs and self.device.type == "cuda" and served(batch, length)
         columns = bucket(length) if graphed else length  # a prompt pass's graph writes its bucket's columns
         capacity = -(-(max(columns, length + self.s.decode_tokens)) // 64) * 64  # aligned mask rows for SDPA kernels
         base_cache = BufferCache(self.base.config, batch, capacity, dtype=self.base.dtype, device=self.device)
@@ -979,8 +979,8 @@ def register(subparsers) -> None:
                         "auxiliary (kvpred.pipeline), as generate() does on a GPU; the breakdown then has no phases")
     p.add_argument("--prefill-graphs", choices=("off", "auto"), default="off",
                    help="auto: on CUDA, each mode's whole prompt pass (predicted mode's pipelined) replays a CUDA "
-                        "graph, the prompt right-padded to a multiple of 128 tokens, up to 2048 "
-                        "(kvpred.prefill_graphs)")
+                        "graph, the prompt right-padded to a multiple of 128 tokens, up to 1024 tokens a pass "
+                        "(batch x length; kvpred.prefill_graphs)")
     p.add_argument("--predictor-dtype", choices=("auto", "model", "bfloat16"), default="auto",
                    help="what the predictor's matmuls run in (auto: bf16 for an fp32 model on a CPU with bf16 dot "
                         "products, else the model's dtype; see KVPredictionModel.predictor_dtype)")

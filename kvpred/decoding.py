@@ -265,6 +265,9 @@ class Pooled:
     # graphs, each with its own memory pool)
     chunks: OrderedDict = field(default_factory=OrderedDict)  # width -> GraphChunk, or None where not capturable
     pipelines: OrderedDict = field(default_factory=OrderedDict)  # exact tail -> PipelinedPrefill, False where none
+    # (mode, exact tail, columns) -> kvpred.prefill_graphs.PrefillGraph, False where none; in one memory pool
+    prefills: OrderedDict = field(default_factory=OrderedDict)
+    graph_pool: object = None
 
     def made_step(self, model) -> "GraphStep | EagerStep":
         if self.step is None:
@@ -283,6 +286,26 @@ class Pooled:
                 _keep(self.pipelines, tail, False)
         self.pipelines.move_to_end(tail)
         return self.pipelines[tail] or None
+
+    def made_prefill(self, model, mode: str, input_ids: torch.Tensor, tail: int = 1):
+        """The captured prompt pass of `mode` for prompts shaped like `input_ids` (unpadded) on this cache
+        (kvpred.prefill_graphs), made on first use; None where none serves: a pass larger than MOST_TOKENS, a cache
+        too small for its bucket, a pass that cannot be captured (the plain path serves then)."""
+        from .prefill_graphs import PrefillGraph, bucket, served
+
+        columns = bucket(input_ids.shape[1])
+        if not served(*input_ids.shape) or columns > self.cache.capacity:
+            return None
+        key = (mode, tail, columns)
+        if key not in self.prefills:
+            try:
+                self.graph_pool = self.graph_pool or torch.cuda.graph_pool_handle()
+                graph = PrefillGraph(model, self.cache, mode, input_ids.shape[0], columns, tail, self.graph_pool)
+                _keep(self.prefills, key, graph)
+            except Exception:  # noqa: BLE001 - as for the step: what cannot be captured runs the plain way
+                _keep(self.prefills, key, False)
+        self.prefills.move_to_end(key)
+        return self.prefills[key] or None
 
     def run_chunk(self, model, ids: torch.Tensor, positions: torch.Tensor, start: int, visible: torch.Tensor) -> bool:
         """Run the base backbone over columns [start, start + width) as a captured chunk; False (and nothing run)
@@ -304,7 +327,7 @@ class Pooled:
         return True
 
 
-MAX_CAPTURED = 8  # refinement chunk widths and pipelined exact tails kept per pooled cache
+MAX_CAPTURED = 8  # refinement chunk widths, pipelined exact tails and prompt pass graphs kept per pooled cache
 
 
 def _keep(table: OrderedDict, key, value) -> None:
@@ -621,12 +644,20 @@ def first_logits(model, pooled: Pooled, input_ids: torch.Tensor, mask: torch.Ten
     shape's graph was captured, after a first token, so no request waits for a capture before its first token),
     after the rest of a longer tail (`base_tail`, where `tail_on_steps`; else one eager forward, `prefill_into`).
     `defer_values` (kvpred.deferred) applies to a one-token tail's eager step. With `model.pipelined_first_step`,
-    prompts longer than their exact tail whose shape has a captured step run pipelined (kvpred.pipeline)."""
+    prompts longer than their exact tail whose shape has a captured step run pipelined (kvpred.pipeline); with
+    `model.prefill_graphs` too, unpadded batches of up to 1024 tokens as a captured graph (kvpred.prefill_graphs),
+    as exact mode's do."""
     prompt_mask = mask[:, :input_ids.shape[1]]
     padded = not bool(prompt_mask.all())
     cache = pooled.cache
-    if (mode == "predicted" and input_ids.shape[1] > exact_tail
-            and model.pipelined_first_step and getattr(pooled.step, "graph", None) is not None
+    captured = getattr(pooled.step, "graph", None) is not None
+    tail = exact_tail if mode == "predicted" else 1
+    if (captured and model.prefill_graphs and not padded and input_ids.shape[1] > tail
+            and (mode == "exact" or model.pipelined_first_step)
+            and (graph := pooled.made_prefill(model, mode, input_ids, tail)) is not None):
+        graph(input_ids)
+        return graph.logits[:, -1]
+    if (mode == "predicted" and input_ids.shape[1] > exact_tail and model.pipelined_first_step and captured
             and (pipeline := pooled.made_pipeline(model, exact_tail)) is not None):
         pipeline(input_ids, prompt_mask if padded else None)
         return pipeline.step.logits[:, -1]

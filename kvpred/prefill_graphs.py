@@ -9,7 +9,10 @@ the writes and the base's pipelined first step, kvpred.pipeline).
 A prompt is right-padded to its bucket's length: causal attention keeps the padding out of every real token's
 outputs, and what the padding writes into the cache lies past the prompt's columns, where no later step looks and
 decoding overwrites it. So a graph serves unpadded batches (a left-padded batch's positions and mask differ within a
-bucket) written from the cache's first column, up to LONGEST tokens: longer prompts are bound by their kernels.
+bucket) written from the cache's first column, of up to MOST_TOKENS tokens (batch x bucket). Inside a capture
+transformers 5.17 builds the causal mask instead of letting SDPA apply it, so a captured pass attends under a mask
+(not flash attention): in `generate` on an H200, Llama-3.2-1B's exact TTFT at batch 1 fell from 16.4 to 9.1 ms over
+1024 tokens but rose from 14.4 to 17.8 over 2048 (benchmarks/results/h200/prefill_graphs).
 """
 from __future__ import annotations
 
@@ -21,12 +24,17 @@ from .pipeline import PipelinedPrefill
 from .rope import rope_runs
 
 BUCKET = 128  # prompt lengths that share a graph: a graph's pass runs up to 127 padding tokens
-LONGEST = 2048  # the longest prompt a graph serves
+MOST_TOKENS = 1024  # batch x bucket: the largest pass a graph serves
 
 
 def bucket(tokens: int) -> int:
     """The length of the graph that serves prompts of `tokens` tokens."""
     return -(-tokens // BUCKET) * BUCKET
+
+
+def served(batch: int, tokens: int) -> bool:
+    """Whether a graph serves `batch` prompts of `tokens` tokens (see MOST_TOKENS)."""
+    return batch * bucket(tokens) <= MOST_TOKENS
 
 
 class PrefillGraph:
@@ -52,6 +60,9 @@ class PrefillGraph:
             self.visible = torch.ones(batch, length, dtype=torch.bool, device=device)
             self.rope = rope_runs(model.base, self.positions, cache.key_arena.dtype, length)
             self.keys, self.values = cache.slices(length)
+            # the auxiliary writes its own keys and values too: without a cache, transformers looks for packed
+            # sequences in the positions, which waits on the host
+            self.aux_cache = model.new_cache(batch, length, "aux")
         self.graph = None
         if device.type == "cuda":
             self._load(self.ids)
@@ -59,7 +70,7 @@ class PrefillGraph:
 
     def _load(self, input_ids: torch.Tensor) -> None:
         n = input_ids.shape[1]
-        self.cache.reset()  # the exact pass writes from the first column (a graph keeps what capture saw)
+        self.cache.reset()
         self.ids[:, :n].copy_(input_ids)  # the columns after: an earlier prompt's, behind the causal mask
         self.picked.copy_(self.offsets + n)
         if self.mode == "predicted":
@@ -67,9 +78,11 @@ class PrefillGraph:
             self.pipeline.step.load(input_ids[:, start:], self.positions[:, start:n], start, self.visible[:, :n])
 
     def _body(self) -> None:
+        self.cache.reset()  # for the capture's and warm-ups' host-side state: replays write from column 0
         if self.mode == "predicted":
             # every column predicted, the step's own and the padding's too: the step then writes its columns
-            self.pipeline.behind_aux(lambda: self.model.run_aux(self.ids, None, None), self.rope,
+            self.aux_cache.reset()
+            self.pipeline.behind_aux(lambda: self.model.run_aux(self.ids, None, None, self.aux_cache), self.rope,
                                      lambda layers: (self.keys[layers], self.values[layers]))
             self.token, self.logits = self.pipeline.step.token, self.pipeline.step.logits
             return

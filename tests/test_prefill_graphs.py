@@ -5,17 +5,40 @@ import pytest
 import torch
 
 from kvpred.model import KVPredictionModel
-from kvpred.prefill_graphs import BUCKET, PrefillGraph, bucket
+from kvpred.prefill_graphs import BUCKET, MOST_TOKENS, PrefillGraph, bucket, served
+from kvpred.testing import EXPERTS
 from tests.conftest import ARCHS
 from tests.test_pipeline import plain_first_token
 
 
+
 def test_prompts_share_a_graph_per_bucket_of_lengths():
     assert [bucket(n) for n in (1, BUCKET, BUCKET + 1, 2000)] == [BUCKET, BUCKET, 2 * BUCKET, 2048]
+    assert served(1, MOST_TOKENS) and served(2, MOST_TOKENS // 2 - BUCKET + 1)
+    assert not served(1, MOST_TOKENS + 1) and not served(2, MOST_TOKENS // 2 + 1)
 
 
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
-                                                                  reason="CUDA graphs need a GPU"))]
+cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+DEVICES = ["cpu", pytest.param("cuda", marks=cuda_only)]
+
+
+def uncapturable(arch: str, mode: str, tail: int) -> bool:
+    """Whether transformers waits on the host in the pass, so that no graph can hold it: grouped experts outside bf16
+    (their grouped matmul's offsets), Gemma 2's eager attention mask (a scalar copied to the device). The auxiliary
+    stops at its last tap's projections and a step of one token runs batched experts, so GLM-4-MoE's predicted pass
+    of one exact token, whose first layer is dense, meets no grouped experts."""
+    if arch == "gemma2":
+        return True
+    return arch in EXPERTS and not (arch == "glm4_moe" and mode == "predicted" and tail == 1)
+
+
+def refused_on_cuda(arch: str, mode: str, tail: int, device: str, make) -> bool:
+    """Whether `make()` is (rightly) refused: on CUDA, for an uncapturable pass."""
+    if device != "cuda" or not uncapturable(arch, mode, tail):
+        return False
+    with pytest.raises(RuntimeError, match="synchronizing"):
+        make()
+    return True
 
 
 def prompts(n: int, seed: int, device: str = "cpu") -> torch.Tensor:
@@ -28,7 +51,10 @@ def prompts(n: int, seed: int, device: str = "cpu") -> torch.Tensor:
 def test_an_exact_or_auxiliary_pass_over_the_bucket_is_the_prompts_own(arch, mode, device, tiny_models):
     model = KVPredictionModel.from_pretrained(tiny_models[arch], keep_layers=[0, 2], device=device)
     cache, reference = (model.new_cache(2, BUCKET + 8, mode) for _ in range(2))
-    graph = PrefillGraph(model, cache, mode, batch=2, length=BUCKET, tail=2)
+    make = lambda: PrefillGraph(model, cache, mode, batch=2, length=BUCKET, tail=2)  # noqa: E731
+    if refused_on_cuda(arch, mode, 2, device, make):
+        return
+    graph = make()
     assert (graph.graph is not None) == (device == "cuda")
     for n, seed in [(40, 1), (19, 2), (BUCKET, 3)]:  # shorter after longer: the earlier prompt's tokens stay behind
         ids = prompts(n, seed, device)
@@ -36,7 +62,8 @@ def test_an_exact_or_auxiliary_pass_over_the_bucket_is_the_prompts_own(arch, mod
         assert torch.equal(graph(ids), logits[:, -1].argmax(-1))
         torch.testing.assert_close(graph.logits, logits, atol=1e-4, rtol=1e-4)
         assert cache.get_seq_length() == n
-        torch.testing.assert_close(cache.slices(n), reference.slices(n), atol=1e-5, rtol=1e-4)
+        # a GPU rounds matmuls of other shapes differently: up to 2e-5 apart there
+        torch.testing.assert_close(cache.slices(n), reference.slices(n), atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -45,7 +72,10 @@ def test_an_exact_or_auxiliary_pass_over_the_bucket_is_the_prompts_own(arch, mod
 def test_a_predicted_pass_over_the_bucket_is_the_plain_paths(arch, tail, device, tiny_models):
     model = KVPredictionModel.from_pretrained(tiny_models[arch], keep_layers=[0, 2], device=device)
     cache = model.new_cache(2, BUCKET)
-    graph = PrefillGraph(model, cache, "predicted", batch=2, length=BUCKET, tail=tail)
+    make = lambda: PrefillGraph(model, cache, "predicted", batch=2, length=BUCKET, tail=tail)  # noqa: E731
+    if refused_on_cuda(arch, "predicted", tail, device, make):
+        return
+    graph = make()
     assert (graph.graph is not None) == (device == "cuda")
     for n, seed in [(40, 1), (19, 2)]:
         ids = prompts(n, seed, device)
@@ -66,3 +96,17 @@ def test_a_prompt_the_graph_cannot_take_is_refused(tiny_llama):
             graph(ids)
     with pytest.raises(ValueError, match="does not fit a cache"):
         PrefillGraph(model, model.new_cache(2, BUCKET - 1), "exact", batch=2, length=BUCKET)
+
+
+@cuda_only
+@pytest.mark.parametrize("mode", ["exact", "predicted"])
+def test_on_cuda_generate_replays_a_prompt_pass_once_the_step_is_captured(mode, tiny_llama):
+    model = KVPredictionModel.from_pretrained(tiny_llama, keep_layers=[0, 2], device="cuda")
+    ids = prompts(40, 1, "cuda")
+    model.prefill_graphs = False
+    plain = [model.generate(ids, mode=mode, max_new_tokens=8) for _ in range(2)]  # the first captures the step
+    model.prefill_graphs = True
+    graphed = [model.generate(ids, mode=mode, max_new_tokens=8) for _ in range(2)]  # the first captures the pass
+    assert all(torch.equal(got, plain[0]) for got in plain[1:] + graphed)
+    (pooled,) = model._steps.entries.values()
+    assert isinstance(pooled.prefills[(mode, 1, BUCKET)], PrefillGraph)
