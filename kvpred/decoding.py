@@ -287,23 +287,27 @@ class Pooled:
         self.pipelines.move_to_end(tail)
         return self.pipelines[tail] or None
 
-    def made_prefill(self, model, mode: str, input_ids: torch.Tensor, tail: int = 1):
-        """The captured prompt pass of `mode` for prompts shaped like `input_ids` (unpadded) on this cache
-        (kvpred.prefill_graphs), made on first use; None where none serves: a pass larger than MOST_TOKENS, a cache
-        too small for its bucket, a pass that cannot be captured (the plain path serves then)."""
+    def prefill_graph(self, model, mode: str, input_ids: torch.Tensor, tail: int = 1, make: bool = False):
+        """The captured prompt pass of `mode` for unpadded prompts shaped like `input_ids` on this cache
+        (kvpred.prefill_graphs); with `make`, captured now where there is none yet (the capture overwrites the
+        cache's first columns: between requests only). None where none serves: a pass larger than MOST_TOKENS, a
+        cache too small for its bucket, a pass not captured (yet), or one that cannot be (the plain path serves)."""
         from .prefill_graphs import PrefillGraph, bucket, served
 
         columns = bucket(input_ids.shape[1])
         if not served(*input_ids.shape) or columns > self.cache.capacity:
             return None
         key = (mode, tail, columns)
-        if key not in self.prefills:
+        if key not in self.prefills and make:
             try:
-                self.graph_pool = self.graph_pool or torch.cuda.graph_pool_handle()
+                if model.device.type == "cuda" and self.graph_pool is None:
+                    self.graph_pool = torch.cuda.graph_pool_handle()
                 graph = PrefillGraph(model, self.cache, mode, input_ids.shape[0], columns, tail, self.graph_pool)
                 _keep(self.prefills, key, graph)
             except Exception:  # noqa: BLE001 - as for the step: what cannot be captured runs the plain way
                 _keep(self.prefills, key, False)
+        if key not in self.prefills:
+            return None
         self.prefills.move_to_end(key)
         return self.prefills[key] or None
 
@@ -628,13 +632,27 @@ def synchronize(device: torch.device) -> None:
 def generate_with_steps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, mode: str, exact_tail: int,
                         max_new_tokens: int, defer_values: bool = False, pool: StepPool, **decoding) -> torch.Tensor:
     """transformers' generate loop for modes "exact" and "predicted" on a pooled BufferCache and its step:
-    `first_logits`, then `decode` (which takes the sampling and stopping arguments). Returns [B, N + new]."""
+    `first_logits`, then `decode` (which takes the sampling and stopping arguments). Returns [B, N + new]. Where
+    the prompt pass could replay a captured graph but none exists yet, it is captured after the last token, for the
+    next prompt of that shape (no request waits for a capture before its tokens)."""
     b, n = input_ids.shape
     pooled = pool.get(model, b, n + max_new_tokens)
     mask = torch.cat([attention_mask, attention_mask.new_ones(b, max_new_tokens)], 1)
     logits = first_logits(model, pooled, input_ids, mask, mode=mode, exact_tail=exact_tail,
                           defer_values=defer_values)
-    return decode(model, pooled, input_ids, mask, logits, max_new_tokens=max_new_tokens, **decoding)
+    out = decode(model, pooled, input_ids, mask, logits, max_new_tokens=max_new_tokens, **decoding)
+    if graphable(model, pooled, mode, input_ids, bool(attention_mask.all()), exact_tail):
+        pooled.prefill_graph(model, mode, input_ids, exact_tail if mode == "predicted" else 1, make=True)
+    return out
+
+
+def graphable(model, pooled: Pooled, mode: str, input_ids: torch.Tensor, unpadded: bool, exact_tail: int) -> bool:
+    """Whether the prompt pass may replay a captured graph (kvpred.prefill_graphs; `model.prefill_graphs`): on a GPU,
+    once the shape's step is captured, for an unpadded batch longer than predicted mode's exact tail, whose first
+    step is pipelined (`model.pipelined_first_step`) in predicted mode."""
+    captured = getattr(pooled.step, "graph", None) is not None
+    return (captured and model.prefill_graphs and unpadded and input_ids.shape[1] > exact_tail
+            and (mode == "exact" or model.pipelined_first_step))
 
 
 def first_logits(model, pooled: Pooled, input_ids: torch.Tensor, mask: torch.Tensor, *, mode: str, exact_tail: int,
@@ -644,20 +662,17 @@ def first_logits(model, pooled: Pooled, input_ids: torch.Tensor, mask: torch.Ten
     shape's graph was captured, after a first token, so no request waits for a capture before its first token),
     after the rest of a longer tail (`base_tail`, where `tail_on_steps`; else one eager forward, `prefill_into`).
     `defer_values` (kvpred.deferred) applies to a one-token tail's eager step. With `model.pipelined_first_step`,
-    prompts longer than their exact tail whose shape has a captured step run pipelined (kvpred.pipeline); with
-    `model.prefill_graphs` too, unpadded batches of up to 1024 tokens as a captured graph (kvpred.prefill_graphs),
-    as exact mode's do."""
+    prompts longer than their exact tail whose shape has a captured step run pipelined (kvpred.pipeline); where
+    `graphable`, a prompt pass captured before replays as a graph (kvpred.prefill_graphs), in exact mode too."""
     prompt_mask = mask[:, :input_ids.shape[1]]
     padded = not bool(prompt_mask.all())
     cache = pooled.cache
-    captured = getattr(pooled.step, "graph", None) is not None
-    tail = exact_tail if mode == "predicted" else 1
-    if (captured and model.prefill_graphs and not padded and input_ids.shape[1] > tail
-            and (mode == "exact" or model.pipelined_first_step)
-            and (graph := pooled.made_prefill(model, mode, input_ids, tail)) is not None):
+    if (graphable(model, pooled, mode, input_ids, not padded, exact_tail)
+            and (graph := pooled.prefill_graph(model, mode, input_ids, exact_tail if mode == "predicted" else 1))):
         graph(input_ids)
         return graph.logits[:, -1]
-    if (mode == "predicted" and input_ids.shape[1] > exact_tail and model.pipelined_first_step and captured
+    if (mode == "predicted" and input_ids.shape[1] > exact_tail and model.pipelined_first_step
+            and getattr(pooled.step, "graph", None) is not None
             and (pipeline := pooled.made_pipeline(model, exact_tail)) is not None):
         pipeline(input_ids, prompt_mask if padded else None)
         return pipeline.step.logits[:, -1]

@@ -1,6 +1,8 @@
 """Specification of kvpred.prefill_graphs: a prompt pass over a whole bucket of columns, the prompt right-padded to
 it, gives each mode's first token, logits and cache as the unpadded pass does: replayed as a CUDA graph on a GPU, run
 uncaptured on a CPU."""
+from unittest.mock import patch
+
 import pytest
 import torch
 
@@ -106,7 +108,21 @@ def test_on_cuda_generate_replays_a_prompt_pass_once_the_step_is_captured(mode, 
     model.prefill_graphs = False
     plain = [model.generate(ids, mode=mode, max_new_tokens=8) for _ in range(2)]  # the first captures the step
     model.prefill_graphs = True
-    graphed = [model.generate(ids, mode=mode, max_new_tokens=8) for _ in range(2)]  # the first captures the pass
+    graphed = [model.generate(ids, mode=mode, max_new_tokens=8) for _ in range(2)]  # the first captures after it
     assert all(torch.equal(got, plain[0]) for got in plain[1:] + graphed)
     (pooled,) = model._steps.entries.values()
     assert isinstance(pooled.prefills[(mode, 1, BUCKET)], PrefillGraph)
+
+
+def test_generate_captures_a_prompt_pass_after_its_request_not_before_its_first_token(tiny_llama):
+    model = KVPredictionModel.from_pretrained(tiny_llama, keep_layers=[0, 2])
+    ids = prompts(40, 1)
+    pooled = model._steps.get(model, 2, 40 + 8)
+    pooled.made_step(model).graph = object()  # as if the shape's step were a captured graph (no GPU here)
+    made = []
+    with patch("kvpred.prefill_graphs.PrefillGraph", lambda *args: made.append(args[2:5]) or "graph"):
+        model.generate(ids, mode="exact", max_new_tokens=8)
+    # made after the request, whose pass ran the plain way (a graph made before it would have been called: a str)
+    assert made == [("exact", 2, BUCKET)]
+    assert pooled.prefill_graph(model, "exact", ids) == "graph"
+    assert pooled.prefill_graph(model, "exact", prompts(MOST_TOKENS, 0)) is None  # 2 x 1024: too large a pass
