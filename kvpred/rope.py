@@ -25,7 +25,7 @@ REPEATED_TABLES = frozenset({"cohere", "cohere2"})
 # Model types whose layers rotate their keys only where they attend to a sliding window, when they have any
 ROPE_ONLY_WHEN_SLIDING = frozenset({"cohere2", "exaone4"})
 # Model types whose attention normalises its keys after RoPE rather than before (Hunyuan's key_layernorm)
-KEY_NORM_AFTER_ROPE = frozenset({"hunyuan_v1_dense"})
+KEY_NORM_AFTER_ROPE = frozenset({"hunyuan_v1_dense", "hunyuan_v1_moe"})
 
 
 def rope_types(config) -> set[str]:

@@ -52,6 +52,7 @@ EXPERTS = {"mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
            "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32),
            "olmoe": dict(num_experts=4, num_experts_per_tok=2),
            "granitemoe": dict(num_local_experts=4, num_experts_per_tok=2),
+           "hunyuan_v1_moe": dict(num_experts=4, moe_topk=2),
            # its first layer dense, a shared expert, and the optional per-head k-norm on
            "glm4_moe": dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, n_shared_experts=1,
                             first_k_dense_replace=1, use_qk_norm=True)}

@@ -11,7 +11,7 @@ from kvpred.testing import byte_tokenizer, save_tiny_model
 ARCHS = ["llama", "qwen2", "qwen3", "mistral", "ministral", "smollm3", "mixtral", "qwen2_moe", "qwen3_moe", "gemma",
          "gemma2", "gemma3_text", "granite", "olmo", "olmo2", "olmo3", "seed_oss", "phi3", "stablelm", "glm", "glm4",
          "cohere", "cohere2", "exaone4", "helium", "ernie4_5", "starcoder2", "nemotron", "arcee", "apertus",
-         "olmoe", "granitemoe", "glm4_moe", "hunyuan_v1_dense"]
+         "olmoe", "granitemoe", "glm4_moe", "hunyuan_v1_dense", "hunyuan_v1_moe"]
 warnings.filterwarnings("ignore", category=FutureWarning)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(min(2, os.cpu_count() or 1))

@@ -252,11 +252,11 @@ def test_flop_counts_by_hand():
 
 
 # phi3: fused projections; nemotron, arcee: ungated MLPs
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "glm4_moe", "phi3",
-                                  "nemotron", "arcee"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "glm4_moe",
+                                  "hunyuan_v1_moe", "phi3", "nemotron", "arcee"])
 def test_param_rule_counts_the_linear_weights_a_token_runs_through(arch):
-    """With experts, only the 2 of 4 each token is routed to count (and the router, and the shared experts); GLM-4.5's
-    first layer is dense."""
+    """With experts, only the 2 of 4 each token is routed to count (and the router, and the shared experts or MLP);
+    GLM-4.5's first layer is dense."""
     model = random_causal_lm(tiny_config(arch), torch.float32, "meta")
     linear = sum(p.numel() * (0.5 if ".experts." in name else 1)
                  for name, p in model.model.layers.named_parameters() if "norm" not in name)

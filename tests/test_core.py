@@ -13,7 +13,7 @@ from kvpred import model as model_module, models
 from kvpred.cli import STATES_DEFAULT, main
 from kvpred.generation import TimedStreamer, encode_prompts
 from kvpred.model import CONFIG_NAME, PREDICTOR_NAME, KVPredictionModel, capture
-from kvpred.models import KVPredError, expert_layers, kv_widths
+from kvpred.models import KVPredError, check_supported, expert_layers, kv_widths
 from kvpred.predictor import KVPredictor, PredictorConfig
 from kvpred.rope import rope_runs, rope_tables, rotate, rotate_into, unrotate, unrotate_layers
 from kvpred.tasks import kv_errors
@@ -640,6 +640,14 @@ def test_a_base_that_clips_its_keys_and_values_is_refused(tmp_path):
     path = save_tiny_model(tmp_path / "clipped", arch="olmo", clip_qkv=8.0)  # as OLMo-7B-0424 does
     with pytest.raises(KVPredError, match="clip_qkv=8.0"):
         KVPredictionModel.from_pretrained(str(path))
+
+
+def test_a_base_with_per_layer_expert_counts_is_refused():
+    """Hunyuan's modelling code reads per-layer lists; transformers 5.17's config takes them (later ones refuse)."""
+    config = tiny_config("hunyuan_v1_moe")
+    object.__setattr__(config, "num_experts", [4] * config.num_hidden_layers)  # past later versions' validation
+    with pytest.raises(KVPredError, match="per layer"):
+        check_supported(config, "the base")
 
 
 def test_layers_of_one_kind_share_one_rope_table(tiny_models):

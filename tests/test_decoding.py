@@ -301,7 +301,7 @@ def test_prompts_joining_pipelined_decode_what_they_decode_alone(model, at_once)
     assert pooled.pipelines[1] is not False  # the joins went through the pipeline
 
 
-@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe", "hunyuan_v1_moe"])
 def test_the_static_step_of_an_fp32_mixture_of_experts_base_decodes_like_the_eager_step(tiny_models, arch):
     """Outside bf16 a one-token static step runs transformers' batched experts (its grouped ones, the default, cannot
     be captured as a CUDA graph there): the tokens stay the eager step's, and the default comes back after the step."""
