@@ -29,7 +29,7 @@ from .generation import chat_exact_tail
 from .attention import capped_attention, soft_cap, use_kvpred_attention, warm_up_cudnn
 from .matvec import use_blocked_matvec
 from .predictor import KVPredictor, PredictorConfig
-from .rope import KEY_NORM_AFTER_ROPE, adjacent_pairs, rope_runs, rope_tables, rotate, rotate_into, rotated_layers
+from .rope import KEY_NORM_AFTER_ROPE, adjacent_pairs, rope_runs, rotate_into, rotate_runs, rotated_layers
 
 MODES = ("exact", "aux", "predicted")
 FORMAT_VERSION = 1
@@ -549,14 +549,13 @@ class KVPredictionModel(nn.Module):
                 position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Predicted [L, B, T, kv_heads*head_dim] -> cache layout [L, B, kv_heads, T, head_dim], keys normed
         with the base's k-norm (where it has one) and rotated with the base's RoPE at the first T of `position_ids`
-        [B, >= T], the positions of the forward they open (see `rope_tables`)."""
+        [B, >= T], the positions of the forward they open (see `rope_runs`)."""
         n_layers, b, t, _ = keys.shape
         keys = keys.view(n_layers, b, t, self.base_kv_heads, self.base_head_dim)  # [L, B, T, H, D]
         keys = keys if self.k_norm_after_rope else self._k_norm(keys)
         keys = keys.transpose(2, 3)  # [L, B, H, T, D]
         values = values.view(n_layers, b, t, self.base_kv_heads, -1).transpose(2, 3)  # [L, B, H, T, Dv]
-        cos, sin = rope_tables(self.base, position_ids, keys.dtype, t)
-        rotated = rotate(keys, cos, sin, self.base_adjacent)
+        rotated = rotate_runs(keys, rope_runs(self.base, position_ids, keys.dtype, t), self.base_adjacent)
         for i in self._unrotated(slice(None)):
             rotated[i] = keys[i]
         return (self._k_norm(rotated) if self.k_norm_after_rope else rotated), values
@@ -641,7 +640,7 @@ class KVPredictionModel(nn.Module):
                         key_out: torch.Tensor, value_out: torch.Tensor, mark: Callable[[str], None] = lambda p: None,
                         defer_values: bool = False) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Predictor then `base_kv_into` for the n columns of `key_in`, `value_in` [.., B, n, ..], the first of the
-        forward whose `position_ids` [B, >= n] are given (see `rope_tables`). On the CPU over chunks of
+        forward whose `position_ids` [B, >= n] are given (see `rope_runs`). On the CPU over chunks of
         CPU_PREDICT_ROWS rows; `mark` as in `predict_into`, after each chunk's predictor and write. With
         `defer_values` only the keys are written, and what the value maps read is returned
         (KVPredictor.keys_and_value_inputs)."""

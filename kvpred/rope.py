@@ -111,10 +111,19 @@ def rotated_layers(config) -> list[bool]:
     return [True] * config.num_hidden_layers
 
 
-def unrotate_layers(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotated: list[bool],
+def rotate_runs(keys: torch.Tensor, runs: list[tuple[slice, torch.Tensor, torch.Tensor]], adjacent: bool = False,
+                inverse: bool = False) -> torch.Tensor:
+    """`rotate` (`unrotate` if `inverse`) of [L, B, H, T, D] keys, each run of layers with its own tables
+    (`rope_runs`), so that no table is copied per layer."""
+    turned = [_turn(keys[run], cos, sin, adjacent, inverse) for run, cos, sin in runs]
+    return turned[0] if len(turned) == 1 else torch.cat(turned)
+
+
+def unrotate_layers(keys: torch.Tensor, runs: list[tuple[slice, torch.Tensor, torch.Tensor]], rotated: list[bool],
                     adjacent: bool = False) -> torch.Tensor:
-    """`unrotate` of [L, B, H, T, D] keys, each of the L layers only where `rotated` says so."""
-    back = unrotate(keys, cos, sin, adjacent)
+    """`unrotate` of [L, B, H, T, D] keys with `rope_runs`' tables, each of the L layers only where `rotated` says
+    so."""
+    back = rotate_runs(keys, runs, adjacent, inverse=True)
     if all(rotated):
         return back
     return torch.where(torch.tensor(rotated, device=keys.device).view(-1, 1, 1, 1, 1), back, keys)
@@ -174,7 +183,7 @@ def rope_runs(model, position_ids: torch.Tensor, dtype: torch.dtype,
 def rope_tables(model, position_ids: torch.Tensor, dtype: torch.dtype,
                 width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """`rope_runs`' tables as one cos, sin pair: [B, T, R] where every layer shares one table, else [L, B, T, R], one
-    per layer. Either broadcasts against keys [L, B, H, T, D] in `rotate`."""
+    per layer (which `rotate_runs` avoids copying). Either broadcasts against keys [L, B, H, T, D] in `rotate`."""
     runs = rope_runs(model, position_ids, dtype, width)
     if len(runs) == 1:
         return runs[0][1:]

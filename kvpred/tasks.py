@@ -34,7 +34,7 @@ from .data import find_files
 from .generation import chat_prompts, cut_at_stop
 from .model import position_ids_from_mask
 from .models import KVPredError, files_digest, read_jsonl, read_text
-from .rope import rope_tables, unrotate_layers
+from .rope import rope_runs, unrotate_layers
 
 MODES = ("exact", "aux", "predicted", "truncate")
 DATA_SUFFIXES = (".txt", ".jsonl", ".jsonl.gz")  # what a task path may hold
@@ -788,10 +788,10 @@ def kv_errors(model, windows: list[list[int]]) -> list[dict[str, list[float]]]:
     n = ids.shape[1] - 1  # positions the predictor fills
     predicted = model.predicted_cache(ids, mask, exact_tail=1)
     _, exact = model.prefill(ids, mask, mode="exact")
-    cos, sin = rope_tables(model.base, position_ids_from_mask(mask), torch.float32, n)
+    runs = rope_runs(model.base, position_ids_from_mask(mask), torch.float32, n)
     # position-free keys [L, B, H, n, D] (SmolLM3's NoPE layers as cached)
     cached = ([layer.keys for layer in predicted.layers], [layer.keys[:, :, :n] for layer in exact.layers])
-    pred_keys, true_keys = (unrotate_layers(torch.stack(k).float(), cos, sin, model.base_rotated, model.base_adjacent)
+    pred_keys, true_keys = (unrotate_layers(torch.stack(k).float(), runs, model.base_rotated, model.base_adjacent)
                             for k in cached)
     out: dict[str, list[list[float]]] = {k: [] for k in KVError.metrics_higher_is_better}
     for i, (pred_layer, true_layer) in enumerate(zip(predicted.layers, exact.layers)):

@@ -44,7 +44,7 @@ from transformers import DynamicCache
 from . import lora
 from .model import KVPredictionModel, cache_kwargs, capture
 from .models import KVPredError, fingerprint, sliding_window
-from .rope import rope_tables, unrotate_layers
+from .rope import rope_runs, unrotate_layers
 
 STATE_NAME = "train_state.pt"
 METRICS_NAME = "metrics.jsonl"
@@ -280,8 +280,8 @@ class Distillation(nn.Module):
         losses["aux_ce"], aux_z = cross_entropy_with_z(aux_logits, ids, c.z_loss)
         # keys compared before RoPE, as METHOD 1.7 says: L1 is not rotation-invariant, and after RoPE it would weigh
         # fast-turning dimensions by position (the rotation is linear, so the difference is un-rotated once)
-        cos, sin = rope_tables(m.base, pos, torch.float32)
-        per_layer_k = unrotate_layers(keys.float() - true_k.float(), cos, sin, m.base_rotated, m.base_adjacent)
+        runs = rope_runs(m.base, pos, torch.float32)
+        per_layer_k = unrotate_layers(keys.float() - true_k.float(), runs, m.base_rotated, m.base_adjacent)
         per_layer_k = per_layer_k.abs().mean((1, 2, 3, 4))
         per_layer_v = (values.float() - true_v.float()).abs().mean((1, 2, 3, 4))
         reduce = torch.sum if c.kv_reduction == "sum" else torch.mean

@@ -15,7 +15,7 @@ from kvpred.generation import TimedStreamer, encode_prompts
 from kvpred.model import CONFIG_NAME, PREDICTOR_NAME, KVPredictionModel, capture
 from kvpred.models import KVPredError, check_supported, expert_layers, kv_widths
 from kvpred.predictor import KVPredictor, PredictorConfig
-from kvpred.rope import rope_runs, rope_tables, rotate, rotate_into, unrotate, unrotate_layers
+from kvpred.rope import rope_runs, rope_tables, rotate, rotate_into, rotate_runs, unrotate, unrotate_layers
 from kvpred.tasks import kv_errors
 from kvpred.testing import byte_tokenizer, save_tiny_model, tiny_config
 from conftest import ARCHS
@@ -189,9 +189,10 @@ def test_keys_of_layers_without_rope_stay_as_cached(tiny_models, arch, rotated):
     model = KVPredictionModel.from_pretrained(tiny_models[arch], keep_ratio=1.0)
     assert model.base_rotated == rotated
     keys = torch.randn(4, 2, 2, 7, 16)  # [L, B, H, T, D]
+    runs = rope_runs(model.base, torch.arange(7).expand(2, 7), keys.dtype)
     cos, sin = rope_tables(model.base, torch.arange(7).expand(2, 7), keys.dtype)
     cached = torch.stack([rotate(k, cos, sin, model.base_adjacent) if r else k for k, r in zip(keys, rotated)])
-    torch.testing.assert_close(unrotate_layers(cached, cos, sin, rotated, model.base_adjacent), keys)
+    torch.testing.assert_close(unrotate_layers(cached, runs, rotated, model.base_adjacent), keys)
 
 
 def test_key_errors_compare_position_free_keys_on_every_layer(tiny_models):
@@ -662,6 +663,9 @@ def test_layers_of_one_kind_share_one_rope_table(tiny_models):
     cos, sin = rope_tables(base, pos, torch.float32, 7)  # [L, B, T, R]
     for run, c, s in runs:
         assert torch.equal(cos[run], c.expand_as(cos[run])) and torch.equal(sin[run], s.expand_as(sin[run]))
+    keys = torch.randn(4, 2, 1, 7, 16)  # [L, B, H, T, D]: rotated run by run as with the stacked tables
+    torch.testing.assert_close(rotate_runs(keys, runs), rotate(keys, cos, sin))
+    torch.testing.assert_close(rotate_runs(rotate_runs(keys, runs), runs, inverse=True), keys)
     llama = KVPredictionModel.from_pretrained(tiny_models["llama"], keep_ratio=1.0).base
     assert [run for run, _, _ in rope_runs(llama, pos, torch.float32)] == [slice(0, 4)]
 
