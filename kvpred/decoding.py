@@ -632,18 +632,35 @@ def synchronize(device: torch.device) -> None:
 def generate_with_steps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, mode: str, exact_tail: int,
                         max_new_tokens: int, defer_values: bool = False, pool: StepPool, **decoding) -> torch.Tensor:
     """transformers' generate loop for modes "exact" and "predicted" on a pooled BufferCache and its step:
-    `first_logits`, then `decode` (which takes the sampling and stopping arguments). Returns [B, N + new]. Where
-    the prompt pass could replay a captured graph but none exists yet, it is captured after the last token, for the
-    next prompt of that shape (no request waits for a capture before its tokens)."""
+    `first_logits`, then `decode` (which takes the sampling and stopping arguments). Returns [B, N + new]. The
+    pipelined first step and the prompt pass's graph that `first_logits` could use for this shape, where it finds none
+    yet, are captured after the last token, for the next prompt of the shape: no request waits for a capture before
+    its tokens (the step itself is captured after the first token)."""
     b, n = input_ids.shape
     pooled = pool.get(model, b, n + max_new_tokens)
     mask = torch.cat([attention_mask, attention_mask.new_ones(b, max_new_tokens)], 1)
     logits = first_logits(model, pooled, input_ids, mask, mode=mode, exact_tail=exact_tail,
                           defer_values=defer_values)
     out = decode(model, pooled, input_ids, mask, logits, max_new_tokens=max_new_tokens, **decoding)
-    if graphable(model, pooled, mode, input_ids, bool(attention_mask.all()), exact_tail):
-        pooled.prefill_graph(model, mode, input_ids, exact_tail if mode == "predicted" else 1, make=True)
+    capture_for_next(model, pooled, mode, input_ids, bool(attention_mask.all()), exact_tail)
     return out
+
+
+def capture_for_next(model, pooled: Pooled, mode: str, input_ids: torch.Tensor, unpadded: bool,
+                     exact_tail: int) -> None:
+    """After a request: the pipelined first step and the prompt pass's graph that `first_logits` could have used for
+    prompts of its shape, captured where there are none yet (the pass's capture overwrites the pooled cache)."""
+    if pipelined(model, pooled, mode, input_ids, exact_tail):
+        pooled.made_pipeline(model, exact_tail)
+    if graphable(model, pooled, mode, input_ids, unpadded, exact_tail):
+        pooled.prefill_graph(model, mode, input_ids, exact_tail if mode == "predicted" else 1, make=True)
+
+
+def pipelined(model, pooled: Pooled, mode: str, input_ids: torch.Tensor, exact_tail: int) -> bool:
+    """Whether predicted mode's first step may run pipelined behind the auxiliary (kvpred.pipeline;
+    `model.pipelined_first_step`): once the shape's step is captured, for a prompt longer than its exact tail."""
+    return (mode == "predicted" and input_ids.shape[1] > exact_tail and model.pipelined_first_step
+            and getattr(pooled.step, "graph", None) is not None)
 
 
 def graphable(model, pooled: Pooled, mode: str, input_ids: torch.Tensor, unpadded: bool, exact_tail: int) -> bool:
@@ -661,9 +678,9 @@ def first_logits(model, pooled: Pooled, input_ids: torch.Tensor, mask: torch.Ten
     the prompt and the tokens to come. Predicted mode's last prompt token is the pooled step (eager until the
     shape's graph was captured, after a first token, so no request waits for a capture before its first token),
     after the rest of a longer tail (`base_tail`, where `tail_on_steps`; else one eager forward, `prefill_into`).
-    `defer_values` (kvpred.deferred) applies to a one-token tail's eager step. With `model.pipelined_first_step`,
-    prompts longer than their exact tail whose shape has a captured step run pipelined (kvpred.pipeline); where
-    `graphable`, a prompt pass captured before replays as a graph (kvpred.prefill_graphs), in exact mode too."""
+    `defer_values` (kvpred.deferred) applies to a one-token tail's eager step. Where `pipelined`, a pipelined first
+    step made before (`generate_with_steps` makes them) runs it (kvpred.pipeline); where `graphable`, a prompt pass
+    captured before replays as a graph (kvpred.prefill_graphs), in exact mode too."""
     prompt_mask = mask[:, :input_ids.shape[1]]
     padded = not bool(prompt_mask.all())
     cache = pooled.cache
@@ -671,9 +688,7 @@ def first_logits(model, pooled: Pooled, input_ids: torch.Tensor, mask: torch.Ten
             and (graph := pooled.prefill_graph(model, mode, input_ids, exact_tail if mode == "predicted" else 1))):
         graph(input_ids)
         return graph.logits[:, -1]
-    if (mode == "predicted" and input_ids.shape[1] > exact_tail and model.pipelined_first_step
-            and getattr(pooled.step, "graph", None) is not None
-            and (pipeline := pooled.made_pipeline(model, exact_tail)) is not None):
+    if pipelined(model, pooled, mode, input_ids, exact_tail) and (pipeline := pooled.pipelines.get(exact_tail)):
         pipeline(input_ids, prompt_mask if padded else None)
         return pipeline.step.logits[:, -1]
     if mode == "predicted" and tail_on_steps(model, exact_tail):

@@ -18,8 +18,8 @@ from typing import Iterator, Sequence
 import torch
 from transformers import DynamicCache
 
-from .decoding import (Pooled, Trace, base_tail, capacity_bucket, check_decoding, decode, decoding_entry,
-                       eos_token_ids, first_logits, pad_id, tail_on_steps, with_stop_strings)
+from .decoding import (Pooled, Trace, base_tail, capacity_bucket, capture_for_next, check_decoding, decode,
+                       decoding_entry, eos_token_ids, first_logits, pad_id, tail_on_steps, with_stop_strings)
 from .generation import ConversationTokenizer, check_text
 from .model import (BufferCache, KVPredictionModel, cache_kwargs, capture, check_checkpoint_out, check_exact_tail,
                     position_ids_from_mask, write_report)
@@ -405,6 +405,7 @@ def generate_refined(model: KVPredictionModel, input_ids: torch.Tensor, attentio
                  pad_token_id=pad_id(model), streamer=streamer, logits_processor=logits_processor,
                  stopping_criteria=with_stop_strings(stopping_criteria, stop_strings, model.tokenizer), refiner=refiner,
                  trace=trace)
+    capture_for_next(model, pooled, "predicted", ids, bool(mask.all()), exact_tail)
     info = {"policy": policy, "signal": None if signal is None else {k: v.tolist() for k, v in signal.items()},
             **_report(trace, seq.shape[1] - n)}
     return seq, info

@@ -161,11 +161,12 @@ def test_on_cuda_a_mixture_of_experts_base_gets_a_captured_step_and_pipeline(arc
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs and streams need a GPU")
 def test_generate_runs_the_first_step_pipelined_once_its_shape_is_captured(tiny_llama, monkeypatch):
     model = KVPredictionModel.from_pretrained(tiny_llama, keep_layers=[0, 2], source="hidden", device="cuda")
+    model.prefill_graphs = False  # which would serve the unpadded prompts instead (tests/test_prefill_graphs.py)
     ids = torch.randint(3, 259, (1, 30), device="cuda", generator=torch.Generator("cuda").manual_seed(2))
     monkeypatch.setattr(model, "pipelined_first_step", False)
     plain = model.generate(ids, mode="predicted", max_new_tokens=8)
     monkeypatch.setattr(model, "pipelined_first_step", True)
-    for _ in range(2):  # the first call of a shape captures its step; the next ones run pipelined
+    for _ in range(2):  # the first call of a shape captured its step; the next make the pipeline, then run it
         assert torch.equal(model.generate(ids, mode="predicted", max_new_tokens=8), plain)
     batch = torch.randint(3, 259, (2, 30), device="cuda", generator=torch.Generator("cuda").manual_seed(3))
     mask = torch.ones_like(batch)

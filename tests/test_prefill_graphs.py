@@ -8,6 +8,7 @@ import torch
 
 from kvpred.model import KVPredictionModel
 from kvpred.prefill_graphs import BUCKET, MOST_TOKENS, PrefillGraph, bucket, served
+from kvpred.refine import generate_refined
 from kvpred.testing import EXPERTS
 from tests.conftest import ARCHS
 from tests.test_pipeline import plain_first_token
@@ -114,15 +115,21 @@ def test_on_cuda_generate_replays_a_prompt_pass_once_the_step_is_captured(mode, 
     assert isinstance(pooled.prefills[(mode, 1, BUCKET)], PrefillGraph)
 
 
-def test_generate_captures_a_prompt_pass_after_its_request_not_before_its_first_token(tiny_llama):
+@pytest.mark.parametrize("refined", [False, True])
+def test_generate_captures_for_a_shape_after_its_first_request_not_before_its_first_token(tiny_llama, refined):
+    """The pipelined first step and the prompt pass's graph; a str stands for each, which the request would have
+    called, had it been made before its own pass."""
     model = KVPredictionModel.from_pretrained(tiny_llama, keep_layers=[0, 2])
     ids = prompts(40, 1)
     pooled = model._steps.get(model, 2, 40 + 8)
     pooled.made_step(model).graph = object()  # as if the shape's step were a captured graph (no GPU here)
     made = []
-    with patch("kvpred.prefill_graphs.PrefillGraph", lambda *args: made.append(args[2:5]) or "graph"):
-        model.generate(ids, mode="exact", max_new_tokens=8)
-    # made after the request, whose pass ran the plain way (a graph made before it would have been called: a str)
-    assert made == [("exact", 2, BUCKET)]
-    assert pooled.prefill_graph(model, "exact", ids) == "graph"
-    assert pooled.prefill_graph(model, "exact", prompts(MOST_TOKENS, 0)) is None  # 2 x 1024: too large a pass
+    with (patch("kvpred.pipeline.PipelinedPrefill", lambda *args: made.append(args[2:]) or "pipeline"),
+          patch("kvpred.prefill_graphs.PrefillGraph", lambda *args: made.append(args[2:5]) or "graph")):
+        if refined:
+            generate_refined(model, ids, refine="off", max_new_tokens=8)
+        else:
+            model.generate(ids, mode="predicted", max_new_tokens=8)
+    assert made == [(1,), ("predicted", 2, BUCKET)]
+    assert pooled.pipelines[1] == "pipeline" and pooled.prefill_graph(model, "predicted", ids) == "graph"
+    assert pooled.prefill_graph(model, "predicted", prompts(MOST_TOKENS, 0)) is None  # 2 x 1024: too large a pass
