@@ -320,7 +320,6 @@ class TTFTBench:
     # ---- one combo
     def setup(self, batch: int, length: int) -> Combo:
         from .model import BufferCache
-
         from .prefill_graphs import bucket, served
 
         first = self.variants[0].model
