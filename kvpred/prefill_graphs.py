@@ -1,10 +1,11 @@
 """Whole prompt passes captured as CUDA graphs, one per mode, batch size and bucket of 128 prompt lengths.
 
 A short prefill on a GPU waits on the host: for the Gemma 3 1B shape over 1024 tokens on an H200 its kernels took
-10 ms and launching them 52 ms (Llama-3.2-1B: 5.9 and 16.5 ms; benchmarks/short_prefill_profile.py). Both modes
-pay that, so predicted mode's speedup there falls far below its FLOP ratio. A replayed graph launches everything at
-once: the exact base's forward, the auxiliary's alone, or predicted mode's whole pass (the auxiliary, the predictor,
-the writes and the base's pipelined first step, kvpred.pipeline).
+10 ms and launching them 52 ms (Llama-3.2-1B: 5.9 and 16.5 ms;
+benchmarks/results/h200/aligned_attention/short_prefill_profile.txt). Both modes pay that, so predicted mode's
+speedup there falls far below its FLOP ratio. A replayed graph launches everything at once: the exact base's
+forward, the auxiliary's alone, or predicted mode's whole pass (the auxiliary, the predictor, the writes and the
+base's pipelined first step, kvpred.pipeline).
 
 A prompt is right-padded to its bucket's length: causal attention keeps the padding out of every real token's
 outputs, and what the padding writes into the cache lies past the prompt's columns, where no later step looks and
