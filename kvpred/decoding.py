@@ -292,7 +292,7 @@ class Pooled:
         (kvpred.prefill_graphs); with `make`, captured now where there is none yet (the capture overwrites the
         cache's first columns: between requests only). None where none serves: a pass larger than MOST_TOKENS, a
         cache too small for its bucket, a pass not captured (yet), or one that cannot be (the plain path serves)."""
-        from .prefill_graphs import PrefillGraph, bucket, served
+        from .prefill_graphs import KEPT, PrefillGraph, bucket, served
 
         columns = bucket(input_ids.shape[1])
         if not served(*input_ids.shape) or columns > self.cache.capacity:
@@ -303,9 +303,9 @@ class Pooled:
                 if model.device.type == "cuda" and self.graph_pool is None:
                     self.graph_pool = torch.cuda.graph_pool_handle()
                 graph = PrefillGraph(model, self.cache, mode, input_ids.shape[0], columns, tail, self.graph_pool)
-                _keep(self.prefills, key, graph)
+                _keep(self.prefills, key, graph, KEPT)
             except Exception:  # noqa: BLE001 - as for the step: what cannot be captured runs the plain way
-                _keep(self.prefills, key, False)
+                _keep(self.prefills, key, False, KEPT)
         if key not in self.prefills:
             return None
         self.prefills.move_to_end(key)
@@ -331,13 +331,13 @@ class Pooled:
         return True
 
 
-MAX_CAPTURED = 8  # refinement chunk widths, pipelined exact tails and prompt pass graphs kept per pooled cache
+MAX_CAPTURED = 8  # refinement chunk widths and pipelined exact tails kept per pooled cache
 
 
-def _keep(table: OrderedDict, key, value) -> None:
-    """table[key] = value, dropping the least recently used entries beyond MAX_CAPTURED."""
+def _keep(table: OrderedDict, key, value, most: int = MAX_CAPTURED) -> None:
+    """table[key] = value, dropping the least recently used entries beyond `most`."""
     table[key] = value
-    while len(table) > MAX_CAPTURED:
+    while len(table) > most:
         table.popitem(last=False)
 
 

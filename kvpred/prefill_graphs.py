@@ -26,6 +26,9 @@ from .rope import rope_runs
 
 BUCKET = 128  # prompt lengths that share a graph: a graph's pass runs up to 127 padding tokens
 MOST_TOKENS = 1024  # batch x bucket: the largest pass a graph serves
+# graphs kept per pooled cache: every bucket of both `generate` modes at batch 1 (they share one memory pool, so
+# each adds only its static inputs: a request that evicted one would pay a capture again after it)
+KEPT = 2 * MOST_TOKENS // BUCKET
 
 
 def bucket(tokens: int) -> int:
