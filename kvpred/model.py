@@ -936,7 +936,7 @@ class KVPredictionModel(nn.Module):
             ids = torch.arange(n, device=self.device).remainder(self.base.config.vocab_size).expand(batch_size, n)
             modes = MODES if i == 0 else ("predicted",)  # per shape, modes share the pooled cache and step
             if i > 0 and self.device.type == "cuda" and self.pipelined_first_step:
-                modes += ("predicted",)  # the first call captured the step, the second makes the pipeline
+                modes += ("predicted",)  # the first captures the step, then the pipeline and pass; the second runs them
             for mode in modes:
                 self.generate(ids, mode=mode, max_new_tokens=2)
         return buckets
