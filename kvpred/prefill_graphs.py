@@ -22,7 +22,7 @@ import torch
 from .decoding import _capture
 from .model import BufferCache, KVPredictionModel
 from .pipeline import PipelinedPrefill
-from .rope import rope_runs
+from .rope import rope_runs, tables_follow_forward_length
 
 BUCKET = 128  # prompt lengths that share a graph: a graph's pass runs up to 127 padding tokens
 MOST_TOKENS = 1024  # batch x bucket: the largest pass a graph serves
@@ -52,6 +52,9 @@ class PrefillGraph:
                  tail: int = 1, pool=None):
         if length > cache.capacity:
             raise ValueError(f"a prompt pass over {length} columns does not fit a cache of {cache.capacity}")
+        if any(tables_follow_forward_length(m.config) for m in (model.base, model.aux)):
+            # longrope, dynamic NTK: a forward over the whole bucket could take other tables than the prompt's own
+            raise ValueError("the model picks its rotary tables by each forward's length, which padding would change")
         device = model.device
         self.model, self.cache, self.mode, self.tail, self.length = model, cache, mode, tail, length
         self.ids = torch.zeros(batch, length, dtype=torch.long, device=device)

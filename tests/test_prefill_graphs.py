@@ -9,7 +9,7 @@ import torch
 from kvpred.model import KVPredictionModel
 from kvpred.prefill_graphs import BUCKET, MOST_TOKENS, PrefillGraph, bucket, served
 from kvpred.refine import generate_refined
-from kvpred.testing import EXPERTS
+from kvpred.testing import EXPERTS, save_tiny_model
 from tests.conftest import ARCHS
 from tests.test_pipeline import plain_first_token
 
@@ -99,6 +99,18 @@ def test_a_prompt_the_graph_cannot_take_is_refused(tiny_llama):
             graph(ids)
     with pytest.raises(ValueError, match="does not fit a cache"):
         PrefillGraph(model, model.new_cache(2, BUCKET - 1), "exact", batch=2, length=BUCKET)
+
+
+def test_a_base_whose_rotary_tables_follow_the_forwards_length_gets_no_graph(tmp_path):
+    """Longrope's short or long factors go by each forward's last position: a pass padded to its bucket could cross
+    the original length where the prompt does not."""
+    path = save_tiny_model(tmp_path / "longrope", rope_parameters={
+        "rope_type": "longrope", "rope_theta": 10000.0, "original_max_position_embeddings": 32,
+        "short_factor": [1.0] * 8, "long_factor": [4.0] * 8})
+    model = KVPredictionModel.from_pretrained(str(path), keep_ratio=0.5)
+    for mode in ("exact", "aux", "predicted"):
+        with pytest.raises(ValueError, match="rotary tables by each forward's length"):
+            PrefillGraph(model, model.new_cache(1, BUCKET, mode), mode, batch=1, length=BUCKET)
 
 
 @cuda_only
