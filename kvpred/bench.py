@@ -320,7 +320,7 @@ class TTFTBench:
     # ---- one combo
     def setup(self, batch: int, length: int) -> Combo:
         from .model import BufferCache
-        from .prefill_graphs import bucket, served
+        from .prefill_graphs import MOST_TOKENS, bucket, served
 
         first = self.variants[0].model
         graphed = self.s.prefill_graphs and self.device.type == "cuda" and served(batch, length)
@@ -344,6 +344,8 @@ class TTFTBench:
         combo.step_note += ", values deferred" if defer else ""
         if graphed:
             combo.step_note += self._capture_prefills(combo, columns)
+        elif self.s.prefill_graphs and self.device.type == "cuda":
+            combo.step_note += f", prompt passes eager (more than {MOST_TOKENS} tokens a pass)"
         return combo
 
     def _capture_prefills(self, c: Combo, columns: int) -> str:

@@ -455,13 +455,14 @@ def test_efficiency_targets_say_when_no_prompt_was_long_enough_to_judge_them():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_a_bench_with_prefill_graphs_replays_every_modes_prompt_pass(tiny_path, tmp_path):
-    rc = cli_main(["bench", "ttft", "--model", str(tiny_path), "--device", "cuda", "--prompt-lens", "24,130",
-                   "--repeats", "2", "--warmup", "0", "--decode-tokens", "3", "--no-plot", "--pipeline", "auto",
+    rc = cli_main(["bench", "ttft", "--model", str(tiny_path), "--device", "cuda", "--prompt-lens", "24,130,400",
+                   "--batch", "3", "--repeats", "2", "--warmup", "0", "--decode-tokens", "3", "--no-plot", "--pipeline", "auto",
                    "--prefill-graphs", "auto", "--out", str(tmp_path), "--name", "t"])
     assert rc == 0
     with (tmp_path / "t.csv").open() as f:
         rows = list(csv.DictReader(f))
-    assert [r["prompt_len"] for r in rows] == ["24", "130"]
+    assert [r["prompt_len"] for r in rows] == ["24", "130", "400"]
     for row, columns in zip(rows, (128, 256)):
         assert f"replayed as CUDA graphs over {columns} columns" in row["step"]
-        assert all(float(row[k]) > 0 for k in ("exact_ms", "aux_ms", "pred_ms"))
+    assert "prompt passes eager (more than 1024 tokens a pass)" in rows[2]["step"]  # 3 rows x 512 columns
+    assert all(float(row[k]) > 0 for row in rows for k in ("exact_ms", "aux_ms", "pred_ms"))
