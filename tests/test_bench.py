@@ -456,8 +456,8 @@ def test_efficiency_targets_say_when_no_prompt_was_long_enough_to_judge_them():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_a_bench_with_prefill_graphs_replays_every_modes_prompt_pass(tiny_path, tmp_path):
     rc = cli_main(["bench", "ttft", "--model", str(tiny_path), "--device", "cuda", "--prompt-lens", "24,130,400",
-                   "--batch", "3", "--repeats", "2", "--warmup", "0", "--decode-tokens", "3", "--no-plot", "--pipeline", "auto",
-                   "--prefill-graphs", "auto", "--out", str(tmp_path), "--name", "t"])
+                   "--batch", "3", "--repeats", "2", "--warmup", "0", "--decode-tokens", "3", "--no-plot",
+                   "--pipeline", "auto", "--prefill-graphs", "auto", "--out", str(tmp_path), "--name", "t"])
     assert rc == 0
     with (tmp_path / "t.csv").open() as f:
         rows = list(csv.DictReader(f))
