@@ -323,7 +323,8 @@ class TTFTBench:
         from .prefill_graphs import MOST_TOKENS, bucket, served
 
         first = self.variants[0].model
-        graphed = self.s.prefill_graphs and self.device.type == "cuda" and served(batch, length)
+        wanted = self.s.prefill_graphs and self.device.type == "cuda"
+        graphed = wanted and served(batch, length)
         columns = bucket(length) if graphed else length  # a prompt pass's graph writes its bucket's columns
         capacity = -(-(max(columns, length + self.s.decode_tokens)) // 64) * 64  # aligned mask rows for SDPA kernels
         base_cache = BufferCache(self.base.config, batch, capacity, dtype=self.base.dtype, device=self.device)
@@ -344,7 +345,7 @@ class TTFTBench:
         combo.step_note += ", values deferred" if defer else ""
         if graphed:
             combo.step_note += self._capture_prefills(combo, columns)
-        elif self.s.prefill_graphs and self.device.type == "cuda":
+        elif wanted:
             combo.step_note += f", prompt passes eager (more than {MOST_TOKENS} tokens a pass)"
         return combo
 

@@ -287,14 +287,15 @@ class Pooled:
         self.pipelines.move_to_end(tail)
         return self.pipelines[tail] or None
 
-    def prefill_graph(self, model, mode: str, input_ids: torch.Tensor, tail: int = 1, make: bool = False):
+    def prefill_graph(self, model, mode: str, input_ids: torch.Tensor, exact_tail: int = 1, make: bool = False):
         """The captured prompt pass of `mode` for unpadded prompts shaped like `input_ids` on this cache
-        (kvpred.prefill_graphs); with `make`, captured now where there is none yet (the capture overwrites the
-        cache's first columns: between requests only). None where none serves: a pass larger than MOST_TOKENS, a
-        cache too small for its bucket, a pass not captured (yet), or one that cannot be (the plain path serves)."""
+        (kvpred.prefill_graphs; `exact_tail` counts in predicted mode only); with `make`, captured now where there
+        is none yet (the capture overwrites the cache's first columns: between requests only). None where none
+        serves: a pass larger than MOST_TOKENS, a cache too small for its bucket, a pass not captured (yet), or one
+        that cannot be (the plain path serves)."""
         from .prefill_graphs import KEPT, PrefillGraph, bucket, served
 
-        columns = bucket(input_ids.shape[1])
+        columns, tail = bucket(input_ids.shape[1]), exact_tail if mode == "predicted" else 1
         if not served(*input_ids.shape) or columns > self.cache.capacity:
             return None
         key = (mode, tail, columns)
@@ -653,7 +654,7 @@ def capture_for_next(model, pooled: Pooled, mode: str, input_ids: torch.Tensor, 
     if pipelined(model, pooled, mode, input_ids, exact_tail):
         pooled.made_pipeline(model, exact_tail)
     if graphable(model, pooled, mode, input_ids, unpadded, exact_tail):
-        pooled.prefill_graph(model, mode, input_ids, exact_tail if mode == "predicted" else 1, make=True)
+        pooled.prefill_graph(model, mode, input_ids, exact_tail, make=True)
 
 
 def pipelined(model, pooled: Pooled, mode: str, input_ids: torch.Tensor, exact_tail: int) -> bool:
@@ -685,7 +686,7 @@ def first_logits(model, pooled: Pooled, input_ids: torch.Tensor, mask: torch.Ten
     padded = not bool(prompt_mask.all())
     cache = pooled.cache
     if (graphable(model, pooled, mode, input_ids, not padded, exact_tail)
-            and (graph := pooled.prefill_graph(model, mode, input_ids, exact_tail if mode == "predicted" else 1))):
+            and (graph := pooled.prefill_graph(model, mode, input_ids, exact_tail))):
         graph(input_ids)
         return graph.logits[:, -1]
     if pipelined(model, pooled, mode, input_ids, exact_tail) and (pipeline := pooled.pipelines.get(exact_tail)):
