@@ -224,7 +224,8 @@ def _capture(body: Callable[[], None], device: torch.device,
 
     The second warm-up may not wait on the host (RuntimeError): a body that does cannot be captured (transformers
     5.17 picks longrope's tables with a Python `if` on a tensor), and a capture that failed half-way left later
-    graphs computing wrong results on an H200 (benchmarks/results/h200/longrope)."""
+    graphs computing wrong results on an H200 (benchmarks/results/h200/longrope). A capture that fails anyway raises
+    with the device's random numbers usable, so the caller's fallback can still sample."""
     side = torch.cuda.Stream(device)
     side.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(side):
@@ -235,8 +236,16 @@ def _capture(body: Callable[[], None], device: torch.device,
             body()
     torch.cuda.current_stream(device).wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool):
-        body()
+    generator = torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()]
+    state = generator.clone_state()
+    try:
+        with torch.cuda.graph(graph, pool=pool):
+            body()
+    except Exception:
+        # A capture that fails half-way leaves the generator capturing: every later draw on the device, sampling
+        # included, raises "Offset increment outside graph capture" (benchmarks/results/h200/capture_rng)
+        generator.graphsafe_set_state(state)
+        raise
     before_warm_up()
     graph.replay()
     return graph

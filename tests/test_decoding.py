@@ -380,6 +380,28 @@ def test_a_compiled_step_gives_the_uncompiled_steps_tokens_on_a_gpu(tiny_llama, 
     assert model._steps.entries and all(p.step.forward is model.compiled_step for p in model._steps.entries.values())
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_a_capture_that_fails_half_way_leaves_sampling_working(tiny_llama, monkeypatch):
+    """What the warm-ups cannot catch fails inside the capture; the step then falls back to eager decoding, which
+    must still sample (a failed capture used to leave every later draw on the device raising)."""
+    model = KVPredictionModel.from_pretrained(tiny_llama, keep_ratio=0.5, device="cuda")
+    layer = model.base.model.layers[0]
+    forward = layer.forward
+
+    def fails_in_captures(*args, **kwargs):
+        if torch.cuda.is_current_stream_capturing():
+            torch.ones(1, device="cuda").item()  # a host read: the capture fails here, not in a warm-up
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(layer, "forward", fails_in_captures)
+    ids, mask = encode_prompts(model.tokenizer, PROMPTS)
+    torch.manual_seed(0)
+    out = model.generate(ids.cuda(), mask.cuda(), mode="exact", max_new_tokens=4, do_sample=True)
+    assert out.shape == (len(PROMPTS), ids.shape[1] + 4)
+    assert {type(pooled.step).__name__ for pooled in model._steps.entries.values()} == {"EagerStep"}
+    assert torch.randint(0, 10, (3,), device="cuda").shape == (3,)
+
+
 @pytest.mark.parametrize("mode", ["exact", "predicted"])
 def test_on_a_cpu_a_compiled_step_gives_the_eager_steps_tokens(tiny_llama, mode):
     torch.manual_seed(0)
