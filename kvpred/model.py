@@ -7,7 +7,6 @@ import json
 import os
 import weakref
 from contextlib import contextmanager, nullcontext
-from contextvars import ContextVar
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -696,6 +695,10 @@ class KVPredictionModel(nn.Module):
         capture; there the fused forward saves the eager step's per-op overhead instead (see benchmarks/results/
         cpu_compiled_step), and predicted mode's first step no longer defers its values (kvpred.deferred).
 
+        Predicted mode's pipelined first step (kvpred.pipeline) compiles its parts the same way: on an H200 this took
+        predicted mode's TTFT at batch 1 and 1024 tokens from 4.5 to 3.4 ms for Llama-3.2-1B and from 8.4 to 6.0 ms
+        for Gemma 3 1B (benchmarks/results/h200/compiled_parts).
+
         Opt-in, like `compile_predictor`: each batch size and cache capacity compiles once when its step is first
         made, 20-45 s on the H100 and about a minute on a 2-core CPU (`warm_up` makes them up front)."""
         # Static shapes: dynamic ones took 110-135 s to compile and ran no faster. Each (batch, capacity) is one
@@ -785,12 +788,12 @@ class KVPredictionModel(nn.Module):
     def static_step(self, cache: "BufferCache", slot: torch.Tensor) -> Iterator[None]:
         """Inside, base forwards of Q tokens per row write at cache columns `slot` (a Q-element long tensor) and
         attend over the whole buffer under the caller's 4D bool mask [B, 1, Q, capacity]: fixed shapes and no
-        host reads, as a CUDA graph needs. Pass that mask as attention_mask (transformers uses a 4D mask as is)."""
+        host reads, as a CUDA graph needs. Pass that mask as attention_mask (transformers uses a 4D mask as is); each
+        query's own column must be the last one it sees (sliding layers measure their window back from it)."""
         AttentionInterface.register(STEP_ATTENTION, _step_attention)
         config = self.base.config
         previous = config._attn_implementation
         config._attn_implementation, cache.step_slot = STEP_ATTENTION, slot
-        token = _STEP_SLOT.set(slot)
         # transformers' grouped experts (its default) cannot be captured as a CUDA graph outside bf16 (torch 2.11);
         # its batched ones can. They copy each routed expert's weights per row: for one token, a few reads of them
         batched = bool(expert_count(config)) and slot.numel() == 1 and self.base.dtype != torch.bfloat16
@@ -801,7 +804,6 @@ class KVPredictionModel(nn.Module):
             yield
         finally:
             config._attn_implementation, cache.step_slot = previous, None
-            _STEP_SLOT.reset(token)
             if batched:
                 config._experts_implementation = experts
 
@@ -1089,7 +1091,6 @@ def _atomic(path: Path, write) -> None:
 
 # -------------------------------------------------------------------- fast-path helpers
 STEP_ATTENTION = "kvpred_step"
-_STEP_SLOT: ContextVar[torch.Tensor] = ContextVar("kvpred_step_slot")  # inside static_step: the columns written
 # On a CPU, a long prompt's predicted K/V outgrow the caches between the predictor's matmuls and the write; chunks of
 # this many rows (batch x tokens) took SmolLM2's predictor + write from 85 to 56 ms at 2048 tokens (2 cores). A GPU
 # does best with one pass.
@@ -1119,8 +1120,12 @@ def _step_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, v
     # Qwen2-MoE's layers say their window only on the module; EXAONE 4's full layers pass None beside a module's window
     window = getattr(module, "sliding_window", None) if sliding_window is _UNSAID else sliding_window
     if window:  # a sliding layer: each query sees the columns within its window, the last `window` up to its own
+        # Its own column is the last one its mask shows (static_step's masks never show a later one). Read from the
+        # mask, not passed beside it: torch.compile traces this (compile_step), where a context variable broke the
+        # graph in every sliding layer (benchmarks/results/h200/compiled_parts)
         columns = torch.arange(key.shape[2], device=key.device)
-        attention_mask = attention_mask & (columns > _STEP_SLOT.get()[:, None] - window)  # [B, 1, Q, T]
+        own = torch.where(attention_mask, columns, -1).amax(-1, keepdim=True)  # [B, 1, Q, 1]
+        attention_mask = attention_mask & (columns > own - window)  # [B, 1, Q, T]
     if q_len > 1 and softcap is not None:  # Gemma 2's logits, which SDPA cannot cap
         return capped_attention(query, key, value, attention_mask, scaling, softcap), None
     if q_len > 1:  # a refinement chunk (kvpred.decoding.GraphChunk): enough queries for SDPA's kernels

