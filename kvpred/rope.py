@@ -11,7 +11,6 @@ forward over the whole prompt (`rope_runs`). Hunyuan normalises its keys after R
 """
 from __future__ import annotations
 
-import functools
 import inspect
 
 import torch
@@ -145,10 +144,14 @@ def layer_position_embeddings(model, x: torch.Tensor, position_ids: torch.Tensor
     return [by_parameters[repr(config.rope_parameters.get(kind, kind))] for kind in config.layer_types]
 
 
-@functools.cache
+_PER_KIND: dict[type, bool] = {}  # a plain dict, not functools.cache: torch.compile (compile_step) warns on those
+
+
 def _tables_per_kind(rotary_type: type) -> bool:
     """Whether a rotary embedding class makes its tables per layer kind (its forward takes a `layer_type`)."""
-    return "layer_type" in inspect.signature(rotary_type.forward).parameters
+    if rotary_type not in _PER_KIND:
+        _PER_KIND[rotary_type] = "layer_type" in inspect.signature(rotary_type.forward).parameters
+    return _PER_KIND[rotary_type]
 
 
 def rope_runs(model, position_ids: torch.Tensor, dtype: torch.dtype,
