@@ -702,8 +702,9 @@ class KVPredictionModel(nn.Module):
         Opt-in, like `compile_predictor`: each batch size and cache capacity compiles once when its step is first
         made, 20-45 s on the H100 and about a minute on a 2-core CPU (`warm_up` makes them up front)."""
         # Static shapes: dynamic ones took 110-135 s to compile and ran no faster. Each (batch, capacity) is one
-        # entry, so let more of them stay compiled than dynamo's default of 8.
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        # entry of the forward, and one per part of the pipelined first step (one part per auxiliary tap: 4-12 for
+        # the default maps), so let many more of them stay compiled than dynamo's default of 8.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
         # Round fused intermediates to the model's dtype as eager does: on SmolLM2 (bf16) this took the greedy
         # continuations equal to the eager step's from 56% to 61% (exact) and from 55% to 80% (predicted).
         torch._inductor.config.emulate_precision_casts = True
