@@ -696,7 +696,7 @@ class KVPredictionModel(nn.Module):
         cpu_compiled_step), and predicted mode's first step no longer defers its values (kvpred.deferred).
 
         Predicted mode's pipelined first step (kvpred.pipeline) compiles its parts the same way: on an H200 this took
-        predicted mode's TTFT at batch 1 and 1024 tokens from 4.5 to 3.4 ms for Llama-3.2-1B and from 8.4 to 6.0 ms
+        predicted mode's TTFT at batch 1 and 1024 tokens from 4.5 to 3.4 ms for Llama-3.2-1B and from 8.2 to 4.6 ms
         for Gemma 3 1B (benchmarks/results/h200/compiled_parts).
 
         Opt-in, like `compile_predictor`: each batch size and cache capacity compiles once when its step is first
