@@ -8,27 +8,18 @@ the eager one took 5.7 at each (benchmarks/results/h200/compiled_parts).
 from __future__ import annotations
 
 import argparse
-import statistics
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 from kvpred.decoding import GraphStep
 from kvpred.shapes import random_kvp_model
+from step_compile_probe import replay_ms  # benchmarks/, the script's folder
 
 
-def replay_ms(step: GraphStep, filled: int, repeats: int = 20) -> float:
+def step_ms(step: GraphStep, filled: int) -> float:
     ids = torch.zeros(1, 1, dtype=torch.long, device="cuda")
-    times = []
-    for _ in range(repeats):
-        step.start(ids, torch.full((1, 1), filled, device="cuda"), filled)
-        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        begin.record()
-        step()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(begin.elapsed_time(end))
-    return statistics.median(times[2:])
+    return replay_ms(step, ids, torch.full((1, 1), filled, device="cuda"), filled, repeats=20)[0]
 
 
 def main() -> None:
@@ -44,10 +35,10 @@ def main() -> None:
         for cache in caches.values():
             cache.key_arena.normal_()
             cache.value_arena.normal_()
-        eager = {c: replay_ms(GraphStep(model, cache), c - 8) for c, cache in caches.items()}
+        eager = {c: step_ms(GraphStep(model, cache), c - 8) for c, cache in caches.items()}
         model.compile_step()
         steps = {c: GraphStep(model, cache) for c, cache in caches.items()}
-        compiled = {c: replay_ms(step, c - 8) for c, step in steps.items()}
+        compiled = {c: step_ms(step, c - 8) for c, step in steps.items()}
         for c in capacities:
             print(f"{shape} capacity {c}: eager {eager[c]:.2f} ms, compiled {compiled[c]:.2f} ms")
         top = capacities[-1]
