@@ -789,8 +789,9 @@ class KVPredictionModel(nn.Module):
     def static_step(self, cache: "BufferCache", slot: torch.Tensor) -> Iterator[None]:
         """Inside, base forwards of Q tokens per row write at cache columns `slot` (a Q-element long tensor) and
         attend over the whole buffer under the caller's 4D bool mask [B, 1, Q, capacity]: fixed shapes and no
-        host reads, as a CUDA graph needs. Pass that mask as attention_mask (transformers uses a 4D mask as is); each
-        query's own column must be the last one it sees (sliding layers measure their window back from it)."""
+        host reads, as a CUDA graph needs. Pass that mask as attention_mask (transformers uses a 4D mask as is). The Q
+        columns are consecutive and the same in every row, and each query's own column is the last one it sees
+        (sliding layers measure their window back from it)."""
         AttentionInterface.register(STEP_ATTENTION, _step_attention)
         config = self.base.config
         previous = config._attn_implementation
@@ -1121,11 +1122,13 @@ def _step_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, v
     # Qwen2-MoE's layers say their window only on the module; EXAONE 4's full layers pass None beside a module's window
     window = getattr(module, "sliding_window", None) if sliding_window is _UNSAID else sliding_window
     if window:  # a sliding layer: each query sees the columns within its window, the last `window` up to its own
-        # Its own column is the last one its mask shows (static_step's masks never show a later one). Read from the
-        # mask, not passed beside it: torch.compile traces this (compile_step), where a context variable broke the
-        # graph in every sliding layer (benchmarks/results/h200/compiled_parts)
+        # Its own column, as static_step lays the columns out: the last query's is the last column its mask shows,
+        # and the others come right before it. Read from the mask, not passed beside it: torch.compile traces this
+        # (compile_step), where a context variable broke the graph in every sliding layer
+        # (benchmarks/results/h200/compiled_parts). Only [T] temporaries: a refinement chunk's mask is [B, 1, 256, T]
         columns = torch.arange(key.shape[2], device=key.device)
-        own = torch.where(attention_mask, columns, -1).amax(-1, keepdim=True)  # [B, 1, Q, 1]
+        last = torch.where(attention_mask[0, 0, -1], columns, -1).amax()
+        own = last - torch.arange(q_len - 1, -1, -1, device=key.device)[:, None]  # [Q, 1]
         attention_mask = attention_mask & (columns > own - window)  # [B, 1, Q, T]
     if q_len > 1 and softcap is not None:  # Gemma 2's logits, which SDPA cannot cap
         return capped_attention(query, key, value, attention_mask, scaling, softcap), None
