@@ -28,7 +28,9 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
+import transformers
 
+from kvpred import prefill_graphs
 from kvpred.bench import _device_name, variant_name
 from kvpred.model import KVPredictionModel
 from kvpred.shapes import random_kvp_model
@@ -94,8 +96,12 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--compare", choices=sorted(RUNS), default="loops",
                    help="which speed-up to time (default: %(default)s)")
+    p.add_argument("--most-tokens", type=int, default=None,
+                   help="override kvpred.prefill_graphs.MOST_TOKENS, the largest pass (batch x bucket) a graph serves")
     p.add_argument("--out", default=None, help="markdown file for the table")
     args = p.parse_args()
+    if args.most_tokens:
+        prefill_graphs.MOST_TOKENS = args.most_tokens
     if args.shape:
         model = random_kvp_model(args.shape, aux_keep=0.25, source=args.source, rank=args.rank, device=args.device)
         # no tokenizer: what generate() reads of one (no stop strings here)
@@ -107,8 +113,9 @@ def main() -> None:
     lines = [f"# generate(): TTFT and decode speed ({label})", "",
              f"`{shlex.join(['python', *sys.argv])}`", "",
              f"{_device_name(model.device)}, {str(model.base.dtype).removeprefix('torch.')}, torch {torch.__version__};"
-             f" {variant_name(model)}; predicted mode's exact tail {args.exact_tail}; medians over {args.repeats} "
-             "fresh random prompts after one warm-up; "
+             f" {variant_name(model)}; transformers {transformers.__version__}; graphs serve passes of up to "
+             f"{prefill_graphs.MOST_TOKENS} tokens; predicted mode's exact tail {args.exact_tail}; medians over "
+             f"{args.repeats} fresh random prompts after one warm-up; "
              f"{args.new_tokens} new tokens a call.", "",
              "| batch | prompt | " + " | ".join(f"{name}: TTFT ms / decode tok/s" for name, _, _ in runs) + " |",
              "|--:|--:|" + "--:|" * len(runs)]

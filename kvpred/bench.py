@@ -983,8 +983,8 @@ def register(subparsers) -> None:
                         "auxiliary (kvpred.pipeline), as generate() does on a GPU; the breakdown then has no phases")
     p.add_argument("--prefill-graphs", choices=("off", "auto"), default="off",
                    help="auto: on CUDA, each mode's whole prompt pass (predicted mode's pipelined) replays a CUDA "
-                        "graph, the prompt right-padded to a multiple of 128 tokens, up to 1024 tokens a pass "
-                        "(batch x length; kvpred.prefill_graphs)")
+                        "graph, the prompt right-padded to a multiple of 128 tokens, up to 4096 tokens a pass "
+                        "(batch x length; 1024 before transformers 5.18; kvpred.prefill_graphs)")
     p.add_argument("--predictor-dtype", choices=("auto", "model", "bfloat16"), default="auto",
                    help="what the predictor's matmuls run in (auto: bf16 for an fp32 model on a CPU with bf16 dot "
                         "products, else the model's dtype; see KVPredictionModel.predictor_dtype)")

@@ -259,8 +259,9 @@ class KVPredictionModel(nn.Module):
     # On a GPU, run predicted mode's first step tap by tap behind the auxiliary (kvpred.pipeline) in `generate`:
     # 4-19% lower TTFT there on an H200 (benchmarks/results/h200/pipeline), same logits up to rounding.
     pipelined_first_step: bool = True
-    # On a GPU, replay unpadded prompt passes of up to 1024 tokens (batch x length) as CUDA graphs in `generate`, once
-    # a shape's step is captured (kvpred.prefill_graphs): short prefills there wait on the host otherwise.
+    # On a GPU, replay unpadded prompt passes of up to 4096 tokens (batch x length; 1024 before transformers 5.18) as
+    # CUDA graphs in `generate`, once a shape's step is captured (kvpred.prefill_graphs): short prefills there wait on
+    # the host otherwise.
     prefill_graphs: bool = True
 
     def __init__(self, base: PreTrainedModel, aux: PreTrainedModel, predictor: KVPredictor, tokenizer,

@@ -13,11 +13,16 @@ decoding overwrites it. So a graph serves unpadded batches (a left-padded batch'
 bucket) written from the cache's first column, of up to MOST_TOKENS tokens (batch x bucket). Inside a capture
 transformers 5.17 builds the causal mask instead of letting SDPA apply it, so a captured pass attends under a mask
 (not flash attention): in `generate` on an H200, Llama-3.2-1B's exact TTFT at batch 1 fell from 16.4 to 9.1 ms over
-1024 tokens but rose from 14.4 to 17.8 over 2048 (benchmarks/results/h200/prefill_graphs).
+1024 tokens but rose from 14.4 to 17.8 over 2048 (benchmarks/results/h200/prefill_graphs). From 5.18 SDPA applies it
+in a capture too (these passes have no padding mask), and graphs gained at every size measured, up to 4 x 4096
+tokens: at batch 1 and 2048 tokens exact TTFT fell from 18.5 to 12.8 ms and predicted from 9.2 to 5.9
+(benchmarks/results/h200/capture_flash).
 """
 from __future__ import annotations
 
 import torch
+import transformers
+from packaging.version import Version
 
 from .decoding import _capture
 from .model import BufferCache, KVPredictionModel
@@ -25,7 +30,9 @@ from .pipeline import PipelinedPrefill
 from .rope import rope_runs, tables_follow_forward_length
 
 BUCKET = 128  # prompt lengths that share a graph: a graph's pass runs up to 127 padding tokens
-MOST_TOKENS = 1024  # batch x bucket: the largest pass a graph serves
+# batch x bucket: the largest pass a graph serves. Not more than 4096 with flash attention: the gains above it were
+# 2-4%, and each predicted-mode graph keeps an auxiliary cache of its own length
+MOST_TOKENS = 4096 if Version(transformers.__version__) >= Version("5.18") else 1024
 # graphs kept per pooled cache: every bucket of both `generate` modes at batch 1 (they share one memory pool, so
 # each adds only its static inputs: a request that evicted one would pay a capture again after it)
 KEPT = 2 * MOST_TOKENS // BUCKET
