@@ -277,6 +277,10 @@ class Pooled:
     # (mode, exact tail, columns) -> kvpred.prefill_graphs.PrefillGraph, False where none; in one memory pool
     prefills: OrderedDict = field(default_factory=OrderedDict)
     graph_pool: object = None
+    # the auxiliary's cache in every predicted-mode prompt pass above (they replay one at a time), as long as the
+    # longest pass: one per graph would take 2.2 GB (computed) for the buckets of a Llama-3.1-8B-shaped KVP-LP 8/32
+    # at batch 1
+    aux_cache: object = None
 
     def made_step(self, model) -> "GraphStep | EagerStep":
         if self.step is None:
@@ -302,7 +306,7 @@ class Pooled:
         is none yet (the capture overwrites the cache's first columns: between requests only). None where none
         serves: a pass larger than MOST_TOKENS, a cache too small for its bucket, a pass not captured (yet), or one
         that cannot be (the plain path serves)."""
-        from .prefill_graphs import KEPT, PrefillGraph, bucket, served
+        from .prefill_graphs import BUCKET, KEPT, MOST_TOKENS, PrefillGraph, bucket, served
 
         columns, tail = bucket(input_ids.shape[1]), exact_tail if mode == "predicted" else 1
         if not served(*input_ids.shape) or columns > self.cache.capacity:
@@ -310,9 +314,14 @@ class Pooled:
         key = (mode, tail, columns)
         if key not in self.prefills and make:
             try:
+                batch = input_ids.shape[0]
                 if model.device.type == "cuda" and self.graph_pool is None:
                     self.graph_pool = torch.cuda.graph_pool_handle()
-                graph = PrefillGraph(model, self.cache, mode, input_ids.shape[0], columns, tail, self.graph_pool)
+                if mode == "predicted" and self.aux_cache is None:
+                    longest = min(MOST_TOKENS // batch // BUCKET * BUCKET, self.cache.capacity)
+                    self.aux_cache = model.new_cache(batch, longest, "aux")
+                graph = PrefillGraph(model, self.cache, mode, batch, columns, tail, self.graph_pool,
+                                     self.aux_cache if mode == "predicted" else None)
                 _keep(self.prefills, key, graph, KEPT)
             except Exception:  # noqa: BLE001 - as for the step: what cannot be captured runs the plain way
                 _keep(self.prefills, key, False, KEPT)

@@ -14,9 +14,9 @@ bucket) written from the cache's first column, of up to MOST_TOKENS tokens (batc
 transformers 5.17 builds the causal mask instead of letting SDPA apply it, so a captured pass attends under a mask
 (not flash attention): in `generate` on an H200, Llama-3.2-1B's exact TTFT at batch 1 fell from 16.4 to 9.1 ms over
 1024 tokens but rose from 14.4 to 17.8 over 2048 (benchmarks/results/h200/prefill_graphs). From 5.18 SDPA applies it
-in a capture too (these passes have no padding mask), and graphs gained at every size measured, up to 4 x 4096
-tokens: at batch 1 and 2048 tokens exact TTFT fell from 18.5 to 12.8 ms and predicted from 9.2 to 5.9
-(benchmarks/results/h200/capture_flash).
+in a capture too (these passes have no padding mask), and every graphed pass of up to 4096 tokens gained on the
+Llama-3.2-1B and Gemma 3 1B shapes: at batch 1 and 2048 tokens Llama's exact TTFT fell from 18.5 to 12.8 ms and
+predicted from 9.2 to 5.9 (benchmarks/results/h200/capture_flash).
 """
 from __future__ import annotations
 
@@ -30,8 +30,8 @@ from .pipeline import PipelinedPrefill
 from .rope import rope_runs, tables_follow_forward_length
 
 BUCKET = 128  # prompt lengths that share a graph: a graph's pass runs up to 127 padding tokens
-# batch x bucket: the largest pass a graph serves. Not more than 4096 with flash attention: the gains above it were
-# 2-4%, and each predicted-mode graph keeps an auxiliary cache of its own length
+# batch x bucket: the largest pass a graph serves. Not more than 4096 with flash attention: above it Llama-3.2-1B
+# gained 2-4% and Gemma 3 1B lost
 MOST_TOKENS = 4096 if Version(transformers.__version__) >= Version("5.18") else 1024
 # graphs kept per pooled cache: every bucket of both `generate` modes at batch 1 (they share one memory pool, so
 # each adds only its static inputs: a request that evicted one would pay a capture again after it)
@@ -52,11 +52,13 @@ class PrefillGraph:
     """`mode`'s prompt pass ("exact", "aux" or "predicted") over the first `length` columns of `cache` (its model's
     BufferCache: the base's, or the auxiliary's in aux mode) for `batch` rows, serving prompts of up to `length`
     tokens whose last `tail` are the exact tail (predicted mode; the other modes return that many logits). Captured
-    as a CUDA graph on a GPU (which overwrites those columns); elsewhere each call runs the same pass eagerly."""
+    as a CUDA graph on a GPU (which overwrites those columns); elsewhere each call runs the same pass eagerly.
+    Predicted mode's auxiliary writes its keys and values into `aux_cache` (at least `length` columns; by default
+    one of its own): graphs that never replay at once can share one."""
 
     @torch.no_grad()
     def __init__(self, model: KVPredictionModel, cache: BufferCache, mode: str, batch: int, length: int,
-                 tail: int = 1, pool=None):
+                 tail: int = 1, pool=None, aux_cache: BufferCache | None = None):
         if length > cache.capacity:
             raise ValueError(f"a prompt pass over {length} columns does not fit a cache of {cache.capacity}")
         if any(tables_follow_forward_length(m.config) for m in (model.base, model.aux)):
@@ -76,7 +78,10 @@ class PrefillGraph:
             self.keys, self.values = cache.slices(length)
             # the auxiliary writes its own keys and values too: without a cache, transformers looks for packed
             # sequences in the positions, which waits on the host
-            self.aux_cache = model.new_cache(batch, length, "aux")
+            self.aux_cache = aux_cache if aux_cache is not None else model.new_cache(batch, length, "aux")
+            if self.aux_cache.capacity < length or self.aux_cache.key_arena.shape[1] != batch:
+                raise ValueError(f"an auxiliary cache of {self.aux_cache.key_arena.shape[1]} rows and "
+                                 f"{self.aux_cache.capacity} columns cannot hold a pass of {batch} x {length}")
         self.graph = None
         if device.type == "cuda":
             self._load(self.ids)

@@ -93,6 +93,26 @@ def test_a_predicted_pass_over_the_bucket_is_the_plain_paths(arch, tail, device,
         torch.testing.assert_close(got_values, values, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_pooled_caches_predicted_passes_share_one_auxiliary_cache(device, tiny_llama):
+    model = KVPredictionModel.from_pretrained(tiny_llama, keep_layers=[0, 2], device=device)
+    pooled = model._steps.get(model, 2, 2 * BUCKET + 8)
+    short, long = (pooled.prefill_graph(model, "predicted", prompts(n, 0, device), make=True) for n in (40, 200))
+    assert short.aux_cache is long.aux_cache and long.aux_cache.capacity >= 2 * BUCKET
+    for graph, n in [(long, 200), (short, 40), (long, 150)]:  # a shorter pass between: the longer ones stay right
+        ids = prompts(n, n, device)
+        token, logits, _ = plain_first_token(model, ids)
+        assert torch.equal(graph(ids), token)
+        torch.testing.assert_close(graph.logits, logits, atol=1e-4, rtol=1e-4)
+
+
+def test_an_auxiliary_cache_too_small_for_the_pass_is_refused(tiny_llama):
+    model = KVPredictionModel.from_pretrained(tiny_llama, keep_layers=[0, 2])
+    with pytest.raises(ValueError, match="cannot hold a pass of 2 x 256"):
+        PrefillGraph(model, model.new_cache(2, 2 * BUCKET), "predicted", 2, 2 * BUCKET,
+                     aux_cache=model.new_cache(2, BUCKET, "aux"))
+
+
 def test_a_prompt_the_graph_cannot_take_is_refused(tiny_llama):
     model = KVPredictionModel.from_pretrained(tiny_llama, keep_layers=[0, 2])
     graph = PrefillGraph(model, model.new_cache(2, BUCKET), "predicted", batch=2, length=BUCKET)
