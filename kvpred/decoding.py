@@ -441,18 +441,26 @@ class RollingBatch:
     runs one group of layers at a time, each as soon as the auxiliary's tap for it is predicted and written into the
     joining rows, beside the auxiliary's next layers. Without it a joining prompt is prefilled apart, copied into its
     row, and waits for the whole step after that: 3 ms more for a lone 512-token request on an H100
-    (benchmarks/results/h100/serve)."""
+    (benchmarks/results/h100/serve).
 
-    def __init__(self, model, pooled: Pooled, slot: int, pipelined: bool | None = None):
+    `graph_joins` (by default: on a GPU, once the step is a captured graph, as `model.prefill_graphs` says) lets
+    unpadded prompts join through their mode's prompt pass replayed as a CUDA graph (`admit_prefilled`), as
+    `generate()` runs them: an eager pass of a short prompt waits on the host (kvpred.prefill_graphs)."""
+
+    def __init__(self, model, pooled: Pooled, slot: int, pipelined: bool | None = None,
+                 graph_joins: bool | None = None):
         self.model, self.pooled, self.cache, self.slot = model, pooled, pooled.cache, slot
         rows, device = self.cache.key_arena.shape[1], model.device
         self.free = list(range(rows))
         self.cache.reset()
         self.cache.set_length(slot)
         self.step = pooled.made_step(model)
+        captured = getattr(self.step, "graph", None) is not None
         if pipelined is None:
-            pipelined = model.pipelined_first_step and getattr(self.step, "graph", None) is not None
+            pipelined = model.pipelined_first_step and captured
         self.pipelined = pipelined and isinstance(self.step, GraphStep)
+        self.graph_joins = model.prefill_graphs and captured if graph_joins is None else graph_joins
+        self.missed: dict[tuple, torch.Tensor] = {}  # joins no captured pass served: (mode, tail, shape) -> ids
         # a pipelined join, for the next step: (prefix ids, mask, the whole prompts' positions, rows)
         self.joining: tuple | None = None
         zeros = torch.zeros(rows, 1, dtype=torch.long, device=device)
@@ -502,6 +510,48 @@ class RollingBatch:
                     arena[g:g + group, :, :, start:self.slot].index_copy_(1, index, torch.stack(layers[g:g + group]))
         self.step.admit(index, input_ids[:, -1], positions[:, -1], attention_mask[:, :-1].bool(), start)
         return rows
+
+    @torch.no_grad()
+    def admit_prefilled(self, input_ids: torch.Tensor, mode: str, exact_tail: int,
+                        choose: Callable[[torch.Tensor], torch.Tensor]
+                        ) -> tuple[list[int], torch.Tensor, torch.Tensor] | None:
+        """Unpadded prompts [b, T] join through their mode's captured prompt pass on a pooled cache of b rows
+        (kvpred.prefill_graphs): their whole prompt's keys and values are copied into their rows, ending just before
+        the current column, and their first tokens, `choose`n from the pass's logits [b, V], come out now; the next
+        step reads them. Returns (rows, logits, first tokens), or None where no captured pass serves (the caller
+        joins them with `admit`; `capture_missed` captures those shapes later)."""
+        from .prefill_graphs import MOST_TOKENS, bucket
+
+        b, t = input_ids.shape
+        mode_ok = mode == "exact" or (mode == "predicted" and self.model.pipelined_first_step and t > exact_tail)
+        if not (self.graph_joins and mode_ok and b <= len(self.free) and t <= self.slot):
+            return None
+        side = self.model._steps.get(self.model, b, MOST_TOKENS // b)
+        graph = None if side is self.pooled else side.prefill_graph(self.model, mode, input_ids, exact_tail)
+        if graph is None:
+            if side is not self.pooled:
+                self.missed[(mode, exact_tail, b, bucket(t))] = input_ids
+            return None
+        graph(input_ids)  # the side cache's first t columns: the prompt's keys and values, its last token's too
+        logits = graph.logits[:, -1]
+        tokens = choose(logits)
+        rows, self.free = self.free[:b], self.free[b:]
+        index, start = torch.tensor(rows, device=self.model.device), self.slot - t
+        for arena, theirs in ((self.cache.key_arena, side.cache.key_arena),
+                              (self.cache.value_arena, side.cache.value_arena)):
+            arena[:, :, :, start:self.slot].index_copy_(1, index, theirs[:, :, :, :t])
+        visible = torch.ones(b, t, dtype=torch.bool, device=self.model.device)
+        self.step.admit(index, tokens, torch.full_like(tokens, t), visible, start)
+        return rows, logits, tokens
+
+    def capture_missed(self) -> None:
+        """Capture the prompt passes that joins missed (`admit_prefilled`), between batches: no running row waits."""
+        from .prefill_graphs import MOST_TOKENS
+
+        for (mode, tail, b, _), ids in self.missed.items():
+            side = self.model._steps.get(self.model, b, MOST_TOKENS // b)
+            side.prefill_graph(self.model, mode, ids, tail, make=True)
+        self.missed.clear()
 
     def __call__(self) -> torch.Tensor:
         """One step for every row: the logits [rows, V] of each row's next token."""

@@ -543,8 +543,8 @@ class Scheduler:
         if model.device.type == "cuda":  # the graph step attends over the whole buffer anyway: start half-way
             slot = max(slot, min(capacity // 2, capacity - most))  # in, so that longer prompts can join too
         batch = RollingBatch(model, pooled, slot)
-        running = dict(zip(self._join(batch, jobs), jobs))  # row -> job
         sampling = self._sampling(first)
+        running = self._join(batch, jobs)  # row -> job
         while running:
             scores = batch().float()  # [rows, V]
             tokens = sample(scores, top_k=0, **sampling)
@@ -556,7 +556,8 @@ class Scheduler:
                     batch.release(row)
             batch.feed(tokens)
             if joining := self._joinable(first.batch_key, batch):
-                running.update(zip(self._join(batch, joining), joining))
+                running.update(self._join(batch, joining))
+        batch.capture_missed()
 
     def _joinable(self, key: tuple, batch: RollingBatch) -> list[Job]:
         """The queue's oldest prompts, while they have the running batch's settings and fit into its free rows
@@ -576,13 +577,28 @@ class Scheduler:
         self._running.extend(found)
         return found
 
-    def _join(self, batch: RollingBatch, jobs: list[Job]) -> list[int]:
+    def _join(self, batch: RollingBatch, jobs: list[Job]) -> dict[int, Job]:
+        """`jobs` join `batch`; returns their rows that still decode. Unpadded prompts join through a captured
+        prompt pass where one serves (`RollingBatch.admit_prefilled`): their first tokens are handed out at once."""
         started = time.perf_counter()
         for job in jobs:
             job.started = started
+        first, device = jobs[0], self.model.device
         input_ids, attention_mask = self._padded(jobs)
-        return batch.admit(input_ids.to(self.model.device), attention_mask.to(self.model.device), jobs[0].mode,
-                           jobs[0].exact_tail)
+        if bool(attention_mask.all()):
+            sampling = self._sampling(first)
+            choose = lambda logits: sample(logits.float(), top_k=0, **sampling)  # noqa: E731
+            if joined := batch.admit_prefilled(input_ids.to(device), first.mode, first.exact_tail, choose):
+                rows, logits, tokens = joined
+                logprobs_wanted = any(job.logprobs is not None for job in jobs)
+                hand_out(dict(enumerate(jobs)), tokens.tolist(), logits if logprobs_wanted else None,
+                         self.tokenizer, self.eos_ids)
+                for row, job in zip(rows, jobs):
+                    if job.finish_reason is not None:
+                        batch.release(row)
+                return {row: job for row, job in zip(rows, jobs) if job.finish_reason is None}
+        rows = batch.admit(input_ids.to(device), attention_mask.to(device), first.mode, first.exact_tail)
+        return dict(zip(rows, jobs))
 
     def _generate_refined(self, jobs: list[Job]) -> None:
         first = jobs[0]

@@ -282,6 +282,54 @@ def test_prompts_joining_a_rolling_batch_decode_what_they_decode_alone(model, mo
     assert rolled(model, mode, rows=2, new_tokens=6, tail=tail) == alone
 
 
+def rolled_prefilled(model, mode: str, new_tokens: int, tail: int) -> tuple[list[list[int]], int]:
+    """PROMPTS through a RollingBatch of 2 rows, greedy, one a join, each through `admit_prefilled` where a captured
+    prompt pass serves it (its first token then comes from the pass), else `admit`; then the missed passes are
+    captured. Returns the tokens and how many prompts joined through a pass."""
+    batch = RollingBatch(model, Pooled(model.new_cache(2, 256)), slot=64, graph_joins=True)
+    waiting, running, through = list(range(len(PROMPTS))), {}, 0
+    got: list[list[int]] = [[] for _ in PROMPTS]
+    while waiting or running:
+        if waiting and batch.fits(64, new_tokens):
+            i = waiting.pop(0)
+            ids, mask = (t.to(model.device) for t in encode_prompts(model.tokenizer, [PROMPTS[i]]))
+            joined = batch.admit_prefilled(ids, mode, tail, lambda logits: logits.argmax(-1))
+            if joined is None:
+                running[batch.admit(ids, mask, mode, tail)[0]] = i
+            else:
+                (row,), logits, (token,) = joined
+                assert logits.shape == (1, model.base.config.vocab_size)
+                got[i].append(int(token))
+                running[row], through = i, through + 1
+        tokens = batch().argmax(-1)
+        for row, i in list(running.items()):
+            got[i].append(int(tokens[row]))
+            if len(got[i]) == new_tokens:
+                del running[row]
+                batch.release(row)
+        batch.feed(tokens)
+    batch.capture_missed()
+    return got, through
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="CUDA graphs need a GPU"))])
+@pytest.mark.parametrize("mode,tail", [("exact", 1), ("predicted", 1), ("predicted", 3)])
+def test_prompts_joining_through_a_captured_prompt_pass_decode_what_they_decode_alone(model, tiny_llama, mode, tail,
+                                                                                      device):
+    """A join through the prompt pass `generate` replays as a graph (on a CPU, run eagerly): the first batch finds
+    none and joins the plain way, the passes it missed are made after it, and the next batch's prompts join
+    through them, first token at once, then decode in their rows as they decode alone."""
+    if device == "cuda":
+        model = KVPredictionModel.from_pretrained(tiny_llama, keep_ratio=0.5, device="cuda")
+    alone = [model.generate(ids[None], mode=mode, exact_tail=tail, max_new_tokens=6)[0, len(ids):].tolist()
+             for ids in (torch.tensor(model.tokenizer.encode(p), device=model.device) for p in PROMPTS)]
+    model._steps.entries.clear()
+    assert rolled_prefilled(model, mode, 6, tail) == (alone, 0)
+    longer = sum(len(model.tokenizer.encode(p)) > tail for p in PROMPTS) if mode == "predicted" else len(PROMPTS)
+    assert rolled_prefilled(model, mode, 6, tail) == (alone, longer)
+
+
 def test_a_joining_prompt_copied_into_its_row_a_layer_at_a_time_decodes_the_same(model, monkeypatch):
     """The copy of a joining prompt's cache into its row, in groups of layers bounded in memory: groups of one."""
     alone = rolled(model, "predicted", rows=2, new_tokens=4)

@@ -491,6 +491,33 @@ def test_a_batch_of_a_long_prompt_and_a_long_reply_gets_the_cache_columns_both_n
         assert job.text == in_process(model, job.prompt_ids, "exact", job.max_tokens)
 
 
+@pytest.mark.parametrize("mode", ["exact", "predicted"])
+def test_prompts_that_join_through_a_captured_prompt_pass_answer_as_in_process(model, mode, monkeypatch):
+    """What a GPU's rolling batch does (here on a CPU, the passes run eagerly): a prompt that joins the running batch
+    finds no captured pass in the first batch, joins the plain way, and the batch makes one after its end; in the
+    next batch the same join goes through it and gets its first (here its only) token from it."""
+    from kvpred import serve
+
+    monkeypatch.setattr(serve, "RollingBatch", functools.partial(RollingBatch, graph_joins=True))
+    through = []
+    real = RollingBatch.admit_prefilled
+    monkeypatch.setattr(RollingBatch, "admit_prefilled", lambda *args: through.append(real(*args)) or through[-1])
+    scheduler = Scheduler(model, ServeConfig(), Metrics(lambda: 0))
+    model._steps.entries.clear()
+    for _ in range(2):
+        first, joining = make_job(mode), make_job(mode)
+        joining.prompt_ids, joining.max_tokens = [7, 8], 1
+        scheduler.submit([first])
+        scheduler._running = batch = scheduler.next_batch()
+        scheduler.submit([joining])  # queued behind it: it joins after the first step
+        scheduler._run(batch)
+        for job in (first, joining):
+            assert job.text == in_process(model, job.prompt_ids, mode, job.max_tokens)
+            assert job.finish_reason == "length" and job.ttft_s is not None
+    # the batches' first prompts start them, before any column is free for a whole prompt: the plain way
+    assert through[:3] == [None, None, None] and through[3] is not None and len(through) == 4
+
+
 def test_on_a_cpu_a_lone_prompt_with_nothing_queued_runs_on_its_own(model):
     """A rolling batch has max_batch rows, and on a CPU each costs in every step."""
     scheduler, lone = Scheduler(model, ServeConfig(), Metrics(lambda: 0)), make_job("predicted")
