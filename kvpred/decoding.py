@@ -443,9 +443,9 @@ class RollingBatch:
     row, and waits for the whole step after that: 3 ms more for a lone 512-token request on an H100
     (benchmarks/results/h100/serve).
 
-    `graph_joins` (by default: on a GPU, once the step is a captured graph, as `model.prefill_graphs` says) lets
-    unpadded prompts join through their mode's prompt pass replayed as a CUDA graph (`admit_prefilled`), as
-    `generate()` runs them: an eager pass of a short prompt waits on the host (kvpred.prefill_graphs)."""
+    `graph_joins` (by default: on a GPU, once the step is a captured graph, as `model.prefill_graphs` says) lets a
+    prompt that joins alone do so through its mode's prompt pass replayed as a CUDA graph (`admit_prefilled`), as
+    `generate()` runs it: an eager pass of a short prompt waits on the host (kvpred.prefill_graphs)."""
 
     def __init__(self, model, pooled: Pooled, slot: int, pipelined: bool | None = None,
                  graph_joins: bool | None = None):
@@ -515,22 +515,24 @@ class RollingBatch:
     def admit_prefilled(self, input_ids: torch.Tensor, mode: str, exact_tail: int,
                         choose: Callable[[torch.Tensor], torch.Tensor]
                         ) -> tuple[list[int], torch.Tensor, torch.Tensor] | None:
-        """Unpadded prompts [b, T] join through their mode's captured prompt pass on a pooled cache of b rows
-        (kvpred.prefill_graphs): their whole prompt's keys and values are copied into their rows, ending just before
-        the current column, and their first tokens, `choose`n from the pass's logits [b, V], come out now; the next
-        step reads them. Returns (rows, logits, first tokens), or None where no captured pass serves (the caller
-        joins them with `admit`; `capture_missed` captures those shapes later)."""
+        """A prompt [1, T] joins through its mode's captured prompt pass on the pooled cache of one row that
+        `generate` uses for the longest passes (kvpred.prefill_graphs): the whole prompt's keys and values are
+        copied into its row, ending just before the current column, and its first token, `choose`n from the pass's
+        logits [1, V], comes out now; the next step reads it. Returns ([row], logits, first token), or None where no
+        captured pass serves (the caller joins it with `admit`; `capture_missed` captures the shape later). One
+        prompt at a time: joins of several vary in size, and a pooled cache per size would crowd the pool."""
         from .prefill_graphs import MOST_TOKENS, bucket
 
         b, t = input_ids.shape
         mode_ok = mode == "exact" or (mode == "predicted" and self.model.pipelined_first_step and t > exact_tail)
-        if not (self.graph_joins and mode_ok and b <= len(self.free) and t <= self.slot):
+        if not (self.graph_joins and mode_ok and b == 1 and self.free and t <= self.slot):
             return None
-        side = self.model._steps.get(self.model, b, MOST_TOKENS // b)
-        graph = None if side is self.pooled else side.prefill_graph(self.model, mode, input_ids, exact_tail)
+        side = self.model._steps.get(self.model, 1, MOST_TOKENS)
+        if side is self.pooled:  # a batch of one row on that very cache: the pass would overwrite it
+            return None
+        graph = side.prefill_graph(self.model, mode, input_ids, exact_tail)
         if graph is None:
-            if side is not self.pooled:
-                self.missed[(mode, exact_tail, b, bucket(t))] = input_ids
+            self.missed[(mode, exact_tail, bucket(t))] = input_ids
             return None
         graph(input_ids)  # the side cache's first t columns: the prompt's keys and values, its last token's too
         logits = graph.logits[:, -1]
@@ -548,9 +550,8 @@ class RollingBatch:
         """Capture the prompt passes that joins missed (`admit_prefilled`), between batches: no running row waits."""
         from .prefill_graphs import MOST_TOKENS
 
-        for (mode, tail, b, _), ids in self.missed.items():
-            side = self.model._steps.get(self.model, b, MOST_TOKENS // b)
-            side.prefill_graph(self.model, mode, ids, tail, make=True)
+        for (mode, tail, _), ids in self.missed.items():
+            self.model._steps.get(self.model, 1, MOST_TOKENS).prefill_graph(self.model, mode, ids, tail, make=True)
         self.missed.clear()
 
     def __call__(self) -> torch.Tensor:

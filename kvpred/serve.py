@@ -578,25 +578,25 @@ class Scheduler:
         return found
 
     def _join(self, batch: RollingBatch, jobs: list[Job]) -> dict[int, Job]:
-        """`jobs` join `batch`; returns their rows that still decode. Unpadded prompts join through a captured
-        prompt pass where one serves (`RollingBatch.admit_prefilled`): their first tokens are handed out at once."""
+        """`jobs` join `batch`; returns their rows that still decode. A prompt that joins alone does so through a
+        captured prompt pass where one serves (`RollingBatch.admit_prefilled`): its first token is handed out at
+        once."""
         started = time.perf_counter()
         for job in jobs:
             job.started = started
         first, device = jobs[0], self.model.device
         input_ids, attention_mask = self._padded(jobs)
-        if bool(attention_mask.all()):
+        if len(jobs) == 1:
             sampling = self._sampling(first)
             choose = lambda logits: sample(logits.float(), top_k=0, **sampling)  # noqa: E731
             if joined := batch.admit_prefilled(input_ids.to(device), first.mode, first.exact_tail, choose):
-                rows, logits, tokens = joined
-                logprobs_wanted = any(job.logprobs is not None for job in jobs)
-                hand_out(dict(enumerate(jobs)), tokens.tolist(), logits if logprobs_wanted else None,
-                         self.tokenizer, self.eos_ids)
-                for row, job in zip(rows, jobs):
-                    if job.finish_reason is not None:
-                        batch.release(row)
-                return {row: job for row, job in zip(rows, jobs) if job.finish_reason is None}
+                (row,), logits, tokens = joined
+                hand_out({0: first}, tokens.tolist(), None if first.logprobs is None else logits, self.tokenizer,
+                         self.eos_ids)
+                if first.finish_reason is None:
+                    return {row: first}
+                batch.release(row)
+                return {}
         rows = batch.admit(input_ids.to(device), attention_mask.to(device), first.mode, first.exact_tail)
         return dict(zip(rows, jobs))
 

@@ -506,7 +506,7 @@ def test_prompts_that_join_through_a_captured_prompt_pass_answer_as_in_process(m
     model._steps.entries.clear()
     for _ in range(2):
         first, joining = make_job(mode), make_job(mode)
-        joining.prompt_ids, joining.max_tokens = [7, 8], 1
+        joining.prompt_ids, joining.max_tokens, joining.logprobs = [7, 8], 1, 2
         scheduler.submit([first])
         scheduler._running = batch = scheduler.next_batch()
         scheduler.submit([joining])  # queued behind it: it joins after the first step
@@ -514,6 +514,8 @@ def test_prompts_that_join_through_a_captured_prompt_pass_answer_as_in_process(m
         for job in (first, joining):
             assert job.text == in_process(model, job.prompt_ids, mode, job.max_tokens)
             assert job.finish_reason == "length" and job.ttft_s is not None
+        (entry,) = joining.token_logprobs  # what its token was drawn from: the pass's logits
+        assert len(entry[2]) == 2
     # the batches' first prompts start them, before any column is free for a whole prompt: the plain way
     assert through[:3] == [None, None, None] and through[3] is not None and len(through) == 4
 
