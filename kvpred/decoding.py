@@ -460,7 +460,7 @@ class RollingBatch:
             pipelined = model.pipelined_first_step and captured
         self.pipelined = pipelined and isinstance(self.step, GraphStep)
         self.graph_joins = model.prefill_graphs and captured if graph_joins is None else graph_joins
-        self.missed: dict[tuple, torch.Tensor] = {}  # joins no captured pass served: (mode, tail, shape) -> ids
+        self.missed: dict[tuple, torch.Tensor] = {}  # joins no captured pass served: (mode, tail, bucket) -> ids
         # a pipelined join, for the next step: (prefix ids, mask, the whole prompts' positions, rows)
         self.joining: tuple | None = None
         zeros = torch.zeros(rows, 1, dtype=torch.long, device=device)

@@ -543,8 +543,8 @@ class Scheduler:
         if model.device.type == "cuda":  # the graph step attends over the whole buffer anyway: start half-way
             slot = max(slot, min(capacity // 2, capacity - most))  # in, so that longer prompts can join too
         batch = RollingBatch(model, pooled, slot)
-        sampling = self._sampling(first)
         running = self._join(batch, jobs)  # row -> job
+        sampling = self._sampling(first)
         while running:
             scores = batch().float()  # [rows, V]
             tokens = sample(scores, top_k=0, **sampling)
