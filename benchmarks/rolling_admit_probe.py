@@ -3,9 +3,10 @@
 For fresh random prompts of --tokens tokens, one at a time, in turns: `model.generate(ids)`'s time to first token
 (the pooled cache written in place, the pipelined first step), and the rolling batch as `kvpred serve` runs a lone
 request (a RollingBatch of --max-batch rows, the prompt admitted, one step), split into its parts: pipelined (the
-default on a GPU: the admit only books the row, the step runs the prefill behind it) and plain (prefilled apart,
-copied into the row, then the step). The plain admit's prefill is also timed alone with and without its all-ones
-attention mask. Medians in ms, synchronised.
+default on a GPU: the admit only books the row, the step runs the prefill behind it), plain (prefilled apart,
+copied into the row, then the step) and through the captured prompt pass (`RollingBatch.admit_prefilled`, the
+default for a lone join on a GPU once the pass is captured: the first token comes from the pass). The plain admit's
+prefill is also timed alone with and without its all-ones attention mask. Medians in ms, synchronised.
 
     python benchmarks/rolling_admit_probe.py --device cuda --dtype bfloat16 --tokens 512 --mode predicted
 """
@@ -66,6 +67,17 @@ def main() -> None:
             int(logits[joined[0]].float().argmax())
             clock(f"{name}: first step + token", t)
             clock(f"{name}: total", start)
+        sync()
+        start = time.perf_counter()
+        batch = RollingBatch(model, pooled, slot, graph_joins=True)
+        t = clock("rolling graph join: new batch", start)
+        joined = batch.admit_prefilled(ids, args.mode, 1, lambda logits: logits.argmax(-1))
+        if joined is None:  # the first repeat (a warm-up): no pass captured yet
+            batch.capture_missed()
+        else:
+            int(joined[2][0])
+            clock("rolling graph join: first token", t)
+            clock("rolling graph join: total", start)
         if args.mode == "predicted":
             for name, m in (("predicted_cache, all-ones mask", mask), ("predicted_cache, no mask", None)):
                 sync()
