@@ -521,13 +521,13 @@ class RollingBatch:
         logits [1, V], comes out now; the next step reads it. Returns ([row], logits, first token), or None where no
         captured pass serves (the caller joins it with `admit`; `capture_missed` captures the shape later). One
         prompt at a time: joins of several vary in size, and a pooled cache per size would crowd the pool."""
-        from .prefill_graphs import MOST_TOKENS, bucket
+        from .prefill_graphs import bucket
 
         b, t = input_ids.shape
         mode_ok = mode == "exact" or (mode == "predicted" and self.model.pipelined_first_step and t > exact_tail)
         if not (self.graph_joins and mode_ok and b == 1 and self.free and t <= self.slot):
             return None
-        side = self.model._steps.get(self.model, 1, MOST_TOKENS)
+        side = self._join_passes()
         if side is self.pooled:  # a batch of one row on that very cache: the pass would overwrite it
             return None
         graph = side.prefill_graph(self.model, mode, input_ids, exact_tail)
@@ -548,11 +548,16 @@ class RollingBatch:
 
     def capture_missed(self) -> None:
         """Capture the prompt passes that joins missed (`admit_prefilled`), between batches: no running row waits."""
+        for (mode, tail, _), ids in self.missed.items():
+            self._join_passes().prefill_graph(self.model, mode, ids, tail, make=True)
+        self.missed.clear()
+
+    def _join_passes(self) -> Pooled:
+        """The pooled cache of one row whose captured prompt passes lone joins replay: `generate`'s for its longest
+        passes."""
         from .prefill_graphs import MOST_TOKENS
 
-        for (mode, tail, _), ids in self.missed.items():
-            self.model._steps.get(self.model, 1, MOST_TOKENS).prefill_graph(self.model, mode, ids, tail, make=True)
-        self.missed.clear()
+        return self.model._steps.get(self.model, 1, MOST_TOKENS)
 
     def __call__(self) -> torch.Tensor:
         """One step for every row: the logits [rows, V] of each row's next token."""
