@@ -251,6 +251,24 @@ def test_the_pool_lets_go_of_its_caches_when_a_new_one_does_not_fit(model, monke
     assert pool.get(model, 1, 10) is not kept
 
 
+def decoded_alone(model, mode: str, tail: int, new_tokens: int = 6) -> list[list[int]]:
+    """Each of PROMPTS's greedy continuation from `generate`, on its own."""
+    return [model.generate(ids[None], mode=mode, exact_tail=tail, max_new_tokens=new_tokens)[0, len(ids):].tolist()
+            for ids in (torch.tensor(model.tokenizer.encode(p), device=model.device) for p in PROMPTS)]
+
+
+def greedy_step(batch: RollingBatch, running: dict[int, int], got: list[list[int]], new_tokens: int) -> None:
+    """One step of every row of `batch`: each running prompt (row -> its index in PROMPTS) takes its greedy token
+    into `got`, and leaves its row once it has `new_tokens` of them."""
+    tokens = batch().argmax(-1)
+    for row, i in list(running.items()):
+        got[i].append(int(tokens[row]))
+        if len(got[i]) == new_tokens:
+            del running[row]
+            batch.release(row)
+    batch.feed(tokens)
+
+
 def rolled(model, mode: str, rows: int, new_tokens: int, tail: int = 1, pooled: Pooled | None = None,
            at_once: int = 1, **batch_kw) -> list[list[int]]:
     """PROMPTS through a RollingBatch of `rows` rows, greedy: the first starts it, the others join as rows come
@@ -263,13 +281,7 @@ def rolled(model, mode: str, rows: int, new_tokens: int, tail: int = 1, pooled: 
             joining, waiting = waiting[:min(at_once, len(batch.free))], waiting[min(at_once, len(batch.free)):]
             ids, mask = encode_prompts(model.tokenizer, [PROMPTS[i] for i in joining])
             running.update(zip(batch.admit(ids.to(model.device), mask.to(model.device), mode, tail), joining))
-        tokens = batch().argmax(-1)
-        for row, i in list(running.items()):
-            got[i].append(int(tokens[row]))
-            if len(got[i]) == new_tokens:
-                del running[row]
-                batch.release(row)
-        batch.feed(tokens)
+        greedy_step(batch, running, got, new_tokens)
     return got
 
 
@@ -277,9 +289,7 @@ def rolled(model, mode: str, rows: int, new_tokens: int, tail: int = 1, pooled: 
 def test_prompts_joining_a_rolling_batch_decode_what_they_decode_alone(model, mode, tail):
     """Continuous batching: prompts join between steps, one into the row another has left, and each gets the
     tokens generate gives it on its own (with an exact tail too; the prompt "a" is shorter than it)."""
-    alone = [model.generate(ids[None], mode=mode, exact_tail=tail, max_new_tokens=6)[0, len(ids):].tolist()
-             for ids in (torch.tensor(model.tokenizer.encode(p)) for p in PROMPTS)]
-    assert rolled(model, mode, rows=2, new_tokens=6, tail=tail) == alone
+    assert rolled(model, mode, rows=2, new_tokens=6, tail=tail) == decoded_alone(model, mode, tail)
 
 
 def rolled_prefilled(model, mode: str, new_tokens: int, tail: int) -> tuple[list[list[int]], int]:
@@ -301,13 +311,7 @@ def rolled_prefilled(model, mode: str, new_tokens: int, tail: int) -> tuple[list
                 assert logits.shape == (1, model.base.config.vocab_size)
                 got[i].append(int(token))
                 running[row], through = i, through + 1
-        tokens = batch().argmax(-1)
-        for row, i in list(running.items()):
-            got[i].append(int(tokens[row]))
-            if len(got[i]) == new_tokens:
-                del running[row]
-                batch.release(row)
-        batch.feed(tokens)
+        greedy_step(batch, running, got, new_tokens)
     batch.capture_missed()
     return got, through
 
@@ -322,12 +326,11 @@ def test_prompts_joining_through_a_captured_prompt_pass_decode_what_they_decode_
     through them, first token at once, then decode in their rows as they decode alone."""
     if device == "cuda":
         model = KVPredictionModel.from_pretrained(tiny_llama, keep_ratio=0.5, device="cuda")
-    alone = [model.generate(ids[None], mode=mode, exact_tail=tail, max_new_tokens=6)[0, len(ids):].tolist()
-             for ids in (torch.tensor(model.tokenizer.encode(p), device=model.device) for p in PROMPTS)]
+    expected = decoded_alone(model, mode, tail)
     model._steps.entries.clear()
-    assert rolled_prefilled(model, mode, 6, tail) == (alone, 0)
+    assert rolled_prefilled(model, mode, 6, tail) == (expected, 0)
     longer = sum(len(model.tokenizer.encode(p)) > tail for p in PROMPTS) if mode == "predicted" else len(PROMPTS)
-    assert rolled_prefilled(model, mode, 6, tail) == (alone, longer)
+    assert rolled_prefilled(model, mode, 6, tail) == (expected, longer)
 
 
 def test_a_joining_prompt_copied_into_its_row_a_layer_at_a_time_decodes_the_same(model, monkeypatch):
