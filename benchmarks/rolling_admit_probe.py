@@ -9,22 +9,27 @@ default for a lone join on a GPU once the pass is captured: the first token come
 prefill is also timed alone with and without its all-ones attention mask. Medians in ms, synchronised.
 
     python benchmarks/rolling_admit_probe.py --device cuda --dtype bfloat16 --tokens 512 --mode predicted
+    python benchmarks/rolling_admit_probe.py --shape llama-3.2-1b --tokens 2048 --mode exact   # random weights
 """
 import argparse
 import statistics
 import time
+from types import SimpleNamespace
 
 import torch
+import transformers
+from generate_ttft import Clock
 
 from kvpred import KVPredictionModel
 from kvpred.cli import DTYPES
 from kvpred.decoding import RollingBatch
-from kvpred.generation import TimedStreamer
+from kvpred.shapes import random_kvp_model
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--shape", default=None, help="a random-weight timing model of this public shape instead")
     p.add_argument("--device", default="cuda")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
     p.add_argument("--tokens", type=int, default=512)
@@ -33,7 +38,11 @@ def main() -> None:
     p.add_argument("--mode", default="predicted", choices=("exact", "predicted"))
     p.add_argument("--repeats", type=int, default=20)
     args = p.parse_args()
-    model = KVPredictionModel.from_pretrained(args.model, device=args.device, dtype=DTYPES[args.dtype])
+    if args.shape:
+        model = random_kvp_model(args.shape, aux_keep=0.25, dtype=DTYPES[args.dtype], device=args.device)
+        model.tokenizer = SimpleNamespace(pad_token_id=0, eos_token_id=None)  # what generate() reads of one
+    else:
+        model = KVPredictionModel.from_pretrained(args.model, device=args.device, dtype=DTYPES[args.dtype])
     n, rows = args.tokens, args.max_batch
     sync = torch.cuda.synchronize if model.device.type == "cuda" else (lambda: None)
     times: dict[str, list[float]] = {}
@@ -49,9 +58,9 @@ def main() -> None:
         mask = torch.ones_like(ids)
         sync()
         start = time.perf_counter()
-        streamer = TimedStreamer(model.tokenizer)  # with one new token the step would never be captured
+        streamer = Clock()  # with one new token the step would never be captured
         model.generate(ids, mode=args.mode, max_new_tokens=args.max_new, streamer=streamer)
-        times.setdefault("generate(), first token", []).append(1e3 * streamer.ttft(start))
+        times.setdefault("generate(), first token", []).append(1e3 * (streamer.times[1] - start))
         # the server's lone request (Scheduler._roll / _join)
         need = n + args.max_new
         pooled = model._steps.get(model, rows, max(min(model.context_length, 2 * need), n + args.max_new))
@@ -87,7 +96,9 @@ def main() -> None:
         if r < 3:  # warm-up: captures and first calls
             for v in times.values():
                 v.clear()
-    print(f"{torch.cuda.get_device_name() if model.device.type == 'cuda' else 'cpu'}, {args.dtype}, {args.mode}, "
+    label = f"{args.shape} (random-weight timing model)" if args.shape else args.model
+    print(f"{label}; {torch.cuda.get_device_name() if model.device.type == 'cuda' else 'cpu'}, {args.dtype}, "
+          f"{args.mode}, transformers {transformers.__version__}, "
           f"{n}-token prompts, rolling batch of {rows} rows; median ms of {args.repeats}")
     for name, v in times.items():
         print(f"  {name:34s} {statistics.median(v):7.2f}")

@@ -371,20 +371,29 @@ def without_cudnn_attention():
 
 _LOCKS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> its decoding lock
 _LOCKS_GUARD = threading.Lock()
+_CUDA_LOCK = threading.RLock()
+
+
+def model_lock(model: torch.nn.Module) -> threading.RLock:
+    """The lock that decoding on `model` runs under: one per model on a CPU, since its pool and the auxiliary's
+    capture hooks are shared (calls from several threads gave wrong tokens). On a GPU one for every model of the
+    process: while one thread captures a CUDA graph, another's host waits fail ("called a synchronizing CUDA
+    operation", two servers in one process: benchmarks/results/h200/graph_joins)."""
+    if next(model.parameters()).device.type == "cuda":
+        return _CUDA_LOCK
+    with _LOCKS_GUARD:
+        return _LOCKS.setdefault(model, threading.RLock())
 
 
 def decoding_entry(fn: Callable) -> Callable:
     """The decorator of the entry points that decode on a model's pooled caches and steps (`generate`,
     `generate_refined`, `ChatSession.send`; the first argument is the model, or holds it as `.model`). Inside:
-    no gradients; SDPA without cuDNN (`without_cudnn_attention`); one call at a time per model, since the pool and
-    the auxiliary's capture hooks are shared (calls from several threads gave wrong tokens); and not in
+    no gradients; SDPA without cuDNN (`without_cudnn_attention`); one call at a time (`model_lock`); and not in
     torch.inference_mode, whose tensors, pooled by one call made in it, a later call outside it could not write."""
     @functools.wraps(fn)
     def entry(first, *args, **kwargs):
         model = first if isinstance(first, torch.nn.Module) else first.model
-        with _LOCKS_GUARD:
-            lock = _LOCKS.setdefault(model, threading.RLock())
-        with lock, torch.inference_mode(False), torch.no_grad(), without_cudnn_attention():
+        with model_lock(model), torch.inference_mode(False), torch.no_grad(), without_cudnn_attention():
             return fn(first, *args, **kwargs)
     return entry
 

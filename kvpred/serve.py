@@ -68,7 +68,7 @@ from typing import AsyncIterator, Callable, Iterator
 import torch
 from transformers.generation import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
-from .decoding import Pooled, RollingBatch, eos_token_ids, sample
+from .decoding import Pooled, RollingBatch, eos_token_ids, model_lock, sample
 from .generation import ConversationTokenizer, check_text, cut_at_stop
 from .models import KVPredError
 from .refine import REFINE_CHOICES, ChatSession, generate_refined
@@ -452,7 +452,8 @@ class Scheduler:
             for job in batch:
                 job.started = started
             try:
-                self._run(batch)
+                with model_lock(self.model):
+                    self._run(batch)
             except KVPredError as err:
                 self._fail(self._running, APIError(400, str(err)))
             except Exception as err:  # a bug or a device error: answer 500 and keep serving
