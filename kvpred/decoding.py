@@ -664,7 +664,7 @@ def with_stop_strings(criteria, stop_strings: list[str] | None, tokenizer):
     return out or None
 
 
-def eos_token_ids(model, eos_token_id=None) -> torch.Tensor:
+def eos_id_list(model, eos_token_id=None) -> list[int]:
     """The ids that end a row: `eos_token_id` (int or list), else the base's generation config's, else the
     tokenizer's. KVPredictionModel.generate's every loop uses this default."""
     eos = eos_token_id
@@ -672,8 +672,12 @@ def eos_token_ids(model, eos_token_id=None) -> torch.Tensor:
         eos = model.base.generation_config.eos_token_id
     if eos is None:
         eos = model.tokenizer.eos_token_id
-    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-    return torch.tensor(eos, dtype=torch.long, device=model.device)
+    return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+
+
+def eos_token_ids(model, eos_token_id=None) -> torch.Tensor:
+    """`eos_id_list` as a tensor on the model's device."""
+    return torch.tensor(eos_id_list(model, eos_token_id), dtype=torch.long, device=model.device)
 
 
 def pad_id(model) -> int:
@@ -682,8 +686,8 @@ def pad_id(model) -> int:
     for pad in (model.base.generation_config.pad_token_id, model.tokenizer.pad_token_id):
         if pad is not None:
             return int(pad)
-    eos = eos_token_ids(model, None)
-    return int(eos[0]) if len(eos) else 0
+    eos = eos_id_list(model)
+    return eos[0] if eos else 0
 
 
 @dataclass

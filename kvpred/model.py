@@ -21,8 +21,8 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from . import lora, models
 from .models import (KVPredError, expert_count, hook_kv_projections, kv_widths, out_folder, remove_dead_temporaries,
                      sliding_window, temporary_name)
-from .decoding import (MIN_TEMPERATURE, StepPool, capacity_bucket, check_decoding, decoding_entry, eos_token_ids,
-                       generate_with_steps, pad_id, with_stop_strings)
+from .decoding import (MIN_TEMPERATURE, StepPool, capacity_bucket, check_decoding, decoding_entry, eos_id_list,
+                       eos_token_ids, generate_with_steps, pad_id, with_stop_strings)
 from .deferred import PendingValues, deferred_values
 from .generation import chat_exact_tail
 from .attention import capped_attention, soft_cap, use_kvpred_attention, warm_up_cudnn
@@ -821,7 +821,7 @@ class KVPredictionModel(nn.Module):
             where = ", ".join(f"{name} {part.dtype} on {part.device}" for name, part in parts.items())
             raise KVPredError(f"the model's parts differ in device or dtype ({where}): move or cast the whole model, "
                               "model.to(...)")
-        input_ids = torch.as_tensor(input_ids, device=self.device)
+        input_ids = torch.as_tensor(input_ids)  # checked where it is: on a CPU, no wait on the device
         if input_ids.dim() == 1:
             input_ids = input_ids.unsqueeze(0)
         if input_ids.dim() != 2 or input_ids.numel() == 0:
@@ -831,33 +831,35 @@ class KVPredictionModel(nn.Module):
             raise KVPredError(f"input_ids must hold integer token ids, got {input_ids.dtype}")
         if attention_mask is None:  # as transformers infers it: pad ids are padding, where they are not also EOS
             pad = self.tokenizer.pad_token_id
-            padded = pad is not None and pad not in eos_token_ids(self).tolist() and bool((input_ids == pad).any())
-            attention_mask = (input_ids != pad).long() if padded else torch.ones_like(input_ids)
-        attention_mask = torch.as_tensor(attention_mask, device=self.device)
+            pads = pad is not None and pad not in eos_id_list(self)
+            attention_mask = (input_ids != pad).long() if pads else torch.ones_like(input_ids)
+        attention_mask = torch.as_tensor(attention_mask, device=input_ids.device)
         if attention_mask.dim() == 1:  # a 1-D prompt's
             attention_mask = attention_mask.unsqueeze(0)
         if attention_mask.shape != input_ids.shape:
             raise KVPredError(f"attention_mask of shape {tuple(attention_mask.shape)} does not match input_ids of "
                               f"shape {tuple(input_ids.shape)}")
-        lengths = attention_mask.sum(-1)
-        if (lengths == 0).any():
+        # one wait on the device for every check of the values: each check alone delayed the prompt pass on a GPU
+        lengths = attention_mask.long().sum(-1)
+        shortest, last, low, high = torch.stack([lengths.min(), attention_mask[:, -1].long().min(), input_ids.min(),
+                                                 input_ids.max()]).tolist()
+        if shortest == 0:
             raise KVPredError(f"empty prompt in batch rows {lengths.eq(0).nonzero().flatten().tolist()}")
-        if (attention_mask[:, -1] == 0).any():
+        if last == 0:
             raise KVPredError("batches must be left-padded (tokenizer.padding_side = 'left'): every row's last "
                               "column must be a real token")
         vocab, whose = self.base.config.vocab_size, "base"
         if mode != "exact" and self.aux.get_input_embeddings().num_embeddings < vocab:  # a KVP-C auxiliary's table
             vocab, whose = self.aux.get_input_embeddings().num_embeddings, "auxiliary"  # may be the smaller one
-        if input_ids.min() < 0 or input_ids.max() >= vocab:
-            raise KVPredError(f"token ids must lie in [0, {vocab}) (the {whose}'s embedding rows), got "
-                              f"{input_ids.min()}..{input_ids.max()}")
+        if low < 0 or high >= vocab:
+            raise KVPredError(f"token ids must lie in [0, {vocab}) (the {whose}'s embedding rows), got {low}..{high}")
         longest = input_ids.shape[1] + max_new_tokens
         if longest > self.context_length:
             what = self.context_limit_reason
             why = "; kvpred runs only sequences the window covers" if "window" in what else ""
             raise KVPredError(f"prompt of {input_ids.shape[1]} tokens + {max_new_tokens} new tokens exceeds the "
                               f"context limit of {self.context_length} tokens ({what}{why})")
-        return input_ids, attention_mask
+        return input_ids.to(self.device), attention_mask.to(self.device)
 
     @decoding_entry
     def generate(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None, *,
@@ -904,7 +906,7 @@ class KVPredictionModel(nn.Module):
                 defer_values=defer, pool=self._steps)
         config = copy.deepcopy(given) if given is not None else GenerationConfig()
         if config.eos_token_id is None:
-            config.eos_token_id = eos_token_ids(self).tolist() or None
+            config.eos_token_id = eos_id_list(self) or None
         if config.pad_token_id is None:
             config.pad_token_id = pad_id(self)
         sampling = settings["do_sample"]

@@ -68,7 +68,7 @@ from typing import AsyncIterator, Callable, Iterator
 import torch
 from transformers.generation import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
-from .decoding import Pooled, RollingBatch, eos_token_ids, model_lock, sample
+from .decoding import Pooled, RollingBatch, eos_id_list, model_lock, sample
 from .generation import ConversationTokenizer, check_text, cut_at_stop
 from .models import KVPredError
 from .refine import REFINE_CHOICES, ChatSession, generate_refined
@@ -366,7 +366,7 @@ class Scheduler:
     def __init__(self, model, config: ServeConfig, metrics: Metrics):
         self.model, self.config, self.metrics = model, config, metrics
         self.tokenizer = copy.deepcopy(model.tokenizer)  # a fast tokenizer must not be shared between threads
-        self.eos_ids = set(eos_token_ids(model).tolist())  # the ids that end a row in generate, too
+        self.eos_ids = set(eos_id_list(model))  # the ids that end a row in generate, too
         self._pending: deque[Job] = deque()
         self._cond = threading.Condition()
         self._closing = False
