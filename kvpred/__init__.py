@@ -5,7 +5,7 @@ __all__ = ["KVPredictionModel", "KVPredError", "encode_prompts"]
 __version__ = "0.1.0"
 # Imported on first use, so that the `kvpred` command starts inside its own error handling (kvpred.launch): a Ctrl+C
 # while torch loads is then a quiet interruption, not a traceback.
-_HOMES = {"KVPredictionModel": ".model", "KVPredError": ".models", "encode_prompts": ".generation"}
+_HOMES = {"KVPredictionModel": ".model", "KVPredError": ".errors", "encode_prompts": ".generation"}
 
 
 def __getattr__(name: str):

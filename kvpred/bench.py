@@ -933,9 +933,9 @@ def _report_command(args) -> int:
 
 
 def register(subparsers) -> None:
-    from .cli import add_model_arguments, positive_int
+    from .cli import add_model_arguments, command_help, positive_int
 
-    bench = subparsers.add_parser("bench", help="benchmarks: time to first token",
+    bench = subparsers.add_parser("bench", help=command_help("bench"),
                                   description="Benchmarks of KV prediction.")
     sub = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCH")
     p = sub.add_parser("ttft", help="time to first token: exact vs aux vs predicted",

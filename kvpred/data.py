@@ -722,7 +722,9 @@ def sample_corpus(model, tokenizer, out_dir: str | Path, tokens: int, *, batch_s
 
 # ---------------------------------------------------------------- command line
 def register(subparsers) -> None:
-    p = subparsers.add_parser("data", help="build and inspect training token shards",
+    from .cli import command_help
+
+    p = subparsers.add_parser("data", help=command_help("data"),
                               description="Tokenize training text once into compact token shards for `kvpred train`.")
     sub = p.add_subparsers(dest="data_command", required=True, metavar="ACTION")
     b = sub.add_parser("build", help="tokenize files/folders/globs into token shards + meta.json",

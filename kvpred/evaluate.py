@@ -317,12 +317,12 @@ def write_report(doc: dict, out: Path) -> Path:
 
 # ------------------------------------------------------------------ CLI
 def register(subparsers) -> None:
-    from .cli import add_model_arguments
+    from .cli import add_model_arguments, command_help
     from .tasks import BUILTIN_TASKS, EvalOptions
 
     d = EvalOptions()
     p = subparsers.add_parser(
-        "eval", help="evaluate KV prediction against the exact base, the auxiliary alone and truncation",
+        "eval", help=command_help("eval"),
         description="Run tasks in modes exact / aux / predicted / truncate on the same items; report each metric "
                     "with a 95% CI and the gap recovered (m - aux) / (exact - aux). Built-in tasks: "
                     f"{', '.join(BUILTIN_TASKS)}; or give NAME=PATH / a path to a .txt (held-out loss) or .jsonl "

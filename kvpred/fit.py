@@ -245,11 +245,11 @@ def fit_predictor(model: KVPredictionModel, batches: Iterable[torch.Tensor], con
 
 # ---------------------------------------------------------------- CLI
 def register(subparsers) -> None:
-    from .cli import (add_calibration_arguments, add_checkpoint_out_arguments, add_model_arguments, layer_list,
-                      positive_int)
+    from .cli import (add_calibration_arguments, add_checkpoint_out_arguments, add_model_arguments, command_help,
+                      layer_list, positive_int)
 
     p = subparsers.add_parser(
-        "fit", help="training-free predictor: ridge regression on a calibration corpus",
+        "fit", help=command_help("fit"),
         description="Fit every predictor map in closed form (ridge) from auxiliary->base key/value pairs collected "
                     "on token shards (see `kvpred data build`), and save a kvpred checkpoint.")
     add_model_arguments(p, dtype=False)  # statistics in float32 whatever the serving dtype (see _fit_command)
@@ -267,7 +267,7 @@ def register(subparsers) -> None:
     p.set_defaults(func=_fit_command)
 
     p = subparsers.add_parser(
-        "compress", help="factorise a checkpoint's predictor (--rank) or its auxiliary's adapters (--aux-rank)",
+        "compress", help=command_help("compress"),
         description="--rank: replace the predictor's full-rank maps by the factorised predictor of that rank (one "
                     "projection per auxiliary tap shared by every base layer reading it, then per-layer maps): the "
                     "best approximation in output error on calibration text (--data), found in closed form. "

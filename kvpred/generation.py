@@ -1,6 +1,9 @@
-"""Prompt encoding and streaming helpers shared by the CLI, the server and the evaluators."""
+"""Prompt encoding and streaming helpers shared by the CLI, the server and the evaluators, and the `kvpred generate`
+command."""
 from __future__ import annotations
 
+import argparse
+import json
 import sys
 import time
 from dataclasses import dataclass
@@ -99,6 +102,17 @@ def cut_at_stop(text: str, stops) -> str:
     """`text` up to the first of the `stops` strings it holds (empty ones never match), else all of it."""
     cuts = [text.find(s) for s in stops if s and s in text]
     return text[:min(cuts)] if cuts else text
+
+
+def visible_text(text: str, stops: tuple[str, ...]) -> tuple[str, bool]:
+    """The part of generated `text` that may be sent: up to the first stop string (then True), else all but a tail
+    that could still grow into a stop string or is an unfinished UTF-8 character (decoded as U+FFFD)."""
+    cut = cut_at_stop(text, stops)
+    if len(cut) < len(text):  # a stop string begins there
+        return cut, True
+    safe = text.rstrip("\ufffd")
+    hold = max((k for s in stops for k in range(1, len(s)) if safe.endswith(s[:k])), default=0)
+    return safe[:len(safe) - hold], False
 
 
 def chat_exact_tail(tokenizer) -> int:
@@ -202,3 +216,110 @@ class TimedStreamer(TextStreamer):
 
     def ttft(self, start: float) -> float | None:
         return None if self.first_token_at is None else self.first_token_at - start
+
+
+# ---------------------------------------------------------------- the `kvpred generate` command
+def register(subparsers) -> None:
+    from .cli import add_model_arguments, command_help, positive_int
+
+    p = subparsers.add_parser("generate", help=command_help("generate"),
+                              description="Run one prompt through exact, aux or predicted prefill, then decode with "
+                                          "the base (the auxiliary in aux mode).")
+    add_model_arguments(p)
+    p.add_argument("--prompt", required=True, help="prompt text")
+    p.add_argument("--mode", choices=("exact", "aux", "predicted"), default="predicted",
+                   help="exact: base alone; aux: auxiliary alone; predicted: KV prediction (default)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=64, help="most tokens to generate (default 64)")
+    p.add_argument("--exact-tail", type=int, default=None,
+                   help="prompt tokens the base runs itself (default: the paper's 1; with --chat, the model's "
+                        "chat tail: the checkpoint's own, else the template's tokens that open the reply)")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=None, help="with --sample: softmax temperature (default 1)")
+    p.add_argument("--top-p", type=float, default=None, help="with --sample: nucleus cut (default 1: none)")
+    p.add_argument("--top-k", type=int, default=None, help="with --sample: the k most likely tokens (default 0: all)")
+    p.add_argument("--seed", type=int, default=0, help="random seed of --sample (default 0)")
+    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    p.add_argument("--refine", choices=("off", "eager", "lazy", "auto"), default="off",
+                   help="predicted mode: after the first token, replace the predicted cache by the exact one, "
+                        "chunk by chunk while decoding (auto: decide from the first token's confidence)")
+    p.add_argument("--refine-chunk", type=int, default=256,
+                   help="with --refine: prompt tokens the base refines per decode step (default 256)")
+    p.add_argument("--stream", action="store_true", help="print tokens as they are generated (not with --json, "
+                                                        "which prints one object at the end)")
+    p.add_argument("--json", action="store_true", help="print one JSON object: text, tokens, mode, ttft_s, ...")
+    p.set_defaults(func=_generate)
+
+
+def check_generate_options(args: argparse.Namespace) -> None:
+    """Options that would change nothing are refused: sampling settings without --sample, and those that act only
+    in predicted mode elsewhere, as the server refuses them (a 400)."""
+    unused = [flag for flag, value in (("--temperature", args.temperature), ("--top-p", args.top_p),
+                                       ("--top-k", args.top_k)) if value is not None and not args.sample]
+    if unused:
+        raise KVPredError(f"{', '.join(unused)} set(s) how to sample, but decoding is greedy without --sample")
+    if args.mode == "predicted":
+        return
+    if args.refine != "off":
+        raise KVPredError(f"--refine {args.refine} applies only to --mode predicted (it replaces a predicted cache "
+                          f"by the exact one), but this runs --mode {args.mode}; drop --refine or use --mode predicted")
+    if args.exact_tail not in (None, 1):
+        raise KVPredError(f"--exact-tail {args.exact_tail} applies only to --mode predicted (the prompt tokens the "
+                          f"base runs itself instead of predicting their keys and values), but this runs --mode "
+                          f"{args.mode}, which predicts nothing; drop --exact-tail or use --mode predicted")
+
+
+class StopStreamer(TimedStreamer):
+    """Prints generated text as `kvpred serve` sends it: never a stop string or anything after it; a tail that could
+    still grow into one is held back until it cannot (`visible_text`)."""
+
+    def __init__(self, tokenizer, stops: list[str], echo: bool):
+        super().__init__(tokenizer, echo=echo)
+        self.stops, self.text, self.printed = tuple(stops), "", 0
+
+    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+        self.text += text
+        visible, stopped = visible_text(self.text, self.stops)
+        if stream_end and not stopped:
+            visible = self.text
+        if self.echo:
+            print(visible[self.printed:], end="\n" if stream_end else "", flush=True)
+        self.printed = max(self.printed, len(visible))
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from .cli import load_model
+
+    check_generate_options(args)
+    model = load_model(args)
+    torch.manual_seed(args.seed)
+    input_ids, attention_mask = encode_prompts(model.tokenizer, [args.prompt], chat=args.chat)
+    streamer = StopStreamer(model.tokenizer, args.stop or [], echo=args.stream and not args.json)
+    tail = args.exact_tail
+    if tail is None:
+        tail = model.chat_tail if args.chat and args.mode == "predicted" else 1
+    sampling = dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k) if args.sample else {}
+    options = dict(exact_tail=tail, max_new_tokens=args.max_new_tokens, do_sample=args.sample, streamer=streamer,
+                   **{k: v for k, v in sampling.items() if v is not None})
+    refine_info = {}
+    start = time.perf_counter()
+    if args.refine != "off" and args.mode == "predicted":
+        from .refine import generate_refined
+
+        out, info = generate_refined(model, input_ids, attention_mask, refine=args.refine,
+                                     chunk_size=args.refine_chunk, stop_strings=args.stop, **options)
+        refine_info = {"refine": info.get("policy", args.refine), "exact_from": info.get("exact_from")}
+    else:
+        out = model.generate(input_ids, attention_mask, mode=args.mode, stop_strings=args.stop, **options)
+    total = time.perf_counter() - start
+    new = out[0, input_ids.shape[1]:].tolist()
+    text = model.tokenizer.decode(new, skip_special_tokens=True)
+    visible, stopped = visible_text(text, tuple(args.stop or ()))
+    text = visible if stopped else text  # the stop string ends the text and is not part of it, as in kvpred serve
+    if args.json:
+        print(json.dumps({"text": text, "tokens": new, "mode": args.mode, "ttft_s": streamer.ttft(start),
+                          "total_s": total, "prompt_tokens": input_ids.shape[1], "new_tokens": len(new),
+                          "model": args.model, **refine_info}))
+    elif not args.stream:  # (the streamer ended a streamed text with its newline)
+        print(text)
+    return 0

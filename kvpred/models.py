@@ -21,11 +21,8 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, Dynam
                           PreTrainedTokenizerBase)
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
+from .errors import KVPredError
 from .rope import rope_types
-
-
-class KVPredError(ValueError):
-    """A user-facing error: bad input, unsupported model or mismatched checkpoint. The message says what to do."""
 
 
 # Architectures whose decoder layers project keys and values of their own (self_attn.{k_proj,v_proj}, or the key and

@@ -172,10 +172,10 @@ def narrow_copy(base: PreTrainedModel, width: Width, importance: Importance) -> 
 
 # ---------------------------------------------------------------- CLI
 def register(subparsers) -> None:
-    from .cli import DEFAULT_MODEL, add_calibration_arguments, layer_list
+    from .cli import DEFAULT_MODEL, add_calibration_arguments, command_help, layer_list
 
     p = subparsers.add_parser(
-        "narrow", help="cut a narrow auxiliary (fewer layers, heads, MLP channels) out of a base model",
+        "narrow", help=command_help("narrow"),
         description="Write a Hugging Face model folder holding the base's most important layers, attention heads "
                     "and MLP channels (measured on token shards), for use as a separate auxiliary (KVP-C): "
                     "`kvpred fit --model BASE --aux FOLDER`, then `kvpred train`.")

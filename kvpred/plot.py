@@ -188,7 +188,9 @@ def plot(docs: list[dict], out: Path, x_rule: str = "param", tasks: list[str] | 
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("plot", help="Pareto figure (accuracy vs TTFT FLOPs reduction) from eval results",
+    from .cli import command_help
+
+    p = subparsers.add_parser("plot", help=command_help("plot"),
                               description="One point per results file and mode: x = TTFT FLOPs reduction, y = "
                                           "accuracy relative to the exact base; a second panel against measured "
                                           "TTFT speedup when the results carry one.")

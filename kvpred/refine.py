@@ -584,9 +584,9 @@ class ChatSession:
 
 # -------------------------------------------------------------------- CLI: kvpred chat
 def register(subparsers) -> None:
-    from .cli import add_checkpoint_out_arguments, add_model_arguments, positive_int
+    from .cli import add_checkpoint_out_arguments, add_model_arguments, command_help, positive_int
 
-    p = subparsers.add_parser("chat", help="interactive multi-turn chat reusing the cache of earlier turns",
+    p = subparsers.add_parser("chat", help=command_help("chat"),
                               description="Chat with the base through KV prediction: each turn's new tokens are "
                                           "predicted on top of the exact cache of earlier turns, and decoding "
                                           "refines the cache to the exact one. One user turn per input line; "
@@ -606,7 +606,7 @@ def register(subparsers) -> None:
     p.set_defaults(func=_chat)
 
     p = subparsers.add_parser(
-        "calibrate", help="measure a model's adaptive-refinement thresholds and chat tail, and save them in its config",
+        "calibrate", help=command_help("calibrate"),
         description="With --data (held-out windows of token shards, `kvpred data build`; not evaluation data): "
                     "measure per prompt predicted mode's first-token entropy and whether its first token equals the "
                     "exact base's, and set `--refine auto`'s thresholds: trust the prediction (no refinement) below "

@@ -69,7 +69,7 @@ import torch
 from transformers.generation import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 from .decoding import Pooled, RollingBatch, eos_id_list, model_lock, sample
-from .generation import ConversationTokenizer, check_text, cut_at_stop
+from .generation import ConversationTokenizer, check_text, visible_text
 from .models import KVPredError
 from .refine import REFINE_CHOICES, ChatSession, generate_refined
 
@@ -228,17 +228,6 @@ class Job:
             self.sink(event)
         except RuntimeError:  # the request's event loop has closed (server shutting down): nobody to tell
             pass
-
-
-def visible_text(text: str, stops: tuple[str, ...]) -> tuple[str, bool]:
-    """The part of generated `text` that may be sent: up to the first stop string (then True), else all but a tail
-    that could still grow into a stop string or is an unfinished UTF-8 character (decoded as U+FFFD)."""
-    cut = cut_at_stop(text, stops)
-    if len(cut) < len(text):  # a stop string begins there
-        return cut, True
-    safe = text.rstrip("\ufffd")
-    hold = max((k for s in stops for k in range(1, len(s)) if safe.endswith(s[:k])), default=0)
-    return safe[:len(safe) - hold], False
 
 
 DECODE_CONTEXT = 4  # tokens before a piece that settle how it decodes (a word's leading space, say)
@@ -1144,9 +1133,9 @@ def serve_in_thread(app, host: str = "127.0.0.1", port: int = 0) -> Iterator[str
 
 # -------------------------------------------------------------------- CLI
 def register(subparsers) -> None:
-    from .cli import add_model_arguments
+    from .cli import add_model_arguments, command_help
 
-    p = subparsers.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API",
+    p = subparsers.add_parser("serve", help=command_help("serve"),
                               description="OpenAI-compatible server (/v1/completions, /v1/chat/completions, "
                                           "/v1/models, /health, /metrics). Requests may set kv_mode, exact_tail, "
                                           "refine (off|eager|lazy|auto: replace the predicted cache by the exact "

@@ -880,7 +880,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("train", help="distil auxiliary + predictor from the frozen base",
+    from .cli import command_help
+
+    p = subparsers.add_parser("train", help=command_help("train"),
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(p)
     p.set_defaults(func=_train_command)

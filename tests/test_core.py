@@ -2,6 +2,7 @@
 import importlib.util
 import json
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -994,6 +995,19 @@ def test_cli_help_explains_itself(command, capsys):
         main(command + ["--help"])
     assert exit_.value.code == 0
     assert "usage: kvpred" in capsys.readouterr().out
+
+
+def test_cli_help_lists_every_command_its_module_registers_without_importing_torch():
+    import argparse
+
+    from kvpred.cli import COMMANDS, build_parser
+
+    registered = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    assert [(c.dest, c.help) for c in registered._choices_actions] == [(c, h) for c, (_, h) in COMMANDS.items()]
+    script = ("import sys; from kvpred.cli import main\ntry: main(['--help'])\nexcept SystemExit: pass\n"
+              "print(sorted({'torch', 'transformers'} & set(sys.modules)))")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    assert all(command in out for command in COMMANDS) and out.strip().endswith("[]")
 
 
 def test_every_option_of_every_subcommand_says_what_it_does_and_its_default():

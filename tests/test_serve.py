@@ -16,10 +16,10 @@ from openai import AsyncOpenAI, OpenAI
 
 from kvpred.cli import build_parser
 from kvpred.decoding import Pooled, RollingBatch
+from kvpred.generation import visible_text
 from kvpred.model import KVPredictionModel
 from kvpred.models import KVPredError
-from kvpred.serve import (APIError, Job, Metrics, Scheduler, ServeConfig, create_app, serve_in_thread,
-                          visible_text)
+from kvpred.serve import APIError, Job, Metrics, Scheduler, ServeConfig, create_app, serve_in_thread
 from kvpred.testing import CHAT_TEMPLATE
 
 NAME = "tiny"
