@@ -411,14 +411,17 @@ class StepPool:
 
     def __init__(self, size: int = 4):
         self.size, self.entries = size, OrderedDict()
+        self.side: Pooled | None = None  # `side_cache`
         self.made = 0  # caches made so far: requests that found no cache (and step) of their shape
         self.made_for: tuple | None = None  # the base's (device, dtype) the entries were made for
 
+    def clear(self) -> None:
+        self.entries.clear()
+        self.side = None
+
     def get(self, model, batch: int, tokens: int) -> Pooled:
         """The pooled cache (and step) for `batch` rows of up to `tokens` tokens."""
-        if self.made_for != (model.base.device, model.base.dtype):  # moved or cast since (e.g. model.base.to alone)
-            self.entries.clear()
-            self.made_for = (model.base.device, model.base.dtype)
+        self._made_for(model)
         key = (batch, capacity_bucket(tokens, model.context_length))
         if key not in self.entries:
             while len(self.entries) >= self.size:
@@ -433,6 +436,23 @@ class StepPool:
             self.made += 1
         self.entries.move_to_end(key)
         return self.entries[key]
+
+    def side_cache(self, model) -> Pooled:
+        """A pooled cache of one row and MOST_TOKENS columns, whose captured prompt passes lone joins replay
+        (`RollingBatch.admit_prefilled`). It is kept apart from the `size` most recent caches: a server's warm-up
+        fills those with its rolling batches' caches, and a join must not evict one."""
+        from .prefill_graphs import MOST_TOKENS
+
+        self._made_for(model)
+        if self.side is None:
+            self.side = Pooled(model.new_cache(1, capacity_bucket(MOST_TOKENS, model.context_length)))
+            self.made += 1
+        return self.side
+
+    def _made_for(self, model) -> None:
+        if self.made_for != (model.base.device, model.base.dtype):  # moved or cast since (e.g. model.base.to alone)
+            self.clear()
+            self.made_for = (model.base.device, model.base.dtype)
 
 
 JOIN_COPY_BYTES = 256 << 20  # RollingBatch.admit's stacked copies: the most extra memory one may take
@@ -524,21 +544,19 @@ class RollingBatch:
     def admit_prefilled(self, input_ids: torch.Tensor, mode: str, exact_tail: int,
                         choose: Callable[[torch.Tensor], torch.Tensor]
                         ) -> tuple[list[int], torch.Tensor, torch.Tensor] | None:
-        """A prompt [1, T] joins through its mode's captured prompt pass on the pooled cache of one row that
-        `generate` uses for the longest passes (kvpred.prefill_graphs): the whole prompt's keys and values are
+        """A prompt [1, T] joins through its mode's captured prompt pass (kvpred.prefill_graphs) on the pool's side
+        cache (`StepPool.side_cache`): the whole prompt's keys and values are
         copied into its row, ending just before the current column, and its first token, `choose`n from the pass's
         logits [1, V], comes out now; the next step reads it. Returns ([row], logits, first token), or None where no
         captured pass serves (the caller joins it with `admit`; `capture_missed` captures the shape later). One
-        prompt at a time: joins of several vary in size, and a pooled cache per size would crowd the pool."""
+        prompt at a time: joins of several vary in size, and a side cache per size would take memory for each."""
         from .prefill_graphs import bucket
 
         b, t = input_ids.shape
         mode_ok = mode == "exact" or (mode == "predicted" and self.model.pipelined_first_step and t > exact_tail)
         if not (self.graph_joins and mode_ok and b == 1 and self.free and t <= self.slot):
             return None
-        side = self._join_passes()
-        if side is self.pooled:  # a batch of one row on that very cache: the pass would overwrite it
-            return None
+        side = self.model._steps.side_cache(self.model)
         graph = side.prefill_graph(self.model, mode, input_ids, exact_tail)
         if graph is None:
             self.missed[(mode, exact_tail, bucket(t))] = input_ids
@@ -558,15 +576,8 @@ class RollingBatch:
     def capture_missed(self) -> None:
         """Capture the prompt passes that joins missed (`admit_prefilled`), between batches: no running row waits."""
         for (mode, tail, _), ids in self.missed.items():
-            self._join_passes().prefill_graph(self.model, mode, ids, tail, make=True)
+            self.model._steps.side_cache(self.model).prefill_graph(self.model, mode, ids, tail, make=True)
         self.missed.clear()
-
-    def _join_passes(self) -> Pooled:
-        """The pooled cache of one row whose captured prompt passes lone joins replay: `generate`'s for its longest
-        passes."""
-        from .prefill_graphs import MOST_TOKENS
-
-        return self.model._steps.get(self.model, 1, MOST_TOKENS)
 
     def __call__(self) -> torch.Tensor:
         """One step for every row: the logits [rows, V] of each row's next token."""

@@ -456,7 +456,7 @@ class KVPredictionModel(nn.Module):
         """nn.Module's casts and moves (`to`, `half`, `cuda`...) make new parameter tensors: the pooled caches and
         captured steps were made for the old ones, so they go. RoPE's inverse frequencies stay float32, as
         from_pretrained(dtype=...) leaves them: rounded to bf16 they turn the angles of later positions."""
-        self._steps.entries.clear()
+        self._steps.clear()
         rope = {(module, name): buffer for module in self.modules() for name, buffer in module.named_buffers(
             recurse=False) if name.endswith("inv_freq") and buffer.dtype == torch.float32}
         out = super()._apply(fn, *args, **kwargs)
@@ -710,7 +710,7 @@ class KVPredictionModel(nn.Module):
         # continuations equal to the eager step's from 56% to 61% (exact) and from 55% to 80% (predicted).
         torch._inductor.config.emulate_precision_casts = True
         self.compiled_step = torch.compile(self.base.forward, dynamic=False)  # a function, not a submodule
-        self._steps.entries.clear()  # steps made before this captured the uncompiled forward
+        self._steps.clear()  # steps made before this captured the uncompiled forward
 
     def compile_predictor(self, backend: str = "inductor") -> None:
         """Run `predict_into`'s predictor and cache write as one torch.compile'd function, so the RoPE, the layout

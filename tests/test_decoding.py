@@ -69,7 +69,7 @@ def test_the_prompt_may_come_as_inputs_as_transformers_names_it(model):
 
 def test_a_call_under_inference_mode_leaves_later_calls_free_to_decode(model):
     ids, mask = encode_prompts(model.tokenizer, PROMPTS)
-    model._steps.entries.clear()  # the pooled cache is made by the call under inference mode
+    model._steps.clear()  # the pooled cache is made by the call under inference mode
     with torch.inference_mode():
         inside = model.generate(ids, mask, max_new_tokens=5)
     assert torch.equal(model.generate(ids, mask, max_new_tokens=5), inside)  # on the same pooled cache
@@ -210,7 +210,7 @@ def test_a_cache_the_pool_drops_is_freed_at_once_not_at_the_next_garbage_collect
     arena = weakref.ref(next(iter(model._steps.entries.values())).cache.key_arena)
     gc.disable()
     try:
-        model._steps.entries.clear()
+        model._steps.clear()
         assert arena() is None
     finally:
         gc.enable()
@@ -327,10 +327,20 @@ def test_prompts_joining_through_a_captured_prompt_pass_decode_what_they_decode_
     if device == "cuda":
         model = KVPredictionModel.from_pretrained(tiny_llama, keep_ratio=0.5, device="cuda")
     expected = decoded_alone(model, mode, tail)
-    model._steps.entries.clear()
+    model._steps.clear()
     assert rolled_prefilled(model, mode, 6, tail) == (expected, 0)
     longer = sum(len(model.tokenizer.encode(p)) > tail for p in PROMPTS) if mode == "predicted" else len(PROMPTS)
     assert rolled_prefilled(model, mode, 6, tail) == (expected, longer)
+
+
+def test_lone_joins_replay_their_prompt_passes_beside_the_pool_not_in_it(model):
+    """The one-row cache whose captured prompt passes lone joins replay is kept apart from the pool's `size` most
+    recent caches: a server's warm-up fills those with its rolling batches' caches, which a join must not evict."""
+    model._steps.clear()
+    pooled = [model._steps.get(model, rows, 256) for rows in range(1, model._steps.size + 1)]
+    for _ in range(2):  # the first batch captures the passes, the second joins through them
+        rolled_prefilled(model, "exact", 2, 1)
+    assert list(model._steps.entries.values()) == pooled and model._steps.side is not None
 
 
 def test_a_joining_prompt_copied_into_its_row_a_layer_at_a_time_decodes_the_same(model, monkeypatch):
@@ -377,7 +387,7 @@ def test_a_rolling_batch_takes_no_prompt_it_has_no_room_for(model):
 def test_warming_up_readies_a_pooled_cache_and_step_per_capacity_and_changes_no_tokens(model):
     ids, mask = encode_prompts(model.tokenizer, PROMPTS[:1])
     before = model.generate(ids, mask, max_new_tokens=5)
-    model._steps.entries.clear()
+    model._steps.clear()
     assert model.warm_up((100, 300, 4096)) == [256, 512]  # buckets, capped at the tiny model's context of 512
     ready = dict(model._steps.entries)
     assert set(ready) == {(1, 256), (1, 512)} and all(pooled.step is not None for pooled in ready.values())

@@ -117,7 +117,7 @@ def test_refinement_overwrites_the_predicted_cache_in_place_with_the_exact_one(p
     """No second cache: the pooled cache generate_refined decoded from ends up holding the exact base's K/V of
     the sequence, and the pool holds nothing else."""
     ids, mask = batch(pruned, PROMPTS[:1])
-    pruned._steps.entries.clear()
+    pruned._steps.clear()
     out, info = generate_refined(pruned, ids, mask, max_new_tokens=12, refine="eager", chunk_size=16)
     assert info["exact_from"] is not None
     (cache,) = [pooled.cache for pooled in pruned._steps.entries.values()]

@@ -503,7 +503,7 @@ def test_prompts_that_join_through_a_captured_prompt_pass_answer_as_in_process(m
     real = RollingBatch.admit_prefilled
     monkeypatch.setattr(RollingBatch, "admit_prefilled", lambda *args: through.append(real(*args)) or through[-1])
     scheduler = Scheduler(model, ServeConfig(), Metrics(lambda: 0))
-    model._steps.entries.clear()
+    model._steps.clear()
     for _ in range(2):
         first, joining = make_job(mode), make_job(mode)
         joining.prompt_ids, joining.max_tokens, joining.logprobs = [7, 8], 1, 2
