@@ -17,7 +17,7 @@ import weakref
 from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -572,6 +572,24 @@ class RollingBatch:
         visible = torch.ones(b, t, dtype=torch.bool, device=self.model.device)
         self.step.admit(index, tokens, torch.full_like(tokens, t), visible, start)
         return rows, logits, tokens
+
+    @staticmethod
+    def capture_join_passes(model, longest: int, tails: Iterable[int] = (1,)) -> int:
+        """Capture, ahead of any join, the prompt passes that lone joins of up to `longest` tokens replay
+        (`admit_prefilled`): exact mode's and, where its first step is pipelined, predicted mode's with each exact
+        tail of `tails`, for every length bucket. Returns how many serve. `kvpred serve --warm-up` runs it, so that
+        no join of these shapes first runs eagerly and then makes the next batch wait for a capture."""
+        from .prefill_graphs import BUCKET, MOST_TOKENS
+
+        side = model._steps.side_cache(model)
+        runs = [("exact", 1)] + [("predicted", tail) for tail in sorted(set(tails)) if model.pipelined_first_step]
+        vocab = min(model.base.config.vocab_size, model.aux.get_input_embeddings().num_embeddings)
+        made = 0
+        for n in range(BUCKET, min(longest, MOST_TOKENS, side.cache.capacity) + 1, BUCKET):
+            ids = torch.arange(n, device=model.device).remainder(vocab)[None]
+            made += sum(side.prefill_graph(model, mode, ids, tail, make=True) is not None for mode, tail in runs
+                        if n > tail)
+        return made
 
     def capture_missed(self) -> None:
         """Capture the prompt passes that joins missed (`admit_prefilled`), between batches: no running row waits."""

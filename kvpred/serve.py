@@ -924,9 +924,12 @@ def create_app(model, config: ServeConfig | None = None):
             made = model.warm_up(config.warm_up, batch_size=rows)
             if model.device.type == "cuda" and model.tokenizer.chat_template is not None:
                 scheduler.make_spare(made[-1])  # the first chat session's first token takes no graph capture
+            passes = 0
+            if rows > 1 and model.prefill_graphs:  # lone prompts join a rolling batch through captured passes
+                passes = RollingBatch.capture_join_passes(model, made[-1], (1, chat_tail))
             logging.getLogger("uvicorn.error").info(
-                "warmed up for batches of %d rows and up to %s tokens in %.1f s", rows, ", ".join(map(str, made)),
-                time.perf_counter() - started)
+                "warmed up for batches of %d rows and up to %s tokens, with %d prompt passes for joins, in %.1f s",
+                rows, ", ".join(map(str, made)), passes, time.perf_counter() - started)
         if model.compiled_step is not None:
             # A shape the warm-up did not compile runs the uncompiled graph step, rather than stalling its request
             # (and every request queued behind it) for a 20-45 s compile.

@@ -343,6 +343,16 @@ def test_lone_joins_replay_their_prompt_passes_beside_the_pool_not_in_it(model):
     assert list(model._steps.entries.values()) == pooled and model._steps.side is not None
 
 
+def test_join_passes_captured_ahead_serve_the_first_lone_joins(model):
+    """`kvpred serve --warm-up` captures the passes of lone joins beforehand (on a CPU here, run eagerly): the first
+    batch's prompts then join through them too, and decode as they decode alone."""
+    expected = decoded_alone(model, "predicted", 1)
+    model._steps.clear()
+    assert RollingBatch.capture_join_passes(model, 128, (1,)) == 2  # one length bucket, exact and predicted
+    longer = sum(len(model.tokenizer.encode(p)) > 1 for p in PROMPTS)
+    assert rolled_prefilled(model, "predicted", 6, 1) == (expected, longer)
+
+
 def test_a_joining_prompt_copied_into_its_row_a_layer_at_a_time_decodes_the_same(model, monkeypatch):
     """The copy of a joining prompt's cache into its row, in groups of layers bounded in memory: groups of one."""
     alone = rolled(model, "predicted", rows=2, new_tokens=4)
