@@ -191,7 +191,9 @@ def main() -> None:
     config = ServeConfig(max_queue=max(64, args.requests), max_batch=args.max_batch,
                          continuous_batching=not args.no_continuous_batching,
                          warm_up=args.warm_up)
+    started = time.perf_counter()
     with serve_in_thread(create_app(served, config)) as url:
+        print(f"the server took {time.perf_counter() - started:.1f} s to start (its warm-up included)")
         if not args.load_only:
             print(f"\n1. server overhead on TTFT: {args.requests} sequential requests per mode, each paired with "
                   "in-process runs (medians, ms)")
