@@ -920,12 +920,13 @@ def create_app(model, config: ServeConfig | None = None):
         if config.warm_up:  # before uvicorn accepts connections, so no request waits for it
             started = time.perf_counter()
             # a GPU's rolling batches have max_batch rows; on a CPU that many would take 30 s for little gain
-            rows = config.max_batch if config.continuous_batching and model.device.type == "cuda" else 1
+            rolling = config.continuous_batching and model.device.type == "cuda"
+            rows = config.max_batch if rolling else 1
             made = model.warm_up(config.warm_up, batch_size=rows)
             if model.device.type == "cuda" and model.tokenizer.chat_template is not None:
                 scheduler.make_spare(made[-1])  # the first chat session's first token takes no graph capture
             passes = 0
-            if rows > 1 and model.prefill_graphs:  # lone prompts join a rolling batch through captured passes
+            if rolling and model.prefill_graphs:  # lone prompts join a rolling batch through captured passes
                 passes = RollingBatch.capture_join_passes(model, made[-1], (1, chat_tail))
             logging.getLogger("uvicorn.error").info(
                 "warmed up for batches of %d rows and up to %s tokens, with %d prompt passes for joins, in %.1f s",
