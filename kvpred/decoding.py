@@ -545,11 +545,11 @@ class RollingBatch:
                         choose: Callable[[torch.Tensor], torch.Tensor]
                         ) -> tuple[list[int], torch.Tensor, torch.Tensor] | None:
         """A prompt [1, T] joins through its mode's captured prompt pass (kvpred.prefill_graphs) on the pool's side
-        cache (`StepPool.side_cache`): the whole prompt's keys and values are
-        copied into its row, ending just before the current column, and its first token, `choose`n from the pass's
-        logits [1, V], comes out now; the next step reads it. Returns ([row], logits, first token), or None where no
-        captured pass serves (the caller joins it with `admit`; `capture_missed` captures the shape later). One
-        prompt at a time: joins of several vary in size, and a side cache per size would take memory for each."""
+        cache (`StepPool.side_cache`): the whole prompt's keys and values are copied into its row, ending just before
+        the current column, and its first token, `choose`n from the pass's logits [1, V], comes out now; the next
+        step reads it. Returns ([row], logits, first token), or None where no captured pass serves (the caller joins
+        it with `admit`; `capture_missed` captures the shape later). One prompt at a time: joins of several vary in
+        size, and a side cache per size would take memory for each."""
         from .prefill_graphs import bucket
 
         b, t = input_ids.shape

@@ -839,7 +839,7 @@ class KVPredictionModel(nn.Module):
         if attention_mask.shape != input_ids.shape:
             raise KVPredError(f"attention_mask of shape {tuple(attention_mask.shape)} does not match input_ids of "
                               f"shape {tuple(input_ids.shape)}")
-        # one wait on the device for every check of the values: each check alone delayed the prompt pass on a GPU
+        # one wait on the device for all the checks of the values, not one each (none for a prompt on the CPU)
         lengths = attention_mask.long().sum(-1)
         shortest, last, low, high = torch.stack([lengths.min(), attention_mask[:, -1].long().min(), input_ids.min(),
                                                  input_ids.max()]).tolist()
