@@ -13,8 +13,8 @@ from .errors import KVPredError
 
 DEFAULT_MODEL = "smollm2-135m"
 # command -> (the kvpred module that registers it, its one-line help). `kvpred --help` lists the commands from here
-# without importing their modules, and a command imports only its own: their torch and transformers take about 8 s
-# to import on a 2-core machine (`kvpred --help` took 10 s when it imported them all).
+# without importing their modules, and a command imports only its own: their torch and transformers take 6-8 s to
+# import on a 2-core machine, which `kvpred --help` took, against 0.1 s now (benchmarks/results/cli_help.txt).
 COMMANDS = {
     "generate": ("generation", "generate text from a prompt, timing the first token"),
     "data": ("data", "build and inspect training token shards"),
