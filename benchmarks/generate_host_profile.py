@@ -15,12 +15,10 @@ import io
 import pstats
 import statistics
 import time
-from types import SimpleNamespace
 
 import torch
+from generate_ttft import timing_model  # benchmarks/, the script's folder
 from torch.profiler import ProfilerActivity, profile, record_function
-
-from kvpred.shapes import random_kvp_model
 
 
 class FirstToken:
@@ -59,8 +57,7 @@ def main() -> None:
     p.add_argument("--calls", type=int, default=5)
     p.add_argument("--plain", action="store_true", help="only the unprofiled times to the first token")
     args = p.parse_args()
-    model = random_kvp_model(args.shape, aux_keep=0.25, device=args.device)
-    model.tokenizer = SimpleNamespace(pad_token_id=0, eos_token_id=None)  # what generate() reads of one
+    model = timing_model(args.shape, device=args.device)
     gen = torch.Generator().manual_seed(0)
     on_gpu = model.device.type == "cuda"
     sync = torch.cuda.synchronize if on_gpu else (lambda: None)

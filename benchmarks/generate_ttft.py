@@ -51,6 +51,14 @@ RUNS = {  # label, mode, generate() arguments (those named "model." set the mode
 }
 
 
+def timing_model(shape: str, **kwargs) -> KVPredictionModel:
+    """A random-weight timing model of `shape` (a KVP-LP auxiliary keeping 1/4 of the layers; `kwargs` go to
+    random_kvp_model) with what generate() reads of a tokenizer: random weights come without one."""
+    model = random_kvp_model(shape, aux_keep=0.25, **kwargs)
+    model.tokenizer = SimpleNamespace(pad_token_id=0, eos_token_id=None)
+    return model
+
+
 class Clock:
     """A streamer that notes when each put arrives: the prompt first, then one per new token."""
 
@@ -103,9 +111,8 @@ def main() -> None:
     if args.most_tokens:
         prefill_graphs.MOST_TOKENS = args.most_tokens
     if args.shape:
-        model = random_kvp_model(args.shape, aux_keep=0.25, source=args.source, rank=args.rank, device=args.device)
-        # no tokenizer: what generate() reads of one (no stop strings here)
-        model.tokenizer, label = SimpleNamespace(pad_token_id=0, eos_token_id=None), f"{args.shape} (random-weight)"
+        model = timing_model(args.shape, source=args.source, rank=args.rank, device=args.device)
+        label = f"{args.shape} (random-weight)"
     else:
         model = KVPredictionModel.from_pretrained(args.model or "smollm2-135m", device=args.device)
         label = args.model or "smollm2-135m"

@@ -14,16 +14,14 @@ prefill is also timed alone with and without its all-ones attention mask. Median
 import argparse
 import statistics
 import time
-from types import SimpleNamespace
 
 import torch
 import transformers
-from generate_ttft import Clock
+from generate_ttft import Clock, timing_model
 
 from kvpred import KVPredictionModel
 from kvpred.cli import DTYPES
 from kvpred.decoding import RollingBatch
-from kvpred.shapes import random_kvp_model
 
 
 def main() -> None:
@@ -39,8 +37,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=20)
     args = p.parse_args()
     if args.shape:
-        model = random_kvp_model(args.shape, aux_keep=0.25, dtype=DTYPES[args.dtype], device=args.device)
-        model.tokenizer = SimpleNamespace(pad_token_id=0, eos_token_id=None)  # what generate() reads of one
+        model = timing_model(args.shape, dtype=DTYPES[args.dtype], device=args.device)
     else:
         model = KVPredictionModel.from_pretrained(args.model, device=args.device, dtype=DTYPES[args.dtype])
     n, rows = args.tokens, args.max_batch
