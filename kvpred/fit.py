@@ -194,11 +194,11 @@ def _solve(xtx: torch.Tensor, xty: torch.Tensor, prior: torch.Tensor, ridge: flo
                            "predictor's inputs): use --ridge > 0 or more --tokens")
     if ridge == 0 and (torch.linalg.cond(xtx) > 1e12).any():  # LAPACK may still return a (useless) solution
         raise singular
-    try:
-        w = torch.linalg.solve(xtx + penalty, xty + penalty @ prior)  # [L, in+1, out]
-    except torch.linalg.LinAlgError as err:
-        raise singular from err
-    if not torch.isfinite(w).all():  # some LAPACK builds return inf / NaN for a singular system instead
+    # Cholesky, not LU (torch.linalg.solve): the normal equations are symmetric positive definite, and torch 2.13's
+    # CPU build fails batched LU solves of SmolLM2's 577 inputs once torch.set_num_threads(2) has been called
+    factor, info = torch.linalg.cholesky_ex(xtx + penalty)  # info > 0: not positive definite, i.e. singular
+    w = torch.cholesky_solve(xty + penalty @ prior, factor)  # [L, in+1, out]
+    if info.any() or not torch.isfinite(w).all():  # some LAPACK builds return inf / NaN for a singular system
         raise singular
     return w
 

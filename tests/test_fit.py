@@ -171,6 +171,21 @@ def test_the_ridge_penalty_is_relative_to_each_maps_own_inputs():
     torch.testing.assert_close(w[1, 5], w[0, 5])
 
 
+def test_many_maps_of_hundreds_of_inputs_solve_together_with_two_threads():
+    # SmolLM2's hidden-state maps: 30 systems of 577 unknowns. torch 2.13's batched LU solve fails on them on the CPU
+    # after torch.set_num_threads(2) (which the test session has called), so the fit must not depend on it.
+    from kvpred.fit import _solve
+
+    torch.manual_seed(0)
+    torch.set_num_threads(2)
+    x = torch.randn(3, 1200, 577, dtype=torch.float64)
+    xtx, xty = x.transpose(1, 2) @ x, x.transpose(1, 2) @ torch.randn(3, 1200, 4, dtype=torch.float64)
+    w = _solve(xtx, xty, torch.zeros(577, 4, dtype=torch.float64), ridge=1e-3)
+    for i in range(3):  # each map as if solved alone
+        torch.testing.assert_close(w[i:i + 1], _solve(xtx[i:i + 1], xty[i:i + 1], torch.zeros(577, 4,
+                                                                                           dtype=torch.float64), 1e-3))
+
+
 def test_singular_statistics_without_a_ridge_are_refused():
     from kvpred.fit import _solve
 
