@@ -5,6 +5,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -226,6 +227,23 @@ def test_a_pruned_copy_rebuilt_from_its_config_is_the_same_model(tiny_models, ar
     rebuilt.load_state_dict(pruned.state_dict())
     ids = torch.randint(3, 259, (2, 12))
     torch.testing.assert_close(rebuilt(ids).logits, pruned(ids).logits)
+
+
+def test_a_pruned_copy_owns_its_kept_layers_and_copies_no_others(tiny_llama):
+    base, _ = models.load_causal_lm(tiny_llama, torch.float32)
+    before = {name: t.clone() for name, t in base.state_dict().items()}
+    copied = []
+    real_clone = torch.Tensor.clone
+    with mock.patch.object(torch.Tensor, "clone", lambda t, *a, **k: copied.append(t.numel()) or real_clone(t, *a,
+                                                                                                             **k)):
+        pruned = models.prune_layers(base, [0, 3])
+    assert sum(copied) == sum(p.numel() for p in pruned.parameters())  # what it keeps, and nothing else
+    with torch.no_grad():
+        for p in pruned.parameters():
+            p.add_(1.0)
+    assert all(torch.equal(t, before[name]) for name, t in base.state_dict().items())  # the base is untouched
+    assert len(base.model.layers) == 4 and [layer.self_attn.layer_idx for layer in base.model.layers] == [0, 1, 2, 3]
+    assert [layer.self_attn.layer_idx for layer in pruned.model.layers] == [0, 1]
 
 
 def test_a_predictor_run_in_bf16_follows_its_weights_through_optimiser_steps():
