@@ -413,6 +413,10 @@ class KVPredictionModel(nn.Module):
                               f"(fingerprint {config.aux.fingerprint}), but what loads from there now has fingerprint "
                               f"{models.fingerprint(aux_model)}: its weights changed, and the predictor would produce "
                               "wrong keys and values from it")
+        outside = [n for n in config.aux.saved_params if not n.startswith("model.layers.")]
+        if config.aux.kind == "pruned" and outside:  # they would overwrite the base's own (models.prune_layers)
+            raise KVPredError(f"checkpoint {path} saves auxiliary tensors outside its decoder layers ({outside[:3]}), "
+                              "which a pruned auxiliary shares with the base; kvpred trains only decoder layers")
         aux_tensors = _read_safetensors(path / AUX_NAME) if config.aux.saved_params else {}
         _load_aux_tensors(aux_model, aux_tensors, config.aux.saved_params, path / AUX_NAME)
         expected = _predictor_config(base_model, aux_model, config.predictor.layer_map, config.predictor.source,

@@ -429,12 +429,17 @@ def check_keep_layers(keep: list[int], n: int) -> None:
 
 
 def prune_layers(model: PreTrainedModel, keep: list[int]) -> PreTrainedModel:
-    """A layer-pruned copy of `model` (KVP-LP auxiliary) holding only the decoder layers in `keep`."""
+    """A layer-pruned copy of `model` (KVP-LP auxiliary) holding copies of the decoder layers in `keep`, and sharing
+    `model`'s other parameters (embeddings, final norm, LM head), which kvpred never trains."""
     check_keep_layers(keep, model.config.num_hidden_layers)
-    # deepcopy's memo stands each dropped layer in for its own copy, so only the kept layers are copied: a whole copy
-    # would hold a second base in memory for a moment (16 GB for an 8B model in bf16) and take most of the load time
+    # deepcopy's memo stands an object in for its own copy: the dropped layers are not copied (a whole copy held a
+    # second base in memory for a moment, 16 GB for an 8B model in bf16), nor the parameters outside the layers
+    # (2 GB of embeddings and head for Llama-3.1-8B)
     layers = model.model.layers
-    pruned = copy.deepcopy(model, memo={id(layers[i]): layers[i] for i in range(len(layers)) if i not in keep})
+    in_layers = {id(p) for p in layers.parameters()}
+    memo = {id(p): p for p in model.parameters() if id(p) not in in_layers}
+    memo.update((id(layers[i]), layers[i]) for i in range(len(layers)) if i not in keep)
+    pruned = copy.deepcopy(model, memo=memo)
     pruned.model.layers = torch.nn.ModuleList(pruned.model.layers[i] for i in keep)
     for new_idx, layer in enumerate(pruned.model.layers):
         layer.self_attn.layer_idx = new_idx

@@ -229,7 +229,9 @@ def test_a_pruned_copy_rebuilt_from_its_config_is_the_same_model(tiny_models, ar
     torch.testing.assert_close(rebuilt(ids).logits, pruned(ids).logits)
 
 
-def test_a_pruned_copy_owns_its_kept_layers_and_copies_no_others(tiny_llama):
+def test_a_pruned_copy_owns_copies_of_its_kept_layers_and_shares_the_rest(tiny_llama):
+    """Only the kept layers are copied (kvpred trains nothing else of an auxiliary); the embeddings, final norm and
+    head are the base's own parameters, so an auxiliary costs memory for its layers alone."""
     base, _ = models.load_causal_lm(tiny_llama, torch.float32)
     before = {name: t.clone() for name, t in base.state_dict().items()}
     copied = []
@@ -237,12 +239,15 @@ def test_a_pruned_copy_owns_its_kept_layers_and_copies_no_others(tiny_llama):
     with mock.patch.object(torch.Tensor, "clone", lambda t, *a, **k: copied.append(t.numel()) or real_clone(t, *a,
                                                                                                              **k)):
         pruned = models.prune_layers(base, [0, 3])
-    assert sum(copied) == sum(p.numel() for p in pruned.parameters())  # what it keeps, and nothing else
+    assert sum(copied) == sum(p.numel() for p in pruned.model.layers.parameters())
+    base_params = {id(p) for p in base.parameters()}
+    assert all(id(p) in base_params for n, p in pruned.named_parameters() if not n.startswith("model.layers."))
+    assert pruned.get_input_embeddings().weight is base.get_input_embeddings().weight
     with torch.no_grad():
-        for p in pruned.parameters():
+        for p in pruned.model.layers.parameters():
             p.add_(1.0)
     assert all(torch.equal(t, before[name]) for name, t in base.state_dict().items())  # the base is untouched
-    assert len(base.model.layers) == 4 and [layer.self_attn.layer_idx for layer in base.model.layers] == [0, 1, 2, 3]
+    assert [layer.self_attn.layer_idx for layer in base.model.layers] == [0, 1, 2, 3]
     assert [layer.self_attn.layer_idx for layer in pruned.model.layers] == [0, 1]
 
 
@@ -940,13 +945,22 @@ def test_a_checkpoint_saved_without_trained_aux_tensors_drops_an_earlier_saves_f
     from kvpred.model import AUX_NAME
 
     model = KVPredictionModel.from_pretrained(tiny_llama, keep_ratio=0.5)
-    model.aux_tensors = {"model.norm.weight": model.aux.model.norm.weight.detach().clone()}
+    norm = "model.layers.0.input_layernorm.weight"
+    model.aux_tensors = {norm: model.aux.get_parameter(norm).detach().clone()}
     model.save_pretrained(tmp_path / "ckpt")
     assert (tmp_path / "ckpt" / AUX_NAME).is_file()
     model.aux_tensors = {}
     model.save_pretrained(tmp_path / "ckpt")
     assert not (tmp_path / "ckpt" / AUX_NAME).exists()
     KVPredictionModel.from_pretrained(str(tmp_path / "ckpt"))
+
+
+def test_a_checkpoint_whose_pruned_auxiliary_saves_a_tensor_it_shares_with_the_base_is_refused(tmp_path, tiny_llama):
+    model = KVPredictionModel.from_pretrained(tiny_llama, keep_ratio=0.5)
+    model.aux_tensors = {"model.norm.weight": model.aux.model.norm.weight.detach() + 1}  # would change the base's
+    model.save_pretrained(tmp_path / "ckpt")
+    with pytest.raises(KVPredError, match=r"saves auxiliary tensors outside its decoder layers \(\['model.norm.weight"):
+        KVPredictionModel.from_pretrained(str(tmp_path / "ckpt"))
 
 
 # ---------------------------------------------------------------- CLI

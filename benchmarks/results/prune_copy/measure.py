@@ -1,6 +1,6 @@
 """Time and peak memory of making a pruned auxiliary the old way (deepcopy the whole base, then drop layers) or the
-new one (`models.prune_layers`: copy only the kept layers). One process per measurement, so each peak is that way's
-own.
+new one (`models.prune_layers`: copy only the kept layers and share the rest with the base). One process per
+measurement, so each peak is that way's own.
     python measure.py old|new                       the shipped default's layers 0, 10, 20, 29 of SmolLM2-135M (CPU)
     python measure.py old|new SHAPE                 a random-weight base of a public shape on CUDA, bf16, 1/4 kept"""
 import copy
@@ -39,7 +39,9 @@ if shape is not None:
 seconds = time.perf_counter() - start
 dropped = sum(p.numel() * p.element_size() for i, layer in enumerate(base.model.layers) if i not in keep
               for p in layer.parameters())
+shared = {id(p) for p in base.parameters()}
 kept = sum(p.numel() * p.element_size() for p in aux.parameters())
+own = sum(p.numel() * p.element_size() for p in aux.parameters() if id(p) not in shared)
 print(f"{shape or 'smollm2-135m'} {way}: {seconds:.2f} s, peak {'GPU memory' if shape else 'RSS'} "
       f"+{(peak() - before) / 2**20:.0f} MiB over the loaded base; the auxiliary's parameters {kept / 2**20:.0f} MiB, "
-      f"the dropped layers {dropped / 2**20:.0f} MiB")
+      f"{own / 2**20:.0f} MiB of them its own; the dropped layers {dropped / 2**20:.0f} MiB")
