@@ -34,7 +34,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from .models import KVPredError, files_digest, out_folder, remove_dead_temporaries
+from .models import KVPredError, files_digest, fingerprint, out_folder, remove_dead_temporaries
 
 TEXT_SUFFIXES = (".py", ".txt", ".md", ".rst")
 JSONL_SUFFIX = ".jsonl"
@@ -629,6 +629,27 @@ def _sampled_tokens(batch_file: Path) -> int:
                           "but the folder resumes from such files: sample into another folder") from None
 
 
+SAMPLING_NAME = "sampling.json"  # the settings a sampled folder was made with, checked when a run resumes into it
+OPENING_TOKENS = 8  # a generous bound on an opening word's tokens
+CHAT_TURN_TOKENS = 16  # and on the chat template's tokens around one exchange
+
+
+def _check_sampling_settings(out: Path, sampled: bool, settings: dict) -> None:
+    """Record `settings` in a folder that holds no samples yet; in one that has a record, refuse others, so that a
+    resumed run cannot mix two kinds of documents (samples of an earlier version, without a record, go unchecked)."""
+    path = out / SAMPLING_NAME
+    if not path.is_file():
+        if not sampled:
+            _write_atomic(path, (json.dumps(settings, indent=1) + "\n").encode())
+        return
+    recorded = json.loads(path.read_text())
+    changed = [f"{key} {recorded.get(key)!r} -> {value!r}" for key, value in settings.items()
+               if recorded.get(key) != value]
+    if changed:
+        raise KVPredError(f"{out} holds documents sampled with other settings ({', '.join(changed)}; {path}): sample "
+                          "into a new folder, or give the first run's settings to resume it")
+
+
 def chat_prefix(tokenizer, conversation: Sequence[dict] = ()) -> str:
     """The chat template rendered up to where the next user message after `conversation` begins (for the first
     message, a default system message included)."""
@@ -695,13 +716,27 @@ def sample_corpus(model, tokenizer, out_dir: str | Path, tokens: int, *, batch_s
     if tokenizer.eos_token_id is None:
         raise KVPredError("the tokenizer has no EOS token, which ends a sampled document")
     if chat:
-        chat_prefix(tokenizer)  # no template: refused before any sampling
+        longest = len(tokenizer(chat_prefix(tokenizer), add_special_tokens=False).input_ids) + turns * (
+            user_tokens + max_new_tokens + CHAT_TURN_TOKENS)  # chat_prefix: no template is refused here
         make = partial(_chats_batch, user_tokens=user_tokens, turns=turns)
     else:
+        longest = OPENING_TOKENS + max_new_tokens
         make = partial(_documents_batch, words=list(openings or topic_words(tokenizer)))
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is not None and longest > limit:
+        shape = (f"with --chat, {turns} exchange(s) of a user message of at most {user_tokens} tokens and a reply "
+                 f"of at most {max_new_tokens}" if chat
+                 else f"at most {max_new_tokens} new tokens after an opening word")
+        raise KVPredError(f"documents {shape} reach about {longest} tokens, beyond the model's position limit of "
+                          f"{limit}: lower --max-new-tokens{', --user-tokens or --turns' if chat else ''}")
     out = out_folder(out_dir, "the sampled documents")
     done = sorted(out.glob("sample_*.jsonl"))
     total = sum(_sampled_tokens(f) for f in done)
+    _check_sampling_settings(out, bool(done), {
+        "model": fingerprint(model), "chat": chat, "turns": turns if chat else None,
+        "user_tokens": user_tokens if chat else None, "max_new_tokens": max_new_tokens, "temperature": temperature,
+        "top_p": top_p, "seed": seed,
+        "openings": None if openings is None else hashlib.sha256("\n".join(openings).encode()).hexdigest()[:16]})
     bar = tqdm(total=tokens, initial=min(total, tokens), unit="tok", unit_scale=True, desc=f"sampling into {out}",
                disable=not progress)
     # after the highest number there: files a user removed must not make a new batch overwrite a kept one

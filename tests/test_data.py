@@ -368,7 +368,7 @@ def test_sampled_documents_come_in_batch_files_and_a_killed_run_resumes(tiny_lla
     assert sample_corpus(model, tok, tmp_path / "s", 20, **options) == total
     assert [f.read_text() for f in sorted((tmp_path / "s").glob("sample_*.jsonl"))] == before
     files[0].unlink()  # a user removed an early batch: asking for more never overwrites a later one
-    sample_corpus(model, tok, tmp_path / "s", total + 1, seed=1, **options)  # another seed: other documents
+    sample_corpus(model, tok, tmp_path / "s", total + 1, **options)
     assert [f.read_text() for f in sorted((tmp_path / "s").glob("sample_*.jsonl"))][:len(files) - 1] == before[1:]
     files[0].write_text(before[0])
     for extra in sorted((tmp_path / "s").glob("sample_*.jsonl"))[len(files):]:
@@ -382,6 +382,27 @@ def test_sampled_documents_come_in_batch_files_and_a_killed_run_resumes(tiny_lla
     args = parser.parse_args(["data", "sample", "--model", tiny_llama, "--out", str(tmp_path / "u"), "--tokens", "0"])
     with pytest.raises(KVPredError, match="must be positive"):
         args.func(args)
+
+
+def test_sampling_resumes_only_with_the_settings_a_folder_was_started_with(tiny_llama, tmp_path):
+    """Another seed, length or kind of document would mix two corpora in one folder without a word."""
+    model, tok = load_causal_lm(tiny_llama)
+    tok.chat_template = CHAT_TEMPLATE
+    options = dict(batch_size=2, max_new_tokens=6, openings=["Alpha", "Beta"], progress=False)
+    total = sample_corpus(model, tok, tmp_path / "s", 8, **options)
+    for changed, message in ((dict(seed=1), "seed 0 -> 1"), (dict(max_new_tokens=7), "max_new_tokens 6 -> 7"),
+                             (dict(chat=True), "chat False -> True")):
+        with pytest.raises(KVPredError, match=f"other settings \\({message}"):
+            sample_corpus(model, tok, tmp_path / "s", total + 1, **{**options, **changed})
+    assert sample_corpus(model, tok, tmp_path / "s", total + 1, **options) > total  # the same settings resume
+
+
+def test_sampled_documents_must_fit_the_models_positions(tiny_llama, tmp_path):
+    model, tok = load_causal_lm(tiny_llama)
+    limit = model.config.max_position_embeddings
+    with pytest.raises(KVPredError, match=f"beyond the model's position limit of {limit}: lower --max-new-tokens"):
+        sample_corpus(model, tok, tmp_path / "s", 8, max_new_tokens=limit, openings=["Alpha"], progress=False)
+    assert not (tmp_path / "s").exists()  # refused before anything was made
 
 
 def test_sampled_chats_are_turns_in_the_chat_template_with_both_sides_written_by_the_model(tiny_llama, tmp_path):
@@ -503,7 +524,7 @@ def test_a_folder_of_other_jsonl_files_is_refused_for_sampling(tiny_llama, tmp_p
     (tmp_path / "out" / "sample_00000.jsonl").write_text('{"text": "mine"}\n')
     model, tok = load_causal_lm(str(tiny_llama))
     with pytest.raises(KVPredError, match="is not a batch of sampled documents"):
-        sample_corpus(model, tok, tmp_path / "out", 10, openings=["Hello"], progress=False)
+        sample_corpus(model, tok, tmp_path / "out", 10, max_new_tokens=16, openings=["Hello"], progress=False)
 
 
 def test_a_token_build_given_twice_is_refused(built):
