@@ -23,7 +23,8 @@ import torch
 from tqdm import tqdm
 
 from . import lora
-from .model import KVPredictionModel, capture, check_checkpoint_out, position_ids_from_mask, write_report
+from .model import (CONFIG_NAME, DEFAULTS_DIR, KVPredictionModel, capture, check_checkpoint_out,
+                    position_ids_from_mask, write_report)
 from .models import KVPredError
 from .predictor import KVPredictor, PredictorConfig
 
@@ -353,8 +354,17 @@ def _fit_command(args: argparse.Namespace) -> int:
         raise KVPredError(f"--seq-len {config.seq_len} exceeds the model's context limit of {model.context_length} "
                           f"tokens ({model.context_limit_reason})")
     if model.predictor.config.rank is not None:
-        raise KVPredError(f"{args.model} has a factorised predictor; fit solves full-rank maps (add --rank to "
-                          f"factorise them): start from a base or a full-rank checkpoint")
+        raise KVPredError(f"{args.model} is a checkpoint with a factorised predictor (rank "
+                          f"{model.predictor.config.rank}), which fit cannot refit: it solves full-rank maps (and "
+                          "then factorises them with --rank). Fit a full-rank checkpoint, or a new auxiliary around a "
+                          "base: --model BASE with --keep-layers, --keep-ratio or --aux (`--model smollm2-135m "
+                          "--keep-layers 0,10,20,29 --source hidden` builds one around the embedded default's base)")
+    building = [f"--{name.replace('_', '-')}" for name in ("aux", "keep_ratio", "keep_layers", "source")
+                if getattr(args, name) is not None]
+    if building and (DEFAULTS_DIR / args.model / CONFIG_NAME).is_file():
+        print(f"note: {args.model} names an embedded kvpred checkpoint and its base model; with {', '.join(building)} "
+              "fit builds a new auxiliary and predictor around the base, not the checkpoint's trained ones",
+              file=sys.stderr)
     if config.rank and model.predictor.config.source != "hidden":
         raise KVPredError("--rank needs a hidden-state predictor (--source hidden)")
     batches = PackedTokens(args.data, "train", seq_len=config.seq_len, batch_size=config.batch_size)

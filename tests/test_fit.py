@@ -97,6 +97,10 @@ def test_cli_fit_with_rank_and_compress_write_factorised_checkpoints(tiny_llama,
     fitted = KVPredictionModel.from_pretrained(str(tmp_path / "fit"))
     assert report["rank"] == fitted.predictor.config.rank == 8
     assert len(report["factorised_rel_error_per_tap"]) == len(fitted.predictor.config.taps)
+    capsys.readouterr()
+    assert main(["fit", "--model", str(tmp_path / "fit"), "--out", str(tmp_path / "refit"), "--tokens", "256",
+                 "--rank", "4", *common]) == 2  # no refit of a factorised predictor, whatever --rank says
+    assert "is a checkpoint with a factorised predictor (rank 8), which fit cannot refit" in capsys.readouterr().err
     assert main(["fit", "--model", tiny_llama, "--keep-layers", "0,2", "--source", "hidden", "--out",
                  str(tmp_path / "full"), "--tokens", "256", *common]) == 0
     calibrated = json.loads((tmp_path / "full" / "kvpred_config.json").read_text())
