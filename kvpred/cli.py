@@ -16,7 +16,7 @@ DEFAULT_MODEL = "smollm2-135m"
 # without importing their modules, and a command imports only its own: their torch and transformers take 6-8 s to
 # import on a 2-core machine, which `kvpred --help` took, against 0.1 s now (benchmarks/results/cli_help.txt).
 COMMANDS = {
-    "generate": ("generation", "generate text from a prompt, timing the first token"),
+    "generate": ("generation", "generate text from a prompt (--json adds its time to the first token)"),
     "data": ("data", "build and inspect training token shards"),
     "narrow": ("narrow", "cut a narrow auxiliary (fewer layers, heads, MLP channels) out of a base model"),
     "fit": ("fit", "training-free predictor: ridge regression on a calibration corpus"),
