@@ -94,7 +94,7 @@ class TextPart(_Body):
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(strict=True, extra="allow")  # name, tool_call_id ... go to the chat template as given
-    role: str
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]  # OpenAI's; another is a 400
     content: str | list[TextPart] | None = None
 
     def for_template(self) -> dict:

@@ -314,6 +314,8 @@ BAD_REQUESTS = {
     "chat filling the context": ("/v1/chat/completions", {"model": NAME, "messages": [
         {"role": "user", "content": "x" * 600}]}, 400, "messages"),
     "chat message of wrong type": ("/v1/chat/completions", {"model": NAME, "messages": ["hi"]}, 400, "messages"),
+    "unknown chat role": ("/v1/chat/completions", {"model": NAME, "messages": [{"role": "robot", "content": "hi"}]},
+                          400, "messages"),
     "misspelt extension": ("/v1/completions", {"model": NAME, "prompt": "x", "kv_mod": "exact"}, 400, "kv_mod"),
     "unknown chat field": ("/v1/chat/completions", {"model": NAME, "messages": [{"role": "user", "content": "hi"}],
                                                    "exact_tale": 2}, 400, "exact_tale"),
