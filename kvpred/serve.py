@@ -1202,6 +1202,22 @@ def parse_capacities(text: str) -> tuple[int, ...]:
     return values
 
 
+def check_address_free(host: str, port: int) -> None:
+    """Refuse an address another process listens on (uvicorn would find out only after the model has loaded)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as err:
+        raise KVPredError(f"--host {host!r} is not an address of this machine: {err.strerror}") from err
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: a closing socket is no obstacle
+        try:
+            probe.bind(address)
+        except OSError as err:
+            raise KVPredError(f"cannot listen on {host}:{port}: {err.strerror} (another server there? choose --port)"
+                              ) from err
+
+
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -1212,6 +1228,7 @@ def _serve(args: argparse.Namespace) -> int:
                           "request)")
     if args.compile_step and not args.warm_up:
         raise KVPredError("--compile-step compiles each shape's step during the warm-up; give --warm-up capacities")
+    check_address_free(args.host, args.port)  # before the model loads, which may take minutes
     model = load_model(args)
     if args.compile_step:
         model.compile_step()

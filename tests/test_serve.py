@@ -556,6 +556,20 @@ def test_serve_flags_that_cannot_work_are_refused_before_the_model_loads(flags, 
     assert code == 2 and flags[0] in capsys.readouterr().err
 
 
+def test_serving_on_a_port_in_use_is_refused_before_the_model_loads(capsys, monkeypatch):
+    import socket
+
+    from kvpred.cli import main
+
+    monkeypatch.setattr(KVPredictionModel, "from_pretrained", lambda *a, **k: pytest.fail("the model loaded"))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", "--model", "anything", "--port", str(port)]) == 2
+    assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
+
+
 def test_the_queue_takes_all_of_a_request_or_none_of_it(model):
     scheduler = Scheduler(model, ServeConfig(max_queue=2), Metrics(lambda: 0))  # not started: nothing leaves it
     scheduler.submit([make_job()])
