@@ -94,6 +94,9 @@ def averaged_tasks(doc: dict, tasks: list[str] | None = None) -> list[str]:
 def pareto_points(docs: list[dict], x_rule: str = "param", tasks: list[str] | None = None) -> list[dict]:
     """[{label, mode, flops_x, ttft_x, y}] for every file and mode with a relative accuracy. Files that average
     different tasks are plotted with a warning: their points do not measure the same thing."""
+    missing = sorted(set(tasks or ()) - {name for doc in docs for name in doc["tasks"]})
+    if missing:  # a misspelt name would otherwise leave the average silently
+        raise KVPredError(f"--tasks names {', '.join(missing)}, which no results file holds")
     averaged = {doc["label"]: sorted(averaged_tasks(doc, tasks)) for doc in docs}
     if len({tuple(names) for names in averaged.values()}) > 1:
         listed = "; ".join(f"{label}: {', '.join(names) or 'none'}" for label, names in averaged.items())

@@ -674,6 +674,8 @@ def test_plot_draws_the_pareto_figure_with_a_ttft_panel(pruned_doc, tmp_path):
     fewer = dict(second, tasks={name: task for name, task in list(second["tasks"].items())[:1]})
     with pytest.warns(UserWarning, match="average different tasks .*not comparable"):
         pareto_points([first, fewer])
+    with pytest.raises(KVPredError, match="--tasks names nosuchtask, which no results file holds"):
+        pareto_points([first], tasks=[next(iter(first["tasks"])), "nosuchtask"])
     out = tmp_path / "pareto.png"
     assert cli.main(["plot", "--results", *map(str, paths), "--out", str(out)]) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
