@@ -1207,7 +1207,7 @@ def check_address_free(host: str, port: int) -> None:
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as err:
-        raise KVPredError(f"--host {host!r} is not an address of this machine: {err.strerror}") from err
+        raise KVPredError(f"--host {host!r} cannot be resolved: {err.strerror}") from err
     family, kind, proto, _, address = infos[0]
     with socket.socket(family, kind, proto) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: a closing socket is no obstacle
