@@ -53,6 +53,7 @@ Scoring prompts (echo=true with logprobs, what lm-evaluation-harness's local-com
 import argparse
 import asyncio
 import copy
+import errno
 import json
 import logging
 import math
@@ -1214,8 +1215,8 @@ def check_address_free(host: str, port: int) -> None:
         try:
             probe.bind(address)
         except OSError as err:
-            raise KVPredError(f"cannot listen on {host}:{port}: {err.strerror} (another server there? choose --port)"
-                              ) from err
+            hint = " (another server there? choose --port)" if err.errno == errno.EADDRINUSE else ""
+            raise KVPredError(f"cannot listen on {host}:{port}: {err.strerror}{hint}") from err
 
 
 def _serve(args: argparse.Namespace) -> int:
