@@ -583,10 +583,9 @@ class RollingBatch:
 
         side = model._steps.side_cache(model)
         runs = [("exact", 1)] + [("predicted", tail) for tail in sorted(set(tails)) if model.pipelined_first_step]
-        vocab = min(model.base.config.vocab_size, model.aux.get_input_embeddings().num_embeddings)
         made = 0
         for n in range(BUCKET, min(longest, MOST_TOKENS, side.cache.capacity) + 1, BUCKET):
-            ids = torch.arange(n, device=model.device).remainder(vocab)[None]
+            ids = torch.arange(n, device=model.device).remainder(model.common_vocab)[None]
             made += sum(side.prefill_graph(model, mode, ids, tail, make=True) is not None for mode, tail in runs
                         if n > tail)
         return made

@@ -474,6 +474,12 @@ class KVPredictionModel(nn.Module):
         return self.base.device
 
     @property
+    def common_vocab(self) -> int:
+        """Token ids below this every mode reads: a KVP-C auxiliary's embedding table may be the smaller one (the
+        base's extra rows are its padding)."""
+        return min(self.base.config.vocab_size, self.aux.get_input_embeddings().num_embeddings)
+
+    @property
     def context_length(self) -> int:
         """The longest prompt + new tokens accepted: the base's and auxiliary's position limits. (A sliding-window
         model's layers see their window: kvpred's caches keep every column, and its captured steps mask those
@@ -853,8 +859,8 @@ class KVPredictionModel(nn.Module):
             raise KVPredError("batches must be left-padded (tokenizer.padding_side = 'left'): every row's last "
                               "column must be a real token")
         vocab, whose = self.base.config.vocab_size, "base"
-        if mode != "exact" and self.aux.get_input_embeddings().num_embeddings < vocab:  # a KVP-C auxiliary's table
-            vocab, whose = self.aux.get_input_embeddings().num_embeddings, "auxiliary"  # may be the smaller one
+        if mode != "exact" and self.common_vocab < vocab:
+            vocab, whose = self.common_vocab, "auxiliary"
         if low < 0 or high >= vocab:
             raise KVPredError(f"token ids must lie in [0, {vocab}) (the {whose}'s embedding rows), got {low}..{high}")
         longest = input_ids.shape[1] + max_new_tokens

@@ -495,6 +495,11 @@ class Scheduler:
         sample = job.temperature > 0
         return {"do_sample": sample, "temperature": job.temperature if sample else 1.0, "top_p": job.top_p}
 
+    def _chooser(self, job: Job) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The next tokens [rows] from logits [rows, V], drawn with `job`'s settings (those of its batch)."""
+        sampling = self._sampling(job)
+        return lambda logits: sample(logits.float(), top_k=0, **sampling)
+
     def _hooks(self, jobs: list[Job]) -> dict:
         """A batch's decoding hooks: the tracker that hands each row's token to its job and ends rows whose job
         finished, and, where logprobs were asked for, the tap on the scores each token was sampled from."""
@@ -535,10 +540,10 @@ class Scheduler:
             slot = max(slot, min(capacity // 2, capacity - most))  # in, so that longer prompts can join too
         batch = RollingBatch(model, pooled, slot)
         running = self._join(batch, jobs)  # row -> job
-        sampling = self._sampling(first)
+        choose = self._chooser(first)
         while running:
             scores = batch().float()  # [rows, V]
-            tokens = sample(scores, top_k=0, **sampling)
+            tokens = choose(scores)
             logprobs_wanted = any(job.logprobs is not None for job in running.values())
             hand_out(running, tokens.tolist(), scores if logprobs_wanted else None, self.tokenizer, self.eos_ids)
             for row, job in list(running.items()):
@@ -578,9 +583,8 @@ class Scheduler:
         first, device = jobs[0], self.model.device
         input_ids, attention_mask = self._padded(jobs)
         if len(jobs) == 1:
-            sampling = self._sampling(first)
-            choose = lambda logits: sample(logits.float(), top_k=0, **sampling)  # noqa: E731
-            if joined := batch.admit_prefilled(input_ids.to(device), first.mode, first.exact_tail, choose):
+            if joined := batch.admit_prefilled(input_ids.to(device), first.mode, first.exact_tail,
+                                               self._chooser(first)):
                 (row,), logits, tokens = joined
                 hand_out({0: first}, tokens.tolist(), None if first.logprobs is None else logits, self.tokenizer,
                          self.eos_ids)
@@ -907,8 +911,7 @@ def create_app(model, config: ServeConfig | None = None):
     if any(tokens < 4 for tokens in config.warm_up):
         raise KVPredError(f"--warm-up token counts must be >= 4, got {', '.join(map(str, config.warm_up))}")
     tokenizer, context = model.tokenizer, model.context_length
-    # ids every mode can read: a KVP-C auxiliary's table may be the smaller one (its extra rows are the base's padding)
-    vocab = min(model.base.config.vocab_size, model.aux.get_input_embeddings().num_embeddings)
+    vocab = model.common_vocab  # ids every mode can read
     chat_tail = model.chat_tail  # chat requests that name no exact_tail get at least this one
     # stateless clients send the whole conversation every turn: tokenize only what is new to it
     conversations = ConversationTokenizer(tokenizer, keep=CONVERSATIONS_KEPT)
